@@ -1,0 +1,270 @@
+//! Admin routes for agents: create, list, show, change cap, revoke, rotate token.
+
+use std::collections::BTreeMap;
+
+use adapters::Micros;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{Admin, ApiError, ApiJson, SharedState};
+use crate::identity::{AgentId, AgentToken, TreeId};
+use crate::ledger::{AgentRecord, Caller, LedgerError, NewAgent};
+
+pub fn router() -> Router<SharedState> {
+    Router::new()
+        .route("/v1/agents", post(create_agent).get(list_agents))
+        .route("/v1/agents/{agent}", get(show_agent))
+        .route("/v1/agents/{agent}/cap", put(set_cap))
+        .route("/v1/agents/{agent}/revoke", post(revoke))
+        .route("/v1/agents/{agent}/rotate-token", post(rotate_token))
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAgentRequest {
+    /// Unique, 1 to 64 characters of `[a-z0-9_.-]`.
+    pub handle: String,
+    /// The hard cap, in micro-USD (1 USD = 1,000,000).
+    #[schema(value_type = u64)]
+    pub cap_micros: serde_json::Number,
+    /// The parent agent (id or handle): the new agent joins its budget tree and every hold is
+    /// charged to both.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Absolute expiry (ms since the epoch); holds after it are refused with `agent_expired`.
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+    /// Time to live in seconds from now (instead of `expires_at_ms`).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
+pub struct AgentView {
+    pub id: String,
+    pub handle: String,
+    pub parent: Option<String>,
+    pub tree: String,
+    pub depth: u32,
+    pub cap_micros: u64,
+    pub spent_micros: u64,
+    pub held_micros: u64,
+    /// The agent's own cap - spent - held.
+    pub remaining_micros: u64,
+    pub revoked: Option<String>,
+    pub revoked_at_ms: Option<u64>,
+    pub expires_at_ms: Option<u64>,
+    pub created_at_ms: u64,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl From<&AgentRecord> for AgentView {
+    fn from(r: &AgentRecord) -> AgentView {
+        AgentView {
+            id: r.id.to_string(),
+            handle: r.handle.clone(),
+            parent: r.parent.as_ref().map(AgentId::to_string),
+            tree: r.id.tree().to_string(),
+            depth: r.depth,
+            cap_micros: r.cap.get(),
+            spent_micros: r.spent.get(),
+            held_micros: r.held.get(),
+            remaining_micros: r.cap.get().saturating_sub(r.spent.get() + r.held.get()),
+            revoked: r.revoked.clone(),
+            revoked_at_ms: r.revoked_at_ms,
+            expires_at_ms: r.expires_at_ms,
+            created_at_ms: r.created_at_ms,
+            labels: r.labels.clone(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreatedAgent {
+    pub agent: AgentView,
+    /// The agent's bearer token. Shown only here; spendcap keeps only its SHA-256.
+    pub token: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct AgentList {
+    pub agents: Vec<AgentView>,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetCapRequest {
+    #[schema(value_type = u64)]
+    pub cap_micros: serde_json::Number,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// A reason code, 1 to 64 characters of `[A-Za-z0-9_.-]`, e.g. `runaway_loop`.
+    pub reason: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Revoked {
+    pub agent_id: String,
+    pub reason: String,
+    pub revoked_at_ms: u64,
+    /// True when the agent was already revoked (nothing changed).
+    pub already_revoked: bool,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct RotatedToken {
+    pub agent_id: String,
+    pub token: String,
+}
+
+fn valid_handle(handle: &str) -> bool {
+    (1..=64).contains(&handle.len())
+        && handle.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+}
+
+/// Finds an agent by id (`ag_…`) or handle.
+pub async fn resolve(state: &SharedState, text: &str) -> Result<AgentId, ApiError> {
+    if let Ok(id) = text.parse::<AgentId>() {
+        return Ok(id);
+    }
+    if !valid_handle(text) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_agent", "no such agent"));
+    }
+    Ok(state.ledger.agent_by_handle(text).await?)
+}
+
+fn cap_from(number: &serde_json::Number) -> Result<Micros, ApiError> {
+    Micros::from_json_number(number).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string()))
+}
+
+#[utoipa::path(post, path = "/v1/agents", request_body = CreateAgentRequest,
+    responses((status = 201, body = CreatedAgent), (status = 409, description = "handle taken")),
+    security(("admin" = [])))]
+pub async fn create_agent(
+    _: Admin,
+    State(state): State<SharedState>,
+    ApiJson(req): ApiJson<CreateAgentRequest>,
+) -> Result<(StatusCode, Json<CreatedAgent>), ApiError> {
+    if !valid_handle(&req.handle) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_handle",
+            "handle must be 1 to 64 characters of [a-z0-9_.-]",
+        ));
+    }
+    let cap = cap_from(&req.cap_micros)?;
+    let now = state.clock.now_ms();
+    let expires_at_ms = match (req.expires_at_ms, req.ttl_secs) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_expiry", "give expires_at_ms or ttl_secs, not both"))
+        }
+        (Some(at), None) if at <= now => {
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_expiry", "expires_at_ms is in the past"))
+        }
+        (Some(at), None) => Some(at),
+        (None, Some(0)) => {
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_expiry", "ttl_secs must be positive"))
+        }
+        (None, Some(ttl)) => Some(now.saturating_add(ttl.saturating_mul(1000))),
+        (None, None) => None,
+    };
+    if req.labels.len() > 32 || req.labels.iter().any(|(k, v)| k.len() > 64 || v.len() > 256) {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_labels", "at most 32 labels, keys up to 64 and values up to 256 bytes"));
+    }
+    let parent = match &req.parent {
+        Some(p) => Some(resolve(&state, p).await.map_err(|e| {
+            if e.code == "unknown_agent" {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_parent", "the parent agent does not exist")
+            } else {
+                e
+            }
+        })?),
+        None => None,
+    };
+    let tree = parent.as_ref().map(|p| p.tree().clone()).unwrap_or_else(TreeId::generate);
+    let id = AgentId::generate(&tree);
+    let token = AgentToken::generate(&id);
+    let new = NewAgent {
+        id: id.clone(),
+        handle: req.handle,
+        parent,
+        cap,
+        expires_at_ms,
+        labels: req.labels,
+        token_hash: token.hash(),
+    };
+    state.ledger.create_agent(now, &new).await?;
+    let record = state.ledger.agent(&id).await?;
+    tracing::info!(agent = %id, handle = %record.handle, cap = cap.get(), "agent created");
+    Ok((StatusCode::CREATED, Json(CreatedAgent { agent: AgentView::from(&record), token: token.reveal().to_owned() })))
+}
+
+#[utoipa::path(get, path = "/v1/agents", responses((status = 200, body = AgentList)), security(("admin" = [])))]
+pub async fn list_agents(_: Admin, State(state): State<SharedState>) -> Result<Json<AgentList>, ApiError> {
+    let mut agents = Vec::new();
+    for tree in state.ledger.trees().await? {
+        // Bring balances up to date (release due holds) before showing them.
+        state.ledger.expire(state.clock.now_ms(), &tree).await?;
+        agents.extend(state.ledger.tree_agents(&tree).await?.iter().map(AgentView::from));
+    }
+    Ok(Json(AgentList { agents }))
+}
+
+#[utoipa::path(get, path = "/v1/agents/{agent}", params(("agent" = String, Path, description = "agent id or handle")),
+    responses((status = 200, body = AgentView), (status = 404, description = "unknown agent")), security(("admin" = [])))]
+pub async fn show_agent(_: Admin, State(state): State<SharedState>, Path(agent): Path<String>) -> Result<Json<AgentView>, ApiError> {
+    let id = resolve(&state, &agent).await?;
+    state.ledger.balance(state.clock.now_ms(), &id, &Caller::Admin).await?;
+    Ok(Json(AgentView::from(&state.ledger.agent(&id).await?)))
+}
+
+#[utoipa::path(put, path = "/v1/agents/{agent}/cap", request_body = SetCapRequest, params(("agent" = String, Path, description = "agent id or handle")),
+    responses((status = 200, body = AgentView), (status = 409, description = "cap below spent + held")), security(("admin" = [])))]
+pub async fn set_cap(
+    _: Admin,
+    State(state): State<SharedState>,
+    Path(agent): Path<String>,
+    ApiJson(req): ApiJson<SetCapRequest>,
+) -> Result<Json<AgentView>, ApiError> {
+    let cap = cap_from(&req.cap_micros)?;
+    let id = resolve(&state, &agent).await?;
+    let previous = state.ledger.set_cap(state.clock.now_ms(), &id, cap).await?;
+    tracing::info!(agent = %id, previous = previous.get(), cap = cap.get(), "cap changed");
+    Ok(Json(AgentView::from(&state.ledger.agent(&id).await?)))
+}
+
+#[utoipa::path(post, path = "/v1/agents/{agent}/revoke", request_body = RevokeRequest, params(("agent" = String, Path, description = "agent id or handle")),
+    responses((status = 200, body = Revoked)), security(("admin" = [])))]
+pub async fn revoke(
+    _: Admin,
+    State(state): State<SharedState>,
+    Path(agent): Path<String>,
+    ApiJson(req): ApiJson<RevokeRequest>,
+) -> Result<Json<Revoked>, ApiError> {
+    let id = resolve(&state, &agent).await?;
+    let (revoked_at_ms, already) = state.ledger.revoke(state.clock.now_ms(), &id, &req.reason).await.map_err(|e| match e {
+        LedgerError::InvalidArgument(detail) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_reason", detail),
+        other => other.into(),
+    })?;
+    tracing::warn!(agent = %id, reason = %req.reason, "agent revoked");
+    Ok(Json(Revoked { agent_id: id.to_string(), reason: req.reason, revoked_at_ms, already_revoked: already }))
+}
+
+#[utoipa::path(post, path = "/v1/agents/{agent}/rotate-token", params(("agent" = String, Path, description = "agent id or handle")),
+    responses((status = 200, body = RotatedToken)), security(("admin" = [])))]
+pub async fn rotate_token(_: Admin, State(state): State<SharedState>, Path(agent): Path<String>) -> Result<Json<RotatedToken>, ApiError> {
+    let id = resolve(&state, &agent).await?;
+    let token = AgentToken::generate(&id);
+    state.ledger.rotate_token(state.clock.now_ms(), &id, &token.hash()).await?;
+    tracing::info!(agent = %id, "agent token rotated");
+    Ok(Json(RotatedToken { agent_id: id.to_string(), token: token.reveal().to_owned() }))
+}

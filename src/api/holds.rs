@@ -1,0 +1,289 @@
+//! Agent routes: the agent's own budget, and the generic budget authority — hold, settle, void —
+//! for any paid call that is not x402, ACP or AP2 (LLM tokens, SaaS APIs).
+
+use std::collections::BTreeMap;
+
+use adapters::{Micros, Protocol};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use super::{agent_scoped, label, AgentAuth, ApiError, ApiJson, SharedState};
+use crate::identity::HoldId;
+use crate::ledger::{HoldOutcome, HoldRequest, Idempotency, IdempotencyMode, LedgerError, Refusal};
+use crate::receipt::{self, Receipt};
+
+pub fn router() -> Router<SharedState> {
+    Router::new()
+        .route("/v1/me", get(me))
+        .route("/v1/holds", post(create_hold))
+        .route("/v1/holds/{hold}/settle", post(settle))
+        .route("/v1/holds/{hold}/void", post(void))
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct MeView {
+    pub agent_id: String,
+    pub cap_micros: u64,
+    pub spent_micros: u64,
+    pub held_micros: u64,
+    /// The agent's own cap - spent - held.
+    pub remaining_micros: u64,
+    /// What the agent can hold now, counting every ancestor's cap.
+    pub available_micros: u64,
+    pub revoked: Option<String>,
+    pub expires_at_ms: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/me", responses((status = 200, body = MeView), (status = 401, description = "invalid token")), security(("agent" = [])))]
+pub async fn me(auth: AgentAuth, State(state): State<SharedState>) -> Result<Json<MeView>, ApiError> {
+    let balance = state.ledger.balance(state.clock.now_ms(), &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
+    Ok(Json(MeView {
+        agent_id: auth.agent.to_string(),
+        cap_micros: balance.cap.get(),
+        spent_micros: balance.spent.get(),
+        held_micros: balance.held.get(),
+        remaining_micros: balance.remaining.get(),
+        available_micros: balance.available.get(),
+        revoked: balance.revoked,
+        expires_at_ms: balance.expires_at_ms,
+    }))
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HoldRequestBody {
+    /// How much to reserve, in micro-USD.
+    #[schema(value_type = u64)]
+    pub amount_micros: serde_json::Number,
+    /// Who is paid: a host, a vendor, a model provider.
+    pub service: String,
+    /// The task this spend is attributed to.
+    #[serde(default)]
+    pub task: String,
+    /// How long the hold lives if nobody settles or voids it (default 300 s).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// Free-form facts for the log line and the receipt.
+    #[serde(default)]
+    pub details: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct HoldView {
+    pub hold_id: String,
+    pub amount_micros: u64,
+    pub expires_at_ms: u64,
+    /// What the agent can still hold after this one (counting every ancestor).
+    pub remaining_micros: u64,
+    /// True when this answer is the stored result of an earlier request with the same
+    /// idempotency key.
+    pub replayed: bool,
+}
+
+/// The body of a 402 budget refusal.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct RefusalView {
+    /// `cap_exceeded`, `agent_revoked` or `agent_expired`.
+    pub code: String,
+    pub detail: String,
+    pub requested_micros: u64,
+    pub remaining_micros: u64,
+    /// The agent (this one or an ancestor) whose limit refused the hold.
+    pub limited_by: String,
+}
+
+/// The 402 a budget refusal becomes.
+pub fn refusal_error(refusal: &Refusal) -> ApiError {
+    let detail = match refusal.reason {
+        crate::ledger::RefusalReason::CapExceeded => "the payment would take the agent or an ancestor over its cap",
+        crate::ledger::RefusalReason::AgentRevoked => "the agent (or an ancestor) is revoked",
+        crate::ledger::RefusalReason::AgentExpired => "the agent (or an ancestor) has expired",
+    };
+    ApiError::new(StatusCode::PAYMENT_REQUIRED, refusal.reason.code(), detail).with_extra(serde_json::json!({
+        "requested_micros": refusal.requested.get(),
+        "remaining_micros": refusal.remaining.get(),
+        "limited_by": refusal.limited_by,
+    }))
+}
+
+/// Reads and checks the `Idempotency-Key` header (1 to 255 visible ASCII characters).
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value.to_str().ok().filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()));
+    key.map(|k| Some(k.to_owned()))
+        .ok_or_else(|| ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible ASCII characters"))
+}
+
+fn fingerprint(body: &impl Serialize) -> String {
+    let bytes = serde_json_canonicalizer::to_vec(body).unwrap_or_default();
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[utoipa::path(post, path = "/v1/holds", request_body = HoldRequestBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "same key + same body returns the first result")),
+    responses((status = 201, body = HoldView), (status = 402, body = RefusalView, description = "budget refusal"),
+              (status = 409, description = "idempotency_in_flight"), (status = 422, description = "invalid amount, idempotency_conflict")),
+    security(("agent" = [])))]
+pub async fn create_hold(
+    auth: AgentAuth,
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<HoldRequestBody>,
+) -> Result<(StatusCode, Json<HoldView>), ApiError> {
+    let amount = Micros::from_json_number(&body.amount_micros)
+        .and_then(|m| Micros::positive(m.get()))
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string()))?;
+    if body.service.is_empty() {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_label", "service must not be empty"));
+    }
+    let service = label("service", &body.service, 256)?;
+    let task = label("task", &body.task, 128)?;
+    if body.details.len() > 32 || body.details.iter().any(|(k, v)| k.len() > 64 || v.len() > 512) {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_details", "at most 32 details, keys up to 64 and values up to 512 bytes"));
+    }
+    let ttl_ms = match body.ttl_secs {
+        None => state.limits.default_hold_ttl.as_millis() as u64,
+        Some(ttl) if ttl == 0 || ttl > state.limits.max_hold_ttl.as_secs() => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_ttl",
+                format!("ttl_secs must be from 1 to {}", state.limits.max_hold_ttl.as_secs()),
+            ))
+        }
+        Some(ttl) => ttl * 1000,
+    };
+    let idempotency = idempotency_key(&headers)?.map(|key| Idempotency {
+        key,
+        fingerprint: fingerprint(&body),
+        mode: IdempotencyMode::Final,
+    });
+    let details = if body.details.is_empty() { String::new() } else { serde_json::to_string(&body.details).map_err(ApiError::internal)? };
+    let now = state.clock.now_ms();
+    let request = HoldRequest {
+        agent: auth.agent.clone(),
+        caller: auth.caller(),
+        hold_id: HoldId::generate(auth.agent.tree()),
+        amount,
+        expires_at_ms: now + ttl_ms,
+        task,
+        service,
+        protocol: Protocol::Generic,
+        idempotency,
+        details,
+    };
+    match state.ledger.hold(now, &request).await.map_err(agent_scoped)? {
+        HoldOutcome::Granted(grant) => Ok((
+            if grant.replayed { StatusCode::OK } else { StatusCode::CREATED },
+            Json(HoldView {
+                hold_id: grant.hold_id.to_string(),
+                amount_micros: grant.amount.get(),
+                expires_at_ms: grant.expires_at_ms,
+                remaining_micros: grant.remaining.get(),
+                replayed: grant.replayed,
+            }),
+        )),
+        HoldOutcome::Refused(refusal) => Err(refusal_error(&refusal)),
+        HoldOutcome::Finished { .. } => Err(ApiError::internal("a final-mode hold replayed a pending response")),
+    }
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SettleRequest {
+    /// What the call really cost, at most the held amount; the rest is released.
+    #[schema(value_type = u64)]
+    pub amount_micros: serde_json::Number,
+    #[serde(default)]
+    pub details: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Settled {
+    pub hold_id: String,
+    pub amount_micros: u64,
+    pub released_micros: u64,
+    pub replayed: bool,
+    pub receipt: Receipt,
+}
+
+fn hold_id(agent: &AgentAuth, text: &str) -> Result<HoldId, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "unknown_hold", "no such hold");
+    let hold: HoldId = text.parse().map_err(|_| not_found())?;
+    // A hold of another tree cannot be this agent's; say so without asking the ledger.
+    if hold.tree() != agent.agent.tree() {
+        return Err(not_found());
+    }
+    Ok(hold)
+}
+
+#[utoipa::path(post, path = "/v1/holds/{hold}/settle", request_body = SettleRequest, params(("hold" = String, Path, description = "hold id")),
+    responses((status = 200, body = Settled), (status = 409, description = "hold already ended"), (status = 422, description = "amount exceeds hold")),
+    security(("agent" = [])))]
+pub async fn settle(
+    auth: AgentAuth,
+    State(state): State<SharedState>,
+    Path(hold): Path<String>,
+    ApiJson(body): ApiJson<SettleRequest>,
+) -> Result<Json<Settled>, ApiError> {
+    let amount = Micros::from_json_number(&body.amount_micros)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string()))?;
+    let hold = hold_id(&auth, &hold)?;
+    if body.details.len() > 32 || body.details.iter().any(|(k, v)| k.len() > 64 || v.len() > 512) {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_details", "at most 32 details, keys up to 64 and values up to 512 bytes"));
+    }
+    let details = if body.details.is_empty() { String::new() } else { serde_json::to_string(&body.details).map_err(ApiError::internal)? };
+    let outcome = state
+        .ledger
+        .settle(state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, amount, &details)
+        .await
+        .map_err(agent_scoped)?;
+    let receipt = receipt::issue(&state.ledger, &state.signer, auth.agent.tree(), outcome.seq, outcome.head).await?;
+    Ok(Json(Settled {
+        hold_id: hold.to_string(),
+        amount_micros: outcome.amount.get(),
+        released_micros: outcome.released.get(),
+        replayed: outcome.replayed,
+        receipt,
+    }))
+}
+
+#[derive(Deserialize, Serialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VoidRequest {
+    /// A reason code for the log, e.g. `call_failed`.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Voided {
+    pub hold_id: String,
+    pub released_micros: u64,
+    pub replayed: bool,
+}
+
+#[utoipa::path(post, path = "/v1/holds/{hold}/void", request_body = VoidRequest, params(("hold" = String, Path, description = "hold id")),
+    responses((status = 200, body = Voided), (status = 409, description = "hold already ended")), security(("agent" = [])))]
+pub async fn void(
+    auth: AgentAuth,
+    State(state): State<SharedState>,
+    Path(hold): Path<String>,
+    ApiJson(body): ApiJson<VoidRequest>,
+) -> Result<Json<Voided>, ApiError> {
+    let hold = hold_id(&auth, &hold)?;
+    let reason = label("reason", body.reason.as_deref().unwrap_or("voided_by_agent"), 64)?;
+    let (released, replayed) = state
+        .ledger
+        .void(state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, &reason)
+        .await
+        .map_err(|e| match e {
+            LedgerError::UnknownHold => ApiError::new(StatusCode::NOT_FOUND, "unknown_hold", "no such hold"),
+            other => agent_scoped(other),
+        })?;
+    Ok(Json(Voided { hold_id: hold.to_string(), released_micros: released.get(), replayed }))
+}

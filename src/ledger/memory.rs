@@ -1,0 +1,668 @@
+//! The in-process ledger for `serve --dev` and tests: the same operations and semantics as the
+//! Lua library, over plain maps behind one mutex. Nothing is durable.
+//!
+//! A `std::sync::Mutex` (not tokio's) is right here: no operation awaits while holding it, and
+//! each one is a few map lookups, so contention costs less than an async lock's bookkeeping.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use adapters::Micros;
+
+use super::{
+    AgentRecord, Balance, Caller, ChainHead, Grant, HoldOutcome, HoldRequest, IdempotencyMode, LedgerError,
+    LogEntry, NewAgent, ReceiptFacts, Refusal, RefusalReason, SettleOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
+};
+use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
+
+const EXPIRE_BATCH: usize = 32;
+const EXPIRE_MAX: usize = 1024;
+
+struct Agent {
+    record: AgentRecord,
+    /// The agent itself, then its ancestors up to the root.
+    path: Vec<AgentId>,
+    token: TokenHash,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum HoldState {
+    Open,
+    Settled,
+    Voided,
+    Expired,
+}
+
+impl HoldState {
+    fn error(self) -> LedgerError {
+        match self {
+            HoldState::Settled => LedgerError::HoldSettled,
+            HoldState::Voided => LedgerError::HoldVoided,
+            HoldState::Expired | HoldState::Open => LedgerError::HoldExpired,
+        }
+    }
+}
+
+struct Hold {
+    agent: AgentId,
+    amount: u64,
+    state: HoldState,
+    expires_at_ms: u64,
+    settled: u64,
+    seq: u64,
+    task: String,
+    service: String,
+    protocol: String,
+}
+
+enum IdemStatus {
+    Granted(Grant),
+    Refused(Refusal),
+    InFlight,
+    Done(String),
+}
+
+struct IdemRecord {
+    fingerprint: String,
+    status: IdemStatus,
+    kept_until_ms: u64,
+}
+
+#[derive(Default)]
+struct Tree {
+    agents: BTreeMap<String, Agent>,
+    holds: HashMap<String, Hold>,
+    /// Open holds by (expiry, id).
+    open: BTreeSet<(u64, String)>,
+    log: Vec<LogEntry>,
+    log_seq: u64,
+    idempotency: HashMap<(String, String), IdemRecord>,
+    receipts: BTreeMap<u64, ReceiptFacts>,
+    head: ChainHead,
+}
+
+#[derive(Default)]
+struct State {
+    trees: BTreeMap<TreeId, Tree>,
+    handles: HashMap<String, AgentId>,
+}
+
+#[derive(Default)]
+pub struct MemoryLedger {
+    state: Mutex<State>,
+}
+
+impl Tree {
+    fn log(&mut self, tree: &TreeId, mut entry: LogEntry) {
+        self.log_seq += 1;
+        entry.id = format!("{}-{}", entry.ts_ms, self.log_seq);
+        entry.tree = tree.to_string();
+        self.log.push(entry);
+    }
+
+    /// Ends an open hold: `(state, settled)` says how (settled micros are spent, the rest released).
+    fn end_hold(&mut self, tree: &TreeId, hold_id: &str, (state, settled): (HoldState, u64), now: u64, reason: &str, details: &str) {
+        let Some(hold) = self.holds.get_mut(hold_id) else { return };
+        if hold.state != HoldState::Open {
+            return;
+        }
+        hold.state = state;
+        hold.settled = settled;
+        let (agent, amount, expires) = (hold.agent.clone(), hold.amount, hold.expires_at_ms);
+        let (task, service, protocol) = (hold.task.clone(), hold.service.clone(), hold.protocol.clone());
+        self.open.remove(&(expires, hold_id.to_owned()));
+        let path = self.agents.get(agent.as_str()).map(|a| a.path.clone()).unwrap_or_default();
+        for id in &path {
+            if let Some(level) = self.agents.get_mut(id.as_str()) {
+                level.record.held = Micros::new(level.record.held.get() - amount).unwrap_or_default();
+                level.record.spent = Micros::new(level.record.spent.get() + settled).unwrap_or_default();
+            }
+        }
+        let event = match state {
+            HoldState::Settled => "settle",
+            HoldState::Voided => "void",
+            HoldState::Expired | HoldState::Open => "expire",
+        };
+        let amt = if state == HoldState::Settled { settled } else { amount };
+        self.log(
+            tree,
+            LogEntry {
+                ts_ms: now,
+                event: event.into(),
+                agent: agent.to_string(),
+                task,
+                service,
+                protocol,
+                amount: Some(amt),
+                released: Some(amount - settled),
+                hold: hold_id.to_owned(),
+                reason: reason.into(),
+                detail: details.into(),
+                ..LogEntry::default()
+            },
+        );
+    }
+
+    /// Releases up to `limit` due holds; returns how many it released.
+    fn expire_due(&mut self, tree: &TreeId, now: u64, limit: usize) -> usize {
+        let due: Vec<String> =
+            self.open.iter().take_while(|(expiry, _)| *expiry <= now).take(limit).map(|(_, id)| id.clone()).collect();
+        for id in &due {
+            self.end_hold(tree, id, (HoldState::Expired, 0), now, "hold_expired", "");
+        }
+        due.len()
+    }
+
+    fn auth(&self, agent: &AgentId, caller: &Caller) -> Result<Vec<AgentId>, LedgerError> {
+        let a = self.agents.get(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+        if let Caller::Agent(hash) = caller {
+            if !a.token.matches(hash) {
+                return Err(LedgerError::Unauthorized);
+            }
+        }
+        Ok(a.path.clone())
+    }
+
+    /// The smallest headroom over the path, and the agent it belongs to.
+    fn available(&self, path: &[AgentId]) -> (u64, String) {
+        let mut best: Option<(u64, String)> = None;
+        for id in path {
+            let Some(level) = self.agents.get(id.as_str()) else { continue };
+            let r = &level.record;
+            let room = r.cap.get().saturating_sub(r.spent.get() + r.held.get());
+            if best.as_ref().is_none_or(|(b, _)| room < *b) {
+                best = Some((room, id.to_string()));
+            }
+        }
+        best.unwrap_or((0, String::new()))
+    }
+}
+
+fn money(value: u64) -> Micros {
+    // Every stored amount was checked on the way in and every sum is bounded by a cap.
+    Micros::new(value).unwrap_or(Micros::MAX)
+}
+
+impl MemoryLedger {
+    pub fn new() -> MemoryLedger {
+        MemoryLedger::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug in this file; the maps are still
+        // consistent at every await-free step, so keep serving rather than poisoning forever.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        Ok(())
+    }
+
+    pub async fn create_agent(&self, now_ms: u64, new: &NewAgent) -> Result<(), LedgerError> {
+        let mut state = self.lock();
+        if state.handles.contains_key(&new.handle) {
+            return Err(LedgerError::HandleTaken);
+        }
+        let tree_id = new.id.tree().clone();
+        let tree = state.trees.entry(tree_id.clone()).or_default();
+        if tree.agents.contains_key(new.id.as_str()) {
+            return Err(LedgerError::AgentExists);
+        }
+        let mut path = vec![new.id.clone()];
+        let mut depth = 1;
+        if let Some(parent) = &new.parent {
+            let p = tree.agents.get(parent.as_str()).ok_or(LedgerError::UnknownParent)?;
+            depth = p.record.depth + 1;
+            if depth > MAX_DEPTH {
+                return Err(LedgerError::TreeTooDeep);
+            }
+            path.extend(p.path.iter().cloned());
+        }
+        let labels = serde_json::to_string(&new.labels).unwrap_or_default();
+        tree.agents.insert(
+            new.id.to_string(),
+            Agent {
+                record: AgentRecord {
+                    id: new.id.clone(),
+                    handle: new.handle.clone(),
+                    parent: new.parent.clone(),
+                    depth,
+                    cap: new.cap,
+                    spent: Micros::ZERO,
+                    held: Micros::ZERO,
+                    revoked: None,
+                    revoked_at_ms: None,
+                    expires_at_ms: new.expires_at_ms,
+                    created_at_ms: now_ms,
+                    labels: new.labels.clone(),
+                },
+                path,
+                token: new.token_hash.clone(),
+            },
+        );
+        tree.log(
+            &tree_id,
+            LogEntry {
+                ts_ms: now_ms,
+                event: "create".into(),
+                agent: new.id.to_string(),
+                cap: Some(new.cap.get()),
+                parent: new.parent.as_ref().map(AgentId::to_string).unwrap_or_default(),
+                detail: labels,
+                ..LogEntry::default()
+            },
+        );
+        state.handles.insert(new.handle.clone(), new.id.clone());
+        Ok(())
+    }
+
+    fn with_tree<T>(&self, tree: &TreeId, f: impl FnOnce(&mut Tree) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
+        let mut state = self.lock();
+        let tree = state.trees.get_mut(tree).ok_or(LedgerError::UnknownAgent)?;
+        f(tree)
+    }
+
+    pub async fn set_cap(&self, now_ms: u64, agent: &AgentId, cap: Micros) -> Result<Micros, LedgerError> {
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            if !tree.agents.contains_key(agent.as_str()) {
+                return Err(LedgerError::UnknownAgent);
+            }
+            tree.expire_due(tree_id, now_ms, EXPIRE_MAX);
+            let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            let committed = a.record.spent.get() + a.record.held.get();
+            if cap.get() < committed {
+                return Err(LedgerError::CapBelowCommitted { committed });
+            }
+            let previous = a.record.cap;
+            a.record.cap = cap;
+            tree.log(
+                tree_id,
+                LogEntry {
+                    ts_ms: now_ms,
+                    event: "cap".into(),
+                    agent: agent.to_string(),
+                    cap: Some(cap.get()),
+                    amount: Some(previous.get()),
+                    ..LogEntry::default()
+                },
+            );
+            Ok(previous)
+        })
+    }
+
+    pub async fn revoke(&self, now_ms: u64, agent: &AgentId, reason: &str) -> Result<(u64, bool), LedgerError> {
+        if reason.is_empty()
+            || reason.len() > 64
+            || !reason.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return Err(LedgerError::InvalidArgument("reason must be 1 to 64 characters of [A-Za-z0-9_.-]".into()));
+        }
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            if let Some(at) = a.record.revoked_at_ms.filter(|_| a.record.revoked.is_some()) {
+                return Ok((at, true));
+            }
+            a.record.revoked = Some(reason.to_owned());
+            a.record.revoked_at_ms = Some(now_ms);
+            tree.log(
+                tree_id,
+                LogEntry {
+                    ts_ms: now_ms,
+                    event: "revoke".into(),
+                    agent: agent.to_string(),
+                    reason: reason.into(),
+                    ..LogEntry::default()
+                },
+            );
+            Ok((now_ms, false))
+        })
+    }
+
+    pub async fn rotate_token(&self, now_ms: u64, agent: &AgentId, token_hash: &TokenHash) -> Result<(), LedgerError> {
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            a.token = token_hash.clone();
+            tree.log(
+                tree_id,
+                LogEntry { ts_ms: now_ms, event: "rotate".into(), agent: agent.to_string(), ..LogEntry::default() },
+            );
+            Ok(())
+        })
+    }
+
+    pub async fn balance(&self, now_ms: u64, agent: &AgentId, caller: &Caller) -> Result<Balance, LedgerError> {
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            let path = tree.auth(agent, caller)?;
+            tree.expire_due(tree_id, now_ms, EXPIRE_MAX);
+            let (available, limited_by) = tree.available(&path);
+            let r = &tree.agents.get(agent.as_str()).ok_or(LedgerError::UnknownAgent)?.record;
+            Ok(Balance {
+                cap: r.cap,
+                spent: r.spent,
+                held: r.held,
+                remaining: money(r.cap.get().saturating_sub(r.spent.get() + r.held.get())),
+                available: money(available),
+                limited_by,
+                revoked: r.revoked.clone(),
+                revoked_at_ms: r.revoked_at_ms,
+                expires_at_ms: r.expires_at_ms,
+            })
+        })
+    }
+
+    pub async fn hold(&self, now_ms: u64, request: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
+        let tree_id = request.agent.tree();
+        self.with_tree(tree_id, |tree| {
+            let path = tree.auth(&request.agent, &request.caller)?;
+            let idem_key = request.idempotency.as_ref().map(|i| (request.agent.to_string(), i.key.clone()));
+            if let (Some(key), Some(idem)) = (&idem_key, &request.idempotency) {
+                if let Some(record) = tree.idempotency.get(key).filter(|r| r.kept_until_ms > now_ms) {
+                    if record.fingerprint != idem.fingerprint {
+                        return Err(LedgerError::IdempotencyConflict);
+                    }
+                    return match &record.status {
+                        IdemStatus::InFlight => Err(LedgerError::IdempotencyInFlight),
+                        IdemStatus::Done(response) => Ok(HoldOutcome::Finished { response: response.clone() }),
+                        IdemStatus::Granted(grant) => Ok(HoldOutcome::Granted(Grant { replayed: true, ..grant.clone() })),
+                        IdemStatus::Refused(refusal) => {
+                            Ok(HoldOutcome::Refused(Refusal { replayed: true, ..refusal.clone() }))
+                        }
+                    };
+                }
+            }
+            if tree.holds.contains_key(request.hold_id.as_str()) {
+                return Err(LedgerError::InvalidArgument("hold id already used".into()));
+            }
+            tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
+            let amount = request.amount.get();
+            let levels: Vec<&AgentRecord> =
+                path.iter().filter_map(|id| tree.agents.get(id.as_str()).map(|a| &a.record)).collect();
+            let mut refusal = levels
+                .iter()
+                .find(|l| l.revoked.is_some())
+                .map(|l| (RefusalReason::AgentRevoked, l.id.to_string()))
+                .or_else(|| {
+                    levels
+                        .iter()
+                        .find(|l| l.expires_at_ms.is_some_and(|t| t <= now_ms))
+                        .map(|l| (RefusalReason::AgentExpired, l.id.to_string()))
+                });
+            let (mut room, mut limited_by) = tree.available(&path);
+            if refusal.is_none() && amount > room {
+                let mut released = 0;
+                loop {
+                    let n = tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
+                    released += n;
+                    if n < EXPIRE_BATCH || released >= EXPIRE_MAX {
+                        break;
+                    }
+                }
+                (room, limited_by) = tree.available(&path);
+                if amount > room {
+                    refusal = Some((RefusalReason::CapExceeded, limited_by.clone()));
+                }
+            }
+            let outcome = match refusal {
+                Some((reason, by)) => {
+                    let remaining = if reason == RefusalReason::CapExceeded { room } else { 0 };
+                    tree.log(
+                        tree_id,
+                        LogEntry {
+                            ts_ms: now_ms,
+                            event: "refuse".into(),
+                            agent: request.agent.to_string(),
+                            task: request.task.clone(),
+                            service: request.service.clone(),
+                            protocol: request.protocol.to_string(),
+                            amount: Some(amount),
+                            reason: reason.code().into(),
+                            remaining: Some(remaining),
+                            detail: request.details.clone(),
+                            ..LogEntry::default()
+                        },
+                    );
+                    HoldOutcome::Refused(Refusal {
+                        reason,
+                        requested: request.amount,
+                        remaining: money(remaining),
+                        limited_by: by,
+                        replayed: false,
+                    })
+                }
+                None => {
+                    for id in &path {
+                        if let Some(level) = tree.agents.get_mut(id.as_str()) {
+                            level.record.held = money(level.record.held.get() + amount);
+                        }
+                    }
+                    tree.holds.insert(
+                        request.hold_id.to_string(),
+                        Hold {
+                            agent: request.agent.clone(),
+                            amount,
+                            state: HoldState::Open,
+                            expires_at_ms: request.expires_at_ms,
+                            settled: 0,
+                            seq: 0,
+                            task: request.task.clone(),
+                            service: request.service.clone(),
+                            protocol: request.protocol.to_string(),
+                        },
+                    );
+                    tree.open.insert((request.expires_at_ms, request.hold_id.to_string()));
+                    tree.log(
+                        tree_id,
+                        LogEntry {
+                            ts_ms: now_ms,
+                            event: "hold".into(),
+                            agent: request.agent.to_string(),
+                            task: request.task.clone(),
+                            service: request.service.clone(),
+                            protocol: request.protocol.to_string(),
+                            amount: Some(amount),
+                            hold: request.hold_id.to_string(),
+                            detail: request.details.clone(),
+                            ..LogEntry::default()
+                        },
+                    );
+                    let _ = limited_by;
+                    HoldOutcome::Granted(Grant {
+                        hold_id: request.hold_id.clone(),
+                        amount: request.amount,
+                        remaining: money(room - amount),
+                        expires_at_ms: request.expires_at_ms,
+                        replayed: false,
+                    })
+                }
+            };
+            if let (Some(key), Some(idem)) = (idem_key, &request.idempotency) {
+                let status = match (&outcome, idem.mode) {
+                    (HoldOutcome::Granted(_), IdempotencyMode::Pending) => IdemStatus::InFlight,
+                    (HoldOutcome::Granted(g), IdempotencyMode::Final) => IdemStatus::Granted(g.clone()),
+                    (HoldOutcome::Refused(r), _) => IdemStatus::Refused(r.clone()),
+                    (HoldOutcome::Finished { response }, _) => IdemStatus::Done(response.clone()),
+                };
+                tree.idempotency.insert(
+                    key,
+                    IdemRecord {
+                        fingerprint: idem.fingerprint.clone(),
+                        status,
+                        kept_until_ms: now_ms + IDEMPOTENCY_RETENTION_MS,
+                    },
+                );
+            }
+            Ok(outcome)
+        })
+    }
+
+    pub async fn finish_idempotent(&self, agent: &AgentId, key: &str, response: &str) -> Result<(), LedgerError> {
+        self.with_tree(agent.tree(), |tree| {
+            let record = tree
+                .idempotency
+                .get_mut(&(agent.to_string(), key.to_owned()))
+                .ok_or_else(|| LedgerError::InvalidArgument("unknown idempotency key".into()))?;
+            record.status = IdemStatus::Done(response.to_owned());
+            Ok(())
+        })
+    }
+
+    pub async fn settle(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        amount: Micros,
+        details: &str,
+    ) -> Result<SettleOutcome, LedgerError> {
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            tree.auth(agent, caller)?;
+            tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
+            let h = tree.holds.get(hold.as_str()).filter(|h| &h.agent == agent).ok_or(LedgerError::UnknownHold)?;
+            let (state, held, expires_at, settled, seq) = (h.state, h.amount, h.expires_at_ms, h.settled, h.seq);
+            let (task, service, protocol) = (h.task.clone(), h.service.clone(), h.protocol.clone());
+            if state == HoldState::Settled {
+                if settled != amount.get() {
+                    return Err(LedgerError::HoldSettled);
+                }
+                return Ok(SettleOutcome {
+                    seq,
+                    amount,
+                    released: money(held - settled),
+                    replayed: true,
+                    head: tree.head.clone(),
+                });
+            }
+            if state == HoldState::Open && expires_at <= now_ms {
+                tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
+                return Err(LedgerError::HoldExpired);
+            }
+            if state != HoldState::Open {
+                return Err(state.error());
+            }
+            if amount.get() > held {
+                return Err(LedgerError::AmountExceedsHold);
+            }
+            let seq = tree.receipts.keys().next_back().copied().unwrap_or(0) + 1;
+            tree.end_hold(tree_id, hold.as_str(), (HoldState::Settled, amount.get()), now_ms, "", details);
+            if let Some(h) = tree.holds.get_mut(hold.as_str()) {
+                h.seq = seq;
+            }
+            tree.receipts.insert(
+                seq,
+                ReceiptFacts {
+                    tree: tree_id.clone(),
+                    seq,
+                    hold: hold.to_string(),
+                    agent: agent.to_string(),
+                    amount: amount.get(),
+                    held,
+                    task,
+                    service,
+                    protocol,
+                    ts_ms: now_ms,
+                    details: details.to_owned(),
+                    signed: None,
+                },
+            );
+            Ok(SettleOutcome { seq, amount, released: money(held - amount.get()), replayed: false, head: tree.head.clone() })
+        })
+    }
+
+    pub async fn void(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+    ) -> Result<(Micros, bool), LedgerError> {
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            tree.auth(agent, caller)?;
+            tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
+            let h = tree.holds.get(hold.as_str()).filter(|h| &h.agent == agent).ok_or(LedgerError::UnknownHold)?;
+            let (state, amount, expires_at) = (h.state, h.amount, h.expires_at_ms);
+            if state == HoldState::Voided {
+                return Ok((money(amount), true));
+            }
+            if state == HoldState::Open && expires_at <= now_ms {
+                tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
+                return Err(LedgerError::HoldExpired);
+            }
+            if state != HoldState::Open {
+                return Err(state.error());
+            }
+            tree.end_hold(tree_id, hold.as_str(), (HoldState::Voided, 0), now_ms, reason, "");
+            Ok((money(amount), false))
+        })
+    }
+
+    pub async fn expire(&self, now_ms: u64, tree_id: &TreeId) -> Result<u64, LedgerError> {
+        self.with_tree(tree_id, |tree| Ok(tree.expire_due(tree_id, now_ms, EXPIRE_MAX) as u64))
+    }
+
+    pub async fn agent(&self, agent: &AgentId) -> Result<AgentRecord, LedgerError> {
+        self.with_tree(agent.tree(), |tree| {
+            tree.agents.get(agent.as_str()).map(|a| a.record.clone()).ok_or(LedgerError::UnknownAgent)
+        })
+    }
+
+    pub async fn agent_by_handle(&self, handle: &str) -> Result<AgentId, LedgerError> {
+        self.lock().handles.get(handle).cloned().ok_or(LedgerError::UnknownAgent)
+    }
+
+    pub async fn trees(&self) -> Result<Vec<TreeId>, LedgerError> {
+        Ok(self.lock().trees.keys().cloned().collect())
+    }
+
+    pub async fn tree_agents(&self, tree: &TreeId) -> Result<Vec<AgentRecord>, LedgerError> {
+        let state = self.lock();
+        let mut agents: Vec<AgentRecord> =
+            state.trees.get(tree).map(|t| t.agents.values().map(|a| a.record.clone()).collect()).unwrap_or_default();
+        agents.sort_by(|a, b| (a.depth, a.created_at_ms, &a.handle).cmp(&(b.depth, b.created_at_ms, &b.handle)));
+        Ok(agents)
+    }
+
+    pub async fn read_log(&self, tree: &TreeId, after: &str, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
+        let state = self.lock();
+        let Some(t) = state.trees.get(tree) else { return Ok(Vec::new()) };
+        let start = if after == "0" { 0 } else { t.log.iter().position(|e| e.id == after).map(|i| i + 1).unwrap_or(0) };
+        Ok(t.log.iter().skip(start).take(count).cloned().collect())
+    }
+
+    pub async fn receipt(&self, tree: &TreeId, seq: u64) -> Result<Option<ReceiptFacts>, LedgerError> {
+        Ok(self.lock().trees.get(tree).and_then(|t| t.receipts.get(&seq).cloned()))
+    }
+
+    pub async fn chain_head(&self, tree: &TreeId) -> Result<ChainHead, LedgerError> {
+        Ok(self.lock().trees.get(tree).map(|t| t.head.clone()).unwrap_or_default())
+    }
+
+    pub async fn link_receipt(
+        &self,
+        tree_id: &TreeId,
+        seq: u64,
+        prev_hash: &str,
+        hash: &str,
+        signed: &str,
+    ) -> Result<Result<bool, ChainHead>, LedgerError> {
+        self.with_tree(tree_id, |tree| {
+            if tree.head.seq >= seq {
+                return Ok(Ok(false));
+            }
+            if tree.head.seq + 1 != seq || tree.head.hash != prev_hash {
+                return Ok(Err(tree.head.clone()));
+            }
+            let facts = tree.receipts.get_mut(&seq).ok_or(LedgerError::Corrupt(format!("no receipt {seq}")))?;
+            facts.signed = Some(signed.to_owned());
+            tree.head = ChainHead { seq, hash: hash.to_owned() };
+            Ok(Ok(true))
+        })
+    }
+}

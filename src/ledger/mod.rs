@@ -1,0 +1,610 @@
+//! The ledger: agents, caps, holds, revocation and the attributed log, behind one interface.
+//!
+//! Two implementations of the same operations: [`RedisLedger`] (production; every operation is
+//! one FCALL of the `spendcap` Redis Functions library in `spendcap.lua`) and [`MemoryLedger`]
+//! (`serve --dev` and tests; one mutex). One conformance suite (`tests/it/ledger.rs`) runs
+//! against both. They are a closed set, so [`Ledger`] is an enum, not a trait object.
+//!
+//! Architecture invariant: only this module talks to Redis.
+
+mod memory;
+mod redis;
+
+use std::collections::BTreeMap;
+
+use adapters::{Micros, Protocol};
+use serde::Serialize;
+
+use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
+
+pub use self::memory::MemoryLedger;
+pub use self::redis::{RedisConfig, RedisLedger};
+
+/// How deep a budget tree may be: an agent and at most 7 ancestors.
+pub const MAX_DEPTH: u32 = 8;
+
+/// How long idempotency keys are kept.
+pub const IDEMPOTENCY_RETENTION_MS: u64 = 24 * 3600 * 1000;
+
+/// Who is calling an agent-scoped operation. Agents are authenticated inside the ledger's atomic
+/// step by their token's hash, so a rotated token stops working at once on every instance.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    Agent(TokenHash),
+    /// The daemon has checked the admin token itself.
+    Admin,
+}
+
+impl Caller {
+    fn wire(&self) -> &str {
+        match self {
+            Caller::Agent(hash) => hash.as_str(),
+            Caller::Admin => "*",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NewAgent {
+    pub id: AgentId,
+    pub handle: String,
+    pub parent: Option<AgentId>,
+    pub cap: Micros,
+    pub expires_at_ms: Option<u64>,
+    /// Free-form labels, stored and logged as one JSON object.
+    pub labels: BTreeMap<String, String>,
+    pub token_hash: TokenHash,
+}
+
+/// Whether a hold is the whole operation (`Final`) or the first step of one the caller finishes
+/// later (`Pending`: x402, ACP and AP2 payments, where a duplicate arriving meanwhile must wait).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdempotencyMode {
+    Final,
+    Pending,
+}
+
+#[derive(Clone, Debug)]
+pub struct Idempotency {
+    pub key: String,
+    /// A digest of the request, so that the same key with another request is a conflict.
+    pub fingerprint: String,
+    pub mode: IdempotencyMode,
+}
+
+#[derive(Clone, Debug)]
+pub struct HoldRequest {
+    pub agent: AgentId,
+    pub caller: Caller,
+    pub hold_id: HoldId,
+    pub amount: Micros,
+    pub expires_at_ms: u64,
+    pub task: String,
+    pub service: String,
+    pub protocol: Protocol,
+    pub idempotency: Option<Idempotency>,
+    /// Protocol facts for the log line and receipt, as a JSON object (empty string for none).
+    pub details: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    CapExceeded,
+    AgentRevoked,
+    AgentExpired,
+}
+
+impl RefusalReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            RefusalReason::CapExceeded => "cap_exceeded",
+            RefusalReason::AgentRevoked => "agent_revoked",
+            RefusalReason::AgentExpired => "agent_expired",
+        }
+    }
+
+    fn from_code(code: &str) -> Option<RefusalReason> {
+        [RefusalReason::CapExceeded, RefusalReason::AgentRevoked, RefusalReason::AgentExpired]
+            .into_iter()
+            .find(|r| r.code() == code)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub hold_id: HoldId,
+    pub amount: Micros,
+    /// What the agent can still hold after this one, counting every ancestor.
+    pub remaining: Micros,
+    pub expires_at_ms: u64,
+    pub replayed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: RefusalReason,
+    pub requested: Micros,
+    pub remaining: Micros,
+    /// The agent (itself or an ancestor) whose cap, revocation or expiry refused the hold.
+    pub limited_by: String,
+    pub replayed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HoldOutcome {
+    Granted(Grant),
+    Refused(Refusal),
+    /// A `Pending` operation with this idempotency key has finished; this is its stored response.
+    Finished { response: String },
+}
+
+/// The receipt chain head of a tree: the last linked receipt's sequence number and hash.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChainHead {
+    pub seq: u64,
+    pub hash: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettleOutcome {
+    pub seq: u64,
+    pub amount: Micros,
+    pub released: Micros,
+    pub replayed: bool,
+    pub head: ChainHead,
+}
+
+/// What the ledger recorded about a settle, from which the receipt is built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiptFacts {
+    pub tree: TreeId,
+    pub seq: u64,
+    pub hold: String,
+    pub agent: String,
+    pub amount: u64,
+    pub held: u64,
+    pub task: String,
+    pub service: String,
+    pub protocol: String,
+    pub ts_ms: u64,
+    pub details: String,
+    /// The signed receipt JSON, once linked into the chain.
+    pub signed: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Balance {
+    pub cap: Micros,
+    pub spent: Micros,
+    pub held: Micros,
+    pub remaining: Micros,
+    pub available: Micros,
+    pub limited_by: String,
+    pub revoked: Option<String>,
+    pub revoked_at_ms: Option<u64>,
+    pub expires_at_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRecord {
+    pub id: AgentId,
+    pub handle: String,
+    pub parent: Option<AgentId>,
+    pub depth: u32,
+    pub cap: Micros,
+    pub spent: Micros,
+    pub held: Micros,
+    pub revoked: Option<String>,
+    pub revoked_at_ms: Option<u64>,
+    pub expires_at_ms: Option<u64>,
+    pub created_at_ms: u64,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One line of the attributed log, as stored. Fields that an event does not use are empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LogEntry {
+    /// The stream entry id (`<ms>-<seq>`), unique within a tree.
+    pub id: String,
+    pub tree: String,
+    pub ts_ms: u64,
+    pub event: String,
+    pub agent: String,
+    pub task: String,
+    pub service: String,
+    pub protocol: String,
+    pub amount: Option<u64>,
+    pub released: Option<u64>,
+    pub hold: String,
+    pub reason: String,
+    pub cap: Option<u64>,
+    pub parent: String,
+    pub remaining: Option<u64>,
+    pub detail: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("no such agent")]
+    UnknownAgent,
+    #[error("token does not match the agent")]
+    Unauthorized,
+    #[error("the parent agent does not exist in its tree")]
+    UnknownParent,
+    #[error("an agent with this id already exists")]
+    AgentExists,
+    #[error("the handle is already taken")]
+    HandleTaken,
+    #[error("a budget tree is at most {MAX_DEPTH} levels deep")]
+    TreeTooDeep,
+    #[error("no such hold")]
+    UnknownHold,
+    #[error("the hold was already settled (for a different amount)")]
+    HoldSettled,
+    #[error("the hold expired before it was settled; its money was released")]
+    HoldExpired,
+    #[error("the hold was voided")]
+    HoldVoided,
+    #[error("the settle amount exceeds the held amount")]
+    AmountExceedsHold,
+    #[error("this idempotency key was used with a different request")]
+    IdempotencyConflict,
+    #[error("a request with this idempotency key is still in progress")]
+    IdempotencyInFlight,
+    #[error("the cap is below what is already spent + held ({committed} micros)")]
+    CapBelowCommitted { committed: u64 },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("the ledger is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the ledger answered something unexpected: {0}")]
+    Corrupt(String),
+}
+
+impl LedgerError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            LedgerError::UnknownAgent => "unknown_agent",
+            LedgerError::Unauthorized => "unauthorized",
+            LedgerError::UnknownParent => "unknown_parent",
+            LedgerError::AgentExists => "agent_exists",
+            LedgerError::HandleTaken => "handle_taken",
+            LedgerError::TreeTooDeep => "tree_too_deep",
+            LedgerError::UnknownHold => "unknown_hold",
+            LedgerError::HoldSettled => "hold_settled",
+            LedgerError::HoldExpired => "hold_expired",
+            LedgerError::HoldVoided => "hold_voided",
+            LedgerError::AmountExceedsHold => "amount_exceeds_hold",
+            LedgerError::IdempotencyConflict => "idempotency_conflict",
+            LedgerError::IdempotencyInFlight => "idempotency_in_flight",
+            LedgerError::CapBelowCommitted { .. } => "cap_below_committed",
+            LedgerError::InvalidArgument(_) => "invalid_argument",
+            LedgerError::Unavailable(_) => "ledger_unavailable",
+            LedgerError::Corrupt(_) => "ledger_corrupt",
+        }
+    }
+
+    /// Maps an `error` reply of the Lua library (or the memory ledger) to the error.
+    fn from_code(code: &str, detail: &str) -> LedgerError {
+        match code {
+            "unknown_agent" => LedgerError::UnknownAgent,
+            "unauthorized" => LedgerError::Unauthorized,
+            "unknown_parent" => LedgerError::UnknownParent,
+            "agent_exists" => LedgerError::AgentExists,
+            "tree_too_deep" => LedgerError::TreeTooDeep,
+            "unknown_hold" => LedgerError::UnknownHold,
+            "hold_settled" => LedgerError::HoldSettled,
+            "hold_expired" => LedgerError::HoldExpired,
+            "hold_voided" => LedgerError::HoldVoided,
+            "amount_exceeds_hold" => LedgerError::AmountExceedsHold,
+            "idempotency_conflict" => LedgerError::IdempotencyConflict,
+            "idempotency_in_flight" => LedgerError::IdempotencyInFlight,
+            "cap_below_committed" => LedgerError::CapBelowCommitted {
+                committed: detail.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0),
+            },
+            "invalid_argument" | "hold_exists" => LedgerError::InvalidArgument(detail.to_owned()),
+            other => LedgerError::Corrupt(format!("unknown error code {other}: {detail}")),
+        }
+    }
+}
+
+/// The ledger the daemon runs on.
+pub enum Ledger {
+    Redis(RedisLedger),
+    Memory(MemoryLedger),
+}
+
+/// Dispatches one method call to whichever ledger this is.
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            Ledger::Redis(l) => l.$method($($arg),*).await,
+            Ledger::Memory(l) => l.$method($($arg),*).await,
+        }
+    };
+}
+
+impl Ledger {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Ledger::Redis(_) => "redis",
+            Ledger::Memory(_) => "memory",
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        dispatch!(self.ping())
+    }
+
+    /// Creates an agent; reserves its handle first (handles are unique across the ledger).
+    pub async fn create_agent(&self, now_ms: u64, agent: &NewAgent) -> Result<(), LedgerError> {
+        dispatch!(self.create_agent(now_ms, agent))
+    }
+
+    pub async fn set_cap(&self, now_ms: u64, agent: &AgentId, cap: Micros) -> Result<Micros, LedgerError> {
+        dispatch!(self.set_cap(now_ms, agent, cap))
+    }
+
+    pub async fn revoke(&self, now_ms: u64, agent: &AgentId, reason: &str) -> Result<(u64, bool), LedgerError> {
+        dispatch!(self.revoke(now_ms, agent, reason))
+    }
+
+    pub async fn rotate_token(&self, now_ms: u64, agent: &AgentId, token_hash: &TokenHash) -> Result<(), LedgerError> {
+        dispatch!(self.rotate_token(now_ms, agent, token_hash))
+    }
+
+    pub async fn balance(&self, now_ms: u64, agent: &AgentId, caller: &Caller) -> Result<Balance, LedgerError> {
+        dispatch!(self.balance(now_ms, agent, caller))
+    }
+
+    pub async fn hold(&self, now_ms: u64, request: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
+        dispatch!(self.hold(now_ms, request))
+    }
+
+    pub async fn finish_idempotent(&self, agent: &AgentId, key: &str, response: &str) -> Result<(), LedgerError> {
+        dispatch!(self.finish_idempotent(agent, key, response))
+    }
+
+    pub async fn settle(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        amount: Micros,
+        details: &str,
+    ) -> Result<SettleOutcome, LedgerError> {
+        dispatch!(self.settle(now_ms, agent, caller, hold, amount, details))
+    }
+
+    pub async fn void(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+    ) -> Result<(Micros, bool), LedgerError> {
+        dispatch!(self.void(now_ms, agent, caller, hold, reason))
+    }
+
+    /// Releases due holds of one tree (the optional sweeper; nothing depends on it).
+    pub async fn expire(&self, now_ms: u64, tree: &TreeId) -> Result<u64, LedgerError> {
+        dispatch!(self.expire(now_ms, tree))
+    }
+
+    pub async fn agent(&self, agent: &AgentId) -> Result<AgentRecord, LedgerError> {
+        dispatch!(self.agent(agent))
+    }
+
+    pub async fn agent_by_handle(&self, handle: &str) -> Result<AgentId, LedgerError> {
+        dispatch!(self.agent_by_handle(handle))
+    }
+
+    pub async fn trees(&self) -> Result<Vec<TreeId>, LedgerError> {
+        dispatch!(self.trees())
+    }
+
+    pub async fn tree_agents(&self, tree: &TreeId) -> Result<Vec<AgentRecord>, LedgerError> {
+        dispatch!(self.tree_agents(tree))
+    }
+
+    /// Up to `count` log entries of one tree with ids after `after` ("0" for the start).
+    pub async fn read_log(&self, tree: &TreeId, after: &str, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
+        dispatch!(self.read_log(tree, after, count))
+    }
+
+    pub async fn receipt(&self, tree: &TreeId, seq: u64) -> Result<Option<ReceiptFacts>, LedgerError> {
+        dispatch!(self.receipt(tree, seq))
+    }
+
+    pub async fn chain_head(&self, tree: &TreeId) -> Result<ChainHead, LedgerError> {
+        dispatch!(self.chain_head(tree))
+    }
+
+    /// Links a signed receipt into its tree's chain. `Ok(false)` if it already was linked;
+    /// `Err(head)` if the head is not at `seq - 1` with hash `prev_hash`.
+    pub async fn link_receipt(
+        &self,
+        tree: &TreeId,
+        seq: u64,
+        prev_hash: &str,
+        hash: &str,
+        signed: &str,
+    ) -> Result<Result<bool, ChainHead>, LedgerError> {
+        dispatch!(self.link_receipt(tree, seq, prev_hash, hash, signed))
+    }
+}
+
+/// Parses a flat `[status, k1, v1, k2, v2, ...]` reply into its status and fields.
+pub(crate) struct Reply {
+    pub status: String,
+    fields: Vec<(String, String)>,
+}
+
+impl Reply {
+    fn new(mut parts: Vec<String>) -> Result<Reply, LedgerError> {
+        if parts.is_empty() || parts.len() % 2 == 0 {
+            return Err(LedgerError::Corrupt(format!("reply of {} parts", parts.len())));
+        }
+        let status = parts.remove(0);
+        let mut fields = Vec::with_capacity(parts.len() / 2);
+        let mut iter = parts.into_iter();
+        while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+            fields.push((k, v));
+        }
+        Ok(Reply { status, fields })
+    }
+
+    fn get(&self, key: &str) -> &str {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or("")
+    }
+
+    fn u64(&self, key: &str) -> Result<u64, LedgerError> {
+        self.get(key)
+            .parse()
+            .map_err(|_| LedgerError::Corrupt(format!("field {key} = {:?} is not a number", self.get(key))))
+    }
+
+    fn micros(&self, key: &str) -> Result<Micros, LedgerError> {
+        Micros::new(self.u64(key)?).map_err(|e| LedgerError::Corrupt(format!("field {key}: {e}")))
+    }
+
+    fn opt_u64(&self, key: &str) -> Option<u64> {
+        self.get(key).parse().ok()
+    }
+
+    fn opt_string(&self, key: &str) -> Option<String> {
+        Some(self.get(key)).filter(|v| !v.is_empty()).map(str::to_owned)
+    }
+
+    /// Turns an `error` reply into the error; passes any other reply through.
+    fn into_result(self) -> Result<Reply, LedgerError> {
+        if self.status == "error" {
+            return Err(LedgerError::from_code(self.get("code"), self.get("detail")));
+        }
+        Ok(self)
+    }
+
+    fn into_hold_outcome(self) -> Result<HoldOutcome, LedgerError> {
+        let reply = self.into_result()?;
+        let replayed = reply.get("replayed") == "1";
+        match reply.status.as_str() {
+            "ok" => Ok(HoldOutcome::Granted(Grant {
+                hold_id: reply
+                    .get("hold")
+                    .parse()
+                    .map_err(|e| LedgerError::Corrupt(format!("hold id: {e}")))?,
+                amount: reply.micros("amount")?,
+                remaining: reply.micros("remaining")?,
+                expires_at_ms: reply.u64("expires_at")?,
+                replayed,
+            })),
+            "refused" => Ok(HoldOutcome::Refused(Refusal {
+                reason: RefusalReason::from_code(reply.get("code"))
+                    .ok_or_else(|| LedgerError::Corrupt(format!("refusal {:?}", reply.get("code"))))?,
+                requested: reply.micros("amount")?,
+                remaining: reply.micros("remaining")?,
+                limited_by: reply.get("limited_by").to_owned(),
+                replayed,
+            })),
+            "done" => Ok(HoldOutcome::Finished { response: reply.get("response").to_owned() }),
+            other => Err(LedgerError::Corrupt(format!("hold status {other}"))),
+        }
+    }
+
+    fn into_settle_outcome(self) -> Result<SettleOutcome, LedgerError> {
+        let reply = self.into_result()?;
+        Ok(SettleOutcome {
+            seq: reply.u64("seq")?,
+            amount: reply.micros("amount")?,
+            released: reply.micros("released")?,
+            replayed: reply.get("replayed") == "1",
+            head: ChainHead { seq: reply.u64("head_seq")?, hash: reply.get("head_hash").to_owned() },
+        })
+    }
+
+    fn into_balance(self) -> Result<Balance, LedgerError> {
+        let reply = self.into_result()?;
+        Ok(Balance {
+            cap: reply.micros("cap")?,
+            spent: reply.micros("spent")?,
+            held: reply.micros("held")?,
+            remaining: reply.micros("remaining")?,
+            available: reply.micros("available")?,
+            limited_by: reply.get("limited_by").to_owned(),
+            revoked: reply.opt_string("revoked"),
+            revoked_at_ms: reply.opt_u64("revoked_at"),
+            expires_at_ms: reply.opt_u64("expires_at"),
+        })
+    }
+}
+
+/// Builds an agent record from the fields of its hash (Redis) or map (memory).
+fn agent_from_fields(id: AgentId, get: impl Fn(&str) -> Option<String>) -> Result<AgentRecord, LedgerError> {
+    let num = |key: &str| -> Result<u64, LedgerError> {
+        get(key)
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| LedgerError::Corrupt(format!("agent {id} field {key}")))
+    };
+    let money = |key: &str| Micros::new(num(key)?).map_err(|e| LedgerError::Corrupt(e.to_string()));
+    let nonempty = |key: &str| get(key).filter(|v| !v.is_empty());
+    Ok(AgentRecord {
+        handle: get("handle").unwrap_or_default(),
+        parent: nonempty("parent").and_then(|p| p.parse().ok()),
+        depth: num("depth")? as u32,
+        cap: money("cap")?,
+        spent: money("spent")?,
+        held: money("held")?,
+        revoked: nonempty("revoked"),
+        revoked_at_ms: nonempty("revoked_at").and_then(|v| v.parse().ok()),
+        expires_at_ms: nonempty("expires_at").and_then(|v| v.parse().ok()),
+        created_at_ms: num("created_at")?,
+        labels: nonempty("labels").and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default(),
+        id,
+    })
+}
+
+/// Builds a log entry from the fields of a stream entry.
+fn log_entry_from_fields(tree: &TreeId, id: String, get: impl Fn(&str) -> Option<String>) -> LogEntry {
+    let text = |key: &str| get(key).unwrap_or_default();
+    let num = |key: &str| get(key).and_then(|v| v.parse().ok());
+    LogEntry {
+        id,
+        tree: tree.to_string(),
+        ts_ms: num("ts").unwrap_or(0),
+        event: text("ev"),
+        agent: text("agent"),
+        task: text("task"),
+        service: text("svc"),
+        protocol: text("proto"),
+        amount: num("amt"),
+        released: num("rel"),
+        hold: text("hold"),
+        reason: text("reason"),
+        cap: num("cap"),
+        parent: text("parent"),
+        remaining: num("remaining"),
+        detail: text("detail"),
+    }
+}
+
+fn receipt_from_fields(tree: &TreeId, seq: u64, get: impl Fn(&str) -> Option<String>) -> Option<ReceiptFacts> {
+    let num = |key: &str| get(key).and_then(|v| v.parse().ok());
+    Some(ReceiptFacts {
+        tree: tree.clone(),
+        seq,
+        hold: get("hold")?,
+        agent: get("agent")?,
+        amount: num("amount")?,
+        held: num("held")?,
+        task: get("task").unwrap_or_default(),
+        service: get("service").unwrap_or_default(),
+        protocol: get("protocol").unwrap_or_default(),
+        ts_ms: num("ts")?,
+        details: get("details").unwrap_or_default(),
+        signed: get("signed").filter(|s| !s.is_empty()),
+    })
+}

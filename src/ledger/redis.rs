@@ -1,0 +1,364 @@
+//! The production ledger: the `spendcap` Redis Functions library, one FCALL per operation.
+//!
+//! Keys (see `spendcap.lua` for the per-tree layout): every key of a budget tree starts with
+//! `<ns>:{<tree>}`, so a tree lives in one hash slot. Two keys are global and are never touched
+//! by a function: `<ns>:handles` (handle → agent id) and `<ns>:trees` (the set of tree ids).
+
+use std::time::Duration;
+
+use adapters::Micros;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, RedisError, Value};
+
+use super::{
+    agent_from_fields, log_entry_from_fields, receipt_from_fields, AgentRecord, Balance, Caller, ChainHead,
+    HoldOutcome, HoldRequest, IdempotencyMode, LedgerError, LogEntry, NewAgent, ReceiptFacts, Reply,
+    SettleOutcome, IDEMPOTENCY_RETENTION_MS,
+};
+use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
+
+/// The Lua source of the Redis Functions library, loaded with `FUNCTION LOAD REPLACE`.
+pub const LIBRARY: &str = include_str!("spendcap.lua");
+
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; for a cluster, any number of comma-separated node URLs.
+    pub url: String,
+    pub cluster: bool,
+    /// The namespace every key starts with (default `sc`).
+    pub namespace: String,
+    /// How long one command may take before the ledger counts as unavailable.
+    pub timeout: Duration,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+pub struct RedisLedger {
+    conn: Conn,
+    namespace: String,
+}
+
+fn unavailable(err: RedisError) -> LedgerError {
+    LedgerError::Unavailable(err.to_string())
+}
+
+impl RedisLedger {
+    /// Connects and loads the function library (replacing an older version of it).
+    pub async fn connect(config: &RedisConfig) -> Result<RedisLedger, LedgerError> {
+        let conn = if config.cluster {
+            let nodes: Vec<&str> = config.url.split(',').map(str::trim).collect();
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(config.timeout)
+                .response_timeout(config.timeout)
+                .build()
+                .map_err(unavailable)?;
+            Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+        } else {
+            let client = redis::Client::open(config.url.as_str()).map_err(unavailable)?;
+            let manager_config = ConnectionManagerConfig::new()
+                .set_connection_timeout(config.timeout)
+                .set_response_timeout(config.timeout)
+                .set_number_of_retries(1);
+            Conn::Single(ConnectionManager::new_with_config(client, manager_config).await.map_err(unavailable)?)
+        };
+        let ledger = RedisLedger { conn, namespace: config.namespace.clone() };
+        ledger.load_library().await?;
+        Ok(ledger)
+    }
+
+    async fn load_library(&self) -> Result<(), LedgerError> {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LOAD").arg("REPLACE").arg(LIBRARY);
+        let _: Value = self.query(&cmd).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RedisError> {
+        match &self.conn {
+            Conn::Single(conn) => cmd.query_async(&mut conn.clone()).await,
+            Conn::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
+        }
+    }
+
+    fn tree_key(&self, tree: &TreeId) -> String {
+        format!("{}:{{{}}}", self.namespace, tree)
+    }
+
+    /// Calls one function of the library. If Redis lost the library (restarted empty, flushed),
+    /// loads it again and retries once: the call had not run, so retrying cannot debit twice.
+    async fn fcall(&self, function: &str, tree: &TreeId, args: &[&str]) -> Result<Reply, LedgerError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(function).arg(1).arg(self.tree_key(tree));
+        for arg in args {
+            cmd.arg(*arg);
+        }
+        let parts: Vec<String> = match self.query(&cmd).await {
+            Ok(parts) => parts,
+            Err(err) if err.to_string().contains("Function not found") => {
+                tracing::warn!("the spendcap function library is missing from Redis; loading it again");
+                self.load_library().await?;
+                self.query(&cmd).await.map_err(unavailable)?
+            }
+            Err(err) => return Err(unavailable(err)),
+        };
+        Reply::new(parts)
+    }
+
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        let _: String = self.query(&redis::cmd("PING")).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn create_agent(&self, now_ms: u64, agent: &NewAgent) -> Result<(), LedgerError> {
+        let handles = format!("{}:handles", self.namespace);
+        let mut reserve = redis::cmd("HSETNX");
+        reserve.arg(&handles).arg(&agent.handle).arg(agent.id.as_str());
+        let reserved: bool = self.query(&reserve).await.map_err(unavailable)?;
+        if !reserved {
+            return Err(LedgerError::HandleTaken);
+        }
+        let tree = agent.id.tree();
+        let mut register = redis::cmd("SADD");
+        register.arg(format!("{}:trees", self.namespace)).arg(tree.as_str());
+        let created = async {
+            let _: i64 = self.query(&register).await.map_err(unavailable)?;
+            let labels = serde_json::to_string(&agent.labels).map_err(|e| LedgerError::Corrupt(e.to_string()))?;
+            let expires = agent.expires_at_ms.map(|t| t.to_string()).unwrap_or_default();
+            let parent = agent.parent.as_ref().map(AgentId::as_str).unwrap_or("");
+            self.fcall(
+                "spendcap_create_agent",
+                tree,
+                &[
+                    &now_ms.to_string(),
+                    agent.id.as_str(),
+                    &agent.handle,
+                    parent,
+                    &agent.cap.to_string(),
+                    &expires,
+                    &labels,
+                    agent.token_hash.as_str(),
+                ],
+            )
+            .await?
+            .into_result()
+        }
+        .await;
+        if let Err(err) = created {
+            // Give the handle back; the tree id stays registered, which is harmless (empty).
+            let mut release = redis::cmd("HDEL");
+            release.arg(&handles).arg(&agent.handle);
+            let _: Result<i64, _> = self.query(&release).await;
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    pub async fn set_cap(&self, now_ms: u64, agent: &AgentId, cap: Micros) -> Result<Micros, LedgerError> {
+        let reply = self
+            .fcall("spendcap_set_cap", agent.tree(), &[&now_ms.to_string(), agent.as_str(), &cap.to_string()])
+            .await?
+            .into_result()?;
+        reply.micros("previous")
+    }
+
+    pub async fn revoke(&self, now_ms: u64, agent: &AgentId, reason: &str) -> Result<(u64, bool), LedgerError> {
+        let reply = self
+            .fcall("spendcap_revoke", agent.tree(), &[agent.as_str(), reason, &now_ms.to_string()])
+            .await?
+            .into_result()?;
+        Ok((reply.u64("revoked_at")?, reply.get("already") == "1"))
+    }
+
+    pub async fn rotate_token(&self, now_ms: u64, agent: &AgentId, token_hash: &TokenHash) -> Result<(), LedgerError> {
+        self.fcall("spendcap_rotate_token", agent.tree(), &[&now_ms.to_string(), agent.as_str(), token_hash.as_str()])
+            .await?
+            .into_result()?;
+        Ok(())
+    }
+
+    pub async fn balance(&self, now_ms: u64, agent: &AgentId, caller: &Caller) -> Result<Balance, LedgerError> {
+        self.fcall("spendcap_balance", agent.tree(), &[&now_ms.to_string(), agent.as_str(), caller.wire()])
+            .await?
+            .into_balance()
+    }
+
+    pub async fn hold(&self, now_ms: u64, request: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
+        let (key, fingerprint, mode) = match &request.idempotency {
+            Some(idem) => (
+                idem.key.as_str(),
+                idem.fingerprint.as_str(),
+                match idem.mode {
+                    IdempotencyMode::Final => "final",
+                    IdempotencyMode::Pending => "pending",
+                },
+            ),
+            None => ("", "", "final"),
+        };
+        self.fcall(
+            "spendcap_hold",
+            request.agent.tree(),
+            &[
+                &now_ms.to_string(),
+                request.agent.as_str(),
+                request.caller.wire(),
+                &request.amount.to_string(),
+                request.hold_id.as_str(),
+                &request.expires_at_ms.to_string(),
+                &request.task,
+                &request.service,
+                request.protocol.as_str(),
+                key,
+                fingerprint,
+                &request.details,
+                &IDEMPOTENCY_RETENTION_MS.to_string(),
+                mode,
+            ],
+        )
+        .await?
+        .into_hold_outcome()
+    }
+
+    pub async fn finish_idempotent(&self, agent: &AgentId, key: &str, response: &str) -> Result<(), LedgerError> {
+        self.fcall("spendcap_idem_finish", agent.tree(), &[agent.as_str(), key, response])
+            .await?
+            .into_result()?;
+        Ok(())
+    }
+
+    pub async fn settle(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        amount: Micros,
+        details: &str,
+    ) -> Result<SettleOutcome, LedgerError> {
+        self.fcall(
+            "spendcap_settle",
+            agent.tree(),
+            &[&now_ms.to_string(), agent.as_str(), caller.wire(), hold.as_str(), &amount.to_string(), details],
+        )
+        .await?
+        .into_settle_outcome()
+    }
+
+    pub async fn void(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+    ) -> Result<(Micros, bool), LedgerError> {
+        let reply = self
+            .fcall("spendcap_void", agent.tree(), &[&now_ms.to_string(), agent.as_str(), caller.wire(), hold.as_str(), reason])
+            .await?
+            .into_result()?;
+        Ok((reply.micros("released")?, reply.get("replayed") == "1"))
+    }
+
+    pub async fn expire(&self, now_ms: u64, tree: &TreeId) -> Result<u64, LedgerError> {
+        self.fcall("spendcap_expire", tree, &[&now_ms.to_string()]).await?.into_result()?.u64("released")
+    }
+
+    async fn hash(&self, key: String) -> Result<std::collections::HashMap<String, String>, LedgerError> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(key);
+        self.query(&cmd).await.map_err(unavailable)
+    }
+
+    pub async fn agent(&self, agent: &AgentId) -> Result<AgentRecord, LedgerError> {
+        let fields = self.hash(format!("{}:a:{}", self.tree_key(agent.tree()), agent)).await?;
+        if fields.is_empty() {
+            return Err(LedgerError::UnknownAgent);
+        }
+        agent_from_fields(agent.clone(), |k| fields.get(k).cloned())
+    }
+
+    pub async fn agent_by_handle(&self, handle: &str) -> Result<AgentId, LedgerError> {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(format!("{}:handles", self.namespace)).arg(handle);
+        let id: Option<String> = self.query(&cmd).await.map_err(unavailable)?;
+        id.and_then(|id| id.parse().ok()).ok_or(LedgerError::UnknownAgent)
+    }
+
+    pub async fn trees(&self) -> Result<Vec<TreeId>, LedgerError> {
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(format!("{}:trees", self.namespace));
+        let ids: Vec<String> = self.query(&cmd).await.map_err(unavailable)?;
+        let mut trees: Vec<TreeId> = ids.iter().filter_map(|id| id.parse().ok()).collect();
+        trees.sort();
+        Ok(trees)
+    }
+
+    pub async fn tree_agents(&self, tree: &TreeId) -> Result<Vec<AgentRecord>, LedgerError> {
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(format!("{}:agents", self.tree_key(tree)));
+        let ids: Vec<String> = self.query(&cmd).await.map_err(unavailable)?;
+        let mut agents = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Ok(id) = id.parse::<AgentId>() else { continue };
+            agents.push(self.agent(&id).await?);
+        }
+        agents.sort_by(|a, b| (a.depth, a.created_at_ms, &a.handle).cmp(&(b.depth, b.created_at_ms, &b.handle)));
+        Ok(agents)
+    }
+
+    pub async fn read_log(&self, tree: &TreeId, after: &str, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(format!("{}:log", self.tree_key(tree)))
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count);
+        if after == "0" {
+            // "(0" is not a valid exclusive start on every Redis version; "-" is the beginning.
+            cmd = redis::cmd("XRANGE");
+            cmd.arg(format!("{}:log", self.tree_key(tree))).arg("-").arg("+").arg("COUNT").arg(count);
+        }
+        let reply: redis::streams::StreamRangeReply = self.query(&cmd).await.map_err(unavailable)?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let get = |k: &str| entry.get::<String>(k);
+                log_entry_from_fields(tree, entry.id.clone(), get)
+            })
+            .collect())
+    }
+
+    pub async fn receipt(&self, tree: &TreeId, seq: u64) -> Result<Option<ReceiptFacts>, LedgerError> {
+        let fields = self.hash(format!("{}:r:{}", self.tree_key(tree), seq)).await?;
+        Ok(receipt_from_fields(tree, seq, |k| fields.get(k).cloned()))
+    }
+
+    pub async fn chain_head(&self, tree: &TreeId) -> Result<ChainHead, LedgerError> {
+        let fields = self.hash(format!("{}:rhead", self.tree_key(tree))).await?;
+        Ok(ChainHead {
+            seq: fields.get("seq").and_then(|s| s.parse().ok()).unwrap_or(0),
+            hash: fields.get("hash").cloned().unwrap_or_default(),
+        })
+    }
+
+    pub async fn link_receipt(
+        &self,
+        tree: &TreeId,
+        seq: u64,
+        prev_hash: &str,
+        hash: &str,
+        signed: &str,
+    ) -> Result<Result<bool, ChainHead>, LedgerError> {
+        let reply = self.fcall("spendcap_receipt_link", tree, &[&seq.to_string(), prev_hash, hash, signed]).await?;
+        if reply.status == "error" && reply.get("code") == "receipt_gap" {
+            return Ok(Err(ChainHead { seq: reply.u64("head_seq")?, hash: reply.get("head_hash").to_owned() }));
+        }
+        let reply = reply.into_result()?;
+        Ok(Ok(reply.get("linked") == "1"))
+    }
+}

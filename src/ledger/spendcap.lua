@@ -1,0 +1,537 @@
+#!lua name=spendcap
+--[[
+spendcap ledger — Redis Functions library `spendcap`.
+
+Every ledger operation is exactly one FCALL of one function below. A function touches only the
+keys of one budget tree, all of which share the tree's hash tag, so the library runs unchanged on
+Redis Cluster. KEYS[1] is always the tree's key prefix, `<ns>:{<tree>}`; every other key is built
+from it:
+
+  <P>:a:<agent>        hash   agent: handle parent path depth cap spent held revoked revoked_at
+                              expires_at created_at token labels
+  <P>:agents           set    agent ids of the tree
+  <P>:h:<hold>         hash   hold: agent amount state expires_at created_at ended_at settled
+                              task service protocol idem details seq
+  <P>:holds            zset   open holds by expiry (ms)
+  <P>:log              stream one entry per state change: ts ev agent task svc proto amt rel
+                              hold reason cap parent remaining detail
+  <P>:i:<agent>:<key>  hash   idempotency record: fp status hold code amount remaining expires_at
+  <P>:rseq             string last receipt sequence number of the tree
+  <P>:r:<seq>          hash   receipt facts (hold agent amount held task service protocol ts
+                              details) and, once signed, `signed` and `hash`
+  <P>:rhead            hash   receipt chain head: seq hash
+
+Money is integer micro-USD, at most 10^15 per amount and cap, so every sum stays exact in Lua's
+doubles; numbers are always written with string.format('%d').
+
+Replies are flat arrays of strings: { status, key1, value1, key2, value2, ... } where status is
+`ok`, `refused` (a budget decision, logged) or `error` (bad request, nothing changed).
+
+Times are milliseconds since the Unix epoch, passed by the caller as ARGV[1] so that every
+instance and every test can use the same clock; `spendcap_revoke` falls back to the server's TIME
+so that orchestration scripts can call it from redis-cli without computing one.
+
+Expiry needs no background process: every function that touches a tree first releases up to
+EXPIRE_BATCH holds of that tree whose expiry has passed (and up to EXPIRE_MAX before it refuses a
+hold for lack of budget), each with its own `expire` log entry.
+--]]
+
+local MAX_DEPTH = 8            -- an agent and at most 7 ancestors
+local MAX_MICROS = 1000000000000000
+local EXPIRE_BATCH = 32
+local EXPIRE_MAX = 1024
+local ENDED_HOLD_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local function reply(status, fields)
+  local out = { status }
+  for i = 1, #fields do out[#out + 1] = fields[i] end
+  return out
+end
+
+local function err(code, detail)
+  return { 'error', 'code', code, 'detail', detail or '' }
+end
+
+local function split_path(path)
+  local ids = {}
+  for id in string.gmatch(path, '[^,]+') do ids[#ids + 1] = id end
+  return ids
+end
+
+local function log(P, fields)
+  redis.call('XADD', P .. ':log', '*', unpack(fields))
+end
+
+local function parse_money(text, name)
+  local n = tonumber(text)
+  if n == nil or n < 0 or n > MAX_MICROS or n ~= math.floor(n) then
+    return nil, err('invalid_argument', name .. ' must be an integer from 0 to ' .. fmt(MAX_MICROS))
+  end
+  return n
+end
+
+-- Ends an open hold as `settled` (with `settled` micros spent), `voided` or `expired`: moves its
+-- money off `held` (and `settled` of it onto `spent`) on the agent and every ancestor, and
+-- appends the hold's one closing log entry. Returns the hold's fields, or nil if it was not open.
+local function end_hold(P, hold_id, state, settled, now, reason, details)
+  local hkey = P .. ':h:' .. hold_id
+  local h = redis.call('HMGET', hkey, 'agent', 'amount', 'state', 'task', 'service', 'protocol')
+  if h[3] ~= 'open' then return nil end
+  local amount = tonumber(h[2])
+  local path = redis.call('HGET', P .. ':a:' .. h[1], 'path')
+  for _, id in ipairs(split_path(path)) do
+    local akey = P .. ':a:' .. id
+    redis.call('HINCRBY', akey, 'held', fmt(-amount))
+    if settled > 0 then redis.call('HINCRBY', akey, 'spent', fmt(settled)) end
+  end
+  redis.call('HSET', hkey, 'state', state, 'ended_at', fmt(now), 'settled', fmt(settled))
+  redis.call('PEXPIRE', hkey, ENDED_HOLD_RETENTION_MS)
+  redis.call('ZREM', P .. ':holds', hold_id)
+  local event = ({ settled = 'settle', voided = 'void', expired = 'expire' })[state]
+  local amt = settled
+  if state ~= 'settled' then amt = amount end
+  log(P, { 'ts', fmt(now), 'ev', event, 'agent', h[1], 'task', h[4], 'svc', h[5], 'proto', h[6],
+           'amt', fmt(amt), 'rel', fmt(amount - settled), 'hold', hold_id, 'reason', reason or '',
+           'detail', details or '' })
+  return h
+end
+
+-- Releases holds of the tree whose expiry is at or before `now`, at most `limit` of them.
+-- Returns how many it released and whether more are due.
+local function expire_due(P, now, limit)
+  local due = redis.call('ZRANGEBYSCORE', P .. ':holds', '-inf', fmt(now), 'LIMIT', 0, limit)
+  for _, hold_id in ipairs(due) do
+    end_hold(P, hold_id, 'expired', 0, now, 'hold_expired', '')
+  end
+  return #due, #due == limit
+end
+
+-- Reads the agent and its ancestors (bounded by MAX_DEPTH at creation).
+local function read_path(P, path)
+  local levels = {}
+  for _, id in ipairs(split_path(path)) do
+    local v = redis.call('HMGET', P .. ':a:' .. id, 'cap', 'spent', 'held', 'revoked', 'expires_at')
+    levels[#levels + 1] = { id = id, cap = tonumber(v[1]), spent = tonumber(v[2]),
+                            held = tonumber(v[3]), revoked = v[4], expires_at = v[5] }
+  end
+  return levels
+end
+
+-- The most the agent can still hold: the smallest headroom over itself and its ancestors.
+local function available(levels)
+  local best, by = nil, ''
+  for _, l in ipairs(levels) do
+    local room = l.cap - l.spent - l.held
+    if room < 0 then room = 0 end
+    if best == nil or room < best then best, by = room, l.id end
+  end
+  return best or 0, by
+end
+
+-- Authenticates a caller: `token` is the SHA-256 (hex) of the agent's bearer token, or `*` for a
+-- caller the daemon has already authenticated as admin. Comparing hashes of 256-bit random
+-- tokens leaks nothing useful through timing.
+local function auth(P, agent_id, token)
+  local a = redis.call('HMGET', P .. ':a:' .. agent_id, 'token', 'path')
+  if not a[1] then return nil, err('unknown_agent', 'no agent ' .. agent_id) end
+  if token ~= '*' and a[1] ~= token then return nil, err('unauthorized', 'token does not match') end
+  return a[2]
+end
+
+local function idem_reply(rec, replayed)
+  if rec[2] == 'done' then return { 'done', 'response', rec[9] or '', 'replayed', replayed } end
+  local fields = { 'hold', rec[3] or '', 'code', rec[4] or '', 'amount', rec[5] or '',
+                   'remaining', rec[6] or '', 'expires_at', rec[7] or '', 'limited_by', rec[8] or '',
+                   'replayed', replayed }
+  if rec[2] == 'granted' then return reply('ok', fields) end
+  return reply('refused', fields)
+end
+
+--[[ spendcap_hold
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 amount  5 new hold_id  6 hold expires_at_ms
+        7 task  8 service  9 protocol  10 idempotency key ('' for none)  11 request fingerprint
+        12 details JSON ('' for none)  13 idempotency retention ms  14 idempotency mode:
+        `final` (the hold is the whole operation) or `pending` (the caller finishes it later with
+        spendcap_idem_finish; duplicates meanwhile get `idempotency_in_flight`)
+Reply   ok:      hold expires_at amount remaining replayed
+        done:    response replayed (a finished `pending` operation, replayed)
+        refused: code (agent_revoked | agent_expired | cap_exceeded) amount remaining limited_by
+        error:   code (unknown_agent | unauthorized | idempotency_conflict |
+                 idempotency_in_flight | invalid_argument | hold_exists) detail
+--]]
+local function hold(keys, args)
+  local P = keys[1]
+  local now, agent_id, token = tonumber(args[1]), args[2], args[3]
+  local amount, e = parse_money(args[4], 'amount')
+  if not amount then return e end
+  if amount == 0 then return err('invalid_argument', 'amount must be positive') end
+  local hold_id, expires_at = args[5], tonumber(args[6])
+  local task, service, protocol = args[7], args[8], args[9]
+  local idem, fp, details = args[10], args[11], args[12]
+  local path, e2 = auth(P, agent_id, token)
+  if not path then return e2 end
+
+  local ikey = nil
+  if idem ~= '' then
+    ikey = P .. ':i:' .. agent_id .. ':' .. idem
+    local rec = redis.call('HMGET', ikey, 'fp', 'status', 'hold', 'code', 'amount', 'remaining',
+                           'expires_at', 'limited_by', 'response')
+    if rec[1] then
+      if rec[1] ~= fp then
+        return err('idempotency_conflict', 'this idempotency key was used with a different request')
+      end
+      if rec[2] == 'in_flight' then
+        return err('idempotency_in_flight', 'a request with this idempotency key is in progress')
+      end
+      return idem_reply(rec, '1')
+    end
+  end
+  if redis.call('EXISTS', P .. ':h:' .. hold_id) == 1 then
+    return err('hold_exists', 'hold id already used')
+  end
+
+  expire_due(P, now, EXPIRE_BATCH)
+  local levels = read_path(P, path)
+
+  local refusal, limited_by = nil, ''
+  for _, l in ipairs(levels) do
+    if l.revoked and l.revoked ~= '' then refusal, limited_by = 'agent_revoked', l.id break end
+  end
+  if not refusal then
+    for _, l in ipairs(levels) do
+      if l.expires_at and l.expires_at ~= '' and tonumber(l.expires_at) <= now then
+        refusal, limited_by = 'agent_expired', l.id
+        break
+      end
+    end
+  end
+  local room
+  if not refusal then
+    room, limited_by = available(levels)
+    if amount > room then
+      -- Holds that expired but were beyond this call's first batch still count as held; release
+      -- them all (bounded) before refusing, so that no refusal is ever caused by stale holds.
+      local more = true
+      local released = 0
+      while more and released < EXPIRE_MAX do
+        local n
+        n, more = expire_due(P, now, EXPIRE_BATCH)
+        released = released + n
+      end
+      if released > 0 then
+        levels = read_path(P, path)
+        room, limited_by = available(levels)
+      end
+      if amount > room then refusal = 'cap_exceeded' end
+    end
+  end
+
+  local status, fields
+  if refusal then
+    local remaining = available(levels)
+    if refusal ~= 'cap_exceeded' then remaining = 0 end
+    log(P, { 'ts', fmt(now), 'ev', 'refuse', 'agent', agent_id, 'task', task, 'svc', service,
+             'proto', protocol, 'amt', fmt(amount), 'reason', refusal, 'remaining', fmt(remaining),
+             'detail', details })
+    status = 'refused'
+    fields = { 'hold', '', 'code', refusal, 'amount', fmt(amount), 'remaining', fmt(remaining),
+               'expires_at', '', 'limited_by', limited_by }
+  else
+    for _, l in ipairs(levels) do
+      redis.call('HINCRBY', P .. ':a:' .. l.id, 'held', fmt(amount))
+    end
+    redis.call('HSET', P .. ':h:' .. hold_id, 'agent', agent_id, 'amount', fmt(amount),
+               'state', 'open', 'expires_at', fmt(expires_at), 'created_at', fmt(now),
+               'task', task, 'service', service, 'protocol', protocol, 'idem', idem,
+               'details', details)
+    redis.call('ZADD', P .. ':holds', fmt(expires_at), hold_id)
+    log(P, { 'ts', fmt(now), 'ev', 'hold', 'agent', agent_id, 'task', task, 'svc', service,
+             'proto', protocol, 'amt', fmt(amount), 'hold', hold_id, 'detail', details })
+    status = 'ok'
+    fields = { 'hold', hold_id, 'code', '', 'amount', fmt(amount),
+               'remaining', fmt(available(levels) - amount), 'expires_at', fmt(expires_at),
+               'limited_by', '' }
+  end
+  if ikey then
+    local record_status = 'granted'
+    if refusal then record_status = 'refused' end
+    if args[14] == 'pending' and not refusal then record_status = 'in_flight' end
+    redis.call('HSET', ikey, 'fp', fp, 'status', record_status, unpack(fields))
+    redis.call('PEXPIRE', ikey, tonumber(args[13]))
+  end
+  fields[#fields + 1] = 'replayed'
+  fields[#fields + 1] = '0'
+  return reply(status, fields)
+end
+
+--[[ spendcap_idem_finish
+KEYS[1] tree prefix
+ARGV    1 agent_id  2 idempotency key  3 response (opaque string the daemon replays)
+Reply   ok
+Marks a `pending` idempotency record as finished, so that duplicates get the stored response.
+--]]
+local function idem_finish(keys, args)
+  local ikey = keys[1] .. ':i:' .. args[1] .. ':' .. args[2]
+  if redis.call('EXISTS', ikey) == 0 then return err('unknown_idempotency_key', '') end
+  redis.call('HSET', ikey, 'status', 'done', 'response', args[3])
+  return { 'ok' }
+end
+
+local function hold_fields(P, hold_id)
+  return redis.call('HMGET', P .. ':h:' .. hold_id, 'agent', 'amount', 'state', 'expires_at',
+                    'settled', 'seq', 'task', 'service', 'protocol')
+end
+
+--[[ spendcap_settle
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 amount (<= held; the rest is released)
+        6 details JSON added to the log line and the receipt ('' for none)
+Reply   ok:    seq amount released replayed head_seq head_hash
+        error: code (unknown_agent | unauthorized | unknown_hold | hold_expired | hold_voided |
+               hold_settled | amount_exceeds_hold | invalid_argument) detail
+Settling a settled hold again with the same amount replays the first result (replayed = 1).
+The settle assigns the tree's next receipt sequence number and stores the receipt's facts at
+<P>:r:<seq>; the daemon signs and links it (spendcap_receipt_link).
+--]]
+local function settle(keys, args)
+  local P = keys[1]
+  local now, agent_id, token, hold_id = tonumber(args[1]), args[2], args[3], args[4]
+  local amount, e = parse_money(args[5], 'amount')
+  if not amount then return e end
+  local path, e2 = auth(P, agent_id, token)
+  if not path then return e2 end
+  expire_due(P, now, EXPIRE_BATCH)
+  local h = hold_fields(P, hold_id)
+  if not h[1] or h[1] ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
+  local head = redis.call('HMGET', P .. ':rhead', 'seq', 'hash')
+  if h[3] == 'settled' then
+    if tonumber(h[5]) ~= amount then
+      return err('hold_settled', 'hold was already settled for ' .. h[5])
+    end
+    return { 'ok', 'seq', h[6], 'amount', h[5], 'released', fmt(tonumber(h[2]) - amount),
+             'replayed', '1', 'head_seq', head[1] or '0', 'head_hash', head[2] or '' }
+  end
+  if h[3] == 'open' and tonumber(h[4]) <= now then
+    end_hold(P, hold_id, 'expired', 0, now, 'hold_expired', '')
+    h[3] = 'expired'
+  end
+  if h[3] ~= 'open' then return err('hold_' .. h[3], 'hold is ' .. h[3]) end
+  local held = tonumber(h[2])
+  if amount > held then
+    return err('amount_exceeds_hold', 'settle amount ' .. fmt(amount) .. ' exceeds held ' .. h[2])
+  end
+  local details = args[6]
+  local seq = redis.call('INCR', P .. ':rseq')
+  end_hold(P, hold_id, 'settled', amount, now, '', details)
+  redis.call('HSET', P .. ':h:' .. hold_id, 'seq', fmt(seq))
+  redis.call('HSET', P .. ':r:' .. fmt(seq), 'hold', hold_id, 'agent', agent_id,
+             'amount', fmt(amount), 'held', h[2], 'task', h[7], 'service', h[8],
+             'protocol', h[9], 'ts', fmt(now), 'details', details)
+  return { 'ok', 'seq', fmt(seq), 'amount', fmt(amount), 'released', fmt(held - amount),
+           'replayed', '0', 'head_seq', head[1] or '0', 'head_hash', head[2] or '' }
+end
+
+--[[ spendcap_void
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 reason
+Reply   ok: released replayed        error: code (unknown_hold | hold_settled | hold_expired) detail
+Voiding a voided hold again replays (replayed = 1).
+--]]
+local function void(keys, args)
+  local P = keys[1]
+  local now, agent_id, token, hold_id, reason = tonumber(args[1]), args[2], args[3], args[4], args[5]
+  local path, e = auth(P, agent_id, token)
+  if not path then return e end
+  expire_due(P, now, EXPIRE_BATCH)
+  local h = hold_fields(P, hold_id)
+  if not h[1] or h[1] ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
+  if h[3] == 'voided' then return { 'ok', 'released', h[2], 'replayed', '1' } end
+  if h[3] == 'open' and tonumber(h[4]) <= now then
+    end_hold(P, hold_id, 'expired', 0, now, 'hold_expired', '')
+    h[3] = 'expired'
+  end
+  if h[3] ~= 'open' then return err('hold_' .. h[3], 'hold is ' .. h[3]) end
+  end_hold(P, hold_id, 'voided', 0, now, reason, '')
+  return { 'ok', 'released', h[2], 'replayed', '0' }
+end
+
+--[[ spendcap_create_agent
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 handle  4 parent_id ('' for a root)  5 cap  6 expires_at_ms ('')
+        7 labels JSON  8 token_sha256
+Reply   ok: depth      error: code (agent_exists | unknown_parent | tree_too_deep | invalid_argument)
+--]]
+local function create_agent(keys, args)
+  local P = keys[1]
+  local now, agent_id, handle, parent = tonumber(args[1]), args[2], args[3], args[4]
+  local cap, e = parse_money(args[5], 'cap')
+  if not cap then return e end
+  local akey = P .. ':a:' .. agent_id
+  if redis.call('EXISTS', akey) == 1 then return err('agent_exists', agent_id) end
+  local path, depth = agent_id, 1
+  if parent ~= '' then
+    local p = redis.call('HMGET', P .. ':a:' .. parent, 'path', 'depth')
+    if not p[1] then return err('unknown_parent', 'no agent ' .. parent .. ' in this tree') end
+    depth = tonumber(p[2]) + 1
+    if depth > MAX_DEPTH then
+      return err('tree_too_deep', 'a budget tree is at most ' .. MAX_DEPTH .. ' levels deep')
+    end
+    path = agent_id .. ',' .. p[1]
+  end
+  redis.call('HSET', akey, 'handle', handle, 'parent', parent, 'path', path, 'depth', fmt(depth),
+             'cap', fmt(cap), 'spent', '0', 'held', '0', 'revoked', '', 'revoked_at', '',
+             'expires_at', args[6], 'created_at', fmt(now), 'token', args[8], 'labels', args[7])
+  redis.call('SADD', P .. ':agents', agent_id)
+  log(P, { 'ts', fmt(now), 'ev', 'create', 'agent', agent_id, 'cap', fmt(cap), 'parent', parent,
+           'detail', args[7] })
+  return { 'ok', 'depth', fmt(depth) }
+end
+
+--[[ spendcap_set_cap
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 cap
+Reply   ok: previous      error: code (unknown_agent | cap_below_committed | invalid_argument)
+A cap below what is already spent + held is refused: the cap invariant holds at every instant.
+--]]
+local function set_cap(keys, args)
+  local P = keys[1]
+  local now, agent_id = tonumber(args[1]), args[2]
+  local cap, e = parse_money(args[3], 'cap')
+  if not cap then return e end
+  local akey = P .. ':a:' .. agent_id
+  if redis.call('EXISTS', akey) == 0 then return err('unknown_agent', 'no agent ' .. agent_id) end
+  expire_due(P, now, EXPIRE_MAX)
+  local a = redis.call('HMGET', akey, 'cap', 'spent', 'held')
+  local committed = tonumber(a[2]) + tonumber(a[3])
+  if cap < committed then
+    return err('cap_below_committed', 'spent + held is ' .. fmt(committed))
+  end
+  redis.call('HSET', akey, 'cap', fmt(cap))
+  log(P, { 'ts', fmt(now), 'ev', 'cap', 'agent', agent_id, 'cap', fmt(cap), 'amt', a[1] })
+  return { 'ok', 'previous', a[1] }
+end
+
+--[[ spendcap_revoke — callable by orchestration scripts straight from redis-cli:
+  redis-cli FCALL spendcap_revoke 1 '<ns>:{<tree>}' <agent_id> <reason_code>
+KEYS[1] tree prefix
+ARGV    1 agent_id  2 reason code ([A-Za-z0-9_.-], 1..64 chars)  3 now_ms (optional; server TIME)
+Reply   ok: revoked_at already      error: code (unknown_agent | invalid_argument)
+Takes effect on the agent's (and every descendant's) very next hold: spendcap_hold checks every
+level's `revoked` field. Revoking an agent that is already revoked changes nothing.
+--]]
+local function revoke(keys, args)
+  local P = keys[1]
+  local agent_id, reason = args[1], args[2]
+  if not reason or #reason < 1 or #reason > 64 or not string.match(reason, '^[%w_%.%-]+$') then
+    return err('invalid_argument', 'reason must be 1 to 64 characters of [A-Za-z0-9_.-]')
+  end
+  local now = tonumber(args[3] or '')
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  local akey = P .. ':a:' .. agent_id
+  local a = redis.call('HMGET', akey, 'cap', 'revoked', 'revoked_at')
+  if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
+  if a[2] ~= '' then return { 'ok', 'revoked_at', a[3], 'already', '1' } end
+  redis.call('HSET', akey, 'revoked', reason, 'revoked_at', fmt(now))
+  log(P, { 'ts', fmt(now), 'ev', 'revoke', 'agent', agent_id, 'reason', reason })
+  return { 'ok', 'revoked_at', fmt(now), 'already', '0' }
+end
+
+--[[ spendcap_rotate_token
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 new token_sha256
+Reply   ok       error: code (unknown_agent)
+The old token stops working at once, on every instance (holds check the hash inside the script).
+--]]
+local function rotate_token(keys, args)
+  local P = keys[1]
+  local akey = P .. ':a:' .. args[2]
+  if redis.call('EXISTS', akey) == 0 then return err('unknown_agent', 'no agent ' .. args[2]) end
+  redis.call('HSET', akey, 'token', args[3])
+  log(P, { 'ts', args[1], 'ev', 'rotate', 'agent', args[2] })
+  return { 'ok' }
+end
+
+--[[ spendcap_balance
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 token_sha256|*
+Reply   ok: cap spent held remaining available limited_by revoked revoked_at expires_at
+        error: code (unknown_agent | unauthorized)
+Releases due holds first, so the figures never include money that has already come back.
+`remaining` is the agent's own cap - spent - held; `available` also counts every ancestor.
+--]]
+local function balance(keys, args)
+  local P = keys[1]
+  local now, agent_id = tonumber(args[1]), args[2]
+  local path, e = auth(P, agent_id, args[3])
+  if not path then return e end
+  expire_due(P, now, EXPIRE_MAX)
+  local levels = read_path(P, path)
+  local me = levels[1]
+  local avail, by = available(levels)
+  local own = me.cap - me.spent - me.held
+  if own < 0 then own = 0 end
+  local a = redis.call('HMGET', P .. ':a:' .. agent_id, 'revoked_at')
+  return { 'ok', 'cap', fmt(me.cap), 'spent', fmt(me.spent), 'held', fmt(me.held),
+           'remaining', fmt(own), 'available', fmt(avail), 'limited_by', by,
+           'revoked', me.revoked or '', 'revoked_at', a[1] or '', 'expires_at', me.expires_at or '' }
+end
+
+--[[ spendcap_expire
+KEYS[1] tree prefix
+ARGV    1 now_ms
+Reply   ok: released
+Releases up to EXPIRE_MAX due holds of the tree. The daemon's optional sweeper calls it; no
+correctness depends on it.
+--]]
+local function expire(keys, args)
+  local released = 0
+  local more = true
+  while more and released < EXPIRE_MAX do
+    local n
+    n, more = expire_due(keys[1], tonumber(args[1]), EXPIRE_BATCH)
+    released = released + n
+  end
+  return { 'ok', 'released', fmt(released) }
+end
+
+--[[ spendcap_receipt_link
+KEYS[1] tree prefix
+ARGV    1 seq  2 prev_hash (the head's hash the receipt names)  3 hash  4 signed receipt JSON
+Reply   ok: linked (1 = stored now, 0 = it already was)
+        error: code (receipt_gap: the head is not at seq - 1) head_seq head_hash
+Advances the tree's receipt chain head from seq - 1 to seq. Receipt signing is deterministic, so
+two instances that link the same receipt store the same bytes.
+--]]
+local function receipt_link(keys, args)
+  local P = keys[1]
+  local seq = tonumber(args[1])
+  local head = redis.call('HMGET', P .. ':rhead', 'seq', 'hash')
+  local head_seq = tonumber(head[1] or '0')
+  if head_seq >= seq then return { 'ok', 'linked', '0' } end
+  if head_seq ~= seq - 1 or (head[2] or '') ~= args[2] then
+    return { 'error', 'code', 'receipt_gap', 'head_seq', fmt(head_seq), 'head_hash', head[2] or '' }
+  end
+  redis.call('HSET', P .. ':r:' .. fmt(seq), 'signed', args[4], 'hash', args[3])
+  redis.call('HSET', P .. ':rhead', 'seq', fmt(seq), 'hash', args[3])
+  return { 'ok', 'linked', '1' }
+end
+
+redis.register_function('spendcap_hold', hold)
+redis.register_function('spendcap_idem_finish', idem_finish)
+redis.register_function('spendcap_settle', settle)
+redis.register_function('spendcap_void', void)
+redis.register_function('spendcap_create_agent', create_agent)
+redis.register_function('spendcap_set_cap', set_cap)
+redis.register_function('spendcap_revoke', revoke)
+redis.register_function('spendcap_rotate_token', rotate_token)
+redis.register_function('spendcap_balance', balance)
+redis.register_function('spendcap_expire', expire)
+redis.register_function('spendcap_receipt_link', receipt_link)

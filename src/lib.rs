@@ -1,0 +1,11 @@
+//! spendcap: every AI agent gets its own payment identity with a hard spending cap, line-item
+//! cost attribution and one-call revocation. See ARCHITECTURE.md for the map.
+
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod identity;
+pub mod ledger;
+pub mod log;
+pub mod receipt;
+pub mod server;

@@ -1,0 +1,195 @@
+//! The attributed log across every budget tree: filtering, a merged stream in time order that
+//! holds only one page per tree in memory, CSV/JSONL lines, and spend summaries.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::TreeId;
+use crate::ledger::{Ledger, LedgerError, LogEntry};
+
+const PAGE: usize = 512;
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct LogFilter {
+    /// Only this agent (id).
+    pub agent: Option<String>,
+    pub task: Option<String>,
+    pub service: Option<String>,
+    pub protocol: Option<String>,
+    /// Entries at or after this time (ms since the epoch).
+    pub since_ms: Option<u64>,
+    /// Entries before this time.
+    pub until_ms: Option<u64>,
+}
+
+impl LogFilter {
+    pub fn matches(&self, entry: &LogEntry) -> bool {
+        let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        eq(&self.agent, &entry.agent)
+            && eq(&self.task, &entry.task)
+            && eq(&self.service, &entry.service)
+            && eq(&self.protocol, &entry.protocol)
+            && self.since_ms.is_none_or(|s| entry.ts_ms >= s)
+            && self.until_ms.is_none_or(|u| entry.ts_ms < u)
+    }
+}
+
+struct TreeCursor {
+    tree: TreeId,
+    after: String,
+    page: std::collections::VecDeque<LogEntry>,
+    done: bool,
+}
+
+/// Reads the whole log in (timestamp, tree) order, one page per tree at a time.
+pub struct LogReader<'a> {
+    ledger: &'a Ledger,
+    cursors: Vec<TreeCursor>,
+    filter: LogFilter,
+}
+
+impl<'a> LogReader<'a> {
+    pub async fn new(ledger: &'a Ledger, filter: LogFilter) -> Result<LogReader<'a>, LedgerError> {
+        // An agent filter names its tree, so only that tree is read.
+        let trees = match filter.agent.as_deref().and_then(|a| a.parse::<crate::identity::AgentId>().ok()) {
+            Some(agent) => vec![agent.tree().clone()],
+            None => ledger.trees().await?,
+        };
+        let cursors = trees
+            .into_iter()
+            .map(|tree| TreeCursor { tree, after: "0".into(), page: Default::default(), done: false })
+            .collect();
+        Ok(LogReader { ledger, cursors, filter })
+    }
+
+    async fn fill(&mut self, index: usize) -> Result<(), LedgerError> {
+        let cursor = &mut self.cursors[index];
+        if cursor.page.is_empty() && !cursor.done {
+            let page = self.ledger.read_log(&cursor.tree, &cursor.after, PAGE).await?;
+            cursor.done = page.len() < PAGE;
+            if let Some(last) = page.last() {
+                cursor.after = last.id.clone();
+            }
+            cursor.page.extend(page);
+        }
+        Ok(())
+    }
+
+    /// The next matching entry, or `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<LogEntry>, LedgerError> {
+        loop {
+            for index in 0..self.cursors.len() {
+                self.fill(index).await?;
+            }
+            let next = self
+                .cursors
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| c.page.front().map(|e| (e.ts_ms, &c.tree, i)))
+                .min()
+                .map(|(_, _, i)| i);
+            let Some(index) = next else { return Ok(None) };
+            let entry = self.cursors[index].page.pop_front();
+            if let Some(entry) = entry.filter(|e| self.filter.matches(e)) {
+                return Ok(Some(entry));
+            }
+        }
+    }
+}
+
+pub const CSV_HEADER: &str = "id,tree,ts_ms,event,agent,task,service,protocol,amount,released,hold,reason,cap,parent,remaining,detail\n";
+
+fn csv_field(out: &mut String, value: &str) {
+    if value.contains([',', '"', '\n', '\r']) {
+        out.push('"');
+        out.push_str(&value.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(value);
+    }
+}
+
+pub fn csv_line(e: &LogEntry) -> String {
+    let num = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_default();
+    let fields = [
+        e.id.clone(),
+        e.tree.clone(),
+        e.ts_ms.to_string(),
+        e.event.clone(),
+        e.agent.clone(),
+        e.task.clone(),
+        e.service.clone(),
+        e.protocol.clone(),
+        num(e.amount),
+        num(e.released),
+        e.hold.clone(),
+        e.reason.clone(),
+        num(e.cap),
+        e.parent.clone(),
+        num(e.remaining),
+        e.detail.clone(),
+    ];
+    let mut out = String::with_capacity(160);
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        csv_field(&mut out, f);
+    }
+    out.push('\n');
+    out
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    Agent,
+    Task,
+    Service,
+    Protocol,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct SpendRow {
+    pub key: String,
+    pub spent_micros: u64,
+    pub settles: u64,
+    pub holds: u64,
+    pub voids: u64,
+    pub expiries: u64,
+    pub refusals: u64,
+}
+
+/// Sums the log by agent, task, service or protocol. Memory grows with the number of groups,
+/// not of entries.
+pub async fn spend_summary(ledger: &Ledger, filter: LogFilter, group_by: GroupBy) -> Result<Vec<SpendRow>, LedgerError> {
+    let mut reader = LogReader::new(ledger, filter).await?;
+    let mut rows: BTreeMap<String, SpendRow> = BTreeMap::new();
+    while let Some(entry) = reader.next().await? {
+        let key = match group_by {
+            GroupBy::Agent => &entry.agent,
+            GroupBy::Task => &entry.task,
+            GroupBy::Service => &entry.service,
+            GroupBy::Protocol => &entry.protocol,
+        };
+        let counted = matches!(entry.event.as_str(), "hold" | "settle" | "void" | "expire" | "refuse");
+        if !counted {
+            continue;
+        }
+        let row = rows.entry(key.clone()).or_insert_with(|| SpendRow { key: key.clone(), ..SpendRow::default() });
+        match entry.event.as_str() {
+            "hold" => row.holds += 1,
+            "settle" => {
+                row.settles += 1;
+                row.spent_micros += entry.amount.unwrap_or(0);
+            }
+            "void" => row.voids += 1,
+            "expire" => row.expiries += 1,
+            _ => row.refusals += 1,
+        }
+    }
+    let mut rows: Vec<SpendRow> = rows.into_values().collect();
+    rows.sort_by(|a, b| b.spent_micros.cmp(&a.spent_micros).then_with(|| a.key.cmp(&b.key)));
+    Ok(rows)
+}

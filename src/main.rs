@@ -1,0 +1,117 @@
+//! The `spendcap` binary: parse the command line, then serve or run a client command.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use spendcap::api::Limits;
+use spendcap::cli::{Cli, Command, LogFormat, ServeArgs};
+use spendcap::clock::Clock;
+use spendcap::identity::AdminToken;
+use spendcap::ledger::RedisConfig;
+use spendcap::receipt::ReceiptSigner;
+use spendcap::server::{self, Config, LedgerConfig};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            other => spendcap::cli::run_client(other).await.map_err(anyhow::Error::from),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPENDCAP_LOG").unwrap_or_else(|_| "info".into());
+    match args.log_format {
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    let admin_token = match (&args.admin_token, args.dev) {
+        (Some(token), _) => AdminToken::new(token.clone()).context("SPENDCAP_ADMIN_TOKEN")?,
+        (None, true) => AdminToken::generate(),
+        (None, false) => anyhow::bail!("set SPENDCAP_ADMIN_TOKEN (at least 32 characters), or run with --dev"),
+    };
+    let signer = if args.dev && std::env::var_os("SPENDCAP_RECEIPT_KEY").is_none() {
+        ReceiptSigner::generate()
+    } else {
+        ReceiptSigner::load_or_create(&args.receipt_key)?
+    };
+    let ledger = if args.dev {
+        LedgerConfig::Memory
+    } else {
+        LedgerConfig::Redis(RedisConfig {
+            url: args.redis_url.clone(),
+            cluster: args.redis_cluster,
+            namespace: args.redis_namespace.clone(),
+            timeout: Duration::from_millis(args.redis_timeout_ms),
+        })
+    };
+    let config = Config {
+        ledger,
+        admin_token: admin_token.clone(),
+        signer,
+        limits: Limits {
+            body_bytes: args.body_limit,
+            default_hold_ttl: Duration::from_secs(args.hold_ttl_secs),
+            max_hold_ttl: Duration::from_secs(args.max_hold_ttl_secs),
+        },
+        clock: Clock::system(),
+        sweep_interval: (args.sweep_interval_secs > 0).then(|| Duration::from_secs(args.sweep_interval_secs)),
+    };
+    let sweep_interval = config.sweep_interval;
+    let state = server::build_state(config).await.context("connecting to the ledger")?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let address = listener.local_addr()?;
+    if args.dev {
+        eprintln!(
+            "\n  WARNING: spendcap is running in --dev mode with an in-process ledger.\n  \
+             NOTHING IS DURABLE: every agent, cap, hold and log entry is lost when it stops.\n  \
+             Never use --dev for real money.\n\n  \
+             Listening on http://{address}\n  \
+             Admin token: {}\n  \
+             Try: curl -H 'Authorization: Bearer <admin token>' http://{address}/v1/agents\n",
+            admin_token.reveal()
+        );
+    }
+    tracing::info!(%address, ledger = state.ledger.kind(), "spendcap listening");
+    server::serve(state, listener, sweep_interval, shutdown_signal()).await?;
+    tracing::info!("spendcap stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

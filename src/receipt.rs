@@ -1,0 +1,348 @@
+//! Receipts: every settle yields one, signed with Ed25519 over RFC 8785 canonical JSON, and the
+//! receipts of a budget tree form a hash chain.
+//!
+//! The settle function assigns the receipt's sequence number and stores its facts atomically
+//! with the money movement; [`issue`] then signs it and links it after its predecessor. Signing
+//! is deterministic (Ed25519 over canonical bytes), so any daemon instance can sign and link
+//! receipts another instance left unlinked (it crashed, or is slower): the chain never forks and
+//! never keeps a gap.
+
+use std::path::Path;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::identity::TreeId;
+use crate::ledger::{ChainHead, Ledger, LedgerError, ReceiptFacts};
+
+/// The `prev_hash` of the first receipt of a tree.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The signed content of a receipt. Field names are part of the stable receipt format.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptBody {
+    pub version: u32,
+    pub tree: String,
+    pub seq: u64,
+    pub prev_hash: String,
+    pub hold_id: String,
+    pub agent_id: String,
+    pub amount_micros: u64,
+    pub held_micros: u64,
+    pub currency: String,
+    pub task: String,
+    pub service: String,
+    pub protocol: String,
+    pub settled_at_ms: u64,
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    #[schema(value_type = Object)]
+    pub receipt: ReceiptBody,
+    /// The first 16 hex digits of SHA-256 of the public key.
+    pub key_id: String,
+    /// Ed25519 signature of the canonical JSON of `receipt`, base64url without padding.
+    pub signature: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiptError {
+    #[error("receipt JSON is malformed: {0}")]
+    Malformed(String),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("receipt was signed by key {0}, not by the given key")]
+    WrongKey(String),
+    #[error("chain broken at {tree} seq {seq}: {reason}")]
+    BrokenChain { tree: String, seq: u64, reason: String },
+    #[error("signing key file {path}: {reason}")]
+    KeyFile { path: String, reason: String },
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// The daemon's receipt signing key. `Debug` shows only the key id.
+pub struct ReceiptSigner {
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for ReceiptSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReceiptSigner(key_id {})", key_id(&self.key.verifying_key()))
+    }
+}
+
+pub fn key_id(key: &VerifyingKey) -> String {
+    hex::encode(&Sha256::digest(key.as_bytes())[..8])
+}
+
+impl ReceiptSigner {
+    pub fn generate() -> ReceiptSigner {
+        ReceiptSigner { key: SigningKey::generate(&mut rand::rngs::OsRng) }
+    }
+
+    /// Loads the PKCS#8 PEM key at `path`, or generates one there (mode 0600) on first start.
+    pub fn load_or_create(path: &Path) -> Result<ReceiptSigner, ReceiptError> {
+        let fail = |reason: String| ReceiptError::KeyFile { path: path.display().to_string(), reason };
+        if path.exists() {
+            let pem = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+            let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| fail(e.to_string()))?;
+            return Ok(ReceiptSigner { key });
+        }
+        let signer = ReceiptSigner::generate();
+        let pem = signer.key.to_pkcs8_pem(Default::default()).map_err(|e| fail(e.to_string()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        }
+        write_private(path, pem.as_bytes()).map_err(|e| fail(e.to_string()))?;
+        Ok(signer)
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    pub fn public_key_b64(&self) -> String {
+        URL_SAFE_NO_PAD.encode(self.key.verifying_key().as_bytes())
+    }
+
+    pub fn sign(&self, body: ReceiptBody) -> Result<(Receipt, String), ReceiptError> {
+        let canonical = canonical(&body)?;
+        let signature = self.key.sign(&canonical);
+        let hash = hex::encode(Sha256::digest(&canonical));
+        let receipt = Receipt {
+            receipt: body,
+            key_id: key_id(&self.key.verifying_key()),
+            signature: URL_SAFE_NO_PAD.encode(signature.to_bytes()),
+        };
+        Ok((receipt, hash))
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(bytes)
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
+fn canonical(body: &ReceiptBody) -> Result<Vec<u8>, ReceiptError> {
+    serde_json_canonicalizer::to_vec(body).map_err(|e| ReceiptError::Malformed(e.to_string()))
+}
+
+/// The hash a receipt is named by in the chain: hex SHA-256 of its body's canonical JSON.
+pub fn receipt_hash(receipt: &Receipt) -> Result<String, ReceiptError> {
+    Ok(hex::encode(Sha256::digest(canonical(&receipt.receipt)?)))
+}
+
+fn body_from_facts(facts: &ReceiptFacts, prev_hash: &str) -> ReceiptBody {
+    let details = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&facts.details).unwrap_or_default();
+    ReceiptBody {
+        version: 1,
+        tree: facts.tree.to_string(),
+        seq: facts.seq,
+        prev_hash: if prev_hash.is_empty() { GENESIS_HASH.to_owned() } else { prev_hash.to_owned() },
+        hold_id: facts.hold.clone(),
+        agent_id: facts.agent.clone(),
+        amount_micros: facts.amount,
+        held_micros: facts.held,
+        currency: "USD".into(),
+        task: facts.task.clone(),
+        service: facts.service.clone(),
+        protocol: facts.protocol.clone(),
+        settled_at_ms: facts.ts_ms,
+        details,
+    }
+}
+
+fn parse_signed(text: &str) -> Result<Receipt, ReceiptError> {
+    serde_json::from_str(text).map_err(|e| ReceiptError::Malformed(e.to_string()))
+}
+
+/// Signs and links receipt `seq` of `tree` (and any unlinked predecessors), returning it.
+/// `head` is the chain head as the settle saw it; it is only a starting point.
+pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, tree: &TreeId, seq: u64, mut head: ChainHead) -> Result<Receipt, ReceiptError> {
+    // Each round links at least one receipt or learns a newer head, so this ends; the bound is a
+    // guard against a ledger that answers inconsistently.
+    for _ in 0..(seq.saturating_sub(head.seq) + 8) * 2 {
+        if head.seq >= seq {
+            let facts = ledger
+                .receipt(tree, seq)
+                .await?
+                .ok_or_else(|| LedgerError::Corrupt(format!("receipt {seq} of tree {tree} is missing")))?;
+            if let Some(signed) = facts.signed {
+                return parse_signed(&signed);
+            }
+            // The head moved past seq but this receipt is not yet readable as signed: another
+            // instance's link is what moved it, so read once more.
+            head = ledger.chain_head(tree).await?;
+            continue;
+        }
+        let next = head.seq + 1;
+        let facts = ledger
+            .receipt(tree, next)
+            .await?
+            .ok_or_else(|| LedgerError::Corrupt(format!("receipt {next} of tree {tree} is missing")))?;
+        let (receipt, hash) = signer.sign(body_from_facts(&facts, &head.hash))?;
+        let json = serde_json::to_string(&receipt).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+        match ledger.link_receipt(tree, next, &head.hash, &hash, &json).await? {
+            Ok(_) => {
+                if next == seq {
+                    return Ok(receipt);
+                }
+                head = ChainHead { seq: next, hash };
+            }
+            Err(newer) => head = newer,
+        }
+    }
+    Err(LedgerError::Corrupt(format!("could not link receipt {seq} of tree {tree}")).into())
+}
+
+/// Verifies one receipt's signature against `key`.
+pub fn verify(receipt: &Receipt, key: &VerifyingKey) -> Result<(), ReceiptError> {
+    if receipt.key_id != key_id(key) {
+        return Err(ReceiptError::WrongKey(receipt.key_id.clone()));
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(&receipt.signature).map_err(|_| ReceiptError::BadSignature)?;
+    let signature = Signature::from_slice(&bytes).map_err(|_| ReceiptError::BadSignature)?;
+    key.verify(&canonical(&receipt.receipt)?, &signature).map_err(|_| ReceiptError::BadSignature)
+}
+
+/// What a chain check found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ChainReport {
+    pub receipts: usize,
+    pub trees: usize,
+}
+
+/// Verifies receipts in export order (grouped by tree, in sequence): every signature, and within
+/// each tree consecutive sequence numbers whose `prev_hash` names the previous receipt's hash. A
+/// chain that starts at seq 1 must start from the genesis hash.
+pub fn verify_chain(receipts: &[Receipt], key: &VerifyingKey) -> Result<ChainReport, ReceiptError> {
+    let mut last: std::collections::HashMap<String, (u64, String)> = Default::default();
+    for receipt in receipts {
+        verify(receipt, key)?;
+        let body = &receipt.receipt;
+        let broken = |reason: String| ReceiptError::BrokenChain { tree: body.tree.clone(), seq: body.seq, reason };
+        match last.get(&body.tree) {
+            Some((seq, hash)) => {
+                if body.seq != seq + 1 {
+                    return Err(broken(format!("follows seq {seq}; a receipt is missing or out of order")));
+                }
+                if &body.prev_hash != hash {
+                    return Err(broken("prev_hash does not name the previous receipt".into()));
+                }
+            }
+            None if body.seq == 1 && body.prev_hash != GENESIS_HASH => {
+                return Err(broken("the first receipt must name the genesis hash".into()));
+            }
+            None => {}
+        }
+        last.insert(body.tree.clone(), (body.seq, receipt_hash(receipt)?));
+    }
+    Ok(ChainReport { receipts: receipts.len(), trees: last.len() })
+}
+
+/// Decodes a base64url (or standard base64) Ed25519 public key.
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, ReceiptError> {
+    let text = text.trim();
+    let bytes = URL_SAFE_NO_PAD
+        .decode(text.trim_end_matches('='))
+        .or_else(|_| base64::engine::general_purpose::STANDARD.decode(text))
+        .map_err(|e| ReceiptError::Malformed(format!("public key: {e}")))?;
+    let bytes: [u8; 32] = bytes.try_into().map_err(|_| ReceiptError::Malformed("public key must be 32 bytes".into()))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| ReceiptError::Malformed(format!("public key: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(seq: u64) -> ReceiptFacts {
+        ReceiptFacts {
+            tree: "0123456789abcdef".parse().expect("valid tree id"),
+            seq,
+            hold: format!("hd_0123456789abcdef_{seq:024x}"),
+            agent: "ag_0123456789abcdef_0000000000000001".into(),
+            amount: 1_000 * seq,
+            held: 2_000 * seq,
+            task: "t".into(),
+            service: "api.example.com".into(),
+            protocol: "generic".into(),
+            ts_ms: 1_700_000_000_000,
+            details: r#"{"note":"é"}"#.into(),
+            signed: None,
+        }
+    }
+
+    fn chain(signer: &ReceiptSigner, n: u64) -> Vec<Receipt> {
+        let mut prev = String::new();
+        (1..=n)
+            .map(|seq| {
+                let (receipt, hash) = signer.sign(body_from_facts(&facts(seq), &prev)).expect("signs");
+                prev = hash;
+                receipt
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_chain_verifies_and_any_tampering_is_detected() {
+        let signer = ReceiptSigner::generate();
+        let key = signer.verifying_key();
+        let receipts = chain(&signer, 4);
+        assert_eq!(verify_chain(&receipts, &key).expect("intact chain verifies").receipts, 4);
+
+        let mut edited = receipts.clone();
+        edited[1].receipt.amount_micros += 1;
+        assert!(matches!(verify_chain(&edited, &key), Err(ReceiptError::BadSignature)));
+
+        let mut deleted = receipts.clone();
+        deleted.remove(2);
+        assert!(matches!(verify_chain(&deleted, &key), Err(ReceiptError::BrokenChain { seq: 4, .. })));
+
+        // A receipt re-signed by another key does not pass as ours.
+        let other = ReceiptSigner::generate();
+        let mut forged = receipts.clone();
+        forged[0] = other.sign(forged[0].receipt.clone()).expect("signs").0;
+        assert!(matches!(verify_chain(&forged, &key), Err(ReceiptError::WrongKey(_))));
+
+        let mut flipped = receipts;
+        let mut sig = URL_SAFE_NO_PAD.decode(&flipped[0].signature).expect("b64");
+        sig[5] ^= 1;
+        flipped[0].signature = URL_SAFE_NO_PAD.encode(sig);
+        assert!(matches!(verify(&flipped[0], &key), Err(ReceiptError::BadSignature)));
+    }
+
+    #[test]
+    fn signing_is_deterministic_so_instances_agree() {
+        let signer = ReceiptSigner::generate();
+        let a = signer.sign(body_from_facts(&facts(1), "")).expect("signs");
+        let b = signer.sign(body_from_facts(&facts(1), "")).expect("signs");
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn key_file_is_created_once_and_reloaded() {
+        let dir = std::env::temp_dir().join(format!("spendcap-key-{}", rand::random::<u64>()));
+        let path = dir.join("receipt.pem");
+        let first = ReceiptSigner::load_or_create(&path).expect("creates");
+        let second = ReceiptSigner::load_or_create(&path).expect("loads");
+        assert_eq!(first.public_key_b64(), second.public_key_b64());
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+}

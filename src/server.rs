@@ -1,0 +1,83 @@
+//! Starting the daemon: build the ledger and state from a [`Config`], then serve a router on a
+//! listener until a shutdown future resolves (tests pass port 0 and their own shutdown).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState, Limits, SharedState};
+use crate::clock::Clock;
+use crate::identity::AdminToken;
+use crate::ledger::{Ledger, LedgerError, MemoryLedger, RedisConfig, RedisLedger};
+use crate::receipt::ReceiptSigner;
+
+pub enum LedgerConfig {
+    /// In-process, nothing durable: `serve --dev` and tests.
+    Memory,
+    Redis(RedisConfig),
+}
+
+pub struct Config {
+    pub ledger: LedgerConfig,
+    pub admin_token: AdminToken,
+    pub signer: ReceiptSigner,
+    pub limits: Limits,
+    pub clock: Clock,
+    /// How often to release expired holds in the background. Optional: expiry also happens
+    /// inside every ledger call that touches a tree.
+    pub sweep_interval: Option<Duration>,
+}
+
+pub async fn build_state(config: Config) -> Result<SharedState, LedgerError> {
+    let ledger = match config.ledger {
+        LedgerConfig::Memory => Ledger::Memory(MemoryLedger::new()),
+        LedgerConfig::Redis(redis) => Ledger::Redis(RedisLedger::connect(&redis).await?),
+    };
+    Ok(Arc::new(AppState {
+        ledger,
+        admin: config.admin_token,
+        signer: config.signer,
+        clock: config.clock,
+        limits: config.limits,
+    }))
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
+pub async fn serve(
+    state: SharedState,
+    listener: TcpListener,
+    sweep_interval: Option<Duration>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let sweeper = sweep_interval.map(|interval| tokio::spawn(sweep(state.clone(), interval)));
+    let app = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
+    result
+}
+
+async fn sweep(state: SharedState, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let trees = match state.ledger.trees().await {
+            Ok(trees) => trees,
+            Err(e) => {
+                tracing::warn!(error = %e, "hold sweep skipped");
+                continue;
+            }
+        };
+        for tree in trees {
+            match state.ledger.expire(state.clock.now_ms(), &tree).await {
+                Ok(0) => {}
+                Ok(released) => tracing::info!(%tree, released, "released expired holds"),
+                Err(e) => tracing::warn!(%tree, error = %e, "hold sweep failed"),
+            }
+        }
+    }
+}
