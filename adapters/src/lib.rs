@@ -8,6 +8,7 @@
 //! Architecture invariant: this crate never depends on Redis or axum. The daemon decides whether
 //! a payment may happen; an adapter only says what the payment is.
 
+pub mod conformance;
 pub mod intent;
 pub mod money;
 
