@@ -227,7 +227,12 @@ impl Client {
         Ok(Client { http: reqwest::Client::new(), base: args.url.trim_end_matches('/').to_owned(), token })
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<reqwest::Response, CliError> {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<reqwest::Response, CliError> {
         let mut request = self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(&body);
@@ -252,7 +257,13 @@ impl Client {
 
 fn path_segment(text: &str) -> String {
     text.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"_.-".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -261,7 +272,10 @@ fn money(value: &Value) -> String {
 }
 
 fn agent_table(agents: &[Value]) -> String {
-    let mut out = format!("{:<24} {:<38} {:>16} {:>16} {:>16} {:>16}  {}\n", "HANDLE", "ID", "CAP", "SPENT", "HELD", "REMAINING", "STATUS");
+    let mut out = format!(
+        "{:<24} {:<38} {:>16} {:>16} {:>16} {:>16}  {}\n",
+        "HANDLE", "ID", "CAP", "SPENT", "HELD", "REMAINING", "STATUS"
+    );
     for a in agents {
         let status = match a["revoked"].as_str() {
             Some(reason) => format!("revoked ({reason})"),
@@ -336,7 +350,8 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
         Command::Agent(AgentCommand::Revoke { agent, reason, client }) => {
             let api = Client::new(&client)?;
             let body = serde_json::json!({ "reason": reason });
-            let revoked = api.json(Method::POST, &format!("/v1/agents/{}/revoke", path_segment(&agent)), Some(body)).await?;
+            let revoked =
+                api.json(Method::POST, &format!("/v1/agents/{}/revoke", path_segment(&agent)), Some(body)).await?;
             print(client.json, &revoked, |r| {
                 format!(
                     "revoked {} ({}) at {} ms{}\n",
@@ -350,16 +365,22 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
         }
         Command::Agent(AgentCommand::RotateToken { agent, client }) => {
             let api = Client::new(&client)?;
-            let rotated = api.json(Method::POST, &format!("/v1/agents/{}/rotate-token", path_segment(&agent)), None).await?;
-            print(client.json, &rotated, |r| format!("new token (shown once): {}\n", r["token"].as_str().unwrap_or("")));
+            let rotated =
+                api.json(Method::POST, &format!("/v1/agents/{}/rotate-token", path_segment(&agent)), None).await?;
+            print(client.json, &rotated, |r| {
+                format!("new token (shown once): {}\n", r["token"].as_str().unwrap_or(""))
+            });
             Ok(())
         }
         Command::Log(LogCommand::Export { format, agent, task, service, since_ms, until_ms, client }) => {
             let api = Client::new(&client)?;
-            let mut query = vec![("format".to_owned(), match format {
-                ExportFormat::Jsonl => "jsonl".to_owned(),
-                ExportFormat::Csv => "csv".to_owned(),
-            })];
+            let mut query = vec![(
+                "format".to_owned(),
+                match format {
+                    ExportFormat::Jsonl => "jsonl".to_owned(),
+                    ExportFormat::Csv => "csv".to_owned(),
+                },
+            )];
             for (key, value) in [("agent", agent), ("task", task), ("service", service)] {
                 if let Some(value) = value {
                     query.push((key.to_owned(), value));
@@ -398,7 +419,10 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             };
             let report = crate::receipt::verify_chain(&receipts, &key)?;
             if json {
-                println!("{}", serde_json::json!({ "valid": true, "receipts": report.receipts, "trees": report.trees }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "valid": true, "receipts": report.receipts, "trees": report.trees })
+                );
             } else {
                 println!("ok: {} receipt(s) in {} chain(s) verified", report.receipts, report.trees);
             }

@@ -196,7 +196,10 @@ impl AdminToken {
 
     pub fn new(secret: String) -> Result<AdminToken, MalformedId> {
         if secret.len() < Self::MIN_LEN || secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(MalformedId { kind: "admin token (at least 32 visible characters)", text: "<redacted>".to_owned() });
+            return Err(MalformedId {
+                kind: "admin token (at least 32 visible characters)",
+                text: "<redacted>".to_owned(),
+            });
         }
         Ok(AdminToken { secret })
     }

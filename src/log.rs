@@ -98,7 +98,8 @@ impl<'a> LogReader<'a> {
     }
 }
 
-pub const CSV_HEADER: &str = "id,tree,ts_ms,event,agent,task,service,protocol,amount,released,hold,reason,cap,parent,remaining,detail\n";
+pub const CSV_HEADER: &str =
+    "id,tree,ts_ms,event,agent,task,service,protocol,amount,released,hold,reason,cap,parent,remaining,detail\n";
 
 fn csv_field(out: &mut String, value: &str) {
     if value.contains([',', '"', '\n', '\r']) {
@@ -163,7 +164,11 @@ pub struct SpendRow {
 
 /// Sums the log by agent, task, service or protocol. Memory grows with the number of groups,
 /// not of entries.
-pub async fn spend_summary(ledger: &Ledger, filter: LogFilter, group_by: GroupBy) -> Result<Vec<SpendRow>, LedgerError> {
+pub async fn spend_summary(
+    ledger: &Ledger,
+    filter: LogFilter,
+    group_by: GroupBy,
+) -> Result<Vec<SpendRow>, LedgerError> {
     let mut reader = LogReader::new(ledger, filter).await?;
     let mut rows: BTreeMap<String, SpendRow> = BTreeMap::new();
     while let Some(entry) = reader.next().await? {

@@ -76,7 +76,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let sweep_interval = config.sweep_interval;
     let state = server::build_state(config).await.context("connecting to the ledger")?;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let address = listener.local_addr()?;
     if args.dev {
         eprintln!(

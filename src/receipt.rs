@@ -150,7 +150,8 @@ pub fn receipt_hash(receipt: &Receipt) -> Result<String, ReceiptError> {
 }
 
 fn body_from_facts(facts: &ReceiptFacts, prev_hash: &str) -> ReceiptBody {
-    let details = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&facts.details).unwrap_or_default();
+    let details =
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&facts.details).unwrap_or_default();
     ReceiptBody {
         version: 1,
         tree: facts.tree.to_string(),
@@ -175,7 +176,13 @@ fn parse_signed(text: &str) -> Result<Receipt, ReceiptError> {
 
 /// Signs and links receipt `seq` of `tree` (and any unlinked predecessors), returning it.
 /// `head` is the chain head as the settle saw it; it is only a starting point.
-pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, tree: &TreeId, seq: u64, mut head: ChainHead) -> Result<Receipt, ReceiptError> {
+pub async fn issue(
+    ledger: &Ledger,
+    signer: &ReceiptSigner,
+    tree: &TreeId,
+    seq: u64,
+    mut head: ChainHead,
+) -> Result<Receipt, ReceiptError> {
     // Each round links at least one receipt or learns a newer head, so this ends; the bound is a
     // guard against a ledger that answers inconsistently.
     for _ in 0..(seq.saturating_sub(head.seq) + 8) * 2 {
@@ -264,7 +271,8 @@ pub fn parse_public_key(text: &str) -> Result<VerifyingKey, ReceiptError> {
         .decode(text.trim_end_matches('='))
         .or_else(|_| base64::engine::general_purpose::STANDARD.decode(text))
         .map_err(|e| ReceiptError::Malformed(format!("public key: {e}")))?;
-    let bytes: [u8; 32] = bytes.try_into().map_err(|_| ReceiptError::Malformed("public key must be 32 bytes".into()))?;
+    let bytes: [u8; 32] =
+        bytes.try_into().map_err(|_| ReceiptError::Malformed("public key must be 32 bytes".into()))?;
     VerifyingKey::from_bytes(&bytes).map_err(|e| ReceiptError::Malformed(format!("public key: {e}")))
 }
 

@@ -32,7 +32,11 @@ impl ConformanceSink {
             return;
         }
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}-{}-{n}.json", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+        let name = format!(
+            "{}-{}-{n}.json",
+            std::process::id(),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+        );
         if let Ok(text) = serde_json::to_string_pretty(message) {
             let _ = std::fs::write(folder.join(name), text);
         }

@@ -43,10 +43,7 @@ impl FromStr for Protocol {
     type Err = UnknownProtocol;
 
     fn from_str(text: &str) -> Result<Protocol, UnknownProtocol> {
-        Protocol::ALL
-            .into_iter()
-            .find(|p| p.as_str() == text)
-            .ok_or_else(|| UnknownProtocol(text.to_owned()))
+        Protocol::ALL.into_iter().find(|p| p.as_str() == text).ok_or_else(|| UnknownProtocol(text.to_owned()))
     }
 }
 

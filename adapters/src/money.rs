@@ -88,9 +88,7 @@ impl Micros {
         }
         match number.as_f64() {
             Some(value) if value < 0.0 => Err(AmountError::Negative),
-            Some(value) if value.fract() == 0.0 && value > u64::MAX as f64 => {
-                Err(AmountError::TooLarge)
-            }
+            Some(value) if value.fract() == 0.0 && value > u64::MAX as f64 => Err(AmountError::TooLarge),
             _ => Err(AmountError::Fractional),
         }
     }
@@ -127,25 +125,15 @@ impl Micros {
         if whole.len() > 20 {
             return Err(AmountError::TooLarge);
         }
-        let whole: u128 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| AmountError::TooLarge)?
-        };
-        let mut fraction_value: u128 = if kept.is_empty() {
-            0
-        } else {
-            kept.parse()
-                .map_err(|_| AmountError::Malformed(text.to_owned()))?
-        };
+        let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| AmountError::TooLarge)? };
+        let mut fraction_value: u128 =
+            if kept.is_empty() { 0 } else { kept.parse().map_err(|_| AmountError::Malformed(text.to_owned()))? };
         for _ in kept.len()..exponent {
             fraction_value *= 10;
         }
         let scale = 10u128.pow(unit_exponent);
-        let total = whole
-            .checked_mul(scale)
-            .and_then(|w| w.checked_add(fraction_value))
-            .ok_or(AmountError::TooLarge)?;
+        let total =
+            whole.checked_mul(scale).and_then(|w| w.checked_add(fraction_value)).ok_or(AmountError::TooLarge)?;
         if total > Self::MAX.0 as u128 {
             return Err(AmountError::TooLarge);
         }
@@ -193,9 +181,7 @@ mod tests {
             ("0x10", 0, Err("amount_malformed")),
         ];
         for (text, exponent, expected) in cases {
-            let got = Micros::from_decimal_str(text, *exponent)
-                .map(Micros::get)
-                .map_err(|e| e.code());
+            let got = Micros::from_decimal_str(text, *exponent).map(Micros::get).map_err(|e| e.code());
             assert_eq!(&got, expected, "parsing {text:?} with exponent {exponent}");
         }
     }
@@ -204,9 +190,7 @@ mod tests {
     fn json_numbers_must_be_whole_micros() {
         let parse = |text: &str| {
             let number: serde_json::Number = serde_json::from_str(text).expect("test JSON");
-            Micros::from_json_number(&number)
-                .map(Micros::get)
-                .map_err(|e| e.code())
+            Micros::from_json_number(&number).map(Micros::get).map_err(|e| e.code())
         };
         assert_eq!(parse("250000"), Ok(250_000));
         assert_eq!(parse("0"), Ok(0));

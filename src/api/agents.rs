@@ -143,7 +143,8 @@ pub async fn resolve(state: &SharedState, text: &str) -> Result<AgentId, ApiErro
 }
 
 fn cap_from(number: &serde_json::Number) -> Result<Micros, ApiError> {
-    Micros::from_json_number(number).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string()))
+    Micros::from_json_number(number)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string()))
 }
 
 #[utoipa::path(post, path = "/v1/agents", request_body = CreateAgentRequest,
@@ -165,10 +166,18 @@ pub async fn create_agent(
     let now = state.clock.now_ms();
     let expires_at_ms = match (req.expires_at_ms, req.ttl_secs) {
         (Some(_), Some(_)) => {
-            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_expiry", "give expires_at_ms or ttl_secs, not both"))
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_expiry",
+                "give expires_at_ms or ttl_secs, not both",
+            ))
         }
         (Some(at), None) if at <= now => {
-            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_expiry", "expires_at_ms is in the past"))
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_expiry",
+                "expires_at_ms is in the past",
+            ))
         }
         (Some(at), None) => Some(at),
         (None, Some(0)) => {
@@ -178,7 +187,11 @@ pub async fn create_agent(
         (None, None) => None,
     };
     if req.labels.len() > 32 || req.labels.iter().any(|(k, v)| k.len() > 64 || v.len() > 256) {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_labels", "at most 32 labels, keys up to 64 and values up to 256 bytes"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_labels",
+            "at most 32 labels, keys up to 64 and values up to 256 bytes",
+        ));
     }
     let parent = match &req.parent {
         Some(p) => Some(resolve(&state, p).await.map_err(|e| {
@@ -221,7 +234,11 @@ pub async fn list_agents(_: Admin, State(state): State<SharedState>) -> Result<J
 
 #[utoipa::path(get, path = "/v1/agents/{agent}", params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = AgentView), (status = 404, description = "unknown agent")), security(("admin" = [])))]
-pub async fn show_agent(_: Admin, State(state): State<SharedState>, Path(agent): Path<String>) -> Result<Json<AgentView>, ApiError> {
+pub async fn show_agent(
+    _: Admin,
+    State(state): State<SharedState>,
+    Path(agent): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
     let id = resolve(&state, &agent).await?;
     state.ledger.balance(state.clock.now_ms(), &id, &Caller::Admin).await?;
     Ok(Json(AgentView::from(&state.ledger.agent(&id).await?)))
@@ -251,17 +268,24 @@ pub async fn revoke(
     ApiJson(req): ApiJson<RevokeRequest>,
 ) -> Result<Json<Revoked>, ApiError> {
     let id = resolve(&state, &agent).await?;
-    let (revoked_at_ms, already) = state.ledger.revoke(state.clock.now_ms(), &id, &req.reason).await.map_err(|e| match e {
-        LedgerError::InvalidArgument(detail) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_reason", detail),
-        other => other.into(),
-    })?;
+    let (revoked_at_ms, already) =
+        state.ledger.revoke(state.clock.now_ms(), &id, &req.reason).await.map_err(|e| match e {
+            LedgerError::InvalidArgument(detail) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_reason", detail)
+            }
+            other => other.into(),
+        })?;
     tracing::warn!(agent = %id, reason = %req.reason, "agent revoked");
     Ok(Json(Revoked { agent_id: id.to_string(), reason: req.reason, revoked_at_ms, already_revoked: already }))
 }
 
 #[utoipa::path(post, path = "/v1/agents/{agent}/rotate-token", params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = RotatedToken)), security(("admin" = [])))]
-pub async fn rotate_token(_: Admin, State(state): State<SharedState>, Path(agent): Path<String>) -> Result<Json<RotatedToken>, ApiError> {
+pub async fn rotate_token(
+    _: Admin,
+    State(state): State<SharedState>,
+    Path(agent): Path<String>,
+) -> Result<Json<RotatedToken>, ApiError> {
     let id = resolve(&state, &agent).await?;
     let token = AgentToken::generate(&id);
     state.ledger.rotate_token(state.clock.now_ms(), &id, &token.hash()).await?;

@@ -41,7 +41,8 @@ pub struct MeView {
 
 #[utoipa::path(get, path = "/v1/me", responses((status = 200, body = MeView), (status = 401, description = "invalid token")), security(("agent" = [])))]
 pub async fn me(auth: AgentAuth, State(state): State<SharedState>) -> Result<Json<MeView>, ApiError> {
-    let balance = state.ledger.balance(state.clock.now_ms(), &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
+    let balance =
+        state.ledger.balance(state.clock.now_ms(), &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
     Ok(Json(MeView {
         agent_id: auth.agent.to_string(),
         cap_micros: balance.cap.get(),
@@ -115,8 +116,9 @@ pub fn refusal_error(refusal: &Refusal) -> ApiError {
 pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
     let key = value.to_str().ok().filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()));
-    key.map(|k| Some(k.to_owned()))
-        .ok_or_else(|| ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible ASCII characters"))
+    key.map(|k| Some(k.to_owned())).ok_or_else(|| {
+        ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible ASCII characters")
+    })
 }
 
 fn fingerprint(body: &impl Serialize) -> String {
@@ -144,7 +146,11 @@ pub async fn create_hold(
     let service = label("service", &body.service, 256)?;
     let task = label("task", &body.task, 128)?;
     if body.details.len() > 32 || body.details.iter().any(|(k, v)| k.len() > 64 || v.len() > 512) {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_details", "at most 32 details, keys up to 64 and values up to 512 bytes"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_details",
+            "at most 32 details, keys up to 64 and values up to 512 bytes",
+        ));
     }
     let ttl_ms = match body.ttl_secs {
         None => state.limits.default_hold_ttl.as_millis() as u64,
@@ -162,7 +168,11 @@ pub async fn create_hold(
         fingerprint: fingerprint(&body),
         mode: IdempotencyMode::Final,
     });
-    let details = if body.details.is_empty() { String::new() } else { serde_json::to_string(&body.details).map_err(ApiError::internal)? };
+    let details = if body.details.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(&body.details).map_err(ApiError::internal)?
+    };
     let now = state.clock.now_ms();
     let request = HoldRequest {
         agent: auth.agent.clone(),
@@ -234,9 +244,17 @@ pub async fn settle(
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string()))?;
     let hold = hold_id(&auth, &hold)?;
     if body.details.len() > 32 || body.details.iter().any(|(k, v)| k.len() > 64 || v.len() > 512) {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_details", "at most 32 details, keys up to 64 and values up to 512 bytes"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_details",
+            "at most 32 details, keys up to 64 and values up to 512 bytes",
+        ));
     }
-    let details = if body.details.is_empty() { String::new() } else { serde_json::to_string(&body.details).map_err(ApiError::internal)? };
+    let details = if body.details.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(&body.details).map_err(ApiError::internal)?
+    };
     let outcome = state
         .ledger
         .settle(state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, amount, &details)
@@ -277,13 +295,12 @@ pub async fn void(
 ) -> Result<Json<Voided>, ApiError> {
     let hold = hold_id(&auth, &hold)?;
     let reason = label("reason", body.reason.as_deref().unwrap_or("voided_by_agent"), 64)?;
-    let (released, replayed) = state
-        .ledger
-        .void(state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, &reason)
-        .await
-        .map_err(|e| match e {
-            LedgerError::UnknownHold => ApiError::new(StatusCode::NOT_FOUND, "unknown_hold", "no such hold"),
-            other => agent_scoped(other),
-        })?;
+    let (released, replayed) =
+        state.ledger.void(state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, &reason).await.map_err(
+            |e| match e {
+                LedgerError::UnknownHold => ApiError::new(StatusCode::NOT_FOUND, "unknown_hold", "no such hold"),
+                other => agent_scoped(other),
+            },
+        )?;
     Ok(Json(Voided { hold_id: hold.to_string(), released_micros: released.get(), replayed }))
 }

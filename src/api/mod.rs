@@ -66,7 +66,9 @@ pub fn router(state: SharedState) -> Router {
 
 /// Liveness and ledger reachability: 200 when the ledger answers, 503 when it does not.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "ledger reachable"), (status = 503, description = "ledger unavailable")))]
-async fn healthz(axum::extract::State(state): axum::extract::State<SharedState>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn healthz(
+    axum::extract::State(state): axum::extract::State<SharedState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     state.ledger.ping().await?;
     Ok(Json(serde_json::json!({ "status": "ok", "ledger": state.ledger.kind() })))
 }
@@ -110,8 +112,7 @@ impl FromRequestParts<SharedState> for AgentAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &SharedState) -> Result<AgentAuth, ApiError> {
-        let token: AgentToken =
-            bearer(parts).and_then(|t| t.parse().ok()).ok_or_else(ApiError::unauthorized)?;
+        let token: AgentToken = bearer(parts).and_then(|t| t.parse().ok()).ok_or_else(ApiError::unauthorized)?;
         Ok(AgentAuth { agent: token.agent().clone(), token_hash: token.hash() })
     }
 }

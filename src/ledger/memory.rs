@@ -10,8 +10,8 @@ use std::sync::{Mutex, MutexGuard};
 use adapters::Micros;
 
 use super::{
-    AgentRecord, Balance, Caller, ChainHead, Grant, HoldOutcome, HoldRequest, IdempotencyMode, LedgerError,
-    LogEntry, NewAgent, ReceiptFacts, Refusal, RefusalReason, SettleOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
+    AgentRecord, Balance, Caller, ChainHead, Grant, HoldOutcome, HoldRequest, IdempotencyMode, LedgerError, LogEntry,
+    NewAgent, ReceiptFacts, Refusal, RefusalReason, SettleOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -101,7 +101,15 @@ impl Tree {
     }
 
     /// Ends an open hold: `(state, settled)` says how (settled micros are spent, the rest released).
-    fn end_hold(&mut self, tree: &TreeId, hold_id: &str, (state, settled): (HoldState, u64), now: u64, reason: &str, details: &str) {
+    fn end_hold(
+        &mut self,
+        tree: &TreeId,
+        hold_id: &str,
+        (state, settled): (HoldState, u64),
+        now: u64,
+        reason: &str,
+        details: &str,
+    ) {
         let Some(hold) = self.holds.get_mut(hold_id) else { return };
         if hold.state != HoldState::Open {
             return;
@@ -256,7 +264,11 @@ impl MemoryLedger {
         Ok(())
     }
 
-    fn with_tree<T>(&self, tree: &TreeId, f: impl FnOnce(&mut Tree) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
+    fn with_tree<T>(
+        &self,
+        tree: &TreeId,
+        f: impl FnOnce(&mut Tree) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
         let mut state = self.lock();
         let tree = state.trees.get_mut(tree).ok_or(LedgerError::UnknownAgent)?;
         f(tree)
@@ -367,7 +379,9 @@ impl MemoryLedger {
                     return match &record.status {
                         IdemStatus::InFlight => Err(LedgerError::IdempotencyInFlight),
                         IdemStatus::Done(response) => Ok(HoldOutcome::Finished { response: response.clone() }),
-                        IdemStatus::Granted(grant) => Ok(HoldOutcome::Granted(Grant { replayed: true, ..grant.clone() })),
+                        IdemStatus::Granted(grant) => {
+                            Ok(HoldOutcome::Granted(Grant { replayed: true, ..grant.clone() }))
+                        }
                         IdemStatus::Refused(refusal) => {
                             Ok(HoldOutcome::Refused(Refusal { replayed: true, ..refusal.clone() }))
                         }
@@ -570,7 +584,13 @@ impl MemoryLedger {
                     signed: None,
                 },
             );
-            Ok(SettleOutcome { seq, amount, released: money(held - amount.get()), replayed: false, head: tree.head.clone() })
+            Ok(SettleOutcome {
+                seq,
+                amount,
+                released: money(held - amount.get()),
+                replayed: false,
+                head: tree.head.clone(),
+            })
         })
     }
 

@@ -136,7 +136,9 @@ pub enum HoldOutcome {
     Granted(Grant),
     Refused(Refusal),
     /// A `Pending` operation with this idempotency key has finished; this is its stored response.
-    Finished { response: String },
+    Finished {
+        response: String,
+    },
 }
 
 /// The receipt chain head of a tree: the last linked receipt's sequence number and hash.
@@ -492,10 +494,7 @@ impl Reply {
         let replayed = reply.get("replayed") == "1";
         match reply.status.as_str() {
             "ok" => Ok(HoldOutcome::Granted(Grant {
-                hold_id: reply
-                    .get("hold")
-                    .parse()
-                    .map_err(|e| LedgerError::Corrupt(format!("hold id: {e}")))?,
+                hold_id: reply.get("hold").parse().map_err(|e| LedgerError::Corrupt(format!("hold id: {e}")))?,
                 amount: reply.micros("amount")?,
                 remaining: reply.micros("remaining")?,
                 expires_at_ms: reply.u64("expires_at")?,
@@ -544,10 +543,7 @@ impl Reply {
 /// Builds an agent record from the fields of its hash (Redis) or map (memory).
 fn agent_from_fields(id: AgentId, get: impl Fn(&str) -> Option<String>) -> Result<AgentRecord, LedgerError> {
     let num = |key: &str| -> Result<u64, LedgerError> {
-        get(key)
-            .unwrap_or_default()
-            .parse()
-            .map_err(|_| LedgerError::Corrupt(format!("agent {id} field {key}")))
+        get(key).unwrap_or_default().parse().map_err(|_| LedgerError::Corrupt(format!("agent {id} field {key}")))
     };
     let money = |key: &str| Micros::new(num(key)?).map_err(|e| LedgerError::Corrupt(e.to_string()));
     let nonempty = |key: &str| get(key).filter(|v| !v.is_empty());

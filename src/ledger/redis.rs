@@ -13,8 +13,8 @@ use redis::{Cmd, FromRedisValue, RedisError, Value};
 
 use super::{
     agent_from_fields, log_entry_from_fields, receipt_from_fields, AgentRecord, Balance, Caller, ChainHead,
-    HoldOutcome, HoldRequest, IdempotencyMode, LedgerError, LogEntry, NewAgent, ReceiptFacts, Reply,
-    SettleOutcome, IDEMPOTENCY_RETENTION_MS,
+    HoldOutcome, HoldRequest, IdempotencyMode, LedgerError, LogEntry, NewAgent, ReceiptFacts, Reply, SettleOutcome,
+    IDEMPOTENCY_RETENTION_MS,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -224,9 +224,7 @@ impl RedisLedger {
     }
 
     pub async fn finish_idempotent(&self, agent: &AgentId, key: &str, response: &str) -> Result<(), LedgerError> {
-        self.fcall("spendcap_idem_finish", agent.tree(), &[agent.as_str(), key, response])
-            .await?
-            .into_result()?;
+        self.fcall("spendcap_idem_finish", agent.tree(), &[agent.as_str(), key, response]).await?.into_result()?;
         Ok(())
     }
 
@@ -257,7 +255,11 @@ impl RedisLedger {
         reason: &str,
     ) -> Result<(Micros, bool), LedgerError> {
         let reply = self
-            .fcall("spendcap_void", agent.tree(), &[&now_ms.to_string(), agent.as_str(), caller.wire(), hold.as_str(), reason])
+            .fcall(
+                "spendcap_void",
+                agent.tree(),
+                &[&now_ms.to_string(), agent.as_str(), caller.wire(), hold.as_str(), reason],
+            )
             .await?
             .into_result()?;
         Ok((reply.micros("released")?, reply.get("replayed") == "1"))
@@ -312,11 +314,7 @@ impl RedisLedger {
 
     pub async fn read_log(&self, tree: &TreeId, after: &str, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(format!("{}:log", self.tree_key(tree)))
-            .arg(format!("({after}"))
-            .arg("+")
-            .arg("COUNT")
-            .arg(count);
+        cmd.arg(format!("{}:log", self.tree_key(tree))).arg(format!("({after}")).arg("+").arg("COUNT").arg(count);
         if after == "0" {
             // "(0" is not a valid exclusive start on every Redis version; "-" is the beginning.
             cmd = redis::cmd("XRANGE");
