@@ -99,7 +99,7 @@ pub enum AgentCommand {
         #[arg(long)]
         handle: String,
         /// Cap in USD, e.g. 5.00 (exact decimal; at most 6 decimals).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         cap: String,
         /// Parent agent (id or handle).
         #[arg(long)]
@@ -127,6 +127,7 @@ pub enum AgentCommand {
     /// Change an agent's cap (USD).
     SetCap {
         agent: String,
+        #[arg(allow_hyphen_values = true)]
         cap: String,
         #[command(flatten)]
         client: ClientArgs,

@@ -198,3 +198,80 @@ pub async fn spend_summary(
     rows.sort_by(|a, b| b.spent_micros.cmp(&a.spent_micros).then_with(|| a.key.cmp(&b.key)));
     Ok(rows)
 }
+
+/// An agent's balances as the log says they should be.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Replayed {
+    pub cap: u64,
+    pub spent: u64,
+    pub held: u64,
+    pub revoked: bool,
+    /// The agent and its ancestors.
+    pub path: Vec<String>,
+}
+
+/// Why a log cannot be replayed.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("log entry {id}: {reason}")]
+pub struct ReplayError {
+    pub id: String,
+    pub reason: String,
+}
+
+/// Replays log entries (in order, per tree) into balances: `create` and `cap` set caps, `hold`
+/// adds to held on the agent and every ancestor, `settle` moves `amount` from held to spent and
+/// releases `released`, `void` and `expire` release, `revoke` marks. The ledger check and the
+/// tests compare the result with the stored balances.
+pub fn replay<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<BTreeMap<String, Replayed>, ReplayError> {
+    let mut agents: BTreeMap<String, Replayed> = BTreeMap::new();
+    for entry in entries {
+        let fail = |reason: &str| ReplayError { id: entry.id.clone(), reason: reason.to_owned() };
+        let path = |agents: &BTreeMap<String, Replayed>| {
+            agents.get(&entry.agent).map(|a| a.path.clone()).ok_or_else(|| fail("agent was never created"))
+        };
+        match entry.event.as_str() {
+            "create" => {
+                let mut path = vec![entry.agent.clone()];
+                if !entry.parent.is_empty() {
+                    let parent = agents.get(&entry.parent).ok_or_else(|| fail("parent was never created"))?;
+                    path.extend(parent.path.iter().cloned());
+                }
+                let cap = entry.cap.ok_or_else(|| fail("create without cap"))?;
+                agents.insert(entry.agent.clone(), Replayed { cap, path, ..Replayed::default() });
+            }
+            "cap" => {
+                let cap = entry.cap.ok_or_else(|| fail("cap change without cap"))?;
+                agents.get_mut(&entry.agent).ok_or_else(|| fail("agent was never created"))?.cap = cap;
+            }
+            "hold" => {
+                let amount = entry.amount.ok_or_else(|| fail("hold without amount"))?;
+                for id in path(&agents)? {
+                    if let Some(a) = agents.get_mut(&id) {
+                        a.held += amount;
+                    }
+                }
+            }
+            "settle" | "void" | "expire" => {
+                let spent = if entry.event == "settle" {
+                    entry.amount.ok_or_else(|| fail("settle without amount"))?
+                } else {
+                    0
+                };
+                let released = if entry.event == "settle" {
+                    entry.released.ok_or_else(|| fail("settle without released"))?
+                } else {
+                    entry.amount.ok_or_else(|| fail("release without amount"))?
+                };
+                for id in path(&agents)? {
+                    if let Some(a) = agents.get_mut(&id) {
+                        a.held = a.held.checked_sub(spent + released).ok_or_else(|| fail("releases more than held"))?;
+                        a.spent += spent;
+                    }
+                }
+            }
+            "revoke" => agents.get_mut(&entry.agent).ok_or_else(|| fail("agent was never created"))?.revoked = true,
+            _ => {}
+        }
+    }
+    Ok(agents)
+}

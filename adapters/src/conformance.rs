@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 #[derive(Clone, Debug, Default)]
 pub struct ConformanceSink {
-    dir: Option<Arc<PathBuf>>,
+    dirs: Vec<Arc<PathBuf>>,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -16,29 +16,39 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 impl ConformanceSink {
     /// A sink that writes nothing (production).
     pub fn disabled() -> ConformanceSink {
-        ConformanceSink { dir: None }
+        ConformanceSink { dirs: Vec::new() }
     }
 
     pub fn to_dir(dir: impl Into<PathBuf>) -> ConformanceSink {
-        ConformanceSink { dir: Some(Arc::new(dir.into())) }
+        ConformanceSink { dirs: vec![Arc::new(dir.into())] }
+    }
+
+    /// Records into `dir` as well.
+    pub fn also_to(mut self, dir: impl Into<PathBuf>) -> ConformanceSink {
+        self.dirs.push(Arc::new(dir.into()));
+        self
+    }
+
+    /// Where tests record what they send, for `../shared/tools/conform`:
+    /// `$SPENDCAP_CONFORMANCE_DIR`, or the workspace's `target/conformance`.
+    pub fn test_dir() -> PathBuf {
+        std::env::var_os("SPENDCAP_CONFORMANCE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/conformance"))
     }
 
     /// Records one message. Failures to write are ignored: conformance capture must never change
     /// what the daemon does.
     pub fn record(&self, protocol: &str, message_type: &str, message: &serde_json::Value) {
-        let Some(dir) = &self.dir else { return };
-        let folder = dir.join(protocol).join(message_type);
-        if std::fs::create_dir_all(&folder).is_err() {
-            return;
-        }
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!(
-            "{}-{}-{n}.json",
-            std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
-        );
-        if let Ok(text) = serde_json::to_string_pretty(message) {
-            let _ = std::fs::write(folder.join(name), text);
+        let Ok(text) = serde_json::to_string_pretty(message) else { return };
+        for dir in &self.dirs {
+            let folder = dir.join(protocol).join(message_type);
+            if std::fs::create_dir_all(&folder).is_err() {
+                continue;
+            }
+            // Process id + counter: unique across the test binaries that write here at once.
+            let name = format!("{}-{}.json", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+            let _ = std::fs::write(folder.join(name), &text);
         }
     }
 }

@@ -8,9 +8,12 @@
 //! Architecture invariant: this crate never depends on Redis or axum. The daemon decides whether
 //! a payment may happen; an adapter only says what the payment is.
 
+pub mod acp;
+pub mod ap2;
 pub mod conformance;
 pub mod intent;
 pub mod money;
+pub mod x402;
 
 pub use intent::{PaymentIntent, Protocol};
 pub use money::{AmountError, Micros};

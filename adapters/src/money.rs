@@ -88,7 +88,7 @@ impl Micros {
         }
         match number.as_f64() {
             Some(value) if value < 0.0 => Err(AmountError::Negative),
-            Some(value) if value.fract() == 0.0 && value > u64::MAX as f64 => Err(AmountError::TooLarge),
+            Some(value) if value.fract() == 0.0 && value >= u64::MAX as f64 => Err(AmountError::TooLarge),
             _ => Err(AmountError::Fractional),
         }
     }

@@ -1,1 +1,8 @@
-mod placeholder {}
+//! spendcap's one integration-test binary. Tests start their own `redis-server`s.
+
+mod api;
+mod concurrency;
+mod faults;
+mod ledger;
+mod revocation;
+mod support;

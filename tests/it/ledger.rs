@@ -1,0 +1,391 @@
+//! The ledger conformance suite: every test runs against the Redis ledger and the in-process
+//! ledger, which must agree on every figure.
+
+use std::collections::BTreeMap;
+
+use adapters::{Micros, Protocol};
+use spendcap::identity::{AgentId, AgentToken, HoldId, TokenHash, TreeId};
+use spendcap::ledger::LogEntry;
+use spendcap::ledger::{
+    Caller, HoldOutcome, HoldRequest, Idempotency, IdempotencyMode, Ledger, LedgerError, NewAgent, RefusalReason,
+};
+use spendcap::log::replay;
+
+use crate::support::{ledger, Backend};
+
+const T0: u64 = 1_800_000_000_000;
+
+/// Defines one test per backend.
+macro_rules! conformance {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn memory() {
+                run(Backend::Memory, $body);
+            }
+            #[test]
+            fn redis() {
+                run(Backend::Redis, $body);
+            }
+        }
+    };
+}
+
+fn run<F, Fut>(backend: Backend, body: F)
+where
+    F: FnOnce(Ledger) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let (ledger, _redis) = ledger(backend).await;
+        body(ledger).await;
+    });
+}
+
+struct TestAgent {
+    id: AgentId,
+    token: AgentToken,
+}
+
+impl TestAgent {
+    fn caller(&self) -> Caller {
+        Caller::Agent(self.token.hash())
+    }
+}
+
+async fn create(ledger: &Ledger, handle: &str, cap: u64, parent: Option<&TestAgent>) -> TestAgent {
+    let tree = parent.map(|p| p.id.tree().clone()).unwrap_or_else(TreeId::generate);
+    let id = AgentId::generate(&tree);
+    let token = AgentToken::generate(&id);
+    let new = NewAgent {
+        id: id.clone(),
+        handle: format!("{handle}-{}", &tree.as_str()[..6]),
+        parent: parent.map(|p| p.id.clone()),
+        cap: Micros::new(cap).expect("cap"),
+        expires_at_ms: None,
+        labels: BTreeMap::new(),
+        token_hash: token.hash(),
+    };
+    ledger.create_agent(T0, &new).await.expect("creates");
+    TestAgent { id, token }
+}
+
+fn request(agent: &TestAgent, amount: u64, ttl_ms: u64, now: u64) -> HoldRequest {
+    HoldRequest {
+        agent: agent.id.clone(),
+        caller: agent.caller(),
+        hold_id: HoldId::generate(agent.id.tree()),
+        amount: Micros::positive(amount).expect("amount"),
+        expires_at_ms: now + ttl_ms,
+        task: "task-1".into(),
+        service: "api.example.com".into(),
+        protocol: Protocol::Generic,
+        idempotency: None,
+        details: String::new(),
+    }
+}
+
+async fn hold(ledger: &Ledger, agent: &TestAgent, amount: u64) -> HoldOutcome {
+    ledger.hold(T0, &request(agent, amount, 60_000, T0)).await.expect("ledger answers")
+}
+
+fn granted(outcome: HoldOutcome) -> HoldId {
+    match outcome {
+        HoldOutcome::Granted(grant) => grant.hold_id,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+async fn figures(ledger: &Ledger, agent: &TestAgent, now: u64) -> (u64, u64, u64) {
+    let b = ledger.balance(now, &agent.id, &Caller::Admin).await.expect("balance");
+    (b.cap.get(), b.spent.get(), b.held.get())
+}
+
+async fn whole_log(ledger: &Ledger, tree: &TreeId) -> Vec<LogEntry> {
+    ledger.read_log(tree, "0", 100_000).await.expect("log")
+}
+
+/// The log replays to exactly the stored balances of every agent of the tree.
+async fn assert_replays(ledger: &Ledger, tree: &TreeId) {
+    let replayed = replay(&whole_log(ledger, tree).await).expect("log replays");
+    for agent in ledger.tree_agents(tree).await.expect("agents") {
+        let r = replayed.get(agent.id.as_str()).expect("agent in log");
+        assert_eq!((r.cap, r.spent, r.held), (agent.cap.get(), agent.spent.get(), agent.held.get()), "{}", agent.id);
+    }
+}
+
+conformance!(caps_refuse_exactly_at_the_boundary, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 1_000, None).await;
+    granted(hold(&ledger, &agent, 999).await);
+    match hold(&ledger, &agent, 2).await {
+        HoldOutcome::Refused(r) => {
+            assert_eq!(r.reason, RefusalReason::CapExceeded);
+            assert_eq!(r.remaining.get(), 1);
+            assert_eq!(r.requested.get(), 2);
+        }
+        other => panic!("expected refusal, got {other:?}"),
+    }
+    granted(hold(&ledger, &agent, 1).await);
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 0, 1_000));
+    let log = whole_log(&ledger, agent.id.tree()).await;
+    let events: Vec<&str> = log.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(events, ["create", "hold", "refuse", "hold"]);
+    assert_eq!(log[2].reason, "cap_exceeded");
+    assert_eq!(log[2].remaining, Some(1));
+    assert_replays(&ledger, agent.id.tree()).await;
+});
+
+conformance!(settle_spends_at_most_the_hold_and_releases_the_rest, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 1_000, None).await;
+    let hold_id = granted(hold(&ledger, &agent, 600).await);
+    let err = ledger.settle(T0, &agent.id, &agent.caller(), &hold_id, Micros::new(601).expect("m"), "").await;
+    assert!(matches!(err, Err(LedgerError::AmountExceedsHold)), "{err:?}");
+    let settled = ledger
+        .settle(T0, &agent.id, &agent.caller(), &hold_id, Micros::new(450).expect("m"), "")
+        .await
+        .expect("settles");
+    assert_eq!((settled.amount.get(), settled.released.get(), settled.replayed), (450, 150, false));
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 450, 0));
+    // The same settle again replays; another amount is a conflict; a void is too late.
+    let again = ledger
+        .settle(T0, &agent.id, &agent.caller(), &hold_id, Micros::new(450).expect("m"), "")
+        .await
+        .expect("replay");
+    assert!(again.replayed);
+    assert_eq!(again.seq, settled.seq);
+    let other = ledger.settle(T0, &agent.id, &agent.caller(), &hold_id, Micros::new(400).expect("m"), "").await;
+    assert!(matches!(other, Err(LedgerError::HoldSettled)), "{other:?}");
+    let void = ledger.void(T0, &agent.id, &agent.caller(), &hold_id, "late").await;
+    assert!(matches!(void, Err(LedgerError::HoldSettled)), "{void:?}");
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 450, 0));
+    let settles = whole_log(&ledger, agent.id.tree()).await.into_iter().filter(|e| e.event == "settle").count();
+    assert_eq!(settles, 1, "a replayed settle writes no second log entry");
+    assert_replays(&ledger, agent.id.tree()).await;
+});
+
+conformance!(void_releases_everything_once, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 1_000, None).await;
+    let hold_id = granted(hold(&ledger, &agent, 700).await);
+    let (released, replayed) =
+        ledger.void(T0, &agent.id, &agent.caller(), &hold_id, "call_failed").await.expect("voids");
+    assert_eq!((released.get(), replayed), (700, false));
+    let (_, replayed) = ledger.void(T0, &agent.id, &agent.caller(), &hold_id, "call_failed").await.expect("replays");
+    assert!(replayed);
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 0, 0));
+    let settle = ledger.settle(T0, &agent.id, &agent.caller(), &hold_id, Micros::new(1).expect("m"), "").await;
+    assert!(matches!(settle, Err(LedgerError::HoldVoided)), "{settle:?}");
+    let voids: Vec<LogEntry> =
+        whole_log(&ledger, agent.id.tree()).await.into_iter().filter(|e| e.event == "void").collect();
+    assert_eq!(voids.len(), 1);
+    assert_eq!(voids[0].reason, "call_failed");
+    assert_replays(&ledger, agent.id.tree()).await;
+});
+
+conformance!(holds_expire_without_any_sweeper, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 1_000, None).await;
+    let short = ledger.hold(T0, &request(&agent, 800, 1_000, T0)).await.expect("answers");
+    let short = granted(short);
+    // Before expiry the money is held; one millisecond at the expiry it is back.
+    assert_eq!(figures(&ledger, &agent, T0 + 999).await, (1_000, 0, 800));
+    let later = T0 + 1_000;
+    let refill = ledger.hold(later, &request(&agent, 900, 60_000, later)).await.expect("answers");
+    granted(refill);
+    let settle = ledger.settle(later, &agent.id, &agent.caller(), &short, Micros::new(1).expect("m"), "").await;
+    assert!(matches!(settle, Err(LedgerError::HoldExpired)), "{settle:?}");
+    let log = whole_log(&ledger, agent.id.tree()).await;
+    let expiry = log.iter().find(|e| e.event == "expire").expect("expiry logged");
+    assert_eq!((expiry.hold.as_str(), expiry.amount, expiry.ts_ms), (short.as_str(), Some(800), later));
+    assert_replays(&ledger, agent.id.tree()).await;
+});
+
+conformance!(many_expired_holds_never_cause_a_false_refusal, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 100, None).await;
+    for _ in 0..100 {
+        granted(ledger.hold(T0, &request(&agent, 1, 10, T0)).await.expect("answers"));
+    }
+    let later = T0 + 10;
+    // 100 expired holds, more than one expiry batch: the full cap must still be available.
+    granted(ledger.hold(later, &request(&agent, 100, 60_000, later)).await.expect("answers"));
+    assert_eq!(figures(&ledger, &agent, later).await, (100, 0, 100));
+    assert_replays(&ledger, agent.id.tree()).await;
+});
+
+conformance!(budget_trees_charge_every_ancestor, |ledger: Ledger| async move {
+    let root = create(&ledger, "root", 100, None).await;
+    let a = create(&ledger, "a", 80, Some(&root)).await;
+    let b = create(&ledger, "b", 80, Some(&root)).await;
+    let grandchild = create(&ledger, "a1", 1_000, Some(&a)).await;
+    granted(hold(&ledger, &grandchild, 50).await);
+    granted(hold(&ledger, &b, 40).await);
+    match hold(&ledger, &a, 20).await {
+        HoldOutcome::Refused(r) => {
+            assert_eq!(r.reason, RefusalReason::CapExceeded);
+            assert_eq!(r.limited_by, root.id.to_string(), "the root has only 10 left");
+            assert_eq!(r.remaining.get(), 10);
+        }
+        other => panic!("expected refusal, got {other:?}"),
+    }
+    assert_eq!(figures(&ledger, &root, T0).await, (100, 0, 90));
+    assert_eq!(figures(&ledger, &a, T0).await, (80, 0, 50));
+    assert_eq!(figures(&ledger, &grandchild, T0).await, (1_000, 0, 50));
+    assert_replays(&ledger, root.id.tree()).await;
+});
+
+conformance!(trees_are_bounded_in_depth, |ledger: Ledger| async move {
+    let mut chain = vec![create(&ledger, "l1", 10, None).await];
+    for level in 2..=8 {
+        let parent = chain.last().expect("parent");
+        let child = create(&ledger, &format!("l{level}"), 10, Some(parent)).await;
+        chain.push(child);
+    }
+    let parent = chain.last().expect("deepest");
+    let id = AgentId::generate(parent.id.tree());
+    let new = NewAgent {
+        id: id.clone(),
+        handle: format!("too-deep-{}", id.as_str()),
+        parent: Some(parent.id.clone()),
+        cap: Micros::new(10).expect("cap"),
+        expires_at_ms: None,
+        labels: BTreeMap::new(),
+        token_hash: TokenHash::of("x"),
+    };
+    assert!(matches!(ledger.create_agent(T0, &new).await, Err(LedgerError::TreeTooDeep)));
+    // The failed creation gave its handle back.
+    let new = NewAgent { parent: Some(chain[0].id.clone()), ..new };
+    ledger.create_agent(T0, &new).await.expect("the handle is free again");
+});
+
+conformance!(revocation_cascades_and_settles_still_work, |ledger: Ledger| async move {
+    let root = create(&ledger, "root", 1_000, None).await;
+    let child = create(&ledger, "child", 1_000, Some(&root)).await;
+    let open = granted(hold(&ledger, &child, 100).await);
+    let (_, already) = ledger.revoke(T0 + 5, &root.id, "runaway_loop").await.expect("revokes");
+    assert!(!already);
+    for agent in [&root, &child] {
+        match hold(&ledger, agent, 1).await {
+            HoldOutcome::Refused(r) => {
+                assert_eq!(r.reason, RefusalReason::AgentRevoked);
+                assert_eq!(r.limited_by, root.id.to_string());
+            }
+            other => panic!("expected refusal, got {other:?}"),
+        }
+    }
+    // Money already committed can still be settled: nothing else stops working.
+    ledger.settle(T0, &child.id, &child.caller(), &open, Micros::new(100).expect("m"), "").await.expect("settles");
+    let (at, already) = ledger.revoke(T0 + 9, &root.id, "again").await.expect("idempotent");
+    assert_eq!((at, already), (T0 + 5, true));
+    let bad = ledger.revoke(T0, &root.id, "no spaces allowed").await;
+    assert!(matches!(bad, Err(LedgerError::InvalidArgument(_))), "{bad:?}");
+    let log = whole_log(&ledger, root.id.tree()).await;
+    let revokes: Vec<&LogEntry> = log.iter().filter(|e| e.event == "revoke").collect();
+    assert_eq!(revokes.len(), 1);
+    assert_eq!((revokes[0].reason.as_str(), revokes[0].ts_ms), ("runaway_loop", T0 + 5));
+    assert_replays(&ledger, root.id.tree()).await;
+});
+
+conformance!(expired_agents_are_refused, |ledger: Ledger| async move {
+    let tree = TreeId::generate();
+    let id = AgentId::generate(&tree);
+    let token = AgentToken::generate(&id);
+    let new = NewAgent {
+        id: id.clone(),
+        handle: format!("ttl-{tree}"),
+        parent: None,
+        cap: Micros::new(1_000).expect("cap"),
+        expires_at_ms: Some(T0 + 1_000),
+        labels: BTreeMap::new(),
+        token_hash: token.hash(),
+    };
+    ledger.create_agent(T0, &new).await.expect("creates");
+    let agent = TestAgent { id, token };
+    granted(ledger.hold(T0 + 999, &request(&agent, 1, 10, T0 + 999)).await.expect("answers"));
+    match ledger.hold(T0 + 1_000, &request(&agent, 1, 10, T0 + 1_000)).await.expect("answers") {
+        HoldOutcome::Refused(r) => assert_eq!(r.reason, RefusalReason::AgentExpired),
+        other => panic!("expected refusal, got {other:?}"),
+    }
+});
+
+conformance!(idempotency_has_stripe_semantics, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 1_000, None).await;
+    let keyed = |fingerprint: &str, mode| {
+        let mut r = request(&agent, 300, 60_000, T0);
+        r.idempotency = Some(Idempotency { key: "key-1".into(), fingerprint: fingerprint.into(), mode });
+        r
+    };
+    let first = granted(ledger.hold(T0, &keyed("fp-a", IdempotencyMode::Final)).await.expect("answers"));
+    match ledger.hold(T0, &keyed("fp-a", IdempotencyMode::Final)).await.expect("answers") {
+        HoldOutcome::Granted(g) => {
+            assert_eq!(g.hold_id, first);
+            assert!(g.replayed);
+        }
+        other => panic!("expected the first grant, got {other:?}"),
+    }
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 0, 300), "debited once");
+    let conflict = ledger.hold(T0, &keyed("fp-b", IdempotencyMode::Final)).await;
+    assert!(matches!(conflict, Err(LedgerError::IdempotencyConflict)), "{conflict:?}");
+
+    // Pending operations: a duplicate waits (in flight) until the first finishes.
+    let mut pending = request(&agent, 100, 60_000, T0);
+    pending.idempotency =
+        Some(Idempotency { key: "key-2".into(), fingerprint: "fp".into(), mode: IdempotencyMode::Pending });
+    granted(ledger.hold(T0, &pending).await.expect("answers"));
+    let mut duplicate = pending.clone();
+    duplicate.hold_id = HoldId::generate(agent.id.tree());
+    assert!(matches!(ledger.hold(T0, &duplicate).await, Err(LedgerError::IdempotencyInFlight)));
+    ledger.finish_idempotent(&agent.id, "key-2", r#"{"status":200}"#).await.expect("finishes");
+    match ledger.hold(T0, &duplicate).await.expect("answers") {
+        HoldOutcome::Finished { response } => assert_eq!(response, r#"{"status":200}"#),
+        other => panic!("expected the stored response, got {other:?}"),
+    }
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 0, 400));
+    assert_eq!(whole_log(&ledger, agent.id.tree()).await.iter().filter(|e| e.event == "hold").count(), 2);
+});
+
+conformance!(tokens_are_checked_inside_the_ledger_and_rotate_at_once, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 1_000, None).await;
+    let other = create(&ledger, "b", 1_000, None).await;
+    let mut forged = request(&agent, 1, 60_000, T0);
+    forged.caller = other.caller();
+    assert!(matches!(ledger.hold(T0, &forged).await, Err(LedgerError::Unauthorized)));
+    let rotated = AgentToken::generate(&agent.id);
+    ledger.rotate_token(T0, &agent.id, &rotated.hash()).await.expect("rotates");
+    assert!(matches!(ledger.hold(T0, &request(&agent, 1, 60_000, T0)).await, Err(LedgerError::Unauthorized)));
+    let mut fresh = request(&agent, 1, 60_000, T0);
+    fresh.caller = Caller::Agent(rotated.hash());
+    granted(ledger.hold(T0, &fresh).await.expect("answers"));
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 0, 1), "refused attempts changed nothing");
+});
+
+conformance!(caps_cannot_drop_below_what_is_committed, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 1_000, None).await;
+    let h = granted(hold(&ledger, &agent, 400).await);
+    ledger.settle(T0, &agent.id, &agent.caller(), &h, Micros::new(300).expect("m"), "").await.expect("settles");
+    granted(hold(&ledger, &agent, 200).await);
+    let low = ledger.set_cap(T0, &agent.id, Micros::new(499).expect("m")).await;
+    assert!(matches!(low, Err(LedgerError::CapBelowCommitted { committed: 500 })), "{low:?}");
+    let previous = ledger.set_cap(T0, &agent.id, Micros::new(500).expect("m")).await.expect("sets");
+    assert_eq!(previous.get(), 1_000);
+    assert_eq!(figures(&ledger, &agent, T0).await, (500, 300, 200));
+    assert_replays(&ledger, agent.id.tree()).await;
+});
+
+conformance!(unknown_agents_and_holds_are_errors, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 1_000, None).await;
+    let ghost = AgentId::generate(agent.id.tree());
+    assert!(matches!(ledger.balance(T0, &ghost, &Caller::Admin).await, Err(LedgerError::UnknownAgent)));
+    let mut r = request(&agent, 1, 1_000, T0);
+    r.agent = ghost.clone();
+    assert!(matches!(ledger.hold(T0, &r).await, Err(LedgerError::UnknownAgent)));
+    let missing = HoldId::generate(agent.id.tree());
+    let settle = ledger.settle(T0, &agent.id, &agent.caller(), &missing, Micros::new(1).expect("m"), "").await;
+    assert!(matches!(settle, Err(LedgerError::UnknownHold)), "{settle:?}");
+    // Another agent's hold is unknown to this one.
+    let other = create(&ledger, "b", 1_000, Some(&agent)).await;
+    let theirs = granted(hold(&ledger, &other, 5).await);
+    let void = ledger.void(T0, &agent.id, &agent.caller(), &theirs, "x").await;
+    assert!(matches!(void, Err(LedgerError::UnknownHold)), "{void:?}");
+    assert!(matches!(ledger.set_cap(T0, &ghost, Micros::ZERO).await, Err(LedgerError::UnknownAgent)));
+    assert!(matches!(ledger.revoke(T0, &ghost, "x").await, Err(LedgerError::UnknownAgent)));
+});
