@@ -71,6 +71,8 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "SPENDCAP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub protocols: crate::protocols::ProtocolArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

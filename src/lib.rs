@@ -7,5 +7,7 @@ pub mod clock;
 pub mod identity;
 pub mod ledger;
 pub mod log;
+pub mod pay;
+pub mod protocols;
 pub mod receipt;
 pub mod server;

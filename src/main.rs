@@ -9,6 +9,7 @@ use spendcap::cli::{Cli, Command, LogFormat, ServeArgs};
 use spendcap::clock::Clock;
 use spendcap::identity::AdminToken;
 use spendcap::ledger::RedisConfig;
+use spendcap::protocols::ProtocolConfig;
 use spendcap::receipt::ReceiptSigner;
 use spendcap::server::{self, Config, LedgerConfig};
 
@@ -72,6 +73,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_hold_ttl: Duration::from_secs(args.max_hold_ttl_secs),
         },
         clock: Clock::system(),
+        protocols: ProtocolConfig::from_args(&args.protocols)?,
         sweep_interval: (args.sweep_interval_secs > 0).then(|| Duration::from_secs(args.sweep_interval_secs)),
     };
     let sweep_interval = config.sweep_interval;

@@ -11,6 +11,7 @@ use crate::api::{self, AppState, Limits, SharedState};
 use crate::clock::Clock;
 use crate::identity::AdminToken;
 use crate::ledger::{Ledger, LedgerError, MemoryLedger, RedisConfig, RedisLedger};
+use crate::protocols::{ConfigError, ProtocolConfig, Protocols};
 use crate::receipt::ReceiptSigner;
 
 pub enum LedgerConfig {
@@ -25,18 +26,29 @@ pub struct Config {
     pub signer: ReceiptSigner,
     pub limits: Limits,
     pub clock: Clock,
+    pub protocols: ProtocolConfig,
     /// How often to release expired holds in the background. Optional: expiry also happens
     /// inside every ledger call that touches a tree.
     pub sweep_interval: Option<Duration>,
 }
 
-pub async fn build_state(config: Config) -> Result<SharedState, LedgerError> {
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Protocol(#[from] ConfigError),
+}
+
+pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
+    let protocols = Protocols::build(config.protocols)?;
     let ledger = match config.ledger {
         LedgerConfig::Memory => Ledger::Memory(MemoryLedger::new()),
         LedgerConfig::Redis(redis) => Ledger::Redis(RedisLedger::connect(&redis).await?),
     };
     Ok(Arc::new(AppState {
         ledger,
+        protocols,
         admin: config.admin_token,
         signer: config.signer,
         clock: config.clock,

@@ -44,6 +44,7 @@ impl Default for Limits {
 
 pub struct AppState {
     pub ledger: Ledger,
+    pub protocols: crate::protocols::Protocols,
     pub admin: AdminToken,
     pub signer: ReceiptSigner,
     pub clock: Clock,
@@ -60,6 +61,7 @@ pub fn router(state: SharedState) -> Router {
         .merge(agents::router())
         .merge(holds::router())
         .merge(log::router())
+        .merge(crate::protocols::router())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

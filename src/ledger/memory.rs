@@ -10,8 +10,9 @@ use std::sync::{Mutex, MutexGuard};
 use adapters::Micros;
 
 use super::{
-    AgentRecord, Balance, Caller, ChainHead, Grant, HoldOutcome, HoldRequest, IdempotencyMode, LedgerError, LogEntry,
-    NewAgent, ReceiptFacts, Refusal, RefusalReason, SettleOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
+    AgentRecord, Balance, Caller, ChainHead, Grant, HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish,
+    IdempotencyMode, LedgerError, LogEntry, NewAgent, ReceiptFacts, Refusal, RefusalReason, SettleOutcome,
+    IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -44,6 +45,7 @@ impl HoldState {
 }
 
 struct Hold {
+    details: String,
     agent: AgentId,
     amount: u64,
     state: HoldState,
@@ -58,7 +60,7 @@ struct Hold {
 enum IdemStatus {
     Granted(Grant),
     Refused(Refusal),
-    InFlight,
+    InFlight { grant: Grant, lease_until_ms: u64 },
     Done(String),
 }
 
@@ -183,6 +185,13 @@ impl Tree {
             }
         }
         best.unwrap_or((0, String::new()))
+    }
+}
+
+fn lease_ms(mode: IdempotencyMode) -> u64 {
+    match mode {
+        IdempotencyMode::Final => 0,
+        IdempotencyMode::Pending { lease_ms } => lease_ms,
     }
 }
 
@@ -372,12 +381,19 @@ impl MemoryLedger {
             let path = tree.auth(&request.agent, &request.caller)?;
             let idem_key = request.idempotency.as_ref().map(|i| (request.agent.to_string(), i.key.clone()));
             if let (Some(key), Some(idem)) = (&idem_key, &request.idempotency) {
-                if let Some(record) = tree.idempotency.get(key).filter(|r| r.kept_until_ms > now_ms) {
+                if let Some(record) = tree.idempotency.get_mut(key).filter(|r| r.kept_until_ms > now_ms) {
                     if record.fingerprint != idem.fingerprint {
                         return Err(LedgerError::IdempotencyConflict);
                     }
-                    return match &record.status {
-                        IdemStatus::InFlight => Err(LedgerError::IdempotencyInFlight),
+                    return match &mut record.status {
+                        IdemStatus::InFlight { lease_until_ms, .. } if now_ms < *lease_until_ms => {
+                            Err(LedgerError::IdempotencyInFlight)
+                        }
+                        IdemStatus::InFlight { grant, lease_until_ms } => {
+                            // The first caller's lease ran out: take it over, same hold.
+                            *lease_until_ms = now_ms + lease_ms(idem.mode);
+                            Ok(HoldOutcome::Granted(Grant { replayed: true, ..grant.clone() }))
+                        }
                         IdemStatus::Done(response) => Ok(HoldOutcome::Finished { response: response.clone() }),
                         IdemStatus::Granted(grant) => {
                             Ok(HoldOutcome::Granted(Grant { replayed: true, ..grant.clone() }))
@@ -456,6 +472,7 @@ impl MemoryLedger {
                     tree.holds.insert(
                         request.hold_id.to_string(),
                         Hold {
+                            details: request.details.clone(),
                             agent: request.agent.clone(),
                             amount,
                             state: HoldState::Open,
@@ -495,7 +512,9 @@ impl MemoryLedger {
             };
             if let (Some(key), Some(idem)) = (idem_key, &request.idempotency) {
                 let status = match (&outcome, idem.mode) {
-                    (HoldOutcome::Granted(_), IdempotencyMode::Pending) => IdemStatus::InFlight,
+                    (HoldOutcome::Granted(g), IdempotencyMode::Pending { lease_ms }) => {
+                        IdemStatus::InFlight { grant: g.clone(), lease_until_ms: now_ms + lease_ms }
+                    }
                     (HoldOutcome::Granted(g), IdempotencyMode::Final) => IdemStatus::Granted(g.clone()),
                     (HoldOutcome::Refused(r), _) => IdemStatus::Refused(r.clone()),
                     (HoldOutcome::Finished { response }, _) => IdemStatus::Done(response.clone()),
@@ -513,14 +532,47 @@ impl MemoryLedger {
         })
     }
 
-    pub async fn finish_idempotent(&self, agent: &AgentId, key: &str, response: &str) -> Result<(), LedgerError> {
+    pub async fn finish_idempotent(
+        &self,
+        agent: &AgentId,
+        key: &str,
+        finish: &IdempotencyFinish,
+    ) -> Result<(), LedgerError> {
         self.with_tree(agent.tree(), |tree| {
             let record = tree
                 .idempotency
                 .get_mut(&(agent.to_string(), key.to_owned()))
                 .ok_or_else(|| LedgerError::InvalidArgument("unknown idempotency key".into()))?;
-            record.status = IdemStatus::Done(response.to_owned());
+            record.status = match (finish, &record.status) {
+                (IdempotencyFinish::Done(response), _) => IdemStatus::Done(response.clone()),
+                (IdempotencyFinish::Release, IdemStatus::InFlight { grant, .. }) => IdemStatus::Granted(grant.clone()),
+                (IdempotencyFinish::Release, _) => return Ok(()),
+            };
             Ok(())
+        })
+    }
+
+    pub async fn hold_info(&self, agent: &AgentId, hold: &HoldId) -> Result<HoldInfo, LedgerError> {
+        self.with_tree(agent.tree(), |tree| {
+            let h = tree.holds.get(hold.as_str()).filter(|h| &h.agent == agent).ok_or(LedgerError::UnknownHold)?;
+            Ok(HoldInfo {
+                hold_id: hold.clone(),
+                agent: agent.clone(),
+                amount: money(h.amount),
+                state: match h.state {
+                    HoldState::Open => "open",
+                    HoldState::Settled => "settled",
+                    HoldState::Voided => "voided",
+                    HoldState::Expired => "expired",
+                }
+                .to_owned(),
+                expires_at_ms: h.expires_at_ms,
+                settled: (h.state == HoldState::Settled).then(|| money(h.settled)),
+                service: h.service.clone(),
+                protocol: h.protocol.clone(),
+                task: h.task.clone(),
+                details: h.details.clone(),
+            })
         })
     }
 

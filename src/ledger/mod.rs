@@ -58,10 +58,39 @@ pub struct NewAgent {
 
 /// Whether a hold is the whole operation (`Final`) or the first step of one the caller finishes
 /// later (`Pending`: x402, ACP and AP2 payments, where a duplicate arriving meanwhile must wait).
+/// A pending operation holds a lease; a duplicate that arrives after it ran out (the first
+/// caller died) takes it over and gets the same hold back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IdempotencyMode {
     Final,
-    Pending,
+    Pending { lease_ms: u64 },
+}
+
+/// How a `Pending` operation ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdempotencyFinish {
+    /// Finished: duplicates get this response.
+    Done(String),
+    /// Outcome unknown (a provider's answer was lost): duplicates get the hold back at once, to
+    /// finish the same purchase rather than start another.
+    Release,
+}
+
+/// A hold as stored, for adapters that resume a purchase (same hold, same authorization).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldInfo {
+    pub hold_id: HoldId,
+    pub agent: AgentId,
+    pub amount: Micros,
+    /// `open`, `settled`, `voided` or `expired`.
+    pub state: String,
+    pub expires_at_ms: u64,
+    pub settled: Option<Micros>,
+    pub service: String,
+    pub protocol: String,
+    pub task: String,
+    /// The JSON object the hold was made with.
+    pub details: String,
 }
 
 #[derive(Clone, Debug)]
@@ -364,8 +393,18 @@ impl Ledger {
         dispatch!(self.hold(now_ms, request))
     }
 
-    pub async fn finish_idempotent(&self, agent: &AgentId, key: &str, response: &str) -> Result<(), LedgerError> {
-        dispatch!(self.finish_idempotent(agent, key, response))
+    pub async fn finish_idempotent(
+        &self,
+        agent: &AgentId,
+        key: &str,
+        finish: &IdempotencyFinish,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.finish_idempotent(agent, key, finish))
+    }
+
+    /// The stored hold, if it exists and belongs to `agent`.
+    pub async fn hold_info(&self, agent: &AgentId, hold: &HoldId) -> Result<HoldInfo, LedgerError> {
+        dispatch!(self.hold_info(agent, hold))
     }
 
     pub async fn settle(
@@ -585,6 +624,30 @@ fn log_entry_from_fields(tree: &TreeId, id: String, get: impl Fn(&str) -> Option
         remaining: num("remaining"),
         detail: text("detail"),
     }
+}
+
+fn hold_from_fields(
+    agent: &AgentId,
+    hold: &HoldId,
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<HoldInfo, LedgerError> {
+    if get("agent").as_deref() != Some(agent.as_str()) {
+        return Err(LedgerError::UnknownHold);
+    }
+    let num = |key: &str| get(key).and_then(|v| v.parse::<u64>().ok());
+    let money = |key: &str| num(key).and_then(|v| Micros::new(v).ok());
+    Ok(HoldInfo {
+        hold_id: hold.clone(),
+        agent: agent.clone(),
+        amount: money("amount").ok_or_else(|| LedgerError::Corrupt(format!("hold {hold} amount")))?,
+        state: get("state").unwrap_or_default(),
+        expires_at_ms: num("expires_at").unwrap_or(0),
+        settled: money("settled").filter(|_| get("state").as_deref() == Some("settled")),
+        service: get("service").unwrap_or_default(),
+        protocol: get("protocol").unwrap_or_default(),
+        task: get("task").unwrap_or_default(),
+        details: get("details").unwrap_or_default(),
+    })
 }
 
 fn receipt_from_fields(tree: &TreeId, seq: u64, get: impl Fn(&str) -> Option<String>) -> Option<ReceiptFacts> {

@@ -12,9 +12,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, RedisError, Value};
 
 use super::{
-    agent_from_fields, log_entry_from_fields, receipt_from_fields, AgentRecord, Balance, Caller, ChainHead,
-    HoldOutcome, HoldRequest, IdempotencyMode, LedgerError, LogEntry, NewAgent, ReceiptFacts, Reply, SettleOutcome,
-    IDEMPOTENCY_RETENTION_MS,
+    agent_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_fields, AgentRecord, Balance, Caller,
+    ChainHead, HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent,
+    ReceiptFacts, Reply, SettleOutcome, IDEMPOTENCY_RETENTION_MS,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -188,16 +188,20 @@ impl RedisLedger {
     }
 
     pub async fn hold(&self, now_ms: u64, request: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
-        let (key, fingerprint, mode) = match &request.idempotency {
+        let (key, fingerprint, mode, lease_ms) = match &request.idempotency {
             Some(idem) => (
                 idem.key.as_str(),
                 idem.fingerprint.as_str(),
                 match idem.mode {
                     IdempotencyMode::Final => "final",
-                    IdempotencyMode::Pending => "pending",
+                    IdempotencyMode::Pending { .. } => "pending",
+                },
+                match idem.mode {
+                    IdempotencyMode::Final => 0,
+                    IdempotencyMode::Pending { lease_ms } => lease_ms,
                 },
             ),
-            None => ("", "", "final"),
+            None => ("", "", "final", 0),
         };
         self.fcall(
             "spendcap_hold",
@@ -217,15 +221,35 @@ impl RedisLedger {
                 &request.details,
                 &IDEMPOTENCY_RETENTION_MS.to_string(),
                 mode,
+                &lease_ms.to_string(),
             ],
         )
         .await?
         .into_hold_outcome()
     }
 
-    pub async fn finish_idempotent(&self, agent: &AgentId, key: &str, response: &str) -> Result<(), LedgerError> {
-        self.fcall("spendcap_idem_finish", agent.tree(), &[agent.as_str(), key, response]).await?.into_result()?;
+    pub async fn finish_idempotent(
+        &self,
+        agent: &AgentId,
+        key: &str,
+        finish: &IdempotencyFinish,
+    ) -> Result<(), LedgerError> {
+        let (outcome, response) = match finish {
+            IdempotencyFinish::Done(response) => ("done", response.as_str()),
+            IdempotencyFinish::Release => ("release", ""),
+        };
+        self.fcall("spendcap_idem_finish", agent.tree(), &[agent.as_str(), key, outcome, response])
+            .await?
+            .into_result()?;
         Ok(())
+    }
+
+    pub async fn hold_info(&self, agent: &AgentId, hold: &HoldId) -> Result<HoldInfo, LedgerError> {
+        if hold.tree() != agent.tree() {
+            return Err(LedgerError::UnknownHold);
+        }
+        let fields = self.hash(format!("{}:h:{}", self.tree_key(hold.tree()), hold)).await?;
+        hold_from_fields(agent, hold, |k| fields.get(k).cloned())
     }
 
     pub async fn settle(

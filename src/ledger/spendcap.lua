@@ -158,6 +158,9 @@ ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 amount  5 new hold_id  6 hold 
         12 details JSON ('' for none)  13 idempotency retention ms  14 idempotency mode:
         `final` (the hold is the whole operation) or `pending` (the caller finishes it later with
         spendcap_idem_finish; duplicates meanwhile get `idempotency_in_flight`)
+        15 in-flight lease ms (pending mode): a duplicate arriving after the lease ran out (the
+        first caller died) takes the lease over and gets the hold back (replayed), so it can
+        finish the same purchase with the same hold
 Reply   ok:      hold expires_at amount remaining replayed
         done:    response replayed (a finished `pending` operation, replayed)
         refused: code (agent_revoked | agent_expired | cap_exceeded) amount remaining limited_by
@@ -180,13 +183,17 @@ local function hold(keys, args)
   if idem ~= '' then
     ikey = P .. ':i:' .. agent_id .. ':' .. idem
     local rec = redis.call('HMGET', ikey, 'fp', 'status', 'hold', 'code', 'amount', 'remaining',
-                           'expires_at', 'limited_by', 'response')
+                           'expires_at', 'limited_by', 'response', 'lease_until')
     if rec[1] then
       if rec[1] ~= fp then
         return err('idempotency_conflict', 'this idempotency key was used with a different request')
       end
       if rec[2] == 'in_flight' then
-        return err('idempotency_in_flight', 'a request with this idempotency key is in progress')
+        if now < tonumber(rec[10] or '0') then
+          return err('idempotency_in_flight', 'a request with this idempotency key is in progress')
+        end
+        redis.call('HSET', ikey, 'lease_until', fmt(now + tonumber(args[15] or '0')))
+        rec[2] = 'granted'
       end
       return idem_reply(rec, '1')
     end
@@ -261,7 +268,8 @@ local function hold(keys, args)
     local record_status = 'granted'
     if refusal then record_status = 'refused' end
     if args[14] == 'pending' and not refusal then record_status = 'in_flight' end
-    redis.call('HSET', ikey, 'fp', fp, 'status', record_status, unpack(fields))
+    redis.call('HSET', ikey, 'fp', fp, 'status', record_status,
+               'lease_until', fmt(now + tonumber(args[15] or '0')), unpack(fields))
     redis.call('PEXPIRE', ikey, tonumber(args[13]))
   end
   fields[#fields + 1] = 'replayed'
@@ -271,14 +279,23 @@ end
 
 --[[ spendcap_idem_finish
 KEYS[1] tree prefix
-ARGV    1 agent_id  2 idempotency key  3 response (opaque string the daemon replays)
-Reply   ok
-Marks a `pending` idempotency record as finished, so that duplicates get the stored response.
+ARGV    1 agent_id  2 idempotency key  3 outcome: `done` or `release`  4 response (for `done`: an
+        opaque string the daemon replays to duplicates)
+Reply   ok      error: code (invalid_argument) detail
+Ends the in-flight state of a `pending` record: `done` stores the final response; `release`
+keeps the hold for the key, so a retry gets the hold back at once (its outcome was unknown, e.g.
+a provider's answer was lost, and the retry must finish the same purchase, not start another).
 --]]
 local function idem_finish(keys, args)
   local ikey = keys[1] .. ':i:' .. args[1] .. ':' .. args[2]
-  if redis.call('EXISTS', ikey) == 0 then return err('unknown_idempotency_key', '') end
-  redis.call('HSET', ikey, 'status', 'done', 'response', args[3])
+  if redis.call('EXISTS', ikey) == 0 then return err('invalid_argument', 'unknown idempotency key') end
+  if args[3] == 'done' then
+    redis.call('HSET', ikey, 'status', 'done', 'response', args[4])
+  elseif args[3] == 'release' then
+    redis.call('HSET', ikey, 'status', 'granted')
+  else
+    return err('invalid_argument', 'outcome must be done or release')
+  end
   return { 'ok' }
 end
 

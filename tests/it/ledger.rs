@@ -7,7 +7,8 @@ use adapters::{Micros, Protocol};
 use spendcap::identity::{AgentId, AgentToken, HoldId, TokenHash, TreeId};
 use spendcap::ledger::LogEntry;
 use spendcap::ledger::{
-    Caller, HoldOutcome, HoldRequest, Idempotency, IdempotencyMode, Ledger, LedgerError, NewAgent, RefusalReason,
+    Caller, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, IdempotencyMode, Ledger, LedgerError, NewAgent,
+    RefusalReason,
 };
 use spendcap::log::replay;
 
@@ -327,18 +328,33 @@ conformance!(idempotency_has_stripe_semantics, |ledger: Ledger| async move {
     assert!(matches!(conflict, Err(LedgerError::IdempotencyConflict)), "{conflict:?}");
 
     // Pending operations: a duplicate waits (in flight) until the first finishes.
+    let pending_mode = IdempotencyMode::Pending { lease_ms: 5_000 };
     let mut pending = request(&agent, 100, 60_000, T0);
-    pending.idempotency =
-        Some(Idempotency { key: "key-2".into(), fingerprint: "fp".into(), mode: IdempotencyMode::Pending });
-    granted(ledger.hold(T0, &pending).await.expect("answers"));
+    pending.idempotency = Some(Idempotency { key: "key-2".into(), fingerprint: "fp".into(), mode: pending_mode });
+    let pending_hold = granted(ledger.hold(T0, &pending).await.expect("answers"));
     let mut duplicate = pending.clone();
     duplicate.hold_id = HoldId::generate(agent.id.tree());
     assert!(matches!(ledger.hold(T0, &duplicate).await, Err(LedgerError::IdempotencyInFlight)));
-    ledger.finish_idempotent(&agent.id, "key-2", r#"{"status":200}"#).await.expect("finishes");
+    // After the lease runs out (the first caller died), a duplicate takes over the same hold.
+    match ledger.hold(T0 + 5_000, &duplicate).await.expect("answers") {
+        HoldOutcome::Granted(g) => assert_eq!((g.hold_id, g.replayed), (pending_hold.clone(), true)),
+        other => panic!("expected the same hold, got {other:?}"),
+    }
+    assert!(matches!(ledger.hold(T0 + 5_001, &duplicate).await, Err(LedgerError::IdempotencyInFlight)));
+    // Released (outcome unknown): a retry gets the hold back at once.
+    ledger.finish_idempotent(&agent.id, "key-2", &IdempotencyFinish::Release).await.expect("releases");
+    match ledger.hold(T0 + 5_002, &duplicate).await.expect("answers") {
+        HoldOutcome::Granted(g) => assert_eq!(g.hold_id, pending_hold),
+        other => panic!("expected the same hold, got {other:?}"),
+    }
+    let done = IdempotencyFinish::Done(r#"{"status":200}"#.into());
+    ledger.finish_idempotent(&agent.id, "key-2", &done).await.expect("finishes");
     match ledger.hold(T0, &duplicate).await.expect("answers") {
         HoldOutcome::Finished { response } => assert_eq!(response, r#"{"status":200}"#),
         other => panic!("expected the stored response, got {other:?}"),
     }
+    let info = ledger.hold_info(&agent.id, &pending_hold).await.expect("hold info");
+    assert_eq!((info.amount.get(), info.state.as_str(), info.service.as_str()), (100, "open", "api.example.com"));
     assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 0, 400));
     assert_eq!(whole_log(&ledger, agent.id.tree()).await.iter().filter(|e| e.event == "hold").count(), 2);
 });

@@ -11,6 +11,7 @@ use spendcap::api::Limits;
 use spendcap::clock::Clock;
 use spendcap::identity::AdminToken;
 use spendcap::ledger::{Ledger, MemoryLedger, RedisConfig, RedisLedger};
+use spendcap::protocols::ProtocolConfig;
 use spendcap::receipt::ReceiptSigner;
 use spendcap::server::{self, Config, LedgerConfig};
 
@@ -154,6 +155,7 @@ pub struct AppOptions {
     pub clock: Clock,
     pub limits: Limits,
     pub signer_pem: Option<PathBuf>,
+    pub protocols: ProtocolConfig,
 }
 
 impl Default for AppOptions {
@@ -164,6 +166,7 @@ impl Default for AppOptions {
             clock: Clock::system(),
             limits: Limits::default(),
             signer_pem: None,
+            protocols: ProtocolConfig::default(),
         }
     }
 }
@@ -193,6 +196,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         signer,
         limits: options.limits,
         clock: options.clock.clone(),
+        protocols: options.protocols,
         sweep_interval: None,
     };
     let state = server::build_state(config).await.expect("daemon starts");

@@ -1,0 +1,117 @@
+//! Paying on behalf of an agent: the ledger steps every protocol shares — hold an intent, settle
+//! with a signed receipt, void, finish an idempotent purchase — with the ledger's answers turned
+//! into API errors (a budget refusal is a 402).
+//!
+//! The protocol modules (`protocols::x402`, `acp`, `ap2`) call these and nothing else of the
+//! ledger, so every payment, whatever its protocol, is capped, logged and receipted the same way.
+
+use std::collections::BTreeMap;
+
+use adapters::{Micros, PaymentIntent};
+
+use crate::api::holds::refusal_error;
+use crate::api::{agent_scoped, AgentAuth, ApiError, AppState};
+use crate::identity::HoldId;
+use crate::ledger::{Grant, HoldInfo, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, SettleOutcome};
+use crate::receipt::{self, Receipt};
+
+/// What to hold for a payment.
+pub struct HoldSpec<'a> {
+    pub intent: &'a PaymentIntent,
+    /// The agent's task label, for attribution.
+    pub task: &'a str,
+    /// When the hold must be released if nobody settles it (e.g. an x402 `validBefore`).
+    pub expires_at_ms: u64,
+    pub idempotency: Option<Idempotency>,
+}
+
+#[derive(Debug)]
+pub enum Held {
+    /// A new hold: go on and pay.
+    New(Grant),
+    /// The hold an earlier request with the same idempotency key made (its outcome was unknown
+    /// or its caller died): finish the same purchase with it, never start another.
+    Resumed(Grant),
+    /// An earlier request with the same key finished; this is its stored response.
+    Finished(String),
+}
+
+fn details_json(details: &BTreeMap<String, String>) -> Result<String, ApiError> {
+    if details.is_empty() {
+        return Ok(String::new());
+    }
+    serde_json::to_string(details).map_err(ApiError::internal)
+}
+
+/// Holds the intent's amount against the agent and every ancestor, or refuses with a 402.
+pub async fn hold(state: &AppState, agent: &AgentAuth, spec: HoldSpec<'_>) -> Result<Held, ApiError> {
+    let now = state.clock.now_ms();
+    let request = HoldRequest {
+        agent: agent.agent.clone(),
+        caller: agent.caller(),
+        hold_id: HoldId::generate(agent.agent.tree()),
+        amount: spec.intent.amount,
+        expires_at_ms: spec.expires_at_ms,
+        task: crate::api::label("task", spec.task, 128)?,
+        service: crate::api::label("service", &spec.intent.service, 256)?,
+        protocol: spec.intent.protocol,
+        idempotency: spec.idempotency,
+        details: details_json(&spec.intent.details)?,
+    };
+    match state.ledger.hold(now, &request).await.map_err(agent_scoped)? {
+        HoldOutcome::Granted(grant) if grant.replayed => Ok(Held::Resumed(grant)),
+        HoldOutcome::Granted(grant) => Ok(Held::New(grant)),
+        HoldOutcome::Refused(refusal) => {
+            tracing::info!(agent = %agent.agent, reason = refusal.reason.code(), protocol = %spec.intent.protocol,
+                requested = refusal.requested.get(), "payment refused");
+            Err(refusal_error(&refusal))
+        }
+        HoldOutcome::Finished { response } => Ok(Held::Finished(response)),
+    }
+}
+
+pub struct Settlement {
+    pub outcome: SettleOutcome,
+    pub receipt: Receipt,
+}
+
+/// Settles `amount` (≤ held; the rest is released) and returns the signed, chained receipt.
+/// `details` (settlement transaction, order id, ...) go into the log line and the receipt.
+pub async fn settle(
+    state: &AppState,
+    agent: &AgentAuth,
+    hold: &HoldId,
+    amount: Micros,
+    details: &BTreeMap<String, String>,
+) -> Result<Settlement, ApiError> {
+    let outcome = state
+        .ledger
+        .settle(state.clock.now_ms(), &agent.agent, &agent.caller(), hold, amount, &details_json(details)?)
+        .await
+        .map_err(agent_scoped)?;
+    let receipt =
+        receipt::issue(&state.ledger, &state.signer, agent.agent.tree(), outcome.seq, outcome.head.clone()).await?;
+    Ok(Settlement { outcome, receipt })
+}
+
+/// Voids a hold (nothing spent); `reason` is a code for the log, e.g. `merchant_declined`.
+pub async fn void(state: &AppState, agent: &AgentAuth, hold: &HoldId, reason: &str) -> Result<Micros, ApiError> {
+    let reason = crate::api::label("reason", reason, 64)?;
+    let (released, _) = state
+        .ledger
+        .void(state.clock.now_ms(), &agent.agent, &agent.caller(), hold, &reason)
+        .await
+        .map_err(agent_scoped)?;
+    Ok(released)
+}
+
+/// Ends an idempotent purchase: `Done(response)` for duplicates to replay, or `Release` when
+/// its outcome is unknown and a retry must resume the same hold.
+pub async fn finish(state: &AppState, agent: &AgentAuth, key: &str, finish: IdempotencyFinish) -> Result<(), ApiError> {
+    state.ledger.finish_idempotent(&agent.agent, key, &finish).await.map_err(agent_scoped)
+}
+
+/// The stored hold (state, amount, details), to resume a purchase exactly.
+pub async fn hold_info(state: &AppState, agent: &AgentAuth, hold: &HoldId) -> Result<HoldInfo, ApiError> {
+    state.ledger.hold_info(&agent.agent, hold).await.map_err(agent_scoped)
+}

@@ -1,0 +1,69 @@
+//! The protocol endpoints: each module turns one protocol's payment flow into `pay` steps and
+//! owns its configuration (flags and `SPENDCAP_*` variables), its service state and its routes.
+
+pub mod acp;
+pub mod ap2;
+pub mod x402;
+
+use axum::Router;
+use clap::Args;
+
+use crate::api::SharedState;
+
+/// Command-line flags of every protocol, flattened into `serve`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ProtocolArgs {
+    #[command(flatten)]
+    pub x402: x402::X402Args,
+    #[command(flatten)]
+    pub acp: acp::AcpArgs,
+    #[command(flatten)]
+    pub ap2: ap2::Ap2Args,
+}
+
+/// The configured protocols.
+#[derive(Default)]
+pub struct ProtocolConfig {
+    pub x402: x402::X402Config,
+    pub acp: acp::AcpConfig,
+    pub ap2: ap2::Ap2Config,
+}
+
+/// What each protocol needs at run time (clients, keys), built once at start-up.
+pub struct Protocols {
+    pub x402: x402::X402Service,
+    pub acp: acp::AcpService,
+    pub ap2: ap2::Ap2Service,
+}
+
+/// Why the protocol configuration is unusable; start-up fails with this.
+#[derive(Debug, thiserror::Error)]
+#[error("{protocol} configuration: {reason}")]
+pub struct ConfigError {
+    pub protocol: &'static str,
+    pub reason: String,
+}
+
+impl ProtocolConfig {
+    pub fn from_args(args: &ProtocolArgs) -> Result<ProtocolConfig, ConfigError> {
+        Ok(ProtocolConfig {
+            x402: x402::X402Config::from_args(&args.x402)?,
+            acp: acp::AcpConfig::from_args(&args.acp)?,
+            ap2: ap2::Ap2Config::from_args(&args.ap2)?,
+        })
+    }
+}
+
+impl Protocols {
+    pub fn build(config: ProtocolConfig) -> Result<Protocols, ConfigError> {
+        Ok(Protocols {
+            x402: x402::X402Service::build(config.x402)?,
+            acp: acp::AcpService::build(config.acp)?,
+            ap2: ap2::Ap2Service::build(config.ap2)?,
+        })
+    }
+}
+
+pub fn router() -> Router<SharedState> {
+    Router::new().merge(x402::router()).merge(acp::router()).merge(ap2::router())
+}
