@@ -111,6 +111,23 @@ pub async fn finish(state: &AppState, agent: &AgentAuth, key: &str, finish: Idem
     state.ledger.finish_idempotent(&agent.agent, key, &finish).await.map_err(agent_scoped)
 }
 
+/// Logs a `note` about a hold without changing any balance (a provider rejected a signed
+/// payment, say, and the hold stays until its expiry because the authorization is still live).
+pub async fn note(
+    state: &AppState,
+    agent: &AgentAuth,
+    hold: &HoldId,
+    reason: &str,
+    detail: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let reason = crate::api::label("reason", reason, 64)?;
+    state
+        .ledger
+        .note(state.clock.now_ms(), &agent.agent, &agent.caller(), hold, &reason, &details_json(detail)?)
+        .await
+        .map_err(agent_scoped)
+}
+
 /// The stored hold (state, amount, details), to resume a purchase exactly.
 pub async fn hold_info(state: &AppState, agent: &AgentAuth, hold: &HoldId) -> Result<HoldInfo, ApiError> {
     state.ledger.hold_info(&agent.agent, hold).await.map_err(agent_scoped)

@@ -675,6 +675,37 @@ impl MemoryLedger {
         })
     }
 
+    pub async fn note(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), LedgerError> {
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            tree.auth(agent, caller)?;
+            let h = tree.holds.get(hold.as_str()).filter(|h| &h.agent == agent).ok_or(LedgerError::UnknownHold)?;
+            let entry = LogEntry {
+                ts_ms: now_ms,
+                event: "note".into(),
+                agent: agent.to_string(),
+                task: h.task.clone(),
+                service: h.service.clone(),
+                protocol: h.protocol.clone(),
+                amount: Some(h.amount),
+                hold: hold.to_string(),
+                reason: reason.into(),
+                detail: detail.into(),
+                ..LogEntry::default()
+            };
+            tree.log(tree_id, entry);
+            Ok(())
+        })
+    }
+
     pub async fn expire(&self, now_ms: u64, tree_id: &TreeId) -> Result<u64, LedgerError> {
         self.with_tree(tree_id, |tree| Ok(tree.expire_due(tree_id, now_ms, EXPIRE_MAX) as u64))
     }

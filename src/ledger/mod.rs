@@ -430,6 +430,19 @@ impl Ledger {
         dispatch!(self.void(now_ms, agent, caller, hold, reason))
     }
 
+    /// Appends a `note` log entry about a hold without changing any balance.
+    pub async fn note(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.note(now_ms, agent, caller, hold, reason, detail))
+    }
+
     /// Releases due holds of one tree (the optional sweeper; nothing depends on it).
     pub async fn expire(&self, now_ms: u64, tree: &TreeId) -> Result<u64, LedgerError> {
         dispatch!(self.expire(now_ms, tree))

@@ -289,6 +289,25 @@ impl RedisLedger {
         Ok((reply.micros("released")?, reply.get("replayed") == "1"))
     }
 
+    pub async fn note(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), LedgerError> {
+        self.fcall(
+            "spendcap_note",
+            agent.tree(),
+            &[&now_ms.to_string(), agent.as_str(), caller.wire(), hold.as_str(), reason, detail],
+        )
+        .await?
+        .into_result()?;
+        Ok(())
+    }
+
     pub async fn expire(&self, now_ms: u64, tree: &TreeId) -> Result<u64, LedgerError> {
         self.fcall("spendcap_expire", tree, &[&now_ms.to_string()]).await?.into_result()?.u64("released")
     }

@@ -377,6 +377,25 @@ local function void(keys, args)
   return { 'ok', 'released', h[2], 'replayed', '0' }
 end
 
+--[[ spendcap_note
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 reason code  6 detail JSON ('')
+Reply   ok      error: code (unknown_agent | unauthorized | unknown_hold) detail
+Appends a `note` entry about one of the agent's holds that changes no balance: a provider
+rejected a signed payment, say, and the hold stays until its expiry. Replay ignores notes.
+--]]
+local function note(keys, args)
+  local P = keys[1]
+  local now, agent_id, hold_id = tonumber(args[1]), args[2], args[4]
+  local path, e = auth(P, agent_id, args[3])
+  if not path then return e end
+  local h = hold_fields(P, hold_id)
+  if not h[1] or h[1] ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
+  log(P, { 'ts', fmt(now), 'ev', 'note', 'agent', agent_id, 'task', h[7], 'svc', h[8], 'proto', h[9],
+           'amt', h[2], 'hold', hold_id, 'reason', args[5], 'detail', args[6] })
+  return { 'ok' }
+end
+
 --[[ spendcap_create_agent
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 handle  4 parent_id ('' for a root)  5 cap  6 expires_at_ms ('')
@@ -545,6 +564,7 @@ redis.register_function('spendcap_hold', hold)
 redis.register_function('spendcap_idem_finish', idem_finish)
 redis.register_function('spendcap_settle', settle)
 redis.register_function('spendcap_void', void)
+redis.register_function('spendcap_note', note)
 redis.register_function('spendcap_create_agent', create_agent)
 redis.register_function('spendcap_set_cap', set_cap)
 redis.register_function('spendcap_revoke', revoke)
