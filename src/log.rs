@@ -218,12 +218,31 @@ pub struct ReplayError {
     pub reason: String,
 }
 
+/// A budget bucket's figures as the log says they should be.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplayedBucket {
+    pub cap: u64,
+    pub spent: u64,
+    pub held: u64,
+    pub open_holds: u64,
+}
+
+/// Balances replayed from a log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Replay {
+    pub agents: BTreeMap<String, Replayed>,
+    pub buckets: BTreeMap<String, ReplayedBucket>,
+}
+
 /// Replays log entries (in order, per tree) into balances: `create` and `cap` set caps, `hold`
-/// adds to held on the agent and every ancestor, `settle` moves `amount` from held to spent and
-/// releases `released`, `void` and `expire` release, `revoke` marks. The ledger check and the
-/// tests compare the result with the stored balances.
-pub fn replay<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<BTreeMap<String, Replayed>, ReplayError> {
+/// adds to held on the agent, every ancestor and every bucket it names, `settle` moves `amount`
+/// from held to spent and releases `released`, `void` and `expire` release, `revoke` marks,
+/// `budget` creates a bucket. The ledger check and the tests compare the result with the
+/// stored balances.
+pub fn replay<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<Replay, ReplayError> {
     let mut agents: BTreeMap<String, Replayed> = BTreeMap::new();
+    let mut buckets: BTreeMap<String, ReplayedBucket> = BTreeMap::new();
+    let mut hold_buckets: std::collections::HashMap<String, Vec<String>> = Default::default();
     for entry in entries {
         let fail = |reason: &str| ReplayError { id: entry.id.clone(), reason: reason.to_owned() };
         let path = |agents: &BTreeMap<String, Replayed>| {
@@ -250,6 +269,18 @@ pub fn replay<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<BTr
                         a.held += amount;
                     }
                 }
+                let charged: Vec<String> =
+                    entry.bucket.split(',').filter(|b| !b.is_empty()).map(str::to_owned).collect();
+                for id in &charged {
+                    let bucket = buckets.get_mut(id).ok_or_else(|| fail("hold on a budget that was never created"))?;
+                    bucket.held += amount;
+                    bucket.open_holds += 1;
+                }
+                hold_buckets.insert(entry.hold.clone(), charged);
+            }
+            "budget" => {
+                let cap = entry.cap.ok_or_else(|| fail("budget without cap"))?;
+                buckets.insert(entry.bucket.clone(), ReplayedBucket { cap, ..ReplayedBucket::default() });
             }
             "settle" | "void" | "expire" => {
                 let spent = if entry.event == "settle" {
@@ -268,10 +299,17 @@ pub fn replay<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<BTr
                         a.spent += spent;
                     }
                 }
+                for id in hold_buckets.remove(&entry.hold).unwrap_or_default() {
+                    if let Some(b) = buckets.get_mut(&id) {
+                        b.held = b.held.checked_sub(spent + released).ok_or_else(|| fail("releases more than held"))?;
+                        b.spent += spent;
+                        b.open_holds -= 1;
+                    }
+                }
             }
             "revoke" => agents.get_mut(&entry.agent).ok_or_else(|| fail("agent was never created"))?.revoked = true,
             _ => {}
         }
     }
-    Ok(agents)
+    Ok(Replay { agents, buckets })
 }

@@ -45,6 +45,17 @@ fn details_json(details: &BTreeMap<String, String>) -> Result<String, ApiError> 
 
 /// Holds the intent's amount against the agent and every ancestor, or refuses with a 402.
 pub async fn hold(state: &AppState, agent: &AgentAuth, spec: HoldSpec<'_>) -> Result<Held, ApiError> {
+    hold_with_budgets(state, agent, spec, Vec::new()).await
+}
+
+/// [`hold`], charging the extra budget buckets too (an AP2 open mandate's budget, say), all in
+/// the same atomic step.
+pub async fn hold_with_budgets(
+    state: &AppState,
+    agent: &AgentAuth,
+    spec: HoldSpec<'_>,
+    buckets: Vec<String>,
+) -> Result<Held, ApiError> {
     let now = state.clock.now_ms();
     let request = HoldRequest {
         agent: agent.agent.clone(),
@@ -57,6 +68,7 @@ pub async fn hold(state: &AppState, agent: &AgentAuth, spec: HoldSpec<'_>) -> Re
         protocol: spec.intent.protocol,
         idempotency: spec.idempotency,
         details: details_json(&spec.intent.details)?,
+        buckets,
     };
     match state.ledger.hold(now, &request).await.map_err(agent_scoped)? {
         HoldOutcome::Granted(grant) if grant.replayed => Ok(Held::Resumed(grant)),

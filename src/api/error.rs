@@ -45,7 +45,7 @@ impl ApiError {
 impl From<LedgerError> for ApiError {
     fn from(err: LedgerError) -> ApiError {
         let status = match &err {
-            LedgerError::UnknownAgent | LedgerError::UnknownHold => StatusCode::NOT_FOUND,
+            LedgerError::UnknownAgent | LedgerError::UnknownHold | LedgerError::UnknownBucket => StatusCode::NOT_FOUND,
             LedgerError::Unauthorized => return ApiError::unauthorized(),
             LedgerError::UnknownParent | LedgerError::TreeTooDeep | LedgerError::AmountExceedsHold => {
                 StatusCode::UNPROCESSABLE_ENTITY
@@ -57,6 +57,7 @@ impl From<LedgerError> for ApiError {
             | LedgerError::HoldExpired
             | LedgerError::HoldVoided
             | LedgerError::IdempotencyInFlight
+            | LedgerError::BucketExists
             | LedgerError::CapBelowCommitted { .. } => StatusCode::CONFLICT,
             LedgerError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             LedgerError::Unavailable(cause) => {

@@ -104,6 +104,8 @@ pub fn refusal_error(refusal: &Refusal) -> ApiError {
         crate::ledger::RefusalReason::CapExceeded => "the payment would take the agent or an ancestor over its cap",
         crate::ledger::RefusalReason::AgentRevoked => "the agent (or an ancestor) is revoked",
         crate::ledger::RefusalReason::AgentExpired => "the agent (or an ancestor) has expired",
+        crate::ledger::RefusalReason::BudgetExceeded => "the payment would pass a budget it is charged against",
+        crate::ledger::RefusalReason::BudgetBusy => "the budget allows one outstanding payment and has one",
     };
     ApiError::new(StatusCode::PAYMENT_REQUIRED, refusal.reason.code(), detail).with_extra(serde_json::json!({
         "requested_micros": refusal.requested.get(),
@@ -185,6 +187,7 @@ pub async fn create_hold(
         protocol: Protocol::Generic,
         idempotency,
         details,
+        buckets: Vec::new(),
     };
     match state.ledger.hold(now, &request).await.map_err(agent_scoped)? {
         HoldOutcome::Granted(grant) => Ok((

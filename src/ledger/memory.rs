@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use adapters::Micros;
 
 use super::{
-    AgentRecord, Balance, Caller, ChainHead, Grant, HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish,
+    AgentRecord, Balance, Bucket, Caller, ChainHead, Grant, HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish,
     IdempotencyMode, LedgerError, LogEntry, NewAgent, ReceiptFacts, Refusal, RefusalReason, SettleOutcome,
     IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
 };
@@ -20,6 +20,7 @@ const EXPIRE_BATCH: usize = 32;
 const EXPIRE_MAX: usize = 1024;
 
 struct Agent {
+    attrs: BTreeMap<String, String>,
     record: AgentRecord,
     /// The agent itself, then its ancestors up to the root.
     path: Vec<AgentId>,
@@ -45,6 +46,7 @@ impl HoldState {
 }
 
 struct Hold {
+    buckets: Vec<String>,
     details: String,
     agent: AgentId,
     amount: u64,
@@ -72,6 +74,7 @@ struct IdemRecord {
 
 #[derive(Default)]
 struct Tree {
+    buckets: HashMap<String, Bucket>,
     agents: BTreeMap<String, Agent>,
     holds: HashMap<String, Hold>,
     /// Open holds by (expiry, id).
@@ -120,6 +123,13 @@ impl Tree {
         hold.settled = settled;
         let (agent, amount, expires) = (hold.agent.clone(), hold.amount, hold.expires_at_ms);
         let (task, service, protocol) = (hold.task.clone(), hold.service.clone(), hold.protocol.clone());
+        for id in hold.buckets.clone() {
+            if let Some(bucket) = self.buckets.get_mut(&id) {
+                bucket.held = money(bucket.held.get() - amount);
+                bucket.spent = money(bucket.spent.get() + settled);
+                bucket.open_holds -= 1;
+            }
+        }
         self.open.remove(&(expires, hold_id.to_owned()));
         let path = self.agents.get(agent.as_str()).map(|a| a.path.clone()).unwrap_or_default();
         for id in &path {
@@ -171,6 +181,40 @@ impl Tree {
             }
         }
         Ok(a.path.clone())
+    }
+
+    /// Decides a hold on the current balances: a refusal (and who refused), and the room left.
+    fn decide(
+        &self,
+        path: &[AgentId],
+        buckets: &[String],
+        amount: u64,
+        now: u64,
+    ) -> (Option<(RefusalReason, String)>, u64) {
+        let levels: Vec<&AgentRecord> =
+            path.iter().filter_map(|id| self.agents.get(id.as_str()).map(|a| &a.record)).collect();
+        if let Some(l) = levels.iter().find(|l| l.revoked.is_some()) {
+            return (Some((RefusalReason::AgentRevoked, l.id.to_string())), 0);
+        }
+        if let Some(l) = levels.iter().find(|l| l.expires_at_ms.is_some_and(|t| t <= now)) {
+            return (Some((RefusalReason::AgentExpired, l.id.to_string())), 0);
+        }
+        let (mut room, by) = self.available(path);
+        if amount > room {
+            return (Some((RefusalReason::CapExceeded, by)), room);
+        }
+        for id in buckets {
+            let Some(b) = self.buckets.get(id) else { continue };
+            let b_room = b.cap.get().saturating_sub(b.spent.get() + b.held.get());
+            if b.exclusive && b.open_holds > 0 {
+                return (Some((RefusalReason::BudgetBusy, id.clone())), 0);
+            }
+            if amount > b_room {
+                return (Some((RefusalReason::BudgetExceeded, id.clone())), b_room);
+            }
+            room = room.min(b_room);
+        }
+        (None, room)
     }
 
     /// The smallest headroom over the path, and the agent it belongs to.
@@ -239,6 +283,7 @@ impl MemoryLedger {
         tree.agents.insert(
             new.id.to_string(),
             Agent {
+                attrs: BTreeMap::new(),
                 record: AgentRecord {
                     id: new.id.clone(),
                     handle: new.handle.clone(),
@@ -407,22 +452,19 @@ impl MemoryLedger {
             if tree.holds.contains_key(request.hold_id.as_str()) {
                 return Err(LedgerError::InvalidArgument("hold id already used".into()));
             }
+            for id in &request.buckets {
+                let owned = tree.buckets.get(id).is_some_and(|b| path.contains(&b.agent));
+                if !owned {
+                    return Err(LedgerError::UnknownBucket);
+                }
+            }
             tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
             let amount = request.amount.get();
-            let levels: Vec<&AgentRecord> =
-                path.iter().filter_map(|id| tree.agents.get(id.as_str()).map(|a| &a.record)).collect();
-            let mut refusal = levels
-                .iter()
-                .find(|l| l.revoked.is_some())
-                .map(|l| (RefusalReason::AgentRevoked, l.id.to_string()))
-                .or_else(|| {
-                    levels
-                        .iter()
-                        .find(|l| l.expires_at_ms.is_some_and(|t| t <= now_ms))
-                        .map(|l| (RefusalReason::AgentExpired, l.id.to_string()))
-                });
-            let (mut room, mut limited_by) = tree.available(&path);
-            if refusal.is_none() && amount > room {
+            let (mut refusal, mut room) = tree.decide(&path, &request.buckets, amount, now_ms);
+            if matches!(
+                refusal,
+                Some((RefusalReason::CapExceeded | RefusalReason::BudgetExceeded | RefusalReason::BudgetBusy, _))
+            ) {
                 let mut released = 0;
                 loop {
                     let n = tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
@@ -431,14 +473,16 @@ impl MemoryLedger {
                         break;
                     }
                 }
-                (room, limited_by) = tree.available(&path);
-                if amount > room {
-                    refusal = Some((RefusalReason::CapExceeded, limited_by.clone()));
+                if released > 0 {
+                    (refusal, room) = tree.decide(&path, &request.buckets, amount, now_ms);
                 }
             }
             let outcome = match refusal {
                 Some((reason, by)) => {
-                    let remaining = if reason == RefusalReason::CapExceeded { room } else { 0 };
+                    let remaining = match reason {
+                        RefusalReason::AgentRevoked | RefusalReason::AgentExpired => 0,
+                        _ => room,
+                    };
                     tree.log(
                         tree_id,
                         LogEntry {
@@ -469,9 +513,16 @@ impl MemoryLedger {
                             level.record.held = money(level.record.held.get() + amount);
                         }
                     }
+                    for id in &request.buckets {
+                        if let Some(bucket) = tree.buckets.get_mut(id) {
+                            bucket.held = money(bucket.held.get() + amount);
+                            bucket.open_holds += 1;
+                        }
+                    }
                     tree.holds.insert(
                         request.hold_id.to_string(),
                         Hold {
+                            buckets: request.buckets.clone(),
                             details: request.details.clone(),
                             agent: request.agent.clone(),
                             amount,
@@ -496,11 +547,11 @@ impl MemoryLedger {
                             protocol: request.protocol.to_string(),
                             amount: Some(amount),
                             hold: request.hold_id.to_string(),
+                            bucket: request.buckets.join(","),
                             detail: request.details.clone(),
                             ..LogEntry::default()
                         },
                     );
-                    let _ = limited_by;
                     HoldOutcome::Granted(Grant {
                         hold_id: request.hold_id.clone(),
                         amount: request.amount,
@@ -703,6 +754,100 @@ impl MemoryLedger {
             };
             tree.log(tree_id, entry);
             Ok(())
+        })
+    }
+
+    pub async fn create_bucket(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        id: &str,
+        cap: Micros,
+        exclusive: bool,
+        label: &str,
+    ) -> Result<bool, LedgerError> {
+        if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b)) {
+            return Err(LedgerError::InvalidArgument(
+                "bucket id must be 1 to 128 characters of [A-Za-z0-9_.:-]".into(),
+            ));
+        }
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            if !tree.agents.contains_key(agent.as_str()) {
+                return Err(LedgerError::UnknownAgent);
+            }
+            if let Some(existing) = tree.buckets.get(id) {
+                if &existing.agent == agent && existing.cap == cap && existing.exclusive == exclusive {
+                    return Ok(false);
+                }
+                return Err(LedgerError::BucketExists);
+            }
+            tree.buckets.insert(
+                id.to_owned(),
+                Bucket {
+                    id: id.to_owned(),
+                    agent: agent.clone(),
+                    cap,
+                    spent: Micros::ZERO,
+                    held: Micros::ZERO,
+                    open_holds: 0,
+                    exclusive,
+                    label: label.to_owned(),
+                },
+            );
+            let entry = LogEntry {
+                ts_ms: now_ms,
+                event: "budget".into(),
+                agent: agent.to_string(),
+                cap: Some(cap.get()),
+                bucket: id.to_owned(),
+                detail: label.to_owned(),
+                ..LogEntry::default()
+            };
+            tree.log(tree_id, entry);
+            Ok(true)
+        })
+    }
+
+    pub async fn bucket(&self, tree: &TreeId, id: &str) -> Result<Option<Bucket>, LedgerError> {
+        Ok(self.lock().trees.get(tree).and_then(|t| t.buckets.get(id).cloned()))
+    }
+
+    pub async fn attr_set_once(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        name: &str,
+        value: &str,
+    ) -> Result<String, LedgerError> {
+        if name.is_empty()
+            || name.len() > 32
+            || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(LedgerError::InvalidArgument("attribute names are 1 to 32 characters of [a-z0-9_]".into()));
+        }
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            if let Some(existing) = a.attrs.get(name) {
+                return Ok(existing.clone());
+            }
+            a.attrs.insert(name.to_owned(), value.to_owned());
+            let entry = LogEntry {
+                ts_ms: now_ms,
+                event: "attr".into(),
+                agent: agent.to_string(),
+                reason: name.to_owned(),
+                ..LogEntry::default()
+            };
+            tree.log(tree_id, entry);
+            Ok(value.to_owned())
+        })
+    }
+
+    pub async fn attr(&self, agent: &AgentId, name: &str) -> Result<Option<String>, LedgerError> {
+        self.with_tree(agent.tree(), |tree| {
+            Ok(tree.agents.get(agent.as_str()).ok_or(LedgerError::UnknownAgent)?.attrs.get(name).cloned())
         })
     }
 

@@ -114,6 +114,22 @@ pub struct HoldRequest {
     pub idempotency: Option<Idempotency>,
     /// Protocol facts for the log line and receipt, as a JSON object (empty string for none).
     pub details: String,
+    /// Extra budgets (see [`Ledger::create_bucket`]) this hold is charged against as well.
+    pub buckets: Vec<String>,
+}
+
+/// An extra budget that holds can be charged against, atomically with the agent's caps: an AP2
+/// open mandate's `payment.budget`, say. `exclusive` allows one open hold at a time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    pub id: String,
+    pub agent: AgentId,
+    pub cap: Micros,
+    pub spent: Micros,
+    pub held: Micros,
+    pub open_holds: u64,
+    pub exclusive: bool,
+    pub label: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -122,6 +138,10 @@ pub enum RefusalReason {
     CapExceeded,
     AgentRevoked,
     AgentExpired,
+    /// An extra budget (bucket) the hold was charged against has too little left.
+    BudgetExceeded,
+    /// An exclusive budget already has an open hold.
+    BudgetBusy,
 }
 
 impl RefusalReason {
@@ -130,13 +150,21 @@ impl RefusalReason {
             RefusalReason::CapExceeded => "cap_exceeded",
             RefusalReason::AgentRevoked => "agent_revoked",
             RefusalReason::AgentExpired => "agent_expired",
+            RefusalReason::BudgetExceeded => "budget_exceeded",
+            RefusalReason::BudgetBusy => "budget_busy",
         }
     }
 
     fn from_code(code: &str) -> Option<RefusalReason> {
-        [RefusalReason::CapExceeded, RefusalReason::AgentRevoked, RefusalReason::AgentExpired]
-            .into_iter()
-            .find(|r| r.code() == code)
+        [
+            RefusalReason::CapExceeded,
+            RefusalReason::AgentRevoked,
+            RefusalReason::AgentExpired,
+            RefusalReason::BudgetExceeded,
+            RefusalReason::BudgetBusy,
+        ]
+        .into_iter()
+        .find(|r| r.code() == code)
     }
 }
 
@@ -252,6 +280,8 @@ pub struct LogEntry {
     pub cap: Option<u64>,
     pub parent: String,
     pub remaining: Option<u64>,
+    /// The budget buckets a hold was charged against (comma-separated), or the bucket created.
+    pub bucket: String,
     pub detail: String,
 }
 
@@ -287,6 +317,10 @@ pub enum LedgerError {
     CapBelowCommitted { committed: u64 },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("no such budget for this agent")]
+    UnknownBucket,
+    #[error("a budget with this id exists with other terms")]
+    BucketExists,
     #[error("the ledger is unavailable: {0}")]
     Unavailable(String),
     #[error("the ledger answered something unexpected: {0}")]
@@ -311,6 +345,8 @@ impl LedgerError {
             LedgerError::IdempotencyInFlight => "idempotency_in_flight",
             LedgerError::CapBelowCommitted { .. } => "cap_below_committed",
             LedgerError::InvalidArgument(_) => "invalid_argument",
+            LedgerError::UnknownBucket => "unknown_bucket",
+            LedgerError::BucketExists => "bucket_exists",
             LedgerError::Unavailable(_) => "ledger_unavailable",
             LedgerError::Corrupt(_) => "ledger_corrupt",
         }
@@ -335,6 +371,8 @@ impl LedgerError {
                 committed: detail.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0),
             },
             "invalid_argument" | "hold_exists" => LedgerError::InvalidArgument(detail.to_owned()),
+            "unknown_bucket" => LedgerError::UnknownBucket,
+            "bucket_exists" => LedgerError::BucketExists,
             other => LedgerError::Corrupt(format!("unknown error code {other}: {detail}")),
         }
     }
@@ -441,6 +479,38 @@ impl Ledger {
         detail: &str,
     ) -> Result<(), LedgerError> {
         dispatch!(self.note(now_ms, agent, caller, hold, reason, detail))
+    }
+
+    /// Creates a budget bucket owned by `agent` (idempotent for identical terms; `Ok(false)`).
+    pub async fn create_bucket(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        id: &str,
+        cap: Micros,
+        exclusive: bool,
+        label: &str,
+    ) -> Result<bool, LedgerError> {
+        dispatch!(self.create_bucket(now_ms, agent, id, cap, exclusive, label))
+    }
+
+    pub async fn bucket(&self, tree: &TreeId, id: &str) -> Result<Option<Bucket>, LedgerError> {
+        dispatch!(self.bucket(tree, id))
+    }
+
+    /// Stores `value` as the agent's attribute `name` unless one is set; returns the stored one.
+    pub async fn attr_set_once(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        name: &str,
+        value: &str,
+    ) -> Result<String, LedgerError> {
+        dispatch!(self.attr_set_once(now_ms, agent, name, value))
+    }
+
+    pub async fn attr(&self, agent: &AgentId, name: &str) -> Result<Option<String>, LedgerError> {
+        dispatch!(self.attr(agent, name))
     }
 
     /// Releases due holds of one tree (the optional sweeper; nothing depends on it).
@@ -635,6 +705,7 @@ fn log_entry_from_fields(tree: &TreeId, id: String, get: impl Fn(&str) -> Option
         cap: num("cap"),
         parent: text("parent"),
         remaining: num("remaining"),
+        bucket: text("bk"),
         detail: text("detail"),
     }
 }
@@ -661,6 +732,22 @@ fn hold_from_fields(
         task: get("task").unwrap_or_default(),
         details: get("details").unwrap_or_default(),
     })
+}
+
+fn bucket_from_fields(id: &str, get: impl Fn(&str) -> Option<String>) -> Result<Option<Bucket>, LedgerError> {
+    let Some(agent) = get("agent") else { return Ok(None) };
+    let num = |key: &str| get(key).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let money = |key: &str| Micros::new(num(key)).map_err(|e| LedgerError::Corrupt(format!("bucket {id}: {e}")));
+    Ok(Some(Bucket {
+        id: id.to_owned(),
+        agent: agent.parse().map_err(|_| LedgerError::Corrupt(format!("bucket {id} owner")))?,
+        cap: money("cap")?,
+        spent: money("spent")?,
+        held: money("held")?,
+        open_holds: num("open"),
+        exclusive: get("exclusive").as_deref() == Some("1"),
+        label: get("label").unwrap_or_default(),
+    }))
 }
 
 fn receipt_from_fields(tree: &TreeId, seq: u64, get: impl Fn(&str) -> Option<String>) -> Option<ReceiptFacts> {

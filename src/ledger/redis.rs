@@ -12,9 +12,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, RedisError, Value};
 
 use super::{
-    agent_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_fields, AgentRecord, Balance, Caller,
-    ChainHead, HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent,
-    ReceiptFacts, Reply, SettleOutcome, IDEMPOTENCY_RETENTION_MS,
+    agent_from_fields, bucket_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_fields, AgentRecord,
+    Balance, Bucket, Caller, ChainHead, HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode,
+    LedgerError, LogEntry, NewAgent, ReceiptFacts, Reply, SettleOutcome, IDEMPOTENCY_RETENTION_MS,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -222,6 +222,7 @@ impl RedisLedger {
                 &IDEMPOTENCY_RETENTION_MS.to_string(),
                 mode,
                 &lease_ms.to_string(),
+                &request.buckets.join(","),
             ],
         )
         .await?
@@ -306,6 +307,52 @@ impl RedisLedger {
         .await?
         .into_result()?;
         Ok(())
+    }
+
+    pub async fn create_bucket(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        id: &str,
+        cap: Micros,
+        exclusive: bool,
+        label: &str,
+    ) -> Result<bool, LedgerError> {
+        let exclusive = if exclusive { "1" } else { "0" };
+        let reply = self
+            .fcall(
+                "spendcap_create_bucket",
+                agent.tree(),
+                &[&now_ms.to_string(), agent.as_str(), id, &cap.to_string(), exclusive, label],
+            )
+            .await?
+            .into_result()?;
+        Ok(reply.get("created") == "1")
+    }
+
+    pub async fn bucket(&self, tree: &TreeId, id: &str) -> Result<Option<Bucket>, LedgerError> {
+        let fields = self.hash(format!("{}:b:{}", self.tree_key(tree), id)).await?;
+        bucket_from_fields(id, |k| fields.get(k).cloned())
+    }
+
+    pub async fn attr_set_once(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        name: &str,
+        value: &str,
+    ) -> Result<String, LedgerError> {
+        let reply = self
+            .fcall("spendcap_attr_set_once", agent.tree(), &[&now_ms.to_string(), agent.as_str(), name, value])
+            .await?
+            .into_result()?;
+        Ok(reply.get("value").to_owned())
+    }
+
+    pub async fn attr(&self, agent: &AgentId, name: &str) -> Result<Option<String>, LedgerError> {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(format!("{}:a:{}", self.tree_key(agent.tree()), agent)).arg(format!("x:{name}"));
+        self.query(&cmd).await.map_err(unavailable)
     }
 
     pub async fn expire(&self, now_ms: u64, tree: &TreeId) -> Result<u64, LedgerError> {

@@ -79,7 +79,8 @@ end
 -- appends the hold's one closing log entry. Returns the hold's fields, or nil if it was not open.
 local function end_hold(P, hold_id, state, settled, now, reason, details)
   local hkey = P .. ':h:' .. hold_id
-  local h = redis.call('HMGET', hkey, 'agent', 'amount', 'state', 'task', 'service', 'protocol')
+  local h = redis.call('HMGET', hkey, 'agent', 'amount', 'state', 'task', 'service', 'protocol',
+                      'buckets')
   if h[3] ~= 'open' then return nil end
   local amount = tonumber(h[2])
   local path = redis.call('HGET', P .. ':a:' .. h[1], 'path')
@@ -87,6 +88,12 @@ local function end_hold(P, hold_id, state, settled, now, reason, details)
     local akey = P .. ':a:' .. id
     redis.call('HINCRBY', akey, 'held', fmt(-amount))
     if settled > 0 then redis.call('HINCRBY', akey, 'spent', fmt(settled)) end
+  end
+  for _, id in ipairs(split_path(h[7] or '')) do
+    local bkey = P .. ':b:' .. id
+    redis.call('HINCRBY', bkey, 'held', fmt(-amount))
+    redis.call('HINCRBY', bkey, 'open', -1)
+    if settled > 0 then redis.call('HINCRBY', bkey, 'spent', fmt(settled)) end
   end
   redis.call('HSET', hkey, 'state', state, 'ended_at', fmt(now), 'settled', fmt(settled))
   redis.call('PEXPIRE', hkey, ENDED_HOLD_RETENTION_MS)
@@ -161,11 +168,15 @@ ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 amount  5 new hold_id  6 hold 
         15 in-flight lease ms (pending mode): a duplicate arriving after the lease ran out (the
         first caller died) takes the lease over and gets the hold back (replayed), so it can
         finish the same purchase with the same hold
+        16 budget buckets (comma-separated bucket ids, '' for none): extra budgets this hold is
+        also charged against (an AP2 open mandate's budget, say); each must belong to the agent
+        or an ancestor
 Reply   ok:      hold expires_at amount remaining replayed
         done:    response replayed (a finished `pending` operation, replayed)
-        refused: code (agent_revoked | agent_expired | cap_exceeded) amount remaining limited_by
+        refused: code (agent_revoked | agent_expired | cap_exceeded | budget_exceeded |
+                 budget_busy) amount remaining limited_by
         error:   code (unknown_agent | unauthorized | idempotency_conflict |
-                 idempotency_in_flight | invalid_argument | hold_exists) detail
+                 idempotency_in_flight | invalid_argument | hold_exists | unknown_bucket) detail
 --]]
 local function hold(keys, args)
   local P = keys[1]
@@ -202,46 +213,66 @@ local function hold(keys, args)
     return err('hold_exists', 'hold id already used')
   end
 
-  expire_due(P, now, EXPIRE_BATCH)
-  local levels = read_path(P, path)
-
-  local refusal, limited_by = nil, ''
-  for _, l in ipairs(levels) do
-    if l.revoked and l.revoked ~= '' then refusal, limited_by = 'agent_revoked', l.id break end
+  local bucket_ids = split_path(args[16] or '')
+  local owners = {}
+  for _, id in ipairs(split_path(path)) do owners[id] = true end
+  for _, id in ipairs(bucket_ids) do
+    local owner = redis.call('HGET', P .. ':b:' .. id, 'agent')
+    if not owner or not owners[owner] then
+      return err('unknown_bucket', 'no budget ' .. id .. ' for this agent')
+    end
   end
-  if not refusal then
+
+  expire_due(P, now, EXPIRE_BATCH)
+
+  -- Decides on the current balances: a refusal code and who refused, or nil.
+  local levels, room, limited_by
+  local function decide()
+    levels = read_path(P, path)
+    for _, l in ipairs(levels) do
+      if l.revoked and l.revoked ~= '' then return 'agent_revoked', l.id end
+    end
     for _, l in ipairs(levels) do
       if l.expires_at and l.expires_at ~= '' and tonumber(l.expires_at) <= now then
-        refusal, limited_by = 'agent_expired', l.id
-        break
+        return 'agent_expired', l.id
       end
     end
+    local by
+    room, by = available(levels)
+    if amount > room then return 'cap_exceeded', by end
+    for _, id in ipairs(bucket_ids) do
+      local b = redis.call('HMGET', P .. ':b:' .. id, 'cap', 'spent', 'held', 'open', 'exclusive')
+      local b_room = tonumber(b[1]) - tonumber(b[2]) - tonumber(b[3])
+      if b[5] == '1' and tonumber(b[4]) > 0 then room = 0 return 'budget_busy', id end
+      if amount > b_room then
+        if b_room < 0 then b_room = 0 end
+        room = b_room
+        return 'budget_exceeded', id
+      end
+      if b_room < room then room = b_room end
+    end
+    return nil, ''
   end
-  local room
-  if not refusal then
-    room, limited_by = available(levels)
-    if amount > room then
-      -- Holds that expired but were beyond this call's first batch still count as held; release
-      -- them all (bounded) before refusing, so that no refusal is ever caused by stale holds.
-      local more = true
-      local released = 0
-      while more and released < EXPIRE_MAX do
-        local n
-        n, more = expire_due(P, now, EXPIRE_BATCH)
-        released = released + n
-      end
-      if released > 0 then
-        levels = read_path(P, path)
-        room, limited_by = available(levels)
-      end
-      if amount > room then refusal = 'cap_exceeded' end
+  local refusal
+  refusal, limited_by = decide()
+  if refusal == 'cap_exceeded' or refusal == 'budget_exceeded' or refusal == 'budget_busy' then
+    -- Holds that expired but were beyond this call's first batch still count as held; release
+    -- them all (bounded) before refusing, so that no refusal is ever caused by stale holds.
+    local more = true
+    local released = 0
+    while more and released < EXPIRE_MAX do
+      local n
+      n, more = expire_due(P, now, EXPIRE_BATCH)
+      released = released + n
     end
+    if released > 0 then refusal, limited_by = decide() end
   end
 
   local status, fields
   if refusal then
-    local remaining = available(levels)
-    if refusal ~= 'cap_exceeded' then remaining = 0 end
+    local remaining = room or 0
+    if refusal == 'agent_revoked' or refusal == 'agent_expired' then remaining = 0 end
+    if remaining < 0 then remaining = 0 end
     log(P, { 'ts', fmt(now), 'ev', 'refuse', 'agent', agent_id, 'task', task, 'svc', service,
              'proto', protocol, 'amt', fmt(amount), 'reason', refusal, 'remaining', fmt(remaining),
              'detail', details })
@@ -252,16 +283,22 @@ local function hold(keys, args)
     for _, l in ipairs(levels) do
       redis.call('HINCRBY', P .. ':a:' .. l.id, 'held', fmt(amount))
     end
+    for _, id in ipairs(bucket_ids) do
+      redis.call('HINCRBY', P .. ':b:' .. id, 'held', fmt(amount))
+      redis.call('HINCRBY', P .. ':b:' .. id, 'open', 1)
+    end
+    local buckets = table.concat(bucket_ids, ',')
     redis.call('HSET', P .. ':h:' .. hold_id, 'agent', agent_id, 'amount', fmt(amount),
                'state', 'open', 'expires_at', fmt(expires_at), 'created_at', fmt(now),
                'task', task, 'service', service, 'protocol', protocol, 'idem', idem,
-               'details', details)
+               'details', details, 'buckets', buckets)
     redis.call('ZADD', P .. ':holds', fmt(expires_at), hold_id)
     log(P, { 'ts', fmt(now), 'ev', 'hold', 'agent', agent_id, 'task', task, 'svc', service,
-             'proto', protocol, 'amt', fmt(amount), 'hold', hold_id, 'detail', details })
+             'proto', protocol, 'amt', fmt(amount), 'hold', hold_id, 'bk', buckets,
+             'detail', details })
     status = 'ok'
     fields = { 'hold', hold_id, 'code', '', 'amount', fmt(amount),
-               'remaining', fmt(available(levels) - amount), 'expires_at', fmt(expires_at),
+               'remaining', fmt(room - amount), 'expires_at', fmt(expires_at),
                'limited_by', '' }
   end
   if ikey then
@@ -394,6 +431,59 @@ local function note(keys, args)
   log(P, { 'ts', fmt(now), 'ev', 'note', 'agent', agent_id, 'task', h[7], 'svc', h[8], 'proto', h[9],
            'amt', h[2], 'hold', hold_id, 'reason', args[5], 'detail', args[6] })
   return { 'ok' }
+end
+
+--[[ spendcap_create_bucket
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id (owner)  3 bucket_id ([A-Za-z0-9_.:-], 1..128)  4 cap
+        5 exclusive (1: at most one open hold at a time)  6 label
+Reply   ok: created (1, or 0 if an identical bucket exists)
+        error: code (unknown_agent | bucket_exists | invalid_argument) detail
+A budget bucket is an extra limit that holds naming it are charged against, atomically with
+the agent's own caps. Its key is <P>:b:<bucket_id>: agent cap spent held open exclusive label.
+--]]
+local function create_bucket(keys, args)
+  local P = keys[1]
+  local now, agent_id, id = tonumber(args[1]), args[2], args[3]
+  local cap, e = parse_money(args[4], 'cap')
+  if not cap then return e end
+  if #id < 1 or #id > 128 or not string.match(id, '^[%w_%.:%-]+$') then
+    return err('invalid_argument', 'bucket id must be 1 to 128 characters of [A-Za-z0-9_.:-]')
+  end
+  if redis.call('EXISTS', P .. ':a:' .. agent_id) == 0 then return err('unknown_agent', agent_id) end
+  local bkey = P .. ':b:' .. id
+  local b = redis.call('HMGET', bkey, 'agent', 'cap', 'exclusive')
+  if b[1] then
+    if b[1] == agent_id and tonumber(b[2]) == cap and b[3] == args[5] then
+      return { 'ok', 'created', '0' }
+    end
+    return err('bucket_exists', 'budget ' .. id .. ' exists with other terms')
+  end
+  redis.call('HSET', bkey, 'agent', agent_id, 'cap', fmt(cap), 'spent', '0', 'held', '0',
+             'open', '0', 'exclusive', args[5], 'label', args[6])
+  log(P, { 'ts', fmt(now), 'ev', 'budget', 'agent', agent_id, 'cap', fmt(cap), 'bk', id,
+           'detail', args[6] })
+  return { 'ok', 'created', '1' }
+end
+
+--[[ spendcap_attr_set_once
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 name ([a-z0-9_], 1..32)  4 value
+Reply   ok: value (the stored value: this one, or the one set first)
+Stores a value on the agent (field x:<name> of its hash) unless one is already there; an AP2
+signing key, say, which every instance must agree on.
+--]]
+local function attr_set_once(keys, args)
+  local P = keys[1]
+  local akey = P .. ':a:' .. args[2]
+  if redis.call('EXISTS', akey) == 0 then return err('unknown_agent', args[2]) end
+  if #args[3] < 1 or #args[3] > 32 or not string.match(args[3], '^[a-z0-9_]+$') then
+    return err('invalid_argument', 'attribute names are 1 to 32 characters of [a-z0-9_]')
+  end
+  if redis.call('HSETNX', akey, 'x:' .. args[3], args[4]) == 1 then
+    log(P, { 'ts', args[1], 'ev', 'attr', 'agent', args[2], 'reason', args[3] })
+  end
+  return { 'ok', 'value', redis.call('HGET', akey, 'x:' .. args[3]) }
 end
 
 --[[ spendcap_create_agent
@@ -565,6 +655,8 @@ redis.register_function('spendcap_idem_finish', idem_finish)
 redis.register_function('spendcap_settle', settle)
 redis.register_function('spendcap_void', void)
 redis.register_function('spendcap_note', note)
+redis.register_function('spendcap_create_bucket', create_bucket)
+redis.register_function('spendcap_attr_set_once', attr_set_once)
 redis.register_function('spendcap_create_agent', create_agent)
 redis.register_function('spendcap_set_cap', set_cap)
 redis.register_function('spendcap_revoke', revoke)

@@ -85,6 +85,7 @@ fn request(agent: &TestAgent, amount: u64, ttl_ms: u64, now: u64) -> HoldRequest
         protocol: Protocol::Generic,
         idempotency: None,
         details: String::new(),
+        buckets: Vec::new(),
     }
 }
 
@@ -112,7 +113,7 @@ async fn whole_log(ledger: &Ledger, tree: &TreeId) -> Vec<LogEntry> {
 async fn assert_replays(ledger: &Ledger, tree: &TreeId) {
     let replayed = replay(&whole_log(ledger, tree).await).expect("log replays");
     for agent in ledger.tree_agents(tree).await.expect("agents") {
-        let r = replayed.get(agent.id.as_str()).expect("agent in log");
+        let r = replayed.agents.get(agent.id.as_str()).expect("agent in log");
         assert_eq!((r.cap, r.spent, r.held), (agent.cap.get(), agent.spent.get(), agent.held.get()), "{}", agent.id);
     }
 }
@@ -404,4 +405,94 @@ conformance!(unknown_agents_and_holds_are_errors, |ledger: Ledger| async move {
     assert!(matches!(void, Err(LedgerError::UnknownHold)), "{void:?}");
     assert!(matches!(ledger.set_cap(T0, &ghost, Micros::ZERO).await, Err(LedgerError::UnknownAgent)));
     assert!(matches!(ledger.revoke(T0, &ghost, "x").await, Err(LedgerError::UnknownAgent)));
+});
+
+conformance!(budget_buckets_are_charged_atomically_with_the_caps, |ledger: Ledger| async move {
+    let root = create(&ledger, "root", 1_000_000, None).await;
+    let a = create(&ledger, "a", 1_000_000, Some(&root)).await;
+    let b = create(&ledger, "b", 1_000_000, Some(&root)).await;
+    // A $100 budget owned by the root, charged by holds of both children.
+    assert!(ledger
+        .create_bucket(T0, &root.id, "mandate:m1", Micros::new(100).expect("m"), false, "open mandate")
+        .await
+        .expect("creates"));
+    assert!(!ledger
+        .create_bucket(T0, &root.id, "mandate:m1", Micros::new(100).expect("m"), false, "again")
+        .await
+        .expect("same terms"));
+    let other_terms = ledger.create_bucket(T0, &root.id, "mandate:m1", Micros::new(99).expect("m"), false, "").await;
+    assert!(matches!(other_terms, Err(LedgerError::BucketExists)), "{other_terms:?}");
+    let with = |agent: &TestAgent, amount: u64, buckets: &[&str]| {
+        let mut r = request(agent, amount, 60_000, T0);
+        r.buckets = buckets.iter().map(|b| b.to_string()).collect();
+        r
+    };
+    let first = granted(ledger.hold(T0, &with(&a, 60, &["mandate:m1"])).await.expect("answers"));
+    match ledger.hold(T0, &with(&b, 60, &["mandate:m1"])).await.expect("answers") {
+        HoldOutcome::Refused(r) => {
+            assert_eq!(
+                (r.reason, r.limited_by.as_str(), r.remaining.get()),
+                (RefusalReason::BudgetExceeded, "mandate:m1", 40)
+            );
+        }
+        other => panic!("expected a budget refusal, got {other:?}"),
+    }
+    granted(ledger.hold(T0, &with(&b, 40, &["mandate:m1"])).await.expect("answers"));
+    ledger.settle(T0, &a.id, &a.caller(), &first, Micros::new(50).expect("m"), "").await.expect("settles");
+    let bucket = ledger.bucket(root.id.tree(), "mandate:m1").await.expect("reads").expect("exists");
+    assert_eq!((bucket.spent.get(), bucket.held.get(), bucket.open_holds), (50, 40, 1));
+    granted(ledger.hold(T0, &with(&a, 10, &["mandate:m1"])).await.expect("answers"));
+    // A bucket of another agent's subtree cannot be charged.
+    assert!(ledger
+        .create_bucket(T0, &b.id, "mandate:b-only", Micros::new(10).expect("m"), false, "")
+        .await
+        .expect("creates"));
+    let foreign = ledger.hold(T0, &with(&a, 1, &["mandate:b-only"])).await;
+    assert!(matches!(foreign, Err(LedgerError::UnknownBucket)), "{foreign:?}");
+
+    // Exclusive: one outstanding hold at a time; expiry frees it with no sweeper.
+    assert!(ledger
+        .create_bucket(T0, &a.id, "mandate:x", Micros::new(1_000).expect("m"), true, "")
+        .await
+        .expect("creates"));
+    let mut short = with(&a, 5, &["mandate:x"]);
+    short.expires_at_ms = T0 + 100;
+    granted(ledger.hold(T0, &short).await.expect("answers"));
+    match ledger.hold(T0 + 99, &with(&a, 5, &["mandate:x"])).await.expect("answers") {
+        HoldOutcome::Refused(r) => assert_eq!(r.reason, RefusalReason::BudgetBusy),
+        other => panic!("expected busy, got {other:?}"),
+    }
+    let mut later = with(&a, 5, &["mandate:x"]);
+    later.expires_at_ms = T0 + 60_000;
+    granted(ledger.hold(T0 + 100, &later).await.expect("answers"));
+
+    let replayed = replay(&whole_log(&ledger, root.id.tree()).await).expect("replays");
+    for id in ["mandate:m1", "mandate:x", "mandate:b-only"] {
+        let stored = ledger.bucket(root.id.tree(), id).await.expect("reads").expect("exists");
+        let r = replayed.buckets.get(id).expect("bucket in log");
+        assert_eq!(
+            (r.cap, r.spent, r.held, r.open_holds),
+            (stored.cap.get(), stored.spent.get(), stored.held.get(), stored.open_holds),
+            "{id}"
+        );
+    }
+    assert_replays(&ledger, root.id.tree()).await;
+});
+
+conformance!(attributes_are_set_once_and_notes_change_nothing, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 1_000, None).await;
+    assert_eq!(ledger.attr(&agent.id, "ap2_key").await.expect("reads"), None);
+    assert_eq!(ledger.attr_set_once(T0, &agent.id, "ap2_key", "first").await.expect("sets"), "first");
+    assert_eq!(ledger.attr_set_once(T0, &agent.id, "ap2_key", "second").await.expect("keeps"), "first");
+    assert_eq!(ledger.attr(&agent.id, "ap2_key").await.expect("reads").as_deref(), Some("first"));
+    let h = granted(hold(&ledger, &agent, 10).await);
+    ledger
+        .note(T0, &agent.id, &agent.caller(), &h, "payment_rejected", r#"{"why":"insufficient_funds"}"#)
+        .await
+        .expect("notes");
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 0, 10));
+    let log = whole_log(&ledger, agent.id.tree()).await;
+    let note = log.iter().find(|e| e.event == "note").expect("note logged");
+    assert_eq!((note.hold.as_str(), note.reason.as_str()), (h.as_str(), "payment_rejected"));
+    assert_replays(&ledger, agent.id.tree()).await;
 });
