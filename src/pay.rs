@@ -101,8 +101,7 @@ pub async fn settle(
         .settle(state.clock.now_ms(), &agent.agent, &agent.caller(), hold, amount, &details_json(details)?)
         .await
         .map_err(agent_scoped)?;
-    let receipt =
-        receipt::issue(&state.ledger, &state.signer, agent.agent.tree(), outcome.seq, outcome.head.clone()).await?;
+    let receipt = receipt::issue(&state.ledger, &state.signer, &outcome).await?;
     Ok(Settlement { outcome, receipt })
 }
 

@@ -16,8 +16,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::identity::TreeId;
-use crate::ledger::{ChainHead, Ledger, LedgerError, ReceiptFacts};
+use crate::ledger::{ChainHead, Ledger, LedgerError, ReceiptFacts, SettleOutcome};
 
 /// The `prev_hash` of the first receipt of a tree.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -150,8 +149,11 @@ pub fn receipt_hash(receipt: &Receipt) -> Result<String, ReceiptError> {
 }
 
 fn body_from_facts(facts: &ReceiptFacts, prev_hash: &str) -> ReceiptBody {
-    let details =
-        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&facts.details).unwrap_or_default();
+    // The hold's details (payee, session, ...) overlaid by the settle's (transaction, order, ...).
+    let object =
+        |text: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text).unwrap_or_default();
+    let mut details = object(&facts.hold_details);
+    details.extend(object(&facts.details));
     ReceiptBody {
         version: 1,
         tree: facts.tree.to_string(),
@@ -174,15 +176,13 @@ fn parse_signed(text: &str) -> Result<Receipt, ReceiptError> {
     serde_json::from_str(text).map_err(|e| ReceiptError::Malformed(e.to_string()))
 }
 
-/// Signs and links receipt `seq` of `tree` (and any unlinked predecessors), returning it.
-/// `head` is the chain head as the settle saw it; it is only a starting point.
-pub async fn issue(
-    ledger: &Ledger,
-    signer: &ReceiptSigner,
-    tree: &TreeId,
-    seq: u64,
-    mut head: ChainHead,
-) -> Result<Receipt, ReceiptError> {
+/// Signs and links the receipt a settle recorded (and any unlinked predecessors), returning it.
+/// The settle's view of the chain head is a starting point: when it is the receipt's direct
+/// predecessor (the usual case) this costs one ledger call.
+pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, settled: &SettleOutcome) -> Result<Receipt, ReceiptError> {
+    let tree = &settled.facts.tree;
+    let seq = settled.seq;
+    let mut head = settled.head.clone();
     // Each round links at least one receipt or learns a newer head, so this ends; the bound is a
     // guard against a ledger that answers inconsistently.
     for _ in 0..(seq.saturating_sub(head.seq) + 8) * 2 {
@@ -200,13 +200,17 @@ pub async fn issue(
             continue;
         }
         let next = head.seq + 1;
-        let facts = ledger
-            .receipt(tree, next)
-            .await?
-            .ok_or_else(|| LedgerError::Corrupt(format!("receipt {next} of tree {tree} is missing")))?;
+        let facts = if next == seq {
+            settled.facts.clone()
+        } else {
+            ledger
+                .receipt(tree, next)
+                .await?
+                .ok_or_else(|| LedgerError::Corrupt(format!("receipt {next} of tree {tree} is missing")))?
+        };
         let (receipt, hash) = signer.sign(body_from_facts(&facts, &head.hash))?;
         let json = serde_json::to_string(&receipt).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-        match ledger.link_receipt(tree, next, &head.hash, &hash, &json).await? {
+        match ledger.link_receipt(&facts, &head.hash, &hash, &json).await? {
             Ok(_) => {
                 if next == seq {
                     return Ok(receipt);
@@ -293,6 +297,7 @@ mod tests {
             protocol: "generic".into(),
             ts_ms: 1_700_000_000_000,
             details: r#"{"note":"é"}"#.into(),
+            hold_details: r#"{"pay_to":"0xabc","note":"overridden"}"#.into(),
             signed: None,
         }
     }

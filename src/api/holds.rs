@@ -263,7 +263,7 @@ pub async fn settle(
         .settle(state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, amount, &details)
         .await
         .map_err(agent_scoped)?;
-    let receipt = receipt::issue(&state.ledger, &state.signer, auth.agent.tree(), outcome.seq, outcome.head).await?;
+    let receipt = receipt::issue(&state.ledger, &state.signer, &outcome).await?;
     Ok(Json(Settled {
         hold_id: hold.to_string(),
         amount_micros: outcome.amount.get(),

@@ -643,16 +643,20 @@ impl MemoryLedger {
             let h = tree.holds.get(hold.as_str()).filter(|h| &h.agent == agent).ok_or(LedgerError::UnknownHold)?;
             let (state, held, expires_at, settled, seq) = (h.state, h.amount, h.expires_at_ms, h.settled, h.seq);
             let (task, service, protocol) = (h.task.clone(), h.service.clone(), h.protocol.clone());
+            let hold_details = h.details.clone();
             if state == HoldState::Settled {
                 if settled != amount.get() {
                     return Err(LedgerError::HoldSettled);
                 }
+                let facts =
+                    tree.receipts.get(&seq).cloned().ok_or(LedgerError::Corrupt(format!("no receipt {seq}")))?;
                 return Ok(SettleOutcome {
                     seq,
                     amount,
                     released: money(held - settled),
                     replayed: true,
                     head: tree.head.clone(),
+                    facts,
                 });
             }
             if state == HoldState::Open && expires_at <= now_ms {
@@ -670,29 +674,29 @@ impl MemoryLedger {
             if let Some(h) = tree.holds.get_mut(hold.as_str()) {
                 h.seq = seq;
             }
-            tree.receipts.insert(
+            let facts = ReceiptFacts {
+                tree: tree_id.clone(),
                 seq,
-                ReceiptFacts {
-                    tree: tree_id.clone(),
-                    seq,
-                    hold: hold.to_string(),
-                    agent: agent.to_string(),
-                    amount: amount.get(),
-                    held,
-                    task,
-                    service,
-                    protocol,
-                    ts_ms: now_ms,
-                    details: details.to_owned(),
-                    signed: None,
-                },
-            );
+                hold: hold.to_string(),
+                agent: agent.to_string(),
+                amount: amount.get(),
+                held,
+                task,
+                service,
+                protocol,
+                ts_ms: now_ms,
+                details: details.to_owned(),
+                hold_details,
+                signed: None,
+            };
+            tree.receipts.insert(seq, facts.clone());
             Ok(SettleOutcome {
                 seq,
                 amount,
                 released: money(held - amount.get()),
                 replayed: false,
                 head: tree.head.clone(),
+                facts,
             })
         })
     }
@@ -894,13 +898,13 @@ impl MemoryLedger {
 
     pub async fn link_receipt(
         &self,
-        tree_id: &TreeId,
-        seq: u64,
+        facts: &ReceiptFacts,
         prev_hash: &str,
         hash: &str,
         signed: &str,
     ) -> Result<Result<bool, ChainHead>, LedgerError> {
-        self.with_tree(tree_id, |tree| {
+        let seq = facts.seq;
+        self.with_tree(&facts.tree, |tree| {
             if tree.head.seq >= seq {
                 return Ok(Ok(false));
             }

@@ -212,6 +212,8 @@ pub struct SettleOutcome {
     pub released: Micros,
     pub replayed: bool,
     pub head: ChainHead,
+    /// What the receipt says, as the settle recorded it.
+    pub facts: ReceiptFacts,
 }
 
 /// What the ledger recorded about a settle, from which the receipt is built.
@@ -227,7 +229,10 @@ pub struct ReceiptFacts {
     pub service: String,
     pub protocol: String,
     pub ts_ms: u64,
+    /// The settle's details (settlement transaction, order id, ...), a JSON object or empty.
     pub details: String,
+    /// The hold's details (payee, network, session id, ...), a JSON object or empty.
+    pub hold_details: String,
     /// The signed receipt JSON, once linked into the chain.
     pub signed: Option<String>,
 }
@@ -551,13 +556,12 @@ impl Ledger {
     /// `Err(head)` if the head is not at `seq - 1` with hash `prev_hash`.
     pub async fn link_receipt(
         &self,
-        tree: &TreeId,
-        seq: u64,
+        facts: &ReceiptFacts,
         prev_hash: &str,
         hash: &str,
         signed: &str,
     ) -> Result<Result<bool, ChainHead>, LedgerError> {
-        dispatch!(self.link_receipt(tree, seq, prev_hash, hash, signed))
+        dispatch!(self.link_receipt(facts, prev_hash, hash, signed))
     }
 }
 
@@ -635,14 +639,31 @@ impl Reply {
         }
     }
 
-    fn into_settle_outcome(self) -> Result<SettleOutcome, LedgerError> {
+    fn into_settle_outcome(self, tree: &TreeId) -> Result<SettleOutcome, LedgerError> {
         let reply = self.into_result()?;
+        let seq = reply.u64("seq")?;
+        let amount = reply.micros("amount")?;
         Ok(SettleOutcome {
-            seq: reply.u64("seq")?,
-            amount: reply.micros("amount")?,
+            seq,
+            amount,
             released: reply.micros("released")?,
             replayed: reply.get("replayed") == "1",
             head: ChainHead { seq: reply.u64("head_seq")?, hash: reply.get("head_hash").to_owned() },
+            facts: ReceiptFacts {
+                tree: tree.clone(),
+                seq,
+                hold: reply.get("hold").to_owned(),
+                agent: reply.get("agent").to_owned(),
+                amount: amount.get(),
+                held: reply.u64("held")?,
+                task: reply.get("task").to_owned(),
+                service: reply.get("service").to_owned(),
+                protocol: reply.get("protocol").to_owned(),
+                ts_ms: reply.u64("ts")?,
+                details: reply.get("sdetails").to_owned(),
+                hold_details: reply.get("hdetails").to_owned(),
+                signed: None,
+            },
         })
     }
 
@@ -750,20 +771,27 @@ fn bucket_from_fields(id: &str, get: impl Fn(&str) -> Option<String>) -> Result<
     }))
 }
 
-fn receipt_from_fields(tree: &TreeId, seq: u64, get: impl Fn(&str) -> Option<String>) -> Option<ReceiptFacts> {
+/// A receipt's facts from the fields of its settled hold.
+fn receipt_from_hold(
+    tree: &TreeId,
+    seq: u64,
+    hold: &str,
+    get: impl Fn(&str) -> Option<String>,
+) -> Option<ReceiptFacts> {
     let num = |key: &str| get(key).and_then(|v| v.parse().ok());
     Some(ReceiptFacts {
         tree: tree.clone(),
         seq,
-        hold: get("hold")?,
+        hold: hold.to_owned(),
         agent: get("agent")?,
-        amount: num("amount")?,
-        held: num("held")?,
+        amount: num("settled")?,
+        held: num("amount")?,
         task: get("task").unwrap_or_default(),
         service: get("service").unwrap_or_default(),
         protocol: get("protocol").unwrap_or_default(),
-        ts_ms: num("ts")?,
-        details: get("details").unwrap_or_default(),
-        signed: get("signed").filter(|s| !s.is_empty()),
+        ts_ms: num("ended_at")?,
+        details: get("sdetails").unwrap_or_default(),
+        hold_details: get("details").unwrap_or_default(),
+        signed: get("receipt").filter(|s| !s.is_empty()),
     })
 }

@@ -12,7 +12,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, RedisError, Value};
 
 use super::{
-    agent_from_fields, bucket_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_fields, AgentRecord,
+    agent_from_fields, bucket_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_hold, AgentRecord,
     Balance, Bucket, Caller, ChainHead, HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode,
     LedgerError, LogEntry, NewAgent, ReceiptFacts, Reply, SettleOutcome, IDEMPOTENCY_RETENTION_MS,
 };
@@ -268,7 +268,7 @@ impl RedisLedger {
             &[&now_ms.to_string(), agent.as_str(), caller.wire(), hold.as_str(), &amount.to_string(), details],
         )
         .await?
-        .into_settle_outcome()
+        .into_settle_outcome(agent.tree())
     }
 
     pub async fn void(
@@ -422,8 +422,13 @@ impl RedisLedger {
     }
 
     pub async fn receipt(&self, tree: &TreeId, seq: u64) -> Result<Option<ReceiptFacts>, LedgerError> {
-        let fields = self.hash(format!("{}:r:{}", self.tree_key(tree), seq)).await?;
-        Ok(receipt_from_fields(tree, seq, |k| fields.get(k).cloned()))
+        let Some(index) = seq.checked_sub(1) else { return Ok(None) };
+        let mut cmd = redis::cmd("LINDEX");
+        cmd.arg(format!("{}:receipts", self.tree_key(tree))).arg(index);
+        let hold: Option<String> = self.query(&cmd).await.map_err(unavailable)?;
+        let Some(hold) = hold else { return Ok(None) };
+        let fields = self.hash(format!("{}:h:{}", self.tree_key(tree), hold)).await?;
+        Ok(receipt_from_hold(tree, seq, &hold, |k| fields.get(k).cloned()))
     }
 
     pub async fn chain_head(&self, tree: &TreeId) -> Result<ChainHead, LedgerError> {
@@ -436,13 +441,18 @@ impl RedisLedger {
 
     pub async fn link_receipt(
         &self,
-        tree: &TreeId,
-        seq: u64,
+        facts: &ReceiptFacts,
         prev_hash: &str,
         hash: &str,
         signed: &str,
     ) -> Result<Result<bool, ChainHead>, LedgerError> {
-        let reply = self.fcall("spendcap_receipt_link", tree, &[&seq.to_string(), prev_hash, hash, signed]).await?;
+        let reply = self
+            .fcall(
+                "spendcap_receipt_link",
+                &facts.tree,
+                &[&facts.seq.to_string(), prev_hash, hash, signed, &facts.hold],
+            )
+            .await?;
         if reply.status == "error" && reply.get("code") == "receipt_gap" {
             return Ok(Err(ChainHead { seq: reply.u64("head_seq")?, hash: reply.get("head_hash").to_owned() }));
         }

@@ -11,18 +11,20 @@ from it:
                               expires_at created_at token labels
   <P>:agents           set    agent ids of the tree
   <P>:h:<hold>         hash   hold: agent amount state expires_at created_at ended_at settled
-                              task service protocol idem details seq
+                              task service protocol idem details buckets; once settled also
+                              seq sdetails (settle details) and, once signed, receipt rhash
   <P>:holds            zset   open holds by expiry (ms)
   <P>:log              stream one entry per state change: ts ev agent task svc proto amt rel
                               hold reason cap parent remaining detail
   <P>:i:<agent>:<key>  hash   idempotency record: fp status hold code amount remaining expires_at
-  <P>:rseq             string last receipt sequence number of the tree
-  <P>:r:<seq>          hash   receipt facts (hold agent amount held task service protocol ts
-                              details) and, once signed, `signed` and `hash`
+  <P>:receipts         list   settled hold ids in receipt order: receipt <seq> is element seq-1
+  <P>:b:<bucket>       hash   budget bucket: agent cap spent held open exclusive label
+  <P>:hseq             string sequence for hold ids the library assigns (hold_id '')
   <P>:rhead            hash   receipt chain head: seq hash
 
 Money is integer micro-USD, at most 10^15 per amount and cap, so every sum stays exact in Lua's
-doubles; numbers are always written with string.format('%d').
+doubles; numbers stored as text are formatted with string.format('%d'), and numbers passed to
+commands are integers below 2^53, which Redis converts exactly.
 
 Replies are flat arrays of strings: { status, key1, value1, key2, value2, ... } where status is
 `ok`, `refused` (a budget decision, logged) or `error` (bad request, nothing changed).
@@ -74,56 +76,87 @@ local function parse_money(text, name)
   return n
 end
 
--- Ends an open hold as `settled` (with `settled` micros spent), `voided` or `expired`: moves its
--- money off `held` (and `settled` of it onto `spent`) on the agent and every ancestor, and
--- appends the hold's one closing log entry. Returns the hold's fields, or nil if it was not open.
-local function end_hold(P, hold_id, state, settled, now, reason, details)
-  local hkey = P .. ':h:' .. hold_id
-  local h = redis.call('HMGET', hkey, 'agent', 'amount', 'state', 'task', 'service', 'protocol',
-                      'buckets')
-  if h[3] ~= 'open' then return nil end
-  local amount = tonumber(h[2])
-  local path = redis.call('HGET', P .. ':a:' .. h[1], 'path')
+local HOLD_FIELDS = { 'agent', 'amount', 'state', 'expires_at', 'settled', 'seq', 'task', 'service',
+                      'protocol', 'buckets', 'details', 'sdetails', 'ended_at', 'receipt' }
+
+-- Reads a hold into a table, or nil.
+local function read_hold(P, hold_id)
+  local v = redis.call('HMGET', P .. ':h:' .. hold_id, unpack(HOLD_FIELDS))
+  if not v[1] then return nil end
+  return { agent = v[1], amount = tonumber(v[2]), state = v[3], expires_at = tonumber(v[4]),
+           settled = tonumber(v[5] or '0'), seq = v[6] or '', task = v[7] or '',
+           service = v[8] or '', protocol = v[9] or '', buckets = v[10] or '',
+           details = v[11] or '', sdetails = v[12] or '', ended_at = v[13] or '',
+           receipt = v[14] or '' }
+end
+
+-- Ends the open hold `h` (as read by read_hold) as `settled` (with `settled` micros spent, and
+-- receipt sequence number `seq`), `voided` or `expired`: moves its money off `held` (and
+-- `settled` of it onto `spent`) on the agent, every ancestor and every bucket it charged, and
+-- appends the hold's one closing log entry. `path` is the agent's path, or nil to read it.
+-- Settled holds are kept (they carry the receipt); voided and expired ones expire after a week.
+local function end_hold(P, hold_id, h, path, state, settled, now, reason, details, seq)
+  local amount = h.amount
+  path = path or redis.call('HGET', P .. ':a:' .. h.agent, 'path')
   for _, id in ipairs(split_path(path)) do
     local akey = P .. ':a:' .. id
-    redis.call('HINCRBY', akey, 'held', fmt(-amount))
-    if settled > 0 then redis.call('HINCRBY', akey, 'spent', fmt(settled)) end
+    redis.call('HINCRBY', akey, 'held', -amount)
+    if settled > 0 then redis.call('HINCRBY', akey, 'spent', settled) end
   end
-  for _, id in ipairs(split_path(h[7] or '')) do
+  for _, id in ipairs(split_path(h.buckets)) do
     local bkey = P .. ':b:' .. id
-    redis.call('HINCRBY', bkey, 'held', fmt(-amount))
+    redis.call('HINCRBY', bkey, 'held', -amount)
     redis.call('HINCRBY', bkey, 'open', -1)
-    if settled > 0 then redis.call('HINCRBY', bkey, 'spent', fmt(settled)) end
+    if settled > 0 then redis.call('HINCRBY', bkey, 'spent', settled) end
   end
-  redis.call('HSET', hkey, 'state', state, 'ended_at', fmt(now), 'settled', fmt(settled))
-  redis.call('PEXPIRE', hkey, ENDED_HOLD_RETENTION_MS)
+  local hkey = P .. ':h:' .. hold_id
+  if state == 'settled' then
+    redis.call('HSET', hkey, 'state', state, 'ended_at', fmt(now), 'settled', fmt(settled),
+               'seq', fmt(seq), 'sdetails', details)
+  else
+    redis.call('HSET', hkey, 'state', state, 'ended_at', fmt(now))
+    redis.call('PEXPIRE', hkey, ENDED_HOLD_RETENTION_MS)
+  end
   redis.call('ZREM', P .. ':holds', hold_id)
-  local event = ({ settled = 'settle', voided = 'void', expired = 'expire' })[state]
-  local amt = settled
-  if state ~= 'settled' then amt = amount end
-  log(P, { 'ts', fmt(now), 'ev', event, 'agent', h[1], 'task', h[4], 'svc', h[5], 'proto', h[6],
-           'amt', fmt(amt), 'rel', fmt(amount - settled), 'hold', hold_id, 'reason', reason or '',
-           'detail', details or '' })
-  return h
+  local event, amt = 'settle', settled
+  if state == 'voided' then event, amt = 'void', amount end
+  if state == 'expired' then event, amt = 'expire', amount end
+  log(P, { 'ts', fmt(now), 'ev', event, 'agent', h.agent, 'task', h.task, 'svc', h.service,
+           'proto', h.protocol, 'amt', fmt(amt), 'rel', fmt(amount - settled), 'hold', hold_id,
+           'reason', reason, 'detail', details })
 end
 
 -- Releases holds of the tree whose expiry is at or before `now`, at most `limit` of them.
 -- Returns how many it released and whether more are due.
 local function expire_due(P, now, limit)
-  local due = redis.call('ZRANGEBYSCORE', P .. ':holds', '-inf', fmt(now), 'LIMIT', 0, limit)
+  local due = redis.call('ZRANGEBYSCORE', P .. ':holds', '-inf', now, 'LIMIT', 0, limit)
   for _, hold_id in ipairs(due) do
-    end_hold(P, hold_id, 'expired', 0, now, 'hold_expired', '')
+    local h = read_hold(P, hold_id)
+    if h and h.state == 'open' then
+      end_hold(P, hold_id, h, nil, 'expired', 0, now, 'hold_expired', '')
+    else
+      redis.call('ZREM', P .. ':holds', hold_id)
+    end
   end
   return #due, #due == limit
 end
 
--- Reads the agent and its ancestors (bounded by MAX_DEPTH at creation).
-local function read_path(P, path)
+local function level(id, v)
+  return { id = id, cap = tonumber(v[1]), spent = tonumber(v[2]), held = tonumber(v[3]),
+           revoked = v[4], expires_at = v[5] }
+end
+
+-- Reads the agent and its ancestors (bounded by MAX_DEPTH at creation). `first`, if given, is
+-- the agent's own cap/spent/held/revoked/expires_at, already read.
+local function read_path(P, path, first)
   local levels = {}
-  for _, id in ipairs(split_path(path)) do
-    local v = redis.call('HMGET', P .. ':a:' .. id, 'cap', 'spent', 'held', 'revoked', 'expires_at')
-    levels[#levels + 1] = { id = id, cap = tonumber(v[1]), spent = tonumber(v[2]),
-                            held = tonumber(v[3]), revoked = v[4], expires_at = v[5] }
+  for i, id in ipairs(split_path(path)) do
+    if i == 1 and first then
+      levels[1] = level(id, first)
+    else
+      levels[i] = level(id, redis.call('HMGET', P .. ':a:' .. id, 'cap', 'spent', 'held', 'revoked',
+                                       'expires_at'))
+    end
   end
   return levels
 end
@@ -160,7 +193,8 @@ end
 
 --[[ spendcap_hold
 KEYS[1] tree prefix
-ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 amount  5 new hold_id  6 hold expires_at_ms
+ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 amount  5 new hold_id ('' to have one assigned:
+        hd_<tree>_<24-digit sequence>, for scripts and redis-benchmark)  6 hold expires_at_ms
         7 task  8 service  9 protocol  10 idempotency key ('' for none)  11 request fingerprint
         12 details JSON ('' for none)  13 idempotency retention ms  14 idempotency mode:
         `final` (the hold is the whole operation) or `pending` (the caller finishes it later with
@@ -187,8 +221,16 @@ local function hold(keys, args)
   local hold_id, expires_at = args[5], tonumber(args[6])
   local task, service, protocol = args[7], args[8], args[9]
   local idem, fp, details = args[10], args[11], args[12]
-  local path, e2 = auth(P, agent_id, token)
-  if not path then return e2 end
+  -- One read for authentication and the agent's own balance.
+  local a = redis.call('HMGET', P .. ':a:' .. agent_id, 'token', 'path', 'cap', 'spent', 'held',
+                       'revoked', 'expires_at')
+  if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
+  if token ~= '*' and a[1] ~= token then return err('unauthorized', 'token does not match') end
+  local path = a[2]
+  if hold_id == '' then
+    hold_id = 'hd_' .. string.match(P, '{(.-)}') .. '_'
+              .. string.format('%024d', redis.call('INCR', P .. ':hseq'))
+  end
 
   local ikey = nil
   if idem ~= '' then
@@ -209,26 +251,28 @@ local function hold(keys, args)
       return idem_reply(rec, '1')
     end
   end
-  if redis.call('EXISTS', P .. ':h:' .. hold_id) == 1 then
-    return err('hold_exists', 'hold id already used')
-  end
 
   local bucket_ids = split_path(args[16] or '')
-  local owners = {}
-  for _, id in ipairs(split_path(path)) do owners[id] = true end
-  for _, id in ipairs(bucket_ids) do
-    local owner = redis.call('HGET', P .. ':b:' .. id, 'agent')
-    if not owner or not owners[owner] then
-      return err('unknown_bucket', 'no budget ' .. id .. ' for this agent')
+  if #bucket_ids > 0 then
+    local owners = {}
+    for _, id in ipairs(split_path(path)) do owners[id] = true end
+    for _, id in ipairs(bucket_ids) do
+      local owner = redis.call('HGET', P .. ':b:' .. id, 'agent')
+      if not owner or not owners[owner] then
+        return err('unknown_bucket', 'no budget ' .. id .. ' for this agent')
+      end
     end
   end
 
-  expire_due(P, now, EXPIRE_BATCH)
+  -- The agent's own fields stay valid unless expiry just released some of its money.
+  local first = { a[3], a[4], a[5], a[6], a[7] }
+  if expire_due(P, now, EXPIRE_BATCH) > 0 then first = nil end
 
   -- Decides on the current balances: a refusal code and who refused, or nil.
   local levels, room, limited_by
   local function decide()
-    levels = read_path(P, path)
+    levels = read_path(P, path, first)
+    first = nil
     for _, l in ipairs(levels) do
       if l.revoked and l.revoked ~= '' then return 'agent_revoked', l.id end
     end
@@ -281,18 +325,23 @@ local function hold(keys, args)
                'expires_at', '', 'limited_by', limited_by }
   else
     for _, l in ipairs(levels) do
-      redis.call('HINCRBY', P .. ':a:' .. l.id, 'held', fmt(amount))
+      redis.call('HINCRBY', P .. ':a:' .. l.id, 'held', amount)
     end
-    for _, id in ipairs(bucket_ids) do
-      redis.call('HINCRBY', P .. ':b:' .. id, 'held', fmt(amount))
-      redis.call('HINCRBY', P .. ':b:' .. id, 'open', 1)
+    local hkey = P .. ':h:' .. hold_id
+    local buckets = ''
+    if #bucket_ids > 0 then
+      for _, id in ipairs(bucket_ids) do
+        redis.call('HINCRBY', P .. ':b:' .. id, 'held', amount)
+        redis.call('HINCRBY', P .. ':b:' .. id, 'open', 1)
+      end
+      buckets = table.concat(bucket_ids, ',')
+      redis.call('HSET', hkey, 'buckets', buckets)
     end
-    local buckets = table.concat(bucket_ids, ',')
-    redis.call('HSET', P .. ':h:' .. hold_id, 'agent', agent_id, 'amount', fmt(amount),
-               'state', 'open', 'expires_at', fmt(expires_at), 'created_at', fmt(now),
-               'task', task, 'service', service, 'protocol', protocol, 'idem', idem,
-               'details', details, 'buckets', buckets)
-    redis.call('ZADD', P .. ':holds', fmt(expires_at), hold_id)
+    if idem ~= '' then redis.call('HSET', hkey, 'idem', idem) end
+    redis.call('HSET', hkey, 'agent', agent_id, 'amount', fmt(amount), 'state', 'open',
+               'expires_at', fmt(expires_at), 'created_at', fmt(now), 'task', task,
+               'service', service, 'protocol', protocol, 'details', details)
+    redis.call('ZADD', P .. ':holds', expires_at, hold_id)
     log(P, { 'ts', fmt(now), 'ev', 'hold', 'agent', agent_id, 'task', task, 'svc', service,
              'proto', protocol, 'amt', fmt(amount), 'hold', hold_id, 'bk', buckets,
              'detail', details })
@@ -336,21 +385,25 @@ local function idem_finish(keys, args)
   return { 'ok' }
 end
 
-local function hold_fields(P, hold_id)
-  return redis.call('HMGET', P .. ':h:' .. hold_id, 'agent', 'amount', 'state', 'expires_at',
-                    'settled', 'seq', 'task', 'service', 'protocol')
+-- The receipt facts of a settled hold, as reply fields.
+local function receipt_facts(hold_id, h)
+  return { 'hold', hold_id, 'agent', h.agent, 'held', fmt(h.amount), 'task', h.task,
+           'service', h.service, 'protocol', h.protocol, 'ts', h.ended_at,
+           'hdetails', h.details, 'sdetails', h.sdetails }
 end
 
 --[[ spendcap_settle
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 amount (<= held; the rest is released)
         6 details JSON added to the log line and the receipt ('' for none)
-Reply   ok:    seq amount released replayed head_seq head_hash
+Reply   ok:    seq amount released replayed head_seq head_hash, then the receipt facts:
+               hold agent held task service protocol ts hdetails sdetails
         error: code (unknown_agent | unauthorized | unknown_hold | hold_expired | hold_voided |
                hold_settled | amount_exceeds_hold | invalid_argument) detail
 Settling a settled hold again with the same amount replays the first result (replayed = 1).
-The settle assigns the tree's next receipt sequence number and stores the receipt's facts at
-<P>:r:<seq>; the daemon signs and links it (spendcap_receipt_link).
+The settle appends the hold id to <P>:receipts, whose length is the receipt's sequence number;
+the settled hold keeps the receipt's facts, and the daemon signs and links the receipt
+(spendcap_receipt_link).
 --]]
 local function settle(keys, args)
   local P = keys[1]
@@ -360,34 +413,33 @@ local function settle(keys, args)
   local path, e2 = auth(P, agent_id, token)
   if not path then return e2 end
   expire_due(P, now, EXPIRE_BATCH)
-  local h = hold_fields(P, hold_id)
-  if not h[1] or h[1] ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
-  local head = redis.call('HMGET', P .. ':rhead', 'seq', 'hash')
-  if h[3] == 'settled' then
-    if tonumber(h[5]) ~= amount then
-      return err('hold_settled', 'hold was already settled for ' .. h[5])
+  local h = read_hold(P, hold_id)
+  if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
+  if h.state == 'settled' then
+    if h.settled ~= amount then
+      return err('hold_settled', 'hold was already settled for ' .. fmt(h.settled))
     end
-    return { 'ok', 'seq', h[6], 'amount', h[5], 'released', fmt(tonumber(h[2]) - amount),
-             'replayed', '1', 'head_seq', head[1] or '0', 'head_hash', head[2] or '' }
+    local head = redis.call('HMGET', P .. ':rhead', 'seq', 'hash')
+    return reply('ok', { 'seq', h.seq, 'amount', fmt(amount), 'released', fmt(h.amount - amount),
+                         'replayed', '1', 'head_seq', head[1] or '0', 'head_hash', head[2] or '',
+                         unpack(receipt_facts(hold_id, h)) })
   end
-  if h[3] == 'open' and tonumber(h[4]) <= now then
-    end_hold(P, hold_id, 'expired', 0, now, 'hold_expired', '')
-    h[3] = 'expired'
+  if h.state == 'open' and h.expires_at <= now then
+    end_hold(P, hold_id, h, path, 'expired', 0, now, 'hold_expired', '')
+    h.state = 'expired'
   end
-  if h[3] ~= 'open' then return err('hold_' .. h[3], 'hold is ' .. h[3]) end
-  local held = tonumber(h[2])
-  if amount > held then
-    return err('amount_exceeds_hold', 'settle amount ' .. fmt(amount) .. ' exceeds held ' .. h[2])
+  if h.state ~= 'open' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
+  if amount > h.amount then
+    return err('amount_exceeds_hold', 'settle amount ' .. fmt(amount) .. ' exceeds held ' .. fmt(h.amount))
   end
   local details = args[6]
-  local seq = redis.call('INCR', P .. ':rseq')
-  end_hold(P, hold_id, 'settled', amount, now, '', details)
-  redis.call('HSET', P .. ':h:' .. hold_id, 'seq', fmt(seq))
-  redis.call('HSET', P .. ':r:' .. fmt(seq), 'hold', hold_id, 'agent', agent_id,
-             'amount', fmt(amount), 'held', h[2], 'task', h[7], 'service', h[8],
-             'protocol', h[9], 'ts', fmt(now), 'details', details)
-  return { 'ok', 'seq', fmt(seq), 'amount', fmt(amount), 'released', fmt(held - amount),
-           'replayed', '0', 'head_seq', head[1] or '0', 'head_hash', head[2] or '' }
+  local seq = redis.call('RPUSH', P .. ':receipts', hold_id)
+  end_hold(P, hold_id, h, path, 'settled', amount, now, '', details, seq)
+  local head = redis.call('HMGET', P .. ':rhead', 'seq', 'hash')
+  h.ended_at, h.sdetails = fmt(now), details
+  return reply('ok', { 'seq', fmt(seq), 'amount', fmt(amount), 'released', fmt(h.amount - amount),
+                       'replayed', '0', 'head_seq', head[1] or '0', 'head_hash', head[2] or '',
+                       unpack(receipt_facts(hold_id, h)) })
 end
 
 --[[ spendcap_void
@@ -402,16 +454,16 @@ local function void(keys, args)
   local path, e = auth(P, agent_id, token)
   if not path then return e end
   expire_due(P, now, EXPIRE_BATCH)
-  local h = hold_fields(P, hold_id)
-  if not h[1] or h[1] ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
-  if h[3] == 'voided' then return { 'ok', 'released', h[2], 'replayed', '1' } end
-  if h[3] == 'open' and tonumber(h[4]) <= now then
-    end_hold(P, hold_id, 'expired', 0, now, 'hold_expired', '')
-    h[3] = 'expired'
+  local h = read_hold(P, hold_id)
+  if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
+  if h.state == 'voided' then return { 'ok', 'released', fmt(h.amount), 'replayed', '1' } end
+  if h.state == 'open' and h.expires_at <= now then
+    end_hold(P, hold_id, h, path, 'expired', 0, now, 'hold_expired', '')
+    h.state = 'expired'
   end
-  if h[3] ~= 'open' then return err('hold_' .. h[3], 'hold is ' .. h[3]) end
-  end_hold(P, hold_id, 'voided', 0, now, reason, '')
-  return { 'ok', 'released', h[2], 'replayed', '0' }
+  if h.state ~= 'open' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
+  end_hold(P, hold_id, h, path, 'voided', 0, now, reason, '')
+  return { 'ok', 'released', fmt(h.amount), 'replayed', '0' }
 end
 
 --[[ spendcap_note
@@ -426,10 +478,11 @@ local function note(keys, args)
   local now, agent_id, hold_id = tonumber(args[1]), args[2], args[4]
   local path, e = auth(P, agent_id, args[3])
   if not path then return e end
-  local h = hold_fields(P, hold_id)
-  if not h[1] or h[1] ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
-  log(P, { 'ts', fmt(now), 'ev', 'note', 'agent', agent_id, 'task', h[7], 'svc', h[8], 'proto', h[9],
-           'amt', h[2], 'hold', hold_id, 'reason', args[5], 'detail', args[6] })
+  local h = read_hold(P, hold_id)
+  if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
+  log(P, { 'ts', fmt(now), 'ev', 'note', 'agent', agent_id, 'task', h.task, 'svc', h.service,
+           'proto', h.protocol, 'amt', fmt(h.amount), 'hold', hold_id, 'reason', args[5],
+           'detail', args[6] })
   return { 'ok' }
 end
 
@@ -631,6 +684,7 @@ end
 --[[ spendcap_receipt_link
 KEYS[1] tree prefix
 ARGV    1 seq  2 prev_hash (the head's hash the receipt names)  3 hash  4 signed receipt JSON
+        5 hold_id (the settled hold the receipt is for; it stores the signed receipt)
 Reply   ok: linked (1 = stored now, 0 = it already was)
         error: code (receipt_gap: the head is not at seq - 1) head_seq head_hash
 Advances the tree's receipt chain head from seq - 1 to seq. Receipt signing is deterministic, so
@@ -645,7 +699,10 @@ local function receipt_link(keys, args)
   if head_seq ~= seq - 1 or (head[2] or '') ~= args[2] then
     return { 'error', 'code', 'receipt_gap', 'head_seq', fmt(head_seq), 'head_hash', head[2] or '' }
   end
-  redis.call('HSET', P .. ':r:' .. fmt(seq), 'signed', args[4], 'hash', args[3])
+  if redis.call('LINDEX', P .. ':receipts', seq - 1) ~= args[5] then
+    return err('invalid_argument', 'receipt ' .. fmt(seq) .. ' is not for hold ' .. args[5])
+  end
+  redis.call('HSET', P .. ':h:' .. args[5], 'receipt', args[4], 'rhash', args[3])
   redis.call('HSET', P .. ':rhead', 'seq', fmt(seq), 'hash', args[3])
   return { 'ok', 'linked', '1' }
 end

@@ -1,0 +1,563 @@
+//! The benchmark table: `cargo bench --bench spendcap`.
+//!
+//! In one run on this machine, against a private `redis-server` for each stage:
+//! 1. the reference: a minimal check + INCRBY + XADD Lua script under `redis-benchmark`
+//!    (`../shared/tools/redis-reference`, 50 clients, no pipelining);
+//! 2. spendcap's own `spendcap_hold` and `spendcap_settle` functions under `redis-benchmark`
+//!    (same 50 clients, 10,000 agents);
+//! 3. the same hold function called from Rust through `RedisLedger` at the same concurrency;
+//! 4. paid calls (hold + settle pairs) through the HTTP API of a `spendcap serve` process;
+//! 5. the daemon's resident memory with 1,000 concurrent connections;
+//! 6. Redis bytes per agent, per open hold and per log entry.
+//!
+//! Each figure is printed with its ratio to the reference. Set `SPENDCAP_BENCH_SCALE` (default
+//! 1.0) to shorten or lengthen every stage.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use adapters::{Micros, Protocol};
+use rand::Rng;
+use spendcap::identity::{AgentId, HoldId, TokenHash, TreeId};
+use spendcap::ledger::{Caller, HoldOutcome, HoldRequest, RedisConfig, RedisLedger};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const AGENTS: u64 = 10_000;
+const CONCURRENCY: usize = 50;
+const TREE: &str = "be4c000000000000";
+const FAR_FUTURE_MS: u64 = 4_000_000_000_000;
+
+fn scale() -> f64 {
+    std::env::var("SPENDCAP_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0)
+}
+
+fn scaled(n: u64) -> u64 {
+    ((n as f64 * scale()) as u64).max(1_000)
+}
+
+/// Agent ids shaped so that `redis-benchmark`'s 12-digit `__rand_int__` completes them.
+fn agent_id(i: u64) -> String {
+    format!("ag_{TREE}_0000{i:012}")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+struct Redis {
+    port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("spendcap-bench-{port}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        let redis = Redis { port, child, dir };
+        for _ in 0..200 {
+            if redis.cli(&["PING"]).trim() == "PONG" {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out =
+            Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn used_memory(&self) -> u64 {
+        let info = self.cli(&["INFO", "memory"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Figure {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Runs `redis-benchmark --csv` for one command and reads its rps, p50 and p99.
+fn redis_benchmark(redis: &Redis, requests: u64, command: &[&str]) -> Figure {
+    let out = Command::new("redis-benchmark")
+        .args(["-p", &redis.port.to_string(), "-n", &requests.to_string(), "-c", &CONCURRENCY.to_string()])
+        .args(["-r", &AGENTS.to_string(), "--csv"])
+        .args(command)
+        .output()
+        .expect("redis-benchmark on PATH");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().expect("redis-benchmark printed a result");
+    let fields: Vec<f64> = line.split(',').skip(1).map(|f| f.trim_matches('"').parse().unwrap_or(f64::NAN)).collect();
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    Figure { rps: fields[0], p50_ms: fields[3], p99_ms: fields[5] }
+}
+
+fn percentiles(mut latencies: Vec<Duration>, elapsed: Duration) -> Figure {
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
+    Figure { rps: latencies.len() as f64 / elapsed.as_secs_f64(), p50_ms: at(0.50), p99_ms: at(0.99) }
+}
+
+fn reference() -> (f64, f64) {
+    let script = std::env::var("SPENDCAP_REDIS_REFERENCE").map(PathBuf::from).unwrap_or_else(|_| {
+        let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/redis-reference");
+        if local.exists() {
+            local
+        } else {
+            PathBuf::from("/work/shared/tools/redis-reference")
+        }
+    });
+    let out = Command::new(&script).output().expect("runs the redis-reference tool");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "reference: N requests/s, p50 X ms"
+    let rps = text.split("reference: ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok());
+    let p50 = text.split("p50 ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok());
+    match (rps, p50) {
+        (Some(rps), Some(p50)) => (rps, p50),
+        _ => panic!("redis-reference printed {text:?}"),
+    }
+}
+
+async fn load_library_and_agents(redis: &Redis) -> RedisLedger {
+    let config =
+        RedisConfig { url: redis.url(), cluster: false, namespace: "sc".into(), timeout: Duration::from_secs(5) };
+    let ledger = RedisLedger::connect(&config).await.expect("connects and loads the library");
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+    let token = TokenHash::of("bench-token");
+    for chunk in (0..AGENTS).collect::<Vec<_>>().chunks(1_000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("FCALL")
+                .arg("spendcap_create_agent")
+                .arg(1)
+                .arg(format!("sc:{{{TREE}}}"))
+                .arg(1)
+                .arg(agent_id(*i))
+                .arg(format!("bench-{i}"))
+                .arg("")
+                .arg(Micros::MAX.get())
+                .arg("")
+                .arg("{}")
+                .arg(token.as_str())
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.expect("creates agents");
+    }
+    ledger
+}
+
+/// Open holds of one agent, with known ids, for the settle benchmark.
+async fn precreate_holds(redis: &Redis, count: u64) {
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+    for chunk in (0..count).collect::<Vec<_>>().chunks(2_000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("FCALL")
+                .arg("spendcap_hold")
+                .arg(1)
+                .arg(format!("sc:{{{TREE}}}"))
+                .arg(1)
+                .arg(agent_id(0))
+                .arg("*")
+                .arg(1)
+                .arg(format!("hd_{TREE}_{i:024}"))
+                .arg(FAR_FUTURE_MS)
+                .arg("task")
+                .arg("api.example.com")
+                .arg("generic")
+                .arg("")
+                .arg("")
+                .arg("")
+                .arg(86_400_000)
+                .arg("final")
+                .arg(0)
+                .arg("")
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.expect("creates holds");
+    }
+}
+
+async fn rust_ledger(ledger: Arc<RedisLedger>, total: u64) -> Figure {
+    let tree: TreeId = TREE.parse().expect("tree id");
+    let per_task = total / CONCURRENCY as u64;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let ledger = ledger.clone();
+            let tree = tree.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_task as usize);
+                let token = TokenHash::of("bench-token");
+                for _ in 0..per_task {
+                    let i = rand::thread_rng().gen_range(0..AGENTS);
+                    let agent: AgentId = agent_id(i).parse().expect("agent id");
+                    let request = HoldRequest {
+                        agent,
+                        caller: Caller::Agent(token.clone()),
+                        hold_id: HoldId::generate(&tree),
+                        amount: Micros::positive(1).expect("amount"),
+                        expires_at_ms: FAR_FUTURE_MS,
+                        task: "task".into(),
+                        service: "api.example.com".into(),
+                        protocol: Protocol::Generic,
+                        idempotency: None,
+                        details: String::new(),
+                        buckets: Vec::new(),
+                    };
+                    let t = Instant::now();
+                    let outcome = ledger.hold(1, &request).await.expect("hold");
+                    latencies.push(t.elapsed());
+                    assert!(matches!(outcome, HoldOutcome::Granted(_)), "{outcome:?}");
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("task"));
+    }
+    percentiles(all, start.elapsed())
+}
+
+struct Daemon {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const ADMIN: &str = "bench-admin-token-0123456789abcdef0123456789";
+
+async fn start_daemon(redis: &Redis) -> Daemon {
+    let port = free_port();
+    let key = std::env::temp_dir().join(format!("spendcap-bench-key-{port}.pem"));
+    let child = Command::new(env!("CARGO_BIN_EXE_spendcap"))
+        .arg("serve")
+        .env("SPENDCAP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SPENDCAP_REDIS_URL", redis.url())
+        .env("SPENDCAP_ADMIN_TOKEN", ADMIN)
+        .env("SPENDCAP_RECEIPT_KEY", &key)
+        .env("SPENDCAP_LOG", "warn")
+        .env("SPENDCAP_SWEEP_INTERVAL_SECS", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spendcap binary");
+    let daemon = Daemon { child, base: format!("http://127.0.0.1:{port}") };
+    let http = reqwest::Client::new();
+    for _ in 0..500 {
+        if http.get(format!("{}/healthz", daemon.base)).send().await.is_ok_and(|r| r.status().is_success()) {
+            return daemon;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the daemon did not start");
+}
+
+async fn http_paid_calls(daemon: &Daemon, pairs: u64) -> (Figure, Figure, Figure) {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().expect("client");
+    let mut tokens = Vec::new();
+    for i in 0..100 {
+        let created: serde_json::Value = http
+            .post(format!("{}/v1/agents", daemon.base))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({ "handle": format!("http-{i}"), "cap_micros": Micros::MAX.get() }))
+            .send()
+            .await
+            .expect("create")
+            .json()
+            .await
+            .expect("json");
+        tokens.push(created["token"].as_str().expect("token").to_owned());
+    }
+    let tokens = Arc::new(tokens);
+    let per_task = pairs / CONCURRENCY as u64;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let http = http.clone();
+            let tokens = tokens.clone();
+            let base = daemon.base.clone();
+            tokio::spawn(async move {
+                let (mut holds, mut settles, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..per_task {
+                    let token = &tokens[rand::thread_rng().gen_range(0..tokens.len())];
+                    let t = Instant::now();
+                    let hold: serde_json::Value = http
+                        .post(format!("{base}/v1/holds"))
+                        .bearer_auth(token)
+                        .json(&serde_json::json!({ "amount_micros": 2_000, "service": "api.example.com", "task": "bench" }))
+                        .send()
+                        .await
+                        .expect("hold")
+                        .json()
+                        .await
+                        .expect("json");
+                    let held = t.elapsed();
+                    let id = hold["hold_id"].as_str().expect("granted").to_owned();
+                    let t2 = Instant::now();
+                    let settled = http
+                        .post(format!("{base}/v1/holds/{id}/settle"))
+                        .bearer_auth(token)
+                        .json(&serde_json::json!({ "amount_micros": 1_500 }))
+                        .send()
+                        .await
+                        .expect("settle");
+                    assert!(settled.status().is_success());
+                    let _ = settled.bytes().await;
+                    settles.push(t2.elapsed());
+                    holds.push(held);
+                    pairs.push(t.elapsed());
+                }
+                (holds, settles, pairs)
+            })
+        })
+        .collect();
+    let (mut holds, mut settles, mut pairs_lat) = (Vec::new(), Vec::new(), Vec::new());
+    for task in tasks {
+        let (h, s, p) = task.await.expect("task");
+        holds.extend(h);
+        settles.extend(s);
+        pairs_lat.extend(p);
+    }
+    let elapsed = start.elapsed();
+    (percentiles(pairs_lat, elapsed), percentiles(holds, elapsed), percentiles(settles, elapsed))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().to_owned()))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Opens `n` keep-alive connections, has each send requests, and reads the daemon's RSS while
+/// all of them are open.
+async fn rss_at_connections(daemon: &Daemon, n: usize) -> (u64, u64) {
+    let idle = rss_kib(daemon.child.id());
+    let addr = daemon.base.trim_start_matches("http://").to_owned();
+    let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let done = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let addr = addr.clone();
+        let barrier = barrier.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+            let mut buf = vec![0u8; 4096];
+            for _ in 0..3 {
+                stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n").await.expect("write");
+                let _ = stream.read(&mut buf).await.expect("read");
+            }
+            barrier.wait().await;
+            done.wait().await;
+            drop(stream);
+        }));
+    }
+    barrier.wait().await;
+    let loaded = rss_kib(daemon.child.id());
+    done.wait().await;
+    for task in tasks {
+        task.await.expect("connection task");
+    }
+    (idle, loaded)
+}
+
+fn memory_usage(redis: &Redis, key: &str) -> u64 {
+    redis.cli(&["MEMORY", "USAGE", key, "SAMPLES", "0"]).trim().parse().unwrap_or(0)
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let mut out = String::new();
+    let mut line = |text: String| {
+        println!("{text}");
+        out.push_str(&text);
+        out.push('\n');
+    };
+
+    let (reference_rps, reference_p50) = reference();
+    let ratio = |rps: f64| rps / reference_rps;
+
+    // Stage 2: our functions under redis-benchmark.
+    let redis = Redis::start();
+    let ledger = runtime.block_on(load_library_and_agents(&redis));
+    let hold_requests = scaled(300_000);
+    let hold = redis_benchmark(
+        &redis,
+        hold_requests,
+        &[
+            "FCALL",
+            "spendcap_hold",
+            "1",
+            &format!("sc:{{{TREE}}}"),
+            "1",
+            &format!("ag_{TREE}_0000__rand_int__"),
+            "*",
+            "1",
+            "",
+            &FAR_FUTURE_MS.to_string(),
+            "task",
+            "api.example.com",
+            "generic",
+            "",
+            "",
+            "",
+            "86400000",
+            "final",
+            "0",
+            "",
+        ],
+    );
+    drop(ledger);
+    drop(redis);
+
+    let redis = Redis::start();
+    let ledger = runtime.block_on(load_library_and_agents(&redis));
+    drop(ledger);
+    let settle_requests = scaled(100_000);
+    let open_holds = settle_requests * 5;
+    runtime.block_on(precreate_holds(&redis, open_holds));
+    // Random hold ids over 5x as many open holds: about 10% of settles replay an earlier one.
+    let settle = Command::new("redis-benchmark")
+        .args(["-p", &redis.port.to_string(), "-n", &settle_requests.to_string(), "-c", &CONCURRENCY.to_string()])
+        .args(["-r", &open_holds.to_string(), "--csv"])
+        .args(["FCALL", "spendcap_settle", "1", &format!("sc:{{{TREE}}}"), "1", &agent_id(0), "*"])
+        .arg(format!("hd_{TREE}_000000000000__rand_int__"))
+        .args(["1", ""])
+        .output()
+        .expect("redis-benchmark");
+    let settle = {
+        let text = String::from_utf8_lossy(&settle.stdout);
+        let fields: Vec<f64> = text
+            .lines()
+            .last()
+            .expect("result")
+            .split(',')
+            .skip(1)
+            .map(|f| f.trim_matches('"').parse().unwrap_or(f64::NAN))
+            .collect();
+        Figure { rps: fields[0], p50_ms: fields[3], p99_ms: fields[5] }
+    };
+    let settled: u64 = redis.cli(&["GET", &format!("sc:{{{TREE}}}:rseq")]).trim().parse().unwrap_or(0);
+    drop(redis);
+
+    // Stage 3: the same hold function from Rust.
+    let redis = Redis::start();
+    let ledger = Arc::new(runtime.block_on(load_library_and_agents(&redis)));
+    let rust = runtime.block_on(rust_ledger(ledger.clone(), scaled(300_000)));
+    drop(ledger);
+    drop(redis);
+
+    // Stage 4 and 5: the daemon over HTTP.
+    let redis = Redis::start();
+    let daemon = runtime.block_on(start_daemon(&redis));
+    let (pairs, http_hold, http_settle) = runtime.block_on(http_paid_calls(&daemon, scaled(40_000)));
+    let (rss_idle, rss_loaded) = runtime.block_on(rss_at_connections(&daemon, 1_000));
+    drop(daemon);
+
+    // Stage 6: Redis bytes, measured on the HTTP stage's data (real ids, tokens, trees).
+    let agent_keys = redis.cli(&["--scan", "--pattern", "sc:{*}:a:*", "--count", "1000"]);
+    let agent_keys: Vec<&str> = agent_keys.lines().take(50).collect();
+    let per_agent = agent_keys.iter().map(|k| memory_usage(&redis, k)).sum::<u64>() / agent_keys.len().max(1) as u64;
+    drop(redis);
+    let redis = Redis::start();
+    let ledger = runtime.block_on(load_library_and_agents(&redis));
+    drop(ledger);
+    let before = redis.used_memory();
+    runtime.block_on(precreate_holds(&redis, 100_000));
+    let after = redis.used_memory();
+    let stream = format!("sc:{{{TREE}}}:log");
+    let log_len: u64 = redis.cli(&["XLEN", &stream]).trim().parse().unwrap_or(1);
+    let per_log_entry = memory_usage(&redis, &stream) / log_len.max(1);
+    // An open hold costs its hash, its expiry entry and its log entry.
+    let per_hold_with_log = (after - before) / 100_000;
+    drop(redis);
+
+    line(format!(
+        "spendcap benchmark — {} cores, scale {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        scale()
+    ));
+    line(String::new());
+    line("| measurement | rate | p50 | p99 | ratio to reference | target |".into());
+    line("|---|---|---|---|---|---|".into());
+    line(format!(
+        "| reference: minimal check + INCRBY + XADD script, redis-benchmark, 50 clients | {reference_rps:.0}/s | {reference_p50:.3} ms | — | 1.00 | — |"
+    ));
+    line(format!(
+        "| `spendcap_hold` FCALL, redis-benchmark, 50 clients, 10,000 agents | {:.0}/s | {:.3} ms | {:.3} ms | {:.2} | ≥ 0.35 |",
+        hold.rps, hold.p50_ms, hold.p99_ms, ratio(hold.rps)
+    ));
+    line(format!(
+        "| `spendcap_settle` FCALL (+ receipt facts), redis-benchmark, 50 clients ({settled} settled, rest replays) | {:.0}/s | {:.3} ms | {:.3} ms | {:.2} | ≥ 0.35 |",
+        settle.rps, settle.p50_ms, settle.p99_ms, ratio(settle.rps)
+    ));
+    line(format!(
+        "| hold from Rust (`RedisLedger`), 50 tasks | {:.0}/s | {:.3} ms | {:.3} ms | {:.2} ({:.2}× its redis-benchmark rate) | ≥ 0.8× FCALL |",
+        rust.rps, rust.p50_ms, rust.p99_ms, ratio(rust.rps), rust.rps / hold.rps
+    ));
+    line(format!(
+        "| HTTP paid calls (hold + settle with signed receipt), 50 clients | {:.0} pairs/s | {:.3} ms | {:.3} ms | {:.3} | ≥ 0.1 |",
+        pairs.rps, pairs.p50_ms, pairs.p99_ms, ratio(pairs.rps)
+    ));
+    line(format!("| — HTTP hold alone | | {:.3} ms | {:.3} ms | | |", http_hold.p50_ms, http_hold.p99_ms));
+    line(format!("| — HTTP settle alone | | {:.3} ms | {:.3} ms | | |", http_settle.p50_ms, http_settle.p99_ms));
+    line(String::new());
+    line(format!(
+        "daemon RSS: {:.1} MiB after the HTTP load, {:.1} MiB with 1,000 concurrent connections",
+        rss_idle as f64 / 1024.0,
+        rss_loaded as f64 / 1024.0
+    ));
+    line(format!("Redis bytes: {per_agent} per agent (hash), {per_log_entry} per log entry (stream), {per_hold_with_log} per open hold (hash + expiry index + its log entry)"));
+
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    if let Ok(mut file) = std::fs::File::create(dir.join("results.md")) {
+        let _ = file.write_all(out.as_bytes());
+    }
+}
