@@ -501,7 +501,7 @@ fn main() {
     drop(daemon);
 
     // Stage 6: Redis bytes, measured on the HTTP stage's data (real ids, tokens, trees).
-    let agent_keys = redis.cli(&["--scan", "--pattern", "sc:{*}:a:*", "--count", "1000"]);
+    let agent_keys = redis.cli(&["--scan", "--pattern", "sc:{*}:a:*"]);
     let agent_keys: Vec<&str> = agent_keys.lines().take(50).collect();
     let per_agent = agent_keys.iter().map(|k| memory_usage(&redis, k)).sum::<u64>() / agent_keys.len().max(1) as u64;
     drop(redis);
