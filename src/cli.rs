@@ -28,6 +28,25 @@ pub enum Command {
     /// Work with signed receipts.
     #[command(subcommand)]
     Receipt(ReceiptCommand),
+    /// Audit the ledger in Redis directly.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LedgerCommand {
+    /// Replay every tree's log and compare it with every balance, budget and open hold; exits
+    /// non-zero on any difference and prints where it is. Reads only.
+    Check {
+        #[arg(long, env = "SPENDCAP_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+        redis_url: String,
+        #[arg(long, env = "SPENDCAP_REDIS_CLUSTER", default_value_t = false)]
+        redis_cluster: bool,
+        #[arg(long, env = "SPENDCAP_REDIS_NAMESPACE", default_value = "sc")]
+        redis_namespace: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -209,6 +228,10 @@ pub enum CliError {
     Receipt(#[from] crate::receipt::ReceiptError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Ledger(crate::ledger::LedgerError),
+    #[error("the ledger check found {0} difference(s)")]
+    Audit(usize),
 }
 
 fn usd(text: &str) -> Result<Micros, CliError> {
@@ -312,6 +335,39 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
     use reqwest::Method;
     match command {
         Command::Serve(_) => Err(CliError::Usage("serve is not a client command".into())),
+        Command::Ledger(LedgerCommand::Check { redis_url, redis_cluster, redis_namespace, json }) => {
+            let config = crate::ledger::RedisConfig {
+                url: redis_url,
+                cluster: redis_cluster,
+                namespace: redis_namespace,
+                timeout: std::time::Duration::from_secs(10),
+            };
+            let ledger = crate::ledger::Ledger::Redis(
+                crate::ledger::RedisLedger::connect_without_loading(&config).await.map_err(CliError::Ledger)?,
+            );
+            let report = crate::audit::check(&ledger).await.map_err(CliError::Ledger)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            } else {
+                for difference in &report.differences {
+                    println!("DIFFERENCE {difference}");
+                }
+                println!(
+                    "{}: {} trees, {} agents, {} budgets, {} open holds, {} log entries replayed",
+                    if report.is_clean() { "ok" } else { "FAILED" },
+                    report.trees,
+                    report.agents,
+                    report.budgets,
+                    report.open_holds,
+                    report.log_entries
+                );
+            }
+            if report.is_clean() {
+                Ok(())
+            } else {
+                Err(CliError::Audit(report.differences.len()))
+            }
+        }
         Command::Agent(AgentCommand::Create { handle, cap, parent, ttl_secs, labels, client }) => {
             let api = Client::new(&client)?;
             let body = serde_json::json!({

@@ -2,6 +2,7 @@
 //! cost attribution and one-call revocation. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod identity;

@@ -869,6 +869,20 @@ impl MemoryLedger {
         self.lock().handles.get(handle).cloned().ok_or(LedgerError::UnknownAgent)
     }
 
+    pub async fn open_holds(&self, tree: &TreeId) -> Result<Vec<HoldInfo>, LedgerError> {
+        let ids: Vec<(String, AgentId)> = {
+            let state = self.lock();
+            let Some(t) = state.trees.get(tree) else { return Ok(Vec::new()) };
+            t.open.iter().filter_map(|(_, id)| t.holds.get(id).map(|h| (id.clone(), h.agent.clone()))).collect()
+        };
+        let mut holds = Vec::with_capacity(ids.len());
+        for (id, agent) in ids {
+            let hold: HoldId = id.parse().map_err(|e| LedgerError::Corrupt(format!("open hold id: {e}")))?;
+            holds.push(self.hold_info(&agent, &hold).await?);
+        }
+        Ok(holds)
+    }
+
     pub async fn trees(&self) -> Result<Vec<TreeId>, LedgerError> {
         Ok(self.lock().trees.keys().cloned().collect())
     }

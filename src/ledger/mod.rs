@@ -531,6 +531,11 @@ impl Ledger {
         dispatch!(self.agent_by_handle(handle))
     }
 
+    /// Every open hold of a tree, as stored (for the audit).
+    pub async fn open_holds(&self, tree: &TreeId) -> Result<Vec<HoldInfo>, LedgerError> {
+        dispatch!(self.open_holds(tree))
+    }
+
     pub async fn trees(&self) -> Result<Vec<TreeId>, LedgerError> {
         dispatch!(self.trees())
     }

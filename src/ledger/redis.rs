@@ -50,6 +50,13 @@ fn unavailable(err: RedisError) -> LedgerError {
 impl RedisLedger {
     /// Connects and loads the function library (replacing an older version of it).
     pub async fn connect(config: &RedisConfig) -> Result<RedisLedger, LedgerError> {
+        let ledger = RedisLedger::connect_without_loading(config).await?;
+        ledger.load_library().await?;
+        Ok(ledger)
+    }
+
+    /// Connects without touching the function library: for read-only tools such as the audit.
+    pub async fn connect_without_loading(config: &RedisConfig) -> Result<RedisLedger, LedgerError> {
         let conn = if config.cluster {
             let nodes: Vec<&str> = config.url.split(',').map(str::trim).collect();
             let client = redis::cluster::ClusterClientBuilder::new(nodes)
@@ -66,9 +73,7 @@ impl RedisLedger {
                 .set_number_of_retries(1);
             Conn::Single(ConnectionManager::new_with_config(client, manager_config).await.map_err(unavailable)?)
         };
-        let ledger = RedisLedger { conn, namespace: config.namespace.clone() };
-        ledger.load_library().await?;
-        Ok(ledger)
+        Ok(RedisLedger { conn, namespace: config.namespace.clone() })
     }
 
     async fn load_library(&self) -> Result<(), LedgerError> {
@@ -378,6 +383,23 @@ impl RedisLedger {
         cmd.arg(format!("{}:handles", self.namespace)).arg(handle);
         let id: Option<String> = self.query(&cmd).await.map_err(unavailable)?;
         id.and_then(|id| id.parse().ok()).ok_or(LedgerError::UnknownAgent)
+    }
+
+    pub async fn open_holds(&self, tree: &TreeId) -> Result<Vec<HoldInfo>, LedgerError> {
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(format!("{}:holds", self.tree_key(tree))).arg(0).arg(-1);
+        let ids: Vec<String> = self.query(&cmd).await.map_err(unavailable)?;
+        let mut holds = Vec::with_capacity(ids.len());
+        for id in ids {
+            let hold: HoldId = id.parse().map_err(|e| LedgerError::Corrupt(format!("open hold id: {e}")))?;
+            let fields = self.hash(format!("{}:h:{}", self.tree_key(tree), hold)).await?;
+            let agent: AgentId = fields
+                .get("agent")
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| LedgerError::Corrupt(format!("open hold {hold} has no agent")))?;
+            holds.push(hold_from_fields(&agent, &hold, |k| fields.get(k).cloned())?);
+        }
+        Ok(holds)
     }
 
     pub async fn trees(&self) -> Result<Vec<TreeId>, LedgerError> {

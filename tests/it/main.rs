@@ -3,6 +3,7 @@
 mod api;
 mod concurrency;
 mod faults;
+mod fire;
 mod ledger;
 mod revocation;
 mod support;

@@ -156,6 +156,8 @@ pub struct AppOptions {
     pub limits: Limits,
     pub signer_pem: Option<PathBuf>,
     pub protocols: ProtocolConfig,
+    /// Any other Redis (a cluster, say); takes precedence over `redis`.
+    pub redis_config: Option<RedisConfig>,
 }
 
 impl Default for AppOptions {
@@ -167,6 +169,7 @@ impl Default for AppOptions {
             limits: Limits::default(),
             signer_pem: None,
             protocols: ProtocolConfig::default(),
+            redis_config: None,
         }
     }
 }
@@ -178,6 +181,9 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     let (ledger, redis) = match (options.backend, options.redis) {
         (Backend::Memory, _) => (LedgerConfig::Memory, None),
+        (Backend::Redis, redis) if options.redis_config.is_some() => {
+            (LedgerConfig::Redis(options.redis_config.clone().expect("checked")), redis.map(|(r, _)| r))
+        }
         (Backend::Redis, Some((redis, namespace))) => {
             (LedgerConfig::Redis(redis_config(&redis, &namespace)), Some(redis))
         }

@@ -1,0 +1,514 @@
+//! Proof under fire: many instances with randomised operations, Redis killed mid-load, a slow
+//! Redis, a Redis that lost its functions, a killed daemon, and Redis Cluster. After each, the
+//! ledger audit (`spendcap ledger check`, the real binary) must pass.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use reqwest::Method;
+use serde_json::{json, Value};
+use spendcap::clock::Clock;
+use spendcap::ledger::RedisConfig;
+
+use crate::support::{
+    free_port, spawn_app, spawn_app_with, wait_for, Agent, AppOptions, RedisServer, TestApp, ADMIN_TOKEN,
+};
+
+/// Runs the real `spendcap ledger check` against a Redis and returns (success, output).
+fn ledger_check(url: &str, cluster: bool) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_spendcap"))
+        .args(["ledger", "check"])
+        .env("SPENDCAP_REDIS_URL", url)
+        .env("SPENDCAP_REDIS_CLUSTER", cluster.to_string())
+        .output()
+        .expect("runs the CLI");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+/// A budget tree for the randomised run: a root, two children, one grandchild.
+struct Tree {
+    agents: Vec<Agent>,
+}
+
+async fn build_trees(app: &TestApp, prefix: &str, n: usize) -> Vec<Tree> {
+    let mut trees = Vec::new();
+    for t in 0..n {
+        let root = app.create_agent(&format!("{prefix}-{t}-root"), 200_000, None).await;
+        let a = app.create_agent(&format!("{prefix}-{t}-a"), 120_000, Some(&root.id)).await;
+        let b = app.create_agent(&format!("{prefix}-{t}-b"), 150_000, Some(&root.id)).await;
+        let a1 = app.create_agent(&format!("{prefix}-{t}-a1"), 90_000, Some(&a.id)).await;
+        trees.push(Tree { agents: vec![root, a, b, a1] });
+    }
+    trees
+}
+
+/// `clients` concurrent clients spread over `apps`, `ops` operations in all, from `seed`.
+/// Operations: holds (random size, some with short lifetimes), settles, voids, cap changes,
+/// rare revocations; a side task moves the shared clock so holds expire.
+async fn randomised_run(apps: &[TestApp], trees: &[Tree], seed: u64, clients: usize, ops: u64) -> u64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let apps: Arc<Vec<&TestApp>> = Arc::new(apps.iter().collect());
+    let tasks = (0..clients).map(|client| {
+        let apps = apps.clone();
+        let done = done.clone();
+        async move {
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(client as u64));
+            let mut open: Vec<(usize, usize, String, u64)> = Vec::new();
+            let per_client = ops / clients as u64;
+            for _ in 0..per_client {
+                let app = apps[rng.gen_range(0..apps.len())];
+                let (t, i) = (rng.gen_range(0..trees.len()), rng.gen_range(0..4));
+                let agent = &trees[t].agents[i];
+                match rng.gen_range(0..100) {
+                    0..=49 => {
+                        let ttl = if rng.gen_bool(0.2) { 1 } else { 600 };
+                        let (status, body) = app
+                            .agent_call(
+                                &agent.token,
+                                Method::POST,
+                                "/v1/holds",
+                                Some(json!({"amount_micros": rng.gen_range(1..=9_000), "service": "svc", "ttl_secs": ttl})),
+                            )
+                            .await;
+                        assert!(status == 201 || status == 402, "hold: {status} {body}");
+                        if status == 201 {
+                            let amount = body["amount_micros"].as_u64().expect("amount");
+                            open.push((t, i, body["hold_id"].as_str().expect("id").to_owned(), amount));
+                        }
+                    }
+                    50..=79 if !open.is_empty() => {
+                        let (t, i, hold, amount) = open.swap_remove(rng.gen_range(0..open.len()));
+                        let settle = rng.gen_range(0..=amount);
+                        let (status, body) = app.settle(&trees[t].agents[i], &hold, settle).await;
+                        // 409: the hold expired first (moved clock) — its money came back.
+                        assert!(status == 200 || status == 409, "settle: {status} {body}");
+                    }
+                    80..=89 if !open.is_empty() => {
+                        let (t, i, hold, _) = open.swap_remove(rng.gen_range(0..open.len()));
+                        let (status, body) = app
+                            .agent_call(&trees[t].agents[i].token, Method::POST, &format!("/v1/holds/{hold}/void"), Some(json!({})))
+                            .await;
+                        assert!(status == 200 || status == 409, "void: {status} {body}");
+                    }
+                    90..=97 => {
+                        let cap = rng.gen_range(50_000..=250_000);
+                        let (status, body) =
+                            app.admin(Method::PUT, &format!("/v1/agents/{}/cap", agent.id), Some(json!({"cap_micros": cap}))).await;
+                        assert!(status == 200 || status == 409, "cap: {status} {body}");
+                    }
+                    98 if rng.gen_bool(0.1) && i != 0 => {
+                        let (status, _) = app
+                            .admin(Method::POST, &format!("/v1/agents/{}/revoke", agent.id), Some(json!({"reason": "random"})))
+                            .await;
+                        assert_eq!(status, 200);
+                    }
+                    _ => {
+                        let (status, _) = app.agent_call(&agent.token, Method::GET, "/v1/me", None).await;
+                        assert_eq!(status, 200);
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    join_all(tasks).await;
+    done.load(Ordering::Relaxed)
+}
+
+/// Every level of every tree: spent + held ≤ cap.
+async fn assert_no_overshoot(app: &TestApp) {
+    let (_, list) = app.admin(Method::GET, "/v1/agents", None).await;
+    for agent in list["agents"].as_array().expect("agents") {
+        let (cap, spent, held) =
+            (agent["cap_micros"].as_u64(), agent["spent_micros"].as_u64(), agent["held_micros"].as_u64());
+        let (cap, spent, held) = (cap.expect("cap"), spent.expect("spent"), held.expect("held"));
+        assert!(spent + held <= cap, "overshoot: {agent}");
+    }
+}
+
+/// After every hold's expiry has passed, nothing may still be held anywhere.
+async fn assert_no_leaked_holds(app: &TestApp) {
+    app.clock.advance_ms(24 * 3600 * 1000 + 1);
+    let (_, list) = app.admin(Method::GET, "/v1/agents", None).await;
+    for agent in list["agents"].as_array().expect("agents") {
+        assert_eq!(agent["held_micros"], 0, "leaked hold: {agent}");
+    }
+}
+
+async fn many_instances(apps: Vec<TestApp>, audit_url: &str, cluster: bool) {
+    let seed: u64 = std::env::var("SPENDCAP_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    println!("seed {seed} (rerun with SPENDCAP_TEST_SEED={seed})");
+    let trees = build_trees(&apps[0], "fire", 10).await;
+    // A monitor samples every level during the run: the cap holds at every instant it looks.
+    let running = Arc::new(AtomicBool::new(true));
+    let clock = apps[0].clock.clone();
+    let ticker = {
+        let running = running.clone();
+        tokio::spawn(async move {
+            while running.load(Ordering::Relaxed) {
+                clock.advance_ms(700);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    let ops = randomised_run(&apps, &trees, seed, 200, 10_000).await;
+    running.store(false, Ordering::Relaxed);
+    ticker.await.expect("ticker");
+    assert!(ops >= 10_000, "ran {ops} operations");
+    assert_no_overshoot(&apps[1]).await;
+    let (ok, report) = ledger_check(audit_url, cluster);
+    assert!(ok, "audit failed (seed {seed}):\n{report}");
+    assert_no_leaked_holds(&apps[2]).await;
+    let (ok, report) = ledger_check(audit_url, cluster);
+    assert!(ok, "audit failed after expiry (seed {seed}):\n{report}");
+    assert!(report.contains("ok: 10 trees, 40 agents"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_instances_ten_thousand_random_operations_no_overshoot_no_leak() {
+    let first = spawn_app().await;
+    let redis = first.redis.clone().expect("redis");
+    let clock = first.clock.clone();
+    let mut apps = vec![first];
+    for _ in 0..3 {
+        apps.push(
+            spawn_app_with(AppOptions {
+                redis: Some((redis.clone(), "sc".into())),
+                clock: clock.clone(),
+                ..Default::default()
+            })
+            .await,
+        );
+    }
+    many_instances(apps, &redis.url(), false).await;
+}
+
+/// A local 3-master Redis Cluster on loopback ports.
+struct Cluster {
+    nodes: Vec<(u16, Child, std::path::PathBuf)>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!("spendcap-cluster-{port}-{}", rand::random::<u32>()));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir"])
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            nodes.push((port, child, dir));
+        }
+        let cluster = Cluster { nodes };
+        for (port, _, _) in &cluster.nodes {
+            let start = Instant::now();
+            while !cluster.cli(*port, &["PING"]).contains("PONG") {
+                assert!(start.elapsed() < Duration::from_secs(10), "cluster node did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addresses: Vec<String> = cluster.nodes.iter().map(|(p, _, _)| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stdout));
+        for (port, _, _) in &cluster.nodes {
+            let start = Instant::now();
+            while !cluster.cli(*port, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                assert!(start.elapsed() < Duration::from_secs(20), "cluster did not become ready");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        self.nodes.iter().map(|(p, _, _)| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, child, dir) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_many_instance_run_passes_unchanged_on_redis_cluster() {
+    let cluster = Cluster::start();
+    let config =
+        RedisConfig { url: cluster.url(), cluster: true, namespace: "sc".into(), timeout: Duration::from_secs(5) };
+    let clock = Clock::system();
+    let mut apps = Vec::new();
+    for _ in 0..4 {
+        apps.push(
+            spawn_app_with(AppOptions {
+                redis_config: Some(config.clone()),
+                clock: clock.clone(),
+                ..Default::default()
+            })
+            .await,
+        );
+    }
+    many_instances(apps, &cluster.url(), true).await;
+    // The budget trees really are spread over the cluster's masters (10 trees on one of three
+    // masters by chance: 3 in 59,049).
+    let holding = cluster
+        .nodes
+        .iter()
+        .filter(|(port, _, _)| cluster.cli(*port, &["--scan", "--pattern", "sc:{*}:log"]).lines().count() > 0)
+        .count();
+    assert!(holding >= 2, "the trees landed on {holding} master(s)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_mid_load_keeps_every_acknowledged_payment_and_counts_nothing_twice() {
+    let redis = Arc::new(RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]));
+    let app = spawn_app_with(AppOptions { redis: Some((redis.clone(), "sc".into())), ..Default::default() }).await;
+    let agents: Vec<Agent> = {
+        let mut v = Vec::new();
+        for i in 0..8 {
+            v.push(app.create_agent(&format!("aof-{i}"), 5_000_000, None).await);
+        }
+        v
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let app = Arc::new(app);
+    let workers = agents.into_iter().map(|agent| {
+        let app = app.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // (hold id, amount) of acknowledged holds; acknowledged settles.
+            let (mut held, mut settled) = (Vec::new(), Vec::new());
+            let mut unavailable = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let (status, body) = app.hold(&agent, 1_000).await;
+                match status {
+                    201 => {
+                        let id = body["hold_id"].as_str().expect("id").to_owned();
+                        let (status, _) = app.settle(&agent, &id, 700).await;
+                        if status == 200 {
+                            settled.push(id);
+                        } else {
+                            held.push(id);
+                        }
+                    }
+                    503 => unavailable += 1,
+                    other => panic!("hold answered {other}: {body}"),
+                }
+            }
+            (agent, held, settled, unavailable)
+        })
+    });
+    let workers: Vec<_> = workers.collect();
+    wait_for("some settled payments", Duration::from_secs(20), || {
+        let app = app.clone();
+        async move { app.log().await.iter().filter(|e| e["event"] == "settle").count() >= 50 }
+    })
+    .await;
+    redis.kill();
+    // While Redis is down the daemon fails closed.
+    wait_for("a fail-closed refusal", Duration::from_secs(10), || {
+        let app = app.clone();
+        async move {
+            let response = app.http.get(app.url("/healthz")).send().await;
+            response.map(|r| r.status() == 503).unwrap_or(false)
+        }
+    })
+    .await;
+    redis.restart();
+    wait_for("recovery", Duration::from_secs(20), || {
+        let app = app.clone();
+        async move { app.http.get(app.url("/healthz")).send().await.map(|r| r.status() == 200).unwrap_or(false) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total_settled = 0;
+    for worker in workers {
+        let (agent, held, settled, _) = worker.await.expect("worker");
+        // Every acknowledged settle is still there: settling again replays it.
+        for id in &settled {
+            let (status, body) = app.settle(&agent, id, 700).await;
+            assert_eq!((status, body["replayed"].as_bool()), (200, Some(true)), "acknowledged settle lost: {body}");
+        }
+        // Every acknowledged hold still exists (open, or settled if the answer was lost).
+        for id in &held {
+            let (status, body) = app.settle(&agent, id, 700).await;
+            assert!(status == 200, "acknowledged hold {id} lost: {status} {body}");
+        }
+        let me = app.agent_call(&agent.token, Method::GET, "/v1/me", None).await.1;
+        let spent = me["spent_micros"].as_u64().expect("spent");
+        assert_eq!(spent, 700 * (settled.len() + held.len()) as u64, "spent counts each payment once");
+        total_settled += settled.len();
+    }
+    assert!(total_settled >= 50);
+    let (ok, report) = ledger_check(&redis.url(), false);
+    assert!(ok, "audit after the crash:\n{report}");
+}
+
+#[tokio::test]
+async fn a_redis_that_lost_its_functions_gets_them_back() {
+    let app = spawn_app().await;
+    let agent = app.create_agent("flushed", 10_000, None).await;
+    let redis = app.redis.clone().expect("redis");
+    assert!(redis.cli(&["FUNCTION", "FLUSH"]).is_some_and(|o| o.contains("OK")));
+    let (status, body) = app.hold(&agent, 10).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(redis.cli(&["FUNCTION", "LIST"]).is_some_and(|o| o.contains("spendcap")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_redis_never_debits_twice() {
+    let redis = Arc::new(RedisServer::start_with(&["--enable-debug-command", "yes"]));
+    let app = Arc::new(spawn_app_with(AppOptions { redis: Some((redis, "sc".into())), ..Default::default() }).await);
+    let agent = Arc::new(app.create_agent("slow", 10_000_000, None).await);
+    let redis = app.redis.clone().expect("redis");
+    // Redis stalls for longer than the daemon's 2 s timeout while 20 keyed holds are sent.
+    let stall = std::thread::spawn(move || redis.cli(&["DEBUG", "SLEEP", "3"]));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let send = |key: String| {
+        let app = app.clone();
+        let agent = agent.clone();
+        async move {
+            app.http
+                .post(app.url("/v1/holds"))
+                .bearer_auth(&agent.token)
+                .header("Idempotency-Key", key)
+                .json(&json!({"amount_micros": 1_000, "service": "svc"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    let first: Vec<u16> = join_all((0..20).map(|i| send(format!("slow-{i}")))).await;
+    stall.join().expect("stall");
+    assert!(first.contains(&503), "some holds timed out: {first:?}");
+    // The agent retries every key, as a client should after a 503.
+    let retried: Vec<u16> = join_all((0..20).map(|i| send(format!("slow-{i}")))).await;
+    assert!(retried.iter().all(|s| *s == 200 || *s == 201), "{retried:?}");
+    let me = app.agent_call(&agent.token, Method::GET, "/v1/me", None).await.1;
+    assert_eq!(me["held_micros"], 20 * 1_000, "each key debited once");
+    let holds = app.log().await.iter().filter(|e| e["event"] == "hold").count();
+    assert_eq!(holds, 20);
+}
+
+struct DaemonProcess {
+    child: Child,
+    base: String,
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn daemon_process(redis: &RedisServer, key: &std::path::Path) -> DaemonProcess {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_spendcap"))
+        .arg("serve")
+        .env("SPENDCAP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SPENDCAP_REDIS_URL", redis.url())
+        .env("SPENDCAP_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SPENDCAP_RECEIPT_KEY", key)
+        .env("SPENDCAP_SWEEP_INTERVAL_SECS", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spendcap binary");
+    let daemon = DaemonProcess { child, base: format!("http://127.0.0.1:{port}") };
+    let http = reqwest::Client::new();
+    let url = format!("{}/healthz", daemon.base);
+    wait_for("the daemon to start", Duration::from_secs(20), || {
+        let http = http.clone();
+        let url = url.clone();
+        async move { http.get(url).send().await.map(|r| r.status() == 200).unwrap_or(false) }
+    })
+    .await;
+    daemon
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_daemon_leaves_holds_that_expire_while_another_keeps_serving() {
+    let redis = RedisServer::start();
+    let key = std::env::temp_dir().join(format!("spendcap-fire-key-{}.pem", rand::random::<u64>()));
+    let mut a = daemon_process(&redis, &key).await;
+    let b = daemon_process(&redis, &key).await;
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(format!("{}/v1/agents", b.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"handle": "survivor", "cap_micros": 100_000}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let token = created["token"].as_str().expect("token").to_owned();
+    let hold = |base: String, amount: u64, ttl: u64| {
+        let http = http.clone();
+        let token = token.clone();
+        async move {
+            http.post(format!("{base}/v1/holds"))
+                .bearer_auth(&token)
+                .json(&json!({"amount_micros": amount, "service": "svc", "ttl_secs": ttl}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    // Daemon A takes holds for most of the cap, then dies before settling any of them.
+    for _ in 0..9 {
+        assert_eq!(hold(a.base.clone(), 10_000, 3).await, 201);
+    }
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    // B serves throughout; at first only 10,000 is free, then the dead daemon's holds expire.
+    assert_eq!(hold(b.base.clone(), 10_001, 600).await, 402);
+    let me_url = format!("{}/v1/me", b.base);
+    wait_for("the dead daemon's holds to expire", Duration::from_secs(10), || {
+        let http = http.clone();
+        let token = token.clone();
+        let me_url = me_url.clone();
+        async move {
+            let me: Value = http.get(me_url).bearer_auth(&token).send().await.expect("me").json().await.expect("json");
+            me["held_micros"] == 0
+        }
+    })
+    .await;
+    assert_eq!(hold(b.base.clone(), 100_000, 600).await, 201, "the full cap is back");
+    let (ok, report) = ledger_check(&redis.url(), false);
+    assert!(ok, "{report}");
+    let _ = std::fs::remove_file(key);
+}
