@@ -24,7 +24,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             other => spendcap::cli::run_client(other).await.map_err(anyhow::Error::from),
         }
     });

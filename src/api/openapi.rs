@@ -28,6 +28,7 @@ impl Modify for BearerSchemes {
         agents::create_agent, agents::list_agents, agents::show_agent, agents::set_cap, agents::revoke, agents::rotate_token,
         holds::me, holds::create_hold, holds::settle, holds::void,
         log::export_log, log::spend, log::export_receipts, log::receipt_key,
+        crate::protocols::x402::routes::fetch,
     ),
     modifiers(&BearerSchemes)
 )]

@@ -1,5 +1,7 @@
 //! spendcap's one integration-test binary. Tests start their own `redis-server`s.
 
+mod acp;
+mod ap2;
 mod api;
 mod concurrency;
 mod faults;
@@ -7,3 +9,4 @@ mod fire;
 mod ledger;
 mod revocation;
 mod support;
+mod x402;

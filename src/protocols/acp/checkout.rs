@@ -1,0 +1,719 @@
+//! One ACP purchase: read (or create) the checkout session, hold its total, have the PSP delegate
+//! the owner's card for exactly that total, complete the session with the token, and settle on
+//! the order — or void, so that nothing is spent, on any decline, error or timeout.
+//!
+//! Idempotency runs end to end. The agent's `Idempotency-Key` (or, without one, the merchant and
+//! session: one purchase per session) keys a `Pending` hold; the PSP and merchant keys are derived
+//! from the hold id and the step (`<hold>:delegate`, `<hold>:complete`, `<hold>:cancel`), so a
+//! resumed purchase repeats exactly the requests of the first attempt and no provider acts twice.
+//!
+//! A completion whose outcome is unknown (timeout, lost answer) is never voided blindly: the
+//! session is read back, settled if the merchant completed it, and otherwise canceled at the
+//! merchant before the hold is voided. When even that gets no answer, the hold stays (it expires
+//! with the token's allowance) and a retry with the same key resumes the same purchase.
+
+use std::collections::BTreeMap;
+
+use adapters::acp::{
+    completed_order, pick_delegate_handler, require_ready, session_total, verify_unchanged, AcpError, Buyer,
+    CancelReason, CancelSessionRequest, CheckoutSession, CheckoutSessionCompleteRequest, CheckoutSessionCreateRequest,
+    DelegatePaymentRequest, Delegation, FulfillmentDetails, IdempotencyKey, Item, MerchantClient, Provider, RiskSignal,
+    SessionStatus, SessionTotal,
+};
+use adapters::Micros;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::reply::{acp_error, describe, with_fields, Reply};
+use super::Acp;
+use crate::api::{agent_scoped, AgentAuth, ApiError, AppState};
+use crate::identity::HoldId;
+use crate::ledger::{Grant, HoldInfo, Idempotency, IdempotencyFinish, IdempotencyMode};
+use crate::pay::{self, Held, HoldSpec};
+use crate::receipt::Receipt;
+
+/// `POST /v1/acp/checkouts`: pay an existing session, or create one from items and pay it.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRequest {
+    /// A merchant's name from the ACP configuration.
+    pub merchant: String,
+    /// The session to pay; or give `items`.
+    #[serde(default)]
+    pub checkout_session_id: Option<String>,
+    /// Items to create a session with (1 to 100, by the merchant's ids).
+    #[serde(default)]
+    pub items: Option<Vec<ItemRequest>>,
+    /// The currency of a session created from items (default `usd`).
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// Buyer contact for a session created from items.
+    #[serde(default)]
+    pub buyer: Option<Buyer>,
+    /// Where a session created from items is delivered.
+    #[serde(default)]
+    pub fulfillment_details: Option<FulfillmentDetails>,
+    /// The agent's task label, for attribution.
+    #[serde(default)]
+    pub task: String,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItemRequest {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/acp/checkouts/{checkout_session_id}/cancel`.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    pub merchant: String,
+    /// The hold of a purchase left open (an `acp_outcome_unknown` answer names it): voided once
+    /// the merchant confirms the cancellation.
+    #[serde(default)]
+    pub hold_id: Option<String>,
+}
+
+/// The answer to a completed purchase.
+#[derive(Serialize)]
+struct Completed<'a> {
+    status: &'static str,
+    merchant: &'a str,
+    checkout_session_id: &'a str,
+    order: OrderView<'a>,
+    total: TotalView<'a>,
+    amount_micros: u64,
+    hold_id: &'a str,
+    replayed: bool,
+    receipt: Receipt,
+}
+
+#[derive(Serialize)]
+struct OrderView<'a> {
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    permalink_url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    order_number: Option<&'a str>,
+}
+
+/// The session total in the merchant's minor units.
+#[derive(Serialize)]
+struct TotalView<'a> {
+    amount: u64,
+    currency: &'a str,
+}
+
+/// The answer to a cancellation.
+#[derive(Serialize)]
+struct Canceled<'a> {
+    status: &'static str,
+    merchant: &'a str,
+    checkout_session_id: &'a str,
+    hold_id: Option<String>,
+    released_micros: u64,
+}
+
+/// How a purchase that got its hold ended.
+enum Outcome {
+    /// Finished (paid, or voided with nothing spent): the answer, for this request and duplicates.
+    Done(Reply),
+    /// The hold stays open (the outcome is unknown, or the ledger failed): a retry with the same
+    /// key resumes the same purchase.
+    Open(ApiError),
+}
+
+impl Acp {
+    fn merchant(&self, name: &str) -> Result<&MerchantClient, ApiError> {
+        self.merchants.get(name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "acp_unknown_merchant",
+                format!("no merchant {:?} is configured", name.chars().take(64).collect::<String>()),
+            )
+        })
+    }
+}
+
+/// Checks the agent's token against the ledger before any merchant is called.
+async fn verify_token(state: &AppState, auth: &AgentAuth) -> Result<(), ApiError> {
+    state.ledger.balance(state.clock.now_ms(), &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
+    Ok(())
+}
+
+fn sha256_hex(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    hex::encode(hasher.finalize())
+}
+
+fn provider_key(text: String) -> Result<IdempotencyKey, ApiError> {
+    IdempotencyKey::new(text).map_err(ApiError::internal)
+}
+
+fn invalid_body(detail: &str) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", detail)
+}
+
+/// The session to pay: read, or created from the items. A retried creation (same agent key)
+/// sends the same `Idempotency-Key`, so the merchant answers with the same session.
+async fn read_session(
+    merchant: &MerchantClient,
+    merchant_name: &str,
+    auth: &AgentAuth,
+    agent_key: Option<&str>,
+    body: &CheckoutRequest,
+) -> Result<CheckoutSession, ApiError> {
+    let for_creation = body.currency.is_some() || body.buyer.is_some() || body.fulfillment_details.is_some();
+    let session = match (&body.checkout_session_id, &body.items) {
+        (Some(id), None) if !for_creation => merchant.retrieve_session(id).await,
+        (None, Some(items)) if (1..=100).contains(&items.len()) => {
+            let items = items.iter().map(|item| Item { id: item.id.clone(), name: item.name.clone() }).collect();
+            let mut request = CheckoutSessionCreateRequest::new(items, body.currency.as_deref().unwrap_or("usd"));
+            request.buyer = body.buyer.clone();
+            request.fulfillment_details = body.fulfillment_details.clone();
+            let key = match agent_key {
+                Some(key) => format!("create_{}", &sha256_hex(&[auth.agent.as_str(), merchant_name, key])[..48]),
+                None => format!("create_{:032x}", rand::random::<u128>()),
+            };
+            merchant.create_session(&request, &provider_key(key)?).await.and_then(|session| {
+                // The id names the session in every later request and in the purchase's key.
+                let plain = session.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if plain && (1..=255).contains(&session.id.len()) {
+                    return Ok(session);
+                }
+                Err(AcpError::MalformedResponse {
+                    provider: Provider::Merchant,
+                    http_status: 201,
+                    reason: "the created session's id is not 1 to 255 letters, digits, '_' or '-'".into(),
+                })
+            })
+        }
+        (Some(_), None) => return Err(invalid_body("currency, buyer and fulfillment_details go with items only")),
+        _ => return Err(invalid_body("give either checkout_session_id or items (1 to 100)")),
+    };
+    session.map_err(|error| {
+        tracing::info!(agent = %auth.agent, merchant = merchant_name, code = error.code(), detail = %describe(&error),
+            "ACP checkout session unavailable");
+        let error_view = acp_error(&error);
+        match &body.checkout_session_id {
+            Some(id) if !matches!(error, AcpError::InvalidInput { .. }) => {
+                with_fields(error_view, json!({ "checkout_session_id": id }))
+            }
+            _ => error_view,
+        }
+    })
+}
+
+/// `POST /v1/acp/checkouts`.
+pub(super) async fn checkout(
+    state: &AppState,
+    acp: &Acp,
+    auth: &AgentAuth,
+    agent_key: Option<String>,
+    body: CheckoutRequest,
+) -> Result<Reply, ApiError> {
+    verify_token(state, auth).await?;
+    let merchant = acp.merchant(&body.merchant)?;
+    let merchant_name = body.merchant.as_str();
+    // Checked here as well as by the hold, so that a bad label creates no session at the merchant.
+    crate::api::label("task", &body.task, 128)?;
+    let session = read_session(merchant, merchant_name, auth, agent_key.as_deref(), &body).await?;
+    let on_session = |error: ApiError| with_fields(error, json!({ "checkout_session_id": session.id }));
+    let refuse = |error: AcpError| {
+        tracing::info!(agent = %auth.agent, merchant = merchant_name, checkout_session_id = %session.id,
+            code = error.code(), detail = %describe(&error), "ACP checkout refused before holding");
+        on_session(acp_error(&error))
+    };
+
+    // Everything that can be checked before holding is: nothing is held for a session that
+    // cannot be paid. A completed session goes on to the hold, which tells whether this daemon
+    // paid it (a retried purchase whose answer was lost) or someone else did.
+    match session.status {
+        SessionStatus::ReadyForPayment | SessionStatus::Completed | SessionStatus::CompleteInProgress => {}
+        _ => require_ready(&session).map_err(refuse)?,
+    }
+    let total = session_total(&session, &acp.currency).map_err(refuse)?;
+    if session.status == SessionStatus::ReadyForPayment {
+        pick_delegate_handler(&session, &acp.psp_name).map_err(refuse)?;
+    }
+    let intent = adapters::acp::intent(&session, merchant_name, &acp.currency).map_err(refuse)?;
+
+    let key = match &agent_key {
+        Some(key) => format!("acp:{key}"),
+        None => format!("acp:{merchant_name}:{}", session.id),
+    };
+    let fingerprint = sha256_hex(&[merchant_name, &session.id, &total.minor_units.to_string(), &total.currency]);
+    let held = pay::hold(
+        state,
+        auth,
+        HoldSpec {
+            intent: &intent,
+            task: &body.task,
+            expires_at_ms: state.clock.now_ms().saturating_add(acp.hold_ttl_ms),
+            idempotency: Some(Idempotency {
+                key: key.clone(),
+                fingerprint,
+                mode: IdempotencyMode::Pending { lease_ms: acp.lease_ms },
+            }),
+        },
+    )
+    .await
+    .map_err(on_session)?;
+    let (grant, resumed) = match held {
+        Held::Finished(stored) => return Reply::replay(&stored),
+        Held::New(grant) => (grant, false),
+        Held::Resumed(grant) => (grant, true),
+    };
+    tracing::info!(agent = %auth.agent, merchant = merchant_name, checkout_session_id = %session.id,
+        hold = %grant.hold_id, amount = grant.amount.get(), resumed, "ACP purchase held");
+
+    let purchase = Purchase { state, acp, auth, merchant_name, merchant, total, grant };
+    match purchase.run(&session, resumed).await {
+        Outcome::Done(reply) => {
+            if let Err(error) = pay::finish(state, auth, &key, IdempotencyFinish::Done(reply.stored())).await {
+                // The record stays in flight until its lease ends; a duplicate then resumes the
+                // hold and finds the purchase finished (settled or voided), so nothing is lost.
+                tracing::warn!(hold = %purchase.grant.hold_id, code = error.code, "could not store the ACP answer");
+            }
+            Ok(reply)
+        }
+        Outcome::Open(error) => {
+            if let Err(finish_error) = pay::finish(state, auth, &key, IdempotencyFinish::Release).await {
+                tracing::warn!(hold = %purchase.grant.hold_id, code = finish_error.code, "could not release the ACP purchase");
+            }
+            Err(purchase.on_hold(error))
+        }
+    }
+}
+
+/// A purchase that holds its money.
+struct Purchase<'a> {
+    state: &'a AppState,
+    acp: &'a Acp,
+    auth: &'a AgentAuth,
+    merchant_name: &'a str,
+    merchant: &'a MerchantClient,
+    /// The total read and held: the allowance, and what the completed session must show.
+    total: SessionTotal,
+    grant: Grant,
+}
+
+impl Purchase<'_> {
+    fn session_id(&self) -> &str {
+        &self.total.checkout_session_id
+    }
+
+    /// Adds the session and the hold to an error's body.
+    fn on_hold(&self, error: ApiError) -> ApiError {
+        with_fields(error, json!({ "checkout_session_id": self.session_id(), "hold_id": self.grant.hold_id.as_str() }))
+    }
+
+    /// The provider `Idempotency-Key` of one step of this purchase: the same on every retry.
+    fn step_key(&self, step: &str) -> Result<IdempotencyKey, ApiError> {
+        provider_key(format!("{}:{step}", self.grant.hold_id))
+    }
+
+    async fn run(&self, session: &CheckoutSession, resumed: bool) -> Outcome {
+        if resumed {
+            match pay::hold_info(self.state, self.auth, &self.grant.hold_id).await {
+                Err(error) => return Outcome::Open(error),
+                Ok(info) if info.state == "open" || info.state == "settled" => {}
+                Ok(info) => {
+                    let error = ApiError::new(
+                        StatusCode::CONFLICT,
+                        "acp_purchase_ended",
+                        format!(
+                            "this purchase's hold was {} and nothing was spent; send a new Idempotency-Key to try again",
+                            info.state
+                        ),
+                    );
+                    return Outcome::Done(Reply::error(self.on_hold(error)));
+                }
+            }
+        }
+        match session.status {
+            SessionStatus::ReadyForPayment => self.pay(session).await,
+            SessionStatus::Completed if resumed => self.settle_completed(session).await,
+            SessionStatus::CompleteInProgress if resumed => {
+                self.keep_open(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "acp_complete_in_progress",
+                    "the merchant is still completing the checkout session",
+                ))
+                .await
+            }
+            // Completed (or being completed) by another payment than this one.
+            _ => {
+                let error = AcpError::SessionNotReady { status: session.status.to_string(), reason: None };
+                self.void("session_not_ready", acp_error(&error)).await
+            }
+        }
+    }
+
+    async fn pay(&self, session: &CheckoutSession) -> Outcome {
+        let handler = match pick_delegate_handler(session, &self.acp.psp_name) {
+            Ok(handler) => handler,
+            Err(error) => return self.void("no_delegate_handler", acp_error(&error)).await,
+        };
+        // The allowance is the total read, which is what was held; it can never exceed the hold.
+        match self.acp.currency.to_micros(self.total.minor_units, &self.total.currency) {
+            Ok(allowed) if allowed <= self.grant.amount => {}
+            _ => {
+                return self.void("allowance_exceeds_hold", ApiError::internal("ACP allowance exceeds the hold")).await
+            }
+        }
+        let metadata = BTreeMap::from([
+            ("agent_id".to_owned(), self.auth.agent.to_string()),
+            ("hold_id".to_owned(), self.grant.hold_id.to_string()),
+            ("merchant".to_owned(), self.merchant_name.to_owned()),
+        ]);
+        let request = DelegatePaymentRequest::for_session(Delegation {
+            card: &self.acp.card,
+            billing_address: self.acp.billing_address.as_ref(),
+            total: &self.total,
+            handler,
+            expires_at_ms: self.grant.expires_at_ms,
+            risk_signals: vec![RiskSignal::cap_authorized()],
+            metadata,
+        });
+        let request = match request {
+            Ok(request) => request,
+            Err(error) => return self.void("psp_error", acp_error(&error)).await,
+        };
+        let key = match self.step_key("delegate") {
+            Ok(key) => key,
+            Err(error) => return self.void("internal_error", error).await,
+        };
+        let token = match self.acp.psp.delegate_payment(&request, &key).await {
+            Ok(response) => response.id,
+            Err(error) => {
+                // Whatever the PSP did, the merchant never saw a token: nothing can be charged.
+                tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, code = error.code(),
+                    detail = %describe(&error), "ACP delegate_payment failed");
+                self.note_provider_error("psp_error", &error).await;
+                let reason = if matches!(error, AcpError::Timeout(_)) { "timeout" } else { "psp_error" };
+                return self.void(reason, acp_error(&error)).await;
+            }
+        };
+        let request =
+            CheckoutSessionCompleteRequest::with_delegated_token(&handler.id, token, self.acp.billing_address.clone());
+        let key = match self.step_key("complete") {
+            Ok(key) => key,
+            Err(error) => return self.void("internal_error", error).await,
+        };
+        match self.merchant.complete_session(self.session_id(), &request, &key).await {
+            Ok(completed) => self.completed(completed).await,
+            Err(error) if error.outcome_unknown() => {
+                let reason = if matches!(error, AcpError::Timeout(_)) { "timeout" } else { "merchant_error" };
+                self.resolve(reason, &error, acp_error(&error)).await
+            }
+            Err(error) => {
+                tracing::info!(agent = %self.auth.agent, hold = %self.grant.hold_id, code = error.code(),
+                    detail = %describe(&error), "ACP merchant refused the completion");
+                self.note_provider_error("merchant_declined", &error).await;
+                self.void("merchant_declined", acp_error(&error)).await
+            }
+        }
+    }
+
+    /// The merchant answered the completion with a session.
+    async fn completed(&self, session: CheckoutSession) -> Outcome {
+        if completed_order(&session).is_some() {
+            return self.settle_completed(&session).await;
+        }
+        match &session.status {
+            // Paid, maybe, or being paid: ask again before deciding.
+            SessionStatus::Completed
+            | SessionStatus::CompleteInProgress
+            | SessionStatus::PendingApproval
+            | SessionStatus::InProgress
+            | SessionStatus::Other(_) => {
+                let error = ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "acp_not_completed",
+                    format!("the merchant answered the completion with status {} and no order", session.status),
+                );
+                let cause = AcpError::MalformedResponse {
+                    provider: Provider::Merchant,
+                    http_status: 200,
+                    reason: format!("status {} without an order", session.status),
+                };
+                self.resolve("merchant_error", &cause, error).await
+            }
+            // The merchant says it did not take the payment (declined, needs 3-D Secure, ...).
+            _ => {
+                let messages: Vec<Value> = session
+                    .messages
+                    .iter()
+                    .filter(|message| message.kind == "error")
+                    .map(|message| json!({ "code": message.code, "content": message.content, "param": message.param }))
+                    .collect();
+                let first = session.messages.iter().find(|message| message.kind == "error");
+                let detail = first.and_then(|message| message.content.clone()).unwrap_or_else(|| {
+                    format!("the merchant did not complete the checkout session (status {})", session.status)
+                });
+                let code = first.and_then(|message| message.code.clone()).unwrap_or_default();
+                tracing::info!(agent = %self.auth.agent, hold = %self.grant.hold_id, status = %session.status,
+                    merchant_code = %code, "ACP merchant declined the completion");
+                let note = BTreeMap::from([
+                    ("session_status".to_owned(), session.status.to_string()),
+                    ("merchant_code".to_owned(), code),
+                ]);
+                self.note("merchant_declined", &note).await;
+                let error = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "acp_merchant_declined", detail)
+                    .with_extra(json!({ "session_status": session.status.as_str(), "messages": messages }));
+                self.void("merchant_declined", error).await
+            }
+        }
+    }
+
+    /// Settles a session the merchant completed — at the total read, or not at all.
+    async fn settle_completed(&self, session: &CheckoutSession) -> Outcome {
+        let Some(order) = completed_order(session) else {
+            return self
+                .keep_open(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "acp_not_completed",
+                    format!("the checkout session is {} without an order", session.status),
+                ))
+                .await;
+        };
+        if let Err(error) = verify_unchanged(&self.total, session) {
+            tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, order_id = order.order_id,
+                code = error.code(), detail = %error, "ACP merchant completed at another total; refusing");
+            let note = BTreeMap::from([("order_id".to_owned(), order.order_id.to_owned())]);
+            self.note("total_changed", &note).await;
+            let error = with_fields(acp_error(&error), json!({ "order_id": order.order_id }));
+            return self.void("total_changed", error).await;
+        }
+        let mut details = BTreeMap::from([
+            ("checkout_session_id".to_owned(), self.session_id().to_owned()),
+            ("order_id".to_owned(), order.order_id.to_owned()),
+            ("currency".to_owned(), self.total.currency.clone()),
+            ("total_minor_units".to_owned(), self.total.minor_units.to_string()),
+        ]);
+        if let Some(permalink) = order.permalink_url {
+            details.insert("permalink_url".into(), permalink.to_owned());
+        }
+        let order_number = session.order.as_ref().and_then(|order| order.order_number.as_deref());
+        if let Some(number) = order_number {
+            details.insert("order_number".into(), number.to_owned());
+        }
+        let settlement =
+            match pay::settle(self.state, self.auth, &self.grant.hold_id, self.grant.amount, &details).await {
+                Ok(settlement) => settlement,
+                Err(error) => {
+                    tracing::error!(agent = %self.auth.agent, hold = %self.grant.hold_id, order_id = order.order_id,
+                    code = error.code, "the merchant completed the order but the hold could not be settled");
+                    return Outcome::Open(error);
+                }
+            };
+        tracing::info!(agent = %self.auth.agent, hold = %self.grant.hold_id, merchant = self.merchant_name,
+            checkout_session_id = self.session_id(), order_id = order.order_id, amount = settlement.outcome.amount.get(),
+            "ACP checkout completed");
+        let answer = Completed {
+            status: "completed",
+            merchant: self.merchant_name,
+            checkout_session_id: self.session_id(),
+            order: OrderView { id: order.order_id, permalink_url: order.permalink_url, order_number },
+            total: TotalView { amount: self.total.minor_units, currency: &self.total.currency },
+            amount_micros: settlement.outcome.amount.get(),
+            hold_id: self.grant.hold_id.as_str(),
+            replayed: false,
+            receipt: settlement.receipt,
+        };
+        match Reply::ok(&answer) {
+            Ok(reply) => Outcome::Done(reply),
+            Err(error) => Outcome::Open(error),
+        }
+    }
+
+    /// The completion's outcome is unknown. Read the session back: settle if the merchant
+    /// completed it; otherwise cancel it at the merchant, so nobody can pay it later, and void.
+    /// If the merchant confirms neither, the hold stays.
+    async fn resolve(&self, reason: &'static str, cause: &AcpError, error: ApiError) -> Outcome {
+        tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, code = cause.code(),
+            detail = %describe(cause), "ACP completion outcome unknown; reading the session back");
+        match self.merchant.retrieve_session(self.session_id()).await {
+            Ok(session) if completed_order(&session).is_some() => return self.settle_completed(&session).await,
+            Ok(session) if matches!(session.status, SessionStatus::Canceled | SessionStatus::Expired) => {
+                return self.void(reason, error).await;
+            }
+            Ok(session)
+                if matches!(
+                    session.status,
+                    SessionStatus::Completed | SessionStatus::CompleteInProgress | SessionStatus::PendingApproval
+                ) =>
+            {
+                return self.keep_open(error).await;
+            }
+            Ok(_) | Err(_) => {}
+        }
+        let request = CancelSessionRequest::with_reason(
+            CancelReason::Other,
+            Some("spendcap could not confirm the payment and withdrew it"),
+        );
+        let key = match self.step_key("cancel") {
+            Ok(key) => key,
+            Err(internal) => return Outcome::Open(internal),
+        };
+        match self.merchant.cancel_session(self.session_id(), &request, &key).await {
+            Ok(session) if completed_order(&session).is_some() => self.settle_completed(&session).await,
+            Ok(session) if session.status == SessionStatus::Canceled => {
+                self.void(reason, with_fields(error, json!({ "session_status": "canceled" }))).await
+            }
+            Ok(_) | Err(_) => self.keep_open(error).await,
+        }
+    }
+
+    /// Leaves the hold open: the payment may have happened. It expires with the token.
+    async fn keep_open(&self, cause: ApiError) -> Outcome {
+        tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, code = cause.code,
+            "ACP payment outcome unknown; the hold stays until it is resolved or expires");
+        self.note("outcome_unknown", &BTreeMap::from([("cause".to_owned(), cause.code.to_owned())])).await;
+        Outcome::Open(
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "acp_outcome_unknown",
+                "the merchant has not confirmed whether it took the payment; the money stays held. Retry with the \
+             same Idempotency-Key to finish this purchase, or cancel the checkout session with this hold_id",
+            )
+            .with_extra(json!({ "cause": { "code": cause.code, "detail": cause.detail } })),
+        )
+    }
+
+    /// Voids the hold (nothing spent) and answers with `error`.
+    async fn void(&self, reason: &str, error: ApiError) -> Outcome {
+        let released = match pay::void(self.state, self.auth, &self.grant.hold_id, reason).await {
+            Ok(released) => released,
+            // Voided already (a concurrent cancel) or expired: nothing is spent either way.
+            Err(ended) if ended.code == "hold_voided" || ended.code == "hold_expired" => Micros::ZERO,
+            Err(ledger) => {
+                tracing::error!(hold = %self.grant.hold_id, code = ledger.code, reason, "could not void an ACP hold");
+                return Outcome::Open(ledger);
+            }
+        };
+        tracing::info!(agent = %self.auth.agent, hold = %self.grant.hold_id, merchant = self.merchant_name,
+            checkout_session_id = self.session_id(), reason, "ACP purchase voided; nothing spent");
+        let fields = json!({ "voided": true, "released_micros": released.get(), "void_reason": reason });
+        Outcome::Done(Reply::error(self.on_hold(with_fields(error, fields))))
+    }
+
+    /// Logs a provider's error code against the hold (never the PSP's free text).
+    async fn note_provider_error(&self, reason: &str, error: &AcpError) {
+        let mut detail = BTreeMap::from([("error".to_owned(), error.code().to_owned())]);
+        if let Some(provider) = error.provider_error() {
+            detail.insert("provider_code".into(), provider.code.clone());
+            detail.insert("http_status".into(), provider.http_status.to_string());
+        }
+        self.note(reason, &detail).await;
+    }
+
+    async fn note(&self, reason: &str, detail: &BTreeMap<String, String>) {
+        if let Err(error) = pay::note(self.state, self.auth, &self.grant.hold_id, reason, detail).await {
+            tracing::warn!(hold = %self.grant.hold_id, code = error.code, "could not log a note on an ACP hold");
+        }
+    }
+}
+
+/// The agent's hold for this merchant's session, for the cancel endpoint.
+async fn own_hold(
+    state: &AppState,
+    auth: &AgentAuth,
+    text: &str,
+    merchant_name: &str,
+    checkout_session_id: &str,
+) -> Result<HoldInfo, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "unknown_hold", "no such hold");
+    let hold: HoldId = text.parse().map_err(|_| not_found())?;
+    if hold.tree() != auth.agent.tree() {
+        return Err(not_found());
+    }
+    let info = pay::hold_info(state, auth, &hold).await.map_err(|error| match error.code {
+        "unknown_hold" => not_found(),
+        _ => error,
+    })?;
+    let details: BTreeMap<String, String> = serde_json::from_str(&info.details).unwrap_or_default();
+    let same = info.protocol == "acp"
+        && info.service == merchant_name
+        && details.get("checkout_session_id").map(String::as_str) == Some(checkout_session_id);
+    if !same {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "acp_hold_mismatch",
+            "the hold is not this merchant's checkout session's",
+        ));
+    }
+    if info.state == "settled" {
+        return Err(ApiError::new(StatusCode::CONFLICT, "acp_already_completed", "the purchase was paid")
+            .with_extra(json!({ "hold_id": text })));
+    }
+    Ok(info)
+}
+
+/// `POST /v1/acp/checkouts/{id}/cancel`: cancels at the merchant first, and voids the hold only
+/// once the merchant confirms, so a hold is never dropped while the merchant may still charge.
+pub(super) async fn cancel(
+    state: &AppState,
+    acp: &Acp,
+    auth: &AgentAuth,
+    checkout_session_id: &str,
+    body: CancelRequest,
+) -> Result<Reply, ApiError> {
+    verify_token(state, auth).await?;
+    let merchant = acp.merchant(&body.merchant)?;
+    let hold = match &body.hold_id {
+        Some(text) => Some(own_hold(state, auth, text, &body.merchant, checkout_session_id).await?),
+        None => None,
+    };
+    let key = match &hold {
+        Some(info) => format!("{}:cancel", info.hold_id),
+        None => {
+            format!("cancel_{}", &sha256_hex(&[auth.agent.as_str(), &body.merchant, checkout_session_id])[..48])
+        }
+    };
+    let request = CancelSessionRequest::with_reason(CancelReason::Other, Some("canceled by the agent"));
+    let session = merchant.cancel_session(checkout_session_id, &request, &provider_key(key)?).await.map_err(|error| {
+        tracing::info!(agent = %auth.agent, merchant = %body.merchant, code = error.code(), detail = %describe(&error),
+            "ACP cancel refused");
+        let error_view = acp_error(&error);
+        match error {
+            AcpError::InvalidInput { .. } => error_view,
+            _ => with_fields(error_view, json!({ "checkout_session_id": checkout_session_id })),
+        }
+    })?;
+    if session.status != SessionStatus::Canceled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "acp_not_canceled",
+            format!("the merchant answered the cancellation with status {}", session.status),
+        )
+        .with_extra(json!({ "checkout_session_id": checkout_session_id, "session_status": session.status.as_str() })));
+    }
+    let released = match &hold {
+        Some(info) if info.state == "open" => match pay::void(state, auth, &info.hold_id, "canceled_by_agent").await {
+            Ok(released) => released,
+            Err(ended) if ended.code == "hold_voided" || ended.code == "hold_expired" => Micros::ZERO,
+            Err(error) => return Err(error),
+        },
+        _ => Micros::ZERO,
+    };
+    tracing::info!(agent = %auth.agent, merchant = %body.merchant, checkout_session_id,
+        released = released.get(), "ACP checkout session canceled");
+    Reply::ok(&Canceled {
+        status: "canceled",
+        merchant: &body.merchant,
+        checkout_session_id,
+        hold_id: hold.map(|info| info.hold_id.to_string()),
+        released_micros: released.get(),
+    })
+}

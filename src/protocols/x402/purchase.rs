@@ -1,0 +1,766 @@
+//! One fetch for an agent, paid when the server asks: the money path of the x402 endpoint.
+//!
+//! ```text
+//! verify the agent ─▶ fetch unpaid ─▶ 402? ─▶ parse, choose (policy) ─▶ pay::hold (idempotent)
+//!   ─▶ sign (fresh terms, or the stored ones when the purchase resumes) ─▶ fetch with payment
+//!   ─▶ settled: pay::settle + receipt, finish(Done)   ─▶ 402 again: note, keep the hold
+//!   ─▶ no answer: note, keep the hold, finish(Release) so that a retry re-sends the same one
+//! ```
+//!
+//! Nothing is held or signed before the 402 has been read and the policy accepted it, and
+//! nothing is signed before the ledger granted the hold. A signed authorization is never voided:
+//! anyone holding it could still settle it until its `validBefore`, so its hold stays until the
+//! server confirms the settlement or the ledger expires it at `validBefore`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use adapters::conformance::ConformanceSink;
+use adapters::x402::{
+    choose, parse_payment_required, parse_settlement, record_payment, sign_payment, AllowedAsset, Choice,
+    ChosenRequirement, EvmSigner, Nonce, PaymentId, PaymentPayload, PaymentRequired, PaymentTerms, SettlementResponse,
+    X402Error, PAYMENT_IDENTIFIER,
+};
+use adapters::Micros;
+use axum::http::header::{HeaderName, HeaderValue};
+use axum::http::StatusCode;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::destination::Destinations;
+use super::routes::{PaymentStatus, PaymentView};
+use super::upstream::{Answer, Outgoing, Upstream, UpstreamError};
+use crate::api::{agent_scoped, AgentAuth, ApiError, AppState};
+use crate::identity::HoldId;
+use crate::ledger::{Idempotency, IdempotencyFinish, IdempotencyMode, Refusal, RefusalReason};
+use crate::pay::{self, Held, HoldSpec};
+
+/// The daemon stops waiting for a paid response this long before the authorization's
+/// `validBefore`, so that a confirmed settlement always reaches the ledger while its hold is open.
+const SETTLE_MARGIN_MS: u64 = 1_000;
+/// An authorization is not sent (or re-sent) with less time than this left to wait for the answer.
+const MIN_SEND_MS: u64 = 1_000;
+/// How long an in-flight purchase keeps its idempotency key beyond the upstream timeout before a
+/// duplicate may take it over (the first caller died).
+const LEASE_GRACE_MS: u64 = 15_000;
+/// How many times a derived purchase key moves past a replayed refusal (see [`hold`]).
+const MAX_DERIVED_KEY_STEPS: u32 = 8;
+/// At most this much of a server's text is copied into log lines and errors.
+const REASON_CHARS: usize = 200;
+
+/// What a paid fetch runs with (built once at start-up from `X402Config`).
+pub struct Engine {
+    pub signer: EvmSigner,
+    pub assets: Vec<AllowedAsset>,
+    pub max_payment: Micros,
+    pub max_validity_secs: u64,
+    pub timeout: Duration,
+    pub upstream: Upstream,
+    pub destinations: Destinations,
+    pub conformance: ConformanceSink,
+}
+
+/// An agent's fetch, parsed from either form.
+pub struct FetchRequest {
+    pub outgoing: Outgoing,
+    pub task: String,
+    /// The agent's own per-call maximum (the configured maximum applies regardless).
+    pub max_amount: Option<Micros>,
+    /// The agent's `Idempotency-Key`; without one, the purchase key is derived from the request.
+    pub idempotency_key: Option<String>,
+}
+
+/// What goes back to the agent: the upstream response, and the payment if one was made.
+#[derive(Clone, Debug)]
+pub struct Delivered {
+    pub answer: Answer,
+    pub payment: Option<PaymentView>,
+    /// True when this is the stored result of an earlier request for the same purchase.
+    pub replayed: bool,
+}
+
+/// The outcome stored with a finished purchase's idempotency key, replayed to its retries.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Stored {
+    Delivered { status: u16, headers: Vec<(String, String)>, body_base64: String, payment: Option<Box<PaymentView>> },
+    Error { status: u16, code: String, detail: String, extra: Option<Value> },
+}
+
+/// The error codes a finished purchase can store (an `ApiError` code is `'static`).
+const STORED_ERROR_CODES: [&str; 6] = [
+    "x402_already_paid",
+    "x402_authorization_expired",
+    "x402_resume_mismatch",
+    "x402_signing_failed",
+    "x402_upstream_body_lost",
+    "x402_upstream_body_too_large",
+];
+
+impl Stored {
+    fn of_delivered(delivered: &Delivered) -> Stored {
+        Stored::Delivered {
+            status: delivered.answer.status.as_u16(),
+            headers: delivered
+                .answer
+                .headers
+                .iter()
+                .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
+                .collect(),
+            body_base64: STANDARD.encode(&delivered.answer.body),
+            payment: delivered.payment.clone().map(Box::new),
+        }
+    }
+
+    fn of_error(err: &ApiError) -> Stored {
+        Stored::Error {
+            status: err.status.as_u16(),
+            code: err.code.to_owned(),
+            detail: err.detail.clone(),
+            extra: err.extra.clone(),
+        }
+    }
+
+    fn replay(text: &str) -> Result<Delivered, ApiError> {
+        let stored: Stored = serde_json::from_str(text).map_err(ApiError::internal)?;
+        match stored {
+            Stored::Delivered { status, headers, body_base64, payment } => {
+                let mut map = axum::http::HeaderMap::new();
+                for (name, value) in headers {
+                    if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+                        map.append(name, value);
+                    }
+                }
+                Ok(Delivered {
+                    answer: Answer {
+                        status: StatusCode::from_u16(status).map_err(ApiError::internal)?,
+                        headers: map,
+                        body: STANDARD.decode(body_base64).map_err(ApiError::internal)?.into(),
+                    },
+                    payment: payment.map(|payment| *payment),
+                    replayed: true,
+                })
+            }
+            Stored::Error { status, code, detail, extra } => {
+                let code = STORED_ERROR_CODES.iter().find(|known| **known == code).copied().unwrap_or("x402_failed");
+                let mut err = ApiError::new(StatusCode::from_u16(status).map_err(ApiError::internal)?, code, detail);
+                let mut extra = extra.unwrap_or_else(|| json!({}));
+                if let Value::Object(map) = &mut extra {
+                    map.insert("replayed".to_owned(), Value::Bool(true));
+                }
+                err.extra = Some(extra);
+                Err(err)
+            }
+        }
+    }
+}
+
+/// The terms that make one authorization: the same terms always sign the same bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Terms {
+    nonce: Nonce,
+    /// The Unix second the authorization was (first) signed at; its validity derives from it.
+    signed_at: u64,
+    payment_id: Option<PaymentId>,
+}
+
+impl Terms {
+    fn fresh(now_secs: u64, declares_payment_id: bool) -> Terms {
+        let payment_id = declares_payment_id
+            .then(|| format!("spendcap_{}", hex::encode(rand::random::<[u8; 16]>())))
+            .and_then(|id| id.parse().ok());
+        Terms { nonce: Nonce::random(), signed_at: now_secs, payment_id }
+    }
+
+    fn payment_terms(&self) -> PaymentTerms {
+        PaymentTerms { nonce: self.nonce, now_secs: self.signed_at, payment_id: self.payment_id.clone() }
+    }
+
+    /// Writes the terms into the hold's details, so that a resumed purchase signs them again.
+    fn write(&self, choice: &Choice, details: &mut BTreeMap<String, String>) {
+        details.insert("nonce".to_owned(), self.nonce.to_string());
+        details.insert("signed_at".to_owned(), self.signed_at.to_string());
+        details.insert("valid_before".to_owned(), choice.valid_before(self.signed_at).to_string());
+        details.insert("x402_version".to_owned(), choice.version().to_string());
+        if let Some(id) = &self.payment_id {
+            details.insert("payment_id".to_owned(), id.to_string());
+        }
+    }
+
+    /// Reads the terms a hold was made with.
+    fn read(details: &BTreeMap<String, String>) -> Option<Terms> {
+        Some(Terms {
+            nonce: details.get("nonce")?.parse().ok()?,
+            signed_at: details.get("signed_at")?.parse().ok()?,
+            payment_id: match details.get("payment_id") {
+                Some(id) => Some(id.parse().ok()?),
+                None => None,
+            },
+        })
+    }
+}
+
+fn error(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+    ApiError::new(status, code, detail)
+}
+
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(REASON_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// A 402 the daemon will not pay: unreadable (the server's fault, 502) or refused by the policy
+/// (402, like a budget refusal). Either way nothing was held or signed.
+fn refused_402(err: &X402Error) -> ApiError {
+    let status = match err {
+        X402Error::UnsupportedScheme { .. }
+        | X402Error::UnknownNetwork { .. }
+        | X402Error::UnknownAsset { .. }
+        | X402Error::DomainMismatch { .. }
+        | X402Error::OverPaymentMaximum { .. }
+        | X402Error::NoAcceptableRequirement { .. }
+        | X402Error::PaymentIdRequired => StatusCode::PAYMENT_REQUIRED,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    let mut extra = json!({ "upstream_status": 402 });
+    if let (X402Error::OverPaymentMaximum { amount, maximum }, Value::Object(map)) = (err, &mut extra) {
+        map.insert("requested_micros".to_owned(), json!(amount));
+        map.insert("maximum_micros".to_owned(), json!(maximum));
+    }
+    error(status, err.code(), err.to_string()).with_extra(extra)
+}
+
+/// An unpaid request that got no usable answer.
+fn unpaid_failure(err: UpstreamError) -> ApiError {
+    match err {
+        UpstreamError::Refused(refused) => {
+            error(StatusCode::FORBIDDEN, "x402_destination_forbidden", refused.to_string())
+        }
+        UpstreamError::NoResponse { timed_out: true, detail } => {
+            error(StatusCode::GATEWAY_TIMEOUT, "x402_upstream_timeout", detail)
+        }
+        UpstreamError::NoResponse { timed_out: false, detail } => {
+            error(StatusCode::BAD_GATEWAY, "x402_upstream_unreachable", detail)
+        }
+        UpstreamError::Body { too_large: true, status, detail, .. } => {
+            error(StatusCode::BAD_GATEWAY, "x402_upstream_body_too_large", detail)
+                .with_extra(json!({ "upstream_status": status.as_u16() }))
+        }
+        UpstreamError::Body { too_large: false, status, detail, .. } => {
+            error(StatusCode::BAD_GATEWAY, "x402_upstream_body_lost", detail)
+                .with_extra(json!({ "upstream_status": status.as_u16() }))
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The purchase's idempotency key: the agent's own, or one derived from what it asked for (task,
+/// method, URL, body), so that a plain retry of the same request is the same purchase.
+fn purchase_key(request: &FetchRequest) -> String {
+    match &request.idempotency_key {
+        Some(key) => format!("x402:k:{key}"),
+        None => {
+            let outgoing = &request.outgoing;
+            let material =
+                format!("{}\n{}\n{}\n{}", request.task, outgoing.method, outgoing.url, sha256_hex(&outgoing.body));
+            format!("x402:r:{}", sha256_hex(material.as_bytes()))
+        }
+    }
+}
+
+/// What a purchase key stands for: the request and the requirement chosen for it. The same key
+/// with another request, another price or another payee is an `idempotency_conflict`.
+fn fingerprint(request: &FetchRequest, choice: &Choice) -> String {
+    let outgoing = &request.outgoing;
+    let material = format!(
+        "{}\n{}\n{}\nv{} {} {} {} {} {} {}",
+        outgoing.method,
+        outgoing.url,
+        sha256_hex(&outgoing.body),
+        choice.version(),
+        match choice.requirement() {
+            ChosenRequirement::V1(requirement) => requirement.scheme.as_str(),
+            ChosenRequirement::V2(requirement) => requirement.scheme.as_str(),
+        },
+        choice.network(),
+        choice.atomic_amount(),
+        choice.asset(),
+        choice.pay_to(),
+        choice.timeout_secs(),
+    );
+    sha256_hex(material.as_bytes())
+}
+
+/// The budget refusal for an agent that is revoked or expired, answered before anything is
+/// fetched for it.
+fn refused_agent(state: &AppState, agent: &AgentAuth, balance: &crate::ledger::Balance) -> Option<ApiError> {
+    let reason = if balance.revoked.is_some() {
+        RefusalReason::AgentRevoked
+    } else if balance.expires_at_ms.is_some_and(|at| at <= state.clock.now_ms()) {
+        RefusalReason::AgentExpired
+    } else {
+        return None;
+    };
+    let refusal = Refusal {
+        reason,
+        requested: Micros::ZERO,
+        remaining: Micros::ZERO,
+        limited_by: agent.agent.to_string(),
+        replayed: false,
+    };
+    Some(crate::api::holds::refusal_error(&refusal))
+}
+
+/// Says what an `idempotency_conflict` means for a fetch.
+fn explain_conflict(mut err: ApiError, request: &FetchRequest) -> ApiError {
+    if err.code == "idempotency_conflict" {
+        err.detail = if request.idempotency_key.is_some() {
+            "this Idempotency-Key was used for another request, or the server now asks another price or payee"
+        } else {
+            "this same request was already bought at another price or payee; send an Idempotency-Key to buy it again"
+        }
+        .to_owned();
+    }
+    err
+}
+
+/// Whether the agent could hold `amount` now, counting every ancestor.
+async fn has_room(state: &AppState, agent: &AgentAuth, amount: Micros) -> bool {
+    let balance = state.ledger.balance(state.clock.now_ms(), &agent.agent, &agent.caller()).await;
+    balance.is_ok_and(|balance| balance.available >= amount)
+}
+
+/// Holds the purchase under its idempotency key: a new hold, the earlier one of the same
+/// purchase (resumed), or the stored outcome of a finished one.
+///
+/// A refusal holds nothing, but the ledger keeps replaying it for its key. So when a derived key
+/// (no `Idempotency-Key`) replays a refusal while the agent has room now (its cap was raised, its
+/// holds ended), the purchase moves on to the request's next key (`…:1`, `…:2`, …); retries walk
+/// the same keys, so they find the same purchase.
+async fn hold(
+    state: &AppState,
+    engine: &Engine,
+    agent: &AgentAuth,
+    request: &FetchRequest,
+    choice: &Choice,
+    intent: &adapters::PaymentIntent,
+    expires_at_ms: u64,
+) -> Result<(String, Held), ApiError> {
+    let fingerprint = fingerprint(request, choice);
+    let lease_ms = engine.timeout.as_millis() as u64 + LEASE_GRACE_MS;
+    let base_key = purchase_key(request);
+    let mut step = 0;
+    loop {
+        let key = if step == 0 { base_key.clone() } else { format!("{base_key}:{step}") };
+        let spec = HoldSpec {
+            intent,
+            task: &request.task,
+            expires_at_ms,
+            idempotency: Some(Idempotency {
+                key: key.clone(),
+                fingerprint: fingerprint.clone(),
+                mode: IdempotencyMode::Pending { lease_ms },
+            }),
+        };
+        match pay::hold(state, agent, spec).await {
+            Err(refusal)
+                if refusal.code == RefusalReason::CapExceeded.code()
+                    && request.idempotency_key.is_none()
+                    && step < MAX_DERIVED_KEY_STEPS
+                    && has_room(state, agent, choice.amount()).await =>
+            {
+                step += 1;
+            }
+            held => return Ok((key, held.map_err(|err| explain_conflict(err, request))?)),
+        }
+    }
+}
+
+/// Fetches for the agent, paying when the server asks and the budget and policy allow.
+pub async fn fetch(
+    state: &AppState,
+    engine: &Engine,
+    agent: &AgentAuth,
+    request: FetchRequest,
+) -> Result<Delivered, ApiError> {
+    // The token is checked before anything is fetched: unauthenticated callers get no proxy.
+    let balance =
+        state.ledger.balance(state.clock.now_ms(), &agent.agent, &agent.caller()).await.map_err(agent_scoped)?;
+    if let Some(refusal) = refused_agent(state, agent, &balance) {
+        return Err(refusal);
+    }
+
+    let first = engine.upstream.send(&request.outgoing, None, engine.timeout).await.map_err(unpaid_failure)?;
+    if first.status != StatusCode::PAYMENT_REQUIRED {
+        return Ok(Delivered { answer: first, payment: None, replayed: false });
+    }
+    let required = parse_payment_required(&first.headers, &first.body).map_err(|err| {
+        tracing::info!(agent = %agent.agent, code = err.code(), "x402: unusable 402");
+        refused_402(&err)
+    })?;
+    let policy = adapters::x402::Policy {
+        assets: engine.assets.clone(),
+        max_payment: request.max_amount.map_or(engine.max_payment, |max| max.min(engine.max_payment)),
+        max_validity_secs: engine.max_validity_secs,
+    };
+    let choice = choose(&required, &policy).map_err(|err| {
+        tracing::info!(agent = %agent.agent, code = err.code(), "x402: payment refused by policy");
+        refused_402(&err)
+    })?;
+    if choice.timeout_secs().saturating_mul(1000) < MIN_SEND_MS + SETTLE_MARGIN_MS + 1_000 {
+        return Err(error(
+            StatusCode::PAYMENT_REQUIRED,
+            "x402_validity_too_short",
+            format!("the server allows {} s to settle; at least 3 s are needed", choice.timeout_secs()),
+        ));
+    }
+
+    // Terms for a new purchase, stored in the hold before holding: a resumed purchase reads them
+    // back and signs exactly the same authorization.
+    let now_secs = state.clock.now_ms() / 1000;
+    let declares_payment_id = matches!(&required, PaymentRequired::V2(r)
+        if r.extensions.as_ref().is_some_and(|extensions| extensions.contains_key(PAYMENT_IDENTIFIER)));
+    let fresh = Terms::fresh(now_secs, declares_payment_id);
+    let mut intent = choice.intent(request.outgoing.url.as_str());
+    fresh.write(&choice, &mut intent.details);
+    let expires_at_ms = choice.valid_before(now_secs) * 1000;
+    let (key, held) = hold(state, engine, agent, &request, &choice, &intent, expires_at_ms).await?;
+    let purchase = match held {
+        Held::Finished(stored) => return Stored::replay(&stored),
+        Held::New(grant) => Purchase { hold: grant.hold_id, terms: fresh, resumed: false },
+        Held::Resumed(grant) => match resumable(state, agent, &grant.hold_id).await {
+            Ok(terms) => Purchase { hold: grant.hold_id, terms, resumed: true },
+            // The purchase is over for good: its retries get the same answer.
+            Err(err) if STORED_ERROR_CODES.contains(&err.code) => {
+                return Err(finish_with_error(state, agent, &key, err).await)
+            }
+            Err(err) => return Err(err),
+        },
+    };
+    let paying = Paying { state, engine, agent, key, choice, purchase, url: &request.outgoing.url };
+    paying.pay(&request.outgoing).await
+}
+
+/// A granted hold and the terms of its authorization.
+struct Purchase {
+    hold: HoldId,
+    terms: Terms,
+    resumed: bool,
+}
+
+/// The terms of the purchase a retry resumes, if it can still be paid with them.
+async fn resumable(state: &AppState, agent: &AgentAuth, hold: &HoldId) -> Result<Terms, ApiError> {
+    let info = pay::hold_info(state, agent, hold).await?;
+    if info.state == "settled" {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "x402_already_paid",
+            "this purchase was paid and settled, but its response was lost; it is not paid again",
+        )
+        .with_extra(json!({ "hold_id": hold.to_string(), "amount_micros": info.amount.get() })));
+    }
+    let details: BTreeMap<String, String> = serde_json::from_str(&info.details).unwrap_or_default();
+    let expired = || {
+        error(
+            StatusCode::CONFLICT,
+            "x402_authorization_expired",
+            "the authorization signed for this purchase has expired without a confirmed settlement; \
+             nothing new is signed under the same purchase: retry with a new Idempotency-Key to buy again",
+        )
+        .with_extra(json!({ "hold_id": hold.to_string(), "nonce": details.get("nonce") }))
+    };
+    if info.state != "open" || info.expires_at_ms < state.clock.now_ms() + SETTLE_MARGIN_MS + MIN_SEND_MS {
+        return Err(expired());
+    }
+    Terms::read(&details).ok_or_else(|| ApiError::internal(format!("hold {hold} lacks its x402 terms")))
+}
+
+/// Ends a purchase that cannot go on: its retries get the same error.
+async fn finish_with_error(state: &AppState, agent: &AgentAuth, key: &str, err: ApiError) -> ApiError {
+    match serde_json::to_string(&Stored::of_error(&err)) {
+        Ok(stored) => finish(state, agent, key, IdempotencyFinish::Done(stored)).await,
+        Err(cause) => tracing::error!(error = %cause, "x402: cannot store a purchase's outcome"),
+    }
+    err
+}
+
+async fn finish(state: &AppState, agent: &AgentAuth, key: &str, outcome: IdempotencyFinish) {
+    if let Err(err) = pay::finish(state, agent, key, outcome).await {
+        // The lease runs out on its own; a retry then resumes the same hold.
+        tracing::warn!(agent = %agent.agent, code = err.code, "x402: could not finish the purchase's idempotency key");
+    }
+}
+
+struct Paying<'a> {
+    state: &'a AppState,
+    engine: &'a Engine,
+    agent: &'a AgentAuth,
+    key: String,
+    choice: Choice,
+    purchase: Purchase,
+    url: &'a reqwest::Url,
+}
+
+impl Paying<'_> {
+    fn valid_before(&self) -> u64 {
+        self.choice.valid_before(self.purchase.terms.signed_at)
+    }
+
+    fn service(&self) -> String {
+        self.url.host_str().unwrap_or_default().to_ascii_lowercase()
+    }
+
+    /// The facts of this payment for log lines and receipts.
+    fn details(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("pay_to".to_owned(), self.choice.pay_to().to_string()),
+            ("network".to_owned(), self.choice.network().to_owned()),
+            ("asset".to_owned(), self.choice.asset().to_string()),
+            ("nonce".to_owned(), self.purchase.terms.nonce.to_string()),
+            ("valid_before".to_owned(), self.valid_before().to_string()),
+            ("x402_version".to_owned(), self.choice.version().to_string()),
+        ])
+    }
+
+    fn view(&self, status: PaymentStatus) -> PaymentView {
+        PaymentView {
+            status,
+            hold_id: self.purchase.hold.to_string(),
+            amount_micros: self.choice.amount().get(),
+            network: self.choice.network().to_owned(),
+            asset: self.choice.asset().to_string(),
+            pay_to: self.choice.pay_to().to_string(),
+            nonce: self.purchase.terms.nonce.to_string(),
+            valid_before: self.valid_before(),
+            transaction: None,
+            payer: None,
+            receipt: None,
+            reason: None,
+        }
+    }
+
+    /// Signs (or re-signs) the authorization, sends it, and accounts for the answer.
+    async fn pay(self, outgoing: &Outgoing) -> Result<Delivered, ApiError> {
+        let payment = match self.sign() {
+            Ok(payment) => payment,
+            Err(err) => return Err(self.abandon(err).await),
+        };
+        let header = match payment.to_header() {
+            Ok(header) => header,
+            Err(err) => {
+                let err = error(StatusCode::INTERNAL_SERVER_ERROR, "x402_signing_failed", err.to_string());
+                return Err(self.abandon(err).await);
+            }
+        };
+        let now_ms = self.state.clock.now_ms();
+        let wait_ms = (self.valid_before() * 1000).saturating_sub(now_ms + SETTLE_MARGIN_MS);
+        if wait_ms < MIN_SEND_MS {
+            // Only a resumed purchase can get here (a new one has at least 3 s): its authorization
+            // is about to expire, so it is not sent again and nothing new is signed.
+            let err = error(
+                StatusCode::CONFLICT,
+                "x402_authorization_expired",
+                "the authorization of this purchase expires too soon to be sent again",
+            );
+            return Err(finish_with_error(self.state, self.agent, &self.key, err).await);
+        }
+        let timeout = self.engine.timeout.min(Duration::from_millis(wait_ms));
+        record_payment(&self.engine.conformance, &payment, &self.choice);
+        tracing::info!(agent = %self.agent.agent, service = %self.service(), pay_to = %self.choice.pay_to(),
+            network = self.choice.network(), asset = %self.choice.asset(), nonce = %self.purchase.terms.nonce,
+            amount = self.choice.amount().get(), resumed = self.purchase.resumed, "x402: sending payment");
+        match self.engine.upstream.send(outgoing, Some(&header), timeout).await {
+            Ok(answer) if answer.status == StatusCode::PAYMENT_REQUIRED => Err(self.rejected(&answer).await),
+            Ok(answer) => self.answered(answer).await,
+            Err(UpstreamError::Body { status, headers, .. }) if status == StatusCode::PAYMENT_REQUIRED => {
+                Err(self.rejected(&Answer { status, headers, body: Default::default() }).await)
+            }
+            Err(UpstreamError::Body { status, headers, too_large, detail }) => {
+                match parse_settlement(&headers, self.choice.version()) {
+                    Ok(settlement) if settlement.success => {
+                        // Paid, but the body cannot be passed on: record the payment anyway.
+                        let code = if too_large { "x402_upstream_body_too_large" } else { "x402_upstream_body_lost" };
+                        let delivered =
+                            self.settled(Answer { status, headers, body: Default::default() }, settlement).await;
+                        let err = error(StatusCode::BAD_GATEWAY, code, detail).with_extra(json!({
+                            "upstream_status": status.as_u16(),
+                            "payment": delivered.payment,
+                        }));
+                        Err(finish_with_error(self.state, self.agent, &self.key, err).await)
+                    }
+                    _ => Err(self.unknown(format!("HTTP {status}, then {detail}"), false).await),
+                }
+            }
+            Err(UpstreamError::NoResponse { timed_out, detail }) => Err(self.unknown(detail, timed_out).await),
+            // A pooled connection does not resolve again; a new one is checked like the first.
+            Err(UpstreamError::Refused(refused)) => Err(self.unknown(refused.to_string(), false).await),
+        }
+    }
+
+    /// The authorization: fresh terms for a new purchase, the stored ones for a resumed one (the
+    /// signature is deterministic, so it is the very same authorization).
+    fn sign(&self) -> Result<PaymentPayload, ApiError> {
+        let payment = sign_payment(&self.choice, &self.engine.signer, &self.purchase.terms.payment_terms())
+            .map_err(|err| error(StatusCode::INTERNAL_SERVER_ERROR, "x402_signing_failed", err.to_string()))?;
+        let authorization = &payment.exact().authorization;
+        if authorization.nonce != self.purchase.terms.nonce.to_string()
+            || authorization.valid_before != self.valid_before().to_string()
+        {
+            return Err(error(
+                StatusCode::CONFLICT,
+                "x402_resume_mismatch",
+                "the authorization would differ from the one first signed for this purchase; it is not sent",
+            ));
+        }
+        Ok(payment)
+    }
+
+    /// Gives up before anything was sent. A new purchase's hold is voided (its authorization
+    /// never left the daemon); a resumed one keeps its hold (the first authorization did).
+    async fn abandon(&self, err: ApiError) -> ApiError {
+        if !self.purchase.resumed {
+            if let Err(void_err) = pay::void(self.state, self.agent, &self.purchase.hold, err.code).await {
+                tracing::warn!(hold = %self.purchase.hold, code = void_err.code, "x402: could not void an unsent payment's hold");
+            }
+        }
+        tracing::error!(agent = %self.agent.agent, code = err.code, detail = %err.detail, "x402: payment not sent");
+        finish_with_error(self.state, self.agent, &self.key, err).await
+    }
+
+    /// Logs a fact about the held payment without changing any balance.
+    async fn note(&self, reason: &str, extra: &[(&str, String)]) {
+        let mut details = self.details();
+        details.extend(extra.iter().map(|(key, value)| ((*key).to_owned(), clip(value))));
+        if let Err(err) = pay::note(self.state, self.agent, &self.purchase.hold, reason, &details).await {
+            tracing::warn!(hold = %self.purchase.hold, code = err.code, reason, "x402: could not log a note");
+        }
+    }
+
+    /// The server answered 402 to the payment: it rejected it. The authorization stays live
+    /// until `validBefore` (the server, or anyone it passed it to, could still settle it), so the
+    /// hold stays too, and the ledger releases it then. A retry of the same purchase re-sends
+    /// the same authorization.
+    async fn rejected(&self, answer: &Answer) -> ApiError {
+        let reason = parse_payment_required(&answer.headers, &answer.body)
+            .ok()
+            .and_then(|required| required.error().map(clip))
+            .unwrap_or_else(|| "unspecified".to_owned());
+        tracing::warn!(agent = %self.agent.agent, service = %self.service(), nonce = %self.purchase.terms.nonce,
+            reason = %reason, "x402: payment rejected; the hold stays until validBefore");
+        self.note("x402_payment_rejected", &[("server_reason", reason.clone())]).await;
+        finish(self.state, self.agent, &self.key, IdempotencyFinish::Release).await;
+        error(
+            StatusCode::PAYMENT_REQUIRED,
+            "x402_payment_rejected",
+            format!("the server rejected the payment: {reason}"),
+        )
+        .with_extra(json!({
+            "reason": reason,
+            "hold_id": self.purchase.hold.to_string(),
+            "amount_micros": self.choice.amount().get(),
+            "held_until_ms": self.valid_before() * 1000,
+            "nonce": self.purchase.terms.nonce.to_string(),
+        }))
+    }
+
+    /// No answer to a sent payment: it may have settled. The hold stays, and the purchase key is
+    /// released so that a retry re-sends the same authorization (never a second one).
+    async fn unknown(&self, detail: String, timed_out: bool) -> ApiError {
+        tracing::warn!(agent = %self.agent.agent, service = %self.service(), nonce = %self.purchase.terms.nonce,
+            detail = %detail, "x402: payment outcome unknown; the hold stays until validBefore");
+        self.note("x402_outcome_unknown", &[("error", detail.clone())]).await;
+        finish(self.state, self.agent, &self.key, IdempotencyFinish::Release).await;
+        let status = if timed_out { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+        error(
+            status,
+            "x402_payment_outcome_unknown",
+            format!(
+                "the payment was sent but no answer came back ({}); retry the same request to resume the same \
+                 purchase with the same authorization",
+                clip(&detail)
+            ),
+        )
+        .with_extra(json!({
+            "hold_id": self.purchase.hold.to_string(),
+            "amount_micros": self.choice.amount().get(),
+            "held_until_ms": self.valid_before() * 1000,
+            "nonce": self.purchase.terms.nonce.to_string(),
+        }))
+    }
+
+    /// The server answered the payment with something other than a 402.
+    async fn answered(&self, answer: Answer) -> Result<Delivered, ApiError> {
+        match parse_settlement(&answer.headers, self.choice.version()) {
+            Ok(settlement) if settlement.success => {
+                let delivered = self.settled(answer, settlement).await;
+                match serde_json::to_string(&Stored::of_delivered(&delivered)) {
+                    Ok(stored) => finish(self.state, self.agent, &self.key, IdempotencyFinish::Done(stored)).await,
+                    Err(err) => tracing::error!(error = %err, "x402: cannot store a purchase's outcome"),
+                }
+                Ok(delivered)
+            }
+            outcome => {
+                // No confirmation (or a failure report): the authorization may still settle, so
+                // the hold stays until validBefore; a retry re-sends the same authorization.
+                let reason = match outcome {
+                    Ok(settlement) => settlement.error_reason.unwrap_or_else(|| "settlement_failed".to_owned()),
+                    Err(err) => err.code().to_owned(),
+                };
+                tracing::warn!(agent = %self.agent.agent, service = %self.service(), nonce = %self.purchase.terms.nonce,
+                    status = answer.status.as_u16(), reason = %reason, "x402: settlement not confirmed");
+                self.note(
+                    "x402_settlement_unconfirmed",
+                    &[("reason", reason.clone()), ("upstream_status", answer.status.as_u16().to_string())],
+                )
+                .await;
+                finish(self.state, self.agent, &self.key, IdempotencyFinish::Release).await;
+                let mut view = self.view(PaymentStatus::Unconfirmed);
+                view.reason = Some(clip(&reason));
+                Ok(Delivered { answer, payment: Some(view), replayed: false })
+            }
+        }
+    }
+
+    /// The server confirmed the settlement: the hold is settled for the price, with a receipt.
+    async fn settled(&self, answer: Answer, settlement: SettlementResponse) -> Delivered {
+        let mut details = self.details();
+        details.insert("transaction".to_owned(), clip(&settlement.transaction));
+        if let Some(payer) = &settlement.payer {
+            details.insert("payer".to_owned(), clip(payer));
+        }
+        if settlement.network != self.choice.network() {
+            details.insert("settled_network".to_owned(), clip(&settlement.network));
+        }
+        if let Some(amount) = &settlement.amount {
+            details.insert("settled_amount".to_owned(), clip(amount));
+        }
+        let mut view = self.view(PaymentStatus::Settled);
+        view.transaction = Some(clip(&settlement.transaction));
+        view.payer = settlement.payer.as_deref().map(clip);
+        match pay::settle(self.state, self.agent, &self.purchase.hold, self.choice.amount(), &details).await {
+            Ok(settled) => {
+                tracing::info!(agent = %self.agent.agent, service = %self.service(), hold = %self.purchase.hold,
+                    nonce = %self.purchase.terms.nonce, transaction = %clip(&settlement.transaction),
+                    amount = settled.outcome.amount.get(), "x402: paid");
+                view.receipt = Some(settled.receipt);
+            }
+            Err(err) => {
+                // The money moved on-chain but the ledger could not record it: say so loudly, and
+                // still hand the agent what it paid for.
+                tracing::error!(agent = %self.agent.agent, hold = %self.purchase.hold, code = err.code,
+                    nonce = %self.purchase.terms.nonce, transaction = %clip(&settlement.transaction),
+                    "x402: settled upstream but the ledger did not record the settlement");
+                view.reason = Some(err.code.to_owned());
+            }
+        }
+        Delivered { answer, payment: Some(view), replayed: false }
+    }
+}

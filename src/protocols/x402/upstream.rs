@@ -1,0 +1,181 @@
+//! The HTTP client that talks to resource servers on the agents' behalf.
+//!
+//! It connects only to checked destinations (see [`super::destination`]): its resolver refuses
+//! non-public addresses, it ignores proxy settings from the environment (a proxy would resolve
+//! the host itself, unchecked) and it follows no redirect (a redirect would both reach an
+//! unchecked URL and carry a live payment authorization to it; the 3xx goes back to the agent).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{Method, StatusCode};
+use reqwest::Url;
+
+use super::destination::{refused_in, CheckedResolver, DestinationRefused, Destinations};
+
+/// A request to send upstream, as the agent asked for it (headers already filtered).
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub method: Method,
+    pub url: Url,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A complete upstream response.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// The destination resolved to an address that may not be fetched; nothing was sent.
+    Refused(DestinationRefused),
+    /// No response came back: connection refused or reset, TLS failure, or the timeout passed
+    /// before the response head.
+    NoResponse { timed_out: bool, detail: String },
+    /// The response head came back but not its body: larger than the limit, cut off, or slow.
+    Body { status: StatusCode, headers: HeaderMap, too_large: bool, detail: String },
+}
+
+pub struct Upstream {
+    client: reqwest::Client,
+    max_response_bytes: usize,
+}
+
+impl Upstream {
+    pub fn build(
+        destinations: Destinations,
+        connect_timeout: Duration,
+        max_response_bytes: usize,
+    ) -> Result<Upstream, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(CheckedResolver { destinations }))
+            .connect_timeout(connect_timeout)
+            .user_agent(concat!("spendcap/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Upstream { client, max_response_bytes })
+    }
+
+    /// Sends the request (with the payment header, if any) and reads the whole response, within
+    /// `timeout` from the first byte sent to the last byte of the body.
+    pub async fn send(
+        &self,
+        request: &Outgoing,
+        payment: Option<&(HeaderName, HeaderValue)>,
+        timeout: Duration,
+    ) -> Result<Answer, UpstreamError> {
+        let mut builder = self
+            .client
+            .request(request.method.clone(), request.url.clone())
+            .headers(request.headers.clone())
+            .timeout(timeout);
+        if let Some((name, value)) = payment {
+            builder = builder.header(name, value);
+        }
+        if !request.body.is_empty() {
+            builder = builder.body(request.body.clone());
+        }
+        let mut response = builder.send().await.map_err(|err| match refused_in(&err) {
+            Some(refused) => UpstreamError::Refused(refused),
+            None => UpstreamError::NoResponse { timed_out: err.is_timeout(), detail: describe(err) },
+        })?;
+        let status = response.status();
+        let declared_length = response.content_length();
+        let headers = std::mem::take(response.headers_mut());
+        let limit = self.max_response_bytes;
+        let too_large = |headers: HeaderMap| UpstreamError::Body {
+            status,
+            headers,
+            too_large: true,
+            detail: format!("the upstream response body is larger than {limit} bytes"),
+        };
+        if declared_length.is_some_and(|length| length > limit as u64) {
+            return Err(too_large(headers));
+        }
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) if body.len() + chunk.len() > limit => return Err(too_large(headers)),
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(err) => {
+                    let timed_out = err.is_timeout();
+                    let detail = describe(err);
+                    let detail = if timed_out { format!("timed out reading the body: {detail}") } else { detail };
+                    return Err(UpstreamError::Body { status, headers, too_large: false, detail });
+                }
+            }
+        }
+        Ok(Answer { status, headers, body: Bytes::from(body) })
+    }
+}
+
+/// An error's message and causes, without the URL (its query may hold the agent's secrets, and
+/// the message goes into logs).
+fn describe(err: reqwest::Error) -> String {
+    let err = err.without_url();
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and framing headers that each connection sets itself.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Whether an agent's request header is passed on to the resource server. Not passed: hop-by-hop
+/// and framing headers, `Host` (the URL's), `Accept-Encoding` (the daemon reads bodies as sent),
+/// payment headers (only the daemon pays) and spendcap's own `X-Spendcap-*` headers.
+pub fn forwarded_request_header(name: &HeaderName) -> bool {
+    !(HOP_BY_HOP.contains(name)
+        || [header::HOST, header::CONTENT_LENGTH, header::ACCEPT_ENCODING, header::EXPECT].contains(name)
+        || [adapters::x402::PAYMENT_SIGNATURE, adapters::x402::X_PAYMENT].contains(name)
+        || name.as_str().starts_with("x-spendcap-"))
+}
+
+/// Whether a resource server's response header is passed back to the agent: all but hop-by-hop
+/// and framing headers, and any `X-Spendcap-*` header (only the daemon speaks for spendcap).
+pub fn returned_response_header(name: &HeaderName) -> bool {
+    !(HOP_BY_HOP.contains(name) || *name == header::CONTENT_LENGTH || name.as_str().starts_with("x-spendcap-"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spendcap_payment_and_hop_by_hop_headers_stay_home() {
+        for name in ["authorization", "accept", "content-type", "cookie", "idempotency-key", "user-agent"] {
+            assert!(forwarded_request_header(&HeaderName::from_static(name)), "{name} is forwarded");
+        }
+        for name in ["host", "connection", "transfer-encoding", "x-spendcap-task", "payment-signature", "x-payment"] {
+            assert!(!forwarded_request_header(&HeaderName::from_static(name)), "{name} is not forwarded");
+        }
+        assert!(returned_response_header(&HeaderName::from_static("payment-response")));
+        assert!(returned_response_header(&header::CONTENT_TYPE));
+        assert!(!returned_response_header(&HeaderName::from_static("x-spendcap-amount-micros")));
+        assert!(!returned_response_header(&header::TRANSFER_ENCODING));
+    }
+}

@@ -1,0 +1,727 @@
+//! The ACP endpoint against a wiremock merchant and PSP over real HTTP, with a real Redis ledger:
+//! money, answers, log lines, and exactly what each provider received.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use adapters::conformance::ConformanceSink;
+use reqwest::Method;
+use serde_json::{json, Value};
+use spendcap::protocols::acp::AcpConfig;
+use spendcap::protocols::ProtocolConfig;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+use crate::support::{spawn_app_with, wait_for, Agent, AppOptions, TestApp, ADMIN_TOKEN};
+
+const MERCHANT: &str = "acme";
+const SESSION: &str = "checkout_session_123";
+const SESSION_PATH: &str = "/checkout_sessions/checkout_session_123";
+const COMPLETE_PATH: &str = "/checkout_sessions/checkout_session_123/complete";
+const CANCEL_PATH: &str = "/checkout_sessions/checkout_session_123/cancel";
+const DELEGATE_PATH: &str = "/agentic_commerce/delegate_payment";
+const CARD_NUMBER: &str = "4242424242424242";
+/// The delegated token in `psp_delegate_payment_response.json`.
+const TOKEN: &str = "vt_01J8Z3WXYZ9ABC";
+const MERCHANT_KEY: &str = "sk_test_merchant_secret_5f1c";
+const PSP_KEY: &str = "sk_test_psp_secret_9d2e";
+/// `session_ready.json`'s total: 480 US cents.
+const JACKET: u64 = 4_800_000;
+
+fn fixture(name: &str) -> String {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/acp").join(name);
+    std::fs::read_to_string(&file).unwrap_or_else(|error| panic!("fixture {}: {error}", file.display()))
+}
+
+fn answer(status: u16, fixture_name: &str) -> ResponseTemplate {
+    ResponseTemplate::new(status).set_body_raw(fixture(fixture_name), "application/json")
+}
+
+fn unavailable() -> ResponseTemplate {
+    ResponseTemplate::new(503).set_body_raw(
+        r#"{"type":"service_unavailable","code":"unavailable","message":"try later"}"#,
+        "application/json",
+    )
+}
+
+/// A daemon with ACP pointed at a wiremock merchant (`acme`) and PSP (`stripe`).
+struct Shop {
+    app: TestApp,
+    merchant: MockServer,
+    psp: MockServer,
+}
+
+async fn shop() -> Shop {
+    shop_with(Duration::from_secs(5)).await
+}
+
+async fn shop_with(timeout: Duration) -> Shop {
+    let merchant = MockServer::start().await;
+    let psp = MockServer::start().await;
+    let file = json!({
+        "psp": { "name": "stripe", "base_url": psp.uri(), "api_key": PSP_KEY },
+        "merchants": [{ "name": MERCHANT, "base_url": merchant.uri(), "api_key": MERCHANT_KEY }],
+        "card": { "number": CARD_NUMBER, "exp_month": "11", "exp_year": "2030", "cvc": "987",
+                  "funding": "credit", "brand": "visa", "name": "Olive Owner" },
+        "billing_address": { "name": "Olive Owner", "line_one": "1 Main Street", "city": "Springfield",
+                             "state": "IL", "country": "US", "postal_code": "62701" }
+    });
+    let mut config = AcpConfig::from_json(&file.to_string()).expect("valid ACP configuration");
+    config.conformance = ConformanceSink::to_dir(ConformanceSink::test_dir());
+    config.timeout = timeout;
+    let app = spawn_app_with(AppOptions {
+        protocols: ProtocolConfig { acp: config, ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    Shop { app, merchant, psp }
+}
+
+impl Shop {
+    async fn serve(&self, verb: &str, route: &str, response: ResponseTemplate) {
+        Mock::given(method(verb)).and(path(route)).respond_with(response).mount(&self.merchant).await;
+    }
+
+    /// Answers only the next matching request (mocks are tried in the order they were mounted).
+    async fn serve_once(&self, verb: &str, route: &str, response: ResponseTemplate) {
+        Mock::given(method(verb)).and(path(route)).respond_with(response).up_to_n_times(1).mount(&self.merchant).await;
+    }
+
+    async fn serve_delegation(&self, response: ResponseTemplate) {
+        Mock::given(method("POST")).and(path(DELEGATE_PATH)).respond_with(response).mount(&self.psp).await;
+    }
+
+    /// The happy merchant and PSP: a ready session, a token, a completed order.
+    async fn serve_happy_path(&self) {
+        self.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+        self.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+        self.serve("POST", COMPLETE_PATH, answer(200, "session_completed.json")).await;
+    }
+
+    async fn checkout(&self, agent: &Agent, body: Value, key: Option<&str>) -> (u16, Value) {
+        let mut request = self.app.http.post(self.app.url("/v1/acp/checkouts")).bearer_auth(&agent.token).json(&body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await.expect("checkout request");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn cancel(&self, agent: &Agent, body: Value) -> (u16, Value) {
+        self.app
+            .agent_call(&agent.token, Method::POST, &format!("/v1/acp/checkouts/{SESSION}/cancel"), Some(body))
+            .await
+    }
+
+    /// (spent, held) of an agent.
+    async fn money(&self, agent: &Agent) -> (u64, u64) {
+        let shown = self.app.show(&agent.id).await;
+        (shown["spent_micros"].as_u64().expect("spent"), shown["held_micros"].as_u64().expect("held"))
+    }
+
+    /// The agent's log lines as (event, reason).
+    async fn events(&self, agent: &Agent) -> Vec<(String, String)> {
+        let log = self.app.log().await;
+        log.iter()
+            .filter(|entry| entry["agent"] == agent.id.as_str() && entry["event"] != "create")
+            .map(|entry| {
+                (entry["event"].as_str().unwrap_or("").to_owned(), entry["reason"].as_str().unwrap_or("").to_owned())
+            })
+            .collect()
+    }
+
+    async fn log_entry(&self, agent: &Agent, event: &str) -> Value {
+        self.app
+            .log()
+            .await
+            .into_iter()
+            .find(|entry| entry["agent"] == agent.id.as_str() && entry["event"] == event)
+            .unwrap_or_else(|| panic!("no {event} entry for {}", agent.id))
+    }
+}
+
+fn pay_session() -> Value {
+    json!({ "merchant": MERCHANT, "checkout_session_id": SESSION, "task": "buy-jacket" })
+}
+
+async fn received(server: &MockServer, verb: &str, route: &str) -> Vec<Request> {
+    let all = server.received_requests().await.expect("request recording is on");
+    all.into_iter().filter(|request| request.method.as_str() == verb && request.url.path() == route).collect()
+}
+
+fn header<'r>(request: &'r Request, name: &str) -> &'r str {
+    request.headers.get(name).and_then(|value| value.to_str().ok()).unwrap_or("")
+}
+
+fn json_body(request: &Request) -> Value {
+    serde_json::from_slice(&request.body).expect("JSON request body")
+}
+
+/// Seconds since the Unix epoch of an RFC 3339 UTC time with whole seconds (`…T…Z`).
+fn unix_secs(rfc3339: &str) -> u64 {
+    let number = |range: std::ops::Range<usize>| rfc3339[range].parse::<i64>().expect("digits");
+    let (year, month, day) = (number(0..4), number(5..7), number(8..10));
+    // Howard Hinnant's days_from_civil, for dates after 1970.
+    let (year, month) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
+    let era = year / 400;
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * month + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    (days * 86_400 + number(11..13) * 3600 + number(14..16) * 60 + number(17..19)) as u64
+}
+
+/// Captures everything the daemon logs on this test's thread (the test runtime is
+/// single-threaded, so the server's tasks run here too).
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLogs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn acp_checkout_completes_end_to_end_and_balances_log_and_receipt_show_it() {
+    let logs = CapturedLogs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+
+    let shop = shop().await;
+    shop.serve_happy_path().await;
+    let agent = shop.app.create_agent("shopper", 10_000_000, None).await;
+
+    let (status, body) = shop.checkout(&agent, pay_session(), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["merchant"], MERCHANT);
+    assert_eq!(body["checkout_session_id"], SESSION);
+    assert_eq!(body["order"]["id"], "ord_abc123");
+    assert_eq!(body["order"]["permalink_url"], "https://www.testshop.com/orders/ord_abc123");
+    assert_eq!(body["total"], json!({ "amount": 480, "currency": "usd" }));
+    assert_eq!(body["amount_micros"], JACKET);
+    assert_eq!(body["replayed"], false);
+    let hold = body["hold_id"].as_str().expect("hold id").to_owned();
+
+    // Money: spent once, nothing left held.
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+
+    // The receipt: signed, for the merchant, carrying the session, order and permalink.
+    let receipt = &body["receipt"]["receipt"];
+    assert_eq!(receipt["amount_micros"], JACKET);
+    assert_eq!(receipt["service"], MERCHANT);
+    assert_eq!(receipt["protocol"], "acp");
+    assert_eq!(receipt["task"], "buy-jacket");
+    assert_eq!(receipt["hold_id"], hold.as_str());
+    assert_eq!(receipt["details"]["checkout_session_id"], SESSION);
+    assert_eq!(receipt["details"]["order_id"], "ord_abc123");
+    assert_eq!(receipt["details"]["permalink_url"], "https://www.testshop.com/orders/ord_abc123");
+    let chain = shop
+        .app
+        .http
+        .get(shop.app.url(&format!("/v1/receipts?agent={}", agent.id)))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("receipts")
+        .text()
+        .await
+        .expect("text");
+    let chained: Value = serde_json::from_str(chain.lines().next().expect("one receipt")).expect("receipt JSON");
+    assert_eq!(chained, body["receipt"], "the answer's receipt is the chained one");
+
+    // The log: a hold and a settle, attributed to the merchant, with the session and order.
+    assert_eq!(shop.events(&agent).await, [("hold".into(), "".into()), ("settle".into(), "".into())]);
+    let held = shop.log_entry(&agent, "hold").await;
+    assert_eq!((held["service"].as_str(), held["protocol"].as_str()), (Some(MERCHANT), Some("acp")));
+    assert_eq!(held["amount"], JACKET);
+    assert!(held["detail"].as_str().unwrap_or("").contains(SESSION), "{held}");
+    let settled = shop.log_entry(&agent, "settle").await;
+    let detail: Value = serde_json::from_str(settled["detail"].as_str().expect("detail")).expect("detail JSON");
+    assert_eq!(detail["checkout_session_id"], SESSION);
+    assert_eq!(detail["order_id"], "ord_abc123");
+    assert_eq!(detail["permalink_url"], "https://www.testshop.com/orders/ord_abc123");
+    assert_eq!(settled["service"], MERCHANT);
+
+    // The PSP got the owner's card, once, with an allowance of exactly the held total for this
+    // session and the handler's merchant, expiring with the hold.
+    let delegations = received(&shop.psp, "POST", DELEGATE_PATH).await;
+    assert_eq!(delegations.len(), 1);
+    let delegation = json_body(&delegations[0]);
+    assert_eq!(delegation["payment_method"]["number"], CARD_NUMBER);
+    assert_eq!(header(&delegations[0], "authorization"), format!("Bearer {PSP_KEY}"));
+    assert_eq!(header(&delegations[0], "idempotency-key"), format!("{hold}:delegate"));
+    let allowance = &delegation["allowance"];
+    assert_eq!(allowance["reason"], "one_time");
+    assert_eq!(allowance["max_amount"], 480);
+    assert_eq!(allowance["currency"], "usd");
+    assert_eq!(allowance["checkout_session_id"], SESSION);
+    assert_eq!(allowance["merchant_id"], "acct_1234567890");
+    let redis = shop.app.redis.as_ref().expect("redis");
+    let hold_key = format!("sc:{{{}}}:h:{hold}", agent.tree);
+    let hold_expires_ms: u64 =
+        redis.cli(&["HGET", &hold_key, "expires_at"]).expect("redis-cli").trim().parse().expect("expires_at");
+    assert_eq!(unix_secs(allowance["expires_at"].as_str().expect("expires_at")), hold_expires_ms / 1000);
+
+    // The merchant was completed with the delegated token through the delegate handler.
+    let completions = received(&shop.merchant, "POST", COMPLETE_PATH).await;
+    assert_eq!(completions.len(), 1);
+    let completion = json_body(&completions[0]);
+    assert_eq!(completion["payment_data"]["handler_id"], "card_tokenized");
+    assert_eq!(
+        completion["payment_data"]["instrument"],
+        json!({ "type": "card", "credential": { "type": "spt", "token": TOKEN } })
+    );
+    assert_eq!(header(&completions[0], "idempotency-key"), format!("{hold}:complete"));
+    assert_eq!(header(&completions[0], "authorization"), format!("Bearer {MERCHANT_KEY}"));
+    assert_eq!(header(&completions[0], "api-version"), "2026-04-17");
+
+    // Neither the card, the token nor a provider key reaches the agent, the log or a log line.
+    let exported = shop.app.log().await.iter().map(Value::to_string).collect::<String>();
+    let logged = logs.text();
+    assert!(logged.contains("ACP checkout completed"), "the daemon's logs are captured: {logged}");
+    for secret in [CARD_NUMBER, TOKEN, PSP_KEY, MERCHANT_KEY, "1 Main Street"] {
+        assert!(!body.to_string().contains(secret), "{secret} reached the agent");
+        assert!(!exported.contains(secret), "{secret} is in the ledger log");
+        assert!(!logged.contains(secret), "{secret} is in a log line");
+    }
+}
+
+#[tokio::test]
+async fn acp_over_the_cap_is_a_402_and_neither_the_psp_nor_complete_is_called() {
+    let shop = shop().await;
+    shop.serve_happy_path().await;
+    let agent = shop.app.create_agent("frugal", 1_000_000, None).await;
+
+    let (status, body) = shop.checkout(&agent, pay_session(), None).await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["code"], "cap_exceeded");
+    assert_eq!(body["requested_micros"], JACKET);
+    assert_eq!(body["remaining_micros"], 1_000_000);
+    assert_eq!(body["checkout_session_id"], SESSION);
+
+    assert!(received(&shop.psp, "POST", DELEGATE_PATH).await.is_empty(), "the PSP was asked");
+    assert!(received(&shop.merchant, "POST", COMPLETE_PATH).await.is_empty(), "complete was called");
+    assert_eq!(received(&shop.merchant, "GET", SESSION_PATH).await.len(), 1);
+    assert_eq!(shop.money(&agent).await, (0, 0));
+    assert_eq!(shop.events(&agent).await, [("refuse".into(), "cap_exceeded".into())]);
+}
+
+#[tokio::test]
+async fn acp_a_merchant_decline_voids_the_hold_and_passes_the_merchants_code_on() {
+    let shop = shop().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+
+    // Declined with an error object.
+    shop.serve_once("POST", COMPLETE_PATH, answer(402, "error_payment_declined.json")).await;
+    let agent = shop.app.create_agent("declined", 10_000_000, None).await;
+    let (status, body) = shop.checkout(&agent, pay_session(), None).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["code"], "acp_merchant_error");
+    assert_eq!(body["detail"], "The card was declined by the issuer.");
+    assert_eq!(body["provider_error"]["provider"], "merchant");
+    assert_eq!(body["provider_error"]["code"], "payment_declined");
+    assert_eq!(body["provider_error"]["message"], "The card was declined by the issuer.");
+    assert_eq!((body["voided"].as_bool(), body["released_micros"].as_u64()), (Some(true), Some(JACKET)));
+    assert_eq!(shop.money(&agent).await, (0, 0));
+    assert_eq!(
+        shop.events(&agent).await,
+        [
+            ("hold".into(), "".into()),
+            ("note".into(), "merchant_declined".into()),
+            ("void".into(), "merchant_declined".into())
+        ]
+    );
+    let note = shop.log_entry(&agent, "note").await;
+    assert!(note["detail"].as_str().unwrap_or("").contains("payment_declined"), "{note}");
+
+    // Declined as ACP 2026-04-17 also does it: a 200 session, still ready, with an error message.
+    shop.serve_once("POST", COMPLETE_PATH, answer(200, "complete_declined_session.json")).await;
+    let other = shop.app.create_agent("declined-again", 10_000_000, None).await;
+    let (status, body) = shop.checkout(&other, pay_session(), None).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["code"], "acp_merchant_declined");
+    assert_eq!(body["session_status"], "ready_for_payment");
+    assert_eq!(body["messages"][0]["code"], "payment_declined");
+    assert_eq!(body["detail"], "Your payment was declined. Please try a different payment method.");
+    assert_eq!(shop.money(&other).await, (0, 0));
+    assert_eq!(shop.events(&other).await.last(), Some(&("void".into(), "merchant_declined".into())));
+}
+
+#[tokio::test]
+async fn acp_a_psp_error_voids_the_hold_and_complete_is_never_called() {
+    let shop = shop().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve_delegation(answer(400, "psp_error_invalid_card.json")).await;
+    let agent = shop.app.create_agent("psp-trouble", 10_000_000, None).await;
+
+    let (status, body) = shop.checkout(&agent, pay_session(), None).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "acp_psp_error");
+    assert_eq!(body["provider_error"]["provider"], "psp");
+    assert_eq!(body["provider_error"]["code"], "invalid_card");
+    // The PSP's own words may describe the card; they are not passed on.
+    assert_eq!(body["provider_error"]["message"], Value::Null);
+    assert!(!body.to_string().contains("Invalid card number"), "{body}");
+    assert_eq!(body["voided"], true);
+
+    assert!(received(&shop.merchant, "POST", COMPLETE_PATH).await.is_empty());
+    assert_eq!(shop.money(&agent).await, (0, 0));
+    assert_eq!(shop.events(&agent).await.last(), Some(&("void".into(), "psp_error".into())));
+}
+
+#[tokio::test]
+async fn acp_a_timeout_at_completion_cancels_the_session_and_voids_the_hold() {
+    let shop = shop_with(Duration::from_millis(1000)).await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    shop.serve("POST", COMPLETE_PATH, answer(200, "session_completed.json").set_delay(Duration::from_secs(4))).await;
+    shop.serve("POST", CANCEL_PATH, answer(200, "session_canceled.json")).await;
+    let agent = shop.app.create_agent("slow-merchant", 10_000_000, None).await;
+
+    let (status, body) = shop.checkout(&agent, pay_session(), None).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["code"], "acp_timeout");
+    assert_eq!(body["voided"], true);
+    assert_eq!(body["session_status"], "canceled");
+    let hold = body["hold_id"].as_str().expect("hold id");
+
+    // Before voiding, the session was read back (not completed) and canceled at the merchant.
+    assert_eq!(received(&shop.merchant, "GET", SESSION_PATH).await.len(), 2);
+    let cancels = received(&shop.merchant, "POST", CANCEL_PATH).await;
+    assert_eq!(cancels.len(), 1);
+    assert_eq!(header(&cancels[0], "idempotency-key"), format!("{hold}:cancel"));
+    assert_eq!(json_body(&cancels[0])["intent_trace"]["reason_code"], "other");
+    assert_eq!(shop.money(&agent).await, (0, 0));
+    assert_eq!(shop.events(&agent).await, [("hold".into(), "".into()), ("void".into(), "timeout".into())]);
+}
+
+/// A purchase whose completion timed out and whose merchant then answered nothing: the hold
+/// stays. Returns the agent and the hold id.
+async fn purchase_in_doubt(shop: &Shop, handle: &str, key: &str) -> (Agent, String) {
+    shop.serve_once("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve_once("GET", SESSION_PATH, unavailable()).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    shop.serve("POST", COMPLETE_PATH, answer(200, "session_completed.json").set_delay(Duration::from_secs(4))).await;
+    shop.serve_once("POST", CANCEL_PATH, unavailable()).await;
+    let agent = shop.app.create_agent(handle, 10_000_000, None).await;
+
+    let (status, body) = shop.checkout(&agent, pay_session(), Some(key)).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["code"], "acp_outcome_unknown");
+    assert_eq!(body["cause"]["code"], "acp_timeout");
+    assert_eq!(body.get("voided"), None);
+    // The merchant may have charged: the money stays held, and nothing is spent yet.
+    assert_eq!(shop.money(&agent).await, (0, JACKET));
+    assert_eq!(shop.events(&agent).await.last(), Some(&("note".into(), "outcome_unknown".into())));
+    (agent, body["hold_id"].as_str().expect("hold id").to_owned())
+}
+
+#[tokio::test]
+async fn acp_a_completion_in_doubt_keeps_the_hold_and_a_retry_settles_it_once() {
+    let shop = shop_with(Duration::from_millis(1000)).await;
+    let (agent, hold) = purchase_in_doubt(&shop, "in-doubt", "jacket-1").await;
+
+    // The merchant did complete it. The retry with the same key resumes the same hold and
+    // settles it, without asking the PSP or completing again.
+    shop.serve("GET", SESSION_PATH, answer(200, "session_completed.json")).await;
+    let (status, body) = shop.checkout(&agent, pay_session(), Some("jacket-1")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["hold_id"], hold.as_str());
+    assert_eq!(body["order"]["id"], "ord_abc123");
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+
+    let (status, again) = shop.checkout(&agent, pay_session(), Some("jacket-1")).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["replayed"], true);
+    assert_eq!(again["receipt"], body["receipt"]);
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+    assert_eq!(received(&shop.psp, "POST", DELEGATE_PATH).await.len(), 1);
+    assert_eq!(received(&shop.merchant, "POST", COMPLETE_PATH).await.len(), 1);
+}
+
+#[tokio::test]
+async fn acp_cancel_voids_a_held_purchase_once_the_merchant_confirms() {
+    let shop = shop_with(Duration::from_millis(1000)).await;
+    let (agent, hold) = purchase_in_doubt(&shop, "gives-up", "jacket-2").await;
+
+    shop.serve("POST", CANCEL_PATH, answer(200, "session_canceled.json")).await;
+    let (status, body) = shop.cancel(&agent, json!({ "merchant": MERCHANT, "hold_id": hold })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "canceled");
+    assert_eq!(body["hold_id"], hold.as_str());
+    assert_eq!(body["released_micros"], JACKET);
+    assert_eq!(shop.money(&agent).await, (0, 0));
+    assert_eq!(shop.events(&agent).await.last(), Some(&("void".into(), "canceled_by_agent".into())));
+    let cancels = received(&shop.merchant, "POST", CANCEL_PATH).await;
+    assert!(cancels.iter().all(|request| header(request, "idempotency-key") == format!("{hold}:cancel")));
+
+    // A retry of the purchase finds the session canceled, and spends nothing.
+    shop.serve("GET", SESSION_PATH, answer(200, "session_canceled.json")).await;
+    let (status, body) = shop.checkout(&agent, pay_session(), Some("jacket-2")).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("acp_session_not_ready")), "{body}");
+    assert_eq!(shop.money(&agent).await, (0, 0));
+
+    // Another agent's hold cannot be canceled with this agent's token.
+    let stranger = shop.app.create_agent("stranger", 10_000_000, None).await;
+    let (status, body) = shop.cancel(&stranger, json!({ "merchant": MERCHANT, "hold_id": hold })).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("unknown_hold")), "{body}");
+}
+
+#[tokio::test]
+async fn acp_a_retried_checkout_with_the_same_key_pays_once() {
+    let shop = shop().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    // The merchant is still processing the first completion: the client waits as told and asks
+    // again with the same key.
+    shop.serve_once(
+        "POST",
+        COMPLETE_PATH,
+        answer(409, "error_idempotency_in_flight.json").insert_header("Retry-After", "0"),
+    )
+    .await;
+    shop.serve("POST", COMPLETE_PATH, answer(200, "session_completed.json")).await;
+    let agent = shop.app.create_agent("retrier", 10_000_000, None).await;
+
+    let (status, first) = shop.checkout(&agent, pay_session(), Some("order-7")).await;
+    assert_eq!(status, 200, "{first}");
+    let hold = first["hold_id"].as_str().expect("hold id");
+    let completions = received(&shop.merchant, "POST", COMPLETE_PATH).await;
+    assert_eq!(completions.len(), 2);
+    assert!(completions.iter().all(|request| header(request, "idempotency-key") == format!("{hold}:complete")));
+
+    let (status, second) = shop.checkout(&agent, pay_session(), Some("order-7")).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["replayed"], true);
+    assert_eq!(second["hold_id"], hold);
+    assert_eq!(second["receipt"], first["receipt"]);
+
+    // The same key for another purchase is a conflict, not a payment.
+    let mut other_session: Value = serde_json::from_str(&fixture("session_ready.json")).expect("fixture");
+    other_session["id"] = json!("checkout_session_456");
+    shop.serve(
+        "GET",
+        "/checkout_sessions/checkout_session_456",
+        ResponseTemplate::new(200).set_body_json(other_session),
+    )
+    .await;
+    let other = json!({ "merchant": MERCHANT, "checkout_session_id": "checkout_session_456" });
+    let (status, third) = shop.checkout(&agent, other, Some("order-7")).await;
+    assert_eq!((status, third["code"].as_str()), (422, Some("idempotency_conflict")), "{third}");
+
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+    assert_eq!(received(&shop.psp, "POST", DELEGATE_PATH).await.len(), 1);
+    assert_eq!(received(&shop.merchant, "POST", COMPLETE_PATH).await.len(), 2);
+    let settles = shop.events(&agent).await.into_iter().filter(|(event, _)| event == "settle").count();
+    assert_eq!(settles, 1);
+}
+
+#[tokio::test]
+async fn acp_a_duplicate_while_the_first_is_in_flight_is_a_409() {
+    let shop = shop().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    shop.serve("POST", COMPLETE_PATH, answer(200, "session_completed.json").set_delay(Duration::from_millis(1500)))
+        .await;
+    let agent = shop.app.create_agent("impatient", 10_000_000, None).await;
+
+    let (http, url, token) = (shop.app.http.clone(), shop.app.url("/v1/acp/checkouts"), agent.token.clone());
+    let first = tokio::spawn(async move {
+        let response = http.post(url).bearer_auth(token).json(&pay_session()).send().await.expect("first");
+        response.status().as_u16()
+    });
+    wait_for("the first purchase to hold", Duration::from_secs(10), || {
+        let (shop, agent) = (&shop, &agent);
+        async move { shop.money(agent).await.1 == JACKET }
+    })
+    .await;
+    // Without an Idempotency-Key the purchase is keyed by merchant and session: the same one.
+    let (status, body) = shop.checkout(&agent, pay_session(), None).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("idempotency_in_flight")), "{body}");
+
+    assert_eq!(first.await.expect("first finishes"), 200);
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+    assert_eq!(received(&shop.merchant, "POST", COMPLETE_PATH).await.len(), 1);
+}
+
+#[tokio::test]
+async fn acp_a_total_changed_at_completion_is_refused_and_nothing_is_spent() {
+    let shop = shop().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    shop.serve("POST", COMPLETE_PATH, answer(200, "session_completed_total_changed.json")).await;
+    let agent = shop.app.create_agent("watchful", 10_000_000, None).await;
+
+    let (status, body) = shop.checkout(&agent, pay_session(), None).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "acp_total_changed");
+    assert_eq!(body["order_id"], "ord_abc123");
+    assert_eq!(body["voided"], true);
+    assert_eq!(shop.money(&agent).await, (0, 0));
+    assert_eq!(shop.events(&agent).await.last(), Some(&("void".into(), "total_changed".into())));
+    // The token allowed the total read, not the merchant's new one.
+    let delegation = json_body(&received(&shop.psp, "POST", DELEGATE_PATH).await[0]);
+    assert_eq!(delegation["allowance"]["max_amount"], 480);
+}
+
+#[tokio::test]
+async fn acp_sessions_that_cannot_be_paid_get_clear_codes_and_hold_nothing() {
+    let shop = shop().await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    let agent = shop.app.create_agent("careful", 10_000_000, None).await;
+    // (merchant's answer to the session read, status, code)
+    let cases = [
+        ("session_not_ready.json", 409, "acp_session_not_ready"),
+        ("session_canceled.json", 409, "acp_session_not_ready"),
+        ("session_wrong_currency.json", 422, "acp_currency_not_supported"),
+        ("session_ready_no_delegate_handler.json", 422, "acp_no_delegate_handler"),
+        ("session_fractional_total.json", 502, "acp_bad_total"),
+        ("session_without_total.json", 502, "acp_bad_total"),
+        ("session_malformed_total_string.json", 502, "acp_malformed_response"),
+        ("session_malformed_missing_fields.json", 502, "acp_malformed_response"),
+    ];
+    for (fixture_name, want_status, want_code) in cases {
+        shop.merchant.reset().await;
+        shop.serve("GET", SESSION_PATH, answer(200, fixture_name)).await;
+        let (status, body) = shop.checkout(&agent, pay_session(), None).await;
+        assert_eq!((status, body["code"].as_str()), (want_status, Some(want_code)), "{fixture_name}: {body}");
+        assert_eq!(body["checkout_session_id"], SESSION, "{fixture_name}");
+        assert!(received(&shop.merchant, "POST", COMPLETE_PATH).await.is_empty(), "{fixture_name}");
+    }
+    // A session that is not ready says what the buyer would have to fix.
+    shop.merchant.reset().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_not_ready.json")).await;
+    let (_, not_ready) = shop.checkout(&agent, pay_session(), None).await;
+    assert_eq!(
+        not_ready["detail"],
+        "checkout session is not_ready_for_payment, not ready_for_payment (missing: A shipping address is required.)"
+    );
+
+    assert!(received(&shop.psp, "POST", DELEGATE_PATH).await.is_empty());
+    assert_eq!(shop.money(&agent).await, (0, 0));
+    assert!(shop.events(&agent).await.is_empty(), "nothing was held or logged");
+}
+
+#[tokio::test]
+async fn acp_a_session_someone_else_completed_is_not_paid_again() {
+    let shop = shop().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_completed.json")).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    let agent = shop.app.create_agent("latecomer", 10_000_000, None).await;
+
+    // Only the hold can tell a purchase of this agent's (resumed) from someone else's payment;
+    // this one is new, so it is voided at once.
+    let (status, body) = shop.checkout(&agent, pay_session(), Some("late-1")).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("acp_session_not_ready")), "{body}");
+    assert_eq!(body["voided"], true);
+    assert_eq!(shop.money(&agent).await, (0, 0));
+    assert_eq!(shop.events(&agent).await, [("hold".into(), "".into()), ("void".into(), "session_not_ready".into())]);
+    assert!(received(&shop.psp, "POST", DELEGATE_PATH).await.is_empty());
+    assert!(received(&shop.merchant, "POST", COMPLETE_PATH).await.is_empty());
+}
+
+#[tokio::test]
+async fn acp_items_create_a_session_with_a_stable_key_and_merchant_errors_reach_the_agent() {
+    let shop = shop().await;
+    shop.serve("POST", "/checkout_sessions", answer(201, "session_ready.json")).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    shop.serve("POST", COMPLETE_PATH, answer(200, "session_completed.json")).await;
+    let agent = shop.app.create_agent("creator", 10_000_000, None).await;
+
+    let order = json!({ "merchant": MERCHANT, "items": [{ "id": "item_123" }], "task": "buy-jacket" });
+    let (status, body) = shop.checkout(&agent, order.clone(), Some("from-items-1")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["checkout_session_id"], SESSION);
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+    let creations = received(&shop.merchant, "POST", "/checkout_sessions").await;
+    assert_eq!(creations.len(), 1);
+    let created = json_body(&creations[0]);
+    assert_eq!(created["line_items"], json!([{ "id": "item_123" }]));
+    assert_eq!(created["currency"], "usd");
+    assert_eq!(created["capabilities"], json!({ "interventions": { "supported": [] } }));
+    let create_key = header(&creations[0], "idempotency-key").to_owned();
+    assert!(create_key.starts_with("create_"), "{create_key}");
+
+    // A retry with the agent's key asks the merchant with the same key, and pays nothing more.
+    let (status, again) = shop.checkout(&agent, order, Some("from-items-1")).await;
+    assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
+    let creations = received(&shop.merchant, "POST", "/checkout_sessions").await;
+    assert_eq!(header(&creations[1], "idempotency-key"), create_key);
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+
+    // The merchant's own code, message and param reach the agent.
+    shop.merchant.reset().await;
+    shop.serve("POST", "/checkout_sessions", answer(400, "error_invalid_item.json")).await;
+    let bad = json!({ "merchant": MERCHANT, "items": [{ "id": "invalid_item" }] });
+    let (status, body) = shop.checkout(&agent, bad, None).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["code"], "acp_merchant_error");
+    assert_eq!(body["detail"], "The item ID 'invalid_item' does not exist.");
+    assert_eq!(body["provider_error"]["code"], "invalid_item_id");
+    assert_eq!(body["provider_error"]["param"], "$.line_items[0].item.id");
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+}
+
+#[tokio::test]
+async fn acp_refuses_bad_requests_before_calling_anyone() {
+    // Without configuration.
+    let bare = spawn_app_with(AppOptions::default()).await;
+    let agent = bare.create_agent("no-acp", 10_000_000, None).await;
+    let (status, body) = bare.agent_call(&agent.token, Method::POST, "/v1/acp/checkouts", Some(pay_session())).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("acp_not_configured")), "{body}");
+
+    let shop = shop().await;
+    shop.serve_happy_path().await;
+    let agent = shop.app.create_agent("sloppy", 10_000_000, None).await;
+    // A forged token is refused before any merchant is asked anything.
+    let last = if agent.token.ends_with('0') { "1" } else { "0" };
+    let forged = Agent {
+        id: agent.id.clone(),
+        token: format!("{}{last}", &agent.token[..agent.token.len() - 1]),
+        tree: agent.tree.clone(),
+    };
+    let (status, body) = shop.checkout(&forged, pay_session(), None).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("invalid_token")), "{body}");
+    let (status, body) = shop.cancel(&forged, json!({ "merchant": MERCHANT })).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("invalid_token")), "{body}");
+
+    let cases = [
+        (json!({ "merchant": "nobody", "checkout_session_id": SESSION }), 422, "acp_unknown_merchant"),
+        (json!({ "merchant": MERCHANT }), 422, "invalid_body"),
+        (
+            json!({ "merchant": MERCHANT, "checkout_session_id": SESSION, "items": [{ "id": "x" }] }),
+            422,
+            "invalid_body",
+        ),
+        (json!({ "merchant": MERCHANT, "items": [] }), 422, "invalid_body"),
+        (json!({ "merchant": MERCHANT, "checkout_session_id": "../agentic_commerce" }), 422, "acp_invalid_input"),
+        (json!({ "merchant": MERCHANT, "checkout_session_id": SESSION, "tip": 5 }), 422, "invalid_body"),
+    ];
+    for (body, want_status, want_code) in cases {
+        let (status, answer) = shop.checkout(&agent, body.clone(), None).await;
+        assert_eq!((status, answer["code"].as_str()), (want_status, Some(want_code)), "{body}: {answer}");
+    }
+    let merchant_calls = shop.merchant.received_requests().await.expect("recording").len();
+    assert_eq!(merchant_calls, 0, "no merchant was called");
+    assert!(shop.psp.received_requests().await.expect("recording").is_empty());
+}

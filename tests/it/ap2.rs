@@ -1,0 +1,1070 @@
+//! AP2 through the daemon: a v0.2 human-not-present purchase end to end, a mandate's budget held
+//! across merchants and daemon instances, refusals that leave the ledger untouched, receipts that
+//! end a payment, and the v0.1 CartMandate → PaymentMandate round trip.
+//!
+//! Everything the providers see is produced here independently of spendcap's AP2 code: the user's
+//! open mandates, the merchants' checkouts and carts, and the receipts are signed with the fixture
+//! keys (`fixtures/ap2/keys`) by the test's own ES256 code (`p256`), and the closed mandates the
+//! wiremock providers receive are verified with raw `p256` and recomputed hashes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use adapters::conformance::ConformanceSink;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use p256::ecdsa::signature::{Signer, Verifier};
+use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use spendcap::protocols::ap2::{Ap2Args, Ap2Config, Ap2File, Ap2Service, Kek};
+use spendcap::protocols::ProtocolConfig;
+use wiremock::matchers::{method, path, path_regex};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+use crate::support::{spawn_app_with, wait_for, Agent, AppOptions, TestApp};
+
+const USD: u64 = 1_000_000;
+const CP_AUDIENCE: &str = "cp.test";
+
+// ---- the test's own JOSE / SD-JWT code ----
+
+fn b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn sha256_b64(text: &str) -> String {
+    b64(&Sha256::digest(text.as_bytes()))
+}
+
+fn unb64(text: &str) -> Vec<u8> {
+    URL_SAFE_NO_PAD.decode(text).expect("base64url")
+}
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/fixtures/ap2/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
+}
+
+/// A fixture key: the signing key and the public JWK (with its `kid`).
+struct TestKey {
+    signing: SigningKey,
+    public: Value,
+}
+
+impl TestKey {
+    fn load(name: &str) -> TestKey {
+        let private: Value = serde_json::from_str(&fixture(&format!("keys/{name}.private.jwk.json"))).expect("jwk");
+        let d = unb64(private["d"].as_str().expect("d"));
+        let signing = SigningKey::from_slice(&d).expect("P-256 scalar");
+        let public: Value = serde_json::from_str(&fixture(&format!("keys/{name}.public.jwk.json"))).expect("jwk");
+        TestKey { signing, public }
+    }
+
+    fn kid(&self) -> Option<&str> {
+        self.public["kid"].as_str()
+    }
+
+    /// A compact ES256 JWS over `payload_text`.
+    fn sign(&self, typ: &str, payload_text: &str) -> String {
+        let mut header = json!({ "alg": "ES256", "typ": typ });
+        if let Some(kid) = self.kid() {
+            header["kid"] = json!(kid);
+        }
+        let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(payload_text.as_bytes()));
+        let signature: Signature = self.signing.sign(input.as_bytes());
+        format!("{input}.{}", b64(&signature.to_bytes()))
+    }
+}
+
+/// Verifies a compact ES256 JWS with a public JWK; returns (header, payload).
+fn verify_es256(jwt: &str, jwk: &Value) -> (Value, Value) {
+    let parts: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(parts.len(), 3, "a compact JWS");
+    let point = p256::EncodedPoint::from_affine_coordinates(
+        unb64(jwk["x"].as_str().expect("x")).as_slice().into(),
+        unb64(jwk["y"].as_str().expect("y")).as_slice().into(),
+        false,
+    );
+    let key = VerifyingKey::from_encoded_point(&point).expect("a P-256 point");
+    let signature = Signature::from_slice(&unb64(parts[2])).expect("r || s");
+    key.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &signature).expect("the signature verifies");
+    let header: Value = serde_json::from_slice(&unb64(parts[0])).expect("header");
+    let payload: Value = serde_json::from_slice(&unb64(parts[1])).expect("payload");
+    assert_eq!(header["alg"], "ES256");
+    (header, payload)
+}
+
+/// An array-element disclosure of already-serialized JSON: (encoded, digest).
+fn disclosure(value_text: &str) -> (String, String) {
+    let salt = b64(&rand::random::<[u8; 16]>());
+    let encoded = b64(format!("[\"{salt}\",{value_text}]").as_bytes());
+    let digest = sha256_b64(&encoded);
+    (encoded, digest)
+}
+
+/// An open mandate SD-JWT: the content is the one disclosed `delegate_payload` element.
+fn open_mandate(issuer: &TestKey, content_text: &str, nested: &[String], now: i64) -> String {
+    let (content, digest) = disclosure(content_text);
+    let payload = json!({ "iss": "https://agent-provider.example", "iat": now,
+                          "delegate_payload": [{ "...": digest }], "_sd_alg": "sha-256" });
+    let jwt = issuer.sign("dc+sd-jwt", &payload.to_string());
+    let mut parts = vec![jwt];
+    parts.extend(nested.iter().cloned());
+    parts.push(content);
+    format!("{}~", parts.join("~"))
+}
+
+fn merchant(id: &str) -> Value {
+    json!({ "id": id, "name": format!("Merchant {id}"), "website": format!("https://{}.example", id.replace('_', "-")) })
+}
+
+/// What the user signs for the agent.
+struct MandateTerms {
+    /// `payment.budget` `max`, as decimal text in dollars.
+    budget: Option<&'static str>,
+    min_cents: i64,
+    max_cents: i64,
+    payees: Vec<&'static str>,
+    merchants: Vec<&'static str>,
+    /// What the checkout must contain.
+    items: Items,
+    /// A `payment.agent_recurrence` constraint.
+    recurrence: Option<Value>,
+}
+
+impl Default for MandateTerms {
+    fn default() -> MandateTerms {
+        MandateTerms {
+            budget: Some("150.10"),
+            min_cents: 100,
+            max_cents: 20_000,
+            payees: vec!["merchant_1", "merchant_3"],
+            merchants: vec!["merchant_1", "merchant_2"],
+            items: Items::Shoes,
+            recurrence: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Items {
+    /// One gold or silver sneaker and two socks (the fixture's checkout mandate).
+    Shoes,
+    /// One gift card.
+    GiftCard,
+}
+
+struct OpenMandates {
+    checkout: String,
+    payment: String,
+}
+
+fn issue_mandates(issuer: &TestKey, agent_jwk: &Value, terms: &MandateTerms, now: i64) -> OpenMandates {
+    let cnf = json!({ "jwk": { "kty": agent_jwk["kty"], "crv": agent_jwk["crv"], "x": agent_jwk["x"], "y": agent_jwk["y"] } });
+    let mut nested = Vec::new();
+    let mut disclose = |value: Value| {
+        let (encoded, digest) = disclosure(&value.to_string());
+        nested.push(encoded);
+        json!({ "...": digest })
+    };
+    let mut constraints = Vec::new();
+    match terms.items {
+        Items::Shoes => {
+            let gold = disclose(json!({ "id": "sku_gold_sneaker_9", "title": "Gold Sneaker, size 9" }));
+            let silver = disclose(json!({ "id": "sku_silver_sneaker_9", "title": "Silver Sneaker, size 9" }));
+            let socks = disclose(json!({ "id": "sku_socks_black", "title": "Black Socks" }));
+            constraints.push(json!({ "type": "checkout.line_items", "items": [
+                { "id": "shoes", "acceptable_items": [gold, silver], "quantity": 1 },
+                { "id": "socks", "acceptable_items": [socks], "quantity": 2 } ] }));
+        }
+        Items::GiftCard => {
+            let card = disclose(json!({ "id": "sku_gift_card", "title": "Gift card" }));
+            constraints.push(json!({ "type": "checkout.line_items", "items": [
+                { "id": "card", "acceptable_items": [card], "quantity": 1 } ] }));
+        }
+    }
+    let allowed: Vec<Value> = terms.merchants.iter().map(|id| disclose(merchant(id))).collect();
+    constraints.push(json!({ "type": "checkout.allowed_merchants", "allowed": allowed }));
+    let checkout_content = json!({ "vct": "mandate.checkout.open.1", "constraints": constraints, "cnf": cnf,
+                                   "iat": now, "exp": now + 30 * 86_400 });
+    let checkout = open_mandate(issuer, &checkout_content.to_string(), &nested, now);
+
+    let mut nested = Vec::new();
+    let mut disclose = |value: Value| {
+        let (encoded, digest) = disclosure(&value.to_string());
+        nested.push(encoded);
+        json!({ "...": digest })
+    };
+    let payees: Vec<Value> = terms.payees.iter().map(|id| disclose(merchant(id))).collect();
+    let mut constraints = vec![json!({ "type": "payment.amount_range", "currency": "USD",
+                                       "min": terms.min_cents, "max": terms.max_cents })];
+    if terms.budget.is_some() {
+        constraints.push(json!({ "type": "payment.budget", "max": "__BUDGET__", "currency": "USD" }));
+    }
+    constraints.push(json!({ "type": "payment.allowed_payees", "allowed": payees }));
+    constraints.extend(terms.recurrence.clone());
+    constraints.push(json!({ "type": "payment.allowed_payment_instruments",
+                             "allowed": [{ "id": "card_4242", "type": "card", "description": "Visa ending 4242" }] }));
+    constraints.push(json!({ "type": "payment.reference", "conditional_transaction_id": sha256_b64(&checkout) }));
+    let payment_content = json!({ "vct": "mandate.payment.open.1", "constraints": constraints, "cnf": cnf,
+                                  "iat": now, "exp": now + 30 * 86_400 });
+    // The budget is a decimal number in dollars, written exactly.
+    let text = payment_content.to_string().replace("\"__BUDGET__\"", terms.budget.unwrap_or("0"));
+    let payment = open_mandate(issuer, &text, &nested, now);
+    OpenMandates { checkout, payment }
+}
+
+/// A merchant-signed UCP checkout JWT.
+struct CheckoutTerms {
+    id: String,
+    merchant: &'static str,
+    /// (sku, title, unit price in cents, quantity)
+    lines: Vec<(&'static str, &'static str, i64, u64)>,
+    tax_cents: i64,
+    currency: &'static str,
+    exp_in: i64,
+}
+
+impl CheckoutTerms {
+    fn shoes(id: &str) -> CheckoutTerms {
+        CheckoutTerms {
+            id: id.to_owned(),
+            merchant: "merchant_1",
+            lines: vec![
+                ("sku_gold_sneaker_9", "Gold Sneaker, size 9", 12_345, 1),
+                ("sku_socks_black", "Black Socks", 599, 2),
+            ],
+            tax_cents: 1_083,
+            currency: "USD",
+            exp_in: 3600,
+        }
+    }
+
+    /// One gift card of `cents` (no tax).
+    fn single(id: &str, merchant: &'static str, cents: i64) -> CheckoutTerms {
+        CheckoutTerms {
+            id: id.to_owned(),
+            merchant,
+            lines: vec![("sku_gift_card", "Gift card", cents, 1)],
+            tax_cents: 0,
+            currency: "USD",
+            exp_in: 3600,
+        }
+    }
+
+    fn total_cents(&self) -> i64 {
+        self.lines.iter().map(|(_, _, price, qty)| price * *qty as i64).sum::<i64>() + self.tax_cents
+    }
+
+    fn claims(&self, now: i64) -> Value {
+        let lines: Vec<Value> = self
+            .lines
+            .iter()
+            .enumerate()
+            .map(|(n, (sku, title, price, qty))| {
+                json!({ "id": format!("line_{n}"), "item": { "id": sku, "title": title, "price": price },
+                        "quantity": qty, "totals": [{ "type": "subtotal", "amount": price * *qty as i64 }] })
+            })
+            .collect();
+        let subtotal = self.total_cents() - self.tax_cents;
+        json!({ "id": self.id, "merchant": merchant(self.merchant), "line_items": lines,
+                "status": "ready_for_complete", "currency": self.currency,
+                "totals": [{ "type": "subtotal", "amount": subtotal }, { "type": "tax", "amount": self.tax_cents },
+                           { "type": "total", "amount": self.total_cents() }],
+                "links": [], "iss": "https://merchant.example", "iat": now, "exp": now + self.exp_in })
+    }
+
+    fn sign(&self, key: &TestKey, now: i64) -> String {
+        key.sign("JWT", &self.claims(now).to_string())
+    }
+}
+
+// ---- the simulated providers ----
+
+/// The closed link of a presented chain `<open>~~<closed JWT>~<disclosures>~`.
+fn closed_jwt(chain: &str) -> String {
+    let (_, closed) = chain.split_once("~~").expect("an open and a closed mandate");
+    closed.split('~').next().expect("closed JWT").to_owned()
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs() as i64
+}
+
+/// The Credential Provider: issues a token that names the closed Payment Mandate it was issued
+/// for (so the merchant's processor can reference it), or refuses with a signed Error receipt.
+struct CredentialProvider {
+    refuse: bool,
+}
+
+impl Respond for CredentialProvider {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&request.body).expect("JSON");
+        let reference = sha256_b64(&closed_jwt(body["payment_mandate"].as_str().expect("payment_mandate")));
+        if self.refuse {
+            let receipt = json!({ "status": "Error", "iss": "cp.test", "iat": now_secs(), "reference": reference,
+                                  "error": "insufficient_funds", "error_description": "the card was declined",
+                                  "payment_id": "pay_refused" });
+            let jwt = TestKey::load("credential_provider").sign("JWT", &receipt.to_string());
+            return ResponseTemplate::new(402).set_body_json(json!({ "payment_receipt": jwt }));
+        }
+        ResponseTemplate::new(200).set_body_json(json!({ "payment_token": format!("tok_{reference}") }))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MerchantMode {
+    Paid,
+    Declined,
+    /// The payment receipt is signed by a key nobody trusts.
+    ForgedReceipt,
+}
+
+struct MerchantSim {
+    mode: MerchantMode,
+    orders: Arc<AtomicU64>,
+}
+
+impl Respond for MerchantSim {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&request.body).expect("JSON");
+        let checkout_reference = sha256_b64(&closed_jwt(body["checkout_mandate"].as_str().expect("checkout_mandate")));
+        let payment_reference = body["payment_token"]
+            .as_str()
+            .and_then(|t| t.strip_prefix("tok_"))
+            .expect("a token from the CP")
+            .to_owned();
+        let n = self.orders.fetch_add(1, Ordering::SeqCst);
+        let (checkout_receipt, payment_receipt) = match self.mode {
+            MerchantMode::Paid | MerchantMode::ForgedReceipt => (
+                json!({ "status": "Success", "iss": "merchant", "iat": now_secs(), "reference": checkout_reference,
+                        "order_id": format!("order_{n}") }),
+                json!({ "status": "Success", "iss": "mpp", "iat": now_secs(), "reference": payment_reference,
+                        "payment_id": format!("pay_{n}"), "psp_confirmation_id": format!("psp_{n}"),
+                        "network_confirmation_id": format!("net_{n}") }),
+            ),
+            MerchantMode::Declined => (
+                json!({ "status": "Error", "iss": "merchant", "iat": now_secs(), "reference": checkout_reference,
+                        "error": "payment_failed", "error_description": "the processor declined the card" }),
+                json!({ "status": "Error", "iss": "mpp", "iat": now_secs(), "reference": payment_reference,
+                        "error": "card_declined", "error_description": "do not honor", "payment_id": format!("pay_{n}") }),
+            ),
+        };
+        let processor = if self.mode == MerchantMode::ForgedReceipt { "attacker" } else { "processor" };
+        ResponseTemplate::new(200).set_body_json(json!({
+            "checkout_receipt": TestKey::load("merchant").sign("JWT", &checkout_receipt.to_string()),
+            "payment_receipt": TestKey::load(processor).sign("JWT", &payment_receipt.to_string()),
+        }))
+    }
+}
+
+async fn credential_provider(refuse: bool) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/ap2/v0.2/payment-credentials"))
+        .respond_with(CredentialProvider { refuse })
+        .mount(&server)
+        .await;
+    server
+}
+
+async fn merchant_server(mode: MerchantMode) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/ap2/v0\.2/checkouts/[^/]+/complete$"))
+        .respond_with(MerchantSim { mode, orders: Arc::new(AtomicU64::new(0)) })
+        .mount(&server)
+        .await;
+    server
+}
+
+fn public_jwk(name: &str) -> Value {
+    TestKey::load(name).public
+}
+
+fn test_kek() -> Kek {
+    Kek::from_bytes([42; 32])
+}
+
+fn ap2_config(cp: &MockServer, merchants: &[(&str, &MockServer)], v01: Option<&MockServer>) -> Ap2Config {
+    let merchants: Vec<Value> = merchants
+        .iter()
+        .map(|(id, server)| {
+            json!({ "id": id, "base_url": server.uri(), "keys": [public_jwk("merchant")], "v01_name": "Demo Merchant" })
+        })
+        .collect();
+    let mut file = json!({
+        "trusted_issuers": [public_jwk("user")],
+        "credential_provider": { "base_url": cp.uri(), "audience": CP_AUDIENCE,
+                                 "receipt_keys": [public_jwk("credential_provider")] },
+        "processor_keys": [public_jwk("processor")],
+        "merchants": merchants,
+    });
+    if let Some(processor) = v01 {
+        file["v01"] = json!({ "processor_url": processor.uri(), "audience": "mpp.test" });
+    }
+    Ap2Config {
+        file: Some(serde_json::from_value::<Ap2File>(file).expect("a valid AP2 configuration")),
+        kek: Some(test_kek()),
+        conformance: ConformanceSink::to_dir(ConformanceSink::test_dir()),
+        ..Ap2Config::default()
+    }
+}
+
+async fn spawn(config: Ap2Config) -> TestApp {
+    spawn_app_with(AppOptions { protocols: ProtocolConfig { ap2: config, ..Default::default() }, ..Default::default() })
+        .await
+}
+
+async fn agent_jwk(app: &TestApp, agent: &Agent) -> Value {
+    let (status, body) = app.agent_call(&agent.token, reqwest::Method::GET, "/v1/ap2/key", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["jwk"].get("d").is_none(), "the private key never leaves the daemon: {body}");
+    body["jwk"].clone()
+}
+
+async fn pay(app: &TestApp, agent: &Agent, mandates: &OpenMandates, checkout_jwt: &str) -> (u16, Value) {
+    app.agent_call(
+        &agent.token,
+        reqwest::Method::POST,
+        "/v1/ap2/payments",
+        Some(json!({ "checkout_jwt": checkout_jwt, "open_checkout_mandate": mandates.checkout,
+                     "open_payment_mandate": mandates.payment, "task": "buy-shoes" })),
+    )
+    .await
+}
+
+async fn me(app: &TestApp, agent: &Agent) -> Value {
+    let (status, body) = app.agent_call(&agent.token, reqwest::Method::GET, "/v1/me", None).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+async fn mandate_budget(app: &TestApp, agent: &Agent, mandates: &OpenMandates) -> Value {
+    let (open_jwt, _) = mandates.payment.split_once('~').expect("SD-JWT");
+    let id = sha256_b64(open_jwt);
+    let (status, body) =
+        app.agent_call(&agent.token, reqwest::Method::GET, &format!("/v1/ap2/mandates/{id}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+async fn received(server: &MockServer) -> Vec<Value> {
+    server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).expect("JSON"))
+        .collect()
+}
+
+/// The closed mandate of a presented chain, verified the way a verifier would, by this test's
+/// own code: the open link exactly as the user issued it, an ES256 signature by the agent's key
+/// over a `kb+sd-jwt`, `sd_hash` of the open link, the audience, and the content disclosure
+/// (with property disclosures resolved).
+fn verify_closed(chain: &str, open: &str, agent: &Value, audience: &str) -> Value {
+    let (open_part, closed) = chain.split_once("~~").expect("two links");
+    assert_eq!(format!("{open_part}~"), open, "the open mandate is presented exactly as issued");
+    let mut parts = closed.trim_end_matches('~').split('~');
+    let jwt = parts.next().expect("JWT");
+    let (header, payload) = verify_es256(jwt, agent);
+    assert_eq!(header["typ"], "kb+sd-jwt");
+    assert_eq!(payload["sd_hash"], sha256_b64(open), "bound to the open mandate by sd_hash");
+    assert_eq!(payload["aud"], audience);
+    assert!(payload["nonce"].as_str().is_some_and(|n| n.len() >= 16));
+    let disclosures: Vec<(String, Value)> =
+        parts.map(|d| (sha256_b64(d), serde_json::from_slice(&unb64(d)).expect("disclosure JSON"))).collect();
+    let content_digest = payload["delegate_payload"][0]["..."].as_str().expect("delegate_payload digest");
+    let (_, content) = disclosures.iter().find(|(digest, _)| digest == content_digest).expect("content disclosed");
+    let mut content = content[1].clone();
+    if let Some(digests) = content.get("_sd").and_then(Value::as_array).cloned() {
+        for digest in digests {
+            let (_, property) = disclosures.iter().find(|(d, _)| Value::String(d.clone()) == digest).expect("property");
+            content[property[1].as_str().expect("name")] = property[2].clone();
+        }
+        content.as_object_mut().expect("object").remove("_sd");
+    }
+    content
+}
+
+fn log_of<'a>(log: &'a [Value], event: &str) -> Vec<&'a Value> {
+    log.iter().filter(|e| e["event"] == event).collect()
+}
+
+// ---- tests ----
+
+#[tokio::test]
+async fn ap2_v02_human_not_present_purchase_end_to_end() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], None)).await;
+    let agent = app.create_agent("shopper", 500 * USD, None).await;
+    let jwk = agent_jwk(&app, &agent).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &MandateTerms::default(), now);
+
+    // The owner (or the agent) registers the open mandates: verified, budget created.
+    let (status, registered) = app
+        .agent_call(
+            &agent.token,
+            reqwest::Method::POST,
+            "/v1/ap2/mandates",
+            Some(json!({ "open_checkout_mandate": mandates.checkout, "open_payment_mandate": mandates.payment })),
+        )
+        .await;
+    assert_eq!(status, 201, "{registered}");
+    assert_eq!(registered["budget_micros"], 150_100_000);
+    assert_eq!(registered["remaining_micros"], 150_100_000);
+    assert_eq!(registered["allowed_payees"], json!(["merchant_1", "merchant_3"]));
+
+    let checkout = CheckoutTerms::shoes("chk_e2e");
+    let checkout_jwt = checkout.sign(&TestKey::load("merchant"), now);
+    let (status, paid) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+    assert_eq!(status, 200, "{paid}");
+    assert_eq!(paid["status"], "paid");
+    assert_eq!(paid["amount_micros"], 146_260_000);
+    assert_eq!(paid["service"], "merchant-1.example");
+    assert_eq!(paid["checkout_id"], "chk_e2e");
+    assert_eq!(paid["order_id"], "order_0");
+    assert_eq!(paid["checkout_hash"], sha256_b64(&checkout_jwt));
+
+    // Money: spent, nothing left held; the mandate's budget is charged the same.
+    let balance = me(&app, &agent).await;
+    assert_eq!(balance["spent_micros"], 146_260_000);
+    assert_eq!(balance["held_micros"], 0);
+    let budget = mandate_budget(&app, &agent, &mandates).await;
+    assert_eq!(budget["spent_micros"], 146_260_000);
+    assert_eq!(budget["remaining_micros"], 150_100_000 - 146_260_000);
+    assert_eq!(budget["outstanding"], 0);
+
+    // What the Credential Provider received: the open Payment Mandate as issued, chained to a
+    // closed one signed by the agent's key, for exactly this checkout.
+    let cp_requests = received(&cp).await;
+    assert_eq!(cp_requests.len(), 1);
+    let request = &cp_requests[0];
+    assert_eq!(request["checkout_hash"], sha256_b64(&checkout_jwt));
+    assert_eq!(request["open_checkout_hash"], sha256_b64(&mandates.checkout));
+    let payment_chain = request["payment_mandate"].as_str().expect("chain");
+    let closed_payment = verify_closed(payment_chain, &mandates.payment, &jwk, CP_AUDIENCE);
+    assert_eq!(closed_payment["vct"], "mandate.payment.1");
+    assert_eq!(closed_payment["transaction_id"], sha256_b64(&checkout_jwt));
+    assert_eq!(closed_payment["payment_amount"], json!({ "amount": 14_626, "currency": "USD" }));
+    assert_eq!(closed_payment["payee"]["id"], "merchant_1");
+    assert_eq!(closed_payment["payment_instrument"]["id"], "card_4242");
+
+    // What the merchant received: the Checkout Mandates, bound to the checkout JWT, and the token.
+    let merchant_requests = shop.received_requests().await.unwrap_or_default();
+    assert_eq!(merchant_requests.len(), 1);
+    assert_eq!(merchant_requests[0].url.path(), "/ap2/v0.2/checkouts/chk_e2e/complete");
+    let request: Value = serde_json::from_slice(&merchant_requests[0].body).expect("JSON");
+    let closed_checkout =
+        verify_closed(request["checkout_mandate"].as_str().expect("chain"), &mandates.checkout, &jwk, "merchant_1");
+    assert_eq!(closed_checkout["vct"], "mandate.checkout.1");
+    assert_eq!(closed_checkout["checkout_jwt"], checkout_jwt);
+    assert_eq!(closed_checkout["checkout_hash"], sha256_b64(&checkout_jwt));
+    assert_eq!(request["payment_token"], format!("tok_{}", sha256_b64(&closed_jwt(payment_chain))));
+
+    // The log: one hold and one settle, the merchant as the service, with the checkout, the
+    // mandate ids and the receipt references.
+    let log = app.log().await;
+    let holds = log_of(&log, "hold");
+    let settles = log_of(&log, "settle");
+    assert_eq!((holds.len(), settles.len()), (1, 1), "{log:?}");
+    let payment_mandate_id = sha256_b64(mandates.payment.split('~').next().expect("jwt"));
+    assert_eq!(holds[0]["bucket"], format!("ap2:pm:{payment_mandate_id}"));
+    for entry in [holds[0], settles[0]] {
+        assert_eq!(entry["service"], "merchant-1.example");
+        assert_eq!(entry["protocol"], "ap2");
+        assert_eq!(entry["task"], "buy-shoes");
+    }
+    let detail: Value = serde_json::from_str(settles[0]["detail"].as_str().expect("detail")).expect("JSON");
+    assert_eq!(detail["checkout_id"], "chk_e2e");
+    assert_eq!(detail["merchant_id"], "merchant_1");
+    assert_eq!(detail["payment_mandate_id"], payment_mandate_id);
+    assert_eq!(detail["checkout_mandate_id"], sha256_b64(mandates.checkout.split('~').next().expect("jwt")));
+    assert_eq!(detail["payment_receipt_reference"], sha256_b64(&closed_jwt(payment_chain)));
+    assert_eq!(detail["order_id"], "order_0");
+    assert_eq!(paid["receipt"]["receipt"]["service"], "merchant-1.example");
+    assert_eq!(paid["receipt"]["receipt"]["details"]["checkout_id"], "chk_e2e");
+
+    // The stored key is sealed: no PEM, no JWK in Redis.
+    let redis = app.redis.as_ref().expect("redis");
+    let stored =
+        redis.cli(&["HGET", &format!("sc:{{{}}}:a:{}", agent.tree, agent.id), "x:ap2_key"]).expect("redis-cli");
+    assert!(stored.starts_with("v1.") && !stored.contains("PRIVATE") && !stored.contains("\"d\""), "{stored}");
+
+    // The same checkout again is the same payment: replayed, nothing new signed or charged.
+    let (status, again) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["replayed"], true);
+    assert_eq!(again["hold_id"], paid["hold_id"]);
+    assert_eq!(received(&cp).await.len(), 1);
+    assert_eq!(me(&app, &agent).await["spent_micros"], 146_260_000);
+}
+
+#[tokio::test]
+async fn ap2_mandate_budget_holds_across_merchants_and_daemon_instances() {
+    let cp = credential_provider(false).await;
+    let shop_1 = merchant_server(MerchantMode::Paid).await;
+    let shop_2 = merchant_server(MerchantMode::Paid).await;
+    let merchants = [("merchant_1", &shop_1), ("merchant_2", &shop_2)];
+    let first = spawn(ap2_config(&cp, &merchants, None)).await;
+    let second = spawn_app_with(AppOptions {
+        redis: Some((first.redis.clone().expect("redis"), "sc".into())),
+        protocols: ProtocolConfig { ap2: ap2_config(&cp, &merchants, None), ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    let agent = first.create_agent("budgeted", 1_000 * USD, None).await;
+    // Both instances ask for the key at once; they agree on one.
+    let (jwk, jwk_2) = tokio::join!(agent_jwk(&first, &agent), agent_jwk(&second, &agent));
+    assert_eq!(jwk, jwk_2);
+
+    let now = (first.clock.now_ms() / 1000) as i64;
+    let terms = MandateTerms {
+        budget: Some("100.00"),
+        min_cents: 100,
+        max_cents: 10_000,
+        payees: vec!["merchant_1", "merchant_2"],
+        merchants: vec!["merchant_1", "merchant_2"],
+        items: Items::GiftCard,
+        ..MandateTerms::default()
+    };
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &terms, now);
+    let merchant_key = TestKey::load("merchant");
+
+    // Six concurrent $60 checkouts, from both merchants, through both instances.
+    let attempts: Vec<(usize, String)> = (0..6)
+        .map(|n| {
+            let shop = if n % 2 == 0 { "merchant_1" } else { "merchant_2" };
+            (n, CheckoutTerms::single(&format!("chk_race_{n}"), shop, 6_000).sign(&merchant_key, now))
+        })
+        .collect();
+    let results = futures::future::join_all(attempts.iter().map(|(n, jwt)| {
+        let app = if n / 3 == 0 { &first } else { &second };
+        pay(app, &agent, &mandates, jwt)
+    }))
+    .await;
+    let paid = results.iter().filter(|(status, _)| *status == 200).count();
+    assert_eq!(paid, 1, "{results:?}");
+    for (status, body) in results.iter().filter(|(status, _)| *status != 200) {
+        assert_eq!(*status, 402, "{body}");
+        assert!(["budget_busy", "budget_exceeded"].contains(&body["code"].as_str().unwrap_or_default()), "{body}");
+    }
+    // Exactly one closed mandate was signed and presented, for $60.
+    let signed = |requests: Vec<Value>| -> u64 {
+        requests
+            .iter()
+            .map(|r| {
+                let closed =
+                    verify_closed(r["payment_mandate"].as_str().expect("chain"), &mandates.payment, &jwk, CP_AUDIENCE);
+                closed["payment_amount"]["amount"].as_u64().expect("amount") * 10_000
+            })
+            .sum()
+    };
+    assert_eq!(signed(received(&cp).await), 60 * USD);
+
+    // Another $60 passes the budget: refused before signing; $40 fits exactly.
+    let (status, refused) = pay(
+        &second,
+        &agent,
+        &mandates,
+        &CheckoutTerms::single("chk_more", "merchant_2", 6_000).sign(&merchant_key, now),
+    )
+    .await;
+    assert_eq!(status, 402, "{refused}");
+    assert_eq!(refused["code"], "budget_exceeded");
+    assert_eq!(refused["remaining_micros"], 40 * USD);
+    let (status, body) = pay(
+        &first,
+        &agent,
+        &mandates,
+        &CheckoutTerms::single("chk_rest", "merchant_2", 4_000).sign(&merchant_key, now),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    let total_signed = signed(received(&cp).await);
+    assert_eq!(total_signed, 100 * USD, "at most the budget was ever signed");
+    let budget = mandate_budget(&second, &agent, &mandates).await;
+    assert_eq!((budget["spent_micros"].as_u64(), budget["held_micros"].as_u64()), (Some(100 * USD), Some(0)));
+    assert_eq!(me(&first, &agent).await["spent_micros"], 100 * USD);
+    let completions = received(&shop_1).await.len() + received(&shop_2).await.len();
+    assert_eq!(completions, 2);
+}
+
+#[tokio::test]
+async fn ap2_payment_over_the_agent_cap_is_refused_before_anything_is_signed() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], None)).await;
+    let agent = app.create_agent("small-cap", 100 * USD, None).await;
+    let jwk = agent_jwk(&app, &agent).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &MandateTerms::default(), now);
+    let checkout_jwt = CheckoutTerms::shoes("chk_cap").sign(&TestKey::load("merchant"), now);
+
+    let (status, body) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["code"], "cap_exceeded");
+    assert_eq!(body["remaining_micros"], 100 * USD);
+    assert!(received(&cp).await.is_empty(), "nothing reached the Credential Provider");
+    assert!(received(&shop).await.is_empty());
+    let balance = me(&app, &agent).await;
+    assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(0), Some(0)));
+    let log = app.log().await;
+    let refusals = log_of(&log, "refuse");
+    assert_eq!(refusals.len(), 1);
+    assert_eq!(refusals[0]["reason"], "cap_exceeded");
+    assert_eq!(refusals[0]["service"], "merchant-1.example");
+}
+
+#[tokio::test]
+async fn ap2_tampered_or_disallowed_checkouts_and_mandates_are_refused_with_nothing_held() {
+    let cp = credential_provider(false).await;
+    let shop_1 = merchant_server(MerchantMode::Paid).await;
+    let shop_2 = merchant_server(MerchantMode::Paid).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop_1), ("merchant_2", &shop_2)], None)).await;
+    let agent = app.create_agent("careful", 1_000 * USD, None).await;
+    let jwk = agent_jwk(&app, &agent).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let user = TestKey::load("user");
+    let merchant_key = TestKey::load("merchant");
+    let mandates = issue_mandates(&user, &jwk, &MandateTerms::default(), now);
+    let valid = CheckoutTerms::shoes("chk_valid").sign(&merchant_key, now);
+    let log_before = app.log().await.len();
+
+    let edited = {
+        let mut parts: Vec<String> = valid.split('.').map(str::to_owned).collect();
+        let mut claims: Value = serde_json::from_slice(&unb64(&parts[1])).expect("claims");
+        claims["totals"][2]["amount"] = json!(100);
+        parts[1] = b64(claims.to_string().as_bytes());
+        parts.join(".")
+    };
+    let alg_none = {
+        let claims = CheckoutTerms::shoes("chk_none").claims(now);
+        format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), b64(claims.to_string().as_bytes()))
+    };
+    let expired = CheckoutTerms { exp_in: -1, ..CheckoutTerms::shoes("chk_old") }.sign(&merchant_key, now);
+    let from_merchant_2 =
+        CheckoutTerms { merchant: "merchant_2", ..CheckoutTerms::shoes("chk_m2") }.sign(&merchant_key, now);
+    let too_much = {
+        let mut terms = CheckoutTerms::shoes("chk_big");
+        terms.tax_cents = 10_000;
+        terms.sign(&merchant_key, now)
+    };
+    let euro = CheckoutTerms { currency: "EUR", ..CheckoutTerms::shoes("chk_eur") }.sign(&merchant_key, now);
+    let hat = {
+        let mut terms = CheckoutTerms::shoes("chk_hat");
+        terms.lines.push(("sku_hat", "Hat", 100, 1));
+        terms.sign(&merchant_key, now)
+    };
+    let other_key = issue_mandates(&user, &public_jwk("attacker"), &MandateTerms::default(), now);
+    let untrusted = issue_mandates(&TestKey::load("attacker"), &jwk, &MandateTerms::default(), now);
+    let monthly = MandateTerms {
+        recurrence: Some(json!({ "type": "payment.agent_recurrence", "frequency": "MONTHLY", "max_occurrences": 12 })),
+        ..MandateTerms::default()
+    };
+    let recurring = issue_mandates(&user, &jwk, &monthly, now);
+
+    let cases: Vec<(&str, String, &OpenMandates, u16, &str)> = vec![
+        ("payload edited", edited, &mandates, 422, "ap2_bad_signature"),
+        (
+            "signed by another key",
+            CheckoutTerms::shoes("chk_x").sign(&TestKey::load("attacker"), now),
+            &mandates,
+            422,
+            "ap2_bad_signature",
+        ),
+        ("alg none", alg_none, &mandates, 422, "ap2_alg_not_allowed"),
+        ("expired", expired, &mandates, 422, "ap2_expired"),
+        ("payee not allowed", from_merchant_2, &mandates, 422, "ap2_payee_not_allowed"),
+        ("amount out of range", too_much, &mandates, 422, "ap2_amount_out_of_range"),
+        ("currency mismatch", euro, &mandates, 422, "ap2_currency_mismatch"),
+        ("line items not allowed", hat, &mandates, 422, "ap2_line_items_not_allowed"),
+        ("malformed checkout", "not.a-jwt".to_owned(), &mandates, 400, "ap2_malformed_jwt"),
+        ("mandates for another key", valid.clone(), &other_key, 422, "ap2_cnf_mismatch"),
+        ("mandates by an untrusted issuer", valid.clone(), &untrusted, 422, "ap2_bad_signature"),
+        // The daemon keeps no history of presentations, so it refuses what needs one.
+        ("a recurrence it cannot count", valid.clone(), &recurring, 422, "ap2_unsupported_constraint"),
+    ];
+    for (case, checkout_jwt, mandates, expected_status, expected_code) in &cases {
+        let (status, body) = pay(&app, &agent, mandates, checkout_jwt).await;
+        assert_eq!(
+            (status, body["code"].as_str().unwrap_or_default()),
+            (*expected_status, *expected_code),
+            "{case}: {body}"
+        );
+    }
+    let malformed = OpenMandates { checkout: "garbage".into(), payment: mandates.payment.clone() };
+    let (status, body) = pay(&app, &agent, &malformed, &valid).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("ap2_malformed_sd_jwt")), "{body}");
+
+    // Nothing was held, logged, signed or sent.
+    let balance = me(&app, &agent).await;
+    assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(app.log().await.len(), log_before, "the log is unchanged");
+    assert!(received(&cp).await.is_empty());
+    assert!(received(&shop_1).await.is_empty() && received(&shop_2).await.is_empty());
+}
+
+#[tokio::test]
+async fn ap2_error_receipt_voids_the_hold_and_a_forged_receipt_never_settles() {
+    for mode in [MerchantMode::Declined, MerchantMode::ForgedReceipt] {
+        let cp = credential_provider(false).await;
+        let shop = merchant_server(mode).await;
+        let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], None)).await;
+        let agent = app.create_agent("unlucky", 500 * USD, None).await;
+        let jwk = agent_jwk(&app, &agent).await;
+        let now = (app.clock.now_ms() / 1000) as i64;
+        let mandates = issue_mandates(&TestKey::load("user"), &jwk, &MandateTerms::default(), now);
+        let checkout_jwt = CheckoutTerms::shoes("chk_fail").sign(&TestKey::load("merchant"), now);
+
+        let (status, body) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+        assert_eq!(received(&shop).await.len(), 1, "the merchant was asked once");
+        let log = app.log().await;
+        let notes = log_of(&log, "note");
+        assert_eq!(notes.len(), 1, "{log:?}");
+        assert!(log_of(&log, "settle").is_empty(), "never settled");
+        let balance = me(&app, &agent).await;
+        assert_eq!(balance["spent_micros"], 0);
+        match mode {
+            MerchantMode::Declined => {
+                assert_eq!(status, 402, "{body}");
+                assert_eq!(body["code"], "ap2_payment_declined");
+                assert_eq!(body["error"], "card_declined");
+                assert_eq!(body["voided"], true);
+                assert_eq!(notes[0]["reason"], "ap2_payment_declined");
+                assert!(notes[0]["detail"].as_str().is_some_and(|d| d.contains("do not honor")), "{:?}", notes[0]);
+                let voids = log_of(&log, "void");
+                assert_eq!(voids.len(), 1);
+                assert_eq!(voids[0]["reason"], "ap2_payment_declined");
+                assert_eq!(balance["held_micros"], 0);
+                let budget = mandate_budget(&app, &agent, &mandates).await;
+                assert_eq!((budget["spent_micros"].as_u64(), budget["held_micros"].as_u64()), (Some(0), Some(0)));
+            }
+            MerchantMode::ForgedReceipt => {
+                // A receipt that does not verify proves nothing: the merchant may have charged,
+                // so the hold stays until the closed mandates are dead, then comes back.
+                assert_eq!(status, 502, "{body}");
+                assert_eq!(body["code"], "ap2_receipt_invalid");
+                assert_eq!(body["provider_code"], "ap2_bad_signature");
+                assert_eq!(notes[0]["reason"], "ap2_receipt_invalid");
+                assert!(log_of(&log, "void").is_empty());
+                assert_eq!(balance["held_micros"], 146_260_000);
+                app.clock.advance_ms(361_000);
+                let after = me(&app, &agent).await;
+                assert_eq!((after["spent_micros"].as_u64(), after["held_micros"].as_u64()), (Some(0), Some(0)));
+            }
+            MerchantMode::Paid => unreachable!("not a failure mode"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn ap2_credential_provider_refusal_voids_before_the_merchant_is_asked() {
+    let cp = credential_provider(true).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], None)).await;
+    let agent = app.create_agent("refused", 500 * USD, None).await;
+    let jwk = agent_jwk(&app, &agent).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &MandateTerms::default(), now);
+    let checkout_jwt = CheckoutTerms::shoes("chk_cp").sign(&TestKey::load("merchant"), now);
+
+    let (status, body) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(
+        (body["code"].as_str(), body["stage"].as_str()),
+        (Some("ap2_payment_declined"), Some("credential_provider"))
+    );
+    assert_eq!(body["error"], "insufficient_funds");
+    assert!(received(&shop).await.is_empty(), "no token, no merchant call");
+    let balance = me(&app, &agent).await;
+    assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(0), Some(0)));
+    let log = app.log().await;
+    assert_eq!(log_of(&log, "void")[0]["reason"], "ap2_credential_refused");
+}
+
+/// RFC 3339 UTC for Unix seconds (days to civil date, Howard Hinnant's algorithm).
+fn rfc3339(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The v0.1 processor: checks nothing itself (the test does, on what it received) and answers
+/// with a Payment Receipt signed by the processor key, referencing the mandate's id.
+struct ProcessorSim;
+
+impl Respond for ProcessorSim {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&request.body).expect("JSON");
+        let id = body["payment_mandate"]["payment_mandate_contents"]["payment_mandate_id"].as_str().expect("id");
+        let receipt = json!({ "status": "Success", "iss": "mpp", "iat": now_secs(), "reference": id,
+                              "payment_id": "pay_v01", "psp_confirmation_id": "psp_v01", "network_confirmation_id": "net_v01" });
+        ResponseTemplate::new(200)
+            .set_body_json(json!({ "payment_receipt": TestKey::load("processor").sign("JWT", &receipt.to_string()) }))
+    }
+}
+
+fn jcs_sha256(value: &Value) -> Vec<u8> {
+    Sha256::digest(serde_json_canonicalizer::to_vec(value).expect("JCS")).to_vec()
+}
+
+#[tokio::test]
+async fn ap2_v01_cart_mandate_becomes_a_signed_payment_mandate_and_settles() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let processor = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/ap2/v0.1/payments")).respond_with(ProcessorSim).mount(&processor).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], Some(&processor))).await;
+    let agent = app.create_agent("v01", 500 * USD, None).await;
+    let jwk = agent_jwk(&app, &agent).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+
+    // Prices as JSON numbers in dollars, written exactly.
+    let contents_text = format!(
+        r#"{{"id":"cart_shoes_123","user_cart_confirmation_required":false,
+            "payment_request":{{"method_data":[{{"supported_methods":"CARD","data":{{"network":["visa"]}}}}],
+              "details":{{"id":"order_shoes_123",
+                "display_items":[{{"label":"Gold Sneaker","amount":{{"currency":"USD","value":120.10}},"refund_period":30}},
+                                 {{"label":"Shipping","amount":{{"currency":"USD","value":5.99}},"refund_period":30}}],
+                "total":{{"label":"Total","amount":{{"currency":"USD","value":126.09}},"refund_period":30}}}}}},
+            "cart_expiry":"{}","merchant_name":"Demo Merchant"}}"#,
+        rfc3339(now + 3600)
+    );
+    let contents: Value = serde_json::from_str(&contents_text).expect("JSON");
+    let authorization = TestKey::load("merchant").sign(
+        "JWT",
+        &json!({ "iss": "https://demo-merchant.example", "iat": now, "exp": now + 900,
+                 "cart_hash": hex::encode(jcs_sha256(&contents)) })
+        .to_string(),
+    );
+    let cart_text = format!(r#"{{"contents":{contents_text},"merchant_authorization":"{authorization}"}}"#);
+    let cart: Value = serde_json::from_str(&cart_text).expect("JSON");
+    let request_text = format!(r#"{{"cart_mandate":{cart_text},"task":"v01-shoes"}}"#);
+
+    let response = app
+        .http
+        .post(app.url("/v1/ap2/v0.1/payments"))
+        .bearer_auth(&agent.token)
+        .header("content-type", "application/json")
+        .body(request_text)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["amount_micros"], 126_090_000);
+    assert_eq!(body["cart_id"], "cart_shoes_123");
+    assert_eq!(me(&app, &agent).await["spent_micros"], 126_090_000);
+
+    // What the processor received: a PaymentMandate for this cart, authorized by the agent's key.
+    let requests = received(&processor).await;
+    assert_eq!(requests.len(), 1);
+    let mandate = &requests[0]["payment_mandate"];
+    let contents_sent = &mandate["payment_mandate_contents"];
+    assert_eq!(contents_sent["cart_mandate_id"], "cart_shoes_123");
+    assert_eq!(contents_sent["cart_mandate_hash"], hex::encode(jcs_sha256(&cart)));
+    assert_eq!(contents_sent["payment_details_total"]["amount"]["value"], json!(126.09));
+    assert_eq!(contents_sent["payment_response"]["method_name"], "CARD");
+    let (header, claims) = verify_es256(mandate["user_authorization"].as_str().expect("user_authorization"), &jwk);
+    assert_eq!(header["typ"], "kb+jwt");
+    assert_eq!(claims["aud"], "mpp.test");
+    assert_eq!(claims["transaction_data"][0], b64(&jcs_sha256(&cart)));
+    assert_eq!(claims["transaction_data"][1], b64(&jcs_sha256(contents_sent)));
+
+    let log = app.log().await;
+    let settles = log_of(&log, "settle");
+    assert_eq!(settles.len(), 1);
+    assert_eq!(settles[0]["service"], "Demo Merchant");
+    let detail: Value = serde_json::from_str(settles[0]["detail"].as_str().expect("detail")).expect("JSON");
+    assert_eq!(detail["payment_mandate_id"], contents_sent["payment_mandate_id"]);
+    assert_eq!(detail["payment_receipt_reference"], contents_sent["payment_mandate_id"]);
+    assert_eq!(detail["cart_id"], "cart_shoes_123");
+
+    // Every mandate the daemon produced was recorded for the conformance check.
+    let dir = ConformanceSink::test_dir().join("ap2-v0.1").join("PaymentMandate");
+    wait_for("the v0.1 PaymentMandate record", Duration::from_secs(5), || {
+        let dir = dir.clone();
+        async move { std::fs::read_dir(&dir).map(|mut d| d.next().is_some()).unwrap_or(false) }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ap2_without_configuration_serves_keys_but_refuses_payments() {
+    let app = spawn(Ap2Config::default()).await;
+    let agent = app.create_agent("plain", 10 * USD, None).await;
+    let jwk = agent_jwk(&app, &agent).await;
+    assert_eq!((jwk["kty"].as_str(), jwk["crv"].as_str()), (Some("EC"), Some("P-256")));
+    // The admin sees the same public key, for the owner's trusted surface.
+    let (status, admin_view) = app.admin(reqwest::Method::GET, &format!("/v1/ap2/agents/{}/key", agent.id), None).await;
+    assert_eq!(status, 200, "{admin_view}");
+    assert_eq!(admin_view["jwk"], jwk);
+    let (status, body) = app
+        .agent_call(
+            &agent.token,
+            reqwest::Method::POST,
+            "/v1/ap2/payments",
+            Some(json!({ "checkout_jwt": "x", "open_checkout_mandate": "y", "open_payment_mandate": "z" })),
+        )
+        .await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("ap2_not_configured")), "{body}");
+    let (status, _) = app.agent_call("sct_nope", reqwest::Method::GET, "/v1/ap2/key", None).await;
+    assert_eq!(status, 401);
+}
+
+#[test]
+fn ap2_configuration_loads_from_the_file_and_the_kek_from_env_or_file_never_echoing_it() {
+    let dir = std::env::temp_dir().join(format!("spendcap-ap2-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let kek_file = dir.join("kek");
+    let kek_hex = "ab".repeat(32);
+    std::fs::write(&kek_file, format!("{kek_hex}\n")).expect("write");
+    let example = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/ap2/daemon_config.json");
+
+    let args = Ap2Args {
+        ap2_config: Some(example.clone()),
+        ap2_kek_file: Some(kek_file.clone()),
+        ap2_mandate_ttl_secs: Some(120),
+        ..Ap2Args::default()
+    };
+    let config = Ap2Config::from_args(&args).expect("the example configuration loads");
+    let file = config.file.as_ref().expect("file");
+    assert_eq!((file.merchants.len(), file.trusted_issuers.len()), (1, 1));
+    assert_eq!(config.mandate_ttl, Duration::from_secs(120));
+    let from_file = config.kek.as_ref().expect("kek").id().to_owned();
+    let from_env: Kek = kek_hex.parse().expect("kek");
+    assert_eq!(from_file, from_env.id(), "the file and the variable name the same KEK");
+    assert!(!format!("{config:?}").contains(&kek_hex), "Debug never shows the KEK");
+    Ap2Service::build(config).expect("the daemon builds its AP2 service");
+
+    // Both sources at once, a KEK that is not 32 bytes, an unknown option: start-up fails, and
+    // the message never echoes the secret.
+    let both = Ap2Args { ap2_kek: Some(kek_hex.parse().expect("text")), ..args.clone() };
+    assert!(Ap2Config::from_args(&both).is_err());
+    let short = Ap2Args { ap2_kek: Some("c2VjcmV0LXRvby1zaG9ydA".parse().expect("text")), ap2_kek_file: None, ..args };
+    let message = Ap2Config::from_args(&short).expect_err("refused").to_string();
+    assert!(!message.contains("c2VjcmV0LXRvby1zaG9ydA"), "{message}");
+    assert!(format!("{short:?}").contains("<redacted>"));
+    let typo = dir.join("typo.json");
+    let mut text: Value = serde_json::from_str(&std::fs::read_to_string(&example).expect("read")).expect("JSON");
+    text["trusted_isuers"] = json!([]);
+    std::fs::write(&typo, text.to_string()).expect("write");
+    let typo_args = Ap2Args { ap2_config: Some(typo), ..Ap2Args::default() };
+    assert!(Ap2Config::from_args(&typo_args).expect_err("refused").to_string().contains("trusted_isuers"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
