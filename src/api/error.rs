@@ -57,6 +57,7 @@ impl From<LedgerError> for ApiError {
             | LedgerError::HoldExpired
             | LedgerError::HoldVoided
             | LedgerError::IdempotencyInFlight
+            | LedgerError::HoldProtocolMismatch
             | LedgerError::BucketExists
             | LedgerError::CapBelowCommitted { .. } => StatusCode::CONFLICT,
             LedgerError::InvalidArgument(_) => StatusCode::BAD_REQUEST,

@@ -260,7 +260,7 @@ pub async fn settle(
     };
     let outcome = state
         .ledger
-        .settle(state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, amount, &details)
+        .settle_as(Protocol::Generic, state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, amount, &details)
         .await
         .map_err(agent_scoped)?;
     let receipt = receipt::issue(&state.ledger, &state.signer, &outcome).await?;
@@ -298,12 +298,13 @@ pub async fn void(
 ) -> Result<Json<Voided>, ApiError> {
     let hold = hold_id(&auth, &hold)?;
     let reason = label("reason", body.reason.as_deref().unwrap_or("voided_by_agent"), 64)?;
-    let (released, replayed) =
-        state.ledger.void(state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, &reason).await.map_err(
-            |e| match e {
-                LedgerError::UnknownHold => ApiError::new(StatusCode::NOT_FOUND, "unknown_hold", "no such hold"),
-                other => agent_scoped(other),
-            },
-        )?;
+    let (released, replayed) = state
+        .ledger
+        .void_as(Protocol::Generic, state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, &reason)
+        .await
+        .map_err(|e| match e {
+            LedgerError::UnknownHold => ApiError::new(StatusCode::NOT_FOUND, "unknown_hold", "no such hold"),
+            other => agent_scoped(other),
+        })?;
     Ok(Json(Voided { hold_id: hold.to_string(), released_micros: released.get(), replayed }))
 }

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use adapters::Micros;
+use adapters::{Micros, Protocol};
 
 use super::{
     AgentRecord, Balance, Bucket, Caller, ChainHead, Grant, HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish,
@@ -561,7 +561,12 @@ impl MemoryLedger {
                     })
                 }
             };
-            if let (Some(key), Some(idem)) = (idem_key, &request.idempotency) {
+            // A refused pending operation had no effect: not recorded, a retry decides afresh.
+            let refused_pending = matches!(
+                (&outcome, request.idempotency.as_ref().map(|i| i.mode)),
+                (HoldOutcome::Refused(_), Some(IdempotencyMode::Pending { .. }))
+            );
+            if let (Some(key), Some(idem), false) = (idem_key, &request.idempotency, refused_pending) {
                 let status = match (&outcome, idem.mode) {
                     (HoldOutcome::Granted(g), IdempotencyMode::Pending { lease_ms }) => {
                         IdemStatus::InFlight { grant: g.clone(), lease_until_ms: now_ms + lease_ms }
@@ -627,6 +632,7 @@ impl MemoryLedger {
         })
     }
 
+    #[allow(clippy::too_many_arguments)] // the ledger's settle arguments, one per FCALL argument
     pub async fn settle(
         &self,
         now_ms: u64,
@@ -635,12 +641,16 @@ impl MemoryLedger {
         hold: &HoldId,
         amount: Micros,
         details: &str,
+        protocol: Option<Protocol>,
     ) -> Result<SettleOutcome, LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
             tree.auth(agent, caller)?;
             tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
             let h = tree.holds.get(hold.as_str()).filter(|h| &h.agent == agent).ok_or(LedgerError::UnknownHold)?;
+            if protocol.is_some_and(|p| h.protocol != p.as_str()) {
+                return Err(LedgerError::HoldProtocolMismatch);
+            }
             let (state, held, expires_at, settled, seq) = (h.state, h.amount, h.expires_at_ms, h.settled, h.seq);
             let (task, service, protocol) = (h.task.clone(), h.service.clone(), h.protocol.clone());
             let hold_details = h.details.clone();
@@ -708,12 +718,16 @@ impl MemoryLedger {
         caller: &Caller,
         hold: &HoldId,
         reason: &str,
+        protocol: Option<Protocol>,
     ) -> Result<(Micros, bool), LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
             tree.auth(agent, caller)?;
             tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
             let h = tree.holds.get(hold.as_str()).filter(|h| &h.agent == agent).ok_or(LedgerError::UnknownHold)?;
+            if protocol.is_some_and(|p| h.protocol != p.as_str()) {
+                return Err(LedgerError::HoldProtocolMismatch);
+            }
             let (state, amount, expires_at) = (h.state, h.amount, h.expires_at_ms);
             if state == HoldState::Voided {
                 return Ok((money(amount), true));

@@ -314,6 +314,8 @@ pub enum LedgerError {
     HoldVoided,
     #[error("the settle amount exceeds the held amount")]
     AmountExceedsHold,
+    #[error("the hold belongs to another protocol's payment; only that endpoint can end it")]
+    HoldProtocolMismatch,
     #[error("this idempotency key was used with a different request")]
     IdempotencyConflict,
     #[error("a request with this idempotency key is still in progress")]
@@ -346,6 +348,7 @@ impl LedgerError {
             LedgerError::HoldExpired => "hold_expired",
             LedgerError::HoldVoided => "hold_voided",
             LedgerError::AmountExceedsHold => "amount_exceeds_hold",
+            LedgerError::HoldProtocolMismatch => "hold_protocol_mismatch",
             LedgerError::IdempotencyConflict => "idempotency_conflict",
             LedgerError::IdempotencyInFlight => "idempotency_in_flight",
             LedgerError::CapBelowCommitted { .. } => "cap_below_committed",
@@ -370,6 +373,7 @@ impl LedgerError {
             "hold_expired" => LedgerError::HoldExpired,
             "hold_voided" => LedgerError::HoldVoided,
             "amount_exceeds_hold" => LedgerError::AmountExceedsHold,
+            "hold_protocol_mismatch" => LedgerError::HoldProtocolMismatch,
             "idempotency_conflict" => LedgerError::IdempotencyConflict,
             "idempotency_in_flight" => LedgerError::IdempotencyInFlight,
             "cap_below_committed" => LedgerError::CapBelowCommitted {
@@ -459,7 +463,23 @@ impl Ledger {
         amount: Micros,
         details: &str,
     ) -> Result<SettleOutcome, LedgerError> {
-        dispatch!(self.settle(now_ms, agent, caller, hold, amount, details))
+        dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, None))
+    }
+
+    /// [`Ledger::settle`], only if the hold was made under `protocol`: the generic API must not
+    /// settle or void a hold an adapter still answers for (an x402 authorization in flight, say).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn settle_as(
+        &self,
+        protocol: Protocol,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        amount: Micros,
+        details: &str,
+    ) -> Result<SettleOutcome, LedgerError> {
+        dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, Some(protocol)))
     }
 
     pub async fn void(
@@ -470,7 +490,20 @@ impl Ledger {
         hold: &HoldId,
         reason: &str,
     ) -> Result<(Micros, bool), LedgerError> {
-        dispatch!(self.void(now_ms, agent, caller, hold, reason))
+        dispatch!(self.void(now_ms, agent, caller, hold, reason, None))
+    }
+
+    /// [`Ledger::void`], only if the hold was made under `protocol`.
+    pub async fn void_as(
+        &self,
+        protocol: Protocol,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+    ) -> Result<(Micros, bool), LedgerError> {
+        dispatch!(self.void(now_ms, agent, caller, hold, reason, Some(protocol)))
     }
 
     /// Appends a `note` log entry about a hold without changing any balance.

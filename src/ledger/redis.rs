@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use adapters::Micros;
+use adapters::{Micros, Protocol};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, RedisError, Value};
@@ -258,6 +258,7 @@ impl RedisLedger {
         hold_from_fields(agent, hold, |k| fields.get(k).cloned())
     }
 
+    #[allow(clippy::too_many_arguments)] // the ledger's settle arguments, one per FCALL argument
     pub async fn settle(
         &self,
         now_ms: u64,
@@ -266,11 +267,20 @@ impl RedisLedger {
         hold: &HoldId,
         amount: Micros,
         details: &str,
+        protocol: Option<Protocol>,
     ) -> Result<SettleOutcome, LedgerError> {
         self.fcall(
             "spendcap_settle",
             agent.tree(),
-            &[&now_ms.to_string(), agent.as_str(), caller.wire(), hold.as_str(), &amount.to_string(), details],
+            &[
+                &now_ms.to_string(),
+                agent.as_str(),
+                caller.wire(),
+                hold.as_str(),
+                &amount.to_string(),
+                details,
+                protocol.map(Protocol::as_str).unwrap_or(""),
+            ],
         )
         .await?
         .into_settle_outcome(agent.tree())
@@ -283,12 +293,20 @@ impl RedisLedger {
         caller: &Caller,
         hold: &HoldId,
         reason: &str,
+        protocol: Option<Protocol>,
     ) -> Result<(Micros, bool), LedgerError> {
         let reply = self
             .fcall(
                 "spendcap_void",
                 agent.tree(),
-                &[&now_ms.to_string(), agent.as_str(), caller.wire(), hold.as_str(), reason],
+                &[
+                    &now_ms.to_string(),
+                    agent.as_str(),
+                    caller.wire(),
+                    hold.as_str(),
+                    reason,
+                    protocol.map(Protocol::as_str).unwrap_or(""),
+                ],
             )
             .await?
             .into_result()?;

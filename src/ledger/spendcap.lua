@@ -350,7 +350,9 @@ local function hold(keys, args)
                'remaining', fmt(room - amount), 'expires_at', fmt(expires_at),
                'limited_by', '' }
   end
-  if ikey then
+  -- A refused `pending` operation had no effect anywhere, so it is not recorded: a retry (after
+  -- a cap raise, say) decides afresh. A refused `final` hold is its own result (Stripe's rule).
+  if ikey and not (refusal and args[14] == 'pending') then
     local record_status = 'granted'
     if refusal then record_status = 'refused' end
     if args[14] == 'pending' and not refusal then record_status = 'in_flight' end
@@ -396,10 +398,11 @@ end
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 amount (<= held; the rest is released)
         6 details JSON added to the log line and the receipt ('' for none)
+        7 protocol the hold must have been made under ('' for any)
 Reply   ok:    seq amount released replayed head_seq head_hash, then the receipt facts:
                hold agent held task service protocol ts hdetails sdetails
         error: code (unknown_agent | unauthorized | unknown_hold | hold_expired | hold_voided |
-               hold_settled | amount_exceeds_hold | invalid_argument) detail
+               hold_settled | amount_exceeds_hold | hold_protocol_mismatch | invalid_argument) detail
 Settling a settled hold again with the same amount replays the first result (replayed = 1).
 The settle appends the hold id to <P>:receipts, whose length is the receipt's sequence number;
 the settled hold keeps the receipt's facts, and the daemon signs and links the receipt
@@ -415,6 +418,9 @@ local function settle(keys, args)
   expire_due(P, now, EXPIRE_BATCH)
   local h = read_hold(P, hold_id)
   if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
+  if (args[7] or '') ~= '' and h.protocol ~= args[7] then
+    return err('hold_protocol_mismatch', 'hold ' .. hold_id .. ' is a ' .. h.protocol .. ' payment')
+  end
   if h.state == 'settled' then
     if h.settled ~= amount then
       return err('hold_settled', 'hold was already settled for ' .. fmt(h.settled))
@@ -445,7 +451,9 @@ end
 --[[ spendcap_void
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 reason
-Reply   ok: released replayed        error: code (unknown_hold | hold_settled | hold_expired) detail
+        6 protocol the hold must have been made under ('' for any)
+Reply   ok: released replayed
+        error: code (unknown_hold | hold_settled | hold_expired | hold_protocol_mismatch) detail
 Voiding a voided hold again replays (replayed = 1).
 --]]
 local function void(keys, args)
@@ -456,6 +464,9 @@ local function void(keys, args)
   expire_due(P, now, EXPIRE_BATCH)
   local h = read_hold(P, hold_id)
   if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
+  if (args[6] or '') ~= '' and h.protocol ~= args[6] then
+    return err('hold_protocol_mismatch', 'hold ' .. hold_id .. ' is a ' .. h.protocol .. ' payment')
+  end
   if h.state == 'voided' then return { 'ok', 'released', fmt(h.amount), 'replayed', '1' } end
   if h.state == 'open' and h.expires_at <= now then
     end_hold(P, hold_id, h, path, 'expired', 0, now, 'hold_expired', '')

@@ -496,3 +496,47 @@ conformance!(attributes_are_set_once_and_notes_change_nothing, |ledger: Ledger| 
     assert_eq!((note.hold.as_str(), note.reason.as_str()), (h.as_str(), "payment_rejected"));
     assert_replays(&ledger, agent.id.tree()).await;
 });
+
+conformance!(generic_endpoints_cannot_end_another_protocols_hold, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 1_000, None).await;
+    let mut x402 = request(&agent, 100, 60_000, T0);
+    x402.protocol = Protocol::X402;
+    let h = granted(ledger.hold(T0, &x402).await.expect("answers"));
+    let one = Micros::new(1).expect("m");
+    let settle = ledger.settle_as(Protocol::Generic, T0, &agent.id, &agent.caller(), &h, one, "").await;
+    assert!(matches!(settle, Err(LedgerError::HoldProtocolMismatch)), "{settle:?}");
+    let void = ledger.void_as(Protocol::Generic, T0, &agent.id, &agent.caller(), &h, "x").await;
+    assert!(matches!(void, Err(LedgerError::HoldProtocolMismatch)), "{void:?}");
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 0, 100), "nothing changed");
+    ledger
+        .settle_as(Protocol::X402, T0, &agent.id, &agent.caller(), &h, one, "")
+        .await
+        .expect("its own protocol settles");
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 1, 0));
+});
+
+conformance!(a_refused_pending_purchase_is_decided_afresh_on_retry, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 100, None).await;
+    let mut purchase = request(&agent, 150, 60_000, T0);
+    purchase.idempotency = Some(Idempotency {
+        key: "buy-1".into(),
+        fingerprint: "fp".into(),
+        mode: IdempotencyMode::Pending { lease_ms: 5_000 },
+    });
+    assert!(matches!(ledger.hold(T0, &purchase).await.expect("answers"), HoldOutcome::Refused(_)));
+    ledger.set_cap(T0, &agent.id, Micros::new(200).expect("m")).await.expect("raises");
+    let mut retry = purchase.clone();
+    retry.hold_id = HoldId::generate(agent.id.tree());
+    let hold = granted(ledger.hold(T0, &retry).await.expect("answers"));
+    assert_eq!(hold, retry.hold_id, "the retry made its own hold");
+    // A refused final-mode hold, by contrast, is its own result (Stripe's rule).
+    let mut final_hold = request(&agent, 150, 60_000, T0);
+    final_hold.idempotency =
+        Some(Idempotency { key: "h-1".into(), fingerprint: "fp".into(), mode: IdempotencyMode::Final });
+    assert!(matches!(ledger.hold(T0, &final_hold).await.expect("answers"), HoldOutcome::Refused(_)));
+    ledger.set_cap(T0, &agent.id, Micros::new(1_000).expect("m")).await.expect("raises");
+    match ledger.hold(T0, &final_hold).await.expect("answers") {
+        HoldOutcome::Refused(r) => assert!(r.replayed),
+        other => panic!("expected the stored refusal, got {other:?}"),
+    }
+});

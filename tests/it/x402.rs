@@ -437,14 +437,18 @@ async fn a_refused_request_is_paid_once_the_cap_is_raised() {
     let (status, again) = fetch(&app, &agent.token, request.clone(), None).await;
     assert_eq!(status, 200, "{again}");
     assert_eq!((again["replayed"].as_bool(), &again["payment"]), (Some(true), &body["payment"]));
-    // An explicit key keeps its first answer, as everywhere in the API.
-    let (status, body) = fetch(&app, &agent.token, request, Some("explicit-1")).await;
-    assert_eq!((status, body["code"].as_str()), (402, Some("cap_exceeded")), "{body}");
+    // A refused purchase had no effect, so the ledger kept no answer for its key either: the
+    // explicit key's retry is decided afresh and pays (its own purchase, under its own key).
+    let (status, body) = fetch(&app, &agent.token, request.clone(), Some("explicit-1")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["payment"]["status"].as_str(), body["replayed"].as_bool()), (Some("settled"), Some(false)));
+    let (status, again) = fetch(&app, &agent.token, request, Some("explicit-1")).await;
+    assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
 
-    assert_eq!(payments(&server).await.len(), 1);
-    assert_eq!(events(&log_of(&app, &agent).await), ["refuse", "refuse", "cap", "hold", "settle"]);
+    assert_eq!(payments(&server).await.len(), 2);
+    assert_eq!(events(&log_of(&app, &agent).await), ["refuse", "refuse", "cap", "hold", "settle", "hold", "settle"]);
     let balance = me(&app, &agent).await;
-    assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(10_000), Some(0)));
+    assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(20_000), Some(0)));
 }
 
 #[tokio::test]
