@@ -993,17 +993,13 @@ local function set_controls(keys, args)
   if ctl ~= '' then
     local _, e = parse_ctl(ctl)
     if e then return e end
-    redis.call('HSET', akey, 'ctl', ctl)
-  else
-    redis.call('HDEL', akey, 'ctl')
   end
   if alerts ~= '' then
     local _, e = parse_alerts(alerts)
     if e then return e end
-    redis.call('HSET', akey, 'alerts', alerts)
-  else
-    redis.call('HDEL', akey, 'alerts')
   end
+  if ctl ~= '' then redis.call('HSET', akey, 'ctl', ctl) else redis.call('HDEL', akey, 'ctl') end
+  if alerts ~= '' then redis.call('HSET', akey, 'alerts', alerts) else redis.call('HDEL', akey, 'alerts') end
   local shown = ctl
   if shown == '' then shown = 'null' end
   log(P, { 'ts', fmt(now), 'ev', 'controls', 'agent', agent_id,
