@@ -37,6 +37,9 @@ pub struct MeView {
     pub available_micros: u64,
     pub revoked: Option<String>,
     pub expires_at_ms: Option<u64>,
+    /// Why the agent is suspended (`velocity`, `repeat`), if it is.
+    #[serde(default)]
+    pub suspended: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/me", responses((status = 200, body = MeView), (status = 401, description = "invalid token")), security(("agent" = [])))]
@@ -52,6 +55,7 @@ pub async fn me(auth: AgentAuth, State(state): State<SharedState>) -> Result<Jso
         available_micros: balance.available.get(),
         revoked: balance.revoked,
         expires_at_ms: balance.expires_at_ms,
+        suspended: balance.suspended,
     }))
 }
 
