@@ -68,6 +68,15 @@ pub struct ServeArgs {
     /// Background release of expired holds every N seconds (0: off; expiry needs no sweeper).
     #[arg(long, env = "SPENDCAP_SWEEP_INTERVAL_SECS", default_value_t = 30)]
     pub sweep_interval_secs: u64,
+    /// Where alert webhooks are sent (threshold crossings, refusals, suspensions, revocations).
+    #[arg(long, env = "SPENDCAP_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// The HMAC-SHA256 key webhooks are signed with (at least 16 characters).
+    #[arg(long, env = "SPENDCAP_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Take over alerts another instance left unacknowledged this long (seconds).
+    #[arg(long, env = "SPENDCAP_WEBHOOK_CLAIM_IDLE_SECS", default_value_t = 300)]
+    pub webhook_claim_idle_secs: u64,
     /// Log format.
     #[arg(long, env = "SPENDCAP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

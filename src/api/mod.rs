@@ -50,6 +50,8 @@ pub struct AppState {
     pub signer: ReceiptSigner,
     pub clock: Clock,
     pub limits: Limits,
+    /// Where alert webhooks go (`None`: no alerts are sent).
+    pub alerts: Option<crate::alerts::AlertConfig>,
 }
 
 pub type SharedState = Arc<AppState>;

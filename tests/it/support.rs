@@ -156,6 +156,7 @@ pub struct AppOptions {
     pub limits: Limits,
     pub signer_pem: Option<PathBuf>,
     pub protocols: ProtocolConfig,
+    pub alerts: Option<spendcap::alerts::AlertConfig>,
 }
 
 impl Default for AppOptions {
@@ -167,6 +168,7 @@ impl Default for AppOptions {
             limits: Limits::default(),
             signer_pem: None,
             protocols: ProtocolConfig::default(),
+            alerts: None,
         }
     }
 }
@@ -198,6 +200,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         clock: options.clock.clone(),
         protocols: options.protocols,
         sweep_interval: None,
+        alerts: options.alerts,
     };
     let state = server::build_state(config).await.expect("daemon starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
