@@ -2,6 +2,7 @@
 
 mod api;
 mod concurrency;
+mod controls;
 mod faults;
 mod ledger;
 mod revocation;
