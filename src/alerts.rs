@@ -275,7 +275,8 @@ async fn consume(state: SharedState, config: AlertConfig) {
                     // Waits (this task only, never a payment) while too many are in flight.
                     let Ok(permit) = permits.clone().acquire_owned().await else { return };
                     in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone());
-                    let (state, http, config, in_flight) = (state.clone(), http.clone(), config.clone(), in_flight.clone());
+                    let (state, http, config, in_flight) =
+                        (state.clone(), http.clone(), config.clone(), in_flight.clone());
                     deliveries.spawn(async move {
                         for alert in &alerts {
                             deliver(&http, &config, &state.clock, alert).await;
@@ -325,7 +326,9 @@ async fn deliver(http: &reqwest::Client, config: &AlertConfig, clock: &crate::cl
             Ok(response) => {
                 tracing::warn!(id = %alert.id, status = response.status().as_u16(), attempt, "alert not accepted; retrying")
             }
-            Err(e) => tracing::warn!(id = %alert.id, error = %e.without_url(), attempt, "alert not delivered; retrying"),
+            Err(e) => {
+                tracing::warn!(id = %alert.id, error = %e.without_url(), attempt, "alert not delivered; retrying")
+            }
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(config.retry_max);

@@ -596,8 +596,7 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
         }
         Command::Agent(AgentCommand::Reinstate { agent, client }) => {
             let api = Client::new(&client)?;
-            let done =
-                api.json(Method::POST, &format!("/v1/agents/{}/reinstate", path_segment(&agent)), None).await?;
+            let done = api.json(Method::POST, &format!("/v1/agents/{}/reinstate", path_segment(&agent)), None).await?;
             print(client.json, &done, |r| match r["was_suspended"].as_str() {
                 Some(was) => format!("reinstated {} (was suspended: {was})\n", r["agent_id"].as_str().unwrap_or("")),
                 None => format!("{} was not suspended\n", r["agent_id"].as_str().unwrap_or("")),
@@ -608,7 +607,8 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             let api = Client::new(&client)?;
             let list = api.json(Method::GET, &format!("/v1/agents/{}/periods", path_segment(&agent)), None).await?;
             print(client.json, &list, |l| {
-                let mut out = format!("{:<10} {:>15} {:>16} {:>16} {:>16}\n", "PERIOD", "START (ms)", "SPENT", "HELD", "LIMIT");
+                let mut out =
+                    format!("{:<10} {:>15} {:>16} {:>16} {:>16}\n", "PERIOD", "START (ms)", "SPENT", "HELD", "LIMIT");
                 for p in l["periods"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
                     out.push_str(&format!(
                         "{:<10} {:>15} {:>16} {:>16} {:>16}{}\n",

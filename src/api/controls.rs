@@ -170,8 +170,12 @@ impl ControlsBody {
             Some(None) => {}
             Some(Some(b)) => {
                 let max_holds = crate::ledger::controls::MAX_BREAKER_HOLDS as u64;
-                controls.max_holds =
-                    b.max_holds.as_ref().map(|n| count("max_holds", n, max_holds, false)).transpose()?.map(|n| n as u32);
+                controls.max_holds = b
+                    .max_holds
+                    .as_ref()
+                    .map(|n| count("max_holds", n, max_holds, false))
+                    .transpose()?
+                    .map(|n| n as u32);
                 controls.window_ms = b
                     .window_secs
                     .as_ref()

@@ -371,7 +371,8 @@ impl Controls {
         {
             return Some("protocol_denied");
         }
-        if listed(&self.services_deny, names) || (!self.services_allow.is_empty() && !listed(&self.services_allow, names))
+        if listed(&self.services_deny, names)
+            || (!self.services_allow.is_empty() && !listed(&self.services_allow, names))
         {
             return Some("service_denied");
         }

@@ -242,7 +242,12 @@ impl Tree {
 
     /// Decides a hold on the current balances: a refusal (and who refused), the room left, and
     /// the counters a grant charges. The same checks, in the same order, as `spendcap_hold`.
-    fn decide(&self, path: &[AgentId], request: &HoldRequest, now: u64) -> (Option<(RefusalReason, String)>, u64, Vec<Charge>) {
+    fn decide(
+        &self,
+        path: &[AgentId],
+        request: &HoldRequest,
+        now: u64,
+    ) -> (Option<(RefusalReason, String)>, u64, Vec<Charge>) {
         let amount = request.amount.get();
         let levels: Vec<&Agent> = path.iter().filter_map(|id| self.agents.get(id.as_str())).collect();
         if let Some(l) = levels.iter().find(|l| l.record.revoked.is_some()) {
@@ -302,7 +307,14 @@ impl Tree {
                 let counter_id = format!("t:{id}:{}", super::task_digest(&task));
                 let used = self.counters.get(&counter_id).map(|c| c.spent + c.held).unwrap_or(0);
                 consider(limit.saturating_sub(used), RefusalReason::TaskCapExceeded, id);
-                charges.push(Charge { id: counter_id, level: id.to_owned(), limit, used, period: None, task: Some(task.clone()) });
+                charges.push(Charge {
+                    id: counter_id,
+                    level: id.to_owned(),
+                    limit,
+                    used,
+                    period: None,
+                    task: Some(task.clone()),
+                });
             }
             if let Some(parent_task) = &l.record.task_of {
                 task = parent_task.clone();
@@ -985,8 +997,11 @@ impl MemoryLedger {
                         },
                     );
                     tree.open.insert((request.expires_at_ms, request.hold_id.to_string()));
-                    let crossings =
-                        if crossings.is_empty() { String::new() } else { serde_json::to_string(&crossings).unwrap_or_default() };
+                    let crossings = if crossings.is_empty() {
+                        String::new()
+                    } else {
+                        serde_json::to_string(&crossings).unwrap_or_default()
+                    };
                     tree.log(
                         tree_id,
                         LogEntry {

@@ -209,9 +209,7 @@ impl RefusalReason {
     ];
 
     pub fn from_code(code: &str) -> Option<RefusalReason> {
-        RefusalReason::ALL
-        .into_iter()
-        .find(|r| r.code() == code)
+        RefusalReason::ALL.into_iter().find(|r| r.code() == code)
     }
 }
 

@@ -120,7 +120,12 @@ impl RedisLedger {
         self.create_agent_with(now_ms, agent, &AgentSetup::default()).await
     }
 
-    pub async fn create_agent_with(&self, now_ms: u64, agent: &NewAgent, setup: &AgentSetup) -> Result<(), LedgerError> {
+    pub async fn create_agent_with(
+        &self,
+        now_ms: u64,
+        agent: &NewAgent,
+        setup: &AgentSetup,
+    ) -> Result<(), LedgerError> {
         let handles = format!("{}:handles", self.namespace);
         let mut reserve = redis::cmd("HSETNX");
         reserve.arg(&handles).arg(&agent.handle).arg(agent.id.as_str());

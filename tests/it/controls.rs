@@ -87,7 +87,8 @@ async fn a_per_task_cap_holds_under_a_race_and_other_tasks_are_unaffected() {
         (0..120).map(|i| (rng.gen_range(1..=40_000), if i % 3 == 0 { "other" } else { "research-7" })).collect();
     let outcomes = race([&a, &b], &agent, &holds).await;
     for task in ["research-7", "other"] {
-        let granted: u64 = outcomes.iter().zip(&holds).filter(|(o, h)| o.1 == 201 && h.1 == task).map(|(o, _)| o.0).sum();
+        let granted: u64 =
+            outcomes.iter().zip(&holds).filter(|(o, h)| o.1 == 201 && h.1 == task).map(|(o, _)| o.0).sum();
         assert!(granted <= cap, "{task}: {granted} over the per-task cap");
         for ((amount, status, body), _) in outcomes.iter().zip(&holds).filter(|(_, h)| h.1 == task) {
             if *status == 402 {
@@ -99,7 +100,10 @@ async fn a_per_task_cap_holds_under_a_race_and_other_tasks_are_unaffected() {
     // Boundary, sequentially, on a fresh task: limit - 1, then +2 refused, then +1.
     assert_eq!(hold_for(&a, &agent, cap - 1, "fresh", "s").await.0, 201);
     let (status, body) = hold_for(&b, &agent, 2, "fresh", "s").await;
-    assert_eq!((status, body["code"].as_str(), body["remaining_micros"].as_u64()), (402, Some("task_cap_exceeded"), Some(1)));
+    assert_eq!(
+        (status, body["code"].as_str(), body["remaining_micros"].as_u64()),
+        (402, Some("task_cap_exceeded"), Some(1))
+    );
     assert_eq!(hold_for(&a, &agent, 1, "fresh", "s").await.0, 201);
 }
 
@@ -124,12 +128,14 @@ async fn a_sub_agent_for_a_task_spends_only_what_remains_of_it() {
         tree: created["agent"]["tree"].as_str().expect("tree").into(),
     };
     let (status, body) = hold_for(&app, &sub, 500_001, "subtask", "s").await;
-    assert_eq!((status, body["code"].as_str(), body["remaining_micros"].as_u64()), (402, Some("task_cap_exceeded"), Some(500_000)));
+    assert_eq!(
+        (status, body["code"].as_str(), body["remaining_micros"].as_u64()),
+        (402, Some("task_cap_exceeded"), Some(500_000))
+    );
     assert_eq!(hold_for(&app, &sub, 500_000, "subtask", "s").await.0, 201);
     // A task without a parent is refused.
-    let (status, body) = app
-        .admin(Method::POST, "/v1/agents", Some(json!({ "handle": "orphan", "cap_micros": 1, "task": "x" })))
-        .await;
+    let (status, body) =
+        app.admin(Method::POST, "/v1/agents", Some(json!({ "handle": "orphan", "cap_micros": 1, "task": "x" }))).await;
     assert_eq!((status, body["code"].as_str()), (422, Some("invalid_task")));
 }
 
@@ -178,11 +184,17 @@ async fn a_stuck_loop_paying_the_same_cent_is_suspended_after_the_threshold() {
     assert_eq!((shown["suspended"].as_str(), shown["held_micros"].as_u64()), (Some("repeat"), Some(200_000)));
     let log = app.log().await;
     let suspend = log.iter().find(|e| e["event"] == "suspend").expect("logged");
-    assert_eq!((suspend["reason"].as_str(), suspend["service"].as_str()), (Some("repeat"), Some("api.weather.example")));
+    assert_eq!(
+        (suspend["reason"].as_str(), suspend["service"].as_str()),
+        (Some("repeat"), Some("api.weather.example"))
+    );
     // The default breaker is on for agents created through the API.
     let fresh = app.create_agent("fresh", 1_000, None).await;
     let (_, controls) = app.admin(Method::GET, &format!("/v1/agents/{}/controls", fresh.id), None).await;
-    assert_eq!(controls["breaker"], json!({"max_holds": 600, "window_secs": 60, "max_spend_micros": null, "spend_window_secs": null, "max_repeats": 100}));
+    assert_eq!(
+        controls["breaker"],
+        json!({"max_holds": 600, "window_secs": 60, "max_spend_micros": null, "spend_window_secs": null, "max_repeats": 100})
+    );
     assert_eq!(controls["alerts"], json!([50, 80, 100]));
 }
 
@@ -207,7 +219,8 @@ async fn periods_roll_over_at_utc_midnight_with_no_job_running() {
     let (status, body) = hold_for(&app, &agent, 1_000_000, "t", "d").await;
     assert_eq!(status, 201, "yesterday's spend does not count today: {body}");
     let (_, periods) = app.admin(Method::GET, "/v1/agents/roller/periods", None).await;
-    let daily: Vec<&Value> = periods["periods"].as_array().expect("list").iter().filter(|p| p["period"] == "daily").collect();
+    let daily: Vec<&Value> =
+        periods["periods"].as_array().expect("list").iter().filter(|p| p["period"] == "daily").collect();
     assert_eq!(daily.len(), 2, "{periods}");
     assert_eq!((daily[0]["start_ms"].as_u64(), daily[0]["current"].as_bool()), (Some(midnight), Some(true)));
     assert_eq!((daily[1]["spent_micros"].as_u64(), daily[1]["held_micros"].as_u64()), (Some(999_999), Some(1)));
@@ -229,7 +242,10 @@ async fn allow_and_deny_lists_and_expiry_changes_refuse_with_their_codes() {
     assert_eq!(hold_for(&app, &agent, 1, "t", "API.Anthropic.com").await.0, 201);
     for service in ["bad.openai.com", "example.com"] {
         let (status, body) = hold_for(&app, &agent, 1, "t", service).await;
-        assert_eq!((status, body["code"].as_str(), body["limited_by"].as_str()), (402, Some("service_denied"), Some(agent.id.as_str())));
+        assert_eq!(
+            (status, body["code"].as_str(), body["limited_by"].as_str()),
+            (402, Some("service_denied"), Some(agent.id.as_str()))
+        );
     }
     // Expiry changed through the API: refused with agent_expired from then on, until lifted.
     let (status, shown) = app.admin(Method::PUT, "/v1/agents/lists/expiry", Some(json!({ "ttl_secs": 60 }))).await;
@@ -258,7 +274,10 @@ async fn bad_configuration_is_refused_with_a_clear_code_and_changes_nothing() {
         (json!({ "task_cap_micros": -5 }), "invalid_limit"),
         (json!({ "limits": { "hourly": 5 } }), "unknown_period"),
         (json!({ "limits": { "daily": 100, "weekly": 50 } }), "inverted_limits"),
-        (json!({ "breaker": { "max_holds": 10, "window_secs": 60, "max_spend_micros": 5, "spend_window_secs": 120 } }), "invalid_window"),
+        (
+            json!({ "breaker": { "max_holds": 10, "window_secs": 60, "max_spend_micros": 5, "spend_window_secs": 120 } }),
+            "invalid_window",
+        ),
         (json!({ "breaker": { "max_holds": 10, "window_secs": 0 } }), "invalid_window"),
         (json!({ "breaker": { "max_holds": 10, "window_secs": -60 } }), "invalid_window"),
         (json!({ "breaker": { "max_holds": 0, "window_secs": 60 } }), "invalid_breaker"),

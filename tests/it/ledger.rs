@@ -558,12 +558,17 @@ async fn assert_counters_replay(ledger: &Ledger, agent: &TestAgent) {
 
 conformance!(daily_limits_refuse_exactly_at_the_boundary_and_roll_over_at_utc_midnight, |ledger: Ledger| async move {
     let day = T0 / DAY * DAY;
-    let agent = create_with(&ledger, "d", 10_000, None, controlled(Controls { daily: Some(1_000), ..Controls::default() })).await;
+    let agent =
+        create_with(&ledger, "d", 10_000, None, controlled(Controls { daily: Some(1_000), ..Controls::default() }))
+            .await;
     // limit - 1, then 2 more (limit + 1) is refused, then exactly the limit.
     let late = day + DAY - 2;
     let first = granted(ledger.hold(late, &ask(&agent, 999, late, "t", "svc")).await.expect("answers"));
     let r = refused(ledger.hold(late, &ask(&agent, 2, late, "t", "svc")).await.expect("answers"));
-    assert_eq!((r.reason, r.remaining.get(), r.limited_by.as_str()), (RefusalReason::DailyLimitExceeded, 1, agent.id.as_str()));
+    assert_eq!(
+        (r.reason, r.remaining.get(), r.limited_by.as_str()),
+        (RefusalReason::DailyLimitExceeded, 1, agent.id.as_str())
+    );
     granted(ledger.hold(late, &ask(&agent, 1, late, "t", "svc")).await.expect("answers"));
     // Settling in the next day keeps the spend in the day it was held.
     let next = day + DAY;
@@ -603,7 +608,10 @@ conformance!(the_most_restrictive_period_wins_and_ancestors_limit_their_subtree,
     };
     assert_eq!(grant.remaining.get(), 50, "the daily limit is now the tightest");
     let r = refused(ledger.hold(T0, &ask(&child, 51, T0, "t", "s")).await.expect("answers"));
-    assert_eq!((r.reason, r.limited_by.as_str(), r.remaining.get()), (RefusalReason::DailyLimitExceeded, root.id.as_str(), 50));
+    assert_eq!(
+        (r.reason, r.limited_by.as_str(), r.remaining.get()),
+        (RefusalReason::DailyLimitExceeded, root.id.as_str(), 50)
+    );
     // Next day: the weekly limit (800 - 450 = 350) is tighter than the per-payment one, unless
     // the next day starts a new ISO week.
     let next = T0 + DAY;
@@ -629,7 +637,10 @@ conformance!(per_task_caps_count_each_task_and_sub_agents_inherit_what_remains, 
     let sub = create_with(&ledger, "sub", 100_000, Some(&parent), setup).await;
     granted(ledger.hold(T0, &ask(&sub, 499, T0, "step-a", "s")).await.expect("answers"));
     let r = refused(ledger.hold(T0, &ask(&sub, 2, T0, "step-b", "s")).await.expect("answers"));
-    assert_eq!((r.reason, r.remaining.get(), r.limited_by.as_str()), (RefusalReason::TaskCapExceeded, 1, parent.id.as_str()));
+    assert_eq!(
+        (r.reason, r.remaining.get(), r.limited_by.as_str()),
+        (RefusalReason::TaskCapExceeded, 1, parent.id.as_str())
+    );
     granted(ledger.hold(T0, &ask(&sub, 1, T0, "step-b", "s")).await.expect("answers"));
     let (spent, held) = ledger.task_usage(&parent.id, "research-1").await.expect("reads").expect("counter");
     assert_eq!((spent.get(), held.get()), (0, 1_500));
@@ -651,7 +662,10 @@ conformance!(allow_and_deny_lists_match_services_payees_and_protocols, |ledger: 
     let agent = create(&ledger, "la", 100_000, Some(&root)).await;
     granted(ledger.hold(T0, &ask(&agent, 1, T0, "t", "API.openai.com")).await.expect("answers"));
     let r = refused(ledger.hold(T0, &ask(&agent, 1, T0, "t", "evil.openai.com")).await.expect("answers"));
-    assert_eq!((r.reason, r.limited_by.as_str(), r.remaining.get()), (RefusalReason::ServiceDenied, root.id.as_str(), 0));
+    assert_eq!(
+        (r.reason, r.limited_by.as_str(), r.remaining.get()),
+        (RefusalReason::ServiceDenied, root.id.as_str(), 0)
+    );
     let r = refused(ledger.hold(T0, &ask(&agent, 1, T0, "t", "example.com")).await.expect("answers"));
     assert_eq!(r.reason, RefusalReason::ServiceDenied);
     // An x402 payment to an allowed payTo address passes whatever its host.
@@ -705,7 +719,8 @@ conformance!(the_breaker_suspends_a_loop_at_its_threshold_and_reinstating_starts
     let suspends: Vec<(&str, u64)> =
         log.iter().filter(|e| e.event == "suspend").map(|e| (e.reason.as_str(), e.ts_ms)).collect();
     assert_eq!(suspends, [("velocity", T0 + 999), ("repeat", later)]);
-    let rule: serde_json::Value = serde_json::from_str(&log.iter().find(|e| e.event == "suspend").expect("s").detail).expect("json");
+    let rule: serde_json::Value =
+        serde_json::from_str(&log.iter().find(|e| e.event == "suspend").expect("s").detail).expect("json");
     assert_eq!(rule, serde_json::json!({"rule": "holds", "max_holds": 5, "window_ms": 1000}));
     assert_eq!(log.iter().filter(|e| e.event == "reinstate").count(), 1);
     let replayed = replay(&log).expect("replays");
@@ -783,13 +798,25 @@ conformance!(bad_controls_change_nothing_and_changes_are_logged, |ledger: Ledger
     let agent = create(&ledger, "cfg", 1_000, None).await;
     ledger.set_controls(T0, &agent.id, &good).await.expect("sets");
     for bad in [
-        AgentControls { controls: Controls { daily: Some(100), weekly: Some(50), ..Controls::default() }, alerts: vec![] },
         AgentControls {
-            controls: Controls { max_holds: Some(5), window_ms: Some(1_000), max_spend: Some(1), spend_window_ms: Some(2_000), ..Controls::default() },
+            controls: Controls { daily: Some(100), weekly: Some(50), ..Controls::default() },
+            alerts: vec![],
+        },
+        AgentControls {
+            controls: Controls {
+                max_holds: Some(5),
+                window_ms: Some(1_000),
+                max_spend: Some(1),
+                spend_window_ms: Some(2_000),
+                ..Controls::default()
+            },
             alerts: vec![],
         },
         AgentControls { controls: Controls::default(), alerts: vec![80, 50] },
-        AgentControls { controls: Controls { protocols_allow: vec!["paypal".into()], ..Controls::default() }, alerts: vec![] },
+        AgentControls {
+            controls: Controls { protocols_allow: vec!["paypal".into()], ..Controls::default() },
+            alerts: vec![],
+        },
     ] {
         let result = ledger.set_controls(T0, &agent.id, &bad).await;
         assert!(matches!(result, Err(LedgerError::InvalidArgument(_))), "{bad:?}: {result:?}");

@@ -1,5 +1,6 @@
 //! spendcap's one integration-test binary. Tests start their own `redis-server`s.
 
+mod alerts;
 mod api;
 mod concurrency;
 mod controls;
