@@ -8,19 +8,50 @@ Redis Cluster. KEYS[1] is always the tree's key prefix, `<ns>:{<tree>}`; every o
 from it:
 
   <P>:a:<agent>        hash   agent: handle parent path depth cap spent held revoked revoked_at
-                              expires_at created_at token labels
+                              expires_at created_at token labels; optionally ctl (controls
+                              JSON) alerts (`50,80,100`) alerted (`<percent>:<cap>`, the cap's
+                              highest alert sent) task_of suspended suspended_at, and the
+                              breaker's rsig rcount (last service + amount, streak) ssum
   <P>:agents           set    agent ids of the tree
   <P>:h:<hold>         hash   hold: agent amount state expires_at created_at ended_at settled
-                              task service protocol idem details buckets; once settled also
+                              task service protocol idem details buckets ctrs; once settled also
                               seq sdetails (settle details) and, once signed, receipt rhash
   <P>:holds            zset   open holds by expiry (ms)
   <P>:log              stream one entry per state change: ts ev agent task svc proto amt rel
-                              hold reason cap parent remaining detail
+                              hold reason cap parent remaining limited_by bk ctr cross detail;
+                              consumer group `alerts` (the daemon's webhooks)
   <P>:i:<agent>:<key>  hash   idempotency record: fp status hold code amount remaining expires_at
   <P>:receipts         list   settled hold ids in receipt order: receipt <seq> is element seq-1
   <P>:b:<bucket>       hash   budget bucket: agent cap spent held open exclusive label
   <P>:hseq             string sequence for hold ids the library assigns (hold_id '')
   <P>:rhead            hash   receipt chain head: seq hash
+  <P>:p:<agent>:<period>:<start_ms>  hash  period counter: spent held alerted
+  <P>:pi:<agent>       zset   the agent's period counters `<period>:<start_ms>`, by start
+  <P>:t:<agent>:<hex of task>        hash  per-task counter: task spent held alerted
+  <P>:vh:<agent>       list   breaker: times of the agent's latest holds, newest first
+  <P>:vs:<agent>       list   breaker: `<ms>:<amount>` of its holds within the spend window
+
+Spending controls. `ctl` is a JSON object, every key optional (money in micro-USD, windows in
+ms): task (per-task cap), per_payment daily weekly monthly all_time (limits; each not above the
+next), svc_allow svc_deny (lowercase names; `*.example.com` matches subdomains), proto_allow
+proto_deny (x402 acp ap2 generic), max_holds + window_ms, max_spend + spend_window_ms (needs
+max_holds; spend window <= window), max_repeats. An agent without `ctl` and `alerts` takes the
+plain path: no JSON is decoded and no counter is touched. Controls of an ancestor apply to its
+whole subtree; the breaker watches only the agent's own holds. Periods are UTC calendar periods
+(days from the epoch; ISO weeks from Monday; months by a civil-from-days conversion); a hold
+charges the counter of the period it was made in, and only while that period's limit is
+configured. A per-task counter is per (agent, task label); a sub-agent created with `task_of`
+charges its ancestors' per-task counters for that task instead of its own label. Service lists
+match the hold's service and the details fields pay_to, merchant_id, payee, payee_id,
+case-insensitively. A hold records the counters it charged (`ctrs`, and `ctr` on its log
+entry), and settle, void and expiry move exactly those. The breaker: one hold more than
+max_holds within window_ms (exact: the list keeps the last max_holds times), more than max_spend
+held within spend_window_ms, or more than max_repeats identical (service + amount) holds in a row
+suspends the agent (`suspend` entry, reason velocity or repeat) and refuses that hold with
+`agent_suspended`; spendcap_reinstate lifts it. Alerts: a hold that takes an agent's cap, period
+limit or task cap from below to at least one of its `alerts` percents (not alerted yet for that
+limit) lists the crossing in its log entry's `cross` field (a JSON array); the daemon turns it
+into a webhook.
 
 Money is integer micro-USD, at most 10^15 per amount and cap, so every sum stays exact in Lua's
 doubles; numbers stored as text are formatted with string.format('%d'), and numbers passed to
