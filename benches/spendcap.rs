@@ -301,7 +301,8 @@ async fn http_paid_calls(daemon: &Daemon, pairs: u64) -> (Figure, Figure, Figure
         let created: serde_json::Value = http
             .post(format!("{}/v1/agents", daemon.base))
             .bearer_auth(ADMIN)
-            .json(&serde_json::json!({ "handle": format!("http-{i}"), "cap_micros": Micros::MAX.get() }))
+            // The same hold again and again is what the default runaway-loop breaker stops.
+            .json(&serde_json::json!({ "handle": format!("http-{i}"), "cap_micros": Micros::MAX.get(), "controls": { "breaker": null } }))
             .send()
             .await
             .expect("create")

@@ -87,6 +87,15 @@ pub struct ServeArgs {
     /// Background release of expired holds every N seconds (0: off; expiry needs no sweeper).
     #[arg(long, env = "SPENDCAP_SWEEP_INTERVAL_SECS", default_value_t = 30)]
     pub sweep_interval_secs: u64,
+    /// Where alert webhooks are sent (threshold crossings, refusals, suspensions, revocations).
+    #[arg(long, env = "SPENDCAP_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// The HMAC-SHA256 key webhooks are signed with (at least 16 characters).
+    #[arg(long, env = "SPENDCAP_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Take over alerts another instance left unacknowledged this long (seconds).
+    #[arg(long, env = "SPENDCAP_WEBHOOK_CLAIM_IDLE_SECS", default_value_t = 300)]
+    pub webhook_claim_idle_secs: u64,
     /// Log format.
     #[arg(long, env = "SPENDCAP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -131,6 +140,10 @@ pub enum AgentCommand {
         /// Labels, as key=value (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Create a sub-agent for this task of its parent (it spends what remains of the
+        /// parent's per-task budget for it).
+        #[arg(long)]
+        task: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -168,6 +181,191 @@ pub enum AgentCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Show an agent's spending controls, or replace them (every flag given describes the whole
+    /// new set; the default breaker and alerts apply unless --no-breaker / --alerts say).
+    Controls {
+        agent: String,
+        #[command(flatten)]
+        controls: ControlArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Change an agent's expiry.
+    Expiry {
+        agent: String,
+        /// Expire this many seconds from now.
+        #[arg(long, conflicts_with_all = ["at_ms", "never"])]
+        ttl_secs: Option<u64>,
+        /// Expire at this time (ms since the epoch).
+        #[arg(long, conflicts_with = "never")]
+        at_ms: Option<u64>,
+        /// Never expire.
+        #[arg(long)]
+        never: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Lift a suspension by the runaway-loop breaker.
+    Reinstate {
+        agent: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Spend per calendar period (newest first).
+    Periods {
+        agent: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Flags of `agent controls`. Money in USD as exact decimals.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ControlArgs {
+    /// Show the controls without changing them (also the default with no other flag).
+    #[arg(long)]
+    pub show: bool,
+    /// Most spent + held per task label, e.g. 1.50.
+    #[arg(long, allow_hyphen_values = true)]
+    pub task_cap: Option<String>,
+    /// Limit per period, as period=USD (repeatable): per_payment, daily, weekly, monthly, all_time.
+    #[arg(long = "limit", value_parser = parse_label, allow_hyphen_values = true)]
+    pub limits: Vec<(String, String)>,
+    /// Only these services may be paid (repeatable; `*.example.com` for subdomains).
+    #[arg(long)]
+    pub allow_service: Vec<String>,
+    #[arg(long)]
+    pub deny_service: Vec<String>,
+    #[arg(long)]
+    pub allow_protocol: Vec<String>,
+    #[arg(long)]
+    pub deny_protocol: Vec<String>,
+    /// Turn the runaway-loop breaker off.
+    #[arg(long, conflicts_with_all = ["max_holds", "window_secs", "max_spend", "spend_window_secs", "max_repeats"])]
+    pub no_breaker: bool,
+    /// Breaker: most holds within --window-secs.
+    #[arg(long, requires = "window_secs", allow_hyphen_values = true)]
+    pub max_holds: Option<i64>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub window_secs: Option<i64>,
+    /// Breaker: most USD held within --spend-window-secs.
+    #[arg(long, requires = "spend_window_secs", allow_hyphen_values = true)]
+    pub max_spend: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub spend_window_secs: Option<i64>,
+    /// Breaker: most identical payments (same service and amount) in a row.
+    #[arg(long, allow_hyphen_values = true)]
+    pub max_repeats: Option<i64>,
+    /// Alert thresholds in percent, comma-separated (e.g. 50,80,100); `none` for none.
+    #[arg(long)]
+    pub alerts: Option<String>,
+}
+
+impl ControlArgs {
+    fn is_show(&self) -> bool {
+        self.show
+            || (self.task_cap.is_none()
+                && self.limits.is_empty()
+                && self.allow_service.is_empty()
+                && self.deny_service.is_empty()
+                && self.allow_protocol.is_empty()
+                && self.deny_protocol.is_empty()
+                && !self.no_breaker
+                && self.max_holds.is_none()
+                && self.window_secs.is_none()
+                && self.max_spend.is_none()
+                && self.spend_window_secs.is_none()
+                && self.max_repeats.is_none()
+                && self.alerts.is_none())
+    }
+
+    /// The `PUT /v1/agents/{agent}/controls` body. Negative numbers pass through, so that the
+    /// daemon refuses them with its stable code.
+    fn body(&self) -> Result<Value, CliError> {
+        let mut body = serde_json::Map::new();
+        if let Some(cap) = &self.task_cap {
+            body.insert("task_cap_micros".into(), usd_or_raw(cap)?);
+        }
+        let mut limits = serde_json::Map::new();
+        for (period, amount) in &self.limits {
+            limits.insert(period.clone(), usd_or_raw(amount)?);
+        }
+        body.insert("limits".into(), Value::Object(limits));
+        body.insert("services".into(), serde_json::json!({ "allow": self.allow_service, "deny": self.deny_service }));
+        body.insert(
+            "protocols".into(),
+            serde_json::json!({ "allow": self.allow_protocol, "deny": self.deny_protocol }),
+        );
+        if self.no_breaker {
+            body.insert("breaker".into(), Value::Null);
+        } else if self.max_holds.is_some() || self.max_spend.is_some() || self.max_repeats.is_some() {
+            let mut breaker = serde_json::Map::new();
+            for (key, value) in [
+                ("max_holds", self.max_holds),
+                ("window_secs", self.window_secs),
+                ("spend_window_secs", self.spend_window_secs),
+                ("max_repeats", self.max_repeats),
+            ] {
+                if let Some(value) = value {
+                    breaker.insert(key.into(), value.into());
+                }
+            }
+            if let Some(spend) = &self.max_spend {
+                breaker.insert("max_spend_micros".into(), usd_or_raw(spend)?);
+            }
+            body.insert("breaker".into(), Value::Object(breaker));
+        }
+        match self.alerts.as_deref() {
+            None => {}
+            Some("none") => {
+                body.insert("alerts".into(), Value::Null);
+            }
+            Some(list) => {
+                let percents = list
+                    .split(',')
+                    .map(|p| p.trim().parse::<i64>().map(Value::from))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| CliError::Usage(format!("--alerts {list:?}: comma-separated percents")))?;
+                body.insert("alerts".into(), Value::Array(percents));
+            }
+        }
+        Ok(Value::Object(body))
+    }
+}
+
+/// USD text as micros, or, for a negative amount, the negated micros (for the daemon to refuse).
+fn usd_or_raw(text: &str) -> Result<Value, CliError> {
+    match text.strip_prefix('-') {
+        Some(rest) => Ok(Value::from(-(usd(rest)?.get() as i64))),
+        None => Ok(Value::from(usd(text)?.get())),
+    }
+}
+
+fn controls_table(c: &Value) -> String {
+    let mut out = format!("controls of {}\n", c["agent_id"].as_str().unwrap_or(""));
+    if !c["task_cap_micros"].is_null() {
+        out.push_str(&format!("  per task      {}\n", money(&c["task_cap_micros"])));
+    }
+    if let Some(limits) = c["limits"].as_object() {
+        for (period, limit) in limits {
+            out.push_str(&format!("  {period:<13} {}\n", money(limit)));
+        }
+    }
+    for kind in ["services", "protocols"] {
+        for side in ["allow", "deny"] {
+            let list: Vec<&str> =
+                c[kind][side].as_array().map(|l| l.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+            if !list.is_empty() {
+                out.push_str(&format!("  {kind} {side}: {}\n", list.join(", ")));
+            }
+        }
+    }
+    match c["breaker"].as_object() {
+        None => out.push_str("  breaker       off\n"),
+        Some(b) => out.push_str(&format!("  breaker       {}\n", Value::Object(b.clone()))),
+    }
+    out.push_str(&format!("  alerts at     {}%\n", c["alerts"]));
+    out
 }
 
 #[derive(Subcommand, Debug)]
@@ -303,9 +501,10 @@ fn agent_table(agents: &[Value]) -> String {
         "HANDLE", "ID", "CAP", "SPENT", "HELD", "REMAINING", "STATUS"
     );
     for a in agents {
-        let status = match a["revoked"].as_str() {
-            Some(reason) => format!("revoked ({reason})"),
-            None => "active".into(),
+        let status = match (a["revoked"].as_str(), a["suspended"].as_str()) {
+            (Some(reason), _) => format!("revoked ({reason})"),
+            (None, Some(reason)) => format!("suspended ({reason})"),
+            (None, None) => "active".into(),
         };
         let indent = "  ".repeat(a["depth"].as_u64().unwrap_or(1).saturating_sub(1) as usize);
         out.push_str(&format!(
@@ -368,7 +567,7 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 Err(CliError::Audit(report.differences.len()))
             }
         }
-        Command::Agent(AgentCommand::Create { handle, cap, parent, ttl_secs, labels, client }) => {
+        Command::Agent(AgentCommand::Create { handle, cap, parent, ttl_secs, labels, task, client }) => {
             let api = Client::new(&client)?;
             let body = serde_json::json!({
                 "handle": handle,
@@ -376,6 +575,7 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 "parent": parent,
                 "ttl_secs": ttl_secs,
                 "labels": labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "task": task,
             });
             let created = api.json(Method::POST, "/v1/agents", Some(body)).await?;
             print(client.json, &created, |c| {
@@ -428,6 +628,55 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 api.json(Method::POST, &format!("/v1/agents/{}/rotate-token", path_segment(&agent)), None).await?;
             print(client.json, &rotated, |r| {
                 format!("new token (shown once): {}\n", r["token"].as_str().unwrap_or(""))
+            });
+            Ok(())
+        }
+        Command::Agent(AgentCommand::Controls { agent, controls, client }) => {
+            let api = Client::new(&client)?;
+            let path = format!("/v1/agents/{}/controls", path_segment(&agent));
+            let shown = if controls.is_show() {
+                api.json(Method::GET, &path, None).await?
+            } else {
+                api.json(Method::PUT, &path, Some(controls.body()?)).await?
+            };
+            print(client.json, &shown, controls_table);
+            Ok(())
+        }
+        Command::Agent(AgentCommand::Expiry { agent, ttl_secs, at_ms, never, client }) => {
+            let api = Client::new(&client)?;
+            let body = serde_json::json!({ "ttl_secs": ttl_secs, "expires_at_ms": at_ms, "never": never });
+            let shown =
+                api.json(Method::PUT, &format!("/v1/agents/{}/expiry", path_segment(&agent)), Some(body)).await?;
+            print(client.json, &shown, |a| agent_table(std::slice::from_ref(a)));
+            Ok(())
+        }
+        Command::Agent(AgentCommand::Reinstate { agent, client }) => {
+            let api = Client::new(&client)?;
+            let done = api.json(Method::POST, &format!("/v1/agents/{}/reinstate", path_segment(&agent)), None).await?;
+            print(client.json, &done, |r| match r["was_suspended"].as_str() {
+                Some(was) => format!("reinstated {} (was suspended: {was})\n", r["agent_id"].as_str().unwrap_or("")),
+                None => format!("{} was not suspended\n", r["agent_id"].as_str().unwrap_or("")),
+            });
+            Ok(())
+        }
+        Command::Agent(AgentCommand::Periods { agent, client }) => {
+            let api = Client::new(&client)?;
+            let list = api.json(Method::GET, &format!("/v1/agents/{}/periods", path_segment(&agent)), None).await?;
+            print(client.json, &list, |l| {
+                let mut out =
+                    format!("{:<10} {:>15} {:>16} {:>16} {:>16}\n", "PERIOD", "START (ms)", "SPENT", "HELD", "LIMIT");
+                for p in l["periods"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+                    out.push_str(&format!(
+                        "{:<10} {:>15} {:>16} {:>16} {:>16}{}\n",
+                        p["period"].as_str().unwrap_or(""),
+                        p["start_ms"],
+                        money(&p["spent_micros"]),
+                        money(&p["held_micros"]),
+                        money(&p["limit_micros"]),
+                        if p["current"].as_bool().unwrap_or(false) { "  (current)" } else { "" }
+                    ));
+                }
+                out
             });
             Ok(())
         }

@@ -1,6 +1,7 @@
 //! spendcap: every AI agent gets its own payment identity with a hard spending cap, line-item
 //! cost attribution and one-call revocation. See ARCHITECTURE.md for the map.
 
+pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod cli;

@@ -206,6 +206,8 @@ pub struct Replayed {
     pub spent: u64,
     pub held: u64,
     pub revoked: bool,
+    /// Suspended by its runaway-loop breaker (and not reinstated since).
+    pub suspended: bool,
     /// The agent and its ancestors.
     pub path: Vec<String>,
 }
@@ -227,22 +229,34 @@ pub struct ReplayedBucket {
     pub open_holds: u64,
 }
 
+/// A period or per-task counter's figures as the log says they should be.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplayedCounter {
+    pub spent: u64,
+    pub held: u64,
+}
+
 /// Balances replayed from a log.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Replay {
     pub agents: BTreeMap<String, Replayed>,
     pub buckets: BTreeMap<String, ReplayedBucket>,
+    /// Period and per-task counters by id (`p:<agent>:<period>:<start_ms>`, `t:<agent>:<hex>`).
+    pub counters: BTreeMap<String, ReplayedCounter>,
 }
 
 /// Replays log entries (in order, per tree) into balances: `create` and `cap` set caps, `hold`
 /// adds to held on the agent, every ancestor and every bucket it names, `settle` moves `amount`
 /// from held to spent and releases `released`, `void` and `expire` release, `revoke` marks,
-/// `budget` creates a bucket. The ledger check and the tests compare the result with the
+/// `suspend` and `reinstate` mark and unmark, `budget` creates a bucket; the period and
+/// per-task counters a hold names (`counters`) move with it like its buckets. The ledger check and the tests compare the result with the
 /// stored balances.
 pub fn replay<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<Replay, ReplayError> {
     let mut agents: BTreeMap<String, Replayed> = BTreeMap::new();
     let mut buckets: BTreeMap<String, ReplayedBucket> = BTreeMap::new();
+    let mut counters: BTreeMap<String, ReplayedCounter> = BTreeMap::new();
     let mut hold_buckets: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut hold_counters: std::collections::HashMap<String, Vec<String>> = Default::default();
     for entry in entries {
         let fail = |reason: &str| ReplayError { id: entry.id.clone(), reason: reason.to_owned() };
         let path = |agents: &BTreeMap<String, Replayed>| {
@@ -277,6 +291,12 @@ pub fn replay<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<Rep
                     bucket.open_holds += 1;
                 }
                 hold_buckets.insert(entry.hold.clone(), charged);
+                let charged: Vec<String> =
+                    entry.counters.split(',').filter(|c| !c.is_empty()).map(str::to_owned).collect();
+                for id in &charged {
+                    counters.entry(id.clone()).or_default().held += amount;
+                }
+                hold_counters.insert(entry.hold.clone(), charged);
             }
             "budget" => {
                 let cap = entry.cap.ok_or_else(|| fail("budget without cap"))?;
@@ -306,10 +326,20 @@ pub fn replay<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<Rep
                         b.open_holds -= 1;
                     }
                 }
+                for id in hold_counters.remove(&entry.hold).unwrap_or_default() {
+                    if let Some(c) = counters.get_mut(&id) {
+                        c.held = c.held.checked_sub(spent + released).ok_or_else(|| fail("releases more than held"))?;
+                        c.spent += spent;
+                    }
+                }
             }
             "revoke" => agents.get_mut(&entry.agent).ok_or_else(|| fail("agent was never created"))?.revoked = true,
+            "suspend" => agents.get_mut(&entry.agent).ok_or_else(|| fail("agent was never created"))?.suspended = true,
+            "reinstate" => {
+                agents.get_mut(&entry.agent).ok_or_else(|| fail("agent was never created"))?.suspended = false
+            }
             _ => {}
         }
     }
-    Ok(Replay { agents, buckets })
+    Ok(Replay { agents, buckets, counters })
 }

@@ -63,7 +63,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             timeout: Duration::from_millis(args.redis_timeout_ms),
         })
     };
+    let alerts = match (&args.webhook_url, &args.webhook_secret) {
+        (None, None) => None,
+        (Some(url), Some(secret)) => {
+            let secret = spendcap::alerts::WebhookSecret::new(secret.clone())?;
+            let mut config = spendcap::alerts::AlertConfig::new(url, secret)?;
+            config.claim_idle = Duration::from_secs(args.webhook_claim_idle_secs);
+            Some(config)
+        }
+        _ => anyhow::bail!("set both SPENDCAP_WEBHOOK_URL and SPENDCAP_WEBHOOK_SECRET, or neither"),
+    };
     let config = Config {
+        alerts,
         ledger,
         admin_token: admin_token.clone(),
         signer,

@@ -30,6 +30,8 @@ pub struct Config {
     /// How often to release expired holds in the background. Optional: expiry also happens
     /// inside every ledger call that touches a tree.
     pub sweep_interval: Option<Duration>,
+    /// Alert webhooks (`SPENDCAP_WEBHOOK_URL`, `SPENDCAP_WEBHOOK_SECRET`); `None`: off.
+    pub alerts: Option<crate::alerts::AlertConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,7 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
         signer: config.signer,
         clock: config.clock,
         limits: config.limits,
+        alerts: config.alerts,
     }))
 }
 
@@ -64,10 +67,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let sweeper = sweep_interval.map(|interval| tokio::spawn(sweep(state.clone(), interval)));
+    let alerts = state.alerts.clone().map(|config| crate::alerts::spawn(state.clone(), config));
     let app = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
-    if let Some(sweeper) = sweeper {
-        sweeper.abort();
+    for task in [sweeper, alerts].into_iter().flatten() {
+        task.abort();
     }
     result
 }

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::{Admin, ApiError, ApiJson, SharedState};
 use crate::identity::{AgentId, AgentToken, TreeId};
-use crate::ledger::{AgentRecord, Caller, LedgerError, NewAgent};
+use crate::ledger::{AgentRecord, AgentSetup, Caller, LedgerError, NewAgent};
 
 pub fn router() -> Router<SharedState> {
     Router::new()
@@ -43,6 +43,14 @@ pub struct CreateAgentRequest {
     pub ttl_secs: Option<u64>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Spending controls (see `PUT /v1/agents/{agent}/controls`); absent: the default
+    /// runaway-loop breaker and alerts at 50, 80 and 100 %.
+    #[serde(default)]
+    pub controls: Option<super::controls::ControlsBody>,
+    /// Create a sub-agent for this task of its parent: its holds spend what remains of the
+    /// parent's per-task budget for it.
+    #[serde(default)]
+    pub task: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
@@ -62,6 +70,14 @@ pub struct AgentView {
     pub expires_at_ms: Option<u64>,
     pub created_at_ms: u64,
     pub labels: BTreeMap<String, String>,
+    /// Why the agent is suspended (`velocity`, `repeat`); `POST …/reinstate` lifts it.
+    #[serde(default)]
+    pub suspended: Option<String>,
+    #[serde(default)]
+    pub suspended_at_ms: Option<u64>,
+    /// The parent's task this sub-agent works on.
+    #[serde(default)]
+    pub task_of: Option<String>,
 }
 
 impl From<&AgentRecord> for AgentView {
@@ -81,6 +97,9 @@ impl From<&AgentRecord> for AgentView {
             expires_at_ms: r.expires_at_ms,
             created_at_ms: r.created_at_ms,
             labels: r.labels.clone(),
+            suspended: r.suspended.clone(),
+            suspended_at_ms: r.suspended_at_ms,
+            task_of: r.task_of.clone(),
         }
     }
 }
@@ -193,6 +212,18 @@ pub async fn create_agent(
             "at most 32 labels, keys up to 64 and values up to 256 bytes",
         ));
     }
+    let setup_controls = req.controls.clone().unwrap_or_default().parse()?;
+    let task_of = match &req.task {
+        Some(_) if req.parent.is_none() => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_task",
+                "only a sub-agent (with a parent) can be created for a task",
+            ))
+        }
+        Some(task) => Some(super::label("task", task, 128)?),
+        None => None,
+    };
     let parent = match &req.parent {
         Some(p) => Some(resolve(&state, p).await.map_err(|e| {
             if e.code == "unknown_agent" {
@@ -215,7 +246,8 @@ pub async fn create_agent(
         labels: req.labels,
         token_hash: token.hash(),
     };
-    state.ledger.create_agent(now, &new).await?;
+    let setup = AgentSetup { controls: setup_controls.controls, alerts: setup_controls.alerts, task_of };
+    state.ledger.create_agent_with(now, &new, &setup).await?;
     let record = state.ledger.agent(&id).await?;
     tracing::info!(agent = %id, handle = %record.handle, cap = cap.get(), "agent created");
     Ok((StatusCode::CREATED, Json(CreatedAgent { agent: AgentView::from(&record), token: token.reveal().to_owned() })))

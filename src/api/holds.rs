@@ -37,6 +37,9 @@ pub struct MeView {
     pub available_micros: u64,
     pub revoked: Option<String>,
     pub expires_at_ms: Option<u64>,
+    /// Why the agent is suspended (`velocity`, `repeat`), if it is.
+    #[serde(default)]
+    pub suspended: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/me", responses((status = 200, body = MeView), (status = 401, description = "invalid token")), security(("agent" = [])))]
@@ -52,6 +55,7 @@ pub async fn me(auth: AgentAuth, State(state): State<SharedState>) -> Result<Jso
         available_micros: balance.available.get(),
         revoked: balance.revoked,
         expires_at_ms: balance.expires_at_ms,
+        suspended: balance.suspended,
     }))
 }
 
@@ -89,7 +93,10 @@ pub struct HoldView {
 /// The body of a 402 budget refusal.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct RefusalView {
-    /// `cap_exceeded`, `agent_revoked` or `agent_expired`.
+    /// `cap_exceeded`, `agent_revoked`, `agent_expired`, `agent_suspended`, `protocol_denied`,
+    /// `service_denied`, `per_payment_limit_exceeded`, `daily_limit_exceeded`,
+    /// `weekly_limit_exceeded`, `monthly_limit_exceeded`, `all_time_limit_exceeded`,
+    /// `task_cap_exceeded`, `budget_exceeded` or `budget_busy`.
     pub code: String,
     pub detail: String,
     pub requested_micros: u64,
@@ -106,6 +113,17 @@ pub fn refusal_error(refusal: &Refusal) -> ApiError {
         crate::ledger::RefusalReason::AgentExpired => "the agent (or an ancestor) has expired",
         crate::ledger::RefusalReason::BudgetExceeded => "the payment would pass a budget it is charged against",
         crate::ledger::RefusalReason::BudgetBusy => "the budget allows one outstanding payment and has one",
+        crate::ledger::RefusalReason::AgentSuspended => {
+            "the agent (or an ancestor) is suspended by its runaway-loop breaker; an admin can reinstate it"
+        }
+        crate::ledger::RefusalReason::ProtocolDenied => "the agent (or an ancestor) may not pay with this protocol",
+        crate::ledger::RefusalReason::ServiceDenied => "the agent (or an ancestor) may not pay this service",
+        crate::ledger::RefusalReason::PerPaymentLimitExceeded => "the payment is above a per-payment limit",
+        crate::ledger::RefusalReason::DailyLimitExceeded => "the payment would pass a daily limit (UTC day)",
+        crate::ledger::RefusalReason::WeeklyLimitExceeded => "the payment would pass a weekly limit (ISO week, UTC)",
+        crate::ledger::RefusalReason::MonthlyLimitExceeded => "the payment would pass a monthly limit (UTC month)",
+        crate::ledger::RefusalReason::AllTimeLimitExceeded => "the payment would pass an all-time limit",
+        crate::ledger::RefusalReason::TaskCapExceeded => "the payment would pass the per-task cap of this task",
     };
     ApiError::new(StatusCode::PAYMENT_REQUIRED, refusal.reason.code(), detail).with_extra(serde_json::json!({
         "requested_micros": refusal.requested.get(),

@@ -2,6 +2,7 @@
 //! (own budget, the generic budget authority). One router per resource, merged here.
 
 pub mod agents;
+pub mod controls;
 pub mod error;
 pub mod holds;
 pub mod log;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub signer: ReceiptSigner,
     pub clock: Clock,
     pub limits: Limits,
+    /// Where alert webhooks go (`None`: no alerts are sent).
+    pub alerts: Option<crate::alerts::AlertConfig>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -59,6 +62,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi::serve))
         .merge(agents::router())
+        .merge(controls::router())
         .merge(holds::router())
         .merge(log::router())
         .merge(crate::protocols::router())

@@ -4,15 +4,17 @@
 //! A `std::sync::Mutex` (not tokio's) is right here: no operation awaits while holding it, and
 //! each one is a few map lookups, so contention costs less than an async lock's bookkeeping.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 
 use adapters::{Micros, Protocol};
 
+use super::controls::{self, crossed, payment_names, Controls, Crossing, Period};
 use super::{
-    AgentRecord, Balance, Bucket, Caller, ChainHead, Grant, HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish,
-    IdempotencyMode, LedgerError, LogEntry, NewAgent, ReceiptFacts, Refusal, RefusalReason, SettleOutcome,
-    IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
+    AgentControls, AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, Grant, HoldInfo,
+    HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent, PeriodUsage,
+    ReceiptFacts, Refusal, RefusalReason, SettleOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -25,6 +27,50 @@ struct Agent {
     /// The agent itself, then its ancestors up to the root.
     path: Vec<AgentId>,
     token: TokenHash,
+    controls: Controls,
+    alerts: Vec<u8>,
+    /// The highest alert threshold sent for the cap, and the cap it was for.
+    alerted: Option<(u8, u64)>,
+    breaker: Breaker,
+}
+
+/// The runaway-loop breaker's memory of an agent's recent holds (as the Lua library keeps it).
+#[derive(Default)]
+struct Breaker {
+    /// Times of the latest holds, newest first, at most `max_holds`.
+    holds: VecDeque<u64>,
+    /// (time, amount) of the holds within the spend window, newest first, and their sum.
+    spends: VecDeque<(u64, u64)>,
+    spend_sum: u64,
+    /// The last hold's service + amount, and how many holds in a row had it.
+    last: Option<String>,
+    repeats: u64,
+}
+
+/// A period or per-task counter: what holds charged to it spent and hold.
+#[derive(Default)]
+struct Counter {
+    spent: u64,
+    held: u64,
+    alerted: Option<(u8, u64)>,
+}
+
+/// A counter a hold would charge, with the limit it was checked against.
+struct Charge {
+    id: String,
+    level: String,
+    limit: u64,
+    used: u64,
+    period: Option<(Period, u64)>,
+    task: Option<String>,
+}
+
+/// The `alerts` consumer group of a tree's log: entries up to `delivered` (an index into the
+/// log) went to some consumer; those not yet acknowledged are pending, with their consumer.
+#[derive(Default)]
+struct AlertGroup {
+    delivered: usize,
+    pending: BTreeMap<usize, (String, Instant)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -47,6 +93,7 @@ impl HoldState {
 
 struct Hold {
     buckets: Vec<String>,
+    counters: Vec<String>,
     details: String,
     agent: AgentId,
     amount: u64,
@@ -84,6 +131,10 @@ struct Tree {
     idempotency: HashMap<(String, String), IdemRecord>,
     receipts: BTreeMap<u64, ReceiptFacts>,
     head: ChainHead,
+    counters: HashMap<String, Counter>,
+    /// Per agent: the periods it has counters for, by (start, period).
+    periods: HashMap<String, BTreeSet<(u64, Period)>>,
+    group: Option<AlertGroup>,
 }
 
 #[derive(Default)]
@@ -128,6 +179,12 @@ impl Tree {
                 bucket.held = money(bucket.held.get() - amount);
                 bucket.spent = money(bucket.spent.get() + settled);
                 bucket.open_holds -= 1;
+            }
+        }
+        for id in hold.counters.clone() {
+            if let Some(counter) = self.counters.get_mut(&id) {
+                counter.held -= amount;
+                counter.spent += settled;
             }
         }
         self.open.remove(&(expires, hold_id.to_owned()));
@@ -183,38 +240,162 @@ impl Tree {
         Ok(a.path.clone())
     }
 
-    /// Decides a hold on the current balances: a refusal (and who refused), and the room left.
+    /// Decides a hold on the current balances: a refusal (and who refused), the room left, and
+    /// the counters a grant charges. The same checks, in the same order, as `spendcap_hold`.
     fn decide(
         &self,
         path: &[AgentId],
-        buckets: &[String],
-        amount: u64,
+        request: &HoldRequest,
         now: u64,
-    ) -> (Option<(RefusalReason, String)>, u64) {
-        let levels: Vec<&AgentRecord> =
-            path.iter().filter_map(|id| self.agents.get(id.as_str()).map(|a| &a.record)).collect();
-        if let Some(l) = levels.iter().find(|l| l.revoked.is_some()) {
-            return (Some((RefusalReason::AgentRevoked, l.id.to_string())), 0);
+    ) -> (Option<(RefusalReason, String)>, u64, Vec<Charge>) {
+        let amount = request.amount.get();
+        let levels: Vec<&Agent> = path.iter().filter_map(|id| self.agents.get(id.as_str())).collect();
+        if let Some(l) = levels.iter().find(|l| l.record.revoked.is_some()) {
+            return (Some((RefusalReason::AgentRevoked, l.record.id.to_string())), 0, Vec::new());
         }
-        if let Some(l) = levels.iter().find(|l| l.expires_at_ms.is_some_and(|t| t <= now)) {
-            return (Some((RefusalReason::AgentExpired, l.id.to_string())), 0);
+        if let Some(l) = levels.iter().find(|l| l.record.suspended.is_some()) {
+            return (Some((RefusalReason::AgentSuspended, l.record.id.to_string())), 0, Vec::new());
+        }
+        if let Some(l) = levels.iter().find(|l| l.record.expires_at_ms.is_some_and(|t| t <= now)) {
+            return (Some((RefusalReason::AgentExpired, l.record.id.to_string())), 0, Vec::new());
+        }
+        let names = payment_names(&request.service, &request.details);
+        for l in &levels {
+            match l.controls.list_refusal(request.protocol.as_str(), &names) {
+                Some("protocol_denied") => {
+                    return (Some((RefusalReason::ProtocolDenied, l.record.id.to_string())), 0, Vec::new())
+                }
+                Some(_) => return (Some((RefusalReason::ServiceDenied, l.record.id.to_string())), 0, Vec::new()),
+                None => {}
+            }
         }
         let (mut room, by) = self.available(path);
         if amount > room {
-            return (Some((RefusalReason::CapExceeded, by)), room);
+            return (Some((RefusalReason::CapExceeded, by)), room, Vec::new());
         }
-        for id in buckets {
+        // The tightest of the per-payment, period and per-task limits of every level.
+        let mut tight: Option<(u64, RefusalReason, String)> = None;
+        let mut consider = |r: u64, reason: RefusalReason, id: &str| {
+            if tight.as_ref().is_none_or(|(t, _, _)| r < *t) {
+                tight = Some((r, reason, id.to_owned()));
+            }
+        };
+        let mut charges = Vec::new();
+        let mut task = request.task.clone();
+        for l in &levels {
+            let c = &l.controls;
+            let id = l.record.id.as_str();
+            if let Some(limit) = c.per_payment {
+                consider(limit, RefusalReason::PerPaymentLimitExceeded, id);
+            }
+            for period in Period::COUNTED {
+                let Some(limit) = c.limit(period) else { continue };
+                let start = period.start_ms(now);
+                let counter_id = format!("p:{id}:{}:{start}", period.as_str());
+                let used = self.counters.get(&counter_id).map(|c| c.spent + c.held).unwrap_or(0);
+                consider(limit.saturating_sub(used), RefusalReason::of_period(period), id);
+                charges.push(Charge {
+                    id: counter_id,
+                    level: id.to_owned(),
+                    limit,
+                    used,
+                    period: Some((period, start)),
+                    task: None,
+                });
+            }
+            if let Some(limit) = c.task_cap {
+                let counter_id = format!("t:{id}:{}", super::task_digest(&task));
+                let used = self.counters.get(&counter_id).map(|c| c.spent + c.held).unwrap_or(0);
+                consider(limit.saturating_sub(used), RefusalReason::TaskCapExceeded, id);
+                charges.push(Charge {
+                    id: counter_id,
+                    level: id.to_owned(),
+                    limit,
+                    used,
+                    period: None,
+                    task: Some(task.clone()),
+                });
+            }
+            if let Some(parent_task) = &l.record.task_of {
+                task = parent_task.clone();
+            }
+        }
+        if let Some((tight, reason, by)) = tight {
+            if amount > tight {
+                return (Some((reason, by)), tight, Vec::new());
+            }
+            room = room.min(tight);
+        }
+        for id in &request.buckets {
             let Some(b) = self.buckets.get(id) else { continue };
             let b_room = b.cap.get().saturating_sub(b.spent.get() + b.held.get());
             if b.exclusive && b.open_holds > 0 {
-                return (Some((RefusalReason::BudgetBusy, id.clone())), 0);
+                return (Some((RefusalReason::BudgetBusy, id.clone())), 0, Vec::new());
             }
             if amount > b_room {
-                return (Some((RefusalReason::BudgetExceeded, id.clone())), b_room);
+                return (Some((RefusalReason::BudgetExceeded, id.clone())), b_room, Vec::new());
             }
             room = room.min(b_room);
         }
-        (None, room)
+        (None, room, charges)
+    }
+
+    /// The agent's own runaway-loop breaker, for a hold that would otherwise be granted: the
+    /// suspension reason and rule (JSON) if it trips. Forgets spends that left the window.
+    fn breaker(&mut self, agent: &AgentId, request: &HoldRequest, now: u64) -> Option<(&'static str, String)> {
+        let a = self.agents.get_mut(agent.as_str())?;
+        let c = &a.controls;
+        if c.max_holds.is_none() && c.max_repeats.is_none() {
+            return None;
+        }
+        let b = &mut a.breaker;
+        if let (Some(max), Some(window)) = (c.max_holds, c.window_ms) {
+            if b.holds.get(max as usize - 1).is_some_and(|t| *t + window > now) {
+                return Some(("velocity", format!(r#"{{"rule":"holds","max_holds":{max},"window_ms":{window}}}"#)));
+            }
+        }
+        if let (Some(max), Some(window)) = (c.max_spend, c.spend_window_ms) {
+            while b.spends.back().is_some_and(|(t, _)| *t + window <= now) {
+                if let Some((_, amount)) = b.spends.pop_back() {
+                    b.spend_sum -= amount;
+                }
+            }
+            if b.spend_sum + request.amount.get() > max {
+                return Some((
+                    "velocity",
+                    format!(r#"{{"rule":"spend","max_spend":{max},"spend_window_ms":{window}}}"#),
+                ));
+            }
+        }
+        if let Some(max) = c.max_repeats {
+            let sig = format!("{}\n{}", request.service, request.amount.get());
+            let count = if b.last.as_deref() == Some(sig.as_str()) { b.repeats + 1 } else { 1 };
+            if count > max as u64 {
+                return Some(("repeat", format!(r#"{{"rule":"repeat","max_repeats":{max}}}"#)));
+            }
+        }
+        None
+    }
+
+    /// Records a granted hold in the agent's breaker memory.
+    fn remember(&mut self, agent: &AgentId, request: &HoldRequest, now: u64) {
+        let Some(a) = self.agents.get_mut(agent.as_str()) else { return };
+        let c = &a.controls;
+        if c.max_holds.is_none() && c.max_repeats.is_none() {
+            return;
+        }
+        let b = &mut a.breaker;
+        if let Some(max) = c.max_holds {
+            b.holds.push_front(now);
+            b.holds.truncate(max as usize);
+        }
+        if c.max_spend.is_some() {
+            b.spends.push_front((now, request.amount.get()));
+            b.spend_sum += request.amount.get();
+        }
+        let sig = format!("{}\n{}", request.service, request.amount.get());
+        b.repeats = if b.last.as_deref() == Some(sig.as_str()) { b.repeats + 1 } else { 1 };
+        b.last = Some(sig);
     }
 
     /// The smallest headroom over the path, and the agent it belongs to.
@@ -230,6 +411,12 @@ impl Tree {
         }
         best.unwrap_or((0, String::new()))
     }
+}
+
+/// The checks `spendcap_set_controls` and `spendcap_create_agent` make.
+fn check_setup(controls: &Controls, alerts: &[u8]) -> Result<(), LedgerError> {
+    controls.validate().map_err(|e| LedgerError::InvalidArgument(e.to_string()))?;
+    controls::validate_alerts(alerts).map_err(|e| LedgerError::InvalidArgument(e.to_string()))
 }
 
 fn lease_ms(mode: IdempotencyMode) -> u64 {
@@ -260,6 +447,16 @@ impl MemoryLedger {
     }
 
     pub async fn create_agent(&self, now_ms: u64, new: &NewAgent) -> Result<(), LedgerError> {
+        self.create_agent_with(now_ms, new, &AgentSetup::default()).await
+    }
+
+    pub async fn create_agent_with(&self, now_ms: u64, new: &NewAgent, setup: &AgentSetup) -> Result<(), LedgerError> {
+        check_setup(&setup.controls, &setup.alerts)?;
+        if setup.task_of.is_some() && new.parent.is_none() {
+            return Err(LedgerError::InvalidArgument(
+                "only a sub-agent can be created for a task of its parent".into(),
+            ));
+        }
         let mut state = self.lock();
         if state.handles.contains_key(&new.handle) {
             return Err(LedgerError::HandleTaken);
@@ -297,11 +494,21 @@ impl MemoryLedger {
                     expires_at_ms: new.expires_at_ms,
                     created_at_ms: now_ms,
                     labels: new.labels.clone(),
+                    suspended: None,
+                    suspended_at_ms: None,
+                    task_of: setup.task_of.clone(),
                 },
                 path,
                 token: new.token_hash.clone(),
+                controls: setup.controls.clone(),
+                alerts: setup.alerts.clone(),
+                alerted: None,
+                breaker: Breaker::default(),
             },
         );
+        if new.parent.is_none() && tree.group.is_none() {
+            tree.group = Some(AlertGroup { delivered: tree.log.len(), pending: BTreeMap::new() });
+        }
         tree.log(
             &tree_id,
             LogEntry {
@@ -310,6 +517,7 @@ impl MemoryLedger {
                 agent: new.id.to_string(),
                 cap: Some(new.cap.get()),
                 parent: new.parent.as_ref().map(AgentId::to_string).unwrap_or_default(),
+                task: setup.task_of.clone().unwrap_or_default(),
                 detail: labels,
                 ..LogEntry::default()
             },
@@ -355,6 +563,172 @@ impl MemoryLedger {
             );
             Ok(previous)
         })
+    }
+
+    pub async fn set_controls(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        controls: &AgentControls,
+    ) -> Result<(), LedgerError> {
+        check_setup(&controls.controls, &controls.alerts)?;
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            a.controls = controls.controls.clone();
+            a.alerts = controls.alerts.clone();
+            let wire = controls.controls.to_wire();
+            let shown = if wire.is_empty() { "null".to_owned() } else { wire };
+            let alerts = serde_json::to_string(&controls::alerts_to_wire(&controls.alerts)).unwrap_or_default();
+            tree.log(
+                tree_id,
+                LogEntry {
+                    ts_ms: now_ms,
+                    event: "controls".into(),
+                    agent: agent.to_string(),
+                    detail: format!(r#"{{"controls":{shown},"alerts":{alerts}}}"#),
+                    ..LogEntry::default()
+                },
+            );
+            Ok(())
+        })
+    }
+
+    pub async fn controls(&self, agent: &AgentId) -> Result<AgentControls, LedgerError> {
+        self.with_tree(agent.tree(), |tree| {
+            let a = tree.agents.get(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            Ok(AgentControls { controls: a.controls.clone(), alerts: a.alerts.clone() })
+        })
+    }
+
+    pub async fn set_expiry(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        expires_at_ms: Option<u64>,
+    ) -> Result<Option<u64>, LedgerError> {
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            let previous = std::mem::replace(&mut a.record.expires_at_ms, expires_at_ms);
+            let shown = expires_at_ms.map(|t| t.to_string()).unwrap_or_else(|| "null".into());
+            tree.log(
+                tree_id,
+                LogEntry {
+                    ts_ms: now_ms,
+                    event: "expiry".into(),
+                    agent: agent.to_string(),
+                    detail: format!(r#"{{"expires_at_ms":{shown}}}"#),
+                    ..LogEntry::default()
+                },
+            );
+            Ok(previous)
+        })
+    }
+
+    pub async fn reinstate(&self, now_ms: u64, agent: &AgentId) -> Result<Option<String>, LedgerError> {
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            let Some(was) = a.record.suspended.take() else { return Ok(None) };
+            a.record.suspended_at_ms = None;
+            a.breaker = Breaker::default();
+            tree.log(
+                tree_id,
+                LogEntry {
+                    ts_ms: now_ms,
+                    event: "reinstate".into(),
+                    agent: agent.to_string(),
+                    reason: was.clone(),
+                    ..LogEntry::default()
+                },
+            );
+            Ok(Some(was))
+        })
+    }
+
+    pub async fn periods(&self, agent: &AgentId, limit: usize) -> Result<Vec<PeriodUsage>, LedgerError> {
+        self.with_tree(agent.tree(), |tree| {
+            let Some(index) = tree.periods.get(agent.as_str()) else { return Ok(Vec::new()) };
+            Ok(index
+                .iter()
+                .rev()
+                .take(limit.max(1))
+                .map(|(start, period)| {
+                    let id = format!("p:{agent}:{}:{start}", period.as_str());
+                    let c = tree.counters.get(&id);
+                    PeriodUsage {
+                        period: *period,
+                        start_ms: *start,
+                        end_ms: period.end_ms(*start),
+                        spent: money(c.map(|c| c.spent).unwrap_or(0)),
+                        held: money(c.map(|c| c.held).unwrap_or(0)),
+                    }
+                })
+                .collect())
+        })
+    }
+
+    pub async fn task_usage(&self, agent: &AgentId, task: &str) -> Result<Option<(Micros, Micros)>, LedgerError> {
+        self.with_tree(agent.tree(), |tree| {
+            let id = format!("t:{agent}:{}", super::task_digest(task));
+            Ok(tree.counters.get(&id).map(|c| (money(c.spent), money(c.held))))
+        })
+    }
+
+    pub async fn ensure_alert_group(&self, tree_id: &TreeId) -> Result<(), LedgerError> {
+        let mut state = self.lock();
+        let tree = state.trees.entry(tree_id.clone()).or_default();
+        if tree.group.is_none() {
+            tree.group = Some(AlertGroup { delivered: tree.log.len(), pending: BTreeMap::new() });
+        }
+        Ok(())
+    }
+
+    pub async fn read_alerts(
+        &self,
+        tree_id: &TreeId,
+        consumer: &str,
+        read: AlertRead,
+        count: usize,
+    ) -> Result<Vec<LogEntry>, LedgerError> {
+        let mut state = self.lock();
+        let Some(tree) = state.trees.get_mut(tree_id) else { return Ok(Vec::new()) };
+        let Some(group) = tree.group.as_mut() else {
+            return Err(LedgerError::InvalidArgument("the tree has no alerts group".into()));
+        };
+        let now = Instant::now();
+        let indexes: Vec<usize> = match read {
+            AlertRead::New => {
+                let end = (group.delivered + count).min(tree.log.len());
+                let fresh: Vec<usize> = (group.delivered..end).collect();
+                group.delivered = end;
+                fresh
+            }
+            AlertRead::Pending => {
+                group.pending.iter().filter(|(_, (c, _))| c == consumer).map(|(i, _)| *i).take(count).collect()
+            }
+            AlertRead::Stale { min_idle_ms } => group
+                .pending
+                .iter()
+                .filter(|(_, (_, at))| now.duration_since(*at).as_millis() as u64 >= min_idle_ms)
+                .map(|(i, _)| *i)
+                .take(count)
+                .collect(),
+        };
+        for i in &indexes {
+            group.pending.insert(*i, (consumer.to_owned(), now));
+        }
+        Ok(indexes.into_iter().filter_map(|i| tree.log.get(i).cloned()).collect())
+    }
+
+    pub async fn ack_alerts(&self, tree_id: &TreeId, ids: &[String]) -> Result<(), LedgerError> {
+        let mut state = self.lock();
+        let Some(tree) = state.trees.get_mut(tree_id) else { return Ok(()) };
+        let Some(group) = tree.group.as_mut() else { return Ok(()) };
+        let log = &tree.log;
+        group.pending.retain(|i, _| !log.get(*i).is_some_and(|e| ids.contains(&e.id)));
+        Ok(())
     }
 
     pub async fn revoke(&self, now_ms: u64, agent: &AgentId, reason: &str) -> Result<(u64, bool), LedgerError> {
@@ -416,6 +790,8 @@ impl MemoryLedger {
                 revoked: r.revoked.clone(),
                 revoked_at_ms: r.revoked_at_ms,
                 expires_at_ms: r.expires_at_ms,
+                suspended: r.suspended.clone(),
+                suspended_at_ms: r.suspended_at_ms,
             })
         })
     }
@@ -460,11 +836,23 @@ impl MemoryLedger {
             }
             tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
             let amount = request.amount.get();
-            let (mut refusal, mut room) = tree.decide(&path, &request.buckets, amount, now_ms);
-            if matches!(
+            let (mut refusal, mut room, mut charges) = tree.decide(&path, request, now_ms);
+            let retried = matches!(
                 refusal,
-                Some((RefusalReason::CapExceeded | RefusalReason::BudgetExceeded | RefusalReason::BudgetBusy, _))
-            ) {
+                Some((
+                    RefusalReason::CapExceeded
+                        | RefusalReason::BudgetExceeded
+                        | RefusalReason::BudgetBusy
+                        | RefusalReason::PerPaymentLimitExceeded
+                        | RefusalReason::DailyLimitExceeded
+                        | RefusalReason::WeeklyLimitExceeded
+                        | RefusalReason::MonthlyLimitExceeded
+                        | RefusalReason::AllTimeLimitExceeded
+                        | RefusalReason::TaskCapExceeded,
+                    _
+                ))
+            );
+            if retried {
                 let mut released = 0;
                 loop {
                     let n = tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
@@ -474,13 +862,41 @@ impl MemoryLedger {
                     }
                 }
                 if released > 0 {
-                    (refusal, room) = tree.decide(&path, &request.buckets, amount, now_ms);
+                    (refusal, room, charges) = tree.decide(&path, request, now_ms);
+                }
+            }
+            if refusal.is_none() {
+                if let Some((reason, rule)) = tree.breaker(&request.agent, request, now_ms) {
+                    if let Some(a) = tree.agents.get_mut(request.agent.as_str()) {
+                        a.record.suspended = Some(reason.to_owned());
+                        a.record.suspended_at_ms = Some(now_ms);
+                    }
+                    tree.log(
+                        tree_id,
+                        LogEntry {
+                            ts_ms: now_ms,
+                            event: "suspend".into(),
+                            agent: request.agent.to_string(),
+                            task: request.task.clone(),
+                            service: request.service.clone(),
+                            protocol: request.protocol.to_string(),
+                            amount: Some(amount),
+                            reason: reason.into(),
+                            detail: rule,
+                            ..LogEntry::default()
+                        },
+                    );
+                    refusal = Some((RefusalReason::AgentSuspended, request.agent.to_string()));
                 }
             }
             let outcome = match refusal {
                 Some((reason, by)) => {
                     let remaining = match reason {
-                        RefusalReason::AgentRevoked | RefusalReason::AgentExpired => 0,
+                        RefusalReason::AgentRevoked
+                        | RefusalReason::AgentExpired
+                        | RefusalReason::AgentSuspended
+                        | RefusalReason::ProtocolDenied
+                        | RefusalReason::ServiceDenied => 0,
                         _ => room,
                     };
                     tree.log(
@@ -495,6 +911,7 @@ impl MemoryLedger {
                             amount: Some(amount),
                             reason: reason.code().into(),
                             remaining: Some(remaining),
+                            limited_by: by.clone(),
                             detail: request.details.clone(),
                             ..LogEntry::default()
                         },
@@ -508,21 +925,65 @@ impl MemoryLedger {
                     })
                 }
                 None => {
+                    let mut crossings: Vec<Crossing> = Vec::new();
                     for id in &path {
                         if let Some(level) = tree.agents.get_mut(id.as_str()) {
+                            let before = level.record.spent.get() + level.record.held.get();
                             level.record.held = money(level.record.held.get() + amount);
+                            let cap = level.record.cap.get();
+                            let fired = crossed(&level.alerts, cap, before, before + amount, level.alerted);
+                            for percent in &fired {
+                                crossings.push(Crossing {
+                                    agent: id.to_string(),
+                                    limit: "cap".into(),
+                                    period_start_ms: None,
+                                    task: None,
+                                    percent: *percent,
+                                    limit_micros: cap,
+                                    used_micros: before + amount,
+                                });
+                            }
+                            if let Some(top) = fired.last() {
+                                level.alerted = Some((*top, cap));
+                            }
                         }
                     }
+                    for charge in &charges {
+                        let alerts = tree.agents.get(&charge.level).map(|a| a.alerts.clone()).unwrap_or_default();
+                        let counter = tree.counters.entry(charge.id.clone()).or_default();
+                        counter.held += amount;
+                        let fired = crossed(&alerts, charge.limit, charge.used, charge.used + amount, counter.alerted);
+                        if let Some(top) = fired.last() {
+                            counter.alerted = Some((*top, charge.limit));
+                        }
+                        for percent in fired {
+                            crossings.push(Crossing {
+                                agent: charge.level.clone(),
+                                limit: charge.period.map(|(p, _)| p.as_str()).unwrap_or("task").into(),
+                                period_start_ms: charge.period.map(|(_, start)| start),
+                                task: charge.task.clone(),
+                                percent,
+                                limit_micros: charge.limit,
+                                used_micros: charge.used + amount,
+                            });
+                        }
+                        if let Some((period, start)) = charge.period {
+                            tree.periods.entry(charge.level.clone()).or_default().insert((start, period));
+                        }
+                    }
+                    tree.remember(&request.agent, request, now_ms);
                     for id in &request.buckets {
                         if let Some(bucket) = tree.buckets.get_mut(id) {
                             bucket.held = money(bucket.held.get() + amount);
                             bucket.open_holds += 1;
                         }
                     }
+                    let counters: Vec<String> = charges.iter().map(|c| c.id.clone()).collect();
                     tree.holds.insert(
                         request.hold_id.to_string(),
                         Hold {
                             buckets: request.buckets.clone(),
+                            counters: counters.clone(),
                             details: request.details.clone(),
                             agent: request.agent.clone(),
                             amount,
@@ -536,6 +997,11 @@ impl MemoryLedger {
                         },
                     );
                     tree.open.insert((request.expires_at_ms, request.hold_id.to_string()));
+                    let crossings = if crossings.is_empty() {
+                        String::new()
+                    } else {
+                        serde_json::to_string(&crossings).unwrap_or_default()
+                    };
                     tree.log(
                         tree_id,
                         LogEntry {
@@ -549,6 +1015,8 @@ impl MemoryLedger {
                             hold: request.hold_id.to_string(),
                             bucket: request.buckets.join(","),
                             detail: request.details.clone(),
+                            counters: counters.join(","),
+                            crossings,
                             ..LogEntry::default()
                         },
                     );

@@ -7,6 +7,7 @@
 //!
 //! Architecture invariant: only this module talks to Redis.
 
+pub mod controls;
 mod memory;
 mod redis;
 
@@ -17,6 +18,7 @@ use serde::Serialize;
 
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
+pub use self::controls::{Controls, ControlsError, Crossing, Period};
 pub use self::memory::MemoryLedger;
 pub use self::redis::{RedisConfig, RedisLedger};
 
@@ -142,6 +144,20 @@ pub enum RefusalReason {
     BudgetExceeded,
     /// An exclusive budget already has an open hold.
     BudgetBusy,
+    /// The agent (or an ancestor) is suspended: its runaway-loop breaker tripped.
+    AgentSuspended,
+    /// The protocol is on a deny list or off an allow list of the agent or an ancestor.
+    ProtocolDenied,
+    /// The service (or payee) is on a deny list or off an allow list.
+    ServiceDenied,
+    /// The hold is above a per-payment limit.
+    PerPaymentLimitExceeded,
+    DailyLimitExceeded,
+    WeeklyLimitExceeded,
+    MonthlyLimitExceeded,
+    AllTimeLimitExceeded,
+    /// The task's spend + held would pass a per-task cap.
+    TaskCapExceeded,
 }
 
 impl RefusalReason {
@@ -152,19 +168,48 @@ impl RefusalReason {
             RefusalReason::AgentExpired => "agent_expired",
             RefusalReason::BudgetExceeded => "budget_exceeded",
             RefusalReason::BudgetBusy => "budget_busy",
+            RefusalReason::AgentSuspended => "agent_suspended",
+            RefusalReason::ProtocolDenied => "protocol_denied",
+            RefusalReason::ServiceDenied => "service_denied",
+            RefusalReason::PerPaymentLimitExceeded => "per_payment_limit_exceeded",
+            RefusalReason::DailyLimitExceeded => "daily_limit_exceeded",
+            RefusalReason::WeeklyLimitExceeded => "weekly_limit_exceeded",
+            RefusalReason::MonthlyLimitExceeded => "monthly_limit_exceeded",
+            RefusalReason::AllTimeLimitExceeded => "all_time_limit_exceeded",
+            RefusalReason::TaskCapExceeded => "task_cap_exceeded",
         }
     }
 
-    fn from_code(code: &str) -> Option<RefusalReason> {
-        [
-            RefusalReason::CapExceeded,
-            RefusalReason::AgentRevoked,
-            RefusalReason::AgentExpired,
-            RefusalReason::BudgetExceeded,
-            RefusalReason::BudgetBusy,
-        ]
-        .into_iter()
-        .find(|r| r.code() == code)
+    /// The refusal a period's limit gives.
+    pub fn of_period(period: Period) -> RefusalReason {
+        match period {
+            Period::PerPayment => RefusalReason::PerPaymentLimitExceeded,
+            Period::Daily => RefusalReason::DailyLimitExceeded,
+            Period::Weekly => RefusalReason::WeeklyLimitExceeded,
+            Period::Monthly => RefusalReason::MonthlyLimitExceeded,
+            Period::AllTime => RefusalReason::AllTimeLimitExceeded,
+        }
+    }
+
+    pub const ALL: [RefusalReason; 14] = [
+        RefusalReason::CapExceeded,
+        RefusalReason::AgentRevoked,
+        RefusalReason::AgentExpired,
+        RefusalReason::BudgetExceeded,
+        RefusalReason::BudgetBusy,
+        RefusalReason::AgentSuspended,
+        RefusalReason::ProtocolDenied,
+        RefusalReason::ServiceDenied,
+        RefusalReason::PerPaymentLimitExceeded,
+        RefusalReason::DailyLimitExceeded,
+        RefusalReason::WeeklyLimitExceeded,
+        RefusalReason::MonthlyLimitExceeded,
+        RefusalReason::AllTimeLimitExceeded,
+        RefusalReason::TaskCapExceeded,
+    ];
+
+    pub fn from_code(code: &str) -> Option<RefusalReason> {
+        RefusalReason::ALL.into_iter().find(|r| r.code() == code)
     }
 }
 
@@ -248,6 +293,9 @@ pub struct Balance {
     pub revoked: Option<String>,
     pub revoked_at_ms: Option<u64>,
     pub expires_at_ms: Option<u64>,
+    /// Why the agent is suspended (`velocity`, `repeat`), if it is.
+    pub suspended: Option<String>,
+    pub suspended_at_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -264,7 +312,57 @@ pub struct AgentRecord {
     pub expires_at_ms: Option<u64>,
     pub created_at_ms: u64,
     pub labels: BTreeMap<String, String>,
+    pub suspended: Option<String>,
+    pub suspended_at_ms: Option<u64>,
+    /// The parent's task this sub-agent was created for (its holds spend that task's budget).
+    pub task_of: Option<String>,
 }
+
+/// What an agent is created with besides [`NewAgent`]: its spending controls and alert
+/// thresholds, and the parent's task it works on (if any). The default is none of them, as for
+/// an agent created by a raw `FCALL`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentSetup {
+    pub controls: Controls,
+    /// Alert thresholds in percent of each limit, ascending (e.g. 50, 80, 100).
+    pub alerts: Vec<u8>,
+    /// A sub-agent created for this task of its parent spends the parent's per-task budget of
+    /// it: whatever remains of it, live.
+    pub task_of: Option<String>,
+}
+
+/// An agent's controls as stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentControls {
+    pub controls: Controls,
+    pub alerts: Vec<u8>,
+}
+
+/// Spend in one calendar period of an agent (with the limit configured now, if any).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeriodUsage {
+    pub period: Period,
+    pub start_ms: u64,
+    /// `None` for `all_time`.
+    pub end_ms: Option<u64>,
+    pub spent: Micros,
+    pub held: Micros,
+}
+
+/// Which entries of a tree's log to read through the `alerts` consumer group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlertRead {
+    /// Entries never delivered to any consumer (`XREADGROUP ... >`).
+    New,
+    /// Entries delivered to this consumer and not acknowledged (after a restart).
+    Pending,
+    /// Entries delivered to any consumer and not acknowledged for at least this long: their
+    /// consumer died (`XAUTOCLAIM`).
+    Stale { min_idle_ms: u64 },
+}
+
+/// The consumer group the daemon's alert consumers share on every tree's log.
+pub const ALERT_GROUP: &str = "alerts";
 
 /// One line of the attributed log, as stored. Fields that an event does not use are empty.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -288,6 +386,15 @@ pub struct LogEntry {
     /// The budget buckets a hold was charged against (comma-separated), or the bucket created.
     pub bucket: String,
     pub detail: String,
+    /// The period and per-task counters a hold was charged against (comma-separated ids).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub counters: String,
+    /// The alert thresholds a hold crossed: a JSON array of [`Crossing`]s, or empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub crossings: String,
+    /// Who refused a hold (an agent or a bucket id).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub limited_by: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -420,8 +527,81 @@ impl Ledger {
         dispatch!(self.create_agent(now_ms, agent))
     }
 
+    /// Creates an agent with spending controls, alert thresholds and a parent's task, in the
+    /// same atomic step.
+    pub async fn create_agent_with(
+        &self,
+        now_ms: u64,
+        agent: &NewAgent,
+        setup: &AgentSetup,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.create_agent_with(now_ms, agent, setup))
+    }
+
     pub async fn set_cap(&self, now_ms: u64, agent: &AgentId, cap: Micros) -> Result<Micros, LedgerError> {
         dispatch!(self.set_cap(now_ms, agent, cap))
+    }
+
+    /// Replaces the agent's spending controls and alert thresholds (a `controls` log entry).
+    pub async fn set_controls(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        controls: &AgentControls,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.set_controls(now_ms, agent, controls))
+    }
+
+    pub async fn controls(&self, agent: &AgentId) -> Result<AgentControls, LedgerError> {
+        dispatch!(self.controls(agent))
+    }
+
+    /// Changes (or, with `None`, removes) the agent's expiry; returns the previous one.
+    pub async fn set_expiry(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        expires_at_ms: Option<u64>,
+    ) -> Result<Option<u64>, LedgerError> {
+        dispatch!(self.set_expiry(now_ms, agent, expires_at_ms))
+    }
+
+    /// Lifts a suspension; returns the lifted reason (`None`: the agent was not suspended).
+    pub async fn reinstate(&self, now_ms: u64, agent: &AgentId) -> Result<Option<String>, LedgerError> {
+        dispatch!(self.reinstate(now_ms, agent))
+    }
+
+    /// Every calendar period the agent has spent in, newest first, at most `limit`.
+    pub async fn periods(&self, agent: &AgentId, limit: usize) -> Result<Vec<PeriodUsage>, LedgerError> {
+        dispatch!(self.periods(agent, limit))
+    }
+
+    /// Spent and held of the agent's per-task counter for `task` (charged only while the agent
+    /// or, through `task_of`, a sub-agent has a per-task cap).
+    pub async fn task_usage(&self, agent: &AgentId, task: &str) -> Result<Option<(Micros, Micros)>, LedgerError> {
+        dispatch!(self.task_usage(agent, task))
+    }
+
+    /// Makes sure the tree's log has the `alerts` consumer group (new trees get it at creation;
+    /// an older tree's group starts at its current end).
+    pub async fn ensure_alert_group(&self, tree: &TreeId) -> Result<(), LedgerError> {
+        dispatch!(self.ensure_alert_group(tree))
+    }
+
+    /// Reads log entries through the `alerts` consumer group as `consumer`.
+    pub async fn read_alerts(
+        &self,
+        tree: &TreeId,
+        consumer: &str,
+        read: AlertRead,
+        count: usize,
+    ) -> Result<Vec<LogEntry>, LedgerError> {
+        dispatch!(self.read_alerts(tree, consumer, read, count))
+    }
+
+    /// Acknowledges entries read through the `alerts` group: their alerts were delivered.
+    pub async fn ack_alerts(&self, tree: &TreeId, ids: &[String]) -> Result<(), LedgerError> {
+        dispatch!(self.ack_alerts(tree, ids))
     }
 
     pub async fn revoke(&self, now_ms: u64, agent: &AgentId, reason: &str) -> Result<(u64, bool), LedgerError> {
@@ -603,6 +783,11 @@ impl Ledger {
     }
 }
 
+/// The key segment of a per-task counter: the task label in lowercase hex.
+pub(crate) fn task_digest(task: &str) -> String {
+    hex::encode(task.as_bytes())
+}
+
 /// Parses a flat `[status, k1, v1, k2, v2, ...]` reply into its status and fields.
 pub(crate) struct Reply {
     pub status: String,
@@ -717,6 +902,8 @@ impl Reply {
             revoked: reply.opt_string("revoked"),
             revoked_at_ms: reply.opt_u64("revoked_at"),
             expires_at_ms: reply.opt_u64("expires_at"),
+            suspended: reply.opt_string("suspended"),
+            suspended_at_ms: reply.opt_u64("suspended_at"),
         })
     }
 }
@@ -740,6 +927,9 @@ fn agent_from_fields(id: AgentId, get: impl Fn(&str) -> Option<String>) -> Resul
         expires_at_ms: nonempty("expires_at").and_then(|v| v.parse().ok()),
         created_at_ms: num("created_at")?,
         labels: nonempty("labels").and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default(),
+        suspended: nonempty("suspended"),
+        suspended_at_ms: nonempty("suspended_at").and_then(|v| v.parse().ok()),
+        task_of: nonempty("task_of"),
         id,
     })
 }
@@ -766,6 +956,9 @@ fn log_entry_from_fields(tree: &TreeId, id: String, get: impl Fn(&str) -> Option
         remaining: num("remaining"),
         bucket: text("bk"),
         detail: text("detail"),
+        counters: text("ctr"),
+        crossings: text("cross"),
+        limited_by: text("limited_by"),
     }
 }
 

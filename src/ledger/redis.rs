@@ -11,10 +11,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, RedisError, Value};
 
+use super::controls::{alerts_from_wire, alerts_to_wire, Controls, Period};
 use super::{
-    agent_from_fields, bucket_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_hold, AgentRecord,
-    Balance, Bucket, Caller, ChainHead, HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode,
-    LedgerError, LogEntry, NewAgent, ReceiptFacts, Reply, SettleOutcome, IDEMPOTENCY_RETENTION_MS,
+    agent_from_fields, bucket_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_hold, AgentControls,
+    AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, HoldInfo, HoldOutcome, HoldRequest,
+    IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent, PeriodUsage, ReceiptFacts, Reply,
+    SettleOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -120,6 +122,15 @@ impl RedisLedger {
     }
 
     pub async fn create_agent(&self, now_ms: u64, agent: &NewAgent) -> Result<(), LedgerError> {
+        self.create_agent_with(now_ms, agent, &AgentSetup::default()).await
+    }
+
+    pub async fn create_agent_with(
+        &self,
+        now_ms: u64,
+        agent: &NewAgent,
+        setup: &AgentSetup,
+    ) -> Result<(), LedgerError> {
         let handles = format!("{}:handles", self.namespace);
         let mut reserve = redis::cmd("HSETNX");
         reserve.arg(&handles).arg(&agent.handle).arg(agent.id.as_str());
@@ -147,6 +158,9 @@ impl RedisLedger {
                     &expires,
                     &labels,
                     agent.token_hash.as_str(),
+                    &setup.controls.to_wire(),
+                    &alerts_to_wire(&setup.alerts),
+                    setup.task_of.as_deref().unwrap_or(""),
                 ],
             )
             .await?
@@ -169,6 +183,152 @@ impl RedisLedger {
             .await?
             .into_result()?;
         reply.micros("previous")
+    }
+
+    pub async fn set_controls(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        controls: &AgentControls,
+    ) -> Result<(), LedgerError> {
+        self.fcall(
+            "spendcap_set_controls",
+            agent.tree(),
+            &[&now_ms.to_string(), agent.as_str(), &controls.controls.to_wire(), &alerts_to_wire(&controls.alerts)],
+        )
+        .await?
+        .into_result()?;
+        Ok(())
+    }
+
+    pub async fn controls(&self, agent: &AgentId) -> Result<AgentControls, LedgerError> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(format!("{}:a:{}", self.tree_key(agent.tree()), agent)).arg("path").arg("ctl").arg("alerts");
+        let fields: Vec<Option<String>> = self.query(&cmd).await.map_err(unavailable)?;
+        if fields.first().is_none_or(Option::is_none) {
+            return Err(LedgerError::UnknownAgent);
+        }
+        let ctl = fields.get(1).cloned().flatten().unwrap_or_default();
+        let controls =
+            Controls::from_wire(&ctl).ok_or_else(|| LedgerError::Corrupt(format!("agent {agent} controls {ctl:?}")))?;
+        let alerts = alerts_from_wire(&fields.get(2).cloned().flatten().unwrap_or_default());
+        Ok(AgentControls { controls, alerts })
+    }
+
+    pub async fn set_expiry(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        expires_at_ms: Option<u64>,
+    ) -> Result<Option<u64>, LedgerError> {
+        let at = expires_at_ms.map(|t| t.to_string()).unwrap_or_default();
+        let reply = self
+            .fcall("spendcap_set_expiry", agent.tree(), &[&now_ms.to_string(), agent.as_str(), &at])
+            .await?
+            .into_result()?;
+        Ok(reply.opt_u64("previous"))
+    }
+
+    pub async fn reinstate(&self, now_ms: u64, agent: &AgentId) -> Result<Option<String>, LedgerError> {
+        let reply = self
+            .fcall("spendcap_reinstate", agent.tree(), &[agent.as_str(), &now_ms.to_string()])
+            .await?
+            .into_result()?;
+        Ok(reply.opt_string("was"))
+    }
+
+    pub async fn periods(&self, agent: &AgentId, limit: usize) -> Result<Vec<PeriodUsage>, LedgerError> {
+        let prefix = self.tree_key(agent.tree());
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(format!("{prefix}:pi:{agent}")).arg("+inf").arg("-inf").arg("BYSCORE").arg("REV").arg("LIMIT").arg(0);
+        cmd.arg(limit.max(1));
+        let members: Vec<String> = self.query(&cmd).await.map_err(unavailable)?;
+        let mut out = Vec::with_capacity(members.len());
+        for member in members {
+            let Some((kind, start)) = member.split_once(':') else { continue };
+            let (Some(period), Ok(start_ms)) = (Period::parse(kind), start.parse::<u64>()) else { continue };
+            let fields = self.hash(format!("{prefix}:p:{agent}:{member}")).await?;
+            let money = |k: &str| {
+                Micros::new(fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0))
+                    .map_err(|e| LedgerError::Corrupt(format!("period {member}: {e}")))
+            };
+            out.push(PeriodUsage {
+                period,
+                start_ms,
+                end_ms: period.end_ms(start_ms),
+                spent: money("spent")?,
+                held: money("held")?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn task_usage(&self, agent: &AgentId, task: &str) -> Result<Option<(Micros, Micros)>, LedgerError> {
+        let key = format!("{}:t:{}:{}", self.tree_key(agent.tree()), agent, super::task_digest(task));
+        let fields = self.hash(key).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let money = |k: &str| {
+            Micros::new(fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0))
+                .map_err(|e| LedgerError::Corrupt(format!("task counter: {e}")))
+        };
+        Ok(Some((money("spent")?, money("held")?)))
+    }
+
+    pub async fn ensure_alert_group(&self, tree: &TreeId) -> Result<(), LedgerError> {
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATE").arg(format!("{}:log", self.tree_key(tree))).arg(ALERT_GROUP).arg("$").arg("MKSTREAM");
+        match self.query::<Value>(&cmd).await {
+            Ok(_) => Ok(()),
+            Err(err) if err.to_string().contains("BUSYGROUP") => Ok(()),
+            Err(err) => Err(unavailable(err)),
+        }
+    }
+
+    pub async fn read_alerts(
+        &self,
+        tree: &TreeId,
+        consumer: &str,
+        read: AlertRead,
+        count: usize,
+    ) -> Result<Vec<LogEntry>, LedgerError> {
+        let key = format!("{}:log", self.tree_key(tree));
+        let entries: Vec<redis::streams::StreamId> = match read {
+            AlertRead::New | AlertRead::Pending => {
+                let mut cmd = redis::cmd("XREADGROUP");
+                cmd.arg("GROUP").arg(ALERT_GROUP).arg(consumer).arg("COUNT").arg(count).arg("STREAMS").arg(&key);
+                cmd.arg(if read == AlertRead::New { ">" } else { "0" });
+                let reply: Option<redis::streams::StreamReadReply> = self.query(&cmd).await.map_err(unavailable)?;
+                reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default()
+            }
+            AlertRead::Stale { min_idle_ms } => {
+                let mut cmd = redis::cmd("XAUTOCLAIM");
+                cmd.arg(&key).arg(ALERT_GROUP).arg(consumer).arg(min_idle_ms).arg("0").arg("COUNT").arg(count);
+                let reply: redis::streams::StreamAutoClaimReply = self.query(&cmd).await.map_err(unavailable)?;
+                reply.claimed
+            }
+        };
+        Ok(entries
+            .into_iter()
+            .map(|entry| {
+                let get = |k: &str| entry.get::<String>(k);
+                log_entry_from_fields(tree, entry.id.clone(), get)
+            })
+            .collect())
+    }
+
+    pub async fn ack_alerts(&self, tree: &TreeId, ids: &[String]) -> Result<(), LedgerError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(format!("{}:log", self.tree_key(tree))).arg(ALERT_GROUP);
+        for id in ids {
+            cmd.arg(id);
+        }
+        let _: i64 = self.query(&cmd).await.map_err(unavailable)?;
+        Ok(())
     }
 
     pub async fn revoke(&self, now_ms: u64, agent: &AgentId, reason: &str) -> Result<(u64, bool), LedgerError> {

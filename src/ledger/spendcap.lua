@@ -8,19 +8,50 @@ Redis Cluster. KEYS[1] is always the tree's key prefix, `<ns>:{<tree>}`; every o
 from it:
 
   <P>:a:<agent>        hash   agent: handle parent path depth cap spent held revoked revoked_at
-                              expires_at created_at token labels
+                              expires_at created_at token labels; optionally ctl (controls
+                              JSON) alerts (`50,80,100`) alerted (`<percent>:<cap>`, the cap's
+                              highest alert sent) task_of suspended suspended_at, and the
+                              breaker's rsig rcount (last service + amount, streak) ssum
   <P>:agents           set    agent ids of the tree
   <P>:h:<hold>         hash   hold: agent amount state expires_at created_at ended_at settled
-                              task service protocol idem details buckets; once settled also
+                              task service protocol idem details buckets ctrs; once settled also
                               seq sdetails (settle details) and, once signed, receipt rhash
   <P>:holds            zset   open holds by expiry (ms)
   <P>:log              stream one entry per state change: ts ev agent task svc proto amt rel
-                              hold reason cap parent remaining detail
+                              hold reason cap parent remaining limited_by bk ctr cross detail;
+                              consumer group `alerts` (the daemon's webhooks)
   <P>:i:<agent>:<key>  hash   idempotency record: fp status hold code amount remaining expires_at
   <P>:receipts         list   settled hold ids in receipt order: receipt <seq> is element seq-1
   <P>:b:<bucket>       hash   budget bucket: agent cap spent held open exclusive label
   <P>:hseq             string sequence for hold ids the library assigns (hold_id '')
   <P>:rhead            hash   receipt chain head: seq hash
+  <P>:p:<agent>:<period>:<start_ms>  hash  period counter: spent held alerted
+  <P>:pi:<agent>       zset   the agent's period counters `<period>:<start_ms>`, by start
+  <P>:t:<agent>:<hex of task>        hash  per-task counter: task spent held alerted
+  <P>:vh:<agent>       list   breaker: times of the agent's latest holds, newest first
+  <P>:vs:<agent>       list   breaker: `<ms>:<amount>` of its holds within the spend window
+
+Spending controls. `ctl` is a JSON object, every key optional (money in micro-USD, windows in
+ms): task (per-task cap), per_payment daily weekly monthly all_time (limits; each not above the
+next), svc_allow svc_deny (lowercase names; `*.example.com` matches subdomains), proto_allow
+proto_deny (x402 acp ap2 generic), max_holds + window_ms, max_spend + spend_window_ms (needs
+max_holds; spend window <= window), max_repeats. An agent without `ctl` and `alerts` takes the
+plain path: no JSON is decoded and no counter is touched. Controls of an ancestor apply to its
+whole subtree; the breaker watches only the agent's own holds. Periods are UTC calendar periods
+(days from the epoch; ISO weeks from Monday; months by a civil-from-days conversion); a hold
+charges the counter of the period it was made in, and only while that period's limit is
+configured. A per-task counter is per (agent, task label); a sub-agent created with `task_of`
+charges its ancestors' per-task counters for that task instead of its own label. Service lists
+match the hold's service and the details fields pay_to, merchant_id, payee, payee_id,
+case-insensitively. A hold records the counters it charged (`ctrs`, and `ctr` on its log
+entry), and settle, void and expiry move exactly those. The breaker: one hold more than
+max_holds within window_ms (exact: the list keeps the last max_holds times), more than max_spend
+held within spend_window_ms, or more than max_repeats identical (service + amount) holds in a row
+suspends the agent (`suspend` entry, reason velocity or repeat) and refuses that hold with
+`agent_suspended`; spendcap_reinstate lifts it. Alerts: a hold that takes an agent's cap, period
+limit or task cap from below to at least one of its `alerts` percents (not alerted yet for that
+limit) lists the crossing in its log entry's `cross` field (a JSON array); the daemon turns it
+into a webhook.
 
 Money is integer micro-USD, at most 10^15 per amount and cap, so every sum stays exact in Lua's
 doubles; numbers stored as text are formatted with string.format('%d'), and numbers passed to
@@ -77,7 +108,7 @@ local function parse_money(text, name)
 end
 
 local HOLD_FIELDS = { 'agent', 'amount', 'state', 'expires_at', 'settled', 'seq', 'task', 'service',
-                      'protocol', 'buckets', 'details', 'sdetails', 'ended_at', 'receipt' }
+                      'protocol', 'buckets', 'details', 'sdetails', 'ended_at', 'receipt', 'ctrs' }
 
 -- Reads a hold into a table, or nil.
 local function read_hold(P, hold_id)
@@ -87,7 +118,7 @@ local function read_hold(P, hold_id)
            settled = tonumber(v[5] or '0'), seq = v[6] or '', task = v[7] or '',
            service = v[8] or '', protocol = v[9] or '', buckets = v[10] or '',
            details = v[11] or '', sdetails = v[12] or '', ended_at = v[13] or '',
-           receipt = v[14] or '' }
+           receipt = v[14] or '', ctrs = v[15] or '' }
 end
 
 -- Ends the open hold `h` (as read by read_hold) as `settled` (with `settled` micros spent, and
@@ -108,6 +139,11 @@ local function end_hold(P, hold_id, h, path, state, settled, now, reason, detail
     redis.call('HINCRBY', bkey, 'held', -amount)
     redis.call('HINCRBY', bkey, 'open', -1)
     if settled > 0 then redis.call('HINCRBY', bkey, 'spent', settled) end
+  end
+  for _, id in ipairs(split_path(h.ctrs)) do
+    local ckey = P .. ':' .. id
+    redis.call('HINCRBY', ckey, 'held', -amount)
+    if settled > 0 then redis.call('HINCRBY', ckey, 'spent', settled) end
   end
   local hkey = P .. ':h:' .. hold_id
   if state == 'settled' then
@@ -141,21 +177,25 @@ local function expire_due(P, now, limit)
   return #due, #due == limit
 end
 
+-- The agent fields every hold reads on each level of the path (one HMGET per level).
+local LEVEL_FIELDS = { 'cap', 'spent', 'held', 'revoked', 'expires_at', 'suspended', 'ctl', 'alerts',
+                       'alerted', 'task_of' }
+
 local function level(id, v)
   return { id = id, cap = tonumber(v[1]), spent = tonumber(v[2]), held = tonumber(v[3]),
-           revoked = v[4], expires_at = v[5] }
+           revoked = v[4], expires_at = v[5], suspended = v[6], ctl = v[7], alerts = v[8],
+           alerted = v[9], task_of = v[10] }
 end
 
 -- Reads the agent and its ancestors (bounded by MAX_DEPTH at creation). `first`, if given, is
--- the agent's own cap/spent/held/revoked/expires_at, already read.
+-- the agent's own LEVEL_FIELDS, already read.
 local function read_path(P, path, first)
   local levels = {}
   for i, id in ipairs(split_path(path)) do
     if i == 1 and first then
       levels[1] = level(id, first)
     else
-      levels[i] = level(id, redis.call('HMGET', P .. ':a:' .. id, 'cap', 'spent', 'held', 'revoked',
-                                       'expires_at'))
+      levels[i] = level(id, redis.call('HMGET', P .. ':a:' .. id, unpack(LEVEL_FIELDS)))
     end
   end
   return levels
@@ -180,6 +220,188 @@ local function auth(P, agent_id, token)
   if not a[1] then return nil, err('unknown_agent', 'no agent ' .. agent_id) end
   if token ~= '*' and a[1] ~= token then return nil, err('unauthorized', 'token does not match') end
   return a[2]
+end
+
+-- ---------------------------------------------------------------------------------------------
+-- Spending controls (see the header): validation, UTC calendar periods, allow/deny lists,
+-- threshold crossings. None of this runs for an agent without `ctl` and `alerts` fields.
+
+local DAY_MS = 86400000
+local COUNTED_PERIODS = { 'daily', 'weekly', 'monthly', 'all_time' }
+local NESTED_LIMITS = { 'per_payment', 'daily', 'weekly', 'monthly', 'all_time' }
+local PROTOCOLS = { x402 = true, acp = true, ap2 = true, generic = true }
+local PAYEE_DETAILS = { 'pay_to', 'merchant_id', 'payee', 'payee_id' }
+local MAX_BREAKER_HOLDS = 10000
+local MAX_REPEATS = 1000000
+local MAX_WINDOW_MS = 31 * DAY_MS
+local MAX_LIST = 256
+local MAX_THRESHOLDS = 10
+
+local CTL_MONEY = { task = true, per_payment = true, daily = true, weekly = true, monthly = true,
+                    all_time = true, max_spend = true }
+local CTL_LISTS = { svc_allow = true, svc_deny = true, proto_allow = true, proto_deny = true }
+local CTL_COUNTS = { max_holds = MAX_BREAKER_HOLDS, max_repeats = MAX_REPEATS,
+                     window_ms = MAX_WINDOW_MS, spend_window_ms = MAX_WINDOW_MS }
+
+local function is_int(n, lo, hi)
+  return type(n) == 'number' and n == math.floor(n) and n >= lo and n <= hi
+end
+
+-- Decodes and checks a `ctl` JSON object; returns the table, or nil and an error reply.
+local function parse_ctl(text)
+  local ok, c = pcall(cjson.decode, text)
+  if not ok or type(c) ~= 'table' then return nil, err('invalid_argument', 'controls must be a JSON object') end
+  for k, v in pairs(c) do
+    if CTL_MONEY[k] then
+      if not is_int(v, 0, MAX_MICROS) then
+        return nil, err('invalid_argument', k .. ' must be an integer from 0 to ' .. fmt(MAX_MICROS))
+      end
+    elseif CTL_COUNTS[k] then
+      if not is_int(v, 1, CTL_COUNTS[k]) then
+        return nil, err('invalid_argument', k .. ' must be an integer from 1 to ' .. fmt(CTL_COUNTS[k]))
+      end
+    elseif CTL_LISTS[k] then
+      if type(v) ~= 'table' or #v > MAX_LIST then
+        return nil, err('invalid_argument', k .. ' must be a list of at most ' .. MAX_LIST .. ' names')
+      end
+      for _, name in ipairs(v) do
+        if type(name) ~= 'string' or #name < 1 or #name > 256 or name ~= string.lower(name) then
+          return nil, err('invalid_argument', k .. ' entries are lowercase strings of 1 to 256 bytes')
+        end
+        if (k == 'proto_allow' or k == 'proto_deny') and not PROTOCOLS[name] then
+          return nil, err('invalid_argument', 'unknown protocol ' .. name)
+        end
+      end
+    else
+      return nil, err('invalid_argument', 'unknown control ' .. tostring(k))
+    end
+  end
+  if (c.max_holds == nil) ~= (c.window_ms == nil) then
+    return nil, err('invalid_argument', 'max_holds and window_ms go together')
+  end
+  if (c.max_spend == nil) ~= (c.spend_window_ms == nil) then
+    return nil, err('invalid_argument', 'max_spend and spend_window_ms go together')
+  end
+  if c.max_spend and (not c.max_holds or c.spend_window_ms > c.window_ms) then
+    return nil, err('invalid_argument', 'the spend window must not be longer than the hold window')
+  end
+  local last, last_name = nil, nil
+  for _, name in ipairs(NESTED_LIMITS) do
+    if c[name] then
+      if last and c[name] < last then
+        return nil, err('invalid_argument', last_name .. ' limit is above the ' .. name .. ' limit')
+      end
+      last, last_name = c[name], name
+    end
+  end
+  return c
+end
+
+-- Parses an `alerts` field: ascending percents from 1 to 100, comma-separated.
+local function parse_alerts(text)
+  local out = {}
+  for p in string.gmatch(text, '[^,]+') do
+    local n = tonumber(p)
+    if not is_int(n, 1, 100) or (#out > 0 and n <= out[#out]) or #out >= MAX_THRESHOLDS then
+      return nil, err('invalid_argument', 'alerts are up to ' .. MAX_THRESHOLDS
+                      .. ' ascending percents from 1 to 100, comma-separated')
+    end
+    out[#out + 1] = n
+  end
+  return out
+end
+
+-- Civil date from days since 1970-01-01 (Howard Hinnant's algorithm), and back.
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+                          - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+local function days_from_civil(y, m)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = math.floor((153 * mp + 2) / 5)
+  return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+end
+
+-- The start (ms) of the UTC calendar period of `kind` that contains `now`: days start at
+-- midnight UTC, weeks on Monday (ISO), months on the 1st; all_time starts at 0.
+local function period_start(kind, now)
+  if kind == 'all_time' then return 0 end
+  local day = math.floor(now / DAY_MS)
+  if kind == 'daily' then return day * DAY_MS end
+  if kind == 'weekly' then return (day - (day + 3) % 7) * DAY_MS end
+  local y, m = civil_from_days(day)
+  return days_from_civil(y, m) * DAY_MS
+end
+
+-- Whether any name in `ids` is on `list` (`*.example.com` matches every subdomain).
+local function listed(list, ids)
+  for _, entry in ipairs(list) do
+    local suffix = string.sub(entry, 1, 2) == '*.' and string.sub(entry, 2) or nil
+    for _, id in ipairs(ids) do
+      if id == entry then return true end
+      if suffix and #id > #suffix and string.sub(id, -#suffix) == suffix then return true end
+    end
+  end
+  return false
+end
+
+-- The names a payment goes by: its service and the payee fields of its details, lowercased.
+local function payment_names(service, details)
+  local ids = { string.lower(service) }
+  if details ~= '' then
+    local ok, d = pcall(cjson.decode, details)
+    if ok and type(d) == 'table' then
+      for _, k in ipairs(PAYEE_DETAILS) do
+        if type(d[k]) == 'string' and d[k] ~= '' then ids[#ids + 1] = string.lower(d[k]) end
+      end
+    end
+  end
+  return ids
+end
+
+-- A task label as lowercase hex, for the per-task counter's key.
+local function to_hex(text)
+  return (string.gsub(text, '.', function(c) return string.format('%02x', string.byte(c)) end))
+end
+
+-- The smallest amount that is at least `percent`% of `limit`, exactly (no product above 2^53).
+local function threshold(limit, percent)
+  return math.floor(limit / 100) * percent + math.ceil((limit % 100) * percent / 100)
+end
+
+-- Appends the thresholds of `percents` that usage crossing from `before` to `after` passes, as
+-- JSON objects, to `out`, unless already alerted for this limit (`alerted` = "<percent>:<limit>").
+-- Returns the new `alerted` value, or nil if nothing crossed.
+local function crossings(out, percents, limit, before, after, alerted, head)
+  local done = 0
+  local p, l = string.match(alerted or '', '^(%d+):(%d+)$')
+  if p and tonumber(l) == limit then done = tonumber(p) end
+  local fired = nil
+  for _, percent in ipairs(percents) do
+    if percent > done then
+      local t = threshold(limit, percent)
+      if before < t and t <= after then
+        fired = percent
+        out[#out + 1] = head .. ',"percent":' .. fmt(percent) .. ',"limit_micros":' .. fmt(limit)
+                        .. ',"used_micros":' .. fmt(after) .. '}'
+      end
+    end
+  end
+  if fired then return fmt(fired) .. ':' .. fmt(limit) end
+  return nil
 end
 
 local function idem_reply(rec, replayed)
@@ -207,10 +429,17 @@ ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 amount  5 new hold_id ('' to h
         or an ancestor
 Reply   ok:      hold expires_at amount remaining replayed
         done:    response replayed (a finished `pending` operation, replayed)
-        refused: code (agent_revoked | agent_expired | cap_exceeded | budget_exceeded |
-                 budget_busy) amount remaining limited_by
+        refused: code (agent_revoked | agent_suspended | agent_expired | protocol_denied |
+                 service_denied | cap_exceeded | per_payment_limit_exceeded |
+                 daily_limit_exceeded | weekly_limit_exceeded | monthly_limit_exceeded |
+                 all_time_limit_exceeded | task_cap_exceeded | budget_exceeded | budget_busy)
+                 amount remaining limited_by
         error:   code (unknown_agent | unauthorized | idempotency_conflict |
                  idempotency_in_flight | invalid_argument | hold_exists | unknown_bucket) detail
+Checks, in this order, on the agent and every ancestor: revoked, suspended, expired, protocol
+and service lists, the caps, then the tightest of the per-payment, period and per-task limits,
+then the buckets; last the agent's own runaway-loop breaker, which suspends it (a `suspend`
+entry) instead of granting a hold that would trip it. `remaining` is the tightest room left.
 --]]
 local function hold(keys, args)
   local P = keys[1]
@@ -221,12 +450,12 @@ local function hold(keys, args)
   local hold_id, expires_at = args[5], tonumber(args[6])
   local task, service, protocol = args[7], args[8], args[9]
   local idem, fp, details = args[10], args[11], args[12]
-  -- One read for authentication and the agent's own balance.
-  local a = redis.call('HMGET', P .. ':a:' .. agent_id, 'token', 'path', 'cap', 'spent', 'held',
-                       'revoked', 'expires_at')
+  -- One read for authentication, the agent's own balance and its controls.
+  local akey = P .. ':a:' .. agent_id
+  local a = redis.call('HMGET', akey, 'token', 'path', 'rsig', 'rcount', unpack(LEVEL_FIELDS))
   if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
   if token ~= '*' and a[1] ~= token then return err('unauthorized', 'token does not match') end
-  local path = a[2]
+  local path, rsig, rcount = a[2], a[3], a[4]
   if hold_id == '' then
     hold_id = 'hd_' .. string.match(P, '{(.-)}') .. '_'
               .. string.format('%024d', redis.call('INCR', P .. ':hseq'))
@@ -265,25 +494,103 @@ local function hold(keys, args)
   end
 
   -- The agent's own fields stay valid unless expiry just released some of its money.
-  local first = { a[3], a[4], a[5], a[6], a[7] }
+  local first = { select(5, unpack(a)) }
   if expire_due(P, now, EXPIRE_BATCH) > 0 then first = nil end
 
-  -- Decides on the current balances: a refusal code and who refused, or nil.
-  local levels, room, limited_by
+  -- Decides on the current balances: a refusal code and who refused, or nil. `charges` are the
+  -- period and task counters a grant charges: { id, limit, used, alerted, level, head }.
+  local levels, room, limited_by, charges
+  local names = nil
   local function decide()
     levels = read_path(P, path, first)
     first = nil
+    charges = {}
     for _, l in ipairs(levels) do
       if l.revoked and l.revoked ~= '' then return 'agent_revoked', l.id end
+    end
+    for _, l in ipairs(levels) do
+      if l.suspended and l.suspended ~= '' then return 'agent_suspended', l.id end
     end
     for _, l in ipairs(levels) do
       if l.expires_at and l.expires_at ~= '' and tonumber(l.expires_at) <= now then
         return 'agent_expired', l.id
       end
     end
+    local controlled = false
+    for _, l in ipairs(levels) do
+      if l.ctl and l.ctl ~= '' then
+        l.c = cjson.decode(l.ctl)
+        controlled = true
+      end
+    end
+    if controlled then
+      for _, l in ipairs(levels) do
+        local c = l.c
+        if c then
+          if (c.proto_deny and listed(c.proto_deny, { protocol }))
+             or (c.proto_allow and #c.proto_allow > 0 and not listed(c.proto_allow, { protocol })) then
+            return 'protocol_denied', l.id
+          end
+          if (c.svc_deny and #c.svc_deny > 0) or (c.svc_allow and #c.svc_allow > 0) then
+            names = names or payment_names(service, details)
+            if (c.svc_deny and listed(c.svc_deny, names))
+               or (c.svc_allow and #c.svc_allow > 0 and not listed(c.svc_allow, names)) then
+              return 'service_denied', l.id
+            end
+          end
+        end
+      end
+    end
     local by
     room, by = available(levels)
     if amount > room then return 'cap_exceeded', by end
+    if controlled then
+      -- The tightest of the per-payment, period and per-task limits of every level.
+      local tight, tight_code, tight_by = nil, nil, nil
+      local function consider(r, code, id)
+        if tight == nil or r < tight then tight, tight_code, tight_by = r, code, id end
+      end
+      local level_task = task
+      for _, l in ipairs(levels) do
+        local c = l.c
+        if c then
+          if c.per_payment then consider(c.per_payment, 'per_payment_limit_exceeded', l.id) end
+          for _, kind in ipairs(COUNTED_PERIODS) do
+            if c[kind] then
+              local start = period_start(kind, now)
+              local id = 'p:' .. l.id .. ':' .. kind .. ':' .. fmt(start)
+              local v = redis.call('HMGET', P .. ':' .. id, 'spent', 'held', 'alerted')
+              local used = tonumber(v[1] or '0') + tonumber(v[2] or '0')
+              consider(c[kind] - used, kind .. '_limit_exceeded', l.id)
+              charges[#charges + 1] = { id = id, limit = c[kind], used = used, alerted = v[3],
+                                        level = l, new = not v[1], kind = kind, start = start,
+                                        head = '{"agent":' .. cjson.encode(l.id) .. ',"limit":"' .. kind
+                                               .. '","period_start_ms":' .. fmt(start) }
+            end
+          end
+          if c.task then
+            local id = 't:' .. l.id .. ':' .. to_hex(level_task)
+            local v = redis.call('HMGET', P .. ':' .. id, 'spent', 'held', 'alerted')
+            local used = tonumber(v[1] or '0') + tonumber(v[2] or '0')
+            consider(c.task - used, 'task_cap_exceeded', l.id)
+            charges[#charges + 1] = { id = id, limit = c.task, used = used, alerted = v[3], level = l,
+                                      new = not v[1], label = level_task,
+                                      head = '{"agent":' .. cjson.encode(l.id) .. ',"limit":"task","task":'
+                                             .. cjson.encode(level_task) }
+          end
+        end
+        -- A sub-agent created for one of its parent's tasks spends that task's budget above it.
+        if l.task_of and l.task_of ~= '' then level_task = l.task_of end
+      end
+      if tight ~= nil then
+        if tight < 0 then tight = 0 end
+        if amount > tight then
+          room = tight
+          return tight_code, tight_by
+        end
+        if tight < room then room = tight end
+      end
+    end
     for _, id in ipairs(bucket_ids) do
       local b = redis.call('HMGET', P .. ':b:' .. id, 'cap', 'spent', 'held', 'open', 'exclusive')
       local b_room = tonumber(b[1]) - tonumber(b[2]) - tonumber(b[3])
@@ -299,7 +606,7 @@ local function hold(keys, args)
   end
   local refusal
   refusal, limited_by = decide()
-  if refusal == 'cap_exceeded' or refusal == 'budget_exceeded' or refusal == 'budget_busy' then
+  if refusal and (refusal == 'cap_exceeded' or string.match(refusal, '_exceeded$') or refusal == 'budget_busy') then
     -- Holds that expired but were beyond this call's first batch still count as held; release
     -- them all (bounded) before refusing, so that no refusal is ever caused by stale holds.
     local more = true
@@ -312,22 +619,116 @@ local function hold(keys, args)
     if released > 0 then refusal, limited_by = decide() end
   end
 
+  -- The runaway-loop breaker watches the agent's own holds: one more than `max_holds` in
+  -- `window_ms`, more than `max_spend` held in `spend_window_ms`, or more than `max_repeats`
+  -- identical (service + amount) holds in a row suspends the agent instead of holding.
+  local me = levels[1].c
+  local breaker = nil
+  if not refusal and me and (me.max_holds or me.max_repeats) then
+    breaker = { sig = service .. '\n' .. fmt(amount) }
+    local trip, rule
+    if me.max_holds then
+      local nth = redis.call('LINDEX', P .. ':vh:' .. agent_id, me.max_holds - 1)
+      if nth and tonumber(nth) > now - me.window_ms then
+        trip, rule = 'velocity', '{"rule":"holds","max_holds":' .. fmt(me.max_holds) .. ',"window_ms":'
+                                 .. fmt(me.window_ms) .. '}'
+      end
+    end
+    if not trip and me.max_spend then
+      local skey = P .. ':vs:' .. agent_id
+      local sum = tonumber(redis.call('HGET', akey, 'ssum') or '0')
+      for _ = 1, MAX_BREAKER_HOLDS + 1 do
+        local oldest = redis.call('LINDEX', skey, -1)
+        if not oldest then break end
+        local ts, amt = string.match(oldest, '^(%d+):(%d+)$')
+        if tonumber(ts) > now - me.spend_window_ms then break end
+        redis.call('RPOP', skey)
+        sum = sum - tonumber(amt)
+      end
+      breaker.sum = sum
+      redis.call('HSET', akey, 'ssum', fmt(sum))
+      if sum + amount > me.max_spend then
+        trip, rule = 'velocity', '{"rule":"spend","max_spend":' .. fmt(me.max_spend) .. ',"spend_window_ms":'
+                                 .. fmt(me.spend_window_ms) .. '}'
+      end
+    end
+    breaker.count = 1
+    if rsig == breaker.sig then breaker.count = tonumber(rcount or '0') + 1 end
+    if not trip and me.max_repeats and breaker.count > me.max_repeats then
+      trip, rule = 'repeat', '{"rule":"repeat","max_repeats":' .. fmt(me.max_repeats) .. '}'
+    end
+    if trip then
+      redis.call('HSET', akey, 'suspended', trip, 'suspended_at', fmt(now))
+      log(P, { 'ts', fmt(now), 'ev', 'suspend', 'agent', agent_id, 'task', task, 'svc', service,
+               'proto', protocol, 'amt', fmt(amount), 'reason', trip, 'detail', rule })
+      refusal, limited_by, room = 'agent_suspended', agent_id, 0
+    end
+  end
+
   local status, fields
   if refusal then
     local remaining = room or 0
-    if refusal == 'agent_revoked' or refusal == 'agent_expired' then remaining = 0 end
+    if refusal == 'agent_revoked' or refusal == 'agent_expired' or refusal == 'agent_suspended'
+       or refusal == 'protocol_denied' or refusal == 'service_denied' then
+      remaining = 0
+    end
     if remaining < 0 then remaining = 0 end
     log(P, { 'ts', fmt(now), 'ev', 'refuse', 'agent', agent_id, 'task', task, 'svc', service,
              'proto', protocol, 'amt', fmt(amount), 'reason', refusal, 'remaining', fmt(remaining),
-             'detail', details })
+             'limited_by', limited_by, 'detail', details })
     status = 'refused'
     fields = { 'hold', '', 'code', refusal, 'amount', fmt(amount), 'remaining', fmt(remaining),
                'expires_at', '', 'limited_by', limited_by }
   else
+    local crossed = {}
     for _, l in ipairs(levels) do
-      redis.call('HINCRBY', P .. ':a:' .. l.id, 'held', amount)
+      local lkey = P .. ':a:' .. l.id
+      redis.call('HINCRBY', lkey, 'held', amount)
+      if l.alerts and l.alerts ~= '' then
+        local before = l.spent + l.held
+        local head = '{"agent":' .. cjson.encode(l.id) .. ',"limit":"cap"'
+        local mark = crossings(crossed, parse_alerts(l.alerts) or {}, l.cap, before, before + amount,
+                               l.alerted, head)
+        if mark then redis.call('HSET', lkey, 'alerted', mark) end
+      end
     end
     local hkey = P .. ':h:' .. hold_id
+    local counters = ''
+    if #charges > 0 then
+      local ids = {}
+      for _, ch in ipairs(charges) do
+        local ckey = P .. ':' .. ch.id
+        redis.call('HINCRBY', ckey, 'held', amount)
+        if ch.new then
+          if ch.kind then
+            redis.call('HSET', ckey, 'spent', '0')
+            redis.call('ZADD', P .. ':pi:' .. ch.level.id, ch.start, ch.kind .. ':' .. fmt(ch.start))
+          else
+            redis.call('HSET', ckey, 'spent', '0', 'task', ch.label)
+          end
+        end
+        if ch.level.alerts and ch.level.alerts ~= '' then
+          local mark = crossings(crossed, parse_alerts(ch.level.alerts) or {}, ch.limit, ch.used,
+                                 ch.used + amount, ch.alerted, ch.head)
+          if mark then redis.call('HSET', ckey, 'alerted', mark) end
+        end
+        ids[#ids + 1] = ch.id
+      end
+      counters = table.concat(ids, ',')
+      redis.call('HSET', hkey, 'ctrs', counters)
+    end
+    if breaker then
+      if me.max_holds then
+        local vkey = P .. ':vh:' .. agent_id
+        redis.call('LPUSH', vkey, fmt(now))
+        redis.call('LTRIM', vkey, 0, me.max_holds - 1)
+      end
+      if me.max_spend then
+        redis.call('LPUSH', P .. ':vs:' .. agent_id, fmt(now) .. ':' .. fmt(amount))
+        redis.call('HSET', akey, 'ssum', fmt(breaker.sum + amount))
+      end
+      redis.call('HSET', akey, 'rsig', breaker.sig, 'rcount', fmt(breaker.count))
+    end
     local buckets = ''
     if #bucket_ids > 0 then
       for _, id in ipairs(bucket_ids) do
@@ -342,9 +743,18 @@ local function hold(keys, args)
                'expires_at', fmt(expires_at), 'created_at', fmt(now), 'task', task,
                'service', service, 'protocol', protocol, 'details', details)
     redis.call('ZADD', P .. ':holds', expires_at, hold_id)
-    log(P, { 'ts', fmt(now), 'ev', 'hold', 'agent', agent_id, 'task', task, 'svc', service,
-             'proto', protocol, 'amt', fmt(amount), 'hold', hold_id, 'bk', buckets,
-             'detail', details })
+    local entry = { 'ts', fmt(now), 'ev', 'hold', 'agent', agent_id, 'task', task, 'svc', service,
+                    'proto', protocol, 'amt', fmt(amount), 'hold', hold_id, 'bk', buckets,
+                    'detail', details }
+    if counters ~= '' then
+      entry[#entry + 1] = 'ctr'
+      entry[#entry + 1] = counters
+    end
+    if #crossed > 0 then
+      entry[#entry + 1] = 'cross'
+      entry[#entry + 1] = '[' .. table.concat(crossed, ',') .. ']'
+    end
+    log(P, entry)
     status = 'ok'
     fields = { 'hold', hold_id, 'code', '', 'amount', fmt(amount),
                'remaining', fmt(room - amount), 'expires_at', fmt(expires_at),
@@ -553,14 +963,31 @@ end
 --[[ spendcap_create_agent
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 handle  4 parent_id ('' for a root)  5 cap  6 expires_at_ms ('')
-        7 labels JSON  8 token_sha256
+        7 labels JSON  8 token_sha256  9 controls JSON ('' or absent: none; see the header)
+        10 alert thresholds (ascending percents, e.g. `50,80,100`; '' or absent: none)
+        11 task_of (a sub-agent created for this task of its parent: its holds spend the
+        parent's per-task budget of that task; '' or absent: none)
 Reply   ok: depth      error: code (agent_exists | unknown_parent | tree_too_deep | invalid_argument)
+Creating a tree's first agent also creates the consumer group `alerts` on the tree's log, so
+the daemon's alert consumer sees every entry from the tree's beginning.
 --]]
 local function create_agent(keys, args)
   local P = keys[1]
   local now, agent_id, handle, parent = tonumber(args[1]), args[2], args[3], args[4]
   local cap, e = parse_money(args[5], 'cap')
   if not cap then return e end
+  local ctl, alerts, task_of = args[9] or '', args[10] or '', args[11] or ''
+  if ctl ~= '' then
+    local _, e2 = parse_ctl(ctl)
+    if e2 then return e2 end
+  end
+  if alerts ~= '' then
+    local _, e3 = parse_alerts(alerts)
+    if e3 then return e3 end
+  end
+  if task_of ~= '' and parent == '' then
+    return err('invalid_argument', 'only a sub-agent can be created for a task of its parent')
+  end
   local akey = P .. ':a:' .. agent_id
   if redis.call('EXISTS', akey) == 1 then return err('agent_exists', agent_id) end
   local path, depth = agent_id, 1
@@ -572,14 +999,105 @@ local function create_agent(keys, args)
       return err('tree_too_deep', 'a budget tree is at most ' .. MAX_DEPTH .. ' levels deep')
     end
     path = agent_id .. ',' .. p[1]
+  else
+    -- BUSYGROUP (the tree already has its group) is fine.
+    redis.pcall('XGROUP', 'CREATE', P .. ':log', 'alerts', '$', 'MKSTREAM')
   end
   redis.call('HSET', akey, 'handle', handle, 'parent', parent, 'path', path, 'depth', fmt(depth),
              'cap', fmt(cap), 'spent', '0', 'held', '0', 'revoked', '', 'revoked_at', '',
              'expires_at', args[6], 'created_at', fmt(now), 'token', args[8], 'labels', args[7])
+  if ctl ~= '' then redis.call('HSET', akey, 'ctl', ctl) end
+  if alerts ~= '' then redis.call('HSET', akey, 'alerts', alerts) end
+  if task_of ~= '' then redis.call('HSET', akey, 'task_of', task_of) end
   redis.call('SADD', P .. ':agents', agent_id)
-  log(P, { 'ts', fmt(now), 'ev', 'create', 'agent', agent_id, 'cap', fmt(cap), 'parent', parent,
-           'detail', args[7] })
+  local entry = { 'ts', fmt(now), 'ev', 'create', 'agent', agent_id, 'cap', fmt(cap), 'parent', parent,
+                  'detail', args[7] }
+  if task_of ~= '' then
+    entry[#entry + 1] = 'task'
+    entry[#entry + 1] = task_of
+  end
+  log(P, entry)
   return { 'ok', 'depth', fmt(depth) }
+end
+
+--[[ spendcap_set_controls
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 controls JSON ('' for none)  4 alert thresholds ('' for none)
+Reply   ok      error: code (unknown_agent | invalid_argument) detail
+Replaces the agent's controls and alert thresholds; logs a `controls` entry whose detail is
+{"controls": <the controls or null>, "alerts": "<thresholds>"}. Nothing changes on an error.
+--]]
+local function set_controls(keys, args)
+  local P = keys[1]
+  local now, agent_id, ctl, alerts = tonumber(args[1]), args[2], args[3] or '', args[4] or ''
+  local akey = P .. ':a:' .. agent_id
+  if redis.call('EXISTS', akey) == 0 then return err('unknown_agent', 'no agent ' .. agent_id) end
+  if ctl ~= '' then
+    local _, e = parse_ctl(ctl)
+    if e then return e end
+  end
+  if alerts ~= '' then
+    local _, e = parse_alerts(alerts)
+    if e then return e end
+  end
+  if ctl ~= '' then redis.call('HSET', akey, 'ctl', ctl) else redis.call('HDEL', akey, 'ctl') end
+  if alerts ~= '' then redis.call('HSET', akey, 'alerts', alerts) else redis.call('HDEL', akey, 'alerts') end
+  local shown = ctl
+  if shown == '' then shown = 'null' end
+  log(P, { 'ts', fmt(now), 'ev', 'controls', 'agent', agent_id,
+           'detail', '{"controls":' .. shown .. ',"alerts":' .. cjson.encode(alerts) .. '}' })
+  return { 'ok' }
+end
+
+--[[ spendcap_set_expiry
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 expires_at_ms ('' for never)
+Reply   ok: previous      error: code (unknown_agent | invalid_argument) detail
+Holds at or after the expiry are refused with `agent_expired` (on every descendant too). Logs
+an `expiry` entry whose detail is {"expires_at_ms": <ms or null>}.
+--]]
+local function set_expiry(keys, args)
+  local P = keys[1]
+  local now, agent_id, at = tonumber(args[1]), args[2], args[3] or ''
+  if at ~= '' and not is_int(tonumber(at), 0, 9007199254740991) then
+    return err('invalid_argument', 'expires_at_ms must be an integer number of milliseconds')
+  end
+  local akey = P .. ':a:' .. agent_id
+  local a = redis.call('HMGET', akey, 'path', 'expires_at')
+  if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
+  redis.call('HSET', akey, 'expires_at', at)
+  local shown = at
+  if shown == '' then shown = 'null' end
+  log(P, { 'ts', fmt(now), 'ev', 'expiry', 'agent', agent_id, 'detail', '{"expires_at_ms":' .. shown .. '}' })
+  return { 'ok', 'previous', a[2] or '' }
+end
+
+--[[ spendcap_reinstate — callable from redis-cli like spendcap_revoke:
+  redis-cli FCALL spendcap_reinstate 1 '<ns>:{<tree>}' <agent_id> [now_ms]
+KEYS[1] tree prefix
+ARGV    1 agent_id  2 now_ms (optional; server TIME)
+Reply   ok: was (the suspension reason it lifted; '' if the agent was not suspended)
+        error: code (unknown_agent)
+Lifts a suspension and clears the runaway-loop breaker's memory (recent holds, repeat streak),
+so the agent starts afresh; logs a `reinstate` entry with the lifted reason.
+--]]
+local function reinstate(keys, args)
+  local P = keys[1]
+  local agent_id = args[1]
+  local now = tonumber(args[2] or '')
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  local akey = P .. ':a:' .. agent_id
+  local a = redis.call('HMGET', akey, 'path', 'suspended')
+  if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
+  local was = a[2] or ''
+  if was == '' then return { 'ok', 'was', '' } end
+  redis.call('HDEL', akey, 'suspended', 'suspended_at', 'rsig', 'rcount', 'ssum')
+  redis.call('DEL', P .. ':vh:' .. agent_id, P .. ':vs:' .. agent_id)
+  log(P, { 'ts', fmt(now), 'ev', 'reinstate', 'agent', agent_id, 'reason', was })
+  return { 'ok', 'was', was }
 end
 
 --[[ spendcap_set_cap
@@ -653,6 +1171,7 @@ end
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*
 Reply   ok: cap spent held remaining available limited_by revoked revoked_at expires_at
+            suspended suspended_at
         error: code (unknown_agent | unauthorized)
 Releases due holds first, so the figures never include money that has already come back.
 `remaining` is the agent's own cap - spent - held; `available` also counts every ancestor.
@@ -668,10 +1187,11 @@ local function balance(keys, args)
   local avail, by = available(levels)
   local own = me.cap - me.spent - me.held
   if own < 0 then own = 0 end
-  local a = redis.call('HMGET', P .. ':a:' .. agent_id, 'revoked_at')
+  local a = redis.call('HMGET', P .. ':a:' .. agent_id, 'revoked_at', 'suspended_at')
   return { 'ok', 'cap', fmt(me.cap), 'spent', fmt(me.spent), 'held', fmt(me.held),
            'remaining', fmt(own), 'available', fmt(avail), 'limited_by', by,
-           'revoked', me.revoked or '', 'revoked_at', a[1] or '', 'expires_at', me.expires_at or '' }
+           'revoked', me.revoked or '', 'revoked_at', a[1] or '', 'expires_at', me.expires_at or '',
+           'suspended', me.suspended or '', 'suspended_at', a[2] or '' }
 end
 
 --[[ spendcap_expire
@@ -732,3 +1252,6 @@ redis.register_function('spendcap_rotate_token', rotate_token)
 redis.register_function('spendcap_balance', balance)
 redis.register_function('spendcap_expire', expire)
 redis.register_function('spendcap_receipt_link', receipt_link)
+redis.register_function('spendcap_set_controls', set_controls)
+redis.register_function('spendcap_set_expiry', set_expiry)
+redis.register_function('spendcap_reinstate', reinstate)

@@ -295,7 +295,13 @@ async fn redis_killed_mid_load_keeps_every_acknowledged_payment_and_counts_nothi
     let agents: Vec<Agent> = {
         let mut v = Vec::new();
         for i in 0..8 {
-            v.push(app.create_agent(&format!("aof-{i}"), 5_000_000, None).await);
+            let agent = app.create_agent(&format!("aof-{i}"), 5_000_000, None).await;
+            // The same payment in a tight loop is what the runaway-loop breaker stops; this test
+            // is about Redis crashing, so the breaker is off.
+            let path = format!("/v1/agents/{}/controls", agent.id);
+            let (status, body) = app.admin(Method::PUT, &path, Some(json!({"breaker": null}))).await;
+            assert_eq!(status, 200, "{body}");
+            v.push(agent);
         }
         v
     };

@@ -540,3 +540,358 @@ conformance!(a_refused_pending_purchase_is_decided_afresh_on_retry, |ledger: Led
         other => panic!("expected the stored refusal, got {other:?}"),
     }
 });
+
+// ---- Spending controls (issue 6): the same semantics in both ledgers. ----
+
+use spendcap::ledger::{AgentControls, AgentSetup, AlertRead, Controls, Crossing, Period};
+
+const DAY: u64 = 86_400_000;
+
+async fn create_with(
+    ledger: &Ledger,
+    handle: &str,
+    cap: u64,
+    parent: Option<&TestAgent>,
+    setup: AgentSetup,
+) -> TestAgent {
+    let tree = parent.map(|p| p.id.tree().clone()).unwrap_or_else(TreeId::generate);
+    let id = AgentId::generate(&tree);
+    let token = AgentToken::generate(&id);
+    let new = NewAgent {
+        id: id.clone(),
+        handle: format!("{handle}-{}-{}", &tree.as_str()[..6], &id.as_str()[20..]),
+        parent: parent.map(|p| p.id.clone()),
+        cap: Micros::new(cap).expect("cap"),
+        expires_at_ms: None,
+        labels: BTreeMap::new(),
+        token_hash: token.hash(),
+    };
+    ledger.create_agent_with(T0, &new, &setup).await.expect("creates");
+    TestAgent { id, token }
+}
+
+fn controlled(controls: Controls) -> AgentSetup {
+    AgentSetup { controls, ..AgentSetup::default() }
+}
+
+/// A hold at `now` of `amount` for `task` to `service`, expiring in ten days.
+fn ask(agent: &TestAgent, amount: u64, now: u64, task: &str, service: &str) -> HoldRequest {
+    let mut r = request(agent, amount, 10 * DAY, now);
+    r.task = task.into();
+    r.service = service.into();
+    r
+}
+
+fn refused(outcome: HoldOutcome) -> spendcap::ledger::Refusal {
+    match outcome {
+        HoldOutcome::Refused(r) => r,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// The log replays to the stored balances and to every period counter's figures.
+async fn assert_counters_replay(ledger: &Ledger, agent: &TestAgent) {
+    assert_replays(ledger, agent.id.tree()).await;
+    let replayed = replay(&whole_log(ledger, agent.id.tree()).await).expect("replays");
+    for usage in ledger.periods(&agent.id, 100).await.expect("periods") {
+        let id = format!("p:{}:{}:{}", agent.id, usage.period.as_str(), usage.start_ms);
+        let r = replayed.counters.get(&id).unwrap_or_else(|| panic!("counter {id} in the log"));
+        assert_eq!((r.spent, r.held), (usage.spent.get(), usage.held.get()), "{id}");
+    }
+}
+
+conformance!(daily_limits_refuse_exactly_at_the_boundary_and_roll_over_at_utc_midnight, |ledger: Ledger| async move {
+    let day = T0 / DAY * DAY;
+    let agent =
+        create_with(&ledger, "d", 10_000, None, controlled(Controls { daily: Some(1_000), ..Controls::default() }))
+            .await;
+    // limit - 1, then 2 more (limit + 1) is refused, then exactly the limit.
+    let late = day + DAY - 2;
+    let first = granted(ledger.hold(late, &ask(&agent, 999, late, "t", "svc")).await.expect("answers"));
+    let r = refused(ledger.hold(late, &ask(&agent, 2, late, "t", "svc")).await.expect("answers"));
+    assert_eq!(
+        (r.reason, r.remaining.get(), r.limited_by.as_str()),
+        (RefusalReason::DailyLimitExceeded, 1, agent.id.as_str())
+    );
+    granted(ledger.hold(late, &ask(&agent, 1, late, "t", "svc")).await.expect("answers"));
+    // Settling in the next day keeps the spend in the day it was held.
+    let next = day + DAY;
+    ledger.settle(next, &agent.id, &agent.caller(), &first, Micros::new(500).expect("m"), "").await.expect("settles");
+    // One millisecond later it is a new UTC day: the old day's spend does not count.
+    granted(ledger.hold(next, &ask(&agent, 1_000, next, "t", "svc")).await.expect("answers"));
+    let r = refused(ledger.hold(next, &ask(&agent, 1, next, "t", "svc")).await.expect("answers"));
+    assert_eq!(r.reason, RefusalReason::DailyLimitExceeded);
+    let periods = ledger.periods(&agent.id, 10).await.expect("periods");
+    let shown: Vec<(Period, u64, Option<u64>, u64, u64)> =
+        periods.iter().map(|p| (p.period, p.start_ms, p.end_ms, p.spent.get(), p.held.get())).collect();
+    assert_eq!(
+        shown,
+        vec![(Period::Daily, day + DAY, Some(day + 2 * DAY), 0, 1_000), (Period::Daily, day, Some(day + DAY), 500, 1)],
+        "the old day stays reportable"
+    );
+    assert_counters_replay(&ledger, &agent).await;
+});
+
+conformance!(the_most_restrictive_period_wins_and_ancestors_limit_their_subtree, |ledger: Ledger| async move {
+    let limits = Controls {
+        per_payment: Some(300),
+        daily: Some(500),
+        weekly: Some(800),
+        monthly: Some(2_000),
+        all_time: Some(5_000),
+        ..Controls::default()
+    };
+    let root = create_with(&ledger, "r", 100_000, None, controlled(limits)).await;
+    let child = create(&ledger, "c", 100_000, Some(&root)).await;
+    let r = refused(ledger.hold(T0, &ask(&child, 301, T0, "t", "s")).await.expect("answers"));
+    assert_eq!((r.reason, r.remaining.get()), (RefusalReason::PerPaymentLimitExceeded, 300));
+    granted(ledger.hold(T0, &ask(&child, 300, T0, "t", "s")).await.expect("answers"));
+    let grant = match ledger.hold(T0, &ask(&child, 150, T0, "t", "s")).await.expect("answers") {
+        HoldOutcome::Granted(g) => g,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(grant.remaining.get(), 50, "the daily limit is now the tightest");
+    let r = refused(ledger.hold(T0, &ask(&child, 51, T0, "t", "s")).await.expect("answers"));
+    assert_eq!(
+        (r.reason, r.limited_by.as_str(), r.remaining.get()),
+        (RefusalReason::DailyLimitExceeded, root.id.as_str(), 50)
+    );
+    // Next day: the weekly limit (800 - 450 = 350) is tighter than the per-payment one, unless
+    // the next day starts a new ISO week.
+    let next = T0 + DAY;
+    let same_week = Period::Weekly.start_ms(next) == Period::Weekly.start_ms(T0);
+    granted(ledger.hold(next, &ask(&child, 300, next, "t", "s")).await.expect("answers"));
+    let r = refused(ledger.hold(next, &ask(&child, 200, next, "t", "s")).await.expect("answers"));
+    assert!(same_week, "T0 is a Friday");
+    assert_eq!((r.reason, r.remaining.get()), (RefusalReason::WeeklyLimitExceeded, 50));
+    assert_counters_replay(&ledger, &root).await;
+});
+
+conformance!(per_task_caps_count_each_task_and_sub_agents_inherit_what_remains, |ledger: Ledger| async move {
+    let parent =
+        create_with(&ledger, "p", 100_000, None, controlled(Controls { task_cap: Some(1_500), ..Controls::default() }))
+            .await;
+    granted(ledger.hold(T0, &ask(&parent, 1_000, T0, "research-1", "s")).await.expect("answers"));
+    granted(ledger.hold(T0, &ask(&parent, 1_500, T0, "research-2", "s")).await.expect("answers"));
+    let r = refused(ledger.hold(T0, &ask(&parent, 1, T0, "research-2", "s")).await.expect("answers"));
+    assert_eq!((r.reason, r.remaining.get()), (RefusalReason::TaskCapExceeded, 0));
+    // A sub-agent created for research-1 spends what remains of it (500), whatever its own
+    // task labels are, and nothing more.
+    let setup = AgentSetup { task_of: Some("research-1".into()), ..AgentSetup::default() };
+    let sub = create_with(&ledger, "sub", 100_000, Some(&parent), setup).await;
+    granted(ledger.hold(T0, &ask(&sub, 499, T0, "step-a", "s")).await.expect("answers"));
+    let r = refused(ledger.hold(T0, &ask(&sub, 2, T0, "step-b", "s")).await.expect("answers"));
+    assert_eq!(
+        (r.reason, r.remaining.get(), r.limited_by.as_str()),
+        (RefusalReason::TaskCapExceeded, 1, parent.id.as_str())
+    );
+    granted(ledger.hold(T0, &ask(&sub, 1, T0, "step-b", "s")).await.expect("answers"));
+    let (spent, held) = ledger.task_usage(&parent.id, "research-1").await.expect("reads").expect("counter");
+    assert_eq!((spent.get(), held.get()), (0, 1_500));
+    assert_eq!(ledger.agent(&sub.id).await.expect("agent").task_of.as_deref(), Some("research-1"));
+    let replayed = replay(&whole_log(&ledger, parent.id.tree()).await).expect("replays");
+    let id = format!("t:{}:{}", parent.id, hex::encode("research-1"));
+    assert_eq!(replayed.counters.get(&id).map(|c| (c.spent, c.held)), Some((0, 1_500)));
+    assert_replays(&ledger, parent.id.tree()).await;
+});
+
+conformance!(allow_and_deny_lists_match_services_payees_and_protocols, |ledger: Ledger| async move {
+    let controls = Controls {
+        services_allow: vec!["*.openai.com".into(), "0x209693bc6afc0c5328ba36faf03c514ef312287c".into()],
+        services_deny: vec!["evil.openai.com".into()],
+        protocols_deny: vec!["acp".into()],
+        ..Controls::default()
+    };
+    let root = create_with(&ledger, "l", 100_000, None, controlled(controls)).await;
+    let agent = create(&ledger, "la", 100_000, Some(&root)).await;
+    granted(ledger.hold(T0, &ask(&agent, 1, T0, "t", "API.openai.com")).await.expect("answers"));
+    let r = refused(ledger.hold(T0, &ask(&agent, 1, T0, "t", "evil.openai.com")).await.expect("answers"));
+    assert_eq!(
+        (r.reason, r.limited_by.as_str(), r.remaining.get()),
+        (RefusalReason::ServiceDenied, root.id.as_str(), 0)
+    );
+    let r = refused(ledger.hold(T0, &ask(&agent, 1, T0, "t", "example.com")).await.expect("answers"));
+    assert_eq!(r.reason, RefusalReason::ServiceDenied);
+    // An x402 payment to an allowed payTo address passes whatever its host.
+    let mut x402 = ask(&agent, 1, T0, "t", "weather.example.com");
+    x402.protocol = Protocol::X402;
+    x402.details = r#"{"pay_to":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C"}"#.into();
+    granted(ledger.hold(T0, &x402).await.expect("answers"));
+    let mut acp = ask(&agent, 1, T0, "t", "api.openai.com");
+    acp.protocol = Protocol::Acp;
+    assert_eq!(refused(ledger.hold(T0, &acp).await.expect("answers")).reason, RefusalReason::ProtocolDenied);
+    let log = whole_log(&ledger, root.id.tree()).await;
+    let reasons: Vec<&str> = log.iter().filter(|e| e.event == "refuse").map(|e| e.reason.as_str()).collect();
+    assert_eq!(reasons, ["service_denied", "service_denied", "protocol_denied"]);
+    assert!(log.iter().filter(|e| e.event == "refuse").all(|e| e.limited_by == root.id.as_str()));
+});
+
+conformance!(the_breaker_suspends_a_loop_at_its_threshold_and_reinstating_starts_afresh, |ledger: Ledger| async move {
+    let breaker = Controls { max_holds: Some(5), window_ms: Some(1_000), max_repeats: Some(3), ..Controls::default() };
+    let agent = create_with(&ledger, "b", 1_000_000, None, controlled(breaker)).await;
+    // Three identical payments in a row pass; a different one resets the streak.
+    for i in 0..3 {
+        granted(ledger.hold(T0 + i, &ask(&agent, 10_000, T0 + i, "t", "loop.example.com")).await.expect("answers"));
+    }
+    granted(ledger.hold(T0 + 3, &ask(&agent, 10_001, T0 + 3, "t", "loop.example.com")).await.expect("answers"));
+    granted(ledger.hold(T0 + 4, &ask(&agent, 10_000, T0 + 4, "t", "loop.example.com")).await.expect("answers"));
+    // Five holds in (T0 - 1000, T0 + 4]: a sixth within the window suspends (velocity)...
+    let r = refused(ledger.hold(T0 + 999, &ask(&agent, 7, T0 + 999, "t", "x")).await.expect("answers"));
+    assert_eq!((r.reason, r.limited_by.as_str()), (RefusalReason::AgentSuspended, agent.id.as_str()));
+    let record = ledger.agent(&agent.id).await.expect("agent");
+    assert_eq!((record.suspended.as_deref(), record.suspended_at_ms), (Some("velocity"), Some(T0 + 999)));
+    // ... and nothing is held after it.
+    let r = refused(ledger.hold(T0 + 5_000, &ask(&agent, 7, T0 + 5_000, "t", "x")).await.expect("answers"));
+    assert_eq!(r.reason, RefusalReason::AgentSuspended);
+    assert_eq!(ledger.reinstate(T0 + 6_000, &agent.id).await.expect("reinstates").as_deref(), Some("velocity"));
+    assert_eq!(ledger.reinstate(T0 + 6_001, &agent.id).await.expect("idempotent"), None);
+    // Afresh: the window is exact at its edge (a hold exactly `window` later is outside it).
+    let at = T0 + 10_000;
+    for i in 0..5 {
+        granted(ledger.hold(at, &ask(&agent, 100 + i, at, "t", "x")).await.expect("answers"));
+    }
+    granted(ledger.hold(at + 1_000, &ask(&agent, 200, at + 1_000, "t", "x")).await.expect("answers"));
+    // The repeat rule: the fourth identical payment in a row suspends (`repeat`).
+    let later = T0 + 100_000;
+    for _ in 0..2 {
+        granted(ledger.hold(later, &ask(&agent, 200, later, "t", "x")).await.expect("answers"));
+    }
+    let r = refused(ledger.hold(later, &ask(&agent, 200, later, "t", "x")).await.expect("answers"));
+    assert_eq!(r.reason, RefusalReason::AgentSuspended);
+    assert_eq!(ledger.agent(&agent.id).await.expect("agent").suspended.as_deref(), Some("repeat"));
+    let log = whole_log(&ledger, agent.id.tree()).await;
+    let suspends: Vec<(&str, u64)> =
+        log.iter().filter(|e| e.event == "suspend").map(|e| (e.reason.as_str(), e.ts_ms)).collect();
+    assert_eq!(suspends, [("velocity", T0 + 999), ("repeat", later)]);
+    let rule: serde_json::Value =
+        serde_json::from_str(&log.iter().find(|e| e.event == "suspend").expect("s").detail).expect("json");
+    assert_eq!(rule, serde_json::json!({"rule": "holds", "max_holds": 5, "window_ms": 1000}));
+    assert_eq!(log.iter().filter(|e| e.event == "reinstate").count(), 1);
+    let replayed = replay(&log).expect("replays");
+    assert!(replayed.agents[agent.id.as_str()].suspended);
+    assert_replays(&ledger, agent.id.tree()).await;
+});
+
+conformance!(the_spend_rate_rule_counts_exactly_what_was_held_in_its_window, |ledger: Ledger| async move {
+    let breaker = Controls {
+        max_holds: Some(100),
+        window_ms: Some(10_000),
+        max_spend: Some(1_000),
+        spend_window_ms: Some(5_000),
+        ..Controls::default()
+    };
+    let agent = create_with(&ledger, "rate", 1_000_000, None, controlled(breaker)).await;
+    granted(ledger.hold(T0, &ask(&agent, 600, T0, "t", "a")).await.expect("answers"));
+    granted(ledger.hold(T0 + 1, &ask(&agent, 400, T0 + 1, "t", "b")).await.expect("answers"));
+    // 1,000 held within 5 s: one more micro-dollar 5 s after the first is outside its window.
+    granted(ledger.hold(T0 + 5_000, &ask(&agent, 600, T0 + 5_000, "t", "c")).await.expect("answers"));
+    let r = refused(ledger.hold(T0 + 5_000, &ask(&agent, 1, T0 + 5_000, "t", "d")).await.expect("answers"));
+    assert_eq!(r.reason, RefusalReason::AgentSuspended);
+    let log = whole_log(&ledger, agent.id.tree()).await;
+    let suspend = log.iter().find(|e| e.event == "suspend").expect("suspended");
+    assert_eq!(suspend.reason, "velocity");
+    assert!(suspend.detail.contains(r#""rule":"spend""#), "{}", suspend.detail);
+});
+
+conformance!(holds_record_each_threshold_crossing_once, |ledger: Ledger| async move {
+    let setup = AgentSetup {
+        controls: Controls { daily: Some(400), ..Controls::default() },
+        alerts: vec![50, 80, 100],
+        task_of: None,
+    };
+    let agent = create_with(&ledger, "x", 1_000, None, setup).await;
+    let a = granted(hold(&ledger, &agent, 200).await); // 20 % of the cap, 50 % of the day
+    granted(hold(&ledger, &agent, 120).await); // 80 % of the day
+    ledger.void(T0, &agent.id, &agent.caller(), &a, "x").await.expect("voids");
+    granted(hold(&ledger, &agent, 200).await); // back over 50 % and 80 %: already alerted
+    granted(hold(&ledger, &agent, 1).await);
+    let log = whole_log(&ledger, agent.id.tree()).await;
+    let crossings: Vec<Vec<Crossing>> = log
+        .iter()
+        .filter(|e| e.event == "hold")
+        .map(|e| if e.crossings.is_empty() { Vec::new() } else { serde_json::from_str(&e.crossings).expect("json") })
+        .collect();
+    let day = T0 / DAY * DAY;
+    let daily = |percent, used| Crossing {
+        agent: agent.id.to_string(),
+        limit: "daily".into(),
+        period_start_ms: Some(day),
+        task: None,
+        percent,
+        limit_micros: 400,
+        used_micros: used,
+    };
+    assert_eq!(crossings, vec![vec![daily(50, 200)], vec![daily(80, 320)], vec![], vec![]]);
+    ledger.set_cap(T0, &agent.id, Micros::new(800).expect("m")).await.expect("sets");
+    let r = refused(hold(&ledger, &agent, 80).await);
+    assert_eq!(r.reason, RefusalReason::DailyLimitExceeded);
+    let next = T0 + DAY;
+    granted(ledger.hold(next, &ask(&agent, 400, next, "t", "s")).await.expect("answers"));
+    let last = whole_log(&ledger, agent.id.tree()).await.into_iter().rev().find(|e| e.event == "hold").expect("hold");
+    let last: Vec<Crossing> = serde_json::from_str(&last.crossings).expect("json");
+    let percents: Vec<(String, u8)> = last.iter().map(|c| (c.limit.clone(), c.percent)).collect();
+    assert_eq!(
+        percents,
+        [("cap".to_owned(), 50), ("daily".to_owned(), 50), ("daily".to_owned(), 80), ("daily".to_owned(), 100)],
+        "yesterday's holds expired; 400 of 800 is half the cap and the whole new day"
+    );
+});
+
+conformance!(bad_controls_change_nothing_and_changes_are_logged, |ledger: Ledger| async move {
+    let good = AgentControls { controls: Controls { daily: Some(100), ..Controls::default() }, alerts: vec![50, 100] };
+    let agent = create(&ledger, "cfg", 1_000, None).await;
+    ledger.set_controls(T0, &agent.id, &good).await.expect("sets");
+    for bad in [
+        AgentControls {
+            controls: Controls { daily: Some(100), weekly: Some(50), ..Controls::default() },
+            alerts: vec![],
+        },
+        AgentControls {
+            controls: Controls {
+                max_holds: Some(5),
+                window_ms: Some(1_000),
+                max_spend: Some(1),
+                spend_window_ms: Some(2_000),
+                ..Controls::default()
+            },
+            alerts: vec![],
+        },
+        AgentControls { controls: Controls::default(), alerts: vec![80, 50] },
+        AgentControls {
+            controls: Controls { protocols_allow: vec!["paypal".into()], ..Controls::default() },
+            alerts: vec![],
+        },
+    ] {
+        let result = ledger.set_controls(T0, &agent.id, &bad).await;
+        assert!(matches!(result, Err(LedgerError::InvalidArgument(_))), "{bad:?}: {result:?}");
+    }
+    assert_eq!(ledger.controls(&agent.id).await.expect("reads"), good, "nothing changed");
+    let r = refused(hold(&ledger, &agent, 101).await);
+    assert_eq!(r.reason, RefusalReason::DailyLimitExceeded);
+    // Expiry can be set and lifted.
+    assert_eq!(ledger.set_expiry(T0, &agent.id, Some(T0 + 10)).await.expect("sets"), None);
+    let r = refused(ledger.hold(T0 + 10, &request(&agent, 1, 10, T0 + 10)).await.expect("answers"));
+    assert_eq!(r.reason, RefusalReason::AgentExpired);
+    assert_eq!(ledger.set_expiry(T0 + 10, &agent.id, None).await.expect("lifts"), Some(T0 + 10));
+    granted(ledger.hold(T0 + 10, &request(&agent, 1, 10, T0 + 10)).await.expect("answers"));
+    let events: Vec<String> = whole_log(&ledger, agent.id.tree()).await.into_iter().map(|e| e.event).collect();
+    assert_eq!(events, ["create", "controls", "refuse", "expiry", "refuse", "expiry", "hold"]);
+});
+
+conformance!(the_alerts_group_hands_each_entry_to_one_consumer_until_acknowledged, |ledger: Ledger| async move {
+    let agent = create(&ledger, "g", 1_000, None).await;
+    let tree = agent.id.tree().clone();
+    ledger.ensure_alert_group(&tree).await.expect("idempotent");
+    granted(hold(&ledger, &agent, 1).await);
+    let first = ledger.read_alerts(&tree, "one", AlertRead::New, 10).await.expect("reads");
+    assert_eq!(first.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(), ["create", "hold"]);
+    assert!(ledger.read_alerts(&tree, "two", AlertRead::New, 10).await.expect("reads").is_empty());
+    ledger.ack_alerts(&tree, &[first[0].id.clone()]).await.expect("acks");
+    let pending = ledger.read_alerts(&tree, "one", AlertRead::Pending, 10).await.expect("reads");
+    assert_eq!(pending.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), [first[1].id.clone()]);
+    // Another consumer takes over what the first left unacknowledged.
+    let claimed = ledger.read_alerts(&tree, "two", AlertRead::Stale { min_idle_ms: 0 }, 10).await.expect("claims");
+    assert_eq!(claimed.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), [first[1].id.clone()]);
+    ledger.ack_alerts(&tree, &[first[1].id.clone()]).await.expect("acks");
+    assert!(ledger.read_alerts(&tree, "two", AlertRead::Pending, 10).await.expect("reads").is_empty());
+});

@@ -1,9 +1,11 @@
 //! spendcap's one integration-test binary. Tests start their own `redis-server`s.
 
 mod acp;
+mod alerts;
 mod ap2;
 mod api;
 mod concurrency;
+mod controls;
 mod faults;
 mod fire;
 mod ledger;

@@ -16,6 +16,13 @@ async fn no_hold_is_granted_after_the_revoke_call_returned() {
     let b = Arc::new(spawn_app_with(AppOptions { redis: Some((redis, "sc".into())), ..Default::default() }).await);
     let parent = a.create_agent("storm-parent", 1_000_000_000, None).await;
     let child = Arc::new(a.create_agent("storm-child", 1_000_000_000, Some("storm-parent")).await);
+    // This storm is a runaway loop by design (identical payments, as fast as possible): turn the
+    // breaker off, so that revocation is what stops it.
+    for handle in ["storm-parent", "storm-child"] {
+        let (status, body) =
+            a.admin(Method::PUT, &format!("/v1/agents/{handle}/controls"), Some(json!({"breaker": null}))).await;
+        assert_eq!(status, 200, "{body}");
+    }
     let parent = Arc::new(parent);
     let revoked = Arc::new(AtomicBool::new(false));
 

@@ -158,6 +158,7 @@ pub struct AppOptions {
     pub protocols: ProtocolConfig,
     /// Any other Redis (a cluster, say); takes precedence over `redis`.
     pub redis_config: Option<RedisConfig>,
+    pub alerts: Option<spendcap::alerts::AlertConfig>,
 }
 
 impl Default for AppOptions {
@@ -170,6 +171,7 @@ impl Default for AppOptions {
             signer_pem: None,
             protocols: ProtocolConfig::default(),
             redis_config: None,
+            alerts: None,
         }
     }
 }
@@ -204,6 +206,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         clock: options.clock.clone(),
         protocols: options.protocols,
         sweep_interval: None,
+        alerts: options.alerts,
     };
     let state = server::build_state(config).await.expect("daemon starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
