@@ -268,11 +268,16 @@ impl Drop for Daemon {
 
 const ADMIN: &str = "bench-admin-token-0123456789abcdef0123456789";
 
+/// The x402 test vector's key (a public test key), which the daemon signs with in the benchmark.
+const X402_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+
 async fn start_daemon(redis: &Redis) -> Daemon {
     let port = free_port();
     let key = std::env::temp_dir().join(format!("spendcap-bench-key-{port}.pem"));
     let child = Command::new(env!("CARGO_BIN_EXE_spendcap"))
         .arg("serve")
+        .env("SPENDCAP_X402_PRIVATE_KEY", X402_KEY)
+        .env("SPENDCAP_X402_ALLOW_PRIVATE", "127.0.0.1")
         .env("SPENDCAP_LISTEN", format!("127.0.0.1:{port}"))
         .env("SPENDCAP_REDIS_URL", redis.url())
         .env("SPENDCAP_ADMIN_TOKEN", ADMIN)
@@ -363,6 +368,149 @@ async fn http_paid_calls(daemon: &Daemon, pairs: u64) -> (Figure, Figure, Figure
     }
     let elapsed = start.elapsed();
     (percentiles(pairs_lat, elapsed), percentiles(holds, elapsed), percentiles(settles, elapsed))
+}
+
+fn fixture(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/x402").join(name);
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("fixture JSON")
+}
+
+fn base64_json(value: &serde_json::Value) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(value).expect("serializes"))
+}
+
+/// A local x402 v2 resource: 402 without a payment header, the resource with one.
+async fn x402_resource() -> wiremock::MockServer {
+    use wiremock::matchers::{header_exists, path};
+    use wiremock::{Mock, ResponseTemplate};
+    let server = wiremock::MockServer::start().await;
+    let mut required = fixture("v2_payment_required.json");
+    required["accepts"][0]["amount"] = serde_json::json!("1000");
+    Mock::given(path("/data"))
+        .and(header_exists("payment-signature"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("payment-response", base64_json(&fixture("settlement_success.json")))
+                .set_body_raw(r#"{"data":"paid"}"#, "application/json"),
+        )
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(path("/data"))
+        .respond_with(
+            ResponseTemplate::new(402)
+                .insert_header("payment-required", base64_json(&required))
+                .set_body_json(serde_json::json!({})),
+        )
+        .with_priority(10)
+        .mount(&server)
+        .await;
+    server
+}
+
+/// Paid fetches through the daemon vs direct fetches of the same resource (with a payment
+/// header already in hand), at the same concurrency; and the cost of one signature.
+async fn x402_stage(daemon: &Daemon, fetches: u64) -> (Figure, Figure, Duration) {
+    use adapters::x402::{choose, parse_payment_required, sign_payment, EvmSigner, Nonce, PaymentTerms, Policy};
+    let server = x402_resource().await;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().expect("client");
+    let created: serde_json::Value = http
+        .post(format!("{}/v1/agents", daemon.base))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({ "handle": "x402-bench", "cap_micros": Micros::MAX.get(), "controls": { "breaker": null } }))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let token = Arc::new(created["token"].as_str().expect("token").to_owned());
+
+    // Signing cost: the daemon's own code path for one authorization.
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut required = fixture("v2_payment_required.json");
+    required["accepts"][0]["amount"] = serde_json::json!("1000");
+    headers.insert("payment-required", base64_json(&required).parse().expect("header"));
+    let parsed = parse_payment_required(&headers, b"{}").expect("parses");
+    let choice =
+        choose(&parsed, &Policy::with_default_assets(Micros::new(1_000_000).expect("m"), 600)).expect("payable");
+    let signer = EvmSigner::from_hex(X402_KEY).expect("key");
+    let signatures = 2_000;
+    let start = Instant::now();
+    let mut header = None;
+    for _ in 0..signatures {
+        let payment = sign_payment(
+            &choice,
+            &signer,
+            &PaymentTerms { nonce: Nonce::random(), now_secs: 1_800_000_000, payment_id: None },
+        )
+        .expect("signs");
+        header = Some(payment.to_header());
+    }
+    let per_signature = start.elapsed() / signatures;
+    let (name, value) = header.expect("a signed header").expect("the header encodes");
+
+    let per_task = fetches / CONCURRENCY as u64;
+    let direct_start = Instant::now();
+    let direct: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let http = http.clone();
+            let url = format!("{}/data", server.uri());
+            let (name, value) = (name.clone(), value.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                for _ in 0..per_task {
+                    let t = Instant::now();
+                    let response = http.get(&url).header(name.clone(), value.clone()).send().await.expect("direct");
+                    assert_eq!(response.status(), 200);
+                    let _ = response.bytes().await;
+                    latencies.push(t.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in direct {
+        all.extend(task.await.expect("task"));
+    }
+    let direct = percentiles(all, direct_start.elapsed());
+
+    let paid_start = Instant::now();
+    let paid: Vec<_> = (0..CONCURRENCY)
+        .map(|c| {
+            let http = http.clone();
+            let base = daemon.base.clone();
+            let resource = server.uri();
+            let token = token.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                for i in 0..per_task {
+                    let t = Instant::now();
+                    // A distinct URL per fetch: the same purchase again would be replayed, not paid.
+                    let body: serde_json::Value = http
+                        .post(format!("{base}/v1/x402/fetch"))
+                        .bearer_auth(token.as_str())
+                        .json(&serde_json::json!({ "url": format!("{resource}/data?c={c}&i={i}"), "task": "bench" }))
+                        .send()
+                        .await
+                        .expect("fetch")
+                        .json()
+                        .await
+                        .expect("json");
+                    assert_eq!(body["payment"]["status"], "settled", "{body}");
+                    latencies.push(t.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in paid {
+        all.extend(task.await.expect("task"));
+    }
+    (direct, percentiles(all, paid_start.elapsed()), per_signature)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -498,6 +646,7 @@ fn main() {
     let redis = Redis::start();
     let daemon = runtime.block_on(start_daemon(&redis));
     let (pairs, http_hold, http_settle) = runtime.block_on(http_paid_calls(&daemon, scaled(40_000)));
+    let (direct, paid, per_signature) = runtime.block_on(x402_stage(&daemon, scaled(10_000)));
     let (rss_idle, rss_loaded) = runtime.block_on(rss_at_connections(&daemon, 1_000));
     drop(daemon);
 
@@ -548,6 +697,24 @@ fn main() {
     ));
     line(format!("| — HTTP hold alone | | {:.3} ms | {:.3} ms | | |", http_hold.p50_ms, http_hold.p99_ms));
     line(format!("| — HTTP settle alone | | {:.3} ms | {:.3} ms | | |", http_settle.p50_ms, http_settle.p99_ms));
+    line(format!(
+        "| x402: direct fetch of a local resource (payment header in hand), 50 clients | {:.0}/s | {:.3} ms | {:.3} ms | | |",
+        direct.rps, direct.p50_ms, direct.p99_ms
+    ));
+    line(format!(
+        "| x402: paid fetch through the daemon (402, hold, sign, retry, settle + receipt), 50 clients | {:.0}/s | {:.3} ms | {:.3} ms | {:.3} | |",
+        paid.rps, paid.p50_ms, paid.p99_ms, ratio(paid.rps)
+    ));
+    line(format!(
+        "| — added by the daemon | | +{:.3} ms | +{:.3} ms | | |",
+        paid.p50_ms - direct.p50_ms,
+        paid.p99_ms - direct.p99_ms
+    ));
+    line(format!(
+        "| — one EIP-3009 / EIP-712 signature (secp256k1), in-process | {:.0}/s | {:.3} ms | | | |",
+        1.0 / per_signature.as_secs_f64(),
+        per_signature.as_secs_f64() * 1e3
+    ));
     line(String::new());
     line(format!(
         "daemon RSS: {:.1} MiB after the HTTP load, {:.1} MiB with 1,000 concurrent connections",
