@@ -632,7 +632,7 @@ fn main() {
             .collect();
         Figure { rps: fields[0], p50_ms: fields[3], p99_ms: fields[5] }
     };
-    let settled: u64 = redis.cli(&["GET", &format!("sc:{{{TREE}}}:rseq")]).trim().parse().unwrap_or(0);
+    let settled: u64 = redis.cli(&["LLEN", &format!("sc:{{{TREE}}}:receipts")]).trim().parse().unwrap_or(0);
     drop(redis);
 
     // Stage 3: the same hold function from Rust.

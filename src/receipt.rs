@@ -16,7 +16,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::ledger::{ChainHead, Ledger, LedgerError, ReceiptFacts, SettleOutcome};
+use crate::ledger::{ChainHead, Ledger, LedgerError, ReceiptFacts, ReceiptLink, SettleOutcome};
 
 /// The `prev_hash` of the first receipt of a tree.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -176,16 +176,18 @@ fn parse_signed(text: &str) -> Result<Receipt, ReceiptError> {
     serde_json::from_str(text).map_err(|e| ReceiptError::Malformed(e.to_string()))
 }
 
-/// Signs and links the receipt a settle recorded (and any unlinked predecessors), returning it.
-/// The settle's view of the chain head is a starting point: when it is the receipt's direct
-/// predecessor (the usual case) this costs one ledger call.
+/// Signs and links the receipt a settle recorded, returning it. When the chain head is the
+/// receipt's direct predecessor (the usual case) this costs one ledger call. When earlier
+/// receipts of the tree are not linked yet (concurrent settles, or a daemon that died between
+/// settle and link), it reads them in one call, signs them too — signing is deterministic, so
+/// every instance produces the same bytes — and links them all in one call.
 pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, settled: &SettleOutcome) -> Result<Receipt, ReceiptError> {
     let tree = &settled.facts.tree;
     let seq = settled.seq;
     let mut head = settled.head.clone();
-    // Each round links at least one receipt or learns a newer head, so this ends; the bound is a
-    // guard against a ledger that answers inconsistently.
-    for _ in 0..(seq.saturating_sub(head.seq) + 8) * 2 {
+    // Each round either links or learns a newer head; the bound guards against a ledger that
+    // answers inconsistently.
+    for _ in 0..64 {
         if head.seq >= seq {
             let facts = ledger
                 .receipt(tree, seq)
@@ -194,29 +196,37 @@ pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, settled: &SettleOutc
             if let Some(signed) = facts.signed {
                 return parse_signed(&signed);
             }
-            // The head moved past seq but this receipt is not yet readable as signed: another
-            // instance's link is what moved it, so read once more.
             head = ledger.chain_head(tree).await?;
             continue;
         }
-        let next = head.seq + 1;
-        let facts = if next == seq {
-            settled.facts.clone()
+        // At most MAX_LINKS receipts per call: link the oldest missing ones first.
+        let last = seq.min(head.seq + 256);
+        let pending = if head.seq + 1 == seq {
+            vec![settled.facts.clone()]
         } else {
-            ledger
-                .receipt(tree, next)
-                .await?
-                .ok_or_else(|| LedgerError::Corrupt(format!("receipt {next} of tree {tree} is missing")))?
+            ledger.receipts(tree, head.seq + 1, last).await?
         };
-        let (receipt, hash) = signer.sign(body_from_facts(&facts, &head.hash))?;
-        let json = serde_json::to_string(&receipt).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-        match ledger.link_receipt(&facts, &head.hash, &hash, &json).await? {
-            Ok(_) => {
-                if next == seq {
-                    return Ok(receipt);
-                }
-                head = ChainHead { seq: next, hash };
+        if pending.first().map(|f| f.seq) != Some(head.seq + 1) {
+            return Err(LedgerError::Corrupt(format!("receipt {} of tree {tree} is missing", head.seq + 1)).into());
+        }
+        let mut prev = head.hash.clone();
+        let mut links = Vec::with_capacity(pending.len());
+        let mut ours = None;
+        for facts in pending {
+            let (receipt, hash) = signer.sign(body_from_facts(&facts, &prev))?;
+            let signed = serde_json::to_string(&receipt).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+            if facts.seq == seq {
+                ours = Some(receipt);
             }
+            links.push(ReceiptLink { facts, prev_hash: std::mem::replace(&mut prev, hash.clone()), hash, signed });
+        }
+        let linked_to = links.last().map(|l| (l.facts.seq, l.hash.clone()));
+        match ledger.link_receipts(tree, &links).await? {
+            Ok(()) => match (ours, linked_to) {
+                (Some(receipt), _) => return Ok(receipt),
+                (None, Some((seq, hash))) => head = ChainHead { seq, hash },
+                (None, None) => head = ledger.chain_head(tree).await?,
+            },
             Err(newer) => head = newer,
         }
     }

@@ -14,7 +14,7 @@ use super::controls::{self, crossed, payment_names, Controls, Crossing, Period};
 use super::{
     AgentControls, AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, Grant, HoldInfo,
     HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent, PeriodUsage,
-    ReceiptFacts, Refusal, RefusalReason, SettleOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
+    ReceiptFacts, ReceiptLink, Refusal, RefusalReason, SettleOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -1392,25 +1392,47 @@ impl MemoryLedger {
         Ok(self.lock().trees.get(tree).map(|t| t.head.clone()).unwrap_or_default())
     }
 
-    pub async fn link_receipt(
+    pub async fn receipts(&self, tree: &TreeId, from: u64, to: u64) -> Result<Vec<ReceiptFacts>, LedgerError> {
+        Ok(self
+            .lock()
+            .trees
+            .get(tree)
+            .map(|t| t.receipts.range(from..=to).map(|(_, f)| f.clone()).collect())
+            .unwrap_or_default())
+    }
+
+    pub async fn link_receipts(
         &self,
-        facts: &ReceiptFacts,
-        prev_hash: &str,
-        hash: &str,
-        signed: &str,
-    ) -> Result<Result<bool, ChainHead>, LedgerError> {
-        let seq = facts.seq;
-        self.with_tree(&facts.tree, |tree| {
-            if tree.head.seq >= seq {
-                return Ok(Ok(false));
+        tree_id: &TreeId,
+        links: &[ReceiptLink],
+    ) -> Result<Result<(), ChainHead>, LedgerError> {
+        self.with_tree(tree_id, |tree| {
+            let mut head = tree.head.clone();
+            let mut pending = Vec::new();
+            for link in links {
+                let seq = link.facts.seq;
+                if head.seq >= seq {
+                    continue;
+                }
+                if head.seq + 1 != seq || head.hash != link.prev_hash {
+                    return Ok(Err(head));
+                }
+                if tree.receipts.get(&seq).is_none_or(|f| f.hold != link.facts.hold) {
+                    return Err(LedgerError::InvalidArgument(format!(
+                        "receipt {seq} is not for hold {}",
+                        link.facts.hold
+                    )));
+                }
+                pending.push((seq, link.signed.clone()));
+                head = ChainHead { seq, hash: link.hash.clone() };
             }
-            if tree.head.seq + 1 != seq || tree.head.hash != prev_hash {
-                return Ok(Err(tree.head.clone()));
+            for (seq, signed) in pending {
+                if let Some(facts) = tree.receipts.get_mut(&seq) {
+                    facts.signed = Some(signed);
+                }
             }
-            let facts = tree.receipts.get_mut(&seq).ok_or(LedgerError::Corrupt(format!("no receipt {seq}")))?;
-            facts.signed = Some(signed.to_owned());
-            tree.head = ChainHead { seq, hash: hash.to_owned() };
-            Ok(Ok(true))
+            tree.head = head;
+            Ok(Ok(()))
         })
     }
 }

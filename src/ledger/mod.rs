@@ -770,16 +770,20 @@ impl Ledger {
         dispatch!(self.chain_head(tree))
     }
 
-    /// Links a signed receipt into its tree's chain. `Ok(false)` if it already was linked;
-    /// `Err(head)` if the head is not at `seq - 1` with hash `prev_hash`.
-    pub async fn link_receipt(
+    /// Links signed receipts (consecutive, in order, of one tree) into the chain in one step.
+    /// Receipts already linked are skipped; `Err(head)` if the head is not where the first new
+    /// one expects it.
+    pub async fn link_receipts(
         &self,
-        facts: &ReceiptFacts,
-        prev_hash: &str,
-        hash: &str,
-        signed: &str,
-    ) -> Result<Result<bool, ChainHead>, LedgerError> {
-        dispatch!(self.link_receipt(facts, prev_hash, hash, signed))
+        tree: &TreeId,
+        links: &[ReceiptLink],
+    ) -> Result<Result<(), ChainHead>, LedgerError> {
+        dispatch!(self.link_receipts(tree, links))
+    }
+
+    /// The receipts `from..=to` of a tree, in order (fewer if some do not exist).
+    pub async fn receipts(&self, tree: &TreeId, from: u64, to: u64) -> Result<Vec<ReceiptFacts>, LedgerError> {
+        dispatch!(self.receipts(tree, from, to))
     }
 }
 
@@ -1000,6 +1004,15 @@ fn bucket_from_fields(id: &str, get: impl Fn(&str) -> Option<String>) -> Result<
         exclusive: get("exclusive").as_deref() == Some("1"),
         label: get("label").unwrap_or_default(),
     }))
+}
+
+/// One signed receipt to link: its facts, the hash it names, its own hash and its JSON.
+#[derive(Clone, Debug)]
+pub struct ReceiptLink {
+    pub facts: ReceiptFacts,
+    pub prev_hash: String,
+    pub hash: String,
+    pub signed: String,
 }
 
 /// A receipt's facts from the fields of its settled hold.

@@ -15,7 +15,7 @@ use super::controls::{alerts_from_wire, alerts_to_wire, Controls, Period};
 use super::{
     agent_from_fields, bucket_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_hold, AgentControls,
     AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, HoldInfo, HoldOutcome, HoldRequest,
-    IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent, PeriodUsage, ReceiptFacts, Reply,
+    IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent, PeriodUsage, ReceiptFacts, ReceiptLink, Reply,
     SettleOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
@@ -639,24 +639,45 @@ impl RedisLedger {
         })
     }
 
-    pub async fn link_receipt(
+    pub async fn receipts(&self, tree: &TreeId, from: u64, to: u64) -> Result<Vec<ReceiptFacts>, LedgerError> {
+        if from == 0 || to < from {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("LRANGE");
+        cmd.arg(format!("{}:receipts", self.tree_key(tree))).arg(from - 1).arg(to - 1);
+        let holds: Vec<String> = self.query(&cmd).await.map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        for hold in &holds {
+            pipe.cmd("HGETALL").arg(format!("{}:h:{}", self.tree_key(tree), hold));
+        }
+        let hashes: Vec<std::collections::HashMap<String, String>> = match &self.conn {
+            Conn::Single(conn) => pipe.query_async(&mut conn.clone()).await,
+            Conn::Cluster(conn) => pipe.query_async(&mut conn.clone()).await,
+        }
+        .map_err(unavailable)?;
+        Ok(holds
+            .iter()
+            .zip(hashes)
+            .zip(from..)
+            .filter_map(|((hold, fields), seq)| receipt_from_hold(tree, seq, hold, |k| fields.get(k).cloned()))
+            .collect())
+    }
+
+    pub async fn link_receipts(
         &self,
-        facts: &ReceiptFacts,
-        prev_hash: &str,
-        hash: &str,
-        signed: &str,
-    ) -> Result<Result<bool, ChainHead>, LedgerError> {
-        let reply = self
-            .fcall(
-                "spendcap_receipt_link",
-                &facts.tree,
-                &[&facts.seq.to_string(), prev_hash, hash, signed, &facts.hold],
-            )
-            .await?;
+        tree: &TreeId,
+        links: &[ReceiptLink],
+    ) -> Result<Result<(), ChainHead>, LedgerError> {
+        let seqs: Vec<String> = links.iter().map(|l| l.facts.seq.to_string()).collect();
+        let mut args: Vec<&str> = Vec::with_capacity(links.len() * 5);
+        for (link, seq) in links.iter().zip(&seqs) {
+            args.extend([seq.as_str(), &link.prev_hash, &link.hash, &link.signed, &link.facts.hold]);
+        }
+        let reply = self.fcall("spendcap_receipt_link", tree, &args).await?;
         if reply.status == "error" && reply.get("code") == "receipt_gap" {
             return Ok(Err(ChainHead { seq: reply.u64("head_seq")?, hash: reply.get("head_hash").to_owned() }));
         }
-        let reply = reply.into_result()?;
-        Ok(Ok(reply.get("linked") == "1"))
+        reply.into_result()?;
+        Ok(Ok(()))
     }
 }

@@ -1214,28 +1214,40 @@ end
 
 --[[ spendcap_receipt_link
 KEYS[1] tree prefix
-ARGV    1 seq  2 prev_hash (the head's hash the receipt names)  3 hash  4 signed receipt JSON
-        5 hold_id (the settled hold the receipt is for; it stores the signed receipt)
-Reply   ok: linked (1 = stored now, 0 = it already was)
-        error: code (receipt_gap: the head is not at seq - 1) head_seq head_hash
-Advances the tree's receipt chain head from seq - 1 to seq. Receipt signing is deterministic, so
-two instances that link the same receipt store the same bytes.
+ARGV    one or more groups of five, in sequence order (at most MAX_LINKS groups):
+        seq  prev_hash (the hash the receipt names)  hash  signed receipt JSON  hold_id (the
+        settled hold the receipt is for; it stores the signed receipt)
+Reply   ok: linked (how many were stored now; receipts already linked are skipped)
+        error: code (receipt_gap: the head is not at seq - 1 with that hash) head_seq head_hash
+Advances the tree's receipt chain head receipt by receipt. Receipt signing is deterministic, so
+two instances that link the same receipt store the same bytes; a daemon that finds a gap before
+its own receipt signs and links the missing ones too, in one call.
 --]]
+local MAX_LINKS = 256
 local function receipt_link(keys, args)
   local P = keys[1]
-  local seq = tonumber(args[1])
+  if #args % 5 ~= 0 or #args == 0 or #args > 5 * MAX_LINKS then
+    return err('invalid_argument', 'arguments come in groups of five, at most ' .. MAX_LINKS)
+  end
   local head = redis.call('HMGET', P .. ':rhead', 'seq', 'hash')
-  local head_seq = tonumber(head[1] or '0')
-  if head_seq >= seq then return { 'ok', 'linked', '0' } end
-  if head_seq ~= seq - 1 or (head[2] or '') ~= args[2] then
-    return { 'error', 'code', 'receipt_gap', 'head_seq', fmt(head_seq), 'head_hash', head[2] or '' }
+  local head_seq, head_hash = tonumber(head[1] or '0'), head[2] or ''
+  local linked = 0
+  for g = 1, #args, 5 do
+    local seq, prev, hash, signed, hold_id = tonumber(args[g]), args[g + 1], args[g + 2], args[g + 3], args[g + 4]
+    if head_seq < seq then
+      if head_seq ~= seq - 1 or head_hash ~= prev then
+        return { 'error', 'code', 'receipt_gap', 'head_seq', fmt(head_seq), 'head_hash', head_hash }
+      end
+      if redis.call('LINDEX', P .. ':receipts', seq - 1) ~= hold_id then
+        return err('invalid_argument', 'receipt ' .. fmt(seq) .. ' is not for hold ' .. hold_id)
+      end
+      redis.call('HSET', P .. ':h:' .. hold_id, 'receipt', signed, 'rhash', hash)
+      head_seq, head_hash = seq, hash
+      linked = linked + 1
+    end
   end
-  if redis.call('LINDEX', P .. ':receipts', seq - 1) ~= args[5] then
-    return err('invalid_argument', 'receipt ' .. fmt(seq) .. ' is not for hold ' .. args[5])
-  end
-  redis.call('HSET', P .. ':h:' .. args[5], 'receipt', args[4], 'rhash', args[3])
-  redis.call('HSET', P .. ':rhead', 'seq', fmt(seq), 'hash', args[3])
-  return { 'ok', 'linked', '1' }
+  if linked > 0 then redis.call('HSET', P .. ':rhead', 'seq', fmt(head_seq), 'hash', head_hash) end
+  return { 'ok', 'linked', fmt(linked) }
 end
 
 redis.register_function('spendcap_hold', hold)

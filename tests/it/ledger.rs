@@ -895,3 +895,52 @@ conformance!(the_alerts_group_hands_each_entry_to_one_consumer_until_acknowledge
     ledger.ack_alerts(&tree, &[first[1].id.clone()]).await.expect("acks");
     assert!(ledger.read_alerts(&tree, "two", AlertRead::Pending, 10).await.expect("reads").is_empty());
 });
+
+conformance!(receipt_chains_survive_concurrent_settles_and_dead_daemons, |ledger: Ledger| async move {
+    use spendcap::receipt::{issue, verify_chain, Receipt, ReceiptSigner};
+    let ledger = std::sync::Arc::new(ledger);
+    let signer = std::sync::Arc::new(ReceiptSigner::generate());
+    let agent = std::sync::Arc::new(create(&ledger, "a", 1_000_000, None).await);
+    let mut holds = Vec::new();
+    for _ in 0..40 {
+        holds.push(granted(hold(&ledger, &agent, 10).await));
+    }
+    // Three settles whose daemon "died" before signing: their receipts stay unlinked.
+    for h in holds.drain(..3) {
+        ledger.settle(T0, &agent.id, &agent.caller(), &h, Micros::new(5).expect("m"), "").await.expect("settles");
+    }
+    // The rest settle concurrently, each issuing its receipt.
+    let tasks: Vec<_> = holds
+        .into_iter()
+        .map(|h| {
+            let (ledger, signer, agent) = (ledger.clone(), signer.clone(), agent.clone());
+            tokio::spawn(async move {
+                let settled = ledger
+                    .settle(T0, &agent.id, &agent.caller(), &h, Micros::new(7).expect("m"), "")
+                    .await
+                    .expect("settles");
+                issue(&ledger, &signer, &settled).await.expect("issues")
+            })
+        })
+        .collect();
+    let mut returned: Vec<Receipt> = Vec::new();
+    for task in tasks {
+        returned.push(task.await.expect("task"));
+    }
+    let tree = agent.id.tree();
+    let head = ledger.chain_head(tree).await.expect("head");
+    assert_eq!(head.seq, 40, "every receipt, including the dead daemon's three, is linked");
+    let mut chain = Vec::new();
+    for seq in 1..=40 {
+        let signed = ledger.receipt(tree, seq).await.expect("reads").and_then(|f| f.signed).expect("signed");
+        chain.push(serde_json::from_str::<Receipt>(&signed).expect("receipt JSON"));
+    }
+    assert_eq!(verify_chain(&chain, &signer.verifying_key()).expect("the chain verifies").receipts, 40);
+    for receipt in returned {
+        assert_eq!(
+            chain[(receipt.receipt.seq - 1) as usize],
+            receipt,
+            "what a settle returned is what the chain holds"
+        );
+    }
+});
