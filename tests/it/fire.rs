@@ -518,3 +518,96 @@ async fn a_killed_daemon_leaves_holds_that_expire_while_another_keeps_serving() 
     assert!(ok, "{report}");
     let _ = std::fs::remove_file(key);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_logs() {
+    let redis = RedisServer::start();
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("spendcap-secrets-{port}.log"));
+    let key_file = std::env::temp_dir().join(format!("spendcap-secrets-key-{port}.pem"));
+    let x402_key = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+    let kek = "5f4dcc3b5aa765d61d8327deb882cf995f4dcc3b5aa765d61d8327deb882cf99";
+    let child = Command::new(env!("CARGO_BIN_EXE_spendcap"))
+        .arg("serve")
+        .env("SPENDCAP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SPENDCAP_REDIS_URL", redis.url())
+        .env("SPENDCAP_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SPENDCAP_RECEIPT_KEY", &key_file)
+        .env("SPENDCAP_X402_PRIVATE_KEY", x402_key)
+        .env("SPENDCAP_AP2_KEK", kek)
+        // Everything the daemon can say, at the most verbose level.
+        .env("SPENDCAP_LOG", "trace")
+        .env("SPENDCAP_LOG_FORMAT", "json")
+        .stdout(std::fs::File::create(&log).expect("log file"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spendcap binary");
+    let daemon = DaemonProcess { child, base: format!("http://127.0.0.1:{port}") };
+    let http = reqwest::Client::new();
+    let url = format!("{}/healthz", daemon.base);
+    wait_for("the daemon to start", Duration::from_secs(20), || {
+        let http = http.clone();
+        let url = url.clone();
+        async move { http.get(url).send().await.map(|r| r.status() == 200).unwrap_or(false) }
+    })
+    .await;
+    let created: Value = http
+        .post(format!("{}/v1/agents", daemon.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"handle": "secretive", "cap_micros": 100_000}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let token = created["token"].as_str().expect("token").to_owned();
+    let id = created["agent"]["id"].as_str().expect("id").to_owned();
+    let rotated: Value = http
+        .post(format!("{}/v1/agents/{id}/rotate-token", daemon.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("rotate")
+        .json()
+        .await
+        .expect("json");
+    let new_token = rotated["token"].as_str().expect("token").to_owned();
+    for bearer in [&token, &new_token] {
+        let _ = http
+            .post(format!("{}/v1/holds", daemon.base))
+            .bearer_auth(bearer)
+            .json(&json!({"amount_micros": 10, "service": "svc"}))
+            .send()
+            .await
+            .expect("hold");
+        let _ = http.get(format!("{}/v1/me", daemon.base)).bearer_auth(bearer).send().await.expect("me");
+    }
+    // The AP2 key is generated and stored encrypted; x402 refuses a private destination.
+    let _ = http.get(format!("{}/v1/ap2/key", daemon.base)).bearer_auth(&new_token).send().await.expect("ap2 key");
+    let _ = http
+        .post(format!("{}/v1/x402/fetch", daemon.base))
+        .bearer_auth(&new_token)
+        .json(&json!({"url": "http://127.0.0.1:1/x"}))
+        .send()
+        .await
+        .expect("x402");
+    drop(daemon);
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(text.lines().count() > 10, "the daemon logged at trace level:\n{text}");
+    let receipt_key = std::fs::read_to_string(&key_file).expect("receipt key");
+    let receipt_key_body: String = receipt_key.lines().filter(|l| !l.starts_with("-----")).collect();
+    for (what, secret) in [
+        ("the admin token", ADMIN_TOKEN),
+        ("an agent token", token.as_str()),
+        ("a rotated agent token", new_token.as_str()),
+        ("an agent token's secret part", &token[token.len() - 64..]),
+        ("the x402 key", &x402_key[2..]),
+        ("the AP2 key-encryption key", kek),
+        ("the receipt signing key", receipt_key_body.as_str()),
+    ] {
+        assert!(!text.contains(secret), "{what} appears in the daemon's logs");
+    }
+    let _ = std::fs::remove_file(log);
+    let _ = std::fs::remove_file(key_file);
+}
