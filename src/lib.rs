@@ -12,4 +12,5 @@ pub mod log;
 pub mod pay;
 pub mod protocols;
 pub mod receipt;
+pub mod report;
 pub mod server;

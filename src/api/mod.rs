@@ -7,6 +7,7 @@ pub mod error;
 pub mod holds;
 pub mod log;
 pub mod openapi;
+pub mod reports;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +66,7 @@ pub fn router(state: SharedState) -> Router {
         .merge(controls::router())
         .merge(holds::router())
         .merge(log::router())
+        .merge(reports::router())
         .merge(crate::protocols::router())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -79,7 +81,7 @@ async fn healthz(
     Ok(Json(serde_json::json!({ "status": "ok", "ledger": state.ledger.kind() })))
 }
 
-fn bearer(parts: &Parts) -> Option<&str> {
+pub(crate) fn bearer(parts: &Parts) -> Option<&str> {
     parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 

@@ -14,7 +14,7 @@ use super::controls::{self, crossed, payment_names, Controls, Crossing, Period};
 use super::{
     AgentControls, AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, Grant, HoldInfo,
     HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent, PeriodUsage,
-    ReceiptFacts, Refusal, RefusalReason, SettleOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
+    ReceiptFacts, Refusal, RefusalReason, SettleOutcome, TaskOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -1236,6 +1236,35 @@ impl MemoryLedger {
                 hold: hold.to_string(),
                 reason: reason.into(),
                 detail: detail.into(),
+                ..LogEntry::default()
+            };
+            tree.log(tree_id, entry);
+            Ok(())
+        })
+    }
+
+    pub async fn task_outcome(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        task: &str,
+        task_type: &str,
+        outcome: TaskOutcome,
+    ) -> Result<(), LedgerError> {
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            tree.auth(agent, caller)?;
+            if task.is_empty() || task.len() > 128 || task_type.is_empty() || task_type.len() > 64 {
+                return Err(LedgerError::InvalidArgument("task is 1 to 128 bytes and task type 1 to 64 bytes".into()));
+            }
+            let entry = LogEntry {
+                ts_ms: now_ms,
+                event: "outcome".into(),
+                agent: agent.to_string(),
+                task: task.into(),
+                task_type: task_type.into(),
+                reason: outcome.code().into(),
                 ..LogEntry::default()
             };
             tree.log(tree_id, entry);

@@ -16,7 +16,7 @@ use super::{
     agent_from_fields, bucket_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_hold, AgentControls,
     AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, HoldInfo, HoldOutcome, HoldRequest,
     IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent, PeriodUsage, ReceiptFacts, Reply,
-    SettleOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
+    SettleOutcome, TaskOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -486,6 +486,25 @@ impl RedisLedger {
             "spendcap_note",
             agent.tree(),
             &[&now_ms.to_string(), agent.as_str(), caller.wire(), hold.as_str(), reason, detail],
+        )
+        .await?
+        .into_result()?;
+        Ok(())
+    }
+
+    pub async fn task_outcome(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        task: &str,
+        task_type: &str,
+        outcome: TaskOutcome,
+    ) -> Result<(), LedgerError> {
+        self.fcall(
+            "spendcap_task_outcome",
+            agent.tree(),
+            &[&now_ms.to_string(), agent.as_str(), caller.wire(), task, task_type, outcome.code()],
         )
         .await?
         .into_result()?;

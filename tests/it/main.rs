@@ -9,6 +9,7 @@ mod controls;
 mod faults;
 mod fire;
 mod ledger;
+mod reports;
 mod revocation;
 mod support;
 mod x402;
