@@ -9,6 +9,7 @@ pub mod clock;
 pub mod identity;
 pub mod ledger;
 pub mod log;
+pub mod metrics;
 pub mod pay;
 pub mod protocols;
 pub mod receipt;

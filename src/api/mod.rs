@@ -53,6 +53,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Where alert webhooks go (`None`: no alerts are sent).
     pub alerts: Option<crate::alerts::AlertConfig>,
+    /// This instance's Prometheus counters (`/metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -62,6 +64,7 @@ pub fn router(state: SharedState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi::serve))
+        .route("/metrics", get(metrics))
         .merge(agents::router())
         .merge(controls::router())
         .merge(holds::router())
@@ -79,6 +82,15 @@ async fn healthz(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.ledger.ping().await?;
     Ok(Json(serde_json::json!({ "status": "ok", "ledger": state.ledger.kind() })))
+}
+
+/// Prometheus metrics of this instance, in the text exposition format (admin token).
+async fn metrics(
+    _: Admin,
+    axum::extract::State(state): axum::extract::State<SharedState>,
+) -> Result<impl axum::response::IntoResponse, ApiError> {
+    let text = state.metrics.render().map_err(ApiError::internal)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text))
 }
 
 pub(crate) fn bearer(parts: &Parts) -> Option<&str> {

@@ -105,6 +105,7 @@ pub async fn record_outcome(
         .task_outcome(state.clock.now_ms(), &agent, &caller, &task, &task_type, body.outcome)
         .await
         .map_err(agent_scoped)?;
+    state.metrics.outcome(body.outcome.code());
     Ok(Json(OutcomeView { agent: agent.to_string(), task, task_type, outcome: body.outcome }))
 }
 

@@ -9,6 +9,7 @@ mod controls;
 mod faults;
 mod fire;
 mod ledger;
+mod metrics;
 mod reports;
 mod revocation;
 mod support;
