@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod controls;
+pub mod dashboard;
 pub mod error;
 pub mod holds;
 pub mod log;
@@ -70,6 +71,7 @@ pub fn router(state: SharedState) -> Router {
         .merge(holds::router())
         .merge(log::router())
         .merge(reports::router())
+        .merge(dashboard::router())
         .merge(crate::protocols::router())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

@@ -1413,6 +1413,11 @@ impl MemoryLedger {
         Ok(t.log.iter().skip(start).take(count).cloned().collect())
     }
 
+    pub async fn log_tail(&self, tree: &TreeId) -> Result<String, LedgerError> {
+        let state = self.lock();
+        Ok(state.trees.get(tree).and_then(|t| t.log.last()).map(|e| e.id.clone()).unwrap_or_else(|| "0".into()))
+    }
+
     pub async fn receipt(&self, tree: &TreeId, seq: u64) -> Result<Option<ReceiptFacts>, LedgerError> {
         Ok(self.lock().trees.get(tree).and_then(|t| t.receipts.get(&seq).cloned()))
     }

@@ -801,6 +801,11 @@ impl Ledger {
         dispatch!(self.read_log(tree, after, count))
     }
 
+    /// The id of the tree's latest log entry ("0" for an empty log): where a live reader starts.
+    pub async fn log_tail(&self, tree: &TreeId) -> Result<String, LedgerError> {
+        dispatch!(self.log_tail(tree))
+    }
+
     pub async fn receipt(&self, tree: &TreeId, seq: u64) -> Result<Option<ReceiptFacts>, LedgerError> {
         dispatch!(self.receipt(tree, seq))
     }

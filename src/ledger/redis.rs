@@ -640,6 +640,13 @@ impl RedisLedger {
             .collect())
     }
 
+    pub async fn log_tail(&self, tree: &TreeId) -> Result<String, LedgerError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(format!("{}:log", self.tree_key(tree))).arg("+").arg("-").arg("COUNT").arg(1);
+        let reply: redis::streams::StreamRangeReply = self.query(&cmd).await.map_err(unavailable)?;
+        Ok(reply.ids.into_iter().next().map(|e| e.id).unwrap_or_else(|| "0".into()))
+    }
+
     pub async fn receipt(&self, tree: &TreeId, seq: u64) -> Result<Option<ReceiptFacts>, LedgerError> {
         let Some(index) = seq.checked_sub(1) else { return Ok(None) };
         let mut cmd = redis::cmd("LINDEX");

@@ -6,6 +6,7 @@ mod ap2;
 mod api;
 mod concurrency;
 mod controls;
+mod dashboard;
 mod faults;
 mod fire;
 mod ledger;
