@@ -19,6 +19,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon.
     Serve(Box<ServeArgs>),
+    /// Try it: the daemon on the in-process ledger, a small fleet run through a scenario, the
+    /// report printed and the dashboard left up until Ctrl-C.
+    Demo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8402")]
+        listen: SocketAddr,
+    },
     /// Manage agents (admin token required).
     #[command(subcommand)]
     Agent(AgentCommand),
@@ -565,7 +572,7 @@ fn print(json: bool, value: &Value, table: impl FnOnce(&Value) -> String) {
 pub async fn run_client(command: Command) -> Result<(), CliError> {
     use reqwest::Method;
     match command {
-        Command::Serve(_) => Err(CliError::Usage("serve is not a client command".into())),
+        Command::Serve(_) | Command::Demo { .. } => Err(CliError::Usage("not a client command".into())),
         Command::Ledger(LedgerCommand::Check { redis_url, redis_cluster, redis_namespace, json }) => {
             let config = crate::ledger::RedisConfig {
                 url: redis_url,

@@ -6,6 +6,7 @@ pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod clock;
+pub mod demo;
 pub mod identity;
 pub mod ledger;
 pub mod log;

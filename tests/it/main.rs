@@ -7,6 +7,7 @@ mod api;
 mod concurrency;
 mod controls;
 mod dashboard;
+mod demo;
 mod faults;
 mod fire;
 mod ledger;
