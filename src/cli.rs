@@ -19,12 +19,51 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon.
     Serve(Box<ServeArgs>),
+    /// Try it: the daemon on the in-process ledger, a small fleet run through a scenario, the
+    /// report printed and the dashboard left up until Ctrl-C.
+    Demo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8402")]
+        listen: SocketAddr,
+    },
     /// Manage agents (admin token required).
     #[command(subcommand)]
     Agent(AgentCommand),
     /// Read the attributed log (admin token required).
     #[command(subcommand)]
     Log(LogCommand),
+    /// Cost report: per task type (success, failure, spread, suggested cap), by agent, service
+    /// and protocol, refusals by reason (admin token required).
+    Report {
+        /// Only this agent (id or handle).
+        #[arg(long)]
+        agent: Option<String>,
+        /// From this time (ms since the epoch).
+        #[arg(long)]
+        since_ms: Option<u64>,
+        /// Until this time (ms since the epoch, exclusive).
+        #[arg(long)]
+        until_ms: Option<u64>,
+        /// Print CSV (one row per task type, agent, service, protocol and refusal reason).
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Mark a task finished (admin token; names the agent).
+    TaskOutcome {
+        /// The agent (id or handle).
+        agent: String,
+        /// The task label its holds carried.
+        task: String,
+        /// success, failed or abandoned.
+        outcome: String,
+        /// e.g. research, enrichment, booking.
+        #[arg(long)]
+        task_type: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Work with signed receipts.
     #[command(subcommand)]
     Receipt(ReceiptCommand),
@@ -533,7 +572,7 @@ fn print(json: bool, value: &Value, table: impl FnOnce(&Value) -> String) {
 pub async fn run_client(command: Command) -> Result<(), CliError> {
     use reqwest::Method;
     match command {
-        Command::Serve(_) => Err(CliError::Usage("serve is not a client command".into())),
+        Command::Serve(_) | Command::Demo { .. } => Err(CliError::Usage("not a client command".into())),
         Command::Ledger(LedgerCommand::Check { redis_url, redis_cluster, redis_namespace, json }) => {
             let config = crate::ledger::RedisConfig {
                 url: redis_url,
@@ -677,6 +716,46 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                     ));
                 }
                 out
+            });
+            Ok(())
+        }
+        Command::Report { agent, since_ms, until_ms, csv, client } => {
+            let api = Client::new(&client)?;
+            let mut query = vec![("format".to_owned(), if csv { "csv" } else { "json" }.to_owned())];
+            if let Some(agent) = agent {
+                query.push(("agent".into(), agent));
+            }
+            for (key, value) in [("since_ms", since_ms), ("until_ms", until_ms)] {
+                if let Some(value) = value {
+                    query.push((key.to_owned(), value.to_string()));
+                }
+            }
+            let encoded = query.iter().map(|(k, v)| format!("{k}={}", path_segment(v))).collect::<Vec<_>>().join("&");
+            let response = api.send(Method::GET, &format!("/v1/reports?{encoded}"), None).await?;
+            if csv {
+                print!("{}", response.text().await?);
+                return Ok(());
+            }
+            let value: Value = response.json().await?;
+            print(client.json, &value, |v| match serde_json::from_value::<crate::report::Report>(v.clone()) {
+                Ok(report) => crate::report::table(&report),
+                Err(e) => format!("unreadable report: {e}\n"),
+            });
+            Ok(())
+        }
+        Command::TaskOutcome { agent, task, outcome, task_type, client } => {
+            let api = Client::new(&client)?;
+            let body = serde_json::json!({ "outcome": outcome, "task_type": task_type, "agent": agent });
+            let value =
+                api.json(Method::POST, &format!("/v1/tasks/{}/outcome", path_segment(&task)), Some(body)).await?;
+            print(client.json, &value, |v| {
+                format!(
+                    "{} {}: {} ({})\n",
+                    v["agent"].as_str().unwrap_or(""),
+                    v["task"].as_str().unwrap_or(""),
+                    v["outcome"].as_str().unwrap_or(""),
+                    v["task_type"].as_str().unwrap_or("")
+                )
             });
             Ok(())
         }

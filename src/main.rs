@@ -25,6 +25,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
+            Command::Demo { listen } => demo(listen).await,
             other => spendcap::cli::run_client(other).await.map_err(anyhow::Error::from),
         }
     });
@@ -106,6 +107,43 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%address, ledger = state.ledger.kind(), "spendcap listening");
     server::serve(state, listener, sweep_interval, shutdown_signal()).await?;
     tracing::info!("spendcap stopped");
+    Ok(())
+}
+
+async fn demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPENDCAP_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let admin_token = AdminToken::generate();
+    let config = Config {
+        alerts: None,
+        ledger: LedgerConfig::Memory,
+        admin_token: admin_token.clone(),
+        signer: ReceiptSigner::generate(),
+        limits: Limits::default(),
+        clock: Clock::system(),
+        protocols: ProtocolConfig::default(),
+        sweep_interval: Some(Duration::from_secs(30)),
+    };
+    let sweep_interval = config.sweep_interval;
+    let state = server::build_state(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let address = listener.local_addr()?;
+    let served = state.clone();
+    let server = tokio::spawn(server::serve(served, listener, sweep_interval, shutdown_signal()));
+    let base = format!("http://{address}");
+    eprintln!("spendcap demo: in-process ledger (nothing is durable), listening on {base}\n");
+    let outcome = spendcap::demo::scenario(&base, admin_token.reveal()).await?;
+    for line in &outcome.lines {
+        println!("  {line}");
+    }
+    println!();
+    let report = spendcap::report::report(&state.ledger, spendcap::log::LogFilter::default()).await?;
+    print!("{}", spendcap::report::table(&report));
+    println!(
+        "\nDashboard: {base}/dashboard  (admin token: {})\nMetrics:   {base}/metrics\nPress Ctrl-C to stop.",
+        admin_token.reveal()
+    );
+    server.await??;
     Ok(())
 }
 

@@ -70,7 +70,10 @@ pub async fn hold_with_budgets(
         details: details_json(&spec.intent.details)?,
         buckets,
     };
-    match state.ledger.hold(now, &request).await.map_err(agent_scoped)? {
+    let started = std::time::Instant::now();
+    let result = state.ledger.hold(now, &request).await;
+    state.metrics.hold(spec.intent.protocol.as_str(), &result, started.elapsed());
+    match result.map_err(agent_scoped)? {
         HoldOutcome::Granted(grant) if grant.replayed => Ok(Held::Resumed(grant)),
         HoldOutcome::Granted(grant) => Ok(Held::New(grant)),
         HoldOutcome::Refused(refusal) => {
@@ -96,11 +99,12 @@ pub async fn settle(
     amount: Micros,
     details: &BTreeMap<String, String>,
 ) -> Result<Settlement, ApiError> {
-    let outcome = state
+    let result = state
         .ledger
         .settle(state.clock.now_ms(), &agent.agent, &agent.caller(), hold, amount, &details_json(details)?)
-        .await
-        .map_err(agent_scoped)?;
+        .await;
+    state.metrics.settle(&result);
+    let outcome = result.map_err(agent_scoped)?;
     let receipt = receipt::issue(&state.ledger, &state.signer, &outcome).await?;
     Ok(Settlement { outcome, receipt })
 }
@@ -108,11 +112,9 @@ pub async fn settle(
 /// Voids a hold (nothing spent); `reason` is a code for the log, e.g. `merchant_declined`.
 pub async fn void(state: &AppState, agent: &AgentAuth, hold: &HoldId, reason: &str) -> Result<Micros, ApiError> {
     let reason = crate::api::label("reason", reason, 64)?;
-    let (released, _) = state
-        .ledger
-        .void(state.clock.now_ms(), &agent.agent, &agent.caller(), hold, &reason)
-        .await
-        .map_err(agent_scoped)?;
+    let result = state.ledger.void(state.clock.now_ms(), &agent.agent, &agent.caller(), hold, &reason).await;
+    state.metrics.void(&result);
+    let (released, _) = result.map_err(agent_scoped)?;
     Ok(released)
 }
 

@@ -40,6 +40,8 @@ pub enum StartError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     Protocol(#[from] ConfigError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
@@ -56,6 +58,7 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
         clock: config.clock,
         limits: config.limits,
         alerts: config.alerts,
+        metrics: crate::metrics::Metrics::new()?,
     }))
 }
 

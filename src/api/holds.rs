@@ -207,7 +207,10 @@ pub async fn create_hold(
         details,
         buckets: Vec::new(),
     };
-    match state.ledger.hold(now, &request).await.map_err(agent_scoped)? {
+    let started = std::time::Instant::now();
+    let result = state.ledger.hold(now, &request).await;
+    state.metrics.hold(Protocol::Generic.as_str(), &result, started.elapsed());
+    match result.map_err(agent_scoped)? {
         HoldOutcome::Granted(grant) => Ok((
             if grant.replayed { StatusCode::OK } else { StatusCode::CREATED },
             Json(HoldView {
@@ -276,11 +279,12 @@ pub async fn settle(
     } else {
         serde_json::to_string(&body.details).map_err(ApiError::internal)?
     };
-    let outcome = state
+    let result = state
         .ledger
         .settle_as(Protocol::Generic, state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, amount, &details)
-        .await
-        .map_err(agent_scoped)?;
+        .await;
+    state.metrics.settle(&result);
+    let outcome = result.map_err(agent_scoped)?;
     let receipt = receipt::issue(&state.ledger, &state.signer, &outcome).await?;
     Ok(Json(Settled {
         hold_id: hold.to_string(),
@@ -316,13 +320,14 @@ pub async fn void(
 ) -> Result<Json<Voided>, ApiError> {
     let hold = hold_id(&auth, &hold)?;
     let reason = label("reason", body.reason.as_deref().unwrap_or("voided_by_agent"), 64)?;
-    let (released, replayed) = state
+    let result = state
         .ledger
         .void_as(Protocol::Generic, state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, &reason)
-        .await
-        .map_err(|e| match e {
-            LedgerError::UnknownHold => ApiError::new(StatusCode::NOT_FOUND, "unknown_hold", "no such hold"),
-            other => agent_scoped(other),
-        })?;
+        .await;
+    state.metrics.void(&result);
+    let (released, replayed) = result.map_err(|e| match e {
+        LedgerError::UnknownHold => ApiError::new(StatusCode::NOT_FOUND, "unknown_hold", "no such hold"),
+        other => agent_scoped(other),
+    })?;
     Ok(Json(Voided { hold_id: hold.to_string(), released_micros: released.get(), replayed }))
 }

@@ -3,10 +3,12 @@
 
 pub mod agents;
 pub mod controls;
+pub mod dashboard;
 pub mod error;
 pub mod holds;
 pub mod log;
 pub mod openapi;
+pub mod reports;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +54,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Where alert webhooks go (`None`: no alerts are sent).
     pub alerts: Option<crate::alerts::AlertConfig>,
+    /// This instance's Prometheus counters (`/metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -61,10 +65,13 @@ pub fn router(state: SharedState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi::serve))
+        .route("/metrics", get(metrics))
         .merge(agents::router())
         .merge(controls::router())
         .merge(holds::router())
         .merge(log::router())
+        .merge(reports::router())
+        .merge(dashboard::router())
         .merge(crate::protocols::router())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -79,7 +86,16 @@ async fn healthz(
     Ok(Json(serde_json::json!({ "status": "ok", "ledger": state.ledger.kind() })))
 }
 
-fn bearer(parts: &Parts) -> Option<&str> {
+/// Prometheus metrics of this instance, in the text exposition format (admin token).
+async fn metrics(
+    _: Admin,
+    axum::extract::State(state): axum::extract::State<SharedState>,
+) -> Result<impl axum::response::IntoResponse, ApiError> {
+    let text = state.metrics.render().map_err(ApiError::internal)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text))
+}
+
+pub(crate) fn bearer(parts: &Parts) -> Option<&str> {
     parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 

@@ -14,7 +14,7 @@ use super::controls::{self, crossed, payment_names, Controls, Crossing, Period};
 use super::{
     AgentControls, AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, Grant, HoldInfo,
     HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent, PeriodUsage,
-    ReceiptFacts, ReceiptLink, Refusal, RefusalReason, SettleOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
+    ReceiptFacts, ReceiptLink, Refusal, RefusalReason, SettleOutcome, TaskOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -1243,6 +1243,35 @@ impl MemoryLedger {
         })
     }
 
+    pub async fn task_outcome(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        task: &str,
+        task_type: &str,
+        outcome: TaskOutcome,
+    ) -> Result<(), LedgerError> {
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            tree.auth(agent, caller)?;
+            if task.is_empty() || task.len() > 128 || task_type.is_empty() || task_type.len() > 64 {
+                return Err(LedgerError::InvalidArgument("task is 1 to 128 bytes and task type 1 to 64 bytes".into()));
+            }
+            let entry = LogEntry {
+                ts_ms: now_ms,
+                event: "outcome".into(),
+                agent: agent.to_string(),
+                task: task.into(),
+                task_type: task_type.into(),
+                reason: outcome.code().into(),
+                ..LogEntry::default()
+            };
+            tree.log(tree_id, entry);
+            Ok(())
+        })
+    }
+
     pub async fn create_bucket(
         &self,
         now_ms: u64,
@@ -1382,6 +1411,11 @@ impl MemoryLedger {
         let Some(t) = state.trees.get(tree) else { return Ok(Vec::new()) };
         let start = if after == "0" { 0 } else { t.log.iter().position(|e| e.id == after).map(|i| i + 1).unwrap_or(0) };
         Ok(t.log.iter().skip(start).take(count).cloned().collect())
+    }
+
+    pub async fn log_tail(&self, tree: &TreeId) -> Result<String, LedgerError> {
+        let state = self.lock();
+        Ok(state.trees.get(tree).and_then(|t| t.log.last()).map(|e| e.id.clone()).unwrap_or_else(|| "0".into()))
     }
 
     pub async fn receipt(&self, tree: &TreeId, seq: u64) -> Result<Option<ReceiptFacts>, LedgerError> {

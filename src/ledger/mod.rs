@@ -395,6 +395,32 @@ pub struct LogEntry {
     /// Who refused a hold (an agent or a bucket id).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub limited_by: String,
+    /// An `outcome` entry's task type (its outcome is in `reason`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub task_type: String,
+}
+
+/// How a task ended, as its agent or orchestrator reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskOutcome {
+    Success,
+    Failed,
+    Abandoned,
+}
+
+impl TaskOutcome {
+    pub fn code(self) -> &'static str {
+        match self {
+            TaskOutcome::Success => "success",
+            TaskOutcome::Failed => "failed",
+            TaskOutcome::Abandoned => "abandoned",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<TaskOutcome> {
+        [TaskOutcome::Success, TaskOutcome::Failed, TaskOutcome::Abandoned].into_iter().find(|o| o.code() == code)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -699,6 +725,19 @@ impl Ledger {
         dispatch!(self.note(now_ms, agent, caller, hold, reason, detail))
     }
 
+    /// Records how a task ended (an `outcome` log entry; no balance changes), for the reports.
+    pub async fn task_outcome(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        task: &str,
+        task_type: &str,
+        outcome: TaskOutcome,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.task_outcome(now_ms, agent, caller, task, task_type, outcome))
+    }
+
     /// Creates a budget bucket owned by `agent` (idempotent for identical terms; `Ok(false)`).
     pub async fn create_bucket(
         &self,
@@ -760,6 +799,11 @@ impl Ledger {
     /// Up to `count` log entries of one tree with ids after `after` ("0" for the start).
     pub async fn read_log(&self, tree: &TreeId, after: &str, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
         dispatch!(self.read_log(tree, after, count))
+    }
+
+    /// The id of the tree's latest log entry ("0" for an empty log): where a live reader starts.
+    pub async fn log_tail(&self, tree: &TreeId) -> Result<String, LedgerError> {
+        dispatch!(self.log_tail(tree))
     }
 
     pub async fn receipt(&self, tree: &TreeId, seq: u64) -> Result<Option<ReceiptFacts>, LedgerError> {
@@ -963,6 +1007,7 @@ fn log_entry_from_fields(tree: &TreeId, id: String, get: impl Fn(&str) -> Option
         counters: text("ctr"),
         crossings: text("cross"),
         limited_by: text("limited_by"),
+        task_type: text("tt"),
     }
 }
 

@@ -16,7 +16,7 @@ use super::{
     agent_from_fields, bucket_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_hold, AgentControls,
     AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, HoldInfo, HoldOutcome, HoldRequest,
     IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent, PeriodUsage, ReceiptFacts, ReceiptLink, Reply,
-    SettleOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
+    SettleOutcome, TaskOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -492,6 +492,25 @@ impl RedisLedger {
         Ok(())
     }
 
+    pub async fn task_outcome(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        task: &str,
+        task_type: &str,
+        outcome: TaskOutcome,
+    ) -> Result<(), LedgerError> {
+        self.fcall(
+            "spendcap_task_outcome",
+            agent.tree(),
+            &[&now_ms.to_string(), agent.as_str(), caller.wire(), task, task_type, outcome.code()],
+        )
+        .await?
+        .into_result()?;
+        Ok(())
+    }
+
     pub async fn create_bucket(
         &self,
         now_ms: u64,
@@ -619,6 +638,13 @@ impl RedisLedger {
                 log_entry_from_fields(tree, entry.id.clone(), get)
             })
             .collect())
+    }
+
+    pub async fn log_tail(&self, tree: &TreeId) -> Result<String, LedgerError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(format!("{}:log", self.tree_key(tree))).arg("+").arg("-").arg("COUNT").arg(1);
+        let reply: redis::streams::StreamRangeReply = self.query(&cmd).await.map_err(unavailable)?;
+        Ok(reply.ids.into_iter().next().map(|e| e.id).unwrap_or_else(|| "0".into()))
     }
 
     pub async fn receipt(&self, tree: &TreeId, seq: u64) -> Result<Option<ReceiptFacts>, LedgerError> {

@@ -18,7 +18,8 @@ from it:
                               seq sdetails (settle details) and, once signed, receipt rhash
   <P>:holds            zset   open holds by expiry (ms)
   <P>:log              stream one entry per state change: ts ev agent task svc proto amt rel
-                              hold reason cap parent remaining limited_by bk ctr cross detail;
+                              hold reason cap parent remaining limited_by bk ctr cross detail
+                              tt (a task outcome's task type);
                               consumer group `alerts` (the daemon's webhooks)
   <P>:i:<agent>:<key>  hash   idempotency record: fp status hold code amount remaining expires_at
   <P>:receipts         list   settled hold ids in receipt order: receipt <seq> is element seq-1
@@ -907,6 +908,31 @@ local function note(keys, args)
   return { 'ok' }
 end
 
+--[[ spendcap_task_outcome
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 task (1..128 bytes)  5 task type (1..64 bytes)
+        6 outcome (success | failed | abandoned)
+Reply   ok      error: code (unknown_agent | unauthorized | invalid_argument) detail
+Appends one `outcome` entry (task, task type in `tt`, outcome in `reason`) that changes no
+balance: the agent (or its orchestrator, as admin) says how a task ended, for the cost reports.
+Replay ignores outcomes; a later outcome of the same task supersedes an earlier one.
+--]]
+local TASK_OUTCOMES = { success = true, failed = true, abandoned = true }
+local function task_outcome(keys, args)
+  local P = keys[1]
+  local path, e = auth(P, args[2], args[3])
+  if not path then return e end
+  if not TASK_OUTCOMES[args[6]] then
+    return err('invalid_argument', 'outcome must be success, failed or abandoned')
+  end
+  if #args[4] < 1 or #args[4] > 128 or #args[5] < 1 or #args[5] > 64 then
+    return err('invalid_argument', 'task is 1 to 128 bytes and task type 1 to 64 bytes')
+  end
+  log(P, { 'ts', fmt(tonumber(args[1])), 'ev', 'outcome', 'agent', args[2], 'task', args[4],
+           'tt', args[5], 'reason', args[6] })
+  return { 'ok' }
+end
+
 --[[ spendcap_create_bucket
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id (owner)  3 bucket_id ([A-Za-z0-9_.:-], 1..128)  4 cap
@@ -1255,6 +1281,7 @@ redis.register_function('spendcap_idem_finish', idem_finish)
 redis.register_function('spendcap_settle', settle)
 redis.register_function('spendcap_void', void)
 redis.register_function('spendcap_note', note)
+redis.register_function('spendcap_task_outcome', task_outcome)
 redis.register_function('spendcap_create_bucket', create_bucket)
 redis.register_function('spendcap_attr_set_once', attr_set_once)
 redis.register_function('spendcap_create_agent', create_agent)

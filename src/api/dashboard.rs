@@ -1,0 +1,106 @@
+//! The web dashboard (`/dashboard`: one HTML page with inline CSS and JS, built into the binary,
+//! no CDN) and the live event stream it reads (`/v1/events`, server-sent events).
+//!
+//! The page itself holds no data; it asks for the admin token, keeps it in sessionStorage and
+//! calls the JSON API with it. `EventSource` cannot send headers, so `/v1/events` (and only it)
+//! also accepts the admin token as the `token` query parameter.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use axum::Router;
+use futures::Stream;
+use serde::Deserialize;
+
+use super::{bearer, ApiError, SharedState};
+use crate::identity::TreeId;
+
+const PAGE: &str = include_str!("dashboard.html");
+/// How often the event stream looks for new log entries (every instance's, since it reads the log).
+const POLL: Duration = Duration::from_millis(250);
+
+pub fn router() -> Router<SharedState> {
+    Router::new().route("/dashboard", get(page)).route("/v1/events", get(events))
+}
+
+async fn page() -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, "no-store")], Html(PAGE))
+}
+
+/// The admin, by the bearer header or the `token` query parameter (for `EventSource`).
+struct StreamAdmin;
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+impl FromRequestParts<SharedState> for StreamAdmin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<StreamAdmin, ApiError> {
+        let query = Query::<TokenQuery>::try_from_uri(&parts.uri).ok().and_then(|q| q.0.token);
+        let token = bearer(parts).map(str::to_owned).or(query).ok_or_else(ApiError::unauthorized)?;
+        if state.admin.verify(&token) {
+            Ok(StreamAdmin)
+        } else {
+            Err(ApiError::unauthorized())
+        }
+    }
+}
+
+struct Tail {
+    state: SharedState,
+    /// The last entry seen per tree.
+    cursors: HashMap<TreeId, String>,
+    pending: std::collections::VecDeque<crate::ledger::LogEntry>,
+}
+
+impl Tail {
+    /// Reads what was appended since the last look, in every tree (new trees from their start).
+    async fn poll(&mut self) -> Result<(), crate::ledger::LedgerError> {
+        for tree in self.state.ledger.trees().await? {
+            let after = self.cursors.entry(tree.clone()).or_insert_with(|| "0".into());
+            let page = self.state.ledger.read_log(&tree, after, 256).await?;
+            if let Some(last) = page.last() {
+                *after = last.id.clone();
+            }
+            self.pending.extend(page);
+        }
+        Ok(())
+    }
+}
+
+/// New log entries of every tree as they are appended, one `log` event each (JSON, as in the
+/// export); a comment every 15 s keeps the connection open.
+async fn events(
+    _: StreamAdmin,
+    State(state): State<SharedState>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let mut cursors = HashMap::new();
+    for tree in state.ledger.trees().await? {
+        let tail = state.ledger.log_tail(&tree).await?;
+        cursors.insert(tree, tail);
+    }
+    let tail = Tail { state, cursors, pending: Default::default() };
+    let stream = futures::stream::unfold(tail, |mut tail| async move {
+        loop {
+            if let Some(entry) = tail.pending.pop_front() {
+                let data = serde_json::to_string(&entry).unwrap_or_default();
+                return Some((Ok(Event::default().event("log").data(data)), tail));
+            }
+            tokio::time::sleep(POLL).await;
+            if let Err(e) = tail.poll().await {
+                tracing::warn!(error = %e, "event stream: reading the log failed; retrying");
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

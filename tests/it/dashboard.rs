@@ -1,0 +1,58 @@
+//! The dashboard in headless Chromium: `tests/browser/dashboard.mjs` (playwright-core) loads
+//! it, sees an agent's bar move after a payment, revokes the agent with the button and sees the
+//! next payment refused; it saves `target/dashboard.png`. Needs `node`, Debian's `chromium` and
+//! `npm ci` in `tests/browser` (`.ci/run` installs them).
+
+use std::path::Path;
+use std::process::Command;
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::support::{spawn_app, ADMIN_TOKEN};
+
+#[tokio::test]
+async fn dashboard_pays_revokes_and_refuses_in_a_browser() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let browser_dir = root.join("tests/browser");
+    assert!(
+        browser_dir.join("node_modules/playwright-core").exists(),
+        "run `npm ci --prefix tests/browser` and `apt-get install chromium` first (.ci/run does)"
+    );
+    let app = spawn_app().await;
+    let agent = app.create_agent("browser-agent", 5_000_000, None).await;
+    let sub = app.create_agent("browser-sub", 1_000_000, Some(&agent.id)).await;
+    // Some history for the report panels.
+    let (status, _) = app
+        .agent_call(
+            &sub.token,
+            Method::POST,
+            "/v1/tasks/t0/outcome",
+            Some(json!({ "outcome": "success", "task_type": "research" })),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    let screenshot = root.join("target/dashboard.png");
+    std::fs::create_dir_all(root.join("target")).expect("target dir");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg("dashboard.mjs")
+            .current_dir(&browser_dir)
+            .env("BASE", &app.base)
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("AGENT_TOKEN", &agent.token)
+            .env("HANDLE", "browser-agent")
+            .env("SCREENSHOT", &screenshot)
+            .output()
+            .map(|o| (o, app))
+    })
+    .await
+    .expect("join");
+    let (output, _app) = output.expect("node must be installed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "browser test failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("dashboard test: ok"), "{stdout}");
+    assert!(root.join("target/dashboard.png").exists());
+}
