@@ -71,7 +71,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let sweeper = sweep_interval.map(|interval| tokio::spawn(sweep(state.clone(), interval)));
     let alerts = state.alerts.clone().map(|config| crate::alerts::spawn(state.clone(), config));
-    let app = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
+    // Request spans name the method and the path only: a query string may carry a credential
+    // (the dashboard's event stream accepts the admin token there), and must never be logged.
+    let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+        tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+    });
+    let app = api::router(state).layer(trace);
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     for task in [sweeper, alerts].into_iter().flatten() {
         task.abort();

@@ -592,9 +592,17 @@ async fn secrets_never_reach_the_logs() {
         .send()
         .await
         .expect("x402");
+    // The dashboard's event stream takes the admin token in the query string.
+    let events = http
+        .get(format!("{}/v1/events?token={ADMIN_TOKEN}", daemon.base))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(events.is_ok_and(|r| r.status() == 200), "the event stream accepts the query token");
     drop(daemon);
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(text.lines().count() > 10, "the daemon logged at trace level:\n{text}");
+    assert!(text.contains("/v1/events"), "the event stream request was logged (by path)");
     let receipt_key = std::fs::read_to_string(&key_file).expect("receipt key");
     let receipt_key_body: String = receipt_key.lines().filter(|l| !l.starts_with("-----")).collect();
     for (what, secret) in [
