@@ -439,6 +439,17 @@ impl Drop for DaemonProcess {
 }
 
 async fn daemon_process(redis: &RedisServer, key: &std::path::Path) -> DaemonProcess {
+    daemon_process_with(redis, key, &[], Stdio::null()).await
+}
+
+/// Runs the `spendcap serve` binary on a free port against `redis`, with extra environment
+/// variables and its stdout (where it logs) sent to `stdout`, and waits until it answers.
+async fn daemon_process_with(
+    redis: &RedisServer,
+    key: &std::path::Path,
+    env: &[(&str, &str)],
+    stdout: Stdio,
+) -> DaemonProcess {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_spendcap"))
         .arg("serve")
@@ -447,7 +458,8 @@ async fn daemon_process(redis: &RedisServer, key: &std::path::Path) -> DaemonPro
         .env("SPENDCAP_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("SPENDCAP_RECEIPT_KEY", key)
         .env("SPENDCAP_SWEEP_INTERVAL_SECS", "0")
-        .stdout(Stdio::null())
+        .envs(env.iter().copied())
+        .stdout(stdout)
         .stderr(Stdio::null())
         .spawn()
         .expect("spendcap binary");
@@ -522,35 +534,21 @@ async fn a_killed_daemon_leaves_holds_that_expire_while_another_keeps_serving() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_logs() {
     let redis = RedisServer::start();
-    let port = free_port();
-    let log = std::env::temp_dir().join(format!("spendcap-secrets-{port}.log"));
-    let key_file = std::env::temp_dir().join(format!("spendcap-secrets-key-{port}.pem"));
+    let unique = rand::random::<u64>();
+    let log = std::env::temp_dir().join(format!("spendcap-secrets-{unique}.log"));
+    let key_file = std::env::temp_dir().join(format!("spendcap-secrets-key-{unique}.pem"));
     let x402_key = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
     let kek = "5f4dcc3b5aa765d61d8327deb882cf995f4dcc3b5aa765d61d8327deb882cf99";
-    let child = Command::new(env!("CARGO_BIN_EXE_spendcap"))
-        .arg("serve")
-        .env("SPENDCAP_LISTEN", format!("127.0.0.1:{port}"))
-        .env("SPENDCAP_REDIS_URL", redis.url())
-        .env("SPENDCAP_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("SPENDCAP_RECEIPT_KEY", &key_file)
-        .env("SPENDCAP_X402_PRIVATE_KEY", x402_key)
-        .env("SPENDCAP_AP2_KEK", kek)
-        // Everything the daemon can say, at the most verbose level.
-        .env("SPENDCAP_LOG", "trace")
-        .env("SPENDCAP_LOG_FORMAT", "json")
-        .stdout(std::fs::File::create(&log).expect("log file"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spendcap binary");
-    let daemon = DaemonProcess { child, base: format!("http://127.0.0.1:{port}") };
+    // Everything the daemon can say, at the most verbose level.
+    let env = [
+        ("SPENDCAP_X402_PRIVATE_KEY", x402_key),
+        ("SPENDCAP_AP2_KEK", kek),
+        ("SPENDCAP_LOG", "trace"),
+        ("SPENDCAP_LOG_FORMAT", "json"),
+    ];
+    let stdout = Stdio::from(std::fs::File::create(&log).expect("log file"));
+    let daemon = daemon_process_with(&redis, &key_file, &env, stdout).await;
     let http = reqwest::Client::new();
-    let url = format!("{}/healthz", daemon.base);
-    wait_for("the daemon to start", Duration::from_secs(20), || {
-        let http = http.clone();
-        let url = url.clone();
-        async move { http.get(url).send().await.map(|r| r.status() == 200).unwrap_or(false) }
-    })
-    .await;
     let created: Value = http
         .post(format!("{}/v1/agents", daemon.base))
         .bearer_auth(ADMIN_TOKEN)
