@@ -6,7 +6,9 @@
 //! 2. spendcap's own `spendcap_hold` and `spendcap_settle` functions under `redis-benchmark`
 //!    (same 50 clients, 10,000 agents);
 //! 3. the same hold function called from Rust through `RedisLedger` at the same concurrency;
-//! 4. paid calls (hold + settle pairs) through the HTTP API of a `spendcap serve` process;
+//! 4. paid calls through the HTTP API of a `spendcap serve` process: generic hold + settle
+//!    pairs, x402 fetches, ACP checkouts and AP2 payments (the providers are `spendcap::sim`'s
+//!    simulated ones, in this process, on loopback);
 //! 5. the daemon's resident memory with 1,000 concurrent connections;
 //! 6. Redis bytes per agent, per open hold and per log entry.
 //!
@@ -23,6 +25,7 @@ use adapters::{Micros, Protocol};
 use rand::Rng;
 use spendcap::identity::{AgentId, HoldId, TokenHash, TreeId};
 use spendcap::ledger::{Caller, HoldOutcome, HoldRequest, RedisConfig, RedisLedger};
+use spendcap::sim::Providers;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const AGENTS: u64 = 10_000;
@@ -271,11 +274,15 @@ const ADMIN: &str = "bench-admin-token-0123456789abcdef0123456789";
 /// The x402 test vector's key (a public test key), which the daemon signs with in the benchmark.
 const X402_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
 
-async fn start_daemon(redis: &Redis) -> Daemon {
+/// A `spendcap serve` process on `redis`, configured for the simulated ACP and AP2 providers.
+async fn start_daemon(redis: &Redis, providers: &Providers) -> Daemon {
     let port = free_port();
     let key = std::env::temp_dir().join(format!("spendcap-bench-key-{port}.pem"));
+    let config_dir = std::env::temp_dir().join(format!("spendcap-bench-config-{port}"));
+    std::fs::create_dir_all(&config_dir).expect("config directory");
     let child = Command::new(env!("CARGO_BIN_EXE_spendcap"))
         .arg("serve")
+        .envs(providers.daemon_env(&config_dir).expect("provider configuration"))
         .env("SPENDCAP_X402_PRIVATE_KEY", X402_KEY)
         .env("SPENDCAP_X402_ALLOW_PRIVATE", "127.0.0.1")
         .env("SPENDCAP_LISTEN", format!("127.0.0.1:{port}"))
@@ -513,6 +520,156 @@ async fn x402_stage(daemon: &Daemon, fetches: u64) -> (Figure, Figure, Duration)
     (direct, percentiles(all, paid_start.elapsed()), per_signature)
 }
 
+/// Runs `total` calls from `CONCURRENCY` clients; `call(client, i)` makes one and returns once
+/// it has checked the answer. The latency of each call and the overall rate.
+async fn clients<F, Fut>(total: u64, call: F) -> Figure
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let per_client = total / CONCURRENCY as u64;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|c| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                for i in 0..per_client {
+                    let t = Instant::now();
+                    call(c, i).await;
+                    latencies.push(t.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("client"));
+    }
+    percentiles(all, start.elapsed())
+}
+
+async fn bench_agent(http: &reqwest::Client, daemon: &Daemon, handle: &str) -> String {
+    let created: serde_json::Value = http
+        .post(format!("{}/v1/agents", daemon.base))
+        .bearer_auth(ADMIN)
+        .json(
+            &serde_json::json!({ "handle": handle, "cap_micros": Micros::MAX.get(), "controls": { "breaker": null } }),
+        )
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    created["token"].as_str().expect("token").to_owned()
+}
+
+/// ACP purchases through the daemon, each of one item from the simulated merchant: create the
+/// session, read it, hold, delegate the card at the PSP, complete, settle + receipt.
+async fn acp_stage(daemon: &Daemon, providers: &Providers, purchases: u64) -> Figure {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().expect("client");
+    let token = Arc::new(bench_agent(&http, daemon, "acp-bench").await);
+    let base = daemon.base.clone();
+    let charged_before = providers.acp.charged_cents();
+    let figure = clients(purchases, move |c, i| {
+        let (http, token, base) = (http.clone(), token.clone(), base.clone());
+        async move {
+            let body: serde_json::Value = http
+                .post(format!("{base}/v1/acp/checkouts"))
+                .bearer_auth(token.as_str())
+                .header("Idempotency-Key", format!("acp-bench-{c}-{i}"))
+                .json(&serde_json::json!({ "merchant": spendcap::sim::ACP_MERCHANT,
+                                           "items": [{ "id": "report_market" }], "task": "bench" }))
+                .send()
+                .await
+                .expect("checkout")
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(body["status"], "completed", "{body}");
+        }
+    })
+    .await;
+    let purchases = purchases / CONCURRENCY as u64 * CONCURRENCY as u64;
+    assert_eq!(providers.acp.charged_cents() - charged_before, purchases * 45, "the merchant was paid every purchase");
+    figure
+}
+
+/// AP2 v0.2 payments through the daemon, for checkouts the simulated merchant signed beforehand:
+/// verify the open mandates and the checkout, hold against the caps and the mandate's budget,
+/// sign the closed mandates, get a token from the Credential Provider, complete at the merchant,
+/// verify both receipts, settle + receipt. A mandate's budget allows one outstanding payment at a
+/// time, so each client is its own agent with its own mandates.
+async fn ap2_stage(daemon: &Daemon, providers: &Providers, payments: u64) -> Figure {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().expect("client");
+    let per_client = payments / CONCURRENCY as u64;
+    let terms = spendcap::sim::ap2::MandateTerms {
+        items: &["sku_company_profile"],
+        budget_cents: 100_000_000,
+        max_payment_cents: 100,
+        valid_secs: 3600,
+    };
+    let mut agents = Vec::new();
+    for c in 0..CONCURRENCY {
+        let token = bench_agent(&http, daemon, &format!("ap2-bench-{c}")).await;
+        let key: serde_json::Value = http
+            .get(format!("{}/v1/ap2/key", daemon.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("key")
+            .json()
+            .await
+            .expect("json");
+        let jwk = serde_json::from_value(key["jwk"].clone()).expect("a public JWK");
+        let mandates = providers.ap2.issue_mandates(&jwk, &terms).expect("mandates");
+        // The carts are the merchant's work, not the daemon's: made before the clock starts.
+        let mut carts = Vec::new();
+        for _ in 0..per_client {
+            let cart: serde_json::Value = http
+                .post(format!("{}/checkouts", providers.ap2.merchant_base()))
+                .json(&serde_json::json!({ "items": ["sku_company_profile"] }))
+                .send()
+                .await
+                .expect("cart")
+                .json()
+                .await
+                .expect("json");
+            carts.push(cart["checkout_jwt"].as_str().expect("checkout JWT").to_owned());
+        }
+        agents.push((token, mandates, carts));
+    }
+    let agents = Arc::new(agents);
+    let base = daemon.base.clone();
+    let paid_before = providers.ap2.paid_cents();
+    let figure = clients(payments, move |c, i| {
+        let (http, base, agents) = (http.clone(), base.clone(), agents.clone());
+        async move {
+            let (token, mandates, carts) = &agents[c];
+            let body: serde_json::Value = http
+                .post(format!("{base}/v1/ap2/payments"))
+                .bearer_auth(token)
+                .json(
+                    &serde_json::json!({ "checkout_jwt": carts[i as usize], "open_checkout_mandate": mandates.checkout,
+                                           "open_payment_mandate": mandates.payment, "task": "bench" }),
+                )
+                .send()
+                .await
+                .expect("payment")
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(body["status"], "paid", "{body}");
+        }
+    })
+    .await;
+    let payments = per_client * CONCURRENCY as u64;
+    assert_eq!(providers.ap2.paid_cents() - paid_before, payments as i64 * 30, "the merchant was paid every payment");
+    figure
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -644,9 +801,12 @@ fn main() {
 
     // Stage 4 and 5: the daemon over HTTP.
     let redis = Redis::start();
-    let daemon = runtime.block_on(start_daemon(&redis));
+    let providers = runtime.block_on(Providers::start()).expect("simulated providers");
+    let daemon = runtime.block_on(start_daemon(&redis, &providers));
     let (pairs, http_hold, http_settle) = runtime.block_on(http_paid_calls(&daemon, scaled(40_000)));
     let (direct, paid, per_signature) = runtime.block_on(x402_stage(&daemon, scaled(10_000)));
+    let acp = runtime.block_on(acp_stage(&daemon, &providers, scaled(5_000)));
+    let ap2 = runtime.block_on(ap2_stage(&daemon, &providers, scaled(2_000)));
     let (rss_idle, rss_loaded) = runtime.block_on(rss_at_connections(&daemon, 1_000));
     drop(daemon);
 
@@ -714,6 +874,14 @@ fn main() {
         "| — one EIP-3009 / EIP-712 signature (secp256k1), in-process | {:.0}/s | {:.3} ms | | | |",
         1.0 / per_signature.as_secs_f64(),
         per_signature.as_secs_f64() * 1e3
+    ));
+    line(format!(
+        "| ACP: checkout through the daemon (create + read session, hold, PSP delegation, complete, settle + receipt), 50 clients | {:.0}/s | {:.3} ms | {:.3} ms | {:.3} | |",
+        acp.rps, acp.p50_ms, acp.p99_ms, ratio(acp.rps)
+    ));
+    line(format!(
+        "| AP2: payment through the daemon (verify mandates + checkout, hold with mandate budget, sign closed mandates, Credential Provider, merchant, verify receipts, settle + receipt), 50 clients | {:.0}/s | {:.3} ms | {:.3} ms | {:.3} | |",
+        ap2.rps, ap2.p50_ms, ap2.p99_ms, ratio(ap2.rps)
     ));
     line(String::new());
     line(format!(

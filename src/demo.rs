@@ -1,15 +1,18 @@
-//! `spendcap demo`: the daemon on the in-process ledger, a small fleet run through a scenario
-//! over the real HTTP API, the cost report printed, and the dashboard left up until Ctrl-C.
+//! `spendcap demo`: the daemon on the in-process ledger, simulated x402, ACP and AP2 providers
+//! ([`crate::sim`]), a small fleet run through a scenario over the real HTTP API, the cost
+//! report printed, and the dashboard left up until Ctrl-C.
 //!
-//! The fleet pays through the generic budget authority (hold → settle), labelling services the
-//! way x402, ACP and AP2 payments would name them; it does not run simulated protocol providers.
-//! - `research` finishes three research tasks under its $5.00 cap (per-task cap $1.50);
-//! - `enrichment` ($1.00 cap) buys lookups until a payment is refused at its cap;
-//! - `looper` pays the same thing again and again until its runaway-loop breaker suspends it;
-//!   the operator then revokes it (`runaway_loop`) and its next payment is refused.
+//! - `research` ($5.00 cap, $1.50 per task) finishes three research tasks: searches and papers
+//!   bought over x402, a dataset and a report bought from an ACP merchant;
+//! - `enrichment` ($1.00 cap) buys company profiles through AP2 under a user's open mandate
+//!   ($5.00 budget) until a payment is refused at its own cap;
+//! - `looper` polls the same x402 search again and again (same service, same price) until its runaway-loop breaker suspends
+//!   it; the operator then revokes it (`runaway_loop`) and its next payment is refused.
 
 use reqwest::Method;
 use serde_json::{json, Value};
+
+use crate::sim::{ap2::MandateTerms, usd, Providers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -23,19 +26,31 @@ pub enum DemoError {
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub research_spent_micros: u64,
+    /// Payments made by protocol: (x402, ACP, AP2).
+    pub payments: (u32, u32, u32),
     pub enrichment_refusal: String,
     pub looper_suspension: String,
     pub looper_after_revoke: String,
     pub lines: Vec<String>,
 }
 
-struct Api {
+/// One purchase an agent makes.
+#[derive(Clone, Copy)]
+enum Purchase {
+    /// A paid x402 resource, by path.
+    X402(&'static str),
+    /// An ACP checkout of one catalog item.
+    Acp(&'static str),
+}
+
+struct Api<'a> {
     http: reqwest::Client,
     base: String,
     admin: String,
+    providers: &'a Providers,
 }
 
-impl Api {
+impl Api<'_> {
     async fn call(
         &self,
         token: &str,
@@ -61,22 +76,36 @@ impl Api {
         Ok((text(&created["agent"]["id"]), text(&created["token"])))
     }
 
-    /// Holds and settles `amount`; `Err(code)` when the hold is refused.
-    async fn pay(&self, token: &str, service: &str, task: &str, amount: u64) -> Result<Result<(), String>, DemoError> {
-        let body = json!({ "amount_micros": amount, "service": service, "task": task });
-        let (status, hold) = self.call(token, Method::POST, "/v1/holds", Some(body)).await?;
-        if status == 402 {
-            return Ok(Err(hold["code"].as_str().unwrap_or("refused").to_owned()));
+    /// Sends a payment request; `Ok(amount paid)`, or `Err(code)` when spendcap refused it.
+    async fn paid(&self, token: &str, path: &str, body: Value, amount: &str) -> Result<Result<u64, String>, DemoError> {
+        let (status, answer) = self.call(token, Method::POST, path, Some(body)).await?;
+        match status {
+            200 | 201 => answer
+                .pointer(amount)
+                .and_then(Value::as_u64)
+                .map(Ok)
+                .ok_or_else(|| DemoError::Unexpected(format!("{path}: no amount paid in {answer}"))),
+            402 => Ok(Err(answer["code"].as_str().unwrap_or("refused").to_owned())),
+            _ => Err(DemoError::Unexpected(format!("{path}: {status} {answer}"))),
         }
-        let hold_id =
-            hold["hold_id"].as_str().ok_or_else(|| DemoError::Unexpected(format!("hold: {status} {hold}")))?;
-        let (status, settled) = self
-            .call(token, Method::POST, &format!("/v1/holds/{hold_id}/settle"), Some(json!({ "amount_micros": amount })))
-            .await?;
-        if status != 200 {
-            return Err(DemoError::Unexpected(format!("settle: {status} {settled}")));
+    }
+
+    async fn buy(&self, token: &str, purchase: Purchase, task: &str) -> Result<Result<u64, String>, DemoError> {
+        match purchase {
+            Purchase::X402(path) => self.x402(token, path, task).await,
+            Purchase::Acp(item) => {
+                let body = json!({ "merchant": crate::sim::ACP_MERCHANT, "items": [{ "id": item }], "task": task });
+                self.paid(token, "/v1/acp/checkouts", body, "/amount_micros").await
+            }
         }
-        Ok(Ok(()))
+    }
+
+    /// Fetches a paid x402 resource (`path` may carry a query). The same request in the same
+    /// task is the same purchase (spendcap answers a repeat from the first one), so a new
+    /// purchase of the same resource differs somewhere, as a poll's or a page's query does.
+    async fn x402(&self, token: &str, path: &str, task: &str) -> Result<Result<u64, String>, DemoError> {
+        let body = json!({ "url": format!("{}{path}", self.providers.x402.base()), "task": task });
+        self.paid(token, "/v1/x402/fetch", body, "/payment/amount_micros").await
     }
 
     async fn outcome(&self, token: &str, task: &str, task_type: &str, outcome: &str) -> Result<(), DemoError> {
@@ -89,82 +118,125 @@ impl Api {
     }
 }
 
-/// Runs the three-agent scenario against the daemon at `base`.
-pub async fn scenario(base: &str, admin_token: &str) -> Result<Outcome, DemoError> {
+/// Runs the three-agent scenario against the daemon at `base`, which must be configured for
+/// `providers` ([`Providers::protocol_config`]).
+pub async fn scenario(base: &str, admin_token: &str, providers: &Providers) -> Result<Outcome, DemoError> {
     let api = Api {
         http: reqwest::Client::new(),
         base: base.trim_end_matches('/').to_owned(),
         admin: admin_token.to_owned(),
+        providers,
     };
     let mut out = Outcome::default();
+    research(&api, &mut out).await?;
+    enrichment(&api, &mut out).await?;
+    looper(&api, &mut out).await?;
+    Ok(out)
+}
 
-    let (_, research) = api
+async fn research(api: &Api<'_>, out: &mut Outcome) -> Result<(), DemoError> {
+    let (_, token) = api
         .create(json!({ "handle": "research", "cap_micros": 5_000_000, "controls": { "task_cap_micros": 1_500_000 } }))
         .await?;
-    let costs: [&[(&str, u64)]; 3] = [
-        &[("api.openai.com", 420_000), ("x402:0x209693bc6afc0c5328ba36faf03c514ef312287c", 100_000)],
-        &[("api.openai.com", 380_000), ("serpapi.com", 150_000)],
-        &[("api.openai.com", 510_000), ("acp:merchant_books", 250_000), ("ap2:travel.example", 90_000)],
+    use Purchase::{Acp, X402};
+    let tasks: [&[Purchase]; 3] = [
+        &[X402("/search"), X402("/papers/attention"), Acp("dataset_climate")],
+        &[X402("/search"), X402("/papers/scaling")],
+        &[X402("/search"), X402("/papers/retrieval"), Acp("report_market")],
     ];
-    for (i, payments) in costs.iter().enumerate() {
+    for (i, purchases) in tasks.iter().enumerate() {
         let task = format!("research-{}", i + 1);
-        for (service, amount) in payments.iter() {
-            if let Err(code) = api.pay(&research, service, &task, *amount).await? {
-                return Err(DemoError::Unexpected(format!("research was refused: {code}")));
+        for purchase in purchases.iter() {
+            match api.buy(&token, *purchase, &task).await? {
+                Ok(amount) => out.research_spent_micros += amount,
+                Err(code) => return Err(DemoError::Unexpected(format!("research was refused: {code}"))),
             }
-            out.research_spent_micros += amount;
+            match purchase {
+                X402(_) => out.payments.0 += 1,
+                Acp(_) => out.payments.1 += 1,
+            }
         }
-        api.outcome(&research, &task, "research", "success").await?;
+        api.outcome(&token, &task, "research", "success").await?;
     }
     out.lines.push(format!(
-        "research: 3 tasks succeeded, ${} of its $5.00 cap spent",
-        adapters::Micros::new(out.research_spent_micros).map(|m| m.to_usd_string()).unwrap_or_default()
+        "research: 3 tasks succeeded (x402 searches and papers, ACP dataset and report), ${} of its $5.00 cap spent",
+        usd(out.research_spent_micros)
     ));
+    Ok(())
+}
 
-    let (_, enrichment) = api.create(json!({ "handle": "enrichment", "cap_micros": 1_000_000 })).await?;
+async fn enrichment(api: &Api<'_>, out: &mut Outcome) -> Result<(), DemoError> {
+    let (_, token) = api.create(json!({ "handle": "enrichment", "cap_micros": 1_000_000 })).await?;
+    let (status, key) = api.call(&token, Method::GET, "/v1/ap2/key", None).await?;
+    let jwk = serde_json::from_value(key["jwk"].clone())
+        .map_err(|e| DemoError::Unexpected(format!("the agent's AP2 key: {status} {key} ({e})")))?;
+    let sku = crate::sim::AP2_CATALOG[0].0;
+    let terms = MandateTerms { items: &[sku], budget_cents: 500, max_payment_cents: 100, valid_secs: 3600 };
+    let mandates = api.providers.ap2.issue_mandates(&jwk, &terms).map_err(DemoError::Unexpected)?;
     for n in 1..=10 {
-        let task = format!("enrich-{}", (n + 1) / 2);
-        match api.pay(&enrichment, "api.clearbit.example", &task, 300_000).await? {
-            Ok(()) if n % 2 == 0 => api.outcome(&enrichment, &task, "enrichment", "success").await?,
-            Ok(()) => {}
+        let task = format!("enrich-{n}");
+        // The merchant's agent hands out a signed cart for one company profile.
+        let cart: Value = api
+            .http
+            .post(format!("{}/checkouts", api.providers.ap2.merchant_base()))
+            .json(&json!({ "items": [sku] }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let body = json!({ "checkout_jwt": cart["checkout_jwt"], "open_checkout_mandate": mandates.checkout,
+                          "open_payment_mandate": mandates.payment, "task": task });
+        match api.paid(&token, "/v1/ap2/payments", body, "/amount_micros").await? {
+            Ok(_) => {
+                out.payments.2 += 1;
+                api.outcome(&token, &task, "enrichment", "success").await?;
+            }
             Err(code) => {
-                api.outcome(&enrichment, &task, "enrichment", "failed").await?;
-                out.lines
-                    .push(format!("enrichment: payment {n} refused at its $1.00 cap ({code}); task {task} failed"));
+                api.outcome(&token, &task, "enrichment", "failed").await?;
+                out.lines.push(format!(
+                    "enrichment: {} AP2 purchases under a $5.00 mandate budget; payment {n} refused at its $1.00 \
+                     cap ({code}), task {task} failed",
+                    n - 1
+                ));
                 out.enrichment_refusal = code;
                 break;
             }
         }
     }
+    Ok(())
+}
 
-    let (looper_id, looper) = api
+async fn looper(api: &Api<'_>, out: &mut Outcome) -> Result<(), DemoError> {
+    let (looper_id, token) = api
         .create(json!({ "handle": "looper", "cap_micros": 10_000_000,
                         "controls": { "breaker": { "max_holds": 600, "window_secs": 60, "max_repeats": 5 } } }))
         .await?;
     for n in 1..=20 {
-        if let Err(code) = api.pay(&looper, "api.openai.com", "loop-1", 50_000).await? {
-            out.lines.push(format!("looper: payment {n} refused ({code}): the runaway-loop breaker tripped"));
-            out.looper_suspension = code;
-            break;
+        // A stuck agent polling the same search: the same service and price every time.
+        match api.x402(&token, &format!("/search?q=order+status&poll={n}"), "loop-1").await? {
+            Ok(_) => out.payments.0 += 1,
+            Err(code) => {
+                out.lines.push(format!(
+                    "looper: x402 search {n} refused ({code}): the runaway-loop breaker tripped after {} identical \
+                     payments",
+                    n - 1
+                ));
+                out.looper_suspension = code;
+                break;
+            }
         }
     }
-    api.outcome(&looper, "loop-1", "research", "abandoned").await?;
-    let (status, answer) = api
-        .call(
-            admin_token,
-            Method::POST,
-            &format!("/v1/agents/{looper_id}/revoke"),
-            Some(json!({ "reason": "runaway_loop" })),
-        )
-        .await?;
+    api.outcome(&token, "loop-1", "research", "abandoned").await?;
+    let path = format!("/v1/agents/{looper_id}/revoke");
+    let (status, answer) = api.call(&api.admin, Method::POST, &path, Some(json!({ "reason": "runaway_loop" }))).await?;
     if status != 200 {
         return Err(DemoError::Unexpected(format!("revoke: {status} {answer}")));
     }
-    out.looper_after_revoke = match api.pay(&looper, "api.openai.com", "loop-2", 50_000).await? {
-        Ok(()) => return Err(DemoError::Unexpected("a revoked agent paid".into())),
+    out.looper_after_revoke = match api.x402(&token, "/search?q=order+status", "loop-2").await? {
+        Ok(_) => return Err(DemoError::Unexpected("a revoked agent paid".into())),
         Err(code) => code,
     };
     out.lines
         .push(format!("looper: revoked (runaway_loop); its next payment was refused ({})", out.looper_after_revoke));
-    Ok(out)
+    Ok(())
 }

@@ -16,3 +16,4 @@ pub mod protocols;
 pub mod receipt;
 pub mod report;
 pub mod server;
+pub mod sim;

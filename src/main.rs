@@ -111,8 +111,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SPENDCAP_LOG").unwrap_or_else(|_| "warn".into());
+    // The scenario's own lines say what happened; the daemon's warnings (the revocation) would
+    // only repeat them in between.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPENDCAP_LOG").unwrap_or_else(|_| "error".into());
     tracing_subscriber::fmt().with_env_filter(filter).init();
+    let providers = spendcap::sim::Providers::start().await.context("starting the simulated providers")?;
     let admin_token = AdminToken::generate();
     let config = Config {
         alerts: None,
@@ -121,7 +124,7 @@ async fn demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
         signer: ReceiptSigner::generate(),
         limits: Limits::default(),
         clock: Clock::system(),
-        protocols: ProtocolConfig::default(),
+        protocols: providers.protocol_config()?,
         sweep_interval: Some(Duration::from_secs(30)),
     };
     let sweep_interval = config.sweep_interval;
@@ -131,11 +134,24 @@ async fn demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let served = state.clone();
     let server = tokio::spawn(server::serve(served, listener, sweep_interval, shutdown_signal()));
     let base = format!("http://{address}");
-    eprintln!("spendcap demo: in-process ledger (nothing is durable), listening on {base}\n");
-    let outcome = spendcap::demo::scenario(&base, admin_token.reveal()).await?;
+    eprintln!(
+        "spendcap demo: in-process ledger (nothing is durable), listening on {base}\n\
+         simulated providers: x402 resource {}, ACP merchant '{}', AP2 merchant '{}' with a Credential Provider\n",
+        providers.x402.base(),
+        spendcap::sim::ACP_MERCHANT,
+        spendcap::sim::AP2_MERCHANT,
+    );
+    let outcome = spendcap::demo::scenario(&base, admin_token.reveal(), &providers).await?;
     for line in &outcome.lines {
         println!("  {line}");
     }
+    let (x402, acp, ap2) = outcome.payments;
+    println!(
+        "  providers were paid: x402 ${}, ACP ${}, AP2 ${} ({x402} x402, {acp} ACP and {ap2} AP2 payments)",
+        spendcap::sim::usd(providers.x402.received_micros()),
+        spendcap::sim::usd(providers.acp.charged_cents() * 10_000),
+        spendcap::sim::usd(providers.ap2.paid_cents().max(0) as u64 * 10_000),
+    );
     println!();
     let report = spendcap::report::report(&state.ledger, spendcap::log::LogFilter::default()).await?;
     print!("{}", spendcap::report::table(&report));

@@ -174,7 +174,7 @@ pub struct DelegatePaymentResponse {
 
 /// Formats milliseconds since the Unix epoch as an RFC 3339 UTC timestamp with whole seconds.
 /// Truncating the milliseconds makes an allowance end a little early, never late.
-pub(crate) fn rfc3339_utc(unix_ms: u64) -> Result<String, AcpError> {
+pub fn rfc3339_utc(unix_ms: u64) -> Result<String, AcpError> {
     let seconds = unix_ms / 1000;
     let (year, month, day) = civil_from_days(seconds / 86_400);
     if year > 9999 {

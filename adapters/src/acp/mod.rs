@@ -42,8 +42,8 @@ pub use checks::{
 };
 pub use currency::CurrencyPolicy;
 pub use delegate::{
-    Allowance, AllowanceReason, DelegatePaymentRequest, DelegatePaymentResponse, Delegation, RiskAction, RiskSignal,
-    RiskSignalType,
+    rfc3339_utc, Allowance, AllowanceReason, DelegatePaymentRequest, DelegatePaymentResponse, Delegation, RiskAction,
+    RiskSignal, RiskSignalType,
 };
 pub use error::{AcpError, Provider, ProviderError};
 pub use http::{ApiKey, IdempotencyKey, ProviderConfig, RetryPolicy};

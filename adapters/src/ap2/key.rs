@@ -99,6 +99,12 @@ impl AgentKey {
         jose::thumbprint(&self.public)
     }
 
+    /// Signs `payload_json` as a compact ES256 JWS with this key (header `typ` as given, `kid`
+    /// when set): what a merchant, processor or credential issuer does with its own key.
+    pub fn sign_jws(&self, typ: Option<&str>, kid: Option<&str>, payload_json: &str) -> Result<String, Ap2Error> {
+        jose::sign_jws(&self.signing, typ, kid, payload_json)
+    }
+
     pub(crate) fn signing_key(&self) -> &SigningKey {
         &self.signing
     }

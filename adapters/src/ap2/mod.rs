@@ -107,4 +107,5 @@ pub use sd_jwt::{
     delegate_content, join_chain, split_chain, verify_kb_sd_jwt, verify_sd_jwt, Disclosure, KeyBinding, SdJwt,
     VerifiedKeyBinding, VerifiedSdJwt, SD_ALG, TYP_KB_SD_JWT,
 };
+pub use time::parse_datetime;
 pub use types::Jwk;
