@@ -14,6 +14,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use spendcap::clock::Clock;
 use spendcap::ledger::RedisConfig;
+use spendcap::sim::Providers;
 
 use crate::support::{
     free_port, spawn_app, spawn_app_with, wait_for, Agent, AppOptions, RedisServer, TestApp, ADMIN_TOKEN,
@@ -539,13 +540,24 @@ async fn secrets_never_reach_the_logs() {
     let key_file = std::env::temp_dir().join(format!("spendcap-secrets-key-{unique}.pem"));
     let x402_key = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
     let kek = "5f4dcc3b5aa765d61d8327deb882cf995f4dcc3b5aa765d61d8327deb882cf99";
-    // Everything the daemon can say, at the most verbose level.
-    let env = [
+    // Every protocol configured against the simulated providers (ACP: a card, PSP and merchant
+    // API keys; AP2: the key-encryption key), and everything the daemon can say, at the most
+    // verbose level.
+    let providers = Providers::start().await.expect("simulated providers");
+    let config_dir = std::env::temp_dir().join(format!("spendcap-secrets-config-{unique}"));
+    std::fs::create_dir_all(&config_dir).expect("config dir");
+    let provider_env = providers.daemon_env(&config_dir).expect("provider configuration");
+    let mut env: Vec<(&str, &str)> = provider_env
+        .iter()
+        .filter(|(name, _)| !matches!(*name, "SPENDCAP_X402_PRIVATE_KEY" | "SPENDCAP_AP2_KEK"))
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    env.extend([
         ("SPENDCAP_X402_PRIVATE_KEY", x402_key),
         ("SPENDCAP_AP2_KEK", kek),
         ("SPENDCAP_LOG", "trace"),
         ("SPENDCAP_LOG_FORMAT", "json"),
-    ];
+    ]);
     let stdout = Stdio::from(std::fs::File::create(&log).expect("log file"));
     let daemon = daemon_process_with(&redis, &key_file, &env, stdout).await;
     let http = reqwest::Client::new();
@@ -581,7 +593,7 @@ async fn secrets_never_reach_the_logs() {
             .expect("hold");
         let _ = http.get(format!("{}/v1/me", daemon.base)).bearer_auth(bearer).send().await.expect("me");
     }
-    // The AP2 key is generated and stored encrypted; x402 refuses a private destination.
+    // The AP2 key is generated and stored encrypted; an x402 destination that does not answer.
     let _ = http.get(format!("{}/v1/ap2/key", daemon.base)).bearer_auth(&new_token).send().await.expect("ap2 key");
     let _ = http
         .post(format!("{}/v1/x402/fetch", daemon.base))
@@ -597,13 +609,35 @@ async fn secrets_never_reach_the_logs() {
         .send()
         .await;
     assert!(events.is_ok_and(|r| r.status() == 200), "the event stream accepts the query token");
+    // The demo's whole fleet, paying through x402, ACP and AP2: delegated card tokens, AP2
+    // payment tokens and mandates, x402 authorizations all pass through the daemon.
+    let outcome = spendcap::demo::scenario(&daemon.base, ADMIN_TOKEN, &providers).await.expect("the demo scenario");
+    assert_eq!(outcome.payments, (11, 2, 3), "{outcome:?}");
     drop(daemon);
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(text.lines().count() > 10, "the daemon logged at trace level:\n{text}");
     assert!(text.contains("/v1/events"), "the event stream request was logged (by path)");
     let receipt_key = std::fs::read_to_string(&key_file).expect("receipt key");
     let receipt_key_body: String = receipt_key.lines().filter(|l| !l.starts_with("-----")).collect();
+    let acp = providers.acp.config_json();
+    let text_of = |value: &Value| value.as_str().expect("text").to_owned();
+    let (card, psp_key, merchant_key) =
+        (text_of(&acp["card"]["number"]), text_of(&acp["psp"]["api_key"]), text_of(&acp["merchants"][0]["api_key"]));
+    for path in ["/v1/x402/fetch", "/v1/acp/checkouts", "/v1/ap2/payments"] {
+        assert!(text.contains(path), "the {path} requests were logged");
+    }
+    assert!(contains_token(&format!("bearer {token}."), "sct_"), "the token detector finds a real token");
+    for (what, prefix) in
+        [("an agent token", "sct_"), ("an ACP delegated token", "vt_"), ("an AP2 payment token", "tok_")]
+    {
+        assert!(!contains_token(&text, prefix), "{what} ({prefix}…) appears in the daemon's logs");
+    }
     for (what, secret) in [
+        ("the card number", card.as_str()),
+        ("the card's CVC", "\"123\""),
+        ("the billing address", "1 Main Street"),
+        ("the PSP's API key", psp_key.as_str()),
+        ("the merchant's API key", merchant_key.as_str()),
         ("the admin token", ADMIN_TOKEN),
         ("an agent token", token.as_str()),
         ("a rotated agent token", new_token.as_str()),
@@ -616,4 +650,14 @@ async fn secrets_never_reach_the_logs() {
     }
     let _ = std::fs::remove_file(log);
     let _ = std::fs::remove_file(key_file);
+    let _ = std::fs::remove_dir_all(config_dir);
+}
+
+/// Whether `text` holds `prefix` followed by at least 24 token characters (letters, digits, `_`,
+/// `-`): a credential of that kind, whatever its value.
+fn contains_token(text: &str, prefix: &str) -> bool {
+    text.match_indices(prefix).any(|(at, _)| {
+        let rest = &text[at + prefix.len()..];
+        rest.bytes().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-').count() >= 24
+    })
 }

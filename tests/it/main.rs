@@ -14,5 +14,6 @@ mod ledger;
 mod metrics;
 mod reports;
 mod revocation;
+mod security;
 mod support;
 mod x402;
