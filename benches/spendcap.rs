@@ -804,16 +804,18 @@ fn main() {
     let providers = runtime.block_on(Providers::start()).expect("simulated providers");
     let daemon = runtime.block_on(start_daemon(&redis, &providers));
     let (pairs, http_hold, http_settle) = runtime.block_on(http_paid_calls(&daemon, scaled(40_000)));
+    // Stage 6a: Redis bytes per agent, on the generic stage's agents (real ids, tokens, trees);
+    // the protocol stages' agents also carry an AP2 key or protocol state.
+    let agent_keys = redis.cli(&["--scan", "--pattern", "sc:{*}:a:*"]);
+    let agent_keys: Vec<&str> = agent_keys.lines().take(50).collect();
+    let per_agent = agent_keys.iter().map(|k| memory_usage(&redis, k)).sum::<u64>() / agent_keys.len().max(1) as u64;
     let (direct, paid, per_signature) = runtime.block_on(x402_stage(&daemon, scaled(10_000)));
     let acp = runtime.block_on(acp_stage(&daemon, &providers, scaled(5_000)));
     let ap2 = runtime.block_on(ap2_stage(&daemon, &providers, scaled(2_000)));
     let (rss_idle, rss_loaded) = runtime.block_on(rss_at_connections(&daemon, 1_000));
     drop(daemon);
 
-    // Stage 6: Redis bytes, measured on the HTTP stage's data (real ids, tokens, trees).
-    let agent_keys = redis.cli(&["--scan", "--pattern", "sc:{*}:a:*"]);
-    let agent_keys: Vec<&str> = agent_keys.lines().take(50).collect();
-    let per_agent = agent_keys.iter().map(|k| memory_usage(&redis, k)).sum::<u64>() / agent_keys.len().max(1) as u64;
+    // Stage 6b: Redis bytes per open hold and per log entry.
     drop(redis);
     let redis = Redis::start();
     let ledger = runtime.block_on(load_library_and_agents(&redis));

@@ -162,6 +162,8 @@ fn verify(state: &ResourceState, payment: &PaymentPayload, price: u64) -> Result
     if valid_after > now {
         return Err("invalid_exact_evm_payload_authorization_valid_after");
     }
+    // Facilitators want a few seconds left to get the transfer mined (x402's reference
+    // facilitator asks for 6).
     if valid_before <= now + 6 {
         return Err("invalid_exact_evm_payload_authorization_valid_before");
     }

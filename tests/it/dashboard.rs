@@ -1,7 +1,7 @@
 //! The dashboard in headless Chromium: `tests/browser/dashboard.mjs` (playwright-core) loads
 //! it, sees an agent's bar move after a payment, revokes the agent with the button and sees the
 //! next payment refused; it saves `target/dashboard.png`. Needs `node`, Debian's `chromium` and
-//! `npm ci` in `tests/browser` (`.ci/run` installs them).
+//! `npm ci` in `tests/browser` (`scripts/test` installs them).
 
 use std::path::Path;
 use std::process::Command;
@@ -17,7 +17,7 @@ async fn dashboard_pays_revokes_and_refuses_in_a_browser() {
     let browser_dir = root.join("tests/browser");
     assert!(
         browser_dir.join("node_modules/playwright-core").exists(),
-        "run `npm ci --prefix tests/browser` and `apt-get install chromium` first (.ci/run does)"
+        "run `npm ci --prefix tests/browser` and `apt-get install chromium` first (scripts/test does)"
     );
     let app = spawn_app().await;
     let agent = app.create_agent("browser-agent", 5_000_000, None).await;
