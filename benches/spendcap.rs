@@ -132,16 +132,19 @@ fn percentiles(mut latencies: Vec<Duration>, elapsed: Duration) -> Figure {
     Figure { rps: latencies.len() as f64 / elapsed.as_secs_f64(), p50_ms: at(0.50), p99_ms: at(0.99) }
 }
 
-fn reference() -> (f64, f64) {
-    let script = std::env::var("SPENDCAP_REDIS_REFERENCE").map(PathBuf::from).unwrap_or_else(|_| {
+fn reference_tool() -> PathBuf {
+    std::env::var("SPENDCAP_REDIS_REFERENCE").map(PathBuf::from).unwrap_or_else(|_| {
         let local = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/tools/redis-reference");
         if local.exists() {
             local
         } else {
             PathBuf::from("/work/shared/tools/redis-reference")
         }
-    });
-    let out = Command::new(&script).output().expect("runs the redis-reference tool");
+    })
+}
+
+fn reference() -> (f64, f64) {
+    let out = Command::new(reference_tool()).output().expect("runs the redis-reference tool");
     let text = String::from_utf8_lossy(&out.stdout);
     // "reference: N requests/s, p50 X ms"
     let rps = text.split("reference: ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok());
@@ -682,21 +685,22 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Opens `n` keep-alive connections, has each send requests, and reads the daemon's RSS while
 /// all of them are open.
-async fn rss_at_connections(daemon: &Daemon, n: usize) -> (u64, u64) {
-    let idle = rss_kib(daemon.child.id());
-    let addr = daemon.base.trim_start_matches("http://").to_owned();
+/// A server's resident memory before and while `n` connections are open, each having sent
+/// `request` three times.
+async fn rss_at_connections(pid: u32, addr: &str, request: &'static [u8], n: usize) -> (u64, u64) {
+    let idle = rss_kib(pid);
     let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
     let done = Arc::new(tokio::sync::Barrier::new(n + 1));
     let mut tasks = Vec::new();
     for _ in 0..n {
-        let addr = addr.clone();
+        let addr = addr.to_owned();
         let barrier = barrier.clone();
         let done = done.clone();
         tasks.push(tokio::spawn(async move {
             let mut stream = tokio::net::TcpStream::connect(&addr).await.expect("connect");
             let mut buf = vec![0u8; 4096];
             for _ in 0..3 {
-                stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n").await.expect("write");
+                stream.write_all(request).await.expect("write");
                 let _ = stream.read(&mut buf).await.expect("read");
             }
             barrier.wait().await;
@@ -705,12 +709,43 @@ async fn rss_at_connections(daemon: &Daemon, n: usize) -> (u64, u64) {
         }));
     }
     barrier.wait().await;
-    let loaded = rss_kib(daemon.child.id());
+    let loaded = rss_kib(pid);
     done.wait().await;
     for task in tasks {
         task.await.expect("connection task");
     }
     (idle, loaded)
+}
+
+/// The reference script's own data, for the memory figures' ratios: the script (read from the
+/// `redis-reference` tool) run 100,000 times over 10,000 agents into one stream, then the bytes
+/// of one agent's counter and of one log entry.
+async fn reference_memory(redis: &Redis) -> (u64, u64) {
+    let tool = std::fs::read_to_string(reference_tool()).expect("the redis-reference tool");
+    let script =
+        tool.split("script='").nth(1).and_then(|rest| rest.split("'\n").next()).expect("the tool's script").to_owned();
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut con = client.get_multiplexed_async_connection().await.expect("connection");
+    let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(&script).query_async(&mut con).await.expect("load");
+    const RUNS: u64 = 100_000;
+    for batch in 0..RUNS / 1_000 {
+        let mut pipe = redis::pipe();
+        for i in 0..1_000 {
+            let agent = (batch * 1_000 + i) % AGENTS;
+            pipe.cmd("EVALSHA")
+                .arg(&sha)
+                .arg(2)
+                .arg(format!("agent:{agent}:spent"))
+                .arg("agent:log")
+                .arg(5)
+                .arg(100_000_000_000u64)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut con).await.expect("reference script");
+    }
+    let per_agent = memory_usage(redis, "agent:1:spent");
+    let per_entry = memory_usage(redis, "agent:log") / RUNS;
+    (per_agent, per_entry)
 }
 
 fn memory_usage(redis: &Redis, key: &str) -> u64 {
@@ -727,6 +762,15 @@ fn main() {
     };
 
     let (reference_rps, reference_p50) = reference();
+    // The memory references: an empty redis-server holding 1,000 connections, then the
+    // reference script's own data.
+    let (reference_rss, reference_agent_bytes, reference_entry_bytes) = {
+        let redis = Redis::start();
+        let address = format!("127.0.0.1:{}", redis.port);
+        let (_, rss) = runtime.block_on(rss_at_connections(redis.child.id(), &address, b"PING\r\n", 1_000));
+        let (agent, entry) = runtime.block_on(reference_memory(&redis));
+        (rss, agent, entry)
+    };
     let ratio = |rps: f64| rps / reference_rps;
 
     // Stage 2: our functions under redis-benchmark.
@@ -812,7 +856,12 @@ fn main() {
     let (direct, paid, per_signature) = runtime.block_on(x402_stage(&daemon, scaled(10_000)));
     let acp = runtime.block_on(acp_stage(&daemon, &providers, scaled(5_000)));
     let ap2 = runtime.block_on(ap2_stage(&daemon, &providers, scaled(2_000)));
-    let (rss_idle, rss_loaded) = runtime.block_on(rss_at_connections(&daemon, 1_000));
+    let (rss_idle, rss_loaded) = runtime.block_on(rss_at_connections(
+        daemon.child.id(),
+        daemon.base.trim_start_matches("http://"),
+        b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n",
+        1_000,
+    ));
     drop(daemon);
 
     // Stage 6b: Redis bytes per open hold and per log entry.
@@ -887,11 +936,20 @@ fn main() {
     ));
     line(String::new());
     line(format!(
-        "daemon RSS: {:.1} MiB after the HTTP load, {:.1} MiB with 1,000 concurrent connections",
+        "daemon RSS: {:.1} MiB after the HTTP load, {:.1} MiB with 1,000 concurrent connections \
+         ({:.1}× an empty redis-server's {:.1} MiB with 1,000 connections)",
         rss_idle as f64 / 1024.0,
-        rss_loaded as f64 / 1024.0
+        rss_loaded as f64 / 1024.0,
+        rss_loaded as f64 / reference_rss.max(1) as f64,
+        reference_rss as f64 / 1024.0
     ));
-    line(format!("Redis bytes: {per_agent} per agent (hash), {per_log_entry} per log entry (stream), {per_hold_with_log} per open hold (hash + expiry index + its log entry)"));
+    line(format!(
+        "Redis bytes: {per_agent} per agent (hash; {:.1}× the reference script's {reference_agent_bytes} B counter), \
+         {per_log_entry} per log entry (stream; {:.1}× the reference's {reference_entry_bytes} B entry), \
+         {per_hold_with_log} per open hold (hash + expiry index + its log entry)",
+        per_agent as f64 / reference_agent_bytes.max(1) as f64,
+        per_log_entry as f64 / reference_entry_bytes.max(1) as f64,
+    ));
 
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     let _ = std::fs::create_dir_all(&dir);
