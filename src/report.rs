@@ -81,6 +81,9 @@ pub struct TaskTypeRow {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AgentRow {
     pub agent: String,
+    /// The agent's handle, when the agent still exists (the log names agents by id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handle: Option<String>,
     pub spent_micros: u64,
     pub settles: u64,
     pub refusals: u64,
@@ -397,7 +400,17 @@ pub async fn report(ledger: &Ledger, filter: LogFilter) -> Result<Report, Ledger
             }
         }
     }
-    Ok(builder.finish(&filter, &caps))
+    let mut report = builder.finish(&filter, &caps);
+    for row in &mut report.agents {
+        if let Ok(id) = row.agent.parse() {
+            match ledger.agent(&id).await {
+                Ok(record) => row.handle = Some(record.handle),
+                Err(LedgerError::UnknownAgent) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(report)
 }
 
 fn usd(micros: u64) -> String {
@@ -451,13 +464,14 @@ pub fn table(report: &Report) -> String {
     let _ = writeln!(out, "BY AGENT");
     let _ = writeln!(
         out,
-        "{:<38} {:>14} {:>8} {:>6} {:>4} {:>5} {:>14}",
-        "AGENT", "SPENT", "SETTLES", "TASKS", "OK", "NOTOK", "MEAN OK"
+        "{:<16} {:<38} {:>14} {:>8} {:>6} {:>4} {:>5} {:>14}",
+        "HANDLE", "AGENT", "SPENT", "SETTLES", "TASKS", "OK", "NOTOK", "MEAN OK"
     );
     for row in &report.agents {
         let _ = writeln!(
             out,
-            "{:<38} {:>14} {:>8} {:>6} {:>4} {:>5} {:>14}",
+            "{:<16} {:<38} {:>14} {:>8} {:>6} {:>4} {:>5} {:>14}",
+            row.handle.as_deref().unwrap_or("-"),
             row.agent,
             usd(row.spent_micros),
             row.settles,

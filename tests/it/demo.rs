@@ -45,6 +45,10 @@ async fn demo_scenario_pays_simulated_providers_through_every_protocol() {
     let enrichment = rows.iter().find(|r| r["task_type"] == "enrichment").expect("enrichment row");
     assert_eq!((enrichment["successes"].as_u64(), enrichment["failed"].as_u64()), (Some(3), Some(1)), "{enrichment}");
 
+    let agents = report["agents"].as_array().expect("agent rows");
+    let handles: Vec<&str> = agents.iter().filter_map(|row| row["handle"].as_str()).collect();
+    assert_eq!(handles, ["research", "enrichment", "looper"], "by spend, named by handle");
+
     // What the providers were paid is what the ledger says was spent through each protocol.
     let x402 = providers.x402.received_micros();
     assert_eq!(x402, 3 * 20_000 + 400_000 + 350_000 + 500_000 + 5 * 20_000);
