@@ -425,17 +425,7 @@ async fn x402_stage(daemon: &Daemon, fetches: u64) -> (Figure, Figure, Duration)
     use adapters::x402::{choose, parse_payment_required, sign_payment, EvmSigner, Nonce, PaymentTerms, Policy};
     let server = x402_resource().await;
     let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().expect("client");
-    let created: serde_json::Value = http
-        .post(format!("{}/v1/agents", daemon.base))
-        .bearer_auth(ADMIN)
-        .json(&serde_json::json!({ "handle": "x402-bench", "cap_micros": Micros::MAX.get(), "controls": { "breaker": null } }))
-        .send()
-        .await
-        .expect("create")
-        .json()
-        .await
-        .expect("json");
-    let token = Arc::new(created["token"].as_str().expect("token").to_owned());
+    let token = Arc::new(bench_agent(&http, daemon, "x402-bench").await);
 
     // Signing cost: the daemon's own code path for one authorization.
     let mut headers = reqwest::header::HeaderMap::new();
@@ -461,66 +451,38 @@ async fn x402_stage(daemon: &Daemon, fetches: u64) -> (Figure, Figure, Duration)
     let per_signature = start.elapsed() / signatures;
     let (name, value) = header.expect("a signed header").expect("the header encodes");
 
-    let per_task = fetches / CONCURRENCY as u64;
-    let direct_start = Instant::now();
-    let direct: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let http = http.clone();
-            let url = format!("{}/data", server.uri());
-            let (name, value) = (name.clone(), value.clone());
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                for _ in 0..per_task {
-                    let t = Instant::now();
-                    let response = http.get(&url).header(name.clone(), value.clone()).send().await.expect("direct");
-                    assert_eq!(response.status(), 200);
-                    let _ = response.bytes().await;
-                    latencies.push(t.elapsed());
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for task in direct {
-        all.extend(task.await.expect("task"));
-    }
-    let direct = percentiles(all, direct_start.elapsed());
+    let url = format!("{}/data", server.uri());
+    let client = http.clone();
+    let direct = clients(fetches, move |_, _| {
+        let (http, url, name, value) = (client.clone(), url.clone(), name.clone(), value.clone());
+        async move {
+            let response = http.get(&url).header(name, value).send().await.expect("direct");
+            assert_eq!(response.status(), 200);
+            let _ = response.bytes().await;
+        }
+    })
+    .await;
 
-    let paid_start = Instant::now();
-    let paid: Vec<_> = (0..CONCURRENCY)
-        .map(|c| {
-            let http = http.clone();
-            let base = daemon.base.clone();
-            let resource = server.uri();
-            let token = token.clone();
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                for i in 0..per_task {
-                    let t = Instant::now();
-                    // A distinct URL per fetch: the same purchase again would be replayed, not paid.
-                    let body: serde_json::Value = http
-                        .post(format!("{base}/v1/x402/fetch"))
-                        .bearer_auth(token.as_str())
-                        .json(&serde_json::json!({ "url": format!("{resource}/data?c={c}&i={i}"), "task": "bench" }))
-                        .send()
-                        .await
-                        .expect("fetch")
-                        .json()
-                        .await
-                        .expect("json");
-                    assert_eq!(body["payment"]["status"], "settled", "{body}");
-                    latencies.push(t.elapsed());
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for task in paid {
-        all.extend(task.await.expect("task"));
-    }
-    (direct, percentiles(all, paid_start.elapsed()), per_signature)
+    let (base, resource) = (daemon.base.clone(), server.uri());
+    let paid = clients(fetches, move |c, i| {
+        let (http, base, resource, token) = (http.clone(), base.clone(), resource.clone(), token.clone());
+        async move {
+            // A distinct URL per fetch: the same purchase again would be replayed, not paid.
+            let body: serde_json::Value = http
+                .post(format!("{base}/v1/x402/fetch"))
+                .bearer_auth(token.as_str())
+                .json(&serde_json::json!({ "url": format!("{resource}/data?c={c}&i={i}"), "task": "bench" }))
+                .send()
+                .await
+                .expect("fetch")
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(body["payment"]["status"], "settled", "{body}");
+        }
+    })
+    .await;
+    (direct, paid, per_signature)
 }
 
 /// Runs `total` calls from `CONCURRENCY` clients; `call(client, i)` makes one and returns once
