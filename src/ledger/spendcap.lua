@@ -81,23 +81,36 @@ local function fmt(n)
 end
 
 local function reply(status, fields)
-  local out = { status }
-  for i = 1, #fields do out[#out + 1] = fields[i] end
-  return out
+  table.insert(fields, 1, status)
+  return fields
 end
 
 local function err(code, detail)
   return { 'error', 'code', code, 'detail', detail or '' }
 end
 
+-- Shared by every empty split: callers only read what split_path returns.
+local NO_IDS = {}
+
 local function split_path(path)
+  if path == '' then return NO_IDS end
   local ids = {}
   for id in string.gmatch(path, '[^,]+') do ids[#ids + 1] = id end
   return ids
 end
 
+-- Appends one entry to the tree's log. Fields whose value is empty are left out: readers take a
+-- missing field as empty, and the stream keeps less.
 local function log(P, fields)
-  redis.call('XADD', P .. ':log', '*', unpack(fields))
+  local kept, n = {}, 0
+  for i = 1, #fields, 2 do
+    local v = fields[i + 1]
+    if v ~= '' then
+      kept[n + 1], kept[n + 2] = fields[i], v
+      n = n + 2
+    end
+  end
+  redis.call('XADD', P .. ':log', '*', unpack(kept))
 end
 
 local function parse_money(text, name)
