@@ -231,45 +231,30 @@ async fn precreate_holds(redis: &Redis, count: u64) {
 
 async fn rust_ledger(ledger: Arc<RedisLedger>, total: u64) -> Figure {
     let tree: TreeId = TREE.parse().expect("tree id");
-    let per_task = total / CONCURRENCY as u64;
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let ledger = ledger.clone();
-            let tree = tree.clone();
-            tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(per_task as usize);
-                let token = TokenHash::of("bench-token");
-                for _ in 0..per_task {
-                    let i = rand::thread_rng().gen_range(0..AGENTS);
-                    let agent: AgentId = agent_id(i).parse().expect("agent id");
-                    let request = HoldRequest {
-                        agent,
-                        caller: Caller::Agent(token.clone()),
-                        hold_id: HoldId::generate(&tree),
-                        amount: Micros::positive(1).expect("amount"),
-                        expires_at_ms: FAR_FUTURE_MS,
-                        task: "task".into(),
-                        service: "api.example.com".into(),
-                        protocol: Protocol::Generic,
-                        idempotency: None,
-                        details: String::new(),
-                        buckets: Vec::new(),
-                    };
-                    let t = Instant::now();
-                    let outcome = ledger.hold(1, &request).await.expect("hold");
-                    latencies.push(t.elapsed());
-                    assert!(matches!(outcome, HoldOutcome::Granted(_)), "{outcome:?}");
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.expect("task"));
-    }
-    percentiles(all, start.elapsed())
+    let token = TokenHash::of("bench-token");
+    clients(total, move |_, _| {
+        let (ledger, tree, token) = (ledger.clone(), tree.clone(), token.clone());
+        async move {
+            let i = rand::thread_rng().gen_range(0..AGENTS);
+            let agent: AgentId = agent_id(i).parse().expect("agent id");
+            let request = HoldRequest {
+                agent,
+                caller: Caller::Agent(token),
+                hold_id: HoldId::generate(&tree),
+                amount: Micros::positive(1).expect("amount"),
+                expires_at_ms: FAR_FUTURE_MS,
+                task: "task".into(),
+                service: "api.example.com".into(),
+                protocol: Protocol::Generic,
+                idempotency: None,
+                details: String::new(),
+                buckets: Vec::new(),
+            };
+            let outcome = ledger.hold(1, &request).await.expect("hold");
+            assert!(matches!(outcome, HoldOutcome::Granted(_)), "{outcome:?}");
+        }
+    })
+    .await
 }
 
 struct Daemon {
@@ -325,18 +310,7 @@ async fn http_paid_calls(daemon: &Daemon, pairs: u64) -> (Figure, Figure, Figure
     let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().expect("client");
     let mut tokens = Vec::new();
     for i in 0..100 {
-        let created: serde_json::Value = http
-            .post(format!("{}/v1/agents", daemon.base))
-            .bearer_auth(ADMIN)
-            // The same hold again and again is what the default runaway-loop breaker stops.
-            .json(&serde_json::json!({ "handle": format!("http-{i}"), "cap_micros": Micros::MAX.get(), "controls": { "breaker": null } }))
-            .send()
-            .await
-            .expect("create")
-            .json()
-            .await
-            .expect("json");
-        tokens.push(created["token"].as_str().expect("token").to_owned());
+        tokens.push(bench_agent(&http, daemon, &format!("http-{i}")).await);
     }
     let tokens = Arc::new(tokens);
     let per_task = pairs / CONCURRENCY as u64;
@@ -527,6 +501,8 @@ where
     percentiles(all, start.elapsed())
 }
 
+/// An agent with no cap to speak of and no runaway-loop breaker (the same hold again and again
+/// is what the default breaker stops); its token.
 async fn bench_agent(http: &reqwest::Client, daemon: &Daemon, handle: &str) -> String {
     let created: serde_json::Value = http
         .post(format!("{}/v1/agents", daemon.base))

@@ -19,7 +19,7 @@ use axum::Json;
 use serde_json::{json, Map};
 use sha2::{Digest, Sha256};
 
-use super::{now_secs, Server};
+use super::{lock, now_secs, Server};
 
 /// Base Sepolia (CAIP-2) and its USDC contract, as the x402 specs' examples use.
 pub const NETWORK: &str = "eip155:84532";
@@ -66,7 +66,7 @@ impl X402Resource {
 
     /// Micro-USD received in payments that passed every check.
     pub fn received_micros(&self) -> u64 {
-        *self.state.paid.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        *lock(&self.state.paid)
     }
 }
 
@@ -122,7 +122,7 @@ async fn resource(State(state): State<Arc<ResourceState>>, uri: OriginalUri, hea
         Ok(payer) => payer,
         Err(reason) => return payment_required(&url, price, reason),
     };
-    *state.paid.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) += price;
+    *lock(&state.paid) += price;
     let nonce = &payment.exact().authorization.nonce;
     let settlement = SettlementResponse {
         success: true,
@@ -172,7 +172,7 @@ fn verify(state: &ResourceState, payment: &PaymentPayload, price: u64) -> Result
     if signer != from {
         return Err("invalid_exact_evm_payload_signature");
     }
-    if !state.seen_nonces.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(authorization.nonce.clone()) {
+    if !lock(&state.seen_nonces).insert(authorization.nonce.clone()) {
         return Err("invalid_exact_evm_payload_nonce_used");
     }
     Ok(authorization.from.clone())
