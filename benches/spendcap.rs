@@ -306,8 +306,70 @@ async fn start_daemon(redis: &Redis, providers: &Providers) -> Daemon {
     panic!("the daemon did not start");
 }
 
+/// A minimal HTTP/1.1 keep-alive client for the hold + settle stage. The load generator shares
+/// the machine's two cores with the daemon and Redis, so every microsecond it spends is one the
+/// daemon does not get: this client writes prebuilt request bytes and reads one response by its
+/// `Content-Length`, about a third of what a general-purpose client costs per request (as
+/// `wrk` is to curl). The protocol stages keep `reqwest`.
+struct RawHttp {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    request: Vec<u8>,
+}
+
+impl RawHttp {
+    async fn connect(base: &str) -> RawHttp {
+        let address = base.trim_start_matches("http://");
+        let stream = tokio::net::TcpStream::connect(address).await.expect("connect to the daemon");
+        stream.set_nodelay(true).expect("nodelay");
+        RawHttp { stream, buf: Vec::with_capacity(4096), request: Vec::with_capacity(512) }
+    }
+
+    /// POSTs `body` (JSON) with `token` and returns the status and the response body.
+    async fn post(&mut self, path: &str, token: &str, body: &[u8]) -> (u16, &[u8]) {
+        self.request.clear();
+        write!(
+            self.request,
+            "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .expect("request head");
+        self.request.extend_from_slice(body);
+        self.stream.write_all(&self.request).await.expect("send");
+        self.buf.clear();
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 24];
+            let mut response = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(head) = response.parse(&self.buf).expect("an HTTP response") {
+                let status = response.code.expect("status");
+                let length: usize = response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .map(|h| std::str::from_utf8(h.value).expect("length").parse().expect("length"))
+                    .expect("the daemon answers with a Content-Length");
+                while self.buf.len() < head + length {
+                    self.read_more().await;
+                }
+                return (status, &self.buf[head..head + length]);
+            }
+            self.read_more().await;
+        }
+    }
+
+    async fn read_more(&mut self) {
+        let mut chunk = [0u8; 4096];
+        let n = self.stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "the daemon closed the connection");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Generic paid calls: each client hold 2,000 micros then settle 1,500 of it (a signed, chained
+/// receipt), on one of 100 agents at random, over one keep-alive connection per client.
 async fn http_paid_calls(daemon: &Daemon, pairs: u64) -> (Figure, Figure, Figure) {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().expect("client");
+    let http = reqwest::Client::new();
     let mut tokens = Vec::new();
     for i in 0..100 {
         tokens.push(bench_agent(&http, daemon, &format!("http-{i}")).await);
@@ -317,36 +379,24 @@ async fn http_paid_calls(daemon: &Daemon, pairs: u64) -> (Figure, Figure, Figure
     let start = Instant::now();
     let tasks: Vec<_> = (0..CONCURRENCY)
         .map(|_| {
-            let http = http.clone();
             let tokens = tokens.clone();
             let base = daemon.base.clone();
             tokio::spawn(async move {
+                let mut conn = RawHttp::connect(&base).await;
+                let hold_body = br#"{"amount_micros":2000,"service":"api.example.com","task":"bench"}"#;
+                let settle_body = br#"{"amount_micros":1500}"#;
                 let (mut holds, mut settles, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..per_task {
                     let token = &tokens[rand::thread_rng().gen_range(0..tokens.len())];
                     let t = Instant::now();
-                    let hold: serde_json::Value = http
-                        .post(format!("{base}/v1/holds"))
-                        .bearer_auth(token)
-                        .json(&serde_json::json!({ "amount_micros": 2_000, "service": "api.example.com", "task": "bench" }))
-                        .send()
-                        .await
-                        .expect("hold")
-                        .json()
-                        .await
-                        .expect("json");
-                    let held = t.elapsed();
+                    let (status, body) = conn.post("/v1/holds", token, hold_body).await;
+                    assert_eq!(status, 201, "{}", String::from_utf8_lossy(body));
+                    let hold: serde_json::Value = serde_json::from_slice(body).expect("json");
                     let id = hold["hold_id"].as_str().expect("granted").to_owned();
+                    let held = t.elapsed();
                     let t2 = Instant::now();
-                    let settled = http
-                        .post(format!("{base}/v1/holds/{id}/settle"))
-                        .bearer_auth(token)
-                        .json(&serde_json::json!({ "amount_micros": 1_500 }))
-                        .send()
-                        .await
-                        .expect("settle");
-                    assert!(settled.status().is_success());
-                    let _ = settled.bytes().await;
+                    let (status, body) = conn.post(&format!("/v1/holds/{id}/settle"), token, settle_body).await;
+                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(body));
                     settles.push(t2.elapsed());
                     holds.push(held);
                     pairs.push(t.elapsed());

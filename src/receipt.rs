@@ -7,7 +7,9 @@
 //! receipts another instance left unlinked (it crashed, or is slower): the chain never forks and
 //! never keeps a gap.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -16,6 +18,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::identity::TreeId;
 use crate::ledger::{ChainHead, Ledger, LedgerError, ReceiptFacts, ReceiptLink, SettleOutcome};
 
 /// The `prev_hash` of the first receipt of a tree.
@@ -68,9 +71,39 @@ pub enum ReceiptError {
     Ledger(#[from] LedgerError),
 }
 
-/// The daemon's receipt signing key. `Debug` shows only the key id.
+/// The daemon's receipt signing key, and the chain heads it last saw. `Debug` shows only the
+/// key id.
 pub struct ReceiptSigner {
     key: SigningKey,
+    heads: HeadCache,
+}
+
+/// Trees whose chain head the daemon remembers; past this it forgets them all and starts again.
+const MAX_CACHED_HEADS: usize = 65_536;
+
+/// The chain head this daemon last linked or was told, per tree: the guess [`issue`] signs the
+/// next receipt against. The guess is only that — `spendcap_receipt_link` refuses a receipt
+/// whose predecessor is not the head and names the real one — so a stale entry (another
+/// instance linked since) costs one more call, never a wrong chain.
+#[derive(Default)]
+struct HeadCache(Mutex<HashMap<TreeId, ChainHead>>);
+
+impl HeadCache {
+    fn get(&self, tree: &TreeId) -> Option<ChainHead> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(tree).cloned()
+    }
+
+    /// Remembers `head` unless a later one is already known.
+    fn learn(&self, tree: &TreeId, head: &ChainHead) {
+        let mut heads = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if heads.get(tree).is_some_and(|known| known.seq >= head.seq) {
+            return;
+        }
+        if heads.len() >= MAX_CACHED_HEADS {
+            heads.clear();
+        }
+        heads.insert(tree.clone(), head.clone());
+    }
 }
 
 impl std::fmt::Debug for ReceiptSigner {
@@ -85,7 +118,11 @@ pub fn key_id(key: &VerifyingKey) -> String {
 
 impl ReceiptSigner {
     pub fn generate() -> ReceiptSigner {
-        ReceiptSigner { key: SigningKey::generate(&mut rand::rngs::OsRng) }
+        ReceiptSigner::new(SigningKey::generate(&mut rand::rngs::OsRng))
+    }
+
+    fn new(key: SigningKey) -> ReceiptSigner {
+        ReceiptSigner { key, heads: HeadCache::default() }
     }
 
     /// Loads the PKCS#8 PEM key at `path`, or generates one there (mode 0600) on first start.
@@ -94,7 +131,7 @@ impl ReceiptSigner {
         if path.exists() {
             let pem = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
             let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| fail(e.to_string()))?;
-            return Ok(ReceiptSigner { key });
+            return Ok(ReceiptSigner::new(key));
         }
         let signer = ReceiptSigner::generate();
         let pem = signer.key.to_pkcs8_pem(Default::default()).map_err(|e| fail(e.to_string()))?;
@@ -176,15 +213,19 @@ fn parse_signed(text: &str) -> Result<Receipt, ReceiptError> {
     serde_json::from_str(text).map_err(|e| ReceiptError::Malformed(e.to_string()))
 }
 
-/// Signs and links the receipt a settle recorded, returning it. When the chain head is the
-/// receipt's direct predecessor (the usual case) this costs one ledger call. When earlier
-/// receipts of the tree are not linked yet (concurrent settles, or a daemon that died between
-/// settle and link), it reads them in one call, signs them too — signing is deterministic, so
-/// every instance produces the same bytes — and links them all in one call.
+/// Signs and links the receipt a settle recorded, returning it. When this daemon linked the
+/// receipt's direct predecessor itself (the usual case) this costs one ledger call; otherwise
+/// it reads the chain head first. When earlier receipts of the tree are not linked yet
+/// (concurrent settles, or a daemon that died between settle and link), it reads them in one
+/// call, signs them too — signing is deterministic, so every instance produces the same bytes —
+/// and links them all in one call.
 pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, settled: &SettleOutcome) -> Result<Receipt, ReceiptError> {
     let tree = &settled.facts.tree;
     let seq = settled.seq;
-    let mut head = settled.head.clone();
+    let mut head = match signer.heads.get(tree) {
+        Some(guess) if guess.seq + 1 == seq && !settled.replayed => guess,
+        _ => ledger.chain_head(tree).await?,
+    };
     // Each round either links or learns a newer head; the bound guards against a ledger that
     // answers inconsistently.
     for _ in 0..64 {
@@ -220,14 +261,22 @@ pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, settled: &SettleOutc
             }
             links.push(ReceiptLink { facts, prev_hash: std::mem::replace(&mut prev, hash.clone()), hash, signed });
         }
-        let linked_to = links.last().map(|l| (l.facts.seq, l.hash.clone()));
+        let linked_to = links.last().map(|l| ChainHead { seq: l.facts.seq, hash: l.hash.clone() });
         match ledger.link_receipts(tree, &links).await? {
-            Ok(()) => match (ours, linked_to) {
-                (Some(receipt), _) => return Ok(receipt),
-                (None, Some((seq, hash))) => head = ChainHead { seq, hash },
-                (None, None) => head = ledger.chain_head(tree).await?,
-            },
-            Err(newer) => head = newer,
+            Ok(()) => {
+                if let Some(linked) = &linked_to {
+                    signer.heads.learn(tree, linked);
+                }
+                match (ours, linked_to) {
+                    (Some(receipt), _) => return Ok(receipt),
+                    (None, Some(linked)) => head = linked,
+                    (None, None) => head = ledger.chain_head(tree).await?,
+                }
+            }
+            Err(newer) => {
+                signer.heads.learn(tree, &newer);
+                head = newer;
+            }
         }
     }
     Err(LedgerError::Corrupt(format!("could not link receipt {seq} of tree {tree}")).into())

@@ -1128,14 +1128,7 @@ impl MemoryLedger {
                 }
                 let facts =
                     tree.receipts.get(&seq).cloned().ok_or(LedgerError::Corrupt(format!("no receipt {seq}")))?;
-                return Ok(SettleOutcome {
-                    seq,
-                    amount,
-                    released: money(held - settled),
-                    replayed: true,
-                    head: tree.head.clone(),
-                    facts,
-                });
+                return Ok(SettleOutcome { seq, amount, released: money(held - settled), replayed: true, facts });
             }
             if state == HoldState::Open && expires_at <= now_ms {
                 tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
@@ -1168,14 +1161,7 @@ impl MemoryLedger {
                 signed: None,
             };
             tree.receipts.insert(seq, facts.clone());
-            Ok(SettleOutcome {
-                seq,
-                amount,
-                released: money(held - amount.get()),
-                replayed: false,
-                head: tree.head.clone(),
-                facts,
-            })
+            Ok(SettleOutcome { seq, amount, released: money(held - amount.get()), replayed: false, facts })
         })
     }
 

@@ -256,7 +256,6 @@ pub struct SettleOutcome {
     pub amount: Micros,
     pub released: Micros,
     pub replayed: bool,
-    pub head: ChainHead,
     /// What the receipt says, as the settle recorded it.
     pub facts: ReceiptFacts,
 }
@@ -919,7 +918,6 @@ impl Reply {
             amount,
             released: reply.micros("released")?,
             replayed: reply.get("replayed") == "1",
-            head: ChainHead { seq: reply.u64("head_seq")?, hash: reply.get("head_hash").to_owned() },
             facts: ReceiptFacts {
                 tree: tree.clone(),
                 seq,

@@ -94,23 +94,24 @@ local NO_IDS = {}
 
 local function split_path(path)
   if path == '' then return NO_IDS end
+  if not string.find(path, ',', 1, true) then return { path } end
   local ids = {}
   for id in string.gmatch(path, '[^,]+') do ids[#ids + 1] = id end
   return ids
 end
 
 -- Appends one entry to the tree's log. Fields whose value is empty are left out: readers take a
--- missing field as empty, and the stream keeps less.
+-- missing field as empty, and the stream keeps less. `fields` is compacted in place.
 local function log(P, fields)
-  local kept, n = {}, 0
+  local n = 0
   for i = 1, #fields, 2 do
     local v = fields[i + 1]
     if v ~= '' then
-      kept[n + 1], kept[n + 2] = fields[i], v
+      fields[n + 1], fields[n + 2] = fields[i], v
       n = n + 2
     end
   end
-  redis.call('XADD', P .. ':log', '*', unpack(kept))
+  redis.call('XADD', P .. ':log', '*', unpack(fields, 1, n))
 end
 
 local function parse_money(text, name)
@@ -121,32 +122,36 @@ local function parse_money(text, name)
   return n
 end
 
-local HOLD_FIELDS = { 'agent', 'amount', 'state', 'expires_at', 'settled', 'seq', 'task', 'service',
-                      'protocol', 'buckets', 'details', 'sdetails', 'ended_at', 'receipt', 'ctrs' }
-
--- Reads a hold into a table, or nil.
+-- Reads a hold into a table (its fields by name; absent ones empty), or nil. One HGETALL: a
+-- hold's small hash is a listpack, which HMGET would scan once per field.
 local function read_hold(P, hold_id)
-  local v = redis.call('HMGET', P .. ':h:' .. hold_id, unpack(HOLD_FIELDS))
-  if not v[1] then return nil end
-  return { agent = v[1], amount = tonumber(v[2]), state = v[3], expires_at = tonumber(v[4]),
-           settled = tonumber(v[5] or '0'), seq = v[6] or '', task = v[7] or '',
-           service = v[8] or '', protocol = v[9] or '', buckets = v[10] or '',
-           details = v[11] or '', sdetails = v[12] or '', ended_at = v[13] or '',
-           receipt = v[14] or '', ctrs = v[15] or '' }
+  local v = redis.call('HGETALL', P .. ':h:' .. hold_id)
+  if #v == 0 then return nil end
+  local h = { settled = '0', seq = '', task = '', service = '', protocol = '', buckets = '',
+              details = '', sdetails = '', ended_at = '', ctrs = '' }
+  for i = 1, #v, 2 do h[v[i]] = v[i + 1] end
+  h.amount, h.expires_at, h.settled = tonumber(h.amount), tonumber(h.expires_at), tonumber(h.settled)
+  return h
 end
 
 -- Ends the open hold `h` (as read by read_hold) as `settled` (with `settled` micros spent, and
 -- receipt sequence number `seq`), `voided` or `expired`: moves its money off `held` (and
 -- `settled` of it onto `spent`) on the agent, every ancestor and every bucket it charged, and
 -- appends the hold's one closing log entry. `path` is the agent's path, or nil to read it.
+-- `own`, if given, is the agent's own `held` and `spent` as the caller read them in this call
+-- with nothing changed since: the agent's level is then written with one HSET.
 -- Settled holds are kept (they carry the receipt); voided and expired ones expire after a week.
-local function end_hold(P, hold_id, h, path, state, settled, now, reason, details, seq)
+local function end_hold(P, hold_id, h, path, state, settled, now, reason, details, seq, own)
   local amount = h.amount
   path = path or redis.call('HGET', P .. ':a:' .. h.agent, 'path')
-  for _, id in ipairs(split_path(path)) do
+  for i, id in ipairs(split_path(path)) do
     local akey = P .. ':a:' .. id
-    redis.call('HINCRBY', akey, 'held', -amount)
-    if settled > 0 then redis.call('HINCRBY', akey, 'spent', settled) end
+    if i == 1 and own then
+      redis.call('HSET', akey, 'held', fmt(own.held - amount), 'spent', fmt(own.spent + settled))
+    else
+      redis.call('HINCRBY', akey, 'held', -amount)
+      if settled > 0 then redis.call('HINCRBY', akey, 'spent', settled) end
+    end
   end
   for _, id in ipairs(split_path(h.buckets)) do
     local bkey = P .. ':b:' .. id
@@ -195,21 +200,22 @@ end
 local LEVEL_FIELDS = { 'cap', 'spent', 'held', 'revoked', 'expires_at', 'suspended', 'ctl', 'alerts',
                        'alerted', 'task_of' }
 
-local function level(id, v)
-  return { id = id, cap = tonumber(v[1]), spent = tonumber(v[2]), held = tonumber(v[3]),
-           revoked = v[4], expires_at = v[5], suspended = v[6], ctl = v[7], alerts = v[8],
-           alerted = v[9], task_of = v[10] }
+-- A level from LEVEL_FIELDS values read into `v` from index `o + 1` on.
+local function level(id, v, o)
+  return { id = id, cap = tonumber(v[o + 1]), spent = tonumber(v[o + 2]), held = tonumber(v[o + 3]),
+           revoked = v[o + 4], expires_at = v[o + 5], suspended = v[o + 6], ctl = v[o + 7],
+           alerts = v[o + 8], alerted = v[o + 9], task_of = v[o + 10] }
 end
 
--- Reads the agent and its ancestors (bounded by MAX_DEPTH at creation). `first`, if given, is
--- the agent's own LEVEL_FIELDS, already read.
-local function read_path(P, path, first)
+-- Reads the agent and its ancestors (bounded by MAX_DEPTH at creation). `first`, if given, holds
+-- the agent's own LEVEL_FIELDS, already read, from index `first_at + 1` on.
+local function read_path(P, path, first, first_at)
   local levels = {}
   for i, id in ipairs(split_path(path)) do
     if i == 1 and first then
-      levels[1] = level(id, first)
+      levels[1] = level(id, first, first_at)
     else
-      levels[i] = level(id, redis.call('HMGET', P .. ':a:' .. id, unpack(LEVEL_FIELDS)))
+      levels[i] = level(id, redis.call('HMGET', P .. ':a:' .. id, unpack(LEVEL_FIELDS)), 0)
     end
   end
   return levels
@@ -234,6 +240,15 @@ local function auth(P, agent_id, token)
   if not a[1] then return nil, err('unknown_agent', 'no agent ' .. agent_id) end
   if token ~= '*' and a[1] ~= token then return nil, err('unauthorized', 'token does not match') end
   return a[2]
+end
+
+-- auth for a call that ends one of the agent's holds: also returns the agent's own `held` and
+-- `spent` (end_hold's `own`), read in the same HMGET.
+local function auth_ending(P, agent_id, token)
+  local a = redis.call('HMGET', P .. ':a:' .. agent_id, 'token', 'path', 'held', 'spent')
+  if not a[1] then return nil, err('unknown_agent', 'no agent ' .. agent_id) end
+  if token ~= '*' and a[1] ~= token then return nil, err('unauthorized', 'token does not match') end
+  return a[2], nil, { held = tonumber(a[3] or '0'), spent = tonumber(a[4] or '0') }
 end
 
 -- ---------------------------------------------------------------------------------------------
@@ -464,6 +479,7 @@ local function hold(keys, args)
   local hold_id, expires_at = args[5], tonumber(args[6])
   local task, service, protocol = args[7], args[8], args[9]
   local idem, fp, details = args[10], args[11], args[12]
+  local amount_s, now_s, expires_s = fmt(amount), fmt(now), expires_at and fmt(expires_at) or ''
   -- One read for authentication, the agent's own balance and its controls.
   local akey = P .. ':a:' .. agent_id
   local a = redis.call('HMGET', akey, 'token', 'path', 'rsig', 'rcount', unpack(LEVEL_FIELDS))
@@ -507,8 +523,8 @@ local function hold(keys, args)
     end
   end
 
-  -- The agent's own fields stay valid unless expiry just released some of its money.
-  local first = { select(5, unpack(a)) }
+  -- The agent's own fields (a[5] on) stay valid unless expiry just released some of its money.
+  local first = a
   if expire_due(P, now, EXPIRE_BATCH) > 0 then first = nil end
 
   -- Decides on the current balances: a refusal code and who refused, or nil. `charges` are the
@@ -516,7 +532,7 @@ local function hold(keys, args)
   local levels, room, limited_by, charges
   local names = nil
   local function decide()
-    levels = read_path(P, path, first)
+    levels = read_path(P, path, first, 4)
     first = nil
     charges = {}
     for _, l in ipairs(levels) do
@@ -697,7 +713,7 @@ local function hold(keys, args)
     local crossed = {}
     for _, l in ipairs(levels) do
       local lkey = P .. ':a:' .. l.id
-      redis.call('HINCRBY', lkey, 'held', amount)
+      redis.call('HINCRBY', lkey, 'held', amount_s)
       if l.alerts and l.alerts ~= '' then
         local before = l.spent + l.held
         local head = '{"agent":' .. cjson.encode(l.id) .. ',"limit":"cap"'
@@ -753,12 +769,12 @@ local function hold(keys, args)
       redis.call('HSET', hkey, 'buckets', buckets)
     end
     if idem ~= '' then redis.call('HSET', hkey, 'idem', idem) end
-    redis.call('HSET', hkey, 'agent', agent_id, 'amount', fmt(amount), 'state', 'open',
-               'expires_at', fmt(expires_at), 'created_at', fmt(now), 'task', task,
+    redis.call('HSET', hkey, 'agent', agent_id, 'amount', amount_s, 'state', 'open',
+               'expires_at', expires_s, 'created_at', now_s, 'task', task,
                'service', service, 'protocol', protocol, 'details', details)
-    redis.call('ZADD', P .. ':holds', expires_at, hold_id)
-    local entry = { 'ts', fmt(now), 'ev', 'hold', 'agent', agent_id, 'task', task, 'svc', service,
-                    'proto', protocol, 'amt', fmt(amount), 'hold', hold_id, 'bk', buckets,
+    redis.call('ZADD', P .. ':holds', expires_s, hold_id)
+    local entry = { 'ts', now_s, 'ev', 'hold', 'agent', agent_id, 'task', task, 'svc', service,
+                    'proto', protocol, 'amt', amount_s, 'hold', hold_id, 'bk', buckets,
                     'detail', details }
     if counters ~= '' then
       entry[#entry + 1] = 'ctr'
@@ -770,8 +786,8 @@ local function hold(keys, args)
     end
     log(P, entry)
     status = 'ok'
-    fields = { 'hold', hold_id, 'code', '', 'amount', fmt(amount),
-               'remaining', fmt(room - amount), 'expires_at', fmt(expires_at),
+    fields = { 'hold', hold_id, 'code', '', 'amount', amount_s,
+               'remaining', fmt(room - amount), 'expires_at', expires_s,
                'limited_by', '' }
   end
   -- A refused `pending` operation had no effect anywhere, so it is not recorded: a retry (after
@@ -811,10 +827,11 @@ local function idem_finish(keys, args)
   return { 'ok' }
 end
 
--- The receipt facts of a settled hold, as reply fields.
-local function receipt_facts(hold_id, h)
-  return { 'hold', hold_id, 'agent', h.agent, 'held', fmt(h.amount), 'task', h.task,
-           'service', h.service, 'protocol', h.protocol, 'ts', h.ended_at,
+-- A settle's ok reply: the settle's figures, then the receipt facts of the settled hold.
+local function settled_reply(seq, amount, h, hold_id, replayed)
+  return { 'ok', 'seq', seq, 'amount', fmt(amount), 'released', fmt(h.amount - amount),
+           'replayed', replayed, 'hold', hold_id, 'agent', h.agent, 'held', fmt(h.amount),
+           'task', h.task, 'service', h.service, 'protocol', h.protocol, 'ts', h.ended_at,
            'hdetails', h.details, 'sdetails', h.sdetails }
 end
 
@@ -823,23 +840,23 @@ KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 amount (<= held; the rest is released)
         6 details JSON added to the log line and the receipt ('' for none)
         7 protocol the hold must have been made under ('' for any)
-Reply   ok:    seq amount released replayed head_seq head_hash, then the receipt facts:
+Reply   ok:    seq amount released replayed, then the receipt facts:
                hold agent held task service protocol ts hdetails sdetails
         error: code (unknown_agent | unauthorized | unknown_hold | hold_expired | hold_voided |
                hold_settled | amount_exceeds_hold | hold_protocol_mismatch | invalid_argument) detail
 Settling a settled hold again with the same amount replays the first result (replayed = 1).
 The settle appends the hold id to <P>:receipts, whose length is the receipt's sequence number;
 the settled hold keeps the receipt's facts, and the daemon signs and links the receipt
-(spendcap_receipt_link).
+(spendcap_receipt_link, which also tells it the chain head when it guessed wrong).
 --]]
 local function settle(keys, args)
   local P = keys[1]
   local now, agent_id, token, hold_id = tonumber(args[1]), args[2], args[3], args[4]
   local amount, e = parse_money(args[5], 'amount')
   if not amount then return e end
-  local path, e2 = auth(P, agent_id, token)
+  local path, e2, own = auth_ending(P, agent_id, token)
   if not path then return e2 end
-  expire_due(P, now, EXPIRE_BATCH)
+  if expire_due(P, now, EXPIRE_BATCH) > 0 then own = nil end
   local h = read_hold(P, hold_id)
   if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
   if (args[7] or '') ~= '' and h.protocol ~= args[7] then
@@ -849,10 +866,7 @@ local function settle(keys, args)
     if h.settled ~= amount then
       return err('hold_settled', 'hold was already settled for ' .. fmt(h.settled))
     end
-    local head = redis.call('HMGET', P .. ':rhead', 'seq', 'hash')
-    return reply('ok', { 'seq', h.seq, 'amount', fmt(amount), 'released', fmt(h.amount - amount),
-                         'replayed', '1', 'head_seq', head[1] or '0', 'head_hash', head[2] or '',
-                         unpack(receipt_facts(hold_id, h)) })
+    return settled_reply(h.seq, amount, h, hold_id, '1')
   end
   if h.state == 'open' and h.expires_at <= now then
     end_hold(P, hold_id, h, path, 'expired', 0, now, 'hold_expired', '')
@@ -864,12 +878,9 @@ local function settle(keys, args)
   end
   local details = args[6]
   local seq = redis.call('RPUSH', P .. ':receipts', hold_id)
-  end_hold(P, hold_id, h, path, 'settled', amount, now, '', details, seq)
-  local head = redis.call('HMGET', P .. ':rhead', 'seq', 'hash')
+  end_hold(P, hold_id, h, path, 'settled', amount, now, '', details, seq, own)
   h.ended_at, h.sdetails = fmt(now), details
-  return reply('ok', { 'seq', fmt(seq), 'amount', fmt(amount), 'released', fmt(h.amount - amount),
-                       'replayed', '0', 'head_seq', head[1] or '0', 'head_hash', head[2] or '',
-                       unpack(receipt_facts(hold_id, h)) })
+  return settled_reply(fmt(seq), amount, h, hold_id, '0')
 end
 
 --[[ spendcap_void
@@ -883,9 +894,9 @@ Voiding a voided hold again replays (replayed = 1).
 local function void(keys, args)
   local P = keys[1]
   local now, agent_id, token, hold_id, reason = tonumber(args[1]), args[2], args[3], args[4], args[5]
-  local path, e = auth(P, agent_id, token)
+  local path, e, own = auth_ending(P, agent_id, token)
   if not path then return e end
-  expire_due(P, now, EXPIRE_BATCH)
+  if expire_due(P, now, EXPIRE_BATCH) > 0 then own = nil end
   local h = read_hold(P, hold_id)
   if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
   if (args[6] or '') ~= '' and h.protocol ~= args[6] then
@@ -897,7 +908,7 @@ local function void(keys, args)
     h.state = 'expired'
   end
   if h.state ~= 'open' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
-  end_hold(P, hold_id, h, path, 'voided', 0, now, reason, '')
+  end_hold(P, hold_id, h, path, 'voided', 0, now, reason, '', nil, own)
   return { 'ok', 'released', fmt(h.amount), 'replayed', '0' }
 end
 
