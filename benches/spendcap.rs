@@ -4,7 +4,8 @@
 //! 1. the reference: a minimal check + INCRBY + XADD Lua script under `redis-benchmark`
 //!    (`../shared/tools/redis-reference`, 50 clients, no pipelining);
 //! 2. spendcap's own `spendcap_hold` and `spendcap_settle` functions under `redis-benchmark`
-//!    (same 50 clients, 10,000 agents);
+//!    (same 50 clients, 10,000 agents); stages 1 and 2 run three times, interleaved, and each
+//!    of their figures is the median of its three runs;
 //! 3. the same hold function called from Rust through `RedisLedger` at the same concurrency;
 //! 4. paid calls through the HTTP API of a `spendcap serve` process: generic hold + settle
 //!    pairs, x402 fetches, ACP checkouts and AP2 payments (the providers are `spendcap::sim`'s
@@ -141,18 +142,6 @@ fn reference_tool() -> PathBuf {
             PathBuf::from("/work/shared/tools/redis-reference")
         }
     })
-}
-
-/// The reference tool run three times; the run with the median rate. Its rate moves by ±10%
-/// from one run to the next on this machine while spendcap's own figures move by a few percent,
-/// so one run would make every ratio as noisy as the reference. Every run is printed.
-fn reference() -> (f64, f64) {
-    let mut runs: Vec<(f64, f64)> = (0..3).map(|_| reference_once()).collect();
-    for (rps, p50) in &runs {
-        println!("reference run: {rps:.0}/s, p50 {p50:.3} ms");
-    }
-    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    runs[1]
 }
 
 fn reference_once() -> (f64, f64) {
@@ -752,32 +741,12 @@ fn memory_usage(redis: &Redis, key: &str) -> u64 {
     redis.cli(&["MEMORY", "USAGE", key, "SAMPLES", "0"]).trim().parse().unwrap_or(0)
 }
 
-fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let mut out = String::new();
-    let mut line = |text: String| {
-        println!("{text}");
-        out.push_str(&text);
-        out.push('\n');
-    };
-
-    let (reference_rps, reference_p50) = reference();
-    // The memory references: an empty redis-server holding 1,000 connections, then the
-    // reference script's own data.
-    let (reference_rss, reference_agent_bytes, reference_entry_bytes) = {
-        let redis = Redis::start();
-        let address = format!("127.0.0.1:{}", redis.port);
-        let (_, rss) = runtime.block_on(rss_at_connections(redis.child.id(), &address, b"PING\r\n", 1_000));
-        let (agent, entry) = runtime.block_on(reference_memory(&redis));
-        (rss, agent, entry)
-    };
-    let ratio = |rps: f64| rps / reference_rps;
-
-    // Stage 2: our functions under redis-benchmark.
+/// Stage 2a: `spendcap_hold` under `redis-benchmark` on a fresh Redis with 10,000 agents.
+fn hold_stage(runtime: &tokio::runtime::Runtime) -> Figure {
     let redis = Redis::start();
-    let ledger = runtime.block_on(load_library_and_agents(&redis));
+    let _ledger = runtime.block_on(load_library_and_agents(&redis));
     let hold_requests = scaled(300_000);
-    let hold = redis_benchmark(
+    redis_benchmark(
         &redis,
         hold_requests,
         &[
@@ -802,10 +771,12 @@ fn main() {
             "0",
             "",
         ],
-    );
-    drop(ledger);
-    drop(redis);
+    )
+}
 
+/// Stage 2b: `spendcap_settle` under `redis-benchmark` on a fresh Redis with 5× as many open
+/// holds as settles; also how many distinct holds were settled.
+fn settle_stage(runtime: &tokio::runtime::Runtime) -> (Figure, u64) {
     let redis = Redis::start();
     let ledger = runtime.block_on(load_library_and_agents(&redis));
     drop(ledger);
@@ -834,7 +805,56 @@ fn main() {
         Figure { rps: fields[0], p50_ms: fields[3], p99_ms: fields[5] }
     };
     let settled: u64 = redis.cli(&["LLEN", &format!("sc:{{{TREE}}}:receipts")]).trim().parse().unwrap_or(0);
-    drop(redis);
+    (settle, settled)
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let mut out = String::new();
+    let mut line = |text: String| {
+        println!("{text}");
+        out.push_str(&text);
+        out.push('\n');
+    };
+
+    // The memory references: an empty redis-server holding 1,000 connections, then the
+    // reference script's own data.
+    let (reference_rss, reference_agent_bytes, reference_entry_bytes) = {
+        let redis = Redis::start();
+        let address = format!("127.0.0.1:{}", redis.port);
+        let (_, rss) = runtime.block_on(rss_at_connections(redis.child.id(), &address, b"PING\r\n", 1_000));
+        let (agent, entry) = runtime.block_on(reference_memory(&redis));
+        (rss, agent, entry)
+    };
+    // Stages 1 and 2, in three rounds of reference, hold and settle runs; each figure is the
+    // median of its three runs. The reference's rate alone moves by ±10% from one run to the
+    // next on this machine, so one run of each would make every ratio as noisy as that, and
+    // interleaving the runs spreads any slow spell of the machine over all three figures.
+    let (mut references, mut holds, mut settles, mut rounds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=3 {
+        let reference = reference_once();
+        let hold = hold_stage(&runtime);
+        let settle = settle_stage(&runtime);
+        rounds.push(format!(
+            "round {round}: reference {:.0}/s, hold {:.0}/s ({:.2}), settle {:.0}/s ({:.2})",
+            reference.0,
+            hold.rps,
+            hold.rps / reference.0,
+            settle.0.rps,
+            settle.0.rps / reference.0
+        ));
+        println!("{}", rounds.last().expect("this round"));
+        references.push(reference);
+        holds.push(hold);
+        settles.push(settle);
+    }
+    references.sort_by(|a, b| a.0.total_cmp(&b.0));
+    holds.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    settles.sort_by(|a, b| a.0.rps.total_cmp(&b.0.rps));
+    let (reference_rps, reference_p50) = references[1];
+    let hold = holds.swap_remove(1);
+    let (settle, settled) = settles.swap_remove(1);
+    let ratio = |rps: f64| rps / reference_rps;
 
     // Stage 3: the same hold function from Rust.
     let redis = Redis::start();
@@ -885,10 +905,12 @@ fn main() {
         scale()
     ));
     line(String::new());
+    line(format!("Stages 1 and 2 (medians of these): {}.", rounds.join("; ")));
+    line(String::new());
     line("| measurement | rate | p50 | p99 | ratio to reference | target |".into());
     line("|---|---|---|---|---|---|".into());
     line(format!(
-        "| reference: minimal check + INCRBY + XADD script, redis-benchmark, 50 clients (median of 3 runs) | {reference_rps:.0}/s | {reference_p50:.3} ms | — | 1.00 | — |"
+        "| reference: minimal check + INCRBY + XADD script, redis-benchmark, 50 clients | {reference_rps:.0}/s | {reference_p50:.3} ms | — | 1.00 | — |"
     ));
     line(format!(
         "| `spendcap_hold` FCALL, redis-benchmark, 50 clients, 10,000 agents | {:.0}/s | {:.3} ms | {:.3} ms | {:.2} | ≥ 0.35 |",

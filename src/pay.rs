@@ -7,13 +7,13 @@
 
 use std::collections::BTreeMap;
 
-use adapters::{Micros, PaymentIntent};
+use adapters::{Micros, PaymentIntent, Protocol};
 
 use crate::api::holds::refusal_error;
 use crate::api::{agent_scoped, AgentAuth, ApiError, AppState};
 use crate::identity::HoldId;
 use crate::ledger::{Grant, HoldInfo, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, SettleOutcome};
-use crate::receipt::{self, Receipt};
+use crate::receipt::{self, HeldFacts, Receipt};
 
 /// What to hold for a payment.
 pub struct HoldSpec<'a> {
@@ -70,9 +70,7 @@ pub async fn hold_with_budgets(
         details: details_json(&spec.intent.details)?,
         buckets,
     };
-    let started = std::time::Instant::now();
-    let result = state.ledger.hold(now, &request).await;
-    state.metrics.hold(spec.intent.protocol.as_str(), &result, started.elapsed());
+    let result = hold_and_remember(state, now, &request).await;
     match result.map_err(agent_scoped)? {
         HoldOutcome::Granted(grant) if grant.replayed => Ok(Held::Resumed(grant)),
         HoldOutcome::Granted(grant) => Ok(Held::New(grant)),
@@ -83,6 +81,34 @@ pub async fn hold_with_budgets(
         }
         HoldOutcome::Finished { response } => Ok(Held::Finished(response)),
     }
+}
+
+/// Asks the ledger for `request` (with the hold metrics) and, when it grants a new hold,
+/// remembers what the hold's receipt will state, so that its settle carries the receipt.
+pub async fn hold_and_remember(
+    state: &AppState,
+    now_ms: u64,
+    request: &HoldRequest,
+) -> Result<HoldOutcome, crate::ledger::LedgerError> {
+    let started = std::time::Instant::now();
+    let result = state.ledger.hold(now_ms, request).await;
+    state.metrics.hold(request.protocol.as_str(), &result, started.elapsed());
+    if let Ok(HoldOutcome::Granted(grant)) = &result {
+        if !grant.replayed {
+            state.signer.remember_hold(
+                &grant.hold_id,
+                HeldFacts {
+                    agent: request.agent.to_string(),
+                    held: grant.amount,
+                    task: request.task.clone(),
+                    service: request.service.clone(),
+                    protocol: request.protocol.as_str().to_owned(),
+                    details: request.details.clone(),
+                },
+            );
+        }
+    }
+    result
 }
 
 pub struct Settlement {
@@ -99,13 +125,38 @@ pub async fn settle(
     amount: Micros,
     details: &BTreeMap<String, String>,
 ) -> Result<Settlement, ApiError> {
+    settle_with_receipt(state, agent, None, hold, amount, &details_json(details)?).await
+}
+
+/// Settles `amount` of `hold` (only if it was made under `protocol`, when given) with the
+/// settle's `details` JSON ('' for none) and returns the signed, chained receipt. A hold this
+/// daemon granted has its receipt signed before the settle, which links it in the same call.
+pub async fn settle_with_receipt(
+    state: &AppState,
+    agent: &AgentAuth,
+    protocol: Option<Protocol>,
+    hold: &HoldId,
+    amount: Micros,
+    details: &str,
+) -> Result<Settlement, ApiError> {
+    let now = state.clock.now_ms();
+    let presigned = state.signer.presign(hold, now, amount, details);
     let result = state
         .ledger
-        .settle(state.clock.now_ms(), &agent.agent, &agent.caller(), hold, amount, &details_json(details)?)
+        .settle_presigned(
+            protocol,
+            now,
+            &agent.agent,
+            &agent.caller(),
+            hold,
+            amount,
+            details,
+            presigned.as_ref().map(|p| &p.link),
+        )
         .await;
     state.metrics.settle(&result);
     let outcome = result.map_err(agent_scoped)?;
-    let receipt = receipt::issue(&state.ledger, &state.signer, &outcome).await?;
+    let receipt = receipt::issue_settled(&state.ledger, &state.signer, &outcome, presigned).await?;
     Ok(Settlement { outcome, receipt })
 }
 

@@ -18,7 +18,9 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::identity::TreeId;
+use adapters::Micros;
+
+use crate::identity::{HoldId, TreeId};
 use crate::ledger::{ChainHead, Ledger, LedgerError, ReceiptFacts, ReceiptLink, SettleOutcome};
 
 /// The `prev_hash` of the first receipt of a tree.
@@ -71,11 +73,38 @@ pub enum ReceiptError {
     Ledger(#[from] LedgerError),
 }
 
-/// The daemon's receipt signing key, and the chain heads it last saw. `Debug` shows only the
-/// key id.
+/// The daemon's receipt signing key, the chain heads it last saw and the holds it granted.
+/// `Debug` shows only the key id.
 pub struct ReceiptSigner {
     key: SigningKey,
     heads: HeadCache,
+    holds: HoldCache,
+}
+
+/// What a receipt states about the hold it settles, as the daemon that granted the hold asked
+/// for it.
+#[derive(Clone, Debug)]
+pub struct HeldFacts {
+    pub agent: String,
+    pub held: Micros,
+    pub task: String,
+    pub service: String,
+    pub protocol: String,
+    /// The hold's details JSON exactly as the ledger was given it ('' for none).
+    pub details: String,
+}
+
+/// Holds granted by this daemon and not settled yet; past this it forgets them all (their
+/// settles then sign after the settle, one call more) and starts again.
+const MAX_REMEMBERED_HOLDS: usize = 16_384;
+
+#[derive(Default)]
+struct HoldCache(Mutex<HashMap<String, HeldFacts>>);
+
+/// A receipt signed before its settle, for the settle to link (see [`ReceiptSigner::presign`]).
+pub struct Presigned {
+    pub link: ReceiptLink,
+    receipt: Receipt,
 }
 
 /// Trees whose chain head the daemon remembers; past this it forgets them all and starts again.
@@ -122,7 +151,7 @@ impl ReceiptSigner {
     }
 
     fn new(key: SigningKey) -> ReceiptSigner {
-        ReceiptSigner { key, heads: HeadCache::default() }
+        ReceiptSigner { key, heads: HeadCache::default(), holds: HoldCache::default() }
     }
 
     /// Loads the PKCS#8 PEM key at `path`, or generates one there (mode 0600) on first start.
@@ -148,6 +177,44 @@ impl ReceiptSigner {
 
     pub fn public_key_b64(&self) -> String {
         URL_SAFE_NO_PAD.encode(self.key.verifying_key().as_bytes())
+    }
+
+    /// Remembers a hold this daemon just granted, so that its settle can carry its receipt.
+    pub fn remember_hold(&self, hold: &HoldId, facts: HeldFacts) {
+        let mut holds = self.holds.0.lock().unwrap_or_else(|e| e.into_inner());
+        if holds.len() >= MAX_REMEMBERED_HOLDS {
+            holds.clear();
+        }
+        holds.insert(hold.to_string(), facts);
+    }
+
+    /// The receipt of settling `hold` for `amount` at `now_ms` with `details` (the settle's
+    /// details JSON, '' for none), signed ahead of the settle against the chain head this daemon
+    /// last linked for the tree, if it granted the hold and knows the head. The settle links it
+    /// only if it is exactly the settle's receipt (`spendcap_settle` checks the facts, the
+    /// sequence number and the head), so a wrong guess costs a signature, never a wrong chain.
+    pub fn presign(&self, hold: &HoldId, now_ms: u64, amount: Micros, details: &str) -> Option<Presigned> {
+        let held = self.holds.0.lock().unwrap_or_else(|e| e.into_inner()).remove(hold.as_str())?;
+        let tree = hold.tree();
+        let head = self.heads.get(tree)?;
+        let facts = ReceiptFacts {
+            tree: tree.clone(),
+            seq: head.seq + 1,
+            hold: hold.to_string(),
+            agent: held.agent,
+            amount: amount.get(),
+            held: held.held.get(),
+            task: held.task,
+            service: held.service,
+            protocol: held.protocol,
+            ts_ms: now_ms,
+            details: details.to_owned(),
+            hold_details: held.details,
+            signed: None,
+        };
+        let (receipt, hash) = self.sign(body_from_facts(&facts, &head.hash)).ok()?;
+        let signed = serde_json::to_string(&receipt).ok()?;
+        Some(Presigned { link: ReceiptLink { facts, prev_hash: head.hash, hash, signed }, receipt })
     }
 
     pub fn sign(&self, body: ReceiptBody) -> Result<(Receipt, String), ReceiptError> {
@@ -280,6 +347,23 @@ pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, settled: &SettleOutc
         }
     }
     Err(LedgerError::Corrupt(format!("could not link receipt {seq} of tree {tree}")).into())
+}
+
+/// The receipt of a settle made with `presigned` (see [`ReceiptSigner::presign`]): that one if
+/// the settle linked it, else signed and linked now by [`issue`].
+pub async fn issue_settled(
+    ledger: &Ledger,
+    signer: &ReceiptSigner,
+    settled: &SettleOutcome,
+    presigned: Option<Presigned>,
+) -> Result<Receipt, ReceiptError> {
+    if let Some(presigned) = presigned.filter(|_| settled.linked) {
+        debug_assert_eq!(presigned.link.facts, settled.facts, "the settle linked a receipt for other facts");
+        let head = ChainHead { seq: settled.seq, hash: presigned.link.hash };
+        signer.heads.learn(&settled.facts.tree, &head);
+        return Ok(presigned.receipt);
+    }
+    issue(ledger, signer, settled).await
 }
 
 /// Verifies one receipt's signature against `key`.

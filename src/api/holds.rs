@@ -15,7 +15,8 @@ use utoipa::ToSchema;
 use super::{agent_scoped, label, AgentAuth, ApiError, ApiJson, SharedState};
 use crate::identity::HoldId;
 use crate::ledger::{HoldOutcome, HoldRequest, Idempotency, IdempotencyMode, LedgerError, Refusal};
-use crate::receipt::{self, Receipt};
+use crate::pay::{self, Settlement};
+use crate::receipt::Receipt;
 
 pub fn router() -> Router<SharedState> {
     Router::new()
@@ -207,10 +208,7 @@ pub async fn create_hold(
         details,
         buckets: Vec::new(),
     };
-    let started = std::time::Instant::now();
-    let result = state.ledger.hold(now, &request).await;
-    state.metrics.hold(Protocol::Generic.as_str(), &result, started.elapsed());
-    match result.map_err(agent_scoped)? {
+    match pay::hold_and_remember(&state, now, &request).await.map_err(agent_scoped)? {
         HoldOutcome::Granted(grant) => Ok((
             if grant.replayed { StatusCode::OK } else { StatusCode::CREATED },
             Json(HoldView {
@@ -279,13 +277,8 @@ pub async fn settle(
     } else {
         serde_json::to_string(&body.details).map_err(ApiError::internal)?
     };
-    let result = state
-        .ledger
-        .settle_as(Protocol::Generic, state.clock.now_ms(), &auth.agent, &auth.caller(), &hold, amount, &details)
-        .await;
-    state.metrics.settle(&result);
-    let outcome = result.map_err(agent_scoped)?;
-    let receipt = receipt::issue(&state.ledger, &state.signer, &outcome).await?;
+    let Settlement { outcome, receipt } =
+        pay::settle_with_receipt(&state, &auth, Some(Protocol::Generic), &hold, amount, &details).await?;
     Ok(Json(Settled {
         hold_id: hold.to_string(),
         amount_micros: outcome.amount.get(),

@@ -1110,6 +1110,7 @@ impl MemoryLedger {
         amount: Micros,
         details: &str,
         protocol: Option<Protocol>,
+        _presigned: Option<&ReceiptLink>,
     ) -> Result<SettleOutcome, LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
@@ -1128,7 +1129,14 @@ impl MemoryLedger {
                 }
                 let facts =
                     tree.receipts.get(&seq).cloned().ok_or(LedgerError::Corrupt(format!("no receipt {seq}")))?;
-                return Ok(SettleOutcome { seq, amount, released: money(held - settled), replayed: true, facts });
+                return Ok(SettleOutcome {
+                    seq,
+                    amount,
+                    released: money(held - settled),
+                    replayed: true,
+                    linked: false,
+                    facts,
+                });
             }
             if state == HoldState::Open && expires_at <= now_ms {
                 tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
@@ -1161,7 +1169,14 @@ impl MemoryLedger {
                 signed: None,
             };
             tree.receipts.insert(seq, facts.clone());
-            Ok(SettleOutcome { seq, amount, released: money(held - amount.get()), replayed: false, facts })
+            Ok(SettleOutcome {
+                seq,
+                amount,
+                released: money(held - amount.get()),
+                replayed: false,
+                linked: false,
+                facts,
+            })
         })
     }
 

@@ -256,6 +256,8 @@ pub struct SettleOutcome {
     pub amount: Micros,
     pub released: Micros,
     pub replayed: bool,
+    /// The receipt signed before the settle (see [`Ledger::settle_presigned`]) was linked by it.
+    pub linked: bool,
     /// What the receipt says, as the settle recorded it.
     pub facts: ReceiptFacts,
 }
@@ -668,7 +670,7 @@ impl Ledger {
         amount: Micros,
         details: &str,
     ) -> Result<SettleOutcome, LedgerError> {
-        dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, None))
+        dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, None, None))
     }
 
     /// [`Ledger::settle`], only if the hold was made under `protocol`: the generic API must not
@@ -684,7 +686,27 @@ impl Ledger {
         amount: Micros,
         details: &str,
     ) -> Result<SettleOutcome, LedgerError> {
-        dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, Some(protocol)))
+        dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, Some(protocol), None))
+    }
+
+    /// [`Ledger::settle`] (with [`Ledger::settle_as`]'s `protocol`, if given) that also links
+    /// `presigned`, a receipt signed before the settle, if it is exactly this settle's receipt:
+    /// the same facts, the sequence number the settle assigns, and the chain head as its
+    /// predecessor. Then [`SettleOutcome::linked`] is true and no link call is needed. Any other
+    /// receipt is ignored. The in-memory ledger ignores it always.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn settle_presigned(
+        &self,
+        protocol: Option<Protocol>,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        amount: Micros,
+        details: &str,
+        presigned: Option<&ReceiptLink>,
+    ) -> Result<SettleOutcome, LedgerError> {
+        dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, protocol, presigned))
     }
 
     pub async fn void(
@@ -918,6 +940,7 @@ impl Reply {
             amount,
             released: reply.micros("released")?,
             replayed: reply.get("replayed") == "1",
+            linked: reply.get("linked") == "1",
             facts: ReceiptFacts {
                 tree: tree.clone(),
                 seq,

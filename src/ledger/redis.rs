@@ -428,22 +428,26 @@ impl RedisLedger {
         amount: Micros,
         details: &str,
         protocol: Option<Protocol>,
+        presigned: Option<&ReceiptLink>,
     ) -> Result<SettleOutcome, LedgerError> {
-        self.fcall(
-            "spendcap_settle",
-            agent.tree(),
-            &[
-                &now_ms.to_string(),
-                agent.as_str(),
-                caller.wire(),
-                hold.as_str(),
-                &amount.to_string(),
-                details,
-                protocol.map(Protocol::as_str).unwrap_or(""),
-            ],
-        )
-        .await?
-        .into_settle_outcome(agent.tree())
+        let (now, amount) = (now_ms.to_string(), amount.to_string());
+        let mut args = vec![
+            now.as_str(),
+            agent.as_str(),
+            caller.wire(),
+            hold.as_str(),
+            amount.as_str(),
+            details,
+            protocol.map(Protocol::as_str).unwrap_or(""),
+        ];
+        let (seq, held);
+        if let Some(link) = presigned {
+            (seq, held) = (link.facts.seq.to_string(), link.facts.held.to_string());
+            let facts = &link.facts;
+            args.extend([seq.as_str(), &link.prev_hash, &link.hash, &link.signed, held.as_str()]);
+            args.extend([facts.task.as_str(), &facts.service, &facts.protocol, &facts.hold_details]);
+        }
+        self.fcall("spendcap_settle", agent.tree(), &args).await?.into_settle_outcome(agent.tree())
     }
 
     pub async fn void(

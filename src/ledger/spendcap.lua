@@ -828,11 +828,27 @@ local function idem_finish(keys, args)
 end
 
 -- A settle's ok reply: the settle's figures, then the receipt facts of the settled hold.
-local function settled_reply(seq, amount, h, hold_id, replayed)
+local function settled_reply(seq, amount, h, hold_id, replayed, linked)
   return { 'ok', 'seq', seq, 'amount', fmt(amount), 'released', fmt(h.amount - amount),
-           'replayed', replayed, 'hold', hold_id, 'agent', h.agent, 'held', fmt(h.amount),
-           'task', h.task, 'service', h.service, 'protocol', h.protocol, 'ts', h.ended_at,
-           'hdetails', h.details, 'sdetails', h.sdetails }
+           'replayed', replayed, 'linked', linked, 'hold', hold_id, 'agent', h.agent,
+           'held', fmt(h.amount), 'task', h.task, 'service', h.service, 'protocol', h.protocol,
+           'ts', h.ended_at, 'hdetails', h.details, 'sdetails', h.sdetails }
+end
+
+-- Stores a receipt the daemon signed before the settle (ARGV 8 on of spendcap_settle) for the
+-- receipt `seq` just settled from hold `h`, if it is that receipt: the facts it states are the
+-- hold's, and its predecessor is the chain head. Returns '1' if stored, else '0'.
+local function link_presigned(P, args, seq, h, hold_id)
+  if (args[8] or '') == '' or tonumber(args[8]) ~= seq or tonumber(args[12]) ~= h.amount
+     or args[13] ~= h.task or args[14] ~= h.service or args[15] ~= h.protocol
+     or args[16] ~= h.details then
+    return '0'
+  end
+  local head = redis.call('HMGET', P .. ':rhead', 'seq', 'hash')
+  if tonumber(head[1] or '0') ~= seq - 1 or (head[2] or '') ~= args[9] then return '0' end
+  redis.call('HSET', P .. ':h:' .. hold_id, 'receipt', args[11], 'rhash', args[10])
+  redis.call('HSET', P .. ':rhead', 'seq', fmt(seq), 'hash', args[10])
+  return '1'
 end
 
 --[[ spendcap_settle
@@ -840,8 +856,15 @@ KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 amount (<= held; the rest is released)
         6 details JSON added to the log line and the receipt ('' for none)
         7 protocol the hold must have been made under ('' for any)
-Reply   ok:    seq amount released replayed, then the receipt facts:
-               hold agent held task service protocol ts hdetails sdetails
+        8-16 (optional) the receipt, signed before the settle by a daemon that knows the hold's
+        facts and guesses the chain head: 8 its seq  9 prev_hash  10 hash  11 signed receipt
+        JSON, then the facts it states: 12 held  13 task  14 service  15 protocol
+        16 hold details (its agent, hold, amount, time and settle details are ARGV 2, 4, 5, 1
+        and 6). It is linked in this call if it is exactly this settle's receipt (same facts,
+        its seq is the one assigned and its predecessor is the chain head); otherwise it is
+        ignored and the daemon signs and links as usual.
+Reply   ok:    seq amount released replayed linked (1: the presigned receipt was linked), then
+               the receipt facts: hold agent held task service protocol ts hdetails sdetails
         error: code (unknown_agent | unauthorized | unknown_hold | hold_expired | hold_voided |
                hold_settled | amount_exceeds_hold | hold_protocol_mismatch | invalid_argument) detail
 Settling a settled hold again with the same amount replays the first result (replayed = 1).
@@ -866,7 +889,7 @@ local function settle(keys, args)
     if h.settled ~= amount then
       return err('hold_settled', 'hold was already settled for ' .. fmt(h.settled))
     end
-    return settled_reply(h.seq, amount, h, hold_id, '1')
+    return settled_reply(h.seq, amount, h, hold_id, '1', '0')
   end
   if h.state == 'open' and h.expires_at <= now then
     end_hold(P, hold_id, h, path, 'expired', 0, now, 'hold_expired', '')
@@ -880,7 +903,7 @@ local function settle(keys, args)
   local seq = redis.call('RPUSH', P .. ':receipts', hold_id)
   end_hold(P, hold_id, h, path, 'settled', amount, now, '', details, seq, own)
   h.ended_at, h.sdetails = fmt(now), details
-  return settled_reply(fmt(seq), amount, h, hold_id, '0')
+  return settled_reply(fmt(seq), amount, h, hold_id, '0', link_presigned(P, args, seq, h, hold_id))
 end
 
 --[[ spendcap_void

@@ -896,6 +896,110 @@ conformance!(the_alerts_group_hands_each_entry_to_one_consumer_until_acknowledge
     assert!(ledger.read_alerts(&tree, "two", AlertRead::Pending, 10).await.expect("reads").is_empty());
 });
 
+/// A receipt the daemon signs before the settle (it granted the hold and knows the chain head)
+/// is linked by the settle itself only when it is exactly that settle's receipt; when its facts,
+/// its sequence number or its predecessor are off, the settle ignores it and the receipt is
+/// signed and linked after the settle as usual. Either way the chain is whole and verifies.
+#[tokio::test]
+async fn presigned_receipts_are_linked_by_the_settle_only_when_exactly_right() {
+    use spendcap::receipt::{issue, issue_settled, verify_chain, HeldFacts, Receipt, ReceiptSigner};
+    let (ledger, _redis) = ledger(Backend::Redis).await;
+    let signer = ReceiptSigner::generate();
+    let agent = create(&ledger, "a", 1_000_000, None).await;
+    let tree = agent.id.tree().clone();
+    let facts = |task: &str| HeldFacts {
+        agent: agent.id.to_string(),
+        held: Micros::new(10).expect("m"),
+        task: task.to_owned(),
+        service: "api.example.com".into(),
+        protocol: "generic".into(),
+        details: String::new(),
+    };
+    let settle = |hold: HoldId, presigned: Option<spendcap::ledger::ReceiptLink>| {
+        let (ledger, agent) = (&ledger, &agent);
+        async move {
+            ledger
+                .settle_presigned(
+                    None,
+                    T0,
+                    &agent.id,
+                    &agent.caller(),
+                    &hold,
+                    Micros::new(7).expect("m"),
+                    "",
+                    presigned.as_ref(),
+                )
+                .await
+                .expect("settles")
+        }
+    };
+    let mut returned: Vec<Receipt> = Vec::new();
+
+    // The tree's first receipt: the daemon knows no head yet, so nothing is signed ahead.
+    let first = granted(hold(&ledger, &agent, 10).await);
+    signer.remember_hold(&first, facts("task-1"));
+    assert!(signer.presign(&first, T0, Micros::new(7).expect("m"), "").is_none());
+    let settled = settle(first, None).await;
+    returned.push(issue(&ledger, &signer, &settled).await.expect("issues"));
+
+    // Exactly right: linked in the settle.
+    let right = granted(hold(&ledger, &agent, 10).await);
+    signer.remember_hold(&right, facts("task-1"));
+    let presigned = signer.presign(&right, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
+    let settled = settle(right, Some(presigned.link.clone())).await;
+    assert!(settled.linked, "the settle links the receipt signed ahead");
+    assert_eq!(ledger.chain_head(&tree).await.expect("head").seq, 2);
+    returned.push(issue_settled(&ledger, &signer, &settled, Some(presigned)).await.expect("issues"));
+
+    // Facts that are not the hold's (another task): ignored.
+    let other = granted(hold(&ledger, &agent, 10).await);
+    signer.remember_hold(&other, facts("another-task"));
+    let presigned = signer.presign(&other, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
+    let settled = settle(other, Some(presigned.link.clone())).await;
+    assert!(!settled.linked, "a receipt stating other facts is not linked");
+    assert_eq!(ledger.chain_head(&tree).await.expect("head").seq, 2);
+    let receipt = issue_settled(&ledger, &signer, &settled, Some(presigned)).await.expect("issues");
+    assert_eq!(receipt.receipt.task, "task-1", "the receipt states the hold's own facts");
+    returned.push(receipt);
+
+    // A wrong predecessor: ignored.
+    let wrong_prev = granted(hold(&ledger, &agent, 10).await);
+    signer.remember_hold(&wrong_prev, facts("task-1"));
+    let mut presigned = signer.presign(&wrong_prev, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
+    presigned.link.prev_hash = "00".repeat(32);
+    let settled = settle(wrong_prev, Some(presigned.link.clone())).await;
+    assert!(!settled.linked, "a receipt naming another predecessor is not linked");
+    returned.push(issue_settled(&ledger, &signer, &settled, Some(presigned)).await.expect("issues"));
+
+    // A stale guess: another daemon settled in between and died before linking, so the settle
+    // assigns a later sequence number than the one signed.
+    let stale = granted(hold(&ledger, &agent, 10).await);
+    signer.remember_hold(&stale, facts("task-1"));
+    let presigned = signer.presign(&stale, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
+    let between = granted(hold(&ledger, &agent, 10).await);
+    settle(between, None).await;
+    let settled = settle(stale, Some(presigned.link.clone())).await;
+    assert!(!settled.linked, "a receipt with another sequence number is not linked");
+    assert_eq!(settled.seq, presigned.link.facts.seq + 1);
+    returned.push(issue_settled(&ledger, &signer, &settled, Some(presigned)).await.expect("issues"));
+
+    let head = ledger.chain_head(&tree).await.expect("head");
+    assert_eq!(head.seq, 6, "every receipt, the dead daemon's too, is linked");
+    let mut chain = Vec::new();
+    for seq in 1..=head.seq {
+        let signed = ledger.receipt(&tree, seq).await.expect("reads").and_then(|f| f.signed).expect("signed");
+        chain.push(serde_json::from_str::<Receipt>(&signed).expect("receipt JSON"));
+    }
+    assert_eq!(verify_chain(&chain, &signer.verifying_key()).expect("the chain verifies").receipts, 6);
+    for receipt in returned {
+        assert_eq!(
+            chain[(receipt.receipt.seq - 1) as usize],
+            receipt,
+            "what a settle returned is what the chain holds"
+        );
+    }
+}
+
 conformance!(receipt_chains_survive_concurrent_settles_and_dead_daemons, |ledger: Ledger| async move {
     use spendcap::receipt::{issue, verify_chain, Receipt, ReceiptSigner};
     let ledger = std::sync::Arc::new(ledger);
