@@ -931,28 +931,37 @@ impl Reply {
         }
     }
 
-    fn into_settle_outcome(self, tree: &TreeId) -> Result<SettleOutcome, LedgerError> {
+    /// A settle's reply; `hold`, `agent`, `now_ms` and `details` are the settle's own arguments
+    /// (a replay's reply brings the first settle's time and details).
+    fn into_settle_outcome(
+        self,
+        hold: &HoldId,
+        agent: &AgentId,
+        now_ms: u64,
+        details: &str,
+    ) -> Result<SettleOutcome, LedgerError> {
         let reply = self.into_result()?;
         let seq = reply.u64("seq")?;
         let amount = reply.micros("amount")?;
+        let replayed = reply.get("replayed") == "1";
         Ok(SettleOutcome {
             seq,
             amount,
             released: reply.micros("released")?,
-            replayed: reply.get("replayed") == "1",
+            replayed,
             linked: reply.get("linked") == "1",
             facts: ReceiptFacts {
-                tree: tree.clone(),
+                tree: agent.tree().clone(),
                 seq,
-                hold: reply.get("hold").to_owned(),
-                agent: reply.get("agent").to_owned(),
+                hold: hold.to_string(),
+                agent: agent.to_string(),
                 amount: amount.get(),
                 held: reply.u64("held")?,
                 task: reply.get("task").to_owned(),
                 service: reply.get("service").to_owned(),
                 protocol: reply.get("protocol").to_owned(),
-                ts_ms: reply.u64("ts")?,
-                details: reply.get("sdetails").to_owned(),
+                ts_ms: if replayed { reply.u64("ts")? } else { now_ms },
+                details: if replayed { reply.get("sdetails") } else { details }.to_owned(),
                 hold_details: reply.get("hdetails").to_owned(),
                 signed: None,
             },

@@ -447,7 +447,7 @@ impl RedisLedger {
             args.extend([seq.as_str(), &link.prev_hash, &link.hash, &link.signed, held.as_str()]);
             args.extend([facts.task.as_str(), &facts.service, &facts.protocol, &facts.hold_details]);
         }
-        self.fcall("spendcap_settle", agent.tree(), &args).await?.into_settle_outcome(agent.tree())
+        self.fcall("spendcap_settle", agent.tree(), &args).await?.into_settle_outcome(hold, agent, now_ms, details)
     }
 
     pub async fn void(

@@ -827,12 +827,16 @@ local function idem_finish(keys, args)
   return { 'ok' }
 end
 
--- A settle's ok reply: the settle's figures, then the receipt facts of the settled hold.
-local function settled_reply(seq, amount, h, hold_id, replayed, linked)
-  return { 'ok', 'seq', seq, 'amount', fmt(amount), 'released', fmt(h.amount - amount),
-           'replayed', replayed, 'linked', linked, 'hold', hold_id, 'agent', h.agent,
-           'held', fmt(h.amount), 'task', h.task, 'service', h.service, 'protocol', h.protocol,
-           'ts', h.ended_at, 'hdetails', h.details, 'sdetails', h.sdetails }
+-- A settle's ok reply: the settle's figures, then the receipt facts of the settled hold that
+-- the caller does not already have (a replay's time and settle details are the first settle's).
+local function settled_reply(seq, amount, h, replayed, linked)
+  local r = { 'ok', 'seq', seq, 'amount', fmt(amount), 'released', fmt(h.amount - amount),
+              'replayed', replayed, 'linked', linked, 'held', fmt(h.amount), 'task', h.task,
+              'service', h.service, 'protocol', h.protocol, 'hdetails', h.details }
+  if replayed == '1' then
+    r[#r + 1], r[#r + 2], r[#r + 3], r[#r + 4] = 'ts', h.ended_at, 'sdetails', h.sdetails
+  end
+  return r
 end
 
 -- Stores a receipt the daemon signed before the settle (ARGV 8 on of spendcap_settle) for the
@@ -864,7 +868,9 @@ ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 amount (<= held; th
         its seq is the one assigned and its predecessor is the chain head); otherwise it is
         ignored and the daemon signs and links as usual.
 Reply   ok:    seq amount released replayed linked (1: the presigned receipt was linked), then
-               the receipt facts: hold agent held task service protocol ts hdetails sdetails
+               the receipt facts the caller does not know: held task service protocol hdetails,
+               and for a replay also ts sdetails (the first settle's time and details; a new
+               settle's are ARGV 1 and 6)
         error: code (unknown_agent | unauthorized | unknown_hold | hold_expired | hold_voided |
                hold_settled | amount_exceeds_hold | hold_protocol_mismatch | invalid_argument) detail
 Settling a settled hold again with the same amount replays the first result (replayed = 1).
@@ -889,7 +895,7 @@ local function settle(keys, args)
     if h.settled ~= amount then
       return err('hold_settled', 'hold was already settled for ' .. fmt(h.settled))
     end
-    return settled_reply(h.seq, amount, h, hold_id, '1', '0')
+    return settled_reply(h.seq, amount, h, '1', '0')
   end
   if h.state == 'open' and h.expires_at <= now then
     end_hold(P, hold_id, h, path, 'expired', 0, now, 'hold_expired', '')
@@ -902,8 +908,7 @@ local function settle(keys, args)
   local details = args[6]
   local seq = redis.call('RPUSH', P .. ':receipts', hold_id)
   end_hold(P, hold_id, h, path, 'settled', amount, now, '', details, seq, own)
-  h.ended_at, h.sdetails = fmt(now), details
-  return settled_reply(fmt(seq), amount, h, hold_id, '0', link_presigned(P, args, seq, h, hold_id))
+  return settled_reply(fmt(seq), amount, h, '0', link_presigned(P, args, seq, h, hold_id))
 end
 
 --[[ spendcap_void
