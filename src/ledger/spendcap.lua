@@ -130,6 +130,7 @@ local function read_hold(P, hold_id)
   local h = { settled = '0', seq = '', task = '', service = '', protocol = '', buckets = '',
               details = '', sdetails = '', ended_at = '', ctrs = '' }
   for i = 1, #v, 2 do h[v[i]] = v[i + 1] end
+  h.amount_s = h.amount
   h.amount, h.expires_at, h.settled = tonumber(h.amount), tonumber(h.expires_at), tonumber(h.settled)
   return h
 end
@@ -139,10 +140,12 @@ end
 -- `settled` of it onto `spent`) on the agent, every ancestor and every bucket it charged, and
 -- appends the hold's one closing log entry. `path` is the agent's path, or nil to read it.
 -- `own`, if given, is the agent's own `held` and `spent` as the caller read them in this call
--- with nothing changed since: the agent's level is then written with one HSET.
+-- with nothing changed since: the agent's level is then written with one HSET. `now_s` is the
+-- time as text (fmt). Returns the settled and released amounts as text.
 -- Settled holds are kept (they carry the receipt); voided and expired ones expire after a week.
-local function end_hold(P, hold_id, h, path, state, settled, now, reason, details, seq, own)
+local function end_hold(P, hold_id, h, path, state, settled, now_s, reason, details, seq, own)
   local amount = h.amount
+  local settled_s, released_s = fmt(settled), fmt(amount - settled)
   path = path or redis.call('HGET', P .. ':a:' .. h.agent, 'path')
   for i, id in ipairs(split_path(path)) do
     local akey = P .. ':a:' .. id
@@ -166,29 +169,30 @@ local function end_hold(P, hold_id, h, path, state, settled, now, reason, detail
   end
   local hkey = P .. ':h:' .. hold_id
   if state == 'settled' then
-    redis.call('HSET', hkey, 'state', state, 'ended_at', fmt(now), 'settled', fmt(settled),
+    redis.call('HSET', hkey, 'state', state, 'ended_at', now_s, 'settled', settled_s,
                'seq', fmt(seq), 'sdetails', details)
   else
-    redis.call('HSET', hkey, 'state', state, 'ended_at', fmt(now))
+    redis.call('HSET', hkey, 'state', state, 'ended_at', now_s)
     redis.call('PEXPIRE', hkey, ENDED_HOLD_RETENTION_MS)
   end
   redis.call('ZREM', P .. ':holds', hold_id)
-  local event, amt = 'settle', settled
-  if state == 'voided' then event, amt = 'void', amount end
-  if state == 'expired' then event, amt = 'expire', amount end
-  log(P, { 'ts', fmt(now), 'ev', event, 'agent', h.agent, 'task', h.task, 'svc', h.service,
-           'proto', h.protocol, 'amt', fmt(amt), 'rel', fmt(amount - settled), 'hold', hold_id,
+  local event, amt_s = 'settle', settled_s
+  if state == 'voided' then event, amt_s = 'void', released_s end
+  if state == 'expired' then event, amt_s = 'expire', released_s end
+  log(P, { 'ts', now_s, 'ev', event, 'agent', h.agent, 'task', h.task, 'svc', h.service,
+           'proto', h.protocol, 'amt', amt_s, 'rel', released_s, 'hold', hold_id,
            'reason', reason, 'detail', details })
+  return settled_s, released_s
 end
 
--- Releases holds of the tree whose expiry is at or before `now`, at most `limit` of them.
--- Returns how many it released and whether more are due.
-local function expire_due(P, now, limit)
-  local due = redis.call('ZRANGEBYSCORE', P .. ':holds', '-inf', now, 'LIMIT', 0, limit)
+-- Releases holds of the tree whose expiry is at or before `now_s` (the time as text, fmt), at
+-- most `limit` of them. Returns how many it released and whether more are due.
+local function expire_due(P, now_s, limit)
+  local due = redis.call('ZRANGEBYSCORE', P .. ':holds', '-inf', now_s, 'LIMIT', '0', fmt(limit))
   for _, hold_id in ipairs(due) do
     local h = read_hold(P, hold_id)
     if h and h.state == 'open' then
-      end_hold(P, hold_id, h, nil, 'expired', 0, now, 'hold_expired', '')
+      end_hold(P, hold_id, h, nil, 'expired', 0, now_s, 'hold_expired', '')
     else
       redis.call('ZREM', P .. ':holds', hold_id)
     end
@@ -525,7 +529,7 @@ local function hold(keys, args)
 
   -- The agent's own fields (a[5] on) stay valid unless expiry just released some of its money.
   local first = a
-  if expire_due(P, now, EXPIRE_BATCH) > 0 then first = nil end
+  if expire_due(P, now_s, EXPIRE_BATCH) > 0 then first = nil end
 
   -- Decides on the current balances: a refusal code and who refused, or nil. `charges` are the
   -- period and task counters a grant charges: { id, limit, used, alerted, level, head }.
@@ -643,7 +647,7 @@ local function hold(keys, args)
     local released = 0
     while more and released < EXPIRE_MAX do
       local n
-      n, more = expire_due(P, now, EXPIRE_BATCH)
+      n, more = expire_due(P, now_s, EXPIRE_BATCH)
       released = released + n
     end
     if released > 0 then refusal, limited_by = decide() end
@@ -829,9 +833,9 @@ end
 
 -- A settle's ok reply: the settle's figures, then the receipt facts of the settled hold that
 -- the caller does not already have (a replay's time and settle details are the first settle's).
-local function settled_reply(seq, amount, h, replayed, linked)
-  local r = { 'ok', 'seq', seq, 'amount', fmt(amount), 'released', fmt(h.amount - amount),
-              'replayed', replayed, 'linked', linked, 'held', fmt(h.amount), 'task', h.task,
+local function settled_reply(seq_s, amount_s, released_s, h, replayed, linked)
+  local r = { 'ok', 'seq', seq_s, 'amount', amount_s, 'released', released_s,
+              'replayed', replayed, 'linked', linked, 'held', h.amount_s, 'task', h.task,
               'service', h.service, 'protocol', h.protocol, 'hdetails', h.details }
   if replayed == '1' then
     r[#r + 1], r[#r + 2], r[#r + 3], r[#r + 4] = 'ts', h.ended_at, 'sdetails', h.sdetails
@@ -883,9 +887,10 @@ local function settle(keys, args)
   local now, agent_id, token, hold_id = tonumber(args[1]), args[2], args[3], args[4]
   local amount, e = parse_money(args[5], 'amount')
   if not amount then return e end
+  local now_s = fmt(now)
   local path, e2, own = auth_ending(P, agent_id, token)
   if not path then return e2 end
-  if expire_due(P, now, EXPIRE_BATCH) > 0 then own = nil end
+  if expire_due(P, now_s, EXPIRE_BATCH) > 0 then own = nil end
   local h = read_hold(P, hold_id)
   if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
   if (args[7] or '') ~= '' and h.protocol ~= args[7] then
@@ -895,10 +900,10 @@ local function settle(keys, args)
     if h.settled ~= amount then
       return err('hold_settled', 'hold was already settled for ' .. fmt(h.settled))
     end
-    return settled_reply(h.seq, amount, h, '1', '0')
+    return settled_reply(h.seq, fmt(amount), fmt(h.amount - amount), h, '1', '0')
   end
   if h.state == 'open' and h.expires_at <= now then
-    end_hold(P, hold_id, h, path, 'expired', 0, now, 'hold_expired', '')
+    end_hold(P, hold_id, h, path, 'expired', 0, now_s, 'hold_expired', '')
     h.state = 'expired'
   end
   if h.state ~= 'open' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
@@ -907,8 +912,10 @@ local function settle(keys, args)
   end
   local details = args[6]
   local seq = redis.call('RPUSH', P .. ':receipts', hold_id)
-  end_hold(P, hold_id, h, path, 'settled', amount, now, '', details, seq, own)
-  return settled_reply(fmt(seq), amount, h, '0', link_presigned(P, args, seq, h, hold_id))
+  local settled_s, released_s = end_hold(P, hold_id, h, path, 'settled', amount, now_s, '', details,
+                                         seq, own)
+  local linked = link_presigned(P, args, seq, h, hold_id)
+  return settled_reply(fmt(seq), settled_s, released_s, h, '0', linked)
 end
 
 --[[ spendcap_void
@@ -922,9 +929,10 @@ Voiding a voided hold again replays (replayed = 1).
 local function void(keys, args)
   local P = keys[1]
   local now, agent_id, token, hold_id, reason = tonumber(args[1]), args[2], args[3], args[4], args[5]
+  local now_s = fmt(now)
   local path, e, own = auth_ending(P, agent_id, token)
   if not path then return e end
-  if expire_due(P, now, EXPIRE_BATCH) > 0 then own = nil end
+  if expire_due(P, now_s, EXPIRE_BATCH) > 0 then own = nil end
   local h = read_hold(P, hold_id)
   if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
   if (args[6] or '') ~= '' and h.protocol ~= args[6] then
@@ -932,11 +940,11 @@ local function void(keys, args)
   end
   if h.state == 'voided' then return { 'ok', 'released', fmt(h.amount), 'replayed', '1' } end
   if h.state == 'open' and h.expires_at <= now then
-    end_hold(P, hold_id, h, path, 'expired', 0, now, 'hold_expired', '')
+    end_hold(P, hold_id, h, path, 'expired', 0, now_s, 'hold_expired', '')
     h.state = 'expired'
   end
   if h.state ~= 'open' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
-  end_hold(P, hold_id, h, path, 'voided', 0, now, reason, '', nil, own)
+  end_hold(P, hold_id, h, path, 'voided', 0, now_s, reason, '', nil, own)
   return { 'ok', 'released', fmt(h.amount), 'replayed', '0' }
 end
 
@@ -1081,9 +1089,11 @@ local function create_agent(keys, args)
     -- BUSYGROUP (the tree already has its group) is fine.
     redis.pcall('XGROUP', 'CREATE', P .. ':log', 'alerts', '$', 'MKSTREAM')
   end
-  redis.call('HSET', akey, 'handle', handle, 'parent', parent, 'path', path, 'depth', fmt(depth),
-             'cap', fmt(cap), 'spent', '0', 'held', '0', 'revoked', '', 'revoked_at', '',
-             'expires_at', args[6], 'created_at', fmt(now), 'token', args[8], 'labels', args[7])
+  -- The fields every hold and settle reads come first: a small hash is a listpack, which HMGET
+  -- scans from the front for each field it asks for.
+  redis.call('HSET', akey, 'token', args[8], 'path', path, 'cap', fmt(cap), 'spent', '0', 'held', '0',
+             'revoked', '', 'expires_at', args[6], 'handle', handle, 'parent', parent,
+             'depth', fmt(depth), 'revoked_at', '', 'created_at', fmt(now), 'labels', args[7])
   if ctl ~= '' then redis.call('HSET', akey, 'ctl', ctl) end
   if alerts ~= '' then redis.call('HSET', akey, 'alerts', alerts) end
   if task_of ~= '' then redis.call('HSET', akey, 'task_of', task_of) end
@@ -1191,7 +1201,7 @@ local function set_cap(keys, args)
   if not cap then return e end
   local akey = P .. ':a:' .. agent_id
   if redis.call('EXISTS', akey) == 0 then return err('unknown_agent', 'no agent ' .. agent_id) end
-  expire_due(P, now, EXPIRE_MAX)
+  expire_due(P, fmt(now), EXPIRE_MAX)
   local a = redis.call('HMGET', akey, 'cap', 'spent', 'held')
   local committed = tonumber(a[2]) + tonumber(a[3])
   if cap < committed then
@@ -1259,7 +1269,7 @@ local function balance(keys, args)
   local now, agent_id = tonumber(args[1]), args[2]
   local path, e = auth(P, agent_id, args[3])
   if not path then return e end
-  expire_due(P, now, EXPIRE_MAX)
+  expire_due(P, fmt(now), EXPIRE_MAX)
   local levels = read_path(P, path)
   local me = levels[1]
   local avail, by = available(levels)
@@ -1284,7 +1294,7 @@ local function expire(keys, args)
   local more = true
   while more and released < EXPIRE_MAX do
     local n
-    n, more = expire_due(keys[1], tonumber(args[1]), EXPIRE_BATCH)
+    n, more = expire_due(keys[1], fmt(tonumber(args[1])), EXPIRE_BATCH)
     released = released + n
   end
   return { 'ok', 'released', fmt(released) }
