@@ -14,7 +14,8 @@
 //! 6. Redis bytes per agent, per open hold and per log entry.
 //!
 //! Each figure is printed with its ratio to the reference. Set `SPENDCAP_BENCH_SCALE` (default
-//! 1.0) to shorten or lengthen every stage.
+//! 1.0) to shorten or lengthen every stage, and `SPENDCAP_BENCH_HTTP_ONLY=1` to run only the
+//! generic HTTP pairs of stage 4, three times (for tuning the daemon).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -360,8 +361,9 @@ impl RawHttp {
 async fn http_paid_calls(daemon: &Daemon, pairs: u64) -> (Figure, Figure, Figure) {
     let http = reqwest::Client::new();
     let mut tokens = Vec::new();
+    let batch: u32 = rand::thread_rng().gen();
     for i in 0..100 {
-        tokens.push(bench_agent(&http, daemon, &format!("http-{i}")).await);
+        tokens.push(bench_agent(&http, daemon, &format!("http-{batch:08x}-{i}")).await);
     }
     let tokens = Arc::new(tokens);
     let per_task = pairs / CONCURRENCY as u64;
@@ -810,6 +812,21 @@ fn settle_stage(runtime: &tokio::runtime::Runtime) -> (Figure, u64) {
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    if std::env::var_os("SPENDCAP_BENCH_HTTP_ONLY").is_some() {
+        // Only stage 4's generic pairs, three runs on one daemon: for tuning the daemon.
+        let redis = Redis::start();
+        let providers = runtime.block_on(Providers::start()).expect("simulated providers");
+        let daemon = runtime.block_on(start_daemon(&redis, &providers));
+        for run in 1..=3 {
+            let load_generator = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let (pairs, _, _) = load_generator.block_on(http_paid_calls(&daemon, scaled(40_000)));
+            println!(
+                "HTTP pairs, run {run}: {:.0} pairs/s, p50 {:.3} ms, p99 {:.3} ms",
+                pairs.rps, pairs.p50_ms, pairs.p99_ms
+            );
+        }
+        return;
+    }
     let mut out = String::new();
     let mut line = |text: String| {
         println!("{text}");
@@ -867,7 +884,11 @@ fn main() {
     let redis = Redis::start();
     let providers = runtime.block_on(Providers::start()).expect("simulated providers");
     let daemon = runtime.block_on(start_daemon(&redis, &providers));
-    let (pairs, http_hold, http_settle) = runtime.block_on(http_paid_calls(&daemon, scaled(40_000)));
+    // The load generator for these pairs runs on one thread: it needs little CPU, and every
+    // extra busy thread on the 2 cores is a context switch the daemon and Redis pay for.
+    let load_generator = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (pairs, http_hold, http_settle) = load_generator.block_on(http_paid_calls(&daemon, scaled(40_000)));
+    drop(load_generator);
     // Stage 6a: Redis bytes per agent, on the generic stage's agents (real ids, tokens, trees);
     // the protocol stages' agents also carry an AP2 key or protocol state.
     let agent_keys = redis.cli(&["--scan", "--pattern", "sc:{*}:a:*"]);
