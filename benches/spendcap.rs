@@ -4,8 +4,8 @@
 //! 1. the reference: a minimal check + INCRBY + XADD Lua script under `redis-benchmark`
 //!    (`../shared/tools/redis-reference`, 50 clients, no pipelining);
 //! 2. spendcap's own `spendcap_hold` and `spendcap_settle` functions under `redis-benchmark`
-//!    (same 50 clients, 10,000 agents); stages 1 and 2 run three times, interleaved, and each
-//!    of their figures is the median of its three runs;
+//!    (same 50 clients, 10,000 agents); stages 1 and 2 run five times, interleaved, and each
+//!    of their figures is the median of its five runs;
 //! 3. the same hold function called from Rust through `RedisLedger` at the same concurrency;
 //! 4. paid calls through the HTTP API of a `spendcap serve` process: generic hold + settle
 //!    pairs, x402 fetches, ACP checkouts and AP2 payments (the providers are `spendcap::sim`'s
@@ -32,6 +32,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const AGENTS: u64 = 10_000;
 const CONCURRENCY: usize = 50;
+/// Rounds of stages 1 and 2 (odd: each figure is the median round's).
+const ROUNDS: usize = 5;
 const TREE: &str = "be4c000000000000";
 const FAR_FUTURE_MS: u64 = 4_000_000_000_000;
 
@@ -843,12 +845,12 @@ fn main() {
         let (agent, entry) = runtime.block_on(reference_memory(&redis));
         (rss, agent, entry)
     };
-    // Stages 1 and 2, in three rounds of reference, hold and settle runs; each figure is the
-    // median of its three runs. The reference's rate alone moves by ±10% from one run to the
+    // Stages 1 and 2, in five rounds of reference, hold and settle runs; each figure is the
+    // median of its five runs. The reference's rate alone moves by ±10% from one run to the
     // next on this machine, so one run of each would make every ratio as noisy as that, and
     // interleaving the runs spreads any slow spell of the machine over all three figures.
     let (mut references, mut holds, mut settles, mut rounds) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 1..=3 {
+    for round in 1..=ROUNDS {
         let reference = reference_once();
         let hold = hold_stage(&runtime);
         let settle = settle_stage(&runtime);
@@ -868,9 +870,10 @@ fn main() {
     references.sort_by(|a, b| a.0.total_cmp(&b.0));
     holds.sort_by(|a, b| a.rps.total_cmp(&b.rps));
     settles.sort_by(|a, b| a.0.rps.total_cmp(&b.0.rps));
-    let (reference_rps, reference_p50) = references[1];
-    let hold = holds.swap_remove(1);
-    let (settle, settled) = settles.swap_remove(1);
+    let median = ROUNDS / 2;
+    let (reference_rps, reference_p50) = references[median];
+    let hold = holds.swap_remove(median);
+    let (settle, settled) = settles.swap_remove(median);
     let ratio = |rps: f64| rps / reference_rps;
 
     // Stage 3: the same hold function from Rust.

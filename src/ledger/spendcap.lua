@@ -136,7 +136,7 @@ local function read_hold(P, hold_id)
 end
 
 -- Ends the open hold `h` (as read by read_hold) as `settled` (with `settled` micros spent, and
--- receipt sequence number `seq`), `voided` or `expired`: moves its money off `held` (and
+-- receipt sequence number `seq`, as text), `voided` or `expired`: moves its money off `held` (and
 -- `settled` of it onto `spent`) on the agent, every ancestor and every bucket it charged, and
 -- appends the hold's one closing log entry. `path` is the agent's path, or nil to read it.
 -- `own`, if given, is the agent's own `held` and `spent` as the caller read them in this call
@@ -170,7 +170,7 @@ local function end_hold(P, hold_id, h, path, state, settled, now_s, reason, deta
   local hkey = P .. ':h:' .. hold_id
   if state == 'settled' then
     redis.call('HSET', hkey, 'state', state, 'ended_at', now_s, 'settled', settled_s,
-               'seq', fmt(seq), 'sdetails', details)
+               'seq', seq, 'sdetails', details)
   else
     redis.call('HSET', hkey, 'state', state, 'ended_at', now_s)
     redis.call('PEXPIRE', hkey, ENDED_HOLD_RETENTION_MS)
@@ -185,10 +185,15 @@ local function end_hold(P, hold_id, h, path, state, settled, now_s, reason, deta
   return settled_s, released_s
 end
 
+-- The expiry batch sizes as text, for ZRANGEBYSCORE (string.format is not available while the
+-- library loads).
+local LIMIT_TEXT = { [EXPIRE_BATCH] = '32', [EXPIRE_MAX] = '1024' }
+
 -- Releases holds of the tree whose expiry is at or before `now_s` (the time as text, fmt), at
 -- most `limit` of them. Returns how many it released and whether more are due.
 local function expire_due(P, now_s, limit)
-  local due = redis.call('ZRANGEBYSCORE', P .. ':holds', '-inf', now_s, 'LIMIT', '0', fmt(limit))
+  local due = redis.call('ZRANGEBYSCORE', P .. ':holds', '-inf', now_s, 'LIMIT', '0',
+                          LIMIT_TEXT[limit] or fmt(limit))
   for _, hold_id in ipairs(due) do
     local h = read_hold(P, hold_id)
     if h and h.state == 'open' then
@@ -912,10 +917,11 @@ local function settle(keys, args)
   end
   local details = args[6]
   local seq = redis.call('RPUSH', P .. ':receipts', hold_id)
+  local seq_s = fmt(seq)
   local settled_s, released_s = end_hold(P, hold_id, h, path, 'settled', amount, now_s, '', details,
-                                         seq, own)
+                                         seq_s, own)
   local linked = link_presigned(P, args, seq, h, hold_id)
-  return settled_reply(fmt(seq), settled_s, released_s, h, '0', linked)
+  return settled_reply(seq_s, settled_s, released_s, h, '0', linked)
 end
 
 --[[ spendcap_void
