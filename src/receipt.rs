@@ -2,10 +2,12 @@
 //! receipts of a budget tree form a hash chain.
 //!
 //! The settle function assigns the receipt's sequence number and stores its facts atomically
-//! with the money movement; [`issue`] then signs it and links it after its predecessor. Signing
-//! is deterministic (Ed25519 over canonical bytes), so any daemon instance can sign and link
-//! receipts another instance left unlinked (it crashed, or is slower): the chain never forks and
-//! never keeps a gap.
+//! with the money movement. Usually it also links the receipt itself: the daemon that granted the
+//! hold signs it before the settle ([`ReceiptSigner::presign`]) and the settle stores it only if
+//! it is exactly that settle's receipt. Otherwise [`issue`] signs it after the settle and links it
+//! after its predecessor. Signing is deterministic (Ed25519 over canonical bytes), so any daemon
+//! instance can sign and link receipts another instance left unlinked (it crashed, or is
+//! slower): the chain never forks and never keeps a gap.
 
 use std::collections::HashMap;
 use std::path::Path;
