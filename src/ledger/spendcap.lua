@@ -150,7 +150,7 @@ local function end_hold(P, hold_id, h, path, state, settled, now_s, reason, deta
   for i, id in ipairs(split_path(path)) do
     local akey = P .. ':a:' .. id
     if i == 1 and own then
-      redis.call('HSET', akey, 'held', fmt(own.held - amount), 'spent', fmt(own.spent + settled))
+      redis.call('HSET', akey, 'held', fmt(own[1] - amount), 'spent', fmt(own[2] + settled))
     else
       redis.call('HINCRBY', akey, 'held', -amount)
       if settled > 0 then redis.call('HINCRBY', akey, 'spent', settled) end
@@ -252,12 +252,14 @@ local function auth(P, agent_id, token)
 end
 
 -- auth for a call that ends one of the agent's holds: also returns the agent's own `held` and
--- `spent` (end_hold's `own`), read in the same HMGET.
+-- `spent` (end_hold's `own`: { held, spent }), read in the same HMGET.
 local function auth_ending(P, agent_id, token)
   local a = redis.call('HMGET', P .. ':a:' .. agent_id, 'token', 'path', 'held', 'spent')
   if not a[1] then return nil, err('unknown_agent', 'no agent ' .. agent_id) end
   if token ~= '*' and a[1] ~= token then return nil, err('unauthorized', 'token does not match') end
-  return a[2], nil, { held = tonumber(a[3] or '0'), spent = tonumber(a[4] or '0') }
+  local path = a[2]
+  a[1], a[2] = tonumber(a[3] or '0'), tonumber(a[4] or '0')
+  return path, nil, a
 end
 
 -- ---------------------------------------------------------------------------------------------
