@@ -673,24 +673,10 @@ impl Ledger {
         dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, None, None))
     }
 
-    /// [`Ledger::settle`], only if the hold was made under `protocol`: the generic API must not
-    /// settle or void a hold an adapter still answers for (an x402 authorization in flight, say).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn settle_as(
-        &self,
-        protocol: Protocol,
-        now_ms: u64,
-        agent: &AgentId,
-        caller: &Caller,
-        hold: &HoldId,
-        amount: Micros,
-        details: &str,
-    ) -> Result<SettleOutcome, LedgerError> {
-        dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, Some(protocol), None))
-    }
-
-    /// [`Ledger::settle`] (with [`Ledger::settle_as`]'s `protocol`, if given) that also links
-    /// `presigned`, a receipt signed before the settle, if it is exactly this settle's receipt:
+    /// [`Ledger::settle`], only if the hold was made under `protocol` when one is given (the
+    /// generic API must not settle a hold an adapter still answers for: an x402 authorization in
+    /// flight, say), that also links `presigned`, a receipt signed before the settle, if it is
+    /// exactly this settle's receipt:
     /// the same facts, the sequence number the settle assigns, and the chain head as its
     /// predecessor. Then [`SettleOutcome::linked`] is true and no link call is needed. Any other
     /// receipt is ignored. The in-memory ledger ignores it always.

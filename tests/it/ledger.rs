@@ -503,13 +503,14 @@ conformance!(generic_endpoints_cannot_end_another_protocols_hold, |ledger: Ledge
     x402.protocol = Protocol::X402;
     let h = granted(ledger.hold(T0, &x402).await.expect("answers"));
     let one = Micros::new(1).expect("m");
-    let settle = ledger.settle_as(Protocol::Generic, T0, &agent.id, &agent.caller(), &h, one, "").await;
+    let settle =
+        ledger.settle_presigned(Some(Protocol::Generic), T0, &agent.id, &agent.caller(), &h, one, "", None).await;
     assert!(matches!(settle, Err(LedgerError::HoldProtocolMismatch)), "{settle:?}");
     let void = ledger.void_as(Protocol::Generic, T0, &agent.id, &agent.caller(), &h, "x").await;
     assert!(matches!(void, Err(LedgerError::HoldProtocolMismatch)), "{void:?}");
     assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 0, 100), "nothing changed");
     ledger
-        .settle_as(Protocol::X402, T0, &agent.id, &agent.caller(), &h, one, "")
+        .settle_presigned(Some(Protocol::X402), T0, &agent.id, &agent.caller(), &h, one, "", None)
         .await
         .expect("its own protocol settles");
     assert_eq!(figures(&ledger, &agent, T0).await, (1_000, 1, 0));
