@@ -827,6 +827,29 @@ fn main() {
                 pairs.rps, pairs.p50_ms, pairs.p99_ms
             );
         }
+        let metrics = runtime
+            .block_on(async {
+                reqwest::Client::new()
+                    .get(format!("{}/metrics", daemon.base))
+                    .bearer_auth(ADMIN)
+                    .send()
+                    .await?
+                    .text()
+                    .await
+            })
+            .expect("metrics");
+        let value = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let (linked, settles) = (value("spendcap_settle_linked_receipts_total"), value("spendcap_settles_total"));
+        println!(
+            "receipts linked by the settle itself: {linked:.0} of {settles:.0} settles ({:.0}%)",
+            100.0 * linked / settles.max(1.0)
+        );
         return;
     }
     let mut out = String::new();

@@ -16,6 +16,7 @@ pub struct Metrics {
     holds: IntCounterVec,
     settles: IntCounterVec,
     voids: IntCounter,
+    linked_by_settle: IntCounter,
     refusals: IntCounterVec,
     spend: IntCounterVec,
     hold_latency: HistogramVec,
@@ -45,13 +46,29 @@ impl Metrics {
         let outcomes = counter("spendcap_task_outcomes_total", "Task outcomes recorded.", &["outcome"])?;
         let voids = IntCounter::new("spendcap_voids_total", "Holds voided.")?;
         registry.register(Box::new(voids.clone()))?;
+        let linked_by_settle = IntCounter::new(
+            "spendcap_settle_linked_receipts_total",
+            "Settles whose receipt, signed before the settle, was linked by the settle itself (the others take one more ledger call).",
+        )?;
+        registry.register(Box::new(linked_by_settle.clone()))?;
         let hold_latency = HistogramVec::new(
             HistogramOpts::new("spendcap_hold_duration_seconds", "Time the ledger took to decide a hold.")
                 .buckets(LATENCY_BUCKETS.to_vec()),
             &["protocol"],
         )?;
         registry.register(Box::new(hold_latency.clone()))?;
-        Ok(Metrics { registry, holds, settles, voids, refusals, spend, hold_latency, ledger_errors, outcomes })
+        Ok(Metrics {
+            registry,
+            holds,
+            settles,
+            voids,
+            linked_by_settle,
+            refusals,
+            spend,
+            hold_latency,
+            ledger_errors,
+            outcomes,
+        })
     }
 
     pub fn hold(&self, protocol: &str, result: &Result<HoldOutcome, LedgerError>, elapsed: Duration) {
@@ -72,6 +89,9 @@ impl Metrics {
                 let protocol = outcome.facts.protocol.as_str();
                 self.settles.with_label_values(&[protocol]).inc();
                 self.spend.with_label_values(&[protocol]).inc_by(outcome.amount.get());
+                if outcome.linked {
+                    self.linked_by_settle.inc();
+                }
             }
             Err(e) => self.ledger_error(e),
             _ => {}
