@@ -25,6 +25,10 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8402")]
         listen: SocketAddr,
+        /// Start the daemon and the simulated x402, ACP and AP2 providers, print the environment
+        /// an agent needs to pay them, and run no scenario.
+        #[arg(long)]
+        providers_only: bool,
     },
     /// Manage agents (admin token required).
     #[command(subcommand)]

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod demo;
+pub mod fingerprint;
 pub mod identity;
 pub mod ledger;
 pub mod log;

@@ -25,7 +25,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
-            Command::Demo { listen } => demo(listen).await,
+            Command::Demo { listen, providers_only } => demo(listen, providers_only).await,
             other => spendcap::cli::run_client(other).await.map_err(anyhow::Error::from),
         }
     });
@@ -110,7 +110,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+async fn demo(listen: std::net::SocketAddr, providers_only: bool) -> anyhow::Result<()> {
     // The scenario's own lines say what happened; the daemon's warnings (the revocation) would
     // only repeat them in between.
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPENDCAP_LOG").unwrap_or_else(|_| "error".into());
@@ -134,6 +134,16 @@ async fn demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let served = state.clone();
     let server = tokio::spawn(server::serve(served, listener, sweep_interval, shutdown_signal()));
     let base = format!("http://{address}");
+    if providers_only {
+        eprintln!(
+            "spendcap demo --providers-only: in-process ledger (nothing is durable), simulated providers, no scenario.\n\
+             Never use it for real money. Ctrl-C stops everything.\n"
+        );
+        print!("{}", providers_env(&base, admin_token.reveal(), &providers));
+        println!("# Dashboard: {base}/dashboard");
+        server.await??;
+        return Ok(());
+    }
     eprintln!(
         "spendcap demo: in-process ledger (nothing is durable), listening on {base}\n\
          simulated providers: x402 resource {}, ACP merchant '{}', AP2 merchant '{}' with a Credential Provider\n",
@@ -161,6 +171,37 @@ async fn demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     );
     server.await??;
     Ok(())
+}
+
+/// The `export` lines `spendcap demo --providers-only` prints: the daemon, its admin token, and
+/// how an agent reaches each simulated provider.
+fn providers_env(base: &str, admin_token: &str, providers: &spendcap::sim::Providers) -> String {
+    use spendcap::sim::{usd, ACP_CATALOG, ACP_MERCHANT, AP2_CATALOG, AP2_MERCHANT, X402_PRICES};
+    let x402_paths: Vec<String> =
+        X402_PRICES.iter().map(|(path, micros)| format!("{path} ${}", usd(*micros))).collect();
+    let acp_items: Vec<String> =
+        ACP_CATALOG.iter().map(|(id, _, cents)| format!("{id} ${}", usd(*cents * 10_000))).collect();
+    let ap2_items: Vec<String> =
+        AP2_CATALOG.iter().map(|(sku, _, cents)| format!("{sku} ${}", usd(*cents as u64 * 10_000))).collect();
+    format!(
+        "export SPENDCAP_URL={base}\n\
+         export SPENDCAP_ADMIN_TOKEN={admin_token}\n\
+         # x402 resources (GET, paid per call): {}\n\
+         export SPENDCAP_SIM_X402_URL={}\n\
+         # ACP merchant for /v1/acp/checkouts (\"merchant\"), items: {}\n\
+         export SPENDCAP_SIM_ACP_MERCHANT={ACP_MERCHANT}\n\
+         # AP2 merchant: POST /checkouts {{\"items\": [sku]}} answers a signed checkout_jwt; items: {}\n\
+         export SPENDCAP_SIM_AP2_MERCHANT={AP2_MERCHANT}\n\
+         export SPENDCAP_SIM_AP2_MERCHANT_URL={}\n\
+         # AP2 user: POST /mandates {{\"jwk\": <GET /v1/ap2/key .jwk>, \"items\": [sku], \"budget_cents\": 500, \"max_payment_cents\": 100}}\n\
+         export SPENDCAP_SIM_AP2_USER_URL={}\n",
+        x402_paths.join(", "),
+        providers.x402.base(),
+        acp_items.join(", "),
+        ap2_items.join(", "),
+        providers.ap2.merchant_base(),
+        providers.ap2.user_base(),
+    )
 }
 
 async fn shutdown_signal() {

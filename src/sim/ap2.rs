@@ -54,7 +54,9 @@ pub struct OpenMandates {
 pub struct Ap2World {
     merchant: Server,
     credential_provider: Server,
-    issuer: AgentKey,
+    /// The user's side over HTTP (`POST /mandates`), for agents outside this process.
+    user: Server,
+    issuer: Arc<AgentKey>,
     state: Arc<WorldState>,
 }
 
@@ -79,7 +81,7 @@ fn merchant_json(id: &str) -> Value {
 impl Ap2World {
     /// A merchant `merchant_id` selling `catalog`, its processor, and a Credential Provider.
     pub async fn start(merchant_id: &str, catalog: &[Sku]) -> std::io::Result<Ap2World> {
-        let issuer = AgentKey::generate();
+        let issuer = Arc::new(AgentKey::generate());
         let state = Arc::new(WorldState {
             merchant_id: merchant_id.to_owned(),
             merchant_key: AgentKey::generate(),
@@ -100,12 +102,23 @@ impl Ap2World {
             .with_state(state.clone());
         let credential_provider =
             Router::new().route("/ap2/v0.2/payment-credentials", post(issue_credential)).with_state(state.clone());
+        let user = Router::new()
+            .route("/mandates", post(user_issues_mandates))
+            .with_state(UserSide { issuer: issuer.clone(), state: state.clone() });
         Ok(Ap2World {
             merchant: Server::start(merchant).await?,
             credential_provider: Server::start(credential_provider).await?,
+            user: Server::start(user).await?,
             issuer,
             state,
         })
+    }
+
+    /// The user's base URL: `POST /mandates` `{"jwk": <the agent's AP2 public key>, "items":
+    /// ["sku", ...], "budget_cents": …, "max_payment_cents": …, "valid_secs": …}` answers
+    /// `{"open_checkout_mandate": …, "open_payment_mandate": …}` as [`Ap2World::issue_mandates`].
+    pub fn user_base(&self) -> &str {
+        self.user.base()
     }
 
     /// The merchant's base URL (its `POST /checkouts` hands out carts).
@@ -132,55 +145,106 @@ impl Ap2World {
 
     /// The user signs open mandates for the agent whose public key is `agent`.
     pub fn issue_mandates(&self, agent: &Jwk, terms: &MandateTerms<'_>) -> Result<OpenMandates, String> {
-        let now = now_secs() as i64;
-        let cnf = json!({ "jwk": { "kty": agent.kty, "crv": agent.crv, "x": agent.x, "y": agent.y } });
-        let mut nested = Vec::new();
-        let mut disclose = |value: Value| -> Result<Value, String> {
-            let disclosure = Disclosure::element(&value).map_err(|e| e.to_string())?;
-            let digest = json!({ "...": disclosure.digest() });
-            nested.push(disclosure.encoded().to_owned());
-            Ok(digest)
-        };
-        let mut lines = Vec::new();
-        for sku in terms.items {
-            let (title, _) = self.state.catalog.get(*sku).ok_or_else(|| format!("{sku} is not sold here"))?;
-            let item = disclose(json!({ "id": sku, "title": title }))?;
-            lines.push(json!({ "id": format!("line_{sku}"), "acceptable_items": [item], "quantity": 1 }));
+        issue_mandates(&self.issuer, &self.state, agent, terms)
+    }
+}
+
+/// The state of the user's HTTP side.
+#[derive(Clone)]
+struct UserSide {
+    issuer: Arc<AgentKey>,
+    state: Arc<WorldState>,
+}
+
+/// `POST /mandates` on the user's side (see [`Ap2World::user_base`]).
+async fn user_issues_mandates(State(user): State<UserSide>, Json(body): Json<Value>) -> Response {
+    let Ok(jwk) = serde_json::from_value::<Jwk>(body["jwk"].clone()) else {
+        return refuse(StatusCode::BAD_REQUEST, "invalid_request", "jwk must be the agent's AP2 public key");
+    };
+    let items: Vec<&str> =
+        body["items"].as_array().map(Vec::as_slice).unwrap_or_default().iter().filter_map(Value::as_str).collect();
+    let number = |name: &str, default: i64| body.get(name).map_or(Some(default), Value::as_i64);
+    let (Some(budget_cents), Some(max_payment_cents), Some(valid_secs)) =
+        (number("budget_cents", 500), number("max_payment_cents", 100), number("valid_secs", 3600))
+    else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "budget_cents, max_payment_cents and valid_secs are integers",
+        );
+    };
+    if items.is_empty() || budget_cents < 1 || max_payment_cents < 1 || !(1..=86_400).contains(&valid_secs) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "items must not be empty; amounts and valid_secs must be positive",
+        );
+    }
+    let terms = MandateTerms { items: &items, budget_cents, max_payment_cents, valid_secs };
+    match issue_mandates(&user.issuer, &user.state, &jwk, &terms) {
+        Ok(mandates) => {
+            Json(json!({ "open_checkout_mandate": mandates.checkout, "open_payment_mandate": mandates.payment }))
+                .into_response()
         }
-        let merchant = disclose(merchant_json(&self.state.merchant_id))?;
-        let content = json!({ "vct": "mandate.checkout.open.1", "cnf": cnf, "iat": now, "exp": now + terms.valid_secs,
-            "constraints": [{ "type": "checkout.line_items", "items": lines },
-                            { "type": "checkout.allowed_merchants", "allowed": [merchant] }] });
-        let checkout = self.open_mandate(content, nested, now)?;
-
-        // Dollars as a JSON number: the shortest form of a whole number of cents is exact.
-        let budget = terms.budget_cents as f64 / 100.0;
-        let mut nested = Vec::new();
-        let payee = Disclosure::element(&merchant_json(&self.state.merchant_id)).map_err(|e| e.to_string())?;
-        nested.push(payee.encoded().to_owned());
-        let content = json!({ "vct": "mandate.payment.open.1", "cnf": cnf, "iat": now, "exp": now + terms.valid_secs,
-            "constraints": [
-                { "type": "payment.amount_range", "currency": "USD", "min": 1, "max": terms.max_payment_cents },
-                { "type": "payment.budget", "max": budget, "currency": "USD" },
-                { "type": "payment.allowed_payees", "allowed": [{ "...": payee.digest() }] },
-                { "type": "payment.allowed_payment_instruments",
-                  "allowed": [{ "id": INSTRUMENT, "type": "card", "description": "Visa ending 4242" }] },
-                { "type": "payment.reference", "conditional_transaction_id": sha256_b64url(checkout.as_bytes()) }] });
-        let payment = self.open_mandate(content, nested, now)?;
-        Ok(OpenMandates { checkout, payment })
+        Err(detail) => refuse(StatusCode::BAD_REQUEST, "invalid_request", &detail),
     }
+}
 
-    /// `<issuer JWT>~<nested disclosures>~<content disclosure>~`.
-    fn open_mandate(&self, content: Value, nested: Vec<String>, now: i64) -> Result<String, String> {
-        let disclosure = Disclosure::element(&content).map_err(|e| e.to_string())?;
-        let payload = json!({ "iss": "https://issuer.sim", "iat": now, "_sd_alg": "sha-256",
-                              "delegate_payload": [{ "...": disclosure.digest() }] });
-        let jwt = self.issuer.sign_jws(Some("dc+sd-jwt"), None, &payload.to_string()).map_err(|e| e.to_string())?;
-        let mut parts = vec![jwt];
-        parts.extend(nested);
-        parts.push(disclosure.encoded().to_owned());
-        Ok(format!("{}~", parts.join("~")))
+/// The user (`issuer`) signs open mandates for the agent whose public key is `agent`.
+fn issue_mandates(
+    issuer: &AgentKey,
+    world: &WorldState,
+    agent: &Jwk,
+    terms: &MandateTerms<'_>,
+) -> Result<OpenMandates, String> {
+    let now = now_secs() as i64;
+    let cnf = json!({ "jwk": { "kty": agent.kty, "crv": agent.crv, "x": agent.x, "y": agent.y } });
+    let mut nested = Vec::new();
+    let mut disclose = |value: Value| -> Result<Value, String> {
+        let disclosure = Disclosure::element(&value).map_err(|e| e.to_string())?;
+        let digest = json!({ "...": disclosure.digest() });
+        nested.push(disclosure.encoded().to_owned());
+        Ok(digest)
+    };
+    let mut lines = Vec::new();
+    for sku in terms.items {
+        let (title, _) = world.catalog.get(*sku).ok_or_else(|| format!("{sku} is not sold here"))?;
+        let item = disclose(json!({ "id": sku, "title": title }))?;
+        lines.push(json!({ "id": format!("line_{sku}"), "acceptable_items": [item], "quantity": 1 }));
     }
+    let merchant = disclose(merchant_json(&world.merchant_id))?;
+    let content = json!({ "vct": "mandate.checkout.open.1", "cnf": cnf, "iat": now, "exp": now + terms.valid_secs,
+        "constraints": [{ "type": "checkout.line_items", "items": lines },
+                        { "type": "checkout.allowed_merchants", "allowed": [merchant] }] });
+    let checkout = open_mandate(issuer, content, nested, now)?;
+
+    // Dollars as a JSON number: the shortest form of a whole number of cents is exact.
+    let budget = terms.budget_cents as f64 / 100.0;
+    let mut nested = Vec::new();
+    let payee = Disclosure::element(&merchant_json(&world.merchant_id)).map_err(|e| e.to_string())?;
+    nested.push(payee.encoded().to_owned());
+    let content = json!({ "vct": "mandate.payment.open.1", "cnf": cnf, "iat": now, "exp": now + terms.valid_secs,
+        "constraints": [
+            { "type": "payment.amount_range", "currency": "USD", "min": 1, "max": terms.max_payment_cents },
+            { "type": "payment.budget", "max": budget, "currency": "USD" },
+            { "type": "payment.allowed_payees", "allowed": [{ "...": payee.digest() }] },
+            { "type": "payment.allowed_payment_instruments",
+              "allowed": [{ "id": INSTRUMENT, "type": "card", "description": "Visa ending 4242" }] },
+            { "type": "payment.reference", "conditional_transaction_id": sha256_b64url(checkout.as_bytes()) }] });
+    let payment = open_mandate(issuer, content, nested, now)?;
+    Ok(OpenMandates { checkout, payment })
+}
+
+/// `<issuer JWT>~<nested disclosures>~<content disclosure>~`.
+fn open_mandate(issuer: &AgentKey, content: Value, nested: Vec<String>, now: i64) -> Result<String, String> {
+    let disclosure = Disclosure::element(&content).map_err(|e| e.to_string())?;
+    let payload = json!({ "iss": "https://issuer.sim", "iat": now, "_sd_alg": "sha-256",
+                          "delegate_payload": [{ "...": disclosure.digest() }] });
+    let jwt = issuer.sign_jws(Some("dc+sd-jwt"), None, &payload.to_string()).map_err(|e| e.to_string())?;
+    let mut parts = vec![jwt];
+    parts.extend(nested);
+    parts.push(disclosure.encoded().to_owned());
+    Ok(format!("{}~", parts.join("~")))
 }
 
 fn refuse(status: StatusCode, code: &str, detail: &str) -> Response {

@@ -59,3 +59,106 @@ async fn demo_scenario_pays_simulated_providers_through_every_protocol() {
     assert_eq!(providers.ap2.paid_cents(), 3 * 30);
     assert_eq!(report["spent_micros"], 2_750_000 + 900_000 + 5 * 20_000);
 }
+
+/// Reads `export NAME=value` lines from a `spendcap demo --providers-only` process until the last
+/// one it prints (`SPENDCAP_SIM_AP2_USER_URL`).
+fn read_exports(stdout: std::process::ChildStdout) -> std::collections::BTreeMap<String, String> {
+    use std::io::BufRead;
+    let mut env = std::collections::BTreeMap::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.expect("demo output");
+        if let Some((name, value)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
+            env.insert(name.to_owned(), value.to_owned());
+            if name == "SPENDCAP_SIM_AP2_USER_URL" {
+                break;
+            }
+        }
+    }
+    env
+}
+
+/// `spendcap demo --providers-only` as a user runs it: a real process whose printed environment is
+/// all an agent needs to pay each simulated provider through the daemon, and no scenario ran.
+#[tokio::test]
+async fn providers_only_prints_what_an_agent_needs_to_pay_every_protocol() {
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spendcap"))
+        .args(["demo", "--providers-only", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spendcap demo --providers-only");
+    let stdout = child.stdout.take().expect("stdout");
+    let _child = Kill(child);
+    let env = tokio::task::spawn_blocking(move || read_exports(stdout)).await.expect("reading the exports");
+    let var = |name: &str| env.get(name).unwrap_or_else(|| panic!("{name} in {env:?}")).clone();
+    let (base, admin) = (var("SPENDCAP_URL"), var("SPENDCAP_ADMIN_TOKEN"));
+    let http = reqwest::Client::new();
+    let call = |token: &str, method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut request = http.request(method, format!("{base}{path}")).bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
+            let response = request.send().await.expect("daemon answers");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+
+    let (status, agents) = call(&admin, reqwest::Method::GET, "/v1/agents", None).await;
+    assert_eq!((status, agents["agents"].as_array().map(Vec::len)), (200, Some(0)), "no scenario ran: {agents}");
+    let (status, created) = call(
+        &admin,
+        reqwest::Method::POST,
+        "/v1/agents",
+        Some(serde_json::json!({"handle": "a", "cap_micros": 2_000_000})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let token = created["token"].as_str().expect("token").to_owned();
+
+    let url = format!("{}/search", var("SPENDCAP_SIM_X402_URL"));
+    let (status, paid) =
+        call(&token, reqwest::Method::POST, "/v1/x402/fetch", Some(serde_json::json!({"url": url, "task": "t"}))).await;
+    assert_eq!((status, &paid["payment"]["amount_micros"]), (200, &Value::from(20_000)), "{paid}");
+
+    let body = serde_json::json!({"merchant": var("SPENDCAP_SIM_ACP_MERCHANT"), "items": [{"id": "report_market"}], "task": "t"});
+    let (status, paid) = call(&token, reqwest::Method::POST, "/v1/acp/checkouts", Some(body)).await;
+    assert_eq!((status, &paid["amount_micros"]), (200, &Value::from(450_000)), "{paid}");
+
+    let (status, key) = call(&token, reqwest::Method::GET, "/v1/ap2/key", None).await;
+    assert_eq!(status, 200, "{key}");
+    let sku = spendcap::sim::AP2_CATALOG[0].0;
+    let mandates: Value = http
+        .post(format!("{}/mandates", var("SPENDCAP_SIM_AP2_USER_URL")))
+        .json(&serde_json::json!({"jwk": key["jwk"], "items": [sku], "budget_cents": 500, "max_payment_cents": 100}))
+        .send()
+        .await
+        .expect("user issuer")
+        .json()
+        .await
+        .expect("mandates");
+    let cart: Value = http
+        .post(format!("{}/checkouts", var("SPENDCAP_SIM_AP2_MERCHANT_URL")))
+        .json(&serde_json::json!({"items": [sku]}))
+        .send()
+        .await
+        .expect("merchant")
+        .json()
+        .await
+        .expect("cart");
+    let body = serde_json::json!({"checkout_jwt": cart["checkout_jwt"], "task": "t",
+        "open_checkout_mandate": mandates["open_checkout_mandate"], "open_payment_mandate": mandates["open_payment_mandate"]});
+    let (status, paid) = call(&token, reqwest::Method::POST, "/v1/ap2/payments", Some(body)).await;
+    assert_eq!((status, &paid["amount_micros"]), (200, &Value::from(300_000)), "{paid}");
+
+    let (_, me) = call(&token, reqwest::Method::GET, "/v1/me", None).await;
+    assert_eq!(me["spent_micros"], 20_000 + 450_000 + 300_000, "{me}");
+}
