@@ -144,3 +144,38 @@ async fn entrypoint_reads_mounted_secrets_and_writes_the_receipt_key_as_the_imag
     let meta = std::fs::metadata(&key_path).expect("the receipt key was written");
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "the receipt key is private to its user");
 }
+
+/// `serve` says at start which Redis it uses (never its password) and where its receipt key is,
+/// so that nobody runs on someone else's Redis without knowing.
+#[tokio::test]
+async fn serve_logs_which_redis_and_key_it_uses_without_credentials() {
+    // A second user with a password; `default` stays open so that the test harness can ping.
+    let redis = RedisServer::start_with(&["--user", "spendcap", "on", ">s3cret-redis-password", "~*", "&*", "+@all"]);
+    let keys = TempDir::new("serve-log");
+    let key_path = keys.0.join("receipt-key.pem");
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spendcap"))
+        .arg("serve")
+        .env("SPENDCAP_REDIS_URL", format!("redis://spendcap:s3cret-redis-password@127.0.0.1:{}", redis.port))
+        .env("SPENDCAP_ADMIN_TOKEN", crate::support::ADMIN_TOKEN)
+        .env("SPENDCAP_RECEIPT_KEY", &key_path)
+        .env("SPENDCAP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spendcap serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout).lines().map_while(Result::ok).find(|line| line.contains("spendcap listening"))
+    })
+    .await
+    .expect("reading the log");
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("a 'spendcap listening' line");
+    assert!(line.contains(&format!("redis=redis://127.0.0.1:{}", redis.port)), "{line}");
+    assert!(line.contains(&key_path.display().to_string()), "{line}");
+    assert!(!line.contains("s3cret"), "{line}");
+}
