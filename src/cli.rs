@@ -641,7 +641,7 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             let created = api.json(Method::POST, "/v1/agents", Some(body)).await?;
             print(client.json, &created, |c| {
                 format!(
-                    "{}token (shown once, store it now): {}\n",
+                    "{}token (shown once, store it now):\nexport SPENDCAP_AGENT_TOKEN={}\n",
                     agent_table(std::slice::from_ref(&c["agent"])),
                     c["token"].as_str().unwrap_or("")
                 )
@@ -688,7 +688,7 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             let rotated =
                 api.json(Method::POST, &format!("/v1/agents/{}/rotate-token", path_segment(&agent)), None).await?;
             print(client.json, &rotated, |r| {
-                format!("new token (shown once): {}\n", r["token"].as_str().unwrap_or(""))
+                format!("new token (shown once):\nexport SPENDCAP_AGENT_TOKEN={}\n", r["token"].as_str().unwrap_or(""))
             });
             Ok(())
         }

@@ -59,6 +59,7 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
         limits: config.limits,
         alerts: config.alerts,
         metrics: crate::metrics::Metrics::new()?,
+        login_codes: Default::default(),
     }))
 }
 

@@ -57,6 +57,8 @@ pub struct AppState {
     pub alerts: Option<crate::alerts::AlertConfig>,
     /// This instance's Prometheus counters (`/metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// One-time dashboard login codes (`serve --dev` prints one).
+    pub login_codes: dashboard::LoginCodes,
 }
 
 pub type SharedState = Arc<AppState>;

@@ -13,6 +13,7 @@ mod faults;
 mod fire;
 mod ledger;
 mod metrics;
+mod readme;
 mod reports;
 mod revocation;
 mod security;
