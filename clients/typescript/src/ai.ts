@@ -14,7 +14,7 @@ import { tool } from "ai";
 import { z } from "zod";
 
 import type { Agent } from "./client.js";
-import { BudgetRefused, OutcomeUnknown, ProviderDeclined, SpendcapError } from "./errors.js";
+import { BudgetRefused, OutcomeUnknown, PaymentRefused, ProviderDeclined, SpendcapError } from "./errors.js";
 import { formatUsd } from "./money.js";
 import type { Budget } from "./types.js";
 
@@ -219,9 +219,11 @@ export function refusal(error: SpendcapError): ToolRefusal {
     instruction: "Do not retry this payment.",
     retryable: false,
   };
-  if (error instanceof BudgetRefused) {
+  if (error instanceof PaymentRefused) {
     result.instruction =
-      "Stop spending: spendcap refused this payment and will refuse it again. Finish with what you have.";
+      error instanceof BudgetRefused
+        ? "Stop spending: your budget refused this payment and will refuse it again. Finish with what you have."
+        : "Spendcap's payment policy refused this payment; do not retry it unchanged.";
     if (error.requestedMicros !== undefined) result.requested_usd = formatUsd(error.requestedMicros);
     if (error.remainingMicros !== undefined) result.remaining_usd = formatUsd(error.remainingMicros);
     if (error.limitedBy !== undefined) result.limited_by = error.limitedBy;

@@ -27,15 +27,16 @@ export class SpendcapError extends Error {
 }
 
 /**
- * Spendcap refused to pay (HTTP 402 of its own): a cap, a limit, a revoked, suspended or expired
- * agent, or a payment policy (an x402 price above the call's maximum, say). Nothing was paid, and
- * the same request will be refused again: stop spending, or change what is asked.
+ * Spendcap itself refused to pay (an HTTP 402 of its own, before anything was signed or sent):
+ * nothing was paid, and the same request will be refused again. `BudgetRefused` is the budget's
+ * refusal; this class alone is a payment policy's (an x402 price above the call's maximum, an
+ * unknown network or asset, …).
  */
-export class BudgetRefused extends SpendcapError {
-  override name = "BudgetRefused";
-  /** What the payment asked for (absent for a policy refusal that names no amount). */
+export class PaymentRefused extends SpendcapError {
+  override name = "PaymentRefused";
+  /** What the payment asked for, when the daemon said. */
   readonly requestedMicros: bigint | undefined;
-  /** What the agent may still spend, counting every ancestor's cap and limit. */
+  /** What the agent may still spend, counting every ancestor's cap and limit, when the daemon said. */
   readonly remainingMicros: bigint | undefined;
   /** The agent (this one or an ancestor) whose limit refused the payment. */
   readonly limitedBy: string | undefined;
@@ -46,6 +47,15 @@ export class BudgetRefused extends SpendcapError {
     this.remainingMicros = bigintField(body, "remaining_micros");
     this.limitedBy = typeof body.limited_by === "string" ? body.limited_by : undefined;
   }
+}
+
+/**
+ * The agent's budget refused the payment: its cap or an ancestor's, a period, task or mandate
+ * budget, an allow- or deny-list, or its state (revoked, suspended, expired). Never worth retrying
+ * unchanged: stop spending.
+ */
+export class BudgetRefused extends PaymentRefused {
+  override name = "BudgetRefused";
 }
 
 /**
@@ -89,6 +99,21 @@ export class OutcomeUnknown extends SpendcapError {
   }
 }
 
+/** A provider failed or could not be read (a 502 or 504 that is not an unknown outcome): nothing was spent. */
+export class ProviderError extends SpendcapError {
+  override name = "ProviderError";
+}
+
+/** Any other error of the daemon (5xx, a protocol not configured). */
+export class ServerError extends SpendcapError {
+  override name = "ServerError";
+}
+
+/** The daemon could not be reached (a call that pays throws `OutcomeUnknown` instead: it may have paid). */
+export class TransportError extends SpendcapError {
+  override name = "TransportError";
+}
+
 /** The ledger (Redis) is unreachable: every payment is refused (fail closed); nothing was paid. */
 export class LedgerUnavailable extends SpendcapError {
   override name = "LedgerUnavailable";
@@ -104,7 +129,25 @@ export class InvalidRequest extends SpendcapError {
   override name = "InvalidRequest";
 }
 
-/** Codes of the daemon's 402s that are the provider's decision, not spendcap's. */
+/** The budget refusals' codes (README, "HTTP API"). */
+const BUDGET_CODES = new Set([
+  "cap_exceeded",
+  "agent_revoked",
+  "agent_expired",
+  "agent_suspended",
+  "protocol_denied",
+  "service_denied",
+  "per_payment_limit_exceeded",
+  "daily_limit_exceeded",
+  "weekly_limit_exceeded",
+  "monthly_limit_exceeded",
+  "all_time_limit_exceeded",
+  "task_cap_exceeded",
+  "budget_exceeded",
+  "budget_busy",
+]);
+
+/** Codes with which a provider said no to a payment it was offered. */
 const PROVIDER_DECLINED_CODES = new Set([
   "x402_payment_rejected",
   "acp_merchant_error",
@@ -122,19 +165,24 @@ export function errorFrom(status: number, body: ErrorBody, idempotencyKey?: stri
   if (code === "ledger_unavailable") {
     return new LedgerUnavailable(status, body);
   }
-  if (status === 401 || code === "invalid_token" || code === "admin_only") {
+  if ((status === 401 || status === 403) && code !== "x402_destination_forbidden") {
     return new AuthError(status, body);
   }
-  if (PROVIDER_DECLINED_CODES.has(code) || (body.provider_error !== undefined && status < 500)) {
+  if (PROVIDER_DECLINED_CODES.has(code)) {
     return new ProviderDeclined(status, body);
   }
   if (status === 402) {
-    return new BudgetRefused(status, body);
+    return BUDGET_CODES.has(code) || "limited_by" in body
+      ? new BudgetRefused(status, body)
+      : new PaymentRefused(status, body);
   }
   if (status >= 400 && status < 500) {
     return new InvalidRequest(status, body);
   }
-  return new SpendcapError(status, body);
+  if (status === 502 || status === 504) {
+    return new ProviderError(status, body);
+  }
+  return new ServerError(status, body);
 }
 
 /** Reads a body that should be `{code, detail}`; anything else becomes an `http_<status>` error. */

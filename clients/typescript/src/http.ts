@@ -4,7 +4,7 @@
  * unknown (with the same idempotency key, so a retry resumes the purchase and never pays twice).
  */
 
-import { type ErrorBody, errorBody, errorFrom, OutcomeUnknown, SpendcapError } from "./errors.js";
+import { errorBody, errorFrom, OutcomeUnknown, type SpendcapError, TransportError } from "./errors.js";
 
 /** The `fetch` this client calls (the global one unless given). */
 export type FetchLike = (input: string | URL | Request, init?: RequestInit) => Promise<Response>;
@@ -150,7 +150,9 @@ export async function errorOf(response: Response, idempotencyKey?: string): Prom
 
 /**
  * Whether a failed attempt may be retried: an `OutcomeUnknown` answer or, for a payment, no
- * answer at all (the payment may have been made). Anything else is rethrown as it is.
+ * answer at all (`fetch` failed with a `TypeError`: the payment may have been made). Anything else
+ * (another error answer, an abort) is rethrown as it is; a call that does not pay and got no
+ * answer throws `TransportError`.
  */
 function unknownOutcome(
   error: unknown,
@@ -161,25 +163,23 @@ function unknownOutcome(
   if (error instanceof OutcomeUnknown) {
     return error;
   }
-  if (error instanceof SpendcapError || !paying) {
-    throw unreachable(error, url);
-  }
-  const body: ErrorBody = {
-    code: "daemon_outcome_unknown",
-    detail: `no answer from ${url} (${String(error)}); the payment may have been made: retry it with the same idempotency key`,
-  };
-  return new OutcomeUnknown(0, body, idempotencyKey);
-}
-
-/** A `fetch` failure (no answer) as a `SpendcapError`; anything else unchanged. */
-function unreachable(error: unknown, url: string): unknown {
   if (!(error instanceof TypeError)) {
-    return error;
+    throw error;
   }
-  return new SpendcapError(0, {
-    code: "daemon_unreachable",
-    detail: `no answer from ${url}: ${String(error)}`,
-  });
+  if (!paying) {
+    throw new TransportError(0, {
+      code: "transport_error",
+      detail: `no answer from ${url}: ${String(error)}`,
+    });
+  }
+  return new OutcomeUnknown(
+    0,
+    {
+      code: "daemon_outcome_unknown",
+      detail: `no answer from ${url} (${String(error)}); the payment may have been made: retry it with the same idempotency key`,
+    },
+    idempotencyKey,
+  );
 }
 
 function delay(ms: number): Promise<void> {

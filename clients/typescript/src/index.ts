@@ -27,8 +27,12 @@ export {
   InvalidRequest,
   LedgerUnavailable,
   OutcomeUnknown,
+  PaymentRefused,
   ProviderDeclined,
+  ProviderError,
+  ServerError,
   SpendcapError,
+  TransportError,
 } from "./errors.js";
 export { type WrapFetchOptions, wrapFetch } from "./fetch.js";
 export type { ConnectionOptions, FetchLike } from "./http.js";

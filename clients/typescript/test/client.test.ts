@@ -15,6 +15,8 @@ import {
   InvalidRequest,
   LedgerUnavailable,
   OutcomeUnknown,
+  PaymentRefused,
+  ProviderError,
   ReceiptInvalid,
   Spendcap,
   SpendcapError,
@@ -127,13 +129,13 @@ describe("wrapFetch", () => {
         );
 
         const unreadable = await paidFetch(`${upstream.url}/own-402`).catch((e: unknown) => e);
-        assert.ok(unreadable instanceof SpendcapError, String(unreadable));
+        assert.ok(unreadable instanceof ProviderError, String(unreadable));
         assert.equal(unreadable.code, "x402_bad_json");
         assert.equal(unreadable.body.upstream_status, 402);
 
         const capped = wrapFetch(fetch, agent, { maxAmount: "0.10" });
         const tooDear = await capped(x402("/papers/attention")).catch((e: unknown) => e);
-        assert.ok(tooDear instanceof BudgetRefused, String(tooDear));
+        assert.ok(tooDear instanceof PaymentRefused && !(tooDear instanceof BudgetRefused), String(tooDear));
         assert.equal(tooDear.code, "x402_over_payment_maximum");
         assert.equal(tooDear.requestedMicros, 400_000n);
 
