@@ -186,15 +186,23 @@ function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-const BIGINT_MARK = "\u0000spendcap-bigint:";
-
-/** JSON with `bigint` values written as exact JSON integers. */
+/**
+ * JSON with `bigint` values written as exact JSON integers (`JSON.stringify` refuses them, and a
+ * number cannot hold every one). Plain data only: objects, arrays, strings, numbers, booleans,
+ * null; `undefined` properties are left out, as `JSON.stringify` does.
+ */
 export function encodeJson(value: unknown): string {
-  const text = JSON.stringify(value, (_key, item: unknown) =>
-    typeof item === "bigint" ? `${BIGINT_MARK}${item.toString()}` : item,
-  );
-  // JSON.stringify escapes U+0000 as \u0000, so the marks cannot collide with a string's content.
-  return text.replace(/"\\u0000spendcap-bigint:(-?\d+)"/g, "$1");
+  if (typeof value === "bigint") {
+    return value.toString();
+  }
+  if (Array.isArray(value)) {
+    return `[${value.map((item) => (item === undefined ? "null" : encodeJson(item))).join(",")}]`;
+  }
+  if (value !== null && typeof value === "object") {
+    const fields = Object.entries(value as Record<string, unknown>).filter(([, item]) => item !== undefined);
+    return `{${fields.map(([name, item]) => `${JSON.stringify(name)}:${encodeJson(item)}`).join(",")}}`;
+  }
+  return JSON.stringify(value) ?? "null";
 }
 
 /** Parses the daemon's JSON; integer `*_micros` fields become `bigint`. */

@@ -20,6 +20,7 @@ import {
   ReceiptInvalid,
   Spendcap,
   SpendcapError,
+  TransportError,
   wrapFetch,
 } from "@spendcap/client";
 
@@ -302,6 +303,18 @@ describe("errors", () => {
     } finally {
       await standIn.close();
     }
+  });
+
+  test("no answer: a payment is an unknown outcome (retried, same key), anything else a TransportError", async () => {
+    const gone = await serve(() => undefined);
+    await gone.close();
+    const agent = new Spendcap({ url: gone.url, adminToken: "a", retryDelayMs: 1 }).agent("sct_t");
+    const paying = await agent
+      .hold({ amount: "0.10", service: "x", idempotencyKey: "k-1" })
+      .catch((e: unknown) => e);
+    assert.ok(paying instanceof OutcomeUnknown, String(paying));
+    assert.deepEqual([paying.code, paying.idempotencyKey], ["daemon_outcome_unknown", "k-1"]);
+    await assert.rejects(agent.me(), TransportError);
   });
 
   test("a ledger outage is LedgerUnavailable, not retried", async () => {
