@@ -32,18 +32,18 @@ after(async () => {
   await daemon.stop();
 });
 
-/** The first ```ts block under the README heading `### <heading>`, verbatim. */
-function snippet(heading: string): string {
-  const readme = readFileSync(join(REPO_DIR, "README.md"), "utf8");
-  const start = readme.indexOf(`\n### ${heading}\n`);
-  assert.ok(start >= 0, `README.md has a "### ${heading}" section`);
+/** The first ```ts block under the heading `<heading>` of a README, verbatim. */
+function snippet(heading: string, readmePath = join(REPO_DIR, "README.md")): string {
+  const readme = readFileSync(readmePath, "utf8");
+  const start = readme.indexOf(`\n${heading}\n`);
+  assert.ok(start >= 0, `${readmePath} has a "${heading}" section`);
   const block = /\n```ts\n([\s\S]*?)\n```\n/.exec(readme.slice(start));
-  assert.ok(block?.[1] !== undefined, `a ts block under "### ${heading}"`);
+  assert.ok(block?.[1] !== undefined, `a ts block under "${heading}"`);
   return `${block[1]}\n`;
 }
 
 /** Type-checks `source` as an ES module of this package (strict), then runs it with Node. */
-async function checkAndRun(name: string, source: string): Promise<string> {
+async function checkAndRun(name: string, source: string, env: Record<string, string> = {}): Promise<string> {
   mkdirSync(SNIPPETS_DIR, { recursive: true });
   const file = join(SNIPPETS_DIR, `${name}.ts`);
   writeFileSync(file, source);
@@ -68,14 +68,14 @@ async function checkAndRun(name: string, source: string): Promise<string> {
   writeFileSync(script, js);
   const { stdout } = await run(process.execPath, [script], {
     cwd: PACKAGE_DIR,
-    env: { ...process.env, ...daemon.env },
+    env: { ...process.env, ...daemon.env, ...env },
     timeout: 60_000,
   });
   return stdout;
 }
 
 test("the README's TypeScript snippet pays until the cap refuses, and revokes the run's agent", async () => {
-  const stdout = await checkAndRun("typescript", snippet("TypeScript"));
+  const stdout = await checkAndRun("typescript", snippet("### TypeScript"));
   assert.match(stdout, /^page 1: HTTP 200, paid 400000 micro-USD$/m);
   assert.match(stdout, /^page 3: HTTP 200, paid 400000 micro-USD$/m);
   assert.doesNotMatch(stdout, /^page 4:/m);
@@ -120,7 +120,7 @@ const model = new MockLanguageModelV3({
 `;
 
 test("the README's Vercel AI SDK snippet: the model pays through the tools and reads the refusal", async () => {
-  const stdout = await checkAndRun("vercel-ai", SCRIPTED_MODEL + snippet("Vercel AI SDK"));
+  const stdout = await checkAndRun("vercel-ai", SCRIPTED_MODEL + snippet("### Vercel AI SDK"));
   const said = /^The last tool result: (.*)$/m.exec(stdout);
   assert.ok(said?.[1] !== undefined, stdout);
   const refusal = JSON.parse(said[1]) as Record<string, unknown>;
@@ -129,4 +129,23 @@ test("the README's Vercel AI SDK snippet: the model pays through the tools and r
   assert.equal(refusal.requested_usd, "0.40");
   assert.equal(refusal.remaining_usd, "0.30");
   assert.equal(refusal.retryable, false);
+});
+
+test("the package README's examples run: the run pattern, withHold and wrapFetch", async () => {
+  const readme = join(PACKAGE_DIR, "README.md");
+  const admin = new Spendcap({ url: daemon.env.SPENDCAP_URL, adminToken: daemon.env.SPENDCAP_ADMIN_TOKEN });
+  const ran = await checkAndRun("package-admin", snippet("## The admin side", readme));
+  assert.match(ran, /^the run spent 20000 micro-USD$/m);
+  const nightly = (await admin.listAgents()).filter((agent) => agent.labels.run === "nightly");
+  assert.deepEqual(
+    nightly.map((agent) => [agent.revoked, agent.spent_micros]),
+    [["run_ended", 20_000n]],
+  );
+
+  const { agent, token } = await admin.createAgent({ handle: "package-readme", cap: "1.00" });
+  const paid = await checkAndRun("package-agent", snippet("## The agent side", readme), {
+    SPENDCAP_AGENT_TOKEN: token,
+  });
+  assert.match(paid, /^…call the model here… 200 \$0\.157 spent$/m);
+  assert.equal((await admin.getAgent(agent.id)).spent_micros, 157_000n);
 });
