@@ -14,6 +14,7 @@ import type {
   AcpCheckout,
   AgentView,
   Ap2Key,
+  Ap2Mandate,
   Ap2Payment,
   Budget,
   FetchResult,
@@ -219,14 +220,27 @@ export class Spendcap {
   async run<T>(options: RunOptions, work: (agent: Agent, created: CreatedAgent) => Promise<T>): Promise<T> {
     const handle = options.handle ?? `run-${randomUUID().slice(0, 12)}`;
     const created = await this.createAgent({ ...options, handle });
-    let reason = "run_failed";
+    let outcome: { ok: true; value: T } | { ok: false; error: unknown };
     try {
-      const result = await work(this.agent(created.token), created);
-      reason = "run_ended";
-      return result;
-    } finally {
-      await this.revoke(created.agent.id, reason);
+      outcome = { ok: true, value: await work(this.agent(created.token), created) };
+    } catch (error) {
+      outcome = { ok: false, error };
     }
+    try {
+      await this.revoke(created.agent.id, outcome.ok ? "run_ended" : "run_failed");
+    } catch (revokeError) {
+      // Both matter: the agent is still live, and why the run failed.
+      throw outcome.ok
+        ? revokeError
+        : new AggregateError(
+            [outcome.error, revokeError],
+            "the run failed and its agent could not be revoked",
+          );
+    }
+    if (!outcome.ok) {
+      throw outcome.error;
+    }
+    return outcome.value;
   }
 
   #json<T>(call: Call): Promise<T> {
@@ -437,6 +451,20 @@ export class Agent {
   /** The agent's AP2 public key (the `cnf` its user signs open mandates for). */
   async ap2Key(): Promise<Ap2Key> {
     return this.#connection.json({ method: "GET", path: "/v1/ap2/key" });
+  }
+
+  /** Verifies the user's open mandates and creates the budget of the open payment mandate. */
+  async ap2RegisterMandates(openCheckoutMandate: string, openPaymentMandate: string): Promise<Ap2Mandate> {
+    return this.#connection.json({
+      method: "POST",
+      path: "/v1/ap2/mandates",
+      body: { open_checkout_mandate: openCheckoutMandate, open_payment_mandate: openPaymentMandate },
+    });
+  }
+
+  /** An open payment mandate's budget: spent, held, remaining. */
+  async ap2Mandate(mandateId: string): Promise<Ap2Mandate> {
+    return this.#connection.json({ method: "GET", path: `/v1/ap2/mandates/${segment(mandateId)}` });
   }
 
   /** Pays a merchant-signed AP2 checkout under the user's open mandates. */

@@ -172,6 +172,24 @@ export interface Ap2Key {
   thumbprint: string;
 }
 
+/** An open mandate's budget as the ledger holds it (`POST /v1/ap2/mandates`, `GET /v1/ap2/mandates/{id}`). */
+export interface Ap2Mandate {
+  mandate_id: string;
+  bucket_id: string;
+  /** `payment.budget` in micro-USD; `null` when the mandate sets none (the agent's cap still applies). */
+  budget_micros: bigint | null;
+  spent_micros: bigint;
+  held_micros: bigint;
+  remaining_micros: bigint | null;
+  /** Closed mandates outstanding (at most one: the budget is exclusive). */
+  outstanding: number;
+  checkout_mandate_id?: string;
+  expires_at?: number;
+  amount_range?: unknown;
+  allowed_payees?: string[];
+  allowed_merchants?: string[];
+}
+
 export type TaskOutcome = "success" | "failed" | "abandoned";
 
 export interface OutcomeView {

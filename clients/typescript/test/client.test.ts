@@ -96,6 +96,34 @@ describe("the run pattern", () => {
     assert.equal(shown.revoked, "run_failed");
     assert.equal(shown.spent_micros, 20_000n);
   });
+
+  test("a run whose agent cannot be revoked says so, with the run's own error", async () => {
+    let revokes = 0;
+    const standIn = await serve((request, response) => {
+      const revoke = request.url?.endsWith("/revoke") === true;
+      revokes += revoke ? 1 : 0;
+      response.writeHead(revoke ? 503 : 201, { "content-type": "application/json" });
+      response.end(
+        revoke
+          ? JSON.stringify({ code: "ledger_unavailable", detail: "the ledger is unavailable" })
+          : JSON.stringify({ agent: { id: "ag_t_1" }, token: "sct_ag_t_1_x" }),
+      );
+    });
+    try {
+      const failing = new Spendcap({ url: standIn.url, adminToken: "a" });
+      const error = await failing
+        .run({ cap: "0.10" }, async () => {
+          throw new Error("the agent crashed");
+        })
+        .catch((e: unknown) => e);
+      assert.ok(error instanceof AggregateError, String(error));
+      assert.match(String(error.errors[0]), /the agent crashed/);
+      assert.ok(error.errors[1] instanceof LedgerUnavailable);
+      assert.equal(revokes, 1);
+    } finally {
+      await standIn.close();
+    }
+  });
 });
 
 describe("wrapFetch", () => {
@@ -195,6 +223,11 @@ describe("ACP, AP2, holds, outcomes, log and receipts", () => {
       const cart = await postJson(`${daemon.env.SPENDCAP_SIM_AP2_MERCHANT_URL}/checkouts`, {
         items: ["sku_company_profile"],
       });
+      const registered = await agent.ap2RegisterMandates(
+        String(mandates.open_checkout_mandate),
+        String(mandates.open_payment_mandate),
+      );
+      assert.deepEqual([registered.budget_micros, registered.spent_micros], [5_000_000n, 0n]);
       const paid = await agent.ap2Pay({
         checkoutJwt: String(cart.checkout_jwt),
         openCheckoutMandate: String(mandates.open_checkout_mandate),
@@ -204,6 +237,8 @@ describe("ACP, AP2, holds, outcomes, log and receipts", () => {
       assert.equal(paid.amount_micros, 300_000n);
       assert.equal(paid.replayed, false);
       assert.equal((await agent.me()).spent_micros, 300_000n);
+      const mandate = await agent.ap2Mandate(registered.mandate_id);
+      assert.deepEqual([mandate.spent_micros, mandate.remaining_micros], [300_000n, 4_700_000n]);
     });
   });
 
