@@ -9,7 +9,8 @@
 
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { promisify } from "node:util";
@@ -148,4 +149,50 @@ test("the package README's examples run: the run pattern, withHold and wrapFetch
   });
   assert.match(paid, /^…call the model here… 200 \$0\.157 spent$/m);
   assert.equal((await admin.getAgent(agent.id)).spent_micros, 157_000n);
+});
+
+test("the benchmark the package README quotes runs and prints its four rows", async () => {
+  // `npm run bench` is the build, then this; the build already ran before the tests.
+  const { stdout } = await run(process.execPath, [join(PACKAGE_DIR, "dist", "bench", "latency.js")], {
+    cwd: PACKAGE_DIR,
+    env: { ...process.env, SPENDCAP_BENCH_N: "3" },
+    timeout: 60_000,
+  });
+  const rows = stdout.split("\n").filter((line) => /^\| .* \| [\d.]+ ms \| [\d.]+ ms \|$/.test(line));
+  assert.equal(rows.length, 4, stdout);
+});
+
+test("the package as packed installs into a fresh project and pays from there", async () => {
+  const project = mkdtempSync(join(tmpdir(), "spendcap-client-"));
+  try {
+    // `npm pack` builds first (prepack); the build already ran before the tests, so skip it here.
+    const npm = process.platform === "win32" ? "npm.cmd" : "npm";
+    const packed = await run(npm, ["pack", "--ignore-scripts", "--silent", "--pack-destination", project], {
+      cwd: PACKAGE_DIR,
+    });
+    const tarball = packed.stdout.trim().split("\n").at(-1) ?? "";
+    assert.match(tarball, /^spendcap-client-.*\.tgz$/);
+    writeFileSync(
+      join(project, "package.json"),
+      JSON.stringify({ name: "consumer", private: true, type: "module" }),
+    );
+    await run(npm, ["install", "--no-audit", "--no-fund", "--silent", `./${tarball}`], { cwd: project });
+    writeFileSync(
+      join(project, "pay.mjs"),
+      `import { Spendcap } from "@spendcap/client";
+const spent = await new Spendcap().run({ cap: "0.10" }, async (agent) => {
+  await agent.fetch({ url: process.env.SPENDCAP_SIM_X402_URL + "/search?q=packed" });
+  return (await agent.me()).spent_micros;
+});
+console.log("spent " + spent);
+`,
+    );
+    const paid = await run(process.execPath, ["pay.mjs"], {
+      cwd: project,
+      env: { ...process.env, ...daemon.env },
+    });
+    assert.equal(paid.stdout.trim(), "spent 20000");
+  } finally {
+    rmSync(project, { recursive: true, force: true });
+  }
 });
