@@ -73,32 +73,39 @@ export class Connection {
     return this.#fetch;
   }
 
-  /** Sends the call and answers its parsed JSON body; error answers throw typed errors. */
+  /**
+   * Sends the call and answers its parsed JSON body; error answers throw typed errors. The body is
+   * read inside the attempt, so that a payment's answer lost half-way is retried like no answer.
+   */
   async json<T>(call: Call): Promise<T> {
-    const response = await this.send(call);
-    return decodeJson((await response.text()) || "null") as T;
+    return this.retrying(call.paying === true, call.idempotencyKey, async () => {
+      const response = await this.#attempt(call);
+      return decodeJson((await response.text()) || "null") as T;
+    });
   }
 
-  /** Sends the call and answers the response (2xx only; error answers throw typed errors). */
+  /** Sends the call and answers the response, its body unread (2xx only; error answers throw typed errors). */
   async send(call: Call): Promise<Response> {
-    return this.retrying(call.paying === true, call.idempotencyKey, async () => {
-      const headers: Record<string, string> = { authorization: this.authorization() };
-      if (call.body !== undefined) {
-        headers["content-type"] = "application/json";
-      }
-      if (call.idempotencyKey !== undefined) {
-        headers["idempotency-key"] = call.idempotencyKey;
-      }
-      const init: RequestInit = { method: call.method, headers };
-      if (call.body !== undefined) {
-        init.body = encodeJson(call.body);
-      }
-      const response = await this.#fetch(this.#target(call), init);
-      if (!response.ok) {
-        throw await errorOf(response, call.idempotencyKey);
-      }
-      return response;
-    });
+    return this.retrying(call.paying === true, call.idempotencyKey, () => this.#attempt(call));
+  }
+
+  async #attempt(call: Call): Promise<Response> {
+    const headers: Record<string, string> = { authorization: this.authorization() };
+    if (call.body !== undefined) {
+      headers["content-type"] = "application/json";
+    }
+    if (call.idempotencyKey !== undefined) {
+      headers["idempotency-key"] = call.idempotencyKey;
+    }
+    const init: RequestInit = { method: call.method, headers };
+    if (call.body !== undefined) {
+      init.body = encodeJson(call.body);
+    }
+    const response = await this.#fetch(this.#target(call), init);
+    if (!response.ok) {
+      throw await errorOf(response, call.idempotencyKey);
+    }
+    return response;
   }
 
   /**
@@ -149,10 +156,10 @@ export async function errorOf(response: Response, idempotencyKey?: string): Prom
 }
 
 /**
- * Whether a failed attempt may be retried: an `OutcomeUnknown` answer or, for a payment, no
- * answer at all (`fetch` failed with a `TypeError`: the payment may have been made). Anything else
- * (another error answer, an abort) is rethrown as it is; a call that does not pay and got no
- * answer throws `TransportError`.
+ * Whether a failed attempt of a payment may be retried: an `OutcomeUnknown` answer, or no answer
+ * at all (`fetch` failed with a `TypeError`: the payment may have been made). Anything else
+ * (another error answer, an abort, any failure of a call that does not pay) is rethrown as it is,
+ * except that a call that does not pay and got no answer throws `TransportError`.
  */
 function unknownOutcome(
   error: unknown,
@@ -160,7 +167,7 @@ function unknownOutcome(
   idempotencyKey: string | undefined,
   url: string,
 ): OutcomeUnknown {
-  if (error instanceof OutcomeUnknown) {
+  if (error instanceof OutcomeUnknown && paying) {
     return error;
   }
   if (!(error instanceof TypeError)) {

@@ -352,6 +352,36 @@ describe("errors", () => {
     await assert.rejects(agent.me(), TransportError);
   });
 
+  test("a payment's answer lost half-way is retried under the same key", async () => {
+    const keys: Array<string | undefined> = [];
+    const standIn = await serve((request, response) => {
+      keys.push(request.headers["idempotency-key"] as string | undefined);
+      const body = JSON.stringify({
+        hold_id: "hd_t_1",
+        amount_micros: 100000,
+        expires_at_ms: 1,
+        remaining_micros: 0,
+        replayed: keys.length > 1,
+      });
+      response.writeHead(201, { "content-type": "application/json", "content-length": String(body.length) });
+      if (keys.length === 1) {
+        // Headers and the start of the body reach the client; then the connection drops.
+        response.write(body.slice(0, 10), () => setImmediate(() => response.socket?.destroy()));
+        return;
+      }
+      response.end(body);
+    });
+    try {
+      const agent = new Spendcap({ url: standIn.url, adminToken: "a", retryDelayMs: 1 }).agent("sct_t");
+      const hold = await agent.hold({ amount: "0.10", service: "x" });
+      assert.deepEqual([hold.hold_id, hold.replayed], ["hd_t_1", true]);
+      assert.equal(keys.length, 2);
+      assert.ok(keys[0] !== undefined && keys[0] === keys[1], `the same key: ${keys.join(",")}`);
+    } finally {
+      await standIn.close();
+    }
+  });
+
   test("a ledger outage is LedgerUnavailable, not retried", async () => {
     let requests = 0;
     const standIn = await serve((_request, response) => {
