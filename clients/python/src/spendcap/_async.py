@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -357,7 +357,9 @@ class AsyncAgent(_Client):
             if spending.cost_micros is None:
                 spending.voided = await self.void(held.hold_id, reason="call_failed")
             else:
-                spending.settlement = await self.settle(held.hold_id, spending.settle_micros(), details=spending.details)
+                spending.settlement = await self.settle(
+                    held.hold_id, spending.settle_micros(), details=spending.details
+                )
             raise
         spending.settlement = await self.settle(held.hold_id, spending.settle_micros(), details=spending.details)
 

@@ -1,13 +1,14 @@
 """Money as the daemon counts it: integer micro-USD (1 USD = 1,000,000), never floats.
 
-Amounts go in as `Decimal`, exact decimal text (`"1.50"`), whole dollars as `int`, or exact
-micros from `usd()` / `Micros`; they come back as `int` micros with a `Decimal` USD view.
+Amounts go in as `Decimal`, exact decimal text (`"1.50"`), or exact micros (`Micros`, or
+`usd(...)`); they come back as `int` micros with a `Decimal` USD view. A plain `int` is refused
+where an amount is expected: it could be dollars or micros, and a million-fold mistake is one
+nobody should be able to make by accident (`usd(5)` says "five dollars" explicitly).
 """
 
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
-from typing import Union
 
 MICROS_PER_USD = 1_000_000
 
@@ -25,8 +26,8 @@ class Micros(int):
         return to_usd(int(self))
 
 
-Money = Union[Decimal, str, int, Micros]
-"""USD as `Decimal` or exact text (`"1.50"`), whole dollars as a plain `int`, or `Micros`."""
+Money = Decimal | str | Micros
+"""USD as `Decimal` or exact text (`"1.50"`), or `Micros`."""
 
 
 def usd(amount: Decimal | str | int) -> Micros:
@@ -34,7 +35,7 @@ def usd(amount: Decimal | str | int) -> Micros:
 
     Floats are refused (`0.1` has no exact binary value); so are amounts finer than a micro-dollar.
     """
-    if isinstance(amount, bool) or isinstance(amount, float):
+    if isinstance(amount, (bool, float)):
         raise TypeError(f"amounts are Decimal or exact text, never {type(amount).__name__}: {amount!r}")
     if isinstance(amount, Micros):
         return amount
@@ -58,7 +59,11 @@ def usd(amount: Decimal | str | int) -> Micros:
 
 
 def to_micros(amount: Money) -> int:
-    """The micros of any accepted amount (`Micros` pass through unchanged)."""
+    """The micros of an amount: `Decimal` or text dollars, or `Micros` (passed through)."""
+    if isinstance(amount, int) and not isinstance(amount, Micros):
+        raise TypeError(
+            f"ambiguous amount {amount!r}: pass dollars as Decimal or text ('1.50'), or micros as Micros({amount})"
+        )
     return int(usd(amount))
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 
 from ._models import Hold, Settlement, Voided
-from ._money import Money, to_micros, to_usd
+from ._money import Micros, Money, to_micros, to_usd
 
 
 class Spend:
@@ -32,8 +32,8 @@ class Spend:
         if details:
             self.details.update(details)
 
-    def settle_micros(self) -> int:
-        return self.hold.amount_micros if self.cost_micros is None else self.cost_micros
+    def settle_micros(self) -> Micros:
+        return Micros(self.hold.amount_micros if self.cost_micros is None else self.cost_micros)
 
     @property
     def spent(self) -> Decimal:

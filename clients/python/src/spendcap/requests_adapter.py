@@ -44,7 +44,7 @@ class SpendcapAdapter(HTTPAdapter):
         self._raise_refusals = raise_refusals
         self._outcome_retries = outcome_retries
 
-    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
         target = str(request.url)
         proxied = request.copy()
         proxied.url = proxy_url(self._url, target)

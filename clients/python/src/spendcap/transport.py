@@ -96,7 +96,11 @@ class _Settings:
 
     def proxied(self, request: httpx.Request, content: bytes) -> httpx.Request:
         headers = proxy_headers(
-            request.headers, self.token, task=self.task, max_micros=self.max_micros, idempotency_key=key_of(request.headers)
+            request.headers,
+            self.token,
+            task=self.task,
+            max_micros=self.max_micros,
+            idempotency_key=key_of(request.headers),
         )
         return httpx.Request(
             request.method,
