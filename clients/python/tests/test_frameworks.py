@@ -5,57 +5,22 @@ the model receives the refusal as a short structured result."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
-from langchain_core.outputs import ChatResult
-from langchain_core.runnables import Runnable
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import Field
+from langchain_core.messages import AIMessage, ToolMessage
 
 from conftest import Daemon
+from scripted import (
+    ScriptedChatModel,
+    agents_sdk_model,
+    call,
+    function_call,
+    function_outputs,
+    message,
+    run_langchain,
+)
 
 SEARCH = 20_000
-
-
-# ---- LangChain -----------------------------------------------------------------------------
-
-
-class ScriptedChatModel(GenericFakeChatModel):
-    """LangChain's fake chat model, with tools bound as a real chat model binds them, recording
-    every conversation it is given."""
-
-    seen: list[list[BaseMessage]] = Field(default_factory=list)
-    bound: list[dict[str, Any]] = Field(default_factory=list)
-
-    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
-        self.seen.append(list(messages))
-        return super()._generate(messages, *args, **kwargs)
-
-    def bind_tools(self, tools: Any, **kwargs: Any) -> Runnable[Any, AIMessage]:
-        self.bound = [convert_to_openai_tool(tool) for tool in tools]
-        return self.bind(tools=self.bound, **kwargs)
-
-
-def call(name: str, call_id: str, **args: Any) -> AIMessage:
-    return AIMessage(content="", tool_calls=[{"name": name, "args": args, "id": call_id, "type": "tool_call"}])
-
-
-def run_langchain(model: ScriptedChatModel, tools: list[Any], prompt: str) -> list[BaseMessage]:
-    """The tool-calling loop of langchain-core: the model answers, each tool call is invoked as a
-    `ToolCall` (which yields the `ToolMessage`), until the model answers without tool calls."""
-    bound = model.bind_tools(tools)
-    by_name = {tool.name: tool for tool in tools}
-    messages: list[BaseMessage] = [HumanMessage(prompt)]
-    for _ in range(20):
-        answer = bound.invoke(messages)
-        messages.append(answer)
-        if not answer.tool_calls:
-            return messages
-        messages.extend(by_name[tool_call["name"]].invoke(tool_call) for tool_call in answer.tool_calls)
-    raise AssertionError("the scripted run did not end")
 
 
 def test_langchain_tools_pay_hit_the_cap_and_the_model_receives_the_refusal(daemon: Daemon, new_agent: Any) -> None:
@@ -143,55 +108,6 @@ def test_langchain_checkout_ap2_and_outcome_tools(daemon: Daemon, admin: Any, ne
 # ---- OpenAI Agents SDK ---------------------------------------------------------------------
 
 
-def agents_sdk_model(turns: list[list[Any]]) -> Any:
-    """A scripted `Model` for the Agents SDK `Runner`: each call answers the next turn and keeps
-    what it was given."""
-    from agents import Model, ModelResponse, Usage
-
-    class ScriptedModel(Model):
-        def __init__(self) -> None:
-            self.turns: Iterator[list[Any]] = iter(turns)
-            self.inputs: list[Any] = []
-            self.tool_names: list[str] = []
-
-        async def get_response(
-            self, system_instructions: Any, input: Any, model_settings: Any, tools: Any, *args: Any, **kwargs: Any
-        ) -> ModelResponse:
-            self.inputs.append(input)
-            self.tool_names = [tool.name for tool in tools]
-            return ModelResponse(output=next(self.turns), usage=Usage(), response_id=None)
-
-        def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            raise NotImplementedError
-
-    return ScriptedModel()
-
-
-def function_call(name: str, call_id: str, **args: Any) -> Any:
-    from openai.types.responses import ResponseFunctionToolCall
-
-    return ResponseFunctionToolCall(
-        id=f"fc_{call_id}",
-        call_id=call_id,
-        name=name,
-        arguments=json.dumps(args),
-        type="function_call",
-        status="completed",
-    )
-
-
-def message(text: str) -> Any:
-    from openai.types.responses import ResponseOutputMessage, ResponseOutputText
-
-    return ResponseOutputMessage(
-        id="msg_1",
-        role="assistant",
-        status="completed",
-        type="message",
-        content=[ResponseOutputText(text=text, type="output_text", annotations=[])],
-    )
-
-
 def test_agents_sdk_tools_pay_hit_the_cap_and_the_model_receives_the_refusal(daemon: Daemon, new_agent: Any) -> None:
     from agents import Agent as LlmAgent
     from agents import Runner, set_tracing_disabled
@@ -216,11 +132,7 @@ def test_agents_sdk_tools_pay_hit_the_cap_and_the_model_receives_the_refusal(dae
 
     assert result.final_output == "The budget is exhausted; stopping."
     assert model.tool_names == ["get_budget", "paid_fetch", "acp_checkout", "record_task_outcome"]
-    outputs = {
-        item["call_id"]: json.loads(item["output"])
-        for item in model.inputs[-1]
-        if isinstance(item, dict) and item.get("type") == "function_call_output"
-    }
+    outputs = function_outputs(model.inputs[-1])
     assert outputs["call_2"]["paid_usd"] == "0.02"
     refusal = outputs["call_4"]
     assert (refusal["ok"], refusal["code"], refusal["remaining_usd"]) == (False, "cap_exceeded", "0.01")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 
 MICROS_PER_USD = 1_000_000
+_MICRO = Decimal("0.000001")
 
 
 class Micros(int):
@@ -69,12 +70,12 @@ def to_micros(amount: Money) -> int:
 
 def to_usd(micros: int) -> Decimal:
     """`Decimal` dollars of an amount in micros, exactly: `to_usd(1_500_000) == Decimal("1.500000")`."""
-    return Decimal(micros).scaleb(-6)
+    return (Decimal(micros) / MICROS_PER_USD).quantize(_MICRO)
 
 
 def format_usd(micros: int) -> str:
     """`"1.50"`-style text with at least two decimals, exact."""
-    text = f"{Decimal(micros).scaleb(-6):f}"
+    text = f"{to_usd(micros):f}"
     whole, _, fraction = text.partition(".")
     fraction = fraction.rstrip("0")
     return f"{whole}.{fraction.ljust(2, '0')}"
