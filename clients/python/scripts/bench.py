@@ -32,6 +32,26 @@ def timed(call: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def in_process(me_json: dict[str, object], token: str, n: int) -> None:
+    """The client's own cost without the network or the daemon: both ways answered in process by
+    `httpx.MockTransport` with the same `/v1/me` body, so only the client's work differs."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=me_json)
+
+    agent = Agent(token, url="http://daemon.invalid", http_client=httpx.Client(transport=httpx.MockTransport(answer)))
+    plain = httpx.Client(transport=httpx.MockTransport(answer), headers={"Authorization": f"Bearer {token}"})
+    ours, theirs = [], []
+    for _ in range(n):
+        ours.append(timed(agent.me))
+        theirs.append(timed(lambda: plain.get("http://daemon.invalid/v1/me").json()))
+    p50, q50 = statistics.median(ours), statistics.median(theirs)
+    print(
+        f"in process (MockTransport, {n} calls): me() {p50 * 1000:.1f} µs vs plain httpx {q50 * 1000:.1f} µs p50 "
+        f"(+{(p50 - q50) * 1000:.1f} µs for building the call, the typed answer and the error check)"
+    )
+
+
 def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     process, env = start_daemon()
@@ -70,6 +90,7 @@ def main() -> None:
             print(f"| {name} | {p50:.3f} ms | {q50:.3f} ms | {p50 - q50:+.3f} ms | {p90:.3f} ms | {q90:.3f} ms |")
         spent = agent.me().spent_micros
         print(f"spent by the benchmark agent: {spent} micros")
+        in_process(agent.me().raw, created.token, rounds * 10)
     finally:
         process.terminate()
         process.wait(timeout=10)
