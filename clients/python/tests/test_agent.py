@@ -157,6 +157,10 @@ def test_acp_checkout_pays_the_merchant_and_refuses_past_the_cap(daemon: Daemon,
     with pytest.raises(ProviderDeclined) as declined:
         agent.checkout(daemon.acp_merchant, items=["no_such_item"], task="t")
     assert declined.value.provider_error is not None and declined.value.provider_error["provider"] == "merchant"
+    # A completed order cannot be canceled: the merchant says so, and the charge stays spent.
+    with pytest.raises(ProviderDeclined) as not_cancelable:
+        agent.cancel(order.checkout_session_id, merchant=daemon.acp_merchant)
+    assert not_cancelable.value.reason == "invalid_state"
     assert agent.me().spent_micros == REPORT
 
 
