@@ -62,6 +62,9 @@ def test_micros_pass_through_and_format() -> None:
         (403, "x402_destination_forbidden", InvalidRequest),
         (422, "amount_fractional", InvalidRequest),
         (504, "acp_timeout", ProviderError),
+        (402, "ap2_payment_declined", ProviderDeclined),
+        (502, "ap2_provider_error", ProviderError),
+        (502, "ap2_provider_unreachable", ProviderError),
     ],
 )
 def test_each_code_lands_in_its_family(status: int, code: str, family: type) -> None:
@@ -85,4 +88,6 @@ def test_a_refusal_carries_its_amounts_and_a_decline_its_provider_reason() -> No
     assert (refused.requested, refused.remaining, refused.limited_by) == (Decimal("0.4"), Decimal("0.03"), "ag_x")
     declined = error_from_response(422, {"code": "acp_merchant_error", "provider_error": {"code": "payment_declined"}})
     assert isinstance(declined, ProviderDeclined) and declined.reason == "payment_declined"
+    ap2 = error_from_response(402, {"code": "ap2_payment_declined", "stage": "merchant", "error": "insufficient_funds"})
+    assert isinstance(ap2, ProviderDeclined) and ap2.reason == "insufficient_funds"
     assert error_from_response(500, "not json").code == "http_500"

@@ -40,10 +40,6 @@ DECLINE_CODES = frozenset(
         "acp_merchant_declined",
         "acp_psp_error",
         "ap2_payment_declined",
-        "ap2_merchant_declined",
-        "ap2_credential_refused",
-        "ap2_credential_provider_error",
-        "ap2_provider_error",
     }
 )
 
@@ -101,9 +97,12 @@ class ProviderDeclined(SpendcapError):
         super().__init__(status, code, detail, body)
         provider_error = self.body.get("provider_error")
         self.provider_error: dict[str, Any] | None = provider_error if isinstance(provider_error, dict) else None
+        # x402: the server's `reason`; ACP: the provider's error object; AP2: the decliner's `error`.
         reason = self.body.get("reason")
         if reason is None and self.provider_error is not None:
             reason = self.provider_error.get("code") or self.provider_error.get("message")
+        if reason is None:
+            reason = self.body.get("error")
         self.reason: str | None = reason if isinstance(reason, str) else None
 
 
