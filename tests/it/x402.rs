@@ -1015,3 +1015,143 @@ async fn a_lost_answer_stays_counted_as_unknown_until_a_retry_settles_it() {
     let log = log_of(&app, &agent).await;
     assert_eq!(events(&log), ["hold", "unknown", "hold", "unknown", "settle"]);
 }
+
+/// A resource server with its facilitator: it settles each authorization at most once (by
+/// nonce) and records what it settled. `mode` in the query string says how it answers a paid
+/// request: `ok`, `decline` (402 with a failed settlement report, nothing settled), `lost`
+/// (settles, then answers too late the first time; a re-sent authorization gets its settlement
+/// again at once), `slow` (even the unpaid request is answered too late).
+#[derive(Clone, Default)]
+struct Facilitator {
+    settled: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Facilitator {
+    fn total(&self) -> u64 {
+        self.settled.lock().expect("lock").values().sum()
+    }
+}
+
+impl wiremock::Respond for Facilitator {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        let query: BTreeMap<String, String> = request.url.query_pairs().into_owned().collect();
+        let price: u64 = query.get("price").and_then(|p| p.parse().ok()).unwrap_or(1_000);
+        let mode = query.get("mode").cloned().unwrap_or_default();
+        let late = Duration::from_secs(3);
+        let Ok(payment) = parse_payment_header(&request.headers) else {
+            let unpaid = v2_402(&v2_required(&price.to_string()));
+            return if mode == "slow" { unpaid.set_delay(late) } else { unpaid };
+        };
+        let authorization = &payment.exact().authorization;
+        let nonce = authorization.nonce.clone();
+        if mode == "decline" {
+            return ResponseTemplate::new(402)
+                .insert_header("payment-response", base64_json(&fixture("settlement_failure.json")))
+                .set_body_raw(r#"{"error":"declined"}"#, "application/json");
+        }
+        let value: u64 = authorization.value.parse().expect("value");
+        let first = self.settled.lock().expect("lock").insert(nonce, value).is_none();
+        let paid = v2_paid();
+        if mode == "lost" && first {
+            paid.set_delay(late)
+        } else {
+            paid
+        }
+    }
+}
+
+/// Issue 13, x402: over a run with declines, timeouts, lost answers, duplicate keys and retries,
+/// what the facilitator settled equals what the ledger settled for x402, and the holds left
+/// `unknown` are exactly the lost answers not yet retried.
+#[tokio::test]
+async fn what_the_facilitator_settled_is_what_the_ledger_settled() {
+    let app = app_with(X402Config { timeout: Duration::from_millis(1_000), ..config() }).await;
+    let server = MockServer::start().await;
+    let facilitator = Facilitator::default();
+    Mock::given(path("/item")).respond_with(facilitator.clone()).mount(&server).await;
+    let agent = app.create_agent("e2e-x402", 10_000_000, None).await;
+    let buy = |n: u64, mode: &'static str| {
+        let (app, agent, base) = (&app, &agent, server.uri());
+        async move {
+            let url = format!("{base}/item?n={n}&mode={mode}&price={}", 1_000 * n);
+            fetch(app, &agent.token, json!({"url": url, "task": format!("task-{n}")}), Some(&format!("key-{n}"))).await
+        }
+    };
+    let settled_in_ledger = || async {
+        let log = log_of(&app, &agent).await;
+        log.iter()
+            .filter(|e| e["event"] == "settle" && e["protocol"] == "x402")
+            .map(|e| e["amount"].as_u64().expect("amount"))
+            .sum::<u64>()
+    };
+
+    for n in 1..=4 {
+        let (status, body) = buy(n, "ok").await;
+        assert_eq!((status, body["payment"]["status"].as_str()), (200, Some("settled")), "{body}");
+    }
+    let (status, duplicate) = buy(2, "ok").await;
+    assert_eq!((status, duplicate["replayed"].as_bool()), (200, Some(true)), "a duplicate key replays");
+    for n in 5..=6 {
+        let (status, body) = buy(n, "decline").await;
+        assert_eq!(
+            (status, body["code"].as_str(), body["reason"].as_str()),
+            (402, Some("x402_payment_rejected"), Some("insufficient_funds"))
+        );
+    }
+    let (status, body) = buy(7, "slow").await;
+    assert_eq!((status, body["code"].as_str()), (504, Some("x402_upstream_timeout")), "nothing held: {body}");
+    let mut lost = BTreeMap::new();
+    for n in 8..=10 {
+        let (status, body) = buy(n, "lost").await;
+        assert_eq!((status, body["code"].as_str()), (504, Some("x402_payment_outcome_unknown")), "{body}");
+        lost.insert(n, body["hold_id"].as_str().expect("hold").to_owned());
+    }
+
+    // Every lost answer, and nothing else, is unknown; the difference is exactly their sum.
+    let unknown = || {
+        let (app, token) = (&app, agent.token.clone());
+        async move {
+            let (_, listed) = app.agent_call(&token, Method::GET, "/v1/holds?state=unknown", None).await;
+            listed["holds"]
+                .as_array()
+                .expect("holds")
+                .iter()
+                .map(|h| h["hold_id"].as_str().expect("id").to_owned())
+                .collect::<BTreeSet<String>>()
+        }
+    };
+    assert_eq!(unknown().await, lost.values().cloned().collect::<BTreeSet<_>>());
+    assert_eq!(facilitator.total(), 1_000 * (1 + 2 + 3 + 4 + 8 + 9 + 10));
+    assert_eq!(facilitator.total() - settled_in_ledger().await, 1_000 * (8 + 9 + 10));
+
+    // Retries with the same keys resume the same authorizations and settle.
+    for n in [8, 9] {
+        let (status, body) = buy(n, "lost").await;
+        assert_eq!((status, body["payment"]["hold_id"].as_str()), (200, Some(lost[&n].as_str())), "{body}");
+    }
+    assert_eq!(unknown().await, BTreeSet::from([lost[&10].clone()]));
+    // Long past every validBefore: the declined authorizations' holds are released, the lost one
+    // still counts.
+    app.clock.advance_ms(3_600_000);
+    let balance = me(&app, &agent).await;
+    assert_eq!((balance["held_micros"].as_u64(), balance["unknown_micros"].as_u64()), (Some(10_000), Some(10_000)));
+    // An admin who checked the chain settles it.
+    let (status, resolved) = app
+        .admin(
+            Method::POST,
+            &format!("/v1/holds/{}/resolve", lost[&10]),
+            Some(json!({"outcome": "settled", "amount_micros": 10_000, "reason": "the transfer is on chain"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{resolved}");
+
+    assert_eq!(settled_in_ledger().await, facilitator.total(), "the two sums are equal");
+    let balance = me(&app, &agent).await;
+    assert_eq!(
+        (balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()),
+        (Some(facilitator.total()), Some(0))
+    );
+    let log = log_of(&app, &agent).await;
+    assert_eq!(log.iter().filter(|e| e["event"] == "hold").count(), 9, "one hold per purchase, none for the timeout");
+    assert_eq!(log.iter().filter(|e| e["event"] == "expire").count(), 2, "the declined ones, at validBefore");
+}

@@ -3,14 +3,18 @@
 //! ```text
 //! verify the agent ─▶ fetch unpaid ─▶ 402? ─▶ parse, choose (policy) ─▶ pay::hold (idempotent)
 //!   ─▶ sign (fresh terms, or the stored ones when the purchase resumes) ─▶ fetch with payment
-//!   ─▶ settled: pay::settle + receipt, finish(Done)   ─▶ 402 again: note, keep the hold
-//!   ─▶ no answer: note, keep the hold, finish(Release) so that a retry re-sends the same one
+//!   ─▶ settled (whatever the status): pay::settle + receipt, finish(Done)
+//!   ─▶ 402 again / failed settlement report: note (the provider's reason), keep the hold until
+//!      validBefore, finish(Release)
+//!   ─▶ no answer, or no settlement report: pay::mark_unknown (counted, never expires),
+//!      finish(Release) so that a retry re-sends the same authorization and settles it
 //! ```
 //!
 //! Nothing is held or signed before the 402 has been read and the policy accepted it, and
 //! nothing is signed before the ledger granted the hold. A signed authorization is never voided:
 //! anyone holding it could still settle it until its `validBefore`, so its hold stays until the
-//! server confirms the settlement or the ledger expires it at `validBefore`.
+//! server confirms the settlement or the ledger expires it at `validBefore` — and when nothing
+//! says whether it settled, it stays `unknown` (counted) until a retry or an admin resolves it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
