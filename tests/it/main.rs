@@ -18,4 +18,5 @@ mod reports;
 mod revocation;
 mod security;
 mod support;
+mod unknown;
 mod x402;
