@@ -530,8 +530,11 @@ pub enum CliError {
     Usage(String),
     #[error("the daemon answered {status}: {code}: {detail}")]
     Api { status: u16, code: String, detail: String },
-    #[error("cannot reach the daemon: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error("cannot reach spendcap at {url} — is `spendcap serve` running? (set SPENDCAP_URL or pass --url)")]
+    Unreachable { url: String },
+    /// The answer broke off or was not what the daemon sends; the text says how, once.
+    #[error("talking to the daemon: {0}")]
+    Http(String),
     #[error("{0}")]
     Receipt(#[from] crate::receipt::ReceiptError),
     #[error("{0}")]
@@ -571,7 +574,7 @@ impl Client {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await?;
+        let response = request.send().await.map_err(|e| self.http_error(e))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -585,7 +588,22 @@ impl Client {
     }
 
     async fn json(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, CliError> {
-        Ok(self.send(method, path, body).await?.json().await?)
+        self.send(method, path, body).await?.json().await.map_err(|e| self.http_error(e))
+    }
+
+    /// A connection that could not be made says where it tried and what to check; anything else
+    /// is said once (the error's own text with its causes, not the chain printed twice).
+    fn http_error(&self, error: reqwest::Error) -> CliError {
+        if error.is_connect() || (error.is_timeout() && error.is_request()) {
+            return CliError::Unreachable { url: self.base.clone() };
+        }
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text = format!("{text}: {cause}");
+            source = cause.source();
+        }
+        CliError::Http(text)
     }
 }
 
@@ -690,7 +708,7 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             let created = api.json(Method::POST, "/v1/agents", Some(body)).await?;
             print(client.json, &created, |c| {
                 format!(
-                    "{}token (shown once, store it now): {}\n",
+                    "{}token (shown once, store it now):\nexport SPENDCAP_AGENT_TOKEN={}\n",
                     agent_table(std::slice::from_ref(&c["agent"])),
                     c["token"].as_str().unwrap_or("")
                 )
@@ -737,7 +755,7 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             let rotated =
                 api.json(Method::POST, &format!("/v1/agents/{}/rotate-token", path_segment(&agent)), None).await?;
             print(client.json, &rotated, |r| {
-                format!("new token (shown once): {}\n", r["token"].as_str().unwrap_or(""))
+                format!("new token (shown once):\nexport SPENDCAP_AGENT_TOKEN={}\n", r["token"].as_str().unwrap_or(""))
             });
             Ok(())
         }
@@ -804,10 +822,10 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             let encoded = query.iter().map(|(k, v)| format!("{k}={}", path_segment(v))).collect::<Vec<_>>().join("&");
             let response = api.send(Method::GET, &format!("/v1/reports?{encoded}"), None).await?;
             if csv {
-                print!("{}", response.text().await?);
+                print!("{}", response.text().await.map_err(|e| api.http_error(e))?);
                 return Ok(());
             }
-            let value: Value = response.json().await?;
+            let value: Value = response.json().await.map_err(|e| api.http_error(e))?;
             print(client.json, &value, |v| match serde_json::from_value::<crate::report::Report>(v.clone()) {
                 Ok(report) => crate::report::table(&report),
                 Err(e) => format!("unreadable report: {e}\n"),
@@ -886,7 +904,7 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             let mut response = api.send(Method::GET, &format!("/v1/log?{encoded}"), None).await?;
             use std::io::Write;
             let mut stdout = std::io::stdout().lock();
-            while let Some(chunk) = response.chunk().await? {
+            while let Some(chunk) = response.chunk().await.map_err(|e| api.http_error(e))? {
                 stdout.write_all(&chunk)?;
             }
             Ok(())

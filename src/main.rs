@@ -94,20 +94,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let address = listener.local_addr()?;
     if args.dev {
+        let code = state.login_codes.issue(state.clock.now_ms());
         eprintln!(
             "\n  WARNING: spendcap is running in --dev mode with an in-process ledger.\n  \
              NOTHING IS DURABLE: every agent, cap, hold and log entry is lost when it stops.\n  \
              Never use --dev for real money.\n\n  \
              Listening on http://{address}\n  \
-             Admin token: {}\n  \
-             Try: curl -H 'Authorization: Bearer <admin token>' http://{address}/v1/agents\n",
-            admin_token.reveal()
+             Dashboard (this link logs in once, for 10 minutes): http://{address}/dashboard#login={code}\n\n  \
+             In another shell:\n"
         );
+        // On stdout, alone on their lines, so that `eval "$(… | grep ^export)"` works too.
+        println!("export SPENDCAP_URL=http://{address}\nexport SPENDCAP_ADMIN_TOKEN={}", admin_token.reveal());
+        eprintln!("\n  Then: spendcap agent create --handle research --cap 5.00\n");
     }
-    tracing::info!(%address, ledger = state.ledger.kind(), "spendcap listening");
+    if args.dev {
+        tracing::info!(%address, ledger = "memory (nothing is durable)", "spendcap listening");
+    } else {
+        tracing::info!(%address, ledger = "redis", redis = %without_credentials(&args.redis_url),
+            cluster = args.redis_cluster, namespace = %args.redis_namespace,
+            receipt_key = %args.receipt_key.display(), "spendcap listening");
+    }
     server::serve(state, listener, sweep_interval, shutdown_signal()).await?;
     tracing::info!("spendcap stopped");
     Ok(())
+}
+
+/// A Redis URL (or a comma-separated list of them) as it may be logged: without user or password.
+fn without_credentials(urls: &str) -> String {
+    urls.split(',')
+        .map(|text| match reqwest::Url::parse(text.trim()) {
+            Ok(mut url) => {
+                let _ = url.set_password(None);
+                let _ = url.set_username("");
+                url.to_string()
+            }
+            Err(_) => "<unparsable URL>".to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 async fn demo(listen: std::net::SocketAddr, providers_only: bool) -> anyhow::Result<()> {

@@ -59,6 +59,7 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
         limits: config.limits,
         alerts: config.alerts,
         metrics: crate::metrics::Metrics::new()?,
+        login_codes: Default::default(),
     }))
 }
 
@@ -73,9 +74,14 @@ pub async fn serve(
     let alerts = state.alerts.clone().map(|config| crate::alerts::spawn(state.clone(), config));
     // Request spans name the method and the path only: a query string may carry a credential
     // (the dashboard's event stream accepts the admin token there), and must never be logged.
-    let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
-        tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
-    });
+    // A 5xx answer is not an error of this daemon by itself (503 x402_not_configured is expected
+    // when x402 has no key): the causes that are errors log themselves where they happen
+    // (`ApiError::internal`, the ledger being unreachable), so the request log stays at debug.
+    let trace = tower_http::trace::TraceLayer::new_for_http()
+        .make_span_with(|request: &axum::http::Request<_>| {
+            tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+        })
+        .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG));
     let app = api::router(state).layer(trace);
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     for task in [sweeper, alerts].into_iter().flatten() {

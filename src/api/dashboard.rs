@@ -27,11 +27,104 @@ const PAGE: &str = include_str!("dashboard.html");
 const POLL: Duration = Duration::from_millis(250);
 
 pub fn router() -> Router<SharedState> {
-    Router::new().route("/dashboard", get(page)).route("/v1/events", get(events))
+    Router::new()
+        .route("/", get(|| async { axum::response::Redirect::to("/dashboard") }))
+        .route("/dashboard", get(page))
+        .route("/v1/dashboard/login", axum::routing::post(login))
+        .route("/v1/events", get(events))
+}
+
+/// How long a one-time dashboard login code printed at start-up stays valid.
+const LOGIN_CODE_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// One-time codes that open the dashboard without putting the admin token in a URL: `serve --dev`
+/// prints `/dashboard#login=<code>` (a fragment, so the code reaches neither this daemon's request
+/// log nor a Referer), and the page exchanges the code, once, for the session's token. Codes live
+/// in this instance's memory only; at most a handful are outstanding.
+#[derive(Default)]
+pub struct LoginCodes {
+    /// (SHA-256 of the code, expiry in ms).
+    codes: std::sync::Mutex<Vec<(crate::identity::TokenHash, u64)>>,
+}
+
+impl LoginCodes {
+    /// A new code, valid once for ten minutes from `now_ms`.
+    pub fn issue(&self, now_ms: u64) -> String {
+        let code = hex::encode(rand::random::<[u8; 24]>());
+        let mut codes = self.codes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        codes.retain(|(_, expires)| *expires > now_ms);
+        if codes.len() >= 8 {
+            codes.remove(0);
+        }
+        codes.push((crate::identity::TokenHash::of(&code), now_ms + LOGIN_CODE_TTL_MS));
+        code
+    }
+
+    /// Whether `code` is outstanding and unexpired; it is used up either way.
+    fn redeem(&self, code: &str, now_ms: u64) -> bool {
+        let hash = crate::identity::TokenHash::of(code);
+        let mut codes = self.codes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let found = codes.iter().position(|(h, _)| h.matches(&hash));
+        match found {
+            Some(index) => codes.remove(index).1 > now_ms,
+            None => false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    code: String,
+}
+
+/// `POST /v1/dashboard/login {"code"}` → `{"admin_token"}` once per printed code; 401
+/// `invalid_login_code` for an unknown, used or expired one.
+async fn login(
+    State(state): State<SharedState>,
+    super::ApiJson(body): super::ApiJson<LoginBody>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    if !state.login_codes.redeem(&body.code, state.clock.now_ms()) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "invalid_login_code",
+            "this login code is unknown, used or expired; restart with --dev for a new one, or enter the admin token",
+        ));
+    }
+    Ok(axum::Json(serde_json::json!({ "admin_token": state.admin.reveal() })))
 }
 
 async fn page() -> impl IntoResponse {
-    ([(header::CACHE_CONTROL, "no-store")], Html(PAGE))
+    static POLICY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| content_security_policy(PAGE));
+    (
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_SECURITY_POLICY, POLICY.as_str()),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(PAGE),
+    )
+}
+
+/// The page's Content-Security-Policy: nothing but this origin, its one inline script allowed by
+/// its SHA-256 (so no injected script runs), inline styles, and no framing (clickjacking of the
+/// revoke button).
+fn content_security_policy(page: &str) -> String {
+    use base64::Engine as _;
+    use sha2::{Digest, Sha256};
+    let scripts: Vec<String> = page
+        .split("<script>")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("</script>"))
+        .map(|(script, _)| {
+            format!("'sha256-{}'", base64::engine::general_purpose::STANDARD.encode(Sha256::digest(script)))
+        })
+        .collect();
+    format!(
+        "default-src 'none'; script-src {}; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        scripts.join(" ")
+    )
 }
 
 /// The admin, by the bearer header or the `token` query parameter (for `EventSource`).

@@ -17,10 +17,11 @@ use std::time::Duration;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 pub use self::error::ApiError;
 use crate::clock::Clock;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub alerts: Option<crate::alerts::AlertConfig>,
     /// This instance's Prometheus counters (`/metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// One-time dashboard login codes (`serve --dev` prints one).
+    pub login_codes: dashboard::LoginCodes,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -75,6 +78,10 @@ pub fn router(state: SharedState) -> Router {
         .merge(dashboard::router())
         .merge(crate::protocols::router())
         .layer(DefaultBodyLimit::max(limit))
+        // Every answer is about one operator's agents and money: never cached (the dashboard page
+        // and token-bearing answers included), never sniffed into another content type.
+        .layer(SetResponseHeaderLayer::if_not_present(header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
+        .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
         .with_state(state)
 }
 

@@ -438,3 +438,24 @@ async fn rotated_tokens_stop_at_once_and_revocation_survives_a_restart() {
     let (status, body) = restarted.hold(&fresh, 1).await;
     assert_eq!((status, body["code"].as_str()), (402, Some("agent_revoked")));
 }
+
+/// A client command against a daemon that is not running says where it looked and what to check,
+/// once, instead of the HTTP library's error chain twice.
+#[test]
+fn a_client_command_without_a_daemon_says_how_to_fix_it() {
+    let url = format!("http://127.0.0.1:{}", crate::support::free_port());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_spendcap"))
+        .args(["agent", "list"])
+        .env("SPENDCAP_URL", &url)
+        .env("SPENDCAP_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .expect("runs the CLI");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "error: cannot reach spendcap at {url} — is `spendcap serve` running? (set SPENDCAP_URL or pass --url)"
+        )
+    );
+}

@@ -56,3 +56,41 @@ async fn dashboard_pays_revokes_and_refuses_in_a_browser() {
     assert!(stdout.contains("dashboard test: ok"), "{stdout}");
     assert!(root.join("target/dashboard.png").exists());
 }
+
+/// The page may only run its own script (by hash), talk to its own origin and never be framed;
+/// no answer is cached or sniffed, token-bearing ones included. The browser test above runs the
+/// page under this policy, so a wrong hash would stop it.
+#[tokio::test]
+async fn dashboard_and_api_answers_carry_security_headers() {
+    let app = spawn_app().await;
+    let http = reqwest::Client::new();
+    let page = http.get(app.url("/dashboard")).send().await.expect("dashboard");
+    let header = |r: &reqwest::Response, name: &str| {
+        r.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+    };
+    let csp = header(&page, "content-security-policy");
+    assert!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(csp.contains("script-src 'sha256-"), "{csp}");
+    assert!(!csp.split(';').any(|d| d.trim().starts_with("script-src") && d.contains("unsafe")), "{csp}");
+    assert_eq!(header(&page, "x-frame-options"), "DENY");
+    assert_eq!(header(&page, "x-content-type-options"), "nosniff");
+
+    let created = http
+        .post(app.url("/v1/agents"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"handle": "headers", "cap_micros": 1000}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), 201);
+    assert_eq!(header(&created, "cache-control"), "no-store", "an answer with a token is never cached");
+    assert_eq!(header(&created, "x-content-type-options"), "nosniff");
+    let id = created.json::<serde_json::Value>().await.expect("json")["agent"]["id"].as_str().expect("id").to_owned();
+    let rotated = http
+        .post(app.url(&format!("/v1/agents/{id}/rotate-token")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("rotate");
+    assert_eq!((rotated.status().as_u16(), header(&rotated, "cache-control")), (200, "no-store".to_owned()));
+}
