@@ -160,8 +160,13 @@ fn reference_once() -> (f64, f64) {
 }
 
 async fn load_library_and_agents(redis: &Redis) -> RedisLedger {
-    let config =
-        RedisConfig { url: redis.url(), cluster: false, namespace: "sc".into(), timeout: Duration::from_secs(5) };
+    let config = RedisConfig {
+        url: redis.url(),
+        cluster: false,
+        namespace: "sc".into(),
+        timeout: Duration::from_secs(5),
+        clock: spendcap::ledger::LedgerClock::Redis,
+    };
     let ledger = RedisLedger::connect(&config).await.expect("connects and loads the library");
     let client = redis::Client::open(redis.url()).expect("client");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connection");

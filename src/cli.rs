@@ -115,6 +115,10 @@ pub struct ServeArgs {
     /// How long one Redis command may take before the ledger counts as unavailable (ms).
     #[arg(long, env = "SPENDCAP_REDIS_TIMEOUT_MS", default_value_t = 2000)]
     pub redis_timeout_ms: u64,
+    /// The most this host's clock may be off Redis's (ms) before the daemon stops paying: what it
+    /// signs (x402 validBefore, AP2 exp) must agree with the ledger's expiry, decided by Redis's clock.
+    #[arg(long, env = "SPENDCAP_MAX_CLOCK_SKEW_MS", default_value_t = 2000)]
+    pub max_clock_skew_ms: u64,
     /// The admin bearer token (at least 32 characters). Required unless --dev.
     #[arg(long, env = "SPENDCAP_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -668,6 +672,7 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 cluster: redis_cluster,
                 namespace: redis_namespace,
                 timeout: std::time::Duration::from_secs(10),
+                clock: crate::ledger::LedgerClock::Redis,
             };
             let ledger = crate::ledger::Ledger::Redis(
                 crate::ledger::RedisLedger::connect_without_loading(&config).await.map_err(CliError::Ledger)?,

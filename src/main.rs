@@ -62,6 +62,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             cluster: args.redis_cluster,
             namespace: args.redis_namespace.clone(),
             timeout: Duration::from_millis(args.redis_timeout_ms),
+            clock: spendcap::ledger::LedgerClock::Redis,
         })
     };
     let alerts = match (&args.webhook_url, &args.webhook_secret) {
@@ -87,6 +88,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         clock: Clock::system(),
         protocols: ProtocolConfig::from_args(&args.protocols)?,
         sweep_interval: (args.sweep_interval_secs > 0).then(|| Duration::from_secs(args.sweep_interval_secs)),
+        max_clock_skew: Duration::from_millis(args.max_clock_skew_ms),
     };
     let sweep_interval = config.sweep_interval;
     let state = server::build_state(config).await.context("connecting to the ledger")?;
@@ -150,6 +152,7 @@ async fn demo(listen: std::net::SocketAddr, providers_only: bool) -> anyhow::Res
         clock: Clock::system(),
         protocols: providers.protocol_config()?,
         sweep_interval: Some(Duration::from_secs(30)),
+        max_clock_skew: Duration::from_secs(2),
     };
     let sweep_interval = config.sweep_interval;
     let state = server::build_state(config).await?;

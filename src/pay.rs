@@ -13,7 +13,8 @@ use crate::api::holds::refusal_error;
 use crate::api::{agent_scoped, AgentAuth, ApiError, AppState};
 use crate::identity::HoldId;
 use crate::ledger::{
-    Grant, HoldInfo, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, MarkedUnknown, SettleOutcome,
+    Grant, HoldInfo, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, LedgerError, MarkedUnknown,
+    SettleOutcome,
 };
 use crate::receipt::{self, HeldFacts, Receipt};
 
@@ -92,6 +93,11 @@ pub async fn hold_and_remember(
     now_ms: u64,
     request: &HoldRequest,
 ) -> Result<HoldOutcome, crate::ledger::LedgerError> {
+    // What this instance signs and the expiry it computes from it must match the ledger's clock.
+    state
+        .clock_guard
+        .check()
+        .map_err(|offset_ms| LedgerError::ClockSkew { offset_ms, max_ms: state.clock_guard.max_ms() })?;
     let started = std::time::Instant::now();
     let result = state.ledger.hold(now_ms, request).await;
     state.metrics.hold(request.protocol.as_str(), &result, started.elapsed());
@@ -226,6 +232,10 @@ pub async fn precheck_task(
 ) -> Result<(), ApiError> {
     let service = crate::api::label("service", service, 256)?;
     let task = crate::api::label("task", task, 128)?;
+    state
+        .clock_guard
+        .check()
+        .map_err(|offset_ms| LedgerError::ClockSkew { offset_ms, max_ms: state.clock_guard.max_ms() })?;
     let result =
         state.ledger.precheck(state.clock.now_ms(), &agent.agent, &agent.caller(), protocol, &service, &task).await;
     state.metrics.precheck(protocol.as_str(), &result);

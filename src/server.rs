@@ -32,6 +32,9 @@ pub struct Config {
     pub sweep_interval: Option<Duration>,
     /// Alert webhooks (`SPENDCAP_WEBHOOK_URL`, `SPENDCAP_WEBHOOK_SECRET`); `None`: off.
     pub alerts: Option<crate::alerts::AlertConfig>,
+    /// The most this instance's clock may be off the ledger's before it stops paying
+    /// (`SPENDCAP_MAX_CLOCK_SKEW_MS`).
+    pub max_clock_skew: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +53,7 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
         LedgerConfig::Memory => Ledger::Memory(MemoryLedger::new()),
         LedgerConfig::Redis(redis) => Ledger::Redis(RedisLedger::connect(&redis).await?),
     };
-    Ok(Arc::new(AppState {
+    let state = Arc::new(AppState {
         ledger,
         protocols,
         admin: config.admin_token,
@@ -60,7 +63,10 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
         alerts: config.alerts,
         metrics: crate::metrics::Metrics::new()?,
         login_codes: Default::default(),
-    }))
+        clock_guard: crate::clock::ClockGuard::new(config.max_clock_skew.as_millis() as u64),
+    });
+    measure_clock(&state).await;
+    Ok(state)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
@@ -71,6 +77,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let sweeper = sweep_interval.map(|interval| tokio::spawn(sweep(state.clone(), interval)));
+    let clock_watch = Some(tokio::spawn(watch_clock(state.clone())));
     let alerts = state.alerts.clone().map(|config| crate::alerts::spawn(state.clone(), config));
     // Request spans name the method and the path only: a query string may carry a credential
     // (the dashboard's event stream accepts the admin token there), and must never be logged.
@@ -84,7 +91,7 @@ pub async fn serve(
         .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG));
     let app = api::router(state).layer(trace);
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
-    for task in [sweeper, alerts].into_iter().flatten() {
+    for task in [sweeper, alerts, clock_watch].into_iter().flatten() {
         task.abort();
     }
     result
@@ -109,5 +116,41 @@ async fn sweep(state: SharedState, interval: Duration) {
                 Err(e) => tracing::warn!(%tree, error = %e, "hold sweep failed"),
             }
         }
+    }
+}
+
+/// How often the clock's offset from the ledger's is measured again.
+const CLOCK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Measures this instance's clock against the ledger's once; logs when it crosses the bound.
+async fn measure_clock(state: &AppState) {
+    let before = state.clock.now_ms();
+    let ledger_ms = match state.ledger.server_time_ms().await {
+        Ok(Some(ms)) => ms,
+        // The in-process ledger has this process's clock; an unreachable ledger refuses payments
+        // on its own and is measured again next time.
+        Ok(None) | Err(_) => return,
+    };
+    let after = state.clock.now_ms();
+    let was_ok = state.clock_guard.check().is_ok();
+    let offset = state.clock_guard.record(before, ledger_ms, after);
+    match (was_ok, state.clock_guard.check().is_ok()) {
+        (true, false) => tracing::error!(
+            offset_ms = offset,
+            max_ms = state.clock_guard.max_ms(),
+            "this host's clock is off Redis's clock by more than SPENDCAP_MAX_CLOCK_SKEW_MS: refusing payments \
+             (503 clock_skew) and failing /healthz until it agrees again; fix the host's time sync (NTP)"
+        ),
+        (false, true) => tracing::info!(offset_ms = offset, "this host's clock agrees with Redis's again; paying"),
+        _ => {}
+    }
+}
+
+async fn watch_clock(state: SharedState) {
+    let mut ticks = tokio::time::interval(CLOCK_CHECK_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        measure_clock(&state).await;
     }
 }

@@ -70,6 +70,7 @@ impl From<LedgerError> for ApiError {
                 );
             }
             LedgerError::Corrupt(_) => return ApiError::internal(err),
+            LedgerError::ClockSkew { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, err.code(), err.to_string())
     }

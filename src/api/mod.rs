@@ -26,7 +26,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 pub use self::error::ApiError;
 use crate::clock::Clock;
 use crate::identity::{AdminToken, AgentId, AgentToken, TokenHash};
-use crate::ledger::{Caller, Ledger};
+use crate::ledger::{Caller, Ledger, LedgerError};
 use crate::receipt::ReceiptSigner;
 
 /// Limits and defaults the HTTP layer enforces.
@@ -60,6 +60,8 @@ pub struct AppState {
     pub metrics: crate::metrics::Metrics,
     /// One-time dashboard login codes (`serve --dev` prints one).
     pub login_codes: dashboard::LoginCodes,
+    /// Whether this instance's clock agrees with the ledger's (payments and `/healthz` ask).
+    pub clock_guard: crate::clock::ClockGuard,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -86,11 +88,14 @@ pub fn router(state: SharedState) -> Router {
 }
 
 /// Liveness and ledger reachability: 200 when the ledger answers, 503 when it does not.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "ledger reachable"), (status = 503, description = "ledger unavailable")))]
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "ledger reachable"), (status = 503, description = "ledger_unavailable, or clock_skew: this instance's clock is too far from the ledger's")))]
 async fn healthz(
     axum::extract::State(state): axum::extract::State<SharedState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.ledger.ping().await?;
+    if let Err(offset_ms) = state.clock_guard.check() {
+        return Err(LedgerError::ClockSkew { offset_ms, max_ms: state.clock_guard.max_ms() }.into());
+    }
     Ok(Json(serde_json::json!({ "status": "ok", "ledger": state.ledger.kind() })))
 }
 

@@ -20,7 +20,7 @@ use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
 pub use self::controls::{Controls, ControlsError, Crossing, Period};
 pub use self::memory::MemoryLedger;
-pub use self::redis::{RedisConfig, RedisLedger};
+pub use self::redis::{LedgerClock, RedisConfig, RedisLedger};
 
 /// How deep a budget tree may be: an agent and at most 7 ancestors.
 pub const MAX_DEPTH: u32 = 8;
@@ -480,6 +480,13 @@ pub enum LedgerError {
     Unavailable(String),
     #[error("the ledger answered something unexpected: {0}")]
     Corrupt(String),
+    /// This instance's clock is further from the ledger's than `SPENDCAP_MAX_CLOCK_SKEW_MS`: what
+    /// it signs (x402 `validBefore`, AP2 `exp`) would not match the ledger's expiry, so it pays
+    /// nothing until the clocks agree again.
+    #[error(
+        "this instance's clock is {offset_ms} ms off the ledger's (at most {max_ms} ms allowed); nothing was paid"
+    )]
+    ClockSkew { offset_ms: i64, max_ms: u64 },
 }
 
 impl LedgerError {
@@ -505,6 +512,7 @@ impl LedgerError {
             LedgerError::BucketExists => "bucket_exists",
             LedgerError::Unavailable(_) => "ledger_unavailable",
             LedgerError::Corrupt(_) => "ledger_corrupt",
+            LedgerError::ClockSkew { .. } => "clock_skew",
         }
     }
 
@@ -561,6 +569,15 @@ impl Ledger {
 
     pub async fn ping(&self) -> Result<(), LedgerError> {
         dispatch!(self.ping())
+    }
+
+    /// The ledger's own clock when it has one apart from this process (Redis's `TIME`); `None` for
+    /// the in-process ledger, whose clock is this process's.
+    pub async fn server_time_ms(&self) -> Result<Option<u64>, LedgerError> {
+        match self {
+            Ledger::Redis(ledger) => ledger.server_time_ms().await,
+            Ledger::Memory(_) => Ok(None),
+        }
     }
 
     /// Creates an agent; reserves its handle first (handles are unique across the ledger).

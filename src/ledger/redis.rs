@@ -32,6 +32,31 @@ pub struct RedisConfig {
     pub namespace: String,
     /// How long one command may take before the ledger counts as unavailable.
     pub timeout: Duration,
+    /// Whose clock the ledger's functions read. Always [`LedgerClock::Redis`] in the binary.
+    pub clock: LedgerClock,
+}
+
+/// Whose clock decides expiry, periods and windows inside the ledger.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LedgerClock {
+    /// Redis's own (`TIME` inside every function): one clock for every instance.
+    #[default]
+    Redis,
+    /// The `now_ms` each call passes: a test seam, so that tests move time without sleeping. It
+    /// loads the library with `TEST_CLOCK` set; nothing in the binary's flags or environment can
+    /// select it.
+    Caller,
+}
+
+impl LedgerClock {
+    fn library(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            LedgerClock::Redis => std::borrow::Cow::Borrowed(LIBRARY),
+            LedgerClock::Caller => {
+                std::borrow::Cow::Owned(LIBRARY.replacen("local TEST_CLOCK = false", "local TEST_CLOCK = true", 1))
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -43,6 +68,7 @@ enum Conn {
 pub struct RedisLedger {
     conn: Conn,
     namespace: String,
+    clock: LedgerClock,
 }
 
 fn unavailable(err: RedisError) -> LedgerError {
@@ -75,12 +101,12 @@ impl RedisLedger {
                 .set_number_of_retries(1);
             Conn::Single(ConnectionManager::new_with_config(client, manager_config).await.map_err(unavailable)?)
         };
-        Ok(RedisLedger { conn, namespace: config.namespace.clone() })
+        Ok(RedisLedger { conn, namespace: config.namespace.clone(), clock: config.clock })
     }
 
     async fn load_library(&self) -> Result<(), LedgerError> {
         let mut cmd = redis::cmd("FUNCTION");
-        cmd.arg("LOAD").arg("REPLACE").arg(LIBRARY);
+        cmd.arg("LOAD").arg("REPLACE").arg(self.clock.library().as_ref());
         let _: Value = self.query(&cmd).await.map_err(unavailable)?;
         Ok(())
     }
@@ -119,6 +145,18 @@ impl RedisLedger {
     pub async fn ping(&self) -> Result<(), LedgerError> {
         let _: String = self.query(&redis::cmd("PING")).await.map_err(unavailable)?;
         Ok(())
+    }
+
+    /// Redis's clock (`TIME`), in milliseconds since the Unix epoch: the clock every ledger
+    /// function decides by (on a cluster, the answering node's; nodes keep NTP time). `None` when
+    /// the library was loaded with [`LedgerClock::Caller`]: the functions then decide by the
+    /// caller's clock, which therefore cannot be off theirs.
+    pub async fn server_time_ms(&self) -> Result<Option<u64>, LedgerError> {
+        if self.clock == LedgerClock::Caller {
+            return Ok(None);
+        }
+        let (secs, micros): (u64, u64) = self.query(&redis::cmd("TIME")).await.map_err(unavailable)?;
+        Ok(Some(secs * 1000 + micros / 1000))
     }
 
     pub async fn create_agent(&self, now_ms: u64, agent: &NewAgent) -> Result<(), LedgerError> {

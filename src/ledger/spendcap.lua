@@ -64,9 +64,11 @@ commands are integers below 2^53, which Redis converts exactly.
 Replies are flat arrays of strings: { status, key1, value1, key2, value2, ... } where status is
 `ok`, `refused` (a budget decision, logged) or `error` (bad request, nothing changed).
 
-Times are milliseconds since the Unix epoch, passed by the caller as ARGV[1] so that every
-instance and every test can use the same clock; `spendcap_revoke` falls back to the server's TIME
-so that orchestration scripts can call it from redis-cli without computing one.
+Times are milliseconds since the Unix epoch, read from Redis's own clock (TIME) inside every
+function, so that instances whose clocks differ cannot release a hold early or grant to an expired
+agent. Functions still take a `now_ms` argument (ARGV[1] for most; optional for revoke and
+reinstate), which is ignored, except in a library loaded in test mode (see `clock`). Absolute
+times the caller passes (a hold's expires_at, an agent's expiry) are compared with Redis's clock.
 
 Expiry needs no background process: every function that touches a tree first releases up to
 EXPIRE_BATCH holds of that tree whose expiry has passed (and up to EXPIRE_MAX before it refuses a
@@ -81,6 +83,23 @@ local ENDED_HOLD_RETENTION_MS = 7 * 24 * 3600 * 1000
 
 local function fmt(n)
   return string.format('%d', n)
+end
+
+-- The ledger's one clock: Redis's own (TIME), so that every instance, whatever its host's clock
+-- says, agrees on hold and agent expiry, period boundaries, breaker windows and idempotency
+-- leases. The `now_ms` argument the functions still take (the interface is stable) is ignored,
+-- except in a library the test harness loads with TEST_CLOCK set (RedisConfig's
+-- `LedgerClock::Caller`, which no flag or variable of the binary can select), where it lets tests
+-- move time without sleeping.
+local TEST_CLOCK = false
+
+local function clock(caller_now)
+  if TEST_CLOCK then
+    local n = tonumber(caller_now or '')
+    if n then return n end
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
 local function reply(status, fields)
@@ -531,7 +550,7 @@ entry) instead of granting a hold that would trip it. `remaining` is the tightes
 --]]
 local function hold(keys, args)
   local P = keys[1]
-  local now, agent_id, token = tonumber(args[1]), args[2], args[3]
+  local now, agent_id, token = clock(args[1]), args[2], args[3]
   local amount, e = parse_money(args[4], 'amount')
   if not amount then return e end
   if amount == 0 then return err('invalid_argument', 'amount must be positive') end
@@ -905,7 +924,7 @@ the settled hold keeps the receipt's facts, and the daemon signs and links the r
 --]]
 local function settle(keys, args)
   local P = keys[1]
-  local now, agent_id, token, hold_id = tonumber(args[1]), args[2], args[3], args[4]
+  local now, agent_id, token, hold_id = clock(args[1]), args[2], args[3], args[4]
   local amount, e = parse_money(args[5], 'amount')
   if not amount then return e end
   local now_s = fmt(now)
@@ -952,7 +971,7 @@ one: an admin (or the flow that learned no money moved) resolves it so.
 --]]
 local function void(keys, args)
   local P = keys[1]
-  local now, agent_id, token, hold_id, reason = tonumber(args[1]), args[2], args[3], args[4], args[5]
+  local now, agent_id, token, hold_id, reason = clock(args[1]), args[2], args[3], args[4], args[5]
   local now_s = fmt(now)
   local path, e, own = auth_ending(P, agent_id, token)
   if not path then return e end
@@ -987,7 +1006,7 @@ money is still counted, and the payment may have gone through before that time.
 --]]
 local function mark_unknown(keys, args)
   local P = keys[1]
-  local now_s, hold_id, reason = fmt(tonumber(args[1])), args[2], args[3] or ''
+  local now_s, hold_id, reason = fmt(clock(args[1])), args[2], args[3] or ''
   local h = read_hold(P, hold_id)
   if not h then return err('unknown_hold', 'no hold ' .. hold_id) end
   if h.state == 'unknown' then return { 'ok', 'agent', h.agent, 'amount', h.amount_s, 'replayed', '1' } end
@@ -1014,7 +1033,7 @@ refused hold does (amount 0); a pass writes nothing. The hold stays the authorit
 --]]
 local function precheck(keys, args)
   local P = keys[1]
-  local now, agent_id = tonumber(args[1]), args[2]
+  local now, agent_id = clock(args[1]), args[2]
   local path, e = auth(P, agent_id, args[3])
   if not path then return e end
   local details = args[6] or ''
@@ -1035,7 +1054,7 @@ rejected a signed payment, say, and the hold stays until its expiry. Replay igno
 --]]
 local function note(keys, args)
   local P = keys[1]
-  local now, agent_id, hold_id = tonumber(args[1]), args[2], args[4]
+  local now, agent_id, hold_id = clock(args[1]), args[2], args[4]
   local path, e = auth(P, agent_id, args[3])
   if not path then return e end
   local h = read_hold(P, hold_id)
@@ -1066,7 +1085,7 @@ local function task_outcome(keys, args)
   if #args[4] < 1 or #args[4] > 128 or #args[5] < 1 or #args[5] > 64 then
     return err('invalid_argument', 'task is 1 to 128 bytes and task type 1 to 64 bytes')
   end
-  log(P, { 'ts', fmt(tonumber(args[1])), 'ev', 'outcome', 'agent', args[2], 'task', args[4],
+  log(P, { 'ts', fmt(clock(args[1])), 'ev', 'outcome', 'agent', args[2], 'task', args[4],
            'tt', args[5], 'reason', args[6] })
   return { 'ok' }
 end
@@ -1082,7 +1101,7 @@ the agent's own caps. Its key is <P>:b:<bucket_id>: agent cap spent held open ex
 --]]
 local function create_bucket(keys, args)
   local P = keys[1]
-  local now, agent_id, id = tonumber(args[1]), args[2], args[3]
+  local now, agent_id, id = clock(args[1]), args[2], args[3]
   local cap, e = parse_money(args[4], 'cap')
   if not cap then return e end
   if #id < 1 or #id > 128 or not string.match(id, '^[%w_%.:%-]+$') then
@@ -1119,7 +1138,7 @@ local function attr_set_once(keys, args)
     return err('invalid_argument', 'attribute names are 1 to 32 characters of [a-z0-9_]')
   end
   if redis.call('HSETNX', akey, 'x:' .. args[3], args[4]) == 1 then
-    log(P, { 'ts', args[1], 'ev', 'attr', 'agent', args[2], 'reason', args[3] })
+    log(P, { 'ts', fmt(clock(args[1])), 'ev', 'attr', 'agent', args[2], 'reason', args[3] })
   end
   return { 'ok', 'value', redis.call('HGET', akey, 'x:' .. args[3]) }
 end
@@ -1137,7 +1156,7 @@ the daemon's alert consumer sees every entry from the tree's beginning.
 --]]
 local function create_agent(keys, args)
   local P = keys[1]
-  local now, agent_id, handle, parent = tonumber(args[1]), args[2], args[3], args[4]
+  local now, agent_id, handle, parent = clock(args[1]), args[2], args[3], args[4]
   local cap, e = parse_money(args[5], 'cap')
   if not cap then return e end
   local ctl, alerts, task_of = args[9] or '', args[10] or '', args[11] or ''
@@ -1195,7 +1214,7 @@ Replaces the agent's controls and alert thresholds; logs a `controls` entry whos
 --]]
 local function set_controls(keys, args)
   local P = keys[1]
-  local now, agent_id, ctl, alerts = tonumber(args[1]), args[2], args[3] or '', args[4] or ''
+  local now, agent_id, ctl, alerts = clock(args[1]), args[2], args[3] or '', args[4] or ''
   local akey = P .. ':a:' .. agent_id
   if redis.call('EXISTS', akey) == 0 then return err('unknown_agent', 'no agent ' .. agent_id) end
   if ctl ~= '' then
@@ -1224,7 +1243,7 @@ an `expiry` entry whose detail is {"expires_at_ms": <ms or null>}.
 --]]
 local function set_expiry(keys, args)
   local P = keys[1]
-  local now, agent_id, at = tonumber(args[1]), args[2], args[3] or ''
+  local now, agent_id, at = clock(args[1]), args[2], args[3] or ''
   if at ~= '' and not is_int(tonumber(at), 0, 9007199254740991) then
     return err('invalid_argument', 'expires_at_ms must be an integer number of milliseconds')
   end
@@ -1241,7 +1260,7 @@ end
 --[[ spendcap_reinstate — callable from redis-cli like spendcap_revoke:
   redis-cli FCALL spendcap_reinstate 1 '<ns>:{<tree>}' <agent_id> [now_ms]
 KEYS[1] tree prefix
-ARGV    1 agent_id  2 now_ms (optional; server TIME)
+ARGV    1 agent_id  2 now_ms (optional, ignored: Redis TIME)
 Reply   ok: was (the suspension reason it lifted; '' if the agent was not suspended)
         error: code (unknown_agent)
 Lifts a suspension and clears the runaway-loop breaker's memory (recent holds, repeat streak),
@@ -1250,11 +1269,7 @@ so the agent starts afresh; logs a `reinstate` entry with the lifted reason.
 local function reinstate(keys, args)
   local P = keys[1]
   local agent_id = args[1]
-  local now = tonumber(args[2] or '')
-  if not now then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
+  local now = clock(args[2])
   local akey = P .. ':a:' .. agent_id
   local a = redis.call('HMGET', akey, 'path', 'suspended')
   if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
@@ -1274,7 +1289,7 @@ A cap below what is already spent + held is refused: the cap invariant holds at 
 --]]
 local function set_cap(keys, args)
   local P = keys[1]
-  local now, agent_id = tonumber(args[1]), args[2]
+  local now, agent_id = clock(args[1]), args[2]
   local cap, e = parse_money(args[3], 'cap')
   if not cap then return e end
   local akey = P .. ':a:' .. agent_id
@@ -1293,7 +1308,7 @@ end
 --[[ spendcap_revoke — callable by orchestration scripts straight from redis-cli:
   redis-cli FCALL spendcap_revoke 1 '<ns>:{<tree>}' <agent_id> <reason_code>
 KEYS[1] tree prefix
-ARGV    1 agent_id  2 reason code ([A-Za-z0-9_.-], 1..64 chars)  3 now_ms (optional; server TIME)
+ARGV    1 agent_id  2 reason code ([A-Za-z0-9_.-], 1..64 chars)  3 now_ms (optional, ignored: Redis TIME)
 Reply   ok: revoked_at already      error: code (unknown_agent | invalid_argument)
 Takes effect on the agent's (and every descendant's) very next hold: spendcap_hold checks every
 level's `revoked` field. Revoking an agent that is already revoked changes nothing.
@@ -1304,11 +1319,7 @@ local function revoke(keys, args)
   if not reason or #reason < 1 or #reason > 64 or not string.match(reason, '^[%w_%.%-]+$') then
     return err('invalid_argument', 'reason must be 1 to 64 characters of [A-Za-z0-9_.-]')
   end
-  local now = tonumber(args[3] or '')
-  if not now then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
+  local now = clock(args[3])
   local akey = P .. ':a:' .. agent_id
   local a = redis.call('HMGET', akey, 'cap', 'revoked', 'revoked_at')
   if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
@@ -1329,7 +1340,7 @@ local function rotate_token(keys, args)
   local akey = P .. ':a:' .. args[2]
   if redis.call('EXISTS', akey) == 0 then return err('unknown_agent', 'no agent ' .. args[2]) end
   redis.call('HSET', akey, 'token', args[3])
-  log(P, { 'ts', args[1], 'ev', 'rotate', 'agent', args[2] })
+  log(P, { 'ts', fmt(clock(args[1])), 'ev', 'rotate', 'agent', args[2] })
   return { 'ok' }
 end
 
@@ -1344,7 +1355,7 @@ Releases due holds first, so the figures never include money that has already co
 --]]
 local function balance(keys, args)
   local P = keys[1]
-  local now, agent_id = tonumber(args[1]), args[2]
+  local now, agent_id = clock(args[1]), args[2]
   local path, e = auth(P, agent_id, args[3])
   if not path then return e end
   expire_due(P, fmt(now), EXPIRE_MAX)
@@ -1372,7 +1383,7 @@ local function expire(keys, args)
   local more = true
   while more and released < EXPIRE_MAX do
     local n
-    n, more = expire_due(keys[1], fmt(tonumber(args[1])), EXPIRE_BATCH)
+    n, more = expire_due(keys[1], fmt(clock(args[1])), EXPIRE_BATCH)
     released = released + n
   end
   return { 'ok', 'released', fmt(released) }

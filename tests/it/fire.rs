@@ -264,8 +264,13 @@ impl Drop for Cluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_many_instance_run_passes_unchanged_on_redis_cluster() {
     let cluster = Cluster::start();
-    let config =
-        RedisConfig { url: cluster.url(), cluster: true, namespace: "sc".into(), timeout: Duration::from_secs(5) };
+    let config = RedisConfig {
+        url: cluster.url(),
+        cluster: true,
+        namespace: "sc".into(),
+        timeout: Duration::from_secs(5),
+        clock: spendcap::ledger::LedgerClock::Caller,
+    };
     let clock = Clock::system();
     let mut apps = Vec::new();
     for _ in 0..4 {

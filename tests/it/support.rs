@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use spendcap::api::Limits;
 use spendcap::clock::Clock;
 use spendcap::identity::AdminToken;
-use spendcap::ledger::{Ledger, MemoryLedger, RedisConfig, RedisLedger};
+use spendcap::ledger::{Ledger, LedgerClock, MemoryLedger, RedisConfig, RedisLedger};
 use spendcap::protocols::ProtocolConfig;
 use spendcap::receipt::ReceiptSigner;
 use spendcap::server::{self, Config, LedgerConfig};
@@ -117,7 +117,13 @@ pub enum Backend {
 }
 
 pub fn redis_config(redis: &RedisServer, namespace: &str) -> RedisConfig {
-    RedisConfig { url: redis.url(), cluster: false, namespace: namespace.to_owned(), timeout: Duration::from_secs(2) }
+    RedisConfig {
+        url: redis.url(),
+        cluster: false,
+        namespace: namespace.to_owned(),
+        timeout: Duration::from_secs(2),
+        clock: LedgerClock::Caller,
+    }
 }
 
 /// A ledger for the conformance suite, with the Redis server it needs (if any).
@@ -159,6 +165,8 @@ pub struct AppOptions {
     /// Any other Redis (a cluster, say); takes precedence over `redis`.
     pub redis_config: Option<RedisConfig>,
     pub alerts: Option<spendcap::alerts::AlertConfig>,
+    /// `SPENDCAP_MAX_CLOCK_SKEW_MS`.
+    pub max_clock_skew: Duration,
 }
 
 impl Default for AppOptions {
@@ -172,6 +180,7 @@ impl Default for AppOptions {
             protocols: ProtocolConfig::default(),
             redis_config: None,
             alerts: None,
+            max_clock_skew: Duration::from_secs(2),
         }
     }
 }
@@ -207,6 +216,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         protocols: options.protocols,
         sweep_interval: None,
         alerts: options.alerts,
+        max_clock_skew: options.max_clock_skew,
     };
     let state = server::build_state(config).await.expect("daemon starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
