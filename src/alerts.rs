@@ -200,6 +200,21 @@ pub fn alerts_of(entry: &LogEntry) -> Vec<Alert> {
                 "amount_micros": entry.amount,
             }),
         )],
+        // A note whose reason starts with `incident_` is something an operator must look at (a
+        // merchant completed an order above the hold, say).
+        "note" if entry.reason.starts_with("incident_") => vec![alert(
+            0,
+            "payment.incident",
+            &entry.agent,
+            json!({
+                "reason": entry.reason,
+                "hold": entry.hold,
+                "task": entry.task,
+                "service": entry.service,
+                "protocol": entry.protocol,
+                "detail": serde_json::from_str::<Value>(&entry.detail).unwrap_or(Value::Null),
+            }),
+        )],
         "reinstate" => vec![alert(0, "agent.reinstated", &entry.agent, json!({ "was": entry.reason }))],
         "revoke" => vec![alert(0, "agent.revoked", &entry.agent, json!({ "reason": entry.reason }))],
         _ => Vec::new(),

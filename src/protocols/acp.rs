@@ -68,8 +68,34 @@ pub struct AcpConfig {
     pub lease: Duration,
     /// Retries of a request the provider reports in flight (409 `idempotency_in_flight`).
     pub retry: RetryPolicy,
+    /// How the daemon itself reads back a purchase whose outcome is unknown.
+    pub resolve: ResolvePolicy,
     /// Where request bodies are recorded for conformance checking (tests); disabled by default.
     pub conformance: ConformanceSink,
+}
+
+/// The read-backs of a purchase whose outcome is unknown: up to `attempts`, the first after
+/// `first_wait`, each wait doubling up to `max_wait`. The hold stays counted (state `unknown`)
+/// however long it takes; the read-backs only end the doubt sooner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResolvePolicy {
+    pub attempts: u32,
+    pub first_wait: Duration,
+    pub max_wait: Duration,
+}
+
+impl ResolvePolicy {
+    /// No read-backs: an unknown outcome waits for a retry, a cancel or an admin.
+    pub fn disabled() -> ResolvePolicy {
+        ResolvePolicy { attempts: 0, first_wait: Duration::ZERO, max_wait: Duration::ZERO }
+    }
+}
+
+impl Default for ResolvePolicy {
+    /// About four minutes of read-backs (2 s, 4 s, … 60 s), well within the default hold TTL.
+    fn default() -> ResolvePolicy {
+        ResolvePolicy { attempts: 8, first_wait: Duration::from_secs(2), max_wait: Duration::from_secs(60) }
+    }
 }
 
 impl Default for AcpConfig {
@@ -80,6 +106,7 @@ impl Default for AcpConfig {
             hold_ttl: DEFAULT_HOLD_TTL,
             lease: DEFAULT_LEASE,
             retry: RetryPolicy::default(),
+            resolve: ResolvePolicy::default(),
             conformance: ConformanceSink::disabled(),
         }
     }
@@ -134,6 +161,7 @@ pub(crate) struct Acp {
     currency: CurrencyPolicy,
     hold_ttl_ms: u64,
     lease_ms: u64,
+    resolve: ResolvePolicy,
 }
 
 impl AcpService {
@@ -179,6 +207,7 @@ impl AcpService {
                 currency,
                 hold_ttl_ms: duration_ms(config.hold_ttl),
                 lease_ms: duration_ms(config.lease),
+                resolve: config.resolve,
             }),
         })
     }
