@@ -1138,3 +1138,105 @@ async fn acp_an_unknown_outcome_stays_counted_past_the_hold_ttl_and_every_answer
     assert_eq!(body["hold_id"], hold.as_str());
     assert_eq!(shop.money(&agent).await, (0, JACKET));
 }
+
+// Issue 13: over a bad day at the merchant, what the PSP charged is exactly what the ledger
+// settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acp_over_declines_timeouts_lost_answers_total_changes_and_retries_the_psp_charged_what_the_ledger_settled() {
+    use spendcap::sim::acp::{AcpShop, CompletionFault};
+
+    let catalog = [("tee", "T-shirt", 1_500), ("mug", "Mug", 900), ("hat", "Hat", 2_200)];
+    let sim = AcpShop::start(MERCHANT, &catalog).await.expect("simulated merchant and PSP");
+    let mut config = AcpConfig::from_json(&sim.config_json().to_string()).expect("valid ACP configuration");
+    config.conformance = ConformanceSink::to_dir(ConformanceSink::test_dir());
+    config.timeout = Duration::from_millis(400);
+    config.resolve =
+        ResolvePolicy { attempts: 40, first_wait: Duration::from_millis(20), max_wait: Duration::from_millis(200) };
+    let app = spawn_app_with(AppOptions {
+        protocols: ProtocolConfig { acp: config, ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    let agent = app.create_agent("bad-day", 1_000_000_000, None).await;
+
+    let lost = Duration::from_millis(900);
+    sim.push_faults([
+        CompletionFault::Decline,
+        CompletionFault::LoseAnswer(lost),
+        CompletionFault::Discount(300),
+        CompletionFault::Unavailable,
+        CompletionFault::Stall(lost),
+        CompletionFault::LoseAnswer(lost),
+        CompletionFault::Decline,
+        CompletionFault::Discount(50),
+        CompletionFault::Unavailable,
+        CompletionFault::LoseAnswer(lost),
+        CompletionFault::Stall(lost),
+        CompletionFault::Discount(1),
+    ]);
+    // Some of the read-backs get no answer either.
+    sim.fail_reads(3);
+
+    let items = ["tee", "mug", "hat"];
+    let mut answers = Vec::new();
+    for round in 0..5 {
+        let purchases = (0..4).map(|slot| {
+            let n = round * 4 + slot;
+            let lines: Vec<Value> = (0..=(n % 3)).map(|i| json!({ "id": items[(n + i) % 3] })).collect();
+            let order = json!({ "merchant": MERCHANT, "items": lines, "task": format!("errand-{}", n % 3) });
+            let key = format!("bad-day-{n}");
+            let (app, token) = (&app, &agent.token);
+            async move {
+                let send = || {
+                    let request = app
+                        .http
+                        .post(app.url("/v1/acp/checkouts"))
+                        .bearer_auth(token)
+                        .header("Idempotency-Key", &key)
+                        .json(&order);
+                    async move {
+                        let response = request.send().await.expect("checkout");
+                        let status = response.status().as_u16();
+                        (status, response.json::<Value>().await.expect("JSON"))
+                    }
+                };
+                // Every fourth purchase is sent twice at once; an answer in doubt is retried with
+                // the same key.
+                let mut last = if n % 4 == 0 { futures::future::join(send(), send()).await.0 } else { send().await };
+                for _ in 0..3 {
+                    let in_doubt = last.0 == 504 || last.1["code"] == "idempotency_in_flight";
+                    if !in_doubt {
+                        break;
+                    }
+                    last = send().await;
+                }
+                last
+            }
+        });
+        answers.extend(futures::future::join_all(purchases).await);
+    }
+
+    // Every doubt ends: the daemon reads the sessions back by itself.
+    wait_for("every ACP hold to be resolved", Duration::from_secs(30), || {
+        let (app, agent) = (&app, &agent);
+        async move { app.show(&agent.id).await["held_micros"] == 0 }
+    })
+    .await;
+    let log = app.log().await;
+    let settled: u64 = log
+        .iter()
+        .filter(|entry| entry["event"] == "settle" && entry["protocol"] == "acp")
+        .map(|entry| entry["amount"].as_u64().expect("amount"))
+        .sum();
+    let charged = sim.charged_cents();
+    assert_eq!(settled, charged * 10_000, "settled {settled} micros, the PSP charged {charged} cents: {answers:?}");
+    assert_eq!(app.show(&agent.id).await["spent_micros"], settled);
+    // The bad day did happen: paid orders, declines, changed totals and doubts that were resolved.
+    let count = |event: &str, reason: &str| {
+        log.iter().filter(|entry| entry["event"] == event && entry["reason"].as_str().unwrap_or("") == reason).count()
+    };
+    assert!(charged > 0 && count("void", "merchant_declined") > 0, "{answers:?}");
+    assert!(count("note", "total_changed") > 0, "{answers:?}");
+    assert!(log.iter().any(|entry| entry["event"] == "unknown"), "some outcome was unknown for a while");
+    assert!(answers.iter().any(|(status, _)| *status == 200));
+}
