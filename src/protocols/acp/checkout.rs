@@ -29,7 +29,7 @@ use adapters::acp::{
     DelegatePaymentRequest, Delegation, FulfillmentDetails, IdempotencyKey, Item, MerchantClient, Provider, RiskSignal,
     SessionStatus, SessionTotal,
 };
-use adapters::Micros;
+use adapters::{Micros, Protocol};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -155,7 +155,7 @@ enum Outcome {
 /// What reading the session back (and, if it is still payable, canceling it) told.
 enum Learned {
     /// The merchant completed it: settle.
-    Completed(CheckoutSession),
+    Completed(Box<CheckoutSession>),
     /// Canceled or expired at the merchant (the status): nothing was charged, void.
     Ended(String),
     /// Still nothing certain.
@@ -255,11 +255,14 @@ pub(super) async fn checkout(
     agent_key: Option<String>,
     body: CheckoutRequest,
 ) -> Result<Reply, ApiError> {
-    verify_token(state, auth).await?;
     let merchant = acp.merchant(&body.merchant)?;
     let merchant_name = body.merchant.as_str();
     // Checked here as well as by the hold, so that a bad label creates no session at the merchant.
     crate::api::label("task", &body.task, 128)?;
+    // Nothing reaches the merchant for an agent that is revoked, suspended, expired or may not
+    // pay this merchant over ACP (the refusal is logged like a refused hold). The amount is not
+    // known yet; the hold decides about it.
+    pay::precheck_task(state, auth, Protocol::Acp, merchant_name, &body.task).await?;
     // The agent's key stands for the whole request it sent; another request under it is refused
     // before anyone is called (the hold decides again, atomically).
     let keyed = agent_key.as_ref().map(|key| (format!("acp:{key}"), crate::fingerprint::of("acp.checkout", &body)));
@@ -778,7 +781,7 @@ impl Purchase<'_> {
     /// nobody can pay it later.
     async fn learn(&self) -> Learned {
         match self.merchant.retrieve_session(self.session_id()).await {
-            Ok(session) if completed_order(&session).is_some() => return Learned::Completed(session),
+            Ok(session) if completed_order(&session).is_some() => return Learned::Completed(Box::new(session)),
             Ok(session) if matches!(session.status, SessionStatus::Canceled | SessionStatus::Expired) => {
                 return Learned::Ended(session.status.to_string());
             }
@@ -799,7 +802,7 @@ impl Purchase<'_> {
         );
         let Ok(key) = cancel_key(&self.grant.hold_id) else { return Learned::Unknown };
         match self.merchant.cancel_session(self.session_id(), &request, &key).await {
-            Ok(session) if completed_order(&session).is_some() => Learned::Completed(session),
+            Ok(session) if completed_order(&session).is_some() => Learned::Completed(Box::new(session)),
             Ok(session) if session.status == SessionStatus::Canceled => Learned::Ended(session.status.to_string()),
             Ok(_) | Err(_) => Learned::Unknown,
         }
@@ -819,7 +822,7 @@ impl Purchase<'_> {
     /// The payment may have happened: the hold is marked `unknown`, so it stays counted and
     /// never expires, until a read-back, a retry, a cancel or an admin resolves it.
     async fn unknown(&self, cause: ApiError) -> Outcome {
-        if let Err(error) = mark_unknown(self, cause.code).await {
+        if let Err(error) = pay::mark_unknown(self.state, &self.grant.hold_id, cause.code).await {
             // The hold stays open (counted until its expiry); the read-backs still run.
             tracing::error!(hold = %self.grant.hold_id, code = error.code, "could not mark an ACP hold unknown");
         }
@@ -869,12 +872,6 @@ impl Purchase<'_> {
             tracing::warn!(hold = %self.grant.hold_id, code = error.code, "could not log a note on an ACP hold");
         }
     }
-}
-
-// Stand-in until `pay::mark_unknown` arrives from the core branch.
-async fn mark_unknown(purchase: &Purchase<'_>, reason: &str) -> Result<(), ApiError> {
-    let detail = BTreeMap::from([("cause".to_owned(), reason.to_owned())]);
-    pay::note(purchase.state, purchase.auth, &purchase.grant.hold_id, "outcome_unknown", &detail).await
 }
 
 /// A merchant `Idempotency-Key` for one cancel: fresh each time, so that it never meets another
