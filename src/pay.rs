@@ -141,23 +141,31 @@ pub async fn settle_with_receipt(
     amount: Micros,
     details: &str,
 ) -> Result<Settlement, ApiError> {
+    settle_for(state, &agent.agent, &agent.caller(), protocol, hold, amount, details).await
+}
+
+/// [`settle_with_receipt`] for `agent` as `caller` (an admin resolving a hold, say).
+#[allow(clippy::too_many_arguments)]
+pub async fn settle_for(
+    state: &AppState,
+    agent: &crate::identity::AgentId,
+    caller: &crate::ledger::Caller,
+    protocol: Option<Protocol>,
+    hold: &HoldId,
+    amount: Micros,
+    details: &str,
+) -> Result<Settlement, ApiError> {
     let now = state.clock.now_ms();
     let presigned = state.signer.presign(hold, now, amount, details);
     let result = state
         .ledger
-        .settle_presigned(
-            protocol,
-            now,
-            &agent.agent,
-            &agent.caller(),
-            hold,
-            amount,
-            details,
-            presigned.as_ref().map(|p| &p.link),
-        )
+        .settle_presigned(protocol, now, agent, caller, hold, amount, details, presigned.as_ref().map(|p| &p.link))
         .await;
     state.metrics.settle(&result);
-    let outcome = result.map_err(agent_scoped)?;
+    let outcome = result.map_err(|e| match caller {
+        crate::ledger::Caller::Agent(_) => agent_scoped(e),
+        crate::ledger::Caller::Admin => e.into(),
+    })?;
     let receipt = receipt::issue_settled(&state.ledger, &state.signer, &outcome, presigned).await?;
     Ok(Settlement { outcome, receipt })
 }

@@ -766,3 +766,65 @@ async fn without_a_key_the_endpoint_is_not_configured() {
     // Everything else works.
     assert_eq!(me(&app, &agent).await["cap_micros"], 1_000_000);
 }
+
+/// Issue 13 case 8: nothing is fetched for an agent that is revoked or whose controls deny x402
+/// or the host, through either form, and each refusal is one like any other: its `refuse` line,
+/// its count in the reports and in `spendcap_refusals_total`.
+#[tokio::test]
+async fn revoked_or_denied_agents_reach_no_server_and_every_refusal_is_counted() {
+    let app = app_with(config()).await;
+    let server = v2_server("10000").await;
+    let url = format!("{}/weather", server.uri());
+    let revoked = app.create_agent("x-revoked", 1_000_000, None).await;
+    let (status, _) = app
+        .admin(Method::POST, &format!("/v1/agents/{}/revoke", revoked.id), Some(json!({"reason": "runaway_loop"})))
+        .await;
+    assert_eq!(status, 200);
+    let no_x402 = app.create_agent("x-no-x402", 1_000_000, None).await;
+    let no_host = app.create_agent("x-no-host", 1_000_000, None).await;
+    for (agent, body) in [
+        (&no_x402, json!({ "protocols": { "deny": ["x402"] } })),
+        (&no_host, json!({ "services": { "deny": ["127.0.0.1"] } })),
+    ] {
+        let (status, shown) = app.admin(Method::PUT, &format!("/v1/agents/{}/controls", agent.id), Some(body)).await;
+        assert_eq!(status, 200, "{shown}");
+    }
+
+    for (agent, code) in [(&revoked, "agent_revoked"), (&no_x402, "protocol_denied"), (&no_host, "service_denied")] {
+        let (status, body) = fetch(&app, &agent.token, json!({"url": url, "task": "t9"}), None).await;
+        assert_eq!((status, body["code"].as_str()), (402, Some(code)), "{body}");
+        let response = app
+            .http
+            .get(format!("{}/v1/x402/proxy/{url}", app.base))
+            .bearer_auth(&agent.token)
+            .header("X-Spendcap-Task", "t9")
+            .send()
+            .await
+            .expect("proxy");
+        assert_eq!(response.status(), 402);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["code"], code);
+
+        let log = log_of(&app, agent).await;
+        let refusals: Vec<&Value> = log.iter().filter(|e| e["event"] == "refuse").collect();
+        assert_eq!(refusals.len(), 2, "{log:?}");
+        for line in refusals {
+            assert_eq!(
+                (line["reason"].as_str(), line["protocol"].as_str(), line["service"].as_str(), line["task"].as_str()),
+                (Some(code), Some("x402"), Some("127.0.0.1"), Some("t9"))
+            );
+        }
+        let (status, report) =
+            app.admin(Method::GET, &format!("/v1/reports?format=json&agent={}", agent.id), None).await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["refusals"][0]["reason"], code, "{report}");
+        assert_eq!(report["refusals"][0]["count"], 2, "{report}");
+    }
+    assert_eq!(request_count(&server).await, 0, "nothing was sent for them");
+    let scrape = crate::metrics::scrape_metrics(&app).await;
+    for code in ["agent_revoked", "protocol_denied", "service_denied"] {
+        let counted =
+            crate::metrics::counter(&scrape, "spendcap_refusals_total", &[("reason", code), ("protocol", "x402")]);
+        assert_eq!(counted, 2, "{code}");
+    }
+}
