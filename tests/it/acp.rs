@@ -1064,6 +1064,7 @@ async fn acp_a_revoked_or_denied_agent_reaches_neither_merchant_nor_psp_and_is_r
         assert_eq!(status, 200, "{body}");
     }
     let items = json!({ "merchant": MERCHANT, "items": [{ "id": "item_123" }], "task": "buy-jacket" });
+    // (the agent, what it is told)
     for (agent, code) in [(&revoked, "agent_revoked"), (&no_acp, "protocol_denied"), (&not_acme, "service_denied")] {
         for request in [pay_session(), items.clone()] {
             let (status, body) = shop.checkout(agent, request, None).await;
@@ -1073,9 +1074,25 @@ async fn acp_a_revoked_or_denied_agent_reaches_neither_merchant_nor_psp_and_is_r
         let refusals: Vec<(String, String)> =
             shop.events(agent).await.into_iter().filter(|(event, _)| event == "refuse").collect();
         assert_eq!(refusals, [("refuse".to_owned(), code.to_owned()), ("refuse".to_owned(), code.to_owned())]);
+        let refused = shop.log_entry(agent, "refuse").await;
+        assert_eq!((refused["protocol"].as_str(), refused["service"].as_str()), (Some("acp"), Some(MERCHANT)));
+        assert_eq!(refused["task"], "buy-jacket");
+        let (status, report) =
+            shop.app.admin(Method::GET, &format!("/v1/reports?format=json&agent={}", agent.id), None).await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(
+            (report["refusals"][0]["reason"].as_str(), report["refusals"][0]["count"].as_u64()),
+            (Some(code), Some(2))
+        );
     }
     assert!(shop.merchant.received_requests().await.expect("recording").is_empty(), "the merchant was called");
     assert!(shop.psp.received_requests().await.expect("recording").is_empty(), "the PSP was called");
+    let scrape = crate::metrics::scrape_metrics(&shop.app).await;
+    for code in ["agent_revoked", "protocol_denied", "service_denied"] {
+        let counted =
+            crate::metrics::counter(&scrape, "spendcap_refusals_total", &[("reason", code), ("protocol", "acp")]);
+        assert_eq!(counted, 2, "{code}");
+    }
 }
 
 // Issue 13, case 5: an unknown outcome never lapses into "nothing was spent".
@@ -1222,6 +1239,10 @@ async fn acp_over_declines_timeouts_lost_answers_total_changes_and_retries_the_p
         async move { app.show(&agent.id).await["held_micros"] == 0 }
     })
     .await;
+    let outcomes: Vec<String> = answers
+        .iter()
+        .map(|(status, body)| format!("{status} {}", body["code"].as_str().unwrap_or("completed")))
+        .collect();
     let log = app.log().await;
     let settled: u64 = log
         .iter()
@@ -1229,14 +1250,14 @@ async fn acp_over_declines_timeouts_lost_answers_total_changes_and_retries_the_p
         .map(|entry| entry["amount"].as_u64().expect("amount"))
         .sum();
     let charged = sim.charged_cents();
-    assert_eq!(settled, charged * 10_000, "settled {settled} micros, the PSP charged {charged} cents: {answers:?}");
+    assert_eq!(settled, charged * 10_000, "settled {settled} micros, the PSP charged {charged} cents: {outcomes:?}");
     assert_eq!(app.show(&agent.id).await["spent_micros"], settled);
     // The bad day did happen: paid orders, declines, changed totals and doubts that were resolved.
     let count = |event: &str, reason: &str| {
         log.iter().filter(|entry| entry["event"] == event && entry["reason"].as_str().unwrap_or("") == reason).count()
     };
-    assert!(charged > 0 && count("void", "merchant_declined") > 0, "{answers:?}");
-    assert!(count("note", "total_changed") > 0, "{answers:?}");
+    assert!(charged > 0 && count("void", "merchant_declined") > 0, "{outcomes:?}");
+    assert!(count("note", "total_changed") > 0, "{outcomes:?}");
     assert!(log.iter().any(|entry| entry["event"] == "unknown"), "some outcome was unknown for a while");
     assert!(answers.iter().any(|(status, _)| *status == 200));
 }
