@@ -1154,6 +1154,10 @@ async fn acp_an_unknown_outcome_stays_counted_past_the_hold_ttl_and_every_answer
     assert_eq!((status, body["code"].as_str()), (504, Some("acp_outcome_unknown")), "{body}");
     assert_eq!(body["hold_id"], hold.as_str());
     assert_eq!(shop.money(&agent).await, (0, JACKET));
+    // So does a cancel the merchant does not confirm: the money stays held.
+    let (status, body) = shop.cancel(&agent, json!({ "merchant": MERCHANT, "hold_id": hold })).await;
+    assert_eq!((status, body["code"].as_str()), (504, Some("acp_outcome_unknown")), "{body}");
+    assert_eq!(shop.money(&agent).await, (0, JACKET));
 }
 
 // Issue 13: over a bad day at the merchant, what the PSP charged is exactly what the ledger
