@@ -54,6 +54,10 @@ pub struct AcpArgs {
     /// it over (the first caller died), in seconds [default: 120].
     #[arg(long = "acp-lease-secs", env = "SPENDCAP_ACP_LEASE_SECS", value_name = "SECS")]
     pub acp_lease_secs: Option<u64>,
+    /// How many times the daemon reads back a purchase whose outcome is unknown (2 s doubling
+    /// to 60 s between reads; 0: never) [default: 8].
+    #[arg(long = "acp-resolve-attempts", env = "SPENDCAP_ACP_RESOLVE_ATTEMPTS", value_name = "N")]
+    pub acp_resolve_attempts: Option<u32>,
 }
 
 /// The ACP configuration: the file's content (none: ACP is off) and the timings.
@@ -132,6 +136,10 @@ impl AcpConfig {
             timeout: args.acp_timeout_ms.map(Duration::from_millis).unwrap_or(defaults.timeout),
             hold_ttl: args.acp_hold_ttl_secs.map(Duration::from_secs).unwrap_or(defaults.hold_ttl),
             lease: args.acp_lease_secs.map(Duration::from_secs).unwrap_or(defaults.lease),
+            resolve: ResolvePolicy {
+                attempts: args.acp_resolve_attempts.unwrap_or(defaults.resolve.attempts),
+                ..defaults.resolve
+            },
             ..defaults
         })
     }
@@ -273,12 +281,18 @@ mod tests {
     fn the_file_and_flags_make_a_service_and_bad_timings_are_refused() {
         let path = std::env::temp_dir().join(format!("spendcap-acp-{:016x}.json", rand::random::<u64>()));
         std::fs::write(&path, FILE).expect("temp file");
-        let args = AcpArgs { acp_config: Some(path.clone()), acp_timeout_ms: Some(2500), ..AcpArgs::default() };
+        let args = AcpArgs {
+            acp_config: Some(path.clone()),
+            acp_timeout_ms: Some(2500),
+            acp_resolve_attempts: Some(3),
+            ..AcpArgs::default()
+        };
         let config = AcpConfig::from_args(&args).expect("valid");
         assert_eq!(
             (config.timeout, config.hold_ttl, config.lease),
             (Duration::from_millis(2500), DEFAULT_HOLD_TTL, DEFAULT_LEASE)
         );
+        assert_eq!(config.resolve, ResolvePolicy { attempts: 3, ..ResolvePolicy::default() });
         let service = AcpService::build(config).expect("builds");
         let acp = service.configured().expect("configured");
         assert_eq!(acp.merchants.keys().collect::<Vec<_>>(), ["acme"]);
