@@ -140,8 +140,8 @@ pub struct Alert {
     /// deduplicate on it.
     pub id: String,
     /// `threshold.crossed`, `payment.refused`, `payment.note` (a provider's failure report on a
-    /// held payment), `payment.outcome_unknown`, `agent.suspended`, `agent.reinstated`,
-    /// `agent.revoked`.
+    /// held payment), `payment.incident` (a note whose reason starts with `incident_`),
+    /// `payment.outcome_unknown`, `agent.suspended`, `agent.reinstated`, `agent.revoked`.
     #[serde(rename = "type")]
     pub kind: String,
     pub created_ms: u64,
@@ -199,6 +199,22 @@ pub fn alerts_of(entry: &LogEntry) -> Vec<Alert> {
                 "rule": serde_json::from_str::<Value>(&entry.detail).unwrap_or(Value::Null),
                 "service": entry.service,
                 "amount_micros": entry.amount,
+            }),
+        )],
+        // A note whose reason starts with `incident_` is something an operator must look at (a
+        // merchant completed an order above the hold, say).
+        "note" if entry.reason.starts_with("incident_") => vec![alert(
+            0,
+            "payment.incident",
+            &entry.agent,
+            json!({
+                "reason": entry.reason,
+                "hold": entry.hold,
+                "amount_micros": entry.amount,
+                "task": entry.task,
+                "service": entry.service,
+                "protocol": entry.protocol,
+                "detail": serde_json::from_str::<Value>(&entry.detail).unwrap_or(Value::Null),
             }),
         )],
         "note" => vec![alert(

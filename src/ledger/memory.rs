@@ -1103,6 +1103,18 @@ impl MemoryLedger {
         })
     }
 
+    pub async fn idempotency_fingerprint(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        key: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        self.with_tree(agent.tree(), |tree| {
+            let record = tree.idempotency.get(&(agent.to_string(), key.to_owned()));
+            Ok(record.filter(|record| record.kept_until_ms > now_ms).map(|record| record.fingerprint.clone()))
+        })
+    }
+
     pub async fn hold_info(&self, agent: &AgentId, hold: &HoldId) -> Result<HoldInfo, LedgerError> {
         self.with_tree(agent.tree(), |tree| {
             let h = tree.holds.get(hold.as_str()).filter(|h| &h.agent == agent).ok_or(LedgerError::UnknownHold)?;

@@ -687,6 +687,18 @@ impl Ledger {
         dispatch!(self.finish_idempotent(agent, key, finish))
     }
 
+    /// The request fingerprint an idempotency key of `agent` was first used with (`None`: unused
+    /// or forgotten), so that a flow can refuse another request under the key before it calls
+    /// anyone. A read only: the hold itself decides, atomically.
+    pub async fn idempotency_fingerprint(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        key: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        dispatch!(self.idempotency_fingerprint(now_ms, agent, key))
+    }
+
     /// The stored hold, if it exists and belongs to `agent`.
     pub async fn hold_info(&self, agent: &AgentId, hold: &HoldId) -> Result<HoldInfo, LedgerError> {
         dispatch!(self.hold_info(agent, hold))

@@ -448,6 +448,18 @@ impl RedisLedger {
         Ok(())
     }
 
+    pub async fn idempotency_fingerprint(
+        &self,
+        _now_ms: u64,
+        agent: &AgentId,
+        key: &str,
+    ) -> Result<Option<String>, LedgerError> {
+        // The record's retention is its Redis TTL: a forgotten key reads as absent.
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(format!("{}:i:{}:{}", self.tree_key(agent.tree()), agent, key)).arg("fp");
+        self.query(&cmd).await.map_err(unavailable)
+    }
+
     pub async fn hold_info(&self, agent: &AgentId, hold: &HoldId) -> Result<HoldInfo, LedgerError> {
         if hold.tree() != agent.tree() {
             return Err(LedgerError::UnknownHold);

@@ -54,6 +54,10 @@ pub struct AcpArgs {
     /// it over (the first caller died), in seconds [default: 120].
     #[arg(long = "acp-lease-secs", env = "SPENDCAP_ACP_LEASE_SECS", value_name = "SECS")]
     pub acp_lease_secs: Option<u64>,
+    /// How many times the daemon reads back a purchase whose outcome is unknown (2 s doubling
+    /// to 60 s between reads; 0: never) [default: 8].
+    #[arg(long = "acp-resolve-attempts", env = "SPENDCAP_ACP_RESOLVE_ATTEMPTS", value_name = "N")]
+    pub acp_resolve_attempts: Option<u32>,
 }
 
 /// The ACP configuration: the file's content (none: ACP is off) and the timings.
@@ -68,8 +72,34 @@ pub struct AcpConfig {
     pub lease: Duration,
     /// Retries of a request the provider reports in flight (409 `idempotency_in_flight`).
     pub retry: RetryPolicy,
+    /// How the daemon itself reads back a purchase whose outcome is unknown.
+    pub resolve: ResolvePolicy,
     /// Where request bodies are recorded for conformance checking (tests); disabled by default.
     pub conformance: ConformanceSink,
+}
+
+/// The read-backs of a purchase whose outcome is unknown: up to `attempts`, the first after
+/// `first_wait`, each wait doubling up to `max_wait`. The hold stays counted (state `unknown`)
+/// however long it takes; the read-backs only end the doubt sooner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResolvePolicy {
+    pub attempts: u32,
+    pub first_wait: Duration,
+    pub max_wait: Duration,
+}
+
+impl ResolvePolicy {
+    /// No read-backs: an unknown outcome waits for a retry, a cancel or an admin.
+    pub fn disabled() -> ResolvePolicy {
+        ResolvePolicy { attempts: 0, first_wait: Duration::ZERO, max_wait: Duration::ZERO }
+    }
+}
+
+impl Default for ResolvePolicy {
+    /// About four minutes of read-backs (2 s, 4 s, … 60 s), well within the default hold TTL.
+    fn default() -> ResolvePolicy {
+        ResolvePolicy { attempts: 8, first_wait: Duration::from_secs(2), max_wait: Duration::from_secs(60) }
+    }
 }
 
 impl Default for AcpConfig {
@@ -80,6 +110,7 @@ impl Default for AcpConfig {
             hold_ttl: DEFAULT_HOLD_TTL,
             lease: DEFAULT_LEASE,
             retry: RetryPolicy::default(),
+            resolve: ResolvePolicy::default(),
             conformance: ConformanceSink::disabled(),
         }
     }
@@ -105,6 +136,10 @@ impl AcpConfig {
             timeout: args.acp_timeout_ms.map(Duration::from_millis).unwrap_or(defaults.timeout),
             hold_ttl: args.acp_hold_ttl_secs.map(Duration::from_secs).unwrap_or(defaults.hold_ttl),
             lease: args.acp_lease_secs.map(Duration::from_secs).unwrap_or(defaults.lease),
+            resolve: ResolvePolicy {
+                attempts: args.acp_resolve_attempts.unwrap_or(defaults.resolve.attempts),
+                ..defaults.resolve
+            },
             ..defaults
         })
     }
@@ -134,6 +169,7 @@ pub(crate) struct Acp {
     currency: CurrencyPolicy,
     hold_ttl_ms: u64,
     lease_ms: u64,
+    resolve: ResolvePolicy,
 }
 
 impl AcpService {
@@ -179,6 +215,7 @@ impl AcpService {
                 currency,
                 hold_ttl_ms: duration_ms(config.hold_ttl),
                 lease_ms: duration_ms(config.lease),
+                resolve: config.resolve,
             }),
         })
     }
@@ -244,12 +281,18 @@ mod tests {
     fn the_file_and_flags_make_a_service_and_bad_timings_are_refused() {
         let path = std::env::temp_dir().join(format!("spendcap-acp-{:016x}.json", rand::random::<u64>()));
         std::fs::write(&path, FILE).expect("temp file");
-        let args = AcpArgs { acp_config: Some(path.clone()), acp_timeout_ms: Some(2500), ..AcpArgs::default() };
+        let args = AcpArgs {
+            acp_config: Some(path.clone()),
+            acp_timeout_ms: Some(2500),
+            acp_resolve_attempts: Some(3),
+            ..AcpArgs::default()
+        };
         let config = AcpConfig::from_args(&args).expect("valid");
         assert_eq!(
             (config.timeout, config.hold_ttl, config.lease),
             (Duration::from_millis(2500), DEFAULT_HOLD_TTL, DEFAULT_LEASE)
         );
+        assert_eq!(config.resolve, ResolvePolicy { attempts: 3, ..ResolvePolicy::default() });
         let service = AcpService::build(config).expect("builds");
         let acp = service.configured().expect("configured");
         assert_eq!(acp.merchants.keys().collect::<Vec<_>>(), ["acme"]);

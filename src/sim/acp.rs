@@ -6,10 +6,15 @@
 //! `…/complete`, `…/cancel`) and, at completion, charges the token at the PSP: the charge is
 //! refused unless the token exists, is unused, names this merchant and session, has not
 //! expired, and allows at least the session's total in its currency. Both check the bearer key
-//! and replay the first answer of a repeated `Idempotency-Key`.
+//! and replay the first answer of a repeated `Idempotency-Key` (except a 5xx, which a retry may
+//! redo, as Stripe does).
+//!
+//! Tests can script faults ([`CompletionFault`], [`AcpShop::fail_reads`]); [`AcpShop::charged_cents`]
+//! is what the PSP really charged, to compare with the ledger.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -44,6 +49,27 @@ struct ShopState {
     replays: Mutex<HashMap<(String, String), (StatusCode, Value)>>,
     orders: Mutex<u64>,
     charged_cents: Mutex<u64>,
+    /// What the next completions do, in order (then: complete normally).
+    faults: Mutex<VecDeque<CompletionFault>>,
+    /// How many of the next session reads answer 503.
+    failing_reads: Mutex<u32>,
+}
+
+/// What the merchant does with one completion, for tests that need a bad day.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionFault {
+    /// The issuer declines: nothing is charged, 402 `payment_declined`.
+    Decline,
+    /// Charges and completes, then answers only after the wait: the caller's timeout loses the
+    /// answer, and only reading the session back tells it was paid.
+    LoseAnswer(Duration),
+    /// Waits, then answers 503 without charging: a timeout after which nothing moved.
+    Stall(Duration),
+    /// Answers 503 at once, without charging.
+    Unavailable,
+    /// Completes at this many cents less than the session's total (a discount applied at
+    /// completion) and charges that.
+    Discount(u64),
 }
 
 #[derive(Clone)]
@@ -53,6 +79,8 @@ struct Session {
     lines: Vec<(String, String, u64, u64)>,
     status: &'static str,
     order_id: Option<String>,
+    /// Cents taken off the lines' sum at completion.
+    discount: u64,
 }
 
 struct Token {
@@ -66,7 +94,8 @@ struct Token {
 
 impl Session {
     fn total_cents(&self) -> u64 {
-        self.lines.iter().map(|(_, _, unit, quantity)| unit * quantity).sum()
+        let sum: u64 = self.lines.iter().map(|(_, _, unit, quantity)| unit * quantity).sum();
+        sum.saturating_sub(self.discount)
     }
 
     fn to_json(&self, merchant_id: &str, base: &str) -> Value {
@@ -125,6 +154,8 @@ impl AcpShop {
             replays: Mutex::new(HashMap::new()),
             orders: Mutex::new(0),
             charged_cents: Mutex::new(0),
+            faults: Mutex::new(VecDeque::new()),
+            failing_reads: Mutex::new(0),
         });
         let merchant = Router::new()
             .route("/checkout_sessions", post(create_session))
@@ -157,6 +188,25 @@ impl AcpShop {
     pub fn charged_cents(&self) -> u64 {
         *lock(&self.state.charged_cents)
     }
+
+    /// Scripts what the next completions do, in order.
+    pub fn push_faults(&self, faults: impl IntoIterator<Item = CompletionFault>) {
+        lock(&self.state.faults).extend(faults);
+    }
+
+    /// The next `reads` session reads answer 503.
+    pub fn fail_reads(&self, reads: u32) {
+        *lock(&self.state.failing_reads) += reads;
+    }
+
+    /// Sessions by status (`completed`, `canceled`, ...), for tests.
+    pub fn sessions_by_status(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for session in lock(&self.state.sessions).values() {
+            *counts.entry(session.status.to_owned()).or_insert(0) += 1;
+        }
+        counts
+    }
 }
 
 fn error(status: StatusCode, kind: &str, code: &str, message: &str) -> (StatusCode, Value) {
@@ -186,7 +236,7 @@ fn idempotent(
         }
     }
     let (status, body) = answer();
-    if let Some(key) = key {
+    if let Some(key) = key.filter(|_| !status.is_server_error()) {
         lock(&state.replays).insert((path, key), (status, body.clone()));
     }
     reply((status, body))
@@ -219,7 +269,7 @@ async fn create_session(State(state): State<Arc<ShopState>>, headers: HeaderMap,
         if lines.is_empty() {
             return error(StatusCode::BAD_REQUEST, "invalid_request", "missing", "line_items is empty");
         }
-        let session = Session { id: random_id("cs"), lines, status: "ready_for_payment", order_id: None };
+        let session = Session { id: random_id("cs"), lines, status: "ready_for_payment", order_id: None, discount: 0 };
         let answer = session.to_json(&state.merchant_id, &base);
         lock(&state.sessions).insert(session.id.clone(), session);
         (StatusCode::CREATED, answer)
@@ -229,6 +279,13 @@ async fn create_session(State(state): State<Arc<ShopState>>, headers: HeaderMap,
 async fn retrieve_session(State(state): State<Arc<ShopState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     if !authorized(&headers, MERCHANT_KEY) {
         return reply(error(StatusCode::UNAUTHORIZED, "invalid_request", "unauthorized", "bad API key"));
+    }
+    {
+        let mut failing = lock(&state.failing_reads);
+        if *failing > 0 {
+            *failing -= 1;
+            return reply(unavailable());
+        }
     }
     match lock(&state.sessions).get(&id) {
         Some(session) => Json(session.to_json(&state.merchant_id, &base_of(&headers))).into_response(),
@@ -246,7 +303,20 @@ async fn complete_session(
         return reply(error(StatusCode::UNAUTHORIZED, "invalid_request", "unauthorized", "bad API key"));
     }
     let base = base_of(&headers);
-    idempotent(&state, format!("/checkout_sessions/{id}/complete"), &headers, || {
+    let path = format!("/checkout_sessions/{id}/complete");
+    let key = headers.get("idempotency-key").and_then(|value| value.to_str().ok()).unwrap_or_default().to_owned();
+    // A replayed key repeats the first answer and takes no fault of its own.
+    let replayed = lock(&state.replays).contains_key(&(path.clone(), key));
+    let fault = if replayed { None } else { lock(&state.faults).pop_front() };
+    match fault {
+        Some(CompletionFault::Unavailable) => return reply(unavailable()),
+        Some(CompletionFault::Stall(wait)) => {
+            tokio::time::sleep(wait).await;
+            return reply(unavailable());
+        }
+        _ => {}
+    }
+    let answer = idempotent(&state, path, &headers, || {
         let mut sessions = lock(&state.sessions);
         let Some(session) = sessions.get_mut(&id) else {
             return error(StatusCode::NOT_FOUND, "invalid_request", "not_found", "no such session");
@@ -257,9 +327,21 @@ async fn complete_session(
         if body["payment_data"]["handler_id"] != "card_tokenized" {
             return error(StatusCode::BAD_REQUEST, "invalid_request", "invalid_handler", "unknown payment handler");
         }
+        if fault == Some(CompletionFault::Decline) {
+            return error(
+                StatusCode::PAYMENT_REQUIRED,
+                "processing_error",
+                "payment_declined",
+                "declined by the issuer",
+            );
+        }
+        if let Some(CompletionFault::Discount(cents)) = fault {
+            session.discount = cents.min(session.total_cents().saturating_sub(1));
+        }
         let token = body["payment_data"]["instrument"]["credential"]["token"].as_str().unwrap_or_default();
         let total = session.total_cents();
         if let Err(reason) = charge(&state, token, &session.id, total) {
+            session.discount = 0;
             return error(StatusCode::PAYMENT_REQUIRED, "processing_error", "payment_declined", reason);
         }
         *lock(&state.charged_cents) += total;
@@ -271,7 +353,15 @@ async fn complete_session(
         session.status = "completed";
         session.order_id = Some(order);
         (StatusCode::OK, session.to_json(&state.merchant_id, &base))
-    })
+    });
+    if let Some(CompletionFault::LoseAnswer(wait)) = fault {
+        tokio::time::sleep(wait).await;
+    }
+    answer
+}
+
+fn unavailable() -> (StatusCode, Value) {
+    error(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "unavailable", "try again later")
 }
 
 /// The PSP's side of a charge: the token's allowance must cover it.

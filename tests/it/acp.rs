@@ -7,7 +7,8 @@ use std::time::Duration;
 use adapters::conformance::ConformanceSink;
 use reqwest::Method;
 use serde_json::{json, Value};
-use spendcap::protocols::acp::AcpConfig;
+use spendcap::alerts::{AlertConfig, WebhookSecret};
+use spendcap::protocols::acp::{AcpConfig, ResolvePolicy};
 use spendcap::protocols::ProtocolConfig;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
@@ -49,6 +50,21 @@ struct Shop {
     app: TestApp,
     merchant: MockServer,
     psp: MockServer,
+    options: ShopOptions,
+}
+
+#[derive(Clone)]
+struct ShopOptions {
+    timeout: Duration,
+    /// The daemon's own read-backs of unknown outcomes; off unless a test is about them.
+    resolve: ResolvePolicy,
+    alerts: Option<AlertConfig>,
+}
+
+impl Default for ShopOptions {
+    fn default() -> ShopOptions {
+        ShopOptions { timeout: Duration::from_secs(5), resolve: ResolvePolicy::disabled(), alerts: None }
+    }
 }
 
 async fn shop() -> Shop {
@@ -56,8 +72,10 @@ async fn shop() -> Shop {
 }
 
 async fn shop_with(timeout: Duration) -> Shop {
-    let merchant = MockServer::start().await;
-    let psp = MockServer::start().await;
+    shop_of(ShopOptions { timeout, ..ShopOptions::default() }).await
+}
+
+fn acp_config(merchant: &MockServer, psp: &MockServer, options: &ShopOptions) -> AcpConfig {
     let file = json!({
         "psp": { "name": "stripe", "base_url": psp.uri(), "api_key": PSP_KEY },
         "merchants": [{ "name": MERCHANT, "base_url": merchant.uri(), "api_key": MERCHANT_KEY }],
@@ -68,16 +86,39 @@ async fn shop_with(timeout: Duration) -> Shop {
     });
     let mut config = AcpConfig::from_json(&file.to_string()).expect("valid ACP configuration");
     config.conformance = ConformanceSink::to_dir(ConformanceSink::test_dir());
-    config.timeout = timeout;
+    config.timeout = options.timeout;
+    config.resolve = options.resolve;
+    config
+}
+
+async fn shop_of(options: ShopOptions) -> Shop {
+    let merchant = MockServer::start().await;
+    let psp = MockServer::start().await;
     let app = spawn_app_with(AppOptions {
-        protocols: ProtocolConfig { acp: config, ..Default::default() },
+        protocols: ProtocolConfig { acp: acp_config(&merchant, &psp, &options), ..Default::default() },
+        alerts: options.alerts.clone(),
         ..Default::default()
     })
     .await;
-    Shop { app, merchant, psp }
+    Shop { app, merchant, psp, options }
 }
 
 impl Shop {
+    /// Another daemon instance on the same Redis, clock and providers.
+    async fn second_instance(&self) -> TestApp {
+        let redis = self.app.redis.clone().expect("redis");
+        spawn_app_with(AppOptions {
+            redis: Some((redis, "sc".to_owned())),
+            clock: self.app.clock.clone(),
+            protocols: ProtocolConfig {
+                acp: acp_config(&self.merchant, &self.psp, &self.options),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await
+    }
+
     async fn serve(&self, verb: &str, route: &str, response: ResponseTemplate) {
         Mock::given(method(verb)).and(path(route)).respond_with(response).mount(&self.merchant).await;
     }
@@ -125,7 +166,10 @@ impl Shop {
     async fn events(&self, agent: &Agent) -> Vec<(String, String)> {
         let log = self.app.log().await;
         log.iter()
-            .filter(|entry| entry["agent"] == agent.id.as_str() && entry["event"] != "create")
+            // `budget` entries are the sessions' exclusive budgets, created once per session.
+            .filter(|entry| {
+                entry["agent"] == agent.id.as_str() && entry["event"] != "create" && entry["event"] != "budget"
+            })
             .map(|entry| {
                 (entry["event"].as_str().unwrap_or("").to_owned(), entry["reason"].as_str().unwrap_or("").to_owned())
             })
@@ -409,7 +453,7 @@ async fn acp_a_timeout_at_completion_cancels_the_session_and_voids_the_hold() {
     assert_eq!(received(&shop.merchant, "GET", SESSION_PATH).await.len(), 2);
     let cancels = received(&shop.merchant, "POST", CANCEL_PATH).await;
     assert_eq!(cancels.len(), 1);
-    assert_eq!(header(&cancels[0], "idempotency-key"), format!("{hold}:cancel"));
+    assert!(header(&cancels[0], "idempotency-key").starts_with(&format!("{hold}:cancel:")));
     assert_eq!(json_body(&cancels[0])["intent_trace"]["reason_code"], "other");
     assert_eq!(shop.money(&agent).await, (0, 0));
     assert_eq!(shop.events(&agent).await, [("hold".into(), "".into()), ("void".into(), "timeout".into())]);
@@ -430,9 +474,10 @@ async fn purchase_in_doubt(shop: &Shop, handle: &str, key: &str) -> (Agent, Stri
     assert_eq!(body["code"], "acp_outcome_unknown");
     assert_eq!(body["cause"]["code"], "acp_timeout");
     assert_eq!(body.get("voided"), None);
-    // The merchant may have charged: the money stays held, and nothing is spent yet.
+    // The merchant may have charged: the money stays held, and nothing is spent yet; the hold is
+    // marked unknown, so it does not lapse at its TTL.
     assert_eq!(shop.money(&agent).await, (0, JACKET));
-    assert_eq!(shop.events(&agent).await.last(), Some(&("note".into(), "outcome_unknown".into())));
+    assert_eq!(shop.events(&agent).await.last(), Some(&("unknown".into(), "acp_timeout".into())));
     (agent, body["hold_id"].as_str().expect("hold id").to_owned())
 }
 
@@ -473,7 +518,7 @@ async fn acp_cancel_voids_a_held_purchase_once_the_merchant_confirms() {
     assert_eq!(shop.money(&agent).await, (0, 0));
     assert_eq!(shop.events(&agent).await.last(), Some(&("void".into(), "canceled_by_agent".into())));
     let cancels = received(&shop.merchant, "POST", CANCEL_PATH).await;
-    assert!(cancels.iter().all(|request| header(request, "idempotency-key") == format!("{hold}:cancel")));
+    assert!(cancels.iter().all(|request| header(request, "idempotency-key").starts_with(&format!("{hold}:cancel:"))));
 
     // A retry of the purchase finds the session canceled, and spends nothing.
     shop.serve("GET", SESSION_PATH, answer(200, "session_canceled.json")).await;
@@ -562,26 +607,6 @@ async fn acp_a_duplicate_while_the_first_is_in_flight_is_a_409() {
     assert_eq!(first.await.expect("first finishes"), 200);
     assert_eq!(shop.money(&agent).await, (JACKET, 0));
     assert_eq!(received(&shop.merchant, "POST", COMPLETE_PATH).await.len(), 1);
-}
-
-#[tokio::test]
-async fn acp_a_total_changed_at_completion_is_refused_and_nothing_is_spent() {
-    let shop = shop().await;
-    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
-    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
-    shop.serve("POST", COMPLETE_PATH, answer(200, "session_completed_total_changed.json")).await;
-    let agent = shop.app.create_agent("watchful", 10_000_000, None).await;
-
-    let (status, body) = shop.checkout(&agent, pay_session(), None).await;
-    assert_eq!(status, 409, "{body}");
-    assert_eq!(body["code"], "acp_total_changed");
-    assert_eq!(body["order_id"], "ord_abc123");
-    assert_eq!(body["voided"], true);
-    assert_eq!(shop.money(&agent).await, (0, 0));
-    assert_eq!(shop.events(&agent).await.last(), Some(&("void".into(), "total_changed".into())));
-    // The token allowed the total read, not the merchant's new one.
-    let delegation = json_body(&received(&shop.psp, "POST", DELEGATE_PATH).await[0]);
-    assert_eq!(delegation["allowance"]["max_amount"], 480);
 }
 
 #[tokio::test]
@@ -724,4 +749,519 @@ async fn acp_refuses_bad_requests_before_calling_anyone() {
     let merchant_calls = shop.merchant.received_requests().await.expect("recording").len();
     assert_eq!(merchant_calls, 0, "no merchant was called");
     assert!(shop.psp.received_requests().await.expect("recording").is_empty());
+}
+
+/// A fixture session with its `total` line set to `cents`.
+fn with_total(fixture_name: &str, cents: u64) -> Value {
+    let mut session: Value = serde_json::from_str(&fixture(fixture_name)).expect("fixture");
+    for total in session["totals"].as_array_mut().expect("totals") {
+        if total["type"] == "total" {
+            total["amount"] = json!(cents);
+        }
+    }
+    session
+}
+
+/// A fixture session with another status.
+fn with_status(fixture_name: &str, status: &str) -> Value {
+    let mut session: Value = serde_json::from_str(&fixture(fixture_name)).expect("fixture");
+    session["status"] = json!(status);
+    session
+}
+
+const WEBHOOK_SECRET: &str = "whsec_acp_test_0123456789";
+
+fn alert_config(receiver: &MockServer) -> AlertConfig {
+    let secret = WebhookSecret::new(WEBHOOK_SECRET.into()).expect("secret");
+    let mut config = AlertConfig::new(&format!("{}/hooks", receiver.uri()), secret).expect("config");
+    config.poll_interval = Duration::from_millis(20);
+    config.retry_base = Duration::from_millis(20);
+    config.retry_max = Duration::from_millis(200);
+    config
+}
+
+// Issue 13, case 4: a completed order is never voided.
+#[tokio::test]
+async fn acp_an_order_completed_at_a_lower_total_is_settled_at_what_was_charged() {
+    let shop = shop().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    let cheaper = with_total("session_completed.json", 200);
+    shop.serve("POST", COMPLETE_PATH, ResponseTemplate::new(200).set_body_json(cheaper)).await;
+    let agent = shop.app.create_agent("discounted", 10_000_000, None).await;
+
+    let (status, body) = shop.checkout(&agent, pay_session(), Some("cheaper-1")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["order"]["id"], "ord_abc123");
+    assert_eq!(body["amount_micros"], 2_000_000);
+    assert_eq!(body["total"], json!({ "amount": 200, "currency": "usd" }));
+    assert_eq!(body["total_changed"], json!({ "read": 480, "completed": 200 }));
+    assert_eq!(body["receipt"]["receipt"]["amount_micros"], 2_000_000);
+    // The card was charged 200 cents: that is what is spent, and nothing stays held.
+    assert_eq!(shop.money(&agent).await, (2_000_000, 0));
+    assert_eq!(
+        shop.events(&agent).await,
+        [("hold".into(), "".into()), ("settle".into(), "".into()), ("note".into(), "total_changed".into())]
+    );
+    let note = shop.log_entry(&agent, "note").await;
+    let detail: Value = serde_json::from_str(note["detail"].as_str().expect("detail")).expect("detail JSON");
+    assert_eq!(
+        (detail["read_minor_units"].as_str(), detail["completed_minor_units"].as_str()),
+        (Some("480"), Some("200"))
+    );
+
+    let (status, again) = shop.checkout(&agent, pay_session(), Some("cheaper-1")).await;
+    assert_eq!(
+        (status, again["replayed"].as_bool(), again["amount_micros"].as_u64()),
+        (200, Some(true), Some(2_000_000))
+    );
+    assert_eq!(shop.money(&agent).await, (2_000_000, 0));
+}
+
+#[tokio::test]
+async fn acp_an_order_completed_above_the_hold_settles_the_hold_and_raises_an_incident() {
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/hooks")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
+    let shop = shop_of(ShopOptions { alerts: Some(alert_config(&receiver)), ..ShopOptions::default() }).await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    shop.serve("POST", COMPLETE_PATH, answer(200, "session_completed_total_changed.json")).await;
+    let agent = shop.app.create_agent("overcharged", 20_000_000, None).await;
+
+    let (status, body) = shop.checkout(&agent, pay_session(), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["total_changed"], json!({ "read": 480, "completed": 830 }));
+    // The allowance capped what the PSP could charge at the hold: the hold is spent, not more.
+    assert_eq!(body["amount_micros"], JACKET);
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+    assert_eq!(
+        shop.events(&agent).await,
+        [
+            ("hold".into(), "".into()),
+            ("settle".into(), "".into()),
+            ("note".into(), "incident_charged_above_hold".into())
+        ]
+    );
+    // The token allowed the total read, not the merchant's new one.
+    let delegation = json_body(&received(&shop.psp, "POST", DELEGATE_PATH).await[0]);
+    assert_eq!(delegation["allowance"]["max_amount"], 480);
+    wait_for("the incident webhook", Duration::from_secs(10), || {
+        let receiver = &receiver;
+        async move {
+            let requests = receiver.received_requests().await.unwrap_or_default();
+            requests.iter().any(|request| {
+                let alert: Value = serde_json::from_slice(&request.body).unwrap_or_default();
+                alert["type"] == "payment.incident"
+                    && alert["data"]["reason"] == "incident_charged_above_hold"
+                    && alert["data"]["detail"]["completed_minor_units"] == "830"
+            })
+        }
+    })
+    .await;
+}
+
+// Issue 13, case 6: a cancel resolves by reading the session.
+#[tokio::test]
+async fn acp_a_cancel_after_the_daemons_own_uses_a_merchant_key_that_cannot_collide() {
+    let shop = shop_with(Duration::from_millis(1000)).await;
+    let (agent, hold) = purchase_in_doubt(&shop, "key-clash", "jacket-3").await;
+
+    // A strict merchant: the daemon's own cancel key sent again with another body is a conflict.
+    let daemons_key = header(&received(&shop.merchant, "POST", CANCEL_PATH).await[0], "idempotency-key").to_owned();
+    assert!(daemons_key.starts_with(&format!("{hold}:cancel")), "{daemons_key}");
+    Mock::given(method("POST"))
+        .and(path(CANCEL_PATH))
+        .and(wiremock::matchers::header("idempotency-key", daemons_key.as_str()))
+        .respond_with(answer(422, "error_idempotency_conflict.json"))
+        .mount(&shop.merchant)
+        .await;
+    shop.serve("POST", CANCEL_PATH, answer(200, "session_canceled.json")).await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+
+    let (status, body) = shop.cancel(&agent, json!({ "merchant": MERCHANT, "hold_id": hold })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "canceled");
+    assert_eq!(body["released_micros"], JACKET);
+    assert_eq!(shop.money(&agent).await, (0, 0));
+    assert_eq!(shop.events(&agent).await.last(), Some(&("void".into(), "canceled_by_agent".into())));
+    let cancels = received(&shop.merchant, "POST", CANCEL_PATH).await;
+    let keys: Vec<&str> = cancels.iter().map(|request| header(request, "idempotency-key")).collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_ne!(keys[0], keys[1], "the agent's cancel has a key of its own");
+}
+
+#[tokio::test]
+async fn acp_a_cancel_reads_the_session_and_voids_an_expired_one_or_settles_a_completed_one() {
+    let shop = shop_with(Duration::from_millis(1000)).await;
+    let (agent, hold) = purchase_in_doubt(&shop, "session-gone", "jacket-4").await;
+    // The session expired at the merchant, which refuses to cancel it again.
+    shop.serve(
+        "GET",
+        SESSION_PATH,
+        ResponseTemplate::new(200).set_body_json(with_status("session_canceled.json", "expired")),
+    )
+    .await;
+    let invalid_state = r#"{"type":"invalid_request","code":"invalid_state","message":"session is expired"}"#;
+    shop.serve("POST", CANCEL_PATH, ResponseTemplate::new(405).set_body_raw(invalid_state, "application/json")).await;
+    let (status, body) = shop.cancel(&agent, json!({ "merchant": MERCHANT, "hold_id": hold })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["status"].as_str(), body["session_status"].as_str()), (Some("canceled"), Some("expired")));
+    assert_eq!(body["released_micros"], JACKET);
+    assert_eq!(shop.money(&agent).await, (0, 0));
+
+    // The merchant did charge this one: the cancel settles it and says so.
+    shop.merchant.reset().await;
+    let (payer, hold) = purchase_in_doubt(&shop, "charged-after-all", "jacket-5").await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_completed.json")).await;
+    let (status, body) = shop.cancel(&payer, json!({ "merchant": MERCHANT, "hold_id": hold })).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("acp_already_completed")), "{body}");
+    assert_eq!(body["settled_micros"], JACKET);
+    assert_eq!(body["order_id"], "ord_abc123");
+    assert_eq!(shop.money(&payer).await, (JACKET, 0));
+    assert_eq!(shop.events(&payer).await.last().map(|(event, _)| event.as_str()), Some("settle"));
+    // Only the daemon's own cancel (which got no answer) was sent for it.
+    assert_eq!(received(&shop.merchant, "POST", CANCEL_PATH).await.len(), 1);
+}
+
+// Issue 13, case 7: one purchase per session at a time, and a session read back before paying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acp_one_session_is_paid_by_one_purchase_at_a_time_whatever_the_keys_and_instances() {
+    let shop = shop().await;
+    let other = shop.second_instance().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    shop.serve("POST", COMPLETE_PATH, answer(200, "session_completed.json").set_delay(Duration::from_millis(1500)))
+        .await;
+    let agent = shop.app.create_agent("eager", 100_000_000, None).await;
+
+    let purchases = (0..5).map(|n| {
+        let app = if n % 2 == 0 { &shop.app } else { &other };
+        let request = app
+            .http
+            .post(app.url("/v1/acp/checkouts"))
+            .bearer_auth(&agent.token)
+            .header("Idempotency-Key", format!("parallel-{n}"))
+            .json(&pay_session());
+        async move {
+            let response = request.send().await.expect("checkout");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("JSON"))
+        }
+    });
+    let answers = futures::future::join_all(purchases).await;
+    let paid = answers.iter().filter(|(status, _)| *status == 200).count();
+    assert_eq!(paid, 1, "{answers:?}");
+    for (status, body) in answers.iter().filter(|(status, _)| *status != 200) {
+        assert_eq!((*status, body["code"].as_str()), (409, Some("acp_session_busy")), "{body}");
+    }
+    assert_eq!(received(&shop.psp, "POST", DELEGATE_PATH).await.len(), 1, "one token delegated");
+    assert_eq!(received(&shop.merchant, "POST", COMPLETE_PATH).await.len(), 1, "one completion");
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+
+    // Afterwards the session reads completed: another key gets no token and no completion.
+    shop.merchant.reset().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_completed.json")).await;
+    let (status, body) = shop.checkout(&agent, pay_session(), Some("parallel-5")).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("acp_session_not_ready")), "{body}");
+    assert_eq!(received(&shop.psp, "POST", DELEGATE_PATH).await.len(), 1);
+    assert!(received(&shop.merchant, "POST", COMPLETE_PATH).await.is_empty());
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+}
+
+#[tokio::test]
+async fn acp_a_resumed_items_purchase_reads_the_session_back_and_never_completes_a_canceled_one() {
+    let shop = shop_with(Duration::from_millis(1000)).await;
+    // The merchant replays its first answer to the create, whatever happened to the session since.
+    shop.serve("POST", "/checkout_sessions", answer(201, "session_ready.json")).await;
+    shop.serve_once("GET", SESSION_PATH, unavailable()).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    shop.serve("POST", COMPLETE_PATH, answer(200, "session_completed.json").set_delay(Duration::from_secs(4))).await;
+    shop.serve_once("POST", CANCEL_PATH, unavailable()).await;
+    let agent = shop.app.create_agent("resumer", 10_000_000, None).await;
+    let order = json!({ "merchant": MERCHANT, "items": [{ "id": "item_123" }], "task": "buy-jacket" });
+
+    let (status, body) = shop.checkout(&agent, order.clone(), Some("items-1")).await;
+    assert_eq!((status, body["code"].as_str()), (504, Some("acp_outcome_unknown")), "{body}");
+    assert_eq!(shop.money(&agent).await, (0, JACKET));
+
+    // Meanwhile the session was canceled at the merchant.
+    shop.serve("GET", SESSION_PATH, answer(200, "session_canceled.json")).await;
+    let (status, body) = shop.checkout(&agent, order, Some("items-1")).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("acp_session_not_ready")), "{body}");
+    assert_eq!(body["voided"], true);
+    assert_eq!(shop.money(&agent).await, (0, 0));
+    assert_eq!(received(&shop.merchant, "POST", COMPLETE_PATH).await.len(), 1, "no complete to a canceled session");
+}
+
+// Issue 13, case 10: the key stands for the whole request.
+#[tokio::test]
+async fn acp_the_same_key_with_another_request_is_a_conflict_before_any_merchant_call() {
+    let shop = shop().await;
+    shop.serve("POST", "/checkout_sessions", answer(201, "session_ready.json")).await;
+    shop.serve_happy_path().await;
+    let agent = shop.app.create_agent("consistent", 100_000_000, None).await;
+
+    let order = json!({ "merchant": MERCHANT, "items": [{ "id": "item_123" }], "task": "buy-jacket" });
+    let (status, first) = shop.checkout(&agent, order.clone(), Some("same-key")).await;
+    assert_eq!(status, 200, "{first}");
+    let others = [
+        json!({ "merchant": MERCHANT, "items": [{ "id": "item_456" }], "task": "buy-jacket" }),
+        json!({ "merchant": MERCHANT, "items": [{ "id": "item_123" }], "task": "buy-boots" }),
+        json!({ "merchant": MERCHANT, "items": [{ "id": "item_123" }], "task": "buy-jacket", "currency": "eur" }),
+        json!({ "merchant": MERCHANT, "checkout_session_id": SESSION, "task": "buy-jacket" }),
+    ];
+    for other in others {
+        let (status, body) = shop.checkout(&agent, other.clone(), Some("same-key")).await;
+        assert_eq!((status, body["code"].as_str()), (422, Some("idempotency_conflict")), "{other}: {body}");
+    }
+    // Key order and spacing do not make another request; the replay keeps the first status.
+    let reordered = json!({ "task": "buy-jacket", "items": [{ "id": "item_123" }], "merchant": MERCHANT });
+    let (status, again) = shop.checkout(&agent, reordered, Some("same-key")).await;
+    assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
+    assert_eq!(again["receipt"], first["receipt"]);
+    // The merchant saw the first request (and its replay) only.
+    let creations = received(&shop.merchant, "POST", "/checkout_sessions").await;
+    assert!(creations.iter().all(|request| json_body(request)["line_items"] == json!([{ "id": "item_123" }])));
+    assert!(creations.iter().all(|request| json_body(request)["currency"] == "usd"));
+    assert_eq!(received(&shop.merchant, "GET", SESSION_PATH).await.len(), 0);
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+
+    // A refused purchase replays its own status.
+    shop.merchant.reset().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve("POST", COMPLETE_PATH, answer(402, "error_payment_declined.json")).await;
+    let (status, declined) = shop.checkout(&agent, pay_session(), Some("declined-key")).await;
+    assert_eq!((status, declined["code"].as_str()), (422, Some("acp_merchant_error")), "{declined}");
+    let (status, replayed) = shop.checkout(&agent, pay_session(), Some("declined-key")).await;
+    assert_eq!(
+        (status, replayed["code"].as_str(), replayed["replayed"].as_bool()),
+        (422, Some("acp_merchant_error"), Some(true))
+    );
+}
+
+// Issue 13, case 8: nothing reaches a merchant for an agent that may not pay it.
+#[tokio::test]
+async fn acp_a_revoked_or_denied_agent_reaches_neither_merchant_nor_psp_and_is_refused_once() {
+    let shop = shop().await;
+    shop.serve("POST", "/checkout_sessions", answer(201, "session_ready.json")).await;
+    shop.serve_happy_path().await;
+    let revoked = shop.app.create_agent("revoked", 10_000_000, None).await;
+    let (status, body) = shop
+        .app
+        .admin(Method::POST, &format!("/v1/agents/{}/revoke", revoked.id), Some(json!({ "reason": "test" })))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let no_acp = shop.app.create_agent("no-acp", 10_000_000, None).await;
+    let not_acme = shop.app.create_agent("not-acme", 10_000_000, None).await;
+    for (agent, controls) in [
+        (&no_acp, json!({ "protocols": { "deny": ["acp"] } })),
+        (&not_acme, json!({ "services": { "deny": [MERCHANT] } })),
+    ] {
+        let (status, body) =
+            shop.app.admin(Method::PUT, &format!("/v1/agents/{}/controls", agent.id), Some(controls)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let items = json!({ "merchant": MERCHANT, "items": [{ "id": "item_123" }], "task": "buy-jacket" });
+    // (the agent, what it is told)
+    for (agent, code) in [(&revoked, "agent_revoked"), (&no_acp, "protocol_denied"), (&not_acme, "service_denied")] {
+        for request in [pay_session(), items.clone()] {
+            let (status, body) = shop.checkout(agent, request, None).await;
+            assert_eq!(body["code"], code, "{}: {body}", agent.id);
+            assert!(status == 402 || status == 403, "{status} {body}");
+        }
+        let refusals: Vec<(String, String)> =
+            shop.events(agent).await.into_iter().filter(|(event, _)| event == "refuse").collect();
+        assert_eq!(refusals, [("refuse".to_owned(), code.to_owned()), ("refuse".to_owned(), code.to_owned())]);
+        let refused = shop.log_entry(agent, "refuse").await;
+        assert_eq!((refused["protocol"].as_str(), refused["service"].as_str()), (Some("acp"), Some(MERCHANT)));
+        assert_eq!(refused["task"], "buy-jacket");
+        let (status, report) =
+            shop.app.admin(Method::GET, &format!("/v1/reports?format=json&agent={}", agent.id), None).await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(
+            (report["refusals"][0]["reason"].as_str(), report["refusals"][0]["count"].as_u64()),
+            (Some(code), Some(2))
+        );
+    }
+    assert!(shop.merchant.received_requests().await.expect("recording").is_empty(), "the merchant was called");
+    assert!(shop.psp.received_requests().await.expect("recording").is_empty(), "the PSP was called");
+    let scrape = crate::metrics::scrape_metrics(&shop.app).await;
+    for code in ["agent_revoked", "protocol_denied", "service_denied"] {
+        let counted =
+            crate::metrics::counter(&scrape, "spendcap_refusals_total", &[("reason", code), ("protocol", "acp")]);
+        assert_eq!(counted, 2, "{code}");
+    }
+}
+
+// Issue 13, case 5: an unknown outcome never lapses into "nothing was spent".
+#[tokio::test]
+async fn acp_an_unknown_outcome_is_read_back_by_the_daemon_itself_and_settled() {
+    let resolve =
+        ResolvePolicy { attempts: 20, first_wait: Duration::from_millis(20), max_wait: Duration::from_millis(100) };
+    let shop = shop_of(ShopOptions { timeout: Duration::from_millis(1000), resolve, ..ShopOptions::default() }).await;
+    let (agent, hold) = purchase_in_doubt(&shop, "resolved-later", "jacket-6").await;
+
+    // The merchant answers again, and did complete the order: the daemon settles it unasked.
+    shop.serve("GET", SESSION_PATH, answer(200, "session_completed.json")).await;
+    wait_for("the daemon to settle the purchase by itself", Duration::from_secs(10), || {
+        let (shop, agent) = (&shop, &agent);
+        async move { shop.money(agent).await == (JACKET, 0) }
+    })
+    .await;
+    assert_eq!(shop.events(&agent).await.last().map(|(event, _)| event.as_str()), Some("settle"));
+    // The retry with the same key is told the truth: this hold paid the order.
+    let (status, body) = shop.checkout(&agent, pay_session(), Some("jacket-6")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["hold_id"].as_str(), body["order"]["id"].as_str()), (Some(hold.as_str()), Some("ord_abc123")));
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+    assert_eq!(received(&shop.psp, "POST", DELEGATE_PATH).await.len(), 1);
+    assert_eq!(received(&shop.merchant, "POST", COMPLETE_PATH).await.len(), 1);
+}
+
+#[tokio::test]
+async fn acp_an_unknown_outcome_stays_counted_past_the_hold_ttl_and_every_answer_says_so() {
+    let resolve =
+        ResolvePolicy { attempts: 2, first_wait: Duration::from_millis(20), max_wait: Duration::from_millis(20) };
+    let shop = shop_of(ShopOptions { timeout: Duration::from_millis(1000), resolve, ..ShopOptions::default() }).await;
+    let (agent, hold) = purchase_in_doubt(&shop, "never-told", "jacket-7").await;
+    // The daemon's own read-backs get no answer either (the merchant has no session to show).
+    wait_for("the daemon's read-backs", Duration::from_secs(10), || {
+        let shop = &shop;
+        async move { received(&shop.merchant, "GET", SESSION_PATH).await.len() >= 4 }
+    })
+    .await;
+
+    // Long past the hold's TTL the money is still counted, and shown as of unknown outcome.
+    shop.app.clock.advance_ms(24 * 3600 * 1000);
+    let (status, me) = shop.app.agent_call(&agent.token, Method::GET, "/v1/me", None).await;
+    assert_eq!(status, 200, "{me}");
+    assert_eq!((me["held_micros"].as_u64(), me["unknown_micros"].as_u64()), (Some(JACKET), Some(JACKET)), "{me}");
+    assert_eq!(shop.money(&agent).await, (0, JACKET));
+    let (status, unknown) =
+        shop.app.admin(Method::GET, &format!("/v1/holds?state=unknown&agent={}", agent.id), None).await;
+    assert_eq!(status, 200, "{unknown}");
+    assert!(unknown.to_string().contains(&hold), "{unknown}");
+
+    // A retry with the same key resumes the same purchase and says the outcome is unknown,
+    // never that the hold expired with nothing spent.
+    shop.merchant.reset().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve("POST", COMPLETE_PATH, unavailable()).await;
+    shop.serve("POST", CANCEL_PATH, unavailable()).await;
+    let (status, body) = shop.checkout(&agent, pay_session(), Some("jacket-7")).await;
+    assert_eq!((status, body["code"].as_str()), (504, Some("acp_outcome_unknown")), "{body}");
+    assert_eq!(body["hold_id"], hold.as_str());
+    assert_eq!(shop.money(&agent).await, (0, JACKET));
+    // So does a cancel the merchant does not confirm: the money stays held.
+    let (status, body) = shop.cancel(&agent, json!({ "merchant": MERCHANT, "hold_id": hold })).await;
+    assert_eq!((status, body["code"].as_str()), (504, Some("acp_outcome_unknown")), "{body}");
+    assert_eq!(shop.money(&agent).await, (0, JACKET));
+}
+
+// Issue 13: over a bad day at the merchant, what the PSP charged is exactly what the ledger
+// settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acp_over_declines_timeouts_lost_answers_total_changes_and_retries_the_psp_charged_what_the_ledger_settled() {
+    use spendcap::sim::acp::{AcpShop, CompletionFault};
+
+    let catalog = [("tee", "T-shirt", 1_500), ("mug", "Mug", 900), ("hat", "Hat", 2_200)];
+    let sim = AcpShop::start(MERCHANT, &catalog).await.expect("simulated merchant and PSP");
+    let mut config = AcpConfig::from_json(&sim.config_json().to_string()).expect("valid ACP configuration");
+    config.conformance = ConformanceSink::to_dir(ConformanceSink::test_dir());
+    config.timeout = Duration::from_millis(400);
+    config.resolve =
+        ResolvePolicy { attempts: 40, first_wait: Duration::from_millis(20), max_wait: Duration::from_millis(200) };
+    let app = spawn_app_with(AppOptions {
+        protocols: ProtocolConfig { acp: config, ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    let agent = app.create_agent("bad-day", 1_000_000_000, None).await;
+
+    let lost = Duration::from_millis(900);
+    sim.push_faults([
+        CompletionFault::Decline,
+        CompletionFault::LoseAnswer(lost),
+        CompletionFault::Discount(300),
+        CompletionFault::Unavailable,
+        CompletionFault::Stall(lost),
+        CompletionFault::LoseAnswer(lost),
+        CompletionFault::Decline,
+        CompletionFault::Discount(50),
+        CompletionFault::Unavailable,
+        CompletionFault::LoseAnswer(lost),
+        CompletionFault::Stall(lost),
+        CompletionFault::Discount(1),
+    ]);
+    // Some of the read-backs get no answer either.
+    sim.fail_reads(3);
+
+    let items = ["tee", "mug", "hat"];
+    let mut answers = Vec::new();
+    for round in 0..5 {
+        let purchases = (0..4).map(|slot| {
+            let n = round * 4 + slot;
+            let lines: Vec<Value> = (0..=(n % 3)).map(|i| json!({ "id": items[(n + i) % 3] })).collect();
+            let order = json!({ "merchant": MERCHANT, "items": lines, "task": format!("errand-{}", n % 3) });
+            let key = format!("bad-day-{n}");
+            let (app, token) = (&app, &agent.token);
+            async move {
+                let send = || {
+                    let request = app
+                        .http
+                        .post(app.url("/v1/acp/checkouts"))
+                        .bearer_auth(token)
+                        .header("Idempotency-Key", &key)
+                        .json(&order);
+                    async move {
+                        let response = request.send().await.expect("checkout");
+                        let status = response.status().as_u16();
+                        (status, response.json::<Value>().await.expect("JSON"))
+                    }
+                };
+                // Every fourth purchase is sent twice at once; an answer in doubt is retried with
+                // the same key.
+                let mut last = if n % 4 == 0 { futures::future::join(send(), send()).await.0 } else { send().await };
+                for _ in 0..3 {
+                    let in_doubt = last.0 == 504 || last.1["code"] == "idempotency_in_flight";
+                    if !in_doubt {
+                        break;
+                    }
+                    last = send().await;
+                }
+                last
+            }
+        });
+        answers.extend(futures::future::join_all(purchases).await);
+    }
+
+    // Every doubt ends: the daemon reads the sessions back by itself.
+    wait_for("every ACP hold to be resolved", Duration::from_secs(30), || {
+        let (app, agent) = (&app, &agent);
+        async move { app.show(&agent.id).await["held_micros"] == 0 }
+    })
+    .await;
+    let outcomes: Vec<String> = answers
+        .iter()
+        .map(|(status, body)| format!("{status} {}", body["code"].as_str().unwrap_or("completed")))
+        .collect();
+    let log = app.log().await;
+    let settled: u64 = log
+        .iter()
+        .filter(|entry| entry["event"] == "settle" && entry["protocol"] == "acp")
+        .map(|entry| entry["amount"].as_u64().expect("amount"))
+        .sum();
+    let charged = sim.charged_cents();
+    assert_eq!(settled, charged * 10_000, "settled {settled} micros, the PSP charged {charged} cents: {outcomes:?}");
+    assert_eq!(app.show(&agent.id).await["spent_micros"], settled);
+    // The bad day did happen: paid orders, declines, changed totals and doubts that were resolved.
+    let count = |event: &str, reason: &str| {
+        log.iter().filter(|entry| entry["event"] == event && entry["reason"].as_str().unwrap_or("") == reason).count()
+    };
+    assert!(charged > 0 && count("void", "merchant_declined") > 0, "{outcomes:?}");
+    assert!(count("note", "total_changed") > 0, "{outcomes:?}");
+    assert!(log.iter().any(|entry| entry["event"] == "unknown"), "some outcome was unknown for a while");
+    assert!(answers.iter().any(|(status, _)| *status == 200));
 }

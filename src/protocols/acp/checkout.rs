@@ -3,34 +3,43 @@
 //! the order — or void, so that nothing is spent, on any decline, error or timeout.
 //!
 //! Idempotency runs end to end. The agent's `Idempotency-Key` (or, without one, the merchant and
-//! session: one purchase per session) keys a `Pending` hold; the PSP and merchant keys are derived
-//! from the hold id and the step (`<hold>:delegate`, `<hold>:complete`, `<hold>:cancel`), so a
-//! resumed purchase repeats exactly the requests of the first attempt and no provider acts twice.
+//! session: one purchase per session) keys a `Pending` hold whose fingerprint is the whole request
+//! the agent sent; the PSP and merchant keys are derived from the hold id and the step
+//! (`<hold>:delegate`, `<hold>:complete`), so a resumed purchase repeats exactly the requests of
+//! the first attempt and no provider acts twice. Every hold of a session is also charged against
+//! the session's exclusive budget (`acp:<digest of agent, merchant, session>`): whatever keys the
+//! agent sends, on whatever instance, one purchase of a session is outstanding at a time.
 //!
-//! A completion whose outcome is unknown (timeout, lost answer) is never voided blindly: the
-//! session is read back, settled if the merchant completed it, and otherwise canceled at the
-//! merchant before the hold is voided. When even that gets no answer, the hold stays (it expires
-//! with the token's allowance) and a retry with the same key resumes the same purchase.
+//! Money follows what the merchant did. A completed order is always settled, at the total it was
+//! completed at when that is within the hold, else at the hold with an incident. A completion
+//! whose outcome is unknown (timeout, lost answer) is never voided blindly: the session is read
+//! back, settled if the merchant completed it, voided if it is canceled or expired, and otherwise
+//! canceled at the merchant (with a key of its own) before the hold is voided. When even that
+//! gets no answer, the hold is marked `unknown` — it stays counted and never expires — and the
+//! daemon keeps reading the session back in the background ([`ResolvePolicy`]); a retry with
+//! the same key, a cancel or an admin can resolve it too.
+//!
+//! [`ResolvePolicy`]: super::ResolvePolicy
 
 use std::collections::BTreeMap;
 
 use adapters::acp::{
-    completed_order, pick_delegate_handler, require_ready, session_total, verify_unchanged, AcpError, Buyer,
-    CancelReason, CancelSessionRequest, CheckoutSession, CheckoutSessionCompleteRequest, CheckoutSessionCreateRequest,
+    completed_order, pick_delegate_handler, require_ready, session_total, AcpError, Buyer, CancelReason,
+    CancelSessionRequest, CheckoutSession, CheckoutSessionCompleteRequest, CheckoutSessionCreateRequest,
     DelegatePaymentRequest, Delegation, FulfillmentDetails, IdempotencyKey, Item, MerchantClient, Provider, RiskSignal,
     SessionStatus, SessionTotal,
 };
-use adapters::Micros;
+use adapters::{Micros, Protocol};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::reply::{acp_error, describe, with_fields, Reply};
-use super::Acp;
-use crate::api::{agent_scoped, AgentAuth, ApiError, AppState};
+use super::{Acp, ResolvePolicy};
+use crate::api::{agent_scoped, AgentAuth, ApiError, AppState, SharedState};
 use crate::identity::HoldId;
-use crate::ledger::{Grant, HoldInfo, Idempotency, IdempotencyFinish, IdempotencyMode};
+use crate::ledger::{Grant, HoldInfo, Idempotency, IdempotencyFinish, IdempotencyMode, LedgerError};
 use crate::pay::{self, Held, HoldSpec};
 use crate::receipt::Receipt;
 
@@ -86,11 +95,22 @@ struct Completed<'a> {
     merchant: &'a str,
     checkout_session_id: &'a str,
     order: OrderView<'a>,
+    /// The total the order was completed at.
     total: TotalView<'a>,
+    /// Present when the merchant completed at another total than the one read and held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_changed: Option<TotalChanged>,
     amount_micros: u64,
     hold_id: &'a str,
     replayed: bool,
     receipt: Receipt,
+}
+
+/// The total read (and held) and the total the merchant completed at, in its minor units.
+#[derive(Serialize)]
+struct TotalChanged {
+    read: u64,
+    completed: u64,
 }
 
 #[derive(Serialize)]
@@ -116,6 +136,8 @@ struct Canceled<'a> {
     merchant: &'a str,
     checkout_session_id: &'a str,
     hold_id: Option<String>,
+    /// The session's status at the merchant: `canceled` or `expired`.
+    session_status: String,
     released_micros: u64,
 }
 
@@ -123,9 +145,21 @@ struct Canceled<'a> {
 enum Outcome {
     /// Finished (paid, or voided with nothing spent): the answer, for this request and duplicates.
     Done(Reply),
-    /// The hold stays open (the outcome is unknown, or the ledger failed): a retry with the same
-    /// key resumes the same purchase.
+    /// The hold stays open (the ledger failed): a retry with the same key resumes the purchase.
     Open(ApiError),
+    /// The merchant may have taken the payment: the hold is marked `unknown` (counted, never
+    /// expiring) until a read-back, a retry, a cancel or an admin resolves it.
+    Unknown(ApiError),
+}
+
+/// What reading the session back (and, if it is still payable, canceling it) told.
+enum Learned {
+    /// The merchant completed it: settle.
+    Completed(Box<CheckoutSession>),
+    /// Canceled or expired at the merchant (the status): nothing was charged, void.
+    Ended(String),
+    /// Still nothing certain.
+    Unknown,
 }
 
 impl Acp {
@@ -215,23 +249,35 @@ async fn read_session(
 
 /// `POST /v1/acp/checkouts`.
 pub(super) async fn checkout(
-    state: &AppState,
+    state: &SharedState,
     acp: &Acp,
     auth: &AgentAuth,
     agent_key: Option<String>,
     body: CheckoutRequest,
 ) -> Result<Reply, ApiError> {
-    verify_token(state, auth).await?;
     let merchant = acp.merchant(&body.merchant)?;
     let merchant_name = body.merchant.as_str();
     // Checked here as well as by the hold, so that a bad label creates no session at the merchant.
     crate::api::label("task", &body.task, 128)?;
-    let session = read_session(merchant, merchant_name, auth, agent_key.as_deref(), &body).await?;
-    let on_session = |error: ApiError| with_fields(error, json!({ "checkout_session_id": session.id }));
-    let refuse = |error: AcpError| {
-        tracing::info!(agent = %auth.agent, merchant = merchant_name, checkout_session_id = %session.id,
+    // Nothing reaches the merchant for an agent that is revoked, suspended, expired or may not
+    // pay this merchant over ACP (the refusal is logged like a refused hold). The amount is not
+    // known yet; the hold decides about it.
+    pay::precheck_task(state, auth, Protocol::Acp, merchant_name, &body.task).await?;
+    // The agent's key stands for the whole request it sent; another request under it is refused
+    // before anyone is called (the hold decides again, atomically).
+    let keyed = agent_key.as_ref().map(|key| (format!("acp:{key}"), crate::fingerprint::of("acp.checkout", &body)));
+    if let Some((key, fingerprint)) = &keyed {
+        let first = state.ledger.idempotency_fingerprint(state.clock.now_ms(), &auth.agent, key).await;
+        if first.map_err(agent_scoped)?.is_some_and(|first| first != *fingerprint) {
+            return Err(agent_scoped(LedgerError::IdempotencyConflict));
+        }
+    }
+    let mut session = read_session(merchant, merchant_name, auth, agent_key.as_deref(), &body).await?;
+    let on_session = |error: ApiError, id: &str| with_fields(error, json!({ "checkout_session_id": id }));
+    let refuse = |error: AcpError, id: &str| {
+        tracing::info!(agent = %auth.agent, merchant = merchant_name, checkout_session_id = %id,
             code = error.code(), detail = %describe(&error), "ACP checkout refused before holding");
-        on_session(acp_error(&error))
+        on_session(acp_error(&error), id)
     };
 
     // Everything that can be checked before holding is: nothing is held for a session that
@@ -239,20 +285,21 @@ pub(super) async fn checkout(
     // paid it (a retried purchase whose answer was lost) or someone else did.
     match session.status {
         SessionStatus::ReadyForPayment | SessionStatus::Completed | SessionStatus::CompleteInProgress => {}
-        _ => require_ready(&session).map_err(refuse)?,
+        _ => require_ready(&session).map_err(|error| refuse(error, &session.id))?,
     }
-    let total = session_total(&session, &acp.currency).map_err(refuse)?;
+    let total = session_total(&session, &acp.currency).map_err(|error| refuse(error, &session.id))?;
     if session.status == SessionStatus::ReadyForPayment {
-        pick_delegate_handler(&session, &acp.psp_name).map_err(refuse)?;
+        pick_delegate_handler(&session, &acp.psp_name).map_err(|error| refuse(error, &session.id))?;
     }
-    let intent = adapters::acp::intent(&session, merchant_name, &acp.currency).map_err(refuse)?;
+    let intent =
+        adapters::acp::intent(&session, merchant_name, &acp.currency).map_err(|error| refuse(error, &session.id))?;
 
-    let key = match &agent_key {
-        Some(key) => format!("acp:{key}"),
-        None => format!("acp:{merchant_name}:{}", session.id),
-    };
-    let fingerprint = sha256_hex(&[merchant_name, &session.id, &total.minor_units.to_string(), &total.currency]);
-    let held = pay::hold(
+    let (key, fingerprint) = keyed.unwrap_or_else(|| {
+        let key = format!("acp:{merchant_name}:{}", session.id);
+        (key, sha256_hex(&[merchant_name, &session.id, &total.minor_units.to_string(), &total.currency]))
+    });
+    let lease = session_lease(state, auth, merchant_name, &session.id).await.map_err(|e| on_session(e, &session.id))?;
+    let held = pay::hold_with_budgets(
         state,
         auth,
         HoldSpec {
@@ -265,9 +312,14 @@ pub(super) async fn checkout(
                 mode: IdempotencyMode::Pending { lease_ms: acp.lease_ms },
             }),
         },
+        vec![lease],
     )
     .await
-    .map_err(on_session)?;
+    .map_err(|error| match error.code {
+        "budget_busy" => session_busy(),
+        _ => error,
+    })
+    .map_err(|error| on_session(error, &session.id))?;
     let (grant, resumed) = match held {
         Held::Finished(stored) => return Reply::replay(&stored),
         Held::New(grant) => (grant, false),
@@ -275,6 +327,28 @@ pub(super) async fn checkout(
     };
     tracing::info!(agent = %auth.agent, merchant = merchant_name, checkout_session_id = %session.id,
         hold = %grant.hold_id, amount = grant.amount.get(), resumed, "ACP purchase held");
+
+    let mut total = total;
+    if resumed {
+        // A resumed purchase pays what its hold was made for, and looks at the session as it is
+        // now: a created session's replayed answer may be stale (canceled since, say).
+        match pay::hold_info(state, auth, &grant.hold_id).await.map(|info| held_total(&info, &grant)) {
+            Ok(Some(held)) => total = held,
+            Ok(None) => {}
+            Err(error) => return Err(with_fields(error, json!({ "hold_id": grant.hold_id.as_str() }))),
+        }
+        if body.items.is_some() {
+            match merchant.retrieve_session(&session.id).await {
+                Ok(fresh) => session = fresh,
+                Err(error) => {
+                    tracing::warn!(hold = %grant.hold_id, code = error.code(), "could not read a resumed ACP session back");
+                    let _ = pay::finish(state, auth, &key, IdempotencyFinish::Release).await;
+                    let error = with_fields(acp_error(&error), json!({ "hold_id": grant.hold_id.as_str() }));
+                    return Err(on_session(error, &session.id));
+                }
+            }
+        }
+    }
 
     let purchase = Purchase { state, acp, auth, merchant_name, merchant, total, grant };
     match purchase.run(&session, resumed).await {
@@ -292,7 +366,110 @@ pub(super) async fn checkout(
             }
             Err(purchase.on_hold(error))
         }
+        Outcome::Unknown(error) => {
+            if let Err(finish_error) = pay::finish(state, auth, &key, IdempotencyFinish::Release).await {
+                tracing::warn!(hold = %purchase.grant.hold_id, code = finish_error.code, "could not release the ACP purchase");
+            }
+            let error = purchase.on_hold(error);
+            resolve_later(state, acp.resolve, auth, merchant_name, purchase.total, purchase.grant, key);
+            Err(error)
+        }
     }
+}
+
+/// 409 `acp_session_busy`: the session's exclusive budget has an outstanding purchase.
+fn session_busy() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "acp_session_busy",
+        "another purchase of this checkout session is in progress or its outcome is not known yet; retry that \
+         purchase's Idempotency-Key, or cancel it",
+    )
+}
+
+/// The session's exclusive budget: at most one open (or unknown) hold of this agent pays it.
+async fn session_lease(
+    state: &AppState,
+    auth: &AgentAuth,
+    merchant_name: &str,
+    session_id: &str,
+) -> Result<String, ApiError> {
+    let id = format!("acp:{}", &sha256_hex(&[auth.agent.as_str(), merchant_name, session_id])[..40]);
+    let label: String = format!("acp {merchant_name} {session_id}").chars().take(200).collect();
+    state
+        .ledger
+        .create_bucket(state.clock.now_ms(), &auth.agent, &id, Micros::MAX, true, &label)
+        .await
+        .map_err(agent_scoped)?;
+    Ok(id)
+}
+
+/// The total a hold was made for, from its details (`None` for a hold without them).
+fn held_total(info: &HoldInfo, grant: &Grant) -> Option<SessionTotal> {
+    let details: BTreeMap<String, String> = serde_json::from_str(&info.details).ok()?;
+    Some(SessionTotal {
+        checkout_session_id: details.get("checkout_session_id")?.clone(),
+        minor_units: details.get("total_minor_units")?.parse().ok()?,
+        currency: details.get("currency")?.clone(),
+        amount: grant.amount,
+    })
+}
+
+/// Reads an unknown purchase back in the background, with backoff, until it is settled or
+/// voided; when the reads run out, the hold stays `unknown` (counted) for a retry, a cancel or an
+/// admin to resolve.
+fn resolve_later(
+    state: &SharedState,
+    policy: ResolvePolicy,
+    auth: &AgentAuth,
+    merchant_name: &str,
+    total: SessionTotal,
+    grant: Grant,
+    key: String,
+) {
+    if policy.attempts == 0 {
+        return;
+    }
+    let state = state.clone();
+    let auth = AgentAuth { agent: auth.agent.clone(), token_hash: auth.token_hash.clone() };
+    let merchant_name = merchant_name.to_owned();
+    tokio::spawn(async move {
+        let Some(acp) = state.protocols.acp.configured.as_ref() else { return };
+        let Ok(merchant) = acp.merchant(&merchant_name) else { return };
+        let purchase =
+            Purchase { state: &state, acp, auth: &auth, merchant_name: &merchant_name, merchant, total, grant };
+        let hold = &purchase.grant.hold_id;
+        let mut wait = policy.first_wait;
+        for attempt in 1..=policy.attempts {
+            tokio::time::sleep(wait).await;
+            wait = wait.saturating_mul(2).min(policy.max_wait);
+            match pay::hold_info(&state, &auth, hold).await {
+                Ok(info) if info.state == "unknown" || info.state == "open" => {}
+                // Resolved by a retry, a cancel or an admin meanwhile.
+                Ok(_) => return,
+                Err(_) => continue,
+            }
+            let outcome = match purchase.learn().await {
+                Learned::Completed(session) => purchase.settle_completed(&session).await,
+                Learned::Ended(status) => {
+                    let error = acp_error(&AcpError::SessionNotReady { status: status.clone(), reason: None });
+                    purchase.void("canceled_at_merchant", with_fields(error, json!({ "session_status": status }))).await
+                }
+                Learned::Unknown => continue,
+            };
+            if let Outcome::Done(reply) = outcome {
+                tracing::info!(agent = %auth.agent, hold = %hold, attempt, status = reply.status.as_u16(),
+                    "ACP outcome resolved by reading the session back");
+                if let Err(error) = pay::finish(&state, &auth, &key, IdempotencyFinish::Done(reply.stored())).await {
+                    tracing::warn!(hold = %hold, code = error.code, "could not store the resolved ACP answer");
+                }
+                return;
+            }
+        }
+        tracing::warn!(agent = %auth.agent, hold = %hold, attempts = policy.attempts,
+            "ACP outcome still unknown after the read-backs; the hold stays counted until a retry, a cancel or an \
+             admin resolves it");
+    });
 }
 
 /// A purchase that holds its money.
@@ -326,16 +503,17 @@ impl Purchase<'_> {
         if resumed {
             match pay::hold_info(self.state, self.auth, &self.grant.hold_id).await {
                 Err(error) => return Outcome::Open(error),
-                Ok(info) if info.state == "open" || info.state == "settled" => {}
+                Ok(info) if matches!(info.state.as_str(), "open" | "unknown" | "settled") => {}
                 Ok(info) => {
                     let error = ApiError::new(
                         StatusCode::CONFLICT,
                         "acp_purchase_ended",
                         format!(
-                            "this purchase's hold was {} and nothing was spent; send a new Idempotency-Key to try again",
+                            "this purchase's hold was {} before it finished; send a new Idempotency-Key to try again",
                             info.state
                         ),
-                    );
+                    )
+                    .with_extra(json!({ "hold_state": info.state }));
                     return Outcome::Done(Reply::error(self.on_hold(error)));
                 }
             }
@@ -344,14 +522,14 @@ impl Purchase<'_> {
             SessionStatus::ReadyForPayment => self.pay(session).await,
             SessionStatus::Completed if resumed => self.settle_completed(session).await,
             SessionStatus::CompleteInProgress if resumed => {
-                self.keep_open(ApiError::new(
+                self.unknown(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "acp_complete_in_progress",
                     "the merchant is still completing the checkout session",
                 ))
                 .await
             }
-            // Completed (or being completed) by another payment than this one.
+            // Canceled or expired (nothing was charged), or completed by another payment.
             _ => {
                 let error = AcpError::SessionNotReady { status: session.status.to_string(), reason: None };
                 self.void("session_not_ready", acp_error(&error)).await
@@ -364,6 +542,20 @@ impl Purchase<'_> {
             Ok(handler) => handler,
             Err(error) => return self.void("no_delegate_handler", acp_error(&error)).await,
         };
+        // The session must still be at the total held (a resumed purchase reads it again).
+        match session_total(session, &self.acp.currency) {
+            Ok(now) if now.minor_units == self.total.minor_units && now.currency == self.total.currency => {}
+            Ok(now) => {
+                let error = AcpError::TotalChanged {
+                    read_minor: self.total.minor_units,
+                    read_currency: self.total.currency.clone(),
+                    completed_minor: now.minor_units,
+                    completed_currency: now.currency,
+                };
+                return self.void("total_changed", acp_error(&error)).await;
+            }
+            Err(error) => return self.void("bad_total", acp_error(&error)).await,
+        }
         // The allowance is the total read, which is what was held; it can never exceed the hold.
         match self.acp.currency.to_micros(self.total.minor_units, &self.total.currency) {
             Ok(allowed) if allowed <= self.grant.amount => {}
@@ -476,25 +668,33 @@ impl Purchase<'_> {
         }
     }
 
-    /// Settles a session the merchant completed — at the total read, or not at all.
+    /// Settles a session the merchant completed: at the total it was completed at when that is
+    /// within the hold (a `total_changed` note names both totals), else at the hold, with an
+    /// incident (a note that becomes a `payment.incident` webhook). A completed order is never
+    /// voided: the card was charged.
     async fn settle_completed(&self, session: &CheckoutSession) -> Outcome {
         let Some(order) = completed_order(session) else {
             return self
-                .keep_open(ApiError::new(
+                .unknown(ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "acp_not_completed",
                     format!("the checkout session is {} without an order", session.status),
                 ))
                 .await;
         };
-        if let Err(error) = verify_unchanged(&self.total, session) {
-            tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, order_id = order.order_id,
-                code = error.code(), detail = %error, "ACP merchant completed at another total; refusing");
-            let note = BTreeMap::from([("order_id".to_owned(), order.order_id.to_owned())]);
-            self.note("total_changed", &note).await;
-            let error = with_fields(acp_error(&error), json!({ "order_id": order.order_id }));
-            return self.void("total_changed", error).await;
+        if session.id != self.session_id() {
+            let error = AcpError::SessionMismatch { expected: self.session_id().to_owned(), got: session.id.clone() };
+            return self.unknown(acp_error(&error)).await;
         }
+        let completed = session_total(session, &self.acp.currency);
+        let (amount, completed_total, incident) = match &completed {
+            Ok(total) if total.minor_units == self.total.minor_units && total.currency == self.total.currency => {
+                (self.grant.amount, Some(total), None)
+            }
+            Ok(total) if total.amount <= self.grant.amount => (total.amount, Some(total), None),
+            Ok(total) => (self.grant.amount, Some(total), Some("incident_charged_above_hold")),
+            Err(_) => (self.grant.amount, None, Some("incident_completed_total_unreadable")),
+        };
         let mut details = BTreeMap::from([
             ("checkout_session_id".to_owned(), self.session_id().to_owned()),
             ("order_id".to_owned(), order.order_id.to_owned()),
@@ -508,24 +708,63 @@ impl Purchase<'_> {
         if let Some(number) = order_number {
             details.insert("order_number".into(), number.to_owned());
         }
-        let settlement =
-            match pay::settle(self.state, self.auth, &self.grant.hold_id, self.grant.amount, &details).await {
-                Ok(settlement) => settlement,
-                Err(error) => {
-                    tracing::error!(agent = %self.auth.agent, hold = %self.grant.hold_id, order_id = order.order_id,
+        let changed = completed_total
+            .filter(|total| total.minor_units != self.total.minor_units || total.currency != self.total.currency);
+        if let Some(total) = changed {
+            details.insert("completed_minor_units".into(), total.minor_units.to_string());
+            details.insert("completed_currency".into(), total.currency.clone());
+        }
+        let settlement = match pay::settle(self.state, self.auth, &self.grant.hold_id, amount, &details).await {
+            Ok(settlement) => settlement,
+            Err(error) => {
+                tracing::error!(agent = %self.auth.agent, hold = %self.grant.hold_id, order_id = order.order_id,
                     code = error.code, "the merchant completed the order but the hold could not be settled");
-                    return Outcome::Open(error);
+                return Outcome::Open(error);
+            }
+        };
+        if changed.is_some() || incident.is_some() {
+            let mut note = BTreeMap::from([
+                ("order_id".to_owned(), order.order_id.to_owned()),
+                ("read_minor_units".to_owned(), self.total.minor_units.to_string()),
+                ("read_currency".to_owned(), self.total.currency.clone()),
+                ("held_micros".to_owned(), self.grant.amount.get().to_string()),
+                ("settled_micros".to_owned(), settlement.outcome.amount.get().to_string()),
+            ]);
+            match &completed {
+                Ok(total) => {
+                    note.insert("completed_minor_units".into(), total.minor_units.to_string());
+                    note.insert("completed_currency".into(), total.currency.clone());
                 }
-            };
+                Err(error) => {
+                    note.insert("error".into(), error.code().to_owned());
+                }
+            }
+            if let Some(incident) = incident {
+                tracing::error!(agent = %self.auth.agent, hold = %self.grant.hold_id, order_id = order.order_id,
+                    incident, read = self.total.minor_units, "ACP merchant completed the order above the held total; \
+                    settled the hold");
+            } else {
+                tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, order_id = order.order_id,
+                    read = self.total.minor_units, "ACP merchant completed the order at another total; settled what \
+                    was charged");
+            }
+            // A replayed settle (a resumed purchase, a read-back) noted it the first time.
+            if !settlement.outcome.replayed {
+                self.note(incident.unwrap_or("total_changed"), &note).await;
+            }
+        }
         tracing::info!(agent = %self.auth.agent, hold = %self.grant.hold_id, merchant = self.merchant_name,
             checkout_session_id = self.session_id(), order_id = order.order_id, amount = settlement.outcome.amount.get(),
             "ACP checkout completed");
+        let shown = completed_total.unwrap_or(&self.total);
         let answer = Completed {
             status: "completed",
             merchant: self.merchant_name,
             checkout_session_id: self.session_id(),
             order: OrderView { id: order.order_id, permalink_url: order.permalink_url, order_number },
-            total: TotalView { amount: self.total.minor_units, currency: &self.total.currency },
+            total: TotalView { amount: shown.minor_units, currency: &shown.currency },
+            total_changed: changed
+                .map(|total| TotalChanged { read: self.total.minor_units, completed: total.minor_units }),
             amount_micros: settlement.outcome.amount.get(),
             hold_id: self.grant.hold_id.as_str(),
             replayed: false,
@@ -537,24 +776,23 @@ impl Purchase<'_> {
         }
     }
 
-    /// The completion's outcome is unknown. Read the session back: settle if the merchant
-    /// completed it; otherwise cancel it at the merchant, so nobody can pay it later, and void.
-    /// If the merchant confirms neither, the hold stays.
-    async fn resolve(&self, reason: &'static str, cause: &AcpError, error: ApiError) -> Outcome {
-        tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, code = cause.code(),
-            detail = %describe(cause), "ACP completion outcome unknown; reading the session back");
+    /// Reads the session back and, if the merchant has neither completed nor ended it, cancels
+    /// it there (with a key of its own, so it never collides with another cancel), so that
+    /// nobody can pay it later.
+    async fn learn(&self) -> Learned {
         match self.merchant.retrieve_session(self.session_id()).await {
-            Ok(session) if completed_order(&session).is_some() => return self.settle_completed(&session).await,
+            Ok(session) if completed_order(&session).is_some() => return Learned::Completed(Box::new(session)),
             Ok(session) if matches!(session.status, SessionStatus::Canceled | SessionStatus::Expired) => {
-                return self.void(reason, error).await;
+                return Learned::Ended(session.status.to_string());
             }
+            // Paid, maybe, or being paid: only a later read can tell.
             Ok(session)
                 if matches!(
                     session.status,
                     SessionStatus::Completed | SessionStatus::CompleteInProgress | SessionStatus::PendingApproval
                 ) =>
             {
-                return self.keep_open(error).await;
+                return Learned::Unknown;
             }
             Ok(_) | Err(_) => {}
         }
@@ -562,30 +800,41 @@ impl Purchase<'_> {
             CancelReason::Other,
             Some("spendcap could not confirm the payment and withdrew it"),
         );
-        let key = match self.step_key("cancel") {
-            Ok(key) => key,
-            Err(internal) => return Outcome::Open(internal),
-        };
+        let Ok(key) = cancel_key(&self.grant.hold_id) else { return Learned::Unknown };
         match self.merchant.cancel_session(self.session_id(), &request, &key).await {
-            Ok(session) if completed_order(&session).is_some() => self.settle_completed(&session).await,
-            Ok(session) if session.status == SessionStatus::Canceled => {
-                self.void(reason, with_fields(error, json!({ "session_status": "canceled" }))).await
-            }
-            Ok(_) | Err(_) => self.keep_open(error).await,
+            Ok(session) if completed_order(&session).is_some() => Learned::Completed(Box::new(session)),
+            Ok(session) if session.status == SessionStatus::Canceled => Learned::Ended(session.status.to_string()),
+            Ok(_) | Err(_) => Learned::Unknown,
         }
     }
 
-    /// Leaves the hold open: the payment may have happened. It expires with the token.
-    async fn keep_open(&self, cause: ApiError) -> Outcome {
+    /// The completion's outcome is unknown: learn it from the merchant, or mark the hold unknown.
+    async fn resolve(&self, reason: &'static str, cause: &AcpError, error: ApiError) -> Outcome {
+        tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, code = cause.code(),
+            detail = %describe(cause), "ACP completion outcome unknown; reading the session back");
+        match self.learn().await {
+            Learned::Completed(session) => self.settle_completed(&session).await,
+            Learned::Ended(status) => self.void(reason, with_fields(error, json!({ "session_status": status }))).await,
+            Learned::Unknown => self.unknown(error).await,
+        }
+    }
+
+    /// The payment may have happened: the hold is marked `unknown`, so it stays counted and
+    /// never expires, until a read-back, a retry, a cancel or an admin resolves it.
+    async fn unknown(&self, cause: ApiError) -> Outcome {
+        if let Err(error) = pay::mark_unknown(self.state, &self.grant.hold_id, cause.code).await {
+            // The hold stays open (counted until its expiry); the read-backs still run.
+            tracing::error!(hold = %self.grant.hold_id, code = error.code, "could not mark an ACP hold unknown");
+        }
         tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, code = cause.code,
-            "ACP payment outcome unknown; the hold stays until it is resolved or expires");
-        self.note("outcome_unknown", &BTreeMap::from([("cause".to_owned(), cause.code.to_owned())])).await;
-        Outcome::Open(
+            "ACP payment outcome unknown; the hold stays counted until it is resolved");
+        Outcome::Unknown(
             ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "acp_outcome_unknown",
-                "the merchant has not confirmed whether it took the payment; the money stays held. Retry with the \
-             same Idempotency-Key to finish this purchase, or cancel the checkout session with this hold_id",
+                "the merchant has not confirmed whether it took the payment; the money stays held (outcome \
+                 unknown) while the daemon reads the session back. Retry with the same Idempotency-Key to finish \
+                 this purchase, or cancel the checkout session with this hold_id",
             )
             .with_extra(json!({ "cause": { "code": cause.code, "detail": cause.detail } })),
         )
@@ -625,6 +874,12 @@ impl Purchase<'_> {
     }
 }
 
+/// A merchant `Idempotency-Key` for one cancel: fresh each time, so that it never meets another
+/// cancel's key with another body (the session is read first, so a repeated cancel is harmless).
+fn cancel_key(hold: &HoldId) -> Result<IdempotencyKey, ApiError> {
+    provider_key(format!("{hold}:cancel:{:016x}", rand::random::<u64>()))
+}
+
 /// The agent's hold for this merchant's session, for the cancel endpoint.
 async fn own_hold(
     state: &AppState,
@@ -654,14 +909,22 @@ async fn own_hold(
         ));
     }
     if info.state == "settled" {
-        return Err(ApiError::new(StatusCode::CONFLICT, "acp_already_completed", "the purchase was paid")
-            .with_extra(json!({ "hold_id": text })));
+        return Err(already_completed(text, info.settled.unwrap_or(Micros::ZERO), None));
     }
     Ok(info)
 }
 
-/// `POST /v1/acp/checkouts/{id}/cancel`: cancels at the merchant first, and voids the hold only
-/// once the merchant confirms, so a hold is never dropped while the merchant may still charge.
+/// 409 `acp_already_completed`: the purchase was paid (and is settled).
+fn already_completed(hold: &str, settled: Micros, order_id: Option<&str>) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "acp_already_completed", "the purchase was paid; its hold is settled")
+        .with_extra(json!({ "hold_id": hold, "settled_micros": settled.get(), "order_id": order_id }))
+}
+
+/// `POST /v1/acp/checkouts/{id}/cancel`. With the hold of a purchase, the session is read first:
+/// completed → the hold is settled at what was charged (409 `acp_already_completed`); canceled or
+/// expired → voided; otherwise it is canceled at the merchant, with a key of its own, and the
+/// hold is voided once the merchant confirms. A hold is never dropped while the merchant may
+/// still charge.
 pub(super) async fn cancel(
     state: &AppState,
     acp: &Acp,
@@ -671,19 +934,70 @@ pub(super) async fn cancel(
 ) -> Result<Reply, ApiError> {
     verify_token(state, auth).await?;
     let merchant = acp.merchant(&body.merchant)?;
-    let hold = match &body.hold_id {
-        Some(text) => Some(own_hold(state, auth, text, &body.merchant, checkout_session_id).await?),
-        None => None,
+    let info = match &body.hold_id {
+        Some(text) => own_hold(state, auth, text, &body.merchant, checkout_session_id).await?,
+        None => return cancel_session(auth, merchant, &body.merchant, checkout_session_id).await,
     };
-    let key = match &hold {
-        Some(info) => format!("{}:cancel", info.hold_id),
-        None => {
-            format!("cancel_{}", &sha256_hex(&[auth.agent.as_str(), &body.merchant, checkout_session_id])[..48])
+    if !matches!(info.state.as_str(), "open" | "unknown") {
+        // Voided or expired already: nothing is held; the session is canceled all the same.
+        return cancel_session(auth, merchant, &body.merchant, checkout_session_id).await;
+    }
+    let grant = Grant {
+        hold_id: info.hold_id.clone(),
+        amount: info.amount,
+        remaining: Micros::ZERO,
+        expires_at_ms: info.expires_at_ms,
+        replayed: true,
+    };
+    let total = held_total(&info, &grant).ok_or_else(|| ApiError::internal("an ACP hold without its total"))?;
+    let purchase = Purchase { state, acp, auth, merchant_name: &body.merchant, merchant, total, grant };
+    let hold_text = info.hold_id.to_string();
+    match purchase.learn().await {
+        Learned::Completed(session) => match purchase.settle_completed(&session).await {
+            Outcome::Done(reply) => {
+                let settled = reply.body["amount_micros"].as_u64().and_then(|m| Micros::new(m).ok());
+                let order = session.order.as_ref().map(|order| order.id.as_str());
+                Err(already_completed(&hold_text, settled.unwrap_or(Micros::ZERO), order))
+            }
+            Outcome::Open(error) | Outcome::Unknown(error) => Err(purchase.on_hold(error)),
+        },
+        Learned::Ended(status) => {
+            let released = match pay::void(state, auth, &info.hold_id, "canceled_by_agent").await {
+                Ok(released) => released,
+                Err(ended) if ended.code == "hold_voided" || ended.code == "hold_expired" => Micros::ZERO,
+                Err(error) => return Err(error),
+            };
+            tracing::info!(agent = %auth.agent, merchant = %body.merchant, checkout_session_id, hold = %info.hold_id,
+                released = released.get(), "ACP checkout session canceled; hold voided");
+            Reply::ok(&Canceled {
+                status: "canceled",
+                merchant: &body.merchant,
+                checkout_session_id,
+                hold_id: Some(hold_text),
+                session_status: status,
+                released_micros: released.get(),
+            })
         }
-    };
+        Learned::Unknown => Err(purchase.on_hold(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "acp_outcome_unknown",
+            "the merchant neither confirmed the cancellation nor showed the session ended or completed; the money \
+             stays held. Try again later",
+        ))),
+    }
+}
+
+/// Cancels a session at the merchant for an agent with no open purchase of it.
+async fn cancel_session(
+    auth: &AgentAuth,
+    merchant: &MerchantClient,
+    merchant_name: &str,
+    checkout_session_id: &str,
+) -> Result<Reply, ApiError> {
+    let key = format!("cancel_{}", &sha256_hex(&[auth.agent.as_str(), merchant_name, checkout_session_id])[..48]);
     let request = CancelSessionRequest::with_reason(CancelReason::Other, Some("canceled by the agent"));
     let session = merchant.cancel_session(checkout_session_id, &request, &provider_key(key)?).await.map_err(|error| {
-        tracing::info!(agent = %auth.agent, merchant = %body.merchant, code = error.code(), detail = %describe(&error),
+        tracing::info!(agent = %auth.agent, merchant = merchant_name, code = error.code(), detail = %describe(&error),
             "ACP cancel refused");
         let error_view = acp_error(&error);
         match error {
@@ -699,21 +1013,13 @@ pub(super) async fn cancel(
         )
         .with_extra(json!({ "checkout_session_id": checkout_session_id, "session_status": session.status.as_str() })));
     }
-    let released = match &hold {
-        Some(info) if info.state == "open" => match pay::void(state, auth, &info.hold_id, "canceled_by_agent").await {
-            Ok(released) => released,
-            Err(ended) if ended.code == "hold_voided" || ended.code == "hold_expired" => Micros::ZERO,
-            Err(error) => return Err(error),
-        },
-        _ => Micros::ZERO,
-    };
-    tracing::info!(agent = %auth.agent, merchant = %body.merchant, checkout_session_id,
-        released = released.get(), "ACP checkout session canceled");
+    tracing::info!(agent = %auth.agent, merchant = merchant_name, checkout_session_id, "ACP checkout session canceled");
     Reply::ok(&Canceled {
         status: "canceled",
-        merchant: &body.merchant,
+        merchant: merchant_name,
         checkout_session_id,
-        hold_id: hold.map(|info| info.hold_id.to_string()),
-        released_micros: released.get(),
+        hold_id: None,
+        session_status: session.status.to_string(),
+        released_micros: 0,
     })
 }
