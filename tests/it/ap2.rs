@@ -14,7 +14,7 @@ use std::time::Duration;
 use adapters::conformance::ConformanceSink;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use p256::ecdsa::signature::{Signer, Verifier};
+use p256::ecdsa::signature::{RandomizedSigner, Verifier};
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -72,9 +72,33 @@ impl TestKey {
             header["kid"] = json!(kid);
         }
         let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(payload_text.as_bytes()));
-        let signature: Signature = self.signing.sign(input.as_bytes());
+        self.sign_input(&input)
+    }
+
+    /// Signs a JWS signing input (`header.payload`), hedged (a new signature each time), in the
+    /// low-S form verifiers accept.
+    fn sign_input(&self, input: &str) -> String {
+        let signature: Signature =
+            self.signing.sign_with_rng(&mut p256::elliptic_curve::rand_core::OsRng, input.as_bytes());
+        let signature = signature.normalize_s().unwrap_or(signature);
         format!("{input}.{}", b64(&signature.to_bytes()))
     }
+}
+
+/// `(r, n - s)`: the re-encoded copy of a compact JWS anyone can make without the key. It is a
+/// valid ECDSA signature of the same bytes.
+fn high_s(jwt: &str) -> String {
+    let (input, signature) = jwt.rsplit_once('.').expect("a JWS");
+    let signature = Signature::from_slice(&unb64(signature)).expect("r || s");
+    let (r, s) = signature.split_scalars();
+    let flipped = Signature::from_scalars(r.to_bytes(), (-*s).to_bytes()).expect("a valid signature");
+    format!("{input}.{}", b64(&flipped.to_bytes()))
+}
+
+/// What a compact JWS's signer signed (`header.payload`), hashed: the identity the daemon keys
+/// mandates and checkouts by.
+fn content_id(jwt: &str) -> String {
+    sha256_b64(jwt.rsplit_once('.').expect("a JWS").0)
 }
 
 /// Verifies a compact ES256 JWS with a public JWK; returns (header, payload).
@@ -443,7 +467,7 @@ async fn me(app: &TestApp, agent: &Agent) -> Value {
 
 async fn mandate_budget(app: &TestApp, agent: &Agent, mandates: &OpenMandates) -> Value {
     let (open_jwt, _) = mandates.payment.split_once('~').expect("SD-JWT");
-    let id = sha256_b64(open_jwt);
+    let id = content_id(open_jwt);
     let (status, body) =
         app.agent_call(&agent.token, reqwest::Method::GET, &format!("/v1/ap2/mandates/{id}"), None).await;
     assert_eq!(status, 200, "{body}");
@@ -572,8 +596,12 @@ async fn ap2_v02_human_not_present_purchase_end_to_end() {
     let holds = log_of(&log, "hold");
     let settles = log_of(&log, "settle");
     assert_eq!((holds.len(), settles.len()), (1, 1), "{log:?}");
-    let payment_mandate_id = sha256_b64(mandates.payment.split('~').next().expect("jwt"));
-    assert_eq!(holds[0]["bucket"], format!("ap2:pm:{payment_mandate_id}"));
+    let payment_mandate_id = content_id(mandates.payment.split('~').next().expect("jwt"));
+    assert_eq!(
+        holds[0]["bucket"],
+        format!("ap2:pm:{payment_mandate_id},ap2:co:{}", content_id(&checkout_jwt)),
+        "charged to the mandate's budget and the checkout's own"
+    );
     for entry in [holds[0], settles[0]] {
         assert_eq!(entry["service"], "merchant-1.example");
         assert_eq!(entry["protocol"], "ap2");
@@ -583,7 +611,7 @@ async fn ap2_v02_human_not_present_purchase_end_to_end() {
     assert_eq!(detail["checkout_id"], "chk_e2e");
     assert_eq!(detail["merchant_id"], "merchant_1");
     assert_eq!(detail["payment_mandate_id"], payment_mandate_id);
-    assert_eq!(detail["checkout_mandate_id"], sha256_b64(mandates.checkout.split('~').next().expect("jwt")));
+    assert_eq!(detail["checkout_mandate_id"], content_id(mandates.checkout.split('~').next().expect("jwt")));
     assert_eq!(detail["payment_receipt_reference"], sha256_b64(&closed_jwt(payment_chain)));
     assert_eq!(detail["order_id"], "order_0");
     assert_eq!(paid["receipt"]["receipt"]["service"], "merchant-1.example");
@@ -1067,4 +1095,353 @@ fn ap2_configuration_loads_from_the_file_and_the_kek_from_env_or_file_never_echo
     let typo_args = Ap2Args { ap2_config: Some(typo), ..Ap2Args::default() };
     assert!(Ap2Config::from_args(&typo_args).expect_err("refused").to_string().contains("trusted_isuers"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- issue 13: signatures, one payment per checkout, idempotency, early refusals ----
+
+/// Two daemon instances on one Redis, paying through the same providers.
+async fn two_instances(
+    cp: &MockServer,
+    merchants: &[(&str, &MockServer)],
+    v01: Option<&MockServer>,
+) -> (TestApp, TestApp) {
+    let first = spawn(ap2_config(cp, merchants, v01)).await;
+    let second = spawn_app_with(AppOptions {
+        redis: Some((first.redis.clone().expect("redis"), "sc".into())),
+        protocols: ProtocolConfig { ap2: ap2_config(cp, merchants, v01), ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    (first, second)
+}
+
+async fn pay_with(app: &TestApp, agent: &Agent, key: Option<&str>, body: Value) -> (u16, Value) {
+    let mut request = app.http.post(app.url("/v1/ap2/payments")).bearer_auth(&agent.token).json(&body);
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON"))
+}
+
+fn payment_body(mandates: &OpenMandates, checkout_jwt: &str, task: &str) -> Value {
+    json!({ "checkout_jwt": checkout_jwt, "open_checkout_mandate": mandates.checkout,
+            "open_payment_mandate": mandates.payment, "task": task })
+}
+
+/// The open Payment Mandate with its issuer JWT replaced.
+fn with_issuer_jwt(mandate: &str, jwt: &str) -> String {
+    let (_, rest) = mandate.split_once('~').expect("SD-JWT");
+    format!("{jwt}~{rest}")
+}
+
+#[tokio::test]
+async fn ap2_a_high_s_or_re_signed_copy_of_an_open_mandate_buys_no_second_budget() {
+    let cp = credential_provider(false).await;
+    let shop_1 = merchant_server(MerchantMode::Paid).await;
+    let shop_2 = merchant_server(MerchantMode::Paid).await;
+    let merchants = [("merchant_1", &shop_1), ("merchant_2", &shop_2)];
+    let (first, second) = two_instances(&cp, &merchants, None).await;
+    let agent = first.create_agent("malleable", 1_000 * USD, None).await;
+    let jwk = agent_jwk(&first, &agent).await;
+    let now = (first.clock.now_ms() / 1000) as i64;
+    let terms = MandateTerms {
+        budget: Some("100.00"),
+        min_cents: 100,
+        max_cents: 10_000,
+        payees: vec!["merchant_1", "merchant_2"],
+        merchants: vec!["merchant_1", "merchant_2"],
+        items: Items::GiftCard,
+        ..MandateTerms::default()
+    };
+    let user = TestKey::load("user");
+    let mandates = issue_mandates(&user, &jwk, &terms, now);
+    let issuer_jwt = mandates.payment.split('~').next().expect("JWT").to_owned();
+    // The re-encoded copy anyone can make, and a second signature of the same content by the
+    // user's key (a trusted surface that signs twice): both the same open mandate.
+    let high_s_copy = OpenMandates {
+        checkout: mandates.checkout.clone(),
+        payment: with_issuer_jwt(&mandates.payment, &high_s(&issuer_jwt)),
+    };
+    let re_signed = OpenMandates {
+        checkout: mandates.checkout.clone(),
+        payment: with_issuer_jwt(&mandates.payment, &user.sign_input(issuer_jwt.rsplit_once('.').expect("JWS").0)),
+    };
+    assert_ne!(re_signed.payment, mandates.payment);
+    let merchant_key = TestKey::load("merchant");
+    let checkout = |id: &str, shop: &'static str| CheckoutTerms::single(id, shop, 6_000).sign(&merchant_key, now);
+    let (original_checkout, copy_checkout, re_signed_checkout) = (
+        checkout("chk_orig", "merchant_1"),
+        checkout("chk_copy", "merchant_2"),
+        checkout("chk_resigned", "merchant_2"),
+    );
+
+    // $60 under the original on one instance, $60 under each copy on the other, all at once.
+    let (original, copy, again) = tokio::join!(
+        pay(&first, &agent, &mandates, &original_checkout),
+        pay(&second, &agent, &high_s_copy, &copy_checkout),
+        pay(&second, &agent, &re_signed, &re_signed_checkout),
+    );
+    assert_eq!((copy.0, copy.1["code"].as_str()), (422, Some("ap2_signature_not_canonical")), "{}", copy.1);
+    let paid: Vec<&(u16, Value)> = [&original, &again].into_iter().filter(|(status, _)| *status == 200).collect();
+    assert_eq!(paid.len(), 1, "one of the original and the re-signed copy pays: {original:?} {again:?}");
+    for (status, body) in [&original, &again].into_iter().filter(|(status, _)| *status != 200) {
+        assert_eq!(*status, 402, "{body}");
+        assert!(["budget_busy", "budget_exceeded"].contains(&body["code"].as_str().unwrap_or_default()), "{body}");
+    }
+
+    // At most the budget was signed and paid: one closed mandate for $60, one completion.
+    let presented = received(&cp).await;
+    assert_eq!(presented.len(), 1, "{presented:?}");
+    let closed = verify_closed(
+        presented[0]["payment_mandate"].as_str().expect("chain"),
+        if original.0 == 200 { &mandates.payment } else { &re_signed.payment },
+        &jwk,
+        CP_AUDIENCE,
+    );
+    assert_eq!(closed["payment_amount"]["amount"], 6_000);
+    assert_eq!(received(&shop_1).await.len() + received(&shop_2).await.len(), 1);
+    assert_eq!(me(&first, &agent).await["spent_micros"], 60 * USD);
+    let budget = mandate_budget(&second, &agent, &mandates).await;
+    assert_eq!(
+        (budget["spent_micros"].as_u64(), budget["remaining_micros"].as_u64()),
+        (Some(60 * USD), Some(40 * USD))
+    );
+}
+
+#[tokio::test]
+async fn ap2_one_checkout_is_paid_once_whatever_the_idempotency_keys() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let (first, second) = two_instances(&cp, &[("merchant_1", &shop)], None).await;
+    let agent = first.create_agent("double", 1_000 * USD, None).await;
+    let jwk = agent_jwk(&first, &agent).await;
+    let now = (first.clock.now_ms() / 1000) as i64;
+    let terms = MandateTerms { budget: Some("500.00"), ..MandateTerms::default() };
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &terms, now);
+    let merchant_key = TestKey::load("merchant");
+
+    // One after the other, on both instances, with two keys and with none.
+    let checkout_jwt = CheckoutTerms::shoes("chk_once").sign(&merchant_key, now);
+    let body = payment_body(&mandates, &checkout_jwt, "buy-shoes");
+    let (status, paid) = pay_with(&first, &agent, Some("key-a"), body.clone()).await;
+    assert_eq!(status, 200, "{paid}");
+    for (app, key) in [(&second, Some("key-b")), (&first, None), (&second, Some("key-a"))] {
+        let (status, again) = pay_with(app, &agent, key, body.clone()).await;
+        assert_eq!(status, 200, "{key:?}: {again}");
+        assert_eq!((again["replayed"].as_bool(), &again["hold_id"]), (Some(true), &paid["hold_id"]), "{key:?}");
+    }
+    // Another task or instrument under another key changes nothing either: the checkout is paid.
+    let (status, again) =
+        pay_with(&second, &agent, Some("key-c"), payment_body(&mandates, &checkout_jwt, "another-task")).await;
+    assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
+    assert_eq!(received(&cp).await.len(), 1, "one payment token");
+    assert_eq!(received(&shop).await.len(), 1, "one completion");
+    assert_eq!(me(&first, &agent).await["spent_micros"], 146_260_000);
+
+    // At once: four keys on two instances for a new checkout. One payment; the others wait
+    // (409) or replay it.
+    let checkout_jwt = CheckoutTerms { tax_cents: 0, ..CheckoutTerms::shoes("chk_race") }.sign(&merchant_key, now);
+    let body = payment_body(&mandates, &checkout_jwt, "buy-shoes");
+    let keys = ["race-1", "race-2", "race-3", "race-4"];
+    let answers = futures::future::join_all(
+        keys.iter()
+            .enumerate()
+            .map(|(n, key)| pay_with(if n % 2 == 0 { &first } else { &second }, &agent, Some(key), body.clone())),
+    )
+    .await;
+    let paid: Vec<&Value> = answers.iter().filter(|(s, _)| *s == 200).map(|(_, b)| b).collect();
+    assert!(!paid.is_empty(), "{answers:?}");
+    assert!(paid.iter().all(|b| b["hold_id"] == paid[0]["hold_id"]), "{answers:?}");
+    for (status, body) in answers.iter().filter(|(s, _)| *s != 200) {
+        assert_eq!((*status, body["code"].as_str()), (409, Some("idempotency_in_flight")), "{body}");
+    }
+    for key in keys {
+        let (status, again) = pay_with(&second, &agent, Some(key), body.clone()).await;
+        assert_eq!((status, &again["hold_id"]), (200, &paid[0]["hold_id"]), "{again}");
+    }
+    assert_eq!(received(&cp).await.len(), 2);
+    assert_eq!(received(&shop).await.len(), 2);
+    assert_eq!(me(&second, &agent).await["spent_micros"], 146_260_000 + 135_430_000);
+}
+
+#[tokio::test]
+async fn ap2_the_same_idempotency_key_with_another_request_is_a_conflict_and_replays_keep_their_status() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let declining = merchant_server(MerchantMode::Declined).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop), ("merchant_2", &declining)], None)).await;
+    let agent = app.create_agent("keys", 1_000 * USD, None).await;
+    let jwk = agent_jwk(&app, &agent).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let terms =
+        MandateTerms { budget: Some("500.00"), payees: vec!["merchant_1", "merchant_2"], ..MandateTerms::default() };
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &terms, now);
+    let merchant_key = TestKey::load("merchant");
+    let checkout_a = CheckoutTerms::shoes("chk_a").sign(&merchant_key, now);
+    let checkout_b = CheckoutTerms { tax_cents: 0, ..CheckoutTerms::shoes("chk_b") }.sign(&merchant_key, now);
+
+    let (status, paid) = pay_with(&app, &agent, Some("k1"), payment_body(&mandates, &checkout_a, "t1")).await;
+    assert_eq!(status, 200, "{paid}");
+    // The same key with another task, another checkout, a field added: 422, nothing sent.
+    let mut merchant_named = payment_body(&mandates, &checkout_a, "t1");
+    merchant_named["merchant"] = json!("merchant_1");
+    for (case, body) in [
+        ("another task", payment_body(&mandates, &checkout_a, "t2")),
+        ("another checkout", payment_body(&mandates, &checkout_b, "t1")),
+        ("the merchant named", merchant_named),
+    ] {
+        let (status, refused) = pay_with(&app, &agent, Some("k1"), body).await;
+        assert_eq!((status, refused["code"].as_str()), (422, Some("idempotency_conflict")), "{case}: {refused}");
+    }
+    assert_eq!(received(&cp).await.len(), 1);
+    let (status, again) = pay_with(&app, &agent, Some("k1"), payment_body(&mandates, &checkout_a, "t1")).await;
+    assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
+
+    // A declined payment replays as the 402 it was.
+    let declined_checkout =
+        CheckoutTerms { merchant: "merchant_2", ..CheckoutTerms::shoes("chk_declined") }.sign(&merchant_key, now);
+    let (status, declined) =
+        pay_with(&app, &agent, Some("k2"), payment_body(&mandates, &declined_checkout, "t1")).await;
+    assert_eq!((status, declined["code"].as_str()), (402, Some("ap2_payment_declined")), "{declined}");
+    for key in ["k2", "k3"] {
+        let (status, again) =
+            pay_with(&app, &agent, Some(key), payment_body(&mandates, &declined_checkout, "t1")).await;
+        assert_eq!(
+            (status, again["code"].as_str(), again["replayed"].as_bool()),
+            (402, Some("ap2_payment_declined"), Some(true)),
+            "{again}"
+        );
+    }
+    assert_eq!(received(&declining).await.len(), 1);
+    assert_eq!(me(&app, &agent).await["spent_micros"], 146_260_000);
+}
+
+#[tokio::test]
+async fn ap2_v01_one_cart_is_paid_once_and_a_key_names_one_request() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let processor = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/ap2/v0.1/payments")).respond_with(ProcessorSim).mount(&processor).await;
+    let (first, second) = two_instances(&cp, &[("merchant_1", &shop)], Some(&processor)).await;
+    let agent = first.create_agent("carts", 1_000 * USD, None).await;
+    let now = (first.clock.now_ms() / 1000) as i64;
+
+    let request = cart_request(now, "cart_once", 2_500, "t1");
+    let (status, paid) = pay_cart(&first, &agent, Some("c1"), &request).await;
+    assert_eq!(status, 200, "{paid}");
+    // Another key, no key, the other instance: the same payment, replayed.
+    for (app, key) in [(&second, Some("c2")), (&first, None)] {
+        let (status, again) = pay_cart(app, &agent, key, &request).await;
+        assert_eq!(
+            (status, again["replayed"].as_bool(), &again["hold_id"]),
+            (200, Some(true), &paid["hold_id"]),
+            "{again}"
+        );
+    }
+    // The same cart under a fresh merchant signature is the same cart.
+    let re_signed = cart_request(now, "cart_once", 2_500, "t1");
+    assert_ne!(re_signed, request);
+    let (status, again) = pay_cart(&second, &agent, Some("c3"), &re_signed).await;
+    assert_eq!((status, &again["hold_id"]), (200, &paid["hold_id"]), "{again}");
+    // The same key with another task or another cart: 422.
+    for other in [cart_request(now, "cart_once", 2_500, "t2"), cart_request(now, "cart_other", 2_500, "t1")] {
+        let (status, refused) = pay_cart(&first, &agent, Some("c1"), &other).await;
+        assert_eq!((status, refused["code"].as_str()), (422, Some("idempotency_conflict")), "{refused}");
+    }
+    assert_eq!(received(&processor).await.len(), 1, "one PaymentMandate presented");
+    assert_eq!(me(&first, &agent).await["spent_micros"], 25 * USD);
+}
+
+#[tokio::test]
+async fn ap2_revoked_or_denied_agents_reach_no_provider_and_leave_one_refusal() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let processor = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/ap2/v0.1/payments")).respond_with(ProcessorSim).mount(&processor).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], Some(&processor))).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let merchant_key = TestKey::load("merchant");
+
+    let cases: [(&str, Value, &str); 3] = [
+        ("revoked", Value::Null, "agent_revoked"),
+        ("no-ap2", json!({ "protocols": { "deny": ["ap2"] } }), "protocol_denied"),
+        ("no-merchant", json!({ "services": { "deny": ["merchant_1"] } }), "service_denied"),
+    ];
+    for (handle, controls, reason) in cases {
+        let agent = app.create_agent(handle, 1_000 * USD, None).await;
+        let jwk = agent_jwk(&app, &agent).await;
+        let mandates = issue_mandates(&TestKey::load("user"), &jwk, &MandateTerms::default(), now);
+        if controls.is_null() {
+            let (status, body) = app
+                .admin(
+                    reqwest::Method::POST,
+                    &format!("/v1/agents/{}/revoke", agent.id),
+                    Some(json!({ "reason": "test" })),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+        } else {
+            let (status, body) =
+                app.admin(reqwest::Method::PUT, &format!("/v1/agents/{}/controls", agent.id), Some(controls)).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        let before = app.log().await.iter().filter(|e| e["event"] == "refuse").count();
+        let checkout_jwt = CheckoutTerms::shoes(&format!("chk_{handle}")).sign(&merchant_key, now);
+        let (status, body) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+        assert_eq!((status, body["code"].as_str()), (402, Some(reason)), "{handle} v0.2: {body}");
+        let (status, body) =
+            pay_cart(&app, &agent, None, &cart_request(now, &format!("cart_{handle}"), 2_500, "t")).await;
+        assert_eq!((status, body["code"].as_str()), (402, Some(reason)), "{handle} v0.1: {body}");
+        // One refusal per payment, logged like any other.
+        let log = app.log().await;
+        let refusals: Vec<&Value> =
+            log_of(&log, "refuse").into_iter().filter(|e| e["agent"] == agent.id.as_str()).collect();
+        assert_eq!(refusals.len(), 2, "{handle}: {log:?}");
+        assert!(refusals.iter().all(|r| r["reason"] == reason), "{refusals:?}");
+        assert_eq!(log.iter().filter(|e| e["event"] == "refuse").count(), before + 2);
+    }
+    assert!(received(&cp).await.is_empty(), "nothing reached the Credential Provider");
+    assert!(received(&shop).await.is_empty(), "nothing reached the merchant");
+    assert!(received(&processor).await.is_empty(), "nothing reached the v0.1 processor");
+}
+
+/// A v0.1 payment request (JSON text, prices exact) for a merchant-signed cart of `cents`.
+fn cart_request(now: i64, cart_id: &str, cents: u64, task: &str) -> String {
+    let value = format!("{}.{:02}", cents / 100, cents % 100);
+    let contents_text = format!(
+        r#"{{"id":"{cart_id}","user_cart_confirmation_required":false,
+            "payment_request":{{"method_data":[{{"supported_methods":"CARD","data":{{"network":["visa"]}}}}],
+              "details":{{"id":"order_{cart_id}",
+                "display_items":[{{"label":"Gift card","amount":{{"currency":"USD","value":{value}}},"refund_period":30}}],
+                "total":{{"label":"Total","amount":{{"currency":"USD","value":{value}}},"refund_period":30}}}}}},
+            "cart_expiry":"{}","merchant_name":"Demo Merchant"}}"#,
+        rfc3339(now + 3600)
+    );
+    let contents: Value = serde_json::from_str(&contents_text).expect("JSON");
+    let authorization = TestKey::load("merchant").sign(
+        "JWT",
+        &json!({ "iss": "https://demo-merchant.example", "iat": now, "exp": now + 900,
+                 "cart_hash": hex::encode(jcs_sha256(&contents)) })
+        .to_string(),
+    );
+    format!(
+        r#"{{"cart_mandate":{{"contents":{contents_text},"merchant_authorization":"{authorization}"}},"task":"{task}"}}"#
+    )
+}
+
+async fn pay_cart(app: &TestApp, agent: &Agent, key: Option<&str>, request_text: &str) -> (u16, Value) {
+    let mut request = app
+        .http
+        .post(app.url("/v1/ap2/v0.1/payments"))
+        .bearer_auth(&agent.token)
+        .header("content-type", "application/json")
+        .body(request_text.to_owned());
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON"))
 }

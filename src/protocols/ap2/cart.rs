@@ -29,10 +29,11 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 
 use super::checkout::{declined, note, truncate, unknown, void_with, Ending};
-use super::{authenticate, input_error, unix_secs, Merchant, Reply, Settings, V01Processor, HOLD_GRACE_MS};
+use super::{
+    authenticate, claim_payment, input_error, unix_secs, Merchant, Reply, Settings, V01Processor, HOLD_GRACE_MS,
+};
 use crate::api::holds::idempotency_key;
 use crate::api::{label, AgentAuth, ApiError, ApiJson, AppState, SharedState};
 use crate::ledger::{Grant, Idempotency, IdempotencyFinish, IdempotencyMode};
@@ -126,14 +127,30 @@ pub async fn pay(
     let longest = (now_ms + state.limits.max_hold_ttl.as_millis() as u64).max(shortest);
     let expires_at_ms = (cart_expiry_ms + HOLD_GRACE_MS).max(shortest).min(longest);
 
-    let idempotency_key = header_key.unwrap_or_else(|| format!("ap2-v01:{}", cart.cart_mandate_hash));
-    let fingerprint = hex::encode(Sha256::digest(
-        json!({ "cart_mandate_hash": cart.cart_mandate_hash, "task": task, "merchant": merchant.id,
-                "method_details": body.method_details })
-        .to_string(),
-    ));
+    // The cart's identity is what the merchant signed (its contents): one payment per cart,
+    // whatever keys or `merchant_authorization` bytes the requests come with.
+    let own_key = header_key.unwrap_or_else(|| format!("ap2-v01:{}", cart.contents_hash));
+    let cart_value: Value = serde_json::from_str(body.cart_mandate.get()).map_err(ApiError::internal)?;
+    let own_fingerprint = crate::fingerprint::of(
+        "ap2.v01.payments",
+        &json!({ "cart_mandate": cart_value, "merchant": body.merchant, "task": body.task,
+                 "method_details": body.method_details }),
+    );
+    let claim = claim_payment(
+        &state,
+        &auth.agent,
+        format!("ap2:cart:{}", cart.contents_hash),
+        cart.total,
+        &own_key,
+        &own_fingerprint,
+    )
+    .await?;
+    let (idempotency_key, fingerprint) = claim.idempotency(&own_key, &own_fingerprint);
+    // The configured merchant's id too, so that allow- and deny-lists naming it apply.
+    let mut intent = cart.intent.clone();
+    intent.details.insert("merchant_id".to_owned(), merchant.id.clone());
     let spec = HoldSpec {
-        intent: &cart.intent,
+        intent: &intent,
         task: &task,
         expires_at_ms,
         idempotency: Some(Idempotency {
@@ -142,7 +159,7 @@ pub async fn pay(
             mode: IdempotencyMode::Pending { lease_ms: ap2.lease.as_millis() as u64 },
         }),
     };
-    let grant = match pay::hold(&state, &auth, spec).await? {
+    let grant = match pay::hold_with_budgets(&state, &auth, spec, vec![claim.bucket]).await? {
         Held::New(grant) => grant,
         Held::Resumed(grant) => {
             let info = pay::hold_info(&state, &auth, &grant.hold_id).await?;

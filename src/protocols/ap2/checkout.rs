@@ -19,16 +19,19 @@
 //!   merchant may have charged with the token; a retry with the same idempotency key resumes
 //!   the same hold and presents the same checkout again.
 //!
-//! Idempotency: the agent's `Idempotency-Key`, or else `ap2:<checkout_hash>` (one payment per
-//! merchant-signed checkout), keys a `Pending` hold; finished payments (paid or refused) are
-//! replayed to duplicates.
+//! Idempotency: the agent's `Idempotency-Key`, or else `ap2:<checkout content hash>`, keys a
+//! `Pending` hold whose fingerprint is the whole request (the same key with any other request is
+//! `idempotency_conflict`); finished payments (paid or refused) are replayed to duplicates. One
+//! merchant-signed checkout is paid at most once whatever the keys: it is claimed by its first
+//! request ([`claim_payment`]: a budget bucket `ap2:co:<checkout content hash>` capped at its
+//! total, charged by the hold), and a request with another key is answered as the first one.
 
 use std::collections::BTreeMap;
 
 use adapters::ap2::types::{PaymentInstrument, Pisp};
 use adapters::ap2::{
-    authorize_payment, close_mandates, random_nonce, verify_checkout_jwt, verify_open_mandates, AgentKey, Ap2Error,
-    AuthorizedPayment, CloseParams, CredentialOutcome, MandateUsage, PaymentChoice, VerifiedCheckout,
+    authorize_payment, close_mandates, content_hash, random_nonce, verify_checkout_jwt, verify_open_mandates, AgentKey,
+    Ap2Error, AuthorizedPayment, CloseParams, CredentialOutcome, MandateUsage, PaymentChoice, VerifiedCheckout,
 };
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -37,10 +40,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::{
-    authenticate, check_enforceable, ensure_bucket, input_error, unix_secs, Merchant, Reply, Settings, HOLD_GRACE_MS,
+    authenticate, check_enforceable, claim_payment, ensure_bucket, input_error, unix_secs, Merchant, Reply, Settings,
+    HOLD_GRACE_MS,
 };
 use crate::api::holds::idempotency_key;
 use crate::api::{label, AgentAuth, ApiError, ApiJson, AppState, SharedState};
@@ -130,19 +133,6 @@ fn verify_checkout<'a>(
     Ok((merchant, checkout))
 }
 
-fn fingerprint(authorized: &AuthorizedPayment, task: &str) -> String {
-    let intent = authorized.intent();
-    let canonical = serde_json::to_vec(&json!({
-        "checkout_hash": authorized.checkout().checkout_hash,
-        "payment_mandate_id": authorized.open_mandates().constraints.payment_mandate_id,
-        "amount": intent.amount.get(),
-        "details": intent.details,
-        "task": task,
-    }))
-    .unwrap_or_default();
-    hex::encode(Sha256::digest(canonical))
-}
-
 pub async fn pay(
     auth: AgentAuth,
     State(state): State<SharedState>,
@@ -179,18 +169,26 @@ pub async fn pay(
         authorize_payment(&open, &checkout, &choice, &MandateUsage::default(), now).map_err(input_error)?;
     let (bucket, _) = ensure_bucket(&state, &auth.agent, &open.constraints).await?;
 
-    let idempotency_key = header_key.unwrap_or_else(|| format!("ap2:{}", checkout.checkout_hash));
+    // The checkout's identity is its signed content: one payment per merchant-signed checkout,
+    // whatever idempotency keys, signature bytes or instances the requests come with.
+    let checkout_id = content_hash(&checkout.checkout_jwt);
+    let own_key = header_key.unwrap_or_else(|| format!("ap2:{checkout_id}"));
+    let own_fingerprint = crate::fingerprint::of("ap2.payments", &body);
+    let claim =
+        claim_payment(&state, &auth.agent, format!("ap2:co:{checkout_id}"), checkout.total, &own_key, &own_fingerprint)
+            .await?;
+    let (idempotency_key, fingerprint) = claim.idempotency(&own_key, &own_fingerprint);
     let spec = HoldSpec {
         intent: authorized.intent(),
         task: &task,
         expires_at_ms: now_ms + ap2.mandate_ttl.as_millis() as u64 + HOLD_GRACE_MS,
         idempotency: Some(Idempotency {
             key: idempotency_key.clone(),
-            fingerprint: fingerprint(&authorized, &task),
+            fingerprint,
             mode: IdempotencyMode::Pending { lease_ms: ap2.lease.as_millis() as u64 },
         }),
     };
-    let grant = match pay::hold_with_budgets(&state, &auth, spec, vec![bucket]).await? {
+    let grant = match pay::hold_with_budgets(&state, &auth, spec, vec![bucket, claim.bucket]).await? {
         Held::New(grant) => grant,
         Held::Resumed(grant) => {
             let info = pay::hold_info(&state, &auth, &grant.hold_id).await?;
