@@ -17,6 +17,8 @@ pub struct AuditReport {
     pub agents: usize,
     pub budgets: usize,
     pub open_holds: usize,
+    /// Holds whose outcome is unknown (counted as held until an admin or a flow resolves them).
+    pub unknown_holds: usize,
     pub log_entries: usize,
     /// One line per difference found; empty when the ledger is consistent.
     pub differences: Vec<String>,
@@ -133,6 +135,22 @@ pub async fn check(ledger: &Ledger) -> Result<AuditReport, LedgerError> {
             }
             match open_in_log.remove(&id) {
                 None => differ(format!("hold {id} is open but the log has no open hold {id}")),
+                Some((agent, amount)) => {
+                    if agent != hold.agent.as_str() || amount != hold.amount.get() {
+                        differ(format!("hold {id}: stored {} {} vs log {agent} {amount}", hold.agent, hold.amount));
+                    }
+                }
+            }
+        }
+        let stored_unknown = ledger.unknown_holds(&tree).await?;
+        report.unknown_holds += stored_unknown.len();
+        for hold in &stored_unknown {
+            let id = hold.hold_id.to_string();
+            if hold.state != "unknown" {
+                differ(format!("hold {id} is indexed as unknown but its state is {}", hold.state));
+            }
+            match open_in_log.remove(&id) {
+                None => differ(format!("hold {id} is unknown but the log has no unresolved hold {id}")),
                 Some((agent, amount)) => {
                     if agent != hold.agent.as_str() || amount != hold.amount.get() {
                         differ(format!("hold {id}: stored {} {} vs log {agent} {amount}", hold.agent, hold.amount));

@@ -68,6 +68,9 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Holds whose payment outcome is unknown: list them, resolve one (admin token required).
+    #[command(subcommand)]
+    Holds(HoldsCommand),
     /// Work with signed receipts.
     #[command(subcommand)]
     Receipt(ReceiptCommand),
@@ -412,6 +415,70 @@ fn controls_table(c: &Value) -> String {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum HoldsCommand {
+    /// List holds whose outcome is unknown (every tree), or open ones.
+    List {
+        /// `unknown` or `open`.
+        #[arg(long, default_value = "unknown")]
+        state: String,
+        /// Only this agent's (id or handle).
+        #[arg(long)]
+        agent: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Resolve a hold whose outcome is unknown: settle what was charged, or void it.
+    Resolve {
+        hold: String,
+        /// Money moved: settle this much, in USD (`0.25`) or micro-USD (`250000micros`).
+        #[arg(long, conflicts_with = "void", required_unless_present = "void")]
+        settle: Option<String>,
+        /// No money moved: release the hold.
+        #[arg(long)]
+        void: bool,
+        /// What was checked (logged with the decision).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// An amount in USD (`0.25`) or, with the suffix `micros`, micro-USD (`250000micros`).
+fn usd_or_micros(text: &str) -> Result<Micros, CliError> {
+    match text.strip_suffix("micros") {
+        Some(micros) => micros
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|m| Micros::new(m).ok())
+            .ok_or_else(|| CliError::Usage(format!("amount {text:?}: an integer number of micro-USD"))),
+        None => usd(text),
+    }
+}
+
+fn holds_table(list: &Value) -> String {
+    let mut out = format!(
+        "{:<42} {:<38} {:<8} {:>14} {:<8} {:<24} {}\n",
+        "HOLD", "AGENT", "STATE", "AMOUNT", "PROTOCOL", "SERVICE", "REASON"
+    );
+    for h in list["holds"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        out.push_str(&format!(
+            "{:<42} {:<38} {:<8} {:>14} {:<8} {:<24} {}\n",
+            h["hold_id"].as_str().unwrap_or(""),
+            h["agent_id"].as_str().unwrap_or(""),
+            h["state"].as_str().unwrap_or(""),
+            money(&h["amount_micros"]),
+            h["protocol"].as_str().unwrap_or(""),
+            h["service"].as_str().unwrap_or(""),
+            h["reason"].as_str().unwrap_or("")
+        ));
+    }
+    out.push_str(&format!("total {}\n", money(&list["total_micros"])));
+    out
+}
+
+#[derive(Subcommand, Debug)]
 pub enum LogCommand {
     /// Export the log to stdout.
     Export {
@@ -744,6 +811,39 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             print(client.json, &value, |v| match serde_json::from_value::<crate::report::Report>(v.clone()) {
                 Ok(report) => crate::report::table(&report),
                 Err(e) => format!("unreadable report: {e}\n"),
+            });
+            Ok(())
+        }
+        Command::Holds(HoldsCommand::List { state, agent, client }) => {
+            let api = Client::new(&client)?;
+            let mut query = format!("/v1/holds?state={}", path_segment(&state));
+            if let Some(agent) = agent {
+                query.push_str(&format!("&agent={}", path_segment(&agent)));
+            }
+            let list = api.json(Method::GET, &query, None).await?;
+            print(client.json, &list, holds_table);
+            Ok(())
+        }
+        Command::Holds(HoldsCommand::Resolve { hold, settle, void, reason, client }) => {
+            let api = Client::new(&client)?;
+            let body = match (settle, void) {
+                (Some(amount), false) => serde_json::json!({
+                    "outcome": "settled", "amount_micros": usd_or_micros(&amount)?.get(), "reason": reason,
+                }),
+                (None, true) => serde_json::json!({ "outcome": "voided", "reason": reason }),
+                _ => return Err(CliError::Usage("give --settle <amount> or --void".into())),
+            };
+            let path = format!("/v1/holds/{}/resolve", path_segment(&hold));
+            let resolved = api.json(Method::POST, &path, Some(body)).await?;
+            print(client.json, &resolved, |r| {
+                format!(
+                    "{} {}: {} spent, {} released{}\n",
+                    r["hold_id"].as_str().unwrap_or(""),
+                    r["outcome"].as_str().unwrap_or(""),
+                    money(&r["amount_micros"]),
+                    money(&r["released_micros"]),
+                    if r["replayed"].as_bool().unwrap_or(false) { " (already resolved so)" } else { "" }
+                )
             });
             Ok(())
         }

@@ -83,6 +83,15 @@ impl Metrics {
         }
     }
 
+    /// A precheck's answer: a refusal counts like a refused hold.
+    pub fn precheck(&self, protocol: &str, result: &Result<Option<crate::ledger::Refusal>, LedgerError>) {
+        match result {
+            Ok(Some(refusal)) => self.refusals.with_label_values(&[refusal.reason.code(), protocol]).inc(),
+            Err(e) => self.ledger_error(e),
+            Ok(None) => {}
+        }
+    }
+
     pub fn settle(&self, result: &Result<SettleOutcome, LedgerError>) {
         match result {
             Ok(outcome) if !outcome.replayed => {

@@ -12,7 +12,9 @@ use adapters::{Micros, PaymentIntent, Protocol};
 use crate::api::holds::refusal_error;
 use crate::api::{agent_scoped, AgentAuth, ApiError, AppState};
 use crate::identity::HoldId;
-use crate::ledger::{Grant, HoldInfo, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, SettleOutcome};
+use crate::ledger::{
+    Grant, HoldInfo, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, MarkedUnknown, SettleOutcome,
+};
 use crate::receipt::{self, HeldFacts, Receipt};
 
 /// What to hold for a payment.
@@ -139,23 +141,31 @@ pub async fn settle_with_receipt(
     amount: Micros,
     details: &str,
 ) -> Result<Settlement, ApiError> {
+    settle_for(state, &agent.agent, &agent.caller(), protocol, hold, amount, details).await
+}
+
+/// [`settle_with_receipt`] for `agent` as `caller` (an admin resolving a hold, say).
+#[allow(clippy::too_many_arguments)]
+pub async fn settle_for(
+    state: &AppState,
+    agent: &crate::identity::AgentId,
+    caller: &crate::ledger::Caller,
+    protocol: Option<Protocol>,
+    hold: &HoldId,
+    amount: Micros,
+    details: &str,
+) -> Result<Settlement, ApiError> {
     let now = state.clock.now_ms();
     let presigned = state.signer.presign(hold, now, amount, details);
     let result = state
         .ledger
-        .settle_presigned(
-            protocol,
-            now,
-            &agent.agent,
-            &agent.caller(),
-            hold,
-            amount,
-            details,
-            presigned.as_ref().map(|p| &p.link),
-        )
+        .settle_presigned(protocol, now, agent, caller, hold, amount, details, presigned.as_ref().map(|p| &p.link))
         .await;
     state.metrics.settle(&result);
-    let outcome = result.map_err(agent_scoped)?;
+    let outcome = result.map_err(|e| match caller {
+        crate::ledger::Caller::Agent(_) => agent_scoped(e),
+        crate::ledger::Caller::Admin => e.into(),
+    })?;
     let receipt = receipt::issue_settled(&state.ledger, &state.signer, &outcome, presigned).await?;
     Ok(Settlement { outcome, receipt })
 }
@@ -195,4 +205,57 @@ pub async fn note(
 /// The stored hold (state, amount, details), to resume a purchase exactly.
 pub async fn hold_info(state: &AppState, agent: &AgentAuth, hold: &HoldId) -> Result<HoldInfo, ApiError> {
     state.ledger.hold_info(&agent.agent, hold).await.map_err(agent_scoped)
+}
+
+/// Checks, before anything is sent on the agent's behalf, what a hold would refuse without
+/// knowing the amount: the agent (or an ancestor) revoked, suspended or expired, or its controls
+/// denying `protocol` or `service`. A refusal is the same 402 a refused hold gives, logged
+/// (`refuse`) and counted (`spendcap_refusals_total`) like one. The hold stays the authority
+/// for money; this only keeps requests from leaving the daemon.
+pub async fn precheck(state: &AppState, agent: &AgentAuth, protocol: Protocol, service: &str) -> Result<(), ApiError> {
+    precheck_task(state, agent, protocol, service, "").await
+}
+
+/// [`precheck`], attributing a refusal to the agent's `task`.
+pub async fn precheck_task(
+    state: &AppState,
+    agent: &AgentAuth,
+    protocol: Protocol,
+    service: &str,
+    task: &str,
+) -> Result<(), ApiError> {
+    let service = crate::api::label("service", service, 256)?;
+    let task = crate::api::label("task", task, 128)?;
+    let result =
+        state.ledger.precheck(state.clock.now_ms(), &agent.agent, &agent.caller(), protocol, &service, &task).await;
+    state.metrics.precheck(protocol.as_str(), &result);
+    match result.map_err(agent_scoped)? {
+        None => Ok(()),
+        Some(refusal) => {
+            tracing::info!(agent = %agent.agent, reason = refusal.reason.code(), protocol = %protocol,
+                service = %service, "payment refused before anything was sent");
+            Err(refusal_error(&refusal))
+        }
+    }
+}
+
+/// At most this many bytes of a reason are stored with an `unknown` hold.
+const UNKNOWN_REASON_BYTES: usize = 512;
+
+/// Marks a hold `unknown`: its payment was sent and no answer says whether money moved. It stays
+/// counted against every cap and never expires, until a settle (a known charge) or a void (known
+/// not to have moved money) resolves it, by a flow's read-back or an admin
+/// (`POST /v1/holds/{hold}/resolve`). `reason` says what happened, for the log and the views.
+pub async fn mark_unknown(state: &AppState, hold: &HoldId, reason: &str) -> Result<MarkedUnknown, ApiError> {
+    let mut text: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if text.len() > UNKNOWN_REASON_BYTES {
+        let cut = (0..=UNKNOWN_REASON_BYTES).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        text.truncate(cut);
+    }
+    let marked = state.ledger.mark_unknown(state.clock.now_ms(), hold, &text).await?;
+    if !marked.replayed {
+        tracing::warn!(agent = %marked.agent, hold = %hold, amount = marked.amount.get(), reason = %text,
+            "payment outcome unknown; the hold stays counted until it is resolved");
+    }
+    Ok(marked)
 }

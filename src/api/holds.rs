@@ -21,7 +21,8 @@ use crate::receipt::Receipt;
 pub fn router() -> Router<SharedState> {
     Router::new()
         .route("/v1/me", get(me))
-        .route("/v1/holds", post(create_hold))
+        .route("/v1/holds", post(create_hold).get(super::unknown::list))
+        .route("/v1/holds/{hold}/resolve", post(super::unknown::resolve))
         .route("/v1/holds/{hold}/settle", post(settle))
         .route("/v1/holds/{hold}/void", post(void))
 }
@@ -41,13 +42,23 @@ pub struct MeView {
     /// Why the agent is suspended (`velocity`, `repeat`), if it is.
     #[serde(default)]
     pub suspended: Option<String>,
+    /// The part of `held_micros` whose outcome is unknown: payments sent without an answer, that
+    /// stay counted until they are resolved (`GET /v1/holds?state=unknown`).
+    #[serde(default)]
+    pub unknown_micros: u64,
+    /// How many of the agent's holds have an unknown outcome.
+    #[serde(default)]
+    pub unknown_holds: u64,
 }
 
 #[utoipa::path(get, path = "/v1/me", responses((status = 200, body = MeView), (status = 401, description = "invalid token")), security(("agent" = [])))]
 pub async fn me(auth: AgentAuth, State(state): State<SharedState>) -> Result<Json<MeView>, ApiError> {
     let balance =
         state.ledger.balance(state.clock.now_ms(), &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
+    let unknown = super::unknown::unknown_of(&state, &auth.agent).await?;
     Ok(Json(MeView {
+        unknown_micros: unknown.iter().map(|h| h.amount.get()).sum(),
+        unknown_holds: unknown.len() as u64,
         agent_id: auth.agent.to_string(),
         cap_micros: balance.cap.get(),
         spent_micros: balance.spent.get(),

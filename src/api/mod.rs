@@ -9,6 +9,7 @@ pub mod holds;
 pub mod log;
 pub mod openapi;
 pub mod reports;
+pub mod unknown;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -13,8 +13,9 @@ use adapters::{Micros, Protocol};
 use super::controls::{self, crossed, payment_names, Controls, Crossing, Period};
 use super::{
     AgentControls, AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, Grant, HoldInfo,
-    HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent, PeriodUsage,
-    ReceiptFacts, ReceiptLink, Refusal, RefusalReason, SettleOutcome, TaskOutcome, IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
+    HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, MarkedUnknown, NewAgent,
+    PeriodUsage, ReceiptFacts, ReceiptLink, Refusal, RefusalReason, SettleOutcome, TaskOutcome,
+    IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -76,6 +77,8 @@ struct AlertGroup {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum HoldState {
     Open,
+    /// Its payment may have moved money: counted until a settle or void resolves it.
+    Unknown,
     Settled,
     Voided,
     Expired,
@@ -86,7 +89,7 @@ impl HoldState {
         match self {
             HoldState::Settled => LedgerError::HoldSettled,
             HoldState::Voided => LedgerError::HoldVoided,
-            HoldState::Expired | HoldState::Open => LedgerError::HoldExpired,
+            HoldState::Expired | HoldState::Open | HoldState::Unknown => LedgerError::HoldExpired,
         }
     }
 }
@@ -104,6 +107,8 @@ struct Hold {
     task: String,
     service: String,
     protocol: String,
+    unknown_reason: String,
+    unknown_since_ms: Option<u64>,
 }
 
 enum IdemStatus {
@@ -126,6 +131,8 @@ struct Tree {
     holds: HashMap<String, Hold>,
     /// Open holds by (expiry, id).
     open: BTreeSet<(u64, String)>,
+    /// Holds whose outcome is unknown, by (time marked, id); they never expire.
+    unknown: BTreeSet<(u64, String)>,
     log: Vec<LogEntry>,
     log_seq: u64,
     idempotency: HashMap<(String, String), IdemRecord>,
@@ -167,8 +174,11 @@ impl Tree {
         details: &str,
     ) {
         let Some(hold) = self.holds.get_mut(hold_id) else { return };
-        if hold.state != HoldState::Open {
+        if hold.state != HoldState::Open && hold.state != HoldState::Unknown {
             return;
+        }
+        if let Some(since) = hold.unknown_since_ms {
+            self.unknown.remove(&(since, hold_id.to_owned()));
         }
         hold.state = state;
         hold.settled = settled;
@@ -198,7 +208,7 @@ impl Tree {
         let event = match state {
             HoldState::Settled => "settle",
             HoldState::Voided => "void",
-            HoldState::Expired | HoldState::Open => "expire",
+            HoldState::Expired | HoldState::Open | HoldState::Unknown => "expire",
         };
         let amt = if state == HoldState::Settled { settled } else { amount };
         self.log(
@@ -250,24 +260,8 @@ impl Tree {
     ) -> (Option<(RefusalReason, String)>, u64, Vec<Charge>) {
         let amount = request.amount.get();
         let levels: Vec<&Agent> = path.iter().filter_map(|id| self.agents.get(id.as_str())).collect();
-        if let Some(l) = levels.iter().find(|l| l.record.revoked.is_some()) {
-            return (Some((RefusalReason::AgentRevoked, l.record.id.to_string())), 0, Vec::new());
-        }
-        if let Some(l) = levels.iter().find(|l| l.record.suspended.is_some()) {
-            return (Some((RefusalReason::AgentSuspended, l.record.id.to_string())), 0, Vec::new());
-        }
-        if let Some(l) = levels.iter().find(|l| l.record.expires_at_ms.is_some_and(|t| t <= now)) {
-            return (Some((RefusalReason::AgentExpired, l.record.id.to_string())), 0, Vec::new());
-        }
-        let names = payment_names(&request.service, &request.details);
-        for l in &levels {
-            match l.controls.list_refusal(request.protocol.as_str(), &names) {
-                Some("protocol_denied") => {
-                    return (Some((RefusalReason::ProtocolDenied, l.record.id.to_string())), 0, Vec::new())
-                }
-                Some(_) => return (Some((RefusalReason::ServiceDenied, l.record.id.to_string())), 0, Vec::new()),
-                None => {}
-            }
+        if let Some(refusal) = self.gate(path, request.protocol, &request.service, &request.details, now) {
+            return (Some(refusal), 0, Vec::new());
         }
         let (mut room, by) = self.available(path);
         if amount > room {
@@ -338,6 +332,37 @@ impl Tree {
             room = room.min(b_room);
         }
         (None, room, charges)
+    }
+
+    /// The checks of a payment that need no amount, in `spendcap_hold`'s order: revoked,
+    /// suspended, expired (any level), then the protocol and service lists.
+    fn gate(
+        &self,
+        path: &[AgentId],
+        protocol: Protocol,
+        service: &str,
+        details: &str,
+        now: u64,
+    ) -> Option<(RefusalReason, String)> {
+        let levels: Vec<&Agent> = path.iter().filter_map(|id| self.agents.get(id.as_str())).collect();
+        if let Some(l) = levels.iter().find(|l| l.record.revoked.is_some()) {
+            return Some((RefusalReason::AgentRevoked, l.record.id.to_string()));
+        }
+        if let Some(l) = levels.iter().find(|l| l.record.suspended.is_some()) {
+            return Some((RefusalReason::AgentSuspended, l.record.id.to_string()));
+        }
+        if let Some(l) = levels.iter().find(|l| l.record.expires_at_ms.is_some_and(|t| t <= now)) {
+            return Some((RefusalReason::AgentExpired, l.record.id.to_string()));
+        }
+        let names = payment_names(service, details);
+        for l in &levels {
+            match l.controls.list_refusal(protocol.as_str(), &names) {
+                Some("protocol_denied") => return Some((RefusalReason::ProtocolDenied, l.record.id.to_string())),
+                Some(_) => return Some((RefusalReason::ServiceDenied, l.record.id.to_string())),
+                None => {}
+            }
+        }
+        None
     }
 
     /// The agent's own runaway-loop breaker, for a hold that would otherwise be granted: the
@@ -994,6 +1019,8 @@ impl MemoryLedger {
                             task: request.task.clone(),
                             service: request.service.clone(),
                             protocol: request.protocol.to_string(),
+                            unknown_reason: String::new(),
+                            unknown_since_ms: None,
                         },
                     );
                     tree.open.insert((request.expires_at_ms, request.hold_id.to_string()));
@@ -1085,6 +1112,7 @@ impl MemoryLedger {
                 amount: money(h.amount),
                 state: match h.state {
                     HoldState::Open => "open",
+                    HoldState::Unknown => "unknown",
                     HoldState::Settled => "settled",
                     HoldState::Voided => "voided",
                     HoldState::Expired => "expired",
@@ -1096,6 +1124,8 @@ impl MemoryLedger {
                 protocol: h.protocol.clone(),
                 task: h.task.clone(),
                 details: h.details.clone(),
+                unknown_reason: h.unknown_reason.clone(),
+                unknown_since_ms: h.unknown_since_ms,
             })
         })
     }
@@ -1142,7 +1172,7 @@ impl MemoryLedger {
                 tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
                 return Err(LedgerError::HoldExpired);
             }
-            if state != HoldState::Open {
+            if state != HoldState::Open && state != HoldState::Unknown {
                 return Err(state.error());
             }
             if amount.get() > held {
@@ -1180,7 +1210,8 @@ impl MemoryLedger {
         })
     }
 
-    pub async fn void(
+    #[allow(clippy::too_many_arguments)] // the same arguments as the Redis ledger's void
+    pub async fn void_detailed(
         &self,
         now_ms: u64,
         agent: &AgentId,
@@ -1188,6 +1219,7 @@ impl MemoryLedger {
         hold: &HoldId,
         reason: &str,
         protocol: Option<Protocol>,
+        detail: &str,
     ) -> Result<(Micros, bool), LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
@@ -1205,11 +1237,89 @@ impl MemoryLedger {
                 tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
                 return Err(LedgerError::HoldExpired);
             }
-            if state != HoldState::Open {
+            if state != HoldState::Open && state != HoldState::Unknown {
                 return Err(state.error());
             }
-            tree.end_hold(tree_id, hold.as_str(), (HoldState::Voided, 0), now_ms, reason, "");
+            tree.end_hold(tree_id, hold.as_str(), (HoldState::Voided, 0), now_ms, reason, detail);
             Ok((money(amount), false))
+        })
+    }
+
+    pub async fn mark_unknown(&self, now_ms: u64, hold: &HoldId, reason: &str) -> Result<MarkedUnknown, LedgerError> {
+        let tree_id = hold.tree();
+        self.with_tree(tree_id, |tree| {
+            let h = tree.holds.get_mut(hold.as_str()).ok_or(LedgerError::UnknownHold)?;
+            let marked = MarkedUnknown {
+                agent: h.agent.clone(),
+                amount: money(h.amount),
+                replayed: h.state == HoldState::Unknown,
+            };
+            match h.state {
+                HoldState::Unknown => return Ok(marked),
+                HoldState::Open => {}
+                other => return Err(other.error()),
+            }
+            h.state = HoldState::Unknown;
+            h.unknown_reason = reason.to_owned();
+            h.unknown_since_ms = Some(now_ms);
+            let entry = LogEntry {
+                ts_ms: now_ms,
+                event: "unknown".into(),
+                agent: h.agent.to_string(),
+                task: h.task.clone(),
+                service: h.service.clone(),
+                protocol: h.protocol.clone(),
+                amount: Some(h.amount),
+                hold: hold.to_string(),
+                reason: reason.to_owned(),
+                ..LogEntry::default()
+            };
+            let expires = h.expires_at_ms;
+            tree.open.remove(&(expires, hold.to_string()));
+            tree.unknown.insert((now_ms, hold.to_string()));
+            tree.log(tree_id, entry);
+            tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
+            Ok(marked)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)] // the same arguments as the Redis ledger's precheck
+    pub async fn precheck(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        protocol: Protocol,
+        service: &str,
+        task: &str,
+    ) -> Result<Option<Refusal>, LedgerError> {
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            let path = tree.auth(agent, caller)?;
+            let Some((reason, by)) = tree.gate(&path, protocol, service, "", now_ms) else { return Ok(None) };
+            tree.log(
+                tree_id,
+                LogEntry {
+                    ts_ms: now_ms,
+                    event: "refuse".into(),
+                    agent: agent.to_string(),
+                    task: task.to_owned(),
+                    service: service.to_owned(),
+                    protocol: protocol.to_string(),
+                    amount: Some(0),
+                    reason: reason.code().into(),
+                    remaining: Some(0),
+                    limited_by: by.clone(),
+                    ..LogEntry::default()
+                },
+            );
+            Ok(Some(Refusal {
+                reason,
+                requested: Micros::ZERO,
+                remaining: Micros::ZERO,
+                limited_by: by,
+                replayed: false,
+            }))
         })
     }
 
@@ -1382,10 +1492,22 @@ impl MemoryLedger {
     }
 
     pub async fn open_holds(&self, tree: &TreeId) -> Result<Vec<HoldInfo>, LedgerError> {
+        self.indexed_holds(tree, |t| &t.open).await
+    }
+
+    pub async fn unknown_holds(&self, tree: &TreeId) -> Result<Vec<HoldInfo>, LedgerError> {
+        self.indexed_holds(tree, |t| &t.unknown).await
+    }
+
+    async fn indexed_holds(
+        &self,
+        tree: &TreeId,
+        index: impl Fn(&Tree) -> &BTreeSet<(u64, String)>,
+    ) -> Result<Vec<HoldInfo>, LedgerError> {
         let ids: Vec<(String, AgentId)> = {
             let state = self.lock();
             let Some(t) = state.trees.get(tree) else { return Ok(Vec::new()) };
-            t.open.iter().filter_map(|(_, id)| t.holds.get(id).map(|h| (id.clone(), h.agent.clone()))).collect()
+            index(t).iter().filter_map(|(_, id)| t.holds.get(id).map(|h| (id.clone(), h.agent.clone()))).collect()
         };
         let mut holds = Vec::with_capacity(ids.len());
         for (id, agent) in ids {

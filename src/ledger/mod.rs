@@ -84,7 +84,8 @@ pub struct HoldInfo {
     pub hold_id: HoldId,
     pub agent: AgentId,
     pub amount: Micros,
-    /// `open`, `settled`, `voided` or `expired`.
+    /// `open`, `unknown` (its payment may have moved money; counted until resolved, never
+    /// expires), `settled`, `voided` or `expired`.
     pub state: String,
     pub expires_at_ms: u64,
     pub settled: Option<Micros>,
@@ -93,6 +94,19 @@ pub struct HoldInfo {
     pub task: String,
     /// The JSON object the hold was made with.
     pub details: String,
+    /// Why the outcome is unknown, for an `unknown` hold ('' otherwise).
+    pub unknown_reason: String,
+    /// When the hold was marked `unknown`.
+    pub unknown_since_ms: Option<u64>,
+}
+
+/// What [`Ledger::mark_unknown`] marked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MarkedUnknown {
+    pub agent: AgentId,
+    pub amount: Micros,
+    /// The hold was already `unknown`; nothing changed.
+    pub replayed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -703,7 +717,7 @@ impl Ledger {
         hold: &HoldId,
         reason: &str,
     ) -> Result<(Micros, bool), LedgerError> {
-        dispatch!(self.void(now_ms, agent, caller, hold, reason, None))
+        dispatch!(self.void_detailed(now_ms, agent, caller, hold, reason, None, ""))
     }
 
     /// [`Ledger::void`], only if the hold was made under `protocol`.
@@ -716,7 +730,51 @@ impl Ledger {
         hold: &HoldId,
         reason: &str,
     ) -> Result<(Micros, bool), LedgerError> {
-        dispatch!(self.void(now_ms, agent, caller, hold, reason, Some(protocol)))
+        dispatch!(self.void_detailed(now_ms, agent, caller, hold, reason, Some(protocol), ""))
+    }
+
+    /// [`Ledger::void`] with a detail JSON object for the log line ('' for none): an admin's
+    /// resolution of an `unknown` hold, say.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn void_detailed(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(Micros, bool), LedgerError> {
+        dispatch!(self.void_detailed(now_ms, agent, caller, hold, reason, None, detail))
+    }
+
+    /// Marks an open hold `unknown`: its payment may have moved money (the provider's answer was
+    /// lost). It stays counted wherever it was charged and never expires, until a settle or a
+    /// void resolves it; one `unknown` log entry records `reason`. Idempotent.
+    pub async fn mark_unknown(&self, now_ms: u64, hold: &HoldId, reason: &str) -> Result<MarkedUnknown, LedgerError> {
+        dispatch!(self.mark_unknown(now_ms, hold, reason))
+    }
+
+    /// The checks of a hold that need no amount — revoked, suspended or expired at any level of
+    /// the agent's tree, protocol and service lists — before anything is sent on its behalf.
+    /// A refusal is logged (`refuse`, amount 0) exactly as a refused hold is; a pass writes
+    /// nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn precheck(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        protocol: Protocol,
+        service: &str,
+        task: &str,
+    ) -> Result<Option<Refusal>, LedgerError> {
+        dispatch!(self.precheck(now_ms, agent, caller, protocol, service, task))
+    }
+
+    /// Every hold of a tree whose outcome is unknown, oldest first.
+    pub async fn unknown_holds(&self, tree: &TreeId) -> Result<Vec<HoldInfo>, LedgerError> {
+        dispatch!(self.unknown_holds(tree))
     }
 
     /// Appends a `note` log entry about a hold without changing any balance.
@@ -917,6 +975,17 @@ impl Reply {
         }
     }
 
+    /// A precheck's reply: `ok` (pass) or `refused`.
+    fn into_precheck(self) -> Result<Option<Refusal>, LedgerError> {
+        if self.status == "ok" {
+            return Ok(None);
+        }
+        match self.into_hold_outcome()? {
+            HoldOutcome::Refused(refusal) => Ok(Some(refusal)),
+            _ => Err(LedgerError::Corrupt("precheck reply".into())),
+        }
+    }
+
     /// A settle's reply; `hold`, `agent`, `now_ms` and `details` are the settle's own arguments
     /// (a replay's reply brings the first settle's time and details).
     fn into_settle_outcome(
@@ -1048,6 +1117,8 @@ fn hold_from_fields(
         protocol: get("protocol").unwrap_or_default(),
         task: get("task").unwrap_or_default(),
         details: get("details").unwrap_or_default(),
+        unknown_reason: get("unknown_reason").unwrap_or_default(),
+        unknown_since_ms: num("unknown_at"),
     })
 }
 

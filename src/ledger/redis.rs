@@ -15,8 +15,8 @@ use super::controls::{alerts_from_wire, alerts_to_wire, Controls, Period};
 use super::{
     agent_from_fields, bucket_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_hold, AgentControls,
     AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, HoldInfo, HoldOutcome, HoldRequest,
-    IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, NewAgent, PeriodUsage, ReceiptFacts, ReceiptLink, Reply,
-    SettleOutcome, TaskOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
+    IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, MarkedUnknown, NewAgent, PeriodUsage, ReceiptFacts,
+    ReceiptLink, Refusal, Reply, SettleOutcome, TaskOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -450,7 +450,8 @@ impl RedisLedger {
         self.fcall("spendcap_settle", agent.tree(), &args).await?.into_settle_outcome(hold, agent, now_ms, details)
     }
 
-    pub async fn void(
+    #[allow(clippy::too_many_arguments)] // the ledger's void arguments, one per FCALL argument
+    pub async fn void_detailed(
         &self,
         now_ms: u64,
         agent: &AgentId,
@@ -458,6 +459,7 @@ impl RedisLedger {
         hold: &HoldId,
         reason: &str,
         protocol: Option<Protocol>,
+        detail: &str,
     ) -> Result<(Micros, bool), LedgerError> {
         let reply = self
             .fcall(
@@ -470,11 +472,47 @@ impl RedisLedger {
                     hold.as_str(),
                     reason,
                     protocol.map(Protocol::as_str).unwrap_or(""),
+                    detail,
                 ],
             )
             .await?
             .into_result()?;
         Ok((reply.micros("released")?, reply.get("replayed") == "1"))
+    }
+
+    pub async fn mark_unknown(&self, now_ms: u64, hold: &HoldId, reason: &str) -> Result<MarkedUnknown, LedgerError> {
+        let reply = self
+            .fcall("spendcap_mark_unknown", hold.tree(), &[&now_ms.to_string(), hold.as_str(), reason])
+            .await?
+            .into_result()?;
+        Ok(MarkedUnknown {
+            agent: reply.get("agent").parse().map_err(|_| LedgerError::Corrupt(format!("hold {hold} agent")))?,
+            amount: reply.micros("amount")?,
+            replayed: reply.get("replayed") == "1",
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)] // the ledger's precheck arguments, one per FCALL argument
+    pub async fn precheck(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        protocol: Protocol,
+        service: &str,
+        task: &str,
+    ) -> Result<Option<Refusal>, LedgerError> {
+        self.fcall(
+            "spendcap_precheck",
+            agent.tree(),
+            &[&now_ms.to_string(), agent.as_str(), caller.wire(), protocol.as_str(), service, "", task],
+        )
+        .await?
+        .into_precheck()
+    }
+
+    pub async fn unknown_holds(&self, tree: &TreeId) -> Result<Vec<HoldInfo>, LedgerError> {
+        self.indexed_holds(tree, "unknown").await
     }
 
     pub async fn note(
@@ -587,17 +625,22 @@ impl RedisLedger {
     }
 
     pub async fn open_holds(&self, tree: &TreeId) -> Result<Vec<HoldInfo>, LedgerError> {
+        self.indexed_holds(tree, "holds").await
+    }
+
+    /// The holds of one of a tree's hold indexes (`holds`: open, `unknown`), in index order.
+    async fn indexed_holds(&self, tree: &TreeId, index: &str) -> Result<Vec<HoldInfo>, LedgerError> {
         let mut cmd = redis::cmd("ZRANGE");
-        cmd.arg(format!("{}:holds", self.tree_key(tree))).arg(0).arg(-1);
+        cmd.arg(format!("{}:{index}", self.tree_key(tree))).arg(0).arg(-1);
         let ids: Vec<String> = self.query(&cmd).await.map_err(unavailable)?;
         let mut holds = Vec::with_capacity(ids.len());
         for id in ids {
-            let hold: HoldId = id.parse().map_err(|e| LedgerError::Corrupt(format!("open hold id: {e}")))?;
+            let hold: HoldId = id.parse().map_err(|e| LedgerError::Corrupt(format!("indexed hold id: {e}")))?;
             let fields = self.hash(format!("{}:h:{}", self.tree_key(tree), hold)).await?;
             let agent: AgentId = fields
                 .get("agent")
                 .and_then(|a| a.parse().ok())
-                .ok_or_else(|| LedgerError::Corrupt(format!("open hold {hold} has no agent")))?;
+                .ok_or_else(|| LedgerError::Corrupt(format!("indexed hold {hold} has no agent")))?;
             holds.push(hold_from_fields(&agent, &hold, |k| fields.get(k).cloned())?);
         }
         Ok(holds)

@@ -15,8 +15,11 @@ from it:
   <P>:agents           set    agent ids of the tree
   <P>:h:<hold>         hash   hold: agent amount state expires_at created_at ended_at settled
                               task service protocol idem details buckets ctrs; once settled also
-                              seq sdetails (settle details) and, once signed, receipt rhash
+                              seq sdetails (settle details) and, once signed, receipt rhash;
+                              an `unknown` hold also unknown_at unknown_reason
   <P>:holds            zset   open holds by expiry (ms)
+  <P>:unknown          zset   holds whose outcome is unknown (state `unknown`), by the time
+                              they were marked: they never expire; settle or void ends them
   <P>:log              stream one entry per state change: ts ev agent task svc proto amt rel
                               hold reason cap parent remaining limited_by bk ctr cross detail
                               tt (a task outcome's task type);
@@ -176,6 +179,7 @@ local function end_hold(P, hold_id, h, path, state, settled, now_s, reason, deta
     redis.call('PEXPIRE', hkey, ENDED_HOLD_RETENTION_MS)
   end
   redis.call('ZREM', P .. ':holds', hold_id)
+  if h.state == 'unknown' then redis.call('ZREM', P .. ':unknown', hold_id) end
   local event, amt_s = 'settle', settled_s
   if state == 'voided' then event, amt_s = 'void', released_s end
   if state == 'expired' then event, amt_s = 'expire', released_s end
@@ -444,6 +448,50 @@ local function crossings(out, percents, limit, before, after, alerted, head)
   return nil
 end
 
+-- The checks of a payment that need no amount, on the agent and every ancestor (`levels` from
+-- read_path), in spendcap_hold's order: revoked, suspended, expired, then the protocol and
+-- service lists. Decodes each level's controls into `l.c`. Returns a refusal code and who
+-- refused (or nil and ''), and whether any level has controls.
+local function gate(levels, now, protocol, service, details)
+  for _, l in ipairs(levels) do
+    if l.revoked and l.revoked ~= '' then return 'agent_revoked', l.id, false end
+  end
+  for _, l in ipairs(levels) do
+    if l.suspended and l.suspended ~= '' then return 'agent_suspended', l.id, false end
+  end
+  for _, l in ipairs(levels) do
+    if l.expires_at and l.expires_at ~= '' and tonumber(l.expires_at) <= now then
+      return 'agent_expired', l.id, false
+    end
+  end
+  local controlled = false
+  for _, l in ipairs(levels) do
+    if l.ctl and l.ctl ~= '' then
+      l.c = cjson.decode(l.ctl)
+      controlled = true
+    end
+  end
+  if not controlled then return nil, '', false end
+  local names = nil
+  for _, l in ipairs(levels) do
+    local c = l.c
+    if c then
+      if (c.proto_deny and listed(c.proto_deny, { protocol }))
+         or (c.proto_allow and #c.proto_allow > 0 and not listed(c.proto_allow, { protocol })) then
+        return 'protocol_denied', l.id, true
+      end
+      if (c.svc_deny and #c.svc_deny > 0) or (c.svc_allow and #c.svc_allow > 0) then
+        names = names or payment_names(service, details)
+        if (c.svc_deny and listed(c.svc_deny, names))
+           or (c.svc_allow and #c.svc_allow > 0 and not listed(c.svc_allow, names)) then
+          return 'service_denied', l.id, true
+        end
+      end
+    end
+  end
+  return nil, '', true
+end
+
 local function idem_reply(rec, replayed)
   if rec[2] == 'done' then return { 'done', 'response', rec[9] or '', 'replayed', replayed } end
   local fields = { 'hold', rec[3] or '', 'code', rec[4] or '', 'amount', rec[5] or '',
@@ -541,47 +589,12 @@ local function hold(keys, args)
   -- Decides on the current balances: a refusal code and who refused, or nil. `charges` are the
   -- period and task counters a grant charges: { id, limit, used, alerted, level, head }.
   local levels, room, limited_by, charges
-  local names = nil
   local function decide()
     levels = read_path(P, path, first, 4)
     first = nil
     charges = {}
-    for _, l in ipairs(levels) do
-      if l.revoked and l.revoked ~= '' then return 'agent_revoked', l.id end
-    end
-    for _, l in ipairs(levels) do
-      if l.suspended and l.suspended ~= '' then return 'agent_suspended', l.id end
-    end
-    for _, l in ipairs(levels) do
-      if l.expires_at and l.expires_at ~= '' and tonumber(l.expires_at) <= now then
-        return 'agent_expired', l.id
-      end
-    end
-    local controlled = false
-    for _, l in ipairs(levels) do
-      if l.ctl and l.ctl ~= '' then
-        l.c = cjson.decode(l.ctl)
-        controlled = true
-      end
-    end
-    if controlled then
-      for _, l in ipairs(levels) do
-        local c = l.c
-        if c then
-          if (c.proto_deny and listed(c.proto_deny, { protocol }))
-             or (c.proto_allow and #c.proto_allow > 0 and not listed(c.proto_allow, { protocol })) then
-            return 'protocol_denied', l.id
-          end
-          if (c.svc_deny and #c.svc_deny > 0) or (c.svc_allow and #c.svc_allow > 0) then
-            names = names or payment_names(service, details)
-            if (c.svc_deny and listed(c.svc_deny, names))
-               or (c.svc_allow and #c.svc_allow > 0 and not listed(c.svc_allow, names)) then
-              return 'service_denied', l.id
-            end
-          end
-        end
-      end
-    end
+    local code, code_by, controlled = gate(levels, now, protocol, service, details)
+    if code then return code, code_by end
     local by
     room, by = available(levels)
     if amount > room then return 'cap_exceeded', by end
@@ -885,6 +898,7 @@ Reply   ok:    seq amount released replayed linked (1: the presigned receipt was
         error: code (unknown_agent | unauthorized | unknown_hold | hold_expired | hold_voided |
                hold_settled | amount_exceeds_hold | hold_protocol_mismatch | invalid_argument) detail
 Settling a settled hold again with the same amount replays the first result (replayed = 1).
+An `unknown` hold is settled like an open one (it is how a known charge resolves it).
 The settle appends the hold id to <P>:receipts, whose length is the receipt's sequence number;
 the settled hold keeps the receipt's facts, and the daemon signs and links the receipt
 (spendcap_receipt_link, which also tells it the chain head when it guessed wrong).
@@ -913,7 +927,7 @@ local function settle(keys, args)
     end_hold(P, hold_id, h, path, 'expired', 0, now_s, 'hold_expired', '')
     h.state = 'expired'
   end
-  if h.state ~= 'open' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
+  if h.state ~= 'open' and h.state ~= 'unknown' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
   if amount > h.amount then
     return err('amount_exceeds_hold', 'settle amount ' .. fmt(amount) .. ' exceeds held ' .. fmt(h.amount))
   end
@@ -930,9 +944,11 @@ end
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 reason
         6 protocol the hold must have been made under ('' for any)
+        7 detail JSON for the log line ('' or absent for none; an admin's resolution, say)
 Reply   ok: released replayed
         error: code (unknown_hold | hold_settled | hold_expired | hold_protocol_mismatch) detail
-Voiding a voided hold again replays (replayed = 1).
+Voiding a voided hold again replays (replayed = 1). An `unknown` hold is voided like an open
+one: an admin (or the flow that learned no money moved) resolves it so.
 --]]
 local function void(keys, args)
   local P = keys[1]
@@ -951,9 +967,63 @@ local function void(keys, args)
     end_hold(P, hold_id, h, path, 'expired', 0, now_s, 'hold_expired', '')
     h.state = 'expired'
   end
-  if h.state ~= 'open' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
-  end_hold(P, hold_id, h, path, 'voided', 0, now_s, reason, '', nil, own)
+  if h.state ~= 'open' and h.state ~= 'unknown' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
+  end_hold(P, hold_id, h, path, 'voided', 0, now_s, reason, args[7] or '', nil, own)
   return { 'ok', 'released', fmt(h.amount), 'replayed', '0' }
+end
+
+--[[ spendcap_mark_unknown
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 hold_id  3 reason (why the outcome is unknown, for the log)
+Reply   ok: agent amount replayed (1: the hold was already unknown)
+        error: code (unknown_hold | hold_settled | hold_voided | hold_expired) detail
+An open hold whose payment may have moved money (the provider's answer was lost) becomes
+`unknown`: it stays counted in `held` wherever it was charged (the agent and its ancestors,
+buckets, period and task counters), it leaves the expiry index <P>:holds for <P>:unknown (by
+the time it was marked), so it never expires, and one `unknown` log entry records the reason.
+spendcap_settle and spendcap_void end it: that is how it is resolved. Marking it again changes
+nothing. An open hold is marked even past its expiry time: until something released it, its
+money is still counted, and the payment may have gone through before that time.
+--]]
+local function mark_unknown(keys, args)
+  local P = keys[1]
+  local now_s, hold_id, reason = fmt(tonumber(args[1])), args[2], args[3] or ''
+  local h = read_hold(P, hold_id)
+  if not h then return err('unknown_hold', 'no hold ' .. hold_id) end
+  if h.state == 'unknown' then return { 'ok', 'agent', h.agent, 'amount', h.amount_s, 'replayed', '1' } end
+  if h.state ~= 'open' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
+  redis.call('HSET', P .. ':h:' .. hold_id, 'state', 'unknown', 'unknown_at', now_s, 'unknown_reason', reason)
+  redis.call('ZREM', P .. ':holds', hold_id)
+  redis.call('ZADD', P .. ':unknown', now_s, hold_id)
+  log(P, { 'ts', now_s, 'ev', 'unknown', 'agent', h.agent, 'task', h.task, 'svc', h.service,
+           'proto', h.protocol, 'amt', h.amount_s, 'hold', hold_id, 'reason', reason })
+  expire_due(P, now_s, EXPIRE_BATCH)
+  return { 'ok', 'agent', h.agent, 'amount', h.amount_s, 'replayed', '0' }
+end
+
+--[[ spendcap_precheck
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 protocol  5 service  6 details JSON ('' for
+        none)  7 task ('' for none)
+Reply   ok      refused: code amount ('0') remaining ('0') limited_by
+        error: code (unknown_agent | unauthorized) detail
+The checks of spendcap_hold that need no amount (revoked, suspended, expired, protocol and
+service lists, on the agent and every ancestor), made before anything is sent on the agent's
+behalf, when the amount may not be known yet. A refusal appends a `refuse` entry exactly as a
+refused hold does (amount 0); a pass writes nothing. The hold stays the authority for money.
+--]]
+local function precheck(keys, args)
+  local P = keys[1]
+  local now, agent_id = tonumber(args[1]), args[2]
+  local path, e = auth(P, agent_id, args[3])
+  if not path then return e end
+  local details = args[6] or ''
+  local code, by = gate(read_path(P, path), now, args[4], args[5], details)
+  if not code then return { 'ok' } end
+  log(P, { 'ts', fmt(now), 'ev', 'refuse', 'agent', agent_id, 'task', args[7] or '', 'svc', args[5],
+           'proto', args[4], 'amt', '0', 'reason', code, 'remaining', '0', 'limited_by', by,
+           'detail', details })
+  return { 'refused', 'code', code, 'amount', '0', 'remaining', '0', 'limited_by', by }
 end
 
 --[[ spendcap_note
@@ -1351,6 +1421,8 @@ redis.register_function('spendcap_idem_finish', idem_finish)
 redis.register_function('spendcap_settle', settle)
 redis.register_function('spendcap_void', void)
 redis.register_function('spendcap_note', note)
+redis.register_function('spendcap_mark_unknown', mark_unknown)
+redis.register_function('spendcap_precheck', precheck)
 redis.register_function('spendcap_task_outcome', task_outcome)
 redis.register_function('spendcap_create_bucket', create_bucket)
 redis.register_function('spendcap_attr_set_once', attr_set_once)

@@ -1049,3 +1049,132 @@ conformance!(receipt_chains_survive_concurrent_settles_and_dead_daemons, |ledger
         );
     }
 });
+
+// ---- Outcome-unknown holds and the precheck (issue 13). ----
+
+conformance!(unknown_holds_stay_counted_never_expire_and_resolve_by_settle_or_void, |ledger: Ledger| async move {
+    let root =
+        create_with(&ledger, "u", 1_000, None, controlled(Controls { daily: Some(1_000), ..Controls::default() }))
+            .await;
+    let agent = create(&ledger, "ua", 500, Some(&root)).await;
+    assert!(ledger.create_bucket(T0, &root.id, "ub", Micros::new(400).expect("m"), true, "").await.expect("creates"));
+    let mut ask = request(&agent, 300, 1_000, T0);
+    ask.buckets = vec!["ub".into()];
+    let lost = granted(ledger.hold(T0, &ask).await.expect("answers"));
+
+    let marked = ledger.mark_unknown(T0 + 10, &lost, "x402: no answer to the paid retry").await.expect("marks");
+    assert_eq!((marked.agent.as_str(), marked.amount.get(), marked.replayed), (agent.id.as_str(), 300, false));
+    assert!(ledger.mark_unknown(T0 + 20, &lost, "again").await.expect("marks again").replayed);
+
+    // A day later (far past the hold's expiry), the money is still counted everywhere.
+    let later = T0 + DAY;
+    assert_eq!(ledger.expire(later, root.id.tree()).await.expect("sweeps"), 0);
+    assert_eq!(figures(&ledger, &agent, later).await, (500, 0, 300));
+    assert_eq!(figures(&ledger, &root, later).await, (1_000, 0, 300));
+    let bucket = ledger.bucket(root.id.tree(), "ub").await.expect("reads").expect("bucket");
+    assert_eq!((bucket.held.get(), bucket.open_holds), (300, 1));
+    assert_eq!(
+        refused(ledger.hold(later, &request(&agent, 201, 1_000, later)).await.expect("answers")).reason,
+        RefusalReason::CapExceeded
+    );
+    let info = ledger.hold_info(&agent.id, &lost).await.expect("hold");
+    assert_eq!(
+        (info.state.as_str(), info.unknown_reason.as_str(), info.unknown_since_ms),
+        ("unknown", "x402: no answer to the paid retry", Some(T0 + 10))
+    );
+    let listed = ledger.unknown_holds(root.id.tree()).await.expect("lists");
+    assert_eq!(listed.iter().map(|h| h.hold_id.to_string()).collect::<Vec<_>>(), [lost.to_string()]);
+    assert!(ledger.open_holds(root.id.tree()).await.expect("lists").is_empty());
+    let log = whole_log(&ledger, root.id.tree()).await;
+    let unknown: Vec<&LogEntry> = log.iter().filter(|e| e.event == "unknown").collect();
+    assert_eq!(unknown.len(), 1, "one unknown entry, however often it is marked");
+    assert_eq!(
+        (unknown[0].hold.as_str(), unknown[0].amount, unknown[0].reason.as_str()),
+        (lost.as_str(), Some(300), "x402: no answer to the paid retry")
+    );
+    assert!(log.iter().all(|e| e.event != "expire"), "an unknown hold never expires");
+    assert_counters_replay(&ledger, &agent).await;
+    let audit = spendcap::audit::check(&ledger).await.expect("audits");
+    assert!(audit.is_clean(), "{:?}", audit.differences);
+    assert_eq!((audit.open_holds, audit.unknown_holds), (0, 1));
+
+    // A known charge resolves it: settled, the rest released, the bucket freed.
+    let settled = ledger
+        .settle(later, &agent.id, &Caller::Admin, &lost, Micros::new(200).expect("m"), r#"{"resolved_by":"admin"}"#)
+        .await
+        .expect("settles an unknown hold");
+    assert_eq!((settled.amount.get(), settled.released.get()), (200, 100));
+    assert_eq!(figures(&ledger, &root, later).await, (1_000, 200, 0));
+    assert!(ledger.unknown_holds(root.id.tree()).await.expect("lists").is_empty());
+    let again = ledger.mark_unknown(later, &lost, "late").await;
+    assert!(matches!(again, Err(LedgerError::HoldSettled)), "{again:?}");
+
+    // Knowing that no money moved resolves one by a void.
+    let second = granted(ledger.hold(later, &request(&agent, 100, 1_000, later)).await.expect("answers"));
+    ledger.mark_unknown(later, &second, "lost").await.expect("marks");
+    let (released, replayed) = ledger
+        .void_detailed(later + DAY, &agent.id, &Caller::Admin, &second, "admin_resolved", r#"{"reason":"no charge"}"#)
+        .await
+        .expect("voids an unknown hold");
+    assert_eq!((released.get(), replayed), (100, false));
+    assert_eq!(figures(&ledger, &agent, later + DAY).await, (500, 200, 0));
+    let log = whole_log(&ledger, root.id.tree()).await;
+    let void = log.iter().find(|e| e.event == "void").expect("void entry");
+    assert_eq!((void.reason.as_str(), void.detail.as_str()), ("admin_resolved", r#"{"reason":"no charge"}"#));
+    assert_counters_replay(&ledger, &agent).await;
+    assert!(spendcap::audit::check(&ledger).await.expect("audits").is_clean());
+    let missing = ledger.mark_unknown(later, &HoldId::generate(root.id.tree()), "x").await;
+    assert!(matches!(missing, Err(LedgerError::UnknownHold)), "{missing:?}");
+});
+
+conformance!(the_precheck_refuses_what_a_hold_would_without_an_amount_and_logs_it, |ledger: Ledger| async move {
+    let controls = Controls {
+        services_deny: vec!["evil.example".into()],
+        protocols_deny: vec!["acp".into()],
+        ..Controls::default()
+    };
+    let root = create_with(&ledger, "p", 1_000, None, controlled(controls)).await;
+    let agent = create(&ledger, "pa", 500, Some(&root)).await;
+    let tree = root.id.tree().clone();
+    let entries = whole_log(&ledger, &tree).await.len();
+    let pass = ledger.precheck(T0, &agent.id, &agent.caller(), Protocol::X402, "api.example.com", "t").await;
+    assert_eq!(pass.expect("answers"), None);
+    assert_eq!(whole_log(&ledger, &tree).await.len(), entries, "a pass writes nothing");
+
+    let check = |protocol: Protocol, service: &'static str| {
+        let (ledger, agent) = (&ledger, &agent);
+        async move { ledger.precheck(T0, &agent.id, &agent.caller(), protocol, service, "t").await.expect("answers") }
+    };
+    let r = check(Protocol::Acp, "shop.example").await.expect("refused");
+    assert_eq!(
+        (r.reason, r.limited_by.as_str(), r.requested.get()),
+        (RefusalReason::ProtocolDenied, root.id.as_str(), 0)
+    );
+    assert_eq!(check(Protocol::X402, "evil.example").await.expect("refused").reason, RefusalReason::ServiceDenied);
+    let wrong = ledger.precheck(T0, &agent.id, &Caller::Agent(TokenHash::of("nope")), Protocol::X402, "a", "t").await;
+    assert!(matches!(wrong, Err(LedgerError::Unauthorized)), "{wrong:?}");
+
+    ledger.set_expiry(T0, &agent.id, Some(T0)).await.expect("sets expiry");
+    assert_eq!(check(Protocol::X402, "api.example.com").await.expect("refused").reason, RefusalReason::AgentExpired);
+    ledger.revoke(T0, &root.id, "compromised").await.expect("revokes");
+    let r = check(Protocol::Generic, "api.example.com").await.expect("refused");
+    assert_eq!((r.reason, r.limited_by.as_str()), (RefusalReason::AgentRevoked, root.id.as_str()));
+
+    let log = whole_log(&ledger, &tree).await;
+    let refusals: Vec<(&str, &str, &str, Option<u64>)> = log
+        .iter()
+        .filter(|e| e.event == "refuse")
+        .map(|e| (e.reason.as_str(), e.protocol.as_str(), e.service.as_str(), e.amount))
+        .collect();
+    assert_eq!(
+        refusals,
+        [
+            ("protocol_denied", "acp", "shop.example", Some(0)),
+            ("service_denied", "x402", "evil.example", Some(0)),
+            ("agent_expired", "x402", "api.example.com", Some(0)),
+            ("agent_revoked", "generic", "api.example.com", Some(0)),
+        ]
+    );
+    assert!(log.iter().filter(|e| e.event == "refuse").all(|e| e.task == "t" && e.agent == agent.id.as_str()));
+    assert_replays(&ledger, &tree).await;
+});

@@ -16,4 +16,5 @@ mod reports;
 mod revocation;
 mod security;
 mod support;
+mod unknown;
 mod x402;

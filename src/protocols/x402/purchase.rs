@@ -33,9 +33,9 @@ use sha2::{Digest, Sha256};
 use super::destination::Destinations;
 use super::routes::{PaymentStatus, PaymentView};
 use super::upstream::{Answer, Outgoing, Upstream, UpstreamError};
-use crate::api::{agent_scoped, AgentAuth, ApiError, AppState};
+use crate::api::{AgentAuth, ApiError, AppState};
 use crate::identity::HoldId;
-use crate::ledger::{Idempotency, IdempotencyFinish, IdempotencyMode, Refusal, RefusalReason};
+use crate::ledger::{Idempotency, IdempotencyFinish, IdempotencyMode, RefusalReason};
 use crate::pay::{self, Held, HoldSpec};
 
 /// The daemon stops waiting for a paid response this long before the authorization's
@@ -299,26 +299,6 @@ fn fingerprint(request: &FetchRequest, choice: &Choice) -> String {
     sha256_hex(material.as_bytes())
 }
 
-/// The budget refusal for an agent that is revoked or expired, answered before anything is
-/// fetched for it.
-fn refused_agent(state: &AppState, agent: &AgentAuth, balance: &crate::ledger::Balance) -> Option<ApiError> {
-    let reason = if balance.revoked.is_some() {
-        RefusalReason::AgentRevoked
-    } else if balance.expires_at_ms.is_some_and(|at| at <= state.clock.now_ms()) {
-        RefusalReason::AgentExpired
-    } else {
-        return None;
-    };
-    let refusal = Refusal {
-        reason,
-        requested: Micros::ZERO,
-        remaining: Micros::ZERO,
-        limited_by: agent.agent.to_string(),
-        replayed: false,
-    };
-    Some(crate::api::holds::refusal_error(&refusal))
-}
-
 /// Says what an `idempotency_conflict` means for a fetch.
 fn explain_conflict(mut err: ApiError, request: &FetchRequest) -> ApiError {
     if err.code == "idempotency_conflict" {
@@ -391,12 +371,11 @@ pub async fn fetch(
     agent: &AgentAuth,
     request: FetchRequest,
 ) -> Result<Delivered, ApiError> {
-    // The token is checked before anything is fetched: unauthenticated callers get no proxy.
-    let balance =
-        state.ledger.balance(state.clock.now_ms(), &agent.agent, &agent.caller()).await.map_err(agent_scoped)?;
-    if let Some(refusal) = refused_agent(state, agent, &balance) {
-        return Err(refusal);
-    }
+    // Nothing is fetched for a caller whose token does not match, nor for an agent that is
+    // revoked, suspended, expired or denied x402 or this host: such a refusal is logged and
+    // counted like a refused hold.
+    let host = request.outgoing.url.host_str().unwrap_or_default().to_ascii_lowercase();
+    pay::precheck_task(state, agent, adapters::Protocol::X402, &host, &request.task).await?;
 
     let first = engine.upstream.send(&request.outgoing, None, engine.timeout).await.map_err(unpaid_failure)?;
     if first.status != StatusCode::PAYMENT_REQUIRED {
