@@ -875,16 +875,14 @@ async fn ap2_error_receipt_voids_the_hold_and_a_forged_receipt_never_settles() {
             }
             MerchantMode::ForgedReceipt => {
                 // A receipt that does not verify proves nothing: the merchant may have charged,
-                // so the hold stays until the closed mandates are dead, then comes back.
+                // so the hold stays, counted, as `unknown` (see the test below).
                 assert_eq!(status, 502, "{body}");
                 assert_eq!(body["code"], "ap2_receipt_invalid");
                 assert_eq!(body["provider_code"], "ap2_bad_signature");
+                assert_eq!(body["hold_state"], "unknown");
                 assert_eq!(notes[0]["reason"], "ap2_receipt_invalid");
                 assert!(log_of(&log, "void").is_empty());
                 assert_eq!(balance["held_micros"], 146_260_000);
-                app.clock.advance_ms(361_000);
-                let after = me(&app, &agent).await;
-                assert_eq!((after["spent_micros"].as_u64(), after["held_micros"].as_u64()), (Some(0), Some(0)));
             }
             MerchantMode::Paid => unreachable!("not a failure mode"),
         }
@@ -1444,4 +1442,70 @@ async fn pay_cart(app: &TestApp, agent: &Agent, key: Option<&str>, request_text:
     let response = request.send().await.expect("request");
     let status = response.status().as_u16();
     (status, response.json().await.expect("JSON"))
+}
+
+#[tokio::test]
+async fn ap2_an_unverifiable_receipt_keeps_the_hold_as_outcome_unknown_until_an_admin_resolves_it() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::ForgedReceipt).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], None)).await;
+    let agent = app.create_agent("unsure", 1_000 * USD, None).await;
+    let jwk = agent_jwk(&app, &agent).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let terms = MandateTerms { budget: Some("500.00"), ..MandateTerms::default() };
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &terms, now);
+    let merchant_key = TestKey::load("merchant");
+    let checkout_jwt = CheckoutTerms::shoes("chk_unsure").sign(&merchant_key, now);
+
+    let (status, body) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+    assert_eq!(
+        (status, body["code"].as_str(), body["hold_state"].as_str()),
+        (502, Some("ap2_receipt_invalid"), Some("unknown")),
+        "{body}"
+    );
+    let hold = body["hold_id"].as_str().expect("hold id").to_owned();
+
+    // Long after the closed mandates are dead, it is still counted, and the mandate's budget
+    // is still busy: the merchant may have charged.
+    app.clock.advance_ms(3_600_000);
+    let balance = me(&app, &agent).await;
+    assert_eq!(
+        (balance["held_micros"].as_u64(), balance["unknown_micros"].as_u64(), balance["unknown_holds"].as_u64()),
+        (Some(146_260_000), Some(146_260_000), Some(1)),
+        "{balance}"
+    );
+    let later = (app.clock.now_ms() / 1000) as i64;
+    let another = CheckoutTerms::shoes("chk_next").sign(&merchant_key, later);
+    let (status, busy) = pay(&app, &agent, &mandates, &another).await;
+    assert_eq!((status, busy["code"].as_str()), (402, Some("budget_busy")), "{busy}");
+
+    // The agent and the admin see it as unknown, with why.
+    let (status, mine) = app.agent_call(&agent.token, reqwest::Method::GET, "/v1/holds?state=unknown", None).await;
+    assert_eq!(status, 200, "{mine}");
+    let listed = &mine["holds"][0];
+    assert_eq!((listed["hold_id"].as_str(), listed["protocol"].as_str()), (Some(hold.as_str()), Some("ap2")), "{mine}");
+    assert!(listed["reason"].as_str().is_some_and(|r| r.contains("ap2_receipt_invalid")), "{mine}");
+    let (_, all) = app.admin(reqwest::Method::GET, "/v1/holds?state=unknown", None).await;
+    assert_eq!(all["total_micros"], 146_260_000, "{all}");
+
+    // The admin learns from the merchant that nothing was charged, and voids it: the budget is
+    // free again and the next payment is held (and, this merchant's receipts being forged,
+    // ends unknown again rather than budget_busy).
+    let (status, resolved) = app
+        .admin(
+            reqwest::Method::POST,
+            &format!("/v1/holds/{hold}/resolve"),
+            Some(json!({ "outcome": "voided", "reason": "merchant confirms order chk_unsure was never charged" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{resolved}");
+    let budget = mandate_budget(&app, &agent, &mandates).await;
+    assert_eq!((budget["held_micros"].as_u64(), budget["outstanding"].as_u64()), (Some(0), Some(0)), "{budget}");
+    assert_eq!(me(&app, &agent).await["held_micros"], 0);
+    let (status, next) = pay(&app, &agent, &mandates, &another).await;
+    assert_eq!((status, next["code"].as_str()), (502, Some("ap2_receipt_invalid")), "{next}");
+    let log = app.log().await;
+    let voids = log_of(&log, "void");
+    assert_eq!(voids.len(), 1, "{log:?}");
+    assert_eq!(voids[0]["hold"], hold.as_str());
 }

@@ -23,6 +23,7 @@ use adapters::ap2::v01::{
     create_payment_mandate, verify_cart_mandate, PaymentMandate, PaymentMandateParams, VerifiedCart,
 };
 use adapters::ap2::{random_nonce, verify_payment_receipt, Ap2Error, MandateReference};
+use adapters::Protocol;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -129,6 +130,8 @@ pub async fn pay(
 
     // The cart's identity is what the merchant signed (its contents): one payment per cart,
     // whatever keys or `merchant_authorization` bytes the requests come with.
+    // Refused agents are refused before the cart is claimed (see the v0.2 flow).
+    pay::precheck_task(&state, &auth, Protocol::Ap2, &cart.intent.service, &task).await?;
     let own_key = header_key.unwrap_or_else(|| format!("ap2-v01:{}", cart.contents_hash));
     let cart_value: Value = serde_json::from_str(body.cart_mandate.get()).map_err(ApiError::internal)?;
     let own_fingerprint = crate::fingerprint::of(
@@ -159,11 +162,11 @@ pub async fn pay(
             mode: IdempotencyMode::Pending { lease_ms: ap2.lease.as_millis() as u64 },
         }),
     };
-    let grant = match pay::hold_with_budgets(&state, &auth, spec, vec![claim.bucket]).await? {
-        Held::New(grant) => grant,
+    let (grant, resumed) = match pay::hold_with_budgets(&state, &auth, spec, vec![claim.bucket]).await? {
+        Held::New(grant) => (grant, false),
         Held::Resumed(grant) => {
             let info = pay::hold_info(&state, &auth, &grant.hold_id).await?;
-            if info.state != "open" {
+            if info.state != "open" && info.state != "unknown" {
                 let error = ApiError::new(
                     StatusCode::CONFLICT,
                     "ap2_payment_ended",
@@ -174,7 +177,7 @@ pub async fn pay(
                 let _ = pay::finish(&state, &auth, &idempotency_key, IdempotencyFinish::Done(reply.stored())).await;
                 return Ok(reply.into_response());
             }
-            grant
+            (grant, true)
         }
         Held::Finished(stored) => return Reply::replay(&stored).map(Reply::into_response),
     };
@@ -194,9 +197,9 @@ pub async fn pay(
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
             let api = ApiError::new(status, error.code(), error.to_string());
-            void_with(&state, &auth, &grant, "ap2_sign_failed", api).await
+            void_with(&state, &auth, &grant, resumed, "ap2_sign_failed", api).await
         }
-        Ok(mandate) => present(&state, &auth, processor, merchant, &cart, &mandate, &grant).await,
+        Ok(mandate) => present(&state, &auth, processor, merchant, &cart, &mandate, (&grant, resumed)).await,
     };
     let (finish_as, reply) = match ending {
         Ending::Final(reply) => (IdempotencyFinish::Done(reply.stored()), reply),
@@ -258,7 +261,8 @@ async fn present(
     merchant: &Merchant,
     cart: &VerifiedCart,
     mandate: &PaymentMandate,
-    grant: &Grant,
+    // The hold, and whether an earlier attempt made it (and may have presented a mandate).
+    (grant, resumed): (&Grant, bool),
 ) -> Ending {
     let mandate_id = mandate.payment_mandate_contents.payment_mandate_id.clone();
     tracing::info!(agent = %auth.agent, hold = %grant.hold_id, cart = %cart.cart.contents.id, mandate = %mandate_id,
@@ -282,7 +286,7 @@ async fn present(
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
             note(state, auth, grant, "ap2_payment_declined", detail).await;
             let api = declined("processor", answer.error.as_deref(), answer.error_description.as_deref());
-            return void_with(state, auth, grant, "ap2_payment_declined", api).await;
+            return void_with(state, auth, grant, resumed, "ap2_payment_declined", api).await;
         }
         return unknown(state, auth, grant, "ap2_outcome_unknown", error).await;
     };
@@ -301,7 +305,7 @@ async fn present(
         detail.insert("payment_receipt_reference".to_owned(), receipt.reference.clone());
         note(state, auth, grant, "ap2_payment_declined", detail).await;
         let api = declined("processor", receipt.error.as_deref(), receipt.error_description.as_deref());
-        return void_with(state, auth, grant, "ap2_payment_declined", api).await;
+        return void_with(state, auth, grant, resumed, "ap2_payment_declined", api).await;
     }
 
     let mut details = cart.intent.details.clone();

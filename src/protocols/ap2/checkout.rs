@@ -33,6 +33,7 @@ use adapters::ap2::{
     authorize_payment, close_mandates, content_hash, random_nonce, verify_checkout_jwt, verify_open_mandates, AgentKey,
     Ap2Error, AuthorizedPayment, CloseParams, CredentialOutcome, MandateUsage, PaymentChoice, VerifiedCheckout,
 };
+use adapters::Protocol;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -167,6 +168,9 @@ pub async fn pay(
     // adapter checks this one payment against everything else.
     let authorized =
         authorize_payment(&open, &checkout, &choice, &MandateUsage::default(), now).map_err(input_error)?;
+    // A revoked, suspended or expired agent, or one denied AP2 or this merchant, is refused here
+    // (logged like any refusal) before its mandate or checkout is given a budget.
+    pay::precheck_task(&state, &auth, Protocol::Ap2, &authorized.intent().service, &task).await?;
     let (bucket, _) = ensure_bucket(&state, &auth.agent, &open.constraints).await?;
 
     // The checkout's identity is its signed content: one payment per merchant-signed checkout,
@@ -188,11 +192,11 @@ pub async fn pay(
             mode: IdempotencyMode::Pending { lease_ms: ap2.lease.as_millis() as u64 },
         }),
     };
-    let grant = match pay::hold_with_budgets(&state, &auth, spec, vec![bucket, claim.bucket]).await? {
-        Held::New(grant) => grant,
+    let (grant, resumed) = match pay::hold_with_budgets(&state, &auth, spec, vec![bucket, claim.bucket]).await? {
+        Held::New(grant) => (grant, false),
         Held::Resumed(grant) => {
             let info = pay::hold_info(&state, &auth, &grant.hold_id).await?;
-            if info.state != "open" {
+            if info.state != "open" && info.state != "unknown" {
                 let reply = Reply::error(
                     &ApiError::new(
                         StatusCode::CONFLICT,
@@ -204,8 +208,8 @@ pub async fn pay(
                 finish(&state, &auth, &idempotency_key, IdempotencyFinish::Done(reply.stored())).await;
                 return Ok(reply.into_response());
             }
-            tracing::info!(agent = %auth.agent, hold = %grant.hold_id, "resuming an AP2 payment");
-            grant
+            tracing::info!(agent = %auth.agent, hold = %grant.hold_id, state = %info.state, "resuming an AP2 payment");
+            (grant, true)
         }
         Held::Finished(stored) => return Reply::replay(&stored).map(Reply::into_response),
     };
@@ -218,6 +222,7 @@ pub async fn pay(
         key: &key,
         authorized: &authorized,
         grant: &grant,
+        resumed,
         now,
     };
     let ending = complete(attempt).await;
@@ -259,13 +264,22 @@ pub(super) async fn note(
 
 /// Voids the hold and answers with `error` (plus the hold id); if even the void fails, the hold
 /// expires by itself and the answer says so.
+///
+/// Only for a first attempt: when `resumed`, an earlier attempt with this hold may have reached
+/// the merchant, so this attempt's refusal (a completed checkout refuses a second completion,
+/// say) proves nothing about the money. The hold is then marked unknown instead
+/// ([`unknown_after`]), never voided.
 pub(super) async fn void_with(
     state: &AppState,
     auth: &AgentAuth,
     grant: &Grant,
+    resumed: bool,
     reason: &str,
     error: ApiError,
 ) -> Ending {
+    if resumed {
+        return unknown_after(state, auth, grant, reason, error).await;
+    }
     let voided = match pay::void(state, auth, &grant.hold_id, reason).await {
         Ok(_) => true,
         Err(void_error) => {
@@ -280,7 +294,17 @@ pub(super) async fn void_with(
     Ending::Final(Reply::error(&error.with_extra(extra)))
 }
 
-/// Logs why the outcome is unknown and keeps the hold for a retry to resume.
+/// Marks the hold `unknown` (counted against the caps, never expiring, until a retry settles it
+/// or an admin resolves it) with `reason` and `detail`; failures are logged: the hold stays
+/// open then, which keeps it counted until it expires.
+async fn mark_unknown(state: &AppState, auth: &AgentAuth, grant: &Grant, reason: &str, detail: &str) {
+    if let Err(error) = pay::mark_unknown(state, &grant.hold_id, &format!("{reason}: {detail}")).await {
+        tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
+            "could not mark an AP2 hold unknown; it stays open until it expires");
+    }
+}
+
+/// Logs why the outcome is unknown, marks the hold `unknown` and keeps it for a retry to resume.
 pub(super) async fn unknown(
     state: &AppState,
     auth: &AgentAuth,
@@ -292,13 +316,34 @@ pub(super) async fn unknown(
     detail.insert("error".to_owned(), error.code().to_owned());
     detail.insert("detail".to_owned(), truncate(&error.to_string()));
     note(state, auth, grant, reason, detail).await;
-    tracing::warn!(agent = %auth.agent, hold = %grant.hold_id, code = error.code(), detail = %error,
-        "AP2 payment outcome unknown; the hold stays until the closed mandates expire");
+    mark_unknown(state, auth, grant, reason, &error.to_string()).await;
     let api = ApiError::new(StatusCode::BAD_GATEWAY, reason_code(reason), error.to_string()).with_extra(json!({
         "hold_id": grant.hold_id.to_string(),
+        "hold_state": "unknown",
         "provider_code": error.code(),
-        "held_until_ms": grant.expires_at_ms,
     }));
+    Ending::Unknown(Reply::error(&api))
+}
+
+/// A resumed payment's refusal: the earlier attempt's outcome is still unknown, so the hold is
+/// marked unknown and the answer is 502 `ap2_outcome_unknown`, with this attempt's refusal.
+async fn unknown_after(state: &AppState, auth: &AgentAuth, grant: &Grant, reason: &str, error: ApiError) -> Ending {
+    let mut detail = BTreeMap::new();
+    detail.insert("error".to_owned(), error.code.to_string());
+    detail.insert("detail".to_owned(), truncate(&error.detail));
+    detail.insert("resumed".to_owned(), "true".to_owned());
+    note(state, auth, grant, reason, detail).await;
+    mark_unknown(state, auth, grant, reason, &format!("a resumed attempt was refused: {}", error.detail)).await;
+    let mut extra = error.extra.clone().unwrap_or_else(|| json!({}));
+    extra["hold_id"] = json!(grant.hold_id.to_string());
+    extra["hold_state"] = json!("unknown");
+    extra["provider_code"] = json!(error.code);
+    let api = ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "ap2_outcome_unknown",
+        format!("an earlier attempt may have paid; this one was refused: {}", error.detail),
+    )
+    .with_extra(extra);
     Ending::Unknown(Reply::error(&api))
 }
 
@@ -322,12 +367,14 @@ struct Attempt<'a> {
     key: &'a AgentKey,
     authorized: &'a AuthorizedPayment,
     grant: &'a Grant,
+    /// An earlier attempt made this hold (and may have reached the merchant).
+    resumed: bool,
     now: i64,
 }
 
 /// The payment after the hold: sign, obtain the token, complete, settle or void.
 async fn complete(attempt: Attempt<'_>) -> Ending {
-    let Attempt { state, auth, settings, merchant, key, authorized, grant, now } = attempt;
+    let Attempt { state, auth, settings, merchant, key, authorized, grant, resumed, now } = attempt;
     let ap2 = &state.protocols.ap2;
     let params = CloseParams {
         checkout_audience: merchant.audience.clone(),
@@ -350,6 +397,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
                 state,
                 auth,
                 grant,
+                resumed,
                 "ap2_close_failed",
                 ApiError::new(status, error.code(), error.to_string()),
             )
@@ -372,7 +420,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             detail.insert("payment_id".to_owned(), receipt.payment_id.clone());
             note(state, auth, grant, "ap2_credential_refused", detail).await;
             let error = declined("credential_provider", receipt.error.as_deref(), receipt.error_description.as_deref());
-            return void_with(state, auth, grant, "ap2_credential_refused", error).await;
+            return void_with(state, auth, grant, resumed, "ap2_credential_refused", error).await;
         }
         Err(error) => {
             // No token reached anyone who could charge with it.
@@ -381,7 +429,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
             note(state, auth, grant, "ap2_credential_provider_error", detail).await;
             let api = ApiError::new(StatusCode::BAD_GATEWAY, error.code(), error.to_string());
-            return void_with(state, auth, grant, "ap2_credential_provider_error", api).await;
+            return void_with(state, auth, grant, resumed, "ap2_credential_provider_error", api).await;
         }
     };
 
@@ -395,7 +443,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
             note(state, auth, grant, "ap2_merchant_declined", detail).await;
             let api = declined("merchant", Some(error.code()), Some(&error.to_string()));
-            return void_with(state, auth, grant, "ap2_merchant_declined", api).await;
+            return void_with(state, auth, grant, resumed, "ap2_merchant_declined", api).await;
         }
         Err(
             error @ (Ap2Error::ProviderUnreachable(_)
@@ -423,7 +471,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
         }
         note(state, auth, grant, "ap2_payment_declined", detail).await;
         let api = declined("merchant", error.as_deref(), description.as_deref());
-        return void_with(state, auth, grant, "ap2_payment_declined", api).await;
+        return void_with(state, auth, grant, resumed, "ap2_payment_declined", api).await;
     }
 
     let checkout_receipt = &completion.checkout_receipt;
