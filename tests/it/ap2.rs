@@ -1509,3 +1509,276 @@ async fn ap2_an_unverifiable_receipt_keeps_the_hold_as_outcome_unknown_until_an_
     assert_eq!(voids.len(), 1, "{log:?}");
     assert_eq!(voids[0]["hold"], hold.as_str());
 }
+
+// ---- issue 13: what the providers charged is what the ledger settled ----
+
+/// What a fault-injecting provider charged: per order (checkout or cart id), once.
+#[derive(Default)]
+struct Charges {
+    /// Prices the test announces before paying, in cents.
+    prices: std::collections::HashMap<String, u64>,
+    charged: std::collections::HashMap<String, u64>,
+    attempts: std::collections::HashMap<String, u32>,
+}
+
+type SharedCharges = Arc<std::sync::Mutex<Charges>>;
+
+/// How a provider treats an order, by its id's prefix: `ok` pays; `decline` refuses with a
+/// signed Error receipt; `busy` answers 503 without charging the first time; `slow` times out
+/// without charging the first time; `lost` charges and loses its answer the first time; `gone`
+/// charges and never answers. Later attempts of an order pay it, charging it at most once.
+enum Fate {
+    Pay,
+    Decline,
+    Unavailable,
+    TimeOut { charge: bool },
+}
+
+fn fate(id: &str, attempt: u32) -> Fate {
+    match id.split('_').next().unwrap_or_default() {
+        "decline" => Fate::Decline,
+        "busy" if attempt == 0 => Fate::Unavailable,
+        "slow" if attempt == 0 => Fate::TimeOut { charge: false },
+        "lost" if attempt == 0 => Fate::TimeOut { charge: true },
+        "gone" => Fate::TimeOut { charge: true },
+        _ => Fate::Pay,
+    }
+}
+
+/// Longer than the daemon's provider timeout in the test below.
+const LOST: Duration = Duration::from_secs(3);
+
+impl Charges {
+    /// Decides this attempt's fate and books the charge it makes.
+    fn attempt(charges: &SharedCharges, id: &str) -> (Fate, u64) {
+        let mut book = charges.lock().expect("charges");
+        let attempt = *book.attempts.entry(id.to_owned()).and_modify(|n| *n += 1).or_insert(0);
+        let fate = fate(id, attempt);
+        let charges_now = matches!(fate, Fate::Pay | Fate::TimeOut { charge: true });
+        let price = *book.prices.get(id).expect("the test announced the price");
+        if charges_now {
+            book.charged.entry(id.to_owned()).or_insert(price);
+        }
+        (fate, price)
+    }
+}
+
+struct ChargingMerchant {
+    charges: SharedCharges,
+}
+
+impl Respond for ChargingMerchant {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let id = request.url.path().split('/').nth(4).expect("checkout id").to_owned();
+        let body: Value = serde_json::from_slice(&request.body).expect("JSON");
+        let checkout_reference = sha256_b64(&closed_jwt(body["checkout_mandate"].as_str().expect("checkout_mandate")));
+        let payment_reference =
+            body["payment_token"].as_str().and_then(|t| t.strip_prefix("tok_")).expect("a CP token").to_owned();
+        let (fate, _) = Charges::attempt(&self.charges, &id);
+        let receipts = |ok: bool| {
+            let (checkout, payment) = if ok {
+                (
+                    json!({ "status": "Success", "iss": "merchant", "iat": now_secs(), "reference": checkout_reference,
+                            "order_id": format!("order_{id}") }),
+                    json!({ "status": "Success", "iss": "mpp", "iat": now_secs(), "reference": payment_reference,
+                            "payment_id": format!("pay_{id}"), "psp_confirmation_id": format!("psp_{id}"),
+                            "network_confirmation_id": format!("net_{id}") }),
+                )
+            } else {
+                (
+                    json!({ "status": "Error", "iss": "merchant", "iat": now_secs(), "reference": checkout_reference,
+                            "error": "payment_failed", "error_description": "declined" }),
+                    json!({ "status": "Error", "iss": "mpp", "iat": now_secs(), "reference": payment_reference,
+                            "error": "card_declined", "error_description": "do not honor", "payment_id": format!("pay_{id}") }),
+                )
+            };
+            json!({ "checkout_receipt": TestKey::load("merchant").sign("JWT", &checkout.to_string()),
+                    "payment_receipt": TestKey::load("processor").sign("JWT", &payment.to_string()) })
+        };
+        match fate {
+            Fate::Pay => ResponseTemplate::new(200).set_body_json(receipts(true)),
+            Fate::Decline => ResponseTemplate::new(200).set_body_json(receipts(false)),
+            Fate::Unavailable => ResponseTemplate::new(503).set_body_json(json!({ "error": "unavailable" })),
+            Fate::TimeOut { .. } => ResponseTemplate::new(200).set_body_json(receipts(true)).set_delay(LOST),
+        }
+    }
+}
+
+struct ChargingProcessor {
+    charges: SharedCharges,
+}
+
+impl Respond for ChargingProcessor {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&request.body).expect("JSON");
+        let id = body["cart_mandate"]["contents"]["id"].as_str().expect("cart id").to_owned();
+        let reference = body["payment_mandate"]["payment_mandate_contents"]["payment_mandate_id"]
+            .as_str()
+            .expect("mandate id")
+            .to_owned();
+        let (fate, _) = Charges::attempt(&self.charges, &id);
+        let receipt = |ok: bool| {
+            let receipt = if ok {
+                json!({ "status": "Success", "iss": "mpp", "iat": now_secs(), "reference": reference, "payment_id": format!("pay_{id}"),
+                        "psp_confirmation_id": format!("psp_{id}"), "network_confirmation_id": format!("net_{id}") })
+            } else {
+                json!({ "status": "Error", "iss": "mpp", "iat": now_secs(), "reference": reference,
+                        "error": "card_declined", "error_description": "do not honor", "payment_id": format!("pay_{id}") })
+            };
+            json!({ "payment_receipt": TestKey::load("processor").sign("JWT", &receipt.to_string()) })
+        };
+        match fate {
+            Fate::Pay => ResponseTemplate::new(200).set_body_json(receipt(true)),
+            Fate::Decline => ResponseTemplate::new(200).set_body_json(receipt(false)),
+            Fate::Unavailable => ResponseTemplate::new(503).set_body_json(json!({ "error": "unavailable" })),
+            Fate::TimeOut { .. } => ResponseTemplate::new(200).set_body_json(receipt(true)).set_delay(LOST),
+        }
+    }
+}
+
+#[tokio::test]
+async fn ap2_what_the_merchants_charged_is_what_the_ledger_settled() {
+    let charges: SharedCharges = Arc::default();
+    let cp = credential_provider(false).await;
+    let shop = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/ap2/v0\.2/checkouts/[^/]+/complete$"))
+        .respond_with(ChargingMerchant { charges: charges.clone() })
+        .mount(&shop)
+        .await;
+    let processor = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/ap2/v0.1/payments"))
+        .respond_with(ChargingProcessor { charges: charges.clone() })
+        .mount(&processor)
+        .await;
+    let config = || Ap2Config {
+        timeout: Duration::from_millis(500),
+        ..ap2_config(&cp, &[("merchant_1", &shop)], Some(&processor))
+    };
+    let first = spawn(config()).await;
+    let second = spawn_app_with(AppOptions {
+        redis: Some((first.redis.clone().expect("redis"), "sc".into())),
+        protocols: ProtocolConfig { ap2: config(), ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    let agent = first.create_agent("summed", 10_000 * USD, None).await;
+    let jwk = agent_jwk(&first, &agent).await;
+    let now = (first.clock.now_ms() / 1000) as i64;
+    let terms = MandateTerms {
+        budget: Some("5000.00"),
+        items: Items::GiftCard,
+        payees: vec!["merchant_1"],
+        merchants: vec!["merchant_1"],
+        ..MandateTerms::default()
+    };
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &terms, now);
+    let merchant_key = TestKey::load("merchant");
+    let mut unknown_holds: Vec<(String, String)> = Vec::new();
+
+    // v0.2: each checkout paid by the agent with a key, then retried with the same key while
+    // its outcome is unknown; duplicates with other keys; a high-S copy of one checkout.
+    let orders: [(&str, u64); 7] = [
+        ("ok_1", 1_000),
+        ("decline_1", 2_000),
+        ("busy_1", 3_000),
+        ("slow_1", 4_000),
+        ("lost_1", 5_000),
+        ("ok_2", 6_000),
+        ("gone_1", 7_000),
+    ];
+    for (n, (id, cents)) in orders.iter().enumerate() {
+        charges.lock().expect("charges").prices.insert((*id).to_owned(), *cents);
+        let checkout_jwt = CheckoutTerms::single(id, "merchant_1", *cents as i64).sign(&merchant_key, now);
+        let body = payment_body(&mandates, &checkout_jwt, "e2e");
+        let app = if n % 2 == 0 { &first } else { &second };
+        let key = format!("key-{id}");
+        let (mut status, mut answer) = pay_with(app, &agent, Some(&key), body.clone()).await;
+        for _retry in 0..3 {
+            if status != 502 || id.starts_with("gone") {
+                break;
+            }
+            assert_eq!(answer["hold_state"], "unknown", "{id}: {answer}");
+            (status, answer) =
+                pay_with(if n % 2 == 0 { &second } else { &first }, &agent, Some(&key), body.clone()).await;
+        }
+        match id.split('_').next() {
+            Some("decline") => {
+                assert_eq!((status, answer["code"].as_str()), (402, Some("ap2_payment_declined")), "{answer}")
+            }
+            Some("gone") => {
+                assert_eq!((status, answer["code"].as_str()), (502, Some("ap2_outcome_unknown")), "{answer}");
+                unknown_holds.push(((*id).to_owned(), answer["hold_id"].as_str().expect("hold").to_owned()));
+            }
+            _ => assert_eq!(status, 200, "{id}: {answer}"),
+        }
+        // The same checkout under another key replays the same answer; its high-S copy is refused.
+        if id.starts_with("ok") {
+            let (again, replayed) = pay_with(&second, &agent, Some(&format!("dup-{id}")), body.clone()).await;
+            assert_eq!((again, replayed["replayed"].as_bool()), (200, Some(true)), "{replayed}");
+            let copy = payment_body(&mandates, &high_s(&checkout_jwt), "e2e");
+            let (refused, body) = pay_with(&first, &agent, Some(&format!("copy-{id}")), copy).await;
+            assert_eq!((refused, body["code"].as_str()), (422, Some("ap2_signature_not_canonical")), "{body}");
+        }
+    }
+
+    // v0.1 carts through the processor, on both instances.
+    let carts: [(&str, u64); 4] =
+        [("ok_cart", 1_500), ("decline_cart", 2_500), ("lost_cart", 3_500), ("busy_cart", 4_500)];
+    for (n, (id, cents)) in carts.iter().enumerate() {
+        charges.lock().expect("charges").prices.insert((*id).to_owned(), *cents);
+        let request = cart_request(now, id, *cents, "e2e-v01");
+        let key = format!("key-{id}");
+        let (mut status, mut answer) =
+            pay_cart(if n % 2 == 0 { &first } else { &second }, &agent, Some(&key), &request).await;
+        for _retry in 0..3 {
+            if status != 502 {
+                break;
+            }
+            (status, answer) = pay_cart(&first, &agent, Some(&key), &request).await;
+        }
+        if id.starts_with("decline") {
+            assert_eq!((status, answer["code"].as_str()), (402, Some("ap2_payment_declined")), "{answer}");
+        } else {
+            assert_eq!(status, 200, "{id}: {answer}");
+        }
+        let (again, replayed) = pay_cart(&second, &agent, Some(&format!("dup-{id}")), &request).await;
+        assert_eq!((again, replayed["replayed"].as_bool()), (status, Some(true)), "{replayed}");
+    }
+
+    // The operator resolves what stayed unknown from the merchant's own books.
+    let (_, listed) = first.admin(reqwest::Method::GET, "/v1/holds?state=unknown", None).await;
+    let listed: Vec<&str> =
+        listed["holds"].as_array().expect("holds").iter().filter_map(|h| h["hold_id"].as_str()).collect();
+    assert_eq!(listed, unknown_holds.iter().map(|(_, h)| h.as_str()).collect::<Vec<_>>());
+    for (id, hold) in &unknown_holds {
+        let charged = charges.lock().expect("charges").charged.get(id).copied();
+        let body = match charged {
+            Some(cents) => {
+                json!({ "outcome": "settled", "amount_micros": cents * 10_000, "reason": format!("merchant charged order {id}") })
+            }
+            None => json!({ "outcome": "voided", "reason": format!("merchant never charged order {id}") }),
+        };
+        let (status, resolved) =
+            second.admin(reqwest::Method::POST, &format!("/v1/holds/{hold}/resolve"), Some(body)).await;
+        assert_eq!(status, 200, "{resolved}");
+    }
+
+    // What the merchant and the processor charged is what the ledger settled for AP2.
+    let charged: u64 = charges.lock().expect("charges").charged.values().map(|cents| cents * 10_000).sum();
+    let log = first.log().await;
+    let settled: u64 = log_of(&log, "settle")
+        .iter()
+        .filter(|e| e["protocol"] == "ap2")
+        .map(|e| e["amount"].as_u64().expect("amount"))
+        .sum();
+    assert_eq!(settled, charged, "settled {settled} vs charged {charged}");
+    assert_eq!(charged, (1_000 + 3_000 + 4_000 + 5_000 + 6_000 + 7_000 + 1_500 + 3_500 + 4_500) * 10_000);
+    let balance = me(&first, &agent).await;
+    assert_eq!(
+        (balance["spent_micros"].as_u64(), balance["held_micros"].as_u64(), balance["unknown_micros"].as_u64()),
+        (Some(charged), Some(0), Some(0)),
+        "{balance}"
+    );
+}
