@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use super::checkout::{declined, note, truncate, unknown, void_with, Ending};
+use super::checkout::{declined, note, settle_failed, truncate, unknown, void_with, Ending};
 use super::{
     authenticate, claim_payment, input_error, unix_secs, Merchant, Reply, Settings, V01Processor, HOLD_GRACE_MS,
 };
@@ -326,6 +326,7 @@ async fn present(
         Err(error) => {
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
                 "an AP2 v0.1 payment succeeded but could not be settled");
+            settle_failed(state, auth, grant, &error).await;
             return Ending::Unknown(Reply::error(&error));
         }
     };

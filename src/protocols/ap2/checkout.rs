@@ -304,6 +304,13 @@ async fn mark_unknown(state: &AppState, auth: &AgentAuth, grant: &Grant, reason:
     }
 }
 
+/// A verified payment whose settle failed: the hold is marked unknown (if the ledger takes that),
+/// with the payment's facts in the reason, so that it stays counted until someone settles it.
+pub(super) async fn settle_failed(state: &AppState, auth: &AgentAuth, grant: &Grant, error: &ApiError) {
+    let detail = format!("the provider confirmed the payment but the settle failed ({})", error.code);
+    mark_unknown(state, auth, grant, "ap2_settle_failed", &detail).await;
+}
+
 /// Logs why the outcome is unknown, marks the hold `unknown` and keeps it for a retry to resume.
 pub(super) async fn unknown(
     state: &AppState,
@@ -502,10 +509,12 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
     let settlement = match pay::settle(state, auth, &grant.hold_id, closed.amount, &details).await {
         Ok(settlement) => settlement,
         Err(error) => {
-            // The merchant was paid; the hold must not be released. It stays (and a retry
-            // resumes and settles it) unless it already ended.
+            // The merchant was paid; the hold must not be released. It stays, marked unknown so
+            // that it never expires (a retry resumes and settles it, or an admin does), unless
+            // it already ended.
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
                 "an AP2 payment succeeded but could not be settled");
+            settle_failed(state, auth, grant, &error).await;
             return Ending::Unknown(Reply::error(&error));
         }
     };
