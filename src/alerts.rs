@@ -139,7 +139,8 @@ pub struct Alert {
     /// Unique and stable across redeliveries: `evt_<tree>_<log entry id>_<n>`; receivers
     /// deduplicate on it.
     pub id: String,
-    /// `threshold.crossed`, `payment.refused`, `agent.suspended`, `agent.reinstated`,
+    /// `threshold.crossed`, `payment.refused`, `payment.note` (a provider's failure report on a
+    /// held payment), `payment.outcome_unknown`, `agent.suspended`, `agent.reinstated`,
     /// `agent.revoked`.
     #[serde(rename = "type")]
     pub kind: String,
@@ -198,6 +199,33 @@ pub fn alerts_of(entry: &LogEntry) -> Vec<Alert> {
                 "rule": serde_json::from_str::<Value>(&entry.detail).unwrap_or(Value::Null),
                 "service": entry.service,
                 "amount_micros": entry.amount,
+            }),
+        )],
+        "note" => vec![alert(
+            0,
+            "payment.note",
+            &entry.agent,
+            json!({
+                "reason": entry.reason,
+                "hold": entry.hold,
+                "amount_micros": entry.amount,
+                "task": entry.task,
+                "service": entry.service,
+                "protocol": entry.protocol,
+                "detail": serde_json::from_str::<Value>(&entry.detail).unwrap_or(Value::Null),
+            }),
+        )],
+        "unknown" => vec![alert(
+            0,
+            "payment.outcome_unknown",
+            &entry.agent,
+            json!({
+                "reason": entry.reason,
+                "hold": entry.hold,
+                "amount_micros": entry.amount,
+                "task": entry.task,
+                "service": entry.service,
+                "protocol": entry.protocol,
             }),
         )],
         "reinstate" => vec![alert(0, "agent.reinstated", &entry.agent, json!({ "was": entry.reason }))],

@@ -9,7 +9,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use super::{agent_scoped, label, AgentAuth, ApiError, ApiJson, SharedState};
@@ -153,11 +152,6 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
     })
 }
 
-fn fingerprint(body: &impl Serialize) -> String {
-    let bytes = serde_json_canonicalizer::to_vec(body).unwrap_or_default();
-    hex::encode(Sha256::digest(bytes))
-}
-
 #[utoipa::path(post, path = "/v1/holds", request_body = HoldRequestBody,
     params(("Idempotency-Key" = Option<String>, Header, description = "same key + same body returns the first result")),
     responses((status = 201, body = HoldView), (status = 402, body = RefusalView, description = "budget refusal"),
@@ -195,11 +189,16 @@ pub async fn create_hold(
         }
         Some(ttl) => ttl * 1000,
     };
-    let idempotency = idempotency_key(&headers)?.map(|key| Idempotency {
-        key,
-        fingerprint: fingerprint(&body),
-        mode: IdempotencyMode::Final,
-    });
+    // The whole request, normalised (an absent TTL is the default one): the same key with any
+    // other request is an `idempotency_conflict`.
+    let fingerprint = crate::fingerprint::of(
+        "holds.create",
+        &serde_json::json!({
+            "amount_micros": amount.get(), "service": service, "task": task, "ttl_ms": ttl_ms, "details": body.details,
+        }),
+    );
+    let idempotency =
+        idempotency_key(&headers)?.map(|key| Idempotency { key, fingerprint, mode: IdempotencyMode::Final });
     let details = if body.details.is_empty() {
         String::new()
     } else {
@@ -220,8 +219,9 @@ pub async fn create_hold(
         buckets: Vec::new(),
     };
     match pay::hold_and_remember(&state, now, &request).await.map_err(agent_scoped)? {
+        // A replay answers like the first answer: 201, with `replayed: true`.
         HoldOutcome::Granted(grant) => Ok((
-            if grant.replayed { StatusCode::OK } else { StatusCode::CREATED },
+            StatusCode::CREATED,
             Json(HoldView {
                 hold_id: grant.hold_id.to_string(),
                 amount_micros: grant.amount.get(),

@@ -13,7 +13,7 @@ use crate::support::{spawn_app_with, wait_for, AppOptions, TestApp};
 
 const SECRET: &str = "whsec_test_0123456789abcdef";
 
-fn alert_config(receiver: &MockServer) -> AlertConfig {
+pub(crate) fn alert_config(receiver: &MockServer) -> AlertConfig {
     let secret = WebhookSecret::new(SECRET.into()).expect("secret");
     let mut config = AlertConfig::new(&format!("{}/hooks", receiver.uri()), secret).expect("config");
     config.poll_interval = Duration::from_millis(20);

@@ -365,11 +365,20 @@ async fn openapi_document_describes_the_api() {
     let app = spawn_app_with(AppOptions { backend: crate::support::Backend::Memory, ..Default::default() }).await;
     let doc: Value = app.http.get(app.url("/openapi.json")).send().await.expect("get").json().await.expect("json");
     assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
-    for path in ["/v1/agents", "/v1/holds", "/v1/holds/{hold}/settle", "/v1/agents/{agent}/revoke", "/v1/log", "/v1/me"]
-    {
+    for path in [
+        "/v1/agents",
+        "/v1/holds",
+        "/v1/holds/{hold}/settle",
+        "/v1/holds/{hold}/resolve",
+        "/v1/agents/{agent}/revoke",
+        "/v1/log",
+        "/v1/me",
+    ] {
         assert!(doc["paths"][path].is_object(), "{path} is documented");
     }
     assert!(doc["components"]["schemas"]["HoldRequestBody"]["properties"]["amount_micros"].is_object());
+    assert!(doc["paths"]["/v1/holds"]["get"].is_object(), "the unknown-holds listing is documented");
+    assert!(doc["components"]["schemas"]["ResolveRequest"]["properties"]["outcome"].is_object());
     assert!(doc["components"]["securitySchemes"]["agent"].is_object());
 }
 

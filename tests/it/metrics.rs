@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::support::{spawn_app, TestApp, ADMIN_TOKEN};
 
-async fn scrape_metrics(app: &TestApp) -> Scrape {
+pub(crate) async fn scrape_metrics(app: &TestApp) -> Scrape {
     let response = app.http.get(app.url("/metrics")).bearer_auth(ADMIN_TOKEN).send().await.expect("metrics");
     assert_eq!(response.status(), 200);
     let text = response.text().await.expect("text");
@@ -17,7 +17,7 @@ async fn scrape_metrics(app: &TestApp) -> Scrape {
 }
 
 /// The value of a counter with exactly these labels (0 when absent: Prometheus omits unused series).
-fn counter(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> u64 {
+pub(crate) fn counter(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> u64 {
     scrape
         .samples
         .iter()

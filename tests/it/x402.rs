@@ -21,7 +21,7 @@ use spendcap::receipt::Receipt;
 use wiremock::matchers::{header_exists, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::support::{spawn_app_with, Agent, AppOptions, TestApp};
+use crate::support::{spawn_app_with, wait_for, Agent, AppOptions, TestApp};
 
 /// The public Hardhat/Anvil key #0 (the spec's test vector key).
 const TEST_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
@@ -608,8 +608,8 @@ async fn a_lost_response_is_retried_with_the_same_authorization() {
     let balance = me(&app, &agent).await;
     assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(10_000), Some(0)));
     let log = log_of(&app, &agent).await;
-    assert_eq!(events(&log), ["hold", "note", "settle"]);
-    assert_eq!(log[1]["reason"], "x402_outcome_unknown");
+    assert_eq!(events(&log), ["hold", "unknown", "settle"]);
+    assert!(log[1]["reason"].as_str().expect("reason").starts_with("x402_outcome_unknown"), "{}", log[1]);
     assert_eq!(log[0]["hold"], log[2]["hold"]);
 }
 
@@ -765,4 +765,393 @@ async fn without_a_key_the_endpoint_is_not_configured() {
     assert_eq!(response.status(), 503);
     // Everything else works.
     assert_eq!(me(&app, &agent).await["cap_micros"], 1_000_000);
+}
+
+/// Issue 13 case 8: nothing is fetched for an agent that is revoked or whose controls deny x402
+/// or the host, through either form, and each refusal is one like any other: its `refuse` line,
+/// its count in the reports and in `spendcap_refusals_total`.
+#[tokio::test]
+async fn revoked_or_denied_agents_reach_no_server_and_every_refusal_is_counted() {
+    let app = app_with(config()).await;
+    let server = v2_server("10000").await;
+    let url = format!("{}/weather", server.uri());
+    let revoked = app.create_agent("x-revoked", 1_000_000, None).await;
+    let (status, _) = app
+        .admin(Method::POST, &format!("/v1/agents/{}/revoke", revoked.id), Some(json!({"reason": "runaway_loop"})))
+        .await;
+    assert_eq!(status, 200);
+    let no_x402 = app.create_agent("x-no-x402", 1_000_000, None).await;
+    let no_host = app.create_agent("x-no-host", 1_000_000, None).await;
+    for (agent, body) in [
+        (&no_x402, json!({ "protocols": { "deny": ["x402"] } })),
+        (&no_host, json!({ "services": { "deny": ["127.0.0.1"] } })),
+    ] {
+        let (status, shown) = app.admin(Method::PUT, &format!("/v1/agents/{}/controls", agent.id), Some(body)).await;
+        assert_eq!(status, 200, "{shown}");
+    }
+
+    for (agent, code) in [(&revoked, "agent_revoked"), (&no_x402, "protocol_denied"), (&no_host, "service_denied")] {
+        let (status, body) = fetch(&app, &agent.token, json!({"url": url, "task": "t9"}), None).await;
+        assert_eq!((status, body["code"].as_str()), (402, Some(code)), "{body}");
+        let response = app
+            .http
+            .get(format!("{}/v1/x402/proxy/{url}", app.base))
+            .bearer_auth(&agent.token)
+            .header("X-Spendcap-Task", "t9")
+            .send()
+            .await
+            .expect("proxy");
+        assert_eq!(response.status(), 402);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["code"], code);
+
+        let log = log_of(&app, agent).await;
+        let refusals: Vec<&Value> = log.iter().filter(|e| e["event"] == "refuse").collect();
+        assert_eq!(refusals.len(), 2, "{log:?}");
+        for line in refusals {
+            assert_eq!(
+                (line["reason"].as_str(), line["protocol"].as_str(), line["service"].as_str(), line["task"].as_str()),
+                (Some(code), Some("x402"), Some("127.0.0.1"), Some("t9"))
+            );
+        }
+        let (status, report) =
+            app.admin(Method::GET, &format!("/v1/reports?format=json&agent={}", agent.id), None).await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["refusals"][0]["reason"], code, "{report}");
+        assert_eq!(report["refusals"][0]["count"], 2, "{report}");
+    }
+    assert_eq!(request_count(&server).await, 0, "nothing was sent for them");
+    let scrape = crate::metrics::scrape_metrics(&app).await;
+    for code in ["agent_revoked", "protocol_denied", "service_denied"] {
+        let counted =
+            crate::metrics::counter(&scrape, "spendcap_refusals_total", &[("reason", code), ("protocol", "x402")]);
+        assert_eq!(counted, 2, "{code}");
+    }
+}
+
+/// Issue 13 case 9: a v2 server answers the paid request with 402 and a failed settlement
+/// report. The provider's reason and its whole answer reach the agent, the log and the webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_settlement_passes_the_providers_reason_and_answer_through() {
+    let receiver = MockServer::start().await;
+    Mock::given(wiremock::matchers::method("POST"))
+        .and(path("/hooks"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&receiver)
+        .await;
+    let app = spawn_app_with(AppOptions {
+        protocols: ProtocolConfig { x402: config(), ..Default::default() },
+        alerts: Some(crate::alerts::alert_config(&receiver)),
+        ..Default::default()
+    })
+    .await;
+    let server = MockServer::start().await;
+    let mut failure = fixture("settlement_failure.json");
+    failure["errorReason"] = json!("transaction_failed");
+    failure["errorMessage"] = json!("execution reverted");
+    Mock::given(path("/weather"))
+        .and(header_exists("payment-signature"))
+        .respond_with(
+            ResponseTemplate::new(402)
+                .insert_header("payment-response", base64_json(&failure))
+                .insert_header("x-upstream", "weather-v2")
+                .set_body_raw(r#"{"error":"settlement failed"}"#, "application/json"),
+        )
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(path("/weather")).respond_with(v2_402(&v2_required("10000"))).with_priority(10).mount(&server).await;
+    let agent = app.create_agent("failed-settle", 1_000_000, None).await;
+
+    let (status, body) =
+        fetch(&app, &agent.token, json!({"url": format!("{}/weather", server.uri()), "task": "t"}), Some("k1")).await;
+    assert_eq!((status, body["code"].as_str()), (402, Some("x402_payment_rejected")), "{body}");
+    assert_eq!(
+        (body["reason"].as_str(), body["message"].as_str()),
+        (Some("transaction_failed"), Some("execution reverted"))
+    );
+    assert_eq!(body["upstream"]["status"], 402);
+    assert_eq!(body["upstream"]["headers"]["x-upstream"], "weather-v2");
+    assert_eq!(body["upstream"]["body"], r#"{"error":"settlement failed"}"#);
+    assert!(body["upstream"]["headers"]["payment-response"].is_string());
+
+    let log = log_of(&app, &agent).await;
+    assert_eq!(events(&log), ["hold", "note"]);
+    assert_eq!(log[1]["reason"], "x402_payment_rejected");
+    assert_eq!(log[1]["detail"]["server_reason"], "transaction_failed");
+    assert_eq!(log[1]["detail"]["server_message"], "execution reverted");
+    assert_eq!(log[1]["detail"]["upstream_status"], "402");
+    wait_for("the payment.note webhook", Duration::from_secs(10), || async {
+        let requests = receiver.received_requests().await.unwrap_or_default();
+        requests.iter().filter_map(|r| serde_json::from_slice::<Value>(&r.body).ok()).any(|alert| {
+            alert["type"] == "payment.note" && alert["data"]["detail"]["server_reason"] == "transaction_failed"
+        })
+    })
+    .await;
+}
+
+/// Issue 13 case 10: the same Idempotency-Key with any other request is a conflict (before
+/// anything is held or signed), and a replay answers with the first answer's status.
+#[tokio::test]
+async fn the_same_key_with_another_request_is_a_conflict() {
+    let app = app_with(config()).await;
+    let server = v2_server("10000").await;
+    let agent = app.create_agent("keyed", 1_000_000, None).await;
+    let url = format!("{}/weather", server.uri());
+    let first = json!({"url": url, "task": "t1", "max_amount_micros": 20_000});
+    let (status, paid) = fetch(&app, &agent.token, first.clone(), Some("order-1")).await;
+    assert_eq!(status, 200, "{paid}");
+    for other in [
+        json!({"url": url, "task": "t2", "max_amount_micros": 20_000}),
+        json!({"url": url, "task": "t1", "max_amount_micros": 30_000}),
+        json!({"url": url, "task": "t1", "max_amount_micros": 20_000, "headers": {"accept": "text/plain"}}),
+        json!({"url": url, "task": "t1", "max_amount_micros": 20_000, "method": "POST", "body": "x"}),
+    ] {
+        let (status, body) = fetch(&app, &agent.token, other.clone(), Some("order-1")).await;
+        assert_eq!((status, body["code"].as_str()), (422, Some("idempotency_conflict")), "{other}: {body}");
+    }
+    let (status, again) = fetch(&app, &agent.token, first, Some("order-1")).await;
+    assert_eq!((status, again["replayed"].as_bool(), again["status"].as_u64()), (200, Some(true), Some(200)));
+    assert_eq!(payments(&server).await.len(), 1, "paid once");
+    assert_eq!(events(&log_of(&app, &agent).await), ["hold", "settle"]);
+
+    // The generic holds: another task, amount, TTL or details under the same key is a conflict;
+    // the replay of a created hold is a 201 again.
+    let hold = |body: Value| {
+        let (app, agent) = (&app, &agent);
+        async move {
+            let response = app
+                .http
+                .post(app.url("/v1/holds"))
+                .bearer_auth(&agent.token)
+                .header("Idempotency-Key", "h-1")
+                .json(&body)
+                .send()
+                .await
+                .expect("hold");
+            (response.status().as_u16(), response.json::<Value>().await.expect("json"))
+        }
+    };
+    let base = json!({"amount_micros": 5_000, "service": "api.example.com", "task": "a"});
+    let (status, created) = hold(base.clone()).await;
+    assert_eq!((status, created["replayed"].as_bool()), (201, Some(false)));
+    for other in [
+        json!({"amount_micros": 5_000, "service": "api.example.com", "task": "b"}),
+        json!({"amount_micros": 5_001, "service": "api.example.com", "task": "a"}),
+        json!({"amount_micros": 5_000, "service": "api.example.com", "task": "a", "ttl_secs": 60}),
+        json!({"amount_micros": 5_000, "service": "api.example.com", "task": "a", "details": {"k": "v"}}),
+    ] {
+        let (status, body) = hold(other.clone()).await;
+        assert_eq!((status, body["code"].as_str()), (422, Some("idempotency_conflict")), "{other}: {body}");
+    }
+    // The default TTL spelled out is the same request.
+    let (status, replayed) =
+        hold(json!({"amount_micros": 5_000, "service": "api.example.com", "task": "a", "ttl_secs": 300})).await;
+    assert_eq!((status, replayed["replayed"].as_bool(), &replayed["hold_id"]), (201, Some(true), &created["hold_id"]));
+    assert_eq!(me(&app, &agent).await["held_micros"], 5_000);
+}
+
+/// A paid request whose answer is lost may have moved money: the hold becomes `unknown` (listed,
+/// counted, never expires), a retry with the same key resumes it with the same authorization and
+/// settles it; without a retry it stays counted past `validBefore`.
+#[tokio::test]
+async fn a_lost_answer_stays_counted_as_unknown_until_a_retry_settles_it() {
+    let app = app_with(X402Config { timeout: Duration::from_millis(1_000), ..config() }).await;
+    let server = MockServer::start().await;
+    Mock::given(path("/weather"))
+        .and(header_exists("payment-signature"))
+        .respond_with(v2_paid().set_delay(Duration::from_secs(5)))
+        .up_to_n_times(2)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(path("/weather"))
+        .and(header_exists("payment-signature"))
+        .respond_with(v2_paid())
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    Mock::given(path("/weather")).respond_with(v2_402(&v2_required("10000"))).with_priority(10).mount(&server).await;
+    let agent = app.create_agent("unsure-x402", 1_000_000, None).await;
+    let resumed = json!({"url": format!("{}/weather", server.uri()), "task": "resumed"});
+    let abandoned = json!({"url": format!("{}/weather", server.uri()), "task": "abandoned"});
+
+    let (status, lost) = fetch(&app, &agent.token, resumed.clone(), Some("r-1")).await;
+    assert_eq!((status, lost["code"].as_str()), (504, Some("x402_payment_outcome_unknown")), "{lost}");
+    let (status, left) = fetch(&app, &agent.token, abandoned.clone(), Some("a-1")).await;
+    assert_eq!((status, left["code"].as_str()), (504, Some("x402_payment_outcome_unknown")), "{left}");
+    let (_, listed) = app.agent_call(&agent.token, Method::GET, "/v1/holds?state=unknown", None).await;
+    let mut ids: Vec<&str> =
+        listed["holds"].as_array().expect("holds").iter().filter_map(|h| h["hold_id"].as_str()).collect();
+    ids.sort_unstable();
+    let mut expected = vec![lost["hold_id"].as_str().expect("id"), left["hold_id"].as_str().expect("id")];
+    expected.sort_unstable();
+    assert_eq!(ids, expected, "exactly the lost answers are unknown");
+    assert!(listed["holds"][0]["reason"].as_str().expect("reason").starts_with("x402_outcome_unknown"));
+    let balance = me(&app, &agent).await;
+    assert_eq!((balance["held_micros"].as_u64(), balance["unknown_micros"].as_u64()), (Some(20_000), Some(20_000)));
+
+    // The retry resumes with the same authorization and settles the unknown hold.
+    let (status, settled) = fetch(&app, &agent.token, resumed.clone(), Some("r-1")).await;
+    assert_eq!(status, 200, "{settled}");
+    assert_eq!(
+        (settled["payment"]["status"].as_str(), settled["payment"]["hold_id"].as_str()),
+        (Some("settled"), lost["hold_id"].as_str())
+    );
+    let sent = payments(&server).await;
+    assert_eq!(sent.len(), 3);
+    assert_eq!(sent[0], sent[2], "the very same signed authorization");
+
+    // The other one stays counted long after its validBefore: nothing says no money moved.
+    app.clock.advance_ms(3_600_000);
+    let balance = me(&app, &agent).await;
+    assert_eq!(
+        (balance["spent_micros"].as_u64(), balance["held_micros"].as_u64(), balance["unknown_micros"].as_u64()),
+        (Some(10_000), Some(10_000), Some(10_000))
+    );
+    let (status, late) = fetch(&app, &agent.token, abandoned, Some("a-1")).await;
+    assert_eq!((status, late["code"].as_str()), (409, Some("x402_payment_outcome_unknown")), "{late}");
+    assert_eq!(payments(&server).await.len(), 3, "nothing is sent once the authorization ran out");
+    let log = log_of(&app, &agent).await;
+    assert_eq!(events(&log), ["hold", "unknown", "hold", "unknown", "settle"]);
+}
+
+/// A resource server with its facilitator: it settles each authorization at most once (by
+/// nonce) and records what it settled. `mode` in the query string says how it answers a paid
+/// request: `ok`, `decline` (402 with a failed settlement report, nothing settled), `lost`
+/// (settles, then answers too late the first time; a re-sent authorization gets its settlement
+/// again at once), `slow` (even the unpaid request is answered too late).
+#[derive(Clone, Default)]
+struct Facilitator {
+    settled: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Facilitator {
+    fn total(&self) -> u64 {
+        self.settled.lock().expect("lock").values().sum()
+    }
+}
+
+impl wiremock::Respond for Facilitator {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        let query: BTreeMap<String, String> = request.url.query_pairs().into_owned().collect();
+        let price: u64 = query.get("price").and_then(|p| p.parse().ok()).unwrap_or(1_000);
+        let mode = query.get("mode").cloned().unwrap_or_default();
+        let late = Duration::from_secs(3);
+        let Ok(payment) = parse_payment_header(&request.headers) else {
+            let unpaid = v2_402(&v2_required(&price.to_string()));
+            return if mode == "slow" { unpaid.set_delay(late) } else { unpaid };
+        };
+        let authorization = &payment.exact().authorization;
+        let nonce = authorization.nonce.clone();
+        if mode == "decline" {
+            return ResponseTemplate::new(402)
+                .insert_header("payment-response", base64_json(&fixture("settlement_failure.json")))
+                .set_body_raw(r#"{"error":"declined"}"#, "application/json");
+        }
+        let value: u64 = authorization.value.parse().expect("value");
+        let first = self.settled.lock().expect("lock").insert(nonce, value).is_none();
+        let paid = v2_paid();
+        if mode == "lost" && first {
+            paid.set_delay(late)
+        } else {
+            paid
+        }
+    }
+}
+
+/// Issue 13, x402: over a run with declines, timeouts, lost answers, duplicate keys and retries,
+/// what the facilitator settled equals what the ledger settled for x402, and the holds left
+/// `unknown` are exactly the lost answers not yet retried.
+#[tokio::test]
+async fn what_the_facilitator_settled_is_what_the_ledger_settled() {
+    let app = app_with(X402Config { timeout: Duration::from_millis(1_000), ..config() }).await;
+    let server = MockServer::start().await;
+    let facilitator = Facilitator::default();
+    Mock::given(path("/item")).respond_with(facilitator.clone()).mount(&server).await;
+    let agent = app.create_agent("e2e-x402", 10_000_000, None).await;
+    let buy = |n: u64, mode: &'static str| {
+        let (app, agent, base) = (&app, &agent, server.uri());
+        async move {
+            let url = format!("{base}/item?n={n}&mode={mode}&price={}", 1_000 * n);
+            fetch(app, &agent.token, json!({"url": url, "task": format!("task-{n}")}), Some(&format!("key-{n}"))).await
+        }
+    };
+    let settled_in_ledger = || async {
+        let log = log_of(&app, &agent).await;
+        log.iter()
+            .filter(|e| e["event"] == "settle" && e["protocol"] == "x402")
+            .map(|e| e["amount"].as_u64().expect("amount"))
+            .sum::<u64>()
+    };
+
+    for n in 1..=4 {
+        let (status, body) = buy(n, "ok").await;
+        assert_eq!((status, body["payment"]["status"].as_str()), (200, Some("settled")), "{body}");
+    }
+    let (status, duplicate) = buy(2, "ok").await;
+    assert_eq!((status, duplicate["replayed"].as_bool()), (200, Some(true)), "a duplicate key replays");
+    for n in 5..=6 {
+        let (status, body) = buy(n, "decline").await;
+        assert_eq!(
+            (status, body["code"].as_str(), body["reason"].as_str()),
+            (402, Some("x402_payment_rejected"), Some("insufficient_funds"))
+        );
+    }
+    let (status, body) = buy(7, "slow").await;
+    assert_eq!((status, body["code"].as_str()), (504, Some("x402_upstream_timeout")), "nothing held: {body}");
+    let mut lost = BTreeMap::new();
+    for n in 8..=10 {
+        let (status, body) = buy(n, "lost").await;
+        assert_eq!((status, body["code"].as_str()), (504, Some("x402_payment_outcome_unknown")), "{body}");
+        lost.insert(n, body["hold_id"].as_str().expect("hold").to_owned());
+    }
+
+    // Every lost answer, and nothing else, is unknown; the difference is exactly their sum.
+    let unknown = || {
+        let (app, token) = (&app, agent.token.clone());
+        async move {
+            let (_, listed) = app.agent_call(&token, Method::GET, "/v1/holds?state=unknown", None).await;
+            listed["holds"]
+                .as_array()
+                .expect("holds")
+                .iter()
+                .map(|h| h["hold_id"].as_str().expect("id").to_owned())
+                .collect::<BTreeSet<String>>()
+        }
+    };
+    assert_eq!(unknown().await, lost.values().cloned().collect::<BTreeSet<_>>());
+    assert_eq!(facilitator.total(), 1_000 * (1 + 2 + 3 + 4 + 8 + 9 + 10));
+    assert_eq!(facilitator.total() - settled_in_ledger().await, 1_000 * (8 + 9 + 10));
+
+    // Retries with the same keys resume the same authorizations and settle.
+    for n in [8, 9] {
+        let (status, body) = buy(n, "lost").await;
+        assert_eq!((status, body["payment"]["hold_id"].as_str()), (200, Some(lost[&n].as_str())), "{body}");
+    }
+    assert_eq!(unknown().await, BTreeSet::from([lost[&10].clone()]));
+    // Long past every validBefore: the declined authorizations' holds are released, the lost one
+    // still counts.
+    app.clock.advance_ms(3_600_000);
+    let balance = me(&app, &agent).await;
+    assert_eq!((balance["held_micros"].as_u64(), balance["unknown_micros"].as_u64()), (Some(10_000), Some(10_000)));
+    // An admin who checked the chain settles it.
+    let (status, resolved) = app
+        .admin(
+            Method::POST,
+            &format!("/v1/holds/{}/resolve", lost[&10]),
+            Some(json!({"outcome": "settled", "amount_micros": 10_000, "reason": "the transfer is on chain"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{resolved}");
+
+    assert_eq!(settled_in_ledger().await, facilitator.total(), "the two sums are equal");
+    let balance = me(&app, &agent).await;
+    assert_eq!(
+        (balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()),
+        (Some(facilitator.total()), Some(0))
+    );
+    let log = log_of(&app, &agent).await;
+    assert_eq!(log.iter().filter(|e| e["event"] == "hold").count(), 9, "one hold per purchase, none for the timeout");
+    assert_eq!(log.iter().filter(|e| e["event"] == "expire").count(), 2, "the declined ones, at validBefore");
 }

@@ -3,14 +3,18 @@
 //! ```text
 //! verify the agent ─▶ fetch unpaid ─▶ 402? ─▶ parse, choose (policy) ─▶ pay::hold (idempotent)
 //!   ─▶ sign (fresh terms, or the stored ones when the purchase resumes) ─▶ fetch with payment
-//!   ─▶ settled: pay::settle + receipt, finish(Done)   ─▶ 402 again: note, keep the hold
-//!   ─▶ no answer: note, keep the hold, finish(Release) so that a retry re-sends the same one
+//!   ─▶ settled (whatever the status): pay::settle + receipt, finish(Done)
+//!   ─▶ 402 again / failed settlement report: note (the provider's reason), keep the hold until
+//!      validBefore, finish(Release)
+//!   ─▶ no answer, or no settlement report: pay::mark_unknown (counted, never expires),
+//!      finish(Release) so that a retry re-sends the same authorization and settles it
 //! ```
 //!
 //! Nothing is held or signed before the 402 has been read and the policy accepted it, and
 //! nothing is signed before the ledger granted the hold. A signed authorization is never voided:
 //! anyone holding it could still settle it until its `validBefore`, so its hold stays until the
-//! server confirms the settlement or the ledger expires it at `validBefore`.
+//! server confirms the settlement or the ledger expires it at `validBefore` — and when nothing
+//! says whether it settled, it stays `unknown` (counted) until a retry or an admin resolves it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -258,12 +262,51 @@ fn unpaid_failure(err: UpstreamError) -> ApiError {
     }
 }
 
+/// The upstream's answer for an error body: status, headers (lowercase names, repeated ones
+/// joined with ", ") and body (text, or `body_base64`).
+fn upstream_json(answer: &Answer) -> Value {
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in &answer.headers {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        headers.entry(name.as_str().to_owned()).and_modify(|v| *v = format!("{v}, {value}")).or_insert(value);
+    }
+    match std::str::from_utf8(&answer.body) {
+        Ok(text) => json!({ "status": answer.status.as_u16(), "headers": headers, "body": text }),
+        Err(_) => {
+            json!({ "status": answer.status.as_u16(), "headers": headers, "body_base64": STANDARD.encode(&answer.body) })
+        }
+    }
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Everything the agent asked for, normalised: method, URL, the headers sent upstream (lowercase
+/// names, values in order), the body's digest, the task and the agent's maximum.
+fn request_json(request: &FetchRequest) -> Value {
+    let outgoing = &request.outgoing;
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in &outgoing.headers {
+        headers
+            .entry(name.as_str().to_owned())
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    json!({
+        "method": outgoing.method.as_str(),
+        "url": outgoing.url.as_str(),
+        "headers": headers,
+        "body_sha256": sha256_hex(&outgoing.body),
+        "task": request.task,
+        "max_amount_micros": request.max_amount.map(Micros::get),
+    })
+}
+
 /// The purchase's idempotency key: the agent's own, or one derived from what it asked for (task,
-/// method, URL, body), so that a plain retry of the same request is the same purchase.
+/// method, URL, body), so that a plain retry of the same request is the same purchase. A retry
+/// that changes anything else (headers, maximum) is the same purchase too, and so a conflict:
+/// resuming it must never sign a second authorization.
 fn purchase_key(request: &FetchRequest) -> String {
     match &request.idempotency_key {
         Some(key) => format!("x402:k:{key}"),
@@ -276,27 +319,29 @@ fn purchase_key(request: &FetchRequest) -> String {
     }
 }
 
-/// What a purchase key stands for: the request and the requirement chosen for it. The same key
-/// with another request, another price or another payee is an `idempotency_conflict`.
+/// What a purchase key stands for: the whole request and the requirement chosen for it. The
+/// same key with any other request (task, maximum, headers, body, ...), price or payee is an
+/// `idempotency_conflict`.
 fn fingerprint(request: &FetchRequest, choice: &Choice) -> String {
-    let outgoing = &request.outgoing;
-    let material = format!(
-        "{}\n{}\n{}\nv{} {} {} {} {} {} {}",
-        outgoing.method,
-        outgoing.url,
-        sha256_hex(&outgoing.body),
-        choice.version(),
-        match choice.requirement() {
-            ChosenRequirement::V1(requirement) => requirement.scheme.as_str(),
-            ChosenRequirement::V2(requirement) => requirement.scheme.as_str(),
-        },
-        choice.network(),
-        choice.atomic_amount(),
-        choice.asset(),
-        choice.pay_to(),
-        choice.timeout_secs(),
-    );
-    sha256_hex(material.as_bytes())
+    let scheme = match choice.requirement() {
+        ChosenRequirement::V1(requirement) => requirement.scheme.as_str(),
+        ChosenRequirement::V2(requirement) => requirement.scheme.as_str(),
+    };
+    crate::fingerprint::of(
+        "x402.fetch",
+        &json!({
+            "request": request_json(request),
+            "payment": {
+                "version": choice.version().to_string(),
+                "scheme": scheme,
+                "network": choice.network(),
+                "amount": choice.atomic_amount().to_string(),
+                "asset": choice.asset().to_string(),
+                "pay_to": choice.pay_to().to_string(),
+                "timeout_secs": choice.timeout_secs(),
+            },
+        }),
+    )
 }
 
 /// Says what an `idempotency_conflict` means for a fetch.
@@ -456,7 +501,20 @@ async fn resumable(state: &AppState, agent: &AgentAuth, hold: &HoldId) -> Result
         )
         .with_extra(json!({ "hold_id": hold.to_string(), "nonce": details.get("nonce") }))
     };
-    if info.state != "open" || info.expires_at_ms < state.clock.now_ms() + SETTLE_MARGIN_MS + MIN_SEND_MS {
+    let sendable = info.expires_at_ms >= state.clock.now_ms() + SETTLE_MARGIN_MS + MIN_SEND_MS;
+    if info.state == "unknown" && !sendable {
+        // It may have settled: it stays counted until an admin (or a read-back) resolves it.
+        return Err(error(
+            StatusCode::CONFLICT,
+            "x402_payment_outcome_unknown",
+            "the payment of this purchase was sent without an answer and its authorization can no longer be \
+             sent again; the amount stays held until an admin resolves it (GET /v1/holds?state=unknown)",
+        )
+        .with_extra(
+            json!({ "hold_id": hold.to_string(), "amount_micros": info.amount.get(), "nonce": details.get("nonce") }),
+        ));
+    }
+    if (info.state != "open" && info.state != "unknown") || !sendable {
         return Err(expired());
     }
     Terms::read(&details).ok_or_else(|| ApiError::internal(format!("hold {hold} lacks its x402 terms")))
@@ -557,7 +615,13 @@ impl Paying<'_> {
             network = self.choice.network(), asset = %self.choice.asset(), nonce = %self.purchase.terms.nonce,
             amount = self.choice.amount().get(), resumed = self.purchase.resumed, "x402: sending payment");
         match self.engine.upstream.send(outgoing, Some(&header), timeout).await {
-            Ok(answer) if answer.status == StatusCode::PAYMENT_REQUIRED => Err(self.rejected(&answer).await),
+            // A known charge is settled whatever the answer looks like, even a 402.
+            Ok(answer)
+                if answer.status == StatusCode::PAYMENT_REQUIRED
+                    && !parse_settlement(&answer.headers, self.choice.version()).is_ok_and(|s| s.success) =>
+            {
+                Err(self.rejected(&answer).await)
+            }
             Ok(answer) => self.answered(answer).await,
             Err(UpstreamError::Body { status, headers, .. }) if status == StatusCode::PAYMENT_REQUIRED => {
                 Err(self.rejected(&Answer { status, headers, body: Default::default() }).await)
@@ -628,13 +692,29 @@ impl Paying<'_> {
     /// hold stays too, and the ledger releases it then. A retry of the same purchase re-sends
     /// the same authorization.
     async fn rejected(&self, answer: &Answer) -> ApiError {
-        let reason = parse_payment_required(&answer.headers, &answer.body)
-            .ok()
-            .and_then(|required| required.error().map(clip))
+        // The settlement report says why a settlement failed; the 402's `error` why the payment
+        // was refused. Either is the provider's reason.
+        let settlement = parse_settlement(&answer.headers, self.choice.version()).ok();
+        let reason = settlement
+            .as_ref()
+            .and_then(|s| s.error_reason.clone())
+            .or_else(|| {
+                parse_payment_required(&answer.headers, &answer.body).ok().and_then(|r| r.error().map(str::to_owned))
+            })
+            .map(|r| clip(&r))
             .unwrap_or_else(|| "unspecified".to_owned());
+        let message = settlement.and_then(|s| s.error_message).map(|m| clip(&m));
         tracing::warn!(agent = %self.agent.agent, service = %self.service(), nonce = %self.purchase.terms.nonce,
             reason = %reason, "x402: payment rejected; the hold stays until validBefore");
-        self.note("x402_payment_rejected", &[("server_reason", reason.clone())]).await;
+        let mut facts = vec![
+            ("server_reason", reason.clone()),
+            ("upstream_status", answer.status.as_u16().to_string()),
+            ("upstream_body", String::from_utf8_lossy(&answer.body).into_owned()),
+        ];
+        if let Some(message) = &message {
+            facts.push(("server_message", message.clone()));
+        }
+        self.note("x402_payment_rejected", &facts).await;
         finish(self.state, self.agent, &self.key, IdempotencyFinish::Release).await;
         error(
             StatusCode::PAYMENT_REQUIRED,
@@ -643,6 +723,8 @@ impl Paying<'_> {
         )
         .with_extra(json!({
             "reason": reason,
+            "message": message,
+            "upstream": upstream_json(answer),
             "hold_id": self.purchase.hold.to_string(),
             "amount_micros": self.choice.amount().get(),
             "held_until_ms": self.valid_before() * 1000,
@@ -650,27 +732,39 @@ impl Paying<'_> {
         }))
     }
 
-    /// No answer to a sent payment: it may have settled. The hold stays, and the purchase key is
-    /// released so that a retry re-sends the same authorization (never a second one).
+    /// Marks the hold `unknown`: the payment was sent and nothing says whether it settled. The
+    /// hold stays counted and never expires until a retry gets the answer or an admin resolves it.
+    async fn mark_unknown(&self, reason: &str) {
+        let reason = format!("x402_outcome_unknown: {}", clip(reason));
+        if let Err(err) = pay::mark_unknown(self.state, &self.purchase.hold, &reason).await {
+            tracing::error!(hold = %self.purchase.hold, code = err.code,
+                "x402: could not mark a payment's outcome unknown; its hold lapses at validBefore");
+        }
+    }
+
+    /// No answer to a sent payment: it may have settled. The hold becomes `unknown` (counted,
+    /// never expires), and the purchase key is released so that a retry re-sends the same
+    /// authorization (never a second one) and settles on success.
     async fn unknown(&self, detail: String, timed_out: bool) -> ApiError {
         tracing::warn!(agent = %self.agent.agent, service = %self.service(), nonce = %self.purchase.terms.nonce,
-            detail = %detail, "x402: payment outcome unknown; the hold stays until validBefore");
-        self.note("x402_outcome_unknown", &[("error", detail.clone())]).await;
+            detail = %detail, "x402: payment outcome unknown; the hold stays counted until resolved");
+        self.mark_unknown(&detail).await;
         finish(self.state, self.agent, &self.key, IdempotencyFinish::Release).await;
         let status = if timed_out { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
         error(
             status,
             "x402_payment_outcome_unknown",
             format!(
-                "the payment was sent but no answer came back ({}); retry the same request to resume the same \
-                 purchase with the same authorization",
+                "the payment was sent but no answer came back ({}); money may have moved, so the amount stays \
+                 held until the outcome is known: retry the same request (before valid_before) to resume the \
+                 same purchase with the same authorization",
                 clip(&detail)
             ),
         )
         .with_extra(json!({
             "hold_id": self.purchase.hold.to_string(),
             "amount_micros": self.choice.amount().get(),
-            "held_until_ms": self.valid_before() * 1000,
+            "valid_before": self.valid_before(),
             "nonce": self.purchase.terms.nonce.to_string(),
         }))
     }
@@ -689,17 +783,29 @@ impl Paying<'_> {
             outcome => {
                 // No confirmation (or a failure report): the authorization may still settle, so
                 // the hold stays until validBefore; a retry re-sends the same authorization.
-                let reason = match outcome {
-                    Ok(settlement) => settlement.error_reason.unwrap_or_else(|| "settlement_failed".to_owned()),
-                    Err(err) => err.code().to_owned(),
+                let (reason, reported) = match outcome {
+                    Ok(settlement) => (settlement.error_reason.unwrap_or_else(|| "settlement_failed".to_owned()), true),
+                    Err(err) => (err.code().to_owned(), false),
                 };
                 tracing::warn!(agent = %self.agent.agent, service = %self.service(), nonce = %self.purchase.terms.nonce,
                     status = answer.status.as_u16(), reason = %reason, "x402: settlement not confirmed");
-                self.note(
-                    "x402_settlement_unconfirmed",
-                    &[("reason", reason.clone()), ("upstream_status", answer.status.as_u16().to_string())],
-                )
-                .await;
+                if reported {
+                    // The server reported a failed settlement: the authorization stays live until
+                    // validBefore, and its hold with it.
+                    self.note(
+                        "x402_settlement_unconfirmed",
+                        &[("reason", reason.clone()), ("upstream_status", answer.status.as_u16().to_string())],
+                    )
+                    .await;
+                } else {
+                    // The server answered without any settlement report: it may well have
+                    // settled. Nothing says no money moved, so the outcome is unknown.
+                    self.mark_unknown(&format!(
+                        "HTTP {} without a settlement report ({reason})",
+                        answer.status.as_u16()
+                    ))
+                    .await;
+                }
                 finish(self.state, self.agent, &self.key, IdempotencyFinish::Release).await;
                 let mut view = self.view(PaymentStatus::Unconfirmed);
                 view.reason = Some(clip(&reason));
