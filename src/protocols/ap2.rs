@@ -434,6 +434,78 @@ pub(crate) async fn ensure_bucket(
     Ok((id, created))
 }
 
+/// Who paid a signed object first: the idempotency key and request fingerprint that every later
+/// request for the same object is answered with.
+pub(crate) struct Claim {
+    /// The budget bucket that lets the object be paid once: capped at its total, exclusive.
+    pub bucket: String,
+    pub key: String,
+    pub fingerprint: String,
+}
+
+/// Claims a merchant-signed object (a v0.2 checkout, a v0.1 cart) for one payment.
+///
+/// The object gets a budget bucket of its own, keyed on its signed content and capped at its
+/// total: every hold that pays it charges the bucket too, so however many idempotency keys,
+/// requests and instances try, the ledger lets it be held (and paid) once at a time and settled
+/// at most once. The first request's idempotency key and fingerprint are the bucket's label;
+/// later requests with other keys are answered as that first one (replayed, or resumed).
+pub(crate) async fn claim_payment(
+    state: &AppState,
+    agent: &AgentId,
+    bucket: String,
+    total: Micros,
+    key: &str,
+    fingerprint: &str,
+) -> Result<Claim, ApiError> {
+    let label = json!({ "first_key": key, "fingerprint": fingerprint }).to_string();
+    let taken = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "ap2_checkout_taken",
+            "another agent is paying this merchant-signed checkout",
+        )
+    };
+    let created = state.ledger.create_bucket(state.clock.now_ms(), agent, &bucket, total, true, &label).await.map_err(
+        |e| match e {
+            crate::ledger::LedgerError::BucketExists => taken(),
+            other => agent_scoped(other),
+        },
+    )?;
+    if created {
+        return Ok(Claim { bucket, key: key.to_owned(), fingerprint: fingerprint.to_owned() });
+    }
+    let stored = state
+        .ledger
+        .bucket(agent.tree(), &bucket)
+        .await?
+        .ok_or_else(|| ApiError::internal("a payment's budget bucket vanished after it was created"))?;
+    if stored.agent != *agent {
+        return Err(taken());
+    }
+    let first: Value = serde_json::from_str(&stored.label).map_err(ApiError::internal)?;
+    match (first["first_key"].as_str(), first["fingerprint"].as_str()) {
+        (Some(first_key), Some(first_fingerprint)) => {
+            Ok(Claim { bucket, key: first_key.to_owned(), fingerprint: first_fingerprint.to_owned() })
+        }
+        _ => Err(ApiError::internal("a payment's budget bucket has no first request")),
+    }
+}
+
+impl Claim {
+    /// The idempotency the hold is made with: this request's own key and fingerprint when it was
+    /// the first (so that the same key with another request is `idempotency_conflict`), else
+    /// the first request's (so that it is replayed or resumed, never paid again).
+    pub fn idempotency(&self, own_key: &str, own_fingerprint: &str) -> (String, String) {
+        if self.key == own_key {
+            (own_key.to_owned(), own_fingerprint.to_owned())
+        } else {
+            tracing::info!(first_key = %self.key, "a merchant-signed object already claimed: answering as its first request");
+            (self.key.clone(), self.fingerprint.clone())
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug)]
 pub struct KeyView {
     pub agent_id: String,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use adapters::conformance::ConformanceSink;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use p256::ecdsa::signature::{Signer, Verifier};
+use p256::ecdsa::signature::{RandomizedSigner, Verifier};
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -72,9 +72,33 @@ impl TestKey {
             header["kid"] = json!(kid);
         }
         let input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(payload_text.as_bytes()));
-        let signature: Signature = self.signing.sign(input.as_bytes());
+        self.sign_input(&input)
+    }
+
+    /// Signs a JWS signing input (`header.payload`), hedged (a new signature each time), in the
+    /// low-S form verifiers accept.
+    fn sign_input(&self, input: &str) -> String {
+        let signature: Signature =
+            self.signing.sign_with_rng(&mut p256::elliptic_curve::rand_core::OsRng, input.as_bytes());
+        let signature = signature.normalize_s().unwrap_or(signature);
         format!("{input}.{}", b64(&signature.to_bytes()))
     }
+}
+
+/// `(r, n - s)`: the re-encoded copy of a compact JWS anyone can make without the key. It is a
+/// valid ECDSA signature of the same bytes.
+fn high_s(jwt: &str) -> String {
+    let (input, signature) = jwt.rsplit_once('.').expect("a JWS");
+    let signature = Signature::from_slice(&unb64(signature)).expect("r || s");
+    let (r, s) = signature.split_scalars();
+    let flipped = Signature::from_scalars(r.to_bytes(), (-*s).to_bytes()).expect("a valid signature");
+    format!("{input}.{}", b64(&flipped.to_bytes()))
+}
+
+/// What a compact JWS's signer signed (`header.payload`), hashed: the identity the daemon keys
+/// mandates and checkouts by.
+fn content_id(jwt: &str) -> String {
+    sha256_b64(jwt.rsplit_once('.').expect("a JWS").0)
 }
 
 /// Verifies a compact ES256 JWS with a public JWK; returns (header, payload).
@@ -443,7 +467,7 @@ async fn me(app: &TestApp, agent: &Agent) -> Value {
 
 async fn mandate_budget(app: &TestApp, agent: &Agent, mandates: &OpenMandates) -> Value {
     let (open_jwt, _) = mandates.payment.split_once('~').expect("SD-JWT");
-    let id = sha256_b64(open_jwt);
+    let id = content_id(open_jwt);
     let (status, body) =
         app.agent_call(&agent.token, reqwest::Method::GET, &format!("/v1/ap2/mandates/{id}"), None).await;
     assert_eq!(status, 200, "{body}");
@@ -572,8 +596,12 @@ async fn ap2_v02_human_not_present_purchase_end_to_end() {
     let holds = log_of(&log, "hold");
     let settles = log_of(&log, "settle");
     assert_eq!((holds.len(), settles.len()), (1, 1), "{log:?}");
-    let payment_mandate_id = sha256_b64(mandates.payment.split('~').next().expect("jwt"));
-    assert_eq!(holds[0]["bucket"], format!("ap2:pm:{payment_mandate_id}"));
+    let payment_mandate_id = content_id(mandates.payment.split('~').next().expect("jwt"));
+    assert_eq!(
+        holds[0]["bucket"],
+        format!("ap2:pm:{payment_mandate_id},ap2:co:{}", content_id(&checkout_jwt)),
+        "charged to the mandate's budget and the checkout's own"
+    );
     for entry in [holds[0], settles[0]] {
         assert_eq!(entry["service"], "merchant-1.example");
         assert_eq!(entry["protocol"], "ap2");
@@ -583,7 +611,7 @@ async fn ap2_v02_human_not_present_purchase_end_to_end() {
     assert_eq!(detail["checkout_id"], "chk_e2e");
     assert_eq!(detail["merchant_id"], "merchant_1");
     assert_eq!(detail["payment_mandate_id"], payment_mandate_id);
-    assert_eq!(detail["checkout_mandate_id"], sha256_b64(mandates.checkout.split('~').next().expect("jwt")));
+    assert_eq!(detail["checkout_mandate_id"], content_id(mandates.checkout.split('~').next().expect("jwt")));
     assert_eq!(detail["payment_receipt_reference"], sha256_b64(&closed_jwt(payment_chain)));
     assert_eq!(detail["order_id"], "order_0");
     assert_eq!(paid["receipt"]["receipt"]["service"], "merchant-1.example");
@@ -847,16 +875,14 @@ async fn ap2_error_receipt_voids_the_hold_and_a_forged_receipt_never_settles() {
             }
             MerchantMode::ForgedReceipt => {
                 // A receipt that does not verify proves nothing: the merchant may have charged,
-                // so the hold stays until the closed mandates are dead, then comes back.
+                // so the hold stays, counted, as `unknown` (see the test below).
                 assert_eq!(status, 502, "{body}");
                 assert_eq!(body["code"], "ap2_receipt_invalid");
                 assert_eq!(body["provider_code"], "ap2_bad_signature");
+                assert_eq!(body["hold_state"], "unknown");
                 assert_eq!(notes[0]["reason"], "ap2_receipt_invalid");
                 assert!(log_of(&log, "void").is_empty());
                 assert_eq!(balance["held_micros"], 146_260_000);
-                app.clock.advance_ms(361_000);
-                let after = me(&app, &agent).await;
-                assert_eq!((after["spent_micros"].as_u64(), after["held_micros"].as_u64()), (Some(0), Some(0)));
             }
             MerchantMode::Paid => unreachable!("not a failure mode"),
         }
@@ -1067,4 +1093,692 @@ fn ap2_configuration_loads_from_the_file_and_the_kek_from_env_or_file_never_echo
     let typo_args = Ap2Args { ap2_config: Some(typo), ..Ap2Args::default() };
     assert!(Ap2Config::from_args(&typo_args).expect_err("refused").to_string().contains("trusted_isuers"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- issue 13: signatures, one payment per checkout, idempotency, early refusals ----
+
+/// Two daemon instances on one Redis, paying through the same providers.
+async fn two_instances(
+    cp: &MockServer,
+    merchants: &[(&str, &MockServer)],
+    v01: Option<&MockServer>,
+) -> (TestApp, TestApp) {
+    let first = spawn(ap2_config(cp, merchants, v01)).await;
+    let second = spawn_app_with(AppOptions {
+        redis: Some((first.redis.clone().expect("redis"), "sc".into())),
+        protocols: ProtocolConfig { ap2: ap2_config(cp, merchants, v01), ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    (first, second)
+}
+
+async fn pay_with(app: &TestApp, agent: &Agent, key: Option<&str>, body: Value) -> (u16, Value) {
+    let mut request = app.http.post(app.url("/v1/ap2/payments")).bearer_auth(&agent.token).json(&body);
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON"))
+}
+
+fn payment_body(mandates: &OpenMandates, checkout_jwt: &str, task: &str) -> Value {
+    json!({ "checkout_jwt": checkout_jwt, "open_checkout_mandate": mandates.checkout,
+            "open_payment_mandate": mandates.payment, "task": task })
+}
+
+/// The open Payment Mandate with its issuer JWT replaced.
+fn with_issuer_jwt(mandate: &str, jwt: &str) -> String {
+    let (_, rest) = mandate.split_once('~').expect("SD-JWT");
+    format!("{jwt}~{rest}")
+}
+
+#[tokio::test]
+async fn ap2_a_high_s_or_re_signed_copy_of_an_open_mandate_buys_no_second_budget() {
+    let cp = credential_provider(false).await;
+    let shop_1 = merchant_server(MerchantMode::Paid).await;
+    let shop_2 = merchant_server(MerchantMode::Paid).await;
+    let merchants = [("merchant_1", &shop_1), ("merchant_2", &shop_2)];
+    let (first, second) = two_instances(&cp, &merchants, None).await;
+    let agent = first.create_agent("malleable", 1_000 * USD, None).await;
+    let jwk = agent_jwk(&first, &agent).await;
+    let now = (first.clock.now_ms() / 1000) as i64;
+    let terms = MandateTerms {
+        budget: Some("100.00"),
+        min_cents: 100,
+        max_cents: 10_000,
+        payees: vec!["merchant_1", "merchant_2"],
+        merchants: vec!["merchant_1", "merchant_2"],
+        items: Items::GiftCard,
+        ..MandateTerms::default()
+    };
+    let user = TestKey::load("user");
+    let mandates = issue_mandates(&user, &jwk, &terms, now);
+    let issuer_jwt = mandates.payment.split('~').next().expect("JWT").to_owned();
+    // The re-encoded copy anyone can make, and a second signature of the same content by the
+    // user's key (a trusted surface that signs twice): both the same open mandate.
+    let high_s_copy = OpenMandates {
+        checkout: mandates.checkout.clone(),
+        payment: with_issuer_jwt(&mandates.payment, &high_s(&issuer_jwt)),
+    };
+    let re_signed = OpenMandates {
+        checkout: mandates.checkout.clone(),
+        payment: with_issuer_jwt(&mandates.payment, &user.sign_input(issuer_jwt.rsplit_once('.').expect("JWS").0)),
+    };
+    assert_ne!(re_signed.payment, mandates.payment);
+    let merchant_key = TestKey::load("merchant");
+    let checkout = |id: &str, shop: &'static str| CheckoutTerms::single(id, shop, 6_000).sign(&merchant_key, now);
+    let (original_checkout, copy_checkout, re_signed_checkout) = (
+        checkout("chk_orig", "merchant_1"),
+        checkout("chk_copy", "merchant_2"),
+        checkout("chk_resigned", "merchant_2"),
+    );
+
+    // $60 under the original on one instance, $60 under each copy on the other, all at once.
+    let (original, copy, again) = tokio::join!(
+        pay(&first, &agent, &mandates, &original_checkout),
+        pay(&second, &agent, &high_s_copy, &copy_checkout),
+        pay(&second, &agent, &re_signed, &re_signed_checkout),
+    );
+    assert_eq!((copy.0, copy.1["code"].as_str()), (422, Some("ap2_signature_not_canonical")), "{}", copy.1);
+    let paid: Vec<&(u16, Value)> = [&original, &again].into_iter().filter(|(status, _)| *status == 200).collect();
+    assert_eq!(paid.len(), 1, "one of the original and the re-signed copy pays: {original:?} {again:?}");
+    for (status, body) in [&original, &again].into_iter().filter(|(status, _)| *status != 200) {
+        assert_eq!(*status, 402, "{body}");
+        assert!(["budget_busy", "budget_exceeded"].contains(&body["code"].as_str().unwrap_or_default()), "{body}");
+    }
+
+    // At most the budget was signed and paid: one closed mandate for $60, one completion.
+    let presented = received(&cp).await;
+    assert_eq!(presented.len(), 1, "{presented:?}");
+    let closed = verify_closed(
+        presented[0]["payment_mandate"].as_str().expect("chain"),
+        if original.0 == 200 { &mandates.payment } else { &re_signed.payment },
+        &jwk,
+        CP_AUDIENCE,
+    );
+    assert_eq!(closed["payment_amount"]["amount"], 6_000);
+    assert_eq!(received(&shop_1).await.len() + received(&shop_2).await.len(), 1);
+    assert_eq!(me(&first, &agent).await["spent_micros"], 60 * USD);
+    let budget = mandate_budget(&second, &agent, &mandates).await;
+    assert_eq!(
+        (budget["spent_micros"].as_u64(), budget["remaining_micros"].as_u64()),
+        (Some(60 * USD), Some(40 * USD))
+    );
+}
+
+#[tokio::test]
+async fn ap2_one_checkout_is_paid_once_whatever_the_idempotency_keys() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let (first, second) = two_instances(&cp, &[("merchant_1", &shop)], None).await;
+    let agent = first.create_agent("double", 1_000 * USD, None).await;
+    let jwk = agent_jwk(&first, &agent).await;
+    let now = (first.clock.now_ms() / 1000) as i64;
+    let terms = MandateTerms { budget: Some("500.00"), ..MandateTerms::default() };
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &terms, now);
+    let merchant_key = TestKey::load("merchant");
+
+    // One after the other, on both instances, with two keys and with none.
+    let checkout_jwt = CheckoutTerms::shoes("chk_once").sign(&merchant_key, now);
+    let body = payment_body(&mandates, &checkout_jwt, "buy-shoes");
+    let (status, paid) = pay_with(&first, &agent, Some("key-a"), body.clone()).await;
+    assert_eq!(status, 200, "{paid}");
+    for (app, key) in [(&second, Some("key-b")), (&first, None), (&second, Some("key-a"))] {
+        let (status, again) = pay_with(app, &agent, key, body.clone()).await;
+        assert_eq!(status, 200, "{key:?}: {again}");
+        assert_eq!((again["replayed"].as_bool(), &again["hold_id"]), (Some(true), &paid["hold_id"]), "{key:?}");
+    }
+    // Another task or instrument under another key changes nothing either: the checkout is paid.
+    let (status, again) =
+        pay_with(&second, &agent, Some("key-c"), payment_body(&mandates, &checkout_jwt, "another-task")).await;
+    assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
+    assert_eq!(received(&cp).await.len(), 1, "one payment token");
+    assert_eq!(received(&shop).await.len(), 1, "one completion");
+    assert_eq!(me(&first, &agent).await["spent_micros"], 146_260_000);
+
+    // At once: four keys on two instances for a new checkout. One payment; the others wait
+    // (409) or replay it.
+    let checkout_jwt = CheckoutTerms { tax_cents: 0, ..CheckoutTerms::shoes("chk_race") }.sign(&merchant_key, now);
+    let body = payment_body(&mandates, &checkout_jwt, "buy-shoes");
+    let keys = ["race-1", "race-2", "race-3", "race-4"];
+    let answers = futures::future::join_all(
+        keys.iter()
+            .enumerate()
+            .map(|(n, key)| pay_with(if n % 2 == 0 { &first } else { &second }, &agent, Some(key), body.clone())),
+    )
+    .await;
+    let paid: Vec<&Value> = answers.iter().filter(|(s, _)| *s == 200).map(|(_, b)| b).collect();
+    assert!(!paid.is_empty(), "{answers:?}");
+    assert!(paid.iter().all(|b| b["hold_id"] == paid[0]["hold_id"]), "{answers:?}");
+    for (status, body) in answers.iter().filter(|(s, _)| *s != 200) {
+        assert_eq!((*status, body["code"].as_str()), (409, Some("idempotency_in_flight")), "{body}");
+    }
+    for key in keys {
+        let (status, again) = pay_with(&second, &agent, Some(key), body.clone()).await;
+        assert_eq!((status, &again["hold_id"]), (200, &paid[0]["hold_id"]), "{again}");
+    }
+    assert_eq!(received(&cp).await.len(), 2);
+    assert_eq!(received(&shop).await.len(), 2);
+    assert_eq!(me(&second, &agent).await["spent_micros"], 146_260_000 + 135_430_000);
+}
+
+#[tokio::test]
+async fn ap2_the_same_idempotency_key_with_another_request_is_a_conflict_and_replays_keep_their_status() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let declining = merchant_server(MerchantMode::Declined).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop), ("merchant_2", &declining)], None)).await;
+    let agent = app.create_agent("keys", 1_000 * USD, None).await;
+    let jwk = agent_jwk(&app, &agent).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let terms =
+        MandateTerms { budget: Some("500.00"), payees: vec!["merchant_1", "merchant_2"], ..MandateTerms::default() };
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &terms, now);
+    let merchant_key = TestKey::load("merchant");
+    let checkout_a = CheckoutTerms::shoes("chk_a").sign(&merchant_key, now);
+    let checkout_b = CheckoutTerms { tax_cents: 0, ..CheckoutTerms::shoes("chk_b") }.sign(&merchant_key, now);
+
+    let (status, paid) = pay_with(&app, &agent, Some("k1"), payment_body(&mandates, &checkout_a, "t1")).await;
+    assert_eq!(status, 200, "{paid}");
+    // The same key with another task, another checkout, a field added: 422, nothing sent.
+    let mut merchant_named = payment_body(&mandates, &checkout_a, "t1");
+    merchant_named["merchant"] = json!("merchant_1");
+    for (case, body) in [
+        ("another task", payment_body(&mandates, &checkout_a, "t2")),
+        ("another checkout", payment_body(&mandates, &checkout_b, "t1")),
+        ("the merchant named", merchant_named),
+    ] {
+        let (status, refused) = pay_with(&app, &agent, Some("k1"), body).await;
+        assert_eq!((status, refused["code"].as_str()), (422, Some("idempotency_conflict")), "{case}: {refused}");
+    }
+    assert_eq!(received(&cp).await.len(), 1);
+    let (status, again) = pay_with(&app, &agent, Some("k1"), payment_body(&mandates, &checkout_a, "t1")).await;
+    assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
+
+    // A declined payment replays as the 402 it was.
+    let declined_checkout =
+        CheckoutTerms { merchant: "merchant_2", ..CheckoutTerms::shoes("chk_declined") }.sign(&merchant_key, now);
+    let (status, declined) =
+        pay_with(&app, &agent, Some("k2"), payment_body(&mandates, &declined_checkout, "t1")).await;
+    assert_eq!((status, declined["code"].as_str()), (402, Some("ap2_payment_declined")), "{declined}");
+    for key in ["k2", "k3"] {
+        let (status, again) =
+            pay_with(&app, &agent, Some(key), payment_body(&mandates, &declined_checkout, "t1")).await;
+        assert_eq!(
+            (status, again["code"].as_str(), again["replayed"].as_bool()),
+            (402, Some("ap2_payment_declined"), Some(true)),
+            "{again}"
+        );
+    }
+    assert_eq!(received(&declining).await.len(), 1);
+    assert_eq!(me(&app, &agent).await["spent_micros"], 146_260_000);
+}
+
+#[tokio::test]
+async fn ap2_v01_one_cart_is_paid_once_and_a_key_names_one_request() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let processor = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/ap2/v0.1/payments")).respond_with(ProcessorSim).mount(&processor).await;
+    let (first, second) = two_instances(&cp, &[("merchant_1", &shop)], Some(&processor)).await;
+    let agent = first.create_agent("carts", 1_000 * USD, None).await;
+    let now = (first.clock.now_ms() / 1000) as i64;
+
+    let request = cart_request(now, "cart_once", 2_500, "t1");
+    let (status, paid) = pay_cart(&first, &agent, Some("c1"), &request).await;
+    assert_eq!(status, 200, "{paid}");
+    // Another key, no key, the other instance: the same payment, replayed.
+    for (app, key) in [(&second, Some("c2")), (&first, None)] {
+        let (status, again) = pay_cart(app, &agent, key, &request).await;
+        assert_eq!(
+            (status, again["replayed"].as_bool(), &again["hold_id"]),
+            (200, Some(true), &paid["hold_id"]),
+            "{again}"
+        );
+    }
+    // The same cart under a fresh merchant signature is the same cart.
+    let re_signed = cart_request(now, "cart_once", 2_500, "t1");
+    assert_ne!(re_signed, request);
+    let (status, again) = pay_cart(&second, &agent, Some("c3"), &re_signed).await;
+    assert_eq!((status, &again["hold_id"]), (200, &paid["hold_id"]), "{again}");
+    // The same key with another task or another cart: 422.
+    for other in [cart_request(now, "cart_once", 2_500, "t2"), cart_request(now, "cart_other", 2_500, "t1")] {
+        let (status, refused) = pay_cart(&first, &agent, Some("c1"), &other).await;
+        assert_eq!((status, refused["code"].as_str()), (422, Some("idempotency_conflict")), "{refused}");
+    }
+    assert_eq!(received(&processor).await.len(), 1, "one PaymentMandate presented");
+    assert_eq!(me(&first, &agent).await["spent_micros"], 25 * USD);
+}
+
+#[tokio::test]
+async fn ap2_revoked_or_denied_agents_reach_no_provider_and_leave_one_refusal() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let processor = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/ap2/v0.1/payments")).respond_with(ProcessorSim).mount(&processor).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], Some(&processor))).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let merchant_key = TestKey::load("merchant");
+
+    let cases: [(&str, Value, &str); 3] = [
+        ("revoked", Value::Null, "agent_revoked"),
+        ("no-ap2", json!({ "protocols": { "deny": ["ap2"] } }), "protocol_denied"),
+        ("no-merchant", json!({ "services": { "deny": ["merchant_1"] } }), "service_denied"),
+    ];
+    for (handle, controls, reason) in cases {
+        let agent = app.create_agent(handle, 1_000 * USD, None).await;
+        let jwk = agent_jwk(&app, &agent).await;
+        let mandates = issue_mandates(&TestKey::load("user"), &jwk, &MandateTerms::default(), now);
+        if controls.is_null() {
+            let (status, body) = app
+                .admin(
+                    reqwest::Method::POST,
+                    &format!("/v1/agents/{}/revoke", agent.id),
+                    Some(json!({ "reason": "test" })),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+        } else {
+            let (status, body) =
+                app.admin(reqwest::Method::PUT, &format!("/v1/agents/{}/controls", agent.id), Some(controls)).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        let before = app.log().await.iter().filter(|e| e["event"] == "refuse").count();
+        let checkout_jwt = CheckoutTerms::shoes(&format!("chk_{handle}")).sign(&merchant_key, now);
+        let (status, body) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+        assert_eq!((status, body["code"].as_str()), (402, Some(reason)), "{handle} v0.2: {body}");
+        let (status, body) =
+            pay_cart(&app, &agent, None, &cart_request(now, &format!("cart_{handle}"), 2_500, "t")).await;
+        assert_eq!((status, body["code"].as_str()), (402, Some(reason)), "{handle} v0.1: {body}");
+        // One refusal per payment, logged like any other.
+        let log = app.log().await;
+        let refusals: Vec<&Value> =
+            log_of(&log, "refuse").into_iter().filter(|e| e["agent"] == agent.id.as_str()).collect();
+        assert_eq!(refusals.len(), 2, "{handle}: {log:?}");
+        assert!(refusals.iter().all(|r| r["reason"] == reason), "{refusals:?}");
+        assert_eq!(log.iter().filter(|e| e["event"] == "refuse").count(), before + 2);
+    }
+    assert!(received(&cp).await.is_empty(), "nothing reached the Credential Provider");
+    assert!(received(&shop).await.is_empty(), "nothing reached the merchant");
+    assert!(received(&processor).await.is_empty(), "nothing reached the v0.1 processor");
+}
+
+/// A v0.1 payment request (JSON text, prices exact) for a merchant-signed cart of `cents`.
+fn cart_request(now: i64, cart_id: &str, cents: u64, task: &str) -> String {
+    let value = format!("{}.{:02}", cents / 100, cents % 100);
+    let contents_text = format!(
+        r#"{{"id":"{cart_id}","user_cart_confirmation_required":false,
+            "payment_request":{{"method_data":[{{"supported_methods":"CARD","data":{{"network":["visa"]}}}}],
+              "details":{{"id":"order_{cart_id}",
+                "display_items":[{{"label":"Gift card","amount":{{"currency":"USD","value":{value}}},"refund_period":30}}],
+                "total":{{"label":"Total","amount":{{"currency":"USD","value":{value}}},"refund_period":30}}}}}},
+            "cart_expiry":"{}","merchant_name":"Demo Merchant"}}"#,
+        rfc3339(now + 3600)
+    );
+    let contents: Value = serde_json::from_str(&contents_text).expect("JSON");
+    let authorization = TestKey::load("merchant").sign(
+        "JWT",
+        &json!({ "iss": "https://demo-merchant.example", "iat": now, "exp": now + 900,
+                 "cart_hash": hex::encode(jcs_sha256(&contents)) })
+        .to_string(),
+    );
+    format!(
+        r#"{{"cart_mandate":{{"contents":{contents_text},"merchant_authorization":"{authorization}"}},"task":"{task}"}}"#
+    )
+}
+
+async fn pay_cart(app: &TestApp, agent: &Agent, key: Option<&str>, request_text: &str) -> (u16, Value) {
+    let mut request = app
+        .http
+        .post(app.url("/v1/ap2/v0.1/payments"))
+        .bearer_auth(&agent.token)
+        .header("content-type", "application/json")
+        .body(request_text.to_owned());
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("JSON"))
+}
+
+#[tokio::test]
+async fn ap2_an_unverifiable_receipt_keeps_the_hold_as_outcome_unknown_until_an_admin_resolves_it() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::ForgedReceipt).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], None)).await;
+    let agent = app.create_agent("unsure", 1_000 * USD, None).await;
+    let jwk = agent_jwk(&app, &agent).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let terms = MandateTerms { budget: Some("500.00"), ..MandateTerms::default() };
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &terms, now);
+    let merchant_key = TestKey::load("merchant");
+    let checkout_jwt = CheckoutTerms::shoes("chk_unsure").sign(&merchant_key, now);
+
+    let (status, body) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+    assert_eq!(
+        (status, body["code"].as_str(), body["hold_state"].as_str()),
+        (502, Some("ap2_receipt_invalid"), Some("unknown")),
+        "{body}"
+    );
+    let hold = body["hold_id"].as_str().expect("hold id").to_owned();
+
+    // Long after the closed mandates are dead, it is still counted, and the mandate's budget
+    // is still busy: the merchant may have charged.
+    app.clock.advance_ms(3_600_000);
+    let balance = me(&app, &agent).await;
+    assert_eq!(
+        (balance["held_micros"].as_u64(), balance["unknown_micros"].as_u64(), balance["unknown_holds"].as_u64()),
+        (Some(146_260_000), Some(146_260_000), Some(1)),
+        "{balance}"
+    );
+    let later = (app.clock.now_ms() / 1000) as i64;
+    let another = CheckoutTerms::shoes("chk_next").sign(&merchant_key, later);
+    let (status, busy) = pay(&app, &agent, &mandates, &another).await;
+    assert_eq!((status, busy["code"].as_str()), (402, Some("budget_busy")), "{busy}");
+
+    // The agent and the admin see it as unknown, with why.
+    let (status, mine) = app.agent_call(&agent.token, reqwest::Method::GET, "/v1/holds?state=unknown", None).await;
+    assert_eq!(status, 200, "{mine}");
+    let listed = &mine["holds"][0];
+    assert_eq!((listed["hold_id"].as_str(), listed["protocol"].as_str()), (Some(hold.as_str()), Some("ap2")), "{mine}");
+    assert!(listed["reason"].as_str().is_some_and(|r| r.contains("ap2_receipt_invalid")), "{mine}");
+    let (_, all) = app.admin(reqwest::Method::GET, "/v1/holds?state=unknown", None).await;
+    assert_eq!(all["total_micros"], 146_260_000, "{all}");
+
+    // The admin learns from the merchant that nothing was charged, and voids it: the budget is
+    // free again and the next payment is held (and, this merchant's receipts being forged,
+    // ends unknown again rather than budget_busy).
+    let (status, resolved) = app
+        .admin(
+            reqwest::Method::POST,
+            &format!("/v1/holds/{hold}/resolve"),
+            Some(json!({ "outcome": "voided", "reason": "merchant confirms order chk_unsure was never charged" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{resolved}");
+    let budget = mandate_budget(&app, &agent, &mandates).await;
+    assert_eq!((budget["held_micros"].as_u64(), budget["outstanding"].as_u64()), (Some(0), Some(0)), "{budget}");
+    assert_eq!(me(&app, &agent).await["held_micros"], 0);
+    let (status, next) = pay(&app, &agent, &mandates, &another).await;
+    assert_eq!((status, next["code"].as_str()), (502, Some("ap2_receipt_invalid")), "{next}");
+    let log = app.log().await;
+    let voids = log_of(&log, "void");
+    assert_eq!(voids.len(), 1, "{log:?}");
+    assert_eq!(voids[0]["hold"], hold.as_str());
+}
+
+// ---- issue 13: what the providers charged is what the ledger settled ----
+
+/// What a fault-injecting provider charged: per order (checkout or cart id), once.
+#[derive(Default)]
+struct Charges {
+    /// Prices the test announces before paying, in cents.
+    prices: std::collections::HashMap<String, u64>,
+    charged: std::collections::HashMap<String, u64>,
+    attempts: std::collections::HashMap<String, u32>,
+}
+
+type SharedCharges = Arc<std::sync::Mutex<Charges>>;
+
+/// How a provider treats an order, by its id's prefix: `ok` pays; `decline` refuses with a
+/// signed Error receipt; `busy` answers 503 without charging the first time; `slow` times out
+/// without charging the first time; `lost` charges and loses its answer the first time; `gone`
+/// charges and never answers. Later attempts of an order pay it, charging it at most once.
+enum Fate {
+    Pay,
+    Decline,
+    Unavailable,
+    TimeOut { charge: bool },
+}
+
+fn fate(id: &str, attempt: u32) -> Fate {
+    match id.split('_').next().unwrap_or_default() {
+        "decline" => Fate::Decline,
+        "busy" if attempt == 0 => Fate::Unavailable,
+        "slow" if attempt == 0 => Fate::TimeOut { charge: false },
+        "lost" if attempt == 0 => Fate::TimeOut { charge: true },
+        "gone" => Fate::TimeOut { charge: true },
+        _ => Fate::Pay,
+    }
+}
+
+/// Longer than the daemon's provider timeout in the test below.
+const LOST: Duration = Duration::from_secs(3);
+
+impl Charges {
+    /// Decides this attempt's fate and books the charge it makes.
+    fn attempt(charges: &SharedCharges, id: &str) -> (Fate, u64) {
+        let mut book = charges.lock().expect("charges");
+        let attempt = *book.attempts.entry(id.to_owned()).and_modify(|n| *n += 1).or_insert(0);
+        let fate = fate(id, attempt);
+        let charges_now = matches!(fate, Fate::Pay | Fate::TimeOut { charge: true });
+        let price = *book.prices.get(id).expect("the test announced the price");
+        if charges_now {
+            book.charged.entry(id.to_owned()).or_insert(price);
+        }
+        (fate, price)
+    }
+}
+
+struct ChargingMerchant {
+    charges: SharedCharges,
+}
+
+impl Respond for ChargingMerchant {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let id = request.url.path().split('/').nth(4).expect("checkout id").to_owned();
+        let body: Value = serde_json::from_slice(&request.body).expect("JSON");
+        let checkout_reference = sha256_b64(&closed_jwt(body["checkout_mandate"].as_str().expect("checkout_mandate")));
+        let payment_reference =
+            body["payment_token"].as_str().and_then(|t| t.strip_prefix("tok_")).expect("a CP token").to_owned();
+        let (fate, _) = Charges::attempt(&self.charges, &id);
+        let receipts = |ok: bool| {
+            let (checkout, payment) = if ok {
+                (
+                    json!({ "status": "Success", "iss": "merchant", "iat": now_secs(), "reference": checkout_reference,
+                            "order_id": format!("order_{id}") }),
+                    json!({ "status": "Success", "iss": "mpp", "iat": now_secs(), "reference": payment_reference,
+                            "payment_id": format!("pay_{id}"), "psp_confirmation_id": format!("psp_{id}"),
+                            "network_confirmation_id": format!("net_{id}") }),
+                )
+            } else {
+                (
+                    json!({ "status": "Error", "iss": "merchant", "iat": now_secs(), "reference": checkout_reference,
+                            "error": "payment_failed", "error_description": "declined" }),
+                    json!({ "status": "Error", "iss": "mpp", "iat": now_secs(), "reference": payment_reference,
+                            "error": "card_declined", "error_description": "do not honor", "payment_id": format!("pay_{id}") }),
+                )
+            };
+            json!({ "checkout_receipt": TestKey::load("merchant").sign("JWT", &checkout.to_string()),
+                    "payment_receipt": TestKey::load("processor").sign("JWT", &payment.to_string()) })
+        };
+        match fate {
+            Fate::Pay => ResponseTemplate::new(200).set_body_json(receipts(true)),
+            Fate::Decline => ResponseTemplate::new(200).set_body_json(receipts(false)),
+            Fate::Unavailable => ResponseTemplate::new(503).set_body_json(json!({ "error": "unavailable" })),
+            Fate::TimeOut { .. } => ResponseTemplate::new(200).set_body_json(receipts(true)).set_delay(LOST),
+        }
+    }
+}
+
+struct ChargingProcessor {
+    charges: SharedCharges,
+}
+
+impl Respond for ChargingProcessor {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&request.body).expect("JSON");
+        let id = body["cart_mandate"]["contents"]["id"].as_str().expect("cart id").to_owned();
+        let reference = body["payment_mandate"]["payment_mandate_contents"]["payment_mandate_id"]
+            .as_str()
+            .expect("mandate id")
+            .to_owned();
+        let (fate, _) = Charges::attempt(&self.charges, &id);
+        let receipt = |ok: bool| {
+            let receipt = if ok {
+                json!({ "status": "Success", "iss": "mpp", "iat": now_secs(), "reference": reference, "payment_id": format!("pay_{id}"),
+                        "psp_confirmation_id": format!("psp_{id}"), "network_confirmation_id": format!("net_{id}") })
+            } else {
+                json!({ "status": "Error", "iss": "mpp", "iat": now_secs(), "reference": reference,
+                        "error": "card_declined", "error_description": "do not honor", "payment_id": format!("pay_{id}") })
+            };
+            json!({ "payment_receipt": TestKey::load("processor").sign("JWT", &receipt.to_string()) })
+        };
+        match fate {
+            Fate::Pay => ResponseTemplate::new(200).set_body_json(receipt(true)),
+            Fate::Decline => ResponseTemplate::new(200).set_body_json(receipt(false)),
+            Fate::Unavailable => ResponseTemplate::new(503).set_body_json(json!({ "error": "unavailable" })),
+            Fate::TimeOut { .. } => ResponseTemplate::new(200).set_body_json(receipt(true)).set_delay(LOST),
+        }
+    }
+}
+
+#[tokio::test]
+async fn ap2_what_the_merchants_charged_is_what_the_ledger_settled() {
+    let charges: SharedCharges = Arc::default();
+    let cp = credential_provider(false).await;
+    let shop = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/ap2/v0\.2/checkouts/[^/]+/complete$"))
+        .respond_with(ChargingMerchant { charges: charges.clone() })
+        .mount(&shop)
+        .await;
+    let processor = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/ap2/v0.1/payments"))
+        .respond_with(ChargingProcessor { charges: charges.clone() })
+        .mount(&processor)
+        .await;
+    let config = || Ap2Config {
+        timeout: Duration::from_millis(500),
+        ..ap2_config(&cp, &[("merchant_1", &shop)], Some(&processor))
+    };
+    let first = spawn(config()).await;
+    let second = spawn_app_with(AppOptions {
+        redis: Some((first.redis.clone().expect("redis"), "sc".into())),
+        protocols: ProtocolConfig { ap2: config(), ..Default::default() },
+        ..Default::default()
+    })
+    .await;
+    let agent = first.create_agent("summed", 10_000 * USD, None).await;
+    let jwk = agent_jwk(&first, &agent).await;
+    let now = (first.clock.now_ms() / 1000) as i64;
+    let terms = MandateTerms {
+        budget: Some("5000.00"),
+        items: Items::GiftCard,
+        payees: vec!["merchant_1"],
+        merchants: vec!["merchant_1"],
+        ..MandateTerms::default()
+    };
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &terms, now);
+    let merchant_key = TestKey::load("merchant");
+    let mut unknown_holds: Vec<(String, String)> = Vec::new();
+
+    // v0.2: each checkout paid by the agent with a key, then retried with the same key while
+    // its outcome is unknown; duplicates with other keys; a high-S copy of one checkout.
+    let orders: [(&str, u64); 7] = [
+        ("ok_1", 1_000),
+        ("decline_1", 2_000),
+        ("busy_1", 3_000),
+        ("slow_1", 4_000),
+        ("lost_1", 5_000),
+        ("ok_2", 6_000),
+        ("gone_1", 7_000),
+    ];
+    for (n, (id, cents)) in orders.iter().enumerate() {
+        charges.lock().expect("charges").prices.insert((*id).to_owned(), *cents);
+        let checkout_jwt = CheckoutTerms::single(id, "merchant_1", *cents as i64).sign(&merchant_key, now);
+        let body = payment_body(&mandates, &checkout_jwt, "e2e");
+        let app = if n % 2 == 0 { &first } else { &second };
+        let key = format!("key-{id}");
+        let (mut status, mut answer) = pay_with(app, &agent, Some(&key), body.clone()).await;
+        for _retry in 0..3 {
+            if status != 502 || id.starts_with("gone") {
+                break;
+            }
+            assert_eq!(answer["hold_state"], "unknown", "{id}: {answer}");
+            (status, answer) =
+                pay_with(if n % 2 == 0 { &second } else { &first }, &agent, Some(&key), body.clone()).await;
+        }
+        match id.split('_').next() {
+            Some("decline") => {
+                assert_eq!((status, answer["code"].as_str()), (402, Some("ap2_payment_declined")), "{answer}")
+            }
+            Some("gone") => {
+                assert_eq!((status, answer["code"].as_str()), (502, Some("ap2_outcome_unknown")), "{answer}");
+                unknown_holds.push(((*id).to_owned(), answer["hold_id"].as_str().expect("hold").to_owned()));
+            }
+            _ => assert_eq!(status, 200, "{id}: {answer}"),
+        }
+        // The same checkout under another key replays the same answer; its high-S copy is refused.
+        if id.starts_with("ok") {
+            let (again, replayed) = pay_with(&second, &agent, Some(&format!("dup-{id}")), body.clone()).await;
+            assert_eq!((again, replayed["replayed"].as_bool()), (200, Some(true)), "{replayed}");
+            let copy = payment_body(&mandates, &high_s(&checkout_jwt), "e2e");
+            let (refused, body) = pay_with(&first, &agent, Some(&format!("copy-{id}")), copy).await;
+            assert_eq!((refused, body["code"].as_str()), (422, Some("ap2_signature_not_canonical")), "{body}");
+        }
+    }
+
+    // v0.1 carts through the processor, on both instances.
+    let carts: [(&str, u64); 4] =
+        [("ok_cart", 1_500), ("decline_cart", 2_500), ("lost_cart", 3_500), ("busy_cart", 4_500)];
+    for (n, (id, cents)) in carts.iter().enumerate() {
+        charges.lock().expect("charges").prices.insert((*id).to_owned(), *cents);
+        let request = cart_request(now, id, *cents, "e2e-v01");
+        let key = format!("key-{id}");
+        let (mut status, mut answer) =
+            pay_cart(if n % 2 == 0 { &first } else { &second }, &agent, Some(&key), &request).await;
+        for _retry in 0..3 {
+            if status != 502 {
+                break;
+            }
+            (status, answer) = pay_cart(&first, &agent, Some(&key), &request).await;
+        }
+        if id.starts_with("decline") {
+            assert_eq!((status, answer["code"].as_str()), (402, Some("ap2_payment_declined")), "{answer}");
+        } else {
+            assert_eq!(status, 200, "{id}: {answer}");
+        }
+        let (again, replayed) = pay_cart(&second, &agent, Some(&format!("dup-{id}")), &request).await;
+        assert_eq!((again, replayed["replayed"].as_bool()), (status, Some(true)), "{replayed}");
+    }
+
+    // The operator resolves what stayed unknown from the merchant's own books.
+    let (_, listed) = first.admin(reqwest::Method::GET, "/v1/holds?state=unknown", None).await;
+    let listed: Vec<&str> =
+        listed["holds"].as_array().expect("holds").iter().filter_map(|h| h["hold_id"].as_str()).collect();
+    assert_eq!(listed, unknown_holds.iter().map(|(_, h)| h.as_str()).collect::<Vec<_>>());
+    for (id, hold) in &unknown_holds {
+        let charged = charges.lock().expect("charges").charged.get(id).copied();
+        let body = match charged {
+            Some(cents) => {
+                json!({ "outcome": "settled", "amount_micros": cents * 10_000, "reason": format!("merchant charged order {id}") })
+            }
+            None => json!({ "outcome": "voided", "reason": format!("merchant never charged order {id}") }),
+        };
+        let (status, resolved) =
+            second.admin(reqwest::Method::POST, &format!("/v1/holds/{hold}/resolve"), Some(body)).await;
+        assert_eq!(status, 200, "{resolved}");
+    }
+
+    // What the merchant and the processor charged is what the ledger settled for AP2.
+    let charged: u64 = charges.lock().expect("charges").charged.values().map(|cents| cents * 10_000).sum();
+    let log = first.log().await;
+    let settled: u64 = log_of(&log, "settle")
+        .iter()
+        .filter(|e| e["protocol"] == "ap2")
+        .map(|e| e["amount"].as_u64().expect("amount"))
+        .sum();
+    assert_eq!(settled, charged, "settled {settled} vs charged {charged}");
+    assert_eq!(charged, (1_000 + 3_000 + 4_000 + 5_000 + 6_000 + 7_000 + 1_500 + 3_500 + 4_500) * 10_000);
+    let balance = me(&first, &agent).await;
+    assert_eq!(
+        (balance["spent_micros"].as_u64(), balance["held_micros"].as_u64(), balance["unknown_micros"].as_u64()),
+        (Some(charged), Some(0), Some(0)),
+        "{balance}"
+    );
 }

@@ -78,7 +78,7 @@ async fn one_agents_token_reaches_nothing_of_another_agent_through_any_protocol(
     let paid_before = (providers.ap2.paid_cents(), providers.acp.charged_cents());
 
     let (open_jwt, _) = b_mandates.payment.split_once('~').expect("SD-JWT");
-    let b_mandate_id = adapters::ap2::sha256_b64url(open_jwt.as_bytes());
+    let b_mandate_id = adapters::ap2::content_hash(open_jwt);
     let cases: Vec<Case> = vec![
         (
             "spend under B's AP2 mandates (bound to B's key)",

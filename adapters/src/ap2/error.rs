@@ -17,6 +17,11 @@ pub enum Ap2Error {
     /// No trusted key verifies the signature: a wrong key, or an edited header or payload.
     #[error("JWT signature does not verify with any trusted key")]
     BadSignature,
+    /// An ES256 signature whose `s` is in the upper half of the group order. ECDSA lets anyone
+    /// turn a valid signature `(r, s)` into a second valid one, `(r, n - s)`, without the key;
+    /// only the low-S form is accepted, so that one signed message has one signature.
+    #[error("JWT signature is not in canonical low-S form")]
+    NonCanonicalSignature,
     /// The JWT names (by `kid`) a key that is not trusted, or no key is trusted at all.
     #[error("JWT issuer is not trusted: {0}")]
     UntrustedIssuer(String),
@@ -134,6 +139,7 @@ impl Ap2Error {
             Ap2Error::MalformedJwt(_) => "ap2_malformed_jwt",
             Ap2Error::AlgNotAllowed(_) => "ap2_alg_not_allowed",
             Ap2Error::BadSignature => "ap2_bad_signature",
+            Ap2Error::NonCanonicalSignature => "ap2_signature_not_canonical",
             Ap2Error::UntrustedIssuer(_) => "ap2_untrusted_issuer",
             Ap2Error::Expired { .. } => "ap2_expired",
             Ap2Error::NotYetValid { .. } => "ap2_not_yet_valid",

@@ -5,6 +5,12 @@
 //! `alg: none`, HMAC algorithms and other curves are refused as `ap2_alg_not_allowed` whatever the
 //! rest of the token says. Verification is over the exact bytes received (`header.payload`), and
 //! the payload is handed back as its JSON text so callers can read numbers exactly.
+//!
+//! ECDSA signatures are malleable: `(r, n - s)` verifies wherever `(r, s)` does, and anyone can
+//! compute it. So only low-S signatures are accepted (`ap2_signature_not_canonical` otherwise),
+//! every signature made here is low-S, and whatever the daemon derives an identity from (a
+//! mandate's budget, a checkout's payment) is keyed on the signed content ([`content_hash`]),
+//! never on the signature bytes.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -39,6 +45,15 @@ pub(crate) fn b64url_decode(text: &str) -> Option<Vec<u8>> {
 /// base64url(SHA-256(bytes)).
 pub fn sha256_b64url(bytes: &[u8]) -> String {
     b64url(&Sha256::digest(bytes))
+}
+
+/// base64url(SHA-256(`header.payload`)) of a compact JWS: what its signer signed, without the
+/// signature. Two tokens with the same signed content (a re-encoded or re-made signature) have
+/// the same content hash; anything the daemon keys on a signed object uses this.
+pub fn content_hash(jwt: &str) -> String {
+    let jwt = jwt.trim();
+    let signing_input = jwt.rsplit_once('.').map_or(jwt, |(input, _)| input);
+    sha256_b64url(signing_input.as_bytes())
 }
 
 /// `checkout_hash` (and a closed Payment Mandate's `transaction_id`):
@@ -150,6 +165,9 @@ pub(crate) fn decode(jwt: &str) -> Result<DecodedJws<'_>, Ap2Error> {
     }
     // r or s out of range cannot verify under any key.
     let signature = Signature::from_slice(&signature_bytes).map_err(|_| Ap2Error::BadSignature)?;
+    if signature.normalize_s().is_some() {
+        return Err(Ap2Error::NonCanonicalSignature);
+    }
     let signing_input = &jwt[..header_b64.len() + 1 + payload_b64.len()];
     Ok(DecodedJws { header, payload_json, signing_input, signature })
 }
@@ -201,6 +219,8 @@ pub(crate) fn sign_jws(
     let signing_input = format!("{}.{}", b64url(header_json.as_bytes()), b64url(payload_json.as_bytes()));
     let signature: Signature =
         key.try_sign_with_rng(&mut OsRng, signing_input.as_bytes()).map_err(|_| Ap2Error::SigningFailed)?;
+    // Low-S, the only form verifiers here (and strict ones elsewhere) accept.
+    let signature = signature.normalize_s().unwrap_or(signature);
     Ok(format!("{signing_input}.{}", b64url(&signature.to_bytes())))
 }
 
@@ -312,6 +332,39 @@ mod tests {
         assert_eq!(code(&forge(r#"{"alg":"ES256","crit":["b64"]}"#, "{}", &[1; 64])), Err("ap2_malformed_jwt"));
         // No trusted keys at all.
         assert_eq!(verify_jws(&jwt, &[]).map(|_| ()).map_err(|e| e.code()), Err("ap2_untrusted_issuer"));
+    }
+
+    /// `(r, n - s)` of a compact JWS: the re-encoded copy anyone can make without the key.
+    fn high_s_copy(jwt: &str) -> String {
+        let (input, signature) = jwt.rsplit_once('.').expect("a JWS");
+        let signature = Signature::from_slice(&b64url_decode(signature).expect("base64url")).expect("r || s");
+        let (r, s) = signature.split_scalars();
+        let flipped = Signature::from_scalars(r.to_bytes(), (-*s).to_bytes()).expect("a valid signature");
+        format!("{input}.{}", b64url(&flipped.to_bytes()))
+    }
+
+    #[test]
+    fn ap2_high_s_copies_are_refused_and_keep_the_content_hash() {
+        let signer = key();
+        let trusted = [jwk_of(&signer)];
+        for n in 0..32 {
+            let jwt = sign_jws(&signer, Some("JWT"), None, &format!(r#"{{"n":{n}}}"#)).expect("signs");
+            // Every signature made here is low-S and verifies.
+            assert!(verify_jws(&jwt, &trusted).is_ok(), "signature {n} verifies");
+            let copy = high_s_copy(&jwt);
+            assert_ne!(copy, jwt);
+            // The copy is a valid ECDSA signature of the same bytes (p256 alone accepts it) ...
+            let (input, signature) = copy.rsplit_once('.').expect("a JWS");
+            let signature = Signature::from_slice(&b64url_decode(signature).expect("b64")).expect("r || s");
+            assert!(signer.verifying_key().verify(input.as_bytes(), &signature).is_ok());
+            // ... which the verifier refuses with its own code.
+            assert_eq!(
+                verify_jws(&copy, &trusted).map(|_| ()).map_err(|e| e.code()),
+                Err("ap2_signature_not_canonical")
+            );
+            assert_eq!(content_hash(&copy), content_hash(&jwt));
+            assert_ne!(checkout_hash(&copy), checkout_hash(&jwt));
+        }
     }
 
     #[test]

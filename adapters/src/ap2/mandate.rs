@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::error::Ap2Error;
-use super::jose::{sha256_b64url, TimeClaims};
+use super::jose::{content_hash, TimeClaims};
 use super::sd_jwt::{delegate_content, split_chain, verify_kb_sd_jwt, verify_sd_jwt, SdJwt};
 use super::time::{parse_datetime, parse_period_end};
 use super::types::{
@@ -50,8 +50,9 @@ pub struct ExecutionWindow {
 /// bound, allow-lists keep the entries every list allows, line-item constraints are each checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MandateConstraints {
-    /// Stable id of the open Payment Mandate: base64url(SHA-256(its issuer-signed JWT)), the same
-    /// whichever disclosures are presented. Key the budget's running total by it.
+    /// Stable id of the open Payment Mandate: base64url(SHA-256(the signed content of its issuer
+    /// JWT, `header.payload`)), the same whichever disclosures are presented and whatever its
+    /// signature bytes. Key the budget's running total by it.
     pub payment_mandate_id: String,
     /// Stable id of the open Checkout Mandate, made the same way.
     pub checkout_mandate_id: String,
@@ -210,8 +211,8 @@ fn constraints(
     payment: &VerifiedOpen<OpenPaymentMandate>,
 ) -> Result<MandateConstraints, Ap2Error> {
     let mut out = MandateConstraints {
-        payment_mandate_id: sha256_b64url(payment.sd_jwt.jwt().as_bytes()),
-        checkout_mandate_id: sha256_b64url(checkout.sd_jwt.jwt().as_bytes()),
+        payment_mandate_id: content_hash(payment.sd_jwt.jwt()),
+        checkout_mandate_id: content_hash(checkout.sd_jwt.jwt()),
         expires_at: earliest(checkout.expires_at, payment.expires_at),
         currency: USD,
         amount_range: None,

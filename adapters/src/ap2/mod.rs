@@ -91,7 +91,8 @@ pub use client::{
 pub use decimal::JsonDecimal;
 pub use error::Ap2Error;
 pub use jose::{
-    checkout_hash, public_jwk, sha256_b64url, thumbprint, verify_jws, verifying_key, JwsHeader, VerifiedJws, ES256,
+    checkout_hash, content_hash, public_jwk, sha256_b64url, thumbprint, verify_jws, verifying_key, JwsHeader,
+    VerifiedJws, ES256,
 };
 pub use key::AgentKey;
 pub use mandate::{

@@ -216,6 +216,9 @@ pub struct VerifiedCart {
     pub expires_at: i64,
     /// hex(SHA-256(JCS(CartMandate as received, nulls left out))).
     pub cart_mandate_hash: String,
+    /// hex(SHA-256(JCS(contents))): what the merchant signed (its `cart_hash`), without the
+    /// signature. The cart's identity: the same whatever `merchant_authorization` carries it.
+    pub contents_hash: String,
     /// What to ask the ledger to hold.
     pub intent: PaymentIntent,
     cart_mandate_digest: [u8; 32],
@@ -305,7 +308,15 @@ pub fn verify_cart_mandate(cart_mandate_json: &str, merchant_keys: &[Jwk], now: 
         protocol: Protocol::Ap2,
         details: intent_details,
     };
-    Ok(VerifiedCart { cart, total, expires_at, cart_mandate_hash, intent, cart_mandate_digest })
+    Ok(VerifiedCart {
+        cart,
+        total,
+        expires_at,
+        cart_mandate_hash,
+        contents_hash: hex::encode(contents_digest),
+        intent,
+        cart_mandate_digest,
+    })
 }
 
 /// What the daemon decides for the PaymentMandate.

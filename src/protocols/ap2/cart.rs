@@ -23,16 +23,18 @@ use adapters::ap2::v01::{
     create_payment_mandate, verify_cart_mandate, PaymentMandate, PaymentMandateParams, VerifiedCart,
 };
 use adapters::ap2::{random_nonce, verify_payment_receipt, Ap2Error, MandateReference};
+use adapters::Protocol;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 
-use super::checkout::{declined, note, truncate, unknown, void_with, Ending};
-use super::{authenticate, input_error, unix_secs, Merchant, Reply, Settings, V01Processor, HOLD_GRACE_MS};
+use super::checkout::{declined, note, settle_failed, truncate, unknown, void_with, Ending};
+use super::{
+    authenticate, claim_payment, input_error, unix_secs, Merchant, Reply, Settings, V01Processor, HOLD_GRACE_MS,
+};
 use crate::api::holds::idempotency_key;
 use crate::api::{label, AgentAuth, ApiError, ApiJson, AppState, SharedState};
 use crate::ledger::{Grant, Idempotency, IdempotencyFinish, IdempotencyMode};
@@ -126,14 +128,32 @@ pub async fn pay(
     let longest = (now_ms + state.limits.max_hold_ttl.as_millis() as u64).max(shortest);
     let expires_at_ms = (cart_expiry_ms + HOLD_GRACE_MS).max(shortest).min(longest);
 
-    let idempotency_key = header_key.unwrap_or_else(|| format!("ap2-v01:{}", cart.cart_mandate_hash));
-    let fingerprint = hex::encode(Sha256::digest(
-        json!({ "cart_mandate_hash": cart.cart_mandate_hash, "task": task, "merchant": merchant.id,
-                "method_details": body.method_details })
-        .to_string(),
-    ));
+    // The cart's identity is what the merchant signed (its contents): one payment per cart,
+    // whatever keys or `merchant_authorization` bytes the requests come with.
+    // Refused agents are refused before the cart is claimed (see the v0.2 flow).
+    pay::precheck_task(&state, &auth, Protocol::Ap2, &cart.intent.service, &task).await?;
+    let own_key = header_key.unwrap_or_else(|| format!("ap2-v01:{}", cart.contents_hash));
+    let cart_value: Value = serde_json::from_str(body.cart_mandate.get()).map_err(ApiError::internal)?;
+    let own_fingerprint = crate::fingerprint::of(
+        "ap2.v01.payments",
+        &json!({ "cart_mandate": cart_value, "merchant": body.merchant, "task": body.task,
+                 "method_details": body.method_details }),
+    );
+    let claim = claim_payment(
+        &state,
+        &auth.agent,
+        format!("ap2:cart:{}", cart.contents_hash),
+        cart.total,
+        &own_key,
+        &own_fingerprint,
+    )
+    .await?;
+    let (idempotency_key, fingerprint) = claim.idempotency(&own_key, &own_fingerprint);
+    // The configured merchant's id too, so that allow- and deny-lists naming it apply.
+    let mut intent = cart.intent.clone();
+    intent.details.insert("merchant_id".to_owned(), merchant.id.clone());
     let spec = HoldSpec {
-        intent: &cart.intent,
+        intent: &intent,
         task: &task,
         expires_at_ms,
         idempotency: Some(Idempotency {
@@ -142,11 +162,11 @@ pub async fn pay(
             mode: IdempotencyMode::Pending { lease_ms: ap2.lease.as_millis() as u64 },
         }),
     };
-    let grant = match pay::hold(&state, &auth, spec).await? {
-        Held::New(grant) => grant,
+    let (grant, resumed) = match pay::hold_with_budgets(&state, &auth, spec, vec![claim.bucket]).await? {
+        Held::New(grant) => (grant, false),
         Held::Resumed(grant) => {
             let info = pay::hold_info(&state, &auth, &grant.hold_id).await?;
-            if info.state != "open" {
+            if info.state != "open" && info.state != "unknown" {
                 let error = ApiError::new(
                     StatusCode::CONFLICT,
                     "ap2_payment_ended",
@@ -157,7 +177,7 @@ pub async fn pay(
                 let _ = pay::finish(&state, &auth, &idempotency_key, IdempotencyFinish::Done(reply.stored())).await;
                 return Ok(reply.into_response());
             }
-            grant
+            (grant, true)
         }
         Held::Finished(stored) => return Reply::replay(&stored).map(Reply::into_response),
     };
@@ -177,9 +197,9 @@ pub async fn pay(
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
             let api = ApiError::new(status, error.code(), error.to_string());
-            void_with(&state, &auth, &grant, "ap2_sign_failed", api).await
+            void_with(&state, &auth, &grant, resumed, "ap2_sign_failed", api).await
         }
-        Ok(mandate) => present(&state, &auth, processor, merchant, &cart, &mandate, &grant).await,
+        Ok(mandate) => present(&state, &auth, processor, merchant, &cart, &mandate, (&grant, resumed)).await,
     };
     let (finish_as, reply) = match ending {
         Ending::Final(reply) => (IdempotencyFinish::Done(reply.stored()), reply),
@@ -241,7 +261,8 @@ async fn present(
     merchant: &Merchant,
     cart: &VerifiedCart,
     mandate: &PaymentMandate,
-    grant: &Grant,
+    // The hold, and whether an earlier attempt made it (and may have presented a mandate).
+    (grant, resumed): (&Grant, bool),
 ) -> Ending {
     let mandate_id = mandate.payment_mandate_contents.payment_mandate_id.clone();
     tracing::info!(agent = %auth.agent, hold = %grant.hold_id, cart = %cart.cart.contents.id, mandate = %mandate_id,
@@ -265,7 +286,7 @@ async fn present(
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
             note(state, auth, grant, "ap2_payment_declined", detail).await;
             let api = declined("processor", answer.error.as_deref(), answer.error_description.as_deref());
-            return void_with(state, auth, grant, "ap2_payment_declined", api).await;
+            return void_with(state, auth, grant, resumed, "ap2_payment_declined", api).await;
         }
         return unknown(state, auth, grant, "ap2_outcome_unknown", error).await;
     };
@@ -284,7 +305,7 @@ async fn present(
         detail.insert("payment_receipt_reference".to_owned(), receipt.reference.clone());
         note(state, auth, grant, "ap2_payment_declined", detail).await;
         let api = declined("processor", receipt.error.as_deref(), receipt.error_description.as_deref());
-        return void_with(state, auth, grant, "ap2_payment_declined", api).await;
+        return void_with(state, auth, grant, resumed, "ap2_payment_declined", api).await;
     }
 
     let mut details = cart.intent.details.clone();
@@ -305,6 +326,7 @@ async fn present(
         Err(error) => {
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
                 "an AP2 v0.1 payment succeeded but could not be settled");
+            settle_failed(state, auth, grant, &error).await;
             return Ending::Unknown(Reply::error(&error));
         }
     };

@@ -19,17 +19,21 @@
 //!   merchant may have charged with the token; a retry with the same idempotency key resumes
 //!   the same hold and presents the same checkout again.
 //!
-//! Idempotency: the agent's `Idempotency-Key`, or else `ap2:<checkout_hash>` (one payment per
-//! merchant-signed checkout), keys a `Pending` hold; finished payments (paid or refused) are
-//! replayed to duplicates.
+//! Idempotency: the agent's `Idempotency-Key`, or else `ap2:<checkout content hash>`, keys a
+//! `Pending` hold whose fingerprint is the whole request (the same key with any other request is
+//! `idempotency_conflict`); finished payments (paid or refused) are replayed to duplicates. One
+//! merchant-signed checkout is paid at most once whatever the keys: it is claimed by its first
+//! request ([`claim_payment`]: a budget bucket `ap2:co:<checkout content hash>` capped at its
+//! total, charged by the hold), and a request with another key is answered as the first one.
 
 use std::collections::BTreeMap;
 
 use adapters::ap2::types::{PaymentInstrument, Pisp};
 use adapters::ap2::{
-    authorize_payment, close_mandates, random_nonce, verify_checkout_jwt, verify_open_mandates, AgentKey, Ap2Error,
-    AuthorizedPayment, CloseParams, CredentialOutcome, MandateUsage, PaymentChoice, VerifiedCheckout,
+    authorize_payment, close_mandates, content_hash, random_nonce, verify_checkout_jwt, verify_open_mandates, AgentKey,
+    Ap2Error, AuthorizedPayment, CloseParams, CredentialOutcome, MandateUsage, PaymentChoice, VerifiedCheckout,
 };
+use adapters::Protocol;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -37,10 +41,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::{
-    authenticate, check_enforceable, ensure_bucket, input_error, unix_secs, Merchant, Reply, Settings, HOLD_GRACE_MS,
+    authenticate, check_enforceable, claim_payment, ensure_bucket, input_error, unix_secs, Merchant, Reply, Settings,
+    HOLD_GRACE_MS,
 };
 use crate::api::holds::idempotency_key;
 use crate::api::{label, AgentAuth, ApiError, ApiJson, AppState, SharedState};
@@ -130,19 +134,6 @@ fn verify_checkout<'a>(
     Ok((merchant, checkout))
 }
 
-fn fingerprint(authorized: &AuthorizedPayment, task: &str) -> String {
-    let intent = authorized.intent();
-    let canonical = serde_json::to_vec(&json!({
-        "checkout_hash": authorized.checkout().checkout_hash,
-        "payment_mandate_id": authorized.open_mandates().constraints.payment_mandate_id,
-        "amount": intent.amount.get(),
-        "details": intent.details,
-        "task": task,
-    }))
-    .unwrap_or_default();
-    hex::encode(Sha256::digest(canonical))
-}
-
 pub async fn pay(
     auth: AgentAuth,
     State(state): State<SharedState>,
@@ -177,24 +168,35 @@ pub async fn pay(
     // adapter checks this one payment against everything else.
     let authorized =
         authorize_payment(&open, &checkout, &choice, &MandateUsage::default(), now).map_err(input_error)?;
+    // A revoked, suspended or expired agent, or one denied AP2 or this merchant, is refused here
+    // (logged like any refusal) before its mandate or checkout is given a budget.
+    pay::precheck_task(&state, &auth, Protocol::Ap2, &authorized.intent().service, &task).await?;
     let (bucket, _) = ensure_bucket(&state, &auth.agent, &open.constraints).await?;
 
-    let idempotency_key = header_key.unwrap_or_else(|| format!("ap2:{}", checkout.checkout_hash));
+    // The checkout's identity is its signed content: one payment per merchant-signed checkout,
+    // whatever idempotency keys, signature bytes or instances the requests come with.
+    let checkout_id = content_hash(&checkout.checkout_jwt);
+    let own_key = header_key.unwrap_or_else(|| format!("ap2:{checkout_id}"));
+    let own_fingerprint = crate::fingerprint::of("ap2.payments", &body);
+    let claim =
+        claim_payment(&state, &auth.agent, format!("ap2:co:{checkout_id}"), checkout.total, &own_key, &own_fingerprint)
+            .await?;
+    let (idempotency_key, fingerprint) = claim.idempotency(&own_key, &own_fingerprint);
     let spec = HoldSpec {
         intent: authorized.intent(),
         task: &task,
         expires_at_ms: now_ms + ap2.mandate_ttl.as_millis() as u64 + HOLD_GRACE_MS,
         idempotency: Some(Idempotency {
             key: idempotency_key.clone(),
-            fingerprint: fingerprint(&authorized, &task),
+            fingerprint,
             mode: IdempotencyMode::Pending { lease_ms: ap2.lease.as_millis() as u64 },
         }),
     };
-    let grant = match pay::hold_with_budgets(&state, &auth, spec, vec![bucket]).await? {
-        Held::New(grant) => grant,
+    let (grant, resumed) = match pay::hold_with_budgets(&state, &auth, spec, vec![bucket, claim.bucket]).await? {
+        Held::New(grant) => (grant, false),
         Held::Resumed(grant) => {
             let info = pay::hold_info(&state, &auth, &grant.hold_id).await?;
-            if info.state != "open" {
+            if info.state != "open" && info.state != "unknown" {
                 let reply = Reply::error(
                     &ApiError::new(
                         StatusCode::CONFLICT,
@@ -206,8 +208,8 @@ pub async fn pay(
                 finish(&state, &auth, &idempotency_key, IdempotencyFinish::Done(reply.stored())).await;
                 return Ok(reply.into_response());
             }
-            tracing::info!(agent = %auth.agent, hold = %grant.hold_id, "resuming an AP2 payment");
-            grant
+            tracing::info!(agent = %auth.agent, hold = %grant.hold_id, state = %info.state, "resuming an AP2 payment");
+            (grant, true)
         }
         Held::Finished(stored) => return Reply::replay(&stored).map(Reply::into_response),
     };
@@ -220,6 +222,7 @@ pub async fn pay(
         key: &key,
         authorized: &authorized,
         grant: &grant,
+        resumed,
         now,
     };
     let ending = complete(attempt).await;
@@ -261,13 +264,22 @@ pub(super) async fn note(
 
 /// Voids the hold and answers with `error` (plus the hold id); if even the void fails, the hold
 /// expires by itself and the answer says so.
+///
+/// Only for a first attempt: when `resumed`, an earlier attempt with this hold may have reached
+/// the merchant, so this attempt's refusal (a completed checkout refuses a second completion,
+/// say) proves nothing about the money. The hold is then marked unknown instead
+/// ([`unknown_after`]), never voided.
 pub(super) async fn void_with(
     state: &AppState,
     auth: &AgentAuth,
     grant: &Grant,
+    resumed: bool,
     reason: &str,
     error: ApiError,
 ) -> Ending {
+    if resumed {
+        return unknown_after(state, auth, grant, reason, error).await;
+    }
     let voided = match pay::void(state, auth, &grant.hold_id, reason).await {
         Ok(_) => true,
         Err(void_error) => {
@@ -282,7 +294,24 @@ pub(super) async fn void_with(
     Ending::Final(Reply::error(&error.with_extra(extra)))
 }
 
-/// Logs why the outcome is unknown and keeps the hold for a retry to resume.
+/// Marks the hold `unknown` (counted against the caps, never expiring, until a retry settles it
+/// or an admin resolves it) with `reason` and `detail`; failures are logged: the hold stays
+/// open then, which keeps it counted until it expires.
+async fn mark_unknown(state: &AppState, auth: &AgentAuth, grant: &Grant, reason: &str, detail: &str) {
+    if let Err(error) = pay::mark_unknown(state, &grant.hold_id, &format!("{reason}: {detail}")).await {
+        tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
+            "could not mark an AP2 hold unknown; it stays open until it expires");
+    }
+}
+
+/// A verified payment whose settle failed: the hold is marked unknown (if the ledger takes that),
+/// with the payment's facts in the reason, so that it stays counted until someone settles it.
+pub(super) async fn settle_failed(state: &AppState, auth: &AgentAuth, grant: &Grant, error: &ApiError) {
+    let detail = format!("the provider confirmed the payment but the settle failed ({})", error.code);
+    mark_unknown(state, auth, grant, "ap2_settle_failed", &detail).await;
+}
+
+/// Logs why the outcome is unknown, marks the hold `unknown` and keeps it for a retry to resume.
 pub(super) async fn unknown(
     state: &AppState,
     auth: &AgentAuth,
@@ -294,13 +323,34 @@ pub(super) async fn unknown(
     detail.insert("error".to_owned(), error.code().to_owned());
     detail.insert("detail".to_owned(), truncate(&error.to_string()));
     note(state, auth, grant, reason, detail).await;
-    tracing::warn!(agent = %auth.agent, hold = %grant.hold_id, code = error.code(), detail = %error,
-        "AP2 payment outcome unknown; the hold stays until the closed mandates expire");
+    mark_unknown(state, auth, grant, reason, &error.to_string()).await;
     let api = ApiError::new(StatusCode::BAD_GATEWAY, reason_code(reason), error.to_string()).with_extra(json!({
         "hold_id": grant.hold_id.to_string(),
+        "hold_state": "unknown",
         "provider_code": error.code(),
-        "held_until_ms": grant.expires_at_ms,
     }));
+    Ending::Unknown(Reply::error(&api))
+}
+
+/// A resumed payment's refusal: the earlier attempt's outcome is still unknown, so the hold is
+/// marked unknown and the answer is 502 `ap2_outcome_unknown`, with this attempt's refusal.
+async fn unknown_after(state: &AppState, auth: &AgentAuth, grant: &Grant, reason: &str, error: ApiError) -> Ending {
+    let mut detail = BTreeMap::new();
+    detail.insert("error".to_owned(), error.code.to_string());
+    detail.insert("detail".to_owned(), truncate(&error.detail));
+    detail.insert("resumed".to_owned(), "true".to_owned());
+    note(state, auth, grant, reason, detail).await;
+    mark_unknown(state, auth, grant, reason, &format!("a resumed attempt was refused: {}", error.detail)).await;
+    let mut extra = error.extra.clone().unwrap_or_else(|| json!({}));
+    extra["hold_id"] = json!(grant.hold_id.to_string());
+    extra["hold_state"] = json!("unknown");
+    extra["provider_code"] = json!(error.code);
+    let api = ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "ap2_outcome_unknown",
+        format!("an earlier attempt may have paid; this one was refused: {}", error.detail),
+    )
+    .with_extra(extra);
     Ending::Unknown(Reply::error(&api))
 }
 
@@ -324,12 +374,14 @@ struct Attempt<'a> {
     key: &'a AgentKey,
     authorized: &'a AuthorizedPayment,
     grant: &'a Grant,
+    /// An earlier attempt made this hold (and may have reached the merchant).
+    resumed: bool,
     now: i64,
 }
 
 /// The payment after the hold: sign, obtain the token, complete, settle or void.
 async fn complete(attempt: Attempt<'_>) -> Ending {
-    let Attempt { state, auth, settings, merchant, key, authorized, grant, now } = attempt;
+    let Attempt { state, auth, settings, merchant, key, authorized, grant, resumed, now } = attempt;
     let ap2 = &state.protocols.ap2;
     let params = CloseParams {
         checkout_audience: merchant.audience.clone(),
@@ -352,6 +404,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
                 state,
                 auth,
                 grant,
+                resumed,
                 "ap2_close_failed",
                 ApiError::new(status, error.code(), error.to_string()),
             )
@@ -374,7 +427,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             detail.insert("payment_id".to_owned(), receipt.payment_id.clone());
             note(state, auth, grant, "ap2_credential_refused", detail).await;
             let error = declined("credential_provider", receipt.error.as_deref(), receipt.error_description.as_deref());
-            return void_with(state, auth, grant, "ap2_credential_refused", error).await;
+            return void_with(state, auth, grant, resumed, "ap2_credential_refused", error).await;
         }
         Err(error) => {
             // No token reached anyone who could charge with it.
@@ -383,7 +436,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
             note(state, auth, grant, "ap2_credential_provider_error", detail).await;
             let api = ApiError::new(StatusCode::BAD_GATEWAY, error.code(), error.to_string());
-            return void_with(state, auth, grant, "ap2_credential_provider_error", api).await;
+            return void_with(state, auth, grant, resumed, "ap2_credential_provider_error", api).await;
         }
     };
 
@@ -397,7 +450,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
             note(state, auth, grant, "ap2_merchant_declined", detail).await;
             let api = declined("merchant", Some(error.code()), Some(&error.to_string()));
-            return void_with(state, auth, grant, "ap2_merchant_declined", api).await;
+            return void_with(state, auth, grant, resumed, "ap2_merchant_declined", api).await;
         }
         Err(
             error @ (Ap2Error::ProviderUnreachable(_)
@@ -425,7 +478,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
         }
         note(state, auth, grant, "ap2_payment_declined", detail).await;
         let api = declined("merchant", error.as_deref(), description.as_deref());
-        return void_with(state, auth, grant, "ap2_payment_declined", api).await;
+        return void_with(state, auth, grant, resumed, "ap2_payment_declined", api).await;
     }
 
     let checkout_receipt = &completion.checkout_receipt;
@@ -456,10 +509,12 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
     let settlement = match pay::settle(state, auth, &grant.hold_id, closed.amount, &details).await {
         Ok(settlement) => settlement,
         Err(error) => {
-            // The merchant was paid; the hold must not be released. It stays (and a retry
-            // resumes and settles it) unless it already ended.
+            // The merchant was paid; the hold must not be released. It stays, marked unknown so
+            // that it never expires (a retry resumes and settles it, or an admin does), unless
+            // it already ended.
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
                 "an AP2 payment succeeded but could not be settled");
+            settle_failed(state, auth, grant, &error).await;
             return Ending::Unknown(Reply::error(&error));
         }
     };
