@@ -48,7 +48,14 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
     let protocols = Protocols::build(config.protocols)?;
     let ledger = match config.ledger {
         LedgerConfig::Memory => Ledger::Memory(MemoryLedger::new()),
-        LedgerConfig::Redis(redis) => Ledger::Redis(RedisLedger::connect(&redis).await?),
+        LedgerConfig::Redis(redis) => {
+            let ledger = Ledger::Redis(RedisLedger::connect(&redis).await?);
+            // No agent may make the daemon connect to Redis, whatever the allow-list says.
+            for address in crate::ledger::nodes::addresses(&redis).await {
+                protocols.reserved.add(address);
+            }
+            ledger
+        }
     };
     Ok(Arc::new(AppState {
         ledger,
@@ -69,6 +76,9 @@ pub async fn serve(
     sweep_interval: Option<Duration>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Nor to the daemon itself.
+    state.protocols.reserved.add(listener.local_addr()?);
+    tracing::info!(addresses = ?state.protocols.reserved.addresses(), "never fetched for an agent");
     let sweeper = sweep_interval.map(|interval| tokio::spawn(sweep(state.clone(), interval)));
     let alerts = state.alerts.clone().map(|config| crate::alerts::spawn(state.clone(), config));
     // Request spans name the method and the path only: a query string may carry a credential

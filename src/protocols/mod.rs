@@ -3,6 +3,7 @@
 
 pub mod acp;
 pub mod ap2;
+pub mod reserved;
 pub mod x402;
 
 use axum::Router;
@@ -27,6 +28,8 @@ pub struct ProtocolConfig {
     pub x402: x402::X402Config,
     pub acp: acp::AcpConfig,
     pub ap2: ap2::Ap2Config,
+    /// Addresses no outbound client may reach (Redis, the daemon); filled in at start-up.
+    pub reserved: reserved::Reserved,
 }
 
 /// What each protocol needs at run time (clients, keys), built once at start-up.
@@ -34,6 +37,7 @@ pub struct Protocols {
     pub x402: x402::X402Service,
     pub acp: acp::AcpService,
     pub ap2: ap2::Ap2Service,
+    pub reserved: reserved::Reserved,
 }
 
 /// Why the protocol configuration is unusable; start-up fails with this.
@@ -50,6 +54,7 @@ impl ProtocolConfig {
             x402: x402::X402Config::from_args(&args.x402)?,
             acp: acp::AcpConfig::from_args(&args.acp)?,
             ap2: ap2::Ap2Config::from_args(&args.ap2)?,
+            reserved: reserved::Reserved::default(),
         })
     }
 }
@@ -57,9 +62,10 @@ impl ProtocolConfig {
 impl Protocols {
     pub fn build(config: ProtocolConfig) -> Result<Protocols, ConfigError> {
         Ok(Protocols {
-            x402: x402::X402Service::build(config.x402)?,
+            x402: x402::X402Service::build(config.x402, config.reserved.clone())?,
             acp: acp::AcpService::build(config.acp)?,
             ap2: ap2::Ap2Service::build(config.ap2)?,
+            reserved: config.reserved,
         })
     }
 }

@@ -8,6 +8,7 @@ mod concurrency;
 mod controls;
 mod dashboard;
 mod demo;
+mod edges;
 mod faults;
 mod fire;
 mod ledger;

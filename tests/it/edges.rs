@@ -1,0 +1,152 @@
+//! Issue 14's edges: no path from an agent to Redis or the daemon, strict JSON bodies, error
+//! bodies on every status, CSV cells that are not formulas, a revoked agent that writes nothing,
+//! handles that cannot pass for ids.
+
+use adapters::x402::EvmSigner;
+use reqwest::Method;
+use serde_json::{json, Value};
+use spendcap::protocols::x402::X402Config;
+use spendcap::protocols::ProtocolConfig;
+use wiremock::matchers::path;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::support::{spawn_app, spawn_app_with, AppOptions, RedisServer, ADMIN_TOKEN};
+
+/// The public Hardhat/Anvil key #0.
+const TEST_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+
+/// Connections Redis has accepted since it started (`INFO stats`).
+fn connections_received(redis: &RedisServer) -> u64 {
+    let info = redis.cli(&["INFO", "stats"]).expect("INFO");
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_connections_received")
+}
+
+#[tokio::test]
+async fn no_agent_reaches_redis_or_the_daemon_whatever_the_allow_list() {
+    let x402 = X402Config {
+        signer: Some(EvmSigner::from_hex(TEST_KEY).expect("test key")),
+        allow_private: vec!["127.0.0.0/8".parse().expect("network"), "::1".parse().expect("address")],
+        ..X402Config::default()
+    };
+    let app =
+        spawn_app_with(AppOptions { protocols: ProtocolConfig { x402, ..Default::default() }, ..Default::default() })
+            .await;
+    let redis = app.redis.clone().expect("a Redis ledger");
+    let agent = app.create_agent("prober", 1_000_000, None).await;
+    // A provider on the allow-listed loopback network is still reached.
+    let provider = MockServer::start().await;
+    Mock::given(path("/free")).respond_with(ResponseTemplate::new(200).set_body_string("free")).mount(&provider).await;
+    let fetch = |url: String| {
+        let app = &app;
+        let token = agent.token.clone();
+        async move {
+            let (status, body) =
+                app.agent_call(&token, Method::POST, "/v1/x402/fetch", Some(json!({ "url": url }))).await;
+            (status, body)
+        }
+    };
+    let (status, body) = fetch(format!("http://127.0.0.1:{}/free", provider.address().port())).await;
+    assert_eq!((status, body["body"].as_str()), (200, Some("free")), "{body}");
+
+    let before = connections_received(&redis);
+    let daemon_port = app.base.rsplit(':').next().expect("port").to_owned();
+    for port in [redis.port.to_string(), daemon_port] {
+        for host in [
+            "127.0.0.1",
+            "localhost",
+            "[::ffff:127.0.0.1]",
+            "2130706433",
+            "0x7f000001",
+            "127.0.0.2",
+            "0.0.0.0",
+            "[::1]",
+            "[::]",
+        ] {
+            let url = format!("http://{host}:{port}/");
+            let (status, body) = fetch(url.clone()).await;
+            assert_eq!((status, body["code"].as_str()), (403, Some("x402_destination_forbidden")), "{url}: {body}");
+        }
+        let proxied = format!("{}/v1/x402/proxy/http://localhost:{port}/", app.base);
+        let response = app.http.post(proxied).bearer_auth(&agent.token).body("PING").send().await.expect("proxy");
+        assert_eq!(response.status(), 403);
+        assert_eq!(response.headers()["x-spendcap-error"], "x402_destination_forbidden");
+    }
+    // The only connection Redis accepted since is the one that asks it (INFO itself).
+    assert_eq!(connections_received(&redis), before + 1, "an agent's fetch opened a connection to Redis");
+    assert_eq!(app.show(&agent.id).await["spent_micros"], 0);
+}
+
+#[tokio::test]
+async fn duplicate_keys_are_refused_at_every_depth_and_change_nothing() {
+    let app = spawn_app().await;
+    let agent = app.create_agent("dupes", 5_000_000, None).await;
+    let before = app.show(&agent.id).await;
+    let send = |method: Method, path: String, token: String, body: &'static str| {
+        let request = app
+            .http
+            .request(method, app.url(&path))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body);
+        async move {
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("JSON error body"))
+        }
+    };
+    let admin = || ADMIN_TOKEN.to_owned();
+    let cases = [
+        (
+            Method::PUT,
+            format!("/v1/agents/{}/controls", agent.id),
+            admin(),
+            r#"{"limits": {"daily": 1, "daily": 999999}}"#,
+        ),
+        (Method::PUT, format!("/v1/agents/{}/cap", agent.id), admin(), r#"{"cap_micros": 1, "cap_micros": 9000000}"#),
+        (
+            Method::POST,
+            "/v1/agents".to_owned(),
+            admin(),
+            r#"{"handle": "twin", "cap_micros": 1, "labels": {"team": "a", "t\u0065am": "b"}}"#,
+        ),
+        (
+            Method::POST,
+            "/v1/holds".to_owned(),
+            agent.token.clone(),
+            r#"{"amount_micros": 1000, "service": "s", "details": [{"x": {"y": 1, "y": 2}}]}"#,
+        ),
+        (
+            Method::POST,
+            "/v1/tasks/t1/outcome".to_owned(),
+            agent.token.clone(),
+            r#"{"outcome": "success", "outcome": "failed"}"#,
+        ),
+    ];
+    for (method, path, token, body) in cases {
+        let (status, answer) = send(method, path.clone(), token, body).await;
+        assert_eq!((status, answer["code"].as_str()), (422, Some("duplicate_key")), "{path} {body}: {answer}");
+    }
+    assert_eq!(app.show(&agent.id).await, before, "nothing changed");
+    let (status, _) = app.admin(Method::GET, "/v1/agents/twin", None).await;
+    assert_eq!(status, 404, "no agent was created");
+    assert!(app.log().await.iter().all(|entry| entry["ev"] != "hold" && entry["ev"] != "outcome"));
+}
+
+#[tokio::test]
+async fn unknown_routes_wrong_methods_and_huge_headers_get_code_and_detail() {
+    let app = spawn_app().await;
+    let response = app.http.get(app.url("/v1/nothing-here")).send().await.expect("404");
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.expect("a JSON body");
+    assert_eq!(body["code"], "not_found", "{body}");
+    assert!(body["detail"].is_string());
+
+    let response = app.http.delete(app.url("/v1/me")).bearer_auth(ADMIN_TOKEN).send().await.expect("405");
+    assert_eq!(response.status(), 405);
+    let body: Value = response.json().await.expect("a JSON body");
+    assert_eq!(body["code"], "method_not_allowed", "{body}");
+    assert!(body["detail"].is_string());
+}
