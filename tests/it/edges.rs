@@ -150,3 +150,81 @@ async fn unknown_routes_wrong_methods_and_huge_headers_get_code_and_detail() {
     assert_eq!(body["code"], "method_not_allowed", "{body}");
     assert!(body["detail"].is_string());
 }
+
+/// Every cell of a CSV text (RFC 4180: quoted cells may hold commas, quotes and line breaks).
+fn csv_cells(text: &str) -> Vec<String> {
+    let mut cells = Vec::new();
+    let mut cell = String::new();
+    let mut quoted = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cell.push('"');
+                chars.next();
+            }
+            ('"', true) => quoted = false,
+            ('"', false) => quoted = true,
+            (',' | '\n', false) => cells.push(std::mem::take(&mut cell)),
+            (c, _) => cell.push(c),
+        }
+    }
+    cells
+}
+
+#[tokio::test]
+async fn csv_exports_never_hold_a_formula() {
+    let app = spawn_app().await;
+    let agent = app.create_agent("csv", 5_000_000, None).await;
+    let (service, task, task_type) = ("=HYPERLINK(\"http://evil.example\",\"x\")", "+SUM(1,2)", "@cmd");
+    let (status, hold) = app
+        .agent_call(
+            &agent.token,
+            Method::POST,
+            "/v1/holds",
+            Some(json!({ "amount_micros": 1000, "service": service, "task": task })),
+        )
+        .await;
+    assert_eq!(status, 201, "{hold}");
+    let hold = hold["hold_id"].as_str().expect("hold id").to_owned();
+    assert_eq!(app.settle(&agent, &hold, 1000).await.0, 200);
+    let (status, body) = app
+        .agent_call(
+            &agent.token,
+            Method::POST,
+            &format!("/v1/tasks/{}/outcome", urlencode(task)),
+            Some(json!({ "outcome": "success", "task_type": task_type })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, refused) = app
+        .agent_call(
+            &agent.token,
+            Method::POST,
+            "/v1/holds",
+            Some(json!({ "amount_micros": 9_000_000, "service": "-1+2", "task": task })),
+        )
+        .await;
+    assert_eq!(refused["code"], "cap_exceeded");
+
+    for path in ["/v1/log?format=csv", "/v1/reports?format=csv"] {
+        let response = app.http.get(app.url(path)).bearer_auth(ADMIN_TOKEN).send().await.expect("export");
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.expect("csv");
+        let cells = csv_cells(&text);
+        for cell in &cells {
+            assert!(!cell.starts_with(['=', '+', '-', '@', '\t', '\r']), "{path}: a formula cell {cell:?} in\n{text}");
+        }
+        // The values are all there, as text.
+        let values = if path.starts_with("/v1/log") { [service, task, "-1+2"] } else { [service, task_type, "-1+2"] };
+        for value in values {
+            assert!(cells.contains(&format!("'{value}")), "{path}: {value:?} missing from\n{text}");
+        }
+    }
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
