@@ -228,3 +228,23 @@ fn urlencode(text: &str) -> String {
         .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
         .collect()
 }
+
+#[tokio::test]
+async fn a_handle_cannot_pass_for_an_id() {
+    let app = spawn_app().await;
+    let victim = app.create_agent("victim", 1_000_000, None).await;
+    for handle in
+        [victim.id.clone(), "ag_anything".to_owned(), "hd_x".to_owned(), "sct_x".to_owned(), victim.tree.clone()]
+    {
+        let (status, body) =
+            app.admin(Method::POST, "/v1/agents", Some(json!({ "handle": handle, "cap_micros": 1 }))).await;
+        assert_eq!((status, body["code"].as_str()), (422, Some("invalid_handle")), "{handle}: {body}");
+    }
+    // An admin action by the victim's id still reaches the victim, and only it.
+    let (status, body) =
+        app.admin(Method::POST, &format!("/v1/agents/{}/revoke", victim.id), Some(json!({ "reason": "test" }))).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, list) = app.admin(Method::GET, "/v1/agents", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["agents"].as_array().map(Vec::len), Some(1), "{list}");
+}
