@@ -165,6 +165,28 @@ pub fn agent_scoped(err: crate::ledger::LedgerError) -> ApiError {
     }
 }
 
+/// Refuses (403 `agent_revoked`) when the agent or an ancestor is revoked. For calls that would
+/// write something other than a payment attempt on the agent's behalf (a task outcome, a new AP2
+/// key, a mandate's budget): after revocation an agent's token reads its own state, and its
+/// payment attempts are refused by the hold itself, which logs the refusal. Settling and voiding
+/// holds it already had stay open to it: a known charge is always settled. A check before the
+/// write, not inside it: a write that races the revocation itself may still land.
+pub async fn refuse_if_revoked(state: &AppState, agent: &AgentId) -> Result<(), ApiError> {
+    let mut next = Some(agent.clone());
+    while let Some(id) = next {
+        let record = state.ledger.agent(&id).await.map_err(agent_scoped)?;
+        if record.revoked.is_some() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "agent_revoked",
+                "the agent is revoked: its token reads its own state and nothing else",
+            ));
+        }
+        next = record.parent;
+    }
+    Ok(())
+}
+
 /// `Json<T>` whose rejections are our stable error codes. A JSON object that names one key twice,
 /// at any depth, is refused (422 `duplicate_key`) before anything reads it: serde would keep the
 /// last value (`{"limits": {"daily": 1, "daily": 999999}}` would set 999999), and what a reader

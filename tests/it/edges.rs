@@ -248,3 +248,56 @@ async fn a_handle_cannot_pass_for_an_id() {
     assert_eq!(status, 200);
     assert_eq!(list["agents"].as_array().map(Vec::len), Some(1), "{list}");
 }
+
+#[tokio::test]
+async fn a_revoked_agent_writes_nothing_to_the_log() {
+    let providers = spendcap::sim::Providers::start().await.expect("simulated providers");
+    let protocols = providers.protocol_config().expect("protocol config");
+    let app = spawn_app_with(AppOptions { protocols, ..Default::default() }).await;
+    let parent = app.create_agent("parent", 5_000_000, None).await;
+    let agent = app.create_agent("worker", 1_000_000, Some(&parent.id)).await;
+    let child = app.create_agent("child", 1_000_000, Some(&agent.id)).await;
+    let (status, body) =
+        app.admin(Method::POST, &format!("/v1/agents/{}/revoke", agent.id), Some(json!({ "reason": "done" }))).await;
+    assert_eq!(status, 200, "{body}");
+    let lines = app.log().await.len();
+
+    // The revoked agent and its sub-agent (revoked through its ancestor) write nothing.
+    for who in [&agent, &child] {
+        let (status, body) = app
+            .agent_call(
+                &who.token,
+                Method::POST,
+                "/v1/tasks/t1/outcome",
+                Some(json!({ "outcome": "success", "task_type": "research" })),
+            )
+            .await;
+        assert_eq!((status, body["code"].as_str()), (403, Some("agent_revoked")), "{body}");
+        let (status, body) = app.agent_call(&who.token, Method::GET, "/v1/ap2/key", None).await;
+        assert_eq!((status, body["code"].as_str()), (403, Some("agent_revoked")), "{body}");
+        let (status, body) = app
+            .agent_call(
+                &who.token,
+                Method::POST,
+                "/v1/ap2/payments",
+                Some(json!({ "checkout_jwt": "x", "open_checkout_mandate": "x", "open_payment_mandate": "x" })),
+            )
+            .await;
+        assert!(status >= 400 && body["code"].is_string(), "{status} {body}");
+        // It still reads its own state.
+        let (status, me) = app.agent_call(&who.token, Method::GET, "/v1/me", None).await;
+        assert_eq!(status, 200, "{me}");
+    }
+    let log = app.log().await;
+    assert_eq!(log.len(), lines, "new log lines after revocation: {:?}", &log[lines..]);
+    // The parent, not revoked, still records outcomes.
+    let (status, body) = app
+        .agent_call(
+            &parent.token,
+            Method::POST,
+            "/v1/tasks/t1/outcome",
+            Some(json!({ "outcome": "success", "task_type": "r" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
