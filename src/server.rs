@@ -54,6 +54,7 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
             for address in crate::ledger::nodes::addresses(&redis).await {
                 protocols.reserved.add(address);
             }
+            refuse_reserved_providers(&protocols).await?;
             ledger
         }
     };
@@ -69,6 +70,18 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
     }))
 }
 
+/// Start-up fails when a configured provider (ACP, AP2) is a reserved address: the daemon would
+/// send requests, credentials and mandates to its own Redis or to itself.
+async fn refuse_reserved_providers(protocols: &Protocols) -> Result<(), ConfigError> {
+    match crate::protocols::reserved::first_reserved_url(&protocols.provider_urls, &protocols.reserved).await {
+        None => Ok(()),
+        Some((url, address)) => Err(ConfigError {
+            protocol: "providers",
+            reason: format!("{url} resolves to {address}, a Redis node of the ledger or this daemon's listen address"),
+        }),
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
 pub async fn serve(
     state: SharedState,
@@ -78,6 +91,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     // Nor to the daemon itself.
     state.protocols.reserved.add(listener.local_addr()?);
+    refuse_reserved_providers(&state.protocols).await.map_err(std::io::Error::other)?;
     tracing::info!(addresses = ?state.protocols.reserved.addresses(), "never fetched for an agent");
     let sweeper = sweep_interval.map(|interval| tokio::spawn(sweep(state.clone(), interval)));
     let alerts = state.alerts.clone().map(|config| crate::alerts::spawn(state.clone(), config));

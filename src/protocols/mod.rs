@@ -38,6 +38,8 @@ pub struct Protocols {
     pub acp: acp::AcpService,
     pub ap2: ap2::Ap2Service,
     pub reserved: reserved::Reserved,
+    /// Every provider base URL of the configuration (ACP, AP2), checked against `reserved`.
+    pub provider_urls: Vec<String>,
 }
 
 /// Why the protocol configuration is unusable; start-up fails with this.
@@ -59,9 +61,29 @@ impl ProtocolConfig {
     }
 }
 
+impl ProtocolConfig {
+    /// The base URL of every provider the configuration names (ACP PSP and merchants; AP2
+    /// Credential Provider, merchants and v0.1 processor).
+    pub fn provider_urls(&self) -> Vec<String> {
+        let mut urls = Vec::new();
+        if let Some(file) = &self.acp.file {
+            urls.push(file.psp.base_url.clone());
+            urls.extend(file.merchants.iter().map(|m| m.base_url.clone()));
+        }
+        if let Some(file) = &self.ap2.file {
+            urls.push(file.credential_provider.base_url.clone());
+            urls.extend(file.merchants.iter().map(|m| m.base_url.clone()));
+            urls.extend(file.v01.iter().map(|v| v.processor_url.clone()));
+        }
+        urls
+    }
+}
+
 impl Protocols {
     pub fn build(config: ProtocolConfig) -> Result<Protocols, ConfigError> {
+        let provider_urls = config.provider_urls();
         Ok(Protocols {
+            provider_urls,
             x402: x402::X402Service::build(config.x402, config.reserved.clone())?,
             acp: acp::AcpService::build(config.acp)?,
             ap2: ap2::Ap2Service::build(config.ap2)?,

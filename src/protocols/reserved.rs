@@ -50,6 +50,24 @@ impl Reserved {
     }
 }
 
+/// The first configured provider URL (ACP merchants and PSP, AP2 Credential Provider, merchants
+/// and v0.1 processor) whose host, as resolved now, is a reserved address on the URL's port, with
+/// that address. Start-up refuses such a configuration.
+pub async fn first_reserved_url(urls: &[String], reserved: &Reserved) -> Option<(String, SocketAddr)> {
+    for text in urls {
+        let Ok(url) = reqwest::Url::parse(text) else { continue };
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else { continue };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let Ok(addresses) = tokio::net::lookup_host((host, port)).await else { continue };
+        for address in addresses {
+            if reserved.covers(address.ip(), port) {
+                return Some((text.clone(), address));
+            }
+        }
+    }
+    None
+}
+
 fn same_host(reserved: IpAddr, ip: IpAddr) -> bool {
     reserved == ip || reserved.is_unspecified() || (is_local(reserved) && is_local(ip))
 }

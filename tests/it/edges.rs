@@ -301,3 +301,26 @@ async fn a_revoked_agent_writes_nothing_to_the_log() {
         .await;
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test]
+async fn a_provider_configured_at_the_redis_address_stops_start_up() {
+    let redis = RedisServer::start();
+    let providers = spendcap::sim::Providers::start().await.expect("simulated providers");
+    for spelling in ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"] {
+        let mut protocols = providers.protocol_config().expect("protocol config");
+        let file = protocols.acp.file.as_mut().expect("an ACP configuration");
+        file.merchants[0].base_url = format!("http://{spelling}:{}/acp", redis.port);
+        let config = spendcap::server::Config {
+            ledger: spendcap::server::LedgerConfig::Redis(crate::support::redis_config(&redis, "sc")),
+            admin_token: spendcap::identity::AdminToken::new(ADMIN_TOKEN.into()).expect("admin token"),
+            signer: spendcap::receipt::ReceiptSigner::generate(),
+            limits: Default::default(),
+            clock: spendcap::clock::Clock::system(),
+            protocols,
+            sweep_interval: None,
+            alerts: None,
+        };
+        let error = spendcap::server::build_state(config).await.err().expect("start-up refused");
+        assert!(error.to_string().contains("a Redis node of the ledger"), "{spelling}: {error}");
+    }
+}
