@@ -149,6 +149,22 @@ async fn unknown_routes_wrong_methods_and_huge_headers_get_code_and_detail() {
     let body: Value = response.json().await.expect("a JSON body");
     assert_eq!(body["code"], "method_not_allowed", "{body}");
     assert!(body["detail"].is_string());
+
+    // Too many headers, and headers too large.
+    let mut many = app.http.get(app.url("/v1/me")).bearer_auth(ADMIN_TOKEN);
+    for i in 0..150 {
+        many = many.header(format!("x-extra-{i}"), "1");
+    }
+    let large = app.http.get(app.url("/v1/me")).bearer_auth(ADMIN_TOKEN).header("x-large", "a".repeat(64 * 1024));
+    for request in [many, large] {
+        let response = request.send().await.expect("431");
+        assert_eq!(response.status(), 431);
+        let body: Value = response.json().await.expect("a JSON body");
+        assert_eq!(body["code"], "headers_too_large", "{body}");
+        assert!(body["detail"].is_string());
+    }
+    // The daemon still serves after them.
+    assert_eq!(app.http.get(app.url("/healthz")).send().await.expect("healthz").status(), 200);
 }
 
 /// Every cell of a CSV text (RFC 4180: quoted cells may hold commas, quotes and line breaks).
