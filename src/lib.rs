@@ -6,6 +6,7 @@ pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod clock;
+pub mod csv;
 pub mod demo;
 pub mod fingerprint;
 pub mod identity;

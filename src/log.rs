@@ -101,16 +101,6 @@ impl<'a> LogReader<'a> {
 pub const CSV_HEADER: &str =
     "id,tree,ts_ms,event,agent,task,service,protocol,amount,released,hold,reason,cap,parent,remaining,detail\n";
 
-fn csv_field(out: &mut String, value: &str) {
-    if value.contains([',', '"', '\n', '\r']) {
-        out.push('"');
-        out.push_str(&value.replace('"', "\"\""));
-        out.push('"');
-    } else {
-        out.push_str(value);
-    }
-}
-
 pub fn csv_line(e: &LogEntry) -> String {
     let num = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_default();
     let fields = [
@@ -132,13 +122,7 @@ pub fn csv_line(e: &LogEntry) -> String {
         e.detail.clone(),
     ];
     let mut out = String::with_capacity(160);
-    for (i, f) in fields.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        csv_field(&mut out, f);
-    }
-    out.push('\n');
+    crate::csv::push_row(&mut out, &fields);
     out
 }
 

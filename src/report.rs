@@ -506,21 +506,7 @@ variance_micros2,stddev_micros,cv,unusual_variance,suggested_cap_micros,cap_in_f
 pub fn csv(report: &Report) -> String {
     let mut out = String::from(CSV_HEADER);
     let num = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_default();
-    let mut row = |fields: [String; 19]| {
-        let cells: Vec<String> =
-            fields
-                .iter()
-                .map(|f| {
-                    if f.contains([',', '"', '\n', '\r']) {
-                        format!("\"{}\"", f.replace('"', "\"\""))
-                    } else {
-                        f.clone()
-                    }
-                })
-                .collect();
-        out.push_str(&cells.join(","));
-        out.push('\n');
-    };
+    let mut row = |fields: [String; 19]| crate::csv::push_row(&mut out, &fields);
     let e = String::new;
     for t in &report.task_types {
         row([

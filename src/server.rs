@@ -51,7 +51,15 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
     let protocols = Protocols::build(config.protocols)?;
     let ledger = match config.ledger {
         LedgerConfig::Memory => Ledger::Memory(MemoryLedger::new()),
-        LedgerConfig::Redis(redis) => Ledger::Redis(RedisLedger::connect(&redis).await?),
+        LedgerConfig::Redis(redis) => {
+            let ledger = Ledger::Redis(RedisLedger::connect(&redis).await?);
+            // No agent may make the daemon connect to Redis, whatever the allow-list says.
+            for address in crate::ledger::nodes::addresses(&redis).await {
+                protocols.reserved.add(address);
+            }
+            refuse_reserved_providers(&protocols).await?;
+            ledger
+        }
     };
     let state = Arc::new(AppState {
         ledger,
@@ -69,6 +77,18 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
     Ok(state)
 }
 
+/// Start-up fails when a configured provider (ACP, AP2) is a reserved address: the daemon would
+/// send requests, credentials and mandates to its own Redis or to itself.
+async fn refuse_reserved_providers(protocols: &Protocols) -> Result<(), ConfigError> {
+    match crate::protocols::reserved::first_reserved_url(&protocols.provider_urls, &protocols.reserved).await {
+        None => Ok(()),
+        Some((url, address)) => Err(ConfigError {
+            protocol: "providers",
+            reason: format!("{url} resolves to {address}, a Redis node of the ledger or this daemon's listen address"),
+        }),
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, then finishes in-flight requests.
 pub async fn serve(
     state: SharedState,
@@ -76,6 +96,10 @@ pub async fn serve(
     sweep_interval: Option<Duration>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Nor to the daemon itself.
+    state.protocols.reserved.add(listener.local_addr()?);
+    refuse_reserved_providers(&state.protocols).await.map_err(std::io::Error::other)?;
+    tracing::info!(addresses = ?state.protocols.reserved.addresses(), "never fetched for an agent");
     let sweeper = sweep_interval.map(|interval| tokio::spawn(sweep(state.clone(), interval)));
     let clock_watch = Some(tokio::spawn(watch_clock(state.clone())));
     let alerts = state.alerts.clone().map(|config| crate::alerts::spawn(state.clone(), config));
@@ -89,12 +113,85 @@ pub async fn serve(
             tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
         })
         .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG));
-    let app = api::router(state).layer(trace);
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let app = api::router(state).layer(axum::middleware::from_fn(header_limits)).layer(trace);
+    serve_connections(listener, app, shutdown).await;
     for task in [sweeper, alerts, clock_watch].into_iter().flatten() {
         task.abort();
     }
-    result
+    Ok(())
+}
+
+/// The most request headers, and header bytes (names and values), the API reads; more is 431
+/// `headers_too_large` with a `{code, detail}` body like every error. The HTTP parser's own
+/// limits are set far above these (`PARSER_MAX_*`), so that it is this check that answers:
+/// the parser's automatic 431 has no body. Only a request past the parser's limits gets that.
+const MAX_HEADERS: usize = 100;
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+const PARSER_MAX_HEADERS: usize = 1000;
+const PARSER_MAX_BUF_BYTES: usize = 1024 * 1024;
+
+async fn header_limits(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let headers = request.headers();
+    let bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return api::ApiError::new(
+            axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("requests are limited to {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of them"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// What `axum::serve` does (HTTP/1.1 and HTTP/2 on every accepted connection, graceful shutdown
+/// that lets requests in flight finish), with the parser limits above.
+async fn serve_connections(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::service::TowerToHyperService;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait a little instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().max_headers(PARSER_MAX_HEADERS).max_buf_size(PARSER_MAX_BUF_BYTES);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+            drop(stop);
+        });
+    }
+    drop(stop_rx);
+    let _ = stop_tx.send(());
+    // Every connection holds a receiver until it has finished.
+    stop_tx.closed().await;
 }
 
 async fn sweep(state: SharedState, interval: Duration) {

@@ -150,6 +150,18 @@ fn valid_handle(handle: &str) -> bool {
         && handle.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
 }
 
+/// Prefixes of ids and tokens: a handle that starts with one could be taken for an id (an admin
+/// action naming it would hit another agent), so none does.
+const ID_PREFIXES: [&str; 3] = ["ag_", "hd_", "sct_"];
+
+/// Whether a new agent may take this handle: the handle syntax, and nothing an id could be.
+fn new_handle_allowed(handle: &str) -> bool {
+    valid_handle(handle)
+        && !ID_PREFIXES.iter().any(|prefix| handle.starts_with(prefix))
+        && handle.parse::<AgentId>().is_err()
+        && handle.parse::<crate::identity::TreeId>().is_err()
+}
+
 /// Finds an agent by id (`ag_…`) or handle.
 pub async fn resolve(state: &SharedState, text: &str) -> Result<AgentId, ApiError> {
     if let Ok(id) = text.parse::<AgentId>() {
@@ -174,11 +186,12 @@ pub async fn create_agent(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<CreateAgentRequest>,
 ) -> Result<(StatusCode, Json<CreatedAgent>), ApiError> {
-    if !valid_handle(&req.handle) {
+    if !new_handle_allowed(&req.handle) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_handle",
-            "handle must be 1 to 64 characters of [a-z0-9_.-]",
+            "handle must be 1 to 64 characters of [a-z0-9_.-], and cannot look like an id \
+             (no ag_, hd_ or sct_ prefix, not a tree id)",
         ));
     }
     let cap = cap_from(&req.cap_micros)?;

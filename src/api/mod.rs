@@ -14,6 +14,7 @@ pub mod unknown;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -79,6 +80,8 @@ pub fn router(state: SharedState) -> Router {
         .merge(reports::router())
         .merge(dashboard::router())
         .merge(crate::protocols::router())
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         // Every answer is about one operator's agents and money: never cached (the dashboard page
         // and token-bearing answers included), never sniffed into another content type.
@@ -97,6 +100,20 @@ async fn healthz(
         return Err(LedgerError::ClockSkew { offset_ms, max_ms: state.clock_guard.max_ms() }.into());
     }
     Ok(Json(serde_json::json!({ "status": "ok", "ledger": state.ledger.kind() })))
+}
+
+/// Every error is `{code, detail}`, also for a path no route has.
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
+}
+
+/// A route that exists, asked with a method it does not take.
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method; see /openapi.json",
+    )
 }
 
 /// Prometheus metrics of this instance, in the text exposition format (admin token).
@@ -161,32 +178,148 @@ pub fn agent_scoped(err: crate::ledger::LedgerError) -> ApiError {
     }
 }
 
-/// `Json<T>` whose rejections are our stable error codes.
+/// Refuses (403 `agent_revoked`) when the agent or an ancestor is revoked. For calls that would
+/// write something other than a payment attempt on the agent's behalf (a task outcome, a new AP2
+/// key, a mandate's budget): after revocation an agent's token reads its own state, and its
+/// payment attempts are refused by the hold itself, which logs the refusal. Settling and voiding
+/// holds it already had stay open to it: a known charge is always settled. A check before the
+/// write, not inside it: a write that races the revocation itself may still land.
+pub async fn refuse_if_revoked(state: &AppState, agent: &AgentId) -> Result<(), ApiError> {
+    let mut next = Some(agent.clone());
+    while let Some(id) = next {
+        let record = state.ledger.agent(&id).await.map_err(agent_scoped)?;
+        if record.revoked.is_some() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "agent_revoked",
+                "the agent is revoked: its token reads its own state and nothing else",
+            ));
+        }
+        next = record.parent;
+    }
+    Ok(())
+}
+
+/// `Json<T>` whose rejections are our stable error codes. A JSON object that names one key twice,
+/// at any depth, is refused (422 `duplicate_key`) before anything reads it: serde would keep the
+/// last value (`{"limits": {"daily": 1, "daily": 999999}}` would set 999999), and what a reader
+/// of the body sees must be what the daemon does.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<SharedState> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &SharedState) -> Result<ApiJson<T>, ApiError> {
-        match Json::<T>::from_request(req, state).await {
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("request bodies are limited to {} bytes", state.limits.body_bytes),
+                )
+            } else {
+                ApiError::bad_request("invalid_body", rejection.body_text())
+            }
+        })?;
+        if let Err(err) = serde_json::from_slice::<json_keys::UniqueKeys>(&bytes) {
+            if err.classify() == serde_json::error::Category::Data {
+                return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "duplicate_key", err.to_string()));
+            }
+        }
+        match Json::<T>::from_bytes(&bytes) {
             Ok(Json(value)) => Ok(ApiJson(value)),
             Err(rejection) => Err(match rejection {
                 JsonRejection::JsonSyntaxError(e) => ApiError::bad_request("malformed_json", e.body_text()),
                 JsonRejection::JsonDataError(e) => {
                     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.body_text())
                 }
-                JsonRejection::MissingJsonContentType(_) => ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    "send the body as application/json",
-                ),
-                other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("request bodies are limited to {} bytes", state.limits.body_bytes),
-                ),
                 other => ApiError::bad_request("invalid_body", other.body_text()),
             }),
+        }
+    }
+}
+
+/// `application/json` or any `application/*+json`, as axum's `Json` accepts.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+pub mod json_keys {
+    //! A pass over a JSON document that fails on the first object naming a key twice.
+
+    use std::collections::HashSet;
+    use std::fmt;
+
+    use serde::de::{Deserialize, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+
+    /// Deserializes any JSON value, refusing an object with a duplicate key at any depth. Keys
+    /// are compared after unescaping (`"a"` and `"\u0061"` are the same key).
+    pub struct UniqueKeys;
+
+    impl<'de> Deserialize<'de> for UniqueKeys {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<UniqueKeys, D::Error> {
+            deserializer.deserialize_any(UniqueKeysVisitor)
+        }
+    }
+
+    struct UniqueKeysVisitor;
+
+    impl<'de> Visitor<'de> for UniqueKeysVisitor {
+        type Value = UniqueKeys;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+            let mut seen = HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<UniqueKeys>()?;
+                if let Some(key) = seen.replace(key) {
+                    return Err(A::Error::custom(format_args!("the key {key:?} appears twice in one object")));
+                }
+            }
+            Ok(UniqueKeys)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueKeys, A::Error> {
+            while seq.next_element::<UniqueKeys>()?.is_some() {}
+            Ok(UniqueKeys)
+        }
+
+        fn visit_bool<E: Error>(self, _: bool) -> Result<UniqueKeys, E> {
+            Ok(UniqueKeys)
+        }
+
+        fn visit_i64<E: Error>(self, _: i64) -> Result<UniqueKeys, E> {
+            Ok(UniqueKeys)
+        }
+
+        fn visit_u64<E: Error>(self, _: u64) -> Result<UniqueKeys, E> {
+            Ok(UniqueKeys)
+        }
+
+        fn visit_f64<E: Error>(self, _: f64) -> Result<UniqueKeys, E> {
+            Ok(UniqueKeys)
+        }
+
+        fn visit_str<E: Error>(self, _: &str) -> Result<UniqueKeys, E> {
+            Ok(UniqueKeys)
+        }
+
+        fn visit_unit<E: Error>(self) -> Result<UniqueKeys, E> {
+            Ok(UniqueKeys)
         }
     }
 }

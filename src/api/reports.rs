@@ -97,6 +97,9 @@ pub async fn record_outcome(
                     ));
                 }
             }
+            // The token first (an unknown one is 401, as everywhere), then revocation.
+            state.ledger.balance(state.clock.now_ms(), &agent, &caller).await.map_err(agent_scoped)?;
+            crate::api::refuse_if_revoked(&state, &agent).await?;
             (agent, caller)
         }
     };

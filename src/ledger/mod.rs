@@ -9,6 +9,7 @@
 
 pub mod controls;
 mod memory;
+pub mod nodes;
 mod redis;
 
 use std::collections::BTreeMap;

@@ -642,6 +642,7 @@ async fn register_mandates(
     ApiJson(body): ApiJson<MandatesRequest>,
 ) -> Result<(StatusCode, Json<MandateView>), ApiError> {
     authenticate(&state, &auth).await?;
+    crate::api::refuse_if_revoked(&state, &auth.agent).await?;
     Ok((StatusCode::CREATED, Json(register(&state, &auth.agent, &body).await?)))
 }
 

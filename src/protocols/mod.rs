@@ -3,6 +3,7 @@
 
 pub mod acp;
 pub mod ap2;
+pub mod reserved;
 pub mod x402;
 
 use axum::Router;
@@ -27,6 +28,8 @@ pub struct ProtocolConfig {
     pub x402: x402::X402Config,
     pub acp: acp::AcpConfig,
     pub ap2: ap2::Ap2Config,
+    /// Addresses no outbound client may reach (Redis, the daemon); filled in at start-up.
+    pub reserved: reserved::Reserved,
 }
 
 /// What each protocol needs at run time (clients, keys), built once at start-up.
@@ -34,6 +37,9 @@ pub struct Protocols {
     pub x402: x402::X402Service,
     pub acp: acp::AcpService,
     pub ap2: ap2::Ap2Service,
+    pub reserved: reserved::Reserved,
+    /// Every provider base URL of the configuration (ACP, AP2), checked against `reserved`.
+    pub provider_urls: Vec<String>,
 }
 
 /// Why the protocol configuration is unusable; start-up fails with this.
@@ -50,16 +56,38 @@ impl ProtocolConfig {
             x402: x402::X402Config::from_args(&args.x402)?,
             acp: acp::AcpConfig::from_args(&args.acp)?,
             ap2: ap2::Ap2Config::from_args(&args.ap2)?,
+            reserved: reserved::Reserved::default(),
         })
+    }
+}
+
+impl ProtocolConfig {
+    /// The base URL of every provider the configuration names (ACP PSP and merchants; AP2
+    /// Credential Provider, merchants and v0.1 processor).
+    pub fn provider_urls(&self) -> Vec<String> {
+        let mut urls = Vec::new();
+        if let Some(file) = &self.acp.file {
+            urls.push(file.psp.base_url.clone());
+            urls.extend(file.merchants.iter().map(|m| m.base_url.clone()));
+        }
+        if let Some(file) = &self.ap2.file {
+            urls.push(file.credential_provider.base_url.clone());
+            urls.extend(file.merchants.iter().map(|m| m.base_url.clone()));
+            urls.extend(file.v01.iter().map(|v| v.processor_url.clone()));
+        }
+        urls
     }
 }
 
 impl Protocols {
     pub fn build(config: ProtocolConfig) -> Result<Protocols, ConfigError> {
+        let provider_urls = config.provider_urls();
         Ok(Protocols {
-            x402: x402::X402Service::build(config.x402)?,
+            provider_urls,
+            x402: x402::X402Service::build(config.x402, config.reserved.clone())?,
             acp: acp::AcpService::build(config.acp)?,
             ap2: ap2::Ap2Service::build(config.ap2)?,
+            reserved: config.reserved,
         })
     }
 }

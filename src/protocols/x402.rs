@@ -238,7 +238,7 @@ pub struct X402Service {
 }
 
 impl X402Service {
-    pub fn build(config: X402Config) -> Result<X402Service, ConfigError> {
+    pub fn build(config: X402Config, reserved: super::reserved::Reserved) -> Result<X402Service, ConfigError> {
         let Some(signer) = config.signer else {
             tracing::info!(
                 "x402 endpoint not configured (no SPENDCAP_X402_PRIVATE_KEY_FILE or SPENDCAP_X402_PRIVATE_KEY); \
@@ -246,7 +246,7 @@ impl X402Service {
             );
             return Ok(X402Service { engine: None });
         };
-        let destinations = destination::Destinations::new(config.allow_private);
+        let destinations = destination::Destinations::new(config.allow_private).with_reserved(reserved);
         let upstream =
             upstream::Upstream::build(destinations.clone(), config.connect_timeout, config.max_response_bytes)
                 .map_err(|err| config_error(format!("cannot build the HTTP client: {err}")))?;
@@ -300,7 +300,7 @@ mod tests {
             Cli::try_parse_from(["spendcap", "--x402-private-key", TEST_KEY, "--x402-allow-private", "127.0.0.1"])
                 .expect("parses");
         let config = X402Config::from_args(&cli.x402).expect("valid configuration");
-        let service = X402Service::build(config.clone()).expect("builds");
+        let service = X402Service::build(config.clone(), Default::default()).expect("builds");
         for shown in [format!("{cli:?}"), format!("{config:?}"), format!("{:#?}", cli.x402)] {
             assert!(!shown.contains(TEST_KEY) && !shown.contains(&TEST_KEY[..16]), "{shown}");
         }
@@ -331,7 +331,7 @@ mod tests {
         assert!(parse(&["--x402-max-payment-micros", "0"]).expect("parses").is_err());
         let unconfigured = parse(&[]).expect("parses").expect("valid without a key");
         assert!(unconfigured.signer.is_none());
-        assert!(X402Service::build(unconfigured).expect("starts without a key").payer().is_none());
+        assert!(X402Service::build(unconfigured, Default::default()).expect("starts without a key").payer().is_none());
     }
 
     #[test]

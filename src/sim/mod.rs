@@ -117,7 +117,7 @@ impl Providers {
         let file: Ap2File = serde_json::from_value(self.ap2.config_json())
             .map_err(|e| ConfigError { protocol: "ap2", reason: e.to_string() })?;
         let ap2 = Ap2Config { file: Some(file), kek: Some(Kek::generate()), ..Ap2Config::default() };
-        Ok(ProtocolConfig { x402, acp, ap2 })
+        Ok(ProtocolConfig { x402, acp, ap2, reserved: Default::default() })
     }
 
     /// Writes the ACP and AP2 configuration files into `dir` and returns the environment a

@@ -171,23 +171,23 @@ impl Transport {
             }
             let response = request.send().await.map_err(|error| self.transport_error(&error))?;
             let status = response.status();
-            let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+            let retry_after = response.headers().get(RETRY_AFTER).cloned();
             let body = self.read_body(response).await?;
             if status.is_success() {
                 return Ok(Answer { status: status.as_u16(), body });
             }
             let error = self.provider_error(status, &body)?;
             let in_flight = status == StatusCode::CONFLICT && error.code == "idempotency_in_flight";
-            let wait = retry_after.unwrap_or(self.retry.default_wait);
-            if !in_flight || attempt >= self.retry.max_attempts || waited + wait > self.retry.max_total_wait {
+            let wait = next_wait(retry_after.as_ref(), waited, attempt, &self.retry).filter(|_| in_flight);
+            let Some(wait) = wait else {
                 return Err(match self.provider {
                     Provider::Merchant => AcpError::Merchant(error),
                     Provider::Psp => AcpError::Psp(error),
                 });
-            }
+            };
             tokio::time::sleep(wait).await;
-            waited += wait;
-            attempt += 1;
+            waited = waited.saturating_add(wait);
+            attempt = attempt.saturating_add(1);
         }
     }
 
@@ -234,6 +234,23 @@ impl Transport {
         // A failed connection means no byte of the request reached the provider.
         AcpError::Transport { provider: self.provider, reason, request_may_have_arrived: !error.is_connect() }
     }
+}
+
+/// The longest wait a provider's `Retry-After` can ask for, whatever the retry policy says.
+pub const MAX_PROVIDER_WAIT: Duration = Duration::from_secs(60);
+
+/// The wait before attempt `attempt + 1` of a request the provider reports in flight, after
+/// `waited` in all so far, or `None` when the retries end (attempts used up, or the wait would
+/// pass the policy's total). The provider chooses the wait, so any number may arrive here: it is
+/// bounded by [`MAX_PROVIDER_WAIT`] and added without overflow.
+pub fn next_wait(
+    retry_after: Option<&HeaderValue>,
+    waited: Duration,
+    attempt: u32,
+    policy: &RetryPolicy,
+) -> Option<Duration> {
+    let wait = retry_after.and_then(parse_retry_after).unwrap_or(policy.default_wait).min(MAX_PROVIDER_WAIT);
+    (attempt < policy.max_attempts && waited.saturating_add(wait) <= policy.max_total_wait).then_some(wait)
 }
 
 /// `Retry-After` in seconds, as ACP servers send it. The HTTP-date form is not used by ACP and

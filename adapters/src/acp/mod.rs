@@ -46,7 +46,7 @@ pub use delegate::{
     RiskSignal, RiskSignalType,
 };
 pub use error::{AcpError, Provider, ProviderError};
-pub use http::{ApiKey, IdempotencyKey, ProviderConfig, RetryPolicy};
+pub use http::{next_wait, ApiKey, IdempotencyKey, ProviderConfig, RetryPolicy, MAX_PROVIDER_WAIT};
 pub use merchant::MerchantClient;
 pub use psp::PspClient;
 pub use types::{

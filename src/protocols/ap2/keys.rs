@@ -147,6 +147,8 @@ pub async fn agent_key(state: &AppState, kek: &Kek, ephemeral: bool, agent: &Age
     if let Some(sealed) = state.ledger.attr(agent, KEY_ATTRIBUTE).await.map_err(agent_scoped)? {
         return unseal(kek, agent, &sealed);
     }
+    // A new key is written to the log (`attr`): never for a revoked agent.
+    crate::api::refuse_if_revoked(state, agent).await?;
     let fresh = AgentKey::generate();
     let pem = fresh.to_pkcs8_pem().map_err(ApiError::internal)?;
     let sealed = kek.seal(agent, pem.as_bytes())?;

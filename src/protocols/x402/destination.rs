@@ -9,6 +9,10 @@
 //!   the name when any of its addresses is not allowed. The HTTP client connects only to the
 //!   addresses the resolver returned, so a DNS answer that changes between the check and the
 //!   connection (DNS rebinding) cannot slip through;
+//! - the ledger's Redis nodes and the daemon's own listen address are refused whatever the
+//!   allow-list says ([`super::super::reserved`]), by address and port, for IP literals here and
+//!   for resolved names at connection time (the client of a reserved port resolves with that port
+//!   in mind, see `upstream.rs`);
 //! - redirects are not followed and proxies from the environment are not used (see
 //!   `upstream.rs`), so no request ever goes to a host that was not checked.
 
@@ -19,6 +23,8 @@ use std::sync::Arc;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::Url;
+
+use crate::protocols::reserved::Reserved;
 
 /// An IP network written `10.0.0.0/8`, `fd00::/8`, or a single address (`127.0.0.1`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,29 +152,54 @@ fn is_public(ip: IpAddr) -> bool {
     !NOT_PUBLIC.iter().any(|range| range.contains(ip))
 }
 
-/// The destinations the daemon may connect to: public addresses, plus the allow-listed ranges.
+/// The destinations the daemon may connect to: public addresses, plus the allow-listed ranges,
+/// minus the reserved addresses (Redis, the daemon itself) whatever the allow-list says.
 #[derive(Clone, Debug, Default)]
 pub struct Destinations {
     allowed: Arc<Vec<AddressRange>>,
+    reserved: Reserved,
 }
 
 impl Destinations {
     pub fn new(allowed: Vec<AddressRange>) -> Destinations {
-        Destinations { allowed: Arc::new(allowed) }
+        Destinations { allowed: Arc::new(allowed), reserved: Reserved::default() }
     }
 
+    pub fn with_reserved(self, reserved: Reserved) -> Destinations {
+        Destinations { reserved, ..self }
+    }
+
+    pub fn reserved(&self) -> &Reserved {
+        &self.reserved
+    }
+
+    /// Whether `ip` is a destination at all (public or allow-listed), on any port.
     pub fn allows(&self, ip: IpAddr) -> bool {
         is_public(ip) || self.allowed.iter().any(|range| range.contains(ip))
+    }
+
+    /// Why a connection to `ip` on `port` is refused, if it is.
+    pub fn refuses(&self, host: &str, ip: IpAddr, port: Option<u16>) -> Option<DestinationRefused> {
+        let refused = |reserved| Some(DestinationRefused { host: host.to_owned(), ip, reserved });
+        if port.is_some_and(|port| self.reserved.covers(ip, port)) {
+            return refused(true);
+        }
+        if !self.allows(ip) {
+            return refused(false);
+        }
+        None
     }
 }
 
 /// A destination the policy refuses. Travels through the HTTP client's error chain when the
 /// resolver refuses a name, so that the caller can tell it from a network failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{host} resolves to {ip}, which is not a public address and not allow-listed")]
+#[error("{host} resolves to {ip}, which {}", if *.reserved { "is the ledger's Redis or this daemon (never fetched)" } else { "is not a public address and not allow-listed" })]
 pub struct DestinationRefused {
     pub host: String,
     pub ip: IpAddr,
+    /// The address (and port) is a Redis node of the ledger or the daemon's listen address.
+    pub reserved: bool,
 }
 
 /// Why a URL cannot be fetched at all.
@@ -205,26 +236,32 @@ pub fn check_url(text: &str, destinations: &Destinations) -> Result<Url, UrlErro
     // The URL parser has already normalised IPv4 spellings (`0x7f000001`, `2130706433`) to
     // dotted quads, and writes IPv6 literals in brackets.
     let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host).parse::<IpAddr>().ok();
-    if let Some(ip) = literal.filter(|ip| !destinations.allows(*ip)) {
-        return Err(DestinationRefused { host: ip.to_string(), ip }.into());
+    if let Some(refused) = literal.and_then(|ip| destinations.refuses(&ip.to_string(), ip, url.port_or_known_default()))
+    {
+        return Err(refused.into());
     }
     Ok(url)
 }
 
 /// The HTTP client's resolver: one lookup per connection, refused whole when any address is not
-/// allowed, and the connection is made to exactly the addresses returned here.
+/// allowed, and the connection is made to exactly the addresses returned here. The resolver does
+/// not learn the port it resolves for, so a client that connects to a reserved port (Redis's,
+/// the daemon's) has its own resolver that knows it (`port`); the others have `None`, and reach
+/// no reserved address because none has their port.
 pub struct CheckedResolver {
     pub destinations: Destinations,
+    pub port: Option<u16>,
 }
 
 impl Resolve for CheckedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let destinations = self.destinations.clone();
+        let port = self.port;
         let host = name.as_str().to_owned();
         Box::pin(async move {
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if let Some(refused) = addrs.iter().find(|addr| !destinations.allows(addr.ip())) {
-                return Err(Box::new(DestinationRefused { host, ip: refused.ip() }) as _);
+            if let Some(refused) = addrs.iter().find_map(|addr| destinations.refuses(&host, addr.ip(), port)) {
+                return Err(Box::new(refused) as _);
             }
             Ok(Box::new(addrs.into_iter()) as Addrs)
         })

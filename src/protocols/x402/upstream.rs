@@ -5,6 +5,7 @@
 //! the host itself, unchecked) and it follows no redirect (a redirect would both reach an
 //! unchecked URL and carry a live payment authorization to it; the 3xx goes back to the agent).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +45,13 @@ pub enum UpstreamError {
 }
 
 pub struct Upstream {
+    /// For every port no reserved address has.
     client: reqwest::Client,
+    /// One client per reserved port, made on first use, whose resolver refuses the reserved
+    /// addresses of that port (the listen address is only known after start-up).
+    reserved_port_clients: std::sync::Mutex<HashMap<u16, reqwest::Client>>,
+    destinations: Destinations,
+    connect_timeout: Duration,
     max_response_bytes: usize,
 }
 
@@ -54,14 +61,30 @@ impl Upstream {
         connect_timeout: Duration,
         max_response_bytes: usize,
     ) -> Result<Upstream, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(CheckedResolver { destinations }))
-            .connect_timeout(connect_timeout)
-            .user_agent(concat!("spendcap/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Upstream { client, max_response_bytes })
+        let client = client(destinations.clone(), None, connect_timeout)?;
+        Ok(Upstream {
+            client,
+            reserved_port_clients: std::sync::Mutex::new(HashMap::new()),
+            destinations,
+            connect_timeout,
+            max_response_bytes,
+        })
+    }
+
+    /// The client for a request to `url`: the port-aware one when a reserved address has its port.
+    fn client_for(&self, url: &Url) -> Result<reqwest::Client, UpstreamError> {
+        let Some(port) = url.port_or_known_default().filter(|port| self.destinations.reserved().has_port(*port)) else {
+            return Ok(self.client.clone());
+        };
+        let no_client = |detail: String| UpstreamError::NoResponse { timed_out: false, detail };
+        let mut clients = self.reserved_port_clients.lock().map_err(|_| no_client("client cache poisoned".into()))?;
+        if let Some(client) = clients.get(&port) {
+            return Ok(client.clone());
+        }
+        let client = client(self.destinations.clone(), Some(port), self.connect_timeout)
+            .map_err(|err| no_client(describe(err)))?;
+        clients.insert(port, client.clone());
+        Ok(client)
     }
 
     /// Sends the request (with the payment header, if any) and reads the whole response, within
@@ -73,7 +96,7 @@ impl Upstream {
         timeout: Duration,
     ) -> Result<Answer, UpstreamError> {
         let mut builder = self
-            .client
+            .client_for(&request.url)?
             .request(request.method.clone(), request.url.clone())
             .headers(request.headers.clone())
             .timeout(timeout);
@@ -116,6 +139,20 @@ impl Upstream {
         }
         Ok(Answer { status, headers, body: Bytes::from(body) })
     }
+}
+
+fn client(
+    destinations: Destinations,
+    port: Option<u16>,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(Arc::new(CheckedResolver { destinations, port }))
+        .connect_timeout(connect_timeout)
+        .user_agent(concat!("spendcap/", env!("CARGO_PKG_VERSION")))
+        .build()
 }
 
 /// An error's message and causes, without the URL (its query may hold the agent's secrets, and

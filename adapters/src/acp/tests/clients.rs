@@ -521,3 +521,32 @@ async fn acp_every_request_body_is_recorded_for_conformance_without_secrets() {
         assert!(!recorded.contains("vt_01J8Z3WXYZ9ABC"), "the delegated token is recorded: {recorded}");
     }
 }
+
+#[tokio::test]
+async fn acp_a_huge_retry_after_after_one_retry_ends_the_retries_instead_of_overflowing() {
+    // The first 409 asks for one second; the second names the largest number of seconds there
+    // is. Adding it to the second already waited overflowed a Duration (a panic).
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(COMPLETE_PATH))
+        .respond_with(json_response(409, "error_idempotency_in_flight.json").insert_header("Retry-After", "1"))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(COMPLETE_PATH))
+        .respond_with(
+            json_response(409, "error_idempotency_in_flight.json").insert_header("Retry-After", "18446744073709551615"),
+        )
+        .mount(&server)
+        .await;
+    let retry = RetryPolicy { max_attempts: 5, max_total_wait: Duration::from_secs(5), ..RetryPolicy::default() };
+    let client = merchant_with(&server, |config| config.retry = retry, conformance_sink());
+    let started = Instant::now();
+    let error =
+        client.complete_session(SESSION, &complete_request(), &key("hold_09:complete")).await.expect_err("busy");
+    assert_eq!(merchant_error(&error), (409, "invalid_request", "idempotency_in_flight", None));
+    assert!(error.outcome_unknown(), "the first request may still complete: the hold must stay");
+    assert!(started.elapsed() < Duration::from_secs(5), "slept {:?}", started.elapsed());
+    assert_eq!(requests(&server).await.len(), 2);
+}
