@@ -26,6 +26,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Demo { listen, providers_only } => demo(listen, providers_only).await,
+            Command::Mcp(args) => mcp(args).await,
             other => spendcap::cli::run_client(other).await.map_err(anyhow::Error::from),
         }
     });
@@ -107,6 +108,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%address, ledger = state.ledger.kind(), "spendcap listening");
     server::serve(state, listener, sweep_interval, shutdown_signal()).await?;
     tracing::info!("spendcap stopped");
+    Ok(())
+}
+
+async fn mcp(args: spendcap::mcp::stdio::McpArgs) -> anyhow::Result<()> {
+    // stdout carries the protocol: logs go to stderr, where MCP hosts collect them.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPENDCAP_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+    spendcap::mcp::stdio::run(args).await?;
     Ok(())
 }
 

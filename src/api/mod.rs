@@ -2,6 +2,7 @@
 //! (own budget, the generic budget authority). One router per resource, merged here.
 
 pub mod agents;
+pub mod budget;
 pub mod controls;
 pub mod dashboard;
 pub mod error;
@@ -62,19 +63,22 @@ pub type SharedState = Arc<AppState>;
 
 pub fn router(state: SharedState) -> Router {
     let limit = state.limits.body_bytes;
-    Router::new()
+    let api = Router::new()
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi::serve))
         .route("/metrics", get(metrics))
         .merge(agents::router())
         .merge(controls::router())
         .merge(holds::router())
+        .merge(budget::router())
         .merge(log::router())
         .merge(reports::router())
         .merge(dashboard::router())
         .merge(crate::protocols::router())
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .with_state(state.clone());
+    // MCP over streamable HTTP: its tool calls are dispatched to the routes above, in process.
+    api.clone().merge(crate::mcp::http::router(state, api))
 }
 
 /// Liveness and ledger reachability: 200 when the ledger answers, 503 when it does not.
