@@ -579,7 +579,9 @@ fn print(json: bool, value: &Value, table: impl FnOnce(&Value) -> String) {
 pub async fn run_client(command: Command) -> Result<(), CliError> {
     use reqwest::Method;
     match command {
-        Command::Serve(_) | Command::Demo { .. } | Command::Mcp(_) => Err(CliError::Usage("not a client command".into())),
+        Command::Serve(_) | Command::Demo { .. } | Command::Mcp(_) => {
+            Err(CliError::Usage("not a client command".into()))
+        }
         Command::Ledger(LedgerCommand::Check { redis_url, redis_cluster, redis_namespace, json }) => {
             let config = crate::ledger::RedisConfig {
                 url: redis_url,

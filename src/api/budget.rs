@@ -18,7 +18,8 @@ pub fn router() -> Router<SharedState> {
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetQuery {
-    /// A task label: add that task's spend and per-task cap.
+    /// A task label: add that task's spend and what is left of its per-task cap, if the agent has
+    /// one.
     pub task: Option<String>,
 }
 
@@ -36,16 +37,15 @@ pub struct PeriodBudget {
     pub remaining_micros: u64,
 }
 
-/// One task's spend.
+/// One task's spend against the agent's per-task cap.
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq, Eq)]
 pub struct TaskBudget {
     pub task: String,
     pub spent_micros: u64,
     pub held_micros: u64,
-    /// The per-task cap, if the agent has one.
-    pub cap_micros: Option<u64>,
-    /// `cap - spent - held` when there is a cap.
-    pub remaining_micros: Option<u64>,
+    pub cap_micros: u64,
+    /// `cap - spent - held`, at least 0.
+    pub remaining_micros: u64,
 }
 
 #[derive(Serialize, Deserialize, ToSchema, Debug)]
@@ -67,7 +67,7 @@ pub struct BudgetView {
     pub per_payment_limit_micros: Option<u64>,
     /// The daily, weekly, monthly and all-time limits the agent has, in their current periods.
     pub periods: Vec<PeriodBudget>,
-    /// The task asked about, if any.
+    /// The task asked about, when the agent has a per-task cap.
     pub task: Option<TaskBudget>,
 }
 
@@ -103,18 +103,20 @@ pub async fn budget(
             });
         }
     }
-    let task = match task {
+    // Task spend is counted only for agents with a per-task cap (agents without controls take
+    // the ledger's plain path), so a task is reported only where its cap applies.
+    let task = match task.filter(|_| controls.task_cap.is_some()) {
         None => None,
         Some(task) => {
             let (spent, held) =
                 state.ledger.task_usage(&auth.agent, &task).await?.map_or((0, 0), |(s, h)| (s.get(), h.get()));
-            let cap = controls.task_cap;
+            let cap = controls.task_cap.unwrap_or_default();
             Some(TaskBudget {
                 task,
                 spent_micros: spent,
                 held_micros: held,
                 cap_micros: cap,
-                remaining_micros: cap.map(|cap| cap.saturating_sub(spent + held)),
+                remaining_micros: cap.saturating_sub(spent + held),
             })
         }
     };

@@ -105,10 +105,8 @@ fn body_value(bytes: &[u8]) -> Value {
 }
 
 async fn in_process(router: &axum::Router, token: &str, call: ApiCall) -> Result<Answer, Unanswered> {
-    let mut request = Request::builder()
-        .method(call.method)
-        .uri(&call.path)
-        .header(header::AUTHORIZATION, format!("Bearer {token}"));
+    let mut request =
+        Request::builder().method(call.method).uri(&call.path).header(header::AUTHORIZATION, format!("Bearer {token}"));
     if let Some(key) = &call.idempotency_key {
         request = request.header("idempotency-key", key);
     }

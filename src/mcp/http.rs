@@ -54,7 +54,9 @@ async fn authenticate(
             let unauthorized = err.status == axum::http::StatusCode::UNAUTHORIZED;
             let mut response = err.into_response();
             if unauthorized {
-                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"spendcap\""));
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"spendcap\""));
             }
             response
         }

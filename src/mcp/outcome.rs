@@ -114,10 +114,9 @@ pub(crate) fn usd(micros: u64) -> String {
 
 /// Dollars as given by a model (`"0.05"`, `"2"`) to micro-USD, exactly.
 pub(crate) fn micros_of_usd(field: &str, text: &str) -> Result<u64, CallToolResult> {
-    Micros::from_decimal_str(text.trim(), 6)
-        .and_then(|micros| Micros::positive(micros.get()))
-        .map(Micros::get)
-        .map_err(|err| invalid_input(err.code(), format!("{field}: {err}; give dollars as a decimal string like \"0.25\"")))
+    Micros::from_decimal_str(text.trim(), 6).and_then(|micros| Micros::positive(micros.get())).map(Micros::get).map_err(
+        |err| invalid_input(err.code(), format!("{field}: {err}; give dollars as a decimal string like \"0.25\"")),
+    )
 }
 
 #[cfg(test)]

@@ -22,7 +22,9 @@ pub struct McpArgs {
 }
 
 fn parse_token(text: &str) -> Result<AgentToken, String> {
-    text.trim().parse().map_err(|_| "SPENDCAP_AGENT_TOKEN must be an agent token (sct_…), not an admin token".to_owned())
+    text.trim()
+        .parse()
+        .map_err(|_| "SPENDCAP_AGENT_TOKEN must be an agent token (sct_…), not an admin token".to_owned())
 }
 
 #[derive(Debug, thiserror::Error)]

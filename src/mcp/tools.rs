@@ -26,8 +26,8 @@ any code means. Report how each task ended with record_task_outcome.";
 /// `get_budget`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct GetBudget {
-    /// A task label: also report what this task has spent and held, and its per-task cap if one
-    /// applies.
+    /// A task label: also report what this task has spent and held against your per-task cap,
+    /// if you have one.
     #[serde(default)]
     pub task: Option<String>,
 }
@@ -210,10 +210,14 @@ impl SpendcapMcp {
             (your own cap) and available (what you can spend now, counting every parent budget), in US \
             dollars; whether you are revoked, suspended or expiring; your period limits (daily, weekly, \
             monthly, all-time, per payment) with what is left of each; and, given a task, that task's \
-            spend and per-task cap.",
+            spend against your per-task cap, if you have one.",
         annotations(title = "Budget", read_only_hint = true, open_world_hint = false)
     )]
-    async fn get_budget(&self, Parameters(input): Parameters<GetBudget>, context: RequestContext<RoleServer>) -> CallToolResult {
+    async fn get_budget(
+        &self,
+        Parameters(input): Parameters<GetBudget>,
+        context: RequestContext<RoleServer>,
+    ) -> CallToolResult {
         let path = match input.task.as_deref() {
             Some(task) => format!("/v1/me/budget?task={}", encode(task)),
             None => "/v1/me/budget".to_owned(),
@@ -227,9 +231,19 @@ impl SpendcapMcp {
             stablecoin payments): spendcap pays within your budget and returns the server's status, \
             headers and body, with the payment (amount_usd, receipt). A price above max_usd or above \
             your budget is refused before anything is paid.",
-        annotations(title = "Paid fetch (x402)", read_only_hint = false, destructive_hint = false, idempotent_hint = false, open_world_hint = true)
+        annotations(
+            title = "Paid fetch (x402)",
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false,
+            open_world_hint = true
+        )
     )]
-    async fn paid_fetch(&self, Parameters(input): Parameters<PaidFetch>, context: RequestContext<RoleServer>) -> CallToolResult {
+    async fn paid_fetch(
+        &self,
+        Parameters(input): Parameters<PaidFetch>,
+        context: RequestContext<RoleServer>,
+    ) -> CallToolResult {
         let max_amount = match input.max_usd.as_deref().map(|text| micros_of_usd("max_usd", text)).transpose() {
             Ok(max) => max,
             Err(result) => return result,
@@ -252,11 +266,26 @@ impl SpendcapMcp {
             give the merchant and either items to buy or an existing checkout_session_id. spendcap \
             holds the total within your budget, pays with a card you never see, and returns the order \
             with the amount paid; over budget, nothing is sent to the merchant's payment processor.",
-        annotations(title = "Checkout (ACP)", read_only_hint = false, destructive_hint = false, idempotent_hint = false, open_world_hint = true)
+        annotations(
+            title = "Checkout (ACP)",
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false,
+            open_world_hint = true
+        )
     )]
-    async fn acp_checkout(&self, Parameters(input): Parameters<AcpCheckout>, context: RequestContext<RoleServer>) -> CallToolResult {
+    async fn acp_checkout(
+        &self,
+        Parameters(input): Parameters<AcpCheckout>,
+        context: RequestContext<RoleServer>,
+    ) -> CallToolResult {
         let items = input.items.map(|items| {
-            Value::Array(items.into_iter().map(|item| object([("id", Some(json!(item.id))), ("name", item.name.map(Value::from))])).collect())
+            Value::Array(
+                items
+                    .into_iter()
+                    .map(|item| object([("id", Some(json!(item.id))), ("name", item.name.map(Value::from))]))
+                    .collect(),
+            )
         });
         let body = object([
             ("merchant", Some(json!(input.merchant))),
@@ -274,9 +303,19 @@ impl SpendcapMcp {
         description = "Pay a merchant-signed checkout under mandates the user signed (Google's Agent \
             Payments Protocol, AP2): spendcap verifies the checkout and mandates, holds the total within \
             your budget and the mandate's, signs the payment mandate and returns the merchant's receipt.",
-        annotations(title = "Pay (AP2)", read_only_hint = false, destructive_hint = false, idempotent_hint = false, open_world_hint = true)
+        annotations(
+            title = "Pay (AP2)",
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = false,
+            open_world_hint = true
+        )
     )]
-    async fn ap2_pay(&self, Parameters(input): Parameters<Ap2Pay>, context: RequestContext<RoleServer>) -> CallToolResult {
+    async fn ap2_pay(
+        &self,
+        Parameters(input): Parameters<Ap2Pay>,
+        context: RequestContext<RoleServer>,
+    ) -> CallToolResult {
         let body = object([
             ("checkout_jwt", Some(json!(input.checkout_jwt))),
             ("open_checkout_mandate", Some(json!(input.open_checkout_mandate))),
@@ -293,7 +332,13 @@ impl SpendcapMcp {
         description = "Record how one of your tasks ended (success, failed or abandoned) and what kind \
             of task it was, so its cost counts in the cost reports (cost per successful task, suggested \
             caps). Spends nothing; a later call for the same task replaces the earlier outcome.",
-        annotations(title = "Record task outcome", read_only_hint = false, destructive_hint = false, idempotent_hint = true, open_world_hint = false)
+        annotations(
+            title = "Record task outcome",
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
     )]
     async fn record_task_outcome(
         &self,

@@ -11,6 +11,7 @@ mod demo;
 mod faults;
 mod fire;
 mod ledger;
+mod mcp;
 mod metrics;
 mod reports;
 mod revocation;
