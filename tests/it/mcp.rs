@@ -358,3 +358,24 @@ async fn readme_mcp_host_configs_pay_through_the_daemon() {
     assert_eq!(content(&budget)["spent_usd"], "0.02", "{budget:?}");
     client.cancel().await.expect("closes");
 }
+
+/// `spendcap mcp` started with the admin token refuses to run, and never repeats the token.
+#[tokio::test]
+async fn spendcap_mcp_refuses_an_admin_token_without_showing_it() {
+    let admin = crate::support::ADMIN_TOKEN;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_spendcap"))
+        .arg("mcp")
+        .env("SPENDCAP_URL", "http://127.0.0.1:9")
+        .env("SPENDCAP_AGENT_TOKEN", admin)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("spendcap mcp runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("must be an agent token"), "{stderr}");
+    assert!(
+        !stderr.contains(&admin[..16]) && !String::from_utf8_lossy(&output.stdout).contains(&admin[..16]),
+        "{stderr}"
+    );
+}
