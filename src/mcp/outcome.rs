@@ -79,7 +79,8 @@ fn error_content(status: u16, body: Value) -> Map<String, Value> {
 }
 
 /// The value with every `<name>_micros` integer field replaced by `<name>_usd`, an exact decimal
-/// string (`null` stays `null`), at any depth.
+/// string (`null` stays `null`), at any depth — except inside receipts (`receipt`,
+/// `*_receipt`), which are signed objects and pass verbatim so that they still verify.
 pub(crate) fn in_usd(value: Value) -> Value {
     match value {
         Value::Object(object) => Value::Object(
@@ -90,6 +91,7 @@ pub(crate) fn in_usd(value: Value) -> Value {
                         let usd = value.as_u64().map_or(Value::Null, |micros| Value::String(usd(micros)));
                         (format!("{stem}_usd"), usd)
                     }
+                    _ if name == "receipt" || name.ends_with("_receipt") => (name, value),
                     _ => (name, in_usd(value)),
                 })
                 .collect(),
@@ -151,8 +153,12 @@ mod tests {
         let lost = tool_result(Err(Unanswered::Unreachable("connection reset".into())), Some("k2"));
         let content = lost.structured_content.expect("structured");
         assert_eq!((&content["code"], &content["retryable"]), (&json!("daemon_unreachable"), &json!(true)));
-        let ok = tool_result(Ok(Answer { status: 200, body: json!({"payment": {"amount_micros": 20_000}}) }), None);
+        let receipt = json!({"receipt": {"amount_micros": 20_000}, "signature": "s"});
+        let body = json!({"payment": {"amount_micros": 20_000, "receipt": receipt}});
+        let ok = tool_result(Ok(Answer { status: 200, body }), None);
         assert_eq!(ok.is_error, Some(false));
-        assert_eq!(ok.structured_content.expect("structured")["payment"]["amount_usd"], "0.02");
+        let content = ok.structured_content.expect("structured");
+        assert_eq!(content["payment"]["amount_usd"], "0.02");
+        assert_eq!(content["payment"]["receipt"], receipt, "signed receipts pass verbatim");
     }
 }

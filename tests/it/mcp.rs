@@ -89,7 +89,13 @@ async fn pays_refuses_and_sees_revocation(client: &Client, app: &TestApp, agent_
     let paid = content(&paid);
     assert_eq!((&paid["status"], &paid["payment"]["status"]), (&json!(200), &json!("settled")), "{paid}");
     assert_eq!(paid["payment"]["amount_usd"], "0.02", "{paid}");
-    assert!(paid["payment"]["receipt"].is_object(), "a signed receipt: {paid}");
+    // The signed receipt is passed on verbatim (in micros, as signed), so it still verifies.
+    let receipt: spendcap::receipt::Receipt =
+        serde_json::from_value(paid["payment"]["receipt"].clone()).expect("the receipt as the daemon signed it");
+    assert_eq!(receipt.receipt.amount_micros, 20_000);
+    let (_, key) = app.admin(reqwest::Method::GET, "/v1/receipt-key", None).await;
+    let key = spendcap::receipt::parse_public_key(key["public_key"].as_str().expect("key")).expect("public key");
+    spendcap::receipt::verify(&receipt, &key).expect("the receipt verifies");
 
     // The same key again is the same purchase: the first answer, nothing paid twice.
     let once = json!({"url": search, "task": "t1", "idempotency_key": "buy-search-1"});
