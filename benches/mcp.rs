@@ -2,7 +2,7 @@
 //!
 //! One `spendcap serve --dev` process (in-process ledger) with the simulated x402 resource server
 //! of `spendcap::sim` on loopback. The same paid x402 fetch ($0.02, a new purchase each time) is
-//! made one at a time, N times each, through
+//! made one at a time, N times each (the paths taking turns), through
 //!
 //! 1. the HTTP API (`POST /v1/x402/fetch`, reqwest, a new `Idempotency-Key` per call);
 //! 2. MCP over stdio: rmcp's client, a `spendcap mcp` process, which calls the daemon over HTTP;
@@ -43,24 +43,6 @@ fn free_port() -> u16 {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-async fn measure<F, Fut>(n: usize, mut call: F) -> (Duration, Duration)
-where
-    F: FnMut(usize) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    for i in 0..WARM_UP {
-        call(i).await;
-    }
-    let mut latencies = Vec::with_capacity(n);
-    for i in WARM_UP..WARM_UP + n {
-        let start = Instant::now();
-        call(i).await;
-        latencies.push(start.elapsed());
-    }
-    latencies.sort();
-    (percentile(&latencies, 0.5), percentile(&latencies, 0.9))
 }
 
 fn ms(duration: Duration) -> String {
@@ -113,6 +95,17 @@ async fn main() {
         .await
         .expect("agent");
     let token = created["token"].as_str().expect("token").to_owned();
+    // Hundreds of identical payments a minute are the point here, not a runaway loop.
+    let agent_id = created["agent"]["id"].as_str().expect("id");
+    let status = http
+        .put(format!("{base}/v1/agents/{agent_id}/controls"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"breaker": null}))
+        .send()
+        .await
+        .expect("controls")
+        .status();
+    assert_eq!(status, 200, "breaker off");
     let url = format!("{}/search", providers.x402.base());
 
     let env = BTreeMap::from([("SPENDCAP_URL", base.clone()), ("SPENDCAP_AGENT_TOKEN", token.clone())]);
@@ -125,31 +118,57 @@ async fn main() {
     let remote: RunningService<RoleClient, ()> =
         ().serve(StreamableHttpClientTransport::from_config(config)).await.expect("HTTP handshake");
 
-    let api_fetch = measure(n, |i| {
-        let request = http
+    // The three paths take turns, call by call, so that whatever else the machine does at a
+    // moment weighs on all of them alike.
+    let mut fetches: [Vec<Duration>; 3] = Default::default();
+    let mut reads: [Vec<Duration>; 3] = Default::default();
+    let arguments = json!({"url": url, "task": "bench"});
+    for i in 0..WARM_UP + n {
+        let counted = i >= WARM_UP;
+        let start = Instant::now();
+        let response = http
             .post(format!("{base}/v1/x402/fetch"))
             .bearer_auth(&token)
             .header("idempotency-key", format!("bench-api-{i}"))
-            .json(&json!({"url": url, "task": "bench"}));
-        async move {
-            let response = request.send().await.expect("fetch");
-            assert_eq!(response.status(), 200);
-            let body: Value = response.json().await.expect("json");
-            assert_eq!(body["payment"]["status"], "settled", "{body}");
+            .json(&arguments)
+            .send()
+            .await
+            .expect("fetch");
+        let status = response.status();
+        let body: Value = response.json().await.expect("json");
+        let elapsed = start.elapsed();
+        assert_eq!((status.as_u16(), &body["payment"]["status"]), (200, &json!("settled")), "{body}");
+        let start = Instant::now();
+        paid(&stdio, "paid_fetch", arguments.clone()).await;
+        let stdio_elapsed = start.elapsed();
+        let start = Instant::now();
+        paid(&remote, "paid_fetch", arguments.clone()).await;
+        let remote_elapsed = start.elapsed();
+
+        let start = Instant::now();
+        assert_eq!(http.get(format!("{base}/v1/me")).bearer_auth(&token).send().await.expect("me").status(), 200);
+        let me_elapsed = start.elapsed();
+        let start = Instant::now();
+        paid(&stdio, "get_budget", json!({})).await;
+        let stdio_me = start.elapsed();
+        let start = Instant::now();
+        paid(&remote, "get_budget", json!({})).await;
+        let remote_me = start.elapsed();
+        if counted {
+            for (row, value) in fetches.iter_mut().zip([elapsed, stdio_elapsed, remote_elapsed]) {
+                row.push(value);
+            }
+            for (row, value) in reads.iter_mut().zip([me_elapsed, stdio_me, remote_me]) {
+                row.push(value);
+            }
         }
-    })
-    .await;
-    let stdio_fetch = measure(n, |_| paid(&stdio, "paid_fetch", json!({"url": url, "task": "bench"}))).await;
-    let http_fetch = measure(n, |_| paid(&remote, "paid_fetch", json!({"url": url, "task": "bench"}))).await;
-    let api_me = measure(n, |_| {
-        let request = http.get(format!("{base}/v1/me")).bearer_auth(&token);
-        async move {
-            assert_eq!(request.send().await.expect("me").status(), 200);
-        }
-    })
-    .await;
-    let stdio_me = measure(n, |_| paid(&stdio, "get_budget", json!({}))).await;
-    let http_me = measure(n, |_| paid(&remote, "get_budget", json!({}))).await;
+    }
+    let figures = |mut latencies: Vec<Duration>| {
+        latencies.sort();
+        (percentile(&latencies, 0.5), percentile(&latencies, 0.9))
+    };
+    let [api_fetch, stdio_fetch, http_fetch] = fetches.map(figures);
+    let [api_me, stdio_me, http_me] = reads.map(figures);
     let paid_micros = providers.x402.received_micros();
     assert_eq!(paid_micros, 3 * (n + WARM_UP) as u64 * 20_000, "every measured fetch paid once");
 
