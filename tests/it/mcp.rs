@@ -385,3 +385,49 @@ async fn spendcap_mcp_refuses_an_admin_token_without_showing_it() {
         "{stderr}"
     );
 }
+
+/// A tool call re-sent with the same MCP request id to the same `spendcap mcp` process (as a host
+/// that lost the answer may do) is the same purchase: paid once, the first answer replayed.
+#[tokio::test]
+async fn a_resent_mcp_request_pays_once() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (app, providers) = app_with_providers().await;
+    let agent = app.create_agent("mcp-resend", 1_000_000, None).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_spendcap"))
+        .arg("mcp")
+        .env("SPENDCAP_URL", &app.base)
+        .env("SPENDCAP_AGENT_TOKEN", &agent.token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spendcap mcp");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "paid_fetch", "arguments": {"url": format!("{}/search", providers.x402.base())}}});
+    let messages = [
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+            "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        call.clone(),
+        call,
+    ];
+    let mut answers = Vec::new();
+    for message in messages {
+        let expects_answer = message.get("id").is_some();
+        stdin.write_all(format!("{message}\n").as_bytes()).await.expect("write");
+        stdin.flush().await.expect("flush");
+        if expects_answer {
+            let line = lines.next_line().await.expect("read").expect("an answer");
+            answers.push(serde_json::from_str::<Value>(&line).expect("JSON-RPC"));
+        }
+    }
+    let (first, second) = (&answers[1]["result"], &answers[2]["result"]);
+    assert_eq!((&first["isError"], &second["isError"]), (&json!(false), &json!(false)), "{answers:?}");
+    let first = &first["structuredContent"];
+    let second = &second["structuredContent"];
+    assert_eq!(first["idempotency_key"], second["idempotency_key"], "one key for one request id");
+    assert_eq!((&first["replayed"], &second["replayed"]), (&json!(false), &json!(true)), "{second}");
+    assert_eq!(providers.x402.received_micros(), 20_000, "paid once");
+}
