@@ -293,7 +293,7 @@ async fn consume(state: SharedState, config: AlertConfig) {
                 known.insert(tree.clone());
                 reads.push(AlertRead::Pending);
             }
-            if polls % 10 == 0 {
+            if polls.is_multiple_of(10) {
                 reads.push(AlertRead::Stale { min_idle_ms: config.claim_idle.as_millis() as u64 });
             }
             reads.push(AlertRead::New);

@@ -30,6 +30,9 @@ pub enum Command {
         #[arg(long)]
         providers_only: bool,
     },
+    /// Serve MCP on stdin/stdout for one agent, as an MCP host launches it (SPENDCAP_URL,
+    /// SPENDCAP_AGENT_TOKEN).
+    Mcp(crate::mcp::stdio::McpArgs),
     /// Manage agents (admin token required).
     #[command(subcommand)]
     Agent(AgentCommand),
@@ -665,7 +668,9 @@ fn print(json: bool, value: &Value, table: impl FnOnce(&Value) -> String) {
 pub async fn run_client(command: Command) -> Result<(), CliError> {
     use reqwest::Method;
     match command {
-        Command::Serve(_) | Command::Demo { .. } => Err(CliError::Usage("not a client command".into())),
+        Command::Serve(_) | Command::Demo { .. } | Command::Mcp(_) => {
+            Err(CliError::Usage("not a client command".into()))
+        }
         Command::Ledger(LedgerCommand::Check { redis_url, redis_cluster, redis_namespace, json }) => {
             let config = crate::ledger::RedisConfig {
                 url: redis_url,

@@ -12,6 +12,7 @@ pub mod fingerprint;
 pub mod identity;
 pub mod ledger;
 pub mod log;
+pub mod mcp;
 pub mod metrics;
 pub mod pay;
 pub mod protocols;

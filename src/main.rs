@@ -26,6 +26,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Demo { listen, providers_only } => demo(listen, providers_only).await,
+            Command::Mcp(args) => mcp(args).await,
             other => spendcap::cli::run_client(other).await.map_err(anyhow::Error::from),
         }
     });
@@ -134,6 +135,14 @@ fn without_credentials(urls: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+async fn mcp(args: spendcap::mcp::stdio::McpArgs) -> anyhow::Result<()> {
+    // stdout carries the protocol: logs go to stderr, where MCP hosts collect them.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPENDCAP_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+    spendcap::mcp::stdio::run(args).await?;
+    Ok(())
 }
 
 async fn demo(listen: std::net::SocketAddr, providers_only: bool) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 //! (own budget, the generic budget authority). One router per resource, merged here.
 
 pub mod agents;
+pub mod budget;
 pub mod controls;
 pub mod dashboard;
 pub mod error;
@@ -69,13 +70,14 @@ pub type SharedState = Arc<AppState>;
 
 pub fn router(state: SharedState) -> Router {
     let limit = state.limits.body_bytes;
-    Router::new()
+    let api = Router::new()
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi::serve))
         .route("/metrics", get(metrics))
         .merge(agents::router())
         .merge(controls::router())
         .merge(holds::router())
+        .merge(budget::router())
         .merge(log::router())
         .merge(reports::router())
         .merge(dashboard::router())
@@ -83,11 +85,14 @@ pub fn router(state: SharedState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .with_state(state.clone());
+    // MCP over streamable HTTP: its tool calls are dispatched to the routes above, in process.
+    api.clone()
+        .merge(crate::mcp::http::router(state, api))
         // Every answer is about one operator's agents and money: never cached (the dashboard page
         // and token-bearing answers included), never sniffed into another content type.
         .layer(SetResponseHeaderLayer::if_not_present(header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
         .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
-        .with_state(state)
 }
 
 /// Liveness and ledger reachability: 200 when the ledger answers, 503 when it does not.

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agents, controls, holds, log, reports, unknown};
+use super::{agents, budget, controls, holds, log, reports, unknown};
 
 struct BearerSchemes;
 
@@ -29,6 +29,7 @@ impl Modify for BearerSchemes {
         controls::set_controls, controls::show_controls, controls::set_expiry, controls::reinstate, controls::periods,
         holds::me, holds::create_hold, holds::settle, holds::void,
         unknown::list, unknown::resolve,
+        budget::budget,
         log::export_log, log::spend, log::export_receipts, log::receipt_key,
         reports::record_outcome, reports::reports,
         crate::protocols::x402::routes::fetch,

@@ -939,7 +939,7 @@ pub(crate) struct Reply {
 
 impl Reply {
     fn new(mut parts: Vec<String>) -> Result<Reply, LedgerError> {
-        if parts.is_empty() || parts.len() % 2 == 0 {
+        if parts.is_empty() || parts.len().is_multiple_of(2) {
             return Err(LedgerError::Corrupt(format!("reply of {} parts", parts.len())));
         }
         let status = parts.remove(0);

@@ -14,6 +14,7 @@ mod edges;
 mod faults;
 mod fire;
 mod ledger;
+mod mcp;
 mod metrics;
 mod readme;
 mod reports;
