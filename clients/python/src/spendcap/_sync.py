@@ -1,0 +1,474 @@
+"""The synchronous clients: `Spendcap` (admin token) and `Agent` (an agent's token)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import httpx
+
+from . import _calls as calls
+from ._base import (
+    DEFAULT_OUTCOME_RETRIES,
+    DEFAULT_TIMEOUT,
+    agent_id_of,
+    backoff,
+    base_url,
+    headers_for,
+    parse,
+    request_args,
+    should_retry,
+    token_from,
+)
+from ._errors import TransportError, error_from_response
+from ._models import (
+    AgentInfo,
+    Ap2Key,
+    Ap2Payment,
+    Budget,
+    Canceled,
+    Checkout,
+    CreatedAgent,
+    FetchResult,
+    Hold,
+    Receipt,
+    ReceiptKey,
+    Revoked,
+    RotatedToken,
+    Settlement,
+    TaskOutcome,
+    Voided,
+)
+from ._money import Money
+from ._spend import Spend
+from .receipts import ChainReport, verify_chain
+
+T = TypeVar("T")
+
+
+class _Client:
+    def __init__(
+        self,
+        token: str,
+        url: str | None,
+        timeout: httpx.Timeout | float | None,
+        outcome_retries: int,
+        http_client: httpx.Client | None,
+    ) -> None:
+        self.url = base_url(url)
+        self._token = token
+        self.outcome_retries = outcome_retries
+        self._own_http = http_client is None
+        self._http = http_client or httpx.Client(timeout=timeout or DEFAULT_TIMEOUT)
+        self._headers = headers_for(token)
+
+    def _send(self, call: calls.Call[T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(
+                    call.method, self.url + call.path, **_merge_headers(request_args(call), self._headers)
+                )
+                return parse(call, response)
+            except Exception as error:
+                attempt += 1
+                if should_retry(call, error, attempt - 1, self.outcome_retries):
+                    time.sleep(backoff(attempt))
+                    continue
+                if isinstance(error, httpx.TransportError):
+                    raise TransportError(f"{type(error).__name__}: {error}") from error
+                raise
+
+    def _stream_lines(self, path: str, params: Mapping[str, str]) -> Iterator[str]:
+        with self._http.stream("GET", self.url + path, params=params, headers=self._headers) as response:
+            if not response.is_success:
+                response.read()
+                raise error_from_response(response.status_code, _json_or_none(response))
+            yield from response.iter_lines()
+
+    def close(self) -> None:
+        if self._own_http:
+            self._http.close()
+
+
+def _merge_headers(args: dict[str, Any], auth: Mapping[str, str]) -> dict[str, Any]:
+    args["headers"] = {**auth, **(args.get("headers") or {})}
+    return args
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+class Spendcap(_Client):
+    """The admin client: agents, caps, revocation, outcomes, reports, log, receipts.
+
+    `Spendcap()` reads `SPENDCAP_URL` (default `http://127.0.0.1:8402`) and `SPENDCAP_ADMIN_TOKEN`.
+    Dollar amounts are `Decimal`, exact text (`"1.50"`) or whole-dollar `int`; never floats.
+    """
+
+    def __init__(
+        self,
+        admin_token: str | None = None,
+        *,
+        url: str | None = None,
+        timeout: httpx.Timeout | float | None = None,
+        outcome_retries: int = DEFAULT_OUTCOME_RETRIES,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        token = token_from(admin_token, "SPENDCAP_ADMIN_TOKEN", "admin")
+        super().__init__(token, url, timeout, outcome_retries, http_client)
+        self._timeout = timeout
+
+    def __enter__(self) -> Spendcap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create_agent(
+        self,
+        handle: str,
+        cap: Money,
+        *,
+        parent: str | None = None,
+        ttl_secs: int | None = None,
+        expires_at_ms: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        controls: Mapping[str, Any] | None = None,
+        task: str | None = None,
+    ) -> CreatedAgent:
+        """A new agent with its own cap (and its token, shown once)."""
+        return self._send(
+            calls.create_agent(
+                handle,
+                cap,
+                parent=parent,
+                ttl_secs=ttl_secs,
+                expires_at_ms=expires_at_ms,
+                labels=labels,
+                controls=controls,
+                task=task,
+            )
+        )
+
+    def agents(self) -> list[AgentInfo]:
+        return self._send(calls.list_agents())
+
+    def agent(self, agent: str) -> AgentInfo:
+        """One agent, by id or handle."""
+        return self._send(calls.get_agent(agent))
+
+    def set_cap(self, agent: str, cap: Money) -> AgentInfo:
+        return self._send(calls.set_cap(agent, cap))
+
+    def revoke(self, agent: str, reason: str) -> Revoked:
+        """Cuts the agent and all its sub-agents off on every daemon instance, at once."""
+        return self._send(calls.revoke(agent, reason))
+
+    def rotate_token(self, agent: str) -> RotatedToken:
+        return self._send(calls.rotate_token(agent))
+
+    def controls(self, agent: str) -> dict[str, Any]:
+        return self._send(calls.get_controls(agent))
+
+    def set_controls(self, agent: str, controls: Mapping[str, Any]) -> dict[str, Any]:
+        return self._send(calls.set_controls(agent, controls))
+
+    def reinstate(self, agent: str) -> dict[str, Any]:
+        return self._send(calls.reinstate(agent))
+
+    def record_outcome(self, agent: str, task: str, outcome: str, *, task_type: str) -> TaskOutcome:
+        """How one of the agent's tasks ended: `success`, `failed` or `abandoned`."""
+        return self._send(calls.record_outcome(task, outcome, task_type, agent=agent))
+
+    def report(
+        self, *, agent: str | None = None, since_ms: int | None = None, until_ms: int | None = None
+    ) -> dict[str, Any]:
+        """Cost per task type (with the suggested cap), agents, services, protocols, refusals."""
+        return self._send(calls.report(agent=agent, since_ms=since_ms, until_ms=until_ms))
+
+    def spend(self, group_by: str = "agent", **filters: Any) -> list[dict[str, Any]]:
+        return self._send(calls.spend(group_by, **filters))
+
+    def log(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every log line item (filters: agent, task, service, protocol, since_ms, until_ms),
+        streamed page by page as the daemon sends them."""
+        for line in self._stream_lines("/v1/log", calls.log_params("jsonl", **filters)):
+            if line.strip():
+                yield json.loads(line)
+
+    def log_csv(self, **filters: Any) -> Iterator[str]:
+        """The log as CSV lines (header first), streamed."""
+        yield from self._stream_lines("/v1/log", calls.log_params("csv", **filters))
+
+    def receipts(self, agent: str) -> list[Receipt]:
+        """The signed receipt chain of the agent's budget tree, in sequence."""
+        return self._send(calls.receipts(agent))
+
+    def receipt_key(self) -> ReceiptKey:
+        return self._send(calls.receipt_key())
+
+    def verify_receipts(self, receipts: Sequence[Receipt], public_key: str | None = None) -> ChainReport:
+        """Checks every signature and the hash chain, offline (the key is fetched when not given)."""
+        return verify_chain(receipts, public_key or self.receipt_key().public_key)
+
+    def ap2_key(self, agent: str) -> Ap2Key:
+        return self._send(calls.admin_ap2_key(agent))
+
+    def agent_client(self, token: str) -> Agent:
+        """An `Agent` client for a token, talking to the same daemon."""
+        return Agent(token, url=self.url, timeout=self._timeout, outcome_retries=self.outcome_retries)
+
+    @contextmanager
+    def run(
+        self,
+        cap: Money,
+        *,
+        handle: str | None = None,
+        parent: str | None = None,
+        ttl_secs: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        controls: Mapping[str, Any] | None = None,
+        task: str | None = None,
+        reason: str = "run_ended",
+    ) -> Iterator[Agent]:
+        """An isolated agent for one run: created with its own cap, revoked when the block exits,
+        whatever the exit. Yields its `Agent` client."""
+        created = self.create_agent(
+            handle or f"run-{uuid.uuid4().hex[:12]}",
+            cap,
+            parent=parent,
+            ttl_secs=ttl_secs,
+            labels=labels,
+            controls=controls,
+            task=task,
+        )
+        agent = self.agent_client(created.token)
+        agent.info = created.agent
+        try:
+            yield agent
+        finally:
+            try:
+                self.revoke(created.agent.id, reason)
+            finally:
+                agent.close()
+
+
+class Agent(_Client):
+    """The agent client: its budget, generic holds, x402, ACP, AP2, task outcomes.
+
+    `Agent()` reads `SPENDCAP_URL` and `SPENDCAP_AGENT_TOKEN`. Paying calls take an
+    `idempotency_key`; when the outcome is unknown the client sends the call again with the same
+    key, up to `outcome_retries` times, and then raises `OutcomeUnknown`.
+    """
+
+    info: AgentInfo | None
+
+    def __init__(
+        self,
+        token: str | None = None,
+        *,
+        url: str | None = None,
+        timeout: httpx.Timeout | float | None = None,
+        outcome_retries: int = DEFAULT_OUTCOME_RETRIES,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        agent_token = token_from(token, "SPENDCAP_AGENT_TOKEN", "agent")
+        super().__init__(agent_token, url, timeout, outcome_retries, http_client)
+        self.info = None
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def token(self) -> str:
+        """The bearer token, to hand to tools that pay (never logged by this client)."""
+        return self._token
+
+    @property
+    def id(self) -> str | None:
+        return agent_id_of(self._token)
+
+    def __repr__(self) -> str:
+        return f"Agent(id={self.id!r}, url={self.url!r})"
+
+    def me(self) -> Budget:
+        return self._send(calls.me())
+
+    def hold(
+        self,
+        amount: Money,
+        *,
+        service: str,
+        task: str = "",
+        ttl_secs: int | None = None,
+        details: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Hold:
+        """Reserves `amount` against the cap (and every ancestor's) before a paid call."""
+        return self._send(
+            calls.hold(
+                amount, service=service, task=task, ttl_secs=ttl_secs, details=details, idempotency_key=idempotency_key
+            )
+        )
+
+    def settle(self, hold_id: str, amount: Money, *, details: Mapping[str, str] | None = None) -> Settlement:
+        """Spends what the call really cost (at most the hold); the rest goes back."""
+        return self._send(calls.settle(hold_id, amount, details=details))
+
+    def void(self, hold_id: str, *, reason: str | None = None) -> Voided:
+        """Releases a hold: no money moved."""
+        return self._send(calls.void(hold_id, reason=reason))
+
+    @contextmanager
+    def spend(
+        self,
+        estimate: Money,
+        *,
+        service: str,
+        task: str = "",
+        ttl_secs: int | None = None,
+        details: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Iterator[Spend]:
+        """Holds `estimate`, then settles what the block reports with `spend.charge(cost)` (the
+        whole estimate if it reports nothing). On an exception the hold is voided, unless a cost
+        was already reported: a known charge is always settled."""
+        held = self.hold(
+            estimate, service=service, task=task, ttl_secs=ttl_secs, details=details, idempotency_key=idempotency_key
+        )
+        spending = Spend(held)
+        try:
+            yield spending
+        except BaseException:
+            if spending.cost_micros is None:
+                spending.voided = self.void(held.hold_id, reason="call_failed")
+            else:
+                spending.settlement = self.settle(held.hold_id, spending.settle_micros(), details=spending.details)
+            raise
+        spending.settlement = self.settle(held.hold_id, spending.settle_micros(), details=spending.details)
+
+    def fetch(
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        headers: Mapping[str, str] | None = None,
+        body: str | bytes | None = None,
+        json: Any = None,
+        task: str = "",
+        max_usd: Money | None = None,
+        idempotency_key: str | None = None,
+    ) -> FetchResult:
+        """Fetches `url` through the daemon, paying its x402 402 within the cap. The upstream's own
+        status (a 402 it answers after payment, a 404) is `result.status`; spendcap's refusals
+        raise. Without a key, the same request in the same task is the same purchase."""
+        return self._send(
+            calls.fetch(
+                url,
+                method=method,
+                headers=headers,
+                body=body,
+                json_body=json,
+                task=task,
+                max_usd=max_usd,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def checkout(
+        self,
+        merchant: str,
+        checkout_session_id: str | None = None,
+        *,
+        items: Sequence[str | Mapping[str, Any]] | None = None,
+        task: str = "",
+        currency: str | None = None,
+        buyer: Mapping[str, Any] | None = None,
+        fulfillment_details: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Checkout:
+        """Pays an ACP checkout session (or one created from `items`) with the owner's card."""
+        return self._send(
+            calls.checkout(
+                merchant,
+                checkout_session_id,
+                items=items,
+                task=task,
+                currency=currency,
+                buyer=buyer,
+                fulfillment_details=fulfillment_details,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def cancel(self, checkout_session_id: str, *, merchant: str, hold_id: str | None = None) -> Canceled:
+        """Cancels an ACP session (and voids the hold an `acp_outcome_unknown` answer named)."""
+        return self._send(calls.cancel(checkout_session_id, merchant=merchant, hold_id=hold_id))
+
+    def ap2_key(self) -> Ap2Key:
+        return self._send(calls.ap2_key())
+
+    def register_mandates(self, open_checkout_mandate: str, open_payment_mandate: str) -> dict[str, Any]:
+        return self._send(calls.register_mandates(open_checkout_mandate, open_payment_mandate))
+
+    def mandate(self, mandate_id: str) -> dict[str, Any]:
+        return self._send(calls.mandate(mandate_id))
+
+    def pay(
+        self,
+        checkout_jwt: str,
+        *,
+        open_checkout_mandate: str,
+        open_payment_mandate: str,
+        task: str = "",
+        merchant: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Ap2Payment:
+        """Pays a merchant-signed AP2 checkout within the cap and the open mandate's budget."""
+        return self._send(
+            calls.ap2_pay(
+                checkout_jwt,
+                open_checkout_mandate=open_checkout_mandate,
+                open_payment_mandate=open_payment_mandate,
+                task=task,
+                merchant=merchant,
+                idempotency_key=idempotency_key,
+            )
+        )
+
+    def record_outcome(self, task: str, outcome: str, *, task_type: str) -> TaskOutcome:
+        return self._send(calls.record_outcome(task, outcome, task_type))
+
+    def transport(
+        self,
+        *,
+        task: str = "",
+        max_usd: Money | None = None,
+        raise_refusals: bool = True,
+        inner: httpx.BaseTransport | None = None,
+    ) -> httpx.BaseTransport:
+        """An `httpx` transport that sends every request through the daemon's x402 proxy, paying
+        402s within the cap: `httpx.Client(transport=agent.transport())`."""
+        from .transport import PayingTransport
+
+        return PayingTransport(
+            self.url,
+            self._token,
+            task=task,
+            max_usd=max_usd,
+            raise_refusals=raise_refusals,
+            outcome_retries=self.outcome_retries,
+            inner=inner,
+        )

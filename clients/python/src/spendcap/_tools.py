@@ -1,0 +1,222 @@
+"""What the framework tools do, framework-free: each tool is a function of the agent client, the
+model's arguments and the tool-call id, returning a small JSON-able result for the model.
+
+A refusal is a result, not an exception: `{"ok": false, "code": "cap_exceeded", "remaining_usd":
+"0.03", ..., "instruction": "Stop spending: ..."}`, so the model reads why and stops. The
+idempotency key of every paying call is derived from the tool-call id, so a re-executed call
+(a retried step, a resumed run) is the same purchase and never pays twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import BudgetRefused, OutcomeUnknown, PaymentRefused, ProviderDeclined, SpendcapError
+from ._models import Ap2Payment, Budget, Checkout, FetchResult
+from ._money import Micros, Money, format_usd, to_micros
+from ._sync import Agent
+
+MAX_BODY_CHARS = 4000
+
+STOP = (
+    "Stop spending: spendcap refused this payment and nothing was paid. Do not retry it or try another "
+    "paid call to get around the limit; finish with what you have or report that the budget is exhausted."
+)
+DECLINED = "The provider declined this payment; nothing was spent. Do not retry the same purchase unchanged."
+UNKNOWN = (
+    "The payment's outcome is unknown and its money stays held. Do not pay again for this; retrying this "
+    "same tool call resumes the same purchase."
+)
+
+FETCH_DESCRIPTION = (
+    "Fetch a URL over HTTP, paying for it with x402 if the server asks for payment, within this agent's "
+    "budget. Returns the HTTP status, the body (truncated) and what was paid in USD."
+)
+BUDGET_DESCRIPTION = "Show this agent's spending budget in USD: cap, spent, held and remaining."
+CHECKOUT_DESCRIPTION = (
+    "Buy items from a merchant through an ACP checkout (Stripe Agentic Commerce Protocol), paid with the "
+    "owner's card within this agent's budget. Give the merchant name and the item ids."
+)
+AP2_DESCRIPTION = (
+    "Pay a merchant-signed AP2 checkout (Google Agent Payments Protocol) within this agent's budget and "
+    "the user's mandate. Give the checkout JWT exactly as the merchant sent it."
+)
+OUTCOME_DESCRIPTION = (
+    "Record how a task ended, for cost reports: outcome is success, failed or abandoned; task_type names "
+    "the kind of task (e.g. research)."
+)
+
+
+@dataclass(frozen=True)
+class ToolConfig:
+    """What the application fixes for every tool call of one agent."""
+
+    agent: Agent
+    task: str = ""
+    max_usd_per_call: Money | None = None
+    ap2_mandates: tuple[str, str] | None = None
+
+
+def idempotency_key(tool_call_id: str, tool: str) -> str:
+    """A stable key per tool call: the same call id is the same purchase."""
+    text = f"tool:{tool}:{tool_call_id}"
+    if len(text) <= 255 and all(33 <= ord(c) <= 126 for c in text):
+        return text
+    return f"tool:{tool}:sha256:{hashlib.sha256(tool_call_id.encode()).hexdigest()}"
+
+
+def encode(result: dict[str, Any]) -> str:
+    return json.dumps(result, separators=(",", ":"))
+
+
+def refusal(error: SpendcapError) -> dict[str, Any]:
+    """The short, structured answer the model gets instead of a stack trace."""
+    result: dict[str, Any] = {"ok": False, "code": error.code, "retryable": False}
+    if isinstance(error, BudgetRefused):
+        result["requested_usd"] = format_usd(error.requested_micros)
+        result["remaining_usd"] = format_usd(error.remaining_micros)
+        result["limited_by"] = error.limited_by
+        result["instruction"] = STOP
+    elif isinstance(error, PaymentRefused):
+        result["detail"] = error.detail
+        result["instruction"] = STOP
+    elif isinstance(error, ProviderDeclined):
+        result["reason"] = error.reason or error.detail
+        result["instruction"] = DECLINED
+    elif isinstance(error, OutcomeUnknown):
+        result["retryable"] = True
+        result["instruction"] = UNKNOWN
+    else:
+        result["detail"] = error.detail
+    return result
+
+
+def guarded(run: Callable[[], dict[str, Any]]) -> str:
+    try:
+        return encode(run())
+    except SpendcapError as error:
+        return encode(refusal(error))
+    except (ValueError, TypeError) as error:
+        return encode({"ok": False, "code": "invalid_arguments", "detail": str(error)})
+
+
+def budget_view(budget: Budget) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "cap_usd": format_usd(budget.cap_micros),
+        "spent_usd": format_usd(budget.spent_micros),
+        "held_usd": format_usd(budget.held_micros),
+        "remaining_usd": format_usd(budget.available_micros),
+    }
+
+
+def fetch_view(result: FetchResult) -> dict[str, Any]:
+    text = result.text
+    return {
+        "ok": True,
+        "status": result.status,
+        "paid_usd": format_usd(result.paid_micros),
+        "body": text[:MAX_BODY_CHARS] + ("…" if len(text) > MAX_BODY_CHARS else ""),
+    }
+
+
+def checkout_view(checkout: Checkout) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "status": checkout.status,
+        "order_id": checkout.order.get("id"),
+        "paid_usd": format_usd(checkout.amount_micros),
+    }
+
+
+def ap2_view(payment: Ap2Payment) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "status": payment.status,
+        "order_id": payment.order_id,
+        "paid_usd": format_usd(payment.amount_micros),
+    }
+
+
+def _max_usd(config: ToolConfig, max_usd: str | None) -> Money | None:
+    if max_usd is None:
+        return config.max_usd_per_call
+    limit = to_micros(max_usd)
+    if config.max_usd_per_call is not None:
+        limit = min(limit, to_micros(config.max_usd_per_call))
+    return Micros(limit)
+
+
+def get_budget(config: ToolConfig) -> str:
+    return guarded(lambda: budget_view(config.agent.me()))
+
+
+def paid_fetch(
+    config: ToolConfig,
+    tool_call_id: str,
+    url: str,
+    method: str = "GET",
+    body: str | None = None,
+    max_usd: str | None = None,
+) -> str:
+    return guarded(
+        lambda: fetch_view(
+            config.agent.fetch(
+                url,
+                method=method,
+                body=body,
+                task=config.task,
+                max_usd=_max_usd(config, max_usd),
+                idempotency_key=idempotency_key(tool_call_id, "paid_fetch"),
+            )
+        )
+    )
+
+
+def acp_checkout(
+    config: ToolConfig,
+    tool_call_id: str,
+    merchant: str,
+    items: Sequence[str] | None = None,
+    checkout_session_id: str | None = None,
+) -> str:
+    return guarded(
+        lambda: checkout_view(
+            config.agent.checkout(
+                merchant,
+                checkout_session_id,
+                items=list(items) if items is not None and checkout_session_id is None else None,
+                task=config.task,
+                idempotency_key=idempotency_key(tool_call_id, "acp_checkout"),
+            )
+        )
+    )
+
+
+def ap2_pay(config: ToolConfig, tool_call_id: str, checkout_jwt: str) -> str:
+    if config.ap2_mandates is None:
+        return encode({"ok": False, "code": "ap2_no_mandate", "detail": "no AP2 mandate was given to this agent"})
+    checkout_mandate, payment_mandate = config.ap2_mandates
+    return guarded(
+        lambda: ap2_view(
+            config.agent.pay(
+                checkout_jwt,
+                open_checkout_mandate=checkout_mandate,
+                open_payment_mandate=payment_mandate,
+                task=config.task,
+                idempotency_key=idempotency_key(tool_call_id, "ap2_pay"),
+            )
+        )
+    )
+
+
+def record_task_outcome(config: ToolConfig, outcome: str, task_type: str, task: str | None = None) -> str:
+    def run() -> dict[str, Any]:
+        recorded = config.agent.record_outcome(task or config.task, outcome, task_type=task_type)
+        return {"ok": True, "task": recorded.task, "outcome": recorded.outcome}
+
+    return guarded(run)
