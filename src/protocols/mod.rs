@@ -3,6 +3,7 @@
 
 pub mod acp;
 pub mod ap2;
+pub mod api;
 pub mod x402;
 
 use axum::Router;
@@ -19,6 +20,8 @@ pub struct ProtocolArgs {
     pub acp: acp::AcpArgs,
     #[command(flatten)]
     pub ap2: ap2::Ap2Args,
+    #[command(flatten)]
+    pub api: api::ApiArgs,
 }
 
 /// The configured protocols.
@@ -27,6 +30,7 @@ pub struct ProtocolConfig {
     pub x402: x402::X402Config,
     pub acp: acp::AcpConfig,
     pub ap2: ap2::Ap2Config,
+    pub api: api::ApiConfig,
 }
 
 /// What each protocol needs at run time (clients, keys), built once at start-up.
@@ -34,6 +38,7 @@ pub struct Protocols {
     pub x402: x402::X402Service,
     pub acp: acp::AcpService,
     pub ap2: ap2::Ap2Service,
+    pub api: api::ApiService,
 }
 
 /// Why the protocol configuration is unusable; start-up fails with this.
@@ -50,6 +55,7 @@ impl ProtocolConfig {
             x402: x402::X402Config::from_args(&args.x402)?,
             acp: acp::AcpConfig::from_args(&args.acp)?,
             ap2: ap2::Ap2Config::from_args(&args.ap2)?,
+            api: api::ApiConfig::from_args(&args.api)?,
         })
     }
 }
@@ -60,10 +66,11 @@ impl Protocols {
             x402: x402::X402Service::build(config.x402)?,
             acp: acp::AcpService::build(config.acp)?,
             ap2: ap2::Ap2Service::build(config.ap2)?,
+            api: api::ApiService::build(config.api)?,
         })
     }
 }
 
 pub fn router() -> Router<SharedState> {
-    Router::new().merge(x402::router()).merge(acp::router()).merge(ap2::router())
+    Router::new().merge(x402::router()).merge(acp::router()).merge(ap2::router()).merge(api::router())
 }

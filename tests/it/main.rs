@@ -11,6 +11,7 @@ mod demo;
 mod deploy;
 mod faults;
 mod fire;
+mod keyed_api;
 mod ledger;
 mod metrics;
 mod reports;
