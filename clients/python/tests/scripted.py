@@ -20,6 +20,7 @@ class ScriptedChatModel(GenericFakeChatModel):
     """LangChain's fake chat model, with tools bound as a real chat model binds them, recording
     every conversation it is given."""
 
+    messages: Iterator[Any]  # AIMessages, or functions of the conversation that make one
     seen: list[list[BaseMessage]] = Field(default_factory=list)
     bound: list[dict[str, Any]] = Field(default_factory=list)
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,11 +18,12 @@ from conftest import REPO, Daemon
 from scripted import ScriptedChatModel, agents_sdk_model, call, function_call, function_outputs, message
 
 README = REPO / "README.md"
+CLIENT_README = REPO / "clients" / "python" / "README.md"
 
 
-def snippet(heading: str) -> str:
+def snippet(heading: str, readme: Path = README) -> str:
     """The first ```python block after `heading` in the README."""
-    text = README.read_text()
+    text = readme.read_text()
     start = text.index(f"\n{heading}\n")
     fence = text.index("```python\n", start) + len("```python\n")
     return text[fence : text.index("```", fence)]
@@ -44,6 +46,18 @@ def test_the_python_snippet_runs_the_pattern_and_stops_at_the_cap(daemon: Daemon
         check=False,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "cap_exceeded 0.000000\n", "")
+
+
+def test_the_client_readme_quick_start(daemon: Daemon) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", snippet("## Quick start", CLIENT_README)],
+        env={**os.environ, **daemon.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "200 0.020000\ncap_exceeded 0.400000 0.030000\n", "")
 
 
 def the_refusal(messages: list[BaseMessage]) -> AIMessage:
