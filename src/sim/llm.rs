@@ -186,32 +186,60 @@ async fn responses(State(state): State<Arc<LlmState>>, headers: HeaderMap, body:
     state.billed.fetch_add(1, Ordering::Relaxed);
     let text = words(&asked).concat();
     let id = super::random_id("resp");
+    let item_id = super::random_id("msg");
+    let part = json!({ "type": "output_text", "text": text, "annotations": [] });
+    let item =
+        json!({ "type": "message", "id": item_id, "status": "completed", "role": "assistant", "content": [part] });
     let response = json!({ "id": id, "object": "response", "created_at": super::now_secs(), "status": "completed",
         "model": asked.model,
-        "output": [ { "type": "message", "id": super::random_id("msg"), "status": "completed", "role": "assistant",
-            "content": [ { "type": "output_text", "text": text, "annotations": [] } ] } ],
+        "output": [item],
         "usage": { "input_tokens": asked.input_tokens, "output_tokens": asked.output_tokens,
             "total_tokens": asked.input_tokens + asked.output_tokens,
             "input_tokens_details": { "cached_tokens": 0 }, "output_tokens_details": { "reasoning_tokens": 0 } } });
     if !asked.stream {
         return axum::Json(response).into_response();
     }
-    let mut events = vec![(
-        Some("response.created"),
-        json!({ "type": "response.created", "sequence_number": 0,
-        "response": { "id": id, "object": "response", "status": "in_progress", "model": asked.model, "output": [] } }),
-    )];
-    for (i, word) in words(&asked).into_iter().enumerate() {
+    let mut in_progress = response.clone();
+    in_progress["status"] = json!("in_progress");
+    in_progress["output"] = json!([]);
+    let mut events = vec![
+        (Some("response.created"), json!({ "type": "response.created", "response": in_progress })),
+        (
+            Some("response.output_item.added"),
+            json!({ "type": "response.output_item.added", "output_index": 0,
+            "item": { "type": "message", "id": item_id, "status": "in_progress", "role": "assistant", "content": [] } }),
+        ),
+        (
+            Some("response.content_part.added"),
+            json!({ "type": "response.content_part.added", "item_id": item_id,
+            "output_index": 0, "content_index": 0, "part": { "type": "output_text", "text": "", "annotations": [] } }),
+        ),
+    ];
+    for word in words(&asked) {
         events.push((
             Some("response.output_text.delta"),
             json!({ "type": "response.output_text.delta",
-            "sequence_number": i + 1, "item_id": "msg", "output_index": 0, "content_index": 0, "delta": word }),
+            "item_id": item_id, "output_index": 0, "content_index": 0, "delta": word, "logprobs": [] }),
         ));
     }
     events.push((
-        Some("response.completed"),
-        json!({ "type": "response.completed", "sequence_number": 100, "response": response }),
+        Some("response.output_text.done"),
+        json!({ "type": "response.output_text.done", "item_id": item_id,
+        "output_index": 0, "content_index": 0, "text": text, "logprobs": [] }),
     ));
+    events.push((
+        Some("response.content_part.done"),
+        json!({ "type": "response.content_part.done", "item_id": item_id,
+        "output_index": 0, "content_index": 0, "part": part }),
+    ));
+    events.push((
+        Some("response.output_item.done"),
+        json!({ "type": "response.output_item.done", "output_index": 0, "item": item }),
+    ));
+    events.push((Some("response.completed"), json!({ "type": "response.completed", "response": response })));
+    for (n, (_, event)) in events.iter_mut().enumerate() {
+        event["sequence_number"] = json!(n);
+    }
     sse(events, false)
 }
 
