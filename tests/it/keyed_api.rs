@@ -151,6 +151,14 @@ async fn an_openai_call_is_held_forwarded_with_the_owner_key_and_settled_from_it
     let hold =
         app.log().await.into_iter().find(|e| e["agent"] == agent.id.as_str() && e["event"] == "hold").expect("hold");
     assert_eq!(hold["amount"].as_u64(), Some(bytes(&request).len() as u64 + 200));
+    // Reports show the spend by service and model, with the tokens.
+    let (status, report) = app.admin(Method::GET, "/v1/reports", None).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        report["api_models"],
+        json!([ { "service": "openai", "model": "gpt-test", "calls": 1, "spent_micros": 49,
+                  "input_tokens": 40, "output_tokens": 7, "cost_unknown": 0 } ])
+    );
     // The owner's key is in no answer and no log line.
     assert!(!app.log().await.iter().any(|e| e.to_string().contains(OWNER_KEY)));
 }
