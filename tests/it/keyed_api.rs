@@ -537,3 +537,29 @@ async fn the_conformance_sink_records_the_requests_sent() {
     })
     .await;
 }
+
+/// The README's configuration file parses as written, and its worked example of the hold bound is
+/// what the daemon computes.
+#[test]
+fn the_readme_configuration_file_and_hold_example_are_right() {
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme.find("### The configuration file").expect("README has the section")..];
+    let start = section.find("```json\n").expect("a json block") + "```json\n".len();
+    let text = &section[start..start + section[start..].find("```").expect("the block ends")];
+    let env = |name: &str| Some(format!("secret-of-{name}"));
+    let file = spendcap::protocols::api::ApisFile::parse(text, &env).expect("the README's file parses");
+    let names: Vec<&str> = file.apis.iter().map(|api| api.name.as_str()).collect();
+    assert_eq!(names, ["openai", "anthropic", "search", "scraper"]);
+    let mini = file.apis[0].pricing.models().and_then(|table| table.price("gpt-4o-mini").ok()).expect("priced");
+    assert!(readme.contains("holds 2,000 × 0.15 + 500 × 0.60 = 600 micro-USD"));
+    assert_eq!(mini.bound(2_000, 500).map(|m| m.get()), Ok(600));
+    let request = json!({ "model": "gpt-4o-mini", "max_tokens": 500, "messages": [] });
+    let call = adapters::api::prepare(
+        adapters::api::Style::OpenAi,
+        "/v1/chat/completions",
+        &bytes(&request),
+        file.apis[0].pricing.models().expect("table"),
+    )
+    .expect("prepared");
+    assert_eq!(call.bound.get(), (bytes(&request).len() as u64 * 150_000 + 500 * 600_000).div_ceil(1_000_000));
+}

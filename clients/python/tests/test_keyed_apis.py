@@ -7,7 +7,11 @@ owner's key and reports usage; the daemon holds, forwards with the owner's key a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -150,3 +154,29 @@ def test_a_call_over_the_cap_is_refused_before_it_reaches_the_provider(admin: Sp
         gpt.chat.completions.create(model="sim-gpt", messages=[{"role": "user", "content": "Hi"}])
     assert declined.value.status_code == 402
     assert balance(admin, poor) == (0, 0)
+
+
+def readme_snippet(heading: str) -> str:
+    """The first ```python block after `heading` in the repository's README."""
+    text = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    start = text.index(f"\n{heading}\n")
+    fence = text.index("```python\n", start) + len("```python\n")
+    return text[fence : text.index("```", fence)]
+
+
+@pytest.mark.parametrize(
+    ("heading", "printed"),
+    [("### OpenAI SDK", "Hello from the simulated model,\n"), ("### Anthropic SDK", "Hello from the\n")],
+)
+def test_the_readme_sdk_snippets(daemon: Daemon, admin: Spendcap, token: str, heading: str, printed: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", readme_snippet(heading)],
+        env={**os.environ, **daemon.env, "SPENDCAP_AGENT_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, printed, "")
+    spent, held = balance(admin, token)
+    assert spent > 0 and held == 0
