@@ -563,3 +563,24 @@ fn the_readme_configuration_file_and_hold_example_are_right() {
     .expect("prepared");
     assert_eq!(call.bound.get(), (bytes(&request).len() as u64 * 150_000 + 500 * 600_000).div_ceil(1_000_000));
 }
+
+#[tokio::test]
+async fn spending_controls_apply_to_keyed_apis_by_protocol_and_service_name() {
+    let upstream = MockServer::start().await;
+    let app = app_for(&upstream.uri()).await;
+    let agent = app.create_agent("controlled", 1_000_000, None).await;
+    let request = json!({ "model": "gpt-test", "max_tokens": 5, "messages": [] });
+    let call = || post(&app, "/v1/apis/openai/v1/chat/completions", ("x-api-key", &agent.token), bytes(&request));
+    for (controls, code) in [
+        (json!({ "protocols": { "deny": ["api"] } }), "protocol_denied"),
+        (json!({ "services": { "deny": ["openai"] } }), "service_denied"),
+    ] {
+        let (status, shown) = app.admin(Method::PUT, "/v1/agents/controlled/controls", Some(controls)).await;
+        assert_eq!(status, 200, "{shown}");
+        let response = call().await;
+        assert_eq!(response.status(), 402);
+        assert_eq!(response.json::<Value>().await.expect("json")["code"], code);
+    }
+    assert!(upstream.received_requests().await.expect("recorded").is_empty());
+    assert_eq!(balance(&app, &agent).await, (0, 0));
+}
