@@ -8,14 +8,16 @@
 //!    of their figures is the median of its five runs;
 //! 3. the same hold function called from Rust through `RedisLedger` at the same concurrency;
 //! 4. paid calls through the HTTP API of a `spendcap serve` process: generic hold + settle
-//!    pairs, x402 fetches, ACP checkouts and AP2 payments (the providers are `spendcap::sim`'s
+//!    pairs, x402 fetches, ACP checkouts, AP2 payments and keyed-API (LLM) calls, straight and
+//!    through the daemon, with the streaming time to first byte (the providers are `spendcap::sim`'s
 //!    simulated ones, in this process, on loopback);
 //! 5. the daemon's resident memory with 1,000 concurrent connections;
 //! 6. Redis bytes per agent, per open hold and per log entry.
 //!
 //! Each figure is printed with its ratio to the reference. Set `SPENDCAP_BENCH_SCALE` (default
 //! 1.0) to shorten or lengthen every stage, and `SPENDCAP_BENCH_HTTP_ONLY=1` to run only the
-//! generic HTTP pairs of stage 4, three times (for tuning the daemon).
+//! generic HTTP pairs of stage 4, three times (for tuning the daemon), or
+//! `SPENDCAP_BENCH_API_ONLY=1` to run only the keyed-API rows.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -817,8 +819,115 @@ fn settle_stage(runtime: &tokio::runtime::Runtime) -> (Figure, u64) {
     (settle, settled)
 }
 
+/// Keyed-API calls (OpenAI chat completions) to the simulated LLM provider, straight and through
+/// the daemon (`/v1/apis/openai/...`: hold the bound, forward with the owner's key, settle from
+/// the usage + receipt). Returns the non-streaming latency straight and through, and the
+/// streaming time to first byte straight and through.
+async fn api_stage(daemon: &Daemon, providers: &Providers, calls: u64) -> (Figure, Figure, Figure, Figure) {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().expect("client");
+    let token = bench_agent(&http, daemon, "api-bench").await;
+    let straight = (format!("{}/v1/chat/completions", providers.llm.base()), format!("Bearer {}", providers.llm.key()));
+    let through = (format!("{}/v1/apis/openai/v1/chat/completions", daemon.base), format!("Bearer {token}"));
+    let body = |stream: bool| {
+        serde_json::json!({ "model": "sim-gpt", "max_completion_tokens": 9, "stream": stream,
+            "messages": [ { "role": "user", "content": "Say hello" } ] })
+    };
+    let mut figures = Vec::new();
+    for (url, auth) in [straight.clone(), through.clone()] {
+        let (http, request) = (http.clone(), body(false));
+        figures.push(
+            clients(calls, move |_, _| {
+                let (http, url, auth, request) = (http.clone(), url.clone(), auth.clone(), request.clone());
+                async move {
+                    let response =
+                        http.post(&url).header("authorization", auth).json(&request).send().await.expect("call");
+                    assert_eq!(response.status(), 200);
+                    let answer: serde_json::Value = response.json().await.expect("json");
+                    assert_eq!(answer["usage"]["completion_tokens"], 9, "{answer}");
+                }
+            })
+            .await,
+        );
+    }
+    for (url, auth) in [straight, through] {
+        figures.push(first_byte(&http, calls, &url, &auth, body(true)).await);
+    }
+    (figures[0], figures[1], figures[2], figures[3])
+}
+
+/// Time to the first body byte of a streaming call, from `CONCURRENCY` clients; each stream is
+/// then read to its end.
+async fn first_byte(http: &reqwest::Client, total: u64, url: &str, auth: &str, request: serde_json::Value) -> Figure {
+    let per_client = total / CONCURRENCY as u64;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (http, url, auth, request) = (http.clone(), url.to_owned(), auth.to_owned(), request.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                for _ in 0..per_client {
+                    let t = Instant::now();
+                    let mut response =
+                        http.post(&url).header("authorization", &auth).json(&request).send().await.expect("call");
+                    assert_eq!(response.status(), 200);
+                    let first = response.chunk().await.expect("first chunk");
+                    latencies.push(t.elapsed());
+                    assert!(first.is_some_and(|chunk| !chunk.is_empty()));
+                    while response.chunk().await.expect("chunk").is_some() {}
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("client"));
+    }
+    percentiles(all, start.elapsed())
+}
+
+fn api_lines(straight: &Figure, through: &Figure, ttfb_straight: &Figure, ttfb_through: &Figure) -> Vec<String> {
+    vec![
+        format!(
+            "| keyed API: OpenAI chat completion straight to the (simulated) upstream, 50 clients | {:.0}/s | {:.3} ms | {:.3} ms | | |",
+            straight.rps, straight.p50_ms, straight.p99_ms
+        ),
+        format!(
+            "| keyed API: the same through the daemon (hold bound, owner's key, settle from usage + receipt), 50 clients | {:.0}/s | {:.3} ms | {:.3} ms | | |",
+            through.rps, through.p50_ms, through.p99_ms
+        ),
+        format!(
+            "| — added by the daemon | | +{:.3} ms | +{:.3} ms | | |",
+            through.p50_ms - straight.p50_ms,
+            through.p99_ms - straight.p99_ms
+        ),
+        format!(
+            "| keyed API: streaming time to first byte, straight / through the daemon, 50 clients | | {:.3} / {:.3} ms | {:.3} / {:.3} ms | | |",
+            ttfb_straight.p50_ms, ttfb_through.p50_ms, ttfb_straight.p99_ms, ttfb_through.p99_ms
+        ),
+        format!(
+            "| — time to first byte added by the daemon | | +{:.3} ms | +{:.3} ms | | |",
+            ttfb_through.p50_ms - ttfb_straight.p50_ms,
+            ttfb_through.p99_ms - ttfb_straight.p99_ms
+        ),
+    ]
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    if std::env::var_os("SPENDCAP_BENCH_API_ONLY").is_some() {
+        // Only the keyed-API rows, on one daemon.
+        let redis = Redis::start();
+        let providers = runtime.block_on(Providers::start()).expect("simulated providers");
+        let daemon = runtime.block_on(start_daemon(&redis, &providers));
+        let (straight, through, ttfb_straight, ttfb_through) =
+            runtime.block_on(api_stage(&daemon, &providers, scaled(10_000)));
+        println!("spendcap benchmark, keyed APIs only — scale {}", scale());
+        for row in api_lines(&straight, &through, &ttfb_straight, &ttfb_through) {
+            println!("{row}");
+        }
+        return;
+    }
     if std::env::var_os("SPENDCAP_BENCH_HTTP_ONLY").is_some() {
         // Only stage 4's generic pairs, three runs on one daemon: for tuning the daemon.
         let redis = Redis::start();
@@ -928,6 +1037,8 @@ fn main() {
     let (direct, paid, per_signature) = runtime.block_on(x402_stage(&daemon, scaled(10_000)));
     let acp = runtime.block_on(acp_stage(&daemon, &providers, scaled(5_000)));
     let ap2 = runtime.block_on(ap2_stage(&daemon, &providers, scaled(2_000)));
+    let (api_straight, api_through, ttfb_straight, ttfb_through) =
+        runtime.block_on(api_stage(&daemon, &providers, scaled(10_000)));
     let (rss_idle, rss_loaded) = runtime.block_on(rss_at_connections(
         daemon.child.id(),
         daemon.base.trim_start_matches("http://"),
@@ -1008,6 +1119,9 @@ fn main() {
         "| AP2: payment through the daemon (verify mandates + checkout, hold with mandate budget, sign closed mandates, Credential Provider, merchant, verify receipts, settle + receipt), 50 clients | {:.0}/s | {:.3} ms | {:.3} ms | {:.3} | |",
         ap2.rps, ap2.p50_ms, ap2.p99_ms, ratio(ap2.rps)
     ));
+    for row in api_lines(&api_straight, &api_through, &ttfb_straight, &ttfb_through) {
+        line(row);
+    }
     line(String::new());
     line(format!(
         "daemon RSS: {:.1} MiB after the HTTP load, {:.1} MiB with 1,000 concurrent connections \

@@ -222,6 +222,9 @@ fn providers_env(base: &str, admin_token: &str, providers: &spendcap::sim::Provi
     format!(
         "export SPENDCAP_URL={base}\n\
          export SPENDCAP_ADMIN_TOKEN={admin_token}\n\
+         # OpenAI- and Anthropic-style APIs (simulated; models sim-gpt, sim-claude): the SDK's base URL, the agent token as API key\n\
+         export SPENDCAP_SIM_OPENAI_BASE_URL={base}/v1/apis/openai/v1\n\
+         export SPENDCAP_SIM_ANTHROPIC_BASE_URL={base}/v1/apis/anthropic\n\
          # x402 resources (GET, paid per call): {}\n\
          export SPENDCAP_SIM_X402_URL={}\n\
          # ACP merchant for /v1/acp/checkouts (\"merchant\"), items: {}\n\

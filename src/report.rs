@@ -104,6 +104,21 @@ pub struct SpendRow {
     pub refusals: u64,
 }
 
+/// Keyed-API spend (protocol `api`) of one service and model, with the tokens the settles
+/// reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ApiModelRow {
+    pub service: String,
+    /// The model the calls named; empty for APIs priced per request or by a cost header.
+    pub model: String,
+    pub calls: u64,
+    pub spent_micros: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Calls settled at their whole hold because their cost could not be known.
+    pub cost_unknown: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RefusalRow {
     pub reason: String,
@@ -150,6 +165,9 @@ pub struct Report {
     pub protocols: Vec<SpendRow>,
     /// By count, highest first.
     pub refusals: Vec<RefusalRow>,
+    /// Keyed-API spend by service and model, highest spend first.
+    #[serde(default)]
+    pub api_models: Vec<ApiModelRow>,
 }
 
 #[derive(Default)]
@@ -169,6 +187,7 @@ pub struct ReportBuilder {
     services: BTreeMap<String, SpendRow>,
     protocols: BTreeMap<String, SpendRow>,
     refusals: BTreeMap<String, RefusalRow>,
+    api_models: BTreeMap<(String, String), ApiModelRow>,
 }
 
 fn spend_row<'a>(rows: &'a mut BTreeMap<String, SpendRow>, key: &str) -> &'a mut SpendRow {
@@ -194,6 +213,9 @@ impl ReportBuilder {
                     row.spent_micros += amount;
                     row.settles += 1;
                 }
+                if entry.protocol == "api" {
+                    self.add_api_call(entry, amount);
+                }
             }
             "refuse" => {
                 self.agent(&entry.agent).refusals += 1;
@@ -213,6 +235,26 @@ impl ReportBuilder {
                     Some((outcome, entry.task_type.clone(), entry.agent.clone()));
             }
             _ => {}
+        }
+    }
+
+    /// A keyed-API settle: its model and token counts are in the settle's details.
+    fn add_api_call(&mut self, entry: &LogEntry, amount: u64) {
+        let detail: serde_json::Value = serde_json::from_str(&entry.detail).unwrap_or_default();
+        let text = |key: &str| detail.get(key).and_then(serde_json::Value::as_str).unwrap_or_default().to_owned();
+        let count = |key: &str| text(key).parse::<u64>().unwrap_or(0);
+        let model = text("model");
+        let row = self.api_models.entry((entry.service.clone(), model.clone())).or_insert_with(|| ApiModelRow {
+            service: entry.service.clone(),
+            model,
+            ..ApiModelRow::default()
+        });
+        row.calls += 1;
+        row.spent_micros += amount;
+        row.input_tokens += count("input_tokens");
+        row.output_tokens += count("output_tokens");
+        if detail.get("cost_unknown").is_some() {
+            row.cost_unknown += 1;
         }
     }
 
@@ -268,6 +310,10 @@ impl ReportBuilder {
             rows.sort_by(|a, b| b.spent_micros.cmp(&a.spent_micros).then_with(|| a.key.cmp(&b.key)));
             rows
         };
+        let mut api_models: Vec<ApiModelRow> = self.api_models.into_values().collect();
+        api_models.sort_by(|a, b| {
+            b.spent_micros.cmp(&a.spent_micros).then_with(|| (&a.service, &a.model).cmp(&(&b.service, &b.model)))
+        });
         let mut refusals: Vec<RefusalRow> = self.refusals.into_values().collect();
         refusals.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.reason.cmp(&b.reason)));
         Report {
@@ -282,6 +328,7 @@ impl ReportBuilder {
             services: by_spend(self.services),
             protocols: by_spend(self.protocols),
             refusals,
+            api_models,
         }
     }
 }
@@ -489,6 +536,27 @@ pub fn table(report: &Report) -> String {
                 writeln!(out, "{:<40} {:>14} {:>8} {:>8}", row.key, usd(row.spent_micros), row.settles, row.refusals);
         }
     }
+    if !report.api_models.is_empty() {
+        let _ = writeln!(out, "\nAPI CALLS BY SERVICE AND MODEL");
+        let _ = writeln!(
+            out,
+            "{:<16} {:<28} {:>8} {:>14} {:>12} {:>12}",
+            "SERVICE", "MODEL", "CALLS", "SPENT", "TOKENS IN", "TOKENS OUT"
+        );
+        for row in &report.api_models {
+            let model = if row.model.is_empty() { "-" } else { row.model.as_str() };
+            let _ = writeln!(
+                out,
+                "{:<16} {:<28} {:>8} {:>14} {:>12} {:>12}",
+                row.service,
+                model,
+                row.calls,
+                usd(row.spent_micros),
+                row.input_tokens,
+                row.output_tokens
+            );
+        }
+    }
     let _ = writeln!(out, "\nREFUSALS BY REASON");
     let _ = writeln!(out, "{:<28} {:>8} {:>14}", "REASON", "COUNT", "REQUESTED");
     for row in &report.refusals {
@@ -659,6 +727,29 @@ mod tests {
         assert!(report.rules.suggested_cap.contains("2.5 x the median"));
         assert!(table(&report).contains("Spent $0"));
         assert_eq!(csv(&report), CSV_HEADER);
+    }
+
+    #[test]
+    fn api_spend_is_grouped_by_service_and_model_with_tokens() {
+        let api = |model: &str, amount: u64, detail: &str| LogEntry {
+            service: "openai".into(),
+            protocol: "api".into(),
+            detail: detail.replace("MODEL", model),
+            ..entry("settle", "ag_t1_1", "r1", amount)
+        };
+        let report = build(&[
+            api("gpt-4o", 300, r#"{"model":"MODEL","input_tokens":"100","output_tokens":"10"}"#),
+            api("gpt-4o", 200, r#"{"model":"MODEL","input_tokens":"50","output_tokens":"5"}"#),
+            api("gpt-4o-mini", 900, r#"{"model":"MODEL","cost_unknown":"stream_cut"}"#),
+            entry("settle", "ag_t1_1", "r1", 7),
+        ]);
+        let rows: Vec<(&str, u64, u64, u64, u64, u64)> = report
+            .api_models
+            .iter()
+            .map(|r| (r.model.as_str(), r.calls, r.spent_micros, r.input_tokens, r.output_tokens, r.cost_unknown))
+            .collect();
+        assert_eq!(rows, vec![("gpt-4o-mini", 1, 900, 0, 0, 1), ("gpt-4o", 2, 500, 150, 15, 0)]);
+        assert!(table(&report).contains("API CALLS BY SERVICE AND MODEL"), "{}", table(&report));
     }
 
     #[test]

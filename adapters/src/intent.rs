@@ -14,10 +14,12 @@ pub enum Protocol {
     Ap2,
     /// The generic budget authority: hold / settle / void for any other paid call.
     Generic,
+    /// Keyed APIs: LLM and SaaS APIs called with the owner's API key (`/v1/apis/{name}/...`).
+    Api,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 4] = [Protocol::X402, Protocol::Acp, Protocol::Ap2, Protocol::Generic];
+    pub const ALL: [Protocol; 5] = [Protocol::X402, Protocol::Acp, Protocol::Ap2, Protocol::Generic, Protocol::Api];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -25,6 +27,7 @@ impl Protocol {
             Protocol::Acp => "acp",
             Protocol::Ap2 => "ap2",
             Protocol::Generic => "generic",
+            Protocol::Api => "api",
         }
     }
 }
@@ -36,7 +39,7 @@ impl fmt::Display for Protocol {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown protocol {0:?}; expected one of x402, acp, ap2, generic")]
+#[error("unknown protocol {0:?}; expected one of x402, acp, ap2, generic, api")]
 pub struct UnknownProtocol(pub String);
 
 impl FromStr for Protocol {

@@ -10,6 +10,7 @@
 
 pub mod acp;
 pub mod ap2;
+pub mod api;
 pub mod conformance;
 pub mod intent;
 pub mod money;

@@ -3,6 +3,7 @@
 
 pub mod acp;
 pub mod ap2;
+pub mod api;
 pub mod reserved;
 pub mod x402;
 
@@ -20,6 +21,8 @@ pub struct ProtocolArgs {
     pub acp: acp::AcpArgs,
     #[command(flatten)]
     pub ap2: ap2::Ap2Args,
+    #[command(flatten)]
+    pub api: api::ApiArgs,
 }
 
 /// The configured protocols.
@@ -30,6 +33,7 @@ pub struct ProtocolConfig {
     pub ap2: ap2::Ap2Config,
     /// Addresses no outbound client may reach (Redis, the daemon); filled in at start-up.
     pub reserved: reserved::Reserved,
+    pub api: api::ApiConfig,
 }
 
 /// What each protocol needs at run time (clients, keys), built once at start-up.
@@ -38,8 +42,9 @@ pub struct Protocols {
     pub acp: acp::AcpService,
     pub ap2: ap2::Ap2Service,
     pub reserved: reserved::Reserved,
-    /// Every provider base URL of the configuration (ACP, AP2), checked against `reserved`.
+    /// Every provider base URL of the configuration (ACP, AP2, keyed APIs), checked against `reserved`.
     pub provider_urls: Vec<String>,
+    pub api: api::ApiService,
 }
 
 /// Why the protocol configuration is unusable; start-up fails with this.
@@ -57,6 +62,7 @@ impl ProtocolConfig {
             acp: acp::AcpConfig::from_args(&args.acp)?,
             ap2: ap2::Ap2Config::from_args(&args.ap2)?,
             reserved: reserved::Reserved::default(),
+            api: api::ApiConfig::from_args(&args.api)?,
         })
     }
 }
@@ -75,6 +81,9 @@ impl ProtocolConfig {
             urls.extend(file.merchants.iter().map(|m| m.base_url.clone()));
             urls.extend(file.v01.iter().map(|v| v.processor_url.clone()));
         }
+        if let Some(file) = &self.api.file {
+            urls.extend(file.apis.iter().map(|api| api.base_url.to_string()));
+        }
         urls
     }
 }
@@ -87,11 +96,12 @@ impl Protocols {
             x402: x402::X402Service::build(config.x402, config.reserved.clone())?,
             acp: acp::AcpService::build(config.acp)?,
             ap2: ap2::Ap2Service::build(config.ap2)?,
+            api: api::ApiService::build(config.api, config.reserved.clone())?,
             reserved: config.reserved,
         })
     }
 }
 
 pub fn router() -> Router<SharedState> {
-    Router::new().merge(x402::router()).merge(acp::router()).merge(ap2::router())
+    Router::new().merge(x402::router()).merge(acp::router()).merge(ap2::router()).merge(api::router())
 }

@@ -19,10 +19,10 @@
 //! settlement or its `validBefore` passes, and a retry of the same purchase re-signs the very
 //! same authorization (same nonce) from the hold's stored terms, so at most one can settle.
 
-mod destination;
+pub(crate) mod destination;
 mod purchase;
 pub(crate) mod routes;
-mod upstream;
+pub(crate) mod upstream;
 
 use std::fmt;
 use std::path::PathBuf;

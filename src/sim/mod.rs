@@ -9,6 +9,7 @@
 
 pub mod acp;
 pub mod ap2;
+pub mod llm;
 pub mod x402;
 
 use std::path::Path;
@@ -19,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::protocols::acp::AcpConfig;
 use crate::protocols::ap2::{Ap2Config, Ap2File, Kek};
+use crate::protocols::api::ApiConfig;
 use crate::protocols::x402::X402Config;
 use crate::protocols::{ConfigError, ProtocolConfig};
 
@@ -89,6 +91,8 @@ pub struct Providers {
     pub x402: x402::X402Resource,
     pub acp: acp::AcpShop,
     pub ap2: ap2::Ap2World,
+    /// OpenAI- and Anthropic-style APIs (`/v1/apis/openai/...`, `/v1/apis/anthropic/...`).
+    pub llm: llm::LlmProvider,
     /// The x402 payer key the daemon signs with: fresh and random, holding nothing.
     x402_key: String,
 }
@@ -99,6 +103,7 @@ impl Providers {
             x402: x402::X402Resource::start(X402_PRICES).await?,
             acp: acp::AcpShop::start(ACP_MERCHANT, ACP_CATALOG).await?,
             ap2: ap2::Ap2World::start(AP2_MERCHANT, AP2_CATALOG).await?,
+            llm: llm::LlmProvider::start().await?,
             x402_key: format!("0x{}", hex::encode(rand::random::<[u8; 32]>())),
         })
     }
@@ -117,7 +122,8 @@ impl Providers {
         let file: Ap2File = serde_json::from_value(self.ap2.config_json())
             .map_err(|e| ConfigError { protocol: "ap2", reason: e.to_string() })?;
         let ap2 = Ap2Config { file: Some(file), kek: Some(Kek::generate()), ..Ap2Config::default() };
-        Ok(ProtocolConfig { x402, acp, ap2, reserved: Default::default() })
+        let api = ApiConfig::from_json(&self.llm.apis_json().to_string())?;
+        Ok(ProtocolConfig { x402, acp, ap2, api, reserved: Default::default() })
     }
 
     /// Writes the ACP and AP2 configuration files into `dir` and returns the environment a
@@ -125,14 +131,17 @@ impl Providers {
     pub fn daemon_env(&self, dir: &Path) -> std::io::Result<Vec<(&'static str, String)>> {
         let acp = dir.join("acp.json");
         let ap2 = dir.join("ap2.json");
+        let apis = dir.join("apis.json");
         std::fs::write(&acp, self.acp.config_json().to_string())?;
         std::fs::write(&ap2, self.ap2.config_json().to_string())?;
+        std::fs::write(&apis, self.llm.apis_json().to_string())?;
         Ok(vec![
             ("SPENDCAP_X402_PRIVATE_KEY", self.x402_key.clone()),
             ("SPENDCAP_X402_ALLOW_PRIVATE", "127.0.0.1".into()),
             ("SPENDCAP_ACP_CONFIG", acp.display().to_string()),
             ("SPENDCAP_AP2_CONFIG", ap2.display().to_string()),
             ("SPENDCAP_AP2_KEK", hex::encode(rand::random::<[u8; 32]>())),
+            ("SPENDCAP_APIS_CONFIG", apis.display().to_string()),
         ])
     }
 }

@@ -157,7 +157,7 @@ fn client(
 
 /// An error's message and causes, without the URL (its query may hold the agent's secrets, and
 /// the message goes into logs).
-fn describe(err: reqwest::Error) -> String {
+pub(crate) fn describe(err: reqwest::Error) -> String {
     let err = err.without_url();
     let mut text = err.to_string();
     let mut source = std::error::Error::source(&err);
