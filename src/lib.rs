@@ -18,3 +18,4 @@ pub mod receipt;
 pub mod report;
 pub mod server;
 pub mod sim;
+pub mod unacked;

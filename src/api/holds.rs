@@ -195,10 +195,11 @@ pub async fn create_hold(
         }
         Some(ttl) => ttl * 1000,
     };
-    let idempotency = idempotency_key(&headers)?.map(|key| Idempotency {
-        key,
-        fingerprint: fingerprint(&body),
-        mode: IdempotencyMode::Final,
+    let hold_id = HoldId::generate(auth.agent.tree());
+    // Without a key the daemon makes one (named in a `ledger_outcome_unknown` answer).
+    let idempotency = Some(match idempotency_key(&headers)? {
+        Some(key) => Idempotency { key, fingerprint: fingerprint(&body), mode: IdempotencyMode::Final },
+        None => pay::auto_idempotency(&hold_id, &fingerprint(&body)),
     });
     let details = if body.details.is_empty() {
         String::new()
@@ -209,7 +210,7 @@ pub async fn create_hold(
     let request = HoldRequest {
         agent: auth.agent.clone(),
         caller: auth.caller(),
-        hold_id: HoldId::generate(auth.agent.tree()),
+        hold_id,
         amount,
         expires_at_ms: now + ttl_ms,
         task,

@@ -478,6 +478,11 @@ pub enum LedgerError {
     BucketExists,
     #[error("the ledger is unavailable: {0}")]
     Unavailable(String),
+    /// A call that changes state was sent but its answer did not come within the timeout (nor
+    /// within the short bound of re-asking): it may or may not have run. `retry_key` is the
+    /// idempotency key a retry of the same request resolves it with (a hold's).
+    #[error("the ledger did not answer in time; the call may have run: {cause}")]
+    OutcomeUnknown { cause: String, retry_key: Option<String> },
     #[error("the ledger answered something unexpected: {0}")]
     Corrupt(String),
     /// This instance's clock is further from the ledger's than `SPENDCAP_MAX_CLOCK_SKEW_MS`: what
@@ -511,6 +516,7 @@ impl LedgerError {
             LedgerError::UnknownBucket => "unknown_bucket",
             LedgerError::BucketExists => "bucket_exists",
             LedgerError::Unavailable(_) => "ledger_unavailable",
+            LedgerError::OutcomeUnknown { .. } => "ledger_outcome_unknown",
             LedgerError::Corrupt(_) => "ledger_corrupt",
             LedgerError::ClockSkew { .. } => "clock_skew",
         }
@@ -763,6 +769,16 @@ impl Ledger {
         detail: &str,
     ) -> Result<(Micros, bool), LedgerError> {
         dispatch!(self.void_detailed(now_ms, agent, caller, hold, reason, None, detail))
+    }
+
+    /// Deletes the idempotency record of `key`, so that a retry with it runs afresh (the daemon
+    /// withdrew the hold it recorded, whose grant never reached the agent). The in-process ledger
+    /// never loses an answer, so never has such a hold: nothing to do there.
+    pub async fn forget_idempotency(&self, agent: &AgentId, key: &str) -> Result<(), LedgerError> {
+        match self {
+            Ledger::Redis(ledger) => ledger.forget_idempotency(agent, key).await,
+            Ledger::Memory(_) => Ok(()),
+        }
     }
 
     /// Marks an open hold `unknown`: its payment may have moved money (the provider's answer was
