@@ -4,9 +4,10 @@
 //! task voids such holds once Redis answers again, and forgets their idempotency record, so that
 //! the agent's retry with the key it was given makes a fresh hold.
 //!
-//! A retry that reaches this instance before the void and replays the hold acknowledges it (it is
-//! then the agent's, and is not voided); a replay racing the void is answered
-//! `ledger_outcome_unknown` again, and its next retry makes a fresh hold.
+//! A retry that replays the hold before the withdrawal (through any instance: the idempotency
+//! record notes the replay, and `forget_unacknowledged` then keeps it) makes the hold the agent's,
+//! and it is not voided; a replay in this instance racing the withdrawal is answered
+//! `ledger_outcome_unknown` again, and the next retry settles which it is.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -122,12 +123,15 @@ async fn withdraw_one(
 ) -> Option<Stage> {
     let forget = || async {
         match key {
-            Some(key) => state.ledger.forget_idempotency(agent, key).await,
-            None => Ok(()),
+            Some(key) => state.ledger.forget_unacknowledged(agent, key).await,
+            None => Ok(true),
         }
     };
-    if forget().await.is_err() {
-        return Some(Stage::Waiting);
+    match forget().await {
+        Ok(true) => {}
+        // A retry (through any instance) got the hold: it is the agent's now.
+        Ok(false) => return None,
+        Err(_) => return Some(Stage::Waiting),
     }
     let voided = state.ledger.void(state.clock.now_ms(), agent, &Caller::Admin, hold, WITHDRAW_REASON).await;
     match voided {

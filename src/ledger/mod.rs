@@ -684,6 +684,14 @@ impl Ledger {
         dispatch!(self.hold(now_ms, request))
     }
 
+    /// Deletes the idempotency record of `key` unless a duplicate already got its answer: for a
+    /// hold whose grant never reached the agent (`unacked.rs`), before voiding it. True: forgotten
+    /// (or none), so a retry with the key runs afresh and the hold may be voided; false: a retry
+    /// got the hold, which is the agent's now.
+    pub async fn forget_unacknowledged(&self, agent: &AgentId, key: &str) -> Result<bool, LedgerError> {
+        dispatch!(self.forget_unacknowledged(agent, key))
+    }
+
     pub async fn finish_idempotent(
         &self,
         agent: &AgentId,
@@ -769,16 +777,6 @@ impl Ledger {
         detail: &str,
     ) -> Result<(Micros, bool), LedgerError> {
         dispatch!(self.void_detailed(now_ms, agent, caller, hold, reason, None, detail))
-    }
-
-    /// Deletes the idempotency record of `key`, so that a retry with it runs afresh (the daemon
-    /// withdrew the hold it recorded, whose grant never reached the agent). The in-process ledger
-    /// never loses an answer, so never has such a hold: nothing to do there.
-    pub async fn forget_idempotency(&self, agent: &AgentId, key: &str) -> Result<(), LedgerError> {
-        match self {
-            Ledger::Redis(ledger) => ledger.forget_idempotency(agent, key).await,
-            Ledger::Memory(_) => Ok(()),
-        }
     }
 
     /// Marks an open hold `unknown`: its payment may have moved money (the provider's answer was

@@ -181,15 +181,6 @@ impl RedisLedger {
         last
     }
 
-    /// Deletes an idempotency record, so that a retry with its key runs afresh: for a hold the
-    /// daemon withdrew because its grant never reached the agent.
-    pub async fn forget_idempotency(&self, agent: &AgentId, key: &str) -> Result<(), LedgerError> {
-        let mut cmd = redis::cmd("DEL");
-        cmd.arg(format!("{}:i:{}:{}", self.tree_key(agent.tree()), agent, key));
-        let _: i64 = self.query(&cmd).await.map_err(failed)?;
-        Ok(())
-    }
-
     pub async fn ping(&self) -> Result<(), LedgerError> {
         let _: String = self.query(&redis::cmd("PING")).await.map_err(unavailable)?;
         Ok(())
@@ -505,6 +496,14 @@ impl RedisLedger {
             }
             other => other,
         })
+    }
+
+    pub async fn forget_unacknowledged(&self, agent: &AgentId, key: &str) -> Result<bool, LedgerError> {
+        let reply = self
+            .fcall_resolving("spendcap_idem_finish", agent.tree(), &[agent.as_str(), key, "forget", ""])
+            .await?
+            .into_result()?;
+        Ok(reply.get("forgotten") == "1")
     }
 
     pub async fn finish_idempotent(
