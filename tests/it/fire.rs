@@ -422,7 +422,9 @@ async fn a_slow_redis_never_debits_twice() {
     };
     let first: Vec<u16> = join_all((0..20).map(|i| send(format!("slow-{i}")))).await;
     stall.join().expect("stall");
-    assert!(first.contains(&503), "some holds timed out: {first:?}");
+    // The stall outlives the timeout but not the bound of re-asking (3 timeouts): the daemon
+    // learns each outcome before answering.
+    assert!(first.iter().all(|s| *s == 201), "every hold resolved before the answer: {first:?}");
     // The agent retries every key, as a client should after a 503.
     let retried: Vec<u16> = join_all((0..20).map(|i| send(format!("slow-{i}")))).await;
     assert!(retried.iter().all(|s| *s == 200 || *s == 201), "{retried:?}");
