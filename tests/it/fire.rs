@@ -791,6 +791,15 @@ async fn redis_paused_past_the_timeout_gets_honest_answers_and_leaves_nothing_un
     let unknown: usize = journals.iter().map(|(_, j)| j.unknown_holds.len() + j.unknown_ends.len()).sum();
     let unknown_unkeyed: usize = journals.iter().skip(1).step_by(2).map(|(_, j)| j.unknown_holds.len()).sum();
     assert!(unknown > 0 && unknown_unkeyed > 0, "the stalls left some outcomes unknown ({unknown}, {unknown_unkeyed})");
+    let total = |f: fn(&StallJournal) -> usize| journals.iter().map(|(_, j)| f(j)).sum::<usize>();
+    eprintln!(
+        "stall run: {} holds acknowledged, {} unknown holds, {} unknown settles/voids, {} unavailable holds, {} unavailable settles/voids",
+        total(|j| j.acked.len()),
+        total(|j| j.unknown_holds.len()),
+        total(|j| j.unknown_ends.len()),
+        total(|j| j.unavailable_holds as usize),
+        total(|j| j.untouched.len()),
+    );
 
     for (agent, journal) in &mut journals {
         // Every `ledger_outcome_unknown` resolves by retrying with what it named.
@@ -866,6 +875,8 @@ async fn redis_paused_past_the_timeout_gets_honest_answers_and_leaves_nothing_un
         expected.sort();
         assert_eq!(made, expected, "holds in Redis = acknowledged + withdrawn, for {}", agent.id);
     }
+    let withdrawn = log.iter().filter(|e| e["reason"] == "grant_not_delivered").count();
+    eprintln!("stall run: {withdrawn} unacknowledged holds withdrawn by the daemon");
     let (ok, report) = ledger_check(&redis.url(), false);
     assert!(ok, "audit after the stalls:\n{report}");
 }
