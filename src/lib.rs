@@ -20,3 +20,4 @@ pub mod receipt;
 pub mod report;
 pub mod server;
 pub mod sim;
+pub mod unacked;

@@ -121,7 +121,7 @@ impl Metrics {
 
     /// Counts failures of the ledger itself; answers about the request (unknown hold, ...) are not.
     pub fn ledger_error(&self, error: &LedgerError) {
-        if matches!(error, LedgerError::Unavailable(_) | LedgerError::Corrupt(_)) {
+        if matches!(error, LedgerError::Unavailable(_) | LedgerError::OutcomeUnknown { .. } | LedgerError::Corrupt(_)) {
             self.ledger_errors.with_label_values(&[error.code()]).inc();
         }
     }

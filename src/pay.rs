@@ -98,9 +98,31 @@ pub async fn hold_and_remember(
         .clock_guard
         .check()
         .map_err(|offset_ms| LedgerError::ClockSkew { offset_ms, max_ms: state.clock_guard.max_ms() })?;
+    // Every hold carries an idempotency key, so that a lost answer can be asked about.
+    let keyed;
+    let request = match request.idempotency {
+        Some(_) => request,
+        None => {
+            keyed = HoldRequest { idempotency: Some(auto_idempotency(&request.hold_id, "daemon")), ..request.clone() };
+            &keyed
+        }
+    };
     let started = std::time::Instant::now();
-    let result = state.ledger.hold(now_ms, request).await;
+    let mut result = state.ledger.hold(now_ms, request).await;
     state.metrics.hold(request.protocol.as_str(), &result, started.elapsed());
+    let key = request.idempotency.as_ref().map(|i| i.key.as_str());
+    match &result {
+        Err(LedgerError::OutcomeUnknown { .. }) => {
+            state.unacked.remember(&request.agent, &request.hold_id, key, request.expires_at_ms)
+        }
+        Ok(HoldOutcome::Granted(grant)) if grant.replayed && !state.unacked.acknowledge(&grant.hold_id) => {
+            result = Err(LedgerError::OutcomeUnknown {
+                cause: format!("hold {} is being withdrawn", grant.hold_id),
+                retry_key: key.map(str::to_owned),
+            });
+        }
+        _ => {}
+    }
     if let Ok(HoldOutcome::Granted(grant)) = &result {
         if !grant.replayed {
             state.signer.remember_hold(
@@ -117,6 +139,16 @@ pub async fn hold_and_remember(
         }
     }
     result
+}
+
+/// The idempotency key the daemon gives a hold sent without one (`fingerprint`: of the request,
+/// so that the agent can retry with the key it is told).
+pub fn auto_idempotency(hold: &HoldId, fingerprint: &str) -> Idempotency {
+    Idempotency {
+        key: format!("auto-{hold}"),
+        fingerprint: fingerprint.to_owned(),
+        mode: crate::ledger::IdempotencyMode::Final,
+    }
 }
 
 pub struct Settlement {

@@ -72,6 +72,7 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
         metrics: crate::metrics::Metrics::new()?,
         login_codes: Default::default(),
         clock_guard: crate::clock::ClockGuard::new(config.max_clock_skew.as_millis() as u64),
+        unacked: Default::default(),
     });
     measure_clock(&state).await;
     Ok(state)
@@ -102,6 +103,7 @@ pub async fn serve(
     tracing::info!(addresses = ?state.protocols.reserved.addresses(), "never fetched for an agent");
     let sweeper = sweep_interval.map(|interval| tokio::spawn(sweep(state.clone(), interval)));
     let clock_watch = Some(tokio::spawn(watch_clock(state.clone())));
+    let withdraw = Some(tokio::spawn(crate::unacked::run(state.clone())));
     let alerts = state.alerts.clone().map(|config| crate::alerts::spawn(state.clone(), config));
     // Request spans name the method and the path only: a query string may carry a credential
     // (the dashboard's event stream accepts the admin token there), and must never be logged.
@@ -115,7 +117,7 @@ pub async fn serve(
         .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG));
     let app = api::router(state).layer(axum::middleware::from_fn(header_limits)).layer(trace);
     serve_connections(listener, app, shutdown).await;
-    for task in [sweeper, alerts, clock_watch].into_iter().flatten() {
+    for task in [sweeper, alerts, clock_watch, withdraw].into_iter().flatten() {
         task.abort();
     }
     Ok(())

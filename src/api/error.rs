@@ -69,6 +69,19 @@ impl From<LedgerError> for ApiError {
                     "the ledger is unavailable; nothing was paid",
                 );
             }
+            LedgerError::OutcomeUnknown { cause, retry_key } => {
+                tracing::error!(error = %cause, "ledger call outcome unknown");
+                let error = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ledger_outcome_unknown",
+                    "the ledger did not answer in time and the call may have run; retry the same request \
+                     (with this idempotency_key for a hold) to learn its outcome",
+                );
+                return match retry_key {
+                    Some(key) => error.with_extra(json!({ "idempotency_key": key })),
+                    None => error,
+                };
+            }
             LedgerError::Corrupt(_) => return ApiError::internal(err),
             LedgerError::ClockSkew { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };

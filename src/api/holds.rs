@@ -197,8 +197,12 @@ pub async fn create_hold(
             "amount_micros": amount.get(), "service": service, "task": task, "ttl_ms": ttl_ms, "details": body.details,
         }),
     );
-    let idempotency =
-        idempotency_key(&headers)?.map(|key| Idempotency { key, fingerprint, mode: IdempotencyMode::Final });
+    let hold_id = HoldId::generate(auth.agent.tree());
+    // Without a key the daemon makes one (named in a `ledger_outcome_unknown` answer).
+    let idempotency = Some(match idempotency_key(&headers)? {
+        Some(key) => Idempotency { key, fingerprint, mode: IdempotencyMode::Final },
+        None => pay::auto_idempotency(&hold_id, &fingerprint),
+    });
     let details = if body.details.is_empty() {
         String::new()
     } else {
@@ -208,7 +212,7 @@ pub async fn create_hold(
     let request = HoldRequest {
         agent: auth.agent.clone(),
         caller: auth.caller(),
-        hold_id: HoldId::generate(auth.agent.tree()),
+        hold_id,
         amount,
         expires_at_ms: now + ttl_ms,
         task,

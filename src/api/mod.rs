@@ -64,6 +64,8 @@ pub struct AppState {
     pub login_codes: dashboard::LoginCodes,
     /// Whether this instance's clock agrees with the ledger's (payments and `/healthz` ask).
     pub clock_guard: crate::clock::ClockGuard,
+    /// Holds whose grant never reached the agent (the ledger's answer was lost), to be voided.
+    pub unacked: crate::unacked::Unacked,
 }
 
 pub type SharedState = Arc<AppState>;

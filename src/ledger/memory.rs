@@ -122,6 +122,8 @@ struct IdemRecord {
     fingerprint: String,
     status: IdemStatus,
     kept_until_ms: u64,
+    /// A duplicate got the recorded answer: the agent has it (see `forget_unacknowledged`).
+    replayed: bool,
 }
 
 #[derive(Default)]
@@ -831,6 +833,12 @@ impl MemoryLedger {
                     if record.fingerprint != idem.fingerprint {
                         return Err(LedgerError::IdempotencyConflict);
                     }
+                    // A duplicate (its own new hold id) gets the answer, not the daemon re-asking.
+                    let own = match &record.status {
+                        IdemStatus::Granted(g) | IdemStatus::InFlight { grant: g, .. } => g.hold_id == request.hold_id,
+                        _ => false,
+                    };
+                    record.replayed |= !own;
                     return match &mut record.status {
                         IdemStatus::InFlight { lease_until_ms, .. } if now_ms < *lease_until_ms => {
                             Err(LedgerError::IdempotencyInFlight)
@@ -1076,10 +1084,22 @@ impl MemoryLedger {
                         fingerprint: idem.fingerprint.clone(),
                         status,
                         kept_until_ms: now_ms + IDEMPOTENCY_RETENTION_MS,
+                        replayed: false,
                     },
                 );
             }
             Ok(outcome)
+        })
+    }
+
+    pub async fn forget_unacknowledged(&self, agent: &AgentId, key: &str) -> Result<bool, LedgerError> {
+        self.with_tree(agent.tree(), |tree| {
+            let id = (agent.to_string(), key.to_owned());
+            if tree.idempotency.get(&id).is_some_and(|r| r.replayed) {
+                return Ok(false);
+            }
+            tree.idempotency.remove(&id);
+            Ok(true)
         })
     }
 

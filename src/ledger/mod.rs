@@ -479,6 +479,11 @@ pub enum LedgerError {
     BucketExists,
     #[error("the ledger is unavailable: {0}")]
     Unavailable(String),
+    /// A call that changes state was sent but its answer did not come within the timeout (nor
+    /// within the short bound of re-asking): it may or may not have run. `retry_key` is the
+    /// idempotency key a retry of the same request resolves it with (a hold's).
+    #[error("the ledger did not answer in time; the call may have run: {cause}")]
+    OutcomeUnknown { cause: String, retry_key: Option<String> },
     #[error("the ledger answered something unexpected: {0}")]
     Corrupt(String),
     /// This instance's clock is further from the ledger's than `SPENDCAP_MAX_CLOCK_SKEW_MS`: what
@@ -512,6 +517,7 @@ impl LedgerError {
             LedgerError::UnknownBucket => "unknown_bucket",
             LedgerError::BucketExists => "bucket_exists",
             LedgerError::Unavailable(_) => "ledger_unavailable",
+            LedgerError::OutcomeUnknown { .. } => "ledger_outcome_unknown",
             LedgerError::Corrupt(_) => "ledger_corrupt",
             LedgerError::ClockSkew { .. } => "clock_skew",
         }
@@ -677,6 +683,14 @@ impl Ledger {
 
     pub async fn hold(&self, now_ms: u64, request: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
         dispatch!(self.hold(now_ms, request))
+    }
+
+    /// Deletes the idempotency record of `key` unless a duplicate already got its answer: for a
+    /// hold whose grant never reached the agent (`unacked.rs`), before voiding it. True: forgotten
+    /// (or none), so a retry with the key runs afresh and the hold may be voided; false: a retry
+    /// got the hold, which is the agent's now.
+    pub async fn forget_unacknowledged(&self, agent: &AgentId, key: &str) -> Result<bool, LedgerError> {
+        dispatch!(self.forget_unacknowledged(agent, key))
     }
 
     pub async fn finish_idempotent(

@@ -69,11 +69,26 @@ pub struct RedisLedger {
     conn: Conn,
     namespace: String,
     clock: LedgerClock,
+    timeout: Duration,
 }
 
 fn unavailable(err: RedisError) -> LedgerError {
     LedgerError::Unavailable(err.to_string())
 }
+
+/// A failed call that changes state: `Unavailable` only when it is known not to have reached
+/// Redis (the connection was refused); a timeout or a connection lost after sending may have run.
+fn failed(err: RedisError) -> LedgerError {
+    if !err.is_connection_refusal() && (err.is_timeout() || err.is_io_error() || err.is_connection_dropped()) {
+        LedgerError::OutcomeUnknown { cause: err.to_string(), retry_key: None }
+    } else {
+        unavailable(err)
+    }
+}
+
+/// How many timeouts' worth of time a call whose answer was lost is re-asked for before the
+/// daemon answers `ledger_outcome_unknown`.
+const RESOLVE_TIMEOUTS: u32 = 3;
 
 impl RedisLedger {
     /// Connects and loads the function library (replacing an older version of it).
@@ -101,7 +116,7 @@ impl RedisLedger {
                 .set_number_of_retries(1);
             Conn::Single(ConnectionManager::new_with_config(client, manager_config).await.map_err(unavailable)?)
         };
-        Ok(RedisLedger { conn, namespace: config.namespace.clone(), clock: config.clock })
+        Ok(RedisLedger { conn, namespace: config.namespace.clone(), clock: config.clock, timeout: config.timeout })
     }
 
     async fn load_library(&self) -> Result<(), LedgerError> {
@@ -135,11 +150,35 @@ impl RedisLedger {
             Err(err) if err.to_string().contains("Function not found") => {
                 tracing::warn!("the spendcap function library is missing from Redis; loading it again");
                 self.load_library().await?;
-                self.query(&cmd).await.map_err(unavailable)?
+                self.query(&cmd).await.map_err(failed)?
             }
-            Err(err) => return Err(unavailable(err)),
+            Err(err) => return Err(failed(err)),
         };
         Reply::new(parts)
+    }
+
+    /// [`Self::fcall`] for a call that is safe to repeat (a hold with an idempotency key, a
+    /// settle, a void, a mark: a repeat replays the first result). When the answer is lost, asks
+    /// again with the same arguments until Redis answers or a few timeouts have passed; only then
+    /// is the outcome unknown.
+    async fn fcall_resolving(&self, function: &str, tree: &TreeId, args: &[&str]) -> Result<Reply, LedgerError> {
+        let first = self.fcall(function, tree, args).await;
+        let Err(LedgerError::OutcomeUnknown { .. }) = &first else { return first };
+        let deadline = tokio::time::Instant::now() + self.timeout * RESOLVE_TIMEOUTS;
+        let mut last = first;
+        while tokio::time::Instant::now() < deadline {
+            tracing::warn!(function, "a ledger call's answer was lost; asking again with the same key");
+            match self.fcall(function, tree, args).await {
+                // The first call may have run: a failure to re-ask leaves the outcome unknown.
+                Err(LedgerError::Unavailable(cause)) => {
+                    last = Err(LedgerError::OutcomeUnknown { cause, retry_key: None });
+                    tokio::time::sleep(self.timeout / 4).await;
+                }
+                Err(err @ LedgerError::OutcomeUnknown { .. }) => last = Err(err),
+                resolved => return resolved,
+            }
+        }
+        last
     }
 
     pub async fn ping(&self) -> Result<(), LedgerError> {
@@ -406,30 +445,65 @@ impl RedisLedger {
             ),
             None => ("", "", "final", 0),
         };
-        self.fcall(
-            "spendcap_hold",
-            request.agent.tree(),
-            &[
-                &now_ms.to_string(),
-                request.agent.as_str(),
-                request.caller.wire(),
-                &request.amount.to_string(),
-                request.hold_id.as_str(),
-                &request.expires_at_ms.to_string(),
-                &request.task,
-                &request.service,
-                request.protocol.as_str(),
-                key,
-                fingerprint,
-                &request.details,
-                &IDEMPOTENCY_RETENTION_MS.to_string(),
-                mode,
-                &lease_ms.to_string(),
-                &request.buckets.join(","),
-            ],
-        )
-        .await?
-        .into_hold_outcome()
+        // Without a key a lost answer cannot be asked about: the same hold id would be refused.
+        let (now, amount, expires, retention, lease) = (
+            now_ms.to_string(),
+            request.amount.to_string(),
+            request.expires_at_ms.to_string(),
+            IDEMPOTENCY_RETENTION_MS.to_string(),
+            lease_ms.to_string(),
+        );
+        let buckets = request.buckets.join(",");
+        let args = [
+            now.as_str(),
+            request.agent.as_str(),
+            request.caller.wire(),
+            &amount,
+            request.hold_id.as_str(),
+            &expires,
+            &request.task,
+            &request.service,
+            request.protocol.as_str(),
+            key,
+            fingerprint,
+            &request.details,
+            &retention,
+            mode,
+            &lease,
+            &buckets,
+        ];
+        let tree = request.agent.tree();
+        // Without a key a lost answer cannot be asked about: the same hold id would be refused.
+        let reply = if key.is_empty() {
+            self.fcall("spendcap_hold", tree, &args).await
+        } else {
+            self.fcall_resolving("spendcap_hold", tree, &args).await
+        };
+        let outcome = reply
+            .map_err(|err| match err {
+                LedgerError::OutcomeUnknown { cause, .. } => LedgerError::OutcomeUnknown {
+                    cause,
+                    retry_key: request.idempotency.as_ref().map(|i| i.key.clone()),
+                },
+                other => other,
+            })?
+            .into_hold_outcome()?;
+        Ok(match outcome {
+            // Re-asking after a lost answer replays this very request's hold: it is new to the agent.
+            HoldOutcome::Granted(mut grant) if grant.hold_id == request.hold_id => {
+                grant.replayed = false;
+                HoldOutcome::Granted(grant)
+            }
+            other => other,
+        })
+    }
+
+    pub async fn forget_unacknowledged(&self, agent: &AgentId, key: &str) -> Result<bool, LedgerError> {
+        let reply = self
+            .fcall_resolving("spendcap_idem_finish", agent.tree(), &[agent.as_str(), key, "forget", ""])
+            .await?
+            .into_result()?;
+        Ok(reply.get("forgotten") == "1")
     }
 
     pub async fn finish_idempotent(
@@ -497,7 +571,9 @@ impl RedisLedger {
             args.extend([seq.as_str(), &link.prev_hash, &link.hash, &link.signed, held.as_str()]);
             args.extend([facts.task.as_str(), &facts.service, &facts.protocol, &facts.hold_details]);
         }
-        self.fcall("spendcap_settle", agent.tree(), &args).await?.into_settle_outcome(hold, agent, now_ms, details)
+        self.fcall_resolving("spendcap_settle", agent.tree(), &args)
+            .await?
+            .into_settle_outcome(hold, agent, now_ms, details)
     }
 
     #[allow(clippy::too_many_arguments)] // the ledger's void arguments, one per FCALL argument
@@ -512,7 +588,7 @@ impl RedisLedger {
         detail: &str,
     ) -> Result<(Micros, bool), LedgerError> {
         let reply = self
-            .fcall(
+            .fcall_resolving(
                 "spendcap_void",
                 agent.tree(),
                 &[
@@ -532,7 +608,7 @@ impl RedisLedger {
 
     pub async fn mark_unknown(&self, now_ms: u64, hold: &HoldId, reason: &str) -> Result<MarkedUnknown, LedgerError> {
         let reply = self
-            .fcall("spendcap_mark_unknown", hold.tree(), &[&now_ms.to_string(), hold.as_str(), reason])
+            .fcall_resolving("spendcap_mark_unknown", hold.tree(), &[&now_ms.to_string(), hold.as_str(), reason])
             .await?
             .into_result()?;
         Ok(MarkedUnknown {

@@ -585,6 +585,9 @@ local function hold(keys, args)
         redis.call('HSET', ikey, 'lease_until', fmt(now + tonumber(args[15] or '0')))
         rec[2] = 'granted'
       end
+      -- A duplicate (its own new hold id) gets the answer; the daemon re-asking after a lost
+      -- answer (the same hold id) does not count as the agent having it.
+      if hold_id ~= rec[3] then redis.call('HSET', ikey, 'replayed', '1') end
       return idem_reply(rec, '1')
     end
   end
@@ -850,15 +853,23 @@ end
 
 --[[ spendcap_idem_finish
 KEYS[1] tree prefix
-ARGV    1 agent_id  2 idempotency key  3 outcome: `done` or `release`  4 response (for `done`: an
-        opaque string the daemon replays to duplicates)
-Reply   ok      error: code (invalid_argument) detail
+ARGV    1 agent_id  2 idempotency key  3 outcome: `done`, `release` or `forget`  4 response (for
+        `done`: an opaque string the daemon replays to duplicates)
+Reply   ok (`forget`: forgotten 1, or 0 when a duplicate got the answer)
+        error: code (invalid_argument) detail
 Ends the in-flight state of a `pending` record: `done` stores the final response; `release`
 keeps the hold for the key, so a retry gets the hold back at once (its outcome was unknown, e.g.
 a provider's answer was lost, and the retry must finish the same purchase, not start another).
 --]]
 local function idem_finish(keys, args)
   local ikey = keys[1] .. ':i:' .. args[1] .. ':' .. args[2]
+  -- `forget`: the daemon is withdrawing the key's hold, whose grant never reached the agent;
+  -- unless a duplicate already got it (`replayed`), the record goes and a retry runs afresh.
+  if args[3] == 'forget' then
+    if redis.call('HGET', ikey, 'replayed') then return { 'ok', 'forgotten', '0' } end
+    redis.call('DEL', ikey)
+    return { 'ok', 'forgotten', '1' }
+  end
   if redis.call('EXISTS', ikey) == 0 then return err('invalid_argument', 'unknown idempotency key') end
   if args[3] == 'done' then
     redis.call('HSET', ikey, 'status', 'done', 'response', args[4])

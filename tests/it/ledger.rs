@@ -1178,3 +1178,25 @@ conformance!(the_precheck_refuses_what_a_hold_would_without_an_amount_and_logs_i
     assert!(log.iter().filter(|e| e.event == "refuse").all(|e| e.task == "t" && e.agent == agent.id.as_str()));
     assert_replays(&ledger, &tree).await;
 });
+
+conformance!(an_unacknowledged_hold_is_forgotten_unless_a_duplicate_got_it, |ledger: Ledger| async move {
+    let agent = create(&ledger, "forget", 10_000, None).await;
+    let keyed = |key: &str| HoldRequest {
+        idempotency: Some(Idempotency { key: key.into(), fingerprint: "fp".into(), mode: IdempotencyMode::Final }),
+        ..request(&agent, 100, 60_000, T0)
+    };
+    // The daemon re-asking with the same hold id (its answer was lost) is not a duplicate.
+    let first = keyed("k");
+    assert_eq!(granted(ledger.hold(T0, &first).await.expect("holds")), first.hold_id);
+    assert_eq!(granted(ledger.hold(T0, &first).await.expect("re-asks")), first.hold_id);
+    assert!(ledger.forget_unacknowledged(&agent.id, "k").await.expect("forgets"));
+    // Forgotten: the key runs afresh, a second hold.
+    let fresh = keyed("k");
+    assert_eq!(granted(ledger.hold(T0, &fresh).await.expect("holds")), fresh.hold_id);
+    assert_eq!(figures(&ledger, &agent, T0).await, (10_000, 0, 200));
+    // A duplicate got the answer: the hold is the agent's, the record stays.
+    assert_eq!(granted(ledger.hold(T0, &keyed("k")).await.expect("replays")), fresh.hold_id);
+    assert!(!ledger.forget_unacknowledged(&agent.id, "k").await.expect("keeps"));
+    assert_eq!(granted(ledger.hold(T0, &keyed("k")).await.expect("replays")), fresh.hold_id);
+    assert_eq!(figures(&ledger, &agent, T0).await, (10_000, 0, 200));
+});

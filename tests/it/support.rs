@@ -97,6 +97,13 @@ impl RedisServer {
         }
     }
 
+    /// Sends the server a signal (`STOP` pauses it mid-whatever, `CONT` resumes it).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.lock().expect("lock").as_ref().expect("running").id();
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     pub fn restart(&self) {
         self.kill();
         self.launch();
