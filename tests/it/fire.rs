@@ -753,7 +753,7 @@ async fn redis_paused_past_the_timeout_gets_honest_answers_and_leaves_nothing_un
                     }
                     let id = body["hold_id"].as_str().expect("id").to_owned();
                     journal.acked.push(id.clone());
-                    let op = if n % 3 == 0 { "void" } else { "settle" };
+                    let op = if n.is_multiple_of(3) { "void" } else { "settle" };
                     let (status, body) = stall_end(&app, &agent, &id, op).await;
                     match (status, body["code"].as_str(), op) {
                         (200, _, "settle") => journal.settled.push(id),
