@@ -703,6 +703,23 @@ async fn stall_hold(app: &TestApp, agent: &Agent, key: Option<&str>) -> (u16, Va
 }
 
 /// Settles (`settle`) or voids (`void`) a hold.
+/// Retries `call` while the ledger still cannot say (a 503: Redis is working through what piled
+/// up while it was paused), as an agent would, up to a deadline; returns the first known answer.
+async fn until_known<F, Fut>(mut call: F) -> (u16, Value)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (u16, Value)>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = call().await;
+        if status != 503 || std::time::Instant::now() > deadline {
+            return (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn stall_end(app: &TestApp, agent: &Agent, hold: &str, op: &str) -> (u16, Value) {
     let body = if op == "settle" { json!({"amount_micros": STALL_SETTLE}) } else { json!({}) };
     app.agent_call(&agent.token, Method::POST, &format!("/v1/holds/{hold}/{op}"), Some(body)).await
@@ -804,7 +821,7 @@ async fn redis_paused_past_the_timeout_gets_honest_answers_and_leaves_nothing_un
     for (agent, journal) in &mut journals {
         // Every `ledger_outcome_unknown` resolves by retrying with what it named.
         for key in std::mem::take(&mut journal.unknown_holds) {
-            let (status, body) = stall_hold(&app, agent, Some(&key)).await;
+            let (status, body) = until_known(|| stall_hold(&app, agent, Some(&key))).await;
             assert!(status == 200 || status == 201, "retry of {key}: {status} {body}");
             let id = body["hold_id"].as_str().expect("id").to_owned();
             journal.acked.push(id.clone());
@@ -813,7 +830,7 @@ async fn redis_paused_past_the_timeout_gets_honest_answers_and_leaves_nothing_un
             journal.settled.push(id);
         }
         for (id, op) in std::mem::take(&mut journal.unknown_ends) {
-            let (status, body) = stall_end(&app, agent, &id, op).await;
+            let (status, body) = until_known(|| stall_end(&app, agent, &id, op)).await;
             assert_eq!(status, 200, "retry of {op} {id}: {body}");
             if op == "settle" {
                 journal.settled.push(id)
@@ -823,7 +840,7 @@ async fn redis_paused_past_the_timeout_gets_honest_answers_and_leaves_nothing_un
         }
         // Every `ledger_unavailable` settle or void did nothing: doing it now is the first time.
         for (id, op) in std::mem::take(&mut journal.untouched) {
-            let (status, body) = stall_end(&app, agent, &id, op).await;
+            let (status, body) = until_known(|| stall_end(&app, agent, &id, op)).await;
             assert_eq!((status, body["replayed"].as_bool()), (200, Some(false)), "{op} {id} had run: {body}");
             if op == "settle" {
                 journal.settled.push(id)
