@@ -76,6 +76,8 @@ pub struct AcpConfig {
     pub resolve: ResolvePolicy,
     /// Where request bodies are recorded for conformance checking (tests); disabled by default.
     pub conformance: ConformanceSink,
+    /// Addresses no provider client may connect to (Redis, the daemon); set by `Protocols::build`.
+    pub reserved: super::reserved::Reserved,
 }
 
 /// The read-backs of a purchase whose outcome is unknown: up to `attempts`, the first after
@@ -112,6 +114,7 @@ impl Default for AcpConfig {
             retry: RetryPolicy::default(),
             resolve: ResolvePolicy::default(),
             conformance: ConformanceSink::disabled(),
+            reserved: Default::default(),
         }
     }
 }
@@ -185,7 +188,9 @@ impl AcpService {
                 config.hold_ttl.as_secs()
             )));
         }
+        let reserved = config.reserved.clone();
         let provider = |entry: ProviderEntry| ProviderConfig {
+            resolver: super::reserved::ReservedResolver::for_url(&reserved, &entry.base_url),
             base_url: entry.base_url,
             api_key: entry.api_key,
             timeout: config.timeout,

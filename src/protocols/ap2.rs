@@ -125,6 +125,8 @@ pub struct Ap2Config {
     pub lease: Duration,
     /// Where every mandate sent is recorded for conformance checking (tests); off by default.
     pub conformance: ConformanceSink,
+    /// Addresses no provider client may connect to (Redis, the daemon); set by `Protocols::build`.
+    pub reserved: super::reserved::Reserved,
 }
 
 impl Default for Ap2Config {
@@ -136,6 +138,7 @@ impl Default for Ap2Config {
             mandate_ttl: DEFAULT_MANDATE_TTL,
             lease: DEFAULT_LEASE,
             conformance: ConformanceSink::disabled(),
+            reserved: Default::default(),
         }
     }
 }
@@ -183,6 +186,7 @@ impl Ap2Config {
             )?,
             lease: positive(args.ap2_lease_secs, "SPENDCAP_AP2_LEASE_SECS", DEFAULT_LEASE, Duration::from_secs)?,
             conformance: ConformanceSink::disabled(),
+            reserved: Default::default(),
         })
     }
 }
@@ -240,12 +244,21 @@ fn host_of(url: &str) -> Option<String> {
     reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned))
 }
 
-fn build_settings(file: Ap2File, timeout: Duration, sink: &ConformanceSink) -> Result<Settings, ConfigError> {
+fn build_settings(
+    file: Ap2File,
+    timeout: Duration,
+    sink: &ConformanceSink,
+    reserved: &super::reserved::Reserved,
+) -> Result<Settings, ConfigError> {
     if file.trusted_issuers.is_empty() {
         return Err(config_error("trusted_issuers must name at least one key"));
     }
     let invalid = |what: &str, e: Ap2Error| config_error(format!("{what}: {e}"));
-    let provider = |base_url: &str| ProviderConfig { base_url: base_url.to_owned(), timeout };
+    let provider = |base_url: &str| ProviderConfig {
+        base_url: base_url.to_owned(),
+        timeout,
+        resolver: super::reserved::ReservedResolver::for_url(reserved, base_url),
+    };
     let cp = &file.credential_provider;
     let credential_provider =
         CredentialProviderClient::new(&provider(&cp.base_url), cp.receipt_keys.clone(), sink.clone())
@@ -289,7 +302,8 @@ fn build_settings(file: Ap2File, timeout: Duration, sink: &ConformanceSink) -> R
             if keys.is_empty() {
                 return Err(config_error("v01 needs processor_keys (its own or the top-level ones)"));
             }
-            let http = reqwest::Client::builder()
+            let resolver = super::reserved::ReservedResolver::for_url(reserved, url.as_str());
+            let http = adapters::net::with_resolver(reqwest::Client::builder(), resolver.as_ref())
                 .timeout(timeout)
                 .build()
                 .map_err(|e| config_error(format!("v01 HTTP client: {e}")))?;
@@ -314,7 +328,10 @@ fn build_settings(file: Ap2File, timeout: Duration, sink: &ConformanceSink) -> R
 
 impl Ap2Service {
     pub fn build(config: Ap2Config) -> Result<Ap2Service, ConfigError> {
-        let settings = config.file.map(|file| build_settings(file, config.timeout, &config.conformance)).transpose()?;
+        let settings = config
+            .file
+            .map(|file| build_settings(file, config.timeout, &config.conformance, &config.reserved))
+            .transpose()?;
         let kek_ephemeral = config.kek.is_none();
         let kek =
             config.kek.unwrap_or_else(|| {

@@ -89,7 +89,10 @@ impl ProtocolConfig {
 }
 
 impl Protocols {
-    pub fn build(config: ProtocolConfig) -> Result<Protocols, ConfigError> {
+    pub fn build(mut config: ProtocolConfig) -> Result<Protocols, ConfigError> {
+        // Provider clients refuse the reserved addresses when they connect, not only at start-up.
+        config.acp.reserved = config.reserved.clone();
+        config.ap2.reserved = config.reserved.clone();
         let provider_urls = config.provider_urls();
         Ok(Protocols {
             provider_urls,

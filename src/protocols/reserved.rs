@@ -50,6 +50,39 @@ impl Reserved {
     }
 }
 
+/// A provider client's resolver: refuses a name that resolves to a reserved address on the port
+/// of the client's base URL, when the client connects (a provider's name re-pointed at Redis after
+/// start-up, say). IP literals never reach a resolver; start-up checks those
+/// ([`first_reserved_url`]).
+pub struct ReservedResolver {
+    pub reserved: Reserved,
+    pub port: u16,
+}
+
+impl ReservedResolver {
+    /// The resolver for a client of `base_url` (`None`: the URL has no port; nothing to check).
+    pub fn for_url(reserved: &Reserved, base_url: &str) -> Option<adapters::net::DnsResolver> {
+        let port = reqwest::Url::parse(base_url).ok()?.port_or_known_default()?;
+        Some(adapters::net::DnsResolver(Arc::new(ReservedResolver { reserved: reserved.clone(), port })))
+    }
+}
+
+impl reqwest::dns::Resolve for ReservedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let (reserved, port, host) = (self.reserved.clone(), self.port, name.as_str().to_owned());
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port)).await?.collect();
+            if let Some(addr) = addrs.iter().find(|addr| reserved.covers(addr.ip(), port)) {
+                let refused = std::io::Error::other(format!(
+                    "{host} resolves to {addr}, a Redis node of the ledger or this daemon: never fetched for an agent"
+                ));
+                return Err(Box::new(refused) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// The first configured provider URL (ACP merchants and PSP, AP2 Credential Provider, merchants
 /// and v0.1 processor) whose host, as resolved now, is a reserved address on the URL's port, with
 /// that address. Start-up refuses such a configuration.
@@ -103,6 +136,19 @@ mod tests {
         }
         assert!(!reserved.covers("10.0.0.1".parse().expect("ip"), 6379));
         assert!(reserved.has_port(6379) && !reserved.has_port(80));
+    }
+
+    #[tokio::test]
+    async fn a_provider_name_that_resolves_to_a_reserved_address_is_refused_when_connecting() {
+        use reqwest::dns::Resolve;
+        let reserved = Reserved::default();
+        reserved.add(at("127.0.0.1:6390"));
+        let name = |text: &str| text.parse::<reqwest::dns::Name>().expect("a name");
+        let on_redis_port = ReservedResolver { reserved: reserved.clone(), port: 6390 };
+        assert!(on_redis_port.resolve(name("localhost")).await.is_err(), "localhost:6390 is Redis");
+        let elsewhere = ReservedResolver { reserved, port: 8443 };
+        let addrs: Vec<SocketAddr> = elsewhere.resolve(name("localhost")).await.expect("another port").collect();
+        assert!(addrs.iter().all(|a| a.port() == 8443 && a.ip().is_loopback()), "{addrs:?}");
     }
 
     #[test]

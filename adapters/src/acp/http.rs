@@ -91,6 +91,8 @@ pub struct ProviderConfig {
     /// The limit for one attempt, connection to last byte.
     pub timeout: Duration,
     pub retry: RetryPolicy,
+    /// The daemon's resolver (refuses reserved addresses when connecting); `None`: the system's.
+    pub resolver: Option<crate::net::DnsResolver>,
 }
 
 /// One provider endpoint family, with its credentials and conventions.
@@ -121,7 +123,7 @@ impl Transport {
                 reason: format!("{:?} must be an http(s) URL without query or fragment", config.base_url),
             });
         }
-        let client = reqwest::Client::builder()
+        let client = crate::net::with_resolver(reqwest::Client::builder(), config.resolver.as_ref())
             .timeout(config.timeout)
             // A redirect would re-send the credentials and body somewhere the operator did not
             // configure; a provider that redirects is answering wrongly.

@@ -77,6 +77,8 @@ pub struct ProviderConfig {
     /// `http(s)://host[:port][/prefix]`; the binding's paths are appended to it.
     pub base_url: String,
     pub timeout: Duration,
+    /// The daemon's resolver (refuses reserved addresses when connecting); `None`: the system's.
+    pub resolver: Option<crate::net::DnsResolver>,
 }
 
 fn http_client(config: &ProviderConfig) -> Result<(reqwest::Client, Url), Ap2Error> {
@@ -84,7 +86,7 @@ fn http_client(config: &ProviderConfig) -> Result<(reqwest::Client, Url), Ap2Err
     if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
         return Err(Ap2Error::InvalidConfig("base URL must be http(s)".into()));
     }
-    let http = reqwest::Client::builder()
+    let http = crate::net::with_resolver(reqwest::Client::builder(), config.resolver.as_ref())
         .timeout(config.timeout)
         .build()
         .map_err(|e| Ap2Error::InvalidConfig(format!("HTTP client: {e}")))?;
@@ -311,7 +313,8 @@ mod tests {
         let base = Url::parse("http://cp.example:8080/prefix/").expect("url");
         let url = endpoint(&base, &["ap2", "v0.2", "checkouts", "a/b c", "complete"]).expect("endpoint");
         assert_eq!(url.as_str(), "http://cp.example:8080/prefix/ap2/v0.2/checkouts/a%2Fb%20c/complete");
-        let config = ProviderConfig { base_url: "mailto:x@example.com".into(), timeout: Duration::from_secs(1) };
+        let config =
+            ProviderConfig { base_url: "mailto:x@example.com".into(), timeout: Duration::from_secs(1), resolver: None };
         assert_eq!(http_client(&config).map(|_| ()).map_err(|e| e.code()), Err("ap2_invalid_config"));
     }
 }

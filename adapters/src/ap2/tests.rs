@@ -599,7 +599,7 @@ fn files_in(dir: &std::path::Path, protocol: &str, message_type: &str) -> Vec<Va
 }
 
 fn provider(server: &MockServer) -> ProviderConfig {
-    ProviderConfig { base_url: server.uri(), timeout: Duration::from_secs(5) }
+    ProviderConfig { base_url: server.uri(), timeout: Duration::from_secs(5), resolver: None }
 }
 
 #[tokio::test]
@@ -719,7 +719,8 @@ async fn ap2_client_failures_are_reported_with_their_codes() {
     assert_eq!(code(completion.checkout_receipt.ensure_success()), "ap2_receipt_error");
 
     // Nobody listening.
-    let unreachable = ProviderConfig { base_url: "http://127.0.0.1:9".into(), timeout: Duration::from_secs(2) };
+    let unreachable =
+        ProviderConfig { base_url: "http://127.0.0.1:9".into(), timeout: Duration::from_secs(2), resolver: None };
     let client = CredentialProviderClient::new(&unreachable, vec![], ConformanceSink::disabled()).expect("client");
     assert_eq!(code(client.request_credential(&closed).await), "ap2_provider_unreachable");
 }

@@ -48,6 +48,7 @@ pub(super) fn provider_config(base_url: &str, api_key: &str) -> ProviderConfig {
         api_key: ApiKey::new(api_key).expect("test api key"),
         timeout: Duration::from_secs(5),
         retry: RetryPolicy::default(),
+        resolver: None,
     }
 }
 
