@@ -107,7 +107,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              In another shell:\n"
         );
         // On stdout, alone on their lines, so that `eval "$(… | grep ^export)"` works too.
-        println!("export SPENDCAP_URL=http://{address}\nexport SPENDCAP_ADMIN_TOKEN={}", admin_token.reveal());
+        let exports =
+            format!("export SPENDCAP_URL=http://{address}\nexport SPENDCAP_ADMIN_TOKEN={}\n", admin_token.reveal());
+        let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), exports.as_bytes());
         eprintln!("\n  Then: spendcap agent create --handle research --cap 5.00\n");
     }
     if args.dev {
@@ -175,8 +177,10 @@ async fn demo(listen: std::net::SocketAddr, providers_only: bool) -> anyhow::Res
             "spendcap demo --providers-only: in-process ledger (nothing is durable), simulated providers, no scenario.\n\
              Never use it for real money. Ctrl-C stops everything.\n"
         );
-        print!("{}", providers_env(&base, admin_token.reveal(), &providers));
-        println!("# Dashboard: {base}/dashboard");
+        // Written once; a reader that stops reading (`| head`) must not stop the daemon, so a
+        // closed stdout is ignored rather than a panic of `println!`.
+        let text = format!("{}# Dashboard: {base}/dashboard\n", providers_env(&base, admin_token.reveal(), &providers));
+        let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
         server.await??;
         return Ok(());
     }

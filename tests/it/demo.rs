@@ -61,20 +61,23 @@ async fn demo_scenario_pays_simulated_providers_through_every_protocol() {
 }
 
 /// Reads `export NAME=value` lines from a `spendcap demo --providers-only` process until the last
-/// one it prints (`SPENDCAP_SIM_AP2_USER_URL`).
+/// one it prints (`SPENDCAP_SIM_AP2_USER_URL`), then keeps reading what it prints in the background:
+/// the daemon's later output must never meet a closed pipe.
 fn read_exports(stdout: std::process::ChildStdout) -> std::collections::BTreeMap<String, String> {
     use std::io::BufRead;
-    let mut env = std::collections::BTreeMap::new();
-    for line in std::io::BufReader::new(stdout).lines() {
-        let line = line.expect("demo output");
-        if let Some((name, value)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
-            env.insert(name.to_owned(), value.to_owned());
-            if name == "SPENDCAP_SIM_AP2_USER_URL" {
-                break;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut env = std::collections::BTreeMap::new();
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some((name, value)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
+                env.insert(name.to_owned(), value.to_owned());
+                if name == "SPENDCAP_SIM_AP2_USER_URL" {
+                    let _ = tx.send(env.clone());
+                }
             }
         }
-    }
-    env
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the demo prints its export lines")
 }
 
 /// `spendcap demo --providers-only` as a user runs it: a real process whose printed environment is
