@@ -202,24 +202,10 @@ pub fn alerts_of(entry: &LogEntry) -> Vec<Alert> {
             }),
         )],
         // A note whose reason starts with `incident_` is something an operator must look at (a
-        // merchant completed an order above the hold, say).
-        "note" if entry.reason.starts_with("incident_") => vec![alert(
-            0,
-            "payment.incident",
-            &entry.agent,
-            json!({
-                "reason": entry.reason,
-                "hold": entry.hold,
-                "amount_micros": entry.amount,
-                "task": entry.task,
-                "service": entry.service,
-                "protocol": entry.protocol,
-                "detail": serde_json::from_str::<Value>(&entry.detail).unwrap_or(Value::Null),
-            }),
-        )],
+        // merchant completed an order above the hold, say); any other note is a provider's report.
         "note" => vec![alert(
             0,
-            "payment.note",
+            if entry.reason.starts_with("incident_") { "payment.incident" } else { "payment.note" },
             &entry.agent,
             json!({
                 "reason": entry.reason,
