@@ -1,6 +1,9 @@
 //! An optional sink for protocol conformance checking: when configured, every message an
 //! adapter sends to a provider is also written, as JSON, to `<dir>/<protocol>/<Type>/<n>.json`,
-//! where `../shared/tools/conform` validates it against the official schemas.
+//! where `../shared/tools/conform` validates it against the official schemas. Messages of
+//! protocols that publish no schema but whose official SDKs type them (the keyed APIs' OpenAI and
+//! Anthropic requests) go to a separate folder, [`ConformanceSink::sdk_test_dir`], which
+//! `scripts/conform-sdk` checks against those SDKs' request types.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +38,15 @@ impl ConformanceSink {
         std::env::var_os("SPENDCAP_CONFORMANCE_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/conformance"))
+    }
+
+    /// Where tests record messages checked by `scripts/conform-sdk` rather than by
+    /// `../shared/tools/conform` (which refuses folders it has no schema for):
+    /// `$SPENDCAP_CONFORMANCE_SDK_DIR`, or the workspace's `target/conformance-sdk`.
+    pub fn sdk_test_dir() -> PathBuf {
+        std::env::var_os("SPENDCAP_CONFORMANCE_SDK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/conformance-sdk"))
     }
 
     /// Records one message. Failures to write are ignored: conformance capture must never change

@@ -46,7 +46,7 @@ fn apis_json(upstream: &str) -> Value {
 
 async fn app_for(upstream: &str) -> TestApp {
     let mut api = ApiConfig::from_json(&apis_json(upstream).to_string()).expect("valid APIs configuration");
-    api.conformance = ConformanceSink::to_dir(ConformanceSink::test_dir());
+    api.conformance = ConformanceSink::to_dir(ConformanceSink::sdk_test_dir());
     spawn_app_with(AppOptions { protocols: ProtocolConfig { api, ..Default::default() }, ..Default::default() }).await
 }
 
@@ -526,7 +526,7 @@ async fn the_conformance_sink_records_the_requests_sent() {
         .await;
     let app = app_for(&upstream.uri()).await;
     let agent = app.create_agent("recorded", 1_000_000, None).await;
-    let dir = ConformanceSink::test_dir().join("api").join("AnthropicRequest");
+    let dir = ConformanceSink::sdk_test_dir().join("api").join("AnthropicRequest");
     let before = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
     let request = json!({ "model": "claude-test", "max_tokens": 1, "messages": [] });
     let response = post(&app, "/v1/apis/anthropic/v1/messages", ("x-api-key", &agent.token), bytes(&request)).await;
