@@ -241,7 +241,7 @@ async fn rust_ledger(ledger: Arc<RedisLedger>, total: u64) -> Figure {
                 caller: Caller::Agent(token),
                 hold_id: HoldId::generate(&tree),
                 amount: Micros::positive(1).expect("amount"),
-                expires_at_ms: FAR_FUTURE_MS,
+                expires: spendcap::ledger::HoldExpiry::At(FAR_FUTURE_MS),
                 task: "task".into(),
                 service: "api.example.com".into(),
                 protocol: Protocol::Generic,

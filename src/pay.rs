@@ -13,7 +13,7 @@ use crate::api::holds::refusal_error;
 use crate::api::{agent_scoped, AgentAuth, ApiError, AppState};
 use crate::identity::HoldId;
 use crate::ledger::{
-    Grant, HoldInfo, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, LedgerError, MarkedUnknown,
+    Grant, HoldExpiry, HoldInfo, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, LedgerError, MarkedUnknown,
     SettleOutcome,
 };
 use crate::receipt::{self, HeldFacts, Receipt};
@@ -23,8 +23,8 @@ pub struct HoldSpec<'a> {
     pub intent: &'a PaymentIntent,
     /// The agent's task label, for attribution.
     pub task: &'a str,
-    /// When the hold must be released if nobody settles it (e.g. an x402 `validBefore`).
-    pub expires_at_ms: u64,
+    /// When the hold must be released if nobody settles it (e.g. at an x402 `validBefore`).
+    pub expires: HoldExpiry,
     pub idempotency: Option<Idempotency>,
 }
 
@@ -65,7 +65,7 @@ pub async fn hold_with_budgets(
         caller: agent.caller(),
         hold_id: HoldId::generate(agent.agent.tree()),
         amount: spec.intent.amount,
-        expires_at_ms: spec.expires_at_ms,
+        expires: spec.expires,
         task: crate::api::label("task", spec.task, 128)?,
         service: crate::api::label("service", &spec.intent.service, 256)?,
         protocol: spec.intent.protocol,
@@ -113,7 +113,7 @@ pub async fn hold_and_remember(
     let key = request.idempotency.as_ref().map(|i| i.key.as_str());
     match &result {
         Err(LedgerError::OutcomeUnknown { .. }) => {
-            state.unacked.remember(&request.agent, &request.hold_id, key, request.expires_at_ms)
+            state.unacked.remember(&request.agent, &request.hold_id, key, request.expires.at(now_ms))
         }
         Ok(HoldOutcome::Granted(grant)) if grant.replayed && !state.unacked.acknowledge(&grant.hold_id) => {
             result = Err(LedgerError::OutcomeUnknown {

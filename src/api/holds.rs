@@ -214,7 +214,8 @@ pub async fn create_hold(
         caller: auth.caller(),
         hold_id,
         amount,
-        expires_at_ms: now + ttl_ms,
+        // A lifetime by the ledger's clock, not an end time by this instance's.
+        expires: crate::ledger::HoldExpiry::After(ttl_ms),
         task,
         service,
         protocol: Protocol::Generic,

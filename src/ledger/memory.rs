@@ -825,6 +825,7 @@ impl MemoryLedger {
 
     pub async fn hold(&self, now_ms: u64, request: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
         let tree_id = request.agent.tree();
+        let expires_at = request.expires.at(now_ms);
         self.with_tree(tree_id, |tree| {
             let path = tree.auth(&request.agent, &request.caller)?;
             let idem_key = request.idempotency.as_ref().map(|i| (request.agent.to_string(), i.key.clone()));
@@ -1021,7 +1022,7 @@ impl MemoryLedger {
                             agent: request.agent.clone(),
                             amount,
                             state: HoldState::Open,
-                            expires_at_ms: request.expires_at_ms,
+                            expires_at_ms: expires_at,
                             settled: 0,
                             seq: 0,
                             task: request.task.clone(),
@@ -1031,7 +1032,7 @@ impl MemoryLedger {
                             unknown_since_ms: None,
                         },
                     );
-                    tree.open.insert((request.expires_at_ms, request.hold_id.to_string()));
+                    tree.open.insert((expires_at, request.hold_id.to_string()));
                     let crossings = if crossings.is_empty() {
                         String::new()
                     } else {
@@ -1059,7 +1060,7 @@ impl MemoryLedger {
                         hold_id: request.hold_id.clone(),
                         amount: request.amount,
                         remaining: money(room - amount),
-                        expires_at_ms: request.expires_at_ms,
+                        expires_at_ms: expires_at,
                         replayed: false,
                     })
                 }

@@ -118,13 +118,45 @@ pub struct Idempotency {
     pub mode: IdempotencyMode,
 }
 
+/// When a hold lapses if nobody settles or voids it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldExpiry {
+    /// At this time (ms since the Unix epoch): for a hold tied to something the daemon signed
+    /// with a time in it (an x402 `validBefore`, a mandate's `exp`, a delegated token's expiry),
+    /// which must outlive exactly that. The daemon signs by its own clock, which the clock guard
+    /// keeps within `SPENDCAP_MAX_CLOCK_SKEW_MS` of the ledger's.
+    At(u64),
+    /// This many milliseconds after the ledger grants it, by the ledger's own clock (a generic
+    /// hold's `ttl_secs`, a keyed-API call's timeout): no instance's clock lengthens or
+    /// shortens it.
+    After(u64),
+}
+
+impl HoldExpiry {
+    /// The time this expiry falls on when the ledger's clock reads `now_ms`.
+    pub fn at(self, now_ms: u64) -> u64 {
+        match self {
+            HoldExpiry::At(at) => at,
+            HoldExpiry::After(ms) => now_ms.saturating_add(ms),
+        }
+    }
+
+    /// The function library's form: `<ms>` for an absolute time, `+<ms>` for a lifetime.
+    pub fn wire(self) -> String {
+        match self {
+            HoldExpiry::At(at) => at.to_string(),
+            HoldExpiry::After(ms) => format!("+{ms}"),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct HoldRequest {
     pub agent: AgentId,
     pub caller: Caller,
     pub hold_id: HoldId,
     pub amount: Micros,
-    pub expires_at_ms: u64,
+    pub expires: HoldExpiry,
     pub task: String,
     pub service: String,
     pub protocol: Protocol,

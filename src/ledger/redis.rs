@@ -449,7 +449,7 @@ impl RedisLedger {
         let (now, amount, expires, retention, lease) = (
             now_ms.to_string(),
             request.amount.to_string(),
-            request.expires_at_ms.to_string(),
+            request.expires.wire(),
             IDEMPOTENCY_RETENTION_MS.to_string(),
             lease_ms.to_string(),
         );

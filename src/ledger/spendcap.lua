@@ -523,7 +523,8 @@ end
 --[[ spendcap_hold
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 amount  5 new hold_id ('' to have one assigned:
-        hd_<tree>_<24-digit sequence>, for scripts and redis-benchmark)  6 hold expires_at_ms
+        hd_<tree>_<24-digit sequence>, for scripts and redis-benchmark)  6 hold expiry: `<ms>` an
+        absolute time, or `+<ms>` a lifetime from the ledger's clock
         7 task  8 service  9 protocol  10 idempotency key ('' for none)  11 request fingerprint
         12 details JSON ('' for none)  13 idempotency retention ms  14 idempotency mode:
         `final` (the hold is the whole operation) or `pending` (the caller finishes it later with
@@ -555,6 +556,11 @@ local function hold(keys, args)
   if not amount then return e end
   if amount == 0 then return err('invalid_argument', 'amount must be positive') end
   local hold_id, expires_at = args[5], tonumber(args[6])
+  -- `+<ms>`: a lifetime, measured from the ledger's clock.
+  if string.sub(args[6], 1, 1) == '+' then
+    local life = tonumber(string.sub(args[6], 2))
+    expires_at = life and now + life
+  end
   local task, service, protocol = args[7], args[8], args[9]
   local idem, fp, details = args[10], args[11], args[12]
   local amount_s, now_s, expires_s = fmt(amount), fmt(now), expires_at and fmt(expires_at) or ''

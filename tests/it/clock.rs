@@ -13,7 +13,7 @@ use crate::support::{spawn_app_with, wait_for, AppOptions, RedisServer, TestApp}
 
 /// An instance on `redis` (namespace `sc`) whose ledger reads Redis's clock, as the binary's does,
 /// with its own clock moved by `offset_ms` and the given skew bound.
-async fn instance(redis: &Arc<RedisServer>, offset_ms: i64, max_skew: Duration) -> TestApp {
+pub(crate) async fn instance(redis: &Arc<RedisServer>, offset_ms: i64, max_skew: Duration) -> TestApp {
     let clock = Clock::system();
     clock.advance_ms(offset_ms);
     let config = RedisConfig {

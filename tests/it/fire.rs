@@ -897,3 +897,103 @@ async fn redis_paused_past_the_timeout_gets_honest_answers_and_leaves_nothing_un
     let (ok, report) = ledger_check(&redis.url(), false);
     assert!(ok, "audit after the stalls:\n{report}");
 }
+
+/// What one client of the clock-skew run saw acknowledged, per agent index.
+#[derive(Default)]
+struct SkewJournal {
+    /// Settles answered 200: (agent, amount).
+    settled: Vec<(usize, u64)>,
+    /// Long-lived holds answered 201 and neither settled nor voided: (agent, amount).
+    open: Vec<(usize, u64)>,
+}
+
+/// Three instances whose clocks are 90 s behind, right and 90 s ahead of Redis's (the skew bound
+/// opened wide so they all serve) share a load of holds (some living 1 s, most 10 minutes),
+/// settles and voids. Afterwards every acknowledged settle is in Redis and nothing else is spent;
+/// every acknowledged long-lived hold is still held (none was released early by an instance
+/// whose clock is ahead); the short ones are gone (none kept by one whose clock is behind); and
+/// `spendcap ledger check` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_with_skewed_clocks_under_load_release_nothing_early_and_keep_every_settle() {
+    let redis = Arc::new(RedisServer::start());
+    let wide = Duration::from_secs(3600);
+    let apps = Arc::new(vec![
+        crate::clock::instance(&redis, -90_000, wide).await,
+        crate::clock::instance(&redis, 0, wide).await,
+        crate::clock::instance(&redis, 90_000, wide).await,
+    ]);
+    let mut agents = Vec::new();
+    for i in 0..6 {
+        let agent = apps[1].create_agent(&format!("skew-{i}"), 5_000_000, None).await;
+        let path = format!("/v1/agents/{}/controls", agent.id);
+        let (status, body) = apps[1].admin(Method::PUT, &path, Some(json!({"breaker": null}))).await;
+        assert_eq!(status, 200, "{body}");
+        agents.push(agent);
+    }
+    let agents = Arc::new(agents);
+    let seed: u64 = std::env::var("SPENDCAP_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    println!("seed {seed} (rerun with SPENDCAP_TEST_SEED={seed})");
+    let clients = (0..24u64).map(|client| {
+        let (apps, agents) = (apps.clone(), agents.clone());
+        tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_add(client));
+            let mut journal = SkewJournal::default();
+            let mut live: Vec<(usize, String, u64)> = Vec::new();
+            for _ in 0..60 {
+                let app = &apps[rng.gen_range(0..apps.len())];
+                let i = rng.gen_range(0..agents.len());
+                let agent = &agents[i];
+                match rng.gen_range(0..10) {
+                    0..=4 => {
+                        let short = rng.gen_bool(0.2);
+                        let amount = rng.gen_range(1..=20_000);
+                        let ttl = if short { 1 } else { 600 };
+                        let body = json!({"amount_micros": amount, "service": "svc", "ttl_secs": ttl});
+                        let (status, held) = app.agent_call(&agent.token, Method::POST, "/v1/holds", Some(body)).await;
+                        assert!(status == 201 || status == 402, "hold: {status} {held}");
+                        if status == 201 && !short {
+                            live.push((i, held["hold_id"].as_str().expect("id").to_owned(), amount));
+                        }
+                    }
+                    5..=7 if !live.is_empty() => {
+                        let (i, hold, amount) = live.swap_remove(rng.gen_range(0..live.len()));
+                        let settle = rng.gen_range(0..=amount);
+                        let (status, body) = app.settle(&agents[i], &hold, settle).await;
+                        // A ten-minute hold settled within seconds: only 200 is right, whatever
+                        // the clocks of the instance that held it and of this one say.
+                        assert_eq!(status, 200, "settle of a live hold through a skewed instance: {body}");
+                        journal.settled.push((i, settle));
+                    }
+                    8 if !live.is_empty() => {
+                        let (i, hold, _) = live.swap_remove(rng.gen_range(0..live.len()));
+                        let path = format!("/v1/holds/{hold}/void");
+                        let (status, body) =
+                            app.agent_call(&agents[i].token, Method::POST, &path, Some(json!({}))).await;
+                        assert_eq!(status, 200, "void of a live hold: {body}");
+                    }
+                    _ => {
+                        let (status, me) = app.agent_call(&agent.token, Method::GET, "/v1/me", None).await;
+                        assert_eq!(status, 200, "{me}");
+                    }
+                }
+            }
+            journal.open = live.into_iter().map(|(i, _, amount)| (i, amount)).collect();
+            journal
+        })
+    });
+    let journals: Vec<SkewJournal> = join_all(clients).await.into_iter().map(|j| j.expect("client")).collect();
+
+    // The one-second holds have passed their expiry by Redis's clock.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for (i, agent) in agents.iter().enumerate() {
+        let spent: u64 = journals.iter().flat_map(|j| &j.settled).filter(|(a, _)| *a == i).map(|(_, m)| m).sum();
+        let open: u64 = journals.iter().flat_map(|j| &j.open).filter(|(a, _)| *a == i).map(|(_, m)| m).sum();
+        // Read through the instance ahead: its clock must not release the live holds.
+        let (status, me) = apps[2].agent_call(&agent.token, Method::GET, "/v1/me", None).await;
+        assert_eq!(status, 200, "{me}");
+        assert_eq!(me["spent_micros"].as_u64(), Some(spent), "agent {i}: acknowledged settles vs Redis: {me}");
+        assert_eq!(me["held_micros"].as_u64(), Some(open), "agent {i}: acknowledged live holds vs Redis: {me}");
+    }
+    let (ok, report) = ledger_check(&redis.url(), false);
+    assert!(ok, "audit failed (seed {seed}):\n{report}");
+}

@@ -7,8 +7,8 @@ use adapters::{Micros, Protocol};
 use spendcap::identity::{AgentId, AgentToken, HoldId, TokenHash, TreeId};
 use spendcap::ledger::LogEntry;
 use spendcap::ledger::{
-    Caller, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, IdempotencyMode, Ledger, LedgerError, NewAgent,
-    RefusalReason,
+    Caller, HoldExpiry, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, IdempotencyMode, Ledger, LedgerError,
+    NewAgent, RefusalReason,
 };
 use spendcap::log::replay;
 
@@ -79,7 +79,7 @@ fn request(agent: &TestAgent, amount: u64, ttl_ms: u64, now: u64) -> HoldRequest
         caller: agent.caller(),
         hold_id: HoldId::generate(agent.id.tree()),
         amount: Micros::positive(amount).expect("amount"),
-        expires_at_ms: now + ttl_ms,
+        expires: HoldExpiry::At(now + ttl_ms),
         task: "task-1".into(),
         service: "api.example.com".into(),
         protocol: Protocol::Generic,
@@ -199,6 +199,22 @@ conformance!(holds_expire_without_any_sweeper, |ledger: Ledger| async move {
     let log = whole_log(&ledger, agent.id.tree()).await;
     let expiry = log.iter().find(|e| e.event == "expire").expect("expiry logged");
     assert_eq!((expiry.hold.as_str(), expiry.amount, expiry.ts_ms), (short.as_str(), Some(800), later));
+    assert_replays(&ledger, agent.id.tree()).await;
+});
+
+conformance!(a_lifetime_is_measured_from_the_ledgers_clock, |ledger: Ledger| async move {
+    let agent = create(&ledger, "a", 1_000, None).await;
+    // `After`: the end is the ledger's now plus the lifetime, whatever time the caller would
+    // have computed it from (here the ledger's clock is the caller's: a test-mode library).
+    let mut asked = request(&agent, 300, 0, T0);
+    asked.expires = HoldExpiry::After(2_000);
+    let grant = match ledger.hold(T0 + 500, &asked).await.expect("answers") {
+        HoldOutcome::Granted(grant) => grant,
+        other => panic!("expected a grant, got {other:?}"),
+    };
+    assert_eq!(grant.expires_at_ms, T0 + 2_500);
+    assert_eq!(figures(&ledger, &agent, T0 + 2_499).await, (1_000, 0, 300));
+    assert_eq!(figures(&ledger, &agent, T0 + 2_500).await, (1_000, 0, 0));
     assert_replays(&ledger, agent.id.tree()).await;
 });
 
@@ -456,14 +472,14 @@ conformance!(budget_buckets_are_charged_atomically_with_the_caps, |ledger: Ledge
         .await
         .expect("creates"));
     let mut short = with(&a, 5, &["mandate:x"]);
-    short.expires_at_ms = T0 + 100;
+    short.expires = HoldExpiry::At(T0 + 100);
     granted(ledger.hold(T0, &short).await.expect("answers"));
     match ledger.hold(T0 + 99, &with(&a, 5, &["mandate:x"])).await.expect("answers") {
         HoldOutcome::Refused(r) => assert_eq!(r.reason, RefusalReason::BudgetBusy),
         other => panic!("expected busy, got {other:?}"),
     }
     let mut later = with(&a, 5, &["mandate:x"]);
-    later.expires_at_ms = T0 + 60_000;
+    later.expires = HoldExpiry::At(T0 + 60_000);
     granted(ledger.hold(T0 + 100, &later).await.expect("answers"));
 
     let replayed = replay(&whole_log(&ledger, root.id.tree()).await).expect("replays");

@@ -305,7 +305,7 @@ pub(super) async fn checkout(
         HoldSpec {
             intent: &intent,
             task: &body.task,
-            expires_at_ms: state.clock.now_ms().saturating_add(acp.hold_ttl_ms),
+            expires: crate::ledger::HoldExpiry::At(state.clock.now_ms().saturating_add(acp.hold_ttl_ms)),
             idempotency: Some(Idempotency {
                 key: key.clone(),
                 fingerprint,

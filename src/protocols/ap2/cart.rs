@@ -155,7 +155,7 @@ pub async fn pay(
     let spec = HoldSpec {
         intent: &intent,
         task: &task,
-        expires_at_ms,
+        expires: crate::ledger::HoldExpiry::At(expires_at_ms),
         idempotency: Some(Idempotency {
             key: idempotency_key.clone(),
             fingerprint,

@@ -185,7 +185,7 @@ pub async fn pay(
     let spec = HoldSpec {
         intent: authorized.intent(),
         task: &task,
-        expires_at_ms: now_ms + ap2.mandate_ttl.as_millis() as u64 + HOLD_GRACE_MS,
+        expires: crate::ledger::HoldExpiry::At(now_ms + ap2.mandate_ttl.as_millis() as u64 + HOLD_GRACE_MS),
         idempotency: Some(Idempotency {
             key: idempotency_key.clone(),
             fingerprint,

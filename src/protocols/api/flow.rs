@@ -179,8 +179,8 @@ async fn run(state: SharedState, request: Request) -> Result<Response, ApiError>
     }
     let intent = PaymentIntent { amount: priced.bound, service: api.name.clone(), protocol: Protocol::Api, details };
     let timeout_ms = u64::try_from(engine.timeout.as_millis()).unwrap_or(u64::MAX);
-    let expires_at_ms = state.clock.now_ms().saturating_add(timeout_ms).saturating_add(HOLD_MARGIN_MS);
-    let spec = HoldSpec { intent: &intent, task: &task, expires_at_ms, idempotency: None };
+    let expires = crate::ledger::HoldExpiry::After(timeout_ms.saturating_add(HOLD_MARGIN_MS));
+    let spec = HoldSpec { intent: &intent, task: &task, expires, idempotency: None };
     let grant = match pay::hold(&state, &auth, spec).await? {
         Held::New(grant) | Held::Resumed(grant) => grant,
         Held::Finished(_) => {

@@ -388,7 +388,7 @@ async fn hold(
         let spec = HoldSpec {
             intent,
             task: &request.task,
-            expires_at_ms,
+            expires: crate::ledger::HoldExpiry::At(expires_at_ms),
             idempotency: Some(Idempotency {
                 key: key.clone(),
                 fingerprint: fingerprint.clone(),
