@@ -86,6 +86,15 @@ fn failed(err: RedisError) -> LedgerError {
     }
 }
 
+/// For a call that changes nothing the caller asked for (a balance read, a precheck): whatever
+/// became of a timed-out call, nothing was paid, so the honest answer is `ledger_unavailable`.
+fn changed_nothing(err: LedgerError) -> LedgerError {
+    match err {
+        LedgerError::OutcomeUnknown { cause, .. } => LedgerError::Unavailable(cause),
+        other => other,
+    }
+}
+
 /// How many timeouts' worth of time a call whose answer was lost is re-asked for before the
 /// daemon answers `ledger_outcome_unknown`.
 const RESOLVE_TIMEOUTS: u32 = 3;
@@ -268,7 +277,8 @@ impl RedisLedger {
         agent: &AgentId,
         controls: &AgentControls,
     ) -> Result<(), LedgerError> {
-        self.fcall(
+        // Safe to repeat: the same controls are set again.
+        self.fcall_resolving(
             "spendcap_set_controls",
             agent.tree(),
             &[&now_ms.to_string(), agent.as_str(), &controls.controls.to_wire(), &alerts_to_wire(&controls.alerts)],
@@ -300,7 +310,8 @@ impl RedisLedger {
     ) -> Result<Option<u64>, LedgerError> {
         let at = expires_at_ms.map(|t| t.to_string()).unwrap_or_default();
         let reply = self
-            .fcall("spendcap_set_expiry", agent.tree(), &[&now_ms.to_string(), agent.as_str(), &at])
+            // Safe to repeat: the same expiry is set again.
+            .fcall_resolving("spendcap_set_expiry", agent.tree(), &[&now_ms.to_string(), agent.as_str(), &at])
             .await?
             .into_result()?;
         Ok(reply.opt_u64("previous"))
@@ -410,22 +421,29 @@ impl RedisLedger {
 
     pub async fn revoke(&self, now_ms: u64, agent: &AgentId, reason: &str) -> Result<(u64, bool), LedgerError> {
         let reply = self
-            .fcall("spendcap_revoke", agent.tree(), &[agent.as_str(), reason, &now_ms.to_string()])
+            // Safe to repeat: revoking a revoked agent changes nothing (and says `already`).
+            .fcall_resolving("spendcap_revoke", agent.tree(), &[agent.as_str(), reason, &now_ms.to_string()])
             .await?
             .into_result()?;
         Ok((reply.u64("revoked_at")?, reply.get("already") == "1"))
     }
 
     pub async fn rotate_token(&self, now_ms: u64, agent: &AgentId, token_hash: &TokenHash) -> Result<(), LedgerError> {
-        self.fcall("spendcap_rotate_token", agent.tree(), &[&now_ms.to_string(), agent.as_str(), token_hash.as_str()])
-            .await?
-            .into_result()?;
+        // Safe to repeat: the same token hash is set again.
+        self.fcall_resolving(
+            "spendcap_rotate_token",
+            agent.tree(),
+            &[&now_ms.to_string(), agent.as_str(), token_hash.as_str()],
+        )
+        .await?
+        .into_result()?;
         Ok(())
     }
 
     pub async fn balance(&self, now_ms: u64, agent: &AgentId, caller: &Caller) -> Result<Balance, LedgerError> {
         self.fcall("spendcap_balance", agent.tree(), &[&now_ms.to_string(), agent.as_str(), caller.wire()])
-            .await?
+            .await
+            .map_err(changed_nothing)?
             .into_balance()
     }
 
@@ -633,7 +651,8 @@ impl RedisLedger {
             agent.tree(),
             &[&now_ms.to_string(), agent.as_str(), caller.wire(), protocol.as_str(), service, "", task],
         )
-        .await?
+        .await
+        .map_err(changed_nothing)?
         .into_precheck()
     }
 
@@ -713,7 +732,12 @@ impl RedisLedger {
         value: &str,
     ) -> Result<String, LedgerError> {
         let reply = self
-            .fcall("spendcap_attr_set_once", agent.tree(), &[&now_ms.to_string(), agent.as_str(), name, value])
+            // Safe to repeat: a second call returns the value the first one set.
+            .fcall_resolving(
+                "spendcap_attr_set_once",
+                agent.tree(),
+                &[&now_ms.to_string(), agent.as_str(), name, value],
+            )
             .await?
             .into_result()?;
         Ok(reply.get("value").to_owned())
@@ -726,7 +750,11 @@ impl RedisLedger {
     }
 
     pub async fn expire(&self, now_ms: u64, tree: &TreeId) -> Result<u64, LedgerError> {
-        self.fcall("spendcap_expire", tree, &[&now_ms.to_string()]).await?.into_result()?.u64("released")
+        self.fcall("spendcap_expire", tree, &[&now_ms.to_string()])
+            .await
+            .map_err(changed_nothing)?
+            .into_result()?
+            .u64("released")
     }
 
     async fn hash(&self, key: String) -> Result<std::collections::HashMap<String, String>, LedgerError> {

@@ -997,3 +997,38 @@ async fn instances_with_skewed_clocks_under_load_release_nothing_early_and_keep_
     let (ok, report) = ledger_check(&redis.url(), false);
     assert!(ok, "audit failed (seed {seed}):\n{report}");
 }
+
+/// A Redis paused past the timeout: a read answers `ledger_unavailable` (nothing was paid and
+/// nothing the agent asked for changed), not `ledger_outcome_unknown`; an admin call that is safe
+/// to repeat (revoke) is asked again and answers what happened once Redis is back within the
+/// bound, instead of leaving the operator to guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_gets_reads_called_unavailable_and_repeatable_admin_calls_resolved() {
+    let redis = Arc::new(RedisServer::start());
+    let config = RedisConfig { timeout: Duration::from_millis(300), ..crate::support::redis_config(&redis, "sc") };
+    let options =
+        AppOptions { redis: Some((redis.clone(), "sc".into())), redis_config: Some(config), ..Default::default() };
+    let app = spawn_app_with(options).await;
+    let agent = app.create_agent("stalled-read", 1_000_000, None).await;
+
+    redis.signal("STOP");
+    let (status, body) = app.agent_call(&agent.token, Method::GET, "/v1/me", None).await;
+    redis.signal("CONT");
+    assert_eq!((status, body["code"].as_str()), (503, Some("ledger_unavailable")), "{body}");
+
+    // Paused for less than the re-asking bound (3 × 300 ms): the revoke's answer is known.
+    redis.signal("STOP");
+    let resume = {
+        let redis = redis.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            redis.signal("CONT");
+        })
+    };
+    let path = format!("/v1/agents/{}/revoke", agent.id);
+    let (status, body) = app.admin(Method::POST, &path, Some(json!({"reason": "stalled"}))).await;
+    resume.await.expect("resumes");
+    assert_eq!(status, 200, "{body}");
+    let (status, refused) = app.hold(&agent, 1).await;
+    assert_eq!((status, refused["code"].as_str()), (402, Some("agent_revoked")), "{refused}");
+}
