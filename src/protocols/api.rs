@@ -125,7 +125,9 @@ pub struct ApiService {
 
 pub(crate) struct Engine {
     apis: BTreeMap<String, KeyedApi>,
-    client: reqwest::Client,
+    /// One client per API: its resolver knows the API's port, so that a name that resolves to a
+    /// Redis node or this daemon (on that port) is refused when it connects, not only at start.
+    clients: BTreeMap<String, reqwest::Client>,
     destinations: Destinations,
     timeout: Duration,
     max_request_bytes: usize,
@@ -143,26 +145,31 @@ impl ApiService {
             return Ok(ApiService { inner: None });
         };
         let destinations = Destinations::new(file.allow_private).with_reserved(reserved);
-        // The same rules as x402's client: checked resolution, no proxies from the environment,
-        // no redirects (a redirect would carry the owner's credential to an unchecked host).
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            // Base URLs come from the configuration and are checked against the reserved addresses
-            // at start-up (`Protocols::provider_urls`); the resolver keeps x402's other rules.
-            .dns_resolver(Arc::new(CheckedResolver { destinations: destinations.clone(), port: None }))
-            .connect_timeout(config.connect_timeout)
-            .pool_max_idle_per_host(256)
-            .user_agent(concat!("spendcap/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|err| config_error(format!("cannot build the HTTP client: {err}")))?;
+        // The same rules as x402's client: checked resolution (private ranges, and the reserved
+        // addresses on the API's port, at every connection), no proxies from the environment, no
+        // redirects (a redirect would carry the owner's credential to an unchecked host).
+        let mut clients = BTreeMap::new();
+        for api in &file.apis {
+            let resolver =
+                CheckedResolver { destinations: destinations.clone(), port: api.base_url.port_or_known_default() };
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .dns_resolver(Arc::new(resolver))
+                .connect_timeout(config.connect_timeout)
+                .pool_max_idle_per_host(256)
+                .user_agent(concat!("spendcap/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|err| config_error(format!("cannot build the HTTP client: {err}")))?;
+            clients.insert(api.name.clone(), client);
+        }
         let names: Vec<&str> = file.apis.iter().map(|api| api.name.as_str()).collect();
         tracing::info!(apis = ?names, "keyed APIs enabled");
         let apis = file.apis.into_iter().map(|api| (api.name.clone(), api)).collect();
         Ok(ApiService {
             inner: Some(Arc::new(Engine {
                 apis,
-                client,
+                clients,
                 destinations,
                 timeout: config.timeout,
                 max_request_bytes: config.max_request_bytes,

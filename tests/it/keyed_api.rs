@@ -454,6 +454,35 @@ async fn per_request_and_response_header_apis_settle_their_price() {
     assert_eq!(balance(&app, &agent).await, (24_200, 0));
 }
 
+/// An API configured by name whose name comes to mean a Redis node or this daemon after start-up
+/// (DNS re-pointed): the call is refused when the client connects, its hold is voided and the
+/// upstream on that address never hears of it.
+#[tokio::test]
+async fn an_api_name_re_pointed_at_a_reserved_address_is_refused_when_it_connects() {
+    let upstream = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("results"))
+        .mount(&upstream)
+        .await;
+    let port = upstream.address().port();
+    let mut config = apis_json(&format!("http://localhost:{port}"));
+    config["allow_private"] = json!(["127.0.0.1", "::1"]);
+    let api = ApiConfig::from_json(&config.to_string()).expect("valid APIs configuration");
+    let protocols = ProtocolConfig { api, ..Default::default() };
+    let reserved = protocols.reserved.clone();
+    let app = spawn_app_with(AppOptions { protocols, ..Default::default() }).await;
+    let agent = app.create_agent("repointed", 1_000_000, None).await;
+
+    // The start-up check passed; now `localhost` on that port is reserved (a Redis node, say).
+    reserved.add(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    let response = app.http.get(app.url("/v1/apis/search/news")).bearer_auth(&agent.token).send().await.expect("get");
+    assert_eq!(response.status(), 403);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["code"], "api_destination_forbidden", "{body}");
+    assert_eq!(balance(&app, &agent).await, (0, 0));
+    assert!(upstream.received_requests().await.expect("recorded").is_empty());
+}
+
 /// Answers like the upstream, each call after `delay`, with a usage whose cost is exactly the
 /// hold's bound (so no call releases money another could use, and the count is exact).
 struct ExactUsage {

@@ -149,9 +149,10 @@ async fn run(state: SharedState, request: Request) -> Result<Response, ApiError>
     let (parts, body) = request.into_parts();
     let auth = agent(&parts.headers)?;
     let (name, path) = split_path(parts.uri.path())?;
-    let api = engine.apis.get(name).cloned().ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, "api_unknown", format!("no API named {name:?} is configured"))
-    })?;
+    let unknown =
+        || ApiError::new(StatusCode::NOT_FOUND, "api_unknown", format!("no API named {name:?} is configured"));
+    let api = engine.apis.get(name).cloned().ok_or_else(unknown)?;
+    let client = engine.clients.get(name).cloned().ok_or_else(unknown)?;
     if matches!(parts.method, Method::CONNECT | Method::TRACE) {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -206,8 +207,7 @@ async fn run(state: SharedState, request: Request) -> Result<Response, ApiError>
         }
     }
     let call = Call { state, auth, api, hold: grant.hold_id, held: grant.amount, llm: priced.llm };
-    let sent = engine
-        .client
+    let sent = client
         .request(parts.method.clone(), url)
         .headers(headers)
         .timeout(engine.timeout)
