@@ -80,6 +80,19 @@ pub enum Command {
     /// Audit the ledger in Redis directly.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Check what `serve` would use (same flags and SPENDCAP_* variables): Redis reachable, its
+    /// function library this binary's, the clock offset, key files private, protocol configs
+    /// valid. Prints ok/FAIL with a hint per check; exits non-zero when one fails. Changes nothing.
+    Doctor(Box<DoctorArgs>),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// Print the checks as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -550,6 +563,8 @@ pub enum CliError {
     Ledger(crate::ledger::LedgerError),
     #[error("the ledger check found {0} difference(s)")]
     Audit(usize),
+    #[error("{0} doctor check(s) failed")]
+    Doctor(usize),
 }
 
 fn usd(text: &str) -> Result<Micros, CliError> {
@@ -670,6 +685,18 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
     match command {
         Command::Serve(_) | Command::Demo { .. } | Command::Mcp(_) => {
             Err(CliError::Usage("not a client command".into()))
+        }
+        Command::Doctor(args) => {
+            let checks = crate::doctor::checks(&args.serve).await;
+            if args.json {
+                println!("{}", serde_json::json!({ "ok": checks.iter().all(|c| c.ok), "checks": checks }));
+            } else {
+                print!("{}", crate::doctor::render(&checks));
+            }
+            match checks.iter().filter(|c| !c.ok).count() {
+                0 => Ok(()),
+                failed => Err(CliError::Doctor(failed)),
+            }
         }
         Command::Ledger(LedgerCommand::Check { redis_url, redis_cluster, redis_namespace, json }) => {
             let config = crate::ledger::RedisConfig {

@@ -10,6 +10,7 @@ mod controls;
 mod dashboard;
 mod demo;
 mod deploy;
+mod doctor;
 mod edges;
 mod faults;
 mod fire;
