@@ -45,12 +45,13 @@ pub enum Command {
         /// Only this agent (id or handle).
         #[arg(long)]
         agent: Option<String>,
-        /// From this time (ms since the epoch).
-        #[arg(long)]
-        since_ms: Option<u64>,
-        /// Until this time (ms since the epoch, exclusive).
-        #[arg(long)]
-        until_ms: Option<u64>,
+        /// From this time: a duration back from now (24h, 7d), a UTC date (2026-12-01), an
+        /// RFC 3339 time or ms since the epoch.
+        #[arg(long, alias = "since-ms")]
+        since: Option<String>,
+        /// Until this time (exclusive), in the same forms as --since.
+        #[arg(long, alias = "until-ms")]
+        until: Option<String>,
         /// Print CSV (one row per task type, agent, service, protocol and refusal reason).
         #[arg(long, conflicts_with = "json")]
         csv: bool,
@@ -80,6 +81,19 @@ pub enum Command {
     /// Audit the ledger in Redis directly.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Check what `serve` would use (same flags and SPENDCAP_* variables): Redis reachable, its
+    /// function library this binary's, the clock offset, key files private, protocol configs
+    /// valid. Prints ok/FAIL with a hint per check; exits non-zero when one fails. Changes nothing.
+    Doctor(Box<DoctorArgs>),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// Print the checks as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -394,8 +408,8 @@ fn usd_or_raw(text: &str) -> Result<Value, CliError> {
     }
 }
 
-fn controls_table(c: &Value) -> String {
-    let mut out = format!("controls of {}\n", c["agent_id"].as_str().unwrap_or(""));
+fn controls_table(c: &Value, handles: &Handles) -> String {
+    let mut out = format!("controls of {}\n", handles.name(&c["agent_id"]));
     if !c["task_cap_micros"].is_null() {
         out.push_str(&format!("  per task      {}\n", money(&c["task_cap_micros"])));
     }
@@ -464,16 +478,20 @@ fn usd_or_micros(text: &str) -> Result<Micros, CliError> {
     }
 }
 
-fn holds_table(list: &Value) -> String {
+fn holds_table(list: &Value, handles: &Handles, state: &str) -> String {
+    let holds = list["holds"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if holds.is_empty() {
+        return format!("no {state} holds\n");
+    }
     let mut out = format!(
-        "{:<42} {:<38} {:<8} {:>14} {:<8} {:<24} {}\n",
+        "{:<42} {:<56} {:<8} {:>14} {:<8} {:<24} {}\n",
         "HOLD", "AGENT", "STATE", "AMOUNT", "PROTOCOL", "SERVICE", "REASON"
     );
-    for h in list["holds"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+    for h in holds {
         out.push_str(&format!(
-            "{:<42} {:<38} {:<8} {:>14} {:<8} {:<24} {}\n",
+            "{:<42} {:<56} {:<8} {:>14} {:<8} {:<24} {}\n",
             h["hold_id"].as_str().unwrap_or(""),
-            h["agent_id"].as_str().unwrap_or(""),
+            handles.name(&h["agent_id"]),
             h["state"].as_str().unwrap_or(""),
             money(&h["amount_micros"]),
             h["protocol"].as_str().unwrap_or(""),
@@ -497,10 +515,16 @@ pub enum LogCommand {
         task: Option<String>,
         #[arg(long)]
         service: Option<String>,
+        /// x402, acp, ap2, generic or api.
         #[arg(long)]
-        since_ms: Option<u64>,
-        #[arg(long)]
-        until_ms: Option<u64>,
+        protocol: Option<String>,
+        /// From this time: a duration back from now (24h, 7d), a UTC date (2026-12-01), an
+        /// RFC 3339 time or ms since the epoch.
+        #[arg(long, alias = "since-ms")]
+        since: Option<String>,
+        /// Until this time (exclusive), in the same forms as --since.
+        #[arg(long, alias = "until-ms")]
+        until: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -550,6 +574,8 @@ pub enum CliError {
     Ledger(crate::ledger::LedgerError),
     #[error("the ledger check found {0} difference(s)")]
     Audit(usize),
+    #[error("{0} doctor check(s) failed")]
+    Doctor(usize),
 }
 
 fn usd(text: &str) -> Result<Micros, CliError> {
@@ -598,6 +624,21 @@ impl Client {
         self.send(method, path, body).await?.json().await.map_err(|e| self.http_error(e))
     }
 
+    /// Every agent's handle (none needed for JSON output, which carries ids only).
+    async fn handles(&self, json: bool) -> Result<Handles, CliError> {
+        if json {
+            return Ok(Handles::default());
+        }
+        let list = self.json(reqwest::Method::GET, "/v1/agents", None).await?;
+        let pairs = list["agents"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(|a| Some((a["id"].as_str()?.to_owned(), a["handle"].as_str()?.to_owned())));
+        Ok(Handles(pairs.collect()))
+    }
+
     /// A connection that could not be made says where it tried and what to check; anything else
     /// is said once (the error's own text with its causes, not the chain printed twice).
     fn http_error(&self, error: reqwest::Error) -> CliError {
@@ -614,6 +655,21 @@ impl Client {
     }
 }
 
+/// Agent id → handle, so that tables name an agent by both.
+#[derive(Default)]
+struct Handles(std::collections::BTreeMap<String, String>);
+
+impl Handles {
+    /// `handle (id)`, or the id alone when the agent is unknown.
+    fn name(&self, id: &Value) -> String {
+        let id = id.as_str().unwrap_or("");
+        match self.0.get(id) {
+            Some(handle) => format!("{handle} ({id})"),
+            None => id.to_owned(),
+        }
+    }
+}
+
 fn path_segment(text: &str) -> String {
     text.bytes()
         .map(|b| {
@@ -627,10 +683,30 @@ fn path_segment(text: &str) -> String {
 }
 
 fn money(value: &Value) -> String {
-    value.as_u64().and_then(|m| Micros::new(m).ok()).map(|m| format!("${}", m.to_usd_string())).unwrap_or_default()
+    value.as_u64().map(crate::human::usd).unwrap_or_default()
+}
+
+/// An ISO-8601 UTC time from a JSON `*_ms` value; empty when there is none.
+fn when(value: &Value) -> String {
+    value.as_u64().map(crate::human::time).unwrap_or_default()
+}
+
+/// `--since` / `--until` as the API's `since_ms` / `until_ms`.
+fn time_range(query: &mut Vec<(String, String)>, since: Option<&str>, until: Option<&str>) -> Result<(), CliError> {
+    let now = crate::clock::Clock::system().now_ms();
+    for (key, flag, text) in [("since_ms", "--since", since), ("until_ms", "--until", until)] {
+        if let Some(text) = text {
+            let ms = crate::human::parse_time(text, now).map_err(|e| CliError::Usage(format!("{flag} {e}")))?;
+            query.push((key.to_owned(), ms.to_string()));
+        }
+    }
+    Ok(())
 }
 
 fn agent_table(agents: &[Value]) -> String {
+    if agents.is_empty() {
+        return "no agents yet (create one with `spendcap agent create --handle research --cap 5.00`)\n".into();
+    }
     let mut out = format!(
         "{:<24} {:<38} {:>16} {:>16} {:>16} {:>16}  {}\n",
         "HANDLE", "ID", "CAP", "SPENT", "HELD", "REMAINING", "STATUS"
@@ -670,6 +746,18 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
     match command {
         Command::Serve(_) | Command::Demo { .. } | Command::Mcp(_) => {
             Err(CliError::Usage("not a client command".into()))
+        }
+        Command::Doctor(args) => {
+            let checks = crate::doctor::checks(&args.serve).await;
+            if args.json {
+                println!("{}", serde_json::json!({ "ok": checks.iter().all(|c| c.ok), "checks": checks }));
+            } else {
+                print!("{}", crate::doctor::render(&checks));
+            }
+            match checks.iter().filter(|c| !c.ok).count() {
+                0 => Ok(()),
+                failed => Err(CliError::Doctor(failed)),
+            }
         }
         Command::Ledger(LedgerCommand::Check { redis_url, redis_cluster, redis_namespace, json }) => {
             let config = crate::ledger::RedisConfig {
@@ -749,12 +837,13 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             let body = serde_json::json!({ "reason": reason });
             let revoked =
                 api.json(Method::POST, &format!("/v1/agents/{}/revoke", path_segment(&agent)), Some(body)).await?;
+            let handles = api.handles(client.json).await?;
             print(client.json, &revoked, |r| {
                 format!(
-                    "revoked {} ({}) at {} ms{}\n",
-                    r["agent_id"].as_str().unwrap_or(""),
+                    "revoked {} ({}) at {}{}\n",
+                    handles.name(&r["agent_id"]),
                     r["reason"].as_str().unwrap_or(""),
-                    r["revoked_at_ms"],
+                    when(&r["revoked_at_ms"]),
                     if r["already_revoked"].as_bool().unwrap_or(false) { " (it already was)" } else { "" }
                 )
             });
@@ -777,7 +866,8 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             } else {
                 api.json(Method::PUT, &path, Some(controls.body()?)).await?
             };
-            print(client.json, &shown, controls_table);
+            let handles = api.handles(client.json).await?;
+            print(client.json, &shown, |c| controls_table(c, &handles));
             Ok(())
         }
         Command::Agent(AgentCommand::Expiry { agent, ttl_secs, at_ms, never, client }) => {
@@ -791,23 +881,43 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
         Command::Agent(AgentCommand::Reinstate { agent, client }) => {
             let api = Client::new(&client)?;
             let done = api.json(Method::POST, &format!("/v1/agents/{}/reinstate", path_segment(&agent)), None).await?;
+            let handles = api.handles(client.json).await?;
             print(client.json, &done, |r| match r["was_suspended"].as_str() {
-                Some(was) => format!("reinstated {} (was suspended: {was})\n", r["agent_id"].as_str().unwrap_or("")),
-                None => format!("{} was not suspended\n", r["agent_id"].as_str().unwrap_or("")),
+                Some(was) => format!("reinstated {} (was suspended: {was})\n", handles.name(&r["agent_id"])),
+                None => format!("{} was not suspended\n", handles.name(&r["agent_id"])),
             });
             Ok(())
         }
         Command::Agent(AgentCommand::Periods { agent, client }) => {
             let api = Client::new(&client)?;
             let list = api.json(Method::GET, &format!("/v1/agents/{}/periods", path_segment(&agent)), None).await?;
-            print(client.json, &list, |l| {
+            let periods = list["periods"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            if periods.is_empty() && !client.json {
+                // Say why there is nothing: no limit is set, or nothing was paid under one yet.
+                let controls =
+                    api.json(Method::GET, &format!("/v1/agents/{}/controls", path_segment(&agent)), None).await?;
+                let limits: Vec<String> = controls["limits"]
+                    .as_object()
+                    .map(|l| l.iter().map(|(period, limit)| format!("{period} {}", money(limit))).collect())
+                    .unwrap_or_default();
+                if limits.is_empty() {
+                    println!(
+                        "{agent} has no period limits, so no spend is counted per period (set one with \
+                         `spendcap agent controls {agent} --limit daily=5.00`)"
+                    );
+                } else {
+                    println!("{agent} has period limits ({}) but has paid nothing under them yet", limits.join(", "));
+                }
+                return Ok(());
+            }
+            print(client.json, &list, |_| {
                 let mut out =
-                    format!("{:<10} {:>15} {:>16} {:>16} {:>16}\n", "PERIOD", "START (ms)", "SPENT", "HELD", "LIMIT");
-                for p in l["periods"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+                    format!("{:<10} {:<20} {:>16} {:>16} {:>16}\n", "PERIOD", "START (UTC)", "SPENT", "HELD", "LIMIT");
+                for p in periods {
                     out.push_str(&format!(
-                        "{:<10} {:>15} {:>16} {:>16} {:>16}{}\n",
+                        "{:<10} {:<20} {:>16} {:>16} {:>16}{}\n",
                         p["period"].as_str().unwrap_or(""),
-                        p["start_ms"],
+                        when(&p["start_ms"]),
                         money(&p["spent_micros"]),
                         money(&p["held_micros"]),
                         money(&p["limit_micros"]),
@@ -818,17 +928,13 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             });
             Ok(())
         }
-        Command::Report { agent, since_ms, until_ms, csv, client } => {
+        Command::Report { agent, since, until, csv, client } => {
             let api = Client::new(&client)?;
             let mut query = vec![("format".to_owned(), if csv { "csv" } else { "json" }.to_owned())];
             if let Some(agent) = agent {
                 query.push(("agent".into(), agent));
             }
-            for (key, value) in [("since_ms", since_ms), ("until_ms", until_ms)] {
-                if let Some(value) = value {
-                    query.push((key.to_owned(), value.to_string()));
-                }
-            }
+            time_range(&mut query, since.as_deref(), until.as_deref())?;
             let encoded = query.iter().map(|(k, v)| format!("{k}={}", path_segment(v))).collect::<Vec<_>>().join("&");
             let response = api.send(Method::GET, &format!("/v1/reports?{encoded}"), None).await?;
             if csv {
@@ -849,7 +955,8 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 query.push_str(&format!("&agent={}", path_segment(&agent)));
             }
             let list = api.json(Method::GET, &query, None).await?;
-            print(client.json, &list, holds_table);
+            let handles = api.handles(client.json).await?;
+            print(client.json, &list, |l| holds_table(l, &handles, &state));
             Ok(())
         }
         Command::Holds(HoldsCommand::Resolve { hold, settle, void, reason, client }) => {
@@ -891,7 +998,7 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             });
             Ok(())
         }
-        Command::Log(LogCommand::Export { format, agent, task, service, since_ms, until_ms, client }) => {
+        Command::Log(LogCommand::Export { format, agent, task, service, protocol, since, until, client }) => {
             let api = Client::new(&client)?;
             let mut query = vec![(
                 "format".to_owned(),
@@ -900,16 +1007,12 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                     ExportFormat::Csv => "csv".to_owned(),
                 },
             )];
-            for (key, value) in [("agent", agent), ("task", task), ("service", service)] {
+            for (key, value) in [("agent", agent), ("task", task), ("service", service), ("protocol", protocol)] {
                 if let Some(value) = value {
                     query.push((key.to_owned(), value));
                 }
             }
-            for (key, value) in [("since_ms", since_ms), ("until_ms", until_ms)] {
-                if let Some(value) = value {
-                    query.push((key.to_owned(), value.to_string()));
-                }
-            }
+            time_range(&mut query, since.as_deref(), until.as_deref())?;
             let encoded = query.iter().map(|(k, v)| format!("{k}={}", path_segment(v))).collect::<Vec<_>>().join("&");
             let mut response = api.send(Method::GET, &format!("/v1/log?{encoded}"), None).await?;
             use std::io::Write;

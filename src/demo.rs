@@ -7,7 +7,12 @@
 //! - `enrichment` ($1.00 cap) buys company profiles through AP2 under a user's open mandate
 //!   ($5.00 budget) until a payment is refused at its own cap;
 //! - `looper` polls the same x402 search again and again (same service, same price) until its runaway-loop breaker suspends
-//!   it; the operator then revokes it (`runaway_loop`) and its next payment is refused.
+//!   it; its polling task is abandoned, the operator revokes it (`runaway_loop`) and its next
+//!   payment is refused.
+//!
+//! Every task outcome the scenario reports is also counted in [`Outcome::tasks`], and the story's
+//! lines are written from those counts, so the printed story and the report (which counts the
+//! same outcomes from the log) cannot disagree.
 
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -31,7 +36,20 @@ pub struct Outcome {
     pub enrichment_refusal: String,
     pub looper_suspension: String,
     pub looper_after_revoke: String,
+    /// Task outcomes reported, by task type: (succeeded, failed, abandoned).
+    pub tasks: std::collections::BTreeMap<String, (u64, u64, u64)>,
     pub lines: Vec<String>,
+}
+
+impl Outcome {
+    fn count(&mut self, task_type: &str, outcome: &str) {
+        let counts = self.tasks.entry(task_type.to_owned()).or_default();
+        match outcome {
+            "success" => counts.0 += 1,
+            "failed" => counts.1 += 1,
+            _ => counts.2 += 1,
+        }
+    }
 }
 
 /// One purchase an agent makes.
@@ -108,12 +126,21 @@ impl Api<'_> {
         self.paid(token, "/v1/x402/fetch", body, "/payment/amount_micros").await
     }
 
-    async fn outcome(&self, token: &str, task: &str, task_type: &str, outcome: &str) -> Result<(), DemoError> {
+    /// Reports a task's outcome to spendcap and counts it for the story.
+    async fn outcome(
+        &self,
+        out: &mut Outcome,
+        token: &str,
+        task: &str,
+        task_type: &str,
+        outcome: &str,
+    ) -> Result<(), DemoError> {
         let body = json!({ "outcome": outcome, "task_type": task_type });
         let (status, answer) = self.call(token, Method::POST, &format!("/v1/tasks/{task}/outcome"), Some(body)).await?;
         if status != 200 {
             return Err(DemoError::Unexpected(format!("outcome: {status} {answer}")));
         }
+        out.count(task_type, outcome);
         Ok(())
     }
 }
@@ -156,10 +183,12 @@ async fn research(api: &Api<'_>, out: &mut Outcome) -> Result<(), DemoError> {
                 Acp(_) => out.payments.1 += 1,
             }
         }
-        api.outcome(&token, &task, "research", "success").await?;
+        api.outcome(out, &token, &task, "research", "success").await?;
     }
+    let succeeded = out.tasks.get("research").map_or(0, |c| c.0);
     out.lines.push(format!(
-        "research: 3 tasks succeeded (x402 searches and papers, ACP dataset and report), ${} of its $5.00 cap spent",
+        "research: {succeeded} research tasks succeeded (x402 searches and papers, ACP dataset and report), ${} of \
+         its $5.00 cap spent",
         usd(out.research_spent_micros)
     ));
     Ok(())
@@ -189,14 +218,15 @@ async fn enrichment(api: &Api<'_>, out: &mut Outcome) -> Result<(), DemoError> {
         match api.paid(&token, "/v1/ap2/payments", body, "/amount_micros").await? {
             Ok(_) => {
                 out.payments.2 += 1;
-                api.outcome(&token, &task, "enrichment", "success").await?;
+                api.outcome(out, &token, &task, "enrichment", "success").await?;
             }
             Err(code) => {
-                api.outcome(&token, &task, "enrichment", "failed").await?;
+                api.outcome(out, &token, &task, "enrichment", "failed").await?;
+                let (succeeded, failed, _) = out.tasks.get("enrichment").copied().unwrap_or_default();
                 out.lines.push(format!(
-                    "enrichment: {} AP2 purchases under a $5.00 mandate budget; payment {n} refused at its $1.00 \
-                     cap ({code}), task {task} failed",
-                    n - 1
+                    "enrichment: {succeeded} enrichment tasks succeeded (one AP2 purchase each, under a $5.00 \
+                     mandate budget); payment {n} was refused at its $1.00 cap ({code}), so {failed} task failed \
+                     ({task})"
                 ));
                 out.enrichment_refusal = code;
                 break;
@@ -226,7 +256,9 @@ async fn looper(api: &Api<'_>, out: &mut Outcome) -> Result<(), DemoError> {
             }
         }
     }
-    api.outcome(&token, "loop-1", "research", "abandoned").await?;
+    // The looper's job is polling an order's status, not research: typed so, its abandoned run
+    // is reported apart from the research tasks.
+    api.outcome(out, &token, "loop-1", "polling", "abandoned").await?;
     let path = format!("/v1/agents/{looper_id}/revoke");
     let (status, answer) = api.call(&api.admin, Method::POST, &path, Some(json!({ "reason": "runaway_loop" }))).await?;
     if status != 200 {
@@ -236,7 +268,10 @@ async fn looper(api: &Api<'_>, out: &mut Outcome) -> Result<(), DemoError> {
         Ok(_) => return Err(DemoError::Unexpected("a revoked agent paid".into())),
         Err(code) => code,
     };
-    out.lines
-        .push(format!("looper: revoked (runaway_loop); its next payment was refused ({})", out.looper_after_revoke));
+    let abandoned = out.tasks.get("polling").map_or(0, |c| c.2);
+    out.lines.push(format!(
+        "looper: {abandoned} polling task abandoned (loop-1); revoked (runaway_loop), its next payment was refused ({})",
+        out.looper_after_revoke
+    ));
     Ok(())
 }

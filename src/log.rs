@@ -99,7 +99,7 @@ impl<'a> LogReader<'a> {
 }
 
 pub const CSV_HEADER: &str =
-    "id,tree,ts_ms,event,agent,task,service,protocol,amount,released,hold,reason,cap,parent,remaining,detail\n";
+    "id,tree,ts_ms,time,event,agent,task,service,protocol,amount,released,hold,reason,cap,parent,remaining,detail\n";
 
 pub fn csv_line(e: &LogEntry) -> String {
     let num = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_default();
@@ -107,6 +107,7 @@ pub fn csv_line(e: &LogEntry) -> String {
         e.id.clone(),
         e.tree.clone(),
         e.ts_ms.to_string(),
+        crate::human::time_ms(e.ts_ms),
         e.event.clone(),
         e.agent.clone(),
         e.task.clone(),

@@ -115,28 +115,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.dev {
         tracing::info!(%address, ledger = "memory (nothing is durable)", "spendcap listening");
     } else {
-        tracing::info!(%address, ledger = "redis", redis = %without_credentials(&args.redis_url),
+        tracing::info!(%address, ledger = "redis", redis = %spendcap::doctor::without_credentials(&args.redis_url),
             cluster = args.redis_cluster, namespace = %args.redis_namespace,
             receipt_key = %args.receipt_key.display(), "spendcap listening");
     }
     server::serve(state, listener, sweep_interval, shutdown_signal()).await?;
     tracing::info!("spendcap stopped");
     Ok(())
-}
-
-/// A Redis URL (or a comma-separated list of them) as it may be logged: without user or password.
-fn without_credentials(urls: &str) -> String {
-    urls.split(',')
-        .map(|text| match reqwest::Url::parse(text.trim()) {
-            Ok(mut url) => {
-                let _ = url.set_password(None);
-                let _ = url.set_username("");
-                url.to_string()
-            }
-            Err(_) => "<unparsable URL>".to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 async fn mcp(args: spendcap::mcp::stdio::McpArgs) -> anyhow::Result<()> {

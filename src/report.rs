@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use adapters::Micros;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -461,79 +460,131 @@ pub async fn report(ledger: &Ledger, filter: LogFilter) -> Result<Report, Ledger
 }
 
 fn usd(micros: u64) -> String {
-    Micros::new(micros).map(|m| format!("${}", m.to_usd_string())).unwrap_or_else(|_| format!("{micros}µ"))
+    crate::human::usd(micros)
 }
 
 fn opt_usd(micros: Option<u64>) -> String {
     micros.map(usd).unwrap_or_else(|| "-".into())
 }
 
-/// The report as tables for people.
+/// The range a report covers, for people: `from … until …` in UTC.
+fn range(report: &Report) -> String {
+    match (report.since_ms, report.until_ms) {
+        (None, None) => "the whole log".to_owned(),
+        (Some(since), None) => format!("the log from {}", crate::human::time(since)),
+        (None, Some(until)) => format!("the log until {}", crate::human::time(until)),
+        (Some(since), Some(until)) => {
+            format!("the log from {} until {}", crate::human::time(since), crate::human::time(until))
+        }
+    }
+}
+
+/// The report as tables for people. A section with nothing to show says why instead of printing
+/// a bare header; every figure is one the log's entries add up to (see the module comment).
 pub fn table(report: &Report) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Spent {} in {} log entries; {} task(s) without an outcome.\n",
+        "Spent {} over {} ({} log entries); {} task(s) spent without an outcome reported.\n",
         usd(report.spent_micros),
+        range(report),
         report.entries,
         report.unfinished_tasks
     );
     let _ = writeln!(out, "COST PER TASK TYPE");
-    let _ = writeln!(
-        out,
-        "{:<18} {:>5} {:>4} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>7} {:>12} {:>12}",
-        "TYPE", "TASKS", "OK", "FAIL", "ABND", "MEAN OK", "MEDIAN OK", "P90 OK", "MEAN FAIL", "CV", "SUGGESTED", "CAP"
-    );
-    for row in &report.task_types {
-        let cv = row.cv.map(|cv| format!("{cv:.3}")).unwrap_or_else(|| "-".into());
+    if report.task_types.is_empty() {
         let _ = writeln!(
             out,
-            "{:<18} {:>5} {:>4} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>7} {:>12} {:>12}{}",
-            row.task_type,
-            row.tasks,
-            row.successes,
-            row.failed,
-            row.abandoned,
-            opt_usd(row.success_cost.as_ref().map(|s| s.mean_micros)),
-            opt_usd(row.success_cost.as_ref().map(|s| s.median_micros)),
-            opt_usd(row.success_cost.as_ref().map(|s| s.p90_micros)),
-            opt_usd(row.unsuccessful_cost.as_ref().map(|s| s.mean_micros)),
-            cv,
-            opt_usd(row.suggested_cap_micros),
-            opt_usd(row.cap_in_force_micros),
-            if row.unusual_variance { "  ! unusual variance" } else { "" }
+            "  no task ended in this range: a task counts once its outcome is reported \
+             (`spendcap task-outcome`, POST /v1/tasks/{{task}}/outcome){}",
+            if report.unfinished_tasks > 0 {
+                format!("; {} task(s) spent without one", report.unfinished_tasks)
+            } else {
+                String::new()
+            }
         );
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<18} {:>5} {:>4} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>7} {:>12} {:>12}",
+            "TYPE",
+            "TASKS",
+            "OK",
+            "FAIL",
+            "ABND",
+            "MEAN OK",
+            "MEDIAN OK",
+            "P90 OK",
+            "MEAN FAIL",
+            "CV",
+            "SUGGESTED",
+            "CAP"
+        );
+        for row in &report.task_types {
+            let cv = row.cv.map(|cv| format!("{cv:.3}")).unwrap_or_else(|| "-".into());
+            let _ = writeln!(
+                out,
+                "{:<18} {:>5} {:>4} {:>4} {:>4} {:>12} {:>12} {:>12} {:>12} {:>7} {:>12} {:>12}{}",
+                row.task_type,
+                row.tasks,
+                row.successes,
+                row.failed,
+                row.abandoned,
+                opt_usd(row.success_cost.as_ref().map(|s| s.mean_micros)),
+                opt_usd(row.success_cost.as_ref().map(|s| s.median_micros)),
+                opt_usd(row.success_cost.as_ref().map(|s| s.p90_micros)),
+                opt_usd(row.unsuccessful_cost.as_ref().map(|s| s.mean_micros)),
+                cv,
+                opt_usd(row.suggested_cap_micros),
+                opt_usd(row.cap_in_force_micros),
+                if row.unusual_variance { "  ! unusual variance" } else { "" }
+            );
+        }
+        let _ = writeln!(out, "  a task's cost is what every hold carrying its label settled (sub-agents included)");
+        let _ = writeln!(out, "  rule: {}", report.rules.suggested_cap);
+        let _ = writeln!(out, "  rule: {}", report.rules.unusual_variance);
+        let _ = writeln!(out, "  rule: {}", report.rules.percentiles);
     }
-    let _ = writeln!(out, "  rule: {}", report.rules.suggested_cap);
-    let _ = writeln!(out, "  rule: {}", report.rules.unusual_variance);
-    let _ = writeln!(out, "  rule: {}\n", report.rules.percentiles);
-    let _ = writeln!(out, "BY AGENT");
-    let _ = writeln!(
-        out,
-        "{:<16} {:<38} {:>14} {:>8} {:>6} {:>4} {:>5} {:>14}",
-        "HANDLE", "AGENT", "SPENT", "SETTLES", "TASKS", "OK", "NOTOK", "MEAN OK"
-    );
-    for row in &report.agents {
+    let _ = writeln!(out, "\nBY AGENT");
+    if report.agents.is_empty() {
+        let _ = writeln!(out, "  no agent paid, was refused or reported a task outcome in this range");
+    } else {
         let _ = writeln!(
             out,
             "{:<16} {:<38} {:>14} {:>8} {:>6} {:>4} {:>5} {:>14}",
-            row.handle.as_deref().unwrap_or("-"),
-            row.agent,
-            usd(row.spent_micros),
-            row.settles,
-            row.tasks,
-            row.successes,
-            row.unsuccessful,
-            opt_usd(row.mean_success_micros)
+            "HANDLE", "AGENT", "SPENT", "SETTLES", "TASKS", "OK", "NOTOK", "MEAN OK"
         );
+        for row in &report.agents {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<38} {:>14} {:>8} {:>6} {:>4} {:>5} {:>14}",
+                row.handle.as_deref().unwrap_or("-"),
+                row.agent,
+                usd(row.spent_micros),
+                row.settles,
+                row.tasks,
+                row.successes,
+                row.unsuccessful,
+                opt_usd(row.mean_success_micros)
+            );
+        }
     }
-    for (title, rows) in [("TOP SERVICES", &report.services), ("TOP PROTOCOLS", &report.protocols)] {
+    for (title, what, rows) in
+        [("TOP SERVICES", "service", &report.services), ("TOP PROTOCOLS", "protocol", &report.protocols)]
+    {
         let _ = writeln!(out, "\n{title}");
-        let _ = writeln!(out, "{:<40} {:>14} {:>8} {:>8}", "KEY", "SPENT", "SETTLES", "REFUSED");
+        if rows.is_empty() {
+            let _ = writeln!(out, "  nothing was settled or refused in this range, so no {what} has figures");
+            continue;
+        }
+        let _ = writeln!(out, "{:<40} {:>14} {:>8} {:>8}", what.to_uppercase(), "SPENT", "SETTLES", "REFUSED");
         for row in rows.iter().take(10) {
-            let _ =
-                writeln!(out, "{:<40} {:>14} {:>8} {:>8}", row.key, usd(row.spent_micros), row.settles, row.refusals);
+            let key = if row.key.is_empty() { "(none given)" } else { row.key.as_str() };
+            let _ = writeln!(out, "{:<40} {:>14} {:>8} {:>8}", key, usd(row.spent_micros), row.settles, row.refusals);
+        }
+        if rows.len() > 10 {
+            let _ = writeln!(out, "  … and {} more (--csv or --json lists every one)", rows.len() - 10);
         }
     }
     if !report.api_models.is_empty() {
@@ -558,9 +609,13 @@ pub fn table(report: &Report) -> String {
         }
     }
     let _ = writeln!(out, "\nREFUSALS BY REASON");
-    let _ = writeln!(out, "{:<28} {:>8} {:>14}", "REASON", "COUNT", "REQUESTED");
-    for row in &report.refusals {
-        let _ = writeln!(out, "{:<28} {:>8} {:>14}", row.reason, row.count, usd(row.requested_micros));
+    if report.refusals.is_empty() {
+        let _ = writeln!(out, "  no payment was refused in this range");
+    } else {
+        let _ = writeln!(out, "{:<28} {:>8} {:>14}", "REASON", "COUNT", "REQUESTED");
+        for row in &report.refusals {
+            let _ = writeln!(out, "{:<28} {:>8} {:>14}", row.reason, row.count, usd(row.requested_micros));
+        }
     }
     out
 }
@@ -725,7 +780,21 @@ mod tests {
         assert_eq!(report.unfinished_tasks, 0);
         assert!(report.task_types.is_empty() && report.agents.is_empty() && report.refusals.is_empty());
         assert!(report.rules.suggested_cap.contains("2.5 x the median"));
-        assert!(table(&report).contains("Spent $0"));
+        let text = table(&report);
+        assert!(text.contains("Spent $0.00 over the whole log"), "{text}");
+        // Every section says why it is empty instead of printing a bare header.
+        for why in [
+            "no task ended in this range",
+            "no agent paid, was refused or reported a task outcome",
+            "no service has figures",
+            "no protocol has figures",
+            "no payment was refused in this range",
+        ] {
+            assert!(text.contains(why), "{why}: {text}");
+        }
+        for header in ["TYPE ", "HANDLE ", "REASON "] {
+            assert!(!text.contains(header), "a bare header {header:?}: {text}");
+        }
         assert_eq!(csv(&report), CSV_HEADER);
     }
 

@@ -21,7 +21,7 @@ use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
 pub use self::controls::{Controls, ControlsError, Crossing, Period};
 pub use self::memory::MemoryLedger;
-pub use self::redis::{LedgerClock, RedisConfig, RedisLedger};
+pub use self::redis::{LedgerClock, RedisConfig, RedisLedger, LIBRARY};
 
 /// How deep a budget tree may be: an agent and at most 7 ancestors.
 pub const MAX_DEPTH: u32 = 8;

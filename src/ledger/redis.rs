@@ -195,6 +195,34 @@ impl RedisLedger {
         Ok(())
     }
 
+    /// The source of the `spendcap` function library Redis has loaded, `None` when it has none.
+    /// Read-only (`FUNCTION LIST`), for `spendcap doctor` to compare with [`LIBRARY`].
+    pub async fn loaded_library(&self) -> Result<Option<String>, LedgerError> {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LIST").arg("LIBRARYNAME").arg("spendcap").arg("WITHCODE");
+        let libraries: Value = self.query(&cmd).await.map_err(unavailable)?;
+        // One entry per library whose name starts with `spendcap`: a flat list of field, value
+        // pairs (RESP2) or a map (RESP3).
+        let Value::Array(libraries) = libraries else { return Ok(None) };
+        for library in libraries {
+            let pairs: Vec<(Value, Value)> = match library {
+                Value::Array(flat) => {
+                    let mut flat = flat.into_iter();
+                    std::iter::from_fn(|| Some((flat.next()?, flat.next()?))).collect()
+                }
+                Value::Map(pairs) => pairs,
+                _ => continue,
+            };
+            let text = |v: &Value| String::from_redis_value(v).ok();
+            let field =
+                |name: &str| pairs.iter().find(|(k, _)| text(k).as_deref() == Some(name)).and_then(|(_, v)| text(v));
+            if field("library_name").as_deref() == Some("spendcap") {
+                return Ok(field("library_code"));
+            }
+        }
+        Ok(None)
+    }
+
     /// Redis's clock (`TIME`), in milliseconds since the Unix epoch: the clock every ledger
     /// function decides by (on a cluster, the answering node's; nodes keep NTP time). `None` when
     /// the library was loaded with [`LedgerClock::Caller`]: the functions then decide by the

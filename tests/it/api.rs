@@ -406,7 +406,7 @@ async fn the_cli_manages_agents_against_a_running_daemon() {
 
     let table = cli(&["agent", "list"]);
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
-    assert!(table.contains("cli-agent") && table.contains("$3.000000"), "{table}");
+    assert!(table.contains("cli-agent") && table.contains("$3.00 "), "{table}");
 
     let revoked = cli(&["agent", "revoke", "cli-agent", "--reason", "manual_stop"]);
     assert!(revoked.status.success());
@@ -421,7 +421,7 @@ async fn the_cli_manages_agents_against_a_running_daemon() {
 
     let export = cli(&["log", "export", "--format", "csv"]);
     let csv = String::from_utf8_lossy(&export.stdout).into_owned();
-    assert!(csv.starts_with("id,tree,ts_ms,event"), "{csv}");
+    assert!(csv.starts_with("id,tree,ts_ms,time,event"), "{csv}");
     assert!(csv.lines().any(|l| l.contains(",revoke,") && l.contains("manual_stop")), "{csv}");
 }
 

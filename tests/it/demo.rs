@@ -41,7 +41,36 @@ async fn demo_scenario_pays_simulated_providers_through_every_protocol() {
     // the suggested cap 2.5 times that; the loop was abandoned.
     assert_eq!(research["success_cost"]["median_micros"], 970_000);
     assert_eq!(research["suggested_cap_micros"], 2_425_000);
-    assert_eq!(research["abandoned"], 1);
+    // The looper's abandoned run is a polling task, not a fourth research task.
+    assert_eq!((research["tasks"].as_u64(), research["abandoned"].as_u64()), (Some(3), Some(0)), "{research}");
+    let polling = rows.iter().find(|r| r["task_type"] == "polling").expect("polling row");
+    assert_eq!((polling["tasks"].as_u64(), polling["abandoned"].as_u64()), (Some(1), Some(1)), "{polling}");
+
+    // The printed story counts exactly the outcomes the report counts, type by type.
+    let reported: std::collections::BTreeMap<String, (u64, u64, u64)> = rows
+        .iter()
+        .map(|r| {
+            let n = |k: &str| r[k].as_u64().expect("count");
+            (r["task_type"].as_str().expect("type").to_owned(), (n("successes"), n("failed"), n("abandoned")))
+        })
+        .collect();
+    assert_eq!(outcome.tasks, reported);
+    let story = outcome.lines.join("\n");
+    for line in [
+        "research: 3 research tasks succeeded",
+        "enrichment: 3 enrichment tasks succeeded",
+        "so 1 task failed (enrich-4)",
+        "looper: 1 polling task abandoned (loop-1)",
+    ] {
+        assert!(story.contains(line), "{line:?} in:\n{story}");
+    }
+
+    // Every figure of the report is recomputed from the exported log.
+    let (status, log) = app.admin(reqwest::Method::GET, "/v1/log?format=jsonl", None).await;
+    assert_eq!(status, 200);
+    let entries: Vec<Value> =
+        log.as_str().expect("JSON lines").lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(recompute(&entries), figures(&report));
     let enrichment = rows.iter().find(|r| r["task_type"] == "enrichment").expect("enrichment row");
     assert_eq!((enrichment["successes"].as_u64(), enrichment["failed"].as_u64()), (Some(3), Some(1)), "{enrichment}");
 
@@ -58,6 +87,101 @@ async fn demo_scenario_pays_simulated_providers_through_every_protocol() {
     assert_eq!(spent_by(&report["protocols"], "ap2"), providers.ap2.paid_cents() as u64 * 10_000);
     assert_eq!(providers.ap2.paid_cents(), 3 * 30);
     assert_eq!(report["spent_micros"], 2_750_000 + 900_000 + 5 * 20_000);
+}
+
+/// The report's figures, recomputed from exported log entries by the rules the report states: a
+/// task's cost is what its label's settles add up to within its tree, its outcome the latest
+/// `outcome` entry for it; spend is settles, refusals are `refuse` entries.
+fn recompute(entries: &[Value]) -> Value {
+    use std::collections::BTreeMap;
+    let text = |e: &Value, k: &str| e[k].as_str().unwrap_or_default().to_owned();
+    let amount = |e: &Value| e["amount"].as_u64().unwrap_or(0);
+    let mut spent = 0;
+    let mut by_agent: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    let mut by_service: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    let mut by_protocol: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    let mut refusals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut task_cost: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut task_outcome: BTreeMap<(String, String), (String, String)> = BTreeMap::new();
+    for e in entries {
+        let task = (text(e, "tree"), text(e, "task"));
+        match e["event"].as_str() {
+            Some("settle") => {
+                spent += amount(e);
+                if !task.1.is_empty() {
+                    *task_cost.entry(task).or_default() += amount(e);
+                }
+                for (rows, key) in
+                    [(&mut by_agent, "agent"), (&mut by_service, "service"), (&mut by_protocol, "protocol")]
+                {
+                    let row = rows.entry(text(e, key)).or_default();
+                    row.0 += amount(e);
+                    row.1 += 1;
+                }
+            }
+            Some("refuse") => {
+                for (rows, key) in
+                    [(&mut by_agent, "agent"), (&mut by_service, "service"), (&mut by_protocol, "protocol")]
+                {
+                    rows.entry(text(e, key)).or_default().2 += 1;
+                }
+                let row = refusals.entry(text(e, "reason")).or_default();
+                row.0 += 1;
+                row.1 += amount(e);
+            }
+            Some("outcome") => {
+                by_agent.entry(text(e, "agent")).or_default();
+                task_outcome.insert(task, (text(e, "task_type"), text(e, "reason")));
+            }
+            _ => {}
+        }
+    }
+    let mut types: BTreeMap<String, (u64, u64, u64, u64)> = BTreeMap::new();
+    for (task, (task_type, outcome)) in &task_outcome {
+        let row = types.entry(task_type.clone()).or_default();
+        row.0 += task_cost.get(task).copied().unwrap_or(0);
+        match outcome.as_str() {
+            "success" => row.1 += 1,
+            "failed" => row.2 += 1,
+            _ => row.3 += 1,
+        }
+    }
+    let unfinished = task_cost.keys().filter(|t| !task_outcome.contains_key(*t)).count();
+    serde_json::json!({
+        "entries": entries.len(), "spent": spent, "unfinished": unfinished, "task_types": types,
+        "agents": by_agent, "services": by_service, "protocols": by_protocol, "refusals": refusals,
+    })
+}
+
+/// The same figures as the report states them.
+fn figures(report: &Value) -> Value {
+    use std::collections::BTreeMap;
+    let rows = |k: &str| report[k].as_array().expect("rows").clone();
+    let n = |v: &Value, k: &str| v[k].as_u64().expect("a count");
+    let spend = |k: &str, key: &str| -> BTreeMap<String, (u64, u64, u64)> {
+        rows(k)
+            .iter()
+            .map(|r| {
+                (r[key].as_str().expect("key").to_owned(), (n(r, "spent_micros"), n(r, "settles"), n(r, "refusals")))
+            })
+            .collect()
+    };
+    let types: BTreeMap<String, (u64, u64, u64, u64)> = rows("task_types")
+        .iter()
+        .map(|r| {
+            let key = r["task_type"].as_str().expect("type").to_owned();
+            (key, (n(r, "spent_micros"), n(r, "successes"), n(r, "failed"), n(r, "abandoned")))
+        })
+        .collect();
+    let refusals: BTreeMap<String, (u64, u64)> = rows("refusals")
+        .iter()
+        .map(|r| (r["reason"].as_str().expect("reason").to_owned(), (n(r, "count"), n(r, "requested_micros"))))
+        .collect();
+    serde_json::json!({
+        "entries": report["entries"], "spent": report["spent_micros"], "unfinished": report["unfinished_tasks"],
+        "task_types": types, "agents": spend("agents", "agent"), "services": spend("services", "key"),
+        "protocols": spend("protocols", "key"), "refusals": refusals,
+    })
 }
 
 /// Reads `export NAME=value` lines from a `spendcap demo --providers-only` process until the last

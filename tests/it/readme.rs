@@ -10,7 +10,7 @@ use serde_json::Value;
 
 /// The `sh` blocks that follow the `<!-- <marker>` comment in README.md: the first, and as many
 /// more as the marker says ("this block and the next" → 2).
-fn readme_blocks(marker: &str, count: usize) -> Vec<String> {
+pub fn readme_blocks(marker: &str, count: usize) -> Vec<String> {
     let readme = include_str!("../../README.md");
     let at = readme.find(&format!("<!-- {marker}")).unwrap_or_else(|| panic!("README has the {marker} marker"));
     let mut blocks = Vec::new();
