@@ -30,6 +30,7 @@ pub enum Format {
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ExportQuery {
     #[serde(default)]
     pub format: Format,
@@ -129,6 +130,7 @@ pub async fn export_log(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct SpendQuery {
     pub group_by: GroupBy,
     /// Only this agent (id or handle).
@@ -166,6 +168,7 @@ pub async fn spend(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ReceiptsQuery {
     /// Any agent of the tree (id or handle); the whole tree's chain is exported.
     pub agent: String,

@@ -122,6 +122,7 @@ pub enum ReportFormat {
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ReportQuery {
     #[serde(default)]
     pub format: ReportFormat,
