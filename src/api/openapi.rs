@@ -64,7 +64,26 @@ pub struct ApiDoc;
 pub fn document() -> serde_json::Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     errors::add(&mut doc);
+    unique_operation_ids(&mut doc);
     doc
+}
+
+/// A route that takes any method is one annotated function, so every method's operation has its
+/// name; OpenAPI wants operation ids unique: those get their method appended.
+fn unique_operation_ids(doc: &mut serde_json::Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(serde_json::Value::as_object_mut) else { return };
+    for item in paths.values_mut() {
+        let methods: Vec<&str> = errors::METHODS.into_iter().filter(|m| item.get(*m).is_some()).collect();
+        if methods.len() < 2 {
+            continue;
+        }
+        for method in methods {
+            if let Some(serde_json::Value::String(id)) = item.pointer_mut(&format!("/{method}/operationId")) {
+                id.push('_');
+                id.push_str(method);
+            }
+        }
+    }
 }
 
 pub async fn serve() -> Json<serde_json::Value> {

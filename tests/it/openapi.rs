@@ -217,10 +217,9 @@ async fn every_operation_documents_its_errors_with_their_codes() {
                     "{method} {path}: 401"
                 );
             }
-            // `/mcp`'s own refusals (not JSON-RPC, not acceptable) are the MCP SDK's plain text.
+            // `/mcp`'s own refusals (not JSON-RPC, not acceptable) are the MCP SDK's, without a body schema.
             let daemon_errors = responses.iter().filter(|(s, r)| {
-                (s.starts_with('4') || s.starts_with('5'))
-                    && !(path == "/mcp" && r["content"].get("text/plain").is_some())
+                (s.starts_with('4') || s.starts_with('5')) && !(path == "/mcp" && r.get("content").is_none())
             });
             for (status, response) in daemon_errors {
                 let schema = &response["content"]["application/json"]["schema"];
@@ -233,6 +232,13 @@ async fn every_operation_documents_its_errors_with_their_codes() {
             }
         }
     }
+    let ids: Vec<&str> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .values()
+        .flat_map(|item| errors::METHODS.into_iter().filter_map(|m| item.get(m)?["operationId"].as_str()))
+        .collect();
+    assert_eq!(ids.len(), ids.iter().collect::<BTreeSet<_>>().len(), "operation ids are unique: {ids:?}");
     // The table names exactly the documented operations (less the two that pass upstream answers on).
     let table: BTreeSet<(&str, String)> = errors::TABLE.iter().map(|(m, p, _)| (*m, p.to_string())).collect();
     let mut expected = operations.clone();

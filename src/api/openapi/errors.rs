@@ -154,7 +154,8 @@ fn answers(method: &str, path: &str, operation: &Value) -> Option<Vec<(u16, Vec<
     if schemes == ["admin"] {
         add(403, &["admin_only"]);
     }
-    if operation["requestBody"]["content"]["application/json"].is_object() {
+    // `/mcp`'s body is read by the MCP SDK, which answers bad bodies itself (`routes.rs`).
+    if operation["requestBody"]["content"]["application/json"].is_object() && path != "/mcp" {
         add(400, &["malformed_json", "invalid_body"]);
         add(413, &["body_too_large"]);
         add(415, &["unsupported_media_type"]);

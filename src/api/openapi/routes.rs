@@ -60,10 +60,10 @@ fn events() {}
     responses(
         (status = 200, description = "the JSON-RPC answer", content_type = "application/json", body = Object),
         (status = 202, description = "a notification or response was accepted"),
-        (status = 400, description = "not a JSON-RPC message the server takes", content_type = "text/plain", body = String),
-        (status = 406, description = "the request does not accept application/json and text/event-stream", content_type = "text/plain", body = String),
-        (status = 413, description = "the body is over the limit", content_type = "text/plain", body = String),
-        (status = 415, description = "the body is not application/json", content_type = "text/plain", body = String)),
+        (status = 400, description = "not a JSON-RPC message the server takes (the MCP SDK's plain-text answer)"),
+        (status = 406, description = "the request does not accept application/json and text/event-stream"),
+        (status = 413, description = "the body is over the limit"),
+        (status = 415, description = "the body is not application/json")),
     security(("agent" = [])))]
 fn mcp() {}
 
