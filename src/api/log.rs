@@ -65,7 +65,7 @@ fn bad_query(e: impl std::fmt::Display) -> ApiError {
 
 /// Streams the log: the body is produced page by page, so exporting a million entries holds
 /// one page per tree in memory, never the whole log.
-#[utoipa::path(get, path = "/v1/log", params(ExportQuery), responses((status = 200, description = "JSONL or CSV, one entry per line")), security(("admin" = [])))]
+#[utoipa::path(get, path = "/v1/log", params(ExportQuery), responses((status = 200, description = "JSONL or CSV, one entry per line", content((String = "application/x-ndjson"), (String = "text/csv")))), security(("admin" = [])))]
 pub async fn export_log(
     _: Admin,
     State(state): State<SharedState>,
@@ -175,7 +175,7 @@ pub struct ReceiptsQuery {
 }
 
 /// Exports a tree's receipt chain as JSONL, in sequence, for `spendcap receipt verify`.
-#[utoipa::path(get, path = "/v1/receipts", params(ReceiptsQuery), responses((status = 200, description = "JSONL, one signed receipt per line")), security(("admin" = [])))]
+#[utoipa::path(get, path = "/v1/receipts", params(ReceiptsQuery), responses((status = 200, description = "JSONL, one signed receipt per line", content_type = "application/x-ndjson", body = String)), security(("admin" = [])))]
 pub async fn export_receipts(
     _: Admin,
     State(state): State<SharedState>,
