@@ -17,6 +17,7 @@ pub fn router() -> Router<SharedState> {
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct BudgetQuery {
     /// A task label: add that task's spend and what is left of its per-task cap, if the agent has
     /// one.

@@ -335,6 +335,7 @@ pub async fn reinstate(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PeriodsQuery {
     /// Most periods to return, newest first (default 100).
     pub limit: Option<usize>,

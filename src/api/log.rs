@@ -30,6 +30,7 @@ pub enum Format {
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ExportQuery {
     #[serde(default)]
     pub format: Format,
@@ -64,7 +65,7 @@ fn bad_query(e: impl std::fmt::Display) -> ApiError {
 
 /// Streams the log: the body is produced page by page, so exporting a million entries holds
 /// one page per tree in memory, never the whole log.
-#[utoipa::path(get, path = "/v1/log", params(ExportQuery), responses((status = 200, description = "JSONL or CSV, one entry per line")), security(("admin" = [])))]
+#[utoipa::path(get, path = "/v1/log", params(ExportQuery), responses((status = 200, description = "JSONL or CSV, one entry per line", content((String = "application/x-ndjson"), (String = "text/csv")))), security(("admin" = [])))]
 pub async fn export_log(
     _: Admin,
     State(state): State<SharedState>,
@@ -129,6 +130,7 @@ pub async fn export_log(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct SpendQuery {
     pub group_by: GroupBy,
     /// Only this agent (id or handle).
@@ -166,13 +168,14 @@ pub async fn spend(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ReceiptsQuery {
     /// Any agent of the tree (id or handle); the whole tree's chain is exported.
     pub agent: String,
 }
 
 /// Exports a tree's receipt chain as JSONL, in sequence, for `spendcap receipt verify`.
-#[utoipa::path(get, path = "/v1/receipts", params(ReceiptsQuery), responses((status = 200, description = "JSONL, one signed receipt per line")), security(("admin" = [])))]
+#[utoipa::path(get, path = "/v1/receipts", params(ReceiptsQuery), responses((status = 200, description = "JSONL, one signed receipt per line", content_type = "application/x-ndjson", body = String)), security(("admin" = [])))]
 pub async fn export_receipts(
     _: Admin,
     State(state): State<SharedState>,

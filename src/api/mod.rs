@@ -98,7 +98,7 @@ pub fn router(state: SharedState) -> Router {
 }
 
 /// Liveness and ledger reachability: 200 when the ledger answers, 503 when it does not.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "ledger reachable"), (status = 503, description = "ledger_unavailable, or clock_skew: this instance's clock is too far from the ledger's")))]
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "ledger reachable: `{status, ledger}`", body = Object), (status = 503, description = "ledger_unavailable, or clock_skew: this instance's clock is too far from the ledger's")))]
 async fn healthz(
     axum::extract::State(state): axum::extract::State<SharedState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {

@@ -1,4 +1,12 @@
-//! The OpenAPI document, generated from the handlers' and types' annotations.
+//! The OpenAPI document: the handlers' annotations, the routes documented in `routes.rs` (those
+//! without an annotated handler), and every operation's error answers from `errors.rs`.
+//! `tests/it/openapi.rs` checks it against the router's own route table, resolves every `$ref`
+//! and validates it; `scripts/api-fuzz` checks the daemon's answers against it.
+
+pub mod errors;
+mod routes;
+
+use std::sync::OnceLock;
 
 use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -11,10 +19,15 @@ struct BearerSchemes;
 impl Modify for BearerSchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        for name in ["admin", "agent"] {
+        for (name, description) in [
+            ("admin", "The admin token (`SPENDCAP_ADMIN_TOKEN`)."),
+            ("agent", "An agent's own token (`sct_…`), shown once when the agent is created or its token rotated."),
+        ] {
             components.add_security_scheme(
                 name,
-                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+                SecurityScheme::Http(
+                    HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some(description)).build(),
+                ),
             );
         }
     }
@@ -22,9 +35,12 @@ impl Modify for BearerSchemes {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "spendcap", description = "Hard spending caps, cost attribution and revocation for AI agents."),
+    info(title = "spendcap", description = "Hard spending caps, cost attribution and revocation for AI agents. \
+        Every error is `{code, detail}` with a stable snake_case code."),
     paths(
         super::healthz,
+        routes::root, routes::openapi_json, routes::metrics,
+        routes::dashboard, routes::dashboard_login, routes::events,
         agents::create_agent, agents::list_agents, agents::show_agent, agents::set_cap, agents::revoke, agents::rotate_token,
         controls::set_controls, controls::show_controls, controls::set_expiry, controls::reinstate, controls::periods,
         holds::me, holds::create_hold, holds::settle, holds::void,
@@ -32,12 +48,45 @@ impl Modify for BearerSchemes {
         budget::budget,
         log::export_log, log::spend, log::export_receipts, log::receipt_key,
         reports::record_outcome, reports::reports,
-        crate::protocols::x402::routes::fetch,
+        routes::mcp,
+        crate::protocols::x402::routes::fetch, routes::x402_proxy,
+        routes::acp_checkout, routes::acp_cancel,
+        routes::ap2_own_key, routes::ap2_admin_key, routes::ap2_register_mandates, routes::ap2_admin_register_mandates,
+        routes::ap2_show_mandate, routes::ap2_pay, routes::ap2_v01_pay,
+        routes::keyed_api,
     ),
+    components(schemas(log::Format, crate::log::GroupBy, reports::ReportFormat, holds::RefusalView)),
     modifiers(&BearerSchemes)
 )]
 pub struct ApiDoc;
 
-pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+/// The document as served: the annotations' plus every operation's error answers.
+pub fn document() -> serde_json::Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    errors::add(&mut doc);
+    unique_operation_ids(&mut doc);
+    doc
+}
+
+/// A route that takes any method is one annotated function, so every method's operation has its
+/// name; OpenAPI wants operation ids unique: those get their method appended.
+fn unique_operation_ids(doc: &mut serde_json::Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(serde_json::Value::as_object_mut) else { return };
+    for item in paths.values_mut() {
+        let methods: Vec<&str> = errors::METHODS.into_iter().filter(|m| item.get(*m).is_some()).collect();
+        if methods.len() < 2 {
+            continue;
+        }
+        for method in methods {
+            if let Some(serde_json::Value::String(id)) = item.pointer_mut(&format!("/{method}/operationId")) {
+                id.push('_');
+                id.push_str(method);
+            }
+        }
+    }
+}
+
+pub async fn serve() -> Json<serde_json::Value> {
+    static DOCUMENT: OnceLock<serde_json::Value> = OnceLock::new();
+    Json(DOCUMENT.get_or_init(document).clone())
 }

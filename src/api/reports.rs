@@ -122,6 +122,7 @@ pub enum ReportFormat {
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ReportQuery {
     #[serde(default)]
     pub format: ReportFormat,
@@ -136,7 +137,7 @@ pub struct ReportQuery {
 /// Cost per task type (success, failure, spread, suggested cap next to the cap in force), spend
 /// by agent, service and protocol, refusals by reason, for any time range.
 #[utoipa::path(get, path = "/v1/reports", params(ReportQuery),
-    responses((status = 200, body = Report, description = "JSON, or CSV with format=csv")), security(("admin" = [])))]
+    responses((status = 200, description = "JSON, or CSV with format=csv", content((Report = "application/json"), (String = "text/csv")))), security(("admin" = [])))]
 pub async fn reports(
     _: super::Admin,
     State(state): State<SharedState>,

@@ -19,6 +19,7 @@ mod keyed_api;
 mod ledger;
 mod mcp;
 mod metrics;
+mod openapi;
 mod readme;
 mod reports;
 mod revocation;
