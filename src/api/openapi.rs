@@ -25,7 +25,7 @@ impl Modify for BearerSchemes {
     info(title = "spendcap", description = "Hard spending caps, cost attribution and revocation for AI agents."),
     paths(
         super::healthz,
-        agents::create_agent, agents::list_agents, agents::show_agent, agents::set_cap, agents::revoke, agents::rotate_token,
+        agents::create_agent, agents::list_agents, agents::show_agent, agents::set_cap, agents::revoke, agents::rotate_token, agents::archive,
         controls::set_controls, controls::show_controls, controls::set_expiry, controls::reinstate, controls::periods,
         holds::me, holds::create_hold, holds::settle, holds::void,
         unknown::list, unknown::resolve,
