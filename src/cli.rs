@@ -85,6 +85,21 @@ pub enum Command {
     /// function library this binary's, the clock offset, key files private, protocol configs
     /// valid. Prints ok/FAIL with a hint per check; exits non-zero when one fails. Changes nothing.
     Doctor(Box<DoctorArgs>),
+    /// Make the daemon's agents what a fleet file (YAML) says: prints the plan (create, update
+    /// with diffs, archive, unchanged), then applies it through the admin API. Idempotent.
+    Apply {
+        /// The fleet file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Write new agents' tokens here (JSON, handle → token, mode 0600) instead of printing them.
+        #[arg(long)]
+        tokens_out: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -274,6 +289,13 @@ pub enum AgentCommand {
     },
     /// Lift a suspension by the runaway-loop breaker.
     Reinstate {
+        agent: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Archive an agent: revoked for good and its handle free for a new agent; its log, receipts
+    /// and report lines are kept and still name it.
+    Archive {
         agent: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -713,6 +735,7 @@ fn agent_table(agents: &[Value]) -> String {
     );
     for a in agents {
         let status = match (a["revoked"].as_str(), a["suspended"].as_str()) {
+            _ if !a["archived_at_ms"].is_null() => format!("archived {}", when(&a["archived_at_ms"])),
             (Some(reason), _) => format!("revoked ({reason})"),
             (None, Some(reason)) => format!("suspended ({reason})"),
             (None, None) => "active".into(),
@@ -740,12 +763,103 @@ fn print(json: bool, value: &Value, table: impl FnOnce(&Value) -> String) {
     }
 }
 
+/// `spendcap apply`: plan, print, and (unless a dry run) apply a fleet file.
+async fn apply(
+    file: &std::path::Path,
+    dry_run: bool,
+    tokens_out: Option<PathBuf>,
+    client: &ClientArgs,
+) -> Result<(), CliError> {
+    use reqwest::Method;
+    let api = Client::new(client)?;
+    let text = std::fs::read_to_string(file)?;
+    let fleet = crate::fleet::parse(&text).map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+    let list = api.json(Method::GET, "/v1/agents", None).await?;
+    let current: std::collections::BTreeMap<String, Value> = list["agents"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        // An archived agent's handle is free: it names no agent for the file.
+        .filter(|a| a["archived_at_ms"].is_null())
+        .filter_map(|a| Some((a["handle"].as_str()?.to_owned(), a.clone())))
+        .collect();
+    let api_ref = &api;
+    let steps = crate::fleet::plan(&fleet, &current, |id: String| async move {
+        api_ref
+            .json(Method::GET, &format!("/v1/agents/{}/controls", path_segment(&id)), None)
+            .await
+            .map_err(|e| crate::fleet::FleetError::Invalid(e.to_string()))
+    })
+    .await
+    .map_err(|e| CliError::Usage(format!("{}: {e}", file.display())))?;
+    print!("{}", crate::fleet::render(&steps));
+    if dry_run {
+        println!("--dry-run: nothing was changed");
+        return Ok(());
+    }
+    let mut tokens = std::collections::BTreeMap::new();
+    for step in &steps {
+        match &step.action {
+            crate::fleet::Action::Create { body } => {
+                let created = api.json(Method::POST, "/v1/agents", Some(body.clone())).await?;
+                tokens.insert(step.handle.clone(), created["token"].as_str().unwrap_or_default().to_owned());
+            }
+            crate::fleet::Action::Update { calls, .. } => {
+                for (method, path, body) in calls {
+                    let method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::PUT);
+                    api.json(method, path, Some(body.clone())).await?;
+                }
+            }
+            crate::fleet::Action::Archive { agent_id } => {
+                api.json(Method::POST, &format!("/v1/agents/{}/archive", path_segment(agent_id)), None).await?;
+            }
+            crate::fleet::Action::Unchanged => {}
+        }
+    }
+    match tokens_out {
+        Some(path) if !tokens.is_empty() => {
+            use std::io::Write;
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let mut out =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+            // An existing file keeps its mode on open: make it private before writing a token.
+            out.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            out.write_all(serde_json::to_string_pretty(&tokens).unwrap_or_default().as_bytes())?;
+            println!("applied; the tokens of {} new agent(s) are in {} (mode 0600)", tokens.len(), path.display());
+        }
+        _ if tokens.is_empty() => println!("applied"),
+        _ => {
+            println!("applied; new agents' tokens (shown once, store them now):");
+            for (handle, token) in &tokens {
+                println!("{handle} {token}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs one client subcommand.
 pub async fn run_client(command: Command) -> Result<(), CliError> {
     use reqwest::Method;
     match command {
         Command::Serve(_) | Command::Demo { .. } | Command::Mcp(_) => {
             Err(CliError::Usage("not a client command".into()))
+        }
+        Command::Apply { file, dry_run, tokens_out, client } => apply(&file, dry_run, tokens_out, &client).await,
+        Command::Agent(AgentCommand::Archive { agent, client }) => {
+            let api = Client::new(&client)?;
+            let done = api.json(Method::POST, &format!("/v1/agents/{}/archive", path_segment(&agent)), None).await?;
+            print(client.json, &done, |r| {
+                format!(
+                    "archived {} ({}) at {}{}; the handle is free again, its history is kept\n",
+                    r["handle"].as_str().unwrap_or(""),
+                    r["agent_id"].as_str().unwrap_or(""),
+                    when(&r["archived_at_ms"]),
+                    if r["already_archived"].as_bool().unwrap_or(false) { " (it already was)" } else { "" }
+                )
+            });
+            Ok(())
         }
         Command::Doctor(args) => {
             let checks = crate::doctor::checks(&args.serve).await;

@@ -17,7 +17,8 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::sim::{ap2::MandateTerms, usd, Providers};
+use crate::human::usd;
+use crate::sim::{ap2::MandateTerms, Providers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -187,7 +188,7 @@ async fn research(api: &Api<'_>, out: &mut Outcome) -> Result<(), DemoError> {
     }
     let succeeded = out.tasks.get("research").map_or(0, |c| c.0);
     out.lines.push(format!(
-        "research: {succeeded} research tasks succeeded (x402 searches and papers, ACP dataset and report), ${} of \
+        "research: {succeeded} research tasks succeeded (x402 searches and papers, ACP dataset and report), {} of \
          its $5.00 cap spent",
         usd(out.research_spent_micros)
     ));

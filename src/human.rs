@@ -58,6 +58,16 @@ pub fn parse_time(text: &str, now_ms: u64) -> Result<u64, String> {
     Err(explain())
 }
 
+/// A point in time that must be absolute (an expiry): a UTC date (`2027-01-01`, its midnight),
+/// an RFC 3339 time or ms since the epoch; no duration.
+pub fn parse_instant(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    if trimmed.parse::<Span>().is_ok() && trimmed.parse::<jiff::civil::Date>().is_err() {
+        return Err(format!("{trimmed:?}: give a UTC date (2027-01-01) or an RFC 3339 time, not a duration"));
+    }
+    parse_time(trimmed, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +112,7 @@ mod tests {
         for bad in ["", "yesterday", "2026-13-01", "3 months", "-5"] {
             assert!(parse_time(bad, now).is_err(), "{bad}");
         }
+        assert_eq!(parse_instant("2026-12-01"), Ok(1_796_083_200_000));
+        assert!(parse_instant("24h").is_err());
     }
 }

@@ -10,6 +10,7 @@ pub mod csv;
 pub mod demo;
 pub mod doctor;
 pub mod fingerprint;
+pub mod fleet;
 pub mod human;
 pub mod identity;
 pub mod ledger;

@@ -318,7 +318,10 @@ pub fn replay<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<Rep
                     }
                 }
             }
-            "revoke" => agents.get_mut(&entry.agent).ok_or_else(|| fail("agent was never created"))?.revoked = true,
+            // An archive revokes the agent (unless it was revoked already).
+            "revoke" | "archive" => {
+                agents.get_mut(&entry.agent).ok_or_else(|| fail("agent was never created"))?.revoked = true
+            }
             "suspend" => agents.get_mut(&entry.agent).ok_or_else(|| fail("agent was never created"))?.suspended = true,
             "reinstate" => {
                 agents.get_mut(&entry.agent).ok_or_else(|| fail("agent was never created"))?.suspended = false

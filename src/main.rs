@@ -182,10 +182,10 @@ async fn demo(listen: std::net::SocketAddr, providers_only: bool) -> anyhow::Res
     }
     let (x402, acp, ap2) = outcome.payments;
     println!(
-        "  providers were paid: x402 ${}, ACP ${}, AP2 ${} ({x402} x402, {acp} ACP and {ap2} AP2 payments)",
-        spendcap::sim::usd(providers.x402.received_micros()),
-        spendcap::sim::usd(providers.acp.charged_cents() * 10_000),
-        spendcap::sim::usd(providers.ap2.paid_cents().max(0) as u64 * 10_000),
+        "  providers were paid: x402 {}, ACP {}, AP2 {} ({x402} x402, {acp} ACP and {ap2} AP2 payments)",
+        spendcap::human::usd(providers.x402.received_micros()),
+        spendcap::human::usd(providers.acp.charged_cents() * 10_000),
+        spendcap::human::usd(providers.ap2.paid_cents().max(0) as u64 * 10_000),
     );
     println!();
     let report = spendcap::report::report(&state.ledger, spendcap::log::LogFilter::default()).await?;

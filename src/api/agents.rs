@@ -21,6 +21,7 @@ pub fn router() -> Router<SharedState> {
         .route("/v1/agents/{agent}/cap", put(set_cap))
         .route("/v1/agents/{agent}/revoke", post(revoke))
         .route("/v1/agents/{agent}/rotate-token", post(rotate_token))
+        .route("/v1/agents/{agent}/archive", post(archive))
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -78,6 +79,9 @@ pub struct AgentView {
     /// The parent's task this sub-agent works on.
     #[serde(default)]
     pub task_of: Option<String>,
+    /// When it was archived: revoked for good, its handle free for a new agent, history kept.
+    #[serde(default)]
+    pub archived_at_ms: Option<u64>,
 }
 
 impl From<&AgentRecord> for AgentView {
@@ -100,6 +104,7 @@ impl From<&AgentRecord> for AgentView {
             suspended: r.suspended.clone(),
             suspended_at_ms: r.suspended_at_ms,
             task_of: r.task_of.clone(),
+            archived_at_ms: r.archived_at_ms,
         }
     }
 }
@@ -137,6 +142,16 @@ pub struct Revoked {
     pub revoked_at_ms: u64,
     /// True when the agent was already revoked (nothing changed).
     pub already_revoked: bool,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Archived {
+    pub agent_id: String,
+    /// The handle it had; free for a new agent now.
+    pub handle: String,
+    pub archived_at_ms: u64,
+    /// True when the agent was already archived (nothing changed).
+    pub already_archived: bool,
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -322,6 +337,19 @@ pub async fn revoke(
         })?;
     tracing::warn!(agent = %id, reason = %req.reason, "agent revoked");
     Ok(Json(Revoked { agent_id: id.to_string(), reason: req.reason, revoked_at_ms, already_revoked: already }))
+}
+
+#[utoipa::path(post, path = "/v1/agents/{agent}/archive", params(("agent" = String, Path, description = "agent id or handle")),
+    responses((status = 200, body = Archived)), security(("admin" = [])))]
+pub async fn archive(
+    _: Admin,
+    State(state): State<SharedState>,
+    Path(agent): Path<String>,
+) -> Result<Json<Archived>, ApiError> {
+    let id = resolve(&state, &agent).await?;
+    let (archived_at_ms, already, handle) = state.ledger.archive(state.clock.now_ms(), &id).await?;
+    tracing::info!(agent = %id, %handle, "agent archived");
+    Ok(Json(Archived { agent_id: id.to_string(), handle, archived_at_ms, already_archived: already }))
 }
 
 #[utoipa::path(post, path = "/v1/agents/{agent}/rotate-token", params(("agent" = String, Path, description = "agent id or handle")),

@@ -41,7 +41,7 @@ impl Modify for BearerSchemes {
         super::healthz,
         routes::root, routes::openapi_json, routes::metrics,
         routes::dashboard, routes::dashboard_login, routes::events,
-        agents::create_agent, agents::list_agents, agents::show_agent, agents::set_cap, agents::revoke, agents::rotate_token,
+        agents::create_agent, agents::list_agents, agents::show_agent, agents::set_cap, agents::revoke, agents::rotate_token, agents::archive,
         controls::set_controls, controls::show_controls, controls::set_expiry, controls::reinstate, controls::periods,
         holds::me, holds::create_hold, holds::settle, holds::void,
         unknown::list, unknown::resolve,

@@ -524,6 +524,7 @@ impl MemoryLedger {
                     suspended: None,
                     suspended_at_ms: None,
                     task_of: setup.task_of.clone(),
+                    archived_at_ms: None,
                 },
                 path,
                 token: new.token_hash.clone(),
@@ -785,6 +786,35 @@ impl MemoryLedger {
             );
             Ok((now_ms, false))
         })
+    }
+
+    pub async fn archive(&self, now_ms: u64, agent: &AgentId) -> Result<(u64, bool, String), LedgerError> {
+        let mut state = self.lock();
+        let tree = state.trees.get_mut(agent.tree()).ok_or(LedgerError::UnknownAgent)?;
+        let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+        let handle = a.record.handle.clone();
+        if let Some(at) = a.record.archived_at_ms {
+            return Ok((at, true, handle));
+        }
+        if a.record.revoked.is_none() {
+            a.record.revoked = Some("archived".into());
+            a.record.revoked_at_ms = Some(now_ms);
+        }
+        a.record.archived_at_ms = Some(now_ms);
+        tree.log(
+            agent.tree(),
+            LogEntry {
+                ts_ms: now_ms,
+                event: "archive".into(),
+                agent: agent.to_string(),
+                reason: "archived".into(),
+                ..LogEntry::default()
+            },
+        );
+        if state.handles.get(&handle) == Some(agent) {
+            state.handles.remove(&handle);
+        }
+        Ok((now_ms, false, handle))
     }
 
     pub async fn rotate_token(&self, now_ms: u64, agent: &AgentId, token_hash: &TokenHash) -> Result<(), LedgerError> {

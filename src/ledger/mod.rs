@@ -364,6 +364,8 @@ pub struct AgentRecord {
     pub suspended_at_ms: Option<u64>,
     /// The parent's task this sub-agent was created for (its holds spend that task's budget).
     pub task_of: Option<String>,
+    /// When it was archived (revoked for good, its handle freed; its history kept).
+    pub archived_at_ms: Option<u64>,
 }
 
 /// What an agent is created with besides [`NewAgent`]: its spending controls and alert
@@ -703,6 +705,12 @@ impl Ledger {
 
     pub async fn revoke(&self, now_ms: u64, agent: &AgentId, reason: &str) -> Result<(u64, bool), LedgerError> {
         dispatch!(self.revoke(now_ms, agent, reason))
+    }
+
+    /// Archives an agent: revoked for good (reason `archived` unless it was revoked), its handle
+    /// freed for a new agent, its history kept. Returns (archived_at, already archived, handle).
+    pub async fn archive(&self, now_ms: u64, agent: &AgentId) -> Result<(u64, bool, String), LedgerError> {
+        dispatch!(self.archive(now_ms, agent))
     }
 
     pub async fn rotate_token(&self, now_ms: u64, agent: &AgentId, token_hash: &TokenHash) -> Result<(), LedgerError> {
@@ -1139,6 +1147,7 @@ fn agent_from_fields(id: AgentId, get: impl Fn(&str) -> Option<String>) -> Resul
         suspended: nonempty("suspended"),
         suspended_at_ms: nonempty("suspended_at").and_then(|v| v.parse().ok()),
         task_of: nonempty("task_of"),
+        archived_at_ms: nonempty("archived").and_then(|v| v.parse().ok()),
         id,
     })
 }

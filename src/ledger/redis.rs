@@ -456,6 +456,27 @@ impl RedisLedger {
         Ok((reply.u64("revoked_at")?, reply.get("already") == "1"))
     }
 
+    /// Archives `agent` (one FCALL: revoke unless revoked, mark, log), then frees its handle if it
+    /// still names this agent. Only an archive removes a handle, so no other agent can have taken
+    /// it between the two steps. Returns (archived_at, already, handle).
+    pub async fn archive(&self, now_ms: u64, agent: &AgentId) -> Result<(u64, bool, String), LedgerError> {
+        let reply = self
+            .fcall("spendcap_archive", agent.tree(), &[agent.as_str(), &now_ms.to_string()])
+            .await?
+            .into_result()?;
+        let handle = reply.get("handle").to_owned();
+        let handles = format!("{}:handles", self.namespace);
+        let mut owner = redis::cmd("HGET");
+        owner.arg(&handles).arg(&handle);
+        let owner: Option<String> = self.query(&owner).await.map_err(unavailable)?;
+        if owner.as_deref() == Some(agent.as_str()) {
+            let mut free = redis::cmd("HDEL");
+            free.arg(&handles).arg(&handle);
+            let _: i64 = self.query(&free).await.map_err(unavailable)?;
+        }
+        Ok((reply.u64("archived_at")?, reply.get("already") == "1", handle))
+    }
+
     pub async fn rotate_token(&self, now_ms: u64, agent: &AgentId, token_hash: &TokenHash) -> Result<(), LedgerError> {
         // Safe to repeat: the same token hash is set again.
         self.fcall_resolving(

@@ -11,7 +11,8 @@ from it:
                               expires_at created_at token labels; optionally ctl (controls
                               JSON) alerts (`50,80,100`) alerted (`<percent>:<cap>`, the cap's
                               highest alert sent) task_of suspended suspended_at, and the
-                              breaker's rsig rcount (last service + amount, streak) ssum
+                              breaker's rsig rcount (last service + amount, streak) ssum;
+                              archived (when spendcap_archive archived it)
   <P>:agents           set    agent ids of the tree
   <P>:h:<hold>         hash   hold: agent amount state expires_at created_at ended_at settled
                               task service protocol idem details buckets ctrs; once settled also
@@ -1346,6 +1347,32 @@ local function revoke(keys, args)
   return { 'ok', 'revoked_at', fmt(now), 'already', '0' }
 end
 
+--[[ spendcap_archive — callable from redis-cli like spendcap_revoke:
+  redis-cli FCALL spendcap_archive 1 '<ns>:{<tree>}' <agent_id>
+KEYS[1] tree prefix
+ARGV    1 agent_id  2 now_ms (optional, ignored: Redis TIME)
+Reply   ok: archived_at already handle      error: code (unknown_agent)
+Archives an agent for good: revokes it (reason `archived`) unless it is revoked already, records
+`archived` (the time) and logs an `archive` entry. Its hash, holds, receipts and log entries stay,
+so its history is still attributed to it; the daemon then frees its handle in `<ns>:handles` (a
+global key no function touches). Archiving an archived agent changes nothing.
+--]]
+local function archive(keys, args)
+  local P = keys[1]
+  local agent_id = args[1]
+  local now = clock(args[2])
+  local akey = P .. ':a:' .. agent_id
+  local a = redis.call('HMGET', akey, 'handle', 'revoked', 'archived')
+  if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
+  if a[3] and a[3] ~= '' then return { 'ok', 'archived_at', a[3], 'already', '1', 'handle', a[1] } end
+  if not a[2] or a[2] == '' then
+    redis.call('HSET', akey, 'revoked', 'archived', 'revoked_at', fmt(now))
+  end
+  redis.call('HSET', akey, 'archived', fmt(now))
+  log(P, { 'ts', fmt(now), 'ev', 'archive', 'agent', agent_id, 'reason', 'archived' })
+  return { 'ok', 'archived_at', fmt(now), 'already', '0', 'handle', a[1] }
+end
+
 --[[ spendcap_rotate_token
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 new token_sha256
@@ -1457,6 +1484,7 @@ redis.register_function('spendcap_attr_set_once', attr_set_once)
 redis.register_function('spendcap_create_agent', create_agent)
 redis.register_function('spendcap_set_cap', set_cap)
 redis.register_function('spendcap_revoke', revoke)
+redis.register_function('spendcap_archive', archive)
 redis.register_function('spendcap_rotate_token', rotate_token)
 redis.register_function('spendcap_balance', balance)
 redis.register_function('spendcap_expire', expire)

@@ -57,7 +57,7 @@ async fn demo_scenario_pays_simulated_providers_through_every_protocol() {
     assert_eq!(outcome.tasks, reported);
     let story = outcome.lines.join("\n");
     for line in [
-        "research: 3 research tasks succeeded",
+        "research: 3 research tasks succeeded (x402 searches and papers, ACP dataset and report), $2.75 of its",
         "enrichment: 3 enrichment tasks succeeded",
         "so 1 task failed (enrich-4)",
         "looper: 1 polling task abandoned (loop-1)",

@@ -15,6 +15,7 @@ mod doctor;
 mod edges;
 mod faults;
 mod fire;
+mod fleet;
 mod keyed_api;
 mod ledger;
 mod mcp;

@@ -69,6 +69,7 @@ pub const TABLE: &[Entry] = &[
     ("get", "/v1/agents/{agent}", &[(404, &["unknown_agent"])]),
     ("put", "/v1/agents/{agent}/cap", &[(400, &["invalid_argument"]), (404, &["unknown_agent"]), (409, &["cap_below_committed"]), (422, AMOUNT)]),
     ("post", "/v1/agents/{agent}/revoke", &[(404, &["unknown_agent"]), (422, &["invalid_reason"])]),
+    ("post", "/v1/agents/{agent}/archive", &[(404, &["unknown_agent"])]),
     ("post", "/v1/agents/{agent}/rotate-token", &[(404, &["unknown_agent"])]),
     ("put", "/v1/agents/{agent}/controls", &[(400, &["invalid_argument"]), (404, &["unknown_agent"]), (422, CONTROLS)]),
     ("get", "/v1/agents/{agent}/controls", &[(404, &["unknown_agent"])]),
