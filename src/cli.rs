@@ -630,17 +630,31 @@ fn money(value: &Value) -> String {
     value.as_u64().and_then(|m| Micros::new(m).ok()).map(|m| format!("${}", m.to_usd_string())).unwrap_or_default()
 }
 
+/// An agent's effective state as the daemon computed it (`ledger::standing`): `active`,
+/// `revoked (runaway_loop)` for its own revocation, `revoked (via research)` for an ancestor's;
+/// the same for `suspended` and `expired`.
+fn agent_status(agent: &Value) -> String {
+    let state = agent["state"].as_str().unwrap_or("active");
+    let own_reason = match state {
+        "revoked" => agent["revoked"].as_str(),
+        "suspended" => agent["suspended"].as_str(),
+        _ => None,
+    };
+    match (agent["state_via"]["handle"].as_str(), own_reason) {
+        _ if state == "active" => state.to_owned(),
+        (Some(via), _) => format!("{state} (via {via})"),
+        (None, Some(reason)) => format!("{state} ({reason})"),
+        (None, None) => state.to_owned(),
+    }
+}
+
 fn agent_table(agents: &[Value]) -> String {
     let mut out = format!(
         "{:<24} {:<38} {:>16} {:>16} {:>16} {:>16}  {}\n",
         "HANDLE", "ID", "CAP", "SPENT", "HELD", "REMAINING", "STATUS"
     );
     for a in agents {
-        let status = match (a["revoked"].as_str(), a["suspended"].as_str()) {
-            (Some(reason), _) => format!("revoked ({reason})"),
-            (None, Some(reason)) => format!("suspended ({reason})"),
-            (None, None) => "active".into(),
-        };
+        let status = agent_status(a);
         let indent = "  ".repeat(a["depth"].as_u64().unwrap_or(1).saturating_sub(1) as usize);
         out.push_str(&format!(
             "{:<24} {:<38} {:>16} {:>16} {:>16} {:>16}  {}\n",

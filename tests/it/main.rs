@@ -13,6 +13,7 @@ mod deploy;
 mod edges;
 mod faults;
 mod fire;
+mod inherited;
 mod keyed_api;
 mod ledger;
 mod mcp;
