@@ -933,6 +933,11 @@ impl Ledger {
         dispatch!(self.read_log(tree, after, count))
     }
 
+    /// The last `count` entries of one tree's log, oldest first (the dashboard's backfill).
+    pub async fn recent_log(&self, tree: &TreeId, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
+        dispatch!(self.recent_log(tree, count))
+    }
+
     /// The id of the tree's latest log entry ("0" for an empty log): where a live reader starts.
     pub async fn log_tail(&self, tree: &TreeId) -> Result<String, LedgerError> {
         dispatch!(self.log_tail(tree))
