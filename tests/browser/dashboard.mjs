@@ -101,6 +101,9 @@ try {
   const sub = rowOf(page, "research-sub");
   await sub.waitFor({ timeout: 10000 });
   expect(/sct_ag_/.test(tokenShown), "the new agent's token was shown once: " + tokenShown);
+  await page.locator('#events li[data-event="create"] .what').filter({ hasText: /^research-sub$/ }).waitFor({ timeout: 10000 });
+  // The demo's looper is suspended and then revoked: nothing to reinstate or revoke there.
+  expect(await rowOf(page, "looper").locator("button.reinstate, button.revoke").count() === 0, "no Reinstate or Revoke on a revoked agent");
 
   // Change its cap.
   await sub.locator("button.set-cap").click();
