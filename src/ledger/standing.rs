@@ -95,13 +95,8 @@ impl Standing {
     /// anywhere (`expires_at <= now`), each looked for from the agent upwards.
     pub fn of(lineage: &[AgentRecord], now_ms: u64) -> Standing {
         let via = |index: usize| (index > 0).then(|| AgentRef::of(&lineage[index]));
-        let nearest = |flag: fn(&AgentRecord) -> Option<(&String, Option<u64>)>| {
-            lineage.iter().enumerate().find_map(|(index, record)| {
-                flag(record).map(|(reason, at_ms)| Inherited { reason: reason.clone(), at_ms, via: via(index) })
-            })
-        };
-        let revoked = nearest(|r| r.revoked.as_ref().map(|reason| (reason, r.revoked_at_ms)));
-        let suspended = nearest(|r| r.suspended.as_ref().map(|reason| (reason, r.suspended_at_ms)));
+        let revoked = nearest(lineage, |r| (r.revoked.as_ref(), r.revoked_at_ms));
+        let suspended = nearest(lineage, |r| (r.suspended.as_ref(), r.suspended_at_ms));
         let expires = lineage
             .iter()
             .enumerate()
@@ -124,6 +119,17 @@ impl Standing {
     pub fn is_active(&self) -> bool {
         self.state == AgentState::Active
     }
+}
+
+/// The first condition `flag` finds (its reason and time), from the agent upwards.
+fn nearest(
+    lineage: &[AgentRecord],
+    flag: impl Fn(&AgentRecord) -> (Option<&String>, Option<u64>),
+) -> Option<Inherited> {
+    lineage.iter().enumerate().find_map(|(index, record)| {
+        let (reason, at_ms) = flag(record);
+        reason.map(|reason| Inherited { reason: reason.clone(), at_ms, via: (index > 0).then(|| AgentRef::of(record)) })
+    })
 }
 
 /// The lineage (the agent, then its ancestors up to the root) of `agent` among the agents of its
