@@ -725,6 +725,24 @@ fn time_range(query: &mut Vec<(String, String)>, since: Option<&str>, until: Opt
     Ok(())
 }
 
+/// An agent's effective state as the daemon computed it (`ledger::standing`): `active`,
+/// `revoked (runaway_loop)` for its own revocation, `revoked (via research)` for an ancestor's;
+/// the same for `suspended` and `expired`.
+fn agent_status(agent: &Value) -> String {
+    let state = agent["state"].as_str().unwrap_or("active");
+    let own_reason = match state {
+        "revoked" => agent["revoked"].as_str(),
+        "suspended" => agent["suspended"].as_str(),
+        _ => None,
+    };
+    match (agent["state_via"]["handle"].as_str(), own_reason) {
+        _ if state == "active" => state.to_owned(),
+        (Some(via), _) => format!("{state} (via {via})"),
+        (None, Some(reason)) => format!("{state} ({reason})"),
+        (None, None) => state.to_owned(),
+    }
+}
+
 fn agent_table(agents: &[Value]) -> String {
     if agents.is_empty() {
         return "no agents yet (create one with `spendcap agent create --handle research --cap 5.00`)\n".into();
@@ -734,11 +752,9 @@ fn agent_table(agents: &[Value]) -> String {
         "HANDLE", "ID", "CAP", "SPENT", "HELD", "REMAINING", "STATUS"
     );
     for a in agents {
-        let status = match (a["revoked"].as_str(), a["suspended"].as_str()) {
-            _ if !a["archived_at_ms"].is_null() => format!("archived {}", when(&a["archived_at_ms"])),
-            (Some(reason), _) => format!("revoked ({reason})"),
-            (None, Some(reason)) => format!("suspended ({reason})"),
-            (None, None) => "active".into(),
+        let status = match a["archived_at_ms"].is_null() {
+            true => agent_status(a),
+            false => format!("archived {}", when(&a["archived_at_ms"])),
         };
         let indent = "  ".repeat(a["depth"].as_u64().unwrap_or(1).saturating_sub(1) as usize);
         out.push_str(&format!(

@@ -21,6 +21,7 @@ pub mod pay;
 pub mod protocols;
 pub mod receipt;
 pub mod report;
+pub mod series;
 pub mod server;
 pub mod sim;
 pub mod unacked;

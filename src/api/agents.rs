@@ -12,7 +12,8 @@ use utoipa::ToSchema;
 
 use super::{Admin, ApiError, ApiJson, SharedState};
 use crate::identity::{AgentId, AgentToken, TreeId};
-use crate::ledger::{AgentRecord, AgentSetup, Caller, LedgerError, NewAgent};
+use crate::ledger::standing::standings_in;
+use crate::ledger::{AgentRecord, AgentRef, AgentSetup, AgentState, Caller, LedgerError, NewAgent, Standing};
 
 pub fn router() -> Router<SharedState> {
     Router::new()
@@ -54,6 +55,10 @@ pub struct CreateAgentRequest {
     pub task: Option<String>,
 }
 
+/// An agent as the admin sees it. `state` and the `revoked`, `suspended` and `expires_at_ms`
+/// fields are effective: they count the agent's ancestors, as a hold does (a sub-agent of a
+/// revoked agent is `revoked`, with `revoked_via` naming the ancestor); see
+/// `ledger::standing`.
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
 pub struct AgentView {
     pub id: String,
@@ -66,16 +71,32 @@ pub struct AgentView {
     pub held_micros: u64,
     /// The agent's own cap - spent - held.
     pub remaining_micros: u64,
+    /// Whether the agent can pay now: `active`, `revoked`, `suspended` or `expired` (the hold's
+    /// order of precedence), counting every ancestor.
+    pub state: AgentState,
+    /// The ancestor whose state `state` is, when it is not the agent's own.
+    #[serde(default)]
+    pub state_via: Option<AgentRef>,
+    /// The revocation reason of the agent or its nearest revoked ancestor.
     pub revoked: Option<String>,
     pub revoked_at_ms: Option<u64>,
+    /// The ancestor `revoked` comes from (`null`: the agent's own, or not revoked).
+    #[serde(default)]
+    pub revoked_via: Option<AgentRef>,
+    /// The earliest expiry of the agent and its ancestors.
     pub expires_at_ms: Option<u64>,
+    #[serde(default)]
+    pub expires_via: Option<AgentRef>,
     pub created_at_ms: u64,
     pub labels: BTreeMap<String, String>,
-    /// Why the agent is suspended (`velocity`, `repeat`); `POST …/reinstate` lifts it.
+    /// Why the agent (or its nearest suspended ancestor) is suspended (`velocity`, `repeat`);
+    /// `POST …/reinstate` on that agent lifts it.
     #[serde(default)]
     pub suspended: Option<String>,
     #[serde(default)]
     pub suspended_at_ms: Option<u64>,
+    #[serde(default)]
+    pub suspended_via: Option<AgentRef>,
     /// The parent's task this sub-agent works on.
     #[serde(default)]
     pub task_of: Option<String>,
@@ -84,8 +105,9 @@ pub struct AgentView {
     pub archived_at_ms: Option<u64>,
 }
 
-impl From<&AgentRecord> for AgentView {
-    fn from(r: &AgentRecord) -> AgentView {
+impl AgentView {
+    /// The view of `r` with its effective `standing` (from `Standing::of` over its lineage).
+    pub fn new(r: &AgentRecord, standing: &Standing) -> AgentView {
         AgentView {
             id: r.id.to_string(),
             handle: r.handle.clone(),
@@ -96,16 +118,27 @@ impl From<&AgentRecord> for AgentView {
             spent_micros: r.spent.get(),
             held_micros: r.held.get(),
             remaining_micros: r.cap.get().saturating_sub(r.spent.get() + r.held.get()),
-            revoked: r.revoked.clone(),
-            revoked_at_ms: r.revoked_at_ms,
-            expires_at_ms: r.expires_at_ms,
+            state: standing.state,
+            state_via: standing.via.clone(),
+            revoked: standing.revoked.as_ref().map(|x| x.reason.clone()),
+            revoked_at_ms: standing.revoked.as_ref().and_then(|x| x.at_ms),
+            revoked_via: standing.revoked.as_ref().and_then(|x| x.via.clone()),
+            expires_at_ms: standing.expires.as_ref().map(|x| x.at_ms),
+            expires_via: standing.expires.as_ref().and_then(|x| x.via.clone()),
             created_at_ms: r.created_at_ms,
             labels: r.labels.clone(),
-            suspended: r.suspended.clone(),
-            suspended_at_ms: r.suspended_at_ms,
+            suspended: standing.suspended.as_ref().map(|x| x.reason.clone()),
+            suspended_at_ms: standing.suspended.as_ref().and_then(|x| x.at_ms),
+            suspended_via: standing.suspended.as_ref().and_then(|x| x.via.clone()),
             task_of: r.task_of.clone(),
             archived_at_ms: r.archived_at_ms,
         }
+    }
+
+    /// Reads the agent and its ancestors and builds its view.
+    pub async fn load(state: &SharedState, id: &AgentId) -> Result<AgentView, ApiError> {
+        let (lineage, standing) = state.ledger.standing(state.clock.now_ms(), id).await?;
+        Ok(AgentView::new(&lineage[0], &standing))
     }
 }
 
@@ -276,9 +309,9 @@ pub async fn create_agent(
     };
     let setup = AgentSetup { controls: setup_controls.controls, alerts: setup_controls.alerts, task_of };
     state.ledger.create_agent_with(now, &new, &setup).await?;
-    let record = state.ledger.agent(&id).await?;
-    tracing::info!(agent = %id, handle = %record.handle, cap = cap.get(), "agent created");
-    Ok((StatusCode::CREATED, Json(CreatedAgent { agent: AgentView::from(&record), token: token.reveal().to_owned() })))
+    let agent = AgentView::load(&state, &id).await?;
+    tracing::info!(agent = %id, handle = %agent.handle, cap = cap.get(), "agent created");
+    Ok((StatusCode::CREATED, Json(CreatedAgent { agent, token: token.reveal().to_owned() })))
 }
 
 #[utoipa::path(get, path = "/v1/agents", responses((status = 200, body = AgentList)), security(("admin" = [])))]
@@ -287,7 +320,9 @@ pub async fn list_agents(_: Admin, State(state): State<SharedState>) -> Result<J
     for tree in state.ledger.trees().await? {
         // Bring balances up to date (release due holds) before showing them.
         state.ledger.expire(state.clock.now_ms(), &tree).await?;
-        agents.extend(state.ledger.tree_agents(&tree).await?.iter().map(AgentView::from));
+        let records = state.ledger.tree_agents(&tree).await?;
+        let standings = standings_in(&records, state.clock.now_ms());
+        agents.extend(records.iter().zip(&standings).map(|(record, standing)| AgentView::new(record, standing)));
     }
     Ok(Json(AgentList { agents }))
 }
@@ -301,7 +336,7 @@ pub async fn show_agent(
 ) -> Result<Json<AgentView>, ApiError> {
     let id = resolve(&state, &agent).await?;
     state.ledger.balance(state.clock.now_ms(), &id, &Caller::Admin).await?;
-    Ok(Json(AgentView::from(&state.ledger.agent(&id).await?)))
+    Ok(Json(AgentView::load(&state, &id).await?))
 }
 
 #[utoipa::path(put, path = "/v1/agents/{agent}/cap", request_body = SetCapRequest, params(("agent" = String, Path, description = "agent id or handle")),
@@ -316,7 +351,7 @@ pub async fn set_cap(
     let id = resolve(&state, &agent).await?;
     let previous = state.ledger.set_cap(state.clock.now_ms(), &id, cap).await?;
     tracing::info!(agent = %id, previous = previous.get(), cap = cap.get(), "cap changed");
-    Ok(Json(AgentView::from(&state.ledger.agent(&id).await?)))
+    Ok(Json(AgentView::load(&state, &id).await?))
 }
 
 #[utoipa::path(post, path = "/v1/agents/{agent}/revoke", request_body = RevokeRequest, params(("agent" = String, Path, description = "agent id or handle")),

@@ -57,12 +57,18 @@ pub struct BudgetView {
     pub held_micros: u64,
     /// The agent's own cap - spent - held.
     pub remaining_micros: u64,
-    /// What the agent can hold now, counting every ancestor's cap.
+    /// What the agent can hold now, counting every ancestor's cap and state (0 when it or an
+    /// ancestor is revoked, suspended or expired).
     pub available_micros: u64,
-    /// The agent or ancestor whose cap bounds `available_micros`.
+    /// The agent or ancestor whose cap (or state, when not active) bounds `available_micros`.
     pub limited_by: String,
+    /// `active`, `revoked`, `suspended` or `expired`, counting every ancestor (as `/v1/me`).
+    pub state: crate::ledger::AgentState,
+    /// The revocation reason of the agent or its nearest revoked ancestor.
     pub revoked: Option<String>,
+    /// Why the agent or its nearest suspended ancestor is suspended.
     pub suspended: Option<String>,
+    /// The earliest expiry of the agent and its ancestors.
     pub expires_at_ms: Option<u64>,
     /// The largest single payment allowed, if limited.
     pub per_payment_limit_micros: Option<u64>,
@@ -84,6 +90,7 @@ pub async fn budget(
     let now = state.clock.now_ms();
     // The balance checks the token (and releases due holds) before anything else is read.
     let balance = state.ledger.balance(now, &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
+    let (_, standing) = state.ledger.standing(now, &auth.agent).await.map_err(agent_scoped)?;
     let controls = state.ledger.controls(&auth.agent).await?.controls;
     let mut periods = Vec::new();
     if Period::COUNTED.iter().any(|period| controls.limit(*period).is_some()) {
@@ -127,11 +134,16 @@ pub async fn budget(
         spent_micros: balance.spent.get(),
         held_micros: balance.held.get(),
         remaining_micros: balance.remaining.get(),
-        available_micros: balance.available.get(),
-        limited_by: balance.limited_by,
-        revoked: balance.revoked,
-        suspended: balance.suspended,
-        expires_at_ms: balance.expires_at_ms,
+        available_micros: if standing.is_active() { balance.available.get() } else { 0 },
+        limited_by: match &standing.via {
+            Some(via) if !standing.is_active() => via.id.clone(),
+            _ if !standing.is_active() => auth.agent.to_string(),
+            _ => balance.limited_by,
+        },
+        state: standing.state,
+        revoked: standing.revoked.as_ref().map(|x| x.reason.clone()),
+        suspended: standing.suspended.as_ref().map(|x| x.reason.clone()),
+        expires_at_ms: standing.expires.as_ref().map(|x| x.at_ms),
         per_payment_limit_micros: controls.limit(Period::PerPayment),
         periods,
         task,

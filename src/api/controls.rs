@@ -310,7 +310,7 @@ pub async fn set_expiry(
     let id = resolve(&state, &agent).await?;
     state.ledger.set_expiry(now, &id, expires_at_ms).await?;
     tracing::info!(agent = %id, expires_at_ms, "expiry changed");
-    Ok(Json(AgentView::from(&state.ledger.agent(&id).await?)))
+    Ok(Json(AgentView::load(&state, &id).await?))
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]

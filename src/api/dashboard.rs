@@ -21,6 +21,7 @@ use serde::Deserialize;
 
 use super::{bearer, ApiError, SharedState};
 use crate::identity::TreeId;
+use crate::series::{spend_series, Bucket, SeriesBy, SpendSeries, MAX_BUCKETS};
 
 const PAGE: &str = include_str!("dashboard.html");
 /// How often the event stream looks for new log entries (every instance's, since it reads the log).
@@ -31,7 +32,10 @@ pub fn router() -> Router<SharedState> {
         .route("/", get(|| async { axum::response::Redirect::to("/dashboard") }))
         .route("/dashboard", get(page))
         .route("/v1/dashboard/login", axum::routing::post(login))
+        .route("/v1/dashboard/session", get(session))
         .route("/v1/events", get(events))
+        .route("/v1/events/recent", get(recent))
+        .route("/v1/reports/series", get(series))
 }
 
 /// How long a one-time dashboard login code printed at start-up stays valid.
@@ -90,7 +94,126 @@ async fn login(
             "this login code is unknown, used or expired; restart with --dev for a new one, or enter the admin token",
         ));
     }
-    Ok(axum::Json(serde_json::json!({ "admin_token": state.admin.reveal() })))
+    let session = Session::admin();
+    Ok(axum::Json(serde_json::json!({
+        "admin_token": state.admin.reveal(),
+        "role": session.role,
+        "actions": session.actions,
+    })))
+}
+
+/// What the dashboard may do with the token it holds: its role and the actions that role allows.
+/// The page renders a control only for an action listed here, so roles (a later issue) plug in
+/// by answering with fewer. Today the admin token is the only credential, and it may do all.
+#[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub role: String,
+    /// Of `create_agent`, `set_cap`, `set_controls`, `set_expiry`, `reinstate`, `revoke`.
+    /// (`decide_approval` is reserved for approvals, which do not exist yet.)
+    pub actions: Vec<String>,
+}
+
+/// Every dashboard action the admin role may take, in the order the page offers them.
+const ADMIN_ACTIONS: [&str; 6] = ["create_agent", "set_cap", "set_controls", "set_expiry", "reinstate", "revoke"];
+
+impl Session {
+    fn admin() -> Session {
+        Session { role: "admin".into(), actions: ADMIN_ACTIONS.iter().map(|a| (*a).to_owned()).collect() }
+    }
+}
+
+/// `GET /v1/dashboard/session`: the role and allowed actions of the bearer token (401 otherwise).
+async fn session(_: super::Admin) -> axum::Json<Session> {
+    axum::Json(Session::admin())
+}
+
+/// The most entries `GET /v1/events/recent` returns.
+const RECENT_MAX: usize = 500;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecentQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /v1/events/recent?limit=N` (default 100, at most 500): the latest log entries of every
+/// tree, oldest first, as `{"entries": [...]}` — what the dashboard shows before the live stream
+/// (`/v1/events`) adds to it. Entries carry `tree` and `id`, so the page drops duplicates.
+async fn recent(
+    _: super::Admin,
+    State(state): State<SharedState>,
+    query: Result<Query<RecentQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let limit = query.limit.unwrap_or(100).clamp(1, RECENT_MAX);
+    let mut entries = Vec::new();
+    for tree in state.ledger.trees().await? {
+        entries.extend(state.ledger.recent_log(&tree, limit).await?);
+    }
+    entries.sort_by(|a, b| (a.ts_ms, &a.tree, &a.id).cmp(&(b.ts_ms, &b.tree, &b.id)));
+    let entries = entries.split_off(entries.len().saturating_sub(limit));
+    Ok(axum::Json(serde_json::json!({ "entries": entries })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeriesQuery {
+    by: Option<SeriesBy>,
+    bucket: Option<Bucket>,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+}
+
+/// `GET /v1/reports/series?by=agent|tree|protocol&bucket=hour|day&since_ms=&until_ms=`: settled
+/// spend per bucket and key, from the log (`series::spend_series`). Defaults: by agent, hourly,
+/// the last 24 hours (daily: the last 30 days) up to now. At most 1,000 buckets (422
+/// `range_too_long`); `since_ms` after `until_ms` is 422 `invalid_range`.
+async fn series(
+    _: super::Admin,
+    State(state): State<SharedState>,
+    query: Result<Query<SeriesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<SpendSeries>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let (by, bucket) = (query.by.unwrap_or(SeriesBy::Agent), query.bucket.unwrap_or(Bucket::Hour));
+    let until_ms = query.until_ms.unwrap_or_else(|| state.clock.now_ms() + 1);
+    let default_buckets = match bucket {
+        Bucket::Hour => 24,
+        Bucket::Day => 30,
+    };
+    let since_ms = query.since_ms.unwrap_or_else(|| {
+        bucket.start_of(until_ms.saturating_sub(1)).saturating_sub((default_buckets - 1) * bucket.ms())
+    });
+    let unprocessable = |code: &'static str, detail: &str| {
+        ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, code, detail.to_owned())
+    };
+    if since_ms >= until_ms {
+        return Err(unprocessable("invalid_range", "since_ms must be before until_ms"));
+    }
+    if (bucket.start_of(until_ms - 1) - bucket.start_of(since_ms)) / bucket.ms() >= MAX_BUCKETS {
+        return Err(unprocessable("range_too_long", "at most 1000 buckets: narrow since_ms or use bucket=day"));
+    }
+    let mut labels = HashMap::new();
+    for tree in state.ledger.trees().await? {
+        for agent in state.ledger.tree_agents(&tree).await? {
+            if agent.parent.is_none() {
+                labels.insert(tree.to_string(), agent.handle.clone());
+            }
+            labels.insert(agent.id.to_string(), agent.handle);
+        }
+    }
+    let filter = crate::log::LogFilter { since_ms: Some(since_ms), until_ms: Some(until_ms), ..Default::default() };
+    let mut reader = crate::log::LogReader::new(&state.ledger, filter).await?;
+    let mut entries = Vec::new();
+    while let Some(entry) = reader.next().await? {
+        if entry.event == "settle" {
+            entries.push(entry);
+        }
+    }
+    let label = |key: &str| match by {
+        SeriesBy::Protocol => None,
+        SeriesBy::Agent | SeriesBy::Tree => labels.get(key).cloned(),
+    };
+    Ok(axum::Json(spend_series(&entries, by, bucket, since_ms, until_ms, label)))
 }
 
 async fn page() -> impl IntoResponse {

@@ -26,6 +26,8 @@ pub fn router() -> Router<SharedState> {
         .route("/v1/holds/{hold}/void", post(void))
 }
 
+/// The agent's own view of its budget. `state`, `revoked`, `suspended` and `expires_at_ms` count
+/// its ancestors, as a hold does; `available_micros` is 0 unless the agent is `active`.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct MeView {
     pub agent_id: String,
@@ -34,13 +36,28 @@ pub struct MeView {
     pub held_micros: u64,
     /// The agent's own cap - spent - held.
     pub remaining_micros: u64,
-    /// What the agent can hold now, counting every ancestor's cap.
+    /// What the agent can hold now, counting every ancestor's cap and state (0 when it or an
+    /// ancestor is revoked, suspended or expired).
     pub available_micros: u64,
+    /// `active`, `revoked`, `suspended` or `expired`, counting every ancestor.
+    pub state: crate::ledger::AgentState,
+    /// The ancestor whose state `state` is, when it is not the agent's own.
+    #[serde(default)]
+    pub state_via: Option<crate::ledger::AgentRef>,
+    /// The revocation reason of the agent or its nearest revoked ancestor.
     pub revoked: Option<String>,
+    /// The ancestor `revoked` comes from (`null`: the agent's own, or not revoked).
+    #[serde(default)]
+    pub revoked_via: Option<crate::ledger::AgentRef>,
+    /// The earliest expiry of the agent and its ancestors.
     pub expires_at_ms: Option<u64>,
-    /// Why the agent is suspended (`velocity`, `repeat`), if it is.
+    #[serde(default)]
+    pub expires_via: Option<crate::ledger::AgentRef>,
+    /// Why the agent (or its nearest suspended ancestor) is suspended (`velocity`, `repeat`).
     #[serde(default)]
     pub suspended: Option<String>,
+    #[serde(default)]
+    pub suspended_via: Option<crate::ledger::AgentRef>,
     /// The part of `held_micros` whose outcome is unknown: payments sent without an answer, that
     /// stay counted until they are resolved (`GET /v1/holds?state=unknown`).
     #[serde(default)]
@@ -52,8 +69,10 @@ pub struct MeView {
 
 #[utoipa::path(get, path = "/v1/me", responses((status = 200, body = MeView), (status = 401, description = "invalid token")), security(("agent" = [])))]
 pub async fn me(auth: AgentAuth, State(state): State<SharedState>) -> Result<Json<MeView>, ApiError> {
-    let balance =
-        state.ledger.balance(state.clock.now_ms(), &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
+    let now = state.clock.now_ms();
+    // The balance checks the token (and releases due holds) before anything else is read.
+    let balance = state.ledger.balance(now, &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
+    let (_, standing) = state.ledger.standing(now, &auth.agent).await.map_err(agent_scoped)?;
     let unknown = super::unknown::unknown_of(&state, &auth.agent).await?;
     Ok(Json(MeView {
         unknown_micros: unknown.iter().map(|h| h.amount.get()).sum(),
@@ -63,10 +82,15 @@ pub async fn me(auth: AgentAuth, State(state): State<SharedState>) -> Result<Jso
         spent_micros: balance.spent.get(),
         held_micros: balance.held.get(),
         remaining_micros: balance.remaining.get(),
-        available_micros: balance.available.get(),
-        revoked: balance.revoked,
-        expires_at_ms: balance.expires_at_ms,
-        suspended: balance.suspended,
+        available_micros: if standing.is_active() { balance.available.get() } else { 0 },
+        state: standing.state,
+        state_via: standing.via.clone(),
+        revoked: standing.revoked.as_ref().map(|x| x.reason.clone()),
+        revoked_via: standing.revoked.as_ref().and_then(|x| x.via.clone()),
+        expires_at_ms: standing.expires.as_ref().map(|x| x.at_ms),
+        expires_via: standing.expires.as_ref().and_then(|x| x.via.clone()),
+        suspended: standing.suspended.as_ref().map(|x| x.reason.clone()),
+        suspended_via: standing.suspended.as_ref().and_then(|x| x.via.clone()),
     }))
 }
 

@@ -41,6 +41,7 @@ impl Modify for BearerSchemes {
         super::healthz,
         routes::root, routes::openapi_json, routes::metrics,
         routes::dashboard, routes::dashboard_login, routes::events,
+        routes::dashboard_session, routes::events_recent, routes::reports_series,
         agents::create_agent, agents::list_agents, agents::show_agent, agents::set_cap, agents::revoke, agents::rotate_token, agents::archive,
         controls::set_controls, controls::show_controls, controls::set_expiry, controls::reinstate, controls::periods,
         holds::me, holds::create_hold, holds::settle, holds::void,

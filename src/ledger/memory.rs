@@ -1599,6 +1599,12 @@ impl MemoryLedger {
         Ok(t.log.iter().skip(start).take(count).cloned().collect())
     }
 
+    pub async fn recent_log(&self, tree: &TreeId, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
+        let state = self.lock();
+        let Some(t) = state.trees.get(tree) else { return Ok(Vec::new()) };
+        Ok(t.log[t.log.len().saturating_sub(count)..].to_vec())
+    }
+
     pub async fn log_tail(&self, tree: &TreeId) -> Result<String, LedgerError> {
         let state = self.lock();
         Ok(state.trees.get(tree).and_then(|t| t.log.last()).map(|e| e.id.clone()).unwrap_or_else(|| "0".into()))

@@ -11,6 +11,7 @@ pub mod controls;
 mod memory;
 pub mod nodes;
 mod redis;
+pub mod standing;
 
 use std::collections::BTreeMap;
 
@@ -22,6 +23,7 @@ use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 pub use self::controls::{Controls, ControlsError, Crossing, Period};
 pub use self::memory::MemoryLedger;
 pub use self::redis::{LedgerClock, RedisConfig, RedisLedger, LIBRARY};
+pub use self::standing::{AgentRef, AgentState, Standing};
 
 /// How deep a budget tree may be: an agent and at most 7 ancestors.
 pub const MAX_DEPTH: u32 = 8;
@@ -928,6 +930,27 @@ impl Ledger {
         dispatch!(self.agent(agent))
     }
 
+    /// The agent followed by its ancestors up to the root (at most `MAX_DEPTH` records), for
+    /// [`Standing::of`]. Several reads, not one atomic step: a view, never a decision.
+    pub async fn lineage(&self, agent: &AgentId) -> Result<Vec<AgentRecord>, LedgerError> {
+        let mut lineage = vec![self.agent(agent).await?];
+        while let Some(parent) = lineage.last().and_then(|r| r.parent.clone()) {
+            if lineage.len() >= MAX_DEPTH as usize {
+                break;
+            }
+            lineage.push(self.agent(&parent).await?);
+        }
+        Ok(lineage)
+    }
+
+    /// The agent's effective standing at `now_ms` (its ancestors' revocation, suspension and
+    /// expiry counted), with its lineage.
+    pub async fn standing(&self, now_ms: u64, agent: &AgentId) -> Result<(Vec<AgentRecord>, Standing), LedgerError> {
+        let lineage = self.lineage(agent).await?;
+        let standing = Standing::of(&lineage, now_ms);
+        Ok((lineage, standing))
+    }
+
     pub async fn agent_by_handle(&self, handle: &str) -> Result<AgentId, LedgerError> {
         dispatch!(self.agent_by_handle(handle))
     }
@@ -948,6 +971,11 @@ impl Ledger {
     /// Up to `count` log entries of one tree with ids after `after` ("0" for the start).
     pub async fn read_log(&self, tree: &TreeId, after: &str, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
         dispatch!(self.read_log(tree, after, count))
+    }
+
+    /// The last `count` entries of one tree's log, oldest first (the dashboard's backfill).
+    pub async fn recent_log(&self, tree: &TreeId, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
+        dispatch!(self.recent_log(tree, count))
     }
 
     /// The id of the tree's latest log entry ("0" for an empty log): where a live reader starts.

@@ -890,6 +890,22 @@ impl RedisLedger {
             .collect())
     }
 
+    pub async fn recent_log(&self, tree: &TreeId, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(format!("{}:log", self.tree_key(tree))).arg("+").arg("-").arg("COUNT").arg(count);
+        let reply: redis::streams::StreamRangeReply = self.query(&cmd).await.map_err(unavailable)?;
+        let mut entries: Vec<LogEntry> = reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                let get = |k: &str| entry.get::<String>(k);
+                log_entry_from_fields(tree, entry.id.clone(), get)
+            })
+            .collect();
+        entries.reverse();
+        Ok(entries)
+    }
+
     pub async fn log_tail(&self, tree: &TreeId) -> Result<String, LedgerError> {
         let mut cmd = redis::cmd("XREVRANGE");
         cmd.arg(format!("{}:log", self.tree_key(tree))).arg("+").arg("-").arg("COUNT").arg(1);

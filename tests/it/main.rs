@@ -16,6 +16,7 @@ mod edges;
 mod faults;
 mod fire;
 mod fleet;
+mod inherited;
 mod keyed_api;
 mod ledger;
 mod mcp;

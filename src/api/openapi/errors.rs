@@ -58,6 +58,9 @@ pub const TABLE: &[Entry] = &[
     ("get", "/dashboard", &[]),
     ("post", "/v1/dashboard/login", &[(401, &["invalid_login_code"])]),
     ("get", "/v1/events", &[]),
+    ("get", "/v1/dashboard/session", &[]),
+    ("get", "/v1/events/recent", &[(400, &["invalid_query"])]),
+    ("get", "/v1/reports/series", &[(400, &["invalid_query"]), (422, &["invalid_range", "range_too_long"])]),
     ("post", "/mcp", &[]),
     // Agents (admin).
     ("post", "/v1/agents", &[

@@ -52,6 +52,30 @@ fn dashboard_login() {}
     security(("admin" = [])))]
 fn events() {}
 
+/// The role and allowed actions of the bearer token: the dashboard renders only those actions.
+#[utoipa::path(get, path = "/v1/dashboard/session", tag = "dashboard",
+    responses((status = 200, body = crate::api::dashboard::Session)), security(("admin" = [])))]
+fn dashboard_session() {}
+
+/// The latest log entries of every tree, oldest first (`{"entries": [...]}`): the dashboard's
+/// backfill before the live stream.
+#[utoipa::path(get, path = "/v1/events/recent", tag = "dashboard",
+    params(("limit" = Option<usize>, Query, description = "how many entries (default 100, at most 500)")),
+    responses((status = 200, description = "`{\"entries\": [log entry, ...]}`", body = Object)),
+    security(("admin" = [])))]
+fn events_recent() {}
+
+/// Settled spend per hour or day and per agent, tree or protocol, from the log.
+#[utoipa::path(get, path = "/v1/reports/series", tag = "admin",
+    params(
+        ("by" = Option<crate::series::SeriesBy>, Query, description = "agent (default), tree or protocol"),
+        ("bucket" = Option<crate::series::Bucket>, Query, description = "hour (default) or day"),
+        ("since_ms" = Option<u64>, Query, description = "start (default: 24 hours or 30 days before until_ms)"),
+        ("until_ms" = Option<u64>, Query, description = "end (default: now)"),
+    ),
+    responses((status = 200, body = crate::series::SpendSeries)), security(("admin" = [])))]
+fn reports_series() {}
+
 /// MCP over streamable HTTP (stateless, JSON answers): the tools of `spendcap mcp`, each call
 /// made with the agent's own token. Requests are JSON-RPC 2.0 messages and must accept
 /// `application/json` and `text/event-stream`.
