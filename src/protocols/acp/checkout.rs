@@ -317,7 +317,7 @@ pub(super) async fn checkout(
     .await
     .map_err(|error| match error.code {
         "budget_busy" => session_busy(),
-        _ => error,
+        _ => error.into(),
     })
     .map_err(|error| on_session(error, &session.id))?;
     let (grant, resumed) = match held {
@@ -335,7 +335,7 @@ pub(super) async fn checkout(
         match pay::hold_info(state, auth, &grant.hold_id).await.map(|info| held_total(&info, &grant)) {
             Ok(Some(held)) => total = held,
             Ok(None) => {}
-            Err(error) => return Err(with_fields(error, json!({ "hold_id": grant.hold_id.as_str() }))),
+            Err(error) => return Err(with_fields(error.into(), json!({ "hold_id": grant.hold_id.as_str() }))),
         }
         if body.items.is_some() {
             match merchant.retrieve_session(&session.id).await {
@@ -502,7 +502,7 @@ impl Purchase<'_> {
     async fn run(&self, session: &CheckoutSession, resumed: bool) -> Outcome {
         if resumed {
             match pay::hold_info(self.state, self.auth, &self.grant.hold_id).await {
-                Err(error) => return Outcome::Open(error),
+                Err(error) => return Outcome::Open(error.into()),
                 Ok(info) if matches!(info.state.as_str(), "open" | "unknown" | "settled") => {}
                 Ok(info) => {
                     let error = ApiError::new(
@@ -719,7 +719,7 @@ impl Purchase<'_> {
             Err(error) => {
                 tracing::error!(agent = %self.auth.agent, hold = %self.grant.hold_id, order_id = order.order_id,
                     code = error.code, "the merchant completed the order but the hold could not be settled");
-                return Outcome::Open(error);
+                return Outcome::Open(error.into());
             }
         };
         if changed.is_some() || incident.is_some() {
@@ -848,7 +848,7 @@ impl Purchase<'_> {
             Err(ended) if ended.code == "hold_voided" || ended.code == "hold_expired" => Micros::ZERO,
             Err(ledger) => {
                 tracing::error!(hold = %self.grant.hold_id, code = ledger.code, reason, "could not void an ACP hold");
-                return Outcome::Open(ledger);
+                return Outcome::Open(ledger.into());
             }
         };
         tracing::info!(agent = %self.auth.agent, hold = %self.grant.hold_id, merchant = self.merchant_name,
@@ -895,7 +895,7 @@ async fn own_hold(
     }
     let info = pay::hold_info(state, auth, &hold).await.map_err(|error| match error.code {
         "unknown_hold" => not_found(),
-        _ => error,
+        _ => error.into(),
     })?;
     let details: BTreeMap<String, String> = serde_json::from_str(&info.details).unwrap_or_default();
     let same = info.protocol == "acp"
@@ -965,7 +965,7 @@ pub(super) async fn cancel(
             let released = match pay::void(state, auth, &info.hold_id, "canceled_by_agent").await {
                 Ok(released) => released,
                 Err(ended) if ended.code == "hold_voided" || ended.code == "hold_expired" => Micros::ZERO,
-                Err(error) => return Err(error),
+                Err(error) => return Err(error.into()),
             };
             tracing::info!(agent = %auth.agent, merchant = %body.merchant, checkout_session_id, hold = %info.hold_id,
                 released = released.get(), "ACP checkout session canceled; hold voided");

@@ -326,6 +326,7 @@ async fn present(
         Err(error) => {
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
                 "an AP2 v0.1 payment succeeded but could not be settled");
+            let error = ApiError::from(error);
             settle_failed(state, auth, grant, &error).await;
             return Ending::Unknown(Reply::error(&error));
         }

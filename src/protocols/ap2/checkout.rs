@@ -514,6 +514,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             // it already ended.
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
                 "an AP2 payment succeeded but could not be settled");
+            let error = ApiError::from(error);
             settle_failed(state, auth, grant, &error).await;
             return Ending::Unknown(Reply::error(&error));
         }

@@ -404,7 +404,7 @@ async fn hold(
             {
                 step += 1;
             }
-            held => return Ok((key, held.map_err(|err| explain_conflict(err, request))?)),
+            held => return Ok((key, held.map_err(|err| explain_conflict(err.into(), request))?)),
         }
     }
 }
