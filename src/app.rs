@@ -29,6 +29,8 @@ pub struct Core {
     pub metrics: Metrics,
     /// Holds whose grant never reached the agent (the ledger's answer was lost), to be voided.
     pub unacked: Unacked,
+    /// What the daemon accepts: body sizes, hold lifetimes.
+    pub limits: Limits,
 }
 
 /// Limits and defaults the daemon enforces on what it is sent.
@@ -54,7 +56,6 @@ pub struct AppState {
     pub core: Arc<Core>,
     pub protocols: crate::protocols::Protocols,
     pub admin: AdminToken,
-    pub limits: Limits,
     /// Where alert webhooks go (`None`: no alerts are sent).
     pub alerts: Option<crate::alerts::AlertConfig>,
     /// One-time dashboard login codes (`serve --dev` prints one).

@@ -252,3 +252,45 @@ pub fn label(field: &'static str, value: &str, max: usize) -> Result<String, Fai
     }
     Ok(value.to_owned())
 }
+
+/// A whole answer a flow decided, kept with an idempotency key so that a duplicate request gets
+/// it back (ACP and AP2 purchases): its JSON body, and the kind of failure when it is one.
+#[derive(Debug)]
+pub struct Reply {
+    /// `None`: the operation succeeded.
+    pub failure: Option<Kind>,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn ok(body: Value) -> Reply {
+        Reply { failure: None, body }
+    }
+
+    /// The answer a failure becomes: the body every face shows for it.
+    pub fn error(failure: &Failure) -> Reply {
+        Reply { failure: Some(failure.kind), body: failure.body() }
+    }
+
+    /// The form kept in the idempotency record.
+    pub fn stored(&self) -> String {
+        json!({ "failure": self.failure.map(Kind::as_str), "body": self.body }).to_string()
+    }
+
+    /// A stored answer, marked `replayed`.
+    pub fn replay(stored: &str) -> Result<Reply, Failure> {
+        let value: Value = serde_json::from_str(stored).map_err(Failure::internal)?;
+        let failure = match &value["failure"] {
+            Value::Null if value.get("failure").is_some() => None,
+            Value::String(name) => {
+                Some(Kind::from_name(name).ok_or_else(|| Failure::internal(format!("a stored answer's kind {name}")))?)
+            }
+            _ => return Err(Failure::internal("a stored answer has no outcome")),
+        };
+        let mut body = value["body"].clone();
+        if let Value::Object(map) = &mut body {
+            map.insert("replayed".into(), Value::Bool(true));
+        }
+        Ok(Reply { failure, body })
+    }
+}

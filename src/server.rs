@@ -68,12 +68,12 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
         metrics: crate::metrics::Metrics::new()?,
         clock_guard: crate::clock::ClockGuard::new(config.max_clock_skew.as_millis() as u64),
         unacked: Default::default(),
+        limits: config.limits,
     });
     let state = Arc::new(AppState {
         core,
         protocols,
         admin: config.admin_token,
-        limits: config.limits,
         alerts: config.alerts,
         login_codes: Default::default(),
     });

@@ -44,6 +44,13 @@ pub fn of(kind: Kind) -> StatusCode {
     }
 }
 
+/// A stored or fresh whole answer of a flow: 200 with its body, or its failure's status.
+pub fn reply(reply: crate::outcome::Reply) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status = reply.failure.map_or(StatusCode::OK, of);
+    (status, axum::Json(reply.body)).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
