@@ -14,6 +14,7 @@ mod edges;
 mod faults;
 mod fire;
 mod keyed_api;
+mod layering;
 mod ledger;
 mod mcp;
 mod metrics;
