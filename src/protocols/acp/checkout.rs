@@ -318,7 +318,7 @@ pub(super) async fn checkout(
     .await
     .map_err(|error| match error.code {
         "budget_busy" => session_busy(),
-        _ => error.into(),
+        _ => error,
     })
     .map_err(|error| on_session(error, &session.id))?;
     let (grant, resumed) = match held {
@@ -336,7 +336,7 @@ pub(super) async fn checkout(
         match pay::hold_info(core, auth, &grant.hold_id).await.map(|info| held_total(&info, &grant)) {
             Ok(Some(held)) => total = held,
             Ok(None) => {}
-            Err(error) => return Err(with_fields(error.into(), json!({ "hold_id": grant.hold_id.as_str() }))),
+            Err(error) => return Err(with_fields(error, json!({ "hold_id": grant.hold_id.as_str() }))),
         }
         if body.items.is_some() {
             match merchant.retrieve_session(&session.id).await {
@@ -503,7 +503,7 @@ impl Purchase<'_> {
     async fn run(&self, session: &CheckoutSession, resumed: bool) -> Outcome {
         if resumed {
             match pay::hold_info(self.core, self.auth, &self.grant.hold_id).await {
-                Err(error) => return Outcome::Open(error.into()),
+                Err(error) => return Outcome::Open(error),
                 Ok(info) if matches!(info.state.as_str(), "open" | "unknown" | "settled") => {}
                 Ok(info) => {
                     let error = Failure::new(
@@ -718,7 +718,7 @@ impl Purchase<'_> {
             Err(error) => {
                 tracing::error!(agent = %self.auth.agent, hold = %self.grant.hold_id, order_id = order.order_id,
                     code = error.code, "the merchant completed the order but the hold could not be settled");
-                return Outcome::Open(error.into());
+                return Outcome::Open(error);
             }
         };
         if changed.is_some() || incident.is_some() {
@@ -847,7 +847,7 @@ impl Purchase<'_> {
             Err(ended) if ended.code == "hold_voided" || ended.code == "hold_expired" => Micros::ZERO,
             Err(ledger) => {
                 tracing::error!(hold = %self.grant.hold_id, code = ledger.code, reason, "could not void an ACP hold");
-                return Outcome::Open(ledger.into());
+                return Outcome::Open(ledger);
             }
         };
         tracing::info!(agent = %self.auth.agent, hold = %self.grant.hold_id, merchant = self.merchant_name,
@@ -894,7 +894,7 @@ async fn own_hold(
     }
     let info = pay::hold_info(core, auth, &hold).await.map_err(|error| match error.code {
         "unknown_hold" => not_found(),
-        _ => error.into(),
+        _ => error,
     })?;
     let details: BTreeMap<String, String> = serde_json::from_str(&info.details).unwrap_or_default();
     let same = info.protocol == "acp"
@@ -964,7 +964,7 @@ pub(super) async fn cancel(
             let released = match pay::void(core, auth, &info.hold_id, "canceled_by_agent").await {
                 Ok(released) => released,
                 Err(ended) if ended.code == "hold_voided" || ended.code == "hold_expired" => Micros::ZERO,
-                Err(error) => return Err(error.into()),
+                Err(error) => return Err(error),
             };
             tracing::info!(agent = %auth.agent, merchant = %body.merchant, checkout_session_id, hold = %info.hold_id,
                 released = released.get(), "ACP checkout session canceled; hold voided");

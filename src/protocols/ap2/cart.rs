@@ -135,7 +135,7 @@ pub async fn pay(
                  "method_details": body.method_details }),
     );
     let claim = claim_payment(
-        &core,
+        core,
         &auth.agent,
         format!("ap2:cart:{}", cart.contents_hash),
         cart.total,
@@ -321,7 +321,6 @@ async fn present(
         Err(error) => {
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
                 "an AP2 v0.1 payment succeeded but could not be settled");
-            let error = error;
             settle_failed(core, auth, grant, &error).await;
             return Ending::Unknown(Reply::error(&error));
         }

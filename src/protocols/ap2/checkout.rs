@@ -498,7 +498,6 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             // it already ended.
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
                 "an AP2 payment succeeded but could not be settled");
-            let error = error;
             settle_failed(core, auth, grant, &error).await;
             return Ending::Unknown(Reply::error(&error));
         }
