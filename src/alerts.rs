@@ -24,7 +24,7 @@ use sha2::Sha256;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::api::SharedState;
+use crate::app::Core;
 use crate::identity::TreeId;
 use crate::ledger::{AlertRead, Crossing, LogEntry};
 
@@ -238,13 +238,13 @@ pub fn alerts_of(entry: &LogEntry) -> Vec<Alert> {
 
 /// Starts the consumer; it runs until the returned handle is aborted (which also stops every
 /// delivery in progress: their entries stay unacknowledged, for the next consumer).
-pub fn spawn(state: SharedState, config: AlertConfig) -> tokio::task::JoinHandle<()> {
+pub fn spawn(state: std::sync::Arc<Core>, config: AlertConfig) -> tokio::task::JoinHandle<()> {
     tokio::spawn(consume(state, config))
 }
 
 const READ_BATCH: usize = 128;
 
-async fn consume(state: SharedState, config: AlertConfig) {
+async fn consume(state: std::sync::Arc<Core>, config: AlertConfig) {
     let consumer = config.consumer.clone().unwrap_or_else(|| format!("spendcap-{:016x}", rand::random::<u64>()));
     let http = match reqwest::Client::builder().timeout(config.request_timeout).build() {
         Ok(http) => http,

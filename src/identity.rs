@@ -264,3 +264,18 @@ mod tests {
         assert!(AdminToken::new("short".into()).is_err());
     }
 }
+
+/// An agent, as its bearer token names it: the plain caller identity every face hands the core.
+/// The token itself is checked by the ledger inside the same atomic step as the operation (by its
+/// SHA-256), so a rotated token stops at once.
+#[derive(Clone)]
+pub struct AgentAuth {
+    pub agent: AgentId,
+    pub token_hash: TokenHash,
+}
+
+impl AgentAuth {
+    pub fn caller(&self) -> crate::ledger::Caller {
+        crate::ledger::Caller::Agent(self.token_hash.clone())
+    }
+}

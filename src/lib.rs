@@ -3,6 +3,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod app;
 pub mod audit;
 pub mod cli;
 pub mod clock;
@@ -17,6 +18,7 @@ pub mod ledger;
 pub mod log;
 pub mod mcp;
 pub mod metrics;
+pub mod outcome;
 pub mod pay;
 pub mod protocols;
 pub mod receipt;

@@ -1,21 +1,22 @@
 //! Paying on behalf of an agent: the ledger steps every protocol shares — hold an intent, settle
-//! with a signed receipt, void, finish an idempotent purchase — with the ledger's answers turned
-//! into API errors (a budget refusal is a 402).
+//! with a signed receipt, void, finish an idempotent purchase — over the narrow [`Core`], with
+//! the ledger's answers turned into [`Failure`]s (a budget refusal is `Kind::Refused`).
 //!
-//! The protocol modules (`protocols::x402`, `acp`, `ap2`) call these and nothing else of the
-//! ledger, so every payment, whatever its protocol, is capped, logged and receipted the same way.
+//! The protocol flows (`protocols::x402`, `acp`, `ap2`, keyed APIs) call these and nothing else
+//! of the ledger, so every payment, whatever its protocol, is capped, logged and receipted the
+//! same way. Nothing here knows HTTP: the faces translate.
 
 use std::collections::BTreeMap;
 
 use adapters::{Micros, PaymentIntent, Protocol};
 
-use crate::api::holds::refusal_error;
-use crate::api::{agent_scoped, AgentAuth, ApiError, AppState};
-use crate::identity::HoldId;
+use crate::app::Core;
+use crate::identity::{AgentAuth, AgentId, HoldId};
 use crate::ledger::{
     Grant, HoldExpiry, HoldInfo, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, LedgerError, MarkedUnknown,
     SettleOutcome,
 };
+use crate::outcome::{label, Failure, Kind};
 use crate::receipt::{self, HeldFacts, Receipt};
 
 /// What to hold for a payment.
@@ -39,48 +40,48 @@ pub enum Held {
     Finished(String),
 }
 
-fn details_json(details: &BTreeMap<String, String>) -> Result<String, ApiError> {
+fn details_json(details: &BTreeMap<String, String>) -> Result<String, Failure> {
     if details.is_empty() {
         return Ok(String::new());
     }
-    serde_json::to_string(details).map_err(ApiError::internal)
+    serde_json::to_string(details).map_err(Failure::internal)
 }
 
 /// Holds the intent's amount against the agent and every ancestor, or refuses with a 402.
-pub async fn hold(state: &AppState, agent: &AgentAuth, spec: HoldSpec<'_>) -> Result<Held, ApiError> {
-    hold_with_budgets(state, agent, spec, Vec::new()).await
+pub async fn hold(core: &Core, agent: &AgentAuth, spec: HoldSpec<'_>) -> Result<Held, Failure> {
+    hold_with_budgets(core, agent, spec, Vec::new()).await
 }
 
 /// [`hold`], charging the extra budget buckets too (an AP2 open mandate's budget, say), all in
 /// the same atomic step.
 pub async fn hold_with_budgets(
-    state: &AppState,
+    core: &Core,
     agent: &AgentAuth,
     spec: HoldSpec<'_>,
     buckets: Vec<String>,
-) -> Result<Held, ApiError> {
-    let now = state.clock.now_ms();
+) -> Result<Held, Failure> {
+    let now = core.clock.now_ms();
     let request = HoldRequest {
         agent: agent.agent.clone(),
         caller: agent.caller(),
         hold_id: HoldId::generate(agent.agent.tree()),
         amount: spec.intent.amount,
         expires: spec.expires,
-        task: crate::api::label("task", spec.task, 128)?,
-        service: crate::api::label("service", &spec.intent.service, 256)?,
+        task: label("task", spec.task, 128)?,
+        service: label("service", &spec.intent.service, 256)?,
         protocol: spec.intent.protocol,
         idempotency: spec.idempotency,
         details: details_json(&spec.intent.details)?,
         buckets,
     };
-    let result = hold_and_remember(state, now, &request).await;
-    match result.map_err(agent_scoped)? {
+    let result = hold_and_remember(core, now, &request).await;
+    match result.map_err(Failure::agent_scoped)? {
         HoldOutcome::Granted(grant) if grant.replayed => Ok(Held::Resumed(grant)),
         HoldOutcome::Granted(grant) => Ok(Held::New(grant)),
         HoldOutcome::Refused(refusal) => {
             tracing::info!(agent = %agent.agent, reason = refusal.reason.code(), protocol = %spec.intent.protocol,
                 requested = refusal.requested.get(), "payment refused");
-            Err(refusal_error(&refusal))
+            Err(Failure::refused(&refusal))
         }
         HoldOutcome::Finished { response } => Ok(Held::Finished(response)),
     }
@@ -89,15 +90,14 @@ pub async fn hold_with_budgets(
 /// Asks the ledger for `request` (with the hold metrics) and, when it grants a new hold,
 /// remembers what the hold's receipt will state, so that its settle carries the receipt.
 pub async fn hold_and_remember(
-    state: &AppState,
+    core: &Core,
     now_ms: u64,
     request: &HoldRequest,
 ) -> Result<HoldOutcome, crate::ledger::LedgerError> {
     // What this instance signs and the expiry it computes from it must match the ledger's clock.
-    state
-        .clock_guard
+    core.clock_guard
         .check()
-        .map_err(|offset_ms| LedgerError::ClockSkew { offset_ms, max_ms: state.clock_guard.max_ms() })?;
+        .map_err(|offset_ms| LedgerError::ClockSkew { offset_ms, max_ms: core.clock_guard.max_ms() })?;
     // Every hold carries an idempotency key, so that a lost answer can be asked about.
     let keyed;
     let request = match request.idempotency {
@@ -108,14 +108,14 @@ pub async fn hold_and_remember(
         }
     };
     let started = std::time::Instant::now();
-    let mut result = state.ledger.hold(now_ms, request).await;
-    state.metrics.hold(request.protocol.as_str(), &result, started.elapsed());
+    let mut result = core.ledger.hold(now_ms, request).await;
+    core.metrics.hold(request.protocol.as_str(), &result, started.elapsed());
     let key = request.idempotency.as_ref().map(|i| i.key.as_str());
     match &result {
         Err(LedgerError::OutcomeUnknown { .. }) => {
-            state.unacked.remember(&request.agent, &request.hold_id, key, request.expires.at(now_ms))
+            core.unacked.remember(&request.agent, &request.hold_id, key, request.expires.at(now_ms))
         }
-        Ok(HoldOutcome::Granted(grant)) if grant.replayed && !state.unacked.acknowledge(&grant.hold_id) => {
+        Ok(HoldOutcome::Granted(grant)) if grant.replayed && !core.unacked.acknowledge(&grant.hold_id) => {
             result = Err(LedgerError::OutcomeUnknown {
                 cause: format!("hold {} is being withdrawn", grant.hold_id),
                 retry_key: key.map(str::to_owned),
@@ -125,7 +125,7 @@ pub async fn hold_and_remember(
     }
     if let Ok(HoldOutcome::Granted(grant)) = &result {
         if !grant.replayed {
-            state.signer.remember_hold(
+            core.signer.remember_hold(
                 &grant.hold_id,
                 HeldFacts {
                     agent: request.agent.to_string(),
@@ -159,90 +159,89 @@ pub struct Settlement {
 /// Settles `amount` (≤ held; the rest is released) and returns the signed, chained receipt.
 /// `details` (settlement transaction, order id, ...) go into the log line and the receipt.
 pub async fn settle(
-    state: &AppState,
+    core: &Core,
     agent: &AgentAuth,
     hold: &HoldId,
     amount: Micros,
     details: &BTreeMap<String, String>,
-) -> Result<Settlement, ApiError> {
-    settle_with_receipt(state, agent, None, hold, amount, &details_json(details)?).await
+) -> Result<Settlement, Failure> {
+    settle_with_receipt(core, agent, None, hold, amount, &details_json(details)?).await
 }
 
 /// Settles `amount` of `hold` (only if it was made under `protocol`, when given) with the
 /// settle's `details` JSON ('' for none) and returns the signed, chained receipt. A hold this
 /// daemon granted has its receipt signed before the settle, which links it in the same call.
 pub async fn settle_with_receipt(
-    state: &AppState,
+    core: &Core,
     agent: &AgentAuth,
     protocol: Option<Protocol>,
     hold: &HoldId,
     amount: Micros,
     details: &str,
-) -> Result<Settlement, ApiError> {
-    settle_for(state, &agent.agent, &agent.caller(), protocol, hold, amount, details).await
+) -> Result<Settlement, Failure> {
+    settle_for(core, &agent.agent, &agent.caller(), protocol, hold, amount, details).await
 }
 
 /// [`settle_with_receipt`] for `agent` as `caller` (an admin resolving a hold, say).
 #[allow(clippy::too_many_arguments)]
 pub async fn settle_for(
-    state: &AppState,
+    core: &Core,
     agent: &crate::identity::AgentId,
     caller: &crate::ledger::Caller,
     protocol: Option<Protocol>,
     hold: &HoldId,
     amount: Micros,
     details: &str,
-) -> Result<Settlement, ApiError> {
-    let now = state.clock.now_ms();
-    let presigned = state.signer.presign(hold, now, amount, details);
-    let result = state
+) -> Result<Settlement, Failure> {
+    let now = core.clock.now_ms();
+    let presigned = core.signer.presign(hold, now, amount, details);
+    let result = core
         .ledger
         .settle_presigned(protocol, now, agent, caller, hold, amount, details, presigned.as_ref().map(|p| &p.link))
         .await;
-    state.metrics.settle(&result);
+    core.metrics.settle(&result);
     let outcome = result.map_err(|e| match caller {
-        crate::ledger::Caller::Agent(_) => agent_scoped(e),
+        crate::ledger::Caller::Agent(_) => Failure::agent_scoped(e),
         crate::ledger::Caller::Admin => e.into(),
     })?;
-    let receipt = receipt::issue_settled(&state.ledger, &state.signer, &outcome, presigned).await?;
+    let receipt = receipt::issue_settled(&core.ledger, &core.signer, &outcome, presigned).await?;
     Ok(Settlement { outcome, receipt })
 }
 
 /// Voids a hold (nothing spent); `reason` is a code for the log, e.g. `merchant_declined`.
-pub async fn void(state: &AppState, agent: &AgentAuth, hold: &HoldId, reason: &str) -> Result<Micros, ApiError> {
-    let reason = crate::api::label("reason", reason, 64)?;
-    let result = state.ledger.void(state.clock.now_ms(), &agent.agent, &agent.caller(), hold, &reason).await;
-    state.metrics.void(&result);
-    let (released, _) = result.map_err(agent_scoped)?;
+pub async fn void(core: &Core, agent: &AgentAuth, hold: &HoldId, reason: &str) -> Result<Micros, Failure> {
+    let reason = label("reason", reason, 64)?;
+    let result = core.ledger.void(core.clock.now_ms(), &agent.agent, &agent.caller(), hold, &reason).await;
+    core.metrics.void(&result);
+    let (released, _) = result.map_err(Failure::agent_scoped)?;
     Ok(released)
 }
 
 /// Ends an idempotent purchase: `Done(response)` for duplicates to replay, or `Release` when
 /// its outcome is unknown and a retry must resume the same hold.
-pub async fn finish(state: &AppState, agent: &AgentAuth, key: &str, finish: IdempotencyFinish) -> Result<(), ApiError> {
-    state.ledger.finish_idempotent(&agent.agent, key, &finish).await.map_err(agent_scoped)
+pub async fn finish(core: &Core, agent: &AgentAuth, key: &str, finish: IdempotencyFinish) -> Result<(), Failure> {
+    core.ledger.finish_idempotent(&agent.agent, key, &finish).await.map_err(Failure::agent_scoped)
 }
 
 /// Logs a `note` about a hold without changing any balance (a provider rejected a signed
 /// payment, say, and the hold stays until its expiry because the authorization is still live).
 pub async fn note(
-    state: &AppState,
+    core: &Core,
     agent: &AgentAuth,
     hold: &HoldId,
     reason: &str,
     detail: &BTreeMap<String, String>,
-) -> Result<(), ApiError> {
-    let reason = crate::api::label("reason", reason, 64)?;
-    state
-        .ledger
-        .note(state.clock.now_ms(), &agent.agent, &agent.caller(), hold, &reason, &details_json(detail)?)
+) -> Result<(), Failure> {
+    let reason = label("reason", reason, 64)?;
+    core.ledger
+        .note(core.clock.now_ms(), &agent.agent, &agent.caller(), hold, &reason, &details_json(detail)?)
         .await
-        .map_err(agent_scoped)
+        .map_err(Failure::agent_scoped)
 }
 
 /// The stored hold (state, amount, details), to resume a purchase exactly.
-pub async fn hold_info(state: &AppState, agent: &AgentAuth, hold: &HoldId) -> Result<HoldInfo, ApiError> {
-    state.ledger.hold_info(&agent.agent, hold).await.map_err(agent_scoped)
+pub async fn hold_info(core: &Core, agent: &AgentAuth, hold: &HoldId) -> Result<HoldInfo, Failure> {
+    core.ledger.hold_info(&agent.agent, hold).await.map_err(Failure::agent_scoped)
 }
 
 /// Checks, before anything is sent on the agent's behalf, what a hold would refuse without
@@ -250,33 +249,32 @@ pub async fn hold_info(state: &AppState, agent: &AgentAuth, hold: &HoldId) -> Re
 /// denying `protocol` or `service`. A refusal is the same 402 a refused hold gives, logged
 /// (`refuse`) and counted (`spendcap_refusals_total`) like one. The hold stays the authority
 /// for money; this only keeps requests from leaving the daemon.
-pub async fn precheck(state: &AppState, agent: &AgentAuth, protocol: Protocol, service: &str) -> Result<(), ApiError> {
-    precheck_task(state, agent, protocol, service, "").await
+pub async fn precheck(core: &Core, agent: &AgentAuth, protocol: Protocol, service: &str) -> Result<(), Failure> {
+    precheck_task(core, agent, protocol, service, "").await
 }
 
 /// [`precheck`], attributing a refusal to the agent's `task`.
 pub async fn precheck_task(
-    state: &AppState,
+    core: &Core,
     agent: &AgentAuth,
     protocol: Protocol,
     service: &str,
     task: &str,
-) -> Result<(), ApiError> {
-    let service = crate::api::label("service", service, 256)?;
-    let task = crate::api::label("task", task, 128)?;
-    state
-        .clock_guard
+) -> Result<(), Failure> {
+    let service = label("service", service, 256)?;
+    let task = label("task", task, 128)?;
+    core.clock_guard
         .check()
-        .map_err(|offset_ms| LedgerError::ClockSkew { offset_ms, max_ms: state.clock_guard.max_ms() })?;
+        .map_err(|offset_ms| LedgerError::ClockSkew { offset_ms, max_ms: core.clock_guard.max_ms() })?;
     let result =
-        state.ledger.precheck(state.clock.now_ms(), &agent.agent, &agent.caller(), protocol, &service, &task).await;
-    state.metrics.precheck(protocol.as_str(), &result);
-    match result.map_err(agent_scoped)? {
+        core.ledger.precheck(core.clock.now_ms(), &agent.agent, &agent.caller(), protocol, &service, &task).await;
+    core.metrics.precheck(protocol.as_str(), &result);
+    match result.map_err(Failure::agent_scoped)? {
         None => Ok(()),
         Some(refusal) => {
             tracing::info!(agent = %agent.agent, reason = refusal.reason.code(), protocol = %protocol,
                 service = %service, "payment refused before anything was sent");
-            Err(refusal_error(&refusal))
+            Err(Failure::refused(&refusal))
         }
     }
 }
@@ -288,16 +286,38 @@ const UNKNOWN_REASON_BYTES: usize = 512;
 /// counted against every cap and never expires, until a settle (a known charge) or a void (known
 /// not to have moved money) resolves it, by a flow's read-back or an admin
 /// (`POST /v1/holds/{hold}/resolve`). `reason` says what happened, for the log and the views.
-pub async fn mark_unknown(state: &AppState, hold: &HoldId, reason: &str) -> Result<MarkedUnknown, ApiError> {
+pub async fn mark_unknown(core: &Core, hold: &HoldId, reason: &str) -> Result<MarkedUnknown, Failure> {
     let mut text: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     if text.len() > UNKNOWN_REASON_BYTES {
         let cut = (0..=UNKNOWN_REASON_BYTES).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
         text.truncate(cut);
     }
-    let marked = state.ledger.mark_unknown(state.clock.now_ms(), hold, &text).await?;
+    let marked = core.ledger.mark_unknown(core.clock.now_ms(), hold, &text).await?;
     if !marked.replayed {
         tracing::warn!(agent = %marked.agent, hold = %hold, amount = marked.amount.get(), reason = %text,
             "payment outcome unknown; the hold stays counted until it is resolved");
     }
     Ok(marked)
+}
+
+/// Refuses (`agent_revoked`, forbidden) when the agent or an ancestor is revoked. For calls that
+/// would write something other than a payment attempt on the agent's behalf (a task outcome, a
+/// new AP2 key, a mandate's budget): after revocation an agent's token reads its own state, and
+/// its payment attempts are refused by the hold itself, which logs the refusal. Settling and
+/// voiding holds it already had stay open to it: a known charge is always settled. A check
+/// before the write, not inside it: a write that races the revocation itself may still land.
+pub async fn refuse_if_revoked(core: &Core, agent: &AgentId) -> Result<(), Failure> {
+    let mut next = Some(agent.clone());
+    while let Some(id) = next {
+        let record = core.ledger.agent(&id).await.map_err(Failure::agent_scoped)?;
+        if record.revoked.is_some() {
+            return Err(Failure::new(
+                Kind::Forbidden,
+                "agent_revoked",
+                "the agent is revoked: its token reads its own state and nothing else",
+            ));
+        }
+        next = record.parent;
+    }
+    Ok(())
 }

@@ -61,18 +61,21 @@ pub async fn build_state(config: Config) -> Result<SharedState, StartError> {
             ledger
         }
     };
-    let state = Arc::new(AppState {
+    let core = Arc::new(crate::app::Core {
         ledger,
-        protocols,
-        admin: config.admin_token,
         signer: config.signer,
         clock: config.clock,
-        limits: config.limits,
-        alerts: config.alerts,
         metrics: crate::metrics::Metrics::new()?,
-        login_codes: Default::default(),
         clock_guard: crate::clock::ClockGuard::new(config.max_clock_skew.as_millis() as u64),
         unacked: Default::default(),
+        limits: config.limits,
+    });
+    let state = Arc::new(AppState {
+        core,
+        protocols,
+        admin: config.admin_token,
+        alerts: config.alerts,
+        login_codes: Default::default(),
     });
     measure_clock(&state).await;
     Ok(state)
@@ -103,8 +106,8 @@ pub async fn serve(
     tracing::info!(addresses = ?state.protocols.reserved.addresses(), "never fetched for an agent");
     let sweeper = sweep_interval.map(|interval| tokio::spawn(sweep(state.clone(), interval)));
     let clock_watch = Some(tokio::spawn(watch_clock(state.clone())));
-    let withdraw = Some(tokio::spawn(crate::unacked::run(state.clone())));
-    let alerts = state.alerts.clone().map(|config| crate::alerts::spawn(state.clone(), config));
+    let withdraw = Some(tokio::spawn(crate::unacked::run(state.core.clone())));
+    let alerts = state.alerts.clone().map(|config| crate::alerts::spawn(state.core.clone(), config));
     // Request spans name the method and the path only: a query string may carry a credential
     // (the dashboard's event stream accepts the admin token there), and must never be logged.
     // A 5xx answer is not an error of this daemon by itself (503 x402_not_configured is expected

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::api::SharedState;
+use crate::app::Core;
 use crate::identity::{AgentId, HoldId};
 use crate::ledger::{Caller, LedgerError};
 
@@ -81,7 +81,7 @@ impl Unacked {
 
     /// One pass: voids every waiting hold (when Redis answers), forgets the withdrawn ones whose
     /// expiry has passed.
-    pub async fn withdraw(state: &SharedState) {
+    pub async fn withdraw(state: &Core) {
         let now = state.clock.now_ms();
         let due: Vec<(HoldId, AgentId, Option<String>, u64)> = {
             let mut entries = state.unacked.entries();
@@ -114,7 +114,7 @@ impl Unacked {
 
 /// Voids one unacknowledged hold; the stage it is in afterwards (`None`: forget it).
 async fn withdraw_one(
-    state: &SharedState,
+    state: &Core,
     agent: &AgentId,
     hold: &HoldId,
     key: Option<&str>,
@@ -159,7 +159,7 @@ async fn withdraw_one(
 }
 
 /// The withdrawal task: a pass every [`WITHDRAW_INTERVAL`].
-pub async fn run(state: SharedState) {
+pub async fn run(state: std::sync::Arc<Core>) {
     let mut ticker = tokio::time::interval(WITHDRAW_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

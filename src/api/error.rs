@@ -6,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use crate::outcome::Failure;
+
 use crate::ledger::LedgerError;
 use crate::receipt::ReceiptError;
 
@@ -42,59 +44,28 @@ impl ApiError {
     }
 }
 
+/// The one way a failure of the core or a flow becomes an HTTP answer: its kind's status
+/// (`status::of`), its code, detail and extra fields unchanged.
+impl From<Failure> for ApiError {
+    fn from(failure: Failure) -> ApiError {
+        ApiError {
+            status: super::status::of(failure.kind),
+            code: failure.code,
+            detail: failure.detail,
+            extra: failure.extra,
+        }
+    }
+}
+
 impl From<LedgerError> for ApiError {
     fn from(err: LedgerError) -> ApiError {
-        let status = match &err {
-            LedgerError::UnknownAgent | LedgerError::UnknownHold | LedgerError::UnknownBucket => StatusCode::NOT_FOUND,
-            LedgerError::Unauthorized => return ApiError::unauthorized(),
-            LedgerError::UnknownParent | LedgerError::TreeTooDeep | LedgerError::AmountExceedsHold => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
-            LedgerError::IdempotencyConflict => StatusCode::UNPROCESSABLE_ENTITY,
-            LedgerError::AgentExists
-            | LedgerError::HandleTaken
-            | LedgerError::HoldSettled
-            | LedgerError::HoldExpired
-            | LedgerError::HoldVoided
-            | LedgerError::IdempotencyInFlight
-            | LedgerError::HoldProtocolMismatch
-            | LedgerError::BucketExists
-            | LedgerError::CapBelowCommitted { .. } => StatusCode::CONFLICT,
-            LedgerError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-            LedgerError::Unavailable(cause) => {
-                tracing::error!(error = %cause, "ledger unavailable; refusing (fail closed)");
-                return ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ledger_unavailable",
-                    "the ledger is unavailable; nothing was paid",
-                );
-            }
-            LedgerError::OutcomeUnknown { cause, retry_key } => {
-                tracing::error!(error = %cause, "ledger call outcome unknown");
-                let error = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ledger_outcome_unknown",
-                    "the ledger did not answer in time and the call may have run; retry the same request \
-                     (with this idempotency_key for a hold) to learn its outcome",
-                );
-                return match retry_key {
-                    Some(key) => error.with_extra(json!({ "idempotency_key": key })),
-                    None => error,
-                };
-            }
-            LedgerError::Corrupt(_) => return ApiError::internal(err),
-            LedgerError::ClockSkew { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        ApiError::new(status, err.code(), err.to_string())
+        Failure::from(err).into()
     }
 }
 
 impl From<ReceiptError> for ApiError {
     fn from(err: ReceiptError) -> ApiError {
-        match err {
-            ReceiptError::Ledger(ledger) => ledger.into(),
-            other => ApiError::internal(other),
-        }
+        Failure::from(err).into()
     }
 }
 

@@ -10,10 +10,8 @@ pub mod holds;
 pub mod log;
 pub mod openapi;
 pub mod reports;
+pub mod status;
 pub mod unknown;
-
-use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
@@ -26,49 +24,10 @@ use serde::de::DeserializeOwned;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 pub use self::error::ApiError;
-use crate::clock::Clock;
-use crate::identity::{AdminToken, AgentId, AgentToken, TokenHash};
-use crate::ledger::{Caller, Ledger, LedgerError};
-use crate::receipt::ReceiptSigner;
+use crate::identity::{AgentId, AgentToken};
+use crate::ledger::LedgerError;
 
-/// Limits and defaults the HTTP layer enforces.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    pub body_bytes: usize,
-    pub default_hold_ttl: Duration,
-    pub max_hold_ttl: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            body_bytes: 64 * 1024,
-            default_hold_ttl: Duration::from_secs(300),
-            max_hold_ttl: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-pub struct AppState {
-    pub ledger: Ledger,
-    pub protocols: crate::protocols::Protocols,
-    pub admin: AdminToken,
-    pub signer: ReceiptSigner,
-    pub clock: Clock,
-    pub limits: Limits,
-    /// Where alert webhooks go (`None`: no alerts are sent).
-    pub alerts: Option<crate::alerts::AlertConfig>,
-    /// This instance's Prometheus counters (`/metrics`).
-    pub metrics: crate::metrics::Metrics,
-    /// One-time dashboard login codes (`serve --dev` prints one).
-    pub login_codes: dashboard::LoginCodes,
-    /// Whether this instance's clock agrees with the ledger's (payments and `/healthz` ask).
-    pub clock_guard: crate::clock::ClockGuard,
-    /// Holds whose grant never reached the agent (the ledger's answer was lost), to be voided.
-    pub unacked: crate::unacked::Unacked,
-}
-
-pub type SharedState = Arc<AppState>;
+pub use crate::app::{AppState, Limits, SharedState};
 
 pub fn router(state: SharedState) -> Router {
     let limit = state.limits.body_bytes;
@@ -154,18 +113,7 @@ impl FromRequestParts<SharedState> for Admin {
     }
 }
 
-/// An agent, as its bearer token names it. The token itself is checked by the ledger inside the
-/// same atomic step as the operation (by its SHA-256), so a rotated token stops at once.
-pub struct AgentAuth {
-    pub agent: AgentId,
-    pub token_hash: TokenHash,
-}
-
-impl AgentAuth {
-    pub fn caller(&self) -> Caller {
-        Caller::Agent(self.token_hash.clone())
-    }
-}
+pub use crate::identity::AgentAuth;
 
 impl FromRequestParts<SharedState> for AgentAuth {
     type Rejection = ApiError;
@@ -179,32 +127,12 @@ impl FromRequestParts<SharedState> for AgentAuth {
 /// Maps the ledger's answer for an agent-authenticated call: an unknown agent or a token that
 /// does not match are the same thing to the caller, an invalid token.
 pub fn agent_scoped(err: crate::ledger::LedgerError) -> ApiError {
-    match err {
-        crate::ledger::LedgerError::UnknownAgent | crate::ledger::LedgerError::Unauthorized => ApiError::unauthorized(),
-        other => other.into(),
-    }
+    crate::outcome::Failure::agent_scoped(err).into()
 }
 
-/// Refuses (403 `agent_revoked`) when the agent or an ancestor is revoked. For calls that would
-/// write something other than a payment attempt on the agent's behalf (a task outcome, a new AP2
-/// key, a mandate's budget): after revocation an agent's token reads its own state, and its
-/// payment attempts are refused by the hold itself, which logs the refusal. Settling and voiding
-/// holds it already had stay open to it: a known charge is always settled. A check before the
-/// write, not inside it: a write that races the revocation itself may still land.
+/// [`crate::pay::refuse_if_revoked`], answered over HTTP (403 `agent_revoked`).
 pub async fn refuse_if_revoked(state: &AppState, agent: &AgentId) -> Result<(), ApiError> {
-    let mut next = Some(agent.clone());
-    while let Some(id) = next {
-        let record = state.ledger.agent(&id).await.map_err(agent_scoped)?;
-        if record.revoked.is_some() {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "agent_revoked",
-                "the agent is revoked: its token reads its own state and nothing else",
-            ));
-        }
-        next = record.parent;
-    }
-    Ok(())
+    Ok(crate::pay::refuse_if_revoked(&state.core, agent).await?)
 }
 
 /// `Json<T>` whose rejections are our stable error codes. A JSON object that names one key twice,
@@ -333,12 +261,5 @@ pub mod json_keys {
 
 /// Checks a label (task, service) from outside: bounded length, no control characters.
 pub fn label(field: &'static str, value: &str, max: usize) -> Result<String, ApiError> {
-    if value.len() > max || value.chars().any(char::is_control) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_label",
-            format!("{field} must be at most {max} bytes without control characters"),
-        ));
-    }
-    Ok(value.to_owned())
+    Ok(crate::outcome::label(field, value, max)?)
 }

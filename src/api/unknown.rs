@@ -237,7 +237,7 @@ pub async fn resolve(
                     if e.code == LedgerError::AmountExceedsHold.code() {
                         unprocessable(e.code, e.detail)
                     } else {
-                        e
+                        e.into()
                     }
                 })?;
             (

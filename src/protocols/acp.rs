@@ -20,9 +20,9 @@ use adapters::acp::{Address, CardDetails, CurrencyPolicy, MerchantClient, Provid
 use adapters::conformance::ConformanceSink;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 use clap::Args;
 
 pub use self::checkout::{CancelRequest, CheckoutRequest, ItemRequest};
@@ -157,7 +157,7 @@ impl AcpConfig {
 /// What the ACP endpoints need at run time; `None` when ACP is not configured.
 #[derive(Debug, Default)]
 pub struct AcpService {
-    configured: Option<Acp>,
+    configured: Option<std::sync::Arc<Acp>>,
 }
 
 /// A configured ACP: provider clients, the owner's payment method, and the timings.
@@ -211,7 +211,7 @@ impl AcpService {
             currency = currency.with_rate(code, *rate).map_err(|error| config_error(error.to_string()))?;
         }
         Ok(AcpService {
-            configured: Some(Acp {
+            configured: Some(std::sync::Arc::new(Acp {
                 psp,
                 psp_name,
                 merchants,
@@ -221,11 +221,11 @@ impl AcpService {
                 hold_ttl_ms: duration_ms(config.hold_ttl),
                 lease_ms: duration_ms(config.lease),
                 resolve: config.resolve,
-            }),
+            })),
         })
     }
 
-    fn configured(&self) -> Result<&Acp, ApiError> {
+    fn configured(&self) -> Result<&std::sync::Arc<Acp>, ApiError> {
         self.configured.as_ref().ok_or_else(|| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -255,8 +255,8 @@ async fn create_checkout(
 ) -> Result<Response, ApiError> {
     let acp = state.protocols.acp.configured()?;
     let agent_key = crate::api::holds::idempotency_key(&headers)?;
-    let reply = checkout::checkout(&state, acp, &auth, agent_key, body).await?;
-    Ok((reply.status, Json(reply.body)).into_response())
+    let reply = checkout::checkout(&state.core, acp, &auth, agent_key, body).await?;
+    Ok(crate::api::status::reply(reply))
 }
 
 /// Cancels a checkout session at the merchant, and voids the hold of a purchase left open.
@@ -267,8 +267,8 @@ async fn cancel_checkout(
     ApiJson(body): ApiJson<CancelRequest>,
 ) -> Result<Response, ApiError> {
     let acp = state.protocols.acp.configured()?;
-    let reply = checkout::cancel(&state, acp, &auth, &checkout_session_id, body).await?;
-    Ok((reply.status, Json(reply.body)).into_response())
+    let reply = checkout::cancel(&state.core, acp, &auth, &checkout_session_id, body).await?;
+    Ok(crate::api::status::reply(reply))
 }
 
 #[cfg(test)]

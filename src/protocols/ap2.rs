@@ -24,6 +24,7 @@
 //! - `POST /v1/ap2/payments` — pay a merchant-signed checkout under open mandates ([`checkout`]).
 //! - `POST /v1/ap2/v0.1/payments` — pay a v0.1 CartMandate through the v0.1 processor ([`cart`]).
 
+mod budget;
 mod cart;
 mod checkout;
 mod config;
@@ -34,10 +35,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use adapters::ap2::types::{Frequency, PaymentInstrument};
+use adapters::ap2::types::PaymentInstrument;
 use adapters::ap2::{
-    verify_open_mandates, Ap2Error, CredentialProviderClient, Jwk, MandateConstraints, MerchantClient, OpenMandates,
-    ProviderConfig,
+    verify_open_mandates, Ap2Error, CredentialProviderClient, Jwk, MerchantClient, OpenMandates, ProviderConfig,
 };
 use adapters::conformance::ConformanceSink;
 use adapters::Micros;
@@ -49,13 +49,16 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use self::budget::{authenticate, check_enforceable, ensure_bucket, input_error, unix_secs};
 pub use self::cart::CartPaymentRequest;
 pub use self::checkout::PaymentRequest;
 pub use self::config::{Ap2File, CredentialProviderEntry, MerchantEntry, V01Entry};
 pub use self::keys::{Kek, KekError, KEY_ATTRIBUTE};
 use super::ConfigError;
-use crate::api::{agent_scoped, Admin, AgentAuth, ApiError, ApiJson, AppState, SharedState};
+use crate::api::{Admin, AgentAuth, ApiError, ApiJson, AppState, SharedState};
+use crate::app::Core;
 use crate::identity::AgentId;
+use crate::outcome::{Failure, Kind};
 
 /// Timeout of one Credential Provider, merchant or processor request, unless configured.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -220,13 +223,9 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    pub fn merchant(&self, id: &str) -> Result<&Merchant, ApiError> {
+    pub fn merchant(&self, id: &str) -> Result<&Merchant, Failure> {
         self.merchants.iter().find(|m| m.id == id).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "ap2_unknown_merchant",
-                format!("merchant {id:?} is not configured"),
-            )
+            Failure::new(Kind::Invalid, "ap2_unknown_merchant", format!("merchant {id:?} is not configured"))
         })
     }
 }
@@ -352,23 +351,43 @@ impl Ap2Service {
         })
     }
 
-    pub(crate) fn settings(&self) -> Result<&Settings, ApiError> {
+    pub(crate) fn settings(&self) -> Result<&Settings, Failure> {
         self.settings.as_ref().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+            Failure::new(
+                Kind::Unavailable,
                 "ap2_not_configured",
                 "AP2 payments are not configured on this daemon (SPENDCAP_AP2_CONFIG)",
             )
         })
     }
 
-    pub(crate) async fn agent_key(
-        &self,
-        state: &AppState,
-        agent: &AgentId,
-    ) -> Result<adapters::ap2::AgentKey, ApiError> {
-        keys::agent_key(state, &self.kek, self.kek_ephemeral, agent).await
+    pub(crate) async fn agent_key(&self, core: &Core, agent: &AgentId) -> Result<adapters::ap2::AgentKey, Failure> {
+        keys::agent_key(core, &self.kek, self.kek_ephemeral, agent).await
     }
+}
+
+/// `POST /v1/ap2/payments`: a v0.2 payment (the flow is `checkout::pay`).
+async fn pay_checkout(
+    auth: AgentAuth,
+    State(state): State<SharedState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(body): ApiJson<PaymentRequest>,
+) -> Result<axum::response::Response, ApiError> {
+    let header_key = crate::api::holds::idempotency_key(&headers)?;
+    let reply = checkout::pay(&state.core, &state.protocols.ap2, &auth, header_key, body).await?;
+    Ok(crate::api::status::reply(reply))
+}
+
+/// `POST /v1/ap2/v0.1/payments`: a v0.1 cart payment (the flow is `cart::pay`).
+async fn pay_cart(
+    auth: AgentAuth,
+    State(state): State<SharedState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(body): ApiJson<CartPaymentRequest>,
+) -> Result<axum::response::Response, ApiError> {
+    let header_key = crate::api::holds::idempotency_key(&headers)?;
+    let reply = cart::pay(&state.core, &state.protocols.ap2, &auth, header_key, body).await?;
+    Ok(crate::api::status::reply(reply))
 }
 
 pub fn router() -> Router<SharedState> {
@@ -378,149 +397,8 @@ pub fn router() -> Router<SharedState> {
         .route("/v1/ap2/mandates", post(register_mandates))
         .route("/v1/ap2/agents/{agent}/mandates", post(admin_register_mandates))
         .route("/v1/ap2/mandates/{mandate_id}", get(show_mandate))
-        .route("/v1/ap2/payments", post(checkout::pay))
-        .route("/v1/ap2/v0.1/payments", post(cart::pay))
-}
-
-/// Checks the agent's token (and that it is not unknown) before anything is done for it.
-pub(crate) async fn authenticate(state: &AppState, auth: &AgentAuth) -> Result<(), ApiError> {
-    state.ledger.balance(state.clock.now_ms(), &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
-    Ok(())
-}
-
-/// Unix seconds, as AP2 counts time.
-pub(crate) fn unix_secs(now_ms: u64) -> i64 {
-    i64::try_from(now_ms / 1000).unwrap_or(i64::MAX)
-}
-
-/// An AP2 message from the agent (a mandate, a checkout, a cart) was refused: 400 when it is not
-/// even well-formed, 402 when it passes a budget, 422 for everything else it fails.
-pub(crate) fn input_error(err: Ap2Error) -> ApiError {
-    let status = match &err {
-        Ap2Error::MalformedJwt(_) | Ap2Error::MalformedSdJwt(_) => StatusCode::BAD_REQUEST,
-        Ap2Error::BudgetExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
-        Ap2Error::InvalidKey(_) | Ap2Error::SigningFailed | Ap2Error::InvalidConfig(_) => {
-            return ApiError::internal(err)
-        }
-        _ => StatusCode::UNPROCESSABLE_ENTITY,
-    };
-    tracing::info!(code = err.code(), detail = %err, "AP2 request refused");
-    ApiError::new(status, err.code(), err.to_string())
-}
-
-/// Open mandate constraints the daemon cannot enforce are refused rather than ignored:
-/// `payment.agent_recurrence` with a frequency or a `max_occurrences` needs the history of
-/// earlier presentations, which the daemon does not keep (an `ON_DEMAND` recurrence with a
-/// budget is enforced by the budget bucket).
-pub(crate) fn check_enforceable(constraints: &MandateConstraints) -> Result<(), ApiError> {
-    match constraints.recurrence {
-        Some(r) if r.frequency != Frequency::OnDemand || r.max_occurrences.is_some() => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "ap2_unsupported_constraint",
-            "payment.agent_recurrence with a frequency other than ON_DEMAND or a max_occurrences is not supported",
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// The budget bucket of an open Payment Mandate: derived from its id, so every instance and
-/// every payment under it use the same one.
-pub(crate) fn bucket_id(constraints: &MandateConstraints) -> String {
-    format!("ap2:pm:{}", constraints.payment_mandate_id)
-}
-
-/// Creates the open mandate's budget bucket (idempotent: its terms come from the signed mandate).
-/// Exclusive, so that no two closed mandates of one open mandate are outstanding at once.
-pub(crate) async fn ensure_bucket(
-    state: &AppState,
-    agent: &AgentId,
-    constraints: &MandateConstraints,
-) -> Result<(String, bool), ApiError> {
-    let id = bucket_id(constraints);
-    let cap = constraints.budget.as_ref().map(|b| b.max).unwrap_or(Micros::MAX);
-    let label = format!("ap2 open payment mandate; checkout mandate {}", constraints.checkout_mandate_id);
-    let created =
-        state.ledger.create_bucket(state.clock.now_ms(), agent, &id, cap, true, &label).await.map_err(|e| match e {
-            crate::ledger::LedgerError::BucketExists => ApiError::new(
-                StatusCode::CONFLICT,
-                "ap2_mandate_taken",
-                "this open mandate's budget belongs to another agent",
-            ),
-            other => agent_scoped(other),
-        })?;
-    Ok((id, created))
-}
-
-/// Who paid a signed object first: the idempotency key and request fingerprint that every later
-/// request for the same object is answered with.
-pub(crate) struct Claim {
-    /// The budget bucket that lets the object be paid once: capped at its total, exclusive.
-    pub bucket: String,
-    pub key: String,
-    pub fingerprint: String,
-}
-
-/// Claims a merchant-signed object (a v0.2 checkout, a v0.1 cart) for one payment.
-///
-/// The object gets a budget bucket of its own, keyed on its signed content and capped at its
-/// total: every hold that pays it charges the bucket too, so however many idempotency keys,
-/// requests and instances try, the ledger lets it be held (and paid) once at a time and settled
-/// at most once. The first request's idempotency key and fingerprint are the bucket's label;
-/// later requests with other keys are answered as that first one (replayed, or resumed).
-pub(crate) async fn claim_payment(
-    state: &AppState,
-    agent: &AgentId,
-    bucket: String,
-    total: Micros,
-    key: &str,
-    fingerprint: &str,
-) -> Result<Claim, ApiError> {
-    let label = json!({ "first_key": key, "fingerprint": fingerprint }).to_string();
-    let taken = || {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "ap2_checkout_taken",
-            "another agent is paying this merchant-signed checkout",
-        )
-    };
-    let created = state.ledger.create_bucket(state.clock.now_ms(), agent, &bucket, total, true, &label).await.map_err(
-        |e| match e {
-            crate::ledger::LedgerError::BucketExists => taken(),
-            other => agent_scoped(other),
-        },
-    )?;
-    if created {
-        return Ok(Claim { bucket, key: key.to_owned(), fingerprint: fingerprint.to_owned() });
-    }
-    let stored = state
-        .ledger
-        .bucket(agent.tree(), &bucket)
-        .await?
-        .ok_or_else(|| ApiError::internal("a payment's budget bucket vanished after it was created"))?;
-    if stored.agent != *agent {
-        return Err(taken());
-    }
-    let first: Value = serde_json::from_str(&stored.label).map_err(ApiError::internal)?;
-    match (first["first_key"].as_str(), first["fingerprint"].as_str()) {
-        (Some(first_key), Some(first_fingerprint)) => {
-            Ok(Claim { bucket, key: first_key.to_owned(), fingerprint: first_fingerprint.to_owned() })
-        }
-        _ => Err(ApiError::internal("a payment's budget bucket has no first request")),
-    }
-}
-
-impl Claim {
-    /// The idempotency the hold is made with: this request's own key and fingerprint when it was
-    /// the first (so that the same key with another request is `idempotency_conflict`), else
-    /// the first request's (so that it is replayed or resumed, never paid again).
-    pub fn idempotency(&self, own_key: &str, own_fingerprint: &str) -> (String, String) {
-        if self.key == own_key {
-            (own_key.to_owned(), own_fingerprint.to_owned())
-        } else {
-            tracing::info!(first_key = %self.key, "a merchant-signed object already claimed: answering as its first request");
-            (self.key.clone(), self.fingerprint.clone())
-        }
-    }
+        .route("/v1/ap2/payments", post(pay_checkout))
+        .route("/v1/ap2/v0.1/payments", post(pay_cart))
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -693,50 +571,5 @@ async fn show_mandate(
     match bucket {
         Some(bucket) if bucket.agent == auth.agent => Ok(Json(mandate_view(&bucket, &mandate_id))),
         _ => Err(unknown()),
-    }
-}
-
-/// An answer as sent, and as stored for duplicates of an idempotent payment.
-pub(crate) struct Reply {
-    status: StatusCode,
-    body: Value,
-}
-
-impl Reply {
-    pub fn ok(status: StatusCode, body: Value) -> Reply {
-        Reply { status, body }
-    }
-
-    /// The body `ApiError` would send (`{code, detail, ...extra}`).
-    pub fn error(error: &ApiError) -> Reply {
-        let mut body = json!({ "code": error.code, "detail": error.detail });
-        if let (Some(Value::Object(extra)), Value::Object(map)) = (&error.extra, &mut body) {
-            map.extend(extra.clone());
-        }
-        Reply { status: error.status, body }
-    }
-
-    pub fn stored(&self) -> String {
-        json!({ "status": self.status.as_u16(), "body": self.body }).to_string()
-    }
-
-    /// A stored answer, marked `replayed`.
-    pub fn replay(stored: &str) -> Result<Reply, ApiError> {
-        let value: Value = serde_json::from_str(stored).map_err(ApiError::internal)?;
-        let status = value["status"]
-            .as_u64()
-            .and_then(|s| u16::try_from(s).ok())
-            .and_then(|s| StatusCode::from_u16(s).ok())
-            .ok_or_else(|| ApiError::internal("a stored AP2 answer has no status"))?;
-        let mut body = value["body"].clone();
-        if let Value::Object(map) = &mut body {
-            map.insert("replayed".into(), Value::Bool(true));
-        }
-        Ok(Reply { status, body })
-    }
-
-    pub fn into_response(self) -> axum::response::Response {
-        use axum::response::IntoResponse;
-        (self.status, Json(self.body)).into_response()
     }
 }

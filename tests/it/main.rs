@@ -18,6 +18,7 @@ mod fire;
 mod fleet;
 mod inherited;
 mod keyed_api;
+mod layering;
 mod ledger;
 mod mcp;
 mod metrics;

@@ -1155,3 +1155,37 @@ async fn what_the_facilitator_settled_is_what_the_ledger_settled() {
     assert_eq!(log.iter().filter(|e| e["event"] == "hold").count(), 9, "one hold per purchase, none for the timeout");
     assert_eq!(log.iter().filter(|e| e["event"] == "expire").count(), 2, "the declined ones, at validBefore");
 }
+
+/// The ledger calls of one purchase, counted by Redis itself (`INFO commandstats`; commands that
+/// functions run inside an FCALL are counted under their own names, so `fcall` is the number of
+/// round trips to the ledger): what a paid x402 fetch costs the ledger, and so what a change to
+/// the flow must not silently grow. A purchase is: precheck, hold (with its idempotency record),
+/// settle (the receipt signed ahead and linked in the same call) and the idempotency finish —
+/// 4 FCALLs — and 2 upstream requests (the unpaid one that gets the 402, the paid one). The
+/// first receipt of a budget tree this instance links costs one more call (its chain head is not
+/// known yet, so the receipt is linked after the settle).
+#[tokio::test]
+async fn a_paid_fetch_costs_four_ledger_calls_and_two_upstream_requests() {
+    let app = app_with(config()).await;
+    let server = v2_server("10000").await;
+    let agent = app.create_agent("counted", 1_000_000, None).await;
+    let redis = app.redis.clone().expect("a Redis ledger");
+    let url = format!("{}/weather", server.uri());
+    let fcalls = |stats: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_fcall:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    for (key, expected_calls) in [("first", 5), ("second", 4)] {
+        redis.cli(&["CONFIG", "RESETSTAT"]).expect("stats reset");
+        let before = server.received_requests().await.expect("recorded").len();
+        let (status, body) = fetch(&app, &agent.token, json!({"url": url, "task": "counted"}), Some(key)).await;
+        assert_eq!((status, body["payment"]["status"].as_str()), (200, Some("settled")), "{body}");
+        let stats = redis.cli(&["INFO", "commandstats"]).expect("stats");
+        assert_eq!(fcalls(&stats), expected_calls, "ledger calls of the {key} paid fetch:\n{stats}");
+        assert_eq!(server.received_requests().await.expect("recorded").len() - before, 2, "upstream requests");
+    }
+}

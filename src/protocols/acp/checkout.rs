@@ -22,6 +22,7 @@
 //! [`ResolvePolicy`]: super::ResolvePolicy
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use adapters::acp::{
     completed_order, pick_delegate_handler, require_ready, session_total, AcpError, Buyer, CancelReason,
@@ -30,16 +31,16 @@ use adapters::acp::{
     SessionStatus, SessionTotal,
 };
 use adapters::{Micros, Protocol};
-use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::reply::{acp_error, describe, with_fields, Reply};
+use super::reply::{acp_error, describe, reply_ok, with_fields, Reply};
 use super::{Acp, ResolvePolicy};
-use crate::api::{agent_scoped, AgentAuth, ApiError, AppState, SharedState};
-use crate::identity::HoldId;
+use crate::app::Core;
+use crate::identity::{AgentAuth, HoldId};
 use crate::ledger::{Grant, HoldInfo, Idempotency, IdempotencyFinish, IdempotencyMode, LedgerError};
+use crate::outcome::{label, Failure, Kind};
 use crate::pay::{self, Held, HoldSpec};
 use crate::receipt::Receipt;
 
@@ -146,10 +147,10 @@ enum Outcome {
     /// Finished (paid, or voided with nothing spent): the answer, for this request and duplicates.
     Done(Reply),
     /// The hold stays open (the ledger failed): a retry with the same key resumes the purchase.
-    Open(ApiError),
+    Open(Failure),
     /// The merchant may have taken the payment: the hold is marked `unknown` (counted, never
     /// expiring) until a read-back, a retry, a cancel or an admin resolves it.
-    Unknown(ApiError),
+    Unknown(Failure),
 }
 
 /// What reading the session back (and, if it is still payable, canceling it) told.
@@ -163,10 +164,10 @@ enum Learned {
 }
 
 impl Acp {
-    fn merchant(&self, name: &str) -> Result<&MerchantClient, ApiError> {
+    fn merchant(&self, name: &str) -> Result<&MerchantClient, Failure> {
         self.merchants.get(name).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
+            Failure::new(
+                Kind::Invalid,
                 "acp_unknown_merchant",
                 format!("no merchant {:?} is configured", name.chars().take(64).collect::<String>()),
             )
@@ -175,8 +176,8 @@ impl Acp {
 }
 
 /// Checks the agent's token against the ledger before any merchant is called.
-async fn verify_token(state: &AppState, auth: &AgentAuth) -> Result<(), ApiError> {
-    state.ledger.balance(state.clock.now_ms(), &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
+async fn verify_token(core: &Core, auth: &AgentAuth) -> Result<(), Failure> {
+    core.ledger.balance(core.clock.now_ms(), &auth.agent, &auth.caller()).await.map_err(Failure::agent_scoped)?;
     Ok(())
 }
 
@@ -189,12 +190,12 @@ fn sha256_hex(parts: &[&str]) -> String {
     hex::encode(hasher.finalize())
 }
 
-fn provider_key(text: String) -> Result<IdempotencyKey, ApiError> {
-    IdempotencyKey::new(text).map_err(ApiError::internal)
+fn provider_key(text: String) -> Result<IdempotencyKey, Failure> {
+    IdempotencyKey::new(text).map_err(Failure::internal)
 }
 
-fn invalid_body(detail: &str) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", detail)
+fn invalid_body(detail: &str) -> Failure {
+    Failure::new(Kind::Invalid, "invalid_body", detail)
 }
 
 /// The session to pay: read, or created from the items. A retried creation (same agent key)
@@ -205,7 +206,7 @@ async fn read_session(
     auth: &AgentAuth,
     agent_key: Option<&str>,
     body: &CheckoutRequest,
-) -> Result<CheckoutSession, ApiError> {
+) -> Result<CheckoutSession, Failure> {
     let for_creation = body.currency.is_some() || body.buyer.is_some() || body.fulfillment_details.is_some();
     let session = match (&body.checkout_session_id, &body.items) {
         (Some(id), None) if !for_creation => merchant.retrieve_session(id).await,
@@ -249,31 +250,31 @@ async fn read_session(
 
 /// `POST /v1/acp/checkouts`.
 pub(super) async fn checkout(
-    state: &SharedState,
-    acp: &Acp,
+    core: &Arc<Core>,
+    acp: &Arc<Acp>,
     auth: &AgentAuth,
     agent_key: Option<String>,
     body: CheckoutRequest,
-) -> Result<Reply, ApiError> {
+) -> Result<Reply, Failure> {
     let merchant = acp.merchant(&body.merchant)?;
     let merchant_name = body.merchant.as_str();
     // Checked here as well as by the hold, so that a bad label creates no session at the merchant.
-    crate::api::label("task", &body.task, 128)?;
+    label("task", &body.task, 128)?;
     // Nothing reaches the merchant for an agent that is revoked, suspended, expired or may not
     // pay this merchant over ACP (the refusal is logged like a refused hold). The amount is not
     // known yet; the hold decides about it.
-    pay::precheck_task(state, auth, Protocol::Acp, merchant_name, &body.task).await?;
+    pay::precheck_task(core, auth, Protocol::Acp, merchant_name, &body.task).await?;
     // The agent's key stands for the whole request it sent; another request under it is refused
     // before anyone is called (the hold decides again, atomically).
     let keyed = agent_key.as_ref().map(|key| (format!("acp:{key}"), crate::fingerprint::of("acp.checkout", &body)));
     if let Some((key, fingerprint)) = &keyed {
-        let first = state.ledger.idempotency_fingerprint(state.clock.now_ms(), &auth.agent, key).await;
-        if first.map_err(agent_scoped)?.is_some_and(|first| first != *fingerprint) {
-            return Err(agent_scoped(LedgerError::IdempotencyConflict));
+        let first = core.ledger.idempotency_fingerprint(core.clock.now_ms(), &auth.agent, key).await;
+        if first.map_err(Failure::agent_scoped)?.is_some_and(|first| first != *fingerprint) {
+            return Err(Failure::agent_scoped(LedgerError::IdempotencyConflict));
         }
     }
     let mut session = read_session(merchant, merchant_name, auth, agent_key.as_deref(), &body).await?;
-    let on_session = |error: ApiError, id: &str| with_fields(error, json!({ "checkout_session_id": id }));
+    let on_session = |error: Failure, id: &str| with_fields(error, json!({ "checkout_session_id": id }));
     let refuse = |error: AcpError, id: &str| {
         tracing::info!(agent = %auth.agent, merchant = merchant_name, checkout_session_id = %id,
             code = error.code(), detail = %describe(&error), "ACP checkout refused before holding");
@@ -298,14 +299,14 @@ pub(super) async fn checkout(
         let key = format!("acp:{merchant_name}:{}", session.id);
         (key, sha256_hex(&[merchant_name, &session.id, &total.minor_units.to_string(), &total.currency]))
     });
-    let lease = session_lease(state, auth, merchant_name, &session.id).await.map_err(|e| on_session(e, &session.id))?;
+    let lease = session_lease(core, auth, merchant_name, &session.id).await.map_err(|e| on_session(e, &session.id))?;
     let held = pay::hold_with_budgets(
-        state,
+        core,
         auth,
         HoldSpec {
             intent: &intent,
             task: &body.task,
-            expires: crate::ledger::HoldExpiry::At(state.clock.now_ms().saturating_add(acp.hold_ttl_ms)),
+            expires: crate::ledger::HoldExpiry::At(core.clock.now_ms().saturating_add(acp.hold_ttl_ms)),
             idempotency: Some(Idempotency {
                 key: key.clone(),
                 fingerprint,
@@ -332,7 +333,7 @@ pub(super) async fn checkout(
     if resumed {
         // A resumed purchase pays what its hold was made for, and looks at the session as it is
         // now: a created session's replayed answer may be stale (canceled since, say).
-        match pay::hold_info(state, auth, &grant.hold_id).await.map(|info| held_total(&info, &grant)) {
+        match pay::hold_info(core, auth, &grant.hold_id).await.map(|info| held_total(&info, &grant)) {
             Ok(Some(held)) => total = held,
             Ok(None) => {}
             Err(error) => return Err(with_fields(error, json!({ "hold_id": grant.hold_id.as_str() }))),
@@ -342,7 +343,7 @@ pub(super) async fn checkout(
                 Ok(fresh) => session = fresh,
                 Err(error) => {
                     tracing::warn!(hold = %grant.hold_id, code = error.code(), "could not read a resumed ACP session back");
-                    let _ = pay::finish(state, auth, &key, IdempotencyFinish::Release).await;
+                    let _ = pay::finish(core, auth, &key, IdempotencyFinish::Release).await;
                     let error = with_fields(acp_error(&error), json!({ "hold_id": grant.hold_id.as_str() }));
                     return Err(on_session(error, &session.id));
                 }
@@ -350,10 +351,10 @@ pub(super) async fn checkout(
         }
     }
 
-    let purchase = Purchase { state, acp, auth, merchant_name, merchant, total, grant };
+    let purchase = Purchase { core, acp, auth, merchant_name, merchant, total, grant };
     match purchase.run(&session, resumed).await {
         Outcome::Done(reply) => {
-            if let Err(error) = pay::finish(state, auth, &key, IdempotencyFinish::Done(reply.stored())).await {
+            if let Err(error) = pay::finish(core, auth, &key, IdempotencyFinish::Done(reply.stored())).await {
                 // The record stays in flight until its lease ends; a duplicate then resumes the
                 // hold and finds the purchase finished (settled or voided), so nothing is lost.
                 tracing::warn!(hold = %purchase.grant.hold_id, code = error.code, "could not store the ACP answer");
@@ -361,26 +362,26 @@ pub(super) async fn checkout(
             Ok(reply)
         }
         Outcome::Open(error) => {
-            if let Err(finish_error) = pay::finish(state, auth, &key, IdempotencyFinish::Release).await {
+            if let Err(finish_error) = pay::finish(core, auth, &key, IdempotencyFinish::Release).await {
                 tracing::warn!(hold = %purchase.grant.hold_id, code = finish_error.code, "could not release the ACP purchase");
             }
             Err(purchase.on_hold(error))
         }
         Outcome::Unknown(error) => {
-            if let Err(finish_error) = pay::finish(state, auth, &key, IdempotencyFinish::Release).await {
+            if let Err(finish_error) = pay::finish(core, auth, &key, IdempotencyFinish::Release).await {
                 tracing::warn!(hold = %purchase.grant.hold_id, code = finish_error.code, "could not release the ACP purchase");
             }
             let error = purchase.on_hold(error);
-            resolve_later(state, acp.resolve, auth, merchant_name, purchase.total, purchase.grant, key);
+            resolve_later(core, acp, acp.resolve, auth, merchant_name, purchase.total, purchase.grant, key);
             Err(error)
         }
     }
 }
 
 /// 409 `acp_session_busy`: the session's exclusive budget has an outstanding purchase.
-fn session_busy() -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
+fn session_busy() -> Failure {
+    Failure::new(
+        Kind::Conflict,
         "acp_session_busy",
         "another purchase of this checkout session is in progress or its outcome is not known yet; retry that \
          purchase's Idempotency-Key, or cancel it",
@@ -389,18 +390,17 @@ fn session_busy() -> ApiError {
 
 /// The session's exclusive budget: at most one open (or unknown) hold of this agent pays it.
 async fn session_lease(
-    state: &AppState,
+    core: &Core,
     auth: &AgentAuth,
     merchant_name: &str,
     session_id: &str,
-) -> Result<String, ApiError> {
+) -> Result<String, Failure> {
     let id = format!("acp:{}", &sha256_hex(&[auth.agent.as_str(), merchant_name, session_id])[..40]);
     let label: String = format!("acp {merchant_name} {session_id}").chars().take(200).collect();
-    state
-        .ledger
-        .create_bucket(state.clock.now_ms(), &auth.agent, &id, Micros::MAX, true, &label)
+    core.ledger
+        .create_bucket(core.clock.now_ms(), &auth.agent, &id, Micros::MAX, true, &label)
         .await
-        .map_err(agent_scoped)?;
+        .map_err(Failure::agent_scoped)?;
     Ok(id)
 }
 
@@ -418,8 +418,10 @@ fn held_total(info: &HoldInfo, grant: &Grant) -> Option<SessionTotal> {
 /// Reads an unknown purchase back in the background, with backoff, until it is settled or
 /// voided; when the reads run out, the hold stays `unknown` (counted) for a retry, a cancel or an
 /// admin to resolve.
+#[allow(clippy::too_many_arguments)]
 fn resolve_later(
-    state: &SharedState,
+    core: &Arc<Core>,
+    acp: &Arc<Acp>,
     policy: ResolvePolicy,
     auth: &AgentAuth,
     merchant_name: &str,
@@ -430,20 +432,19 @@ fn resolve_later(
     if policy.attempts == 0 {
         return;
     }
-    let state = state.clone();
-    let auth = AgentAuth { agent: auth.agent.clone(), token_hash: auth.token_hash.clone() };
+    let (core, acp) = (core.clone(), acp.clone());
+    let auth = auth.clone();
     let merchant_name = merchant_name.to_owned();
     tokio::spawn(async move {
-        let Some(acp) = state.protocols.acp.configured.as_ref() else { return };
         let Ok(merchant) = acp.merchant(&merchant_name) else { return };
         let purchase =
-            Purchase { state: &state, acp, auth: &auth, merchant_name: &merchant_name, merchant, total, grant };
+            Purchase { core: &core, acp: &acp, auth: &auth, merchant_name: &merchant_name, merchant, total, grant };
         let hold = &purchase.grant.hold_id;
         let mut wait = policy.first_wait;
         for attempt in 1..=policy.attempts {
             tokio::time::sleep(wait).await;
             wait = wait.saturating_mul(2).min(policy.max_wait);
-            match pay::hold_info(&state, &auth, hold).await {
+            match pay::hold_info(&core, &auth, hold).await {
                 Ok(info) if info.state == "unknown" || info.state == "open" => {}
                 // Resolved by a retry, a cancel or an admin meanwhile.
                 Ok(_) => return,
@@ -458,9 +459,9 @@ fn resolve_later(
                 Learned::Unknown => continue,
             };
             if let Outcome::Done(reply) = outcome {
-                tracing::info!(agent = %auth.agent, hold = %hold, attempt, status = reply.status.as_u16(),
+                tracing::info!(agent = %auth.agent, hold = %hold, attempt, failure = ?reply.failure,
                     "ACP outcome resolved by reading the session back");
-                if let Err(error) = pay::finish(&state, &auth, &key, IdempotencyFinish::Done(reply.stored())).await {
+                if let Err(error) = pay::finish(&core, &auth, &key, IdempotencyFinish::Done(reply.stored())).await {
                     tracing::warn!(hold = %hold, code = error.code, "could not store the resolved ACP answer");
                 }
                 return;
@@ -474,7 +475,7 @@ fn resolve_later(
 
 /// A purchase that holds its money.
 struct Purchase<'a> {
-    state: &'a AppState,
+    core: &'a Core,
     acp: &'a Acp,
     auth: &'a AgentAuth,
     merchant_name: &'a str,
@@ -490,23 +491,23 @@ impl Purchase<'_> {
     }
 
     /// Adds the session and the hold to an error's body.
-    fn on_hold(&self, error: ApiError) -> ApiError {
+    fn on_hold(&self, error: Failure) -> Failure {
         with_fields(error, json!({ "checkout_session_id": self.session_id(), "hold_id": self.grant.hold_id.as_str() }))
     }
 
     /// The provider `Idempotency-Key` of one step of this purchase: the same on every retry.
-    fn step_key(&self, step: &str) -> Result<IdempotencyKey, ApiError> {
+    fn step_key(&self, step: &str) -> Result<IdempotencyKey, Failure> {
         provider_key(format!("{}:{step}", self.grant.hold_id))
     }
 
     async fn run(&self, session: &CheckoutSession, resumed: bool) -> Outcome {
         if resumed {
-            match pay::hold_info(self.state, self.auth, &self.grant.hold_id).await {
+            match pay::hold_info(self.core, self.auth, &self.grant.hold_id).await {
                 Err(error) => return Outcome::Open(error),
                 Ok(info) if matches!(info.state.as_str(), "open" | "unknown" | "settled") => {}
                 Ok(info) => {
-                    let error = ApiError::new(
-                        StatusCode::CONFLICT,
+                    let error = Failure::new(
+                        Kind::Conflict,
                         "acp_purchase_ended",
                         format!(
                             "this purchase's hold was {} before it finished; send a new Idempotency-Key to try again",
@@ -514,7 +515,7 @@ impl Purchase<'_> {
                         ),
                     )
                     .with_extra(json!({ "hold_state": info.state }));
-                    return Outcome::Done(Reply::error(self.on_hold(error)));
+                    return Outcome::Done(Reply::error(&self.on_hold(error)));
                 }
             }
         }
@@ -522,8 +523,8 @@ impl Purchase<'_> {
             SessionStatus::ReadyForPayment => self.pay(session).await,
             SessionStatus::Completed if resumed => self.settle_completed(session).await,
             SessionStatus::CompleteInProgress if resumed => {
-                self.unknown(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
+                self.unknown(Failure::new(
+                    Kind::ProviderTimeout,
                     "acp_complete_in_progress",
                     "the merchant is still completing the checkout session",
                 ))
@@ -559,9 +560,7 @@ impl Purchase<'_> {
         // The allowance is the total read, which is what was held; it can never exceed the hold.
         match self.acp.currency.to_micros(self.total.minor_units, &self.total.currency) {
             Ok(allowed) if allowed <= self.grant.amount => {}
-            _ => {
-                return self.void("allowance_exceeds_hold", ApiError::internal("ACP allowance exceeds the hold")).await
-            }
+            _ => return self.void("allowance_exceeds_hold", Failure::internal("ACP allowance exceeds the hold")).await,
         }
         let metadata = BTreeMap::from([
             ("agent_id".to_owned(), self.auth.agent.to_string()),
@@ -629,8 +628,8 @@ impl Purchase<'_> {
             | SessionStatus::PendingApproval
             | SessionStatus::InProgress
             | SessionStatus::Other(_) => {
-                let error = ApiError::new(
-                    StatusCode::BAD_GATEWAY,
+                let error = Failure::new(
+                    Kind::Provider,
                     "acp_not_completed",
                     format!("the merchant answered the completion with status {} and no order", session.status),
                 );
@@ -661,7 +660,7 @@ impl Purchase<'_> {
                     ("merchant_code".to_owned(), code),
                 ]);
                 self.note("merchant_declined", &note).await;
-                let error = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "acp_merchant_declined", detail)
+                let error = Failure::new(Kind::Invalid, "acp_merchant_declined", detail)
                     .with_extra(json!({ "session_status": session.status.as_str(), "messages": messages }));
                 self.void("merchant_declined", error).await
             }
@@ -675,8 +674,8 @@ impl Purchase<'_> {
     async fn settle_completed(&self, session: &CheckoutSession) -> Outcome {
         let Some(order) = completed_order(session) else {
             return self
-                .unknown(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
+                .unknown(Failure::new(
+                    Kind::Provider,
                     "acp_not_completed",
                     format!("the checkout session is {} without an order", session.status),
                 ))
@@ -714,7 +713,7 @@ impl Purchase<'_> {
             details.insert("completed_minor_units".into(), total.minor_units.to_string());
             details.insert("completed_currency".into(), total.currency.clone());
         }
-        let settlement = match pay::settle(self.state, self.auth, &self.grant.hold_id, amount, &details).await {
+        let settlement = match pay::settle(self.core, self.auth, &self.grant.hold_id, amount, &details).await {
             Ok(settlement) => settlement,
             Err(error) => {
                 tracing::error!(agent = %self.auth.agent, hold = %self.grant.hold_id, order_id = order.order_id,
@@ -770,7 +769,7 @@ impl Purchase<'_> {
             replayed: false,
             receipt: settlement.receipt,
         };
-        match Reply::ok(&answer) {
+        match reply_ok(&answer) {
             Ok(reply) => Outcome::Done(reply),
             Err(error) => Outcome::Open(error),
         }
@@ -809,7 +808,7 @@ impl Purchase<'_> {
     }
 
     /// The completion's outcome is unknown: learn it from the merchant, or mark the hold unknown.
-    async fn resolve(&self, reason: &'static str, cause: &AcpError, error: ApiError) -> Outcome {
+    async fn resolve(&self, reason: &'static str, cause: &AcpError, error: Failure) -> Outcome {
         tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, code = cause.code(),
             detail = %describe(cause), "ACP completion outcome unknown; reading the session back");
         match self.learn().await {
@@ -821,16 +820,16 @@ impl Purchase<'_> {
 
     /// The payment may have happened: the hold is marked `unknown`, so it stays counted and
     /// never expires, until a read-back, a retry, a cancel or an admin resolves it.
-    async fn unknown(&self, cause: ApiError) -> Outcome {
-        if let Err(error) = pay::mark_unknown(self.state, &self.grant.hold_id, cause.code).await {
+    async fn unknown(&self, cause: Failure) -> Outcome {
+        if let Err(error) = pay::mark_unknown(self.core, &self.grant.hold_id, cause.code).await {
             // The hold stays open (counted until its expiry); the read-backs still run.
             tracing::error!(hold = %self.grant.hold_id, code = error.code, "could not mark an ACP hold unknown");
         }
         tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, code = cause.code,
             "ACP payment outcome unknown; the hold stays counted until it is resolved");
         Outcome::Unknown(
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
+            Failure::new(
+                Kind::ProviderTimeout,
                 "acp_outcome_unknown",
                 "the merchant has not confirmed whether it took the payment; the money stays held (outcome \
                  unknown) while the daemon reads the session back. Retry with the same Idempotency-Key to finish \
@@ -841,8 +840,8 @@ impl Purchase<'_> {
     }
 
     /// Voids the hold (nothing spent) and answers with `error`.
-    async fn void(&self, reason: &str, error: ApiError) -> Outcome {
-        let released = match pay::void(self.state, self.auth, &self.grant.hold_id, reason).await {
+    async fn void(&self, reason: &str, error: Failure) -> Outcome {
+        let released = match pay::void(self.core, self.auth, &self.grant.hold_id, reason).await {
             Ok(released) => released,
             // Voided already (a concurrent cancel) or expired: nothing is spent either way.
             Err(ended) if ended.code == "hold_voided" || ended.code == "hold_expired" => Micros::ZERO,
@@ -854,7 +853,7 @@ impl Purchase<'_> {
         tracing::info!(agent = %self.auth.agent, hold = %self.grant.hold_id, merchant = self.merchant_name,
             checkout_session_id = self.session_id(), reason, "ACP purchase voided; nothing spent");
         let fields = json!({ "voided": true, "released_micros": released.get(), "void_reason": reason });
-        Outcome::Done(Reply::error(self.on_hold(with_fields(error, fields))))
+        Outcome::Done(Reply::error(&self.on_hold(with_fields(error, fields))))
     }
 
     /// Logs a provider's error code against the hold (never the PSP's free text).
@@ -868,7 +867,7 @@ impl Purchase<'_> {
     }
 
     async fn note(&self, reason: &str, detail: &BTreeMap<String, String>) {
-        if let Err(error) = pay::note(self.state, self.auth, &self.grant.hold_id, reason, detail).await {
+        if let Err(error) = pay::note(self.core, self.auth, &self.grant.hold_id, reason, detail).await {
             tracing::warn!(hold = %self.grant.hold_id, code = error.code, "could not log a note on an ACP hold");
         }
     }
@@ -876,24 +875,24 @@ impl Purchase<'_> {
 
 /// A merchant `Idempotency-Key` for one cancel: fresh each time, so that it never meets another
 /// cancel's key with another body (the session is read first, so a repeated cancel is harmless).
-fn cancel_key(hold: &HoldId) -> Result<IdempotencyKey, ApiError> {
+fn cancel_key(hold: &HoldId) -> Result<IdempotencyKey, Failure> {
     provider_key(format!("{hold}:cancel:{:016x}", rand::random::<u64>()))
 }
 
 /// The agent's hold for this merchant's session, for the cancel endpoint.
 async fn own_hold(
-    state: &AppState,
+    core: &Core,
     auth: &AgentAuth,
     text: &str,
     merchant_name: &str,
     checkout_session_id: &str,
-) -> Result<HoldInfo, ApiError> {
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "unknown_hold", "no such hold");
+) -> Result<HoldInfo, Failure> {
+    let not_found = || Failure::new(Kind::NotFound, "unknown_hold", "no such hold");
     let hold: HoldId = text.parse().map_err(|_| not_found())?;
     if hold.tree() != auth.agent.tree() {
         return Err(not_found());
     }
-    let info = pay::hold_info(state, auth, &hold).await.map_err(|error| match error.code {
+    let info = pay::hold_info(core, auth, &hold).await.map_err(|error| match error.code {
         "unknown_hold" => not_found(),
         _ => error,
     })?;
@@ -902,8 +901,8 @@ async fn own_hold(
         && info.service == merchant_name
         && details.get("checkout_session_id").map(String::as_str) == Some(checkout_session_id);
     if !same {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
+        return Err(Failure::new(
+            Kind::Invalid,
             "acp_hold_mismatch",
             "the hold is not this merchant's checkout session's",
         ));
@@ -915,8 +914,8 @@ async fn own_hold(
 }
 
 /// 409 `acp_already_completed`: the purchase was paid (and is settled).
-fn already_completed(hold: &str, settled: Micros, order_id: Option<&str>) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, "acp_already_completed", "the purchase was paid; its hold is settled")
+fn already_completed(hold: &str, settled: Micros, order_id: Option<&str>) -> Failure {
+    Failure::new(Kind::Conflict, "acp_already_completed", "the purchase was paid; its hold is settled")
         .with_extra(json!({ "hold_id": hold, "settled_micros": settled.get(), "order_id": order_id }))
 }
 
@@ -926,16 +925,16 @@ fn already_completed(hold: &str, settled: Micros, order_id: Option<&str>) -> Api
 /// hold is voided once the merchant confirms. A hold is never dropped while the merchant may
 /// still charge.
 pub(super) async fn cancel(
-    state: &AppState,
+    core: &Core,
     acp: &Acp,
     auth: &AgentAuth,
     checkout_session_id: &str,
     body: CancelRequest,
-) -> Result<Reply, ApiError> {
-    verify_token(state, auth).await?;
+) -> Result<Reply, Failure> {
+    verify_token(core, auth).await?;
     let merchant = acp.merchant(&body.merchant)?;
     let info = match &body.hold_id {
-        Some(text) => own_hold(state, auth, text, &body.merchant, checkout_session_id).await?,
+        Some(text) => own_hold(core, auth, text, &body.merchant, checkout_session_id).await?,
         None => return cancel_session(auth, merchant, &body.merchant, checkout_session_id).await,
     };
     if !matches!(info.state.as_str(), "open" | "unknown") {
@@ -949,8 +948,8 @@ pub(super) async fn cancel(
         expires_at_ms: info.expires_at_ms,
         replayed: true,
     };
-    let total = held_total(&info, &grant).ok_or_else(|| ApiError::internal("an ACP hold without its total"))?;
-    let purchase = Purchase { state, acp, auth, merchant_name: &body.merchant, merchant, total, grant };
+    let total = held_total(&info, &grant).ok_or_else(|| Failure::internal("an ACP hold without its total"))?;
+    let purchase = Purchase { core, acp, auth, merchant_name: &body.merchant, merchant, total, grant };
     let hold_text = info.hold_id.to_string();
     match purchase.learn().await {
         Learned::Completed(session) => match purchase.settle_completed(&session).await {
@@ -962,14 +961,14 @@ pub(super) async fn cancel(
             Outcome::Open(error) | Outcome::Unknown(error) => Err(purchase.on_hold(error)),
         },
         Learned::Ended(status) => {
-            let released = match pay::void(state, auth, &info.hold_id, "canceled_by_agent").await {
+            let released = match pay::void(core, auth, &info.hold_id, "canceled_by_agent").await {
                 Ok(released) => released,
                 Err(ended) if ended.code == "hold_voided" || ended.code == "hold_expired" => Micros::ZERO,
                 Err(error) => return Err(error),
             };
             tracing::info!(agent = %auth.agent, merchant = %body.merchant, checkout_session_id, hold = %info.hold_id,
                 released = released.get(), "ACP checkout session canceled; hold voided");
-            Reply::ok(&Canceled {
+            reply_ok(&Canceled {
                 status: "canceled",
                 merchant: &body.merchant,
                 checkout_session_id,
@@ -978,8 +977,8 @@ pub(super) async fn cancel(
                 released_micros: released.get(),
             })
         }
-        Learned::Unknown => Err(purchase.on_hold(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
+        Learned::Unknown => Err(purchase.on_hold(Failure::new(
+            Kind::ProviderTimeout,
             "acp_outcome_unknown",
             "the merchant neither confirmed the cancellation nor showed the session ended or completed; the money \
              stays held. Try again later",
@@ -993,7 +992,7 @@ async fn cancel_session(
     merchant: &MerchantClient,
     merchant_name: &str,
     checkout_session_id: &str,
-) -> Result<Reply, ApiError> {
+) -> Result<Reply, Failure> {
     let key = format!("cancel_{}", &sha256_hex(&[auth.agent.as_str(), merchant_name, checkout_session_id])[..48]);
     let request = CancelSessionRequest::with_reason(CancelReason::Other, Some("canceled by the agent"));
     let session = merchant.cancel_session(checkout_session_id, &request, &provider_key(key)?).await.map_err(|error| {
@@ -1006,15 +1005,15 @@ async fn cancel_session(
         }
     })?;
     if session.status != SessionStatus::Canceled {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
+        return Err(Failure::new(
+            Kind::Conflict,
             "acp_not_canceled",
             format!("the merchant answered the cancellation with status {}", session.status),
         )
         .with_extra(json!({ "checkout_session_id": checkout_session_id, "session_status": session.status.as_str() })));
     }
     tracing::info!(agent = %auth.agent, merchant = merchant_name, checkout_session_id, "ACP checkout session canceled");
-    Reply::ok(&Canceled {
+    reply_ok(&Canceled {
         status: "canceled",
         merchant: merchant_name,
         checkout_session_id,

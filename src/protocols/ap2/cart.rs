@@ -24,20 +24,18 @@ use adapters::ap2::v01::{
 };
 use adapters::ap2::{random_nonce, verify_payment_receipt, Ap2Error, MandateReference};
 use adapters::Protocol;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
+use super::budget::{authenticate, claim_payment, input_error, unix_secs};
 use super::checkout::{declined, note, settle_failed, truncate, unknown, void_with, Ending};
-use super::{
-    authenticate, claim_payment, input_error, unix_secs, Merchant, Reply, Settings, V01Processor, HOLD_GRACE_MS,
-};
-use crate::api::holds::idempotency_key;
-use crate::api::{label, AgentAuth, ApiError, ApiJson, AppState, SharedState};
+use super::Ap2Service;
+use super::{Merchant, Settings, V01Processor, HOLD_GRACE_MS};
+use crate::app::Core;
+use crate::identity::AgentAuth;
 use crate::ledger::{Grant, Idempotency, IdempotencyFinish, IdempotencyMode};
+use crate::outcome::{label, Failure, Kind, Reply};
 use crate::pay::{self, Held, HoldSpec};
 
 /// Largest processor answer read.
@@ -78,7 +76,7 @@ pub struct CartPaymentView {
     pub replayed: bool,
 }
 
-fn pick_merchant<'a>(settings: &'a Settings, body: &CartPaymentRequest) -> Result<&'a Merchant, ApiError> {
+fn pick_merchant<'a>(settings: &'a Settings, body: &CartPaymentRequest) -> Result<&'a Merchant, Failure> {
     if let Some(id) = &body.merchant {
         return settings.merchant(id);
     }
@@ -89,34 +87,31 @@ fn pick_merchant<'a>(settings: &'a Settings, body: &CartPaymentRequest) -> Resul
         return Err(input_error(Ap2Error::InvalidCart("the cart names no merchant_name".into())));
     };
     settings.merchants.iter().find(|m| m.v01_name.as_deref() == Some(name.as_str())).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "ap2_unknown_merchant",
-            format!("no configured merchant has v01_name {name:?}"),
-        )
+        Failure::new(Kind::Invalid, "ap2_unknown_merchant", format!("no configured merchant has v01_name {name:?}"))
     })
 }
 
+/// One v0.1 cart payment for `auth` (the agent's `Idempotency-Key` is `header_key`): the whole
+/// answer, kept for duplicates.
 pub async fn pay(
-    auth: AgentAuth,
-    State(state): State<SharedState>,
-    headers: HeaderMap,
-    ApiJson(body): ApiJson<CartPaymentRequest>,
-) -> Result<Response, ApiError> {
-    let ap2 = &state.protocols.ap2;
+    core: &Core,
+    ap2: &Ap2Service,
+    auth: &AgentAuth,
+    header_key: Option<String>,
+    body: CartPaymentRequest,
+) -> Result<Reply, Failure> {
     let settings = ap2.settings()?;
     let processor = settings.v01.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+        Failure::new(
+            Kind::Unavailable,
             "ap2_not_configured",
             "AP2 v0.1 payments need a v01 processor in the AP2 configuration",
         )
     })?;
-    authenticate(&state, &auth).await?;
+    authenticate(core, auth).await?;
     let task = label("task", &body.task, 128)?;
-    let header_key = idempotency_key(&headers)?;
-    let key = ap2.agent_key(&state, &auth.agent).await?;
-    let now_ms = state.clock.now_ms();
+    let key = ap2.agent_key(core, &auth.agent).await?;
+    let now_ms = core.clock.now_ms();
     let now = unix_secs(now_ms);
 
     let merchant = pick_merchant(settings, &body)?;
@@ -125,22 +120,22 @@ pub async fn pay(
     // mandate lifetime and at most the longest hold the daemon allows.
     let cart_expiry_ms = u64::try_from(cart.expires_at).unwrap_or(0).saturating_mul(1000);
     let shortest = now_ms + ap2.mandate_ttl.as_millis() as u64;
-    let longest = (now_ms + state.limits.max_hold_ttl.as_millis() as u64).max(shortest);
+    let longest = (now_ms + core.limits.max_hold_ttl.as_millis() as u64).max(shortest);
     let expires_at_ms = (cart_expiry_ms + HOLD_GRACE_MS).max(shortest).min(longest);
 
     // The cart's identity is what the merchant signed (its contents): one payment per cart,
     // whatever keys or `merchant_authorization` bytes the requests come with.
     // Refused agents are refused before the cart is claimed (see the v0.2 flow).
-    pay::precheck_task(&state, &auth, Protocol::Ap2, &cart.intent.service, &task).await?;
+    pay::precheck_task(core, auth, Protocol::Ap2, &cart.intent.service, &task).await?;
     let own_key = header_key.unwrap_or_else(|| format!("ap2-v01:{}", cart.contents_hash));
-    let cart_value: Value = serde_json::from_str(body.cart_mandate.get()).map_err(ApiError::internal)?;
+    let cart_value: Value = serde_json::from_str(body.cart_mandate.get()).map_err(Failure::internal)?;
     let own_fingerprint = crate::fingerprint::of(
         "ap2.v01.payments",
         &json!({ "cart_mandate": cart_value, "merchant": body.merchant, "task": body.task,
                  "method_details": body.method_details }),
     );
     let claim = claim_payment(
-        &state,
+        core,
         &auth.agent,
         format!("ap2:cart:{}", cart.contents_hash),
         cart.total,
@@ -162,24 +157,24 @@ pub async fn pay(
             mode: IdempotencyMode::Pending { lease_ms: ap2.lease.as_millis() as u64 },
         }),
     };
-    let (grant, resumed) = match pay::hold_with_budgets(&state, &auth, spec, vec![claim.bucket]).await? {
+    let (grant, resumed) = match pay::hold_with_budgets(core, auth, spec, vec![claim.bucket]).await? {
         Held::New(grant) => (grant, false),
         Held::Resumed(grant) => {
-            let info = pay::hold_info(&state, &auth, &grant.hold_id).await?;
+            let info = pay::hold_info(core, auth, &grant.hold_id).await?;
             if info.state != "open" && info.state != "unknown" {
-                let error = ApiError::new(
-                    StatusCode::CONFLICT,
+                let error = Failure::new(
+                    Kind::Conflict,
                     "ap2_payment_ended",
                     format!("an earlier attempt with this idempotency key ended as {}", info.state),
                 )
                 .with_extra(json!({ "hold_id": grant.hold_id.to_string(), "state": info.state }));
                 let reply = Reply::error(&error);
-                let _ = pay::finish(&state, &auth, &idempotency_key, IdempotencyFinish::Done(reply.stored())).await;
-                return Ok(reply.into_response());
+                let _ = pay::finish(core, auth, &idempotency_key, IdempotencyFinish::Done(reply.stored())).await;
+                return Ok(reply);
             }
             (grant, true)
         }
-        Held::Finished(stored) => return Reply::replay(&stored).map(Reply::into_response),
+        Held::Finished(stored) => return Reply::replay(&stored),
     };
 
     let params = PaymentMandateParams {
@@ -193,22 +188,22 @@ pub async fn pay(
     let ending = match create_payment_mandate(&key, &cart, &params, now, &ap2.conformance) {
         Err(error) => {
             let status = match error {
-                Ap2Error::InstrumentNotAllowed(_) => StatusCode::UNPROCESSABLE_ENTITY,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
+                Ap2Error::InstrumentNotAllowed(_) => Kind::Invalid,
+                _ => Kind::Internal,
             };
-            let api = ApiError::new(status, error.code(), error.to_string());
-            void_with(&state, &auth, &grant, resumed, "ap2_sign_failed", api).await
+            let api = Failure::new(status, error.code(), error.to_string());
+            void_with(core, auth, &grant, resumed, "ap2_sign_failed", api).await
         }
-        Ok(mandate) => present(&state, &auth, processor, merchant, &cart, &mandate, (&grant, resumed)).await,
+        Ok(mandate) => present(core, auth, processor, merchant, &cart, &mandate, (&grant, resumed)).await,
     };
     let (finish_as, reply) = match ending {
         Ending::Final(reply) => (IdempotencyFinish::Done(reply.stored()), reply),
         Ending::Unknown(reply) => (IdempotencyFinish::Release, reply),
     };
-    if let Err(error) = pay::finish(&state, &auth, &idempotency_key, finish_as).await {
+    if let Err(error) = pay::finish(core, auth, &idempotency_key, finish_as).await {
         tracing::warn!(agent = %auth.agent, code = error.code, "could not record the AP2 v0.1 payment's outcome");
     }
-    Ok(reply.into_response())
+    Ok(reply)
 }
 
 #[derive(Deserialize, Default)]
@@ -226,7 +221,7 @@ async fn post_mandate(
     processor: &V01Processor,
     cart: &VerifiedCart,
     mandate: &PaymentMandate,
-) -> Result<(StatusCode, ProcessorAnswer), Ap2Error> {
+) -> Result<(u16, ProcessorAnswer), Ap2Error> {
     let mut url = processor.url.clone();
     url.path_segments_mut()
         .map_err(|_| Ap2Error::InvalidConfig("processor URL cannot take a path".into()))?
@@ -240,7 +235,7 @@ async fn post_mandate(
         .send()
         .await
         .map_err(|e| Ap2Error::ProviderUnreachable(e.without_url().to_string()))?;
-    let status = response.status();
+    let status = response.status().as_u16();
     let mut bytes = Vec::new();
     while let Some(chunk) =
         response.chunk().await.map_err(|e| Ap2Error::ProviderUnreachable(e.without_url().to_string()))?
@@ -255,7 +250,7 @@ async fn post_mandate(
 }
 
 async fn present(
-    state: &AppState,
+    core: &Core,
     auth: &AgentAuth,
     processor: &V01Processor,
     merchant: &Merchant,
@@ -269,31 +264,31 @@ async fn present(
         "signed an AP2 v0.1 PaymentMandate");
     let (status, answer) = match post_mandate(processor, cart, mandate).await {
         Ok(answered) => answered,
-        Err(error) => return unknown(state, auth, grant, "ap2_outcome_unknown", error).await,
+        Err(error) => return unknown(core, auth, grant, "ap2_outcome_unknown", error).await,
     };
     let Some(receipt_jwt) = answer.payment_receipt else {
         let error = Ap2Error::ProviderError {
-            status: status.as_u16(),
+            status,
             detail: truncate(&format!(
                 "{}: {}",
                 answer.error.as_deref().unwrap_or("no payment_receipt"),
                 answer.error_description.as_deref().unwrap_or_default()
             )),
         };
-        if status.is_client_error() {
+        if (400..500).contains(&status) {
             let mut detail = BTreeMap::new();
             detail.insert("stage".to_owned(), "processor".to_owned());
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
-            note(state, auth, grant, "ap2_payment_declined", detail).await;
+            note(core, auth, grant, "ap2_payment_declined", detail).await;
             let api = declined("processor", answer.error.as_deref(), answer.error_description.as_deref());
-            return void_with(state, auth, grant, resumed, "ap2_payment_declined", api).await;
+            return void_with(core, auth, grant, resumed, "ap2_payment_declined", api).await;
         }
-        return unknown(state, auth, grant, "ap2_outcome_unknown", error).await;
+        return unknown(core, auth, grant, "ap2_outcome_unknown", error).await;
     };
     let reference = MandateReference { jwt_hash: mandate_id.clone(), sd_jwt_hash: mandate_id.clone() };
     let receipt: PaymentReceipt = match verify_payment_receipt(&receipt_jwt, &processor.keys, Some(&reference)) {
         Ok(receipt) => receipt,
-        Err(error) => return unknown(state, auth, grant, "ap2_receipt_invalid", error).await,
+        Err(error) => return unknown(core, auth, grant, "ap2_receipt_invalid", error).await,
     };
     if receipt.status == ReceiptStatus::Error {
         let mut detail = BTreeMap::new();
@@ -303,9 +298,9 @@ async fn present(
             .insert("error_description".to_owned(), truncate(receipt.error_description.as_deref().unwrap_or_default()));
         detail.insert("payment_id".to_owned(), receipt.payment_id.clone());
         detail.insert("payment_receipt_reference".to_owned(), receipt.reference.clone());
-        note(state, auth, grant, "ap2_payment_declined", detail).await;
+        note(core, auth, grant, "ap2_payment_declined", detail).await;
         let api = declined("processor", receipt.error.as_deref(), receipt.error_description.as_deref());
-        return void_with(state, auth, grant, resumed, "ap2_payment_declined", api).await;
+        return void_with(core, auth, grant, resumed, "ap2_payment_declined", api).await;
     }
 
     let mut details = cart.intent.details.clone();
@@ -321,12 +316,12 @@ async fn present(
             details.insert(name.to_owned(), value.clone());
         }
     }
-    let settlement = match pay::settle(state, auth, &grant.hold_id, cart.total, &details).await {
+    let settlement = match pay::settle(core, auth, &grant.hold_id, cart.total, &details).await {
         Ok(settlement) => settlement,
         Err(error) => {
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
                 "an AP2 v0.1 payment succeeded but could not be settled");
-            settle_failed(state, auth, grant, &error).await;
+            settle_failed(core, auth, grant, &error).await;
             return Ending::Unknown(Reply::error(&error));
         }
     };
@@ -346,5 +341,5 @@ async fn present(
         receipt: serde_json::to_value(&settlement.receipt).unwrap_or(Value::Null),
         replayed: false,
     };
-    Ending::Final(Reply::ok(StatusCode::OK, serde_json::to_value(&view).unwrap_or(Value::Null)))
+    Ending::Final(Reply::ok(serde_json::to_value(&view).unwrap_or(Value::Null)))
 }

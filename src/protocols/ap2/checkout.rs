@@ -34,21 +34,18 @@ use adapters::ap2::{
     Ap2Error, AuthorizedPayment, CloseParams, CredentialOutcome, MandateUsage, PaymentChoice, VerifiedCheckout,
 };
 use adapters::Protocol;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{
-    authenticate, check_enforceable, claim_payment, ensure_bucket, input_error, unix_secs, Merchant, Reply, Settings,
-    HOLD_GRACE_MS,
-};
-use crate::api::holds::idempotency_key;
-use crate::api::{label, AgentAuth, ApiError, ApiJson, AppState, SharedState};
+use super::budget::{authenticate, check_enforceable, claim_payment, ensure_bucket, input_error, unix_secs};
+use super::Ap2Service;
+use super::{Merchant, Settings, HOLD_GRACE_MS};
+use crate::app::Core;
+use crate::identity::AgentAuth;
 use crate::ledger::{Grant, Idempotency, IdempotencyFinish, IdempotencyMode};
+use crate::outcome::{label, Failure, Kind, Reply};
 use crate::pay::{self, Held, HoldSpec};
 
 /// `POST /v1/ap2/payments`.
@@ -112,7 +109,7 @@ fn verify_checkout<'a>(
     settings: &'a Settings,
     body: &PaymentRequest,
     now: i64,
-) -> Result<(&'a Merchant, VerifiedCheckout), ApiError> {
+) -> Result<(&'a Merchant, VerifiedCheckout), Failure> {
     let claimed = body.merchant.clone().or_else(|| peek_merchant_id(&body.checkout_jwt));
     let Some(claimed) = claimed else {
         // Not even readable: let the verifier say what is wrong with it.
@@ -125,8 +122,8 @@ fn verify_checkout<'a>(
     let merchant = settings.merchant(&claimed)?;
     let checkout = verify_checkout_jwt(&body.checkout_jwt, &merchant.keys, now).map_err(input_error)?;
     if checkout.merchant.id != merchant.id {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
+        return Err(Failure::new(
+            Kind::Invalid,
             "ap2_merchant_mismatch",
             format!("the checkout is from merchant {:?}, not {:?}", checkout.merchant.id, merchant.id),
         ));
@@ -134,19 +131,20 @@ fn verify_checkout<'a>(
     Ok((merchant, checkout))
 }
 
+/// One v0.2 payment for `auth` (the agent's `Idempotency-Key` is `header_key`): the whole answer,
+/// kept for duplicates.
 pub async fn pay(
-    auth: AgentAuth,
-    State(state): State<SharedState>,
-    headers: HeaderMap,
-    ApiJson(body): ApiJson<PaymentRequest>,
-) -> Result<Response, ApiError> {
-    let ap2 = &state.protocols.ap2;
+    core: &Core,
+    ap2: &Ap2Service,
+    auth: &AgentAuth,
+    header_key: Option<String>,
+    body: PaymentRequest,
+) -> Result<Reply, Failure> {
     let settings = ap2.settings()?;
-    authenticate(&state, &auth).await?;
+    authenticate(core, auth).await?;
     let task = label("task", &body.task, 128)?;
-    let header_key = idempotency_key(&headers)?;
-    let key = ap2.agent_key(&state, &auth.agent).await?;
-    let now_ms = state.clock.now_ms();
+    let key = ap2.agent_key(core, &auth.agent).await?;
+    let now_ms = core.clock.now_ms();
     let now = unix_secs(now_ms);
 
     // Everything the agent sent is checked before anything is held or signed.
@@ -170,8 +168,8 @@ pub async fn pay(
         authorize_payment(&open, &checkout, &choice, &MandateUsage::default(), now).map_err(input_error)?;
     // A revoked, suspended or expired agent, or one denied AP2 or this merchant, is refused here
     // (logged like any refusal) before its mandate or checkout is given a budget.
-    pay::precheck_task(&state, &auth, Protocol::Ap2, &authorized.intent().service, &task).await?;
-    let (bucket, _) = ensure_bucket(&state, &auth.agent, &open.constraints).await?;
+    pay::precheck_task(core, auth, Protocol::Ap2, &authorized.intent().service, &task).await?;
+    let (bucket, _) = ensure_bucket(core, &auth.agent, &open.constraints).await?;
 
     // The checkout's identity is its signed content: one payment per merchant-signed checkout,
     // whatever idempotency keys, signature bytes or instances the requests come with.
@@ -179,7 +177,7 @@ pub async fn pay(
     let own_key = header_key.unwrap_or_else(|| format!("ap2:{checkout_id}"));
     let own_fingerprint = crate::fingerprint::of("ap2.payments", &body);
     let claim =
-        claim_payment(&state, &auth.agent, format!("ap2:co:{checkout_id}"), checkout.total, &own_key, &own_fingerprint)
+        claim_payment(core, &auth.agent, format!("ap2:co:{checkout_id}"), checkout.total, &own_key, &own_fingerprint)
             .await?;
     let (idempotency_key, fingerprint) = claim.idempotency(&own_key, &own_fingerprint);
     let spec = HoldSpec {
@@ -192,31 +190,32 @@ pub async fn pay(
             mode: IdempotencyMode::Pending { lease_ms: ap2.lease.as_millis() as u64 },
         }),
     };
-    let (grant, resumed) = match pay::hold_with_budgets(&state, &auth, spec, vec![bucket, claim.bucket]).await? {
+    let (grant, resumed) = match pay::hold_with_budgets(core, auth, spec, vec![bucket, claim.bucket]).await? {
         Held::New(grant) => (grant, false),
         Held::Resumed(grant) => {
-            let info = pay::hold_info(&state, &auth, &grant.hold_id).await?;
+            let info = pay::hold_info(core, auth, &grant.hold_id).await?;
             if info.state != "open" && info.state != "unknown" {
                 let reply = Reply::error(
-                    &ApiError::new(
-                        StatusCode::CONFLICT,
+                    &Failure::new(
+                        Kind::Conflict,
                         "ap2_payment_ended",
                         format!("an earlier attempt with this idempotency key ended as {}", info.state),
                     )
                     .with_extra(json!({ "hold_id": grant.hold_id.to_string(), "state": info.state })),
                 );
-                finish(&state, &auth, &idempotency_key, IdempotencyFinish::Done(reply.stored())).await;
-                return Ok(reply.into_response());
+                finish(core, auth, &idempotency_key, IdempotencyFinish::Done(reply.stored())).await;
+                return Ok(reply);
             }
             tracing::info!(agent = %auth.agent, hold = %grant.hold_id, state = %info.state, "resuming an AP2 payment");
             (grant, true)
         }
-        Held::Finished(stored) => return Reply::replay(&stored).map(Reply::into_response),
+        Held::Finished(stored) => return Reply::replay(&stored),
     };
 
     let attempt = Attempt {
-        state: &state,
-        auth: &auth,
+        core,
+        ap2,
+        auth,
         settings,
         merchant,
         key: &key,
@@ -230,12 +229,12 @@ pub async fn pay(
         Ending::Final(reply) => (IdempotencyFinish::Done(reply.stored()), reply),
         Ending::Unknown(reply) => (IdempotencyFinish::Release, reply),
     };
-    finish(&state, &auth, &idempotency_key, finish_as).await;
-    Ok(reply.into_response())
+    finish(core, auth, &idempotency_key, finish_as).await;
+    Ok(reply)
 }
 
-async fn finish(state: &AppState, auth: &AgentAuth, key: &str, finish: IdempotencyFinish) {
-    if let Err(error) = pay::finish(state, auth, key, finish).await {
+async fn finish(core: &Core, auth: &AgentAuth, key: &str, finish: IdempotencyFinish) {
+    if let Err(error) = pay::finish(core, auth, key, finish).await {
         // The payment itself is decided; a duplicate meanwhile waits for the lease to run out.
         tracing::warn!(agent = %auth.agent, code = error.code, "could not record the AP2 payment's idempotent outcome");
     }
@@ -250,14 +249,8 @@ pub(super) enum Ending {
 }
 
 /// Sends the reason to the log as a note on the hold; failures to log are reported, not fatal.
-pub(super) async fn note(
-    state: &AppState,
-    auth: &AgentAuth,
-    grant: &Grant,
-    reason: &str,
-    detail: BTreeMap<String, String>,
-) {
-    if let Err(error) = pay::note(state, auth, &grant.hold_id, reason, &detail).await {
+pub(super) async fn note(core: &Core, auth: &AgentAuth, grant: &Grant, reason: &str, detail: BTreeMap<String, String>) {
+    if let Err(error) = pay::note(core, auth, &grant.hold_id, reason, &detail).await {
         tracing::warn!(agent = %auth.agent, hold = %grant.hold_id, code = error.code, "could not log an AP2 note");
     }
 }
@@ -270,17 +263,17 @@ pub(super) async fn note(
 /// say) proves nothing about the money. The hold is then marked unknown instead
 /// ([`unknown_after`]), never voided.
 pub(super) async fn void_with(
-    state: &AppState,
+    core: &Core,
     auth: &AgentAuth,
     grant: &Grant,
     resumed: bool,
     reason: &str,
-    error: ApiError,
+    error: Failure,
 ) -> Ending {
     if resumed {
-        return unknown_after(state, auth, grant, reason, error).await;
+        return unknown_after(core, auth, grant, reason, error).await;
     }
-    let voided = match pay::void(state, auth, &grant.hold_id, reason).await {
+    let voided = match pay::void(core, auth, &grant.hold_id, reason).await {
         Ok(_) => true,
         Err(void_error) => {
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = void_error.code,
@@ -297,8 +290,8 @@ pub(super) async fn void_with(
 /// Marks the hold `unknown` (counted against the caps, never expiring, until a retry settles it
 /// or an admin resolves it) with `reason` and `detail`; failures are logged: the hold stays
 /// open then, which keeps it counted until it expires.
-async fn mark_unknown(state: &AppState, auth: &AgentAuth, grant: &Grant, reason: &str, detail: &str) {
-    if let Err(error) = pay::mark_unknown(state, &grant.hold_id, &format!("{reason}: {detail}")).await {
+async fn mark_unknown(core: &Core, auth: &AgentAuth, grant: &Grant, reason: &str, detail: &str) {
+    if let Err(error) = pay::mark_unknown(core, &grant.hold_id, &format!("{reason}: {detail}")).await {
         tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
             "could not mark an AP2 hold unknown; it stays open until it expires");
     }
@@ -306,25 +299,19 @@ async fn mark_unknown(state: &AppState, auth: &AgentAuth, grant: &Grant, reason:
 
 /// A verified payment whose settle failed: the hold is marked unknown (if the ledger takes that),
 /// with the payment's facts in the reason, so that it stays counted until someone settles it.
-pub(super) async fn settle_failed(state: &AppState, auth: &AgentAuth, grant: &Grant, error: &ApiError) {
+pub(super) async fn settle_failed(core: &Core, auth: &AgentAuth, grant: &Grant, error: &Failure) {
     let detail = format!("the provider confirmed the payment but the settle failed ({})", error.code);
-    mark_unknown(state, auth, grant, "ap2_settle_failed", &detail).await;
+    mark_unknown(core, auth, grant, "ap2_settle_failed", &detail).await;
 }
 
 /// Logs why the outcome is unknown, marks the hold `unknown` and keeps it for a retry to resume.
-pub(super) async fn unknown(
-    state: &AppState,
-    auth: &AgentAuth,
-    grant: &Grant,
-    reason: &str,
-    error: Ap2Error,
-) -> Ending {
+pub(super) async fn unknown(core: &Core, auth: &AgentAuth, grant: &Grant, reason: &str, error: Ap2Error) -> Ending {
     let mut detail = BTreeMap::new();
     detail.insert("error".to_owned(), error.code().to_owned());
     detail.insert("detail".to_owned(), truncate(&error.to_string()));
-    note(state, auth, grant, reason, detail).await;
-    mark_unknown(state, auth, grant, reason, &error.to_string()).await;
-    let api = ApiError::new(StatusCode::BAD_GATEWAY, reason_code(reason), error.to_string()).with_extra(json!({
+    note(core, auth, grant, reason, detail).await;
+    mark_unknown(core, auth, grant, reason, &error.to_string()).await;
+    let api = Failure::new(Kind::Provider, reason_code(reason), error.to_string()).with_extra(json!({
         "hold_id": grant.hold_id.to_string(),
         "hold_state": "unknown",
         "provider_code": error.code(),
@@ -334,19 +321,19 @@ pub(super) async fn unknown(
 
 /// A resumed payment's refusal: the earlier attempt's outcome is still unknown, so the hold is
 /// marked unknown and the answer is 502 `ap2_outcome_unknown`, with this attempt's refusal.
-async fn unknown_after(state: &AppState, auth: &AgentAuth, grant: &Grant, reason: &str, error: ApiError) -> Ending {
+async fn unknown_after(core: &Core, auth: &AgentAuth, grant: &Grant, reason: &str, error: Failure) -> Ending {
     let mut detail = BTreeMap::new();
     detail.insert("error".to_owned(), error.code.to_string());
     detail.insert("detail".to_owned(), truncate(&error.detail));
     detail.insert("resumed".to_owned(), "true".to_owned());
-    note(state, auth, grant, reason, detail).await;
-    mark_unknown(state, auth, grant, reason, &format!("a resumed attempt was refused: {}", error.detail)).await;
+    note(core, auth, grant, reason, detail).await;
+    mark_unknown(core, auth, grant, reason, &format!("a resumed attempt was refused: {}", error.detail)).await;
     let mut extra = error.extra.clone().unwrap_or_else(|| json!({}));
     extra["hold_id"] = json!(grant.hold_id.to_string());
     extra["hold_state"] = json!("unknown");
     extra["provider_code"] = json!(error.code);
-    let api = ApiError::new(
-        StatusCode::BAD_GATEWAY,
+    let api = Failure::new(
+        Kind::Provider,
         "ap2_outcome_unknown",
         format!("an earlier attempt may have paid; this one was refused: {}", error.detail),
     )
@@ -367,7 +354,8 @@ pub(super) fn truncate(text: &str) -> String {
 
 /// One payment after its hold: everything signing and presenting needs.
 struct Attempt<'a> {
-    state: &'a AppState,
+    core: &'a Core,
+    ap2: &'a Ap2Service,
     auth: &'a AgentAuth,
     settings: &'a Settings,
     merchant: &'a Merchant,
@@ -381,8 +369,8 @@ struct Attempt<'a> {
 
 /// The payment after the hold: sign, obtain the token, complete, settle or void.
 async fn complete(attempt: Attempt<'_>) -> Ending {
-    let Attempt { state, auth, settings, merchant, key, authorized, grant, resumed, now } = attempt;
-    let ap2 = &state.protocols.ap2;
+    let Attempt { core, ap2, auth, settings, merchant, key, authorized, grant, resumed, now } = attempt;
+
     let params = CloseParams {
         checkout_audience: merchant.audience.clone(),
         checkout_nonce: random_nonce(),
@@ -394,19 +382,15 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
         Ok(closed) => closed,
         Err(error) => {
             // Nothing was signed (an open mandate or the checkout expired since it was checked).
-            let status = if matches!(error, Ap2Error::Expired { .. }) {
-                StatusCode::UNPROCESSABLE_ENTITY
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
+            let status = if matches!(error, Ap2Error::Expired { .. }) { Kind::Invalid } else { Kind::Internal };
             tracing::warn!(agent = %auth.agent, code = error.code(), "closing the AP2 mandates failed");
             return void_with(
-                state,
+                core,
                 auth,
                 grant,
                 resumed,
                 "ap2_close_failed",
-                ApiError::new(status, error.code(), error.to_string()),
+                Failure::new(status, error.code(), error.to_string()),
             )
             .await;
         }
@@ -425,18 +409,18 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
                 truncate(receipt.error_description.as_deref().unwrap_or_default()),
             );
             detail.insert("payment_id".to_owned(), receipt.payment_id.clone());
-            note(state, auth, grant, "ap2_credential_refused", detail).await;
+            note(core, auth, grant, "ap2_credential_refused", detail).await;
             let error = declined("credential_provider", receipt.error.as_deref(), receipt.error_description.as_deref());
-            return void_with(state, auth, grant, resumed, "ap2_credential_refused", error).await;
+            return void_with(core, auth, grant, resumed, "ap2_credential_refused", error).await;
         }
         Err(error) => {
             // No token reached anyone who could charge with it.
             let mut detail = BTreeMap::new();
             detail.insert("error".to_owned(), error.code().to_owned());
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
-            note(state, auth, grant, "ap2_credential_provider_error", detail).await;
-            let api = ApiError::new(StatusCode::BAD_GATEWAY, error.code(), error.to_string());
-            return void_with(state, auth, grant, resumed, "ap2_credential_provider_error", api).await;
+            note(core, auth, grant, "ap2_credential_provider_error", detail).await;
+            let api = Failure::new(Kind::Provider, error.code(), error.to_string());
+            return void_with(core, auth, grant, resumed, "ap2_credential_provider_error", api).await;
         }
     };
 
@@ -448,18 +432,18 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             detail.insert("stage".to_owned(), "merchant".to_owned());
             detail.insert("error".to_owned(), error.code().to_owned());
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
-            note(state, auth, grant, "ap2_merchant_declined", detail).await;
+            note(core, auth, grant, "ap2_merchant_declined", detail).await;
             let api = declined("merchant", Some(error.code()), Some(&error.to_string()));
-            return void_with(state, auth, grant, resumed, "ap2_merchant_declined", api).await;
+            return void_with(core, auth, grant, resumed, "ap2_merchant_declined", api).await;
         }
         Err(
             error @ (Ap2Error::ProviderUnreachable(_)
             | Ap2Error::ProviderError { .. }
             | Ap2Error::ProviderBadResponse(_)),
-        ) => return unknown(state, auth, grant, "ap2_outcome_unknown", error).await,
+        ) => return unknown(core, auth, grant, "ap2_outcome_unknown", error).await,
         // A receipt that does not verify (signature, issuer, schema, reference) proves nothing
         // either way.
-        Err(error) => return unknown(state, auth, grant, "ap2_receipt_invalid", error).await,
+        Err(error) => return unknown(core, auth, grant, "ap2_receipt_invalid", error).await,
     };
 
     if !completion.is_paid() {
@@ -476,16 +460,16 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             detail.insert("payment_receipt_reference".to_owned(), receipt.reference.clone());
             detail.insert("payment_id".to_owned(), receipt.payment_id.clone());
         }
-        note(state, auth, grant, "ap2_payment_declined", detail).await;
+        note(core, auth, grant, "ap2_payment_declined", detail).await;
         let api = declined("merchant", error.as_deref(), description.as_deref());
-        return void_with(state, auth, grant, resumed, "ap2_payment_declined", api).await;
+        return void_with(core, auth, grant, resumed, "ap2_payment_declined", api).await;
     }
 
     let checkout_receipt = &completion.checkout_receipt;
     let Some(payment_receipt) = &completion.payment_receipt else {
         // `is_paid` needs both receipts; this is unreachable, and unknown if it were not.
         return unknown(
-            state,
+            core,
             auth,
             grant,
             "ap2_receipt_invalid",
@@ -506,7 +490,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             details.insert(name.to_owned(), value.clone());
         }
     }
-    let settlement = match pay::settle(state, auth, &grant.hold_id, closed.amount, &details).await {
+    let settlement = match pay::settle(core, auth, &grant.hold_id, closed.amount, &details).await {
         Ok(settlement) => settlement,
         Err(error) => {
             // The merchant was paid; the hold must not be released. It stays, marked unknown so
@@ -514,7 +498,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             // it already ended.
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
                 "an AP2 payment succeeded but could not be settled");
-            settle_failed(state, auth, grant, &error).await;
+            settle_failed(core, auth, grant, &error).await;
             return Ending::Unknown(Reply::error(&error));
         }
     };
@@ -537,19 +521,15 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
         receipt: serde_json::to_value(&settlement.receipt).unwrap_or(Value::Null),
         replayed: false,
     };
-    Ending::Final(Reply::ok(StatusCode::OK, serde_json::to_value(&view).unwrap_or(Value::Null)))
+    Ending::Final(Reply::ok(serde_json::to_value(&view).unwrap_or(Value::Null)))
 }
 
 /// 402 `ap2_payment_declined`: a provider refused the payment (nothing was charged).
-pub(super) fn declined(stage: &str, error: Option<&str>, description: Option<&str>) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYMENT_REQUIRED,
-        "ap2_payment_declined",
-        format!("the {} declined the payment", stage.replace('_', " ")),
-    )
-    .with_extra(json!({
-        "stage": stage,
-        "error": error.map(truncate),
-        "error_description": description.map(truncate),
-    }))
+pub(super) fn declined(stage: &str, error: Option<&str>, description: Option<&str>) -> Failure {
+    Failure::new(Kind::Refused, "ap2_payment_declined", format!("the {} declined the payment", stage.replace('_', " ")))
+        .with_extra(json!({
+            "stage": stage,
+            "error": error.map(truncate),
+            "error_description": description.map(truncate),
+        }))
 }

@@ -19,13 +19,13 @@ use std::str::FromStr;
 use adapters::ap2::AgentKey;
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::Aes256Gcm;
-use axum::http::StatusCode;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
-use crate::api::{agent_scoped, ApiError, AppState};
+use crate::app::Core;
 use crate::identity::AgentId;
+use crate::outcome::{Failure, Kind};
 
 /// The agent attribute that holds the sealed key.
 pub const KEY_ATTRIBUTE: &str = "ap2_key";
@@ -74,20 +74,20 @@ impl Kek {
         &self.id
     }
 
-    fn seal(&self, agent: &AgentId, plaintext: &[u8]) -> Result<String, ApiError> {
+    fn seal(&self, agent: &AgentId, plaintext: &[u8]) -> Result<String, Failure> {
         let nonce = Aes256Gcm::generate_nonce(OsRng);
         let ciphertext = self
             .cipher
             .encrypt(&nonce, Payload { msg: plaintext, aad: aad(agent).as_bytes() })
-            .map_err(|_| ApiError::internal("sealing an AP2 key failed"))?;
+            .map_err(|_| Failure::internal("sealing an AP2 key failed"))?;
         Ok(format!("{FORMAT}.{}.{}.{}", self.id, URL_SAFE_NO_PAD.encode(nonce), URL_SAFE_NO_PAD.encode(ciphertext)))
     }
 
-    fn open(&self, agent: &AgentId, sealed: &str) -> Result<Vec<u8>, ApiError> {
+    fn open(&self, agent: &AgentId, sealed: &str) -> Result<Vec<u8>, Failure> {
         let unreadable = |why: &str| {
             tracing::error!(agent = %agent, reason = why, "the agent's stored AP2 key cannot be read");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
+            Failure::new(
+                Kind::Internal,
                 "ap2_key_unreadable",
                 format!("the agent's stored AP2 key cannot be read: {why}"),
             )
@@ -143,22 +143,25 @@ fn wipe(bytes: &mut [u8]) {
 
 /// The agent's AP2 key: the stored one, or a new one stored now (the first stored wins across
 /// instances). The caller has authenticated the agent (or is the admin).
-pub async fn agent_key(state: &AppState, kek: &Kek, ephemeral: bool, agent: &AgentId) -> Result<AgentKey, ApiError> {
-    if let Some(sealed) = state.ledger.attr(agent, KEY_ATTRIBUTE).await.map_err(agent_scoped)? {
+pub async fn agent_key(core: &Core, kek: &Kek, ephemeral: bool, agent: &AgentId) -> Result<AgentKey, Failure> {
+    if let Some(sealed) = core.ledger.attr(agent, KEY_ATTRIBUTE).await.map_err(Failure::agent_scoped)? {
         return unseal(kek, agent, &sealed);
     }
     // A new key is written to the log (`attr`): never for a revoked agent.
-    crate::api::refuse_if_revoked(state, agent).await?;
+    crate::pay::refuse_if_revoked(core, agent).await?;
     let fresh = AgentKey::generate();
-    let pem = fresh.to_pkcs8_pem().map_err(ApiError::internal)?;
+    let pem = fresh.to_pkcs8_pem().map_err(Failure::internal)?;
     let sealed = kek.seal(agent, pem.as_bytes())?;
-    let stored =
-        state.ledger.attr_set_once(state.clock.now_ms(), agent, KEY_ATTRIBUTE, &sealed).await.map_err(agent_scoped)?;
+    let stored = core
+        .ledger
+        .attr_set_once(core.clock.now_ms(), agent, KEY_ATTRIBUTE, &sealed)
+        .await
+        .map_err(Failure::agent_scoped)?;
     if stored != sealed {
         // Another instance stored its key first; that one is the agent's key.
         return unseal(kek, agent, &stored);
     }
-    if ephemeral && state.ledger.kind() == "redis" {
+    if ephemeral && core.ledger.kind() == "redis" {
         tracing::warn!(agent = %agent, kek = kek.id(),
             "AP2 key sealed with an EPHEMERAL key-encryption key: it becomes unreadable when this daemon stops; set SPENDCAP_AP2_KEK");
     }
@@ -166,11 +169,11 @@ pub async fn agent_key(state: &AppState, kek: &Kek, ephemeral: bool, agent: &Age
     Ok(fresh)
 }
 
-fn unseal(kek: &Kek, agent: &AgentId, sealed: &str) -> Result<AgentKey, ApiError> {
+fn unseal(kek: &Kek, agent: &AgentId, sealed: &str) -> Result<AgentKey, Failure> {
     let mut pem = kek.open(agent, sealed)?;
     let key = std::str::from_utf8(&pem)
-        .map_err(|_| ApiError::internal("a stored AP2 key is not UTF-8"))
-        .and_then(|text| AgentKey::from_pkcs8_pem(text).map_err(ApiError::internal));
+        .map_err(|_| Failure::internal("a stored AP2 key is not UTF-8"))
+        .and_then(|text| AgentKey::from_pkcs8_pem(text).map_err(Failure::internal));
     wipe(&mut pem);
     key
 }

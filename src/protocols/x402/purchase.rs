@@ -26,8 +26,6 @@ use adapters::x402::{
     X402Error, PAYMENT_IDENTIFIER,
 };
 use adapters::Micros;
-use axum::http::header::{HeaderName, HeaderValue};
-use axum::http::StatusCode;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -36,10 +34,11 @@ use sha2::{Digest, Sha256};
 
 use super::destination::Destinations;
 use super::routes::{PaymentStatus, PaymentView};
-use super::upstream::{Answer, Outgoing, Upstream, UpstreamError};
-use crate::api::{AgentAuth, ApiError, AppState};
-use crate::identity::HoldId;
+use super::upstream::{asks_payment, Answer, Outgoing, Upstream, UpstreamError};
+use crate::app::Core;
+use crate::identity::{AgentAuth, HoldId};
 use crate::ledger::{Idempotency, IdempotencyFinish, IdempotencyMode, RefusalReason};
+use crate::outcome::{Failure, Kind};
 use crate::pay::{self, Held, HoldSpec};
 
 /// The daemon stops waiting for a paid response this long before the authorization's
@@ -90,19 +89,36 @@ pub struct Delivered {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Stored {
-    Delivered { status: u16, headers: Vec<(String, String)>, body_base64: String, payment: Option<Box<PaymentView>> },
-    Error { status: u16, code: String, detail: String, extra: Option<Value> },
+    Delivered {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body_base64: String,
+        payment: Option<Box<PaymentView>>,
+    },
+    /// `failure`: the failure's kind (records written before it was stored name only the code).
+    Error {
+        #[serde(default)]
+        failure: Option<String>,
+        code: String,
+        detail: String,
+        extra: Option<Value>,
+    },
 }
 
-/// The error codes a finished purchase can store (an `ApiError` code is `'static`).
-const STORED_ERROR_CODES: [&str; 6] = [
-    "x402_already_paid",
-    "x402_authorization_expired",
-    "x402_resume_mismatch",
-    "x402_signing_failed",
-    "x402_upstream_body_lost",
-    "x402_upstream_body_too_large",
+/// The failures a finished purchase can store (a `Failure` code is `'static`), and their kinds.
+const STORED_ERRORS: [(&str, Kind); 6] = [
+    ("x402_already_paid", Kind::Conflict),
+    ("x402_authorization_expired", Kind::Conflict),
+    ("x402_resume_mismatch", Kind::Conflict),
+    ("x402_signing_failed", Kind::Internal),
+    ("x402_upstream_body_lost", Kind::Provider),
+    ("x402_upstream_body_too_large", Kind::Provider),
 ];
+
+/// Whether a failure ends a purchase for good (its retries get the same answer).
+fn is_final(code: &str) -> bool {
+    STORED_ERRORS.iter().any(|(known, _)| *known == code)
+}
 
 impl Stored {
     fn of_delivered(delivered: &Delivered) -> Stored {
@@ -119,38 +135,32 @@ impl Stored {
         }
     }
 
-    fn of_error(err: &ApiError) -> Stored {
+    fn of_error(err: &Failure) -> Stored {
         Stored::Error {
-            status: err.status.as_u16(),
+            failure: Some(err.kind.as_str().to_owned()),
             code: err.code.to_owned(),
             detail: err.detail.clone(),
             extra: err.extra.clone(),
         }
     }
 
-    fn replay(text: &str) -> Result<Delivered, ApiError> {
-        let stored: Stored = serde_json::from_str(text).map_err(ApiError::internal)?;
+    fn replay(text: &str) -> Result<Delivered, Failure> {
+        let stored: Stored = serde_json::from_str(text).map_err(Failure::internal)?;
         match stored {
             Stored::Delivered { status, headers, body_base64, payment } => {
-                let mut map = axum::http::HeaderMap::new();
-                for (name, value) in headers {
-                    if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
-                        map.append(name, value);
-                    }
-                }
-                Ok(Delivered {
-                    answer: Answer {
-                        status: StatusCode::from_u16(status).map_err(ApiError::internal)?,
-                        headers: map,
-                        body: STANDARD.decode(body_base64).map_err(ApiError::internal)?.into(),
-                    },
-                    payment: payment.map(|payment| *payment),
-                    replayed: true,
-                })
+                let body = STANDARD.decode(body_base64).map_err(Failure::internal)?.into();
+                let answer = Answer::from_parts(status, headers, body)
+                    .ok_or_else(|| Failure::internal(format!("a stored x402 answer has status {status}")))?;
+                Ok(Delivered { answer, payment: payment.map(|payment| *payment), replayed: true })
             }
-            Stored::Error { status, code, detail, extra } => {
-                let code = STORED_ERROR_CODES.iter().find(|known| **known == code).copied().unwrap_or("x402_failed");
-                let mut err = ApiError::new(StatusCode::from_u16(status).map_err(ApiError::internal)?, code, detail);
+            Stored::Error { failure, code, detail, extra } => {
+                let (code, known_kind) = STORED_ERRORS
+                    .iter()
+                    .find(|(known, _)| *known == code)
+                    .copied()
+                    .unwrap_or(("x402_failed", Kind::Internal));
+                let kind = failure.as_deref().and_then(Kind::from_name).unwrap_or(known_kind);
+                let mut err = Failure::new(kind, code, detail);
                 let mut extra = extra.unwrap_or_else(|| json!({}));
                 if let Value::Object(map) = &mut extra {
                     map.insert("replayed".to_owned(), Value::Bool(true));
@@ -207,8 +217,8 @@ impl Terms {
     }
 }
 
-fn error(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
-    ApiError::new(status, code, detail)
+fn error(kind: Kind, code: &'static str, detail: impl Into<String>) -> Failure {
+    Failure::new(kind, code, detail)
 }
 
 fn clip(text: &str) -> String {
@@ -218,45 +228,43 @@ fn clip(text: &str) -> String {
     }
 }
 
-/// A 402 the daemon will not pay: unreadable (the server's fault, 502) or refused by the policy
-/// (402, like a budget refusal). Either way nothing was held or signed.
-fn refused_402(err: &X402Error) -> ApiError {
-    let status = match err {
+/// A 402 the daemon will not pay: unreadable (the server's fault) or refused by the policy (like
+/// a budget refusal). Either way nothing was held or signed.
+fn refused_402(err: &X402Error) -> Failure {
+    let kind = match err {
         X402Error::UnsupportedScheme { .. }
         | X402Error::UnknownNetwork { .. }
         | X402Error::UnknownAsset { .. }
         | X402Error::DomainMismatch { .. }
         | X402Error::OverPaymentMaximum { .. }
         | X402Error::NoAcceptableRequirement { .. }
-        | X402Error::PaymentIdRequired => StatusCode::PAYMENT_REQUIRED,
-        _ => StatusCode::BAD_GATEWAY,
+        | X402Error::PaymentIdRequired => Kind::Refused,
+        _ => Kind::Provider,
     };
     let mut extra = json!({ "upstream_status": 402 });
     if let (X402Error::OverPaymentMaximum { amount, maximum }, Value::Object(map)) = (err, &mut extra) {
         map.insert("requested_micros".to_owned(), json!(amount));
         map.insert("maximum_micros".to_owned(), json!(maximum));
     }
-    error(status, err.code(), err.to_string()).with_extra(extra)
+    error(kind, err.code(), err.to_string()).with_extra(extra)
 }
 
 /// An unpaid request that got no usable answer.
-fn unpaid_failure(err: UpstreamError) -> ApiError {
+fn unpaid_failure(err: UpstreamError) -> Failure {
     match err {
-        UpstreamError::Refused(refused) => {
-            error(StatusCode::FORBIDDEN, "x402_destination_forbidden", refused.to_string())
-        }
+        UpstreamError::Refused(refused) => error(Kind::Forbidden, "x402_destination_forbidden", refused.to_string()),
         UpstreamError::NoResponse { timed_out: true, detail } => {
-            error(StatusCode::GATEWAY_TIMEOUT, "x402_upstream_timeout", detail)
+            error(Kind::ProviderTimeout, "x402_upstream_timeout", detail)
         }
         UpstreamError::NoResponse { timed_out: false, detail } => {
-            error(StatusCode::BAD_GATEWAY, "x402_upstream_unreachable", detail)
+            error(Kind::Provider, "x402_upstream_unreachable", detail)
         }
         UpstreamError::Body { too_large: true, status, detail, .. } => {
-            error(StatusCode::BAD_GATEWAY, "x402_upstream_body_too_large", detail)
+            error(Kind::Provider, "x402_upstream_body_too_large", detail)
                 .with_extra(json!({ "upstream_status": status.as_u16() }))
         }
         UpstreamError::Body { too_large: false, status, detail, .. } => {
-            error(StatusCode::BAD_GATEWAY, "x402_upstream_body_lost", detail)
+            error(Kind::Provider, "x402_upstream_body_lost", detail)
                 .with_extra(json!({ "upstream_status": status.as_u16() }))
         }
     }
@@ -345,7 +353,7 @@ fn fingerprint(request: &FetchRequest, choice: &Choice) -> String {
 }
 
 /// Says what an `idempotency_conflict` means for a fetch.
-fn explain_conflict(mut err: ApiError, request: &FetchRequest) -> ApiError {
+fn explain_conflict(mut err: Failure, request: &FetchRequest) -> Failure {
     if err.code == "idempotency_conflict" {
         err.detail = if request.idempotency_key.is_some() {
             "this Idempotency-Key was used for another request, or the server now asks another price or payee"
@@ -358,8 +366,8 @@ fn explain_conflict(mut err: ApiError, request: &FetchRequest) -> ApiError {
 }
 
 /// Whether the agent could hold `amount` now, counting every ancestor.
-async fn has_room(state: &AppState, agent: &AgentAuth, amount: Micros) -> bool {
-    let balance = state.ledger.balance(state.clock.now_ms(), &agent.agent, &agent.caller()).await;
+async fn has_room(core: &Core, agent: &AgentAuth, amount: Micros) -> bool {
+    let balance = core.ledger.balance(core.clock.now_ms(), &agent.agent, &agent.caller()).await;
     balance.is_ok_and(|balance| balance.available >= amount)
 }
 
@@ -371,14 +379,14 @@ async fn has_room(state: &AppState, agent: &AgentAuth, amount: Micros) -> bool {
 /// holds ended), the purchase moves on to the request's next key (`…:1`, `…:2`, …); retries walk
 /// the same keys, so they find the same purchase.
 async fn hold(
-    state: &AppState,
+    core: &Core,
     engine: &Engine,
     agent: &AgentAuth,
     request: &FetchRequest,
     choice: &Choice,
     intent: &adapters::PaymentIntent,
     expires_at_ms: u64,
-) -> Result<(String, Held), ApiError> {
+) -> Result<(String, Held), Failure> {
     let fingerprint = fingerprint(request, choice);
     let lease_ms = engine.timeout.as_millis() as u64 + LEASE_GRACE_MS;
     let base_key = purchase_key(request);
@@ -395,12 +403,12 @@ async fn hold(
                 mode: IdempotencyMode::Pending { lease_ms },
             }),
         };
-        match pay::hold(state, agent, spec).await {
+        match pay::hold(core, agent, spec).await {
             Err(refusal)
                 if refusal.code == RefusalReason::CapExceeded.code()
                     && request.idempotency_key.is_none()
                     && step < MAX_DERIVED_KEY_STEPS
-                    && has_room(state, agent, choice.amount()).await =>
+                    && has_room(core, agent, choice.amount()).await =>
             {
                 step += 1;
             }
@@ -411,19 +419,19 @@ async fn hold(
 
 /// Fetches for the agent, paying when the server asks and the budget and policy allow.
 pub async fn fetch(
-    state: &AppState,
+    core: &Core,
     engine: &Engine,
     agent: &AgentAuth,
     request: FetchRequest,
-) -> Result<Delivered, ApiError> {
+) -> Result<Delivered, Failure> {
     // Nothing is fetched for a caller whose token does not match, nor for an agent that is
     // revoked, suspended, expired or denied x402 or this host: such a refusal is logged and
     // counted like a refused hold.
     let host = request.outgoing.url.host_str().unwrap_or_default().to_ascii_lowercase();
-    pay::precheck_task(state, agent, adapters::Protocol::X402, &host, &request.task).await?;
+    pay::precheck_task(core, agent, adapters::Protocol::X402, &host, &request.task).await?;
 
     let first = engine.upstream.send(&request.outgoing, None, engine.timeout).await.map_err(unpaid_failure)?;
-    if first.status != StatusCode::PAYMENT_REQUIRED {
+    if !first.asks_payment() {
         return Ok(Delivered { answer: first, payment: None, replayed: false });
     }
     let required = parse_payment_required(&first.headers, &first.body).map_err(|err| {
@@ -441,7 +449,7 @@ pub async fn fetch(
     })?;
     if choice.timeout_secs().saturating_mul(1000) < MIN_SEND_MS + SETTLE_MARGIN_MS + 1_000 {
         return Err(error(
-            StatusCode::PAYMENT_REQUIRED,
+            Kind::Refused,
             "x402_validity_too_short",
             format!("the server allows {} s to settle; at least 3 s are needed", choice.timeout_secs()),
         ));
@@ -449,27 +457,25 @@ pub async fn fetch(
 
     // Terms for a new purchase, stored in the hold before holding: a resumed purchase reads them
     // back and signs exactly the same authorization.
-    let now_secs = state.clock.now_ms() / 1000;
+    let now_secs = core.clock.now_ms() / 1000;
     let declares_payment_id = matches!(&required, PaymentRequired::V2(r)
         if r.extensions.as_ref().is_some_and(|extensions| extensions.contains_key(PAYMENT_IDENTIFIER)));
     let fresh = Terms::fresh(now_secs, declares_payment_id);
     let mut intent = choice.intent(request.outgoing.url.as_str());
     fresh.write(&choice, &mut intent.details);
     let expires_at_ms = choice.valid_before(now_secs) * 1000;
-    let (key, held) = hold(state, engine, agent, &request, &choice, &intent, expires_at_ms).await?;
+    let (key, held) = hold(core, engine, agent, &request, &choice, &intent, expires_at_ms).await?;
     let purchase = match held {
         Held::Finished(stored) => return Stored::replay(&stored),
         Held::New(grant) => Purchase { hold: grant.hold_id, terms: fresh, resumed: false },
-        Held::Resumed(grant) => match resumable(state, agent, &grant.hold_id).await {
+        Held::Resumed(grant) => match resumable(core, agent, &grant.hold_id).await {
             Ok(terms) => Purchase { hold: grant.hold_id, terms, resumed: true },
             // The purchase is over for good: its retries get the same answer.
-            Err(err) if STORED_ERROR_CODES.contains(&err.code) => {
-                return Err(finish_with_error(state, agent, &key, err).await)
-            }
+            Err(err) if is_final(err.code) => return Err(finish_with_error(core, agent, &key, err).await),
             Err(err) => return Err(err),
         },
     };
-    let paying = Paying { state, engine, agent, key, choice, purchase, url: &request.outgoing.url };
+    let paying = Paying { core, engine, agent, key, choice, purchase, url: &request.outgoing.url };
     paying.pay(&request.outgoing).await
 }
 
@@ -481,11 +487,11 @@ struct Purchase {
 }
 
 /// The terms of the purchase a retry resumes, if it can still be paid with them.
-async fn resumable(state: &AppState, agent: &AgentAuth, hold: &HoldId) -> Result<Terms, ApiError> {
-    let info = pay::hold_info(state, agent, hold).await?;
+async fn resumable(core: &Core, agent: &AgentAuth, hold: &HoldId) -> Result<Terms, Failure> {
+    let info = pay::hold_info(core, agent, hold).await?;
     if info.state == "settled" {
         return Err(error(
-            StatusCode::CONFLICT,
+            Kind::Conflict,
             "x402_already_paid",
             "this purchase was paid and settled, but its response was lost; it is not paid again",
         )
@@ -494,18 +500,18 @@ async fn resumable(state: &AppState, agent: &AgentAuth, hold: &HoldId) -> Result
     let details: BTreeMap<String, String> = serde_json::from_str(&info.details).unwrap_or_default();
     let expired = || {
         error(
-            StatusCode::CONFLICT,
+            Kind::Conflict,
             "x402_authorization_expired",
             "the authorization signed for this purchase has expired without a confirmed settlement; \
              nothing new is signed under the same purchase: retry with a new Idempotency-Key to buy again",
         )
         .with_extra(json!({ "hold_id": hold.to_string(), "nonce": details.get("nonce") }))
     };
-    let sendable = info.expires_at_ms >= state.clock.now_ms() + SETTLE_MARGIN_MS + MIN_SEND_MS;
+    let sendable = info.expires_at_ms >= core.clock.now_ms() + SETTLE_MARGIN_MS + MIN_SEND_MS;
     if info.state == "unknown" && !sendable {
         // It may have settled: it stays counted until an admin (or a read-back) resolves it.
         return Err(error(
-            StatusCode::CONFLICT,
+            Kind::Conflict,
             "x402_payment_outcome_unknown",
             "the payment of this purchase was sent without an answer and its authorization can no longer be \
              sent again; the amount stays held until an admin resolves it (GET /v1/holds?state=unknown)",
@@ -517,27 +523,27 @@ async fn resumable(state: &AppState, agent: &AgentAuth, hold: &HoldId) -> Result
     if (info.state != "open" && info.state != "unknown") || !sendable {
         return Err(expired());
     }
-    Terms::read(&details).ok_or_else(|| ApiError::internal(format!("hold {hold} lacks its x402 terms")))
+    Terms::read(&details).ok_or_else(|| Failure::internal(format!("hold {hold} lacks its x402 terms")))
 }
 
 /// Ends a purchase that cannot go on: its retries get the same error.
-async fn finish_with_error(state: &AppState, agent: &AgentAuth, key: &str, err: ApiError) -> ApiError {
+async fn finish_with_error(core: &Core, agent: &AgentAuth, key: &str, err: Failure) -> Failure {
     match serde_json::to_string(&Stored::of_error(&err)) {
-        Ok(stored) => finish(state, agent, key, IdempotencyFinish::Done(stored)).await,
+        Ok(stored) => finish(core, agent, key, IdempotencyFinish::Done(stored)).await,
         Err(cause) => tracing::error!(error = %cause, "x402: cannot store a purchase's outcome"),
     }
     err
 }
 
-async fn finish(state: &AppState, agent: &AgentAuth, key: &str, outcome: IdempotencyFinish) {
-    if let Err(err) = pay::finish(state, agent, key, outcome).await {
+async fn finish(core: &Core, agent: &AgentAuth, key: &str, outcome: IdempotencyFinish) {
+    if let Err(err) = pay::finish(core, agent, key, outcome).await {
         // The lease runs out on its own; a retry then resumes the same hold.
         tracing::warn!(agent = %agent.agent, code = err.code, "x402: could not finish the purchase's idempotency key");
     }
 }
 
 struct Paying<'a> {
-    state: &'a AppState,
+    core: &'a Core,
     engine: &'a Engine,
     agent: &'a AgentAuth,
     key: String,
@@ -585,7 +591,7 @@ impl Paying<'_> {
     }
 
     /// Signs (or re-signs) the authorization, sends it, and accounts for the answer.
-    async fn pay(self, outgoing: &Outgoing) -> Result<Delivered, ApiError> {
+    async fn pay(self, outgoing: &Outgoing) -> Result<Delivered, Failure> {
         let payment = match self.sign() {
             Ok(payment) => payment,
             Err(err) => return Err(self.abandon(err).await),
@@ -593,21 +599,21 @@ impl Paying<'_> {
         let header = match payment.to_header() {
             Ok(header) => header,
             Err(err) => {
-                let err = error(StatusCode::INTERNAL_SERVER_ERROR, "x402_signing_failed", err.to_string());
+                let err = error(Kind::Internal, "x402_signing_failed", err.to_string());
                 return Err(self.abandon(err).await);
             }
         };
-        let now_ms = self.state.clock.now_ms();
+        let now_ms = self.core.clock.now_ms();
         let wait_ms = (self.valid_before() * 1000).saturating_sub(now_ms + SETTLE_MARGIN_MS);
         if wait_ms < MIN_SEND_MS {
             // Only a resumed purchase can get here (a new one has at least 3 s): its authorization
             // is about to expire, so it is not sent again and nothing new is signed.
             let err = error(
-                StatusCode::CONFLICT,
+                Kind::Conflict,
                 "x402_authorization_expired",
                 "the authorization of this purchase expires too soon to be sent again",
             );
-            return Err(finish_with_error(self.state, self.agent, &self.key, err).await);
+            return Err(finish_with_error(self.core, self.agent, &self.key, err).await);
         }
         let timeout = self.engine.timeout.min(Duration::from_millis(wait_ms));
         record_payment(&self.engine.conformance, &payment, &self.choice);
@@ -617,13 +623,13 @@ impl Paying<'_> {
         match self.engine.upstream.send(outgoing, Some(&header), timeout).await {
             // A known charge is settled whatever the answer looks like, even a 402.
             Ok(answer)
-                if answer.status == StatusCode::PAYMENT_REQUIRED
+                if answer.asks_payment()
                     && !parse_settlement(&answer.headers, self.choice.version()).is_ok_and(|s| s.success) =>
             {
                 Err(self.rejected(&answer).await)
             }
             Ok(answer) => self.answered(answer).await,
-            Err(UpstreamError::Body { status, headers, .. }) if status == StatusCode::PAYMENT_REQUIRED => {
+            Err(UpstreamError::Body { status, headers, .. }) if asks_payment(status) => {
                 Err(self.rejected(&Answer { status, headers, body: Default::default() }).await)
             }
             Err(UpstreamError::Body { status, headers, too_large, detail }) => {
@@ -633,11 +639,11 @@ impl Paying<'_> {
                         let code = if too_large { "x402_upstream_body_too_large" } else { "x402_upstream_body_lost" };
                         let delivered =
                             self.settled(Answer { status, headers, body: Default::default() }, settlement).await;
-                        let err = error(StatusCode::BAD_GATEWAY, code, detail).with_extra(json!({
+                        let err = error(Kind::Provider, code, detail).with_extra(json!({
                             "upstream_status": status.as_u16(),
                             "payment": delivered.payment,
                         }));
-                        Err(finish_with_error(self.state, self.agent, &self.key, err).await)
+                        Err(finish_with_error(self.core, self.agent, &self.key, err).await)
                     }
                     _ => Err(self.unknown(format!("HTTP {status}, then {detail}"), false).await),
                 }
@@ -650,15 +656,15 @@ impl Paying<'_> {
 
     /// The authorization: fresh terms for a new purchase, the stored ones for a resumed one (the
     /// signature is deterministic, so it is the very same authorization).
-    fn sign(&self) -> Result<PaymentPayload, ApiError> {
+    fn sign(&self) -> Result<PaymentPayload, Failure> {
         let payment = sign_payment(&self.choice, &self.engine.signer, &self.purchase.terms.payment_terms())
-            .map_err(|err| error(StatusCode::INTERNAL_SERVER_ERROR, "x402_signing_failed", err.to_string()))?;
+            .map_err(|err| error(Kind::Internal, "x402_signing_failed", err.to_string()))?;
         let authorization = &payment.exact().authorization;
         if authorization.nonce != self.purchase.terms.nonce.to_string()
             || authorization.valid_before != self.valid_before().to_string()
         {
             return Err(error(
-                StatusCode::CONFLICT,
+                Kind::Conflict,
                 "x402_resume_mismatch",
                 "the authorization would differ from the one first signed for this purchase; it is not sent",
             ));
@@ -668,21 +674,21 @@ impl Paying<'_> {
 
     /// Gives up before anything was sent. A new purchase's hold is voided (its authorization
     /// never left the daemon); a resumed one keeps its hold (the first authorization did).
-    async fn abandon(&self, err: ApiError) -> ApiError {
+    async fn abandon(&self, err: Failure) -> Failure {
         if !self.purchase.resumed {
-            if let Err(void_err) = pay::void(self.state, self.agent, &self.purchase.hold, err.code).await {
+            if let Err(void_err) = pay::void(self.core, self.agent, &self.purchase.hold, err.code).await {
                 tracing::warn!(hold = %self.purchase.hold, code = void_err.code, "x402: could not void an unsent payment's hold");
             }
         }
         tracing::error!(agent = %self.agent.agent, code = err.code, detail = %err.detail, "x402: payment not sent");
-        finish_with_error(self.state, self.agent, &self.key, err).await
+        finish_with_error(self.core, self.agent, &self.key, err).await
     }
 
     /// Logs a fact about the held payment without changing any balance.
     async fn note(&self, reason: &str, extra: &[(&str, String)]) {
         let mut details = self.details();
         details.extend(extra.iter().map(|(key, value)| ((*key).to_owned(), clip(value))));
-        if let Err(err) = pay::note(self.state, self.agent, &self.purchase.hold, reason, &details).await {
+        if let Err(err) = pay::note(self.core, self.agent, &self.purchase.hold, reason, &details).await {
             tracing::warn!(hold = %self.purchase.hold, code = err.code, reason, "x402: could not log a note");
         }
     }
@@ -691,7 +697,7 @@ impl Paying<'_> {
     /// until `validBefore` (the server, or anyone it passed it to, could still settle it), so the
     /// hold stays too, and the ledger releases it then. A retry of the same purchase re-sends
     /// the same authorization.
-    async fn rejected(&self, answer: &Answer) -> ApiError {
+    async fn rejected(&self, answer: &Answer) -> Failure {
         // The settlement report says why a settlement failed; the 402's `error` why the payment
         // was refused. Either is the provider's reason.
         let settlement = parse_settlement(&answer.headers, self.choice.version()).ok();
@@ -715,28 +721,25 @@ impl Paying<'_> {
             facts.push(("server_message", message.clone()));
         }
         self.note("x402_payment_rejected", &facts).await;
-        finish(self.state, self.agent, &self.key, IdempotencyFinish::Release).await;
-        error(
-            StatusCode::PAYMENT_REQUIRED,
-            "x402_payment_rejected",
-            format!("the server rejected the payment: {reason}"),
+        finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
+        error(Kind::Refused, "x402_payment_rejected", format!("the server rejected the payment: {reason}")).with_extra(
+            json!({
+                "reason": reason,
+                "message": message,
+                "upstream": upstream_json(answer),
+                "hold_id": self.purchase.hold.to_string(),
+                "amount_micros": self.choice.amount().get(),
+                "held_until_ms": self.valid_before() * 1000,
+                "nonce": self.purchase.terms.nonce.to_string(),
+            }),
         )
-        .with_extra(json!({
-            "reason": reason,
-            "message": message,
-            "upstream": upstream_json(answer),
-            "hold_id": self.purchase.hold.to_string(),
-            "amount_micros": self.choice.amount().get(),
-            "held_until_ms": self.valid_before() * 1000,
-            "nonce": self.purchase.terms.nonce.to_string(),
-        }))
     }
 
     /// Marks the hold `unknown`: the payment was sent and nothing says whether it settled. The
     /// hold stays counted and never expires until a retry gets the answer or an admin resolves it.
     async fn mark_unknown(&self, reason: &str) {
         let reason = format!("x402_outcome_unknown: {}", clip(reason));
-        if let Err(err) = pay::mark_unknown(self.state, &self.purchase.hold, &reason).await {
+        if let Err(err) = pay::mark_unknown(self.core, &self.purchase.hold, &reason).await {
             tracing::error!(hold = %self.purchase.hold, code = err.code,
                 "x402: could not mark a payment's outcome unknown; its hold lapses at validBefore");
         }
@@ -745,14 +748,14 @@ impl Paying<'_> {
     /// No answer to a sent payment: it may have settled. The hold becomes `unknown` (counted,
     /// never expires), and the purchase key is released so that a retry re-sends the same
     /// authorization (never a second one) and settles on success.
-    async fn unknown(&self, detail: String, timed_out: bool) -> ApiError {
+    async fn unknown(&self, detail: String, timed_out: bool) -> Failure {
         tracing::warn!(agent = %self.agent.agent, service = %self.service(), nonce = %self.purchase.terms.nonce,
             detail = %detail, "x402: payment outcome unknown; the hold stays counted until resolved");
         self.mark_unknown(&detail).await;
-        finish(self.state, self.agent, &self.key, IdempotencyFinish::Release).await;
-        let status = if timed_out { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+        finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
+        let kind = if timed_out { Kind::ProviderTimeout } else { Kind::Provider };
         error(
-            status,
+            kind,
             "x402_payment_outcome_unknown",
             format!(
                 "the payment was sent but no answer came back ({}); money may have moved, so the amount stays \
@@ -770,12 +773,12 @@ impl Paying<'_> {
     }
 
     /// The server answered the payment with something other than a 402.
-    async fn answered(&self, answer: Answer) -> Result<Delivered, ApiError> {
+    async fn answered(&self, answer: Answer) -> Result<Delivered, Failure> {
         match parse_settlement(&answer.headers, self.choice.version()) {
             Ok(settlement) if settlement.success => {
                 let delivered = self.settled(answer, settlement).await;
                 match serde_json::to_string(&Stored::of_delivered(&delivered)) {
-                    Ok(stored) => finish(self.state, self.agent, &self.key, IdempotencyFinish::Done(stored)).await,
+                    Ok(stored) => finish(self.core, self.agent, &self.key, IdempotencyFinish::Done(stored)).await,
                     Err(err) => tracing::error!(error = %err, "x402: cannot store a purchase's outcome"),
                 }
                 Ok(delivered)
@@ -806,7 +809,7 @@ impl Paying<'_> {
                     ))
                     .await;
                 }
-                finish(self.state, self.agent, &self.key, IdempotencyFinish::Release).await;
+                finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
                 let mut view = self.view(PaymentStatus::Unconfirmed);
                 view.reason = Some(clip(&reason));
                 Ok(Delivered { answer, payment: Some(view), replayed: false })
@@ -830,7 +833,7 @@ impl Paying<'_> {
         let mut view = self.view(PaymentStatus::Settled);
         view.transaction = Some(clip(&settlement.transaction));
         view.payer = settlement.payer.as_deref().map(clip);
-        match pay::settle(self.state, self.agent, &self.purchase.hold, self.choice.amount(), &details).await {
+        match pay::settle(self.core, self.agent, &self.purchase.hold, self.choice.amount(), &details).await {
             Ok(settled) => {
                 tracing::info!(agent = %self.agent.agent, service = %self.service(), hold = %self.purchase.hold,
                     nonce = %self.purchase.terms.nonce, transaction = %clip(&settlement.transaction),

@@ -196,7 +196,7 @@ pub async fn fetch(
         max_amount: body.max_amount_micros.as_ref().map(max_amount).transpose()?,
         idempotency_key,
     };
-    let delivered = purchase::fetch(&state, engine, &auth, request).await?;
+    let delivered = purchase::fetch(&state.core, engine, &auth, request).await?;
     Ok(Json(json_response(delivered)))
 }
 
@@ -331,7 +331,7 @@ async fn proxy_fetch(auth: &AgentAuth, state: &AppState, request: Request) -> Re
         max_amount,
         idempotency_key,
     };
-    purchase::fetch(state, engine, auth, request).await
+    Ok(purchase::fetch(&state.core, engine, auth, request).await?)
 }
 
 fn proxy_response(delivered: Delivered) -> Response {

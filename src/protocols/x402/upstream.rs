@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::{Method, StatusCode};
+use bytes::Bytes;
+use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::Url;
+use reqwest::{Method, StatusCode};
 
 use super::destination::{refused_in, CheckedResolver, DestinationRefused, Destinations};
 
@@ -31,6 +31,30 @@ pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+impl Answer {
+    /// An answer rebuilt from its stored parts (a replayed purchase); headers that are not valid
+    /// any more are left out.
+    pub fn from_parts(status: u16, headers: Vec<(String, String)>, body: Bytes) -> Option<Answer> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+                map.append(name, value);
+            }
+        }
+        Some(Answer { status: StatusCode::from_u16(status).ok()?, headers: map, body })
+    }
+
+    /// Whether the server asks to be paid (HTTP 402).
+    pub fn asks_payment(&self) -> bool {
+        asks_payment(self.status)
+    }
+}
+
+/// Whether a server's status asks to be paid (HTTP 402).
+pub fn asks_payment(status: StatusCode) -> bool {
+    status == StatusCode::PAYMENT_REQUIRED
 }
 
 #[derive(Debug)]
