@@ -62,7 +62,8 @@ pub struct AlertConfig {
     pub secret: WebhookSecret,
     /// How often every tree's log is polled for new entries.
     pub poll_interval: Duration,
-    /// The first retry's delay; each retry doubles it, up to `retry_max`.
+    /// The first retry's delay; each retry doubles it, up to `retry_max`, and a random part of up
+    /// to as much again is added to every delay (see [`retry_delays`]).
     pub retry_base: Duration,
     pub retry_max: Duration,
     /// One delivery attempt's timeout.
@@ -328,7 +329,21 @@ async fn consume(state: std::sync::Arc<Core>, config: AlertConfig) {
     }
 }
 
-/// Sends one alert until the receiver answers 2xx, backing off exponentially.
+/// The waits between one alert's delivery attempts: `retry_base` doubling up to `retry_max`, each
+/// with random jitter of up to as much again (backon's), so that the instances retrying a
+/// receiver that was down do not all come back to it in the same instant. Never ends.
+fn retry_delays(config: &AlertConfig) -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder as _;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(config.retry_base)
+        .with_max_delay(config.retry_max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Sends one alert until the receiver answers 2xx, backing off exponentially with jitter.
 async fn deliver(http: &reqwest::Client, config: &AlertConfig, clock: &crate::clock::Clock, alert: &Alert) {
     let body = match serde_json::to_vec(alert) {
         Ok(body) => body,
@@ -337,7 +352,7 @@ async fn deliver(http: &reqwest::Client, config: &AlertConfig, clock: &crate::cl
             return;
         }
     };
-    let mut delay = config.retry_base;
+    let mut delays = retry_delays(config);
     for attempt in 1u32.. {
         let signature = sign(&config.secret, clock.now_ms() / 1000, &body);
         let sent = http
@@ -360,14 +375,30 @@ async fn deliver(http: &reqwest::Client, config: &AlertConfig, clock: &crate::cl
                 tracing::warn!(id = %alert.id, error = %e.without_url(), attempt, "alert not delivered; retrying")
             }
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(config.retry_max);
+        tokio::time::sleep(delays.next().unwrap_or(config.retry_max)).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_delays_double_up_to_the_cap_with_jitter() {
+        let secret = WebhookSecret::new("whsec_0123456789abcdef".into()).expect("long enough");
+        let mut config = AlertConfig::new("http://127.0.0.1:9/hook", secret).expect("config");
+        config.retry_base = Duration::from_millis(100);
+        config.retry_max = Duration::from_millis(1_000);
+        let first: Vec<Duration> = retry_delays(&config).take(12).collect();
+        for (n, delay) in first.iter().enumerate() {
+            let plain = (config.retry_base * 2u32.pow(n as u32)).min(config.retry_max);
+            assert!(*delay >= plain && *delay < plain * 2, "retry {n}: {delay:?} outside [{plain:?}, 2×)");
+        }
+        // Two deliveries that fail together do not retry in step.
+        let second: Vec<Duration> = retry_delays(&config).take(12).collect();
+        assert_ne!(first, second, "the delays are jittered");
+        assert!(first.windows(2).skip(5).any(|pair| pair[0] != pair[1]), "jitter at the cap too: {first:?}");
+    }
 
     #[test]
     fn signatures_verify_and_expire_and_secrets_stay_hidden() {

@@ -14,9 +14,10 @@ pub async fn addresses(config: &RedisConfig) -> Vec<SocketAddr> {
     let mut found = Vec::new();
     for url in config.url.split(',').map(str::trim).filter(|url| !url.is_empty()) {
         let Ok(info) = url.into_connection_info() else { continue };
-        let (host, port) = match &info.addr {
+        let (host, port) = match info.addr() {
             ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port),
-            ConnectionAddr::Unix(_) => continue,
+            // A Unix socket has no network address an outbound client could reach.
+            _ => continue,
         };
         found.extend(resolve(&host, port).await);
         if config.cluster {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use adapters::{Micros, Protocol};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, RedisError, Value};
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind, Value};
 
 use super::controls::{alerts_from_wire, alerts_to_wire, Controls, Period};
 use super::{
@@ -95,6 +95,19 @@ fn changed_nothing(err: LedgerError) -> LedgerError {
     }
 }
 
+/// Redis lost the function library (restarted empty, flushed, a new cluster node): `FCALL`
+/// answers the generic `ERR` code, and the detail is the only thing that tells this case apart
+/// from a script's own error, so it is matched exactly (`ERR Function not found`), never as a
+/// substring of the whole message.
+fn is_function_missing(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) && err.detail() == Some("Function not found")
+}
+
+/// `XGROUP CREATE` of a group that exists: Redis's own `BUSYGROUP` error code.
+fn is_busy_group(err: &RedisError) -> bool {
+    err.code() == Some("BUSYGROUP")
+}
+
 /// How many timeouts' worth of time a call whose answer was lost is re-asked for before the
 /// daemon answers `ledger_outcome_unknown`.
 const RESOLVE_TIMEOUTS: u32 = 3;
@@ -120,8 +133,8 @@ impl RedisLedger {
         } else {
             let client = redis::Client::open(config.url.as_str()).map_err(unavailable)?;
             let manager_config = ConnectionManagerConfig::new()
-                .set_connection_timeout(config.timeout)
-                .set_response_timeout(config.timeout)
+                .set_connection_timeout(Some(config.timeout))
+                .set_response_timeout(Some(config.timeout))
                 .set_number_of_retries(1);
             Conn::Single(ConnectionManager::new_with_config(client, manager_config).await.map_err(unavailable)?)
         };
@@ -156,7 +169,7 @@ impl RedisLedger {
         }
         let parts: Vec<String> = match self.query(&cmd).await {
             Ok(parts) => parts,
-            Err(err) if err.to_string().contains("Function not found") => {
+            Err(err) if is_function_missing(&err) => {
                 tracing::warn!("the spendcap function library is missing from Redis; loading it again");
                 self.load_library().await?;
                 self.query(&cmd).await.map_err(failed)?
@@ -213,7 +226,7 @@ impl RedisLedger {
                 Value::Map(pairs) => pairs,
                 _ => continue,
             };
-            let text = |v: &Value| String::from_redis_value(v).ok();
+            let text = |v: &Value| String::from_redis_value(v.clone()).ok();
             let field =
                 |name: &str| pairs.iter().find(|(k, _)| text(k).as_deref() == Some(name)).and_then(|(_, v)| text(v));
             if field("library_name").as_deref() == Some("spendcap") {
@@ -397,7 +410,7 @@ impl RedisLedger {
         cmd.arg("CREATE").arg(format!("{}:log", self.tree_key(tree))).arg(ALERT_GROUP).arg("$").arg("MKSTREAM");
         match self.query::<Value>(&cmd).await {
             Ok(_) => Ok(()),
-            Err(err) if err.to_string().contains("BUSYGROUP") => Ok(()),
+            Err(err) if is_busy_group(&err) => Ok(()),
             Err(err) => Err(unavailable(err)),
         }
     }

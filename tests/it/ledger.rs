@@ -898,7 +898,8 @@ conformance!(bad_controls_change_nothing_and_changes_are_logged, |ledger: Ledger
 conformance!(the_alerts_group_hands_each_entry_to_one_consumer_until_acknowledged, |ledger: Ledger| async move {
     let agent = create(&ledger, "g", 1_000, None).await;
     let tree = agent.id.tree().clone();
-    ledger.ensure_alert_group(&tree).await.expect("idempotent");
+    ledger.ensure_alert_group(&tree).await.expect("creates");
+    ledger.ensure_alert_group(&tree).await.expect("idempotent: an existing group is not an error");
     granted(hold(&ledger, &agent, 1).await);
     let first = ledger.read_alerts(&tree, "one", AlertRead::New, 10).await.expect("reads");
     assert_eq!(first.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(), ["create", "hold"]);

@@ -10,6 +10,7 @@ use reqwest::{Method, StatusCode, Url};
 use super::error::{AcpError, Provider, ProviderError};
 use super::types::ErrorObject;
 use super::API_VERSION;
+use crate::net::{read_limited, ReadError};
 
 /// The largest response body read. A checkout session is a few tens of kilobytes; anything far
 /// larger is not one, and must not be buffered without bound.
@@ -193,16 +194,12 @@ impl Transport {
         }
     }
 
-    async fn read_body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, AcpError> {
+    async fn read_body(&self, response: reqwest::Response) -> Result<Vec<u8>, AcpError> {
         let status = response.status().as_u16();
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|error| self.transport_error(&error))? {
-            if body.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(self.malformed(status, format!("body exceeds {MAX_BODY_BYTES} bytes")));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        read_limited(response, MAX_BODY_BYTES).await.map_err(|error| match error {
+            ReadError::TooLarge { .. } => self.malformed(status, format!("body exceeds {MAX_BODY_BYTES} bytes")),
+            ReadError::Transport(error) => self.transport_error(&error),
+        })
     }
 
     fn provider_error(&self, status: StatusCode, body: &[u8]) -> Result<ProviderError, AcpError> {

@@ -19,6 +19,7 @@ use super::pay::ClosedMandates;
 use super::receipt::{verify_checkout_receipt, verify_payment_receipt};
 use super::types::{CheckoutReceipt, Jwk, PaymentReceipt, ReceiptStatus};
 use crate::conformance::ConformanceSink;
+use crate::net::{read_limited, ReadError};
 
 /// Largest provider answer read; AP2 answers are a few kilobytes.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
@@ -108,22 +109,14 @@ async fn post_json<B: Serialize, R: for<'de> Deserialize<'de>>(
     url: Url,
     body: &B,
 ) -> Result<(StatusCode, R), Ap2Error> {
-    let mut response = http
+    let response = http
         .post(url)
         .json(body)
         .send()
         .await
         .map_err(|e| Ap2Error::ProviderUnreachable(e.without_url().to_string()))?;
     let status = response.status();
-    let mut bytes = Vec::new();
-    while let Some(chunk) =
-        response.chunk().await.map_err(|e| Ap2Error::ProviderUnreachable(e.without_url().to_string()))?
-    {
-        if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(Ap2Error::ProviderBadResponse("answer too large".into()));
-        }
-        bytes.extend_from_slice(&chunk);
-    }
+    let bytes = read_answer(response, MAX_RESPONSE_BYTES).await?;
     let parsed = serde_json::from_slice(&bytes).map_err(|_| {
         if status.is_success() {
             Ap2Error::ProviderBadResponse(format!("HTTP {status} with a body that is not the documented JSON"))
@@ -132,6 +125,14 @@ async fn post_json<B: Serialize, R: for<'de> Deserialize<'de>>(
         }
     })?;
     Ok((status, parsed))
+}
+
+/// A provider's whole answer, at most `limit` bytes, with AP2's errors for what stops it.
+pub async fn read_answer(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, Ap2Error> {
+    read_limited(response, limit).await.map_err(|error| match error {
+        ReadError::TooLarge { .. } => Ap2Error::ProviderBadResponse("answer too large".into()),
+        ReadError::Transport(e) => Ap2Error::ProviderUnreachable(e.without_url().to_string()),
+    })
 }
 
 /// `error` / `error_description` a provider may send with an HTTP error instead of a receipt.

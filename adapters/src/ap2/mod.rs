@@ -86,7 +86,8 @@ pub mod v01;
 mod tests;
 
 pub use client::{
-    Completion, CredentialOutcome, CredentialProviderClient, MerchantClient, PaymentCredential, ProviderConfig,
+    read_answer, Completion, CredentialOutcome, CredentialProviderClient, MerchantClient, PaymentCredential,
+    ProviderConfig,
 };
 pub use decimal::JsonDecimal;
 pub use error::Ap2Error;

@@ -718,6 +718,16 @@ async fn ap2_client_failures_are_reported_with_their_codes() {
     assert!(!completion.is_paid());
     assert_eq!(code(completion.checkout_receipt.ensure_success()), "ap2_receipt_error");
 
+    // An answer longer than any receipt is refused with the provider's bad answer, not buffered.
+    server.reset().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(vec![b' '; 1024 * 1024 + 1], "application/json"))
+        .mount(&server)
+        .await;
+    let error = cp(&server).request_credential(&closed).await.map(|_| ()).expect_err("too long");
+    assert_eq!(error.code(), "ap2_provider_bad_response");
+    assert!(error.to_string().contains("answer too large"), "{error}");
+
     // Nobody listening.
     let unreachable =
         ProviderConfig { base_url: "http://127.0.0.1:9".into(), timeout: Duration::from_secs(2), resolver: None };

@@ -228,7 +228,7 @@ async fn post_mandate(
         .pop_if_empty()
         .extend(["ap2", "v0.1", "payments"]);
     let body = json!({ "payment_mandate": mandate, "cart_mandate": cart.cart });
-    let mut response = processor
+    let response = processor
         .http
         .post(url)
         .json(&body)
@@ -236,15 +236,7 @@ async fn post_mandate(
         .await
         .map_err(|e| Ap2Error::ProviderUnreachable(e.without_url().to_string()))?;
     let status = response.status().as_u16();
-    let mut bytes = Vec::new();
-    while let Some(chunk) =
-        response.chunk().await.map_err(|e| Ap2Error::ProviderUnreachable(e.without_url().to_string()))?
-    {
-        if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(Ap2Error::ProviderBadResponse("answer too large".into()));
-        }
-        bytes.extend_from_slice(&chunk);
-    }
+    let bytes = adapters::ap2::read_answer(response, MAX_RESPONSE_BYTES).await?;
     let answer = serde_json::from_slice(&bytes).unwrap_or_default();
     Ok((status, answer))
 }

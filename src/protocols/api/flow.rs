@@ -13,6 +13,7 @@
 //!   its usage, the agent gone mid-stream) the hold is settled in full and the log line says why.
 
 use adapters::api::{LlmCall, Pricing, Style, Usage, UsageTap};
+use adapters::net::ReadError;
 use adapters::{Micros, PaymentIntent, Protocol};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -480,18 +481,11 @@ impl Call {
 }
 
 /// Reads a whole answer, at most `limit` bytes; the reason it could not, as a log code.
-async fn read_body(mut response: reqwest::Response, limit: usize) -> Result<Bytes, &'static str> {
-    if response.content_length().is_some_and(|length| length > limit as u64) {
-        return Err("body_too_large");
-    }
-    let mut body = Vec::new();
-    loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) if body.len() + chunk.len() > limit => return Err("body_too_large"),
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-            Ok(None) => return Ok(Bytes::from(body)),
-            Err(_) => return Err("body_cut"),
-        }
+async fn read_body(response: reqwest::Response, limit: usize) -> Result<Bytes, &'static str> {
+    match adapters::net::read_limited(response, limit).await {
+        Ok(body) => Ok(Bytes::from(body)),
+        Err(ReadError::TooLarge { .. }) => Err("body_too_large"),
+        Err(ReadError::Transport(_)) => Err("body_cut"),
     }
 }
 

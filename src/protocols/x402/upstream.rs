@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use adapters::net::{read_limited, ReadError};
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::Url;
@@ -135,7 +136,6 @@ impl Upstream {
             None => UpstreamError::NoResponse { timed_out: err.is_timeout(), detail: describe(err) },
         })?;
         let status = response.status();
-        let declared_length = response.content_length();
         let headers = std::mem::take(response.headers_mut());
         let limit = self.max_response_bytes;
         let too_large = |headers: HeaderMap| UpstreamError::Body {
@@ -144,24 +144,16 @@ impl Upstream {
             too_large: true,
             detail: format!("the upstream response body is larger than {limit} bytes"),
         };
-        if declared_length.is_some_and(|length| length > limit as u64) {
-            return Err(too_large(headers));
-        }
-        let mut body = Vec::new();
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) if body.len() + chunk.len() > limit => return Err(too_large(headers)),
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-                Ok(None) => break,
-                Err(err) => {
-                    let timed_out = err.is_timeout();
-                    let detail = describe(err);
-                    let detail = if timed_out { format!("timed out reading the body: {detail}") } else { detail };
-                    return Err(UpstreamError::Body { status, headers, too_large: false, detail });
-                }
+        match read_limited(response, limit).await {
+            Ok(body) => Ok(Answer { status, headers, body: Bytes::from(body) }),
+            Err(ReadError::TooLarge { .. }) => Err(too_large(headers)),
+            Err(ReadError::Transport(err)) => {
+                let timed_out = err.is_timeout();
+                let detail = describe(err);
+                let detail = if timed_out { format!("timed out reading the body: {detail}") } else { detail };
+                Err(UpstreamError::Body { status, headers, too_large: false, detail })
             }
         }
-        Ok(Answer { status, headers, body: Bytes::from(body) })
     }
 }
 
