@@ -110,7 +110,7 @@ pub const TABLE: &[Entry] = &[
     ("post", "/v1/acp/checkouts", &[(400, OPEN), (402, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("post", "/v1/acp/checkouts/{checkout_session_id}/cancel", &[(400, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("get", "/v1/ap2/key", &[(403, &["agent_revoked"]), (503, &["ap2_not_configured"])]),
-    ("get", "/v1/ap2/agents/{agent}/key", &[(404, &["unknown_agent"]), (503, &["ap2_not_configured"])]),
+    ("get", "/v1/ap2/agents/{agent}/key", &[(403, &["agent_revoked"]), (404, &["unknown_agent"]), (503, &["ap2_not_configured"])]),
     ("post", "/v1/ap2/mandates", &[(400, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (503, OPEN)]),
     ("post", "/v1/ap2/agents/{agent}/mandates", &[(400, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (503, OPEN)]),
     ("get", "/v1/ap2/mandates/{mandate_id}", &[(404, &["ap2_unknown_mandate"]), (503, &["ap2_not_configured"])]),
