@@ -16,6 +16,7 @@
 
 mod conformance;
 mod error;
+mod mcp;
 mod payment_identifier;
 mod policy;
 mod sign;
@@ -29,6 +30,10 @@ mod fixture_tests;
 pub use alloy_primitives::Address;
 pub use conformance::record_payment;
 pub use error::X402Error;
+pub use mcp::{
+    meta_with_payment, payment_required_of_tool_result, settlement_of_tool_result, McpPaymentBinding,
+    MCP_PAYMENT_META_KEY, MCP_PAYMENT_RESPONSE_META_KEY,
+};
 pub use payment_identifier::{PaymentId, PAYMENT_IDENTIFIER};
 pub use policy::{
     chain_id_of_network, choose, parse_address, AllowedAsset, Choice, ChosenRequirement, PaymentScheme, Policy,
