@@ -158,6 +158,17 @@ async fn upto_holds_the_maximum_and_settles_what_the_server_used() {
     assert_eq!(log[1]["detail"]["maximum_micros"], "50000");
     let receipt: Receipt = serde_json::from_value(payment["receipt"].clone()).expect("a receipt");
     assert_eq!(receipt.receipt.amount_micros, 12_345);
+
+    // Nothing used: the spec allows a zero settlement; the whole maximum comes back.
+    let url = format!("{}/generate?used=0", provider.base());
+    let (status, body) = fetch(&app, &agent.token, json!({"url": url, "task": "summarise"}), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["payment"]["status"].as_str(), body["payment"]["amount_micros"].as_u64()),
+        (Some("settled"), Some(0))
+    );
+    assert_eq!(balance(&app, &agent).await, (12_345, 0));
+    assert_eq!(provider.received_micros(), 12_345);
 }
 
 #[tokio::test]
