@@ -521,6 +521,33 @@ async fn x402_stage(daemon: &Daemon, fetches: u64) -> (Figure, Figure, Duration)
     (direct, paid, per_signature)
 }
 
+/// Paid fetches of the simulated provider's metered resource (x402 `upto`) through the daemon:
+/// 402 for a $0.30 maximum, hold it, sign the Permit2 witness authorization, retry, settle the
+/// $0.001 the provider reports it used (the provider verifies each permit's signature).
+async fn x402_upto_stage(daemon: &Daemon, providers: &Providers, fetches: u64) -> Figure {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().expect("client");
+    let token = Arc::new(bench_agent(&http, daemon, "x402-upto-bench").await);
+    let (base, resource) = (daemon.base.clone(), providers.x402.base().to_owned());
+    clients(fetches, move |c, i| {
+        let (http, base, resource, token) = (http.clone(), base.clone(), resource.clone(), token.clone());
+        async move {
+            let body: serde_json::Value = http
+                .post(format!("{base}/v1/x402/fetch"))
+                .bearer_auth(token.as_str())
+                .json(&serde_json::json!({ "url": format!("{resource}/summarise?used=1000&c={c}&i={i}"), "task": "bench" }))
+                .send()
+                .await
+                .expect("fetch")
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(body["payment"]["status"], "settled", "{body}");
+            assert_eq!(body["payment"]["amount_micros"], 1000, "{body}");
+        }
+    })
+    .await
+}
+
 /// Runs `total` calls from `CONCURRENCY` clients; `call(client, i)` makes one and returns once
 /// it has checked the answer. The latency of each call and the overall rate.
 async fn clients<F, Fut>(total: u64, call: F) -> Figure
@@ -1035,6 +1062,7 @@ fn main() {
     let agent_keys: Vec<&str> = agent_keys.lines().take(50).collect();
     let per_agent = agent_keys.iter().map(|k| memory_usage(&redis, k)).sum::<u64>() / agent_keys.len().max(1) as u64;
     let (direct, paid, per_signature) = runtime.block_on(x402_stage(&daemon, scaled(10_000)));
+    let upto = runtime.block_on(x402_upto_stage(&daemon, &providers, scaled(5_000)));
     let acp = runtime.block_on(acp_stage(&daemon, &providers, scaled(5_000)));
     let ap2 = runtime.block_on(ap2_stage(&daemon, &providers, scaled(2_000)));
     let (api_straight, api_through, ttfb_straight, ttfb_through) =
@@ -1105,6 +1133,10 @@ fn main() {
         "| — added by the daemon | | +{:.3} ms | +{:.3} ms | | |",
         paid.p50_ms - direct.p50_ms,
         paid.p99_ms - direct.p99_ms
+    ));
+    line(format!(
+        "| x402 upto: metered fetch through the daemon (402, hold the maximum, Permit2 signature, retry, settle what was used + receipt), 50 clients | {:.0}/s | {:.3} ms | {:.3} ms | {:.3} | |",
+        upto.rps, upto.p50_ms, upto.p99_ms, ratio(upto.rps)
     ));
     line(format!(
         "| — one EIP-3009 / EIP-712 signature (secp256k1), in-process | {:.0}/s | {:.3} ms | | | |",

@@ -169,7 +169,8 @@ async fn research(api: &Api<'_>, out: &mut Outcome) -> Result<(), DemoError> {
     use Purchase::{Acp, X402};
     let tasks: [&[Purchase]; 3] = [
         &[X402("/search"), X402("/papers/attention"), Acp("dataset_climate")],
-        &[X402("/search"), X402("/papers/scaling")],
+        // A metered summary (x402 `upto`): $0.30 authorised and held, $0.12 used and settled.
+        &[X402("/search"), X402("/papers/scaling"), X402("/summarise?used=120000")],
         &[X402("/search"), X402("/papers/retrieval"), Acp("report_market")],
     ];
     for (i, purchases) in tasks.iter().enumerate() {

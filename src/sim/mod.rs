@@ -80,6 +80,9 @@ pub const X402_PRICES: &[(&str, u64)] = &[
     ("/papers/scaling", 350_000),
     ("/papers/retrieval", 500_000),
 ];
+/// Metered x402 resources (`upto` scheme): path and the maximum the 402 asks to authorise, in
+/// micro-USD; the server charges `?used=<micro-USD>` of it.
+pub const X402_METERED: &[(&str, u64)] = &[("/summarise", 300_000)];
 pub const ACP_MERCHANT: &str = "datashop";
 pub const ACP_CATALOG: &[acp::Product] =
     &[("dataset_climate", "Climate dataset (CSV)", 99), ("report_market", "Market report (PDF)", 45)];
@@ -100,7 +103,7 @@ pub struct Providers {
 impl Providers {
     pub async fn start() -> std::io::Result<Providers> {
         Ok(Providers {
-            x402: x402::X402Resource::start(X402_PRICES).await?,
+            x402: x402::X402Resource::start_with_upto(X402_PRICES, X402_METERED).await?,
             acp: acp::AcpShop::start(ACP_MERCHANT, ACP_CATALOG).await?,
             ap2: ap2::Ap2World::start(AP2_MERCHANT, AP2_CATALOG).await?,
             llm: llm::LlmProvider::start().await?,

@@ -4,13 +4,20 @@
 //! address, inside its validity window, signed by the `from` address (recovered from the EIP-712
 //! signature), with a nonce never seen before. A payment that fails any check is answered with a
 //! 402 naming the reason, as a facilitator's verify step would.
+//!
+//! Paths started with [`X402Resource::start_with_upto`] are metered instead (`upto` scheme): the
+//! 402 asks for a maximum, the payment must be a Permit2 witness authorization of that maximum
+//! to the upto proxy for this payee and this facilitator ([`FACILITATOR`]), and the server
+//! settles what the request used: `?used=<micro-USD>` (capped at the maximum), half the maximum
+//! when the request does not say. The settlement report's `amount` is what was charged.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use adapters::x402::{
-    encode_header, parse_address, parse_payment_header, recover_signer, Address, PaymentPayload, PaymentRequirementsV2,
-    ResourceInfo, SettlementResponse, TokenDomain, PAYMENT_REQUIRED, PAYMENT_RESPONSE,
+    encode_header, parse_address, parse_payment_header, recover_signer, recover_upto_signer, Address, PaymentPayload,
+    PaymentRequirementsV2, ResourceInfo, SettlementResponse, TokenDomain, PAYMENT_REQUIRED, PAYMENT_RESPONSE,
+    UPTO_PERMIT2_PROXY_ADDRESS,
 };
 use axum::extract::{OriginalUri, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -27,6 +34,8 @@ const CHAIN_ID: u64 = 84_532;
 pub const USDC: &str = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
 /// Where the simulated seller is paid.
 pub const PAY_TO: &str = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C";
+/// The facilitator the simulated server names for `upto` permits (only it may settle them).
+pub const FACILITATOR: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
 
 /// A running resource server.
 pub struct X402Resource {
@@ -37,6 +46,8 @@ pub struct X402Resource {
 struct ResourceState {
     /// Path → price in USDC atomic units (6 decimals: one unit is one micro-USD).
     prices: BTreeMap<String, u64>,
+    /// Path → the maximum of a metered (`upto`) resource, in micro-USD.
+    upto: BTreeMap<String, u64>,
     pay_to: Address,
     domain: TokenDomain,
     seen_nonces: Mutex<HashSet<String>>,
@@ -46,10 +57,17 @@ struct ResourceState {
 impl X402Resource {
     /// Serves `prices` (path such as `/search`, price in micro-USD) on a loopback port.
     pub async fn start(prices: &[(&str, u64)]) -> std::io::Result<X402Resource> {
+        X402Resource::start_with_upto(prices, &[]).await
+    }
+
+    /// Serves `prices` as [`X402Resource::start`] does, and the metered paths `upto` (path, the
+    /// maximum in micro-USD) in the `upto` scheme.
+    pub async fn start_with_upto(prices: &[(&str, u64)], upto: &[(&str, u64)]) -> std::io::Result<X402Resource> {
         let pay_to = parse_address("payTo", PAY_TO).map_err(std::io::Error::other)?;
         let verifying_contract = parse_address("asset", USDC).map_err(std::io::Error::other)?;
         let state = Arc::new(ResourceState {
             prices: prices.iter().map(|(path, price)| ((*path).to_owned(), *price)).collect(),
+            upto: upto.iter().map(|(path, maximum)| ((*path).to_owned(), *maximum)).collect(),
             pay_to,
             domain: TokenDomain { name: "USDC".into(), version: "2".into(), chain_id: CHAIN_ID, verifying_contract },
             seen_nonces: Mutex::new(HashSet::new()),
@@ -86,7 +104,20 @@ fn requirement(price: u64) -> PaymentRequirementsV2 {
     }
 }
 
+fn upto_requirement(maximum: u64) -> PaymentRequirementsV2 {
+    let mut requirement = requirement(maximum);
+    requirement.scheme = "upto".into();
+    if let Some(extra) = requirement.extra.as_mut() {
+        extra.insert("facilitatorAddress".into(), json!(FACILITATOR));
+    }
+    requirement
+}
+
 fn payment_required(url: &str, price: u64, error: &str) -> Response {
+    payment_required_for(url, requirement(price), error)
+}
+
+fn payment_required_for(url: &str, requirement: PaymentRequirementsV2, error: &str) -> Response {
     let required = adapters::x402::PaymentRequiredV2 {
         x402_version: adapters::x402::Version,
         error: Some(error.to_owned()),
@@ -96,7 +127,7 @@ fn payment_required(url: &str, price: u64, error: &str) -> Response {
             mime_type: Some("application/json".into()),
             other: Map::new(),
         }),
-        accepts: vec![requirement(price)],
+        accepts: vec![requirement],
         extensions: None,
     };
     match encode_header(&required) {
@@ -107,6 +138,9 @@ fn payment_required(url: &str, price: u64, error: &str) -> Response {
 
 async fn resource(State(state): State<Arc<ResourceState>>, uri: OriginalUri, headers: HeaderMap) -> Response {
     let path = uri.path().to_owned();
+    if let Some(&maximum) = state.upto.get(&path) {
+        return metered(&state, &uri, &headers, maximum);
+    }
     let Some(&price) = state.prices.get(&path) else {
         return (StatusCode::NOT_FOUND, Json(json!({ "error": "no such resource" }))).into_response();
     };
@@ -123,7 +157,12 @@ async fn resource(State(state): State<Arc<ResourceState>>, uri: OriginalUri, hea
         Err(reason) => return payment_required(&url, price, reason),
     };
     *lock(&state.paid) += price;
-    let nonce = &payment.exact().authorization.nonce;
+    let nonce = payment.exact().map(|exact| exact.authorization.nonce.clone()).unwrap_or_default();
+    paid(&path, &nonce, payer, price)
+}
+
+/// The paid answer: the resource, and the settlement report of `charged` micro-USD.
+fn paid(path: &str, nonce: &str, payer: String, charged: u64) -> Response {
     let settlement = SettlementResponse {
         success: true,
         error_reason: None,
@@ -131,9 +170,9 @@ async fn resource(State(state): State<Arc<ResourceState>>, uri: OriginalUri, hea
         payer: Some(payer),
         transaction: format!("0x{}", hex::encode(Sha256::digest(nonce.as_bytes()))),
         network: NETWORK.into(),
-        amount: Some(price.to_string()),
+        amount: Some(charged.to_string()),
     };
-    let body = json!({ "resource": path, "paid_micros": price, "data": format!("the contents of {path}") });
+    let body = json!({ "resource": path, "paid_micros": charged, "data": format!("the contents of {path}") });
     match encode_header(&settlement) {
         Ok(header) => (StatusCode::OK, [(PAYMENT_RESPONSE, header)], Json(body)).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -174,6 +213,75 @@ fn verify(state: &ResourceState, payment: &PaymentPayload, price: u64) -> Result
     }
     if !lock(&state.seen_nonces).insert(authorization.nonce.clone()) {
         return Err("invalid_exact_evm_payload_nonce_used");
+    }
+    Ok(authorization.from.clone())
+}
+
+/// A metered resource: 402 for the maximum, then the permit checked and what was used charged.
+fn metered(state: &ResourceState, uri: &OriginalUri, headers: &HeaderMap, maximum: u64) -> Response {
+    let path = uri.path().to_owned();
+    let url = format!("http://{}{}", headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("localhost"), path);
+    if headers.get(adapters::x402::PAYMENT_SIGNATURE).is_none() {
+        return payment_required_for(&url, upto_requirement(maximum), "Payment required");
+    }
+    let verified = parse_payment_header(headers)
+        .map_err(|_| "invalid_payload")
+        .and_then(|payment| verify_upto(state, &payment, maximum).map(|payer| (payer, payment)));
+    let (payer, payment) = match verified {
+        Ok(verified) => verified,
+        Err(reason) => return payment_required_for(&url, upto_requirement(maximum), reason),
+    };
+    let used = uri
+        .query()
+        .and_then(|query| query.split('&').find_map(|pair| pair.strip_prefix("used=")))
+        .and_then(|used| used.parse::<u64>().ok())
+        .unwrap_or(maximum / 2)
+        .min(maximum);
+    *lock(&state.paid) += used;
+    let nonce = payment.upto().map(|upto| upto.permit2_authorization.nonce.clone()).unwrap_or_default();
+    paid(&path, &nonce, payer, used)
+}
+
+/// The upto facilitator's verify step (as x402's `verify_upto_permit2`, without a chain).
+fn verify_upto(state: &ResourceState, payment: &PaymentPayload, maximum: u64) -> Result<String, &'static str> {
+    let PaymentPayload::UptoV2(payment) = payment else {
+        return Err("invalid_upto_evm_scheme");
+    };
+    if payment.accepted != upto_requirement(maximum) {
+        return Err("invalid_payment_requirements");
+    }
+    let authorization = &payment.payload.permit2_authorization;
+    let address = |field, text: &str| parse_address(field, text).map_err(|_| "invalid_permit2_payload_format");
+    if address("spender", &authorization.spender)? != UPTO_PERMIT2_PROXY_ADDRESS {
+        return Err("invalid_permit2_spender");
+    }
+    if address("to", &authorization.witness.to)? != state.pay_to {
+        return Err("invalid_permit2_recipient_mismatch");
+    }
+    if address("facilitator", &authorization.witness.facilitator)? != address("facilitator", FACILITATOR)? {
+        return Err("invalid_upto_evm_facilitator_mismatch");
+    }
+    if address("token", &authorization.permitted.token)? != state.domain.verifying_contract {
+        return Err("invalid_permit2_token_mismatch");
+    }
+    if authorization.permitted.amount != maximum.to_string() {
+        return Err("invalid_permit2_amount_mismatch");
+    }
+    let now = now_secs();
+    let deadline: u64 = authorization.deadline.parse().map_err(|_| "invalid_permit2_payload_format")?;
+    let valid_after: u64 = authorization.witness.valid_after.parse().map_err(|_| "invalid_permit2_payload_format")?;
+    if deadline < now + 6 {
+        return Err("invalid_permit2_deadline_expired");
+    }
+    if valid_after > now {
+        return Err("invalid_permit2_not_yet_valid");
+    }
+    let signer = recover_upto_signer(&payment.payload, CHAIN_ID).map_err(|_| "invalid_permit2_signature")?;
+    if signer != address("from", &authorization.from)? {
+        return Err("invalid_permit2_signature");
+    }
+    if !lock(&state.seen_nonces).insert(format!("permit2:{}", authorization.nonce)) {
+        return Err("invalid_permit2_nonce_used");
     }
     Ok(authorization.from.clone())
 }

@@ -25,19 +25,20 @@ async fn demo_scenario_pays_simulated_providers_through_every_protocol() {
 
     let outcome = spendcap::demo::scenario(&app.base, ADMIN_TOKEN, &providers).await.expect("scenario");
     // research: (search 0.02 + attention 0.40 + dataset 0.99) + (0.02 + scaling 0.35)
-    //         + (0.02 + retrieval 0.50 + report 0.45) = 2.75
-    assert_eq!(outcome.research_spent_micros, 2_750_000);
+    //         + (0.02 + retrieval 0.50 + report 0.45) = 2.75, plus the metered summary (x402
+    //         `upto`: 0.30 held, 0.12 used and settled) = 2.87
+    assert_eq!(outcome.research_spent_micros, 2_870_000);
     assert_eq!(outcome.enrichment_refusal, "cap_exceeded");
     assert_eq!(outcome.looper_suspension, "agent_suspended");
     assert_eq!(outcome.looper_after_revoke, "agent_revoked");
     // Three profiles at 0.30 fit a 1.00 cap; the fourth does not. The breaker allows 5 repeats.
-    assert_eq!(outcome.payments, (6 + 5, 2, 3), "{outcome:?}");
+    assert_eq!(outcome.payments, (7 + 5, 2, 3), "{outcome:?}");
 
     let (status, report) = app.admin(reqwest::Method::GET, "/v1/reports", None).await;
     assert_eq!(status, 200);
     let rows = report["task_types"].as_array().expect("rows");
     let research = rows.iter().find(|r| r["task_type"] == "research").expect("research row");
-    // Successful research tasks cost 1.41, 0.37 and 0.97: the nearest-rank median is 0.97 and
+    // Successful research tasks cost 1.41, 0.49 and 0.97: the nearest-rank median is 0.97 and
     // the suggested cap 2.5 times that; the loop was abandoned.
     assert_eq!(research["success_cost"]["median_micros"], 970_000);
     assert_eq!(research["suggested_cap_micros"], 2_425_000);
@@ -57,7 +58,7 @@ async fn demo_scenario_pays_simulated_providers_through_every_protocol() {
     assert_eq!(outcome.tasks, reported);
     let story = outcome.lines.join("\n");
     for line in [
-        "research: 3 research tasks succeeded (x402 searches and papers, ACP dataset and report), $2.75 of its",
+        "research: 3 research tasks succeeded (x402 searches and papers, ACP dataset and report), $2.87 of its",
         "enrichment: 3 enrichment tasks succeeded",
         "so 1 task failed (enrich-4)",
         "looper: 1 polling task abandoned (loop-1)",
@@ -80,13 +81,14 @@ async fn demo_scenario_pays_simulated_providers_through_every_protocol() {
 
     // What the providers were paid is what the ledger says was spent through each protocol.
     let x402 = providers.x402.received_micros();
-    assert_eq!(x402, 3 * 20_000 + 400_000 + 350_000 + 500_000 + 5 * 20_000);
+    // The metered summary counts what its server charged (0.12 of the 0.30 authorised).
+    assert_eq!(x402, 3 * 20_000 + 400_000 + 350_000 + 500_000 + 120_000 + 5 * 20_000);
     assert_eq!(spent_by(&report["protocols"], "x402"), x402);
     assert_eq!(spent_by(&report["protocols"], "acp"), providers.acp.charged_cents() * 10_000);
     assert_eq!(providers.acp.charged_cents(), 99 + 45);
     assert_eq!(spent_by(&report["protocols"], "ap2"), providers.ap2.paid_cents() as u64 * 10_000);
     assert_eq!(providers.ap2.paid_cents(), 3 * 30);
-    assert_eq!(report["spent_micros"], 2_750_000 + 900_000 + 5 * 20_000);
+    assert_eq!(report["spent_micros"], 2_870_000 + 900_000 + 5 * 20_000);
 }
 
 /// The report's figures, recomputed from exported log entries by the rules the report states: a

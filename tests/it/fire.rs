@@ -619,7 +619,7 @@ async fn secrets_never_reach_the_logs() {
     // The demo's whole fleet, paying through x402, ACP and AP2: delegated card tokens, AP2
     // payment tokens and mandates, x402 authorizations all pass through the daemon.
     let outcome = spendcap::demo::scenario(&daemon.base, ADMIN_TOKEN, &providers).await.expect("the demo scenario");
-    assert_eq!(outcome.payments, (11, 2, 3), "{outcome:?}");
+    assert_eq!(outcome.payments, (12, 2, 3), "{outcome:?}");
     drop(daemon);
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(text.lines().count() > 10, "the daemon logged at trace level:\n{text}");

@@ -30,3 +30,4 @@ mod security;
 mod support;
 mod unknown;
 mod x402;
+mod x402_upto;

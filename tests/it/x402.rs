@@ -119,9 +119,10 @@ fn usdc_base_sepolia() -> TokenDomain {
 }
 
 fn assert_signed_by_daemon(payment: &PaymentPayload) {
-    let signer = recover_signer(payment.exact(), &usdc_base_sepolia()).expect("the signature recovers");
+    let signer = recover_signer(payment.exact().expect("an exact payment"), &usdc_base_sepolia())
+        .expect("the signature recovers");
     assert_eq!(signer.to_string(), PAYER, "the payment is signed by the daemon's key");
-    assert_eq!(payment.exact().authorization.from, PAYER);
+    assert_eq!(payment.exact().expect("an exact payment").authorization.from, PAYER);
 }
 
 async fn fetch(app: &TestApp, token: &str, body: Value, key: Option<&str>) -> (u16, Value) {
@@ -505,7 +506,8 @@ async fn concurrent_fetches_never_pass_the_cap() {
 
     let sent = payments(&server).await;
     assert_eq!(sent.len(), 25, "exactly the paid fetches sent a payment");
-    let nonces: BTreeSet<&str> = sent.iter().map(|p| p.exact().authorization.nonce.as_str()).collect();
+    let nonces: BTreeSet<&str> =
+        sent.iter().map(|p| p.exact().expect("an exact payment").authorization.nonce.as_str()).collect();
     assert_eq!(nonces.len(), 25);
     let balance = me(&app, &agent).await;
     assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(250_000), Some(0)));
@@ -1042,7 +1044,7 @@ impl wiremock::Respond for Facilitator {
             let unpaid = v2_402(&v2_required(&price.to_string()));
             return if mode == "slow" { unpaid.set_delay(late) } else { unpaid };
         };
-        let authorization = &payment.exact().authorization;
+        let authorization = &payment.exact().expect("an exact payment").authorization;
         let nonce = authorization.nonce.clone();
         if mode == "decline" {
             return ResponseTemplate::new(402)

@@ -12,7 +12,7 @@ use crate::conformance::ConformanceSink;
 pub fn record_payment(sink: &ConformanceSink, payment: &PaymentPayload, choice: &Choice) {
     let (payload_type, requirements_type) = match payment {
         PaymentPayload::V1(_) => ("PaymentPayloadV1", "PaymentRequirementsV1"),
-        PaymentPayload::V2(_) => ("PaymentPayload", "PaymentRequirements"),
+        PaymentPayload::V2(_) | PaymentPayload::UptoV2(_) => ("PaymentPayload", "PaymentRequirements"),
     };
     record(sink, payload_type, payment);
     match choice.requirement() {

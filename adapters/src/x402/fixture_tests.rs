@@ -280,8 +280,11 @@ fn a_retry_with_the_same_nonce_authorizes_the_same_transfer() {
     assert_eq!(first, again, "same nonce and time: the very same authorization");
     let fresh = PaymentTerms { nonce: Nonce::random(), ..test_terms() };
     let other = sign_payment(&choice, &signer, &fresh).expect("signs");
-    assert_ne!(first.exact().authorization.nonce, other.exact().authorization.nonce);
-    assert_ne!(first.exact().signature, other.exact().signature);
+    assert_ne!(
+        first.exact().expect("an exact payment").authorization.nonce,
+        other.exact().expect("an exact payment").authorization.nonce
+    );
+    assert_ne!(first.exact().expect("an exact payment").signature, other.exact().expect("an exact payment").signature);
 }
 
 #[test]

@@ -16,10 +16,12 @@
 
 mod conformance;
 mod error;
+mod mcp;
 mod payment_identifier;
 mod policy;
 mod sign;
 mod transport;
+mod upto;
 mod wire;
 
 #[cfg(test)]
@@ -28,14 +30,25 @@ mod fixture_tests;
 pub use alloy_primitives::Address;
 pub use conformance::record_payment;
 pub use error::X402Error;
+pub use mcp::{
+    meta_with_payment, payment_required_of_tool_result, settlement_of_tool_result, McpPaymentBinding,
+    MCP_PAYMENT_META_KEY, MCP_PAYMENT_RESPONSE_META_KEY,
+};
 pub use payment_identifier::{PaymentId, PAYMENT_IDENTIFIER};
-pub use policy::{chain_id_of_network, choose, parse_address, AllowedAsset, Choice, ChosenRequirement, Policy};
+pub use policy::{
+    chain_id_of_network, choose, parse_address, AllowedAsset, Choice, ChosenRequirement, PaymentScheme, Policy,
+};
 pub use sign::{
     authorization_digest, recover_signer, sign_authorization, sign_payment, EvmSigner, Nonce, PaymentTerms, TokenDomain,
 };
 pub use transport::{
     decode_settlement_json, encode_header, parse_payment_header, parse_payment_required, parse_settlement,
     PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE, X_PAYMENT, X_PAYMENT_RESPONSE,
+};
+pub use upto::{
+    nonce_decimal, recover_upto_signer, sign_upto, upto_digest, upto_settled_amount, UptoPaymentPayloadV2,
+    UptoPermit2Authorization, UptoPermit2Payload, UptoPermitted, UptoSettled, UptoWitness, PERMIT2_ADDRESS, UPTO,
+    UPTO_PERMIT2_PROXY_ADDRESS,
 };
 pub use wire::{
     ExactEvmAuthorization, ExactEvmPayload, PaymentPayload, PaymentPayloadV1, PaymentPayloadV2, PaymentRequired,

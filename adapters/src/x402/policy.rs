@@ -122,6 +122,18 @@ pub struct Choice {
     chain_id: u64,
     timeout_secs: u64,
     domain: TokenDomain,
+    scheme: PaymentScheme,
+    decimals: u32,
+}
+
+/// How the chosen requirement is paid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PaymentScheme {
+    /// `exact`: an EIP-3009 authorization of exactly the amount.
+    Exact,
+    /// `upto` (v2): a Permit2 authorization of the amount as a maximum, settleable only by
+    /// `facilitator`; the server settles what was used.
+    Upto { facilitator: Address },
 }
 
 /// The chosen requirement, exactly as the server sent it.
@@ -143,7 +155,17 @@ impl Choice {
         &self.requirement
     }
 
-    /// What the payment costs.
+    /// How the payment is signed and settled.
+    pub fn scheme(&self) -> PaymentScheme {
+        self.scheme
+    }
+
+    /// How many decimals the token's atomic unit has (to read a settled amount).
+    pub fn decimals(&self) -> u32 {
+        self.decimals
+    }
+
+    /// What the payment costs (`exact`), or the most it can cost (`upto`): what is held.
     pub fn amount(&self) -> Micros {
         self.amount
     }
@@ -304,16 +326,31 @@ fn accept(
     resource: Option<ResourceInfo>,
     extensions: Option<Map<String, Value>>,
 ) -> Result<Choice, X402Error> {
-    if offer.scheme != "exact" {
-        return Err(X402Error::UnsupportedScheme { scheme: clip(offer.scheme) });
-    }
     let extra_text = |key: &str| offer.extra.and_then(|extra| extra.get(key));
-    // `exact` on EVM also has a Permit2 variant, signed differently; only EIP-3009 is spoken here.
-    if let Some(method) = extra_text("assetTransferMethod") {
-        if method.as_str() != Some("eip3009") {
-            return Err(X402Error::UnsupportedScheme { scheme: format!("exact ({})", clip(&method.to_string())) });
+    let scheme = match (offer.scheme, offer.version) {
+        ("exact", _) => {
+            // `exact` on EVM also has a Permit2 variant, signed differently; only EIP-3009 is spoken here.
+            if let Some(method) = extra_text("assetTransferMethod") {
+                if method.as_str() != Some("eip3009") {
+                    return Err(X402Error::UnsupportedScheme {
+                        scheme: format!("exact ({})", clip(&method.to_string())),
+                    });
+                }
+            }
+            PaymentScheme::Exact
         }
-    }
+        // The permit names the one facilitator allowed to settle it; without one it cannot be signed.
+        ("upto", X402Version::V2) => match extra_text("facilitatorAddress").and_then(Value::as_str) {
+            Some(text) => PaymentScheme::Upto { facilitator: parse_address("extra.facilitatorAddress", text)? },
+            None => {
+                return Err(X402Error::MissingField {
+                    what: "upto requirement",
+                    field: "extra.facilitatorAddress".into(),
+                })
+            }
+        },
+        _ => return Err(X402Error::UnsupportedScheme { scheme: clip(offer.scheme) }),
+    };
     let chain_id = chain_id_of_network(offer.network, offer.version)
         .filter(|id| policy.assets.iter().any(|allowed| allowed.chain_id == *id))
         .ok_or_else(|| X402Error::UnknownNetwork { network: clip(offer.network) })?;
@@ -355,6 +392,8 @@ fn accept(
         chain_id,
         timeout_secs,
         domain: allowed.domain(),
+        scheme,
+        decimals: allowed.decimals,
     })
 }
 

@@ -11,7 +11,11 @@ use zeroize::Zeroizing;
 
 use super::error::{clip, X402Error};
 use super::payment_identifier::{payment_extensions, PaymentId};
-use super::policy::{parse_address, Choice, ChosenRequirement};
+use super::policy::{parse_address, Choice, ChosenRequirement, PaymentScheme};
+use super::upto::{
+    nonce_decimal, sign_upto, UptoPaymentPayloadV2, UptoPermit2Authorization, UptoPermitted, UptoWitness,
+    UPTO_PERMIT2_PROXY_ADDRESS,
+};
 use super::wire::{
     ExactEvmAuthorization, ExactEvmPayload, PaymentPayload, PaymentPayloadV1, PaymentPayloadV2, Version,
 };
@@ -198,6 +202,31 @@ pub struct PaymentTerms {
 /// v2 authorizations are valid from 0 until `now + timeout`; v1 ones from `now - 600` (as the
 /// reference v1 clients sign) until `now + timeout`.
 pub fn sign_payment(choice: &Choice, signer: &EvmSigner, terms: &PaymentTerms) -> Result<PaymentPayload, X402Error> {
+    if let (PaymentScheme::Upto { facilitator }, ChosenRequirement::V2(requirement)) =
+        (choice.scheme(), choice.requirement())
+    {
+        // As the official client signs it: the maximum, to the upto proxy, valid from 0 until
+        // now + timeout, only for the payee and the facilitator the server named.
+        let authorization = UptoPermit2Authorization {
+            from: signer.address().to_string(),
+            permitted: UptoPermitted { token: choice.asset().to_string(), amount: choice.atomic_amount().to_owned() },
+            spender: UPTO_PERMIT2_PROXY_ADDRESS.to_string(),
+            nonce: nonce_decimal(&terms.nonce),
+            deadline: choice.valid_before(terms.now_secs).to_string(),
+            witness: UptoWitness {
+                to: choice.pay_to().to_string(),
+                facilitator: facilitator.to_string(),
+                valid_after: "0".to_owned(),
+            },
+        };
+        return Ok(PaymentPayload::UptoV2(UptoPaymentPayloadV2 {
+            x402_version: Version,
+            accepted: requirement.clone(),
+            resource: choice.resource().cloned(),
+            payload: sign_upto(authorization, choice.chain_id(), signer)?,
+            extensions: payment_extensions(choice.extensions(), terms.payment_id.as_ref())?,
+        }));
+    }
     let valid_after = match choice.requirement() {
         ChosenRequirement::V1(_) => terms.now_secs.saturating_sub(V1_VALID_AFTER_SKEW_SECS),
         ChosenRequirement::V2(_) => 0,

@@ -114,8 +114,10 @@ pub fn parse_payment_header(headers: &HeaderMap) -> Result<PaymentPayload, X402E
     let json = decode_base64_header(header).ok_or(X402Error::BadBase64 { what })?;
     let value = parse_json(&json, what)?;
     expect_version(&value, version, what)?;
+    let upto = value.pointer("/accepted/scheme").and_then(Value::as_str) == Some(super::upto::UPTO);
     Ok(match version {
         1 => PaymentPayload::V1(from_value(value, what)?),
+        _ if upto => PaymentPayload::UptoV2(from_value(value, what)?),
         _ => PaymentPayload::V2(from_value(value, what)?),
     })
 }
@@ -258,7 +260,7 @@ mod tests {
         let v1 = r#"{"x402Version":1,"scheme":"exact","network":"base","payload":{"signature":"0x00","authorization":{"from":"0x1","to":"0x2","value":"1","validAfter":"0","validBefore":"9","nonce":"0x3"}}}"#;
         let payment = parse_payment_header(&headers(X_PAYMENT, &STANDARD.encode(v1))).expect("v1 payment");
         assert_eq!(payment.version(), X402Version::V1);
-        assert_eq!(payment.exact().authorization.value, "1");
+        assert_eq!(payment.exact().expect("an exact payment").authorization.value, "1");
         let (name, value) = payment.to_header().expect("encodes");
         assert_eq!(name, X_PAYMENT);
         let again = parse_payment_header(&headers(name, value.to_str().expect("ASCII"))).expect("round trip");

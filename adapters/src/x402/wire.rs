@@ -223,21 +223,52 @@ pub struct PaymentPayloadV2 {
 pub enum PaymentPayload {
     V1(PaymentPayloadV1),
     V2(PaymentPayloadV2),
+    /// v2 in the `upto` scheme: a Permit2 authorization of a maximum.
+    UptoV2(super::upto::UptoPaymentPayloadV2),
 }
 
 impl PaymentPayload {
     pub fn version(&self) -> X402Version {
         match self {
             PaymentPayload::V1(_) => X402Version::V1,
-            PaymentPayload::V2(_) => X402Version::V2,
+            PaymentPayload::V2(_) | PaymentPayload::UptoV2(_) => X402Version::V2,
         }
     }
 
-    /// The signed EIP-3009 authorization and its signature.
-    pub fn exact(&self) -> &ExactEvmPayload {
+    /// The signed EIP-3009 authorization and its signature (`None` for an `upto` payment).
+    pub fn exact(&self) -> Option<&ExactEvmPayload> {
         match self {
-            PaymentPayload::V1(payment) => &payment.payload,
-            PaymentPayload::V2(payment) => &payment.payload,
+            PaymentPayload::V1(payment) => Some(&payment.payload),
+            PaymentPayload::V2(payment) => Some(&payment.payload),
+            PaymentPayload::UptoV2(_) => None,
+        }
+    }
+
+    /// The signed Permit2 authorization of an `upto` payment.
+    pub fn upto(&self) -> Option<&super::upto::UptoPermit2Payload> {
+        match self {
+            PaymentPayload::UptoV2(payment) => Some(&payment.payload),
+            _ => None,
+        }
+    }
+
+    /// The 32-byte nonce the payment was signed with, whatever its scheme's spelling.
+    pub fn nonce(&self) -> Result<super::sign::Nonce, super::error::X402Error> {
+        match self {
+            PaymentPayload::UptoV2(payment) => {
+                super::upto::nonce_from_decimal(&payment.payload.permit2_authorization.nonce)
+            }
+            PaymentPayload::V1(payment) => payment.payload.authorization.nonce.parse(),
+            PaymentPayload::V2(payment) => payment.payload.authorization.nonce.parse(),
+        }
+    }
+
+    /// The Unix second after which the signed authorization is dead (`validBefore`, `deadline`).
+    pub fn valid_until(&self) -> &str {
+        match self {
+            PaymentPayload::V1(payment) => &payment.payload.authorization.valid_before,
+            PaymentPayload::V2(payment) => &payment.payload.authorization.valid_before,
+            PaymentPayload::UptoV2(payment) => &payment.payload.permit2_authorization.deadline,
         }
     }
 }

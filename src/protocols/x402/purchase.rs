@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use adapters::conformance::ConformanceSink;
 use adapters::x402::{
-    choose, parse_payment_required, parse_settlement, record_payment, sign_payment, AllowedAsset, Choice,
-    ChosenRequirement, EvmSigner, Nonce, PaymentId, PaymentPayload, PaymentRequired, PaymentTerms, SettlementResponse,
-    X402Error, PAYMENT_IDENTIFIER,
+    choose, parse_payment_required, parse_settlement, record_payment, sign_payment, upto_settled_amount, AllowedAsset,
+    Choice, ChosenRequirement, EvmSigner, Nonce, PaymentId, PaymentPayload, PaymentRequired, PaymentScheme,
+    PaymentTerms, SettlementResponse, UptoSettled, X402Error, PAYMENT_IDENTIFIER, UPTO,
 };
 use adapters::Micros;
 use base64::engine::general_purpose::STANDARD;
@@ -557,6 +557,26 @@ impl Paying<'_> {
         self.choice.valid_before(self.purchase.terms.signed_at)
     }
 
+    fn is_upto(&self) -> bool {
+        matches!(self.choice.scheme(), PaymentScheme::Upto { .. })
+    }
+
+    /// What a confirmed settlement is recorded at: the price (`exact`), or what the server
+    /// reports it settled (`upto`), never above the authorised maximum; the incident (a note
+    /// reason) when the report cannot be taken as it is.
+    fn settled_amount(&self, settlement: &SettlementResponse) -> (Micros, Option<&'static str>) {
+        let maximum = self.choice.amount();
+        if !self.is_upto() {
+            return (maximum, None);
+        }
+        match upto_settled_amount(settlement, self.choice.decimals(), maximum) {
+            UptoSettled::Within(amount) => (amount, None),
+            // The permit cannot move more than the maximum: that is what may have moved.
+            UptoSettled::AboveMaximum { .. } => (maximum, Some("incident_x402_upto_settled_above_maximum")),
+            UptoSettled::Unreadable => (maximum, Some("incident_x402_upto_settled_amount_unreadable")),
+        }
+    }
+
     fn service(&self) -> String {
         self.url.host_str().unwrap_or_default().to_ascii_lowercase()
     }
@@ -587,6 +607,8 @@ impl Paying<'_> {
             payer: None,
             receipt: None,
             reason: None,
+            scheme: self.is_upto().then(|| UPTO.to_owned()),
+            maximum_micros: self.is_upto().then(|| self.choice.amount().get()),
         }
     }
 
@@ -659,9 +681,8 @@ impl Paying<'_> {
     fn sign(&self) -> Result<PaymentPayload, Failure> {
         let payment = sign_payment(&self.choice, &self.engine.signer, &self.purchase.terms.payment_terms())
             .map_err(|err| error(Kind::Internal, "x402_signing_failed", err.to_string()))?;
-        let authorization = &payment.exact().authorization;
-        if authorization.nonce != self.purchase.terms.nonce.to_string()
-            || authorization.valid_before != self.valid_before().to_string()
+        if payment.nonce().ok() != Some(self.purchase.terms.nonce)
+            || payment.valid_until() != self.valid_before().to_string()
         {
             return Err(error(
                 Kind::Conflict,
@@ -830,10 +851,29 @@ impl Paying<'_> {
         if let Some(amount) = &settlement.amount {
             details.insert("settled_amount".to_owned(), clip(amount));
         }
+        let (amount, incident) = self.settled_amount(&settlement);
+        if let Some(incident) = incident {
+            // The server says it took more than was authorised (or not how much): the maximum is
+            // settled, and an operator is told (a `payment.incident` webhook).
+            tracing::error!(agent = %self.agent.agent, service = %self.service(), hold = %self.purchase.hold,
+                nonce = %self.purchase.terms.nonce, reported = settlement.amount.as_deref().map(clip).unwrap_or_default(),
+                maximum = self.choice.amount().get(), incident, "x402: upto settlement report above the authorised maximum or unreadable; the maximum is settled");
+            let reported = settlement.amount.as_deref().map(clip).unwrap_or_else(|| "absent".to_owned());
+            self.note(
+                incident,
+                &[("reported_amount", reported), ("maximum_micros", self.choice.amount().get().to_string())],
+            )
+            .await;
+        }
+        if self.is_upto() {
+            details.insert("scheme".to_owned(), UPTO.to_owned());
+            details.insert("maximum_micros".to_owned(), self.choice.amount().get().to_string());
+        }
         let mut view = self.view(PaymentStatus::Settled);
+        view.amount_micros = amount.get();
         view.transaction = Some(clip(&settlement.transaction));
         view.payer = settlement.payer.as_deref().map(clip);
-        match pay::settle(self.core, self.agent, &self.purchase.hold, self.choice.amount(), &details).await {
+        match pay::settle(self.core, self.agent, &self.purchase.hold, amount, &details).await {
             Ok(settled) => {
                 tracing::info!(agent = %self.agent.agent, service = %self.service(), hold = %self.purchase.hold,
                     nonce = %self.purchase.terms.nonce, transaction = %clip(&settlement.transaction),

@@ -112,6 +112,12 @@ pub struct PaymentView {
     /// Why the payment is unconfirmed, or why no receipt was issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `upto` for a metered payment (absent for `exact`): `amount_micros` is then what the server
+    /// settled (once settled) and `maximum_micros` what was authorised and held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum_micros: Option<u64>,
 }
 
 fn engine(state: &AppState) -> Result<&Engine, ApiError> {
