@@ -787,7 +787,7 @@ impl Ledger {
     /// exactly this settle's receipt:
     /// the same facts, the sequence number the settle assigns, and the chain head as its
     /// predecessor. Then [`SettleOutcome::linked`] is true and no link call is needed. Any other
-    /// receipt is ignored. The in-memory ledger ignores it always.
+    /// receipt is ignored. The in-memory ledger links it by the same rule.
     #[allow(clippy::too_many_arguments)]
     pub async fn settle_presigned(
         &self,
