@@ -108,7 +108,8 @@ pub async fn hold_and_remember(
         }
     };
     let started = std::time::Instant::now();
-    let mut result = match core.ledger.hold_with_head(now_ms, request).await {
+    let want_head = !core.signer.knows_head(request.agent.tree());
+    let mut result = match core.ledger.hold_with_head(now_ms, request, want_head).await {
         Ok((outcome, head)) => {
             if let Some(head) = head {
                 core.signer.learn_head(request.agent.tree(), &head);

@@ -194,6 +194,11 @@ impl ReceiptSigner {
         self.heads.learn(tree, head);
     }
 
+    /// Whether this daemon has a guess of the tree's chain head (if not, a hold asks for it).
+    pub fn knows_head(&self, tree: &TreeId) -> bool {
+        self.heads.get(tree).is_some()
+    }
+
     /// Remembers a hold this daemon just granted, so that its settle can carry its receipt.
     pub fn remember_hold(&self, hold: &HoldId, facts: HeldFacts) {
         let mut holds = self.holds.0.lock().unwrap_or_else(|e| e.into_inner());

@@ -853,15 +853,19 @@ impl MemoryLedger {
         })
     }
 
-    /// [`Self::hold`], and for a new grant the tree's receipt chain head (as `spendcap_hold`).
+    /// [`Self::hold`], and with `want_head`, for a new grant, the tree's receipt chain head (as
+    /// `spendcap_hold`).
     pub async fn hold_with_head(
         &self,
         now_ms: u64,
         request: &HoldRequest,
+        want_head: bool,
     ) -> Result<(HoldOutcome, Option<ChainHead>), LedgerError> {
         let outcome = self.hold(now_ms, request).await?;
         let head = match &outcome {
-            HoldOutcome::Granted(grant) if !grant.replayed => Some(self.chain_head(request.agent.tree()).await?),
+            HoldOutcome::Granted(grant) if want_head && !grant.replayed => {
+                Some(self.chain_head(request.agent.tree()).await?)
+            }
             _ => None,
         };
         Ok((outcome, head))

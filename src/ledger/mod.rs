@@ -803,15 +803,16 @@ impl Ledger {
         dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, protocol, presigned))
     }
 
-    /// [`Ledger::hold`], and for a new grant the tree's receipt chain head as the hold read it
-    /// (so that the daemon can sign the hold's receipt ahead even for a tree it has not linked
-    /// a receipt of yet).
+    /// [`Ledger::hold`], and with `want_head`, for a new grant, the tree's receipt chain head as
+    /// the hold read it (so that the daemon can sign the hold's receipt ahead even for a tree it
+    /// has not linked a receipt of yet; asked only then, since the read costs every hold).
     pub async fn hold_with_head(
         &self,
         now_ms: u64,
         request: &HoldRequest,
+        want_head: bool,
     ) -> Result<(HoldOutcome, Option<ChainHead>), LedgerError> {
-        dispatch!(self.hold_with_head(now_ms, request))
+        dispatch!(self.hold_with_head(now_ms, request, want_head))
     }
 
     /// [`Ledger::settle_presigned`] that also ends the purchase's idempotency record with

@@ -510,14 +510,16 @@ impl RedisLedger {
     }
 
     pub async fn hold(&self, now_ms: u64, request: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
-        Ok(self.hold_with_head(now_ms, request).await?.0)
+        Ok(self.hold_with_head(now_ms, request, false).await?.0)
     }
 
-    /// [`Self::hold`], and for a new grant the tree's receipt chain head as the hold read it.
+    /// [`Self::hold`], and with `want_head`, for a new grant, the tree's receipt chain head as
+    /// the hold read it (`spendcap_hold` ARGV 17).
     pub async fn hold_with_head(
         &self,
         now_ms: u64,
         request: &HoldRequest,
+        want_head: bool,
     ) -> Result<(HoldOutcome, Option<ChainHead>), LedgerError> {
         let (key, fingerprint, mode, lease_ms) = match &request.idempotency {
             Some(idem) => (
@@ -560,6 +562,7 @@ impl RedisLedger {
             mode,
             &lease,
             &buckets,
+            if want_head { "1" } else { "" },
         ];
         let tree = request.agent.tree();
         // Without a key a lost answer cannot be asked about: the same hold id would be refused.

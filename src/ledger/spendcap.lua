@@ -536,8 +536,9 @@ ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 amount  5 new hold_id ('' to h
         16 budget buckets (comma-separated bucket ids, '' for none): extra budgets this hold is
         also charged against (an AP2 open mandate's budget, say); each must belong to the agent
         or an ancestor
-Reply   ok:      hold expires_at amount remaining replayed, and for a new hold head_seq head_hash
-                 (the tree's receipt chain head, for signing the receipt ahead)
+        17 (optional) `1`: also answer the tree's receipt chain head (for a new hold)
+Reply   ok:      hold expires_at amount remaining replayed, and for a new hold asked with ARGV 17
+                 head_seq head_hash (the tree's receipt chain head, for signing the receipt ahead)
         done:    response replayed (a finished `pending` operation, replayed)
         refused: code (agent_revoked | agent_suspended | agent_expired | protocol_denied |
                  service_denied | cap_exceeded | per_payment_limit_exceeded |
@@ -856,9 +857,10 @@ local function hold(keys, args)
   end
   fields[#fields + 1] = 'replayed'
   fields[#fields + 1] = '0'
-  if status == 'ok' then
+  if status == 'ok' and args[17] == '1' then
     -- The receipt chain head, so that the daemon can sign this hold's receipt before its settle
-    -- even for the first receipt of a tree it has not linked to yet (see spendcap_settle).
+    -- even for the first receipt of a tree it has not linked to yet (see spendcap_settle). Only
+    -- when asked: a daemon that knows the head does not pay for the read.
     local head = redis.call('HMGET', P .. ':rhead', 'seq', 'hash')
     fields[#fields + 1] = 'head_seq'
     fields[#fields + 1] = head[1] or '0'

@@ -471,7 +471,7 @@ fn a_client_command_without_a_daemon_says_how_to_fix_it() {
 
 /// The ledger calls of the generic pair, as Redis saw them (see `calls.rs`): one hold, one
 /// settle (the receipt signed ahead and linked in the same call — also for a tree's first
-/// receipt, whose chain head the hold's reply names).
+/// receipt, whose chain head the hold is asked for).
 #[tokio::test]
 async fn a_hold_and_settle_pair_costs_two_ledger_calls() {
     let app = spawn_app().await;

@@ -1238,7 +1238,7 @@ conformance!(a_purchase_ends_in_the_call_that_ends_its_hold, |ledger: Ledger| as
 
     // A new hold's reply names the tree's receipt chain head, so its receipt can be signed ahead.
     let paid = pending("buy-1", 300);
-    let (outcome, head) = ledger.hold_with_head(T0, &paid).await.expect("answers");
+    let (outcome, head) = ledger.hold_with_head(T0, &paid, true).await.expect("answers");
     let hold = granted(outcome);
     let head = head.expect("a new grant names the chain head");
     assert_eq!(head.seq, 0, "no receipt yet");

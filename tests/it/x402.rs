@@ -1158,7 +1158,7 @@ async fn what_the_facilitator_settled_is_what_the_ledger_settled() {
 
 /// The ledger calls of one purchase, as Redis saw them (`MONITOR`, see `calls.rs`): what a paid
 /// x402 fetch costs the ledger, and so what a change to the flow must not silently grow. A
-/// purchase is: precheck, hold (with its idempotency record; its reply names the tree's receipt
+/// purchase is: precheck, hold (with its idempotency record; asked, its reply names the tree's receipt
 /// chain head) and settle (the receipt signed ahead and linked, and the purchase's answer stored
 /// for its retries, in the same call) — 3 FCALLs, nothing else — and 2 upstream requests (the
 /// unpaid one that gets the 402, the paid one). The same for the first receipt of a tree.
