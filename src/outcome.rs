@@ -253,6 +253,27 @@ pub fn label(field: &'static str, value: &str, max: usize) -> Result<String, Fai
     Ok(value.to_owned())
 }
 
+/// How idempotency records written before answers were stored by kind name their failure: the
+/// HTTP status (`{"status": 409, "body": …}`), which the release before the faces/core split
+/// stored for ACP and AP2 purchases. Read only, so that such a record still replays after an
+/// upgrade; frozen (`api::status`'s tests check it agrees with the HTTP face's table).
+pub const STORED_STATUS: [(u16, Kind); 14] = [
+    (400, Kind::Malformed),
+    (401, Kind::Unauthenticated),
+    (402, Kind::Refused),
+    (403, Kind::Forbidden),
+    (404, Kind::NotFound),
+    (405, Kind::MethodNotAllowed),
+    (409, Kind::Conflict),
+    (413, Kind::TooLarge),
+    (415, Kind::UnsupportedMediaType),
+    (422, Kind::Invalid),
+    (500, Kind::Internal),
+    (502, Kind::Provider),
+    (503, Kind::Unavailable),
+    (504, Kind::ProviderTimeout),
+];
+
 /// A whole answer a flow decided, kept with an idempotency key so that a duplicate request gets
 /// it back (ACP and AP2 purchases): its JSON body, and the kind of failure when it is one.
 #[derive(Debug)]
@@ -285,7 +306,18 @@ impl Reply {
             Value::String(name) => {
                 Some(Kind::from_name(name).ok_or_else(|| Failure::internal(format!("a stored answer's kind {name}")))?)
             }
-            _ => return Err(Failure::internal("a stored answer has no outcome")),
+            // A record the release before this one wrote: its HTTP status, not its kind.
+            _ => match value["status"].as_u64() {
+                Some(status) if (200..300).contains(&status) => None,
+                Some(status) => Some(
+                    STORED_STATUS
+                        .iter()
+                        .find(|(stored, _)| u64::from(*stored) == status)
+                        .map(|(_, kind)| *kind)
+                        .ok_or_else(|| Failure::internal(format!("a stored answer's status {status}")))?,
+                ),
+                None => return Err(Failure::internal("a stored answer has no outcome")),
+            },
         };
         let mut body = value["body"].clone();
         if let Value::Object(map) = &mut body {

@@ -13,8 +13,8 @@ use adapters::{Micros, PaymentIntent, Protocol};
 use crate::app::Core;
 use crate::identity::{AgentAuth, AgentId, HoldId};
 use crate::ledger::{
-    Grant, HoldExpiry, HoldInfo, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, LedgerError, MarkedUnknown,
-    SettleOutcome,
+    EndsPurchase, Grant, HoldExpiry, HoldInfo, HoldOutcome, HoldRequest, Idempotency, IdempotencyFinish, LedgerError,
+    MarkedUnknown, SettleOutcome,
 };
 use crate::outcome::{label, Failure, Kind};
 use crate::receipt::{self, HeldFacts, Receipt};
@@ -108,7 +108,16 @@ pub async fn hold_and_remember(
         }
     };
     let started = std::time::Instant::now();
-    let mut result = core.ledger.hold(now_ms, request).await;
+    let want_head = !core.signer.knows_head(request.agent.tree());
+    let mut result = match core.ledger.hold_with_head(now_ms, request, want_head).await {
+        Ok((outcome, head)) => {
+            if let Some(head) = head {
+                core.signer.learn_head(request.agent.tree(), &head);
+            }
+            Ok(outcome)
+        }
+        Err(err) => Err(err),
+    };
     core.metrics.hold(request.protocol.as_str(), &result, started.elapsed());
     let key = request.idempotency.as_ref().map(|i| i.key.as_str());
     match &result {
@@ -208,6 +217,89 @@ pub async fn settle_for(
     Ok(Settlement { outcome, receipt })
 }
 
+/// [`settle`] for a purchase with an idempotency key `key`: the answer its duplicates get,
+/// `answer(settlement)`, is stored by the settle itself when the receipt signed ahead is the
+/// settle's receipt (the usual case), so that the purchase ends in one ledger call. True when it
+/// was; otherwise the caller stores its answer with [`finish`] as before. `answer` may be called
+/// twice (once with the receipt signed ahead, once with the settle's), and must depend on the
+/// settlement only through its argument.
+pub async fn settle_finishing(
+    core: &Core,
+    agent: &AgentAuth,
+    hold: &HoldId,
+    amount: Micros,
+    details: &BTreeMap<String, String>,
+    key: &str,
+    answer: impl Fn(&Settlement) -> Option<String>,
+) -> Result<(Settlement, bool), Failure> {
+    let details = details_json(details)?;
+    let now = core.clock.now_ms();
+    let presigned = core.signer.presign(hold, now, amount, &details);
+    // The settlement as it will be if the settle links the receipt signed ahead.
+    let response = presigned.as_ref().and_then(|presigned| {
+        let facts = &presigned.link.facts;
+        answer(&Settlement {
+            outcome: SettleOutcome {
+                seq: facts.seq,
+                amount,
+                released: Micros::new(facts.held.saturating_sub(amount.get())).ok()?,
+                replayed: false,
+                linked: true,
+                facts: facts.clone(),
+            },
+            receipt: presigned.receipt().clone(),
+        })
+    });
+    let finish = response.as_deref().map(|response| EndsPurchase { key, response });
+    let caller = agent.caller();
+    let result = core
+        .ledger
+        .settle_finishing(
+            None,
+            now,
+            &agent.agent,
+            &caller,
+            hold,
+            amount,
+            &details,
+            presigned.as_ref().map(|p| &p.link),
+            finish,
+        )
+        .await;
+    let (result, finished) = match result {
+        Ok((outcome, finished)) => (Ok(outcome), finished),
+        Err(err) => (Err(err), false),
+    };
+    core.metrics.settle(&result);
+    let outcome = result.map_err(Failure::agent_scoped)?;
+    let receipt = receipt::issue_settled(&core.ledger, &core.signer, &outcome, presigned).await?;
+    Ok((Settlement { outcome, receipt }, finished))
+}
+
+/// [`void`] for a purchase with an idempotency key: `response` (its answer for duplicates) is
+/// stored by the void itself. The flag says whether it was (the record was this hold's and not
+/// finished yet).
+pub async fn void_finishing(
+    core: &Core,
+    agent: &AgentAuth,
+    hold: &HoldId,
+    reason: &str,
+    key: &str,
+    response: &str,
+) -> Result<(Micros, bool), Failure> {
+    let reason = label("reason", reason, 64)?;
+    let finish = Some(EndsPurchase { key, response });
+    let result =
+        core.ledger.void_finishing(core.clock.now_ms(), &agent.agent, &agent.caller(), hold, &reason, finish).await;
+    let (result, finished) = match result {
+        Ok((released, replayed, finished)) => (Ok((released, replayed)), finished),
+        Err(err) => (Err(err), false),
+    };
+    core.metrics.void(&result);
+    let (released, _) = result.map_err(Failure::agent_scoped)?;
+    Ok((released, finished))
+}
+
 /// Voids a hold (nothing spent); `reason` is a code for the log, e.g. `merchant_declined`.
 pub async fn void(core: &Core, agent: &AgentAuth, hold: &HoldId, reason: &str) -> Result<Micros, Failure> {
     let reason = label("reason", reason, 64)?;
@@ -287,17 +379,29 @@ const UNKNOWN_REASON_BYTES: usize = 512;
 /// not to have moved money) resolves it, by a flow's read-back or an admin
 /// (`POST /v1/holds/{hold}/resolve`). `reason` says what happened, for the log and the views.
 pub async fn mark_unknown(core: &Core, hold: &HoldId, reason: &str) -> Result<MarkedUnknown, Failure> {
+    Ok(mark_unknown_releasing(core, hold, reason, None).await?.0)
+}
+
+/// [`mark_unknown`] that also releases the purchase's in-flight idempotency record `key` in the
+/// same call (what [`finish`] with `Release` does), so that a retry resumes the same hold. True
+/// when it did; otherwise the caller releases it with [`finish`].
+pub async fn mark_unknown_releasing(
+    core: &Core,
+    hold: &HoldId,
+    reason: &str,
+    key: Option<&str>,
+) -> Result<(MarkedUnknown, bool), Failure> {
     let mut text: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     if text.len() > UNKNOWN_REASON_BYTES {
         let cut = (0..=UNKNOWN_REASON_BYTES).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
         text.truncate(cut);
     }
-    let marked = core.ledger.mark_unknown(core.clock.now_ms(), hold, &text).await?;
+    let (marked, released) = core.ledger.mark_unknown_releasing(core.clock.now_ms(), hold, &text, key).await?;
     if !marked.replayed {
         tracing::warn!(agent = %marked.agent, hold = %hold, amount = marked.amount.get(), reason = %text,
             "payment outcome unknown; the hold stays counted until it is resolved");
     }
-    Ok(marked)
+    Ok((marked, released))
 }
 
 /// Refuses (`agent_revoked`, forbidden) when the agent or an ancestor is revoked. For calls that

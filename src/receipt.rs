@@ -109,6 +109,13 @@ pub struct Presigned {
     receipt: Receipt,
 }
 
+impl Presigned {
+    /// The receipt as signed ahead: the settle's receipt if the settle links it.
+    pub fn receipt(&self) -> &Receipt {
+        &self.receipt
+    }
+}
+
 /// Trees whose chain head the daemon remembers; past this it forgets them all and starts again.
 const MAX_CACHED_HEADS: usize = 65_536;
 
@@ -179,6 +186,17 @@ impl ReceiptSigner {
 
     pub fn public_key_b64(&self) -> String {
         URL_SAFE_NO_PAD.encode(self.key.verifying_key().as_bytes())
+    }
+
+    /// Learns a tree's chain head from the ledger (a hold's reply carries it), so that the next
+    /// receipt of the tree can be signed ahead even if this daemon never linked one there.
+    pub fn learn_head(&self, tree: &TreeId, head: &ChainHead) {
+        self.heads.learn(tree, head);
+    }
+
+    /// Whether this daemon has a guess of the tree's chain head (if not, a hold asks for it).
+    pub fn knows_head(&self, tree: &TreeId) -> bool {
+        self.heads.get(tree).is_some()
     }
 
     /// Remembers a hold this daemon just granted, so that its settle can carry its receipt.

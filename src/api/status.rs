@@ -56,6 +56,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn answers_stored_by_status_before_the_split_map_back_to_the_same_kinds() {
+        for (status, kind) in crate::outcome::STORED_STATUS {
+            assert_eq!(of(kind).as_u16(), status, "{kind:?}");
+        }
+        // A record the previous release wrote for an ACP conflict replays as that conflict.
+        let old = r#"{"status":409,"body":{"code":"acp_total_changed","detail":"changed","hold_id":"hd_x"}}"#;
+        let replayed = crate::outcome::Reply::replay(old).expect("replays");
+        assert_eq!(
+            (replayed.failure.map(of), &replayed.body["code"]),
+            (Some(StatusCode::CONFLICT), &json_str("acp_total_changed"))
+        );
+        assert_eq!(replayed.body["replayed"], serde_json::Value::Bool(true));
+        let ok = crate::outcome::Reply::replay(r#"{"status":200,"body":{"status":"completed"}}"#).expect("replays");
+        assert_eq!(ok.failure, None);
+    }
+
+    fn json_str(text: &str) -> serde_json::Value {
+        serde_json::Value::String(text.to_owned())
+    }
+
+    #[test]
     fn the_table_names_every_kind_once_and_agrees_with_of() {
         for kind in Kind::ALL {
             let rows: Vec<_> = TABLE.iter().filter(|(k, _)| *k == kind).collect();

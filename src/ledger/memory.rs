@@ -12,9 +12,9 @@ use adapters::{Micros, Protocol};
 
 use super::controls::{self, crossed, payment_names, Controls, Crossing, Period};
 use super::{
-    AgentControls, AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, Grant, HoldInfo,
-    HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, MarkedUnknown, NewAgent,
-    PeriodUsage, ReceiptFacts, ReceiptLink, Refusal, RefusalReason, SettleOutcome, TaskOutcome,
+    AgentControls, AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, EndsPurchase, Grant,
+    HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, MarkedUnknown,
+    NewAgent, PeriodUsage, ReceiptFacts, ReceiptLink, Refusal, RefusalReason, SettleOutcome, TaskOutcome,
     IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
@@ -853,6 +853,42 @@ impl MemoryLedger {
         })
     }
 
+    /// [`Self::hold`], and with `want_head`, for a new grant, the tree's receipt chain head (as
+    /// `spendcap_hold`).
+    pub async fn hold_with_head(
+        &self,
+        now_ms: u64,
+        request: &HoldRequest,
+        want_head: bool,
+    ) -> Result<(HoldOutcome, Option<ChainHead>), LedgerError> {
+        let outcome = self.hold(now_ms, request).await?;
+        let head = match &outcome {
+            HoldOutcome::Granted(grant) if want_head && !grant.replayed => {
+                Some(self.chain_head(request.agent.tree()).await?)
+            }
+            _ => None,
+        };
+        Ok((outcome, head))
+    }
+
+    /// Ends the idempotency record `key` of `agent` if it belongs to `hold` (as `finish_with` in
+    /// `spendcap.lua`): `Some(response)` stores the answer of an in-flight or granted record,
+    /// `None` releases an in-flight one. True when it did.
+    fn finish_with(tree: &mut Tree, agent: &AgentId, key: &str, hold: &HoldId, response: Option<&str>) -> bool {
+        let Some(record) = tree.idempotency.get_mut(&(agent.to_string(), key.to_owned())) else { return false };
+        let next = match (&record.status, response) {
+            (IdemStatus::InFlight { grant, .. } | IdemStatus::Granted(grant), Some(response))
+                if &grant.hold_id == hold =>
+            {
+                IdemStatus::Done(response.to_owned())
+            }
+            (IdemStatus::InFlight { grant, .. }, None) if &grant.hold_id == hold => IdemStatus::Granted(grant.clone()),
+            _ => return false,
+        };
+        record.status = next;
+        true
+    }
+
     pub async fn hold(&self, now_ms: u64, request: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
         let tree_id = request.agent.tree();
         let expires_at = request.expires.at(now_ms);
@@ -1203,8 +1239,28 @@ impl MemoryLedger {
         amount: Micros,
         details: &str,
         protocol: Option<Protocol>,
-        _presigned: Option<&ReceiptLink>,
+        presigned: Option<&ReceiptLink>,
     ) -> Result<SettleOutcome, LedgerError> {
+        let (outcome, _) =
+            self.settle_finishing(now_ms, agent, caller, hold, amount, details, protocol, presigned, None).await?;
+        Ok(outcome)
+    }
+
+    /// [`Self::settle`], linking `presigned` when it is exactly this settle's receipt and then
+    /// ending `finish`'s idempotency record (as `spendcap_settle` ARGV 8-18).
+    #[allow(clippy::too_many_arguments)] // the ledger's settle arguments, one per FCALL argument
+    pub async fn settle_finishing(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        amount: Micros,
+        details: &str,
+        protocol: Option<Protocol>,
+        presigned: Option<&ReceiptLink>,
+        finish: Option<EndsPurchase<'_>>,
+    ) -> Result<(SettleOutcome, bool), LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
             tree.auth(agent, caller)?;
@@ -1222,14 +1278,17 @@ impl MemoryLedger {
                 }
                 let facts =
                     tree.receipts.get(&seq).cloned().ok_or(LedgerError::Corrupt(format!("no receipt {seq}")))?;
-                return Ok(SettleOutcome {
-                    seq,
-                    amount,
-                    released: money(held - settled),
-                    replayed: true,
-                    linked: false,
-                    facts,
-                });
+                return Ok((
+                    SettleOutcome {
+                        seq,
+                        amount,
+                        released: money(held - settled),
+                        replayed: true,
+                        linked: false,
+                        facts,
+                    },
+                    false,
+                ));
             }
             if state == HoldState::Open && expires_at <= now_ms {
                 tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
@@ -1261,15 +1320,32 @@ impl MemoryLedger {
                 hold_details,
                 signed: None,
             };
-            tree.receipts.insert(seq, facts.clone());
-            Ok(SettleOutcome {
-                seq,
-                amount,
-                released: money(held - amount.get()),
-                replayed: false,
-                linked: false,
-                facts,
-            })
+            // The receipt signed ahead is linked only if it states these facts, carries this
+            // sequence number and names the chain head (as `link_presigned` in spendcap.lua).
+            let mut stored = facts.clone();
+            let linked = presigned.is_some_and(|link| {
+                let signed_facts = ReceiptFacts {
+                    agent: facts.agent.clone(),
+                    amount: facts.amount,
+                    ts_ms: facts.ts_ms,
+                    details: facts.details.clone(),
+                    hold: facts.hold.clone(),
+                    tree: facts.tree.clone(),
+                    ..link.facts.clone()
+                };
+                signed_facts == facts && tree.head.seq + 1 == seq && tree.head.hash == link.prev_hash
+            });
+            if let (true, Some(link)) = (linked, presigned) {
+                stored.signed = Some(link.signed.clone());
+                tree.head = ChainHead { seq, hash: link.hash.clone() };
+            }
+            tree.receipts.insert(seq, stored);
+            let finished =
+                linked && finish.is_some_and(|f| MemoryLedger::finish_with(tree, agent, f.key, hold, Some(f.response)));
+            Ok((
+                SettleOutcome { seq, amount, released: money(held - amount.get()), replayed: false, linked, facts },
+                finished,
+            ))
         })
     }
 
@@ -1284,6 +1360,24 @@ impl MemoryLedger {
         protocol: Option<Protocol>,
         detail: &str,
     ) -> Result<(Micros, bool), LedgerError> {
+        let (released, replayed, _) =
+            self.void_finishing(now_ms, agent, caller, hold, reason, protocol, detail, None).await?;
+        Ok((released, replayed))
+    }
+
+    /// [`Self::void_detailed`] that also stores `finish`'s answer (as `spendcap_void` ARGV 8-9).
+    #[allow(clippy::too_many_arguments)] // the same arguments as the Redis ledger's void
+    pub async fn void_finishing(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+        protocol: Option<Protocol>,
+        detail: &str,
+        finish: Option<EndsPurchase<'_>>,
+    ) -> Result<(Micros, bool, bool), LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
             tree.auth(agent, caller)?;
@@ -1293,8 +1387,11 @@ impl MemoryLedger {
                 return Err(LedgerError::HoldProtocolMismatch);
             }
             let (state, amount, expires_at) = (h.state, h.amount, h.expires_at_ms);
+            let finish_now = |tree: &mut Tree| {
+                finish.is_some_and(|f| MemoryLedger::finish_with(tree, agent, f.key, hold, Some(f.response)))
+            };
             if state == HoldState::Voided {
-                return Ok((money(amount), true));
+                return Ok((money(amount), true, finish_now(tree)));
             }
             if state == HoldState::Open && expires_at <= now_ms {
                 tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
@@ -1304,11 +1401,23 @@ impl MemoryLedger {
                 return Err(state.error());
             }
             tree.end_hold(tree_id, hold.as_str(), (HoldState::Voided, 0), now_ms, reason, detail);
-            Ok((money(amount), false))
+            Ok((money(amount), false, finish_now(tree)))
         })
     }
 
     pub async fn mark_unknown(&self, now_ms: u64, hold: &HoldId, reason: &str) -> Result<MarkedUnknown, LedgerError> {
+        Ok(self.mark_unknown_releasing(now_ms, hold, reason, None).await?.0)
+    }
+
+    /// [`Self::mark_unknown`] that also releases the in-flight record `key` of the hold's
+    /// purchase (as `spendcap_mark_unknown` ARGV 4).
+    pub async fn mark_unknown_releasing(
+        &self,
+        now_ms: u64,
+        hold: &HoldId,
+        reason: &str,
+        key: Option<&str>,
+    ) -> Result<(MarkedUnknown, bool), LedgerError> {
         let tree_id = hold.tree();
         self.with_tree(tree_id, |tree| {
             let h = tree.holds.get_mut(hold.as_str()).ok_or(LedgerError::UnknownHold)?;
@@ -1317,8 +1426,14 @@ impl MemoryLedger {
                 amount: money(h.amount),
                 replayed: h.state == HoldState::Unknown,
             };
+            let release = |tree: &mut Tree, agent: &AgentId| {
+                key.is_some_and(|key| MemoryLedger::finish_with(tree, agent, key, hold, None))
+            };
             match h.state {
-                HoldState::Unknown => return Ok(marked),
+                HoldState::Unknown => {
+                    let agent = marked.agent.clone();
+                    return Ok((marked, release(tree, &agent)));
+                }
                 HoldState::Open => {}
                 other => return Err(other.error()),
             }
@@ -1342,7 +1457,8 @@ impl MemoryLedger {
             tree.unknown.insert((now_ms, hold.to_string()));
             tree.log(tree_id, entry);
             tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
-            Ok(marked)
+            let agent = marked.agent.clone();
+            Ok((marked, release(tree, &agent)))
         })
     }
 

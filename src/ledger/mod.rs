@@ -81,6 +81,14 @@ pub enum IdempotencyFinish {
     Release,
 }
 
+/// A purchase's idempotency record, ended by the same call that ends its hold (a settle or a
+/// void), so that finishing a purchase is one FCALL: `response` is what duplicates get.
+#[derive(Clone, Copy, Debug)]
+pub struct EndsPurchase<'a> {
+    pub key: &'a str,
+    pub response: &'a str,
+}
+
 /// A hold as stored, for adapters that resume a purchase (same hold, same authorization).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HoldInfo {
@@ -779,7 +787,7 @@ impl Ledger {
     /// exactly this settle's receipt:
     /// the same facts, the sequence number the settle assigns, and the chain head as its
     /// predecessor. Then [`SettleOutcome::linked`] is true and no link call is needed. Any other
-    /// receipt is ignored. The in-memory ledger ignores it always.
+    /// receipt is ignored. The in-memory ledger links it by the same rule.
     #[allow(clippy::too_many_arguments)]
     pub async fn settle_presigned(
         &self,
@@ -793,6 +801,64 @@ impl Ledger {
         presigned: Option<&ReceiptLink>,
     ) -> Result<SettleOutcome, LedgerError> {
         dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, protocol, presigned))
+    }
+
+    /// [`Ledger::hold`], and with `want_head`, for a new grant, the tree's receipt chain head as
+    /// the hold read it (so that the daemon can sign the hold's receipt ahead even for a tree it
+    /// has not linked a receipt of yet; asked only then, since the read costs every hold).
+    pub async fn hold_with_head(
+        &self,
+        now_ms: u64,
+        request: &HoldRequest,
+        want_head: bool,
+    ) -> Result<(HoldOutcome, Option<ChainHead>), LedgerError> {
+        dispatch!(self.hold_with_head(now_ms, request, want_head))
+    }
+
+    /// [`Ledger::settle_presigned`] that also ends the purchase's idempotency record with
+    /// `finish` in the same call when the presigned receipt is linked (the answer names that
+    /// receipt, so it is stored only when it is the receipt). The flag says whether it was; if
+    /// not, the caller finishes with [`Ledger::finish_idempotent`] as before.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn settle_finishing(
+        &self,
+        protocol: Option<Protocol>,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        amount: Micros,
+        details: &str,
+        presigned: Option<&ReceiptLink>,
+        finish: Option<EndsPurchase<'_>>,
+    ) -> Result<(SettleOutcome, bool), LedgerError> {
+        dispatch!(self.settle_finishing(now_ms, agent, caller, hold, amount, details, protocol, presigned, finish))
+    }
+
+    /// [`Ledger::void`] that also ends the purchase's idempotency record with `finish` in the
+    /// same call: (released, replayed, finished).
+    pub async fn void_finishing(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+        finish: Option<EndsPurchase<'_>>,
+    ) -> Result<(Micros, bool, bool), LedgerError> {
+        dispatch!(self.void_finishing(now_ms, agent, caller, hold, reason, None, "", finish))
+    }
+
+    /// [`Ledger::mark_unknown`] that also releases the purchase's in-flight idempotency record
+    /// `key` (as [`IdempotencyFinish::Release`]) in the same call; true when it did.
+    pub async fn mark_unknown_releasing(
+        &self,
+        now_ms: u64,
+        hold: &HoldId,
+        reason: &str,
+        key: Option<&str>,
+    ) -> Result<(MarkedUnknown, bool), LedgerError> {
+        dispatch!(self.mark_unknown_releasing(now_ms, hold, reason, key))
     }
 
     pub async fn void(

@@ -14,9 +14,9 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind, Value};
 use super::controls::{alerts_from_wire, alerts_to_wire, Controls, Period};
 use super::{
     agent_from_fields, bucket_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_hold, AgentControls,
-    AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, HoldInfo, HoldOutcome, HoldRequest,
-    IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, MarkedUnknown, NewAgent, PeriodUsage, ReceiptFacts,
-    ReceiptLink, Refusal, Reply, SettleOutcome, TaskOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
+    AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, EndsPurchase, HoldInfo, HoldOutcome,
+    HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, MarkedUnknown, NewAgent, PeriodUsage,
+    ReceiptFacts, ReceiptLink, Refusal, Reply, SettleOutcome, TaskOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
@@ -510,6 +510,17 @@ impl RedisLedger {
     }
 
     pub async fn hold(&self, now_ms: u64, request: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
+        Ok(self.hold_with_head(now_ms, request, false).await?.0)
+    }
+
+    /// [`Self::hold`], and with `want_head`, for a new grant, the tree's receipt chain head as
+    /// the hold read it (`spendcap_hold` ARGV 17).
+    pub async fn hold_with_head(
+        &self,
+        now_ms: u64,
+        request: &HoldRequest,
+        want_head: bool,
+    ) -> Result<(HoldOutcome, Option<ChainHead>), LedgerError> {
         let (key, fingerprint, mode, lease_ms) = match &request.idempotency {
             Some(idem) => (
                 idem.key.as_str(),
@@ -551,6 +562,7 @@ impl RedisLedger {
             mode,
             &lease,
             &buckets,
+            if want_head { "1" } else { "" },
         ];
         let tree = request.agent.tree();
         // Without a key a lost answer cannot be asked about: the same hold id would be refused.
@@ -559,23 +571,23 @@ impl RedisLedger {
         } else {
             self.fcall_resolving("spendcap_hold", tree, &args).await
         };
-        let outcome = reply
-            .map_err(|err| match err {
-                LedgerError::OutcomeUnknown { cause, .. } => LedgerError::OutcomeUnknown {
-                    cause,
-                    retry_key: request.idempotency.as_ref().map(|i| i.key.clone()),
-                },
-                other => other,
-            })?
-            .into_hold_outcome()?;
-        Ok(match outcome {
+        let reply = reply.map_err(|err| match err {
+            LedgerError::OutcomeUnknown { cause, .. } => {
+                LedgerError::OutcomeUnknown { cause, retry_key: request.idempotency.as_ref().map(|i| i.key.clone()) }
+            }
+            other => other,
+        })?;
+        let head = reply.opt_u64("head_seq").map(|seq| ChainHead { seq, hash: reply.get("head_hash").to_owned() });
+        let outcome = reply.into_hold_outcome()?;
+        let outcome = match outcome {
             // Re-asking after a lost answer replays this very request's hold: it is new to the agent.
             HoldOutcome::Granted(mut grant) if grant.hold_id == request.hold_id => {
                 grant.replayed = false;
                 HoldOutcome::Granted(grant)
             }
             other => other,
-        })
+        };
+        Ok((outcome, head))
     }
 
     pub async fn forget_unacknowledged(&self, agent: &AgentId, key: &str) -> Result<bool, LedgerError> {
@@ -634,6 +646,26 @@ impl RedisLedger {
         protocol: Option<Protocol>,
         presigned: Option<&ReceiptLink>,
     ) -> Result<SettleOutcome, LedgerError> {
+        let (outcome, _) =
+            self.settle_finishing(now_ms, agent, caller, hold, amount, details, protocol, presigned, None).await?;
+        Ok(outcome)
+    }
+
+    /// [`Self::settle`] that also stores `finish` (a purchase's idempotency key and its answer)
+    /// when the presigned receipt is linked; true when it did (`spendcap_settle` ARGV 17-18).
+    #[allow(clippy::too_many_arguments)] // the ledger's settle arguments, one per FCALL argument
+    pub async fn settle_finishing(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        amount: Micros,
+        details: &str,
+        protocol: Option<Protocol>,
+        presigned: Option<&ReceiptLink>,
+        finish: Option<EndsPurchase<'_>>,
+    ) -> Result<(SettleOutcome, bool), LedgerError> {
         let (now, amount) = (now_ms.to_string(), amount.to_string());
         let mut args = vec![
             now.as_str(),
@@ -651,9 +683,13 @@ impl RedisLedger {
             args.extend([seq.as_str(), &link.prev_hash, &link.hash, &link.signed, held.as_str()]);
             args.extend([facts.task.as_str(), &facts.service, &facts.protocol, &facts.hold_details]);
         }
-        self.fcall_resolving("spendcap_settle", agent.tree(), &args)
-            .await?
-            .into_settle_outcome(hold, agent, now_ms, details)
+        if let Some(finish) = finish {
+            args.resize(16, "");
+            args.extend([finish.key, finish.response]);
+        }
+        let reply = self.fcall_resolving("spendcap_settle", agent.tree(), &args).await?;
+        let finished = reply.get("finished") == "1";
+        Ok((reply.into_settle_outcome(hold, agent, now_ms, details)?, finished))
     }
 
     #[allow(clippy::too_many_arguments)] // the ledger's void arguments, one per FCALL argument
@@ -667,35 +703,67 @@ impl RedisLedger {
         protocol: Option<Protocol>,
         detail: &str,
     ) -> Result<(Micros, bool), LedgerError> {
-        let reply = self
-            .fcall_resolving(
-                "spendcap_void",
-                agent.tree(),
-                &[
-                    &now_ms.to_string(),
-                    agent.as_str(),
-                    caller.wire(),
-                    hold.as_str(),
-                    reason,
-                    protocol.map(Protocol::as_str).unwrap_or(""),
-                    detail,
-                ],
-            )
-            .await?
-            .into_result()?;
-        Ok((reply.micros("released")?, reply.get("replayed") == "1"))
+        let (released, replayed, _) =
+            self.void_finishing(now_ms, agent, caller, hold, reason, protocol, detail, None).await?;
+        Ok((released, replayed))
+    }
+
+    /// [`Self::void_detailed`] that also stores `finish` (a purchase's idempotency key and its
+    /// answer) in the same call (`spendcap_void` ARGV 8-9): (released, replayed, finished).
+    #[allow(clippy::too_many_arguments)] // the ledger's void arguments, one per FCALL argument
+    pub async fn void_finishing(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+        protocol: Option<Protocol>,
+        detail: &str,
+        finish: Option<EndsPurchase<'_>>,
+    ) -> Result<(Micros, bool, bool), LedgerError> {
+        let now = now_ms.to_string();
+        let mut args = vec![
+            now.as_str(),
+            agent.as_str(),
+            caller.wire(),
+            hold.as_str(),
+            reason,
+            protocol.map(Protocol::as_str).unwrap_or(""),
+            detail,
+        ];
+        if let Some(finish) = finish {
+            args.extend([finish.key, finish.response]);
+        }
+        let reply = self.fcall_resolving("spendcap_void", agent.tree(), &args).await?.into_result()?;
+        Ok((reply.micros("released")?, reply.get("replayed") == "1", reply.get("finished") == "1"))
     }
 
     pub async fn mark_unknown(&self, now_ms: u64, hold: &HoldId, reason: &str) -> Result<MarkedUnknown, LedgerError> {
-        let reply = self
-            .fcall_resolving("spendcap_mark_unknown", hold.tree(), &[&now_ms.to_string(), hold.as_str(), reason])
-            .await?
-            .into_result()?;
-        Ok(MarkedUnknown {
+        Ok(self.mark_unknown_releasing(now_ms, hold, reason, None).await?.0)
+    }
+
+    /// [`Self::mark_unknown`] that also releases the in-flight idempotency record `key` of the
+    /// hold's purchase (`spendcap_mark_unknown` ARGV 4); true when it did.
+    pub async fn mark_unknown_releasing(
+        &self,
+        now_ms: u64,
+        hold: &HoldId,
+        reason: &str,
+        key: Option<&str>,
+    ) -> Result<(MarkedUnknown, bool), LedgerError> {
+        let now = now_ms.to_string();
+        let mut args = vec![now.as_str(), hold.as_str(), reason];
+        if let Some(key) = key {
+            args.push(key);
+        }
+        let reply = self.fcall_resolving("spendcap_mark_unknown", hold.tree(), &args).await?.into_result()?;
+        let marked = MarkedUnknown {
             agent: reply.get("agent").parse().map_err(|_| LedgerError::Corrupt(format!("hold {hold} agent")))?,
             amount: reply.micros("amount")?,
             replayed: reply.get("replayed") == "1",
-        })
+        };
+        Ok((marked, reply.get("finished") == "1"))
     }
 
     #[allow(clippy::too_many_arguments)] // the ledger's precheck arguments, one per FCALL argument

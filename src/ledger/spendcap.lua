@@ -536,7 +536,9 @@ ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 amount  5 new hold_id ('' to h
         16 budget buckets (comma-separated bucket ids, '' for none): extra budgets this hold is
         also charged against (an AP2 open mandate's budget, say); each must belong to the agent
         or an ancestor
-Reply   ok:      hold expires_at amount remaining replayed
+        17 (optional) `1`: also answer the tree's receipt chain head (for a new hold)
+Reply   ok:      hold expires_at amount remaining replayed, and for a new hold asked with ARGV 17
+                 head_seq head_hash (the tree's receipt chain head, for signing the receipt ahead)
         done:    response replayed (a finished `pending` operation, replayed)
         refused: code (agent_revoked | agent_suspended | agent_expired | protocol_denied |
                  service_denied | cap_exceeded | per_payment_limit_exceeded |
@@ -855,7 +857,38 @@ local function hold(keys, args)
   end
   fields[#fields + 1] = 'replayed'
   fields[#fields + 1] = '0'
+  if status == 'ok' and args[17] == '1' then
+    -- The receipt chain head, so that the daemon can sign this hold's receipt before its settle
+    -- even for the first receipt of a tree it has not linked to yet (see spendcap_settle). Only
+    -- when asked: a daemon that knows the head does not pay for the read.
+    local head = redis.call('HMGET', P .. ':rhead', 'seq', 'hash')
+    fields[#fields + 1] = 'head_seq'
+    fields[#fields + 1] = head[1] or '0'
+    fields[#fields + 1] = 'head_hash'
+    fields[#fields + 1] = head[2] or ''
+  end
   return reply(status, fields)
+end
+
+-- Ends the idempotency record `key` of `agent_id` in the same call as the step that ends its
+-- hold (`done`: stores `response` for duplicates; `release`: a retry gets the hold back), so that
+-- a purchase's last ledger step is one FCALL. Only a record that names `hold_id` is touched (a
+-- record forgotten or reused meanwhile is left alone; a finished one keeps its first answer), and
+-- `release` only ends an in-flight one.
+-- Returns '1' if it was ended, else '0'.
+local function finish_with(P, agent_id, key, hold_id, outcome, response)
+  if (key or '') == '' then return '0' end
+  local ikey = P .. ':i:' .. agent_id .. ':' .. key
+  local rec = redis.call('HMGET', ikey, 'hold', 'status')
+  if rec[1] ~= hold_id then return '0' end
+  if outcome == 'done' and (rec[2] == 'in_flight' or rec[2] == 'granted') then
+    redis.call('HSET', ikey, 'status', 'done', 'response', response or '')
+  elseif outcome == 'release' and rec[2] == 'in_flight' then
+    redis.call('HSET', ikey, 'status', 'granted')
+  else
+    return '0'
+  end
+  return '1'
 end
 
 --[[ spendcap_idem_finish
@@ -890,9 +923,10 @@ end
 
 -- A settle's ok reply: the settle's figures, then the receipt facts of the settled hold that
 -- the caller does not already have (a replay's time and settle details are the first settle's).
-local function settled_reply(seq_s, amount_s, released_s, h, replayed, linked)
+local function settled_reply(seq_s, amount_s, released_s, h, replayed, linked, finished)
   local r = { 'ok', 'seq', seq_s, 'amount', amount_s, 'released', released_s,
-              'replayed', replayed, 'linked', linked, 'held', h.amount_s, 'task', h.task,
+              'replayed', replayed, 'linked', linked, 'finished', finished or '0',
+              'held', h.amount_s, 'task', h.task,
               'service', h.service, 'protocol', h.protocol, 'hdetails', h.details }
   if replayed == '1' then
     r[#r + 1], r[#r + 2], r[#r + 3], r[#r + 4] = 'ts', h.ended_at, 'sdetails', h.sdetails
@@ -928,7 +962,11 @@ ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 amount (<= held; th
         and 6). It is linked in this call if it is exactly this settle's receipt (same facts,
         its seq is the one assigned and its predecessor is the chain head); otherwise it is
         ignored and the daemon signs and links as usual.
-Reply   ok:    seq amount released replayed linked (1: the presigned receipt was linked), then
+        17 (optional) the idempotency key of the purchase this settle ends  18 its answer for
+        duplicates: stored (`done`) in this call when the presigned receipt was linked (the
+        answer names that receipt), so that a paid purchase needs no spendcap_idem_finish
+Reply   ok:    seq amount released replayed linked (1: the presigned receipt was linked)
+               finished (1: the idempotency record of ARGV 17 now holds ARGV 18), then
                the receipt facts the caller does not know: held task service protocol hdetails,
                and for a replay also ts sdetails (the first settle's time and details; a new
                settle's are ARGV 1 and 6)
@@ -974,7 +1012,9 @@ local function settle(keys, args)
   local settled_s, released_s = end_hold(P, hold_id, h, path, 'settled', amount, now_s, '', details,
                                          seq_s, own)
   local linked = link_presigned(P, args, seq, h, hold_id)
-  return settled_reply(seq_s, settled_s, released_s, h, '0', linked)
+  local finished = '0'
+  if linked == '1' then finished = finish_with(P, agent_id, args[17], hold_id, 'done', args[18]) end
+  return settled_reply(seq_s, settled_s, released_s, h, '0', linked, finished)
 end
 
 --[[ spendcap_void
@@ -982,7 +1022,9 @@ KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 reason
         6 protocol the hold must have been made under ('' for any)
         7 detail JSON for the log line ('' or absent for none; an admin's resolution, say)
-Reply   ok: released replayed
+        8 (optional) the idempotency key of the purchase this void ends  9 its answer for
+        duplicates, stored (`done`) in this call
+Reply   ok: released replayed finished (1: the record of ARGV 8 now holds ARGV 9)
         error: code (unknown_hold | hold_settled | hold_expired | hold_protocol_mismatch) detail
 Voiding a voided hold again replays (replayed = 1). An `unknown` hold is voided like an open
 one: an admin (or the flow that learned no money moved) resolves it so.
@@ -999,20 +1041,26 @@ local function void(keys, args)
   if (args[6] or '') ~= '' and h.protocol ~= args[6] then
     return err('hold_protocol_mismatch', 'hold ' .. hold_id .. ' is a ' .. h.protocol .. ' payment')
   end
-  if h.state == 'voided' then return { 'ok', 'released', fmt(h.amount), 'replayed', '1' } end
+  if h.state == 'voided' then
+    local finished = finish_with(P, agent_id, args[8], hold_id, 'done', args[9])
+    return { 'ok', 'released', fmt(h.amount), 'replayed', '1', 'finished', finished }
+  end
   if h.state == 'open' and h.expires_at <= now then
     end_hold(P, hold_id, h, path, 'expired', 0, now_s, 'hold_expired', '')
     h.state = 'expired'
   end
   if h.state ~= 'open' and h.state ~= 'unknown' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
   end_hold(P, hold_id, h, path, 'voided', 0, now_s, reason, args[7] or '', nil, own)
-  return { 'ok', 'released', fmt(h.amount), 'replayed', '0' }
+  local finished = finish_with(P, agent_id, args[8], hold_id, 'done', args[9])
+  return { 'ok', 'released', fmt(h.amount), 'replayed', '0', 'finished', finished }
 end
 
 --[[ spendcap_mark_unknown
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 hold_id  3 reason (why the outcome is unknown, for the log)
-Reply   ok: agent amount replayed (1: the hold was already unknown)
+        4 (optional) the idempotency key of the purchase: released in this call (a retry gets
+        the hold back at once, as spendcap_idem_finish `release` does)
+Reply   ok: agent amount replayed (1: the hold was already unknown) finished (1: released)
         error: code (unknown_hold | hold_settled | hold_voided | hold_expired) detail
 An open hold whose payment may have moved money (the provider's answer was lost) becomes
 `unknown`: it stays counted in `held` wherever it was charged (the agent and its ancestors,
@@ -1027,7 +1075,10 @@ local function mark_unknown(keys, args)
   local now_s, hold_id, reason = fmt(clock(args[1])), args[2], args[3] or ''
   local h = read_hold(P, hold_id)
   if not h then return err('unknown_hold', 'no hold ' .. hold_id) end
-  if h.state == 'unknown' then return { 'ok', 'agent', h.agent, 'amount', h.amount_s, 'replayed', '1' } end
+  if h.state == 'unknown' then
+    local finished = finish_with(P, h.agent, args[4], hold_id, 'release')
+    return { 'ok', 'agent', h.agent, 'amount', h.amount_s, 'replayed', '1', 'finished', finished }
+  end
   if h.state ~= 'open' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
   redis.call('HSET', P .. ':h:' .. hold_id, 'state', 'unknown', 'unknown_at', now_s, 'unknown_reason', reason)
   redis.call('ZREM', P .. ':holds', hold_id)
@@ -1035,7 +1086,8 @@ local function mark_unknown(keys, args)
   log(P, { 'ts', now_s, 'ev', 'unknown', 'agent', h.agent, 'task', h.task, 'svc', h.service,
            'proto', h.protocol, 'amt', h.amount_s, 'hold', hold_id, 'reason', reason })
   expire_due(P, now_s, EXPIRE_BATCH)
-  return { 'ok', 'agent', h.agent, 'amount', h.amount_s, 'replayed', '0' }
+  local finished = finish_with(P, h.agent, args[4], hold_id, 'release')
+  return { 'ok', 'agent', h.agent, 'amount', h.amount_s, 'replayed', '0', 'finished', finished }
 end
 
 --[[ spendcap_precheck

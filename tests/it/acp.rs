@@ -1265,3 +1265,42 @@ async fn acp_over_declines_timeouts_lost_answers_total_changes_and_retries_the_p
     assert!(log.iter().any(|entry| entry["event"] == "unknown"), "some outcome was unknown for a while");
     assert!(answers.iter().any(|(status, _)| *status == 200));
 }
+
+/// The ledger calls and provider requests of one ACP checkout, as Redis and the providers saw
+/// them (see `calls.rs`): precheck, the key's fingerprint (a read), the session's exclusive
+/// budget (created once per session),
+/// the hold, the settle (the receipt signed ahead and linked, and the answer stored for
+/// retries, in the same call); merchant: read the session, complete it; PSP: one delegation.
+#[tokio::test]
+async fn acp_a_checkout_costs_its_counted_ledger_calls_and_provider_requests() {
+    let shop = shop().await;
+    shop.serve_happy_path().await;
+    let agent = shop.app.create_agent("counted", 10_000_000, None).await;
+    let redis = shop.app.redis.clone().expect("a Redis ledger");
+    let calls = crate::calls::LedgerCalls::watch(&redis);
+    let (status, body) = shop.checkout(&agent, pay_session(), Some("counted-1")).await;
+    let calls = crate::calls::purchase_calls(calls.stop(&redis));
+    assert_eq!((status, body["status"].as_str()), (200, Some("completed")), "{body}");
+    assert_eq!(
+        calls,
+        [
+            "FCALL spendcap_precheck",
+            // The agent's Idempotency-Key read before anyone is called (another request under
+            // the key is refused before the merchant is asked anything).
+            "HGET",
+            "FCALL spendcap_create_bucket",
+            "FCALL spendcap_hold",
+            "FCALL spendcap_settle",
+        ],
+        "ledger calls of one checkout"
+    );
+    let merchant = shop.merchant.received_requests().await.expect("recorded");
+    let psp = shop.psp.received_requests().await.expect("recorded");
+    let verbs: Vec<String> = merchant.iter().map(|r| format!("{} {}", r.method, r.url.path())).collect();
+    assert_eq!(verbs, [format!("GET {SESSION_PATH}"), format!("POST {COMPLETE_PATH}")], "merchant requests");
+    assert_eq!(psp.len(), 1, "one delegated payment token");
+    // The answer stored by the settle is what a retry gets.
+    let (status, again) = shop.checkout(&agent, pay_session(), Some("counted-1")).await;
+    assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
+    assert_eq!(again["receipt"], body["receipt"]);
+}

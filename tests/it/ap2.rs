@@ -1782,3 +1782,44 @@ async fn ap2_what_the_merchants_charged_is_what_the_ledger_settled() {
         "{balance}"
     );
 }
+
+/// The ledger calls and provider requests of one AP2 v0.2 payment, as Redis and the providers
+/// saw them (see `calls.rs`), after the open mandates are registered: the balance the flow reads
+/// first, the agent's key, precheck, the checkout's
+/// claim (its own budget, created once per checkout), the hold (charging the mandate's budget
+/// and the claim), and the settle (the receipt signed ahead and linked, and the answer stored
+/// for duplicates, in the same call); one Credential Provider token, one merchant completion.
+#[tokio::test]
+async fn ap2_a_payment_costs_its_counted_ledger_calls_and_provider_requests() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], None)).await;
+    let agent = app.create_agent("counted", 500 * USD, None).await;
+    let jwk = agent_jwk(&app, &agent).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &MandateTerms::default(), now);
+    let body = json!({ "open_checkout_mandate": mandates.checkout, "open_payment_mandate": mandates.payment });
+    let (status, registered) =
+        app.agent_call(&agent.token, reqwest::Method::POST, "/v1/ap2/mandates", Some(body)).await;
+    assert_eq!(status, 201, "{registered}");
+    let checkout_jwt = CheckoutTerms::shoes("chk_counted").sign(&TestKey::load("merchant"), now);
+    let redis = app.redis.clone().expect("a Redis ledger");
+    let (cp_before, shop_before) = (received(&cp).await.len(), received(&shop).await.len());
+    let calls = crate::calls::LedgerCalls::watch(&redis);
+    let (status, paid) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+    let calls = crate::calls::purchase_calls(calls.stop(&redis));
+    assert_eq!((status, paid["status"].as_str()), (200, Some("paid")), "{paid}");
+    let expected = [
+        // Authentication's standing read and the agent's AP2 key (an attribute, `HGET`).
+        "FCALL spendcap_balance",
+        "HGET",
+        "FCALL spendcap_precheck",
+        // The open payment mandate's budget (ensured) and the checkout's claim.
+        "FCALL spendcap_create_bucket",
+        "FCALL spendcap_create_bucket",
+        "FCALL spendcap_hold",
+        "FCALL spendcap_settle",
+    ];
+    assert_eq!(calls, expected, "ledger calls of one payment");
+    assert_eq!((received(&cp).await.len() - cp_before, received(&shop).await.len() - shop_before), (1, 1));
+}

@@ -468,3 +468,21 @@ fn a_client_command_without_a_daemon_says_how_to_fix_it() {
         )
     );
 }
+
+/// The ledger calls of the generic pair, as Redis saw them (see `calls.rs`): one hold, one
+/// settle (the receipt signed ahead and linked in the same call — also for a tree's first
+/// receipt, whose chain head the hold is asked for).
+#[tokio::test]
+async fn a_hold_and_settle_pair_costs_two_ledger_calls() {
+    let app = spawn_app().await;
+    let agent = app.create_agent("counted", 10_000_000, None).await;
+    let redis = app.redis.clone().expect("a Redis ledger");
+    for round in ["first receipt of the tree", "second"] {
+        let calls = crate::calls::LedgerCalls::watch(&redis);
+        let (_, hold) = app.hold(&agent, 2_000).await;
+        let (status, settled) = app.settle(&agent, hold["hold_id"].as_str().expect("id"), 1_500).await;
+        let calls = crate::calls::purchase_calls(calls.stop(&redis));
+        assert_eq!(status, 200, "{settled}");
+        assert_eq!(calls, ["FCALL spendcap_hold", "FCALL spendcap_settle"], "ledger calls of the {round} pair");
+    }
+}

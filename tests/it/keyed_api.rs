@@ -613,3 +613,33 @@ async fn spending_controls_apply_to_keyed_apis_by_protocol_and_service_name() {
     assert!(upstream.received_requests().await.expect("recorded").is_empty());
     assert_eq!(balance(&app, &agent).await, (0, 0));
 }
+
+/// The ledger calls and upstream requests of one keyed-API call, as Redis and the upstream saw
+/// them (see `calls.rs`): one hold of the bound, one settle from the usage (with its receipt
+/// signed ahead and linked in the same call), one upstream request.
+#[tokio::test]
+async fn a_keyed_api_call_costs_two_ledger_calls_and_one_upstream_request() {
+    let upstream = MockServer::start().await;
+    let answer = json!({ "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-test",
+        "choices": [ { "index": 0, "message": { "role": "assistant", "content": "Hi" }, "finish_reason": "stop" } ],
+        "usage": { "prompt_tokens": 40, "completion_tokens": 7, "total_tokens": 47 } });
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(&answer))
+        .expect(1)
+        .mount(&upstream)
+        .await;
+    let app = app_for(&upstream.uri()).await;
+    let agent = app.create_agent("counted", 1_000_000, None).await;
+    let redis = app.redis.clone().expect("a Redis ledger");
+    let request =
+        json!({ "model": "gpt-test", "max_tokens": 100, "messages": [ { "role": "user", "content": "Say hi" } ] });
+    let calls = crate::calls::LedgerCalls::watch(&redis);
+    let auth = format!("Bearer {}", agent.token);
+    let response = post(&app, "/v1/apis/openai/v1/chat/completions", ("authorization", &auth), bytes(&request)).await;
+    assert_eq!(response.status(), 200);
+    let _ = response.bytes().await;
+    let calls = crate::calls::purchase_calls(calls.stop(&redis));
+    assert_eq!(calls, ["FCALL spendcap_hold", "FCALL spendcap_settle"], "ledger calls of one keyed-API call");
+    assert_eq!(upstream.received_requests().await.expect("recorded").len(), 1, "upstream requests");
+}

@@ -1217,3 +1217,118 @@ conformance!(an_unacknowledged_hold_is_forgotten_unless_a_duplicate_got_it, |led
     assert_eq!(granted(ledger.hold(T0, &keyed("k")).await.expect("replays")), fresh.hold_id);
     assert_eq!(figures(&ledger, &agent, T0).await, (10_000, 0, 200));
 });
+
+conformance!(a_purchase_ends_in_the_call_that_ends_its_hold, |ledger: Ledger| async move {
+    use spendcap::ledger::EndsPurchase;
+    use spendcap::receipt::{HeldFacts, ReceiptSigner};
+
+    let agent = create(&ledger, "a", 10_000, None).await;
+    let pending = |key: &str, amount: u64| {
+        let mut request = request(&agent, amount, 60_000, T0);
+        request.idempotency = Some(Idempotency {
+            key: key.into(),
+            fingerprint: "fp".into(),
+            mode: IdempotencyMode::Pending { lease_ms: 5_000 },
+        });
+        request
+    };
+    let duplicate =
+        |request: &HoldRequest| HoldRequest { hold_id: HoldId::generate(agent.id.tree()), ..request.clone() };
+    let ends = |key: &'static str, response: &'static str| Some(EndsPurchase { key, response });
+
+    // A new hold's reply names the tree's receipt chain head, so its receipt can be signed ahead.
+    let paid = pending("buy-1", 300);
+    let (outcome, head) = ledger.hold_with_head(T0, &paid, true).await.expect("answers");
+    let hold = granted(outcome);
+    let head = head.expect("a new grant names the chain head");
+    assert_eq!(head.seq, 0, "no receipt yet");
+    let signer = ReceiptSigner::generate();
+    signer.learn_head(agent.id.tree(), &head);
+    signer.remember_hold(
+        &hold,
+        HeldFacts {
+            agent: agent.id.to_string(),
+            held: Micros::new(300).expect("m"),
+            task: paid.task.clone(),
+            service: paid.service.clone(),
+            protocol: paid.protocol.as_str().to_owned(),
+            details: String::new(),
+        },
+    );
+    let amount = Micros::new(250).expect("m");
+    let presigned = signer.presign(&hold, T0, amount, "").expect("signed ahead");
+    let (settled, finished) = ledger
+        .settle_finishing(
+            None,
+            T0,
+            &agent.id,
+            &agent.caller(),
+            &hold,
+            amount,
+            "",
+            Some(&presigned.link),
+            ends("buy-1", "answer-1"),
+        )
+        .await
+        .expect("settles");
+    assert!(settled.linked && finished, "the receipt linked and the purchase finished in the settle");
+    assert_eq!(ledger.chain_head(agent.id.tree()).await.expect("head").seq, 1);
+    match ledger.hold(T0, &duplicate(&paid)).await.expect("answers") {
+        HoldOutcome::Finished { response } => assert_eq!(response, "answer-1"),
+        other => panic!("expected the stored answer, got {other:?}"),
+    }
+
+    // Without a receipt the settle links, its answer is not stored: the record stays in flight.
+    let unlinked = pending("buy-2", 100);
+    let unlinked_hold = granted(ledger.hold(T0, &unlinked).await.expect("answers"));
+    let (settled, finished) = ledger
+        .settle_finishing(
+            None,
+            T0,
+            &agent.id,
+            &agent.caller(),
+            &unlinked_hold,
+            amount_of(100),
+            "",
+            None,
+            ends("buy-2", "no"),
+        )
+        .await
+        .expect("settles");
+    assert!(!settled.linked && !finished);
+    assert!(matches!(ledger.hold(T0, &duplicate(&unlinked)).await, Err(LedgerError::IdempotencyInFlight)));
+
+    // A void stores the purchase's answer in the same call; a record of another hold is untouched.
+    let voided = pending("buy-3", 100);
+    let voided_hold = granted(ledger.hold(T0, &voided).await.expect("answers"));
+    let other = pending("buy-4", 100);
+    let other_hold = granted(ledger.hold(T0, &other).await.expect("answers"));
+    let reason = "merchant_declined";
+    let caller = agent.caller();
+    let void = ledger.void_finishing(T0, &agent.id, &caller, &voided_hold, reason, ends("buy-4", "wrong")).await;
+    assert_eq!(void.expect("voids"), (amount_of(100), false, false), "buy-4 is another hold's purchase");
+    let void = ledger.void_finishing(T0, &agent.id, &caller, &voided_hold, reason, ends("buy-3", "answer-3")).await;
+    assert_eq!(void.expect("replays"), (amount_of(100), true, true));
+    match ledger.hold(T0, &duplicate(&voided)).await.expect("answers") {
+        HoldOutcome::Finished { response } => assert_eq!(response, "answer-3"),
+        other => panic!("expected the stored answer, got {other:?}"),
+    }
+
+    // Marking a hold unknown releases its purchase: a retry gets the same hold back at once.
+    let (marked, released) =
+        ledger.mark_unknown_releasing(T0, &other_hold, "no answer", Some("buy-4")).await.expect("marks");
+    assert!(released && !marked.replayed);
+    match ledger.hold(T0, &duplicate(&other)).await.expect("answers") {
+        HoldOutcome::Granted(grant) => assert_eq!((grant.hold_id, grant.replayed), (other_hold, true)),
+        other => panic!("expected the same hold, got {other:?}"),
+    }
+    assert_eq!(figures(&ledger, &agent, T0).await, (10_000, 350, 100), "settled 250 + 100; buy-4 still held");
+    let log = whole_log(&ledger, agent.id.tree()).await;
+    let events: Vec<&str> = log.iter().map(|e| e.event.as_str()).collect();
+    let expected = ["create", "hold", "settle", "hold", "settle", "hold", "hold", "void", "unknown"];
+    assert_eq!(events, expected, "one entry per change");
+});
+
+fn amount_of(micros: u64) -> Micros {
+    Micros::new(micros).expect("micros")
+}

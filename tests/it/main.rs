@@ -4,6 +4,7 @@ mod acp;
 mod alerts;
 mod ap2;
 mod api;
+mod calls;
 mod cli;
 mod clock;
 mod concurrency;

@@ -1158,36 +1158,86 @@ async fn what_the_facilitator_settled_is_what_the_ledger_settled() {
     assert_eq!(log.iter().filter(|e| e["event"] == "expire").count(), 2, "the declined ones, at validBefore");
 }
 
-/// The ledger calls of one purchase, counted by Redis itself (`INFO commandstats`; commands that
-/// functions run inside an FCALL are counted under their own names, so `fcall` is the number of
-/// round trips to the ledger): what a paid x402 fetch costs the ledger, and so what a change to
-/// the flow must not silently grow. A purchase is: precheck, hold (with its idempotency record),
-/// settle (the receipt signed ahead and linked in the same call) and the idempotency finish —
-/// 4 FCALLs — and 2 upstream requests (the unpaid one that gets the 402, the paid one). The
-/// first receipt of a budget tree this instance links costs one more call (its chain head is not
-/// known yet, so the receipt is linked after the settle).
+/// The ledger calls of one purchase, as Redis saw them (`MONITOR`, see `calls.rs`): what a paid
+/// x402 fetch costs the ledger, and so what a change to the flow must not silently grow. A
+/// purchase is: precheck, hold (with its idempotency record; asked, its reply names the tree's receipt
+/// chain head) and settle (the receipt signed ahead and linked, and the purchase's answer stored
+/// for its retries, in the same call) — 3 FCALLs, nothing else — and 2 upstream requests (the
+/// unpaid one that gets the 402, the paid one). The same for the first receipt of a tree.
 #[tokio::test]
-async fn a_paid_fetch_costs_four_ledger_calls_and_two_upstream_requests() {
+async fn a_paid_fetch_costs_three_ledger_calls_and_two_upstream_requests() {
     let app = app_with(config()).await;
     let server = v2_server("10000").await;
     let agent = app.create_agent("counted", 1_000_000, None).await;
     let redis = app.redis.clone().expect("a Redis ledger");
     let url = format!("{}/weather", server.uri());
-    let fcalls = |stats: &str| -> u64 {
-        stats
-            .lines()
-            .find_map(|line| line.strip_prefix("cmdstat_fcall:calls="))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    for (key, expected_calls) in [("first", 5), ("second", 4)] {
-        redis.cli(&["CONFIG", "RESETSTAT"]).expect("stats reset");
+    for key in ["first", "second"] {
         let before = server.received_requests().await.expect("recorded").len();
+        let calls = crate::calls::LedgerCalls::watch(&redis);
         let (status, body) = fetch(&app, &agent.token, json!({"url": url, "task": "counted"}), Some(key)).await;
+        let calls = crate::calls::purchase_calls(calls.stop(&redis));
         assert_eq!((status, body["payment"]["status"].as_str()), (200, Some("settled")), "{body}");
-        let stats = redis.cli(&["INFO", "commandstats"]).expect("stats");
-        assert_eq!(fcalls(&stats), expected_calls, "ledger calls of the {key} paid fetch:\n{stats}");
+        assert_eq!(
+            calls,
+            ["FCALL spendcap_precheck", "FCALL spendcap_hold", "FCALL spendcap_settle"],
+            "ledger calls of the {key} paid fetch"
+        );
         assert_eq!(server.received_requests().await.expect("recorded").len() - before, 2, "upstream requests");
+        // The answer stored by the settle is what a retry gets.
+        let (status, again) = fetch(&app, &agent.token, json!({"url": url, "task": "counted"}), Some(key)).await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["payment"]["receipt"], body["payment"]["receipt"], "the retry replays the same receipt");
+        assert_eq!(again["replayed"], json!(true), "{again}");
     }
+}
+
+/// Upgrade compatibility: idempotency records written by the previous release (stored by
+/// `spendcap_idem_finish`, an error without its kind) still replay, now that the settle stores
+/// a paid purchase's answer itself. The records are written directly into Redis.
+#[tokio::test]
+async fn records_the_previous_release_stored_still_replay() {
+    let app = app_with(config()).await;
+    let server = v2_server("10000").await;
+    let agent = app.create_agent("upgraded", 1_000_000, None).await;
+    let redis = app.redis.clone().expect("a Redis ledger");
+    let url = format!("{}/weather", server.uri());
+    let request = json!({"url": url, "task": "upgrade"});
+    let (status, _) = fetch(&app, &agent.token, request.clone(), Some("new")).await;
+    assert_eq!(status, 200);
+    let record = redis.cli(&["--scan", "--pattern", "*:i:*:x402:k:new"]).expect("scan");
+    let record = record.trim();
+    assert!(!record.is_empty(), "the purchase's idempotency record");
+    let fingerprint = redis.cli(&["HGET", record, "fp"]).expect("fp");
+    let old = [
+        (
+            "old-delivered",
+            r#"{"kind":"delivered","status":200,"headers":[["content-type","text/plain"]],"body_base64":"b2xkIGFuc3dlcg==","payment":null}"#,
+        ),
+        ("old-error", r#"{"kind":"error","code":"x402_already_paid","detail":"paid before the upgrade","extra":null}"#),
+    ];
+    for (key, response) in old {
+        let old_record = record.replace(":x402:k:new", &format!(":x402:k:{key}"));
+        let written = redis.cli(&[
+            "HSET",
+            &old_record,
+            "fp",
+            fingerprint.trim(),
+            "status",
+            "done",
+            "hold",
+            "",
+            "response",
+            response,
+        ]);
+        assert!(written.is_some(), "writes the old record");
+    }
+    let before = server.received_requests().await.expect("recorded").len();
+    let (status, body) = fetch(&app, &agent.token, request.clone(), Some("old-delivered")).await;
+    assert_eq!((status, body["replayed"].as_bool()), (200, Some(true)), "{body}");
+    assert_eq!(body["body"], "old answer", "{body}");
+    let (status, body) = fetch(&app, &agent.token, request, Some("old-error")).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("x402_already_paid")), "{body}");
+    assert_eq!(body["replayed"], true, "{body}");
+    // A replay pays nothing and fetches nothing but the 402.
+    assert_eq!(server.received_requests().await.expect("recorded").len() - before, 2, "only the unpaid requests");
 }

@@ -351,8 +351,19 @@ pub(super) async fn checkout(
         }
     }
 
-    let purchase = Purchase { core, acp, auth, merchant_name, merchant, total, grant };
+    let purchase = Purchase {
+        core,
+        acp,
+        auth,
+        merchant_name,
+        merchant,
+        total,
+        grant,
+        key: Some(&key),
+        finished: Default::default(),
+    };
     match purchase.run(&session, resumed).await {
+        Outcome::Done(reply) if purchase.finished.load(std::sync::atomic::Ordering::Relaxed) => Ok(reply),
         Outcome::Done(reply) => {
             if let Err(error) = pay::finish(core, auth, &key, IdempotencyFinish::Done(reply.stored())).await {
                 // The record stays in flight until its lease ends; a duplicate then resumes the
@@ -437,8 +448,17 @@ fn resolve_later(
     let merchant_name = merchant_name.to_owned();
     tokio::spawn(async move {
         let Ok(merchant) = acp.merchant(&merchant_name) else { return };
-        let purchase =
-            Purchase { core: &core, acp: &acp, auth: &auth, merchant_name: &merchant_name, merchant, total, grant };
+        let purchase = Purchase {
+            core: &core,
+            acp: &acp,
+            auth: &auth,
+            merchant_name: &merchant_name,
+            merchant,
+            total,
+            grant,
+            key: Some(&key),
+            finished: Default::default(),
+        };
         let hold = &purchase.grant.hold_id;
         let mut wait = policy.first_wait;
         for attempt in 1..=policy.attempts {
@@ -461,7 +481,11 @@ fn resolve_later(
             if let Outcome::Done(reply) = outcome {
                 tracing::info!(agent = %auth.agent, hold = %hold, attempt, failure = ?reply.failure,
                     "ACP outcome resolved by reading the session back");
-                if let Err(error) = pay::finish(&core, &auth, &key, IdempotencyFinish::Done(reply.stored())).await {
+                let stored = purchase.finished.load(std::sync::atomic::Ordering::Relaxed);
+                if let Err(error) = match stored {
+                    true => Ok(()),
+                    false => pay::finish(&core, &auth, &key, IdempotencyFinish::Done(reply.stored())).await,
+                } {
                     tracing::warn!(hold = %hold, code = error.code, "could not store the resolved ACP answer");
                 }
                 return;
@@ -483,6 +507,10 @@ struct Purchase<'a> {
     /// The total read and held: the allowance, and what the completed session must show.
     total: SessionTotal,
     grant: Grant,
+    /// The purchase's idempotency key, when its answer is kept for retries: the settle stores
+    /// it in the same ledger call when it can, and says so in `finished`.
+    key: Option<&'a str>,
+    finished: std::sync::atomic::AtomicBool,
 }
 
 impl Purchase<'_> {
@@ -713,8 +741,36 @@ impl Purchase<'_> {
             details.insert("completed_minor_units".into(), total.minor_units.to_string());
             details.insert("completed_currency".into(), total.currency.clone());
         }
-        let settlement = match pay::settle(self.core, self.auth, &self.grant.hold_id, amount, &details).await {
-            Ok(settlement) => settlement,
+        let shown = completed_total.unwrap_or(&self.total);
+        let answer = |settlement: &pay::Settlement| {
+            reply_ok(&Completed {
+                status: "completed",
+                merchant: self.merchant_name,
+                checkout_session_id: self.session_id(),
+                order: OrderView { id: order.order_id, permalink_url: order.permalink_url, order_number },
+                total: TotalView { amount: shown.minor_units, currency: &shown.currency },
+                total_changed: changed
+                    .map(|total| TotalChanged { read: self.total.minor_units, completed: total.minor_units }),
+                amount_micros: settlement.outcome.amount.get(),
+                hold_id: self.grant.hold_id.as_str(),
+                replayed: false,
+                receipt: settlement.receipt.clone(),
+            })
+        };
+        let hold = &self.grant.hold_id;
+        let result = match self.key {
+            // The settle stores the answer for retries itself when it can (one ledger call).
+            Some(key) => {
+                let stored = |settlement: &pay::Settlement| answer(settlement).ok().map(|reply| reply.stored());
+                pay::settle_finishing(self.core, self.auth, hold, amount, &details, key, stored).await
+            }
+            None => pay::settle(self.core, self.auth, hold, amount, &details).await.map(|settled| (settled, false)),
+        };
+        let settlement = match result {
+            Ok((settlement, finished)) => {
+                self.finished.store(finished, std::sync::atomic::Ordering::Relaxed);
+                settlement
+            }
             Err(error) => {
                 tracing::error!(agent = %self.auth.agent, hold = %self.grant.hold_id, order_id = order.order_id,
                     code = error.code, "the merchant completed the order but the hold could not be settled");
@@ -755,21 +811,7 @@ impl Purchase<'_> {
         tracing::info!(agent = %self.auth.agent, hold = %self.grant.hold_id, merchant = self.merchant_name,
             checkout_session_id = self.session_id(), order_id = order.order_id, amount = settlement.outcome.amount.get(),
             "ACP checkout completed");
-        let shown = completed_total.unwrap_or(&self.total);
-        let answer = Completed {
-            status: "completed",
-            merchant: self.merchant_name,
-            checkout_session_id: self.session_id(),
-            order: OrderView { id: order.order_id, permalink_url: order.permalink_url, order_number },
-            total: TotalView { amount: shown.minor_units, currency: &shown.currency },
-            total_changed: changed
-                .map(|total| TotalChanged { read: self.total.minor_units, completed: total.minor_units }),
-            amount_micros: settlement.outcome.amount.get(),
-            hold_id: self.grant.hold_id.as_str(),
-            replayed: false,
-            receipt: settlement.receipt,
-        };
-        match reply_ok(&answer) {
+        match answer(&settlement) {
             Ok(reply) => Outcome::Done(reply),
             Err(error) => Outcome::Open(error),
         }
@@ -949,7 +991,17 @@ pub(super) async fn cancel(
         replayed: true,
     };
     let total = held_total(&info, &grant).ok_or_else(|| Failure::internal("an ACP hold without its total"))?;
-    let purchase = Purchase { core, acp, auth, merchant_name: &body.merchant, merchant, total, grant };
+    let purchase = Purchase {
+        core,
+        acp,
+        auth,
+        merchant_name: &body.merchant,
+        merchant,
+        total,
+        grant,
+        key: None,
+        finished: Default::default(),
+    };
     let hold_text = info.hold_id.to_string();
     match purchase.learn().await {
         Learned::Completed(session) => match purchase.settle_completed(&session).await {

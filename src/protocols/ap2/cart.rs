@@ -197,6 +197,7 @@ pub async fn pay(
         Ok(mandate) => present(core, auth, processor, merchant, &cart, &mandate, (&grant, resumed)).await,
     };
     let (finish_as, reply) = match ending {
+        Ending::Stored(reply) => return Ok(reply),
         Ending::Final(reply) => (IdempotencyFinish::Done(reply.stored()), reply),
         Ending::Unknown(reply) => (IdempotencyFinish::Release, reply),
     };

@@ -219,6 +219,7 @@ pub async fn pay(
         settings,
         merchant,
         key: &key,
+        idempotency_key: &idempotency_key,
         authorized: &authorized,
         grant: &grant,
         resumed,
@@ -226,6 +227,7 @@ pub async fn pay(
     };
     let ending = complete(attempt).await;
     let (finish_as, reply) = match ending {
+        Ending::Stored(reply) => return Ok(reply),
         Ending::Final(reply) => (IdempotencyFinish::Done(reply.stored()), reply),
         Ending::Unknown(reply) => (IdempotencyFinish::Release, reply),
     };
@@ -246,6 +248,8 @@ pub(super) enum Ending {
     Final(Reply),
     /// Nobody knows whether the merchant charged: the hold stays, a retry resumes it.
     Unknown(Reply),
+    /// Paid, and the settle already stored this answer for duplicates (one ledger call).
+    Stored(Reply),
 }
 
 /// Sends the reason to the log as a note on the hold; failures to log are reported, not fatal.
@@ -360,6 +364,8 @@ struct Attempt<'a> {
     settings: &'a Settings,
     merchant: &'a Merchant,
     key: &'a AgentKey,
+    /// The payment's idempotency key: the settle stores the answer under it when it can.
+    idempotency_key: &'a str,
     authorized: &'a AuthorizedPayment,
     grant: &'a Grant,
     /// An earlier attempt made this hold (and may have reached the merchant).
@@ -369,7 +375,8 @@ struct Attempt<'a> {
 
 /// The payment after the hold: sign, obtain the token, complete, settle or void.
 async fn complete(attempt: Attempt<'_>) -> Ending {
-    let Attempt { core, ap2, auth, settings, merchant, key, authorized, grant, resumed, now } = attempt;
+    let Attempt { core, ap2, auth, settings, merchant, key, idempotency_key, authorized, grant, resumed, now } =
+        attempt;
 
     let params = CloseParams {
         checkout_audience: merchant.audience.clone(),
@@ -490,8 +497,32 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             details.insert(name.to_owned(), value.clone());
         }
     }
-    let settlement = match pay::settle(core, auth, &grant.hold_id, closed.amount, &details).await {
-        Ok(settlement) => settlement,
+    let answer = |settlement: &pay::Settlement| {
+        let view = PaymentView {
+            status: "paid".into(),
+            hold_id: grant.hold_id.to_string(),
+            amount_micros: settlement.outcome.amount.get(),
+            service: authorized.intent().service.clone(),
+            merchant_id: merchant.id.clone(),
+            checkout_id: closed.checkout_id.clone(),
+            checkout_hash: closed.checkout_hash.clone(),
+            payment_mandate_id: closed.payment_mandate_id.clone(),
+            checkout_mandate_id: authorized.open_mandates().constraints.checkout_mandate_id.clone(),
+            order_id: checkout_receipt.order_id.clone(),
+            payment_id: Some(payment_receipt.payment_id.clone()),
+            checkout_receipt: serde_json::to_value(checkout_receipt).unwrap_or(Value::Null),
+            payment_receipt: serde_json::to_value(payment_receipt).unwrap_or(Value::Null),
+            receipt: serde_json::to_value(&settlement.receipt).unwrap_or(Value::Null),
+            replayed: false,
+        };
+        Reply::ok(serde_json::to_value(&view).unwrap_or(Value::Null))
+    };
+    // The settle stores the answer for duplicates itself when it can (one ledger call).
+    let stored = |settlement: &pay::Settlement| Some(answer(settlement).stored());
+    let settled =
+        pay::settle_finishing(core, auth, &grant.hold_id, closed.amount, &details, idempotency_key, stored).await;
+    let (settlement, stored) = match settled {
+        Ok(settled) => settled,
         Err(error) => {
             // The merchant was paid; the hold must not be released. It stays, marked unknown so
             // that it never expires (a retry resumes and settles it, or an admin does), unless
@@ -504,24 +535,10 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
     };
     tracing::info!(agent = %auth.agent, hold = %grant.hold_id, merchant = %merchant.id,
         checkout = %closed.checkout_id, amount = closed.amount.get(), "AP2 payment settled");
-    let view = PaymentView {
-        status: "paid".into(),
-        hold_id: grant.hold_id.to_string(),
-        amount_micros: settlement.outcome.amount.get(),
-        service: authorized.intent().service.clone(),
-        merchant_id: merchant.id.clone(),
-        checkout_id: closed.checkout_id.clone(),
-        checkout_hash: closed.checkout_hash.clone(),
-        payment_mandate_id: closed.payment_mandate_id.clone(),
-        checkout_mandate_id: authorized.open_mandates().constraints.checkout_mandate_id.clone(),
-        order_id: checkout_receipt.order_id.clone(),
-        payment_id: Some(payment_receipt.payment_id.clone()),
-        checkout_receipt: serde_json::to_value(checkout_receipt).unwrap_or(Value::Null),
-        payment_receipt: serde_json::to_value(payment_receipt).unwrap_or(Value::Null),
-        receipt: serde_json::to_value(&settlement.receipt).unwrap_or(Value::Null),
-        replayed: false,
-    };
-    Ending::Final(Reply::ok(serde_json::to_value(&view).unwrap_or(Value::Null)))
+    match stored {
+        true => Ending::Stored(answer(&settlement)),
+        false => Ending::Final(answer(&settlement)),
+    }
 }
 
 /// 402 `ap2_payment_declined`: a provider refused the payment (nothing was charged).

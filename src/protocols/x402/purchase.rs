@@ -122,16 +122,19 @@ fn is_final(code: &str) -> bool {
 
 impl Stored {
     fn of_delivered(delivered: &Delivered) -> Stored {
+        Stored::of_answer(&delivered.answer, delivered.payment.as_ref())
+    }
+
+    fn of_answer(answer: &Answer, payment: Option<&PaymentView>) -> Stored {
         Stored::Delivered {
-            status: delivered.answer.status.as_u16(),
-            headers: delivered
-                .answer
+            status: answer.status.as_u16(),
+            headers: answer
                 .headers
                 .iter()
                 .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned())))
                 .collect(),
-            body_base64: STANDARD.encode(&delivered.answer.body),
-            payment: delivered.payment.clone().map(Box::new),
+            body_base64: STANDARD.encode(&answer.body),
+            payment: payment.cloned().map(Box::new),
         }
     }
 
@@ -659,8 +662,8 @@ impl Paying<'_> {
                     Ok(settlement) if settlement.success => {
                         // Paid, but the body cannot be passed on: record the payment anyway.
                         let code = if too_large { "x402_upstream_body_too_large" } else { "x402_upstream_body_lost" };
-                        let delivered =
-                            self.settled(Answer { status, headers, body: Default::default() }, settlement).await;
+                        let (delivered, _) =
+                            self.settled(Answer { status, headers, body: Default::default() }, settlement, false).await;
                         let err = error(Kind::Provider, code, detail).with_extra(json!({
                             "upstream_status": status.as_u16(),
                             "payment": delivered.payment,
@@ -696,12 +699,18 @@ impl Paying<'_> {
     /// Gives up before anything was sent. A new purchase's hold is voided (its authorization
     /// never left the daemon); a resumed one keeps its hold (the first authorization did).
     async fn abandon(&self, err: Failure) -> Failure {
+        tracing::error!(agent = %self.agent.agent, code = err.code, detail = %err.detail, "x402: payment not sent");
         if !self.purchase.resumed {
-            if let Err(void_err) = pay::void(self.core, self.agent, &self.purchase.hold, err.code).await {
-                tracing::warn!(hold = %self.purchase.hold, code = void_err.code, "x402: could not void an unsent payment's hold");
+            // The void stores the error for the purchase's retries in the same ledger call.
+            let stored = serde_json::to_string(&Stored::of_error(&err)).unwrap_or_default();
+            match pay::void_finishing(self.core, self.agent, &self.purchase.hold, err.code, &self.key, &stored).await {
+                Ok((_, true)) => return err,
+                Ok((_, false)) => {}
+                Err(void_err) => {
+                    tracing::warn!(hold = %self.purchase.hold, code = void_err.code, "x402: could not void an unsent payment's hold")
+                }
             }
         }
-        tracing::error!(agent = %self.agent.agent, code = err.code, detail = %err.detail, "x402: payment not sent");
         finish_with_error(self.core, self.agent, &self.key, err).await
     }
 
@@ -758,12 +767,17 @@ impl Paying<'_> {
 
     /// Marks the hold `unknown`: the payment was sent and nothing says whether it settled. The
     /// hold stays counted and never expires until a retry gets the answer or an admin resolves it.
+    /// Also releases the purchase's key in the same ledger call, so that a retry re-sends the
+    /// same authorization; if that did not happen, releases it with one more call.
     async fn mark_unknown(&self, reason: &str) {
         let reason = format!("x402_outcome_unknown: {}", clip(reason));
-        if let Err(err) = pay::mark_unknown(self.core, &self.purchase.hold, &reason).await {
-            tracing::error!(hold = %self.purchase.hold, code = err.code,
-                "x402: could not mark a payment's outcome unknown; its hold lapses at validBefore");
+        match pay::mark_unknown_releasing(self.core, &self.purchase.hold, &reason, Some(&self.key)).await {
+            Ok((_, true)) => return,
+            Ok((_, false)) => {}
+            Err(err) => tracing::error!(hold = %self.purchase.hold, code = err.code,
+                "x402: could not mark a payment's outcome unknown; its hold lapses at validBefore"),
         }
+        finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
     }
 
     /// No answer to a sent payment: it may have settled. The hold becomes `unknown` (counted,
@@ -773,7 +787,6 @@ impl Paying<'_> {
         tracing::warn!(agent = %self.agent.agent, service = %self.service(), nonce = %self.purchase.terms.nonce,
             detail = %detail, "x402: payment outcome unknown; the hold stays counted until resolved");
         self.mark_unknown(&detail).await;
-        finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
         let kind = if timed_out { Kind::ProviderTimeout } else { Kind::Provider };
         error(
             kind,
@@ -797,10 +810,12 @@ impl Paying<'_> {
     async fn answered(&self, answer: Answer) -> Result<Delivered, Failure> {
         match parse_settlement(&answer.headers, self.choice.version()) {
             Ok(settlement) if settlement.success => {
-                let delivered = self.settled(answer, settlement).await;
-                match serde_json::to_string(&Stored::of_delivered(&delivered)) {
-                    Ok(stored) => finish(self.core, self.agent, &self.key, IdempotencyFinish::Done(stored)).await,
-                    Err(err) => tracing::error!(error = %err, "x402: cannot store a purchase's outcome"),
+                let (delivered, finished) = self.settled(answer, settlement, true).await;
+                if !finished {
+                    match serde_json::to_string(&Stored::of_delivered(&delivered)) {
+                        Ok(stored) => finish(self.core, self.agent, &self.key, IdempotencyFinish::Done(stored)).await,
+                        Err(err) => tracing::error!(error = %err, "x402: cannot store a purchase's outcome"),
+                    }
                 }
                 Ok(delivered)
             }
@@ -821,6 +836,7 @@ impl Paying<'_> {
                         &[("reason", reason.clone()), ("upstream_status", answer.status.as_u16().to_string())],
                     )
                     .await;
+                    finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
                 } else {
                     // The server answered without any settlement report: it may well have
                     // settled. Nothing says no money moved, so the outcome is unknown.
@@ -830,7 +846,6 @@ impl Paying<'_> {
                     ))
                     .await;
                 }
-                finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
                 let mut view = self.view(PaymentStatus::Unconfirmed);
                 view.reason = Some(clip(&reason));
                 Ok(Delivered { answer, payment: Some(view), replayed: false })
@@ -839,7 +854,9 @@ impl Paying<'_> {
     }
 
     /// The server confirmed the settlement: the hold is settled for the price, with a receipt.
-    async fn settled(&self, answer: Answer, settlement: SettlementResponse) -> Delivered {
+    /// With `store`, the settle itself stores the delivered answer for the purchase's retries
+    /// when it can (true: it did; see [`pay::settle_finishing`]).
+    async fn settled(&self, answer: Answer, settlement: SettlementResponse, store: bool) -> (Delivered, bool) {
         let mut details = self.details();
         details.insert("transaction".to_owned(), clip(&settlement.transaction));
         if let Some(payer) = &settlement.payer {
@@ -873,8 +890,31 @@ impl Paying<'_> {
         view.amount_micros = amount.get();
         view.transaction = Some(clip(&settlement.transaction));
         view.payer = settlement.payer.as_deref().map(clip);
-        match pay::settle(self.core, self.agent, &self.purchase.hold, amount, &details).await {
-            Ok(settled) => {
+        let result = if store {
+            let stored = |settled: &pay::Settlement| {
+                let mut view = view.clone();
+                view.receipt = Some(settled.receipt.clone());
+                serde_json::to_string(&Stored::of_answer(&answer, Some(&view))).ok()
+            };
+            pay::settle_finishing(
+                self.core,
+                self.agent,
+                &self.purchase.hold,
+                amount,
+                &details,
+                &self.key,
+                stored,
+            )
+            .await
+        } else {
+            pay::settle(self.core, self.agent, &self.purchase.hold, amount, &details)
+                .await
+                .map(|settled| (settled, false))
+        };
+        let mut finished = false;
+        match result {
+            Ok((settled, stored)) => {
+                finished = stored;
                 tracing::info!(agent = %self.agent.agent, service = %self.service(), hold = %self.purchase.hold,
                     nonce = %self.purchase.terms.nonce, transaction = %clip(&settlement.transaction),
                     amount = settled.outcome.amount.get(), "x402: paid");
@@ -889,6 +929,6 @@ impl Paying<'_> {
                 view.reason = Some(err.code.to_owned());
             }
         }
-        Delivered { answer, payment: Some(view), replayed: false }
+        (Delivered { answer, payment: Some(view), replayed: false }, finished)
     }
 }
