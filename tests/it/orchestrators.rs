@@ -430,3 +430,36 @@ async fn task_tokens_die_with_revocation_and_only_descendants_get_them() {
         .await;
     assert_eq!((status, body["code"].as_str()), (403, Some("agent_revoked")), "{body}");
 }
+
+// The CLI is a blocking child process; the daemon needs other threads to answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_issues_a_task_token_that_pays_for_its_task() {
+    let app = app(Backend::Redis).await;
+    let agent = app.create_agent("cli-tasker", 5_000_000, None).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_spendcap"))
+        .args(["agent", "token", "cli-tasker", "--task", "nightly-crawl", "--ttl", "1h"])
+        .env("SPENDCAP_URL", &app.base)
+        .env("SPENDCAP_ADMIN_TOKEN", crate::support::ADMIN_TOKEN)
+        .output()
+        .expect("runs the CLI");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{stdout} {}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("for task nightly-crawl"), "{stdout}");
+    let token = stdout.rsplit("SPENDCAP_AGENT_TOKEN=").next().expect("token line").trim().to_owned();
+    assert!(token.starts_with(&format!("sct_{}_t", agent.id)), "{stdout}");
+    let (status, body) = app
+        .agent_call(&token, Method::POST, "/v1/holds", Some(json!({"amount_micros": 5, "service": "api.example.com"})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    // An hour by the ledger's clock later it is refused.
+    app.clock.advance_ms(3_600_000);
+    let (status, body) = app.agent_call(&token, Method::GET, "/v1/me", None).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("token_expired")), "{body}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_spendcap"))
+        .args(["agent", "token", "cli-tasker", "--task", "t", "--ttl", "1w"])
+        .env("SPENDCAP_URL", &app.base)
+        .env("SPENDCAP_ADMIN_TOKEN", crate::support::ADMIN_TOKEN)
+        .output()
+        .expect("runs the CLI");
+    assert!(!bad.status.success());
+}
