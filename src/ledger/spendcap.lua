@@ -35,6 +35,10 @@ from it:
   <P>:t:<agent>:<hex of task>        hash  per-task counter: task spent held alerted
   <P>:vh:<agent>       list   breaker: times of the agent's latest holds, newest first
   <P>:vs:<agent>       list   breaker: `<ms>:<amount>` of its holds within the spend window
+  <P>:sub:<agent>      set    the sub-agents the agent created itself (spendcap_create_sub_agent)
+  <P>:tt:<id>          hash   task token: agent hash task expires_at created_at by (agent id, '' for
+                              the admin), once revoked revoked; kept a week past its expiry
+  <P>:tts:<agent>      set    the agent's task token ids
 
 Spending controls. `ctl` is a JSON object, every key optional (money in micro-USD, windows in
 ms): task (per-task cap), per_payment daily weekly monthly all_time (limits; each not above the
