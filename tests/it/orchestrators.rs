@@ -463,3 +463,44 @@ async fn the_cli_issues_a_task_token_that_pays_for_its_task() {
         .expect("runs the CLI");
     assert!(!bad.status.success());
 }
+
+/// `POST /mcp` (initialize) with `token`: the status and body.
+async fn mcp_initialize(app: &TestApp, token: &str) -> (u16, String) {
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let response = app
+        .http
+        .post(app.url("/mcp"))
+        .bearer_auth(token)
+        .header("accept", "application/json, text/event-stream")
+        .json(&initialize)
+        .send()
+        .await
+        .expect("daemon answers");
+    (response.status().as_u16(), response.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn a_task_token_opens_mcp_until_it_expires_and_a_lapsed_parent_creates_nothing() {
+    let app = app(Backend::Redis).await;
+    let agent = app.create_agent("mcp-tasker", 5_000_000, None).await;
+    let (_, created) = task_token(&app, &agent, json!({"task": "mcp-task", "ttl_secs": 30})).await;
+    let token = created["token"].as_str().expect("token").to_owned();
+    let (status, body) = mcp_initialize(&app, &token).await;
+    assert_eq!(status, 200, "{body}");
+
+    // An agent that expired (by the ledger's clock) creates no sub-agent and mints no token.
+    let (status, body) =
+        app.admin(Method::PUT, &format!("/v1/agents/{}/expiry", agent.id), Some(json!({"ttl_secs": 10}))).await;
+    assert_eq!(status, 200, "{body}");
+    app.clock.advance_ms(31_000);
+    let (status, body) = mcp_initialize(&app, &token).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("token_expired"), "{body}");
+    let log_before = app.log().await.len();
+    let (status, body) = spawn_child(&app, &agent, json!({"handle": "too-late", "cap_micros": 1})).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("agent_expired")), "{body}");
+    let (status, body) = task_token(&app, &agent, json!({"task": "again", "ttl_secs": 30})).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("agent_expired")), "{body}");
+    assert_eq!(app.log().await.len(), log_before);
+}
