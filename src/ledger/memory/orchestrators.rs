@@ -208,15 +208,34 @@ impl MemoryLedger {
         if by.0.tree() != agent.tree() {
             return Err(LedgerError::NotDescendant);
         }
+        if reason.is_empty()
+            || reason.len() > 64
+            || !reason.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
         {
-            let state = self.lock();
-            let tree = state.trees.get(agent.tree()).ok_or(LedgerError::UnknownAgent)?;
-            let target = tree.agents.get(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
-            tree.live_ancestor(by.0, by.1, now_ms, Some((agent, &target.path)))?;
+            return Err(LedgerError::InvalidArgument("reason must be 1 to 64 characters of [A-Za-z0-9_.-]".into()));
         }
-        // Between the check and the revoke nothing can make the caller less of an ancestor; a
-        // revocation of the caller in between only makes this revoke redundant, never wrong.
-        self.revoke(now_ms, agent, reason).await
+        // The check and the revocation under one lock, as in one FCALL.
+        self.with_tree(agent.tree(), |tree| {
+            let path = tree.agents.get(agent.as_str()).ok_or(LedgerError::UnknownAgent)?.path.clone();
+            tree.live_ancestor(by.0, by.1, now_ms, Some((agent, &path)))?;
+            let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            if let Some(at) = a.record.revoked_at_ms.filter(|_| a.record.revoked.is_some()) {
+                return Ok((at, true));
+            }
+            a.record.revoked = Some(reason.to_owned());
+            a.record.revoked_at_ms = Some(now_ms);
+            tree.log(
+                agent.tree(),
+                LogEntry {
+                    ts_ms: now_ms,
+                    event: "revoke".into(),
+                    agent: agent.to_string(),
+                    reason: reason.into(),
+                    ..LogEntry::default()
+                },
+            );
+            Ok((now_ms, false))
+        })
     }
 
     pub async fn create_task_token(
