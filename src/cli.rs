@@ -257,6 +257,19 @@ pub enum AgentCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Issue a short-lived token for one task (prints it once): its payments are that task's,
+    /// and it stops working after --ttl (or when revoked, or when its agent is).
+    Token {
+        agent: String,
+        /// The task the token's payments are attributed to.
+        #[arg(long)]
+        task: String,
+        /// Lifetime: seconds, or with a unit: 90s, 15m, 1h, 2d (at most 30d).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Issue a new token; the old one stops working at once.
     RotateToken {
         agent: String,
@@ -570,6 +583,23 @@ pub enum ReceiptCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A lifetime in seconds from `90`, `90s`, `15m`, `1h` or `2d`.
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: use seconds, or a number with s, m, h or d (e.g. 1h)")),
+    };
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a lifetime like 1h"))?;
+    number.checked_mul(scale).filter(|s| *s > 0).ok_or_else(|| format!("{text:?} is not a positive lifetime"))
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -975,6 +1005,26 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                     r["reason"].as_str().unwrap_or(""),
                     when(&r["revoked_at_ms"]),
                     if r["already_revoked"].as_bool().unwrap_or(false) { " (it already was)" } else { "" }
+                )
+            });
+            Ok(())
+        }
+        Command::Agent(AgentCommand::Token { agent, task, ttl, client }) => {
+            let api = Client::new(&client)?;
+            let created = api
+                .json(
+                    Method::POST,
+                    &format!("/v1/agents/{}/tokens", path_segment(&agent)),
+                    Some(serde_json::json!({ "task": task, "ttl_secs": ttl })),
+                )
+                .await?;
+            print(client.json, &created, |r| {
+                format!(
+                    "task token {} for task {} (shown once; expires {}):\nexport SPENDCAP_AGENT_TOKEN={}\n",
+                    r["token_id"].as_str().unwrap_or(""),
+                    r["task"].as_str().unwrap_or(""),
+                    r["expires_at_ms"].as_u64().map(crate::human::time).unwrap_or_default(),
+                    r["token"].as_str().unwrap_or("")
                 )
             });
             Ok(())

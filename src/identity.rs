@@ -134,6 +134,11 @@ impl TokenHash {
         &self.0
     }
 
+    /// A hash as its hex text (one read back from where it was stored).
+    pub fn of_hex(hex: &str) -> TokenHash {
+        TokenHash(hex.to_owned())
+    }
+
     /// Constant-time comparison of two hashes.
     pub fn matches(&self, other: &TokenHash) -> bool {
         self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
@@ -146,24 +151,51 @@ impl fmt::Debug for TokenHash {
     }
 }
 
-/// An agent's bearer token: `sct_<agent id>_<256 random bits as 64 hex>`. Shown once, at
-/// creation or rotation; `Debug` redacts it.
+/// An agent's bearer token: `sct_<agent id>_<256 random bits as 64 hex>`, or a task-scoped one
+/// `sct_<agent id>_t<token id: 16 hex>_<64 hex>` (short-lived, for one task; see
+/// `api/orchestrators.rs`). Shown once, at creation or rotation; `Debug` redacts it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AgentToken {
     secret: String,
     agent: AgentId,
+    task_token: Option<String>,
 }
 
 impl AgentToken {
     pub fn generate(agent: &AgentId) -> AgentToken {
-        AgentToken { secret: format!("sct_{}_{}", agent, secret_hex(32)), agent: agent.clone() }
+        AgentToken { secret: format!("sct_{}_{}", agent, secret_hex(32)), agent: agent.clone(), task_token: None }
+    }
+
+    /// A new task-scoped token of `agent`, with a fresh token id.
+    pub fn generate_task(agent: &AgentId) -> AgentToken {
+        let id = random_hex(8);
+        AgentToken {
+            secret: format!("sct_{}_t{}_{}", agent, id, secret_hex(32)),
+            agent: agent.clone(),
+            task_token: Some(id),
+        }
     }
 
     pub fn agent(&self) -> &AgentId {
         &self.agent
     }
 
+    /// The id of a task-scoped token (16 hex), `None` for the agent's own token.
+    pub fn task_token_id(&self) -> Option<&str> {
+        self.task_token.as_deref()
+    }
+
+    /// What the ledger compares: the token's SHA-256, and for a task token `t<id>:<sha256>`,
+    /// which the ledger looks up by id (see `check_token` in `spendcap.lua`).
     pub fn hash(&self) -> TokenHash {
+        match &self.task_token {
+            None => TokenHash::of(&self.secret),
+            Some(id) => TokenHash(format!("t{id}:{}", TokenHash::of(&self.secret).0)),
+        }
+    }
+
+    /// The plain SHA-256 of the token, as stored (for a task token, in its own record).
+    pub fn secret_hash(&self) -> TokenHash {
         TokenHash::of(&self.secret)
     }
 
@@ -182,8 +214,14 @@ impl FromStr for AgentToken {
         if !is_lower_hex(secret, 64) {
             return Err(malformed());
         }
+        let (agent, task_token) = match agent.rsplit_once('_') {
+            Some((agent, id)) if id.len() == 17 && id.starts_with('t') && is_lower_hex(&id[1..], 16) => {
+                (agent, Some(id[1..].to_owned()))
+            }
+            _ => (agent, None),
+        };
         let agent = agent.parse().map_err(|_| malformed())?;
-        Ok(AgentToken { secret: text.to_owned(), agent })
+        Ok(AgentToken { secret: text.to_owned(), agent, task_token })
     }
 }
 
@@ -263,6 +301,20 @@ mod tests {
         assert!(!format!("{admin:?}").contains(admin.reveal()));
         assert!(AdminToken::new("short".into()).is_err());
     }
+
+    #[test]
+    fn task_tokens_name_their_agent_and_id_and_hash_apart() {
+        let agent = AgentId::generate(&TreeId::generate());
+        let token = AgentToken::generate_task(&agent);
+        let parsed: AgentToken = token.reveal().parse().expect("task token parses");
+        assert_eq!(parsed.agent(), &agent);
+        let id = parsed.task_token_id().expect("a task token has an id").to_owned();
+        assert_eq!(id.len(), 16);
+        assert_eq!(parsed.hash().as_str(), format!("t{id}:{}", token.secret_hash().as_str()));
+        assert!(AgentToken::generate(&agent).task_token_id().is_none());
+        let bad = token.reveal().replacen("_t", "_x", 1);
+        assert!(bad.parse::<AgentToken>().is_err(), "a mangled task token must not parse");
+    }
 }
 
 /// An agent, as its bearer token names it: the plain caller identity every face hands the core.
@@ -275,6 +327,11 @@ pub struct AgentAuth {
 }
 
 impl AgentAuth {
+    /// Whether the caller used a task-scoped token (which can pay, but manage nothing).
+    pub fn is_task_token(&self) -> bool {
+        self.token_hash.as_str().starts_with('t')
+    }
+
     pub fn caller(&self) -> crate::ledger::Caller {
         crate::ledger::Caller::Agent(self.token_hash.clone())
     }

@@ -228,6 +228,17 @@ impl From<LedgerError> for Failure {
             }
             LedgerError::Corrupt(_) => return Failure::internal(err),
             LedgerError::ClockSkew { .. } => Kind::Unavailable,
+            LedgerError::SubAgentExceedsParent { bound, .. } => {
+                let bound = bound.clone();
+                return Failure::new(Kind::Forbidden, err.code(), err.to_string())
+                    .with_extra(json!({ "bound": bound }));
+            }
+            LedgerError::TooManySubAgents | LedgerError::TaskTokenNotAllowed | LedgerError::CallerNotLive { .. } => {
+                Kind::Forbidden
+            }
+            LedgerError::NotDescendant | LedgerError::UnknownToken => Kind::NotFound,
+            LedgerError::TokenExpired | LedgerError::TokenRevoked => Kind::Unauthenticated,
+            LedgerError::TokenExists => Kind::Conflict,
         };
         Failure::new(kind, err.code(), err.to_string())
     }

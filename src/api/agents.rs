@@ -203,7 +203,7 @@ fn valid_handle(handle: &str) -> bool {
 const ID_PREFIXES: [&str; 3] = ["ag_", "hd_", "sct_"];
 
 /// Whether a new agent may take this handle: the handle syntax, and nothing an id could be.
-fn new_handle_allowed(handle: &str) -> bool {
+pub(crate) fn new_handle_allowed(handle: &str) -> bool {
     valid_handle(handle)
         && !ID_PREFIXES.iter().any(|prefix| handle.starts_with(prefix))
         && handle.parse::<AgentId>().is_err()
@@ -221,7 +221,7 @@ pub async fn resolve(state: &SharedState, text: &str) -> Result<AgentId, ApiErro
     Ok(state.ledger.agent_by_handle(text).await?)
 }
 
-fn cap_from(number: &serde_json::Number) -> Result<Micros, ApiError> {
+pub(crate) fn cap_from(number: &serde_json::Number) -> Result<Micros, ApiError> {
     Micros::from_json_number(number)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string()))
 }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod holds;
 pub mod log;
 pub mod openapi;
+pub mod orchestrators;
 pub mod reports;
 pub mod status;
 pub mod unknown;
@@ -41,6 +42,7 @@ pub fn router(state: SharedState) -> Router {
         .merge(budget::router())
         .merge(log::router())
         .merge(reports::router())
+        .merge(orchestrators::router())
         .merge(dashboard::router())
         .merge(crate::protocols::router())
         .method_not_allowed_fallback(method_not_allowed)

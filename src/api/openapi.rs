@@ -12,7 +12,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agents, budget, controls, holds, log, reports, unknown};
+use super::{agents, budget, controls, holds, log, orchestrators, reports, unknown};
 
 struct BearerSchemes;
 
@@ -21,7 +21,12 @@ impl Modify for BearerSchemes {
         let components = openapi.components.get_or_insert_with(Default::default);
         for (name, description) in [
             ("admin", "The admin token (`SPENDCAP_ADMIN_TOKEN`)."),
-            ("agent", "An agent's own token (`sct_…`), shown once when the agent is created or its token rotated."),
+            (
+                "agent",
+                "An agent's own token (`sct_…`), shown once when the agent is created or its token rotated; \
+                       or a task-scoped token of the agent (`sct_<agent>_t<id>_…`), which pays for its task \
+                       until it expires or is revoked, and manages nothing.",
+            ),
         ] {
             components.add_security_scheme(
                 name,
@@ -49,6 +54,9 @@ impl Modify for BearerSchemes {
         budget::budget,
         log::export_log, log::spend, log::export_receipts, log::receipt_key,
         reports::record_outcome, reports::reports,
+        orchestrators::create_sub_agent, orchestrators::list_sub_agents, orchestrators::revoke_sub_agent,
+        orchestrators::create_my_token, orchestrators::list_my_tokens, orchestrators::revoke_my_token,
+        orchestrators::create_agent_token, orchestrators::list_agent_tokens, orchestrators::revoke_agent_token,
         routes::mcp,
         crate::protocols::x402::routes::fetch, routes::x402_proxy,
         routes::acp_checkout, routes::acp_cancel,

@@ -19,6 +19,8 @@ use super::{
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
+mod orchestrators;
+
 const EXPIRE_BATCH: usize = 32;
 const EXPIRE_MAX: usize = 1024;
 
@@ -144,6 +146,11 @@ struct Tree {
     /// Per agent: the periods it has counters for, by (start, period).
     periods: HashMap<String, BTreeSet<(u64, Period)>>,
     group: Option<AlertGroup>,
+    /// Task-scoped tokens by id (`<P>:tt:<id>`), and each agent's (`<P>:tts:<agent>`).
+    task_tokens: BTreeMap<String, orchestrators::TaskTokenRec>,
+    agent_task_tokens: HashMap<String, BTreeSet<String>>,
+    /// The sub-agents each agent created itself (`<P>:sub:<agent>`).
+    sub_agents: HashMap<String, BTreeSet<String>>,
 }
 
 #[derive(Default)]
@@ -242,14 +249,25 @@ impl Tree {
         due.len()
     }
 
+    /// Authenticates a caller for the end of a hold it has (a task token that expired or was
+    /// revoked since still ends its holds, as `auth_ending` in the Lua library).
     fn auth(&self, agent: &AgentId, caller: &Caller) -> Result<Vec<AgentId>, LedgerError> {
         let a = self.agents.get(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
-        if let Caller::Agent(hash) = caller {
-            if !a.token.matches(hash) {
-                return Err(LedgerError::Unauthorized);
-            }
-        }
+        self.check_token(agent, &a.token, caller, None)?;
         Ok(a.path.clone())
+    }
+
+    /// Authenticates a caller for anything else: a task token must be live (`auth` with `now` in
+    /// the Lua library). Returns the path and the task a task token is for.
+    fn auth_live(
+        &self,
+        agent: &AgentId,
+        caller: &Caller,
+        now: u64,
+    ) -> Result<(Vec<AgentId>, Option<String>), LedgerError> {
+        let a = self.agents.get(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+        let task = self.check_token(agent, &a.token, caller, Some(now))?;
+        Ok((a.path.clone(), task))
     }
 
     /// Decides a hold on the current balances: a refusal (and who refused), the room left, and
@@ -485,6 +503,20 @@ impl MemoryLedger {
             ));
         }
         let mut state = self.lock();
+        insert_agent(&mut state, now_ms, new, setup, "")
+    }
+}
+
+/// Creates an agent in `state` (the part of `create_agent_with` after its argument checks);
+/// `reason` goes on the `create` log entry (`sub_agent` for one an agent created).
+fn insert_agent(
+    state: &mut State,
+    now_ms: u64,
+    new: &NewAgent,
+    setup: &AgentSetup,
+    reason: &str,
+) -> Result<(), LedgerError> {
+    {
         if state.handles.contains_key(&new.handle) {
             return Err(LedgerError::HandleTaken);
         }
@@ -547,13 +579,16 @@ impl MemoryLedger {
                 parent: new.parent.as_ref().map(AgentId::to_string).unwrap_or_default(),
                 task: setup.task_of.clone().unwrap_or_default(),
                 detail: labels,
+                reason: reason.into(),
                 ..LogEntry::default()
             },
         );
         state.handles.insert(new.handle.clone(), new.id.clone());
         Ok(())
     }
+}
 
+impl MemoryLedger {
     fn with_tree<T>(
         &self,
         tree: &TreeId,
@@ -833,7 +868,7 @@ impl MemoryLedger {
     pub async fn balance(&self, now_ms: u64, agent: &AgentId, caller: &Caller) -> Result<Balance, LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
-            let path = tree.auth(agent, caller)?;
+            let (path, _) = tree.auth_live(agent, caller, now_ms)?;
             tree.expire_due(tree_id, now_ms, EXPIRE_MAX);
             let (available, limited_by) = tree.available(&path);
             let r = &tree.agents.get(agent.as_str()).ok_or(LedgerError::UnknownAgent)?.record;
@@ -893,7 +928,16 @@ impl MemoryLedger {
         let tree_id = request.agent.tree();
         let expires_at = request.expires.at(now_ms);
         self.with_tree(tree_id, |tree| {
-            let path = tree.auth(&request.agent, &request.caller)?;
+            let (path, forced_task) = tree.auth_live(&request.agent, &request.caller, now_ms)?;
+            // A task-scoped token's payments are that task's, whatever label the request names.
+            let forced_request;
+            let request = match forced_task {
+                Some(task) => {
+                    forced_request = HoldRequest { task, ..request.clone() };
+                    &forced_request
+                }
+                None => request,
+            };
             let idem_key = request.idempotency.as_ref().map(|i| (request.agent.to_string(), i.key.clone()));
             if let (Some(key), Some(idem)) = (&idem_key, &request.idempotency) {
                 if let Some(record) = tree.idempotency.get_mut(key).filter(|r| r.kept_until_ms > now_ms) {
@@ -1474,7 +1518,8 @@ impl MemoryLedger {
     ) -> Result<Option<Refusal>, LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
-            let path = tree.auth(agent, caller)?;
+            let (path, forced_task) = tree.auth_live(agent, caller, now_ms)?;
+            let task = forced_task.as_deref().unwrap_or(task);
             let Some((reason, by)) = tree.gate(&path, protocol, service, "", now_ms) else { return Ok(None) };
             tree.log(
                 tree_id,
@@ -1513,7 +1558,7 @@ impl MemoryLedger {
     ) -> Result<(), LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
-            tree.auth(agent, caller)?;
+            tree.auth_live(agent, caller, now_ms)?;
             let h = tree.holds.get(hold.as_str()).filter(|h| &h.agent == agent).ok_or(LedgerError::UnknownHold)?;
             let entry = LogEntry {
                 ts_ms: now_ms,
@@ -1544,7 +1589,7 @@ impl MemoryLedger {
     ) -> Result<(), LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
-            tree.auth(agent, caller)?;
+            tree.auth_live(agent, caller, now_ms)?;
             if task.is_empty() || task.len() > 128 || task_type.is_empty() || task_type.len() > 64 {
                 return Err(LedgerError::InvalidArgument("task is 1 to 128 bytes and task type 1 to 64 bytes".into()));
             }

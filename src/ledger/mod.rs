@@ -391,6 +391,19 @@ pub struct AgentSetup {
     pub task_of: Option<String>,
 }
 
+/// A task-scoped token as stored (never the token itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskTokenInfo {
+    pub id: String,
+    pub agent: AgentId,
+    pub task: String,
+    pub expires_at_ms: u64,
+    pub created_at_ms: u64,
+    /// The agent that made it (`None`: the admin).
+    pub by: Option<String>,
+    pub revoked_at_ms: Option<u64>,
+}
+
 /// An agent's controls as stored.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AgentControls {
@@ -537,6 +550,29 @@ pub enum LedgerError {
         "this instance's clock is {offset_ms} ms off the ledger's (at most {max_ms} ms allowed); nothing was paid"
     )]
     ClockSkew { offset_ms: i64, max_ms: u64 },
+    /// A sub-agent an agent asked for would be looser than the agent itself (`bound` names which:
+    /// `cap`, `expires_at`, a limit or a list). Nothing was created.
+    #[error("the sub-agent would exceed its parent ({bound}): {detail}")]
+    SubAgentExceedsParent { bound: String, detail: String },
+    #[error("an agent creates at most 1000 sub-agents")]
+    TooManySubAgents,
+    #[error("a task token can pay, but not manage agents or tokens; use the agent's own token")]
+    TaskTokenNotAllowed,
+    /// The agent named is not a descendant of the calling agent (or does not exist).
+    #[error("no such agent under the calling agent")]
+    NotDescendant,
+    /// The calling agent (or an ancestor, `by`) is revoked, suspended or expired: it manages
+    /// nothing. Nothing changed.
+    #[error("the calling agent cannot do this while {by} is {}", reason.code().trim_start_matches("agent_"))]
+    CallerNotLive { reason: RefusalReason, by: String },
+    #[error("this task token has expired")]
+    TokenExpired,
+    #[error("this task token was revoked")]
+    TokenRevoked,
+    #[error("no such task token")]
+    UnknownToken,
+    #[error("a task token with this id exists")]
+    TokenExists,
 }
 
 impl LedgerError {
@@ -564,6 +600,15 @@ impl LedgerError {
             LedgerError::OutcomeUnknown { .. } => "ledger_outcome_unknown",
             LedgerError::Corrupt(_) => "ledger_corrupt",
             LedgerError::ClockSkew { .. } => "clock_skew",
+            LedgerError::SubAgentExceedsParent { .. } => "sub_agent_exceeds_parent",
+            LedgerError::TooManySubAgents => "too_many_sub_agents",
+            LedgerError::TaskTokenNotAllowed => "task_token_not_allowed",
+            LedgerError::NotDescendant => "unknown_agent",
+            LedgerError::CallerNotLive { reason, .. } => reason.code(),
+            LedgerError::TokenExpired => "token_expired",
+            LedgerError::TokenRevoked => "token_revoked",
+            LedgerError::UnknownToken => "unknown_token",
+            LedgerError::TokenExists => "token_exists",
         }
     }
 
@@ -589,6 +634,21 @@ impl LedgerError {
             "invalid_argument" | "hold_exists" => LedgerError::InvalidArgument(detail.to_owned()),
             "unknown_bucket" => LedgerError::UnknownBucket,
             "bucket_exists" => LedgerError::BucketExists,
+            "sub_agent_exceeds_parent" => {
+                let (bound, detail) = detail.split_once(": ").unwrap_or(("cap", detail));
+                LedgerError::SubAgentExceedsParent { bound: bound.to_owned(), detail: detail.to_owned() }
+            }
+            "too_many_sub_agents" => LedgerError::TooManySubAgents,
+            "task_token_not_allowed" => LedgerError::TaskTokenNotAllowed,
+            "not_descendant" => LedgerError::NotDescendant,
+            "agent_revoked" | "agent_suspended" | "agent_expired" => LedgerError::CallerNotLive {
+                reason: RefusalReason::from_code(code).unwrap_or(RefusalReason::AgentRevoked),
+                by: detail.to_owned(),
+            },
+            "token_expired" => LedgerError::TokenExpired,
+            "token_revoked" => LedgerError::TokenRevoked,
+            "unknown_token" => LedgerError::UnknownToken,
+            "token_exists" => LedgerError::TokenExists,
             other => LedgerError::Corrupt(format!("unknown error code {other}: {detail}")),
         }
     }
@@ -649,6 +709,62 @@ impl Ledger {
 
     pub async fn set_cap(&self, now_ms: u64, agent: &AgentId, cap: Micros) -> Result<Micros, LedgerError> {
         dispatch!(self.set_cap(now_ms, agent, cap))
+    }
+
+    /// An agent (`agent.parent`, authenticated by `caller`) creates a sub-agent under itself,
+    /// funded from what it has; refused unless the sub-agent is at most as loose as the caller
+    /// (see `spendcap_create_sub_agent`). One atomic step (plus the handle reservation).
+    pub async fn create_sub_agent(
+        &self,
+        now_ms: u64,
+        caller: &Caller,
+        agent: &NewAgent,
+        setup: &AgentSetup,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.create_sub_agent(now_ms, caller, agent, setup))
+    }
+
+    /// Revokes `agent` on behalf of `by`, which must be one of its ancestors (else `NotDescendant`).
+    pub async fn revoke_by(
+        &self,
+        now_ms: u64,
+        by: (&AgentId, &Caller),
+        agent: &AgentId,
+        reason: &str,
+    ) -> Result<(u64, bool), LedgerError> {
+        dispatch!(self.revoke_by(now_ms, by, agent, reason))
+    }
+
+    /// Stores a task-scoped token of `agent` (by the admin: `by` is `None`; or by the agent
+    /// itself or an ancestor). Returns its expiry (ms, the ledger's clock).
+    pub async fn create_task_token(
+        &self,
+        now_ms: u64,
+        by: Option<(&AgentId, &Caller)>,
+        agent: &AgentId,
+        token: &crate::identity::AgentToken,
+        task: &str,
+        ttl_ms: u64,
+    ) -> Result<u64, LedgerError> {
+        dispatch!(self.create_task_token(now_ms, by, agent, token, task, ttl_ms))
+    }
+
+    /// Revokes a task token (of `agent` when given; by the admin or an ancestor-or-self `by`).
+    /// Returns whether it was revoked already.
+    pub async fn revoke_task_token(
+        &self,
+        now_ms: u64,
+        by: Option<(&AgentId, &Caller)>,
+        tree: &TreeId,
+        token_id: &str,
+        agent: Option<&AgentId>,
+    ) -> Result<bool, LedgerError> {
+        dispatch!(self.revoke_task_token(now_ms, by, tree, token_id, agent))
+    }
+
+    /// The task tokens of one agent, as stored (a read, not a decision).
+    pub async fn task_tokens(&self, agent: &AgentId) -> Result<Vec<TaskTokenInfo>, LedgerError> {
+        dispatch!(self.task_tokens(agent))
     }
 
     /// Replaces the agent's spending controls and alert thresholds (a `controls` log entry).
@@ -1348,5 +1464,25 @@ fn receipt_from_hold(
         details: get("sdetails").unwrap_or_default(),
         hold_details: get("details").unwrap_or_default(),
         signed: get("receipt").filter(|s| !s.is_empty()),
+    })
+}
+
+/// Builds a task token's record from the fields of its hash (Redis) or map (memory).
+fn task_token_from_fields(
+    id: String,
+    agent: &AgentId,
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<TaskTokenInfo, LedgerError> {
+    let num = |key: &str| -> Result<u64, LedgerError> {
+        get(key).unwrap_or_default().parse().map_err(|_| LedgerError::Corrupt(format!("task token {id} field {key}")))
+    };
+    Ok(TaskTokenInfo {
+        agent: agent.clone(),
+        task: get("task").unwrap_or_default(),
+        expires_at_ms: num("expires_at")?,
+        created_at_ms: num("created_at")?,
+        by: get("by").filter(|b| !b.is_empty()),
+        revoked_at_ms: get("revoked").and_then(|r| r.parse().ok()),
+        id,
     })
 }

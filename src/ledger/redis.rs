@@ -20,6 +20,8 @@ use super::{
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
+mod orchestrators;
+
 /// The Lua source of the Redis Functions library, loaded with `FUNCTION LOAD REPLACE`.
 pub const LIBRARY: &str = include_str!("spendcap.lua");
 

@@ -35,6 +35,10 @@ from it:
   <P>:t:<agent>:<hex of task>        hash  per-task counter: task spent held alerted
   <P>:vh:<agent>       list   breaker: times of the agent's latest holds, newest first
   <P>:vs:<agent>       list   breaker: `<ms>:<amount>` of its holds within the spend window
+  <P>:sub:<agent>      set    the sub-agents the agent created itself (spendcap_create_sub_agent)
+  <P>:tt:<id>          hash   task token: agent hash task expires_at created_at by (agent id, '' for
+                              the admin), once revoked revoked; kept a week past its expiry
+  <P>:tts:<agent>      set    the agent's task token ids
 
 Spending controls. `ctl` is a JSON object, every key optional (money in micro-USD, windows in
 ms): task (per-task cap), per_payment daily weekly monthly all_time (limits; each not above the
@@ -268,11 +272,34 @@ end
 -- Authenticates a caller: `token` is the SHA-256 (hex) of the agent's bearer token, or `*` for a
 -- caller the daemon has already authenticated as admin. Comparing hashes of 256-bit random
 -- tokens leaks nothing useful through timing.
-local function auth(P, agent_id, token)
+-- Checks a caller's `token` against the agent's stored token hash `stored`. `token` is `*`
+-- (admin), the SHA-256 of the agent's own token, or `t<id>:<sha256>` for a task-scoped token
+-- (see spendcap_create_task_token): that token must be the agent's and, when `now` is given
+-- (every call but the end of a hold the agent already has), neither revoked nor expired by the
+-- ledger's clock. Returns nil (ok) and the task the token is for (or nil), or an error reply.
+local function check_token(P, agent_id, stored, token, now)
+  if token == '*' then return nil end
+  if string.byte(token, 1) ~= 116 then -- not 't': an agent token's hash
+    if stored ~= token then return err('unauthorized', 'token does not match') end
+    return nil
+  end
+  local id, sha = string.match(token, '^t(%x+):(%x+)$')
+  if not id then return err('unauthorized', 'token does not match') end
+  local t = redis.call('HMGET', P .. ':tt:' .. id, 'agent', 'hash', 'task', 'expires_at', 'revoked')
+  if t[1] ~= agent_id or t[2] ~= sha then return err('unauthorized', 'token does not match') end
+  if now then
+    if t[5] and t[5] ~= '' then return err('token_revoked', 'this task token was revoked') end
+    if tonumber(t[4]) <= now then return err('token_expired', 'this task token has expired') end
+  end
+  return nil, t[3]
+end
+
+local function auth(P, agent_id, token, now)
   local a = redis.call('HMGET', P .. ':a:' .. agent_id, 'token', 'path')
   if not a[1] then return nil, err('unknown_agent', 'no agent ' .. agent_id) end
-  if token ~= '*' and a[1] ~= token then return nil, err('unauthorized', 'token does not match') end
-  return a[2]
+  local e, task = check_token(P, agent_id, a[1], token, now)
+  if e then return nil, e end
+  return a[2], nil, task
 end
 
 -- auth for a call that ends one of the agent's holds: also returns the agent's own `held` and
@@ -280,7 +307,8 @@ end
 local function auth_ending(P, agent_id, token)
   local a = redis.call('HMGET', P .. ':a:' .. agent_id, 'token', 'path', 'held', 'spent')
   if not a[1] then return nil, err('unknown_agent', 'no agent ' .. agent_id) end
-  if token ~= '*' and a[1] ~= token then return nil, err('unauthorized', 'token does not match') end
+  local e = check_token(P, agent_id, a[1], token, nil)
+  if e then return nil, e end
   local path = a[2]
   a[1], a[2] = tonumber(a[3] or '0'), tonumber(a[4] or '0')
   return path, nil, a
@@ -472,18 +500,26 @@ end
 -- read_path), in spendcap_hold's order: revoked, suspended, expired, then the protocol and
 -- service lists. Decodes each level's controls into `l.c`. Returns a refusal code and who
 -- refused (or nil and ''), and whether any level has controls.
-local function gate(levels, now, protocol, service, details)
+-- The first checks of `gate`: revoked, suspended, expired, anywhere on the path (nearest first
+-- within each). Returns a refusal code and who refused, or nil.
+local function standing_refusal(levels, now)
   for _, l in ipairs(levels) do
-    if l.revoked and l.revoked ~= '' then return 'agent_revoked', l.id, false end
+    if l.revoked and l.revoked ~= '' then return 'agent_revoked', l.id end
   end
   for _, l in ipairs(levels) do
-    if l.suspended and l.suspended ~= '' then return 'agent_suspended', l.id, false end
+    if l.suspended and l.suspended ~= '' then return 'agent_suspended', l.id end
   end
   for _, l in ipairs(levels) do
     if l.expires_at and l.expires_at ~= '' and tonumber(l.expires_at) <= now then
-      return 'agent_expired', l.id, false
+      return 'agent_expired', l.id
     end
   end
+  return nil, ''
+end
+
+local function gate(levels, now, protocol, service, details)
+  local standing, standing_by = standing_refusal(levels, now)
+  if standing then return standing, standing_by, false end
   local controlled = false
   for _, l in ipairs(levels) do
     if l.ctl and l.ctl ~= '' then
@@ -571,7 +607,10 @@ local function hold(keys, args)
   local akey = P .. ':a:' .. agent_id
   local a = redis.call('HMGET', akey, 'token', 'path', 'rsig', 'rcount', unpack(LEVEL_FIELDS))
   if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
-  if token ~= '*' and a[1] ~= token then return err('unauthorized', 'token does not match') end
+  local e_token, forced_task = check_token(P, agent_id, a[1], token, now)
+  if e_token then return e_token end
+  -- A task-scoped token's payments are that task's, whatever label the request names.
+  if forced_task then task = forced_task end
   local path, rsig, rcount = a[2], a[3], a[4]
   if hold_id == '' then
     hold_id = 'hd_' .. string.match(P, '{(.-)}') .. '_'
@@ -1104,12 +1143,12 @@ refused hold does (amount 0); a pass writes nothing. The hold stays the authorit
 local function precheck(keys, args)
   local P = keys[1]
   local now, agent_id = clock(args[1]), args[2]
-  local path, e = auth(P, agent_id, args[3])
+  local path, e, forced_task = auth(P, agent_id, args[3], now)
   if not path then return e end
   local details = args[6] or ''
   local code, by = gate(read_path(P, path), now, args[4], args[5], details)
   if not code then return { 'ok' } end
-  log(P, { 'ts', fmt(now), 'ev', 'refuse', 'agent', agent_id, 'task', args[7] or '', 'svc', args[5],
+  log(P, { 'ts', fmt(now), 'ev', 'refuse', 'agent', agent_id, 'task', forced_task or args[7] or '', 'svc', args[5],
            'proto', args[4], 'amt', '0', 'reason', code, 'remaining', '0', 'limited_by', by,
            'detail', details })
   return { 'refused', 'code', code, 'amount', '0', 'remaining', '0', 'limited_by', by }
@@ -1125,7 +1164,7 @@ rejected a signed payment, say, and the hold stays until its expiry. Replay igno
 local function note(keys, args)
   local P = keys[1]
   local now, agent_id, hold_id = clock(args[1]), args[2], args[4]
-  local path, e = auth(P, agent_id, args[3])
+  local path, e = auth(P, agent_id, args[3], now)
   if not path then return e end
   local h = read_hold(P, hold_id)
   if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
@@ -1147,7 +1186,7 @@ Replay ignores outcomes; a later outcome of the same task supersedes an earlier 
 local TASK_OUTCOMES = { success = true, failed = true, abandoned = true }
 local function task_outcome(keys, args)
   local P = keys[1]
-  local path, e = auth(P, args[2], args[3])
+  local path, e = auth(P, args[2], args[3], clock(args[1]))
   if not path then return e end
   if not TASK_OUTCOMES[args[6]] then
     return err('invalid_argument', 'outcome must be success, failed or abandoned')
@@ -1266,7 +1305,7 @@ local function create_agent(keys, args)
   if task_of ~= '' then redis.call('HSET', akey, 'task_of', task_of) end
   redis.call('SADD', P .. ':agents', agent_id)
   local entry = { 'ts', fmt(now), 'ev', 'create', 'agent', agent_id, 'cap', fmt(cap), 'parent', parent,
-                  'detail', args[7] }
+                  'detail', args[7], 'reason', args[12] or '' }
   if task_of ~= '' then
     entry[#entry + 1] = 'task'
     entry[#entry + 1] = task_of
@@ -1375,6 +1414,9 @@ local function set_cap(keys, args)
   return { 'ok', 'previous', a[1] }
 end
 
+-- Defined with the orchestrator functions below; spendcap_revoke uses it for an agent caller.
+local live_ancestor
+
 --[[ spendcap_revoke — callable by orchestration scripts straight from redis-cli:
   redis-cli FCALL spendcap_revoke 1 '<ns>:{<tree>}' <agent_id> <reason_code>
 KEYS[1] tree prefix
@@ -1391,8 +1433,14 @@ local function revoke(keys, args)
   end
   local now = clock(args[3])
   local akey = P .. ':a:' .. agent_id
-  local a = redis.call('HMGET', akey, 'cap', 'revoked', 'revoked_at')
+  local a = redis.call('HMGET', akey, 'cap', 'revoked', 'revoked_at', 'path')
   if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
+  -- An agent revoking one of its descendants (POST /v1/me/agents/{agent}/revoke).
+  local by = args[4] or ''
+  if by ~= '' then
+    local e = live_ancestor(P, by, args[5] or '', now, a[4], agent_id)
+    if e then return e end
+  end
   if a[2] ~= '' then return { 'ok', 'revoked_at', a[3], 'already', '1' } end
   redis.call('HSET', akey, 'revoked', reason, 'revoked_at', fmt(now))
   log(P, { 'ts', fmt(now), 'ev', 'revoke', 'agent', agent_id, 'reason', reason })
@@ -1452,7 +1500,7 @@ Releases due holds first, so the figures never include money that has already co
 local function balance(keys, args)
   local P = keys[1]
   local now, agent_id = clock(args[1]), args[2]
-  local path, e = auth(P, agent_id, args[3])
+  local path, e = auth(P, agent_id, args[3], now)
   if not path then return e end
   expire_due(P, fmt(now), EXPIRE_MAX)
   local levels = read_path(P, path)
@@ -1523,6 +1571,251 @@ local function receipt_link(keys, args)
   return { 'ok', 'linked', fmt(linked) }
 end
 
+
+-- ---------------------------------------------------------------------------------------------
+-- Orchestrators: agents that fund sub-agents and mint task-scoped tokens (issue 18).
+
+local MAX_SUB_AGENTS = 1000
+local MAX_TASK_TOKEN_TTL_MS = 30 * DAY_MS
+local TOKEN_RETENTION_MS = 7 * DAY_MS
+
+-- Authenticates `caller` by its own token (a task token may not manage anything) and checks it
+-- is live (not revoked, suspended or expired, nor any ancestor). When `target_path` is given,
+-- the target (`target_id`) must be a descendant of the caller: anything else (the caller itself
+-- included) is `not_descendant`, as if it did not exist. Returns nil or an error
+-- reply, and the caller's levels.
+live_ancestor = function(P, caller, token, now, target_path, target_id)
+  local a = redis.call('HMGET', P .. ':a:' .. caller, 'token', 'path')
+  if not a[1] then return err('unknown_agent', 'no agent ' .. caller) end
+  if string.byte(token, 1) == 116 then
+    return err('task_token_not_allowed', 'a task token can pay, not manage agents or tokens')
+  end
+  if token ~= '*' and a[1] ~= token then return err('unauthorized', 'token does not match') end
+  if target_path then
+    local found = false
+    for _, id in ipairs(split_path(target_path)) do
+      if id == caller and id ~= target_id then found = true end
+    end
+    if not found then return err('not_descendant', 'no agent ' .. target_id .. ' under ' .. caller) end
+  end
+  local levels = read_path(P, a[2])
+  local code, by = standing_refusal(levels, now)
+  if code then return err(code, by) end
+  return nil, levels
+end
+
+-- Whether `id` is on `path` (an agent's path: itself, then its ancestors).
+local function on_path(path, id)
+  for _, p in ipairs(split_path(path)) do
+    if p == id then return true end
+  end
+  return false
+end
+
+-- The remaining room of a period limit of `c` on `agent` now (limit - spent - held this period).
+local function period_room(P, agent, c, kind, now)
+  local v = redis.call('HMGET', P .. ':p:' .. agent .. ':' .. kind .. ':' .. fmt(period_start(kind, now)),
+                       'spent', 'held')
+  local room = c[kind] - tonumber(v[1] or '0') - tonumber(v[2] or '0')
+  if room < 0 then room = 0 end
+  return room
+end
+
+--[[ spendcap_create_sub_agent
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 caller agent id  3 caller's token sha256 (its own token: a task token is
+        refused)  4 new agent id  5 handle  6 cap  7 expires_at ('' for none)  8 labels JSON
+        9 new token sha256  10 controls JSON ('')  11 alert thresholds ('')  12 task_of ('')
+Reply   ok: depth
+        error: code (unknown_agent | unauthorized | task_token_not_allowed | agent_revoked |
+               agent_suspended | agent_expired (detail: who) | sub_agent_exceeds_parent (detail
+               `<bound>: …`, bound one of cap expires_at per_payment daily weekly monthly
+               all_time task svc_allow svc_deny proto_allow proto_deny) | too_many_sub_agents |
+               and spendcap_create_agent's) detail
+An agent creates a sub-agent under itself, funded from what it has: the child's cap is at most
+the caller's available room (cap - spent - held over itself and every ancestor) less what the
+caller's other sub-agents created this way (live ones) can still spend; the child's stated
+controls are at most as loose as the caller's own (limits not above the caller's, period limits
+not above what is left of the caller's this period, allow-lists within the caller's, deny-lists
+containing the caller's; what it does not state it inherits, as every ancestor's controls apply
+to the whole subtree), and its expiry not after the caller's effective one. Decided on the
+current balances (due holds released first) in this one call, so concurrent creations never
+promise more than the caller has. A refused creation changes nothing and logs nothing; a
+created one logs one `create` entry (reason `sub_agent`).
+--]]
+local function create_sub_agent(keys, args)
+  local P = keys[1]
+  local now, caller = clock(args[1]), args[2]
+  local cap, e = parse_money(args[6], 'cap')
+  if not cap then return e end
+  local ctl = args[10] or ''
+  local cc = {}
+  if ctl ~= '' then
+    local parsed, e2 = parse_ctl(ctl)
+    if e2 then return e2 end
+    cc = parsed
+  end
+  local e3, levels = live_ancestor(P, caller, args[3], now)
+  if e3 then return e3 end
+  -- Balances decide: release due holds first (then read the levels again).
+  if expire_due(P, fmt(now), EXPIRE_MAX) > 0 then
+    levels = read_path(P, redis.call('HGET', P .. ':a:' .. caller, 'path'))
+  end
+  local room = available(levels)
+  local subs = redis.call('SMEMBERS', P .. ':sub:' .. caller)
+  if #subs >= MAX_SUB_AGENTS then
+    return err('too_many_sub_agents', 'an agent creates at most ' .. MAX_SUB_AGENTS .. ' sub-agents')
+  end
+  for _, id in ipairs(subs) do
+    local v = redis.call('HMGET', P .. ':a:' .. id, 'cap', 'spent', 'held', 'revoked', 'expires_at')
+    local dead = (v[4] and v[4] ~= '') or (v[5] and v[5] ~= '' and tonumber(v[5]) <= now)
+    if v[1] and not dead then
+      local unused = tonumber(v[1]) - tonumber(v[2]) - tonumber(v[3])
+      if unused > 0 then room = room - unused end
+    end
+  end
+  if room < 0 then room = 0 end
+  local function exceeds(bound, detail)
+    return err('sub_agent_exceeds_parent', bound .. ': ' .. detail)
+  end
+  if cap > room then
+    return exceeds('cap', 'the cap ' .. fmt(cap) .. ' is above what the parent has left to give, '
+                   .. fmt(room))
+  end
+  local latest = nil
+  for _, l in ipairs(levels) do
+    if l.expires_at and l.expires_at ~= '' then
+      local t = tonumber(l.expires_at)
+      if latest == nil or t < latest then latest = t end
+    end
+  end
+  if latest and args[7] ~= '' and tonumber(args[7]) > latest then
+    return exceeds('expires_at', 'the expiry is after the parent\'s, ' .. fmt(latest))
+  end
+  local mine = levels[1].ctl
+  if mine and mine ~= '' then
+    local c = cjson.decode(mine)
+    for _, k in ipairs({ 'per_payment', 'task' }) do
+      if cc[k] and c[k] and cc[k] > c[k] then
+        return exceeds(k, 'the ' .. k .. ' limit is above the parent\'s, ' .. fmt(c[k]))
+      end
+    end
+    for _, k in ipairs(COUNTED_PERIODS) do
+      if cc[k] and c[k] then
+        local left = period_room(P, caller, c, k, now)
+        if cc[k] > left then
+          return exceeds(k, 'the ' .. k .. ' limit is above what is left of the parent\'s, ' .. fmt(left))
+        end
+      end
+    end
+    for _, k in ipairs({ 'svc_allow', 'proto_allow' }) do
+      if c[k] and #c[k] > 0 and cc[k] and #cc[k] > 0 then
+        for _, name in ipairs(cc[k]) do
+          if not listed(c[k], { name }) then
+            return exceeds(k, name .. ' is not on the parent\'s ' .. k .. ' list')
+          end
+        end
+      end
+    end
+    for _, k in ipairs({ 'svc_deny', 'proto_deny' }) do
+      if c[k] and #c[k] > 0 and cc[k] and #cc[k] > 0 then
+        local have = {}
+        for _, name in ipairs(cc[k]) do have[name] = true end
+        for _, name in ipairs(c[k]) do
+          if not have[name] then
+            return exceeds(k, 'the list leaves out ' .. name .. ', on the parent\'s ' .. k .. ' list')
+          end
+        end
+      end
+    end
+  end
+  local created = create_agent(keys, { args[1], args[4], args[5], caller, args[6], args[7], args[8],
+                                       args[9], ctl, args[11] or '', args[12] or '', 'sub_agent' })
+  if created[1] == 'ok' then redis.call('SADD', P .. ':sub:' .. caller, args[4]) end
+  return created
+end
+
+--[[ spendcap_create_task_token
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 caller agent id ('' for the admin)  3 caller's token sha256 ('*' for the
+        admin)  4 the agent the token is for (the caller or a descendant)  5 token id (hex)
+        6 the token's sha256  7 task (1..128 bytes)  8 ttl ms (1000 .. 30 days)
+Reply   ok: expires_at
+        error: code (unknown_agent | unauthorized | task_token_not_allowed | not_descendant |
+               agent_revoked | agent_suspended | agent_expired | token_exists |
+               invalid_argument) detail
+A task-scoped token `<P>:tt:<id>` (hash: agent hash task expires_at created_at by, once revoked
+revoked; listed in the set `<P>:tts:<agent>`): check_token accepts `t<id>:<sha256>` for the
+agent until expires_at by the ledger's clock, and a hold made with it is that task's. Logs one
+`token` entry (reason `created`).
+--]]
+local function create_task_token(keys, args)
+  local P = keys[1]
+  local now, caller, target, id, task = clock(args[1]), args[2], args[4], args[5], args[7]
+  local ttl = tonumber(args[8])
+  if #task < 1 or #task > 128 then return err('invalid_argument', 'task is 1 to 128 bytes') end
+  if not is_int(ttl, 1000, MAX_TASK_TOKEN_TTL_MS) then
+    return err('invalid_argument', 'ttl must be from 1 s to 30 days')
+  end
+  if not string.match(id, '^%x+$') then return err('invalid_argument', 'token id is hex') end
+  if caller ~= '' then
+    local e = live_ancestor(P, caller, args[3], now)
+    if e then return e end
+  end
+  local t = redis.call('HMGET', P .. ':a:' .. target, 'path')
+  if not t[1] then
+    if caller ~= '' then return err('not_descendant', 'no agent ' .. target .. ' under ' .. caller) end
+    return err('unknown_agent', 'no agent ' .. target)
+  end
+  if caller ~= '' and not on_path(t[1], caller) then
+    return err('not_descendant', 'no agent ' .. target .. ' under ' .. caller)
+  end
+  local code, by = standing_refusal(read_path(P, t[1]), now)
+  if code then return err(code, by) end
+  local tkey = P .. ':tt:' .. id
+  if redis.call('EXISTS', tkey) == 1 then return err('token_exists', id) end
+  local expires_s = fmt(now + ttl)
+  redis.call('HSET', tkey, 'agent', target, 'hash', args[6], 'task', task, 'expires_at', expires_s,
+             'created_at', fmt(now), 'by', caller)
+  redis.call('PEXPIRE', tkey, ttl + TOKEN_RETENTION_MS)
+  redis.call('SADD', P .. ':tts:' .. target, id)
+  log(P, { 'ts', fmt(now), 'ev', 'token', 'agent', target, 'task', task, 'reason', 'created',
+           'detail', '{"token_id":' .. cjson.encode(id) .. ',"expires_at_ms":' .. expires_s
+                     .. ',"by":' .. cjson.encode(caller) .. '}' })
+  return { 'ok', 'expires_at', expires_s }
+end
+
+--[[ spendcap_revoke_task_token
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 caller agent id ('' for the admin)  3 caller's token sha256 ('*')  4 token id
+        5 the agent the token must be for ('' for any: the admin by token id)
+Reply   ok: already (1: it was revoked before; nothing changed)
+        error: code (unknown_token | unknown_agent | unauthorized | task_token_not_allowed |
+               agent_revoked | agent_suspended | agent_expired) detail
+Revokes a task token of the caller or of one of its descendants (anything else is
+`unknown_token`), at once: check_token reads `revoked`. Logs one `token` entry (reason
+`revoked`).
+--]]
+local function revoke_task_token(keys, args)
+  local P = keys[1]
+  local now, caller, id, want = clock(args[1]), args[2], args[4], args[5] or ''
+  if caller ~= '' then
+    local e = live_ancestor(P, caller, args[3], now)
+    if e then return e end
+  end
+  local tkey = P .. ':tt:' .. id
+  local t = redis.call('HMGET', tkey, 'agent', 'revoked', 'task')
+  if not t[1] or (want ~= '' and t[1] ~= want) then return err('unknown_token', 'no task token ' .. id) end
+  if caller ~= '' and not on_path(redis.call('HGET', P .. ':a:' .. t[1], 'path') or '', caller) then
+    return err('unknown_token', 'no task token ' .. id)
+  end
+  if t[2] and t[2] ~= '' then return { 'ok', 'already', '1' } end
+  redis.call('HSET', tkey, 'revoked', fmt(now))
+  log(P, { 'ts', fmt(now), 'ev', 'token', 'agent', t[1], 'task', t[3], 'reason', 'revoked',
+           'detail', '{"token_id":' .. cjson.encode(id) .. ',"by":' .. cjson.encode(caller) .. '}' })
+  return { 'ok', 'already', '0' }
+end
+
 redis.register_function('spendcap_hold', hold)
 redis.register_function('spendcap_idem_finish', idem_finish)
 redis.register_function('spendcap_settle', settle)
@@ -1544,3 +1837,6 @@ redis.register_function('spendcap_receipt_link', receipt_link)
 redis.register_function('spendcap_set_controls', set_controls)
 redis.register_function('spendcap_set_expiry', set_expiry)
 redis.register_function('spendcap_reinstate', reinstate)
+redis.register_function('spendcap_create_sub_agent', create_sub_agent)
+redis.register_function('spendcap_create_task_token', create_task_token)
+redis.register_function('spendcap_revoke_task_token', revoke_task_token)

@@ -190,6 +190,19 @@ async fn an_anthropic_call_authenticates_the_agent_by_x_api_key_and_prices_cache
     assert_eq!(balance(&app, &agent).await, (195, 0));
     let received = upstream.received_requests().await.expect("recorded");
     assert!(!format!("{:?}", received[0].headers).contains(&agent.token));
+
+    // A task token of the agent works as `x-api-key` too, until it expires (then nothing is sent:
+    // the mock expects exactly the one call above).
+    let (status, created) = app
+        .agent_call(&agent.token, reqwest::Method::POST, "/v1/me/tokens", Some(json!({"task": "chat", "ttl_secs": 5})))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let task_token = created["token"].as_str().expect("token").to_owned();
+    app.clock.advance_ms(6_000);
+    let response = post(&app, "/v1/apis/anthropic/v1/messages", ("x-api-key", &task_token), bytes(&request)).await;
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.json::<Value>().await.expect("json")["code"], "token_expired");
+    assert_eq!(balance(&app, &agent).await, (195, 0));
 }
 
 #[tokio::test]

@@ -24,6 +24,7 @@ mod ledger;
 mod mcp;
 mod metrics;
 mod openapi;
+mod orchestrators;
 mod readme;
 mod reports;
 mod revocation;

@@ -48,3 +48,22 @@ async def test_async_errors_are_the_same_types(daemon: Daemon) -> None:
             with pytest.raises(BudgetRefused) as refused:
                 await agent.hold("0.01", service="api.openai.com")
             assert refused.value.code == "agent_revoked"
+
+
+async def test_the_async_orchestrator_funds_and_revokes_a_sub_agent(daemon: Daemon) -> None:
+    async with (
+        AsyncSpendcap(daemon.admin_token, url=daemon.url) as admin,
+        admin.run(cap="0.10", handle=unique("async-lead")) as lead,
+    ):
+        helper = await lead.create_sub_agent(unique("async-helper"), "0.04")
+        assert [a.id for a in await lead.sub_agents()] == [helper.agent.id]
+        scoped = await lead.task_token("async-task", 60, agent=helper.agent.id)
+        async with AsyncAgent(scoped.token, url=daemon.url) as worker:
+            await worker.fetch(f"{daemon.x402_url}/search?q=async", task="other")
+            revoked = await lead.revoke_sub_agent(helper.agent.id, "done")
+            assert revoked.already_revoked is False
+            with pytest.raises(BudgetRefused) as refused:
+                await worker.fetch(f"{daemon.x402_url}/search?q=again")
+            assert refused.value.code == "agent_revoked"
+        settles = [line async for line in admin.log(agent=helper.agent.id) if line["event"] == "settle"]
+        assert [(line["task"], line["amount"]) for line in settles] == [("async-task", 20_000)]

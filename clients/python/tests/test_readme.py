@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage
 
@@ -46,6 +47,23 @@ def test_the_python_snippet_runs_the_pattern_and_stops_at_the_cap(daemon: Daemon
         check=False,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "cap_exceeded 0.000000\n", "")
+
+
+def test_the_orchestrators_snippet_funds_a_sub_agent_and_pays_with_a_task_token(daemon: Daemon) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", snippet("## Orchestrators")],
+        env={**os.environ, **daemon.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "sub_agent_exceeds_parent cap\n1 20000\n", "")
+    # The payment was the task token's task, whatever the fetch named.
+    admin = {"Authorization": f"Bearer {daemon.admin_token}"}
+    entries = [json.loads(line) for line in httpx.get(f"{daemon.url}/v1/log", headers=admin).text.splitlines()]
+    settled = [e for e in entries if e.get("event") == "settle" and e.get("task") == "summarise-q3"]
+    assert [e["amount"] for e in settled] == [20000], settled
 
 
 def test_the_client_readme_quick_start(daemon: Daemon) -> None:

@@ -493,6 +493,64 @@ export class Agent {
       body: { outcome, task_type: taskType },
     });
   }
+
+  /**
+   * A sub-agent under this agent, funded from what it has left: its cap at most that, its
+   * controls no looser than this agent's (else `AuthError` `sub_agent_exceeds_parent`, with
+   * `bound`). Its token is in the answer, once.
+   */
+  async createSubAgent(options: CreateSubAgentOptions): Promise<CreatedAgent> {
+    return this.#connection.json({ method: "POST", path: "/v1/me/agents", body: createBody(options) });
+  }
+
+  /** This agent's sub-agents, and theirs. */
+  async subAgents(): Promise<AgentView[]> {
+    return (await this.#connection.json<{ agents: AgentView[] }>({ method: "GET", path: "/v1/me/agents" }))
+      .agents;
+  }
+
+  /** Revokes one of this agent's descendants (and everything under it), at once. */
+  async revokeSubAgent(agent: string, reason: string): Promise<Revoked> {
+    return this.#connection.json({
+      method: "POST",
+      path: `/v1/me/agents/${segment(agent)}/revoke`,
+      body: { reason },
+    });
+  }
+
+  /** A short-lived token for one task, of this agent or (`agent`) one of its descendants. */
+  async taskToken(options: TaskTokenOptions): Promise<TaskToken> {
+    const body: Record<string, unknown> = { task: options.task, ttl_secs: options.ttlSecs };
+    if (options.agent !== undefined) body.agent = options.agent;
+    return this.#connection.json({ method: "POST", path: "/v1/me/tokens", body });
+  }
+
+  /** Revokes a task token of this agent or of a descendant. */
+  async revokeTaskToken(tokenId: string): Promise<{ token_id: string; already_revoked: boolean }> {
+    return this.#connection.json({ method: "DELETE", path: `/v1/me/tokens/${segment(tokenId)}` });
+  }
+}
+
+/** `POST /v1/me/agents`: a sub-agent of the calling agent (no `parent`: it is the caller). */
+export type CreateSubAgentOptions = Omit<CreateAgentOptions, "parent">;
+
+/** `POST /v1/me/tokens`. */
+export interface TaskTokenOptions {
+  /** The task the token's payments are attributed to. */
+  task: string;
+  /** Lifetime in seconds (1 to 30 days), by the daemon's ledger clock. */
+  ttlSecs: number;
+  /** A descendant (id or handle) to make it for; default this agent. */
+  agent?: string;
+}
+
+/** A task token, shown once: it pays for its task until it expires or is revoked. */
+export interface TaskToken {
+  token_id: string;
+  token: string;
+  agent_id: string;
+  task: string;
+  expires_at_ms: number;
 }
 
 function createBody(options: CreateAgentOptions): Record<string, unknown> {

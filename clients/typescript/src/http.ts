@@ -26,7 +26,7 @@ export interface ConnectionOptions {
 
 /** One request to the daemon. */
 export interface Call {
-  method: "GET" | "POST" | "PUT";
+  method: "GET" | "POST" | "PUT" | "DELETE";
   path: string;
   query?: Record<string, string | number | bigint | undefined>;
   body?: unknown;

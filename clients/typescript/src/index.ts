@@ -12,12 +12,15 @@ export {
   type Ap2PayOptions,
   type CreateAgentOptions,
   type CreatedAgent,
+  type CreateSubAgentOptions,
   type FetchOptions,
   type HoldOptions,
   type LogFilter,
   type RunOptions,
   Spendcap,
   type SpendcapOptions,
+  type TaskToken,
+  type TaskTokenOptions,
   type Used,
 } from "./client.js";
 export {

@@ -40,6 +40,50 @@ after(async () => {
 
 const x402 = (path: string) => `${daemon.env.SPENDCAP_SIM_X402_URL}${path}`;
 
+describe("orchestrators", () => {
+  test("an agent funds a sub-agent from what it has and pays with a task token for one task", async () => {
+    await admin.run({ cap: "1.00" }, async (lead, created) => {
+      const handle = created.agent.handle;
+      const helper = await lead.createSubAgent({ handle: `${handle}-helper`, cap: "0.30" });
+      assert.equal(helper.agent.parent, created.agent.id);
+      const scoped = await lead.taskToken({ task: "ts-task", ttlSecs: 600, agent: helper.agent.id });
+      assert.equal(scoped.agent_id, helper.agent.id);
+      const worker = admin.agent(scoped.token);
+      const paid = await worker.fetch({ url: x402("/search?q=ts"), task: "named-otherwise" });
+      assert.equal(paid.payment?.status, "settled");
+      const greedy = await lead
+        .createSubAgent({ handle: `${handle}-greedy`, cap: "0.80" })
+        .catch((e: unknown) => e);
+      assert.ok(greedy instanceof AuthError, String(greedy));
+      assert.equal(greedy.code, "sub_agent_exceeds_parent");
+      assert.equal(greedy.body.bound, "cap");
+      const below = await lead.subAgents();
+      assert.deepEqual(
+        below.map((a) => a.id),
+        [helper.agent.id],
+      );
+      const revoked = await lead.revokeSubAgent(helper.agent.id, "done");
+      assert.equal(revoked.already_revoked, false);
+      const after = await worker.fetch({ url: x402("/search?q=ts2") }).catch((e: unknown) => e);
+      assert.ok(after instanceof BudgetRefused && after.code === "agent_revoked", String(after));
+      const entries = await collectLog();
+      const settled = entries.filter((e) => e.event === "settle" && e.task === "ts-task");
+      assert.equal(settled.length, 1, JSON.stringify(entries));
+    });
+  });
+});
+
+async function collectLog(): Promise<Array<Record<string, unknown>>> {
+  const response = await fetch(`${daemon.env.SPENDCAP_URL}/v1/log`, {
+    headers: { authorization: `Bearer ${daemon.env.SPENDCAP_ADMIN_TOKEN}` },
+  });
+  const text = await response.text();
+  return text
+    .split("\n")
+    .filter((line) => line.length > 0)
+    .map((line) => JSON.parse(line) as Record<string, unknown>);
+}
+
 describe("the run pattern", () => {
   test("an isolated agent pays until its cap refuses, and is revoked when the run ends", async () => {
     let agentId = "";

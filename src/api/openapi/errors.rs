@@ -43,6 +43,8 @@ pub const REFUSALS: &[&str] = &[
     "budget_exceeded",
     "budget_busy",
 ];
+/// The calling agent (or an ancestor) cannot manage anything now (403; nothing changed).
+const CALLER_NOT_LIVE: &[&str] = &["agent_revoked", "agent_suspended", "agent_expired"];
 const HOLD_ENDED: &[&str] = &["hold_settled", "hold_expired", "hold_voided", "hold_protocol_mismatch"];
 
 /// One operation's own error answers: (method, path, [(status, codes)]). A status may appear
@@ -105,6 +107,27 @@ pub const TABLE: &[Entry] = &[
         (400, &["invalid_argument"]), (403, &["not_own_task", "agent_revoked"]), (404, &["unknown_agent"]),
         (422, &["invalid_label", "agent_required"])]),
     ("get", "/v1/reports", &[(400, &["invalid_query"]), (404, &["unknown_agent"])]),
+    // Orchestrators: sub-agents and task tokens (agent and admin).
+    ("post", "/v1/me/agents", &[
+        (400, &["invalid_argument"]),
+        (403, &["sub_agent_exceeds_parent", "too_many_sub_agents", "task_token_not_allowed"]), (403, CALLER_NOT_LIVE),
+        (409, &["handle_taken", "agent_exists"]),
+        (422, &["invalid_handle", "invalid_expiry", "invalid_labels", "invalid_task", "invalid_label", "tree_too_deep"]),
+        (422, AMOUNT), (422, CONTROLS)]),
+    ("get", "/v1/me/agents", &[(403, &["task_token_not_allowed"])]),
+    ("post", "/v1/me/agents/{agent}/revoke", &[
+        (400, &["invalid_argument"]), (403, &["task_token_not_allowed"]), (403, CALLER_NOT_LIVE),
+        (404, &["unknown_agent"]), (422, &["invalid_reason"])]),
+    ("post", "/v1/me/tokens", &[
+        (400, &["invalid_argument"]), (403, &["task_token_not_allowed"]), (403, CALLER_NOT_LIVE),
+        (404, &["unknown_agent"]), (409, &["token_exists"]), (422, &["invalid_label", "invalid_task", "invalid_ttl"])]),
+    ("get", "/v1/me/tokens", &[(403, &["task_token_not_allowed"])]),
+    ("delete", "/v1/me/tokens/{token}", &[(403, &["task_token_not_allowed"]), (403, CALLER_NOT_LIVE), (404, &["unknown_token"])]),
+    ("post", "/v1/agents/{agent}/tokens", &[
+        (400, &["invalid_argument"]), (403, CALLER_NOT_LIVE), (404, &["unknown_agent"]), (409, &["token_exists"]),
+        (422, &["invalid_body", "invalid_label", "invalid_task", "invalid_ttl"])]),
+    ("get", "/v1/agents/{agent}/tokens", &[(404, &["unknown_agent"])]),
+    ("delete", "/v1/agents/{agent}/tokens/{token}", &[(404, &["unknown_agent", "unknown_token"])]),
     // Protocol endpoints: open codes (see the module's comment).
     ("post", "/v1/x402/fetch", &[(400, OPEN), (402, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("post", "/v1/acp/checkouts", &[(400, OPEN), (402, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
@@ -157,6 +180,10 @@ fn answers(method: &str, path: &str, operation: &Value) -> Option<Vec<(u16, Vec<
     }
     if schemes == ["admin"] {
         add(403, &["admin_only"]);
+    }
+    // A task-scoped agent token works wherever the agent's own does, until it expires or is revoked.
+    if schemes.contains(&"agent") {
+        add(401, &["token_expired", "token_revoked"]);
     }
     // `/mcp`'s body is read by the MCP SDK, which answers bad bodies itself (`routes.rs`).
     if operation["requestBody"]["content"]["application/json"].is_object() && path != "/mcp" {

@@ -41,6 +41,7 @@ from ._models import (
     RotatedToken,
     Settlement,
     TaskOutcome,
+    TaskToken,
     Voided,
     X402Payment,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "Spendcap",
     "SpendcapError",
     "TaskOutcome",
+    "TaskToken",
     "TransportError",
     "Voided",
     "X402Payment",

@@ -28,6 +28,7 @@ from ._models import (
     RotatedToken,
     Settlement,
     TaskOutcome,
+    TaskToken,
     Voided,
 )
 from ._money import Money, to_micros
@@ -353,3 +354,47 @@ def ap2_pay(
     return Call(
         "POST", "/v1/ap2/payments", Ap2Payment.from_json, body=body, headers=_key_header(idempotency_key), retry=True
     )
+
+
+# ---- orchestrators: sub-agents and task tokens (agent token) --------------------------------
+
+
+def create_sub_agent(
+    handle: str,
+    cap: Money,
+    *,
+    ttl_secs: int | None = None,
+    expires_at_ms: int | None = None,
+    labels: Mapping[str, str] | None = None,
+    controls: Mapping[str, Any] | None = None,
+    task: str | None = None,
+) -> Call[CreatedAgent]:
+    body: Json = {"handle": handle, "cap_micros": to_micros(cap)}
+    optional = {
+        "ttl_secs": ttl_secs,
+        "expires_at_ms": expires_at_ms,
+        "labels": dict(labels) if labels else None,
+        "controls": dict(controls) if controls is not None else None,
+        "task": task,
+    }
+    body.update({name: value for name, value in optional.items() if value is not None})
+    return Call("POST", "/v1/me/agents", CreatedAgent.from_json, body=body)
+
+
+def sub_agents() -> Call[list[AgentInfo]]:
+    return Call("GET", "/v1/me/agents", lambda data: [AgentInfo.from_json(a) for a in data["agents"]])
+
+
+def revoke_sub_agent(agent: str, reason: str) -> Call[Revoked]:
+    return Call("POST", f"/v1/me/agents/{segment(agent)}/revoke", Revoked.from_json, body={"reason": reason})
+
+
+def task_token(task: str, ttl_secs: int, *, agent: str | None = None) -> Call[TaskToken]:
+    body: Json = {"task": task, "ttl_secs": ttl_secs}
+    if agent is not None:
+        body["agent"] = agent
+    return Call("POST", "/v1/me/tokens", TaskToken.from_json, body=body)
+
+
+def revoke_task_token(token_id: str) -> Call[Json]:
+    return Call("DELETE", f"/v1/me/tokens/{segment(token_id)}", _dict)

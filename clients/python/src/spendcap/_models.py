@@ -432,3 +432,25 @@ class ReceiptKey:
     @classmethod
     def from_json(cls, data: Json) -> ReceiptKey:
         return _build(cls, data)
+
+
+@dataclass(frozen=True)
+class TaskToken:
+    """A short-lived token of one agent for one task (shown once): its payments are that task's,
+    and it is refused after `expires_at_ms` (the daemon's ledger clock) or once revoked."""
+
+    token_id: str
+    agent_id: str
+    task: str
+    expires_at_ms: int
+    token: str = field(repr=False)
+
+    @classmethod
+    def from_json(cls, data: Json) -> TaskToken:
+        return cls(
+            token_id=str(data["token_id"]),
+            agent_id=str(data["agent_id"]),
+            task=str(data["task"]),
+            expires_at_ms=int(data["expires_at_ms"]),
+            token=str(data["token"]),
+        )

@@ -41,6 +41,7 @@ from ._models import (
     RotatedToken,
     Settlement,
     TaskOutcome,
+    TaskToken,
     Voided,
 )
 from ._money import Money
@@ -450,6 +451,48 @@ class Agent(_Client):
 
     def record_outcome(self, task: str, outcome: str, *, task_type: str) -> TaskOutcome:
         return self._send(calls.record_outcome(task, outcome, task_type))
+
+    # ---- orchestrators: sub-agents funded from this agent's budget, task tokens -------------
+
+    def create_sub_agent(
+        self,
+        handle: str,
+        cap: Money,
+        *,
+        ttl_secs: int | None = None,
+        expires_at_ms: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        controls: Mapping[str, Any] | None = None,
+        task: str | None = None,
+    ) -> CreatedAgent:
+        """A sub-agent under this agent, funded from what it has left (its cap at most that, its
+        controls no looser than this agent's); its token is shown once."""
+        return self._send(
+            calls.create_sub_agent(
+                handle,
+                cap,
+                ttl_secs=ttl_secs,
+                expires_at_ms=expires_at_ms,
+                labels=labels,
+                controls=controls,
+                task=task,
+            )
+        )
+
+    def sub_agents(self) -> list[AgentInfo]:
+        """This agent's sub-agents, and theirs."""
+        return self._send(calls.sub_agents())
+
+    def revoke_sub_agent(self, agent: str, reason: str) -> Revoked:
+        """Cuts one of this agent's descendants (and everything under it) off, at once."""
+        return self._send(calls.revoke_sub_agent(agent, reason))
+
+    def task_token(self, task: str, ttl_secs: int, *, agent: str | None = None) -> TaskToken:
+        """A short-lived token for one task, of this agent or (`agent`) one of its descendants."""
+        return self._send(calls.task_token(task, ttl_secs, agent=agent))
+
+    def revoke_task_token(self, token_id: str) -> dict[str, Any]:
+        return self._send(calls.revoke_task_token(token_id))
 
     def transport(
         self,
