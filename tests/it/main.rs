@@ -4,6 +4,7 @@ mod acp;
 mod alerts;
 mod ap2;
 mod api;
+mod approvals;
 mod cli;
 mod clock;
 mod concurrency;

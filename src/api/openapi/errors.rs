@@ -25,6 +25,7 @@ const CONTROLS: &[&str] = &[
     "unknown_protocol",
     "invalid_threshold",
     "invalid_task",
+    "invalid_approval",
 ];
 /// A budget refusal (402), from the hold or the precheck before anything is sent.
 pub const REFUSALS: &[&str] = &[
@@ -83,6 +84,7 @@ pub const TABLE: &[Entry] = &[
     ("get", "/v1/me", &[]),
     ("get", "/v1/me/budget", &[(400, &["invalid_query"]), (422, &["invalid_label"])]),
     ("post", "/v1/holds", &[
+        (202, &["approval_required"]), (403, &["approval_denied", "approval_expired"]), (409, &["hold_voided"]),
         (400, &["invalid_idempotency_key", "invalid_argument"]),
         (402, REFUSALS),
         (409, &["idempotency_in_flight"]),
@@ -105,6 +107,16 @@ pub const TABLE: &[Entry] = &[
         (400, &["invalid_argument"]), (403, &["not_own_task", "agent_revoked"]), (404, &["unknown_agent"]),
         (422, &["invalid_label", "agent_required"])]),
     ("get", "/v1/reports", &[(400, &["invalid_query"]), (404, &["unknown_agent"])]),
+    // Approval holds (admin decides; an agent reads its own).
+    ("get", "/v1/approvals", &[(400, &["invalid_state", "invalid_query"])]),
+    ("get", "/v1/approvals/{id}", &[(400, &["invalid_query"]), (404, &["approval_not_found"])]),
+    ("get", "/v1/me/approvals/{id}", &[(400, &["invalid_query"]), (404, &["approval_not_found"])]),
+    ("post", "/v1/approvals/{id}/approve", &[
+        (400, &["invalid_argument"]), (404, &["approval_not_found"]), (409, &["approval_expired", "approval_decided"]),
+        (422, &["invalid_note"])]),
+    ("post", "/v1/approvals/{id}/deny", &[
+        (400, &["invalid_argument"]), (404, &["approval_not_found"]), (409, &["approval_expired", "approval_decided"]),
+        (422, &["invalid_note"])]),
     // Protocol endpoints: open codes (see the module's comment).
     ("post", "/v1/x402/fetch", &[(400, OPEN), (402, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("post", "/v1/acp/checkouts", &[(400, OPEN), (402, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
