@@ -1403,6 +1403,11 @@ impl MemoryLedger {
                 details: h.details.clone(),
                 unknown_reason: h.unknown_reason.clone(),
                 unknown_since_ms: h.unknown_since_ms,
+                approved_at_ms: h
+                    .approval
+                    .as_ref()
+                    .filter(|a| a.state == ApprovalState::Approved)
+                    .and_then(|a| a.decided_at_ms),
             })
         })
     }

@@ -103,6 +103,9 @@ pub struct HoldInfo {
     pub unknown_reason: String,
     /// When the hold was marked `unknown`.
     pub unknown_since_ms: Option<u64>,
+    /// When a person approved the payment, for a hold that waited for approval (its
+    /// authorization's validity starts then, not when it was held).
+    pub approved_at_ms: Option<u64>,
 }
 
 /// What [`Ledger::mark_unknown`] marked.
@@ -1294,6 +1297,7 @@ fn hold_from_fields(
         details: get("details").unwrap_or_default(),
         unknown_reason: get("unknown_reason").unwrap_or_default(),
         unknown_since_ms: num("unknown_at"),
+        approved_at_ms: num("appr_at").filter(|_| get("appr_state").as_deref() == Some("approved")),
     })
 }
 

@@ -261,3 +261,41 @@ async fn bad_approval_rules_and_decisions_have_stable_codes() {
     let (status, body) = app.admin(Method::GET, "/v1/approvals?state=maybe", None).await;
     assert_eq!((status, body["code"].as_str()), (400, Some("invalid_state")), "{body}");
 }
+
+#[tokio::test]
+async fn an_x402_authorization_is_signed_only_after_approval_and_its_window_starts_then() {
+    use adapters::x402::PaymentPayload;
+    let app = crate::x402::app_with(crate::x402::config()).await;
+    let server = crate::x402::v2_server("10000").await;
+    let agent = app.create_agent("x402-approved", 1_000_000, None).await;
+    set_approval(&app, "x402-approved", json!({ "above_micros": 5_000, "ttl_secs": 300 })).await;
+    let body = json!({ "url": format!("{}/weather", server.uri()), "task": "weather" });
+
+    let (status, waiting) = crate::x402::fetch(&app, &agent.token, body.clone(), Some("buy-1")).await;
+    assert_eq!((status, waiting["code"].as_str()), (202, Some("approval_required")), "{waiting}");
+    assert!(crate::x402::payments(&server).await.is_empty(), "nothing is signed or sent before approval");
+    assert_eq!(held(&app, &agent).await, 10_000, "the price is held meanwhile");
+    let id = waiting["approval_id"].as_str().expect("id").to_owned();
+
+    // The person decides 100 s later (the ledger's clock, the test seam).
+    app.clock.advance_ms(100_000);
+    let approved_secs = app.clock.now_ms() / 1000;
+    assert_eq!(decide(&app, &id, "approve", "weather is fine").await.0, 200);
+    let (status, paid) = crate::x402::fetch(&app, &agent.token, body.clone(), Some("buy-1")).await;
+    assert_eq!(status, 200, "{paid}");
+    assert_eq!(paid["payment"]["status"], "settled", "{paid}");
+    let sent = crate::x402::payments(&server).await;
+    assert_eq!(sent.len(), 1);
+    let PaymentPayload::V2(v2) = &sent[0] else { panic!("a v2 payment") };
+    let valid_before: u64 = v2.payload.authorization.valid_before.parse().expect("number");
+    assert!(
+        (approved_secs + 55..=approved_secs + 61).contains(&valid_before),
+        "validBefore {valid_before} starts from the approval at {approved_secs}"
+    );
+    // Exactly once: the same request again replays the purchase.
+    let (status, again) = crate::x402::fetch(&app, &agent.token, body, Some("buy-1")).await;
+    assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
+    assert_eq!(crate::x402::payments(&server).await.len(), 1);
+    let shown = app.show(&agent.id).await;
+    assert_eq!((shown["spent_micros"].as_u64(), shown["held_micros"].as_u64()), (Some(10_000), Some(0)));
+}
