@@ -299,3 +299,63 @@ async fn an_x402_authorization_is_signed_only_after_approval_and_its_window_star
     let shown = app.show(&agent.id).await;
     assert_eq!((shown["spent_micros"].as_u64(), shown["held_micros"].as_u64()), (Some(10_000), Some(0)));
 }
+
+#[tokio::test]
+async fn the_readme_approval_rule_is_accepted_as_written() {
+    let readme = include_str!("../../README.md");
+    let at = readme.find("<!-- approvals-rule").expect("README has the approvals-rule block");
+    let open = readme[at..].find("```json\n").expect("a json block") + at + "```json\n".len();
+    let close = readme[open..].find("```").expect("block ends") + open;
+    let body: Value = serde_json::from_str(&readme[open..close]).expect("the block is JSON");
+    let app = spawn_app().await;
+    let agent = app.create_agent("readme-approvals", 10_000_000, None).await;
+    let (status, shown) = app.admin(Method::PUT, "/v1/agents/readme-approvals/controls", Some(body)).await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(shown["approval"]["ttl_secs"], 900);
+    let (status, waiting) = keyed_hold(&app, &agent, "k", 6_000_000, "api.example.com").await;
+    assert_eq!((status, waiting["reason"].as_str()), (202, Some("above_amount")), "{waiting}");
+}
+
+#[tokio::test]
+async fn approval_requests_and_decisions_are_signed_webhooks() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/hooks")).respond_with(ResponseTemplate::new(200)).mount(&receiver).await;
+    let app = crate::alerts::app_with_alerts(&receiver, None).await;
+    let agent = app.create_agent("hooked", 10_000_000, None).await;
+    set_approval(&app, "hooked", json!({ "above_micros": 1_000_000 })).await;
+    let (_, first) = keyed_hold(&app, &agent, "a", 2_000_000, "api.example.com").await;
+    let (_, second) = keyed_hold(&app, &agent, "b", 3_000_000, "api.example.com").await;
+    let (first, second) = (first["approval_id"].as_str().expect("id"), second["approval_id"].as_str().expect("id"));
+    assert_eq!(decide(&app, first, "approve", "fine").await.0, 200);
+    assert_eq!(decide(&app, second, "deny", "too much").await.0, 200);
+    crate::support::wait_for("the approval webhooks", std::time::Duration::from_secs(20), || async {
+        let alerts = crate::alerts::received(&receiver, &app).await;
+        alerts.iter().filter(|a| a["type"] == "approval.requested").count() >= 2
+            && alerts.iter().filter(|a| a["type"] == "approval.decided").count() >= 2
+    })
+    .await;
+    let alerts = crate::alerts::received(&receiver, &app).await;
+    let requested = alerts.iter().find(|a| a["type"] == "approval.requested" && a["data"]["approval_id"] == first);
+    let requested = requested.expect("requested");
+    assert_eq!(
+        (requested["data"]["reason"].as_str(), requested["data"]["amount_micros"].as_u64()),
+        (Some("above_amount"), Some(2_000_000))
+    );
+    let decided = |id: &str| {
+        alerts
+            .iter()
+            .find(|a| a["type"] == "approval.decided" && a["data"]["approval_id"] == id)
+            .expect("decided")
+            .clone()
+    };
+    assert_eq!(
+        (decided(first)["data"]["decision"].as_str(), decided(first)["data"]["note"].as_str()),
+        (Some("approved"), Some("fine"))
+    );
+    assert_eq!(
+        (decided(second)["data"]["decision"].as_str(), decided(second)["data"]["by"].as_str()),
+        (Some("denied"), Some("admin"))
+    );
+}
