@@ -359,3 +359,38 @@ async fn approval_requests_and_decisions_are_signed_webhooks() {
         (Some("denied"), Some("admin"))
     );
 }
+
+// The CLI is a blocking child process; the daemon needs other threads to answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_approves_and_denies() {
+    let app = spawn_app().await;
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_spendcap"))
+            .args(args)
+            .env("SPENDCAP_URL", &app.base)
+            .env("SPENDCAP_ADMIN_TOKEN", crate::support::ADMIN_TOKEN)
+            .output()
+            .expect("runs the CLI");
+        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())
+    };
+    let agent = app.create_agent("cli-approvals", 10_000_000, None).await;
+    set_approval(&app, "cli-approvals", json!({ "above_micros": 1_000_000 })).await;
+    let (ok, empty) = cli(&["approvals", "list"]);
+    assert!(ok && empty.starts_with("no approvals"), "{empty}");
+    let (_, a) = keyed_hold(&app, &agent, "a", 2_000_000, "api.example.com").await;
+    let (_, b) = keyed_hold(&app, &agent, "b", 3_000_000, "api.example.com").await;
+    let (a, b) = (a["approval_id"].as_str().expect("id"), b["approval_id"].as_str().expect("id"));
+    let (ok, listed) = cli(&["approvals", "list", "--state", "pending"]);
+    assert!(ok && listed.contains(a) && listed.contains(b) && listed.contains("above_amount"), "{listed}");
+    let (ok, approved) = cli(&["approvals", "approve", a, "--note", "fine"]);
+    assert!(ok && approved.contains("approved"), "{approved}");
+    let (ok, denied) = cli(&["approvals", "deny", b, "--note", "no"]);
+    assert!(ok && denied.contains("denied"), "{denied}");
+    assert_eq!(held(&app, &agent).await, 2_000_000, "the denied one is released");
+    let (ok, pending) = cli(&["approvals", "list", "--state", "pending"]);
+    assert!(ok && pending.starts_with("no approvals"), "{pending}");
+    let (ok, json_out) = cli(&["approvals", "list", "--json"]);
+    assert!(ok, "{json_out}");
+    let parsed: Value = serde_json::from_str(&json_out).expect("JSON");
+    assert_eq!(parsed["approvals"].as_array().map(Vec::len), Some(2));
+}
