@@ -35,6 +35,22 @@ from it:
   <P>:t:<agent>:<hex of task>        hash  per-task counter: task spent held alerted
   <P>:vh:<agent>       list   breaker: times of the agent's latest holds, newest first
   <P>:vs:<agent>       list   breaker: `<ms>:<amount>` of its holds within the spend window
+  <P>:approvals        zset   holds that waited for approval, by the time they were made (a week)
+  <P>:seen:<agent>     set    services the agent settled with under a `new service` approval rule
+
+Approval holds. `ctl.appr` = { above, new, svc, proto, ttl_ms }: a payment above `above`, over
+a listed protocol, to a listed service (or payee), or (`new`) to a service not in the agent's
+`seen` set is held as usual (every cap and limit, counted as held) but in state
+`pending_approval` with expires_at = now + ttl_ms (the shortest of the matching levels'), hold
+fields appr (reason) appr_state (pending approved denied expired canceled) appr_exp life (its own
+lifetime from the approval on) and, once decided, appr_by appr_note appr_at; its `hold` log entry
+carries appr and aexp. The hold replies `approval`, and its idempotency record has status
+`approval`: a repeat of the request gets the approval's state, or, once approved, the hold
+(`ok`, replayed, approved 1) exactly once, the record becoming `in_flight` (pending mode) or
+`granted`. spendcap_approval_decide opens (approve) or voids (deny, reason approval_denied) it;
+expiry releases it like any open hold (reason approval_expired). A pending hold cannot be
+settled (hold_pending_approval); it can be voided (canceled). `nsvc` on a hold: a settle adds
+its service to the agent's `seen` set.
 
 Spending controls. `ctl` is a JSON object, every key optional (money in micro-USD, windows in
 ms): task (per-task cap), per_payment daily weekly monthly all_time (limits; each not above the
@@ -634,6 +650,9 @@ Reply   ok:      hold expires_at amount remaining replayed
                  daily_limit_exceeded | weekly_limit_exceeded | monthly_limit_exceeded |
                  all_time_limit_exceeded | task_cap_exceeded | budget_exceeded | budget_busy)
                  amount remaining limited_by
+        approval: hold amount expires_at (the approval's) reason state (pending | approved |
+                 denied | expired | canceled) by note replayed — the payment waits for (or was
+                 refused) approval; see "Approval holds" above
         error:   code (unknown_agent | unauthorized | idempotency_conflict |
                  idempotency_in_flight | invalid_argument | hold_exists | unknown_bucket) detail
 Checks, in this order, on the agent and every ancestor: revoked, suspended, expired, protocol
