@@ -118,16 +118,16 @@ pub const TABLE: &[Entry] = &[
         (400, &["invalid_argument"]), (404, &["approval_not_found"]), (409, &["approval_expired", "approval_decided"]),
         (422, &["invalid_note"])]),
     // Protocol endpoints: open codes (see the module's comment).
-    ("post", "/v1/x402/fetch", &[(400, OPEN), (402, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
-    ("post", "/v1/acp/checkouts", &[(400, OPEN), (402, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
+    ("post", "/v1/x402/fetch", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
+    ("post", "/v1/acp/checkouts", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("post", "/v1/acp/checkouts/{checkout_session_id}/cancel", &[(400, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("get", "/v1/ap2/key", &[(403, &["agent_revoked"]), (503, &["ap2_not_configured"])]),
     ("get", "/v1/ap2/agents/{agent}/key", &[(403, &["agent_revoked"]), (404, &["unknown_agent"]), (503, &["ap2_not_configured"])]),
     ("post", "/v1/ap2/mandates", &[(400, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (503, OPEN)]),
     ("post", "/v1/ap2/agents/{agent}/mandates", &[(400, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (503, OPEN)]),
     ("get", "/v1/ap2/mandates/{mandate_id}", &[(404, &["ap2_unknown_mandate"]), (503, &["ap2_not_configured"])]),
-    ("post", "/v1/ap2/payments", &[(400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
-    ("post", "/v1/ap2/v0.1/payments", &[(400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
+    ("post", "/v1/ap2/payments", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
+    ("post", "/v1/ap2/v0.1/payments", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
 ];
 
 /// Operations that never reach the ledger: no 503 ledger answers.
