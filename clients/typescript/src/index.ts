@@ -21,6 +21,8 @@ export {
   type Used,
 } from "./client.js";
 export {
+  ApprovalRefused,
+  ApprovalRequired,
   AuthError,
   BudgetRefused,
   type ErrorBody,
