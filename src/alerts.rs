@@ -142,7 +142,8 @@ pub struct Alert {
     pub id: String,
     /// `threshold.crossed`, `payment.refused`, `payment.note` (a provider's failure report on a
     /// held payment), `payment.incident` (a note whose reason starts with `incident_`),
-    /// `payment.outcome_unknown`, `agent.suspended`, `agent.reinstated`, `agent.revoked`.
+    /// `payment.outcome_unknown`, `agent.suspended`, `agent.reinstated`, `agent.revoked`,
+    /// `approval.requested`, `approval.decided` (approved, denied or expired).
     #[serde(rename = "type")]
     pub kind: String,
     pub created_ms: u64,
@@ -162,6 +163,47 @@ pub fn alerts_of(entry: &LogEntry) -> Vec<Alert> {
         data,
     };
     match entry.event.as_str() {
+        // A payment waits for a person's approval: `approval.requested` (after its crossings).
+        "hold" if !entry.approval.is_empty() => {
+            let mut alerts = alerts_of(&LogEntry { approval: String::new(), ..entry.clone() });
+            let data = json!({
+                "approval_id": entry.hold,
+                "reason": entry.approval,
+                "amount_micros": entry.amount,
+                "expires_at_ms": entry.approval_expires_ms,
+                "task": entry.task,
+                "service": entry.service,
+                "protocol": entry.protocol,
+            });
+            alerts.push(alert(alerts.len(), "approval.requested", &entry.agent, data));
+            alerts
+        }
+        // Its decision: approved (`approve`), denied (a void, reason approval_denied) or lapsed
+        // (an expiry, reason approval_expired).
+        "approve" | "void" | "expire"
+            if entry.event == "approve" || entry.reason == "approval_denied" || entry.reason == "approval_expired" =>
+        {
+            let decision = match entry.event.as_str() {
+                "approve" => "approved",
+                "void" => "denied",
+                _ => "expired",
+            };
+            let detail = serde_json::from_str::<Value>(&entry.detail).unwrap_or(Value::Null);
+            vec![alert(
+                0,
+                "approval.decided",
+                &entry.agent,
+                json!({
+                    "approval_id": entry.hold,
+                    "decision": decision,
+                    "by": detail.get("by").cloned().unwrap_or(Value::Null),
+                    "note": detail.get("note").cloned().unwrap_or(Value::Null),
+                    "amount_micros": entry.amount,
+                    "service": entry.service,
+                    "protocol": entry.protocol,
+                }),
+            )]
+        }
         "hold" if !entry.crossings.is_empty() => {
             let crossings: Vec<Crossing> = serde_json::from_str(&entry.crossings).unwrap_or_default();
             crossings

@@ -75,6 +75,9 @@ pub enum Command {
     /// Holds whose payment outcome is unknown: list them, resolve one (admin token required).
     #[command(subcommand)]
     Holds(HoldsCommand),
+    /// Payments waiting for a person's approval: list, approve or deny (admin token required).
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
     /// Work with signed receipts.
     #[command(subcommand)]
     Receipt(ReceiptCommand),
@@ -498,6 +501,67 @@ pub enum HoldsCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApprovalsCommand {
+    /// List approvals of the last week (every tree), newest first.
+    List {
+        /// Only those in this state: pending, approved, denied, expired or canceled.
+        #[arg(long)]
+        state: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Approve a waiting payment: the agent's repeated request pays it from its reservation.
+    Approve {
+        id: String,
+        /// Why (logged with the decision, shown to the agent).
+        #[arg(long, default_value = "")]
+        note: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Deny a waiting payment: its money is released.
+    Deny {
+        id: String,
+        /// Why (logged with the decision, shown to the agent).
+        #[arg(long, default_value = "")]
+        note: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn approvals_table(list: &Value) -> String {
+    let mut out = String::new();
+    for a in list["approvals"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{}  {:<8} {:>12}  {}  {}  {} ({})\n",
+            a["approval_id"].as_str().unwrap_or(""),
+            a["state"].as_str().unwrap_or(""),
+            money(&a["amount_micros"]),
+            a["agent"].as_str().unwrap_or(""),
+            a["service"].as_str().unwrap_or(""),
+            a["reason"].as_str().unwrap_or(""),
+            a["protocol"].as_str().unwrap_or(""),
+        ));
+    }
+    if out.is_empty() {
+        out.push_str("no approvals\n");
+    }
+    out
+}
+
+/// `spendcap approvals approve|deny ID --note …`.
+async fn decide_approval(id: &str, decision: &str, note: &str, client: &ClientArgs) -> Result<(), CliError> {
+    let api = Client::new(client)?;
+    let path = format!("/v1/approvals/{}/{decision}", path_segment(id));
+    let decided = api.json(reqwest::Method::POST, &path, Some(serde_json::json!({ "note": note }))).await?;
+    print(client.json, &decided, |d| {
+        format!("{} {}\n", d["approval_id"].as_str().unwrap_or(""), d["state"].as_str().unwrap_or(""))
+    });
+    Ok(())
 }
 
 /// An amount in USD (`0.25`) or, with the suffix `micros`, micro-USD (`250000micros`).
@@ -1161,6 +1225,22 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
                 )
             });
             Ok(())
+        }
+        Command::Approvals(ApprovalsCommand::List { state, client }) => {
+            let api = Client::new(&client)?;
+            let path = match state {
+                Some(state) => format!("/v1/approvals?state={}", path_segment(&state)),
+                None => "/v1/approvals".to_owned(),
+            };
+            let list = api.json(Method::GET, &path, None).await?;
+            print(client.json, &list, approvals_table);
+            Ok(())
+        }
+        Command::Approvals(ApprovalsCommand::Approve { id, note, client }) => {
+            decide_approval(&id, "approve", &note, &client).await
+        }
+        Command::Approvals(ApprovalsCommand::Deny { id, note, client }) => {
+            decide_approval(&id, "deny", &note, &client).await
         }
         Command::TaskOutcome { agent, task, outcome, task_type, client } => {
             let api = Client::new(&client)?;

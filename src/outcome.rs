@@ -43,11 +43,14 @@ pub enum Kind {
     Unavailable,
     /// A fault of the daemon; the cause is logged, never shown.
     Internal,
+    /// Held, but a person must approve the payment before it goes out; nothing was sent. The
+    /// agent repeats its request (same idempotency key) to resume once approved.
+    ApprovalRequired,
 }
 
 impl Kind {
     /// Every kind, for the faces' tables and their tests.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Malformed,
         Kind::Unauthenticated,
         Kind::Forbidden,
@@ -62,6 +65,7 @@ impl Kind {
         Kind::ProviderTimeout,
         Kind::Unavailable,
         Kind::Internal,
+        Kind::ApprovalRequired,
     ];
 
     /// The kind's stable name (the README's table and stored answers use it).
@@ -81,6 +85,7 @@ impl Kind {
             Kind::ProviderTimeout => "provider_timeout",
             Kind::Unavailable => "unavailable",
             Kind::Internal => "internal",
+            Kind::ApprovalRequired => "approval_required",
         }
     }
 
@@ -164,6 +169,45 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// A payment that waits for (or was refused) a person's approval: `approval_required`
+    /// (202, held, nothing sent), `approval_denied` or `approval_expired` (403, released), with
+    /// the approval's facts and the idempotency key that resumes it.
+    pub fn approval(wait: &crate::ledger::ApprovalWait, idempotency_key: Option<&str>) -> Failure {
+        use crate::ledger::ApprovalState;
+        let (kind, code, detail) = match wait.state {
+            ApprovalState::Pending | ApprovalState::Approved => (
+                Kind::ApprovalRequired,
+                "approval_required",
+                "the payment is held and waits for a person's approval; nothing was sent. Repeat the same \
+                 request with the same idempotency key once approved (GET /v1/me/approvals/{approval_id}?wait_secs=30 waits for the decision)",
+            ),
+            ApprovalState::Denied => {
+                (Kind::Forbidden, "approval_denied", "a person denied the payment; its money was released")
+            }
+            ApprovalState::Expired => (
+                Kind::Forbidden,
+                "approval_expired",
+                "nobody approved the payment in time; its money was released",
+            ),
+            ApprovalState::Canceled => {
+                (Kind::Conflict, "hold_voided", "the payment waiting for approval was voided")
+            }
+        };
+        Failure::new(kind, code, detail).with_extra(json!({
+            "approval_id": wait.hold_id.to_string(),
+            "amount_micros": wait.amount.get(),
+            "reason": wait.reason,
+            "state": wait.state,
+            "expires_at_ms": wait.expires_at_ms,
+            "expires_at": adapters::acp::rfc3339_utc(wait.expires_at_ms).unwrap_or_default(),
+            "decided_by": wait.by,
+            "note": wait.note,
+            "idempotency_key": idempotency_key,
+        }))
+    }
+}
+
 /// What each budget refusal means, for the agent.
 fn refusal_detail(reason: RefusalReason) -> &'static str {
     match reason {
@@ -203,7 +247,11 @@ impl From<LedgerError> for Failure {
             | LedgerError::IdempotencyInFlight
             | LedgerError::HoldProtocolMismatch
             | LedgerError::BucketExists
-            | LedgerError::CapBelowCommitted { .. } => Kind::Conflict,
+            | LedgerError::CapBelowCommitted { .. }
+            | LedgerError::ApprovalExpired
+            | LedgerError::ApprovalDecided
+            | LedgerError::HoldPendingApproval => Kind::Conflict,
+            LedgerError::ApprovalNotFound => Kind::NotFound,
             LedgerError::InvalidArgument(_) => Kind::Malformed,
             LedgerError::Unavailable(cause) => {
                 tracing::error!(error = %cause, "ledger unavailable; refusing (fail closed)");

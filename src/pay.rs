@@ -84,6 +84,12 @@ pub async fn hold_with_budgets(
             Err(Failure::refused(&refusal))
         }
         HoldOutcome::Finished { response } => Ok(Held::Finished(response)),
+        HoldOutcome::Approval(wait) => {
+            tracing::info!(agent = %agent.agent, approval = %wait.hold_id, state = wait.state.as_str(),
+                protocol = %spec.intent.protocol, "payment waits for approval");
+            let key = request.idempotency.as_ref().map(|i| i.key.clone());
+            Err(Failure::approval(&wait, key.as_deref()))
+        }
     }
 }
 

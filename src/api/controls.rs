@@ -94,6 +94,39 @@ pub struct ControlsBody {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<Vec<u8>>)]
     pub alerts: Option<Option<Vec<serde_json::Number>>>,
+    /// Payments a person approves first (held meanwhile, nothing sent); absent or `null`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalBody>,
+}
+
+/// An approval rule: a payment above `above_micros`, to a service the agent never settled with
+/// (`new_service`), to one of `services` or over one of `protocols` waits for a person's
+/// decision, up to `ttl_secs` (default 900).
+#[derive(Deserialize, Serialize, ToSchema, Default, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub above_micros: Option<serde_json::Number>,
+    #[serde(default)]
+    pub new_service: bool,
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default)]
+    pub protocols: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub ttl_secs: Option<serde_json::Number>,
+}
+
+/// An approval rule as stored.
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalView {
+    pub above_micros: Option<u64>,
+    pub new_service: bool,
+    pub services: Vec<String>,
+    pub protocols: Vec<String>,
+    pub ttl_secs: u64,
 }
 
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq, Eq)]
@@ -121,6 +154,9 @@ pub struct ControlsView {
     /// `null` when the breaker is off.
     pub breaker: Option<BreakerView>,
     pub alerts: Vec<u8>,
+    /// `null` when no payment needs approval.
+    #[serde(default)]
+    pub approval: Option<ApprovalView>,
 }
 
 fn invalid(err: ControlsError) -> ApiError {
@@ -198,6 +234,33 @@ impl ControlsBody {
                     .map(|n| n as u32);
             }
         }
+        if let Some(a) = &self.approval {
+            let above = a
+                .above_micros
+                .as_ref()
+                .map(|n| {
+                    Micros::from_json_number(n)
+                        .map(Micros::get)
+                        .map_err(|e| invalid(ControlsError::InvalidApproval(format!("approval.above_micros: {e}"))))
+                })
+                .transpose()?;
+            let max_ttl = crate::ledger::controls::MAX_APPROVAL_TTL_MS / 1000;
+            let ttl_secs = match &a.ttl_secs {
+                None => crate::ledger::controls::DEFAULT_APPROVAL_TTL_MS / 1000,
+                Some(n) => n.as_u64().filter(|s| (1..=max_ttl).contains(s)).ok_or_else(|| {
+                    invalid(ControlsError::InvalidApproval(format!(
+                        "approval.ttl_secs must be a whole number of seconds from 1 to {max_ttl}"
+                    )))
+                })?,
+            };
+            controls.approval = Some(crate::ledger::controls::ApprovalRule {
+                above,
+                new_service: a.new_service,
+                services: lower(&a.services),
+                protocols: lower(&a.protocols),
+                ttl_ms: ttl_secs * 1000,
+            });
+        }
         controls.validate().map_err(invalid)?;
         let alerts = match &self.alerts {
             None => DEFAULT_ALERTS.to_vec(),
@@ -233,6 +296,13 @@ impl ControlsView {
             protocols: ListView { allow: c.protocols_allow.clone(), deny: c.protocols_deny.clone() },
             breaker,
             alerts: stored.alerts.clone(),
+            approval: c.approval.as_ref().map(|a| ApprovalView {
+                above_micros: a.above,
+                new_service: a.new_service,
+                services: a.services.clone(),
+                protocols: a.protocols.clone(),
+                ttl_secs: a.ttl_ms / 1000,
+            }),
         }
     }
 }
@@ -240,7 +310,7 @@ impl ControlsView {
 #[utoipa::path(put, path = "/v1/agents/{agent}/controls", request_body = ControlsBody,
     params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = ControlsView),
-              (status = 422, description = "invalid_limit, unknown_period, inverted_limits, invalid_window, invalid_breaker, invalid_list, unknown_protocol, invalid_threshold; nothing changed")),
+              (status = 422, description = "invalid_limit, unknown_period, inverted_limits, invalid_window, invalid_breaker, invalid_list, unknown_protocol, invalid_threshold, invalid_approval; nothing changed")),
     security(("admin" = [])))]
 pub async fn set_controls(
     _: Admin,

@@ -114,7 +114,8 @@ pub struct Session {
 }
 
 /// Every dashboard action the admin role may take, in the order the page offers them.
-const ADMIN_ACTIONS: [&str; 6] = ["create_agent", "set_cap", "set_controls", "set_expiry", "reinstate", "revoke"];
+const ADMIN_ACTIONS: [&str; 7] =
+    ["create_agent", "set_cap", "set_controls", "set_expiry", "reinstate", "revoke", "approval.decide"];
 
 impl Session {
     fn admin() -> Session {

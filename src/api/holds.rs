@@ -261,6 +261,11 @@ pub async fn create_hold(
         )),
         HoldOutcome::Refused(refusal) => Err(refusal_error(&refusal)),
         HoldOutcome::Finished { .. } => Err(ApiError::internal("a final-mode hold replayed a pending response")),
+        HoldOutcome::Approval(wait) => {
+            let key = request.idempotency.as_ref().map(|i| i.key.as_str());
+            let key = key.map(str::to_owned).unwrap_or_else(|| format!("auto-{}", request.hold_id));
+            Err(crate::outcome::Failure::approval(&wait, Some(&key)).into())
+        }
     }
 }
 

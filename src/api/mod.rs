@@ -2,6 +2,7 @@
 //! (own budget, the generic budget authority). One router per resource, merged here.
 
 pub mod agents;
+pub mod approvals;
 pub mod budget;
 pub mod controls;
 pub mod dashboard;
@@ -44,6 +45,7 @@ pub fn router(state: SharedState) -> Router {
         .merge(reports::router())
         .merge(orchestrators::router())
         .merge(dashboard::router())
+        .merge(approvals::router())
         .merge(crate::protocols::router())
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)

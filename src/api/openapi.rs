@@ -12,7 +12,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agents, budget, controls, holds, log, orchestrators, reports, unknown};
+use super::{agents, approvals, budget, controls, holds, log, orchestrators, reports, unknown};
 
 struct BearerSchemes;
 
@@ -63,6 +63,7 @@ impl Modify for BearerSchemes {
         routes::ap2_own_key, routes::ap2_admin_key, routes::ap2_register_mandates, routes::ap2_admin_register_mandates,
         routes::ap2_show_mandate, routes::ap2_pay, routes::ap2_v01_pay,
         routes::keyed_api,
+        approvals::list, approvals::show, approvals::show_own, approvals::approve, approvals::deny,
     ),
     components(schemas(log::Format, crate::log::GroupBy, reports::ReportFormat, holds::RefusalView)),
     modifiers(&BearerSchemes)

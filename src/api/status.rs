@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use crate::outcome::Kind;
 
 /// The status code of each kind of failure.
-pub const TABLE: [(Kind, StatusCode); 14] = [
+pub const TABLE: [(Kind, StatusCode); 15] = [
     (Kind::Malformed, StatusCode::BAD_REQUEST),
     (Kind::Unauthenticated, StatusCode::UNAUTHORIZED),
     (Kind::Refused, StatusCode::PAYMENT_REQUIRED),
@@ -22,6 +22,7 @@ pub const TABLE: [(Kind, StatusCode); 14] = [
     (Kind::Provider, StatusCode::BAD_GATEWAY),
     (Kind::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
     (Kind::ProviderTimeout, StatusCode::GATEWAY_TIMEOUT),
+    (Kind::ApprovalRequired, StatusCode::ACCEPTED),
 ];
 
 /// The status a failure of `kind` is answered with.
@@ -41,6 +42,7 @@ pub fn of(kind: Kind) -> StatusCode {
         Kind::Provider => StatusCode::BAD_GATEWAY,
         Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         Kind::ProviderTimeout => StatusCode::GATEWAY_TIMEOUT,
+        Kind::ApprovalRequired => StatusCode::ACCEPTED,
     }
 }
 

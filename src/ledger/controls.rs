@@ -178,6 +178,89 @@ pub struct Controls {
     /// Breaker: more identical (service + amount) holds in a row than this suspends (`repeat`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_repeats: Option<u32>,
+    /// Payments a person approves before they go out (see [`ApprovalRule`]).
+    #[serde(rename = "appr", default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalRule>,
+}
+
+/// Longest time a payment may wait for approval: 7 days.
+pub const MAX_APPROVAL_TTL_MS: u64 = 7 * DAY_MS;
+/// How long a payment waits for approval when the rule names no `ttl_secs`: 15 minutes.
+pub const DEFAULT_APPROVAL_TTL_MS: u64 = 15 * 60 * 1000;
+
+/// An approval rule (`ctl.appr`): a payment of the agent (or of its subtree, for an ancestor's
+/// rule) that matches any of its parts is held as usual but waits, `pending_approval`, until a
+/// person approves (it goes on) or denies (released), or `ttl_ms` passes (released).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalRule {
+    /// Payments above this amount (micros).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub above: Option<u64>,
+    /// Payments to a service this agent never settled a payment with.
+    #[serde(rename = "new", default, skip_serializing_if = "std::ops::Not::not")]
+    pub new_service: bool,
+    /// Payments to these services (lowercase; `*.example.com` for subdomains).
+    #[serde(rename = "svc", default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+    /// Payments over these protocols.
+    #[serde(rename = "proto", default, skip_serializing_if = "Vec::is_empty")]
+    pub protocols: Vec<String>,
+    /// How long a payment waits for a decision.
+    pub ttl_ms: u64,
+}
+
+impl ApprovalRule {
+    /// Why a payment needs approval under this rule (`None`: it does not). `seen`: whether the
+    /// agent settled a payment with the service before. The order is the Lua library's.
+    pub fn reason(&self, amount: u64, protocol: &str, names: &[String], seen: bool) -> Option<&'static str> {
+        if self.above.is_some_and(|above| amount > above) {
+            return Some("above_amount");
+        }
+        if listed(&self.protocols, &[protocol.to_owned()]) {
+            return Some("listed_protocol");
+        }
+        if listed(&self.services, names) {
+            return Some("listed_service");
+        }
+        if self.new_service && !seen {
+            return Some("new_service");
+        }
+        None
+    }
+
+    pub fn validate(&self) -> Result<(), ControlsError> {
+        if self.above.is_some_and(|a| a > Micros::MAX.get()) {
+            return Err(ControlsError::InvalidApproval(format!(
+                "approval.above_micros must be at most {} micros",
+                Micros::MAX.get()
+            )));
+        }
+        if self.ttl_ms < 1_000 || self.ttl_ms > MAX_APPROVAL_TTL_MS {
+            return Err(ControlsError::InvalidApproval(format!(
+                "approval.ttl_secs must be from 1 second to {} days",
+                MAX_APPROVAL_TTL_MS / DAY_MS
+            )));
+        }
+        if self.services.len() > MAX_LIST
+            || self.services.iter().any(|s| {
+                s.is_empty() || s.len() > 256 || s.chars().any(char::is_control) || s.to_ascii_lowercase() != **s
+            })
+        {
+            return Err(ControlsError::InvalidApproval(format!(
+                "approval.services takes at most {MAX_LIST} lowercase names of 1 to 256 bytes"
+            )));
+        }
+        if let Some(bad) = self.protocols.iter().find(|p| p.parse::<adapters::Protocol>().is_err()) {
+            return Err(ControlsError::UnknownProtocol(bad.clone()));
+        }
+        if self.above.is_none() && !self.new_service && self.services.is_empty() && self.protocols.is_empty() {
+            return Err(ControlsError::InvalidApproval(
+                "an approval rule needs above_micros, new_service, services or protocols".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Why a set of controls is refused. Each variant has a stable code.
@@ -201,6 +284,8 @@ pub enum ControlsError {
     InvalidThreshold(String),
     #[error("{0}")]
     InvalidTask(String),
+    #[error("{0}")]
+    InvalidApproval(String),
 }
 
 impl ControlsError {
@@ -215,6 +300,7 @@ impl ControlsError {
             ControlsError::UnknownProtocol(_) => "unknown_protocol",
             ControlsError::InvalidThreshold(_) => "invalid_threshold",
             ControlsError::InvalidTask(_) => "invalid_task",
+            ControlsError::InvalidApproval(_) => "invalid_approval",
         }
     }
 }
@@ -358,6 +444,9 @@ impl Controls {
             if m == 0 || m > MAX_REPEATS {
                 return Err(ControlsError::InvalidBreaker(format!("max_repeats must be from 1 to {MAX_REPEATS}")));
             }
+        }
+        if let Some(rule) = &self.approval {
+            rule.validate()?;
         }
         Ok(())
     }

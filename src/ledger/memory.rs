@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use adapters::{Micros, Protocol};
 
+use super::approval::{Approval, ApprovalState, ApprovalWait, Decided};
 use super::controls::{self, crossed, payment_names, Controls, Crossing, Period};
 use super::{
     AgentControls, AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, EndsPurchase, Grant,
@@ -78,6 +79,8 @@ struct AlertGroup {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum HoldState {
+    /// Held, waiting for a person's approval; `expires_at_ms` is the approval's expiry.
+    PendingApproval,
     Open,
     /// Its payment may have moved money: counted until a settle or void resolves it.
     Unknown,
@@ -91,6 +94,7 @@ impl HoldState {
         match self {
             HoldState::Settled => LedgerError::HoldSettled,
             HoldState::Voided => LedgerError::HoldVoided,
+            HoldState::PendingApproval => LedgerError::HoldPendingApproval,
             HoldState::Expired | HoldState::Open | HoldState::Unknown => LedgerError::HoldExpired,
         }
     }
@@ -111,13 +115,76 @@ struct Hold {
     protocol: String,
     unknown_reason: String,
     unknown_since_ms: Option<u64>,
+    created_at_ms: u64,
+    /// Under a `new service` approval rule: a settle adds the service to the agent's seen ones.
+    new_service_rule: bool,
+    approval: Option<HoldApproval>,
+}
+
+/// A hold's approval, as the Lua library keeps it in the hold's `appr*` fields.
+struct HoldApproval {
+    reason: String,
+    state: ApprovalState,
+    expires_at_ms: u64,
+    /// The hold's own lifetime, from the approval on.
+    life_ms: u64,
+    by: String,
+    note: String,
+    decided_at_ms: Option<u64>,
+}
+
+impl Hold {
+    fn approval_view(&self, id: &str, now_ms: u64) -> Option<Approval> {
+        let a = self.approval.as_ref()?;
+        let mut state = a.state;
+        if state == ApprovalState::Pending && a.expires_at_ms <= now_ms {
+            state = ApprovalState::Expired;
+        }
+        Some(Approval {
+            approval_id: id.to_owned(),
+            agent: self.agent.to_string(),
+            amount_micros: self.amount,
+            state,
+            reason: a.reason.clone(),
+            expires_at_ms: a.expires_at_ms,
+            created_at_ms: self.created_at_ms,
+            service: self.service.clone(),
+            protocol: self.protocol.clone(),
+            task: self.task.clone(),
+            by: a.by.clone(),
+            note: a.note.clone(),
+            decided_at_ms: a.decided_at_ms,
+        })
+    }
+
+    fn approval_wait(&self, id: &HoldId, state: ApprovalState, replayed: bool) -> Option<ApprovalWait> {
+        let a = self.approval.as_ref()?;
+        Some(ApprovalWait {
+            hold_id: id.clone(),
+            amount: money(self.amount),
+            expires_at_ms: a.expires_at_ms,
+            reason: a.reason.clone(),
+            state,
+            by: a.by.clone(),
+            note: a.note.clone(),
+            replayed,
+        })
+    }
 }
 
 enum IdemStatus {
     Granted(Grant),
     Refused(Refusal),
-    InFlight { grant: Grant, lease_until_ms: u64 },
+    InFlight {
+        grant: Grant,
+        lease_until_ms: u64,
+    },
     Done(String),
+    /// The hold waits (or waited) for approval; an approved one is resumed once.
+    Approval {
+        hold: HoldId,
+        remaining: u64,
+    },
 }
 
 struct IdemRecord {
@@ -151,6 +218,10 @@ struct Tree {
     agent_task_tokens: HashMap<String, BTreeSet<String>>,
     /// The sub-agents each agent created itself (`<P>:sub:<agent>`).
     sub_agents: HashMap<String, BTreeSet<String>>,
+    /// Per agent: the services it settled with while under a `new service` approval rule.
+    seen: HashMap<String, std::collections::HashSet<String>>,
+    /// Holds that waited for approval, by (time made, id).
+    approvals: BTreeSet<(u64, String)>,
 }
 
 #[derive(Default)]
@@ -183,8 +254,24 @@ impl Tree {
         details: &str,
     ) {
         let Some(hold) = self.holds.get_mut(hold_id) else { return };
-        if hold.state != HoldState::Open && hold.state != HoldState::Unknown {
+        if !matches!(hold.state, HoldState::Open | HoldState::Unknown | HoldState::PendingApproval) {
             return;
+        }
+        let mut reason = reason;
+        if hold.state == HoldState::PendingApproval {
+            if let Some(a) = hold.approval.as_mut() {
+                a.state = match state {
+                    HoldState::Expired => {
+                        reason = "approval_expired";
+                        ApprovalState::Expired
+                    }
+                    _ if reason == "approval_denied" => ApprovalState::Denied,
+                    _ => ApprovalState::Canceled,
+                };
+            }
+        }
+        if state == HoldState::Settled && hold.new_service_rule {
+            self.seen.entry(hold.agent.to_string()).or_default().insert(hold.service.to_ascii_lowercase());
         }
         if let Some(since) = hold.unknown_since_ms {
             self.unknown.remove(&(since, hold_id.to_owned()));
@@ -217,7 +304,7 @@ impl Tree {
         let event = match state {
             HoldState::Settled => "settle",
             HoldState::Voided => "void",
-            HoldState::Expired | HoldState::Open | HoldState::Unknown => "expire",
+            HoldState::Expired | HoldState::Open | HoldState::Unknown | HoldState::PendingApproval => "expire",
         };
         let amt = if state == HoldState::Settled { settled } else { amount };
         self.log(
@@ -237,6 +324,72 @@ impl Tree {
                 ..LogEntry::default()
             },
         );
+    }
+
+    /// Releases a pending approval whose time ran out (as `spendcap_hold`'s `lapse_approval`).
+    fn lapse_approval(&mut self, tree: &TreeId, id: &str, now: u64) {
+        if self.holds.get(id).is_some_and(|h| h.state == HoldState::PendingApproval && h.expires_at_ms <= now) {
+            self.end_hold(tree, id, (HoldState::Expired, 0), now, "hold_expired", "");
+        }
+    }
+
+    /// Why the approval rules of the agent and its ancestors hold this payment for approval (the
+    /// first matching level's reason, the shortest matching time), and whether any level has a
+    /// `new service` rule.
+    fn approval_needed(&self, path: &[AgentId], request: &HoldRequest) -> (Option<(&'static str, u64)>, bool) {
+        let names = payment_names(&request.service, &request.details);
+        let seen =
+            self.seen.get(request.agent.as_str()).is_some_and(|s| s.contains(&request.service.to_ascii_lowercase()));
+        let (mut out, mut new_rule) = (None, false);
+        for id in path {
+            let Some(rule) = self.agents.get(id.as_str()).and_then(|a| a.controls.approval.as_ref()) else { continue };
+            new_rule |= rule.new_service;
+            if let Some(why) = rule.reason(request.amount.get(), request.protocol.as_str(), &names, seen) {
+                out = Some(match out {
+                    None => (why, rule.ttl_ms),
+                    Some((first, ttl)) => (first, rule.ttl_ms.min(ttl)),
+                });
+            }
+        }
+        (out, new_rule)
+    }
+
+    /// A repeated request whose first one waits (or waited) for approval (`approval_replay` in
+    /// the Lua library): approved → the reservation, once; otherwise the approval's state.
+    fn approval_replay(
+        &mut self,
+        tree: &TreeId,
+        key: &(String, String),
+        hold_id: &HoldId,
+        remaining: u64,
+        mode: IdempotencyMode,
+        now: u64,
+    ) -> Result<HoldOutcome, LedgerError> {
+        self.lapse_approval(tree, hold_id.as_str(), now);
+        let h = self.holds.get(hold_id.as_str()).ok_or_else(|| LedgerError::Corrupt("approval without hold".into()))?;
+        let state = h.approval.as_ref().map_or(ApprovalState::Expired, |a| a.state);
+        if state != ApprovalState::Approved {
+            return h
+                .approval_wait(hold_id, state, true)
+                .map(HoldOutcome::Approval)
+                .ok_or_else(|| LedgerError::Corrupt("approval without rule".into()));
+        }
+        let grant = Grant {
+            hold_id: hold_id.clone(),
+            amount: money(h.amount),
+            remaining: money(remaining),
+            expires_at_ms: h.expires_at_ms,
+            replayed: false,
+        };
+        if let Some(record) = self.idempotency.get_mut(key) {
+            record.status = match mode {
+                IdempotencyMode::Pending { lease_ms } => {
+                    IdemStatus::InFlight { grant: grant.clone(), lease_until_ms: now + lease_ms }
+                }
+                IdempotencyMode::Final => IdemStatus::Granted(grant.clone()),
+            };
+        }
+        Ok(HoldOutcome::Granted(Grant { replayed: true, ..grant }))
     }
 
     /// Releases up to `limit` due holds; returns how many it released.
@@ -950,6 +1103,10 @@ impl MemoryLedger {
                         _ => false,
                     };
                     record.replayed |= !own;
+                    if let IdemStatus::Approval { hold, remaining } = &record.status {
+                        let (hold, remaining) = (hold.clone(), *remaining);
+                        return tree.approval_replay(tree_id, key, &hold, remaining, idem.mode, now_ms);
+                    }
                     return match &mut record.status {
                         IdemStatus::InFlight { lease_until_ms, .. } if now_ms < *lease_until_ms => {
                             Err(LedgerError::IdempotencyInFlight)
@@ -966,6 +1123,7 @@ impl MemoryLedger {
                         IdemStatus::Refused(refusal) => {
                             Ok(HoldOutcome::Refused(Refusal { replayed: true, ..refusal.clone() }))
                         }
+                        IdemStatus::Approval { .. } => Err(LedgerError::Corrupt("approval record".into())),
                     };
                 }
             }
@@ -1033,6 +1191,11 @@ impl MemoryLedger {
                     refusal = Some((RefusalReason::AgentSuspended, request.agent.to_string()));
                 }
             }
+            let (approval, new_service_rule) = match refusal {
+                None => tree.approval_needed(&path, request),
+                Some(_) => (None, false),
+            };
+            let mut approval_remaining = 0;
             let outcome = match refusal {
                 Some((reason, by)) => {
                     let remaining = match reason {
@@ -1123,6 +1286,33 @@ impl MemoryLedger {
                         }
                     }
                     let counters: Vec<String> = charges.iter().map(|c| c.id.clone()).collect();
+                    // A payment that needs approval waits until then; once approved, it lives its
+                    // own lifetime from the decision on.
+                    let (state, hold_expires, hold_approval) = match approval {
+                        Some((reason, ttl_ms)) => (
+                            HoldState::PendingApproval,
+                            now_ms + ttl_ms,
+                            Some(HoldApproval {
+                                reason: reason.to_owned(),
+                                state: ApprovalState::Pending,
+                                expires_at_ms: now_ms + ttl_ms,
+                                life_ms: expires_at.saturating_sub(now_ms).max(1),
+                                by: String::new(),
+                                note: String::new(),
+                                decided_at_ms: None,
+                            }),
+                        ),
+                        None => (HoldState::Open, expires_at, None),
+                    };
+                    if hold_approval.is_some() {
+                        let week = 7 * 24 * 3_600_000;
+                        tree.approvals.retain(|(at, _)| *at + week > now_ms);
+                        tree.approvals.insert((now_ms, request.hold_id.to_string()));
+                    }
+                    let (approval_reason, approval_expires) = match &hold_approval {
+                        Some(a) => (a.reason.clone(), Some(a.expires_at_ms)),
+                        None => (String::new(), None),
+                    };
                     tree.holds.insert(
                         request.hold_id.to_string(),
                         Hold {
@@ -1131,8 +1321,8 @@ impl MemoryLedger {
                             details: request.details.clone(),
                             agent: request.agent.clone(),
                             amount,
-                            state: HoldState::Open,
-                            expires_at_ms: expires_at,
+                            state,
+                            expires_at_ms: hold_expires,
                             settled: 0,
                             seq: 0,
                             task: request.task.clone(),
@@ -1140,9 +1330,12 @@ impl MemoryLedger {
                             protocol: request.protocol.to_string(),
                             unknown_reason: String::new(),
                             unknown_since_ms: None,
+                            created_at_ms: now_ms,
+                            new_service_rule,
+                            approval: hold_approval,
                         },
                     );
-                    tree.open.insert((expires_at, request.hold_id.to_string()));
+                    tree.open.insert((hold_expires, request.hold_id.to_string()));
                     let crossings = if crossings.is_empty() {
                         String::new()
                     } else {
@@ -1163,16 +1356,33 @@ impl MemoryLedger {
                             detail: request.details.clone(),
                             counters: counters.join(","),
                             crossings,
+                            approval: approval_reason.clone(),
+                            approval_expires_ms: approval_expires,
                             ..LogEntry::default()
                         },
                     );
-                    HoldOutcome::Granted(Grant {
-                        hold_id: request.hold_id.clone(),
-                        amount: request.amount,
-                        remaining: money(room - amount),
-                        expires_at_ms: expires_at,
-                        replayed: false,
-                    })
+                    match approval_expires {
+                        Some(expires_at_ms) => {
+                            approval_remaining = room - amount;
+                            HoldOutcome::Approval(ApprovalWait {
+                                hold_id: request.hold_id.clone(),
+                                amount: request.amount,
+                                expires_at_ms,
+                                reason: approval_reason,
+                                state: ApprovalState::Pending,
+                                by: String::new(),
+                                note: String::new(),
+                                replayed: false,
+                            })
+                        }
+                        None => HoldOutcome::Granted(Grant {
+                            hold_id: request.hold_id.clone(),
+                            amount: request.amount,
+                            remaining: money(room - amount),
+                            expires_at_ms: expires_at,
+                            replayed: false,
+                        }),
+                    }
                 }
             };
             // A refused pending operation had no effect: not recorded, a retry decides afresh.
@@ -1188,6 +1398,9 @@ impl MemoryLedger {
                     (HoldOutcome::Granted(g), IdempotencyMode::Final) => IdemStatus::Granted(g.clone()),
                     (HoldOutcome::Refused(r), _) => IdemStatus::Refused(r.clone()),
                     (HoldOutcome::Finished { response }, _) => IdemStatus::Done(response.clone()),
+                    (HoldOutcome::Approval(wait), _) => {
+                        IdemStatus::Approval { hold: wait.hold_id.clone(), remaining: approval_remaining }
+                    }
                 };
                 tree.idempotency.insert(
                     key,
@@ -1254,6 +1467,7 @@ impl MemoryLedger {
                 agent: agent.clone(),
                 amount: money(h.amount),
                 state: match h.state {
+                    HoldState::PendingApproval => "pending_approval",
                     HoldState::Open => "open",
                     HoldState::Unknown => "unknown",
                     HoldState::Settled => "settled",
@@ -1269,6 +1483,11 @@ impl MemoryLedger {
                 details: h.details.clone(),
                 unknown_reason: h.unknown_reason.clone(),
                 unknown_since_ms: h.unknown_since_ms,
+                approved_at_ms: h
+                    .approval
+                    .as_ref()
+                    .filter(|a| a.state == ApprovalState::Approved)
+                    .and_then(|a| a.decided_at_ms),
             })
         })
     }
@@ -1334,7 +1553,7 @@ impl MemoryLedger {
                     false,
                 ));
             }
-            if state == HoldState::Open && expires_at <= now_ms {
+            if matches!(state, HoldState::Open | HoldState::PendingApproval) && expires_at <= now_ms {
                 tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
                 return Err(LedgerError::HoldExpired);
             }
@@ -1437,15 +1656,104 @@ impl MemoryLedger {
             if state == HoldState::Voided {
                 return Ok((money(amount), true, finish_now(tree)));
             }
-            if state == HoldState::Open && expires_at <= now_ms {
+            if matches!(state, HoldState::Open | HoldState::PendingApproval) && expires_at <= now_ms {
                 tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
                 return Err(LedgerError::HoldExpired);
             }
-            if state != HoldState::Open && state != HoldState::Unknown {
+            if !matches!(state, HoldState::Open | HoldState::Unknown | HoldState::PendingApproval) {
                 return Err(state.error());
             }
             tree.end_hold(tree_id, hold.as_str(), (HoldState::Voided, 0), now_ms, reason, detail);
             Ok((money(amount), false, finish_now(tree)))
+        })
+    }
+
+    pub async fn approval_decide(
+        &self,
+        now_ms: u64,
+        id: &HoldId,
+        approve: bool,
+        by: &str,
+        note: &str,
+    ) -> Result<Decided, LedgerError> {
+        let tree_id = id.tree();
+        self.with_tree(tree_id, |tree| {
+            tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
+            if tree.holds.get(id.as_str()).is_none_or(|h| h.approval.is_none()) {
+                return Err(LedgerError::ApprovalNotFound);
+            }
+            tree.lapse_approval(tree_id, id.as_str(), now_ms);
+            let want = if approve { ApprovalState::Approved } else { ApprovalState::Denied };
+            let h = tree.holds.get_mut(id.as_str()).ok_or(LedgerError::ApprovalNotFound)?;
+            let Some(a) = h.approval.as_mut() else { return Err(LedgerError::ApprovalNotFound) };
+            let decided = |h: &Hold, replayed| Decided {
+                state: want,
+                agent: h.agent.clone(),
+                amount: money(h.amount),
+                expires_at_ms: h.expires_at_ms,
+                replayed,
+            };
+            match a.state {
+                s if s == want => return Ok(decided(h, true)),
+                ApprovalState::Expired => return Err(LedgerError::ApprovalExpired),
+                ApprovalState::Pending => {}
+                _ => return Err(LedgerError::ApprovalDecided),
+            }
+            a.by = by.to_owned();
+            a.note = note.to_owned();
+            a.decided_at_ms = Some(now_ms);
+            let detail = serde_json::json!({ "by": by, "note": note }).to_string();
+            if approve {
+                a.state = ApprovalState::Approved;
+                let reason = a.reason.clone();
+                let old = h.expires_at_ms;
+                h.expires_at_ms = now_ms + a.life_ms;
+                h.state = HoldState::Open;
+                let new = h.expires_at_ms;
+                let entry = LogEntry {
+                    ts_ms: now_ms,
+                    event: "approve".into(),
+                    agent: h.agent.to_string(),
+                    task: h.task.clone(),
+                    service: h.service.clone(),
+                    protocol: h.protocol.clone(),
+                    amount: Some(h.amount),
+                    hold: id.to_string(),
+                    approval: reason,
+                    detail,
+                    ..LogEntry::default()
+                };
+                let out = decided(h, false);
+                tree.open.remove(&(old, id.to_string()));
+                tree.open.insert((new, id.to_string()));
+                tree.log(tree_id, entry);
+                Ok(out)
+            } else {
+                tree.end_hold(tree_id, id.as_str(), (HoldState::Voided, 0), now_ms, "approval_denied", &detail);
+                let h = tree.holds.get(id.as_str()).ok_or(LedgerError::ApprovalNotFound)?;
+                Ok(decided(h, false))
+            }
+        })
+    }
+
+    pub async fn approval(&self, now_ms: u64, id: &HoldId) -> Result<Approval, LedgerError> {
+        self.with_tree(id.tree(), |tree| {
+            tree.holds
+                .get(id.as_str())
+                .and_then(|h| h.approval_view(id.as_str(), now_ms))
+                .ok_or(LedgerError::ApprovalNotFound)
+        })
+        .map_err(|e| if matches!(e, LedgerError::UnknownAgent) { LedgerError::ApprovalNotFound } else { e })
+    }
+
+    pub async fn approvals(&self, now_ms: u64, tree_id: &TreeId) -> Result<Vec<Approval>, LedgerError> {
+        self.with_tree(tree_id, |tree| {
+            Ok(tree
+                .approvals
+                .iter()
+                .rev()
+                .filter_map(|(_, id)| tree.holds.get(id).and_then(|h| h.approval_view(id, now_ms)))
+                .collect())
         })
     }
 

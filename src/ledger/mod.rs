@@ -7,6 +7,7 @@
 //!
 //! Architecture invariant: only this module talks to Redis.
 
+pub mod approval;
 pub mod controls;
 mod memory;
 pub mod nodes;
@@ -20,6 +21,7 @@ use serde::Serialize;
 
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 
+pub use self::approval::{Approval, ApprovalState, ApprovalWait, Decided};
 pub use self::controls::{Controls, ControlsError, Crossing, Period};
 pub use self::memory::MemoryLedger;
 pub use self::redis::{LedgerClock, RedisConfig, RedisLedger, LIBRARY};
@@ -109,6 +111,9 @@ pub struct HoldInfo {
     pub unknown_reason: String,
     /// When the hold was marked `unknown`.
     pub unknown_since_ms: Option<u64>,
+    /// When a person approved the payment, for a hold that waited for approval (its
+    /// authorization's validity starts then, not when it was held).
+    pub approved_at_ms: Option<u64>,
 }
 
 /// What [`Ledger::mark_unknown`] marked.
@@ -298,6 +303,8 @@ pub enum HoldOutcome {
     Finished {
         response: String,
     },
+    /// The payment waits for a person's approval (held, nothing sent), or was denied or lapsed.
+    Approval(ApprovalWait),
 }
 
 /// The receipt chain head of a tree: the last linked receipt's sequence number and hash.
@@ -471,6 +478,12 @@ pub struct LogEntry {
     /// An `outcome` entry's task type (its outcome is in `reason`).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub task_type: String,
+    /// A hold that waits for approval (or an `approve` entry): why it needs one.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub approval: String,
+    /// A hold that waits for approval: when the approval lapses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_expires_ms: Option<u64>,
 }
 
 /// How a task ended, as its agent or orchestrator reports it.
@@ -573,6 +586,14 @@ pub enum LedgerError {
     UnknownToken,
     #[error("a task token with this id exists")]
     TokenExists,
+    #[error("no such approval")]
+    ApprovalNotFound,
+    #[error("the approval's time ran out; its money was released")]
+    ApprovalExpired,
+    #[error("the approval was already decided otherwise")]
+    ApprovalDecided,
+    #[error("the hold waits for approval")]
+    HoldPendingApproval,
 }
 
 impl LedgerError {
@@ -609,6 +630,10 @@ impl LedgerError {
             LedgerError::TokenRevoked => "token_revoked",
             LedgerError::UnknownToken => "unknown_token",
             LedgerError::TokenExists => "token_exists",
+            LedgerError::ApprovalNotFound => "approval_not_found",
+            LedgerError::ApprovalExpired => "approval_expired",
+            LedgerError::ApprovalDecided => "approval_decided",
+            LedgerError::HoldPendingApproval => "hold_pending_approval",
         }
     }
 
@@ -649,6 +674,10 @@ impl LedgerError {
             "token_revoked" => LedgerError::TokenRevoked,
             "unknown_token" => LedgerError::UnknownToken,
             "token_exists" => LedgerError::TokenExists,
+            "approval_not_found" => LedgerError::ApprovalNotFound,
+            "approval_expired" => LedgerError::ApprovalExpired,
+            "approval_decided" => LedgerError::ApprovalDecided,
+            "hold_pending_approval" => LedgerError::HoldPendingApproval,
             other => LedgerError::Corrupt(format!("unknown error code {other}: {detail}")),
         }
     }
@@ -849,6 +878,29 @@ impl Ledger {
 
     pub async fn hold(&self, now_ms: u64, request: &HoldRequest) -> Result<HoldOutcome, LedgerError> {
         dispatch!(self.hold(now_ms, request))
+    }
+
+    /// Decides a waiting payment, exactly once (`spendcap_approval_decide`): approve opens its
+    /// hold for the agent's repeated request; deny releases it. `by` and `note` are logged.
+    pub async fn approval_decide(
+        &self,
+        now_ms: u64,
+        id: &HoldId,
+        approve: bool,
+        by: &str,
+        note: &str,
+    ) -> Result<Decided, LedgerError> {
+        dispatch!(self.approval_decide(now_ms, id, approve, by, note))
+    }
+
+    /// One approval (a read).
+    pub async fn approval(&self, now_ms: u64, id: &HoldId) -> Result<Approval, LedgerError> {
+        dispatch!(self.approval(now_ms, id))
+    }
+
+    /// A tree's approvals of the last week, newest first (a read).
+    pub async fn approvals(&self, now_ms: u64, tree: &TreeId) -> Result<Vec<Approval>, LedgerError> {
+        dispatch!(self.approvals(now_ms, tree))
     }
 
     /// Deletes the idempotency record of `key` unless a duplicate already got its answer: for a
@@ -1265,6 +1317,17 @@ impl Reply {
                 replayed,
             })),
             "done" => Ok(HoldOutcome::Finished { response: reply.get("response").to_owned() }),
+            "approval" => Ok(HoldOutcome::Approval(ApprovalWait {
+                hold_id: reply.get("hold").parse().map_err(|e| LedgerError::Corrupt(format!("hold id: {e}")))?,
+                amount: reply.micros("amount")?,
+                expires_at_ms: reply.opt_u64("expires_at").unwrap_or(0),
+                reason: reply.get("reason").to_owned(),
+                state: ApprovalState::parse(reply.get("state"))
+                    .ok_or_else(|| LedgerError::Corrupt(format!("approval state {:?}", reply.get("state"))))?,
+                by: reply.get("by").to_owned(),
+                note: reply.get("note").to_owned(),
+                replayed,
+            })),
             other => Err(LedgerError::Corrupt(format!("hold status {other}"))),
         }
     }
@@ -1388,6 +1451,8 @@ fn log_entry_from_fields(tree: &TreeId, id: String, get: impl Fn(&str) -> Option
         crossings: text("cross"),
         limited_by: text("limited_by"),
         task_type: text("tt"),
+        approval: text("appr"),
+        approval_expires_ms: num("aexp"),
     }
 }
 
@@ -1414,6 +1479,7 @@ fn hold_from_fields(
         details: get("details").unwrap_or_default(),
         unknown_reason: get("unknown_reason").unwrap_or_default(),
         unknown_since_ms: num("unknown_at"),
+        approved_at_ms: num("appr_at").filter(|_| get("appr_state").as_deref() == Some("approved")),
     })
 }
 

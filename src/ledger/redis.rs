@@ -788,6 +788,54 @@ impl RedisLedger {
         .into_precheck()
     }
 
+    pub async fn approval_decide(
+        &self,
+        now_ms: u64,
+        id: &HoldId,
+        approve: bool,
+        by: &str,
+        note: &str,
+    ) -> Result<super::Decided, LedgerError> {
+        let decision = if approve { "approve" } else { "deny" };
+        let reply = self
+            .fcall_resolving(
+                "spendcap_approval_decide",
+                id.tree(),
+                &[&now_ms.to_string(), id.as_str(), decision, by, note],
+            )
+            .await?
+            .into_result()?;
+        Ok(super::Decided {
+            state: super::ApprovalState::parse(reply.get("state"))
+                .ok_or_else(|| LedgerError::Corrupt("approval state".into()))?,
+            agent: reply.get("agent").parse().map_err(|_| LedgerError::Corrupt(format!("approval {id} agent")))?,
+            amount: reply.micros("amount")?,
+            expires_at_ms: reply.u64("expires_at")?,
+            replayed: reply.get("replayed") == "1",
+        })
+    }
+
+    pub async fn approval(&self, now_ms: u64, id: &HoldId) -> Result<super::Approval, LedgerError> {
+        let fields = self.hash(format!("{}:h:{}", self.tree_key(id.tree()), id)).await?;
+        super::Approval::from_fields(id, now_ms, |k| fields.get(k).cloned()).ok_or(LedgerError::ApprovalNotFound)
+    }
+
+    pub async fn approvals(&self, now_ms: u64, tree: &TreeId) -> Result<Vec<super::Approval>, LedgerError> {
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(format!("{}:approvals", self.tree_key(tree))).arg(0).arg(-1).arg("REV");
+        let ids: Vec<String> = self.query(&cmd).await.map_err(unavailable)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Ok(hold) = id.parse::<HoldId>() else { continue };
+            let fields = self.hash(format!("{}:h:{}", self.tree_key(tree), hold)).await?;
+            // Ended holds are kept a week; an approval whose hold is gone is left out.
+            if let Some(approval) = super::Approval::from_fields(&hold, now_ms, |k| fields.get(k).cloned()) {
+                out.push(approval);
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn unknown_holds(&self, tree: &TreeId) -> Result<Vec<HoldInfo>, LedgerError> {
         self.indexed_holds(tree, "unknown").await
     }

@@ -39,6 +39,22 @@ from it:
   <P>:tt:<id>          hash   task token: agent hash task expires_at created_at by (agent id, '' for
                               the admin), once revoked revoked; kept a week past its expiry
   <P>:tts:<agent>      set    the agent's task token ids
+  <P>:approvals        zset   holds that waited for approval, by the time they were made (a week)
+  <P>:seen:<agent>     set    services the agent settled with under a `new service` approval rule
+
+Approval holds. `ctl.appr` = { above, new, svc, proto, ttl_ms }: a payment above `above`, over
+a listed protocol, to a listed service (or payee), or (`new`) to a service not in the agent's
+`seen` set is held as usual (every cap and limit, counted as held) but in state
+`pending_approval` with expires_at = now + ttl_ms (the shortest of the matching levels'), hold
+fields appr (reason) appr_state (pending approved denied expired canceled) appr_exp life (its own
+lifetime from the approval on) and, once decided, appr_by appr_note appr_at; its `hold` log entry
+carries appr and aexp. The hold replies `approval`, and its idempotency record has status
+`approval`: a repeat of the request gets the approval's state, or, once approved, the hold
+(`ok`, replayed, approved 1) exactly once, the record becoming `in_flight` (pending mode) or
+`granted`. spendcap_approval_decide opens (approve) or voids (deny, reason approval_denied) it;
+expiry releases it like any open hold (reason approval_expired). A pending hold cannot be
+settled (hold_pending_approval); it can be voided (canceled). `nsvc` on a hold: a settle adds
+its service to the agent's `seen` set.
 
 Spending controls. `ctl` is a JSON object, every key optional (money in micro-USD, windows in
 ms): task (per-task cap), per_payment daily weekly monthly all_time (limits; each not above the
@@ -198,12 +214,20 @@ local function end_hold(P, hold_id, h, path, state, settled, now_s, reason, deta
   if state == 'settled' then
     redis.call('HSET', hkey, 'state', state, 'ended_at', now_s, 'settled', settled_s,
                'seq', seq, 'sdetails', details)
+    -- Under a `new service` approval rule, the agent has now settled with this service.
+    if h.nsvc == '1' then redis.call('SADD', P .. ':seen:' .. h.agent, string.lower(h.service)) end
   else
     redis.call('HSET', hkey, 'state', state, 'ended_at', now_s)
     redis.call('PEXPIRE', hkey, ENDED_HOLD_RETENTION_MS)
   end
   redis.call('ZREM', P .. ':holds', hold_id)
   if h.state == 'unknown' then redis.call('ZREM', P .. ':unknown', hold_id) end
+  if h.state == 'pending_approval' then
+    local outcome = 'canceled'
+    if reason == 'approval_denied' then outcome = 'denied' end
+    if state == 'expired' then outcome, reason = 'expired', 'approval_expired' end
+    redis.call('HSET', hkey, 'appr_state', outcome)
+  end
   local event, amt_s = 'settle', settled_s
   if state == 'voided' then event, amt_s = 'void', released_s end
   if state == 'expired' then event, amt_s = 'expire', released_s end
@@ -224,7 +248,7 @@ local function expire_due(P, now_s, limit)
                           LIMIT_TEXT[limit] or fmt(limit))
   for _, hold_id in ipairs(due) do
     local h = read_hold(P, hold_id)
-    if h and h.state == 'open' then
+    if h and (h.state == 'open' or h.state == 'pending_approval') then
       end_hold(P, hold_id, h, nil, 'expired', 0, now_s, 'hold_expired', '')
     else
       redis.call('ZREM', P .. ':holds', hold_id)
@@ -339,6 +363,40 @@ local function is_int(n, lo, hi)
   return type(n) == 'number' and n == math.floor(n) and n >= lo and n <= hi
 end
 
+-- Checks an approval rule (`ctl.appr`): above (micros), new (bool), svc and proto (lists),
+-- ttl_ms (1 s to 7 days).
+local MAX_APPROVAL_TTL_MS = 7 * DAY_MS
+local function check_appr(a)
+  if type(a) ~= 'table' then return nil, err('invalid_argument', 'appr must be an object') end
+  for k, v in pairs(a) do
+    if k == 'above' then
+      if not is_int(v, 0, MAX_MICROS) then return nil, err('invalid_argument', 'appr.above must be micros') end
+    elseif k == 'new' then
+      if type(v) ~= 'boolean' then return nil, err('invalid_argument', 'appr.new must be a boolean') end
+    elseif k == 'ttl_ms' then
+      if not is_int(v, 1000, MAX_APPROVAL_TTL_MS) then
+        return nil, err('invalid_argument', 'appr.ttl_ms must be from 1000 to ' .. fmt(MAX_APPROVAL_TTL_MS))
+      end
+    elseif k == 'svc' or k == 'proto' then
+      if type(v) ~= 'table' or #v > MAX_LIST then
+        return nil, err('invalid_argument', 'appr.' .. k .. ' must be a list of at most ' .. MAX_LIST .. ' names')
+      end
+      for _, name in ipairs(v) do
+        if type(name) ~= 'string' or #name < 1 or #name > 256 or name ~= string.lower(name) then
+          return nil, err('invalid_argument', 'appr.' .. k .. ' entries are lowercase strings of 1 to 256 bytes')
+        end
+        if k == 'proto' and not PROTOCOLS[name] then
+          return nil, err('invalid_argument', 'unknown protocol ' .. name)
+        end
+      end
+    else
+      return nil, err('invalid_argument', 'unknown approval rule ' .. tostring(k))
+    end
+  end
+  if not a.ttl_ms then return nil, err('invalid_argument', 'appr.ttl_ms is required') end
+  return true
+end
+
 -- Decodes and checks a `ctl` JSON object; returns the table, or nil and an error reply.
 local function parse_ctl(text)
   local ok, c = pcall(cjson.decode, text)
@@ -352,6 +410,9 @@ local function parse_ctl(text)
       if not is_int(v, 1, CTL_COUNTS[k]) then
         return nil, err('invalid_argument', k .. ' must be an integer from 1 to ' .. fmt(CTL_COUNTS[k]))
       end
+    elseif k == 'appr' then
+      local ok2, e2 = check_appr(v)
+      if not ok2 then return nil, e2 end
     elseif CTL_LISTS[k] then
       if type(v) ~= 'table' or #v > MAX_LIST then
         return nil, err('invalid_argument', k .. ' must be a list of at most ' .. MAX_LIST .. ' names')
@@ -464,6 +525,16 @@ local function payment_names(service, details)
   return ids
 end
 
+-- Why a payment needs approval under the rule `a` (ctl.appr), or nil; the order is the Rust
+-- `ApprovalRule::reason`'s. `seen()` tells whether the agent settled with the service before.
+local function approval_reason(a, amount, protocol, service, details, seen)
+  if a.above and amount > a.above then return 'above_amount' end
+  if a.proto and #a.proto > 0 and listed(a.proto, { protocol }) then return 'listed_protocol' end
+  if a.svc and #a.svc > 0 and listed(a.svc, payment_names(service, details)) then return 'listed_service' end
+  if a.new and not seen() then return 'new_service' end
+  return nil
+end
+
 -- A task label as lowercase hex, for the per-task counter's key.
 local function to_hex(text)
   return (string.gsub(text, '.', function(c) return string.format('%02x', string.byte(c)) end))
@@ -557,6 +628,42 @@ local function idem_reply(rec, replayed)
   return reply('refused', fields)
 end
 
+-- The answer about a payment waiting for approval (`approval` reply): its hold, amount, the
+-- approval's expiry, the reason, its state (pending, denied, expired, canceled) and the decision.
+local function approval_answer(hold_id, h, state, replayed)
+  return { 'approval', 'hold', hold_id, 'amount', h and h.amount_s or '0',
+           'expires_at', h and (h.appr_exp or '') or '', 'reason', h and (h.appr or '') or '',
+           'state', state, 'by', h and (h.appr_by or '') or '', 'note', h and (h.appr_note or '') or '',
+           'replayed', replayed }
+end
+
+-- Ends a pending approval whose time ran out (one `expire` log entry, reason approval_expired).
+local function lapse_approval(P, hold_id, h, now)
+  if h and h.state == 'pending_approval' and h.expires_at <= now then
+    end_hold(P, hold_id, h, nil, 'expired', 0, fmt(now), 'hold_expired', '')
+    h.state, h.appr_state = 'expired', 'expired'
+  end
+end
+
+-- A repeated request whose first one waits (or waited) for approval: still pending, denied or
+-- expired → the approval's state; approved → the held reservation, exactly once: the record
+-- becomes the hold's ordinary record (`in_flight` with a lease for a `pending` operation, so a
+-- concurrent resume gets idempotency_in_flight; `granted` for a `final` one).
+local function approval_replay(P, ikey, rec, now, args)
+  local hold_id = rec[3]
+  local h = read_hold(P, hold_id)
+  lapse_approval(P, hold_id, h, now)
+  local state = (h and h.appr_state) or 'expired'
+  if state ~= 'approved' then return approval_answer(hold_id, h, state, '1') end
+  local status = 'granted'
+  if args[14] == 'pending' then status = 'in_flight' end
+  local exp_s = fmt(h.expires_at)
+  redis.call('HSET', ikey, 'status', status, 'expires_at', exp_s, 'replayed', '1',
+             'lease_until', fmt(now + tonumber(args[15] or '0')))
+  return { 'ok', 'hold', hold_id, 'code', '', 'amount', h.amount_s, 'remaining', rec[6] or '0',
+           'expires_at', exp_s, 'limited_by', '', 'replayed', '1', 'approved', '1' }
+end
+
 --[[ spendcap_hold
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 amount  5 new hold_id ('' to have one assigned:
@@ -581,6 +688,9 @@ Reply   ok:      hold expires_at amount remaining replayed, and for a new hold a
                  daily_limit_exceeded | weekly_limit_exceeded | monthly_limit_exceeded |
                  all_time_limit_exceeded | task_cap_exceeded | budget_exceeded | budget_busy)
                  amount remaining limited_by
+        approval: hold amount expires_at (the approval's) reason state (pending | approved |
+                 denied | expired | canceled) by note replayed — the payment waits for (or was
+                 refused) approval; see "Approval holds" above
         error:   code (unknown_agent | unauthorized | idempotency_conflict |
                  idempotency_in_flight | invalid_argument | hold_exists | unknown_bucket) detail
 Checks, in this order, on the agent and every ancestor: revoked, suspended, expired, protocol
@@ -626,6 +736,7 @@ local function hold(keys, args)
       if rec[1] ~= fp then
         return err('idempotency_conflict', 'this idempotency key was used with a different request')
       end
+      if rec[2] == 'approval' then return approval_replay(P, ikey, rec, now, args) end
       if rec[2] == 'in_flight' then
         if now < tonumber(rec[10] or '0') then
           return err('idempotency_in_flight', 'a request with this idempotency key is in progress')
@@ -789,6 +900,30 @@ local function hold(keys, args)
     end
   end
 
+  -- Approval rules of the agent and every ancestor: a matching payment is held like any other
+  -- (above), but waits `pending_approval` until a person decides or its time runs out.
+  local appr_reason, appr_ttl, appr_new = nil, nil, false
+  if not refusal then
+    local seen = nil
+    local function was_seen()
+      if seen == nil then
+        seen = redis.call('SISMEMBER', P .. ':seen:' .. agent_id, string.lower(service)) == 1
+      end
+      return seen
+    end
+    for _, l in ipairs(levels) do
+      local ar = l.c and l.c.appr
+      if type(ar) == 'table' then
+        if ar.new then appr_new = true end
+        local why = approval_reason(ar, amount, protocol, service, details, was_seen)
+        if why then
+          appr_reason = appr_reason or why
+          if not appr_ttl or ar.ttl_ms < appr_ttl then appr_ttl = ar.ttl_ms end
+        end
+      end
+    end
+  end
+
   local status, fields
   if refusal then
     local remaining = room or 0
@@ -863,13 +998,30 @@ local function hold(keys, args)
       redis.call('HSET', hkey, 'buckets', buckets)
     end
     if idem ~= '' then redis.call('HSET', hkey, 'idem', idem) end
-    redis.call('HSET', hkey, 'agent', agent_id, 'amount', amount_s, 'state', 'open',
+    if appr_new then redis.call('HSET', hkey, 'nsvc', '1') end
+    local hold_state = 'open'
+    if appr_reason then
+      -- Waits for approval until then; once approved it lives its own lifetime from then on.
+      local life = (expires_at or now) - now
+      if life < 1 then life = 1 end
+      hold_state, expires_s = 'pending_approval', fmt(now + appr_ttl)
+      redis.call('HSET', hkey, 'appr', appr_reason, 'appr_state', 'pending', 'appr_exp', expires_s,
+                 'life', fmt(life))
+      local akey2 = P .. ':approvals'
+      redis.call('ZREMRANGEBYSCORE', akey2, '-inf', fmt(now - ENDED_HOLD_RETENTION_MS))
+      redis.call('ZADD', akey2, now_s, hold_id)
+    end
+    redis.call('HSET', hkey, 'agent', agent_id, 'amount', amount_s, 'state', hold_state,
                'expires_at', expires_s, 'created_at', now_s, 'task', task,
                'service', service, 'protocol', protocol, 'details', details)
     redis.call('ZADD', P .. ':holds', expires_s, hold_id)
     local entry = { 'ts', now_s, 'ev', 'hold', 'agent', agent_id, 'task', task, 'svc', service,
                     'proto', protocol, 'amt', amount_s, 'hold', hold_id, 'bk', buckets,
                     'detail', details }
+    if appr_reason then
+      entry[#entry + 1], entry[#entry + 2] = 'appr', appr_reason
+      entry[#entry + 1], entry[#entry + 2] = 'aexp', expires_s
+    end
     if counters ~= '' then
       entry[#entry + 1] = 'ctr'
       entry[#entry + 1] = counters
@@ -883,6 +1035,7 @@ local function hold(keys, args)
     fields = { 'hold', hold_id, 'code', '', 'amount', amount_s,
                'remaining', fmt(room - amount), 'expires_at', expires_s,
                'limited_by', '' }
+    if appr_reason then status = 'approval' end
   end
   -- A refused `pending` operation had no effect anywhere, so it is not recorded: a retry (after
   -- a cap raise, say) decides afresh. A refused `final` hold is its own result (Stripe's rule).
@@ -890,9 +1043,14 @@ local function hold(keys, args)
     local record_status = 'granted'
     if refusal then record_status = 'refused' end
     if args[14] == 'pending' and not refusal then record_status = 'in_flight' end
+    if appr_reason then record_status = 'approval' end
     redis.call('HSET', ikey, 'fp', fp, 'status', record_status,
                'lease_until', fmt(now + tonumber(args[15] or '0')), unpack(fields))
     redis.call('PEXPIRE', ikey, tonumber(args[13]))
+  end
+  if appr_reason then
+    return { 'approval', 'hold', hold_id, 'amount', amount_s, 'expires_at', expires_s,
+             'reason', appr_reason, 'state', 'pending', 'by', '', 'note', '', 'replayed', '0' }
   end
   fields[#fields + 1] = 'replayed'
   fields[#fields + 1] = '0'
@@ -1041,6 +1199,10 @@ local function settle(keys, args)
     end_hold(P, hold_id, h, path, 'expired', 0, now_s, 'hold_expired', '')
     h.state = 'expired'
   end
+  lapse_approval(P, hold_id, h, now)
+  if h.state == 'pending_approval' then
+    return err('hold_pending_approval', 'hold ' .. hold_id .. ' waits for approval')
+  end
   if h.state ~= 'open' and h.state ~= 'unknown' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
   if amount > h.amount then
     return err('amount_exceeds_hold', 'settle amount ' .. fmt(amount) .. ' exceeds held ' .. fmt(h.amount))
@@ -1088,7 +1250,10 @@ local function void(keys, args)
     end_hold(P, hold_id, h, path, 'expired', 0, now_s, 'hold_expired', '')
     h.state = 'expired'
   end
-  if h.state ~= 'open' and h.state ~= 'unknown' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
+  lapse_approval(P, hold_id, h, now)
+  if h.state ~= 'open' and h.state ~= 'unknown' and h.state ~= 'pending_approval' then
+    return err('hold_' .. h.state, 'hold is ' .. h.state)
+  end
   end_hold(P, hold_id, h, path, 'voided', 0, now_s, reason, args[7] or '', nil, own)
   local finished = finish_with(P, agent_id, args[8], hold_id, 'done', args[9])
   return { 'ok', 'released', fmt(h.amount), 'replayed', '0', 'finished', finished }
@@ -1816,7 +1981,60 @@ local function revoke_task_token(keys, args)
   return { 'ok', 'already', '0' }
 end
 
+--[[ spendcap_approval_decide
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 approval id (the waiting hold's id)  3 decision: approve | deny  4 by (who
+        decides)  5 note
+Reply   ok: state (approved | denied) agent amount expires_at replayed (1: already decided so)
+        error: code (approval_not_found | approval_expired | approval_decided | invalid_argument)
+A `pending_approval` hold is decided exactly once. Approve: the hold becomes `open` with its own
+lifetime from now (`life`), one `approve` log entry (detail {by, note}); the agent's repeated
+request resumes it. Deny: the hold is voided (reason approval_denied, detail {by, note}), its
+money released. A pending approval whose time ran out is released here (reason
+approval_expired) and the decision refused; the hold's expiry releases it as well, so no
+sweeper is needed.
+--]]
+local function approval_decide(keys, args)
+  local P = keys[1]
+  local now = clock(args[1])
+  local now_s, hold_id, decision = fmt(now), args[2], args[3]
+  local by, note = args[4] or '', args[5] or ''
+  if decision ~= 'approve' and decision ~= 'deny' then
+    return err('invalid_argument', 'decision must be approve or deny')
+  end
+  expire_due(P, now_s, EXPIRE_BATCH)
+  local h = read_hold(P, hold_id)
+  if not h or (h.appr or '') == '' then return err('approval_not_found', 'no approval ' .. hold_id) end
+  lapse_approval(P, hold_id, h, now)
+  local want = 'approved'
+  if decision == 'deny' then want = 'denied' end
+  local function ok(replayed)
+    return { 'ok', 'state', want, 'agent', h.agent, 'amount', h.amount_s,
+             'expires_at', fmt(h.expires_at), 'replayed', replayed }
+  end
+  if h.appr_state == want then return ok('1') end
+  if h.appr_state == 'expired' then return err('approval_expired', 'approval ' .. hold_id .. ' expired') end
+  if h.appr_state ~= 'pending' then
+    return err('approval_decided', 'approval ' .. hold_id .. ' is ' .. tostring(h.appr_state))
+  end
+  local detail = cjson.encode({ by = by, note = note })
+  local hkey = P .. ':h:' .. hold_id
+  redis.call('HSET', hkey, 'appr_by', by, 'appr_note', note, 'appr_at', now_s)
+  if decision == 'approve' then
+    local exp = now + tonumber(h.life or '1')
+    h.expires_at = exp
+    redis.call('HSET', hkey, 'state', 'open', 'appr_state', 'approved', 'expires_at', fmt(exp))
+    redis.call('ZADD', P .. ':holds', fmt(exp), hold_id)
+    log(P, { 'ts', now_s, 'ev', 'approve', 'agent', h.agent, 'task', h.task, 'svc', h.service,
+             'proto', h.protocol, 'amt', h.amount_s, 'hold', hold_id, 'appr', h.appr, 'detail', detail })
+  else
+    end_hold(P, hold_id, h, nil, 'voided', 0, now_s, 'approval_denied', detail)
+  end
+  return ok('0')
+end
+
 redis.register_function('spendcap_hold', hold)
+redis.register_function('spendcap_approval_decide', approval_decide)
 redis.register_function('spendcap_idem_finish', idem_finish)
 redis.register_function('spendcap_settle', settle)
 redis.register_function('spendcap_void', void)

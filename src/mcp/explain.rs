@@ -65,6 +65,10 @@ const EXPLANATIONS: &[Explanation] = &[
     other("acp_total_changed", "The checkout's total changed while it was being paid.", "Read the new total and decide again; a new call is a new purchase.", false),
     other("ap2_outcome_unknown", "The AP2 payment's outcome is unknown: the money stays held until it is resolved.", "Retry with the same idempotency_key; it never pays twice.", true),
     other("ap2_not_configured", "This daemon has no AP2 configuration.", "AP2 payments are not available here; do not retry.", false),
+    other("approval_required", "This payment needs a person's approval. Its amount is held for you (nobody else can spend it meanwhile) and nothing was sent yet.", "Tell the user the payment waits for approval (approval_id, reason). Once approved, call again with the same idempotency_key: it pays from the held amount, exactly once. Do not pay another way meanwhile.", true),
+    other("approval_denied", "A person denied this payment; its held amount was released. Nothing was paid.", "Do not retry it; go without, or ask the user what to do (see note).", false),
+    other("approval_expired", "Nobody approved this payment in time; its held amount was released. Nothing was paid.", "Only if it is still needed, make it again with a new idempotency_key and ask the user to approve it.", false),
+    other("approval_not_found", "No such approval (or it is not yours).", "Check the approval_id from the approval_required answer.", false),
     other("amount_malformed", "max_usd is not a decimal number of dollars like \"0.25\".", "Send max_usd as a decimal string.", false),
 ];
 

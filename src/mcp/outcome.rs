@@ -22,10 +22,16 @@ pub(crate) fn tool_result(answer: Result<Answer, Unanswered>, idempotency_key: O
     };
     match answer {
         Ok(Answer { status, body }) if (200..300).contains(&status) => {
-            let object = match in_usd(body) {
+            let mut object = match in_usd(body) {
                 Value::Object(object) => object,
                 other => Map::from_iter([("result".to_owned(), other)]),
             };
+            // A payment that waits for a person's approval (202) is not an error: it is held, and
+            // the agent is told how to go on.
+            if let Some(explanation) = object.get("code").and_then(Value::as_str).and_then(super::explain::explain) {
+                object.insert("what_to_do".into(), Value::String(explanation.what_to_do.to_owned()));
+                object.insert("retryable".into(), Value::Bool(explanation.retryable));
+            }
             CallToolResult::structured(with_key(object))
         }
         Ok(Answer { status, body }) => CallToolResult::structured_error(with_key(error_content(status, body))),

@@ -1304,3 +1304,33 @@ async fn acp_a_checkout_costs_its_counted_ledger_calls_and_provider_requests() {
     assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
     assert_eq!(again["receipt"], body["receipt"]);
 }
+
+#[tokio::test]
+async fn acp_a_checkout_waiting_for_approval_sends_nothing_and_completes_once_approved() {
+    let shop = shop().await;
+    shop.serve_happy_path().await;
+    let agent = shop.app.create_agent("approved-shopper", 10_000_000, None).await;
+    let rule = json!({ "approval": { "protocols": ["acp"], "ttl_secs": 600 } });
+    let (status, shown) = shop.app.admin(Method::PUT, "/v1/agents/approved-shopper/controls", Some(rule)).await;
+    assert_eq!(status, 200, "{shown}");
+
+    let (status, waiting) = shop.checkout(&agent, pay_session(), Some("jacket-1")).await;
+    assert_eq!((status, waiting["code"].as_str()), (202, Some("approval_required")), "{waiting}");
+    assert_eq!(waiting["reason"], "listed_protocol");
+    assert!(received(&shop.psp, "POST", DELEGATE_PATH).await.is_empty(), "no delegated token before approval");
+    assert!(received(&shop.merchant, "POST", COMPLETE_PATH).await.is_empty(), "nothing completed before approval");
+    assert_eq!(shop.money(&agent).await, (0, JACKET), "the total is held meanwhile");
+    let id = waiting["approval_id"].as_str().expect("id").to_owned();
+
+    let (status, decided) =
+        shop.app.admin(Method::POST, &format!("/v1/approvals/{id}/approve"), Some(json!({ "note": "ok" }))).await;
+    assert_eq!(status, 200, "{decided}");
+    let (status, body) = shop.checkout(&agent, pay_session(), Some("jacket-1")).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("completed")), "{body}");
+    assert_eq!(body["hold_id"], id.as_str(), "paid from the approved reservation");
+    assert_eq!(shop.money(&agent).await, (JACKET, 0));
+    assert_eq!(received(&shop.merchant, "POST", COMPLETE_PATH).await.len(), 1);
+    let (status, again) = shop.checkout(&agent, pay_session(), Some("jacket-1")).await;
+    assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
+    assert_eq!(received(&shop.merchant, "POST", COMPLETE_PATH).await.len(), 1, "completed once");
+}

@@ -23,7 +23,7 @@ pub(crate) fn alert_config(receiver: &MockServer) -> AlertConfig {
     config
 }
 
-async fn app_with_alerts(receiver: &MockServer, shared: Option<&TestApp>) -> TestApp {
+pub(crate) async fn app_with_alerts(receiver: &MockServer, shared: Option<&TestApp>) -> TestApp {
     let redis = shared.map(|app| (app.redis.clone().expect("redis"), "sc".to_owned()));
     let clock = shared.map(|app| app.clock.clone()).unwrap_or_default();
     spawn_app_with(AppOptions { redis, clock, alerts: Some(alert_config(receiver)), ..Default::default() }).await
@@ -31,7 +31,7 @@ async fn app_with_alerts(receiver: &MockServer, shared: Option<&TestApp>) -> Tes
 
 /// The alerts the receiver got (every attempt), each checked: its signature verifies with the
 /// shared secret and a fresh timestamp, and a tampered body does not.
-async fn received(receiver: &MockServer, app: &TestApp) -> Vec<Value> {
+pub(crate) async fn received(receiver: &MockServer, app: &TestApp) -> Vec<Value> {
     let secret = WebhookSecret::new(SECRET.into()).expect("secret");
     let now = app.clock.now_ms() / 1000;
     let requests: Vec<Request> = receiver.received_requests().await.unwrap_or_default();

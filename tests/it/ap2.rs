@@ -1823,3 +1823,35 @@ async fn ap2_a_payment_costs_its_counted_ledger_calls_and_provider_requests() {
     assert_eq!(calls, expected, "ledger calls of one payment");
     assert_eq!((received(&cp).await.len() - cp_before, received(&shop).await.len() - shop_before), (1, 1));
 }
+
+#[tokio::test]
+async fn ap2_a_payment_waiting_for_approval_signs_nothing_and_pays_once_approved() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], None)).await;
+    let agent = app.create_agent("approved-shopper", 500 * USD, None).await;
+    let rule = json!({ "approval": { "above_micros": 100_000_000, "ttl_secs": 600 } });
+    let (status, shown) = app.admin(reqwest::Method::PUT, "/v1/agents/approved-shopper/controls", Some(rule)).await;
+    assert_eq!(status, 200, "{shown}");
+    let jwk = agent_jwk(&app, &agent).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let mandates = issue_mandates(&TestKey::load("user"), &jwk, &MandateTerms::default(), now);
+    let checkout_jwt = CheckoutTerms::shoes("chk_approval").sign(&TestKey::load("merchant"), now);
+
+    let (status, waiting) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+    assert_eq!((status, waiting["code"].as_str()), (202, Some("approval_required")), "{waiting}");
+    assert!(received(&cp).await.is_empty(), "no closed mandate reached the Credential Provider");
+    assert!(received(&shop).await.is_empty(), "nothing reached the merchant");
+    assert_eq!(me(&app, &agent).await["held_micros"], 146_260_000, "held meanwhile");
+    let id = waiting["approval_id"].as_str().expect("id").to_owned();
+
+    let (status, _) = app.admin(reqwest::Method::POST, &format!("/v1/approvals/{id}/approve"), Some(json!({}))).await;
+    assert_eq!(status, 200);
+    let (status, paid) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+    assert_eq!((status, paid["status"].as_str()), (200, Some("paid")), "{paid}");
+    let (status, again) = pay(&app, &agent, &mandates, &checkout_jwt).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(received(&cp).await.len(), 1, "paid once");
+    let balance = me(&app, &agent).await;
+    assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(146_260_000), Some(0)));
+}

@@ -75,7 +75,10 @@ async fn the_session_carries_the_role_and_its_actions() {
     assert_eq!(status, 200, "{session}");
     assert_eq!(session["role"], "admin");
     let actions: Vec<&str> = session["actions"].as_array().expect("actions").iter().filter_map(Value::as_str).collect();
-    assert_eq!(actions, ["create_agent", "set_cap", "set_controls", "set_expiry", "reinstate", "revoke"]);
+    assert_eq!(
+        actions,
+        ["create_agent", "set_cap", "set_controls", "set_expiry", "reinstate", "revoke", "approval.decide"]
+    );
     let agent = app.create_agent("not-admin", 1_000, None).await;
     let (status, body) = app.agent_call(&agent.token, Method::GET, "/v1/dashboard/session", None).await;
     assert_eq!((status, body["code"].as_str()), (403, Some("admin_only")));

@@ -656,3 +656,26 @@ async fn a_keyed_api_call_costs_two_ledger_calls_and_one_upstream_request() {
     assert_eq!(calls, ["FCALL spendcap_hold", "FCALL spendcap_settle"], "ledger calls of one keyed-API call");
     assert_eq!(upstream.received_requests().await.expect("recorded").len(), 1, "upstream requests");
 }
+
+#[tokio::test]
+async fn a_call_that_needs_approval_is_held_and_answered_202_before_anything_is_forwarded() {
+    let upstream = MockServer::start().await;
+    let app = app_for(&upstream.uri()).await;
+    let agent = app.create_agent("approval-caller", 1_000_000, None).await;
+    let rule = json!({ "approval": { "services": ["search"] } });
+    let (status, shown) = app.admin(Method::PUT, "/v1/agents/approval-caller/controls", Some(rule)).await;
+    assert_eq!(status, 200, "{shown}");
+    let response = app
+        .http
+        .get(app.url("/v1/apis/search/res/v1/web/search?q=rust"))
+        .bearer_auth(&agent.token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 202);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!((body["code"].as_str(), body["reason"].as_str()), (Some("approval_required"), Some("listed_service")));
+    assert_eq!(body["amount_micros"], 5_000);
+    assert!(upstream.received_requests().await.unwrap_or_default().is_empty(), "nothing was forwarded");
+    assert_eq!(balance(&app, &agent).await, (0, 5_000), "the bound is held while it waits");
+}

@@ -5,6 +5,7 @@ mod alerts;
 mod ap2;
 mod api;
 mod calls;
+mod approvals;
 mod cli;
 mod clock;
 mod concurrency;

@@ -44,7 +44,7 @@ fn base64_json(value: &Value) -> String {
 
 /// The daemon's x402 configuration in tests: the test key, 127.0.0.1 allow-listed (wiremock
 /// listens there), and every payment recorded for the conformance check.
-fn config() -> X402Config {
+pub(crate) fn config() -> X402Config {
     X402Config {
         signer: Some(EvmSigner::from_hex(TEST_KEY).expect("test key")),
         allow_private: vec!["127.0.0.1".parse().expect("address")],
@@ -53,7 +53,7 @@ fn config() -> X402Config {
     }
 }
 
-async fn app_with(x402: X402Config) -> TestApp {
+pub(crate) async fn app_with(x402: X402Config) -> TestApp {
     spawn_app_with(AppOptions { protocols: ProtocolConfig { x402, ..Default::default() }, ..Default::default() }).await
 }
 
@@ -83,7 +83,7 @@ fn v2_paid() -> ResponseTemplate {
 }
 
 /// A v2 resource server at `/weather`: 402 without a payment, the resource with one.
-async fn v2_server(amount: &str) -> MockServer {
+pub(crate) async fn v2_server(amount: &str) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(path("/weather"))
         .and(header_exists("payment-signature"))
@@ -96,7 +96,7 @@ async fn v2_server(amount: &str) -> MockServer {
 }
 
 /// The payments a resource server received, decoded.
-async fn payments(server: &MockServer) -> Vec<PaymentPayload> {
+pub(crate) async fn payments(server: &MockServer) -> Vec<PaymentPayload> {
     let requests = server.received_requests().await.expect("requests are recorded");
     requests
         .iter()
@@ -125,7 +125,7 @@ fn assert_signed_by_daemon(payment: &PaymentPayload) {
     assert_eq!(payment.exact().expect("an exact payment").authorization.from, PAYER);
 }
 
-async fn fetch(app: &TestApp, token: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+pub(crate) async fn fetch(app: &TestApp, token: &str, body: Value, key: Option<&str>) -> (u16, Value) {
     let mut request = app.http.post(app.url("/v1/x402/fetch")).bearer_auth(token).json(&body);
     if let Some(key) = key {
         request = request.header("Idempotency-Key", key);

@@ -138,3 +138,59 @@ def test_agents_sdk_tools_pay_hit_the_cap_and_the_model_receives_the_refusal(dae
     assert (refusal["ok"], refusal["code"], refusal["remaining_usd"]) == (False, "cap_exceeded", "0.01")
     assert refusal["instruction"].startswith("Stop spending")
     assert agent.me().spent_micros == 2 * SEARCH
+
+
+def test_a_tool_payment_that_needs_approval_waits_and_pays_once_a_person_approves(
+    daemon: Daemon, admin: Any, new_agent: Any
+) -> None:
+    import threading
+    import time
+
+    from spendcap.langchain import spendcap_tools
+
+    info, agent = new_agent("1.00")
+    admin.set_controls(info.id, {"approval": {"protocols": ["x402"], "ttl_secs": 600}})
+
+    def approve_when_asked() -> None:
+        for _ in range(100):
+            pending = [a for a in admin.approvals("pending") if a["agent"] == info.id]
+            if pending:
+                admin.approve(pending[0]["approval_id"], "go ahead")
+                return
+            time.sleep(0.1)
+
+    threading.Thread(target=approve_when_asked).start()
+    tools = spendcap_tools(agent, task="lc-approval", approval_wait_secs=20)
+    model = ScriptedChatModel(
+        messages=iter(
+            [
+                call("paid_fetch", "call_1", url=f"{daemon.x402_url}/search?q=approved"),
+                AIMessage(content="Done."),
+            ]
+        )
+    )
+    messages = run_langchain(model, tools, "Search once.")
+    results = {m.tool_call_id: json.loads(str(m.content)) for m in messages if isinstance(m, ToolMessage)}
+    assert (results["call_1"]["status"], results["call_1"]["paid_usd"]) == (200, "0.02"), results
+    assert agent.me().spent_micros == SEARCH
+
+
+def test_a_tool_payment_still_waiting_tells_the_model_what_to_do(daemon: Daemon, admin: Any, new_agent: Any) -> None:
+    from spendcap.langchain import spendcap_tools
+
+    info, agent = new_agent("1.00")
+    admin.set_controls(info.id, {"approval": {"protocols": ["x402"]}})
+    tools = spendcap_tools(agent, task="lc-waiting", approval_wait_secs=0)
+    model = ScriptedChatModel(
+        messages=iter([call("paid_fetch", "call_1", url=f"{daemon.x402_url}/search?q=w"), AIMessage(content="Asked.")])
+    )
+    messages = run_langchain(model, tools, "Search once.")
+    result = next(json.loads(str(m.content)) for m in messages if isinstance(m, ToolMessage))
+    assert (result["ok"], result["code"], result["retryable"], result["amount_usd"]) == (
+        False,
+        "approval_required",
+        True,
+        "0.02",
+    )
+    assert result["approval_id"] and "approval" in result["instruction"]
+    assert agent.me().held_micros == SEARCH

@@ -125,6 +125,26 @@ export class Spendcap {
     return this.#json({ method: "PUT", path: `/v1/agents/${segment(agent)}/controls`, body: controls });
   }
 
+  /** Payments waiting for (or decided about) a person's approval, newest first. */
+  async approvals(state?: string): Promise<Record<string, unknown>[]> {
+    const query = state === undefined ? "" : `?state=${encodeURIComponent(state)}`;
+    const list = await this.#json<{ approvals: Record<string, unknown>[] }>({
+      method: "GET",
+      path: `/v1/approvals${query}`,
+    });
+    return list.approvals;
+  }
+
+  /** Approves (or, with `approve: false`, denies) a waiting payment, with a note for the log. */
+  async decideApproval(approvalId: string, approve: boolean, note = ""): Promise<Record<string, unknown>> {
+    const decision = approve ? "approve" : "deny";
+    return this.#json({
+      method: "POST",
+      path: `/v1/approvals/${segment(approvalId)}/${decision}`,
+      body: { note },
+    });
+  }
+
   /** Lifts a suspension by the runaway-loop breaker. */
   async reinstate(agent: string): Promise<{ agent_id: string; was_suspended: string | null }> {
     return this.#json({ method: "POST", path: `/v1/agents/${segment(agent)}/reinstate` });
@@ -336,6 +356,18 @@ export class Agent {
   /** Own cap, spent, held, remaining and available (counting ancestors). */
   async me(): Promise<Budget> {
     return this.#connection.json({ method: "GET", path: "/v1/me" });
+  }
+
+  /**
+   * The approval of a payment that threw `ApprovalRequired`, waiting up to `waitSecs` (at most 60)
+   * for a person's decision: `state` is then `approved` (repeat the call with the same
+   * idempotency key), `denied`, `expired` or still `pending`.
+   */
+  async waitForApproval(approvalId: string, waitSecs = 30): Promise<Record<string, unknown>> {
+    return this.#connection.json({
+      method: "GET",
+      path: `/v1/me/approvals/${encodeURIComponent(approvalId)}?wait_secs=${waitSecs}`,
+    });
   }
 
   /** Reserves an amount against the cap (refused with `BudgetRefused` past it). */

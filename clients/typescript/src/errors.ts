@@ -99,6 +99,34 @@ export class OutcomeUnknown extends SpendcapError {
   }
 }
 
+/**
+ * HTTP 202: the payment waits for a person's approval. Its amount is held (nothing else can spend
+ * it meanwhile) and nothing was sent. Wait with `agent.waitForApproval(e.approvalId)`, then repeat
+ * the same call with `idempotencyKey`: once approved it pays from the held amount, exactly once.
+ */
+export class ApprovalRequired extends SpendcapError {
+  override name = "ApprovalRequired";
+  readonly approvalId: string;
+  /** `above_amount`, `new_service`, `listed_service` or `listed_protocol`. */
+  readonly reason: string;
+  readonly amountMicros: bigint | undefined;
+  /** The key to repeat the call with. */
+  readonly idempotencyKey: string | undefined;
+
+  constructor(status: number, body: ErrorBody, idempotencyKey?: string) {
+    super(status, body);
+    this.approvalId = typeof body.approval_id === "string" ? body.approval_id : "";
+    this.reason = typeof body.reason === "string" ? body.reason : "";
+    this.amountMicros = bigintField(body, "amount_micros");
+    this.idempotencyKey = typeof body.idempotency_key === "string" ? body.idempotency_key : idempotencyKey;
+  }
+}
+
+/** A person denied the payment (`approval_denied`) or nobody approved it in time (`approval_expired`): released, nothing paid. */
+export class ApprovalRefused extends SpendcapError {
+  override name = "ApprovalRefused";
+}
+
 /** A provider failed or could not be read (a 502 or 504 that is not an unknown outcome): nothing was spent. */
 export class ProviderError extends SpendcapError {
   override name = "ProviderError";
@@ -164,6 +192,12 @@ export function errorFrom(status: number, body: ErrorBody, idempotencyKey?: stri
   }
   if (code === "ledger_unavailable") {
     return new LedgerUnavailable(status, body);
+  }
+  if (code === "approval_required") {
+    return new ApprovalRequired(status, body, idempotencyKey);
+  }
+  if (code === "approval_denied" || code === "approval_expired") {
+    return new ApprovalRefused(status, body);
   }
   if ((status === 401 || status === 403) && code !== "x402_destination_forbidden") {
     return new AuthError(status, body);

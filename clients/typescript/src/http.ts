@@ -105,6 +105,19 @@ export class Connection {
     if (!response.ok) {
       throw await errorOf(response, call.idempotencyKey);
     }
+    // 202: held, waiting for a person's approval; nothing was sent (`ApprovalRequired`).
+    if (response.status === 202) {
+      let parsed: unknown = null;
+      try {
+        parsed = decodeJson(await response.clone().text());
+      } catch {
+        parsed = null;
+      }
+      const body = errorBody(202, parsed);
+      if (body.code === "approval_required") {
+        throw errorFrom(202, body, call.idempotencyKey);
+      }
+    }
     return response;
   }
 

@@ -24,6 +24,8 @@ export {
   type Used,
 } from "./client.js";
 export {
+  ApprovalRefused,
+  ApprovalRequired,
   AuthError,
   BudgetRefused,
   type ErrorBody,

@@ -10,6 +10,8 @@ import { after, before, describe, test } from "node:test";
 
 import {
   type Agent,
+  ApprovalRefused,
+  ApprovalRequired,
   AuthError,
   BudgetRefused,
   InvalidRequest,
@@ -224,6 +226,38 @@ describe("wrapFetch", () => {
 });
 
 describe("ACP, AP2, holds, outcomes, log and receipts", () => {
+  test("a payment that needs approval throws ApprovalRequired, and resumes from its reservation once approved", async () => {
+    await admin.run({ cap: "10.00" }, async (agent, created) => {
+      await admin.setControls(created.agent.id, { approval: { above_micros: 1_000_000, ttl_secs: 600 } });
+      const waiting = await agent
+        .hold({ amount: "2.50", service: "api.example.com", idempotencyKey: "ts-big" })
+        .catch((e: unknown) => e);
+      assert.ok(waiting instanceof ApprovalRequired, String(waiting));
+      assert.equal(waiting.status, 202);
+      assert.equal(waiting.reason, "above_amount");
+      assert.equal(waiting.amountMicros, 2_500_000n);
+      assert.equal(waiting.idempotencyKey, "ts-big");
+      assert.equal((await agent.me()).held_micros, 2_500_000n);
+      const decided = admin.decideApproval(waiting.approvalId, true, "fine");
+      const seen = await agent.waitForApproval(waiting.approvalId, 20);
+      await decided;
+      assert.equal(seen.state, "approved");
+      const hold = await agent.hold({ amount: "2.50", service: "api.example.com", idempotencyKey: "ts-big" });
+      assert.equal(hold.hold_id, waiting.approvalId);
+
+      const denied = await agent
+        .hold({ amount: "3.00", service: "api.example.com", idempotencyKey: "ts-denied" })
+        .catch((e: unknown) => e);
+      assert.ok(denied instanceof ApprovalRequired);
+      await admin.decideApproval(denied.approvalId, false, "no");
+      const refused = await agent
+        .hold({ amount: "3.00", service: "api.example.com", idempotencyKey: "ts-denied" })
+        .catch((e: unknown) => e);
+      assert.ok(refused instanceof ApprovalRefused, String(refused));
+      assert.equal(refused.code, "approval_denied");
+    });
+  });
+
   test("an ACP checkout is paid, settled with a receipt that verifies, and a tampered one does not", async () => {
     await admin.run({ cap: "2.00" }, async (agent, created) => {
       const paid = await agent.acpCheckout({

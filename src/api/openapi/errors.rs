@@ -25,6 +25,7 @@ const CONTROLS: &[&str] = &[
     "unknown_protocol",
     "invalid_threshold",
     "invalid_task",
+    "invalid_approval",
 ];
 /// A budget refusal (402), from the hold or the precheck before anything is sent.
 pub const REFUSALS: &[&str] = &[
@@ -85,6 +86,7 @@ pub const TABLE: &[Entry] = &[
     ("get", "/v1/me", &[]),
     ("get", "/v1/me/budget", &[(400, &["invalid_query"]), (422, &["invalid_label"])]),
     ("post", "/v1/holds", &[
+        (202, &["approval_required"]), (403, &["approval_denied", "approval_expired"]), (409, &["hold_voided"]),
         (400, &["invalid_idempotency_key", "invalid_argument"]),
         (402, REFUSALS),
         (409, &["idempotency_in_flight"]),
@@ -128,17 +130,27 @@ pub const TABLE: &[Entry] = &[
         (422, &["invalid_body", "invalid_label", "invalid_task", "invalid_ttl"])]),
     ("get", "/v1/agents/{agent}/tokens", &[(404, &["unknown_agent"])]),
     ("delete", "/v1/agents/{agent}/tokens/{token}", &[(404, &["unknown_agent", "unknown_token"])]),
+    // Approval holds (admin decides; an agent reads its own).
+    ("get", "/v1/approvals", &[(400, &["invalid_state", "invalid_query"])]),
+    ("get", "/v1/approvals/{id}", &[(400, &["invalid_query"]), (404, &["approval_not_found"])]),
+    ("get", "/v1/me/approvals/{id}", &[(400, &["invalid_query"]), (404, &["approval_not_found"])]),
+    ("post", "/v1/approvals/{id}/approve", &[
+        (400, &["invalid_argument"]), (404, &["approval_not_found"]), (409, &["approval_expired", "approval_decided"]),
+        (422, &["invalid_note"])]),
+    ("post", "/v1/approvals/{id}/deny", &[
+        (400, &["invalid_argument"]), (404, &["approval_not_found"]), (409, &["approval_expired", "approval_decided"]),
+        (422, &["invalid_note"])]),
     // Protocol endpoints: open codes (see the module's comment).
-    ("post", "/v1/x402/fetch", &[(400, OPEN), (402, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
-    ("post", "/v1/acp/checkouts", &[(400, OPEN), (402, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
+    ("post", "/v1/x402/fetch", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
+    ("post", "/v1/acp/checkouts", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("post", "/v1/acp/checkouts/{checkout_session_id}/cancel", &[(400, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("get", "/v1/ap2/key", &[(403, &["agent_revoked"]), (503, &["ap2_not_configured"])]),
     ("get", "/v1/ap2/agents/{agent}/key", &[(403, &["agent_revoked"]), (404, &["unknown_agent"]), (503, &["ap2_not_configured"])]),
     ("post", "/v1/ap2/mandates", &[(400, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (503, OPEN)]),
     ("post", "/v1/ap2/agents/{agent}/mandates", &[(400, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (503, OPEN)]),
     ("get", "/v1/ap2/mandates/{mandate_id}", &[(404, &["ap2_unknown_mandate"]), (503, &["ap2_not_configured"])]),
-    ("post", "/v1/ap2/payments", &[(400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
-    ("post", "/v1/ap2/v0.1/payments", &[(400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
+    ("post", "/v1/ap2/payments", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
+    ("post", "/v1/ap2/v0.1/payments", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
 ];
 
 /// Operations that never reach the ledger: no 503 ledger answers.

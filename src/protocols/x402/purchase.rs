@@ -526,7 +526,14 @@ async fn resumable(core: &Core, agent: &AgentAuth, hold: &HoldId) -> Result<Term
     if (info.state != "open" && info.state != "unknown") || !sendable {
         return Err(expired());
     }
-    Terms::read(&details).ok_or_else(|| Failure::internal(format!("hold {hold} lacks its x402 terms")))
+    let mut terms =
+        Terms::read(&details).ok_or_else(|| Failure::internal(format!("hold {hold} lacks its x402 terms")))?;
+    // A payment that waited for approval is signed only after it: its validity window starts at
+    // the approval (the ledger's time of it, so every resume on any instance signs the same).
+    if let Some(approved_at_ms) = info.approved_at_ms {
+        terms.signed_at = terms.signed_at.max(approved_at_ms / 1000);
+    }
+    Ok(terms)
 }
 
 /// Ends a purchase that cannot go on: its retries get the same error.

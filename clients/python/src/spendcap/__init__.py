@@ -12,6 +12,8 @@ surface over `httpx`; amounts in as `Decimal` / exact text, out as int micros pl
 
 from ._async import AsyncAgent, AsyncSpendcap
 from ._errors import (
+    ApprovalRefused,
+    ApprovalRequired,
     AuthError,
     BudgetRefused,
     InvalidRequest,
@@ -57,6 +59,8 @@ __all__ = [
     "AgentInfo",
     "Ap2Key",
     "Ap2Payment",
+    "ApprovalRefused",
+    "ApprovalRequired",
     "AsyncAgent",
     "AsyncSpendcap",
     "AuthError",

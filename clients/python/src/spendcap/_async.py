@@ -184,6 +184,18 @@ class AsyncSpendcap(_Client):
     async def set_controls(self, agent: str, controls: Mapping[str, Any]) -> dict[str, Any]:
         return await self._send(calls.set_controls(agent, controls))
 
+    async def approvals(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Payments waiting for (or decided about) a person's approval, newest first."""
+        return list((await self._send(calls.approvals(state)))["approvals"])
+
+    async def approve(self, approval_id: str, note: str = "") -> dict[str, Any]:
+        """Approves a waiting payment: the agent's repeated call pays it from its reservation."""
+        return await self._send(calls.decide_approval(approval_id, "approve", note))
+
+    async def deny(self, approval_id: str, note: str = "") -> dict[str, Any]:
+        """Denies a waiting payment: its money is released."""
+        return await self._send(calls.decide_approval(approval_id, "deny", note))
+
     async def reinstate(self, agent: str) -> dict[str, Any]:
         return await self._send(calls.reinstate(agent))
 
@@ -308,6 +320,12 @@ class AsyncAgent(_Client):
 
     async def me(self) -> Budget:
         return await self._send(calls.me())
+
+    async def wait_for_approval(self, approval_id: str, *, wait_secs: int = 30) -> dict[str, Any]:
+        """The approval of a payment that raised `ApprovalRequired`, waiting up to `wait_secs`
+        (at most 60) for a person's decision: its `state` is then `approved` (repeat the call
+        with the same idempotency key), `denied`, `expired` or still `pending`."""
+        return await self._send(calls.own_approval(approval_id, wait_secs))
 
     async def hold(
         self,

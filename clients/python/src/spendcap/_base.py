@@ -62,6 +62,11 @@ def parse(call: Call[T], response: httpx.Response) -> T:
     """The answer of a call, or its typed error."""
     if not response.is_success:
         raise error_from_response(response.status_code, body_of(response))
+    # 202: held, waiting for a person's approval; nothing was sent (`ApprovalRequired`).
+    if response.status_code == 202:
+        body = body_of(response)
+        if isinstance(body, dict) and body.get("code") == "approval_required":
+            raise error_from_response(202, body)
     if call.jsonl:
         return call.parse([json.loads(line) for line in response.text.splitlines() if line.strip()])
     return call.parse(response.json())

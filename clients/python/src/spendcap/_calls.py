@@ -211,6 +211,23 @@ def me() -> Call[Budget]:
     return Call("GET", "/v1/me", Budget.from_json)
 
 
+def own_approval(approval_id: str, wait_secs: int | None = None) -> Call[Json]:
+    params = {"wait_secs": str(wait_secs)} if wait_secs is not None else None
+    return Call("GET", f"/v1/me/approvals/{segment(approval_id)}", _json, params=params)
+
+
+def approvals(state: str | None = None) -> Call[Json]:
+    return Call("GET", "/v1/approvals", _json, params={"state": state} if state else None)
+
+
+def decide_approval(approval_id: str, decision: str, note: str = "") -> Call[Json]:
+    return Call("POST", f"/v1/approvals/{segment(approval_id)}/{decision}", _json, body={"note": note})
+
+
+def _json(value: Any) -> Json:
+    return value if isinstance(value, dict) else {}
+
+
 def hold(
     amount: Money,
     *,

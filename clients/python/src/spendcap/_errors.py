@@ -116,6 +116,31 @@ class OutcomeUnknown(SpendcapError):
         self.hold_id: str | None = hold_id if isinstance(hold_id, str) else None
 
 
+class ApprovalRequired(SpendcapError):
+    """202: the payment waits for a person's approval. Its amount is held (nobody else can spend
+    it meanwhile) and nothing was sent. Wait with `agent.wait_for_approval(e.approval_id)`, then
+    repeat the same call with `idempotency_key=e.idempotency_key`: once approved it pays from the
+    held amount, exactly once."""
+
+    def __init__(self, status: int, code: str, detail: str, body: dict[str, Any] | None = None) -> None:
+        super().__init__(status, code, detail, body)
+        self.approval_id: str = str(self.body.get("approval_id") or "")
+        self.reason: str = str(self.body.get("reason") or "")
+        self.amount_micros = _int(self.body.get("amount_micros"))
+        self.expires_at_ms = _int(self.body.get("expires_at_ms"))
+        key = self.body.get("idempotency_key")
+        self.idempotency_key: str | None = key if isinstance(key, str) else None
+
+    @property
+    def amount(self) -> Decimal:
+        return to_usd(self.amount_micros)
+
+
+class ApprovalRefused(PaymentRefused):
+    """A person denied the payment (`approval_denied`), or nobody approved it in time
+    (`approval_expired`): its held amount was released and nothing was paid."""
+
+
 class LedgerUnavailable(SpendcapError):
     """The ledger (Redis) did not answer: every payment is refused (fail closed); nothing was paid."""
 
@@ -151,6 +176,10 @@ def error_from_response(status: int, body: Any) -> SpendcapError:
     cls: type[SpendcapError]
     if code.endswith("outcome_unknown"):
         cls = OutcomeUnknown
+    elif code == "approval_required":
+        cls = ApprovalRequired
+    elif code in ("approval_denied", "approval_expired"):
+        cls = ApprovalRefused
     elif code == "ledger_unavailable":
         cls = LedgerUnavailable
     elif status in (401, 403) and code != "x402_destination_forbidden":

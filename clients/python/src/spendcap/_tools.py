@@ -15,7 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import BudgetRefused, OutcomeUnknown, PaymentRefused, ProviderDeclined, SpendcapError
+from ._errors import (
+    ApprovalRequired,
+    BudgetRefused,
+    OutcomeUnknown,
+    PaymentRefused,
+    ProviderDeclined,
+    SpendcapError,
+)
 from ._models import Ap2Payment, Budget, Checkout, FetchResult
 from ._money import Micros, Money, format_usd, to_micros
 from ._sync import Agent
@@ -30,6 +37,11 @@ DECLINED = "The provider declined this payment; nothing was spent. Do not retry 
 UNKNOWN = (
     "The payment's outcome is unknown and its money stays held. Do not pay again for this; retrying this "
     "same tool call resumes the same purchase."
+)
+
+APPROVAL = (
+    "This payment waits for a person's approval; its money is held for it and nothing was sent. Tell the "
+    "user it needs approval (approval_id, reason). Do not pay for it another way meanwhile."
 )
 
 FETCH_DESCRIPTION = (
@@ -59,6 +71,10 @@ class ToolConfig:
     task: str = ""
     max_usd_per_call: Money | None = None
     ap2_mandates: tuple[str, str] | None = None
+    # A payment that needs a person's approval: the tool call waits up to this long for the
+    # decision and, once approved, pays from the held reservation in the same call (0: answer
+    # `approval_required` at once).
+    approval_wait_secs: int = 30
 
 
 def idempotency_key(tool_call_id: str, tool: str) -> str:
@@ -87,12 +103,38 @@ def refusal(error: SpendcapError) -> dict[str, Any]:
     elif isinstance(error, ProviderDeclined):
         result["reason"] = error.reason or error.detail
         result["instruction"] = DECLINED
+    elif isinstance(error, ApprovalRequired):
+        result["retryable"] = True
+        result["approval_id"] = error.approval_id
+        result["reason"] = error.reason
+        result["amount_usd"] = format_usd(error.amount_micros)
+        result["instruction"] = APPROVAL
     elif isinstance(error, OutcomeUnknown):
         result["retryable"] = True
         result["instruction"] = UNKNOWN
     else:
         result["detail"] = error.detail
     return result
+
+
+def approved(config: ToolConfig, pay: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """`pay`, which waits for a person's decision when its payment needs approval: once decided it
+    is sent again with the same idempotency key, so an approved payment is paid from its held
+    reservation (exactly once) and a denied or expired one answers `approval_denied` /
+    `approval_expired`; still undecided after `approval_wait_secs`, `approval_required`."""
+
+    def run() -> dict[str, Any]:
+        try:
+            return pay()
+        except ApprovalRequired as waiting:
+            if config.approval_wait_secs <= 0 or not waiting.approval_id:
+                raise
+            decided = config.agent.wait_for_approval(waiting.approval_id, wait_secs=min(60, config.approval_wait_secs))
+            if decided.get("state") == "pending":
+                raise
+            return pay()
+
+    return run
 
 
 def guarded(run: Callable[[], dict[str, Any]]) -> str:
@@ -164,15 +206,18 @@ def paid_fetch(
     max_usd: str | None = None,
 ) -> str:
     return guarded(
-        lambda: fetch_view(
-            config.agent.fetch(
-                url,
-                method=method,
-                body=body,
-                task=config.task,
-                max_usd=_max_usd(config, max_usd),
-                idempotency_key=idempotency_key(tool_call_id, "paid_fetch"),
-            )
+        approved(
+            config,
+            lambda: fetch_view(
+                config.agent.fetch(
+                    url,
+                    method=method,
+                    body=body,
+                    task=config.task,
+                    max_usd=_max_usd(config, max_usd),
+                    idempotency_key=idempotency_key(tool_call_id, "paid_fetch"),
+                )
+            ),
         )
     )
 
@@ -185,14 +230,17 @@ def acp_checkout(
     checkout_session_id: str | None = None,
 ) -> str:
     return guarded(
-        lambda: checkout_view(
-            config.agent.checkout(
-                merchant,
-                checkout_session_id,
-                items=list(items) if items is not None and checkout_session_id is None else None,
-                task=config.task,
-                idempotency_key=idempotency_key(tool_call_id, "acp_checkout"),
-            )
+        approved(
+            config,
+            lambda: checkout_view(
+                config.agent.checkout(
+                    merchant,
+                    checkout_session_id,
+                    items=list(items) if items is not None and checkout_session_id is None else None,
+                    task=config.task,
+                    idempotency_key=idempotency_key(tool_call_id, "acp_checkout"),
+                )
+            ),
         )
     )
 
@@ -202,14 +250,17 @@ def ap2_pay(config: ToolConfig, tool_call_id: str, checkout_jwt: str) -> str:
         return encode({"ok": False, "code": "ap2_no_mandate", "detail": "no AP2 mandate was given to this agent"})
     checkout_mandate, payment_mandate = config.ap2_mandates
     return guarded(
-        lambda: ap2_view(
-            config.agent.pay(
-                checkout_jwt,
-                open_checkout_mandate=checkout_mandate,
-                open_payment_mandate=payment_mandate,
-                task=config.task,
-                idempotency_key=idempotency_key(tool_call_id, "ap2_pay"),
-            )
+        approved(
+            config,
+            lambda: ap2_view(
+                config.agent.pay(
+                    checkout_jwt,
+                    open_checkout_mandate=checkout_mandate,
+                    open_payment_mandate=payment_mandate,
+                    task=config.task,
+                    idempotency_key=idempotency_key(tool_call_id, "ap2_pay"),
+                )
+            ),
         )
     )
 

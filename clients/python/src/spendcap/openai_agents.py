@@ -28,10 +28,17 @@ def spendcap_tools(
     task: str = "",
     max_usd_per_call: Money | None = None,
     ap2_mandates: tuple[str, str] | None = None,
+    approval_wait_secs: int = 30,
 ) -> list[Tool]:
     """The spendcap tools for one agent; `ap2_mandates` = (open checkout mandate, open payment
     mandate) adds `ap2_pay`."""
-    config = _tools.ToolConfig(agent, task=task, max_usd_per_call=max_usd_per_call, ap2_mandates=ap2_mandates)
+    config = _tools.ToolConfig(
+        agent,
+        task=task,
+        max_usd_per_call=max_usd_per_call,
+        ap2_mandates=ap2_mandates,
+        approval_wait_secs=approval_wait_secs,
+    )
 
     @function_tool(description_override=_tools.BUDGET_DESCRIPTION)
     def get_budget() -> str:
