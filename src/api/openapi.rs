@@ -12,7 +12,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agents, budget, controls, holds, log, reports, unknown};
+use super::{agents, budget, controls, holds, log, operators, reports, unknown};
 
 struct BearerSchemes;
 
@@ -20,7 +20,7 @@ impl Modify for BearerSchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
         for (name, description) in [
-            ("admin", "The admin token (`SPENDCAP_ADMIN_TOKEN`)."),
+            ("admin", "The admin token (`SPENDCAP_ADMIN_TOKEN`), or an operator token (`sco_op_…`) whose role allows the route (see `GET /v1/whoami`)."),
             ("agent", "An agent's own token (`sct_…`), shown once when the agent is created or its token rotated."),
         ] {
             components.add_security_scheme(
@@ -49,6 +49,7 @@ impl Modify for BearerSchemes {
         budget::budget,
         log::export_log, log::spend, log::export_receipts, log::receipt_key,
         reports::record_outcome, reports::reports,
+        operators::create, operators::list, operators::revoke, operators::whoami,
         routes::mcp,
         crate::protocols::x402::routes::fetch, routes::x402_proxy,
         routes::acp_checkout, routes::acp_cancel,
