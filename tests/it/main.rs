@@ -26,6 +26,7 @@ mod openapi;
 mod readme;
 mod reports;
 mod revocation;
+mod roles;
 mod security;
 mod support;
 mod unknown;
