@@ -47,9 +47,10 @@ impl Role {
             (Role::Viewer | Role::Operator, ReadFleet) => Grant::Full,
             (Role::Operator, Revoke | Reinstate | RecordOutcome) => Grant::Full,
             (Role::Operator, SetCap | SetControls | SetExpiry) => Grant::TightenOnly,
-            (Role::Operator, CreateAgent | Archive | RotateToken | ResolveHold | ManageKeys | ManageOperators) => {
-                Grant::No
-            }
+            (
+                Role::Operator,
+                CreateAgent | Archive | RotateToken | ResolveHold | RegisterMandates | ManageOperators,
+            ) => Grant::No,
             (Role::Viewer, _) => Grant::No,
         }
     }
@@ -97,8 +98,8 @@ pub enum Action {
     RecordOutcome,
     /// Settle or void a hold whose outcome is unknown.
     ResolveHold,
-    /// Read or use agents' AP2 keys (register mandates for an agent).
-    ManageKeys,
+    /// Register AP2 open mandates for an agent (its owner's surface).
+    RegisterMandates,
     /// Create, list the secrets of, and revoke operator tokens.
     ManageOperators,
 }
@@ -117,7 +118,7 @@ impl Action {
         Action::RotateToken,
         Action::RecordOutcome,
         Action::ResolveHold,
-        Action::ManageKeys,
+        Action::RegisterMandates,
         Action::ManageOperators,
     ];
 
@@ -135,7 +136,7 @@ impl Action {
             Action::RotateToken => "rotate_token",
             Action::RecordOutcome => "record_outcome",
             Action::ResolveHold => "resolve_hold",
-            Action::ManageKeys => "manage_keys",
+            Action::RegisterMandates => "register_mandates",
             Action::ManageOperators => "manage_operators",
         }
     }

@@ -50,7 +50,7 @@ pub const ROUTES: &[(&str, &str, Action)] = &[
     ("post", "/v1/agents/{agent}/archive", Action::Archive),
     ("post", "/v1/agents/{agent}/rotate-token", Action::RotateToken),
     ("post", "/v1/holds/{hold}/resolve", Action::ResolveHold),
-    ("post", "/v1/ap2/agents/{agent}/mandates", Action::ManageKeys),
+    ("post", "/v1/ap2/agents/{agent}/mandates", Action::RegisterMandates),
     ("post", "/v1/operators", Action::ManageOperators),
     ("post", "/v1/operators/{name}/revoke", Action::ManageOperators),
 ];
@@ -257,7 +257,7 @@ pub struct WhoAmI {
 
 /// Creates an operator token with a role, optionally limited to one budget tree. The token is in
 /// this answer only; the ledger keeps its SHA-256.
-#[utoipa::path(post, path = "/v1/operators", request_body = CreateOperatorRequest,
+#[utoipa::path(post, path = "/v1/operators", operation_id = "create_operator", request_body = CreateOperatorRequest,
     responses((status = 201, body = CreatedOperator)), security(("admin" = [])))]
 pub async fn create(
     who: Principal,
@@ -293,14 +293,14 @@ pub async fn create(
 }
 
 /// Every operator (revoked ones too), never with its token or the token's hash.
-#[utoipa::path(get, path = "/v1/operators", responses((status = 200, body = OperatorList)), security(("admin" = [])))]
+#[utoipa::path(get, path = "/v1/operators", operation_id = "list_operators", responses((status = 200, body = OperatorList)), security(("admin" = [])))]
 pub async fn list(_: Principal, State(state): State<SharedState>) -> Result<Json<OperatorList>, ApiError> {
     let operators = state.ledger.operators().await?;
     Ok(Json(OperatorList { operators: operators.iter().map(OperatorView::from).collect() }))
 }
 
 /// Revokes an operator token: it stops at once, on every instance.
-#[utoipa::path(post, path = "/v1/operators/{name}/revoke", params(("name" = String, Path, description = "the operator's name")),
+#[utoipa::path(post, path = "/v1/operators/{name}/revoke", operation_id = "revoke_operator", params(("name" = String, Path, description = "the operator's name")),
     responses((status = 200, body = RevokedOperator)), security(("admin" = [])))]
 pub async fn revoke(
     who: Principal,

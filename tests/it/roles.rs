@@ -359,3 +359,32 @@ async fn a_revoked_operator_token_stops_at_once_on_another_instance() {
     let (_, listed) = first.admin(Method::GET, "/v1/operators", None).await;
     assert!(listed["operators"][0]["revoked_at_ms"].is_u64(), "{listed}");
 }
+
+/// The README's roles table: `| `METHOD path` | `action` | viewer | operator | admin |` rows.
+#[test]
+fn the_readme_roles_table_is_the_routes_table() {
+    let readme = include_str!("../../README.md");
+    let at = readme.find("<!-- roles -->").expect("README has the roles table");
+    let rows: Vec<Vec<String>> = readme[at..]
+        .lines()
+        .skip(3)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().trim_matches('`').to_owned()).collect())
+        .collect();
+    assert_eq!(rows.len(), ROUTES.len(), "one README row per ROUTES row");
+    let cell = |grant: Grant| match grant {
+        Grant::Full => "yes",
+        Grant::TightenOnly => "tighten",
+        Grant::No => "no",
+    };
+    for ((method, path, action), row) in ROUTES.iter().zip(&rows) {
+        let expected = vec![
+            format!("{} {path}", method.to_ascii_uppercase()),
+            action.as_str().to_owned(),
+            cell(Role::Viewer.grant(*action)).to_owned(),
+            cell(Role::Operator.grant(*action)).to_owned(),
+            cell(Role::Admin.grant(*action)).to_owned(),
+        ];
+        assert_eq!(row, &expected, "README row (left) and ROUTES + Role::grant (right) differ");
+    }
+}
