@@ -388,3 +388,46 @@ fn the_readme_roles_table_is_the_routes_table() {
         assert_eq!(row, &expected, "README row (left) and ROUTES + Role::grant (right) differ");
     }
 }
+
+// The CLI is a blocking child process; the daemon needs other threads to answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_creates_lists_and_revokes_operators_and_takes_their_tokens() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let agent = app.create_agent("cli-watched", 5_000_000, None).await;
+    let cli = |token: &str, args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_spendcap"))
+            .args(args)
+            .env("SPENDCAP_URL", &app.base)
+            .env("SPENDCAP_ADMIN_TOKEN", token)
+            .output()
+            .expect("runs the CLI");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.success(), stdout, stderr)
+    };
+    let (ok, created, err) =
+        cli(ADMIN_TOKEN, &["operators", "create", "--name", "oncall", "--role", "operator", "--tree", "cli-watched"]);
+    assert!(ok, "{created}{err}");
+    let token = created
+        .lines()
+        .find_map(|l| l.strip_prefix("export SPENDCAP_ADMIN_TOKEN="))
+        .expect("the token, once")
+        .to_owned();
+    assert!(created.contains("oncall") && created.contains(&agent.tree), "{created}");
+    let (ok, me, _) = cli(&token, &["whoami"]);
+    assert!(ok && me.starts_with("oncall (operator, tree "), "{me}");
+    assert!(me.contains("tighten only: set_cap, set_controls, set_expiry"), "{me}");
+    // The operator token works where the admin token did, as far as its role goes.
+    let (ok, out, _) = cli(&token, &["agent", "set-cap", "cli-watched", "4.00"]);
+    assert!(ok, "{out}");
+    let (ok, _, err) = cli(&token, &["agent", "set-cap", "cli-watched", "9.00"]);
+    assert!(!ok && err.contains("role_forbidden"), "{err}");
+    let (ok, _, err) = cli(&token, &["agent", "create", "--handle", "nope", "--cap", "1"]);
+    assert!(!ok && err.contains("role_forbidden"), "{err}");
+    let (ok, list, _) = cli(ADMIN_TOKEN, &["operators", "list"]);
+    assert!(ok && list.contains("oncall") && !list.contains(&token[7..]), "{list}");
+    let (ok, out, _) = cli(ADMIN_TOKEN, &["operators", "revoke", "oncall"]);
+    assert!(ok && out.starts_with("revoked operator oncall at "), "{out}");
+    let (ok, _, err) = cli(&token, &["whoami"]);
+    assert!(!ok && err.contains("invalid_token"), "{err}");
+}
