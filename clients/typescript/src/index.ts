@@ -12,13 +12,17 @@ export {
   type Ap2PayOptions,
   type CreateAgentOptions,
   type CreatedAgent,
+  type CreatedOperator,
   type FetchOptions,
   type HoldOptions,
   type LogFilter,
+  type OperatorRole,
+  type OperatorView,
   type RunOptions,
   Spendcap,
   type SpendcapOptions,
   type Used,
+  type WhoAmI,
 } from "./client.js";
 export {
   AuthError,
