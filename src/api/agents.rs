@@ -389,7 +389,7 @@ pub async fn archive(
     Path(agent): Path<String>,
 ) -> Result<Json<Archived>, ApiError> {
     let id = who.resolve(&state, &agent).await?;
-    let (archived_at_ms, already, handle) = state.ledger.archive(state.clock.now_ms(), &id).await?;
+    let (archived_at_ms, already, handle) = state.ledger.archive_as(state.clock.now_ms(), &id, &who.actor()).await?;
     tracing::info!(agent = %id, %handle, "agent archived");
     Ok(Json(Archived { agent_id: id.to_string(), handle, archived_at_ms, already_archived: already }))
 }
@@ -403,7 +403,7 @@ pub async fn rotate_token(
 ) -> Result<Json<RotatedToken>, ApiError> {
     let id = who.resolve(&state, &agent).await?;
     let token = AgentToken::generate(&id);
-    state.ledger.rotate_token(state.clock.now_ms(), &id, &token.hash()).await?;
+    state.ledger.rotate_token_as(state.clock.now_ms(), &id, &token.hash(), &who.actor()).await?;
     tracing::info!(agent = %id, "agent token rotated");
     Ok(Json(RotatedToken { agent_id: id.to_string(), token: token.reveal().to_owned() }))
 }

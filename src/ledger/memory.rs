@@ -867,6 +867,15 @@ impl MemoryLedger {
     }
 
     pub async fn archive(&self, now_ms: u64, agent: &AgentId) -> Result<(u64, bool, String), LedgerError> {
+        self.archive_as(now_ms, agent, &Actor::default()).await
+    }
+
+    pub async fn archive_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        actor: &Actor,
+    ) -> Result<(u64, bool, String), LedgerError> {
         let mut state = self.lock();
         let tree = state.trees.get_mut(agent.tree()).ok_or(LedgerError::UnknownAgent)?;
         let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
@@ -886,6 +895,7 @@ impl MemoryLedger {
                 event: "archive".into(),
                 agent: agent.to_string(),
                 reason: "archived".into(),
+                by: actor.by.clone(),
                 ..LogEntry::default()
             },
         );
@@ -896,13 +906,29 @@ impl MemoryLedger {
     }
 
     pub async fn rotate_token(&self, now_ms: u64, agent: &AgentId, token_hash: &TokenHash) -> Result<(), LedgerError> {
+        self.rotate_token_as(now_ms, agent, token_hash, &Actor::default()).await
+    }
+
+    pub async fn rotate_token_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        token_hash: &TokenHash,
+        actor: &Actor,
+    ) -> Result<(), LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
             let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
             a.token = token_hash.clone();
             tree.log(
                 tree_id,
-                LogEntry { ts_ms: now_ms, event: "rotate".into(), agent: agent.to_string(), ..LogEntry::default() },
+                LogEntry {
+                    ts_ms: now_ms,
+                    event: "rotate".into(),
+                    agent: agent.to_string(),
+                    by: actor.by.clone(),
+                    ..LogEntry::default()
+                },
             );
             Ok(())
         })

@@ -1388,6 +1388,27 @@ impl Ledger {
         dispatch!(self.set_controls_as(now_ms, agent, controls, expected, actor))
     }
 
+    /// [`Ledger::archive`] by `actor` (`by` on the `archive` entry).
+    pub async fn archive_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        actor: &Actor,
+    ) -> Result<(u64, bool, String), LedgerError> {
+        dispatch!(self.archive_as(now_ms, agent, actor))
+    }
+
+    /// [`Ledger::rotate_token`] by `actor` (`by` on the `rotate` entry).
+    pub async fn rotate_token_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        token_hash: &TokenHash,
+        actor: &Actor,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.rotate_token_as(now_ms, agent, token_hash, actor))
+    }
+
     /// Stores a new operator (its token's hash only). Names are unique, also after a revocation.
     pub async fn create_operator(
         &self,

@@ -495,8 +495,17 @@ impl RedisLedger {
     /// still names this agent. Only an archive removes a handle, so no other agent can have taken
     /// it between the two steps. Returns (archived_at, already, handle).
     pub async fn archive(&self, now_ms: u64, agent: &AgentId) -> Result<(u64, bool, String), LedgerError> {
+        self.archive_as(now_ms, agent, &Actor::default()).await
+    }
+
+    pub async fn archive_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        actor: &Actor,
+    ) -> Result<(u64, bool, String), LedgerError> {
         let reply = self
-            .fcall("spendcap_archive", agent.tree(), &[agent.as_str(), &now_ms.to_string()])
+            .fcall("spendcap_archive", agent.tree(), &[agent.as_str(), &now_ms.to_string(), &actor.by])
             .await?
             .into_result()?;
         let handle = reply.get("handle").to_owned();
@@ -513,11 +522,21 @@ impl RedisLedger {
     }
 
     pub async fn rotate_token(&self, now_ms: u64, agent: &AgentId, token_hash: &TokenHash) -> Result<(), LedgerError> {
+        self.rotate_token_as(now_ms, agent, token_hash, &Actor::default()).await
+    }
+
+    pub async fn rotate_token_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        token_hash: &TokenHash,
+        actor: &Actor,
+    ) -> Result<(), LedgerError> {
         // Safe to repeat: the same token hash is set again.
         self.fcall_resolving(
             "spendcap_rotate_token",
             agent.tree(),
-            &[&now_ms.to_string(), agent.as_str(), token_hash.as_str()],
+            &[&now_ms.to_string(), agent.as_str(), token_hash.as_str(), &actor.by],
         )
         .await?
         .into_result()?;

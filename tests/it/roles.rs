@@ -257,6 +257,11 @@ async fn an_operator_tightens_but_never_loosens_and_every_change_names_who_made_
     let (status, _) =
         call(Method::POST, format!("/v1/agents/{}/revoke", agent.id), json!({ "reason": "oncall" })).await;
     assert_eq!(status, 200);
+    let ada = create_operator(&app, "ada", "admin", None).await;
+    let (status, _) = app.agent_call(&ada, Method::POST, &format!("/v1/agents/{}/rotate-token", agent.id), None).await;
+    assert_eq!(status, 200);
+    let (status, _) = app.agent_call(&ada, Method::POST, &format!("/v1/agents/{}/archive", agent.id), None).await;
+    assert_eq!(status, 200);
     let log = app.log().await;
     let by: Vec<(&str, &str)> = log
         .iter()
@@ -271,7 +276,9 @@ async fn an_operator_tightens_but_never_loosens_and_every_change_names_who_made_
             ("expiry", "olga"),
             ("expiry", "olga"),
             ("cap", "admin"),
-            ("revoke", "olga")
+            ("revoke", "olga"),
+            ("rotate", "ada"),
+            ("archive", "ada")
         ]
     );
     let csv = app
