@@ -3,10 +3,10 @@
 //! (`api/operators.rs`, `ROUTES`) and asks [`Role::grant`].
 //!
 //! - `viewer` reads everything and changes nothing;
-//! - `operator` stops and tightens: revoke, reinstate, record task outcomes, lower a cap, make an
-//!   expiry earlier, tighten controls — never create agents, never raise a cap or loosen a limit,
-//!   never move money (resolving an unknown hold settles or releases money: admin only), never
-//!   rotate tokens or manage operators;
+//! - `operator` stops and tightens: revoke, reinstate, record task outcomes, decide approvals,
+//!   lower a cap, make an expiry earlier, tighten controls — never create agents, never raise a
+//!   cap or loosen a limit, never move money (resolving an unknown hold settles or releases
+//!   money: admin only), never rotate tokens or manage operators;
 //! - `admin` does everything.
 //!
 //! "Tighten only" is decided inside the ledger (see [`Grant::TightenOnly`]), not here.
@@ -45,7 +45,7 @@ impl Role {
             (Role::Admin, _) => Grant::Full,
             (Role::Viewer | Role::Operator, Read) => Grant::Full,
             (Role::Viewer | Role::Operator, ReadFleet) => Grant::Full,
-            (Role::Operator, Revoke | Reinstate | RecordOutcome) => Grant::Full,
+            (Role::Operator, Revoke | Reinstate | RecordOutcome | DecideApproval) => Grant::Full,
             (Role::Operator, SetCap | SetControls | SetExpiry) => Grant::TightenOnly,
             (
                 Role::Operator,
@@ -98,6 +98,9 @@ pub enum Action {
     RecordOutcome,
     /// Settle or void a hold whose outcome is unknown.
     ResolveHold,
+    /// Approve or deny a payment waiting for a person (approval holds, issue 18): the held money
+    /// stays within every cap either way.
+    DecideApproval,
     /// Register AP2 open mandates for an agent (its owner's surface).
     RegisterMandates,
     /// Create, list the secrets of, and revoke operator tokens.
@@ -105,7 +108,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 15] = [
         Action::Read,
         Action::ReadFleet,
         Action::CreateAgent,
@@ -118,6 +121,7 @@ impl Action {
         Action::RotateToken,
         Action::RecordOutcome,
         Action::ResolveHold,
+        Action::DecideApproval,
         Action::RegisterMandates,
         Action::ManageOperators,
     ];
@@ -136,6 +140,7 @@ impl Action {
             Action::RotateToken => "rotate_token",
             Action::RecordOutcome => "record_outcome",
             Action::ResolveHold => "resolve_hold",
+            Action::DecideApproval => "decide_approval",
             Action::RegisterMandates => "register_mandates",
             Action::ManageOperators => "manage_operators",
         }
