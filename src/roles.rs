@@ -49,7 +49,7 @@ impl Role {
             (Role::Operator, SetCap | SetControls | SetExpiry) => Grant::TightenOnly,
             (
                 Role::Operator,
-                CreateAgent | Archive | RotateToken | ResolveHold | RegisterMandates | ManageOperators,
+                CreateAgent | Archive | RotateToken | MintTaskToken | ResolveHold | RegisterMandates | ManageOperators,
             ) => Grant::No,
             (Role::Viewer, _) => Grant::No,
         }
@@ -94,6 +94,9 @@ pub enum Action {
     Reinstate,
     Archive,
     RotateToken,
+    /// Mint a short-lived, task-scoped token for an agent (`POST /v1/agents/{agent}/tokens`):
+    /// a new credential, so admin only; revoking one is [`Action::Revoke`].
+    MintTaskToken,
     /// Record a task outcome.
     RecordOutcome,
     /// Settle or void a hold whose outcome is unknown.
@@ -108,7 +111,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Action; 15] = [
+    pub const ALL: [Action; 16] = [
         Action::Read,
         Action::ReadFleet,
         Action::CreateAgent,
@@ -119,6 +122,7 @@ impl Action {
         Action::Reinstate,
         Action::Archive,
         Action::RotateToken,
+        Action::MintTaskToken,
         Action::RecordOutcome,
         Action::ResolveHold,
         Action::DecideApproval,
@@ -138,6 +142,7 @@ impl Action {
             Action::Reinstate => "reinstate",
             Action::Archive => "archive",
             Action::RotateToken => "rotate_token",
+            Action::MintTaskToken => "mint_task_token",
             Action::RecordOutcome => "record_outcome",
             Action::ResolveHold => "resolve_hold",
             Action::DecideApproval => "decide_approval",
@@ -248,7 +253,13 @@ mod tests {
             let viewer = Role::Viewer.grant(action);
             assert_eq!(viewer == Grant::No, !matches!(action, Action::Read | Action::ReadFleet), "{action:?}");
         }
-        for action in [Action::CreateAgent, Action::ManageOperators, Action::ResolveHold, Action::RotateToken] {
+        for action in [
+            Action::CreateAgent,
+            Action::ManageOperators,
+            Action::ResolveHold,
+            Action::RotateToken,
+            Action::MintTaskToken,
+        ] {
             assert_eq!(Role::Operator.grant(action), Grant::No, "{action:?}");
         }
         for action in [Action::SetCap, Action::SetControls, Action::SetExpiry] {
