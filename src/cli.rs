@@ -78,6 +78,15 @@ pub enum Command {
     /// Payments waiting for a person's approval: list, approve or deny (admin token required).
     #[command(subcommand)]
     Approvals(ApprovalsCommand),
+    /// Operator tokens with a role (viewer, operator, admin), optionally limited to one budget
+    /// tree: create, list, revoke (admin token required).
+    #[command(subcommand)]
+    Operators(OperatorsCommand),
+    /// Who the token in SPENDCAP_ADMIN_TOKEN is: name, role, tree, allowed actions.
+    Whoami {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Work with signed receipts.
     #[command(subcommand)]
     Receipt(ReceiptCommand),
@@ -471,6 +480,35 @@ fn controls_table(c: &Value, handles: &Handles) -> String {
     }
     out.push_str(&format!("  alerts at     {}%\n", c["alerts"]));
     out
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OperatorsCommand {
+    /// Create an operator token; prints it once.
+    Create {
+        /// Unique name, 1 to 64 characters of [a-z0-9_.-] (shown as `by` in the log).
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Limit the token to this agent's budget tree (id or handle).
+        #[arg(long)]
+        tree: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List operator tokens (never the tokens themselves).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revoke an operator token by name; it stops at once.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1192,6 +1230,13 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             });
             Ok(())
         }
+        Command::Operators(command) => operators_command(command).await,
+        Command::Whoami { client } => {
+            let api = Client::new(&client)?;
+            let me = api.json(Method::GET, "/v1/whoami", None).await?;
+            print(client.json, &me, whoami_text);
+            Ok(())
+        }
         Command::Holds(HoldsCommand::List { state, agent, client }) => {
             let api = Client::new(&client)?;
             let mut query = format!("/v1/holds?state={}", path_segment(&state));
@@ -1311,4 +1356,74 @@ pub async fn run_client(command: Command) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// `spendcap operators create|list|revoke`.
+async fn operators_command(command: OperatorsCommand) -> Result<(), CliError> {
+    use reqwest::Method;
+    match command {
+        OperatorsCommand::Create { name, role, tree, client } => {
+            let api = Client::new(&client)?;
+            let body = serde_json::json!({ "name": name, "role": role, "tree": tree });
+            let created = api.json(Method::POST, "/v1/operators", Some(body)).await?;
+            print(client.json, &created, |c| {
+                format!(
+                    "{}operator token (shown once):\nexport SPENDCAP_ADMIN_TOKEN={}\n",
+                    operators_table(std::slice::from_ref(c)),
+                    c["token"].as_str().unwrap_or("")
+                )
+            });
+        }
+        OperatorsCommand::List { client } => {
+            let api = Client::new(&client)?;
+            let list = api.json(Method::GET, "/v1/operators", None).await?;
+            print(client.json, &list, |l| operators_table(l["operators"].as_array().map(Vec::as_slice).unwrap_or(&[])));
+        }
+        OperatorsCommand::Revoke { name, client } => {
+            let api = Client::new(&client)?;
+            let path = format!("/v1/operators/{}/revoke", path_segment(&name));
+            let revoked = api.json(Method::POST, &path, None).await?;
+            print(client.json, &revoked, |r| {
+                format!(
+                    "revoked operator {} at {}{}\n",
+                    r["name"].as_str().unwrap_or(""),
+                    when(&r["revoked_at_ms"]),
+                    if r["already_revoked"].as_bool().unwrap_or(false) { " (it already was)" } else { "" }
+                )
+            });
+        }
+    }
+    Ok(())
+}
+
+fn operators_table(operators: &[Value]) -> String {
+    let mut out = format!("{:<24} {:<9} {:<17} {:<20} {}\n", "NAME", "ROLE", "TREE", "CREATED", "REVOKED");
+    for o in operators {
+        out.push_str(&format!(
+            "{:<24} {:<9} {:<17} {:<20} {}\n",
+            o["name"].as_str().unwrap_or(""),
+            o["role"].as_str().unwrap_or(""),
+            o["tree"].as_str().unwrap_or("every tree"),
+            when(&o["created_at_ms"]),
+            when(&o["revoked_at_ms"]),
+        ));
+    }
+    out
+}
+
+fn whoami_text(me: &Value) -> String {
+    let list = |key: &str| {
+        me[key]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    };
+    format!(
+        "{} ({}, {})\nactions: {}\ntighten only: {}\n",
+        me["name"].as_str().unwrap_or(""),
+        me["role"].as_str().unwrap_or(""),
+        me["tree"].as_str().map_or("every tree".to_owned(), |t| format!("tree {t}")),
+        list("actions"),
+        list("tighten_only"),
+    )
 }

@@ -139,6 +139,11 @@ impl TokenHash {
         TokenHash(hex.to_owned())
     }
 
+    /// A hash as the ledger stored it (hex).
+    pub fn from_stored(hex: String) -> TokenHash {
+        TokenHash(hex)
+    }
+
     /// Constant-time comparison of two hashes.
     pub fn matches(&self, other: &TokenHash) -> bool {
         self.0.as_bytes().ct_eq(other.0.as_bytes()).into()

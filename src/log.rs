@@ -21,6 +21,9 @@ pub struct LogFilter {
     pub since_ms: Option<u64>,
     /// Entries before this time.
     pub until_ms: Option<u64>,
+    /// Only this budget tree (a token limited to one tree reads only its own).
+    #[serde(skip)]
+    pub tree: Option<TreeId>,
 }
 
 impl LogFilter {
@@ -52,10 +55,13 @@ pub struct LogReader<'a> {
 impl<'a> LogReader<'a> {
     pub async fn new(ledger: &'a Ledger, filter: LogFilter) -> Result<LogReader<'a>, LedgerError> {
         // An agent filter names its tree, so only that tree is read.
-        let trees = match filter.agent.as_deref().and_then(|a| a.parse::<crate::identity::AgentId>().ok()) {
+        let mut trees = match filter.agent.as_deref().and_then(|a| a.parse::<crate::identity::AgentId>().ok()) {
             Some(agent) => vec![agent.tree().clone()],
             None => ledger.trees().await?,
         };
+        if let Some(only) = &filter.tree {
+            trees.retain(|t| t == only);
+        }
         let cursors = trees
             .into_iter()
             .map(|tree| TreeCursor { tree, after: "0".into(), page: Default::default(), done: false })
@@ -99,7 +105,7 @@ impl<'a> LogReader<'a> {
 }
 
 pub const CSV_HEADER: &str =
-    "id,tree,ts_ms,time,event,agent,task,service,protocol,amount,released,hold,reason,cap,parent,remaining,detail\n";
+    "id,tree,ts_ms,time,event,agent,task,service,protocol,amount,released,hold,reason,cap,parent,remaining,detail,by\n";
 
 pub fn csv_line(e: &LogEntry) -> String {
     let num = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_default();
@@ -121,6 +127,7 @@ pub fn csv_line(e: &LogEntry) -> String {
         e.parent.clone(),
         num(e.remaining),
         e.detail.clone(),
+        e.by.clone(),
     ];
     let mut out = String::with_capacity(160);
     crate::csv::push_row(&mut out, &fields);

@@ -253,6 +253,9 @@ impl From<LedgerError> for Failure {
             | LedgerError::HoldPendingApproval => Kind::Conflict,
             LedgerError::ApprovalNotFound => Kind::NotFound,
             LedgerError::InvalidArgument(_) => Kind::Malformed,
+            LedgerError::RoleForbidden(_) => Kind::Forbidden,
+            LedgerError::ChangedMeanwhile | LedgerError::OperatorExists => Kind::Conflict,
+            LedgerError::UnknownOperator => Kind::NotFound,
             LedgerError::Unavailable(cause) => {
                 tracing::error!(error = %cause, "ledger unavailable; refusing (fail closed)");
                 return Failure::new(

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{Admin, ApiError, ApiJson, SharedState};
+use super::{ApiError, ApiJson, Principal, SharedState};
 use crate::identity::{AgentId, AgentToken, TreeId};
 use crate::ledger::standing::standings_in;
 use crate::ledger::{AgentRecord, AgentRef, AgentSetup, AgentState, Caller, LedgerError, NewAgent, Standing};
@@ -230,7 +230,7 @@ pub(crate) fn cap_from(number: &serde_json::Number) -> Result<Micros, ApiError> 
     responses((status = 201, body = CreatedAgent), (status = 409, description = "handle taken")),
     security(("admin" = [])))]
 pub async fn create_agent(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<CreateAgentRequest>,
 ) -> Result<(StatusCode, Json<CreatedAgent>), ApiError> {
@@ -285,8 +285,15 @@ pub async fn create_agent(
         Some(task) => Some(super::label("task", task, 128)?),
         None => None,
     };
+    if who.tree.is_some() && req.parent.is_none() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "role_forbidden",
+            "a token limited to one budget tree creates agents only under a parent in that tree",
+        ));
+    }
     let parent = match &req.parent {
-        Some(p) => Some(resolve(&state, p).await.map_err(|e| {
+        Some(p) => Some(who.resolve(&state, p).await.map_err(|e| {
             if e.code == "unknown_agent" {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_parent", "the parent agent does not exist")
             } else {
@@ -315,9 +322,9 @@ pub async fn create_agent(
 }
 
 #[utoipa::path(get, path = "/v1/agents", responses((status = 200, body = AgentList)), security(("admin" = [])))]
-pub async fn list_agents(_: Admin, State(state): State<SharedState>) -> Result<Json<AgentList>, ApiError> {
+pub async fn list_agents(who: Principal, State(state): State<SharedState>) -> Result<Json<AgentList>, ApiError> {
     let mut agents = Vec::new();
-    for tree in state.ledger.trees().await? {
+    for tree in who.trees(&state).await? {
         // Bring balances up to date (release due holds) before showing them.
         state.ledger.expire(state.clock.now_ms(), &tree).await?;
         let records = state.ledger.tree_agents(&tree).await?;
@@ -330,11 +337,11 @@ pub async fn list_agents(_: Admin, State(state): State<SharedState>) -> Result<J
 #[utoipa::path(get, path = "/v1/agents/{agent}", params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = AgentView), (status = 404, description = "unknown agent")), security(("admin" = [])))]
 pub async fn show_agent(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
 ) -> Result<Json<AgentView>, ApiError> {
-    let id = resolve(&state, &agent).await?;
+    let id = who.resolve(&state, &agent).await?;
     state.ledger.balance(state.clock.now_ms(), &id, &Caller::Admin).await?;
     Ok(Json(AgentView::load(&state, &id).await?))
 }
@@ -342,14 +349,14 @@ pub async fn show_agent(
 #[utoipa::path(put, path = "/v1/agents/{agent}/cap", request_body = SetCapRequest, params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = AgentView), (status = 409, description = "cap below spent + held")), security(("admin" = [])))]
 pub async fn set_cap(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
     ApiJson(req): ApiJson<SetCapRequest>,
 ) -> Result<Json<AgentView>, ApiError> {
     let cap = cap_from(&req.cap_micros)?;
-    let id = resolve(&state, &agent).await?;
-    let previous = state.ledger.set_cap(state.clock.now_ms(), &id, cap).await?;
+    let id = who.resolve(&state, &agent).await?;
+    let previous = state.ledger.set_cap_as(state.clock.now_ms(), &id, cap, &who.actor()).await?;
     tracing::info!(agent = %id, previous = previous.get(), cap = cap.get(), "cap changed");
     Ok(Json(AgentView::load(&state, &id).await?))
 }
@@ -357,14 +364,14 @@ pub async fn set_cap(
 #[utoipa::path(post, path = "/v1/agents/{agent}/revoke", request_body = RevokeRequest, params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = Revoked)), security(("admin" = [])))]
 pub async fn revoke(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
     ApiJson(req): ApiJson<RevokeRequest>,
 ) -> Result<Json<Revoked>, ApiError> {
-    let id = resolve(&state, &agent).await?;
+    let id = who.resolve(&state, &agent).await?;
     let (revoked_at_ms, already) =
-        state.ledger.revoke(state.clock.now_ms(), &id, &req.reason).await.map_err(|e| match e {
+        state.ledger.revoke_as(state.clock.now_ms(), &id, &req.reason, &who.actor()).await.map_err(|e| match e {
             LedgerError::InvalidArgument(detail) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_reason", detail)
             }
@@ -377,12 +384,12 @@ pub async fn revoke(
 #[utoipa::path(post, path = "/v1/agents/{agent}/archive", params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = Archived)), security(("admin" = [])))]
 pub async fn archive(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
 ) -> Result<Json<Archived>, ApiError> {
-    let id = resolve(&state, &agent).await?;
-    let (archived_at_ms, already, handle) = state.ledger.archive(state.clock.now_ms(), &id).await?;
+    let id = who.resolve(&state, &agent).await?;
+    let (archived_at_ms, already, handle) = state.ledger.archive_as(state.clock.now_ms(), &id, &who.actor()).await?;
     tracing::info!(agent = %id, %handle, "agent archived");
     Ok(Json(Archived { agent_id: id.to_string(), handle, archived_at_ms, already_archived: already }))
 }
@@ -390,13 +397,13 @@ pub async fn archive(
 #[utoipa::path(post, path = "/v1/agents/{agent}/rotate-token", params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = RotatedToken)), security(("admin" = [])))]
 pub async fn rotate_token(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
 ) -> Result<Json<RotatedToken>, ApiError> {
-    let id = resolve(&state, &agent).await?;
+    let id = who.resolve(&state, &agent).await?;
     let token = AgentToken::generate(&id);
-    state.ledger.rotate_token(state.clock.now_ms(), &id, &token.hash()).await?;
+    state.ledger.rotate_token_as(state.clock.now_ms(), &id, &token.hash(), &who.actor()).await?;
     tracing::info!(agent = %id, "agent token rotated");
     Ok(Json(RotatedToken { agent_id: id.to_string(), token: token.reveal().to_owned() }))
 }

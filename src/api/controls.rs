@@ -12,8 +12,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
-use super::agents::{resolve, AgentView};
-use super::{Admin, ApiError, ApiJson, SharedState};
+use super::agents::AgentView;
+use super::{ApiError, ApiJson, Principal, SharedState};
 use crate::ledger::controls::{validate_alerts, ControlsError, DEFAULT_ALERTS};
 use crate::ledger::{AgentControls, Controls, Period};
 
@@ -313,7 +313,7 @@ impl ControlsView {
               (status = 422, description = "invalid_limit, unknown_period, inverted_limits, invalid_window, invalid_breaker, invalid_list, unknown_protocol, invalid_threshold, invalid_approval; nothing changed")),
     security(("admin" = [])))]
 pub async fn set_controls(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
     body: Result<ApiJson<ControlsBody>, ApiError>,
@@ -326,8 +326,25 @@ pub async fn set_controls(
         }
     })?;
     let controls = body.parse()?;
-    let id = resolve(&state, &agent).await?;
-    state.ledger.set_controls(state.clock.now_ms(), &id, &controls).await?;
+    let id = who.resolve(&state, &agent).await?;
+    let actor = who.actor();
+    let expected = if actor.tighten_only {
+        // Tighten only: judged against the controls read now, and written only if they are
+        // still those (compare-and-set in the ledger; a change meanwhile is 409 changed_meanwhile).
+        let current = state.ledger.controls(&id).await?.controls;
+        if !controls.controls.no_looser_than(&current) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "role_forbidden",
+                "this token may only tighten controls: every limit kept and no higher, allow-lists \
+                 no wider, deny-lists kept, the breaker no looser",
+            ));
+        }
+        Some(current)
+    } else {
+        None
+    };
+    state.ledger.set_controls_as(state.clock.now_ms(), &id, &controls, expected.as_ref(), &actor).await?;
     tracing::info!(agent = %id, controls = %controls.controls.to_wire(), "controls changed");
     Ok(Json(ControlsView::new(id.to_string(), &state.ledger.controls(&id).await?)))
 }
@@ -335,11 +352,11 @@ pub async fn set_controls(
 #[utoipa::path(get, path = "/v1/agents/{agent}/controls", params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = ControlsView)), security(("admin" = [])))]
 pub async fn show_controls(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
 ) -> Result<Json<ControlsView>, ApiError> {
-    let id = resolve(&state, &agent).await?;
+    let id = who.resolve(&state, &agent).await?;
     Ok(Json(ControlsView::new(id.to_string(), &state.ledger.controls(&id).await?)))
 }
 
@@ -362,7 +379,7 @@ pub struct ExpiryRequest {
     params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = AgentView), (status = 422, description = "invalid_expiry")), security(("admin" = [])))]
 pub async fn set_expiry(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
     ApiJson(req): ApiJson<ExpiryRequest>,
@@ -377,8 +394,8 @@ pub async fn set_expiry(
         (None, None, true) => None,
         _ => return Err(bad("give exactly one of expires_at_ms, ttl_secs or never: true")),
     };
-    let id = resolve(&state, &agent).await?;
-    state.ledger.set_expiry(now, &id, expires_at_ms).await?;
+    let id = who.resolve(&state, &agent).await?;
+    state.ledger.set_expiry_as(now, &id, expires_at_ms, &who.actor()).await?;
     tracing::info!(agent = %id, expires_at_ms, "expiry changed");
     Ok(Json(AgentView::load(&state, &id).await?))
 }
@@ -393,12 +410,12 @@ pub struct Reinstated {
 #[utoipa::path(post, path = "/v1/agents/{agent}/reinstate", params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = Reinstated)), security(("admin" = [])))]
 pub async fn reinstate(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
 ) -> Result<Json<Reinstated>, ApiError> {
-    let id = resolve(&state, &agent).await?;
-    let was = state.ledger.reinstate(state.clock.now_ms(), &id).await?;
+    let id = who.resolve(&state, &agent).await?;
+    let was = state.ledger.reinstate_as(state.clock.now_ms(), &id, &who.actor()).await?;
     tracing::warn!(agent = %id, was = ?was, "agent reinstated");
     Ok(Json(Reinstated { agent_id: id.to_string(), was_suspended: was }))
 }
@@ -434,13 +451,13 @@ pub struct PeriodList {
 #[utoipa::path(get, path = "/v1/agents/{agent}/periods", params(("agent" = String, Path, description = "agent id or handle"), PeriodsQuery),
     responses((status = 200, body = PeriodList)), security(("admin" = [])))]
 pub async fn periods(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
     query: Result<Query<PeriodsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<PeriodList>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let id = resolve(&state, &agent).await?;
+    let id = who.resolve(&state, &agent).await?;
     let now = state.clock.now_ms();
     // Bring held figures up to date (release due holds) first.
     state.ledger.expire(now, id.tree()).await?;

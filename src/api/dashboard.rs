@@ -123,9 +123,12 @@ impl Session {
     }
 }
 
-/// `GET /v1/dashboard/session`: the role and allowed actions of the bearer token (401 otherwise).
-async fn session(_: super::Admin) -> axum::Json<Session> {
-    axum::Json(Session::admin())
+/// `GET /v1/dashboard/session`: the role and allowed actions of the bearer token (401 otherwise):
+/// of the dashboard's actions, those the token's role allows (`operators::Principal::actions`).
+async fn session(who: super::Principal) -> axum::Json<Session> {
+    let (allowed, _) = who.actions();
+    let actions = ADMIN_ACTIONS.iter().filter(|a| allowed.contains(a)).map(|a| (*a).to_owned()).collect();
+    axum::Json(Session { role: who.role.as_str().to_owned(), actions })
 }
 
 /// The most entries `GET /v1/events/recent` returns.
@@ -141,14 +144,14 @@ struct RecentQuery {
 /// tree, oldest first, as `{"entries": [...]}` — what the dashboard shows before the live stream
 /// (`/v1/events`) adds to it. Entries carry `tree` and `id`, so the page drops duplicates.
 async fn recent(
-    _: super::Admin,
+    who: super::Principal,
     State(state): State<SharedState>,
     query: Result<Query<RecentQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let limit = query.limit.unwrap_or(100).clamp(1, RECENT_MAX);
     let mut entries = Vec::new();
-    for tree in state.ledger.trees().await? {
+    for tree in who.trees(&state).await? {
         entries.extend(state.ledger.recent_log(&tree, limit).await?);
     }
     entries.sort_by(|a, b| (a.ts_ms, &a.tree, &a.id).cmp(&(b.ts_ms, &b.tree, &b.id)));
@@ -170,7 +173,7 @@ struct SeriesQuery {
 /// the last 24 hours (daily: the last 30 days) up to now. At most 1,000 buckets (422
 /// `range_too_long`); `since_ms` after `until_ms` is 422 `invalid_range`.
 async fn series(
-    _: super::Admin,
+    _: super::Principal,
     State(state): State<SharedState>,
     query: Result<Query<SeriesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::Json<SpendSeries>, ApiError> {
@@ -251,8 +254,9 @@ fn content_security_policy(page: &str) -> String {
     )
 }
 
-/// The admin, by the bearer header or the `token` query parameter (for `EventSource`).
-struct StreamAdmin;
+/// An admin-side principal, by the bearer header or the `token` query parameter (for
+/// `EventSource`).
+struct StreamAdmin(super::Principal);
 
 #[derive(Deserialize)]
 struct TokenQuery {
@@ -265,16 +269,16 @@ impl FromRequestParts<SharedState> for StreamAdmin {
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<StreamAdmin, ApiError> {
         let query = Query::<TokenQuery>::try_from_uri(&parts.uri).ok().and_then(|q| q.0.token);
         let token = bearer(parts).map(str::to_owned).or(query).ok_or_else(ApiError::unauthorized)?;
-        if state.admin.verify(&token) {
-            Ok(StreamAdmin)
-        } else {
-            Err(ApiError::unauthorized())
-        }
+        let path = parts.extensions.get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_owned());
+        super::Principal::of_token(state, &token, parts.method.as_str(), path.as_deref().unwrap_or_default())
+            .await
+            .map(StreamAdmin)
     }
 }
 
 struct Tail {
     state: SharedState,
+    who: super::Principal,
     /// The last entry seen per tree.
     cursors: HashMap<TreeId, String>,
     pending: std::collections::VecDeque<crate::ledger::LogEntry>,
@@ -283,7 +287,7 @@ struct Tail {
 impl Tail {
     /// Reads what was appended since the last look, in every tree (new trees from their start).
     async fn poll(&mut self) -> Result<(), crate::ledger::LedgerError> {
-        for tree in self.state.ledger.trees().await? {
+        for tree in self.who.trees(&self.state).await? {
             let after = self.cursors.entry(tree.clone()).or_insert_with(|| "0".into());
             let page = self.state.ledger.read_log(&tree, after, 256).await?;
             if let Some(last) = page.last() {
@@ -298,15 +302,15 @@ impl Tail {
 /// New log entries of every tree as they are appended, one `log` event each (JSON, as in the
 /// export); a comment every 15 s keeps the connection open.
 async fn events(
-    _: StreamAdmin,
+    StreamAdmin(who): StreamAdmin,
     State(state): State<SharedState>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let mut cursors = HashMap::new();
-    for tree in state.ledger.trees().await? {
+    for tree in who.trees(&state).await? {
         let tail = state.ledger.log_tail(&tree).await?;
         cursors.insert(tree, tail);
     }
-    let tail = Tail { state, cursors, pending: Default::default() };
+    let tail = Tail { state, who, cursors, pending: Default::default() };
     let stream = futures::stream::unfold(tail, |mut tail| async move {
         loop {
             if let Some(entry) = tail.pending.pop_front() {

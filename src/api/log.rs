@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{agents::resolve, Admin, ApiError, SharedState};
+use super::{ApiError, Principal, SharedState};
 use crate::log::{csv_line, spend_summary, GroupBy, LogFilter, LogReader, SpendRow, CSV_HEADER};
 
 pub fn router() -> Router<SharedState> {
@@ -55,6 +55,7 @@ macro_rules! filter_of {
             protocol: $q.protocol,
             since_ms: $q.since_ms,
             until_ms: $q.until_ms,
+            tree: None,
         }
     };
 }
@@ -67,7 +68,7 @@ fn bad_query(e: impl std::fmt::Display) -> ApiError {
 /// one page per tree in memory, never the whole log.
 #[utoipa::path(get, path = "/v1/log", params(ExportQuery), responses((status = 200, description = "JSONL or CSV, one entry per line", content((String = "application/x-ndjson"), (String = "text/csv")))), security(("admin" = [])))]
 pub async fn export_log(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     query: Result<Query<ExportQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -75,8 +76,9 @@ pub async fn export_log(
     let format = query.format;
     let mut filter = filter_of!(query);
     if let Some(agent) = filter.agent.take() {
-        filter.agent = Some(resolve(&state, &agent).await?.to_string());
+        filter.agent = Some(who.resolve(&state, &agent).await?.to_string());
     }
+    filter.tree = who.tree.clone();
     // Fail before the 200 if the ledger is down; later errors end the stream early.
     let reader = LogReader::new(&state.ledger, filter.clone()).await?;
     drop(reader);
@@ -152,7 +154,7 @@ pub struct SpendSummary {
 
 #[utoipa::path(get, path = "/v1/spend", params(SpendQuery), responses((status = 200, body = SpendSummary)), security(("admin" = [])))]
 pub async fn spend(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     query: Result<Query<SpendQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SpendSummary>, ApiError> {
@@ -160,8 +162,9 @@ pub async fn spend(
     let group_by = query.group_by;
     let mut filter = filter_of!(query);
     if let Some(agent) = filter.agent.take() {
-        filter.agent = Some(resolve(&state, &agent).await?.to_string());
+        filter.agent = Some(who.resolve(&state, &agent).await?.to_string());
     }
+    filter.tree = who.tree.clone();
     let rows = spend_summary(&state.ledger, filter, group_by).await?;
     Ok(Json(SpendSummary { group_by, rows }))
 }
@@ -177,12 +180,12 @@ pub struct ReceiptsQuery {
 /// Exports a tree's receipt chain as JSONL, in sequence, for `spendcap receipt verify`.
 #[utoipa::path(get, path = "/v1/receipts", params(ReceiptsQuery), responses((status = 200, description = "JSONL, one signed receipt per line", content_type = "application/x-ndjson", body = String)), security(("admin" = [])))]
 pub async fn export_receipts(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     query: Result<Query<ReceiptsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| bad_query(e.body_text()))?;
-    let agent = resolve(&state, &query.agent).await?;
+    let agent = who.resolve(&state, &query.agent).await?;
     let tree = agent.tree();
     let head = state.ledger.chain_head(tree).await?;
     let mut body = String::new();

@@ -11,6 +11,7 @@ pub mod holds;
 pub mod log;
 pub mod openapi;
 pub mod orchestrators;
+pub mod operators;
 pub mod reports;
 pub mod status;
 pub mod unknown;
@@ -46,6 +47,7 @@ pub fn router(state: SharedState) -> Router {
         .merge(orchestrators::router())
         .merge(dashboard::router())
         .merge(approvals::router())
+        .merge(operators::router())
         .merge(crate::protocols::router())
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
@@ -88,7 +90,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// Prometheus metrics of this instance, in the text exposition format (admin token).
 async fn metrics(
-    _: Admin,
+    _: Principal,
     axum::extract::State(state): axum::extract::State<SharedState>,
 ) -> Result<impl axum::response::IntoResponse, ApiError> {
     let text = state.metrics.render().map_err(ApiError::internal)?;
@@ -99,21 +101,26 @@ pub(crate) fn bearer(parts: &Parts) -> Option<&str> {
     parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
-/// An administrator, authenticated by the admin token (compared in constant time).
+pub use self::operators::Principal;
+
+/// An administrator over every tree: the admin token (compared in constant time) or an `admin`
+/// operator token without a tree. Routes that know roles take [`Principal`] instead; a route that
+/// still takes `Admin` refuses every other token (`role_forbidden`), whatever `operators::ROUTES` says.
 pub struct Admin;
 
 impl FromRequestParts<SharedState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<Admin, ApiError> {
-        let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
-        if state.admin.verify(token) {
-            return Ok(Admin);
+        let principal = Principal::from_request_parts(parts, state).await?;
+        if principal.role != crate::roles::Role::Admin || principal.tree.is_some() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "role_forbidden",
+                "this route needs an admin token for every tree; see GET /v1/whoami",
+            ));
         }
-        if token.parse::<AgentToken>().is_ok() {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "admin_only", "this endpoint needs the admin token"));
-        }
-        Err(ApiError::unauthorized())
+        Ok(Admin)
     }
 }
 

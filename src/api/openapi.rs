@@ -12,7 +12,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agents, approvals, budget, controls, holds, log, orchestrators, reports, unknown};
+use super::{agents, approvals, budget, controls, holds, log, operators, orchestrators, reports, unknown};
 
 struct BearerSchemes;
 
@@ -20,7 +20,7 @@ impl Modify for BearerSchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
         for (name, description) in [
-            ("admin", "The admin token (`SPENDCAP_ADMIN_TOKEN`)."),
+            ("admin", "The admin token (`SPENDCAP_ADMIN_TOKEN`), or an operator token (`sco_op_…`) whose role allows the route (see `GET /v1/whoami`)."),
             (
                 "agent",
                 "An agent's own token (`sct_…`), shown once when the agent is created or its token rotated; \
@@ -57,6 +57,7 @@ impl Modify for BearerSchemes {
         orchestrators::create_sub_agent, orchestrators::list_sub_agents, orchestrators::revoke_sub_agent,
         orchestrators::create_my_token, orchestrators::list_my_tokens, orchestrators::revoke_my_token,
         orchestrators::create_agent_token, orchestrators::list_agent_tokens, orchestrators::revoke_agent_token,
+        operators::create, operators::list, operators::revoke, operators::whoami,
         routes::mcp,
         crate::protocols::x402::routes::fetch, routes::x402_proxy,
         routes::acp_checkout, routes::acp_cancel,

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{agent_scoped, agents::resolve, bearer, label, ApiError, ApiJson, SharedState};
+use super::{agent_scoped, bearer, label, ApiError, ApiJson, SharedState};
 use crate::identity::{AgentId, AgentToken};
 use crate::ledger::{Caller, TaskOutcome};
 use crate::log::LogFilter;
@@ -19,9 +19,9 @@ pub fn router() -> Router<SharedState> {
     Router::new().route("/v1/tasks/{task}/outcome", post(record_outcome)).route("/v1/reports", get(reports))
 }
 
-/// The admin, or an agent by its own token.
+/// An admin-side principal (allowed this route by its role), or an agent by its own token.
 pub enum AdminOrAgent {
-    Admin,
+    Admin(super::Principal),
     Agent(AgentId, Caller),
 }
 
@@ -30,8 +30,8 @@ impl FromRequestParts<SharedState> for AdminOrAgent {
 
     async fn from_request_parts(parts: &mut Parts, state: &SharedState) -> Result<AdminOrAgent, ApiError> {
         let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
-        if state.admin.verify(token) {
-            return Ok(AdminOrAgent::Admin);
+        if state.admin.verify(token) || token.starts_with(crate::operators::OperatorToken::PREFIX) {
+            return Ok(AdminOrAgent::Admin(super::Principal::from_request_parts(parts, state).await?));
         }
         let token: AgentToken = token.parse().map_err(|_| ApiError::unauthorized())?;
         Ok(AdminOrAgent::Agent(token.agent().clone(), Caller::Agent(token.hash())))
@@ -81,11 +81,11 @@ pub async fn record_outcome(
         ));
     }
     let (agent, caller) = match who {
-        AdminOrAgent::Admin => {
+        AdminOrAgent::Admin(who) => {
             let named = body.agent.as_deref().ok_or_else(|| {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "agent_required", "name the agent whose task it is")
             })?;
-            (resolve(&state, named).await?, Caller::Admin)
+            (who.resolve(&state, named).await?, Caller::Admin)
         }
         AdminOrAgent::Agent(agent, caller) => {
             if let Some(named) = body.agent.as_deref() {
@@ -139,14 +139,19 @@ pub struct ReportQuery {
 #[utoipa::path(get, path = "/v1/reports", params(ReportQuery),
     responses((status = 200, description = "JSON, or CSV with format=csv", content((Report = "application/json"), (String = "text/csv")))), security(("admin" = [])))]
 pub async fn reports(
-    _: super::Admin,
+    who: super::Principal,
     State(state): State<SharedState>,
     query: Result<Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let mut filter = LogFilter { since_ms: query.since_ms, until_ms: query.until_ms, ..LogFilter::default() };
+    let mut filter = LogFilter {
+        since_ms: query.since_ms,
+        until_ms: query.until_ms,
+        tree: who.tree.clone(),
+        ..LogFilter::default()
+    };
     if let Some(agent) = query.agent.as_deref() {
-        filter.agent = Some(resolve(&state, agent).await?.to_string());
+        filter.agent = Some(who.resolve(&state, agent).await?.to_string());
     }
     let report = crate::report::report(&state.ledger, filter).await?;
     Ok(match query.format {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::reports::AdminOrAgent;
-use super::{agent_scoped, Admin, ApiError, ApiJson, SharedState};
+use super::{agent_scoped, ApiError, ApiJson, Principal, SharedState};
 use crate::identity::{AgentId, HoldId};
 use crate::ledger::{Caller, HoldInfo, LedgerError};
 use crate::receipt::Receipt;
@@ -114,14 +114,14 @@ pub async fn list(
     };
     let mut holds = Vec::new();
     match who {
-        AdminOrAgent::Admin => {
+        AdminOrAgent::Admin(who) => {
             let only = match &query.agent {
-                Some(text) => Some(super::agents::resolve(&state, text).await?),
+                Some(text) => Some(who.resolve(&state, text).await?),
                 None => None,
             };
             let trees = match &only {
                 Some(agent) => vec![agent.tree().clone()],
-                None => state.ledger.trees().await?,
+                None => who.trees(&state).await?,
             };
             for tree in trees {
                 let found = holds_of_tree(&state, &tree, listed).await?;
@@ -196,13 +196,16 @@ fn unprocessable(code: &'static str, detail: impl Into<String>) -> ApiError {
               (status = 422, description = "invalid_reason, amount_required, amount_exceeds_hold, invalid amount")),
     security(("admin" = [])))]
 pub async fn resolve(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(hold): Path<String>,
     ApiJson(body): ApiJson<ResolveRequest>,
 ) -> Result<Json<Resolved>, ApiError> {
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "unknown_hold", "no such hold");
     let hold: HoldId = hold.parse().map_err(|_| not_found())?;
+    if !who.sees(hold.tree()) {
+        return Err(not_found());
+    }
     let reason = body.reason.trim();
     if reason.is_empty() || reason.len() > REASON_BYTES || reason.chars().any(char::is_control) {
         return Err(unprocessable("invalid_reason", "reason must be 1 to 512 bytes without control characters"));

@@ -19,6 +19,8 @@ use super::{
     IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
+use crate::operators::{NewOperator, OperatorRecord};
+use crate::roles::Actor;
 
 mod orchestrators;
 
@@ -228,6 +230,10 @@ struct Tree {
 struct State {
     trees: BTreeMap<TreeId, Tree>,
     handles: HashMap<String, AgentId>,
+    /// Operator tokens by id, their names (name -> id) and their log (`<ns>:{ops}` in Redis).
+    operators: BTreeMap<String, OperatorRecord>,
+    operator_names: HashMap<String, String>,
+    operator_log: Vec<LogEntry>,
 }
 
 #[derive(Default)]
@@ -753,6 +759,16 @@ impl MemoryLedger {
     }
 
     pub async fn set_cap(&self, now_ms: u64, agent: &AgentId, cap: Micros) -> Result<Micros, LedgerError> {
+        self.set_cap_as(now_ms, agent, cap, &Actor::default()).await
+    }
+
+    pub async fn set_cap_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        cap: Micros,
+        actor: &Actor,
+    ) -> Result<Micros, LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
             if !tree.agents.contains_key(agent.as_str()) {
@@ -760,6 +776,12 @@ impl MemoryLedger {
             }
             tree.expire_due(tree_id, now_ms, EXPIRE_MAX);
             let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            if actor.tighten_only && cap > a.record.cap {
+                return Err(LedgerError::RoleForbidden(format!(
+                    "this token may only lower a cap (it is {})",
+                    a.record.cap.get()
+                )));
+            }
             let committed = a.record.spent.get() + a.record.held.get();
             if cap.get() < committed {
                 return Err(LedgerError::CapBelowCommitted { committed });
@@ -774,6 +796,7 @@ impl MemoryLedger {
                     agent: agent.to_string(),
                     cap: Some(cap.get()),
                     amount: Some(previous.get()),
+                    by: actor.by.clone(),
                     ..LogEntry::default()
                 },
             );
@@ -787,10 +810,24 @@ impl MemoryLedger {
         agent: &AgentId,
         controls: &AgentControls,
     ) -> Result<(), LedgerError> {
+        self.set_controls_as(now_ms, agent, controls, None, &Actor::default()).await
+    }
+
+    pub async fn set_controls_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        controls: &AgentControls,
+        expected: Option<&Controls>,
+        actor: &Actor,
+    ) -> Result<(), LedgerError> {
         check_setup(&controls.controls, &controls.alerts)?;
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
             let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            if expected.is_some_and(|e| e.to_wire() != a.controls.to_wire()) {
+                return Err(LedgerError::ChangedMeanwhile);
+            }
             a.controls = controls.controls.clone();
             a.alerts = controls.alerts.clone();
             let wire = controls.controls.to_wire();
@@ -803,6 +840,7 @@ impl MemoryLedger {
                     event: "controls".into(),
                     agent: agent.to_string(),
                     detail: format!(r#"{{"controls":{shown},"alerts":{alerts}}}"#),
+                    by: actor.by.clone(),
                     ..LogEntry::default()
                 },
             );
@@ -823,9 +861,27 @@ impl MemoryLedger {
         agent: &AgentId,
         expires_at_ms: Option<u64>,
     ) -> Result<Option<u64>, LedgerError> {
+        self.set_expiry_as(now_ms, agent, expires_at_ms, &Actor::default()).await
+    }
+
+    pub async fn set_expiry_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        expires_at_ms: Option<u64>,
+        actor: &Actor,
+    ) -> Result<Option<u64>, LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
             let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
+            let later = match (expires_at_ms, a.record.expires_at_ms) {
+                (None, _) => true,
+                (Some(new), Some(old)) => new > old,
+                (Some(_), None) => false,
+            };
+            if actor.tighten_only && later {
+                return Err(LedgerError::RoleForbidden("this token may only make an expiry earlier".into()));
+            }
             let previous = std::mem::replace(&mut a.record.expires_at_ms, expires_at_ms);
             let shown = expires_at_ms.map(|t| t.to_string()).unwrap_or_else(|| "null".into());
             tree.log(
@@ -835,6 +891,7 @@ impl MemoryLedger {
                     event: "expiry".into(),
                     agent: agent.to_string(),
                     detail: format!(r#"{{"expires_at_ms":{shown}}}"#),
+                    by: actor.by.clone(),
                     ..LogEntry::default()
                 },
             );
@@ -843,6 +900,15 @@ impl MemoryLedger {
     }
 
     pub async fn reinstate(&self, now_ms: u64, agent: &AgentId) -> Result<Option<String>, LedgerError> {
+        self.reinstate_as(now_ms, agent, &Actor::default()).await
+    }
+
+    pub async fn reinstate_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        actor: &Actor,
+    ) -> Result<Option<String>, LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
             let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
@@ -856,6 +922,7 @@ impl MemoryLedger {
                     event: "reinstate".into(),
                     agent: agent.to_string(),
                     reason: was.clone(),
+                    by: actor.by.clone(),
                     ..LogEntry::default()
                 },
             );
@@ -948,6 +1015,16 @@ impl MemoryLedger {
     }
 
     pub async fn revoke(&self, now_ms: u64, agent: &AgentId, reason: &str) -> Result<(u64, bool), LedgerError> {
+        self.revoke_as(now_ms, agent, reason, &Actor::default()).await
+    }
+
+    pub async fn revoke_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        reason: &str,
+        actor: &Actor,
+    ) -> Result<(u64, bool), LedgerError> {
         if reason.is_empty()
             || reason.len() > 64
             || !reason.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
@@ -969,6 +1046,7 @@ impl MemoryLedger {
                     event: "revoke".into(),
                     agent: agent.to_string(),
                     reason: reason.into(),
+                    by: actor.by.clone(),
                     ..LogEntry::default()
                 },
             );
@@ -977,6 +1055,15 @@ impl MemoryLedger {
     }
 
     pub async fn archive(&self, now_ms: u64, agent: &AgentId) -> Result<(u64, bool, String), LedgerError> {
+        self.archive_as(now_ms, agent, &Actor::default()).await
+    }
+
+    pub async fn archive_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        actor: &Actor,
+    ) -> Result<(u64, bool, String), LedgerError> {
         let mut state = self.lock();
         let tree = state.trees.get_mut(agent.tree()).ok_or(LedgerError::UnknownAgent)?;
         let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
@@ -996,6 +1083,7 @@ impl MemoryLedger {
                 event: "archive".into(),
                 agent: agent.to_string(),
                 reason: "archived".into(),
+                by: actor.by.clone(),
                 ..LogEntry::default()
             },
         );
@@ -1006,13 +1094,29 @@ impl MemoryLedger {
     }
 
     pub async fn rotate_token(&self, now_ms: u64, agent: &AgentId, token_hash: &TokenHash) -> Result<(), LedgerError> {
+        self.rotate_token_as(now_ms, agent, token_hash, &Actor::default()).await
+    }
+
+    pub async fn rotate_token_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        token_hash: &TokenHash,
+        actor: &Actor,
+    ) -> Result<(), LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
             let a = tree.agents.get_mut(agent.as_str()).ok_or(LedgerError::UnknownAgent)?;
             a.token = token_hash.clone();
             tree.log(
                 tree_id,
-                LogEntry { ts_ms: now_ms, event: "rotate".into(), agent: agent.to_string(), ..LogEntry::default() },
+                LogEntry {
+                    ts_ms: now_ms,
+                    event: "rotate".into(),
+                    agent: agent.to_string(),
+                    by: actor.by.clone(),
+                    ..LogEntry::default()
+                },
             );
             Ok(())
         })
@@ -2129,5 +2233,67 @@ impl MemoryLedger {
             tree.head = head;
             Ok(Ok(()))
         })
+    }
+}
+
+/// Operator tokens, as `spendcap_operator_create` / `spendcap_operator_revoke` keep them.
+impl MemoryLedger {
+    pub async fn create_operator(&self, now_ms: u64, operator: &NewOperator, by: &str) -> Result<(), LedgerError> {
+        if operator.name.is_empty() {
+            return Err(LedgerError::InvalidArgument("name and token are required".into()));
+        }
+        let mut state = self.lock();
+        if state.operator_names.contains_key(&operator.name) {
+            return Err(LedgerError::OperatorExists);
+        }
+        state.operator_names.insert(operator.name.clone(), operator.id.clone());
+        state.operators.insert(
+            operator.id.clone(),
+            OperatorRecord {
+                id: operator.id.clone(),
+                name: operator.name.clone(),
+                role: operator.role,
+                tree: operator.tree.clone(),
+                token_hash: operator.token_hash.clone(),
+                created_at_ms: now_ms,
+                created_by: by.to_owned(),
+                revoked_at_ms: None,
+            },
+        );
+        state.operator_log.push(LogEntry {
+            ts_ms: now_ms,
+            event: "operator_create".into(),
+            reason: operator.role.as_str().into(),
+            by: by.to_owned(),
+            ..LogEntry::default()
+        });
+        Ok(())
+    }
+
+    pub async fn revoke_operator(&self, now_ms: u64, name: &str, by: &str) -> Result<(u64, bool), LedgerError> {
+        let mut state = self.lock();
+        let id = state.operator_names.get(name).cloned().ok_or(LedgerError::UnknownOperator)?;
+        let record = state.operators.get_mut(&id).ok_or(LedgerError::UnknownOperator)?;
+        if let Some(at) = record.revoked_at_ms {
+            return Ok((at, true));
+        }
+        record.revoked_at_ms = Some(now_ms);
+        state.operator_log.push(LogEntry {
+            ts_ms: now_ms,
+            event: "operator_revoke".into(),
+            by: by.to_owned(),
+            ..LogEntry::default()
+        });
+        Ok((now_ms, false))
+    }
+
+    pub async fn operator(&self, id: &str) -> Result<Option<OperatorRecord>, LedgerError> {
+        Ok(self.lock().operators.get(id).cloned())
+    }
+
+    pub async fn operators(&self) -> Result<Vec<OperatorRecord>, LedgerError> {
+        let mut all: Vec<OperatorRecord> = self.lock().operators.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
     }
 }

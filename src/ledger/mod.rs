@@ -20,6 +20,7 @@ use adapters::{Micros, Protocol};
 use serde::Serialize;
 
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
+use crate::roles::Actor;
 
 pub use self::approval::{Approval, ApprovalState, ApprovalWait, Decided};
 pub use self::controls::{Controls, ControlsError, Crossing, Period};
@@ -484,6 +485,9 @@ pub struct LogEntry {
     /// A hold that waits for approval: when the approval lapses.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval_expires_ms: Option<u64>,
+    /// Who made an admin-side change: an operator's name, or `admin` (the bootstrap token).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub by: String,
 }
 
 /// How a task ended, as its agent or orchestrator reports it.
@@ -556,6 +560,16 @@ pub enum LedgerError {
     OutcomeUnknown { cause: String, retry_key: Option<String> },
     #[error("the ledger answered something unexpected: {0}")]
     Corrupt(String),
+    /// The operator token's role does not allow this change (e.g. raising a cap).
+    #[error("{0}")]
+    RoleForbidden(String),
+    /// A compare-and-set found the value changed since it was read.
+    #[error("the value changed since it was read; read it again")]
+    ChangedMeanwhile,
+    #[error("an operator with this name exists (or existed)")]
+    OperatorExists,
+    #[error("no such operator")]
+    UnknownOperator,
     /// This instance's clock is further from the ledger's than `SPENDCAP_MAX_CLOCK_SKEW_MS`: what
     /// it signs (x402 `validBefore`, AP2 `exp`) would not match the ledger's expiry, so it pays
     /// nothing until the clocks agree again.
@@ -620,6 +634,10 @@ impl LedgerError {
             LedgerError::Unavailable(_) => "ledger_unavailable",
             LedgerError::OutcomeUnknown { .. } => "ledger_outcome_unknown",
             LedgerError::Corrupt(_) => "ledger_corrupt",
+            LedgerError::RoleForbidden(_) => "role_forbidden",
+            LedgerError::ChangedMeanwhile => "changed_meanwhile",
+            LedgerError::OperatorExists => "operator_exists",
+            LedgerError::UnknownOperator => "unknown_operator",
             LedgerError::ClockSkew { .. } => "clock_skew",
             LedgerError::SubAgentExceedsParent { .. } => "sub_agent_exceeds_parent",
             LedgerError::TooManySubAgents => "too_many_sub_agents",
@@ -678,6 +696,10 @@ impl LedgerError {
             "approval_expired" => LedgerError::ApprovalExpired,
             "approval_decided" => LedgerError::ApprovalDecided,
             "hold_pending_approval" => LedgerError::HoldPendingApproval,
+            "role_forbidden" => LedgerError::RoleForbidden(detail.to_owned()),
+            "changed_meanwhile" => LedgerError::ChangedMeanwhile,
+            "operator_exists" => LedgerError::OperatorExists,
+            "unknown_operator" => LedgerError::UnknownOperator,
             other => LedgerError::Corrupt(format!("unknown error code {other}: {detail}")),
         }
     }
@@ -1453,6 +1475,7 @@ fn log_entry_from_fields(tree: &TreeId, id: String, get: impl Fn(&str) -> Option
         task_type: text("tt"),
         approval: text("appr"),
         approval_expires_ms: num("aexp"),
+        by: text("by"),
     }
 }
 
@@ -1551,4 +1574,130 @@ fn task_token_from_fields(
         revoked_at_ms: get("revoked").and_then(|r| r.parse().ok()),
         id,
     })
+}
+/// An operator's record from its hash fields.
+fn operator_from_fields(
+    id: &str,
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<crate::operators::OperatorRecord, LedgerError> {
+    let text = |k: &str| get(k).unwrap_or_default();
+    let role = text("role").parse().map_err(|_| LedgerError::Corrupt(format!("operator {id} role")))?;
+    let tree = match text("tree").as_str() {
+        "" => None,
+        t => Some(t.parse().map_err(|_| LedgerError::Corrupt(format!("operator {id} tree")))?),
+    };
+    Ok(crate::operators::OperatorRecord {
+        id: id.to_owned(),
+        name: text("name"),
+        role,
+        tree,
+        token_hash: TokenHash::from_stored(text("token")),
+        created_at_ms: text("created_at").parse().unwrap_or(0),
+        created_by: text("created_by"),
+        revoked_at_ms: text("revoked_at").parse().ok(),
+    })
+}
+
+/// Admin-side changes with their actor, and operator tokens.
+impl Ledger {
+    /// [`Ledger::set_cap`] by `actor`: `by` on the log entry; tighten-only refuses a raise
+    /// (`role_forbidden`) inside the same atomic step.
+    pub async fn set_cap_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        cap: Micros,
+        actor: &Actor,
+    ) -> Result<Micros, LedgerError> {
+        dispatch!(self.set_cap_as(now_ms, agent, cap, actor))
+    }
+
+    pub async fn revoke_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        reason: &str,
+        actor: &Actor,
+    ) -> Result<(u64, bool), LedgerError> {
+        dispatch!(self.revoke_as(now_ms, agent, reason, actor))
+    }
+
+    pub async fn reinstate_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        actor: &Actor,
+    ) -> Result<Option<String>, LedgerError> {
+        dispatch!(self.reinstate_as(now_ms, agent, actor))
+    }
+
+    /// [`Ledger::set_expiry`] by `actor`; tighten-only: set, and no later than the current one.
+    pub async fn set_expiry_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        expires_at_ms: Option<u64>,
+        actor: &Actor,
+    ) -> Result<Option<u64>, LedgerError> {
+        dispatch!(self.set_expiry_as(now_ms, agent, expires_at_ms, actor))
+    }
+
+    /// [`Ledger::set_controls`] by `actor`; with `expected`, a compare-and-set: the stored
+    /// controls must still be `expected` (else `changed_meanwhile`, nothing changed).
+    pub async fn set_controls_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        controls: &AgentControls,
+        expected: Option<&controls::Controls>,
+        actor: &Actor,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.set_controls_as(now_ms, agent, controls, expected, actor))
+    }
+
+    /// [`Ledger::archive`] by `actor` (`by` on the `archive` entry).
+    pub async fn archive_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        actor: &Actor,
+    ) -> Result<(u64, bool, String), LedgerError> {
+        dispatch!(self.archive_as(now_ms, agent, actor))
+    }
+
+    /// [`Ledger::rotate_token`] by `actor` (`by` on the `rotate` entry).
+    pub async fn rotate_token_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        token_hash: &TokenHash,
+        actor: &Actor,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.rotate_token_as(now_ms, agent, token_hash, actor))
+    }
+
+    /// Stores a new operator (its token's hash only). Names are unique, also after a revocation.
+    pub async fn create_operator(
+        &self,
+        now_ms: u64,
+        operator: &crate::operators::NewOperator,
+        by: &str,
+    ) -> Result<(), LedgerError> {
+        dispatch!(self.create_operator(now_ms, operator, by))
+    }
+
+    /// Revokes an operator's token by name; returns (revoked_at, already revoked).
+    pub async fn revoke_operator(&self, now_ms: u64, name: &str, by: &str) -> Result<(u64, bool), LedgerError> {
+        dispatch!(self.revoke_operator(now_ms, name, by))
+    }
+
+    /// The operator with this id (from its token), revoked or not.
+    pub async fn operator(&self, id: &str) -> Result<Option<crate::operators::OperatorRecord>, LedgerError> {
+        dispatch!(self.operator(id))
+    }
+
+    /// Every operator, by name.
+    pub async fn operators(&self) -> Result<Vec<crate::operators::OperatorRecord>, LedgerError> {
+        dispatch!(self.operators())
+    }
 }

@@ -19,6 +19,8 @@ use super::{
     ReceiptFacts, ReceiptLink, Refusal, Reply, SettleOutcome, TaskOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
+use crate::operators::{NewOperator, OperatorRecord};
+use crate::roles::Actor;
 
 mod orchestrators;
 
@@ -164,8 +166,13 @@ impl RedisLedger {
     /// Calls one function of the library. If Redis lost the library (restarted empty, flushed),
     /// loads it again and retries once: the call had not run, so retrying cannot debit twice.
     async fn fcall(&self, function: &str, tree: &TreeId, args: &[&str]) -> Result<Reply, LedgerError> {
+        self.fcall_at(function, &self.tree_key(tree), args).await
+    }
+
+    /// [`Self::fcall`] with any key prefix as KEYS[1] (the operators' `<ns>:{ops}`).
+    async fn fcall_at(&self, function: &str, key: &str, args: &[&str]) -> Result<Reply, LedgerError> {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(function).arg(1).arg(self.tree_key(tree));
+        cmd.arg(function).arg(1).arg(key);
         for arg in args {
             cmd.arg(*arg);
         }
@@ -307,8 +314,23 @@ impl RedisLedger {
     }
 
     pub async fn set_cap(&self, now_ms: u64, agent: &AgentId, cap: Micros) -> Result<Micros, LedgerError> {
+        self.set_cap_as(now_ms, agent, cap, &Actor::default()).await
+    }
+
+    pub async fn set_cap_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        cap: Micros,
+        actor: &Actor,
+    ) -> Result<Micros, LedgerError> {
+        let lower_only = if actor.tighten_only { "1" } else { "" };
         let reply = self
-            .fcall("spendcap_set_cap", agent.tree(), &[&now_ms.to_string(), agent.as_str(), &cap.to_string()])
+            .fcall(
+                "spendcap_set_cap",
+                agent.tree(),
+                &[&now_ms.to_string(), agent.as_str(), &cap.to_string(), &actor.by, lower_only],
+            )
             .await?
             .into_result()?;
         reply.micros("previous")
@@ -475,8 +497,17 @@ impl RedisLedger {
     /// still names this agent. Only an archive removes a handle, so no other agent can have taken
     /// it between the two steps. Returns (archived_at, already, handle).
     pub async fn archive(&self, now_ms: u64, agent: &AgentId) -> Result<(u64, bool, String), LedgerError> {
+        self.archive_as(now_ms, agent, &Actor::default()).await
+    }
+
+    pub async fn archive_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        actor: &Actor,
+    ) -> Result<(u64, bool, String), LedgerError> {
         let reply = self
-            .fcall("spendcap_archive", agent.tree(), &[agent.as_str(), &now_ms.to_string()])
+            .fcall("spendcap_archive", agent.tree(), &[agent.as_str(), &now_ms.to_string(), &actor.by])
             .await?
             .into_result()?;
         let handle = reply.get("handle").to_owned();
@@ -493,11 +524,21 @@ impl RedisLedger {
     }
 
     pub async fn rotate_token(&self, now_ms: u64, agent: &AgentId, token_hash: &TokenHash) -> Result<(), LedgerError> {
+        self.rotate_token_as(now_ms, agent, token_hash, &Actor::default()).await
+    }
+
+    pub async fn rotate_token_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        token_hash: &TokenHash,
+        actor: &Actor,
+    ) -> Result<(), LedgerError> {
         // Safe to repeat: the same token hash is set again.
         self.fcall_resolving(
             "spendcap_rotate_token",
             agent.tree(),
-            &[&now_ms.to_string(), agent.as_str(), token_hash.as_str()],
+            &[&now_ms.to_string(), agent.as_str(), token_hash.as_str(), &actor.by],
         )
         .await?
         .into_result()?;
@@ -1102,5 +1143,137 @@ impl RedisLedger {
         }
         reply.into_result()?;
         Ok(Ok(()))
+    }
+}
+
+/// Admin-side changes with their actor (`by` on the log entry; tighten-only for operators), and
+/// operator tokens (`<ns>:{ops}`, outside every tree).
+impl RedisLedger {
+    fn ops_key(&self) -> String {
+        format!("{}:{{ops}}", self.namespace)
+    }
+
+    pub async fn revoke_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        reason: &str,
+        actor: &Actor,
+    ) -> Result<(u64, bool), LedgerError> {
+        let reply = self
+            // Safe to repeat: revoking a revoked agent changes nothing (and says `already`).
+            .fcall_resolving("spendcap_revoke", agent.tree(), &[agent.as_str(), reason, &now_ms.to_string(), &actor.by])
+            .await?
+            .into_result()?;
+        Ok((reply.u64("revoked_at")?, reply.get("already") == "1"))
+    }
+
+    pub async fn reinstate_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        actor: &Actor,
+    ) -> Result<Option<String>, LedgerError> {
+        let reply = self
+            .fcall("spendcap_reinstate", agent.tree(), &[agent.as_str(), &now_ms.to_string(), &actor.by])
+            .await?
+            .into_result()?;
+        Ok(reply.opt_string("was"))
+    }
+
+    pub async fn set_expiry_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        expires_at_ms: Option<u64>,
+        actor: &Actor,
+    ) -> Result<Option<u64>, LedgerError> {
+        let at = expires_at_ms.map(|t| t.to_string()).unwrap_or_default();
+        let earlier_only = if actor.tighten_only { "1" } else { "" };
+        let reply = self
+            // Safe to repeat: the same expiry is set again (and is no later than itself).
+            .fcall_resolving(
+                "spendcap_set_expiry",
+                agent.tree(),
+                &[&now_ms.to_string(), agent.as_str(), &at, &actor.by, earlier_only],
+            )
+            .await?
+            .into_result()?;
+        Ok(reply.opt_u64("previous"))
+    }
+
+    pub async fn set_controls_as(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        controls: &AgentControls,
+        expected: Option<&Controls>,
+        actor: &Actor,
+    ) -> Result<(), LedgerError> {
+        let expected = expected.map(|c| format!("={}", c.to_wire())).unwrap_or_default();
+        self.fcall(
+            "spendcap_set_controls",
+            agent.tree(),
+            &[
+                &now_ms.to_string(),
+                agent.as_str(),
+                &controls.controls.to_wire(),
+                &alerts_to_wire(&controls.alerts),
+                &actor.by,
+                &expected,
+            ],
+        )
+        .await?
+        .into_result()?;
+        Ok(())
+    }
+
+    pub async fn create_operator(&self, now_ms: u64, operator: &NewOperator, by: &str) -> Result<(), LedgerError> {
+        let tree = operator.tree.as_ref().map(TreeId::as_str).unwrap_or("");
+        self.fcall_at(
+            "spendcap_operator_create",
+            &self.ops_key(),
+            &[
+                &now_ms.to_string(),
+                &operator.id,
+                &operator.name,
+                operator.role.as_str(),
+                tree,
+                operator.token_hash.as_str(),
+                by,
+            ],
+        )
+        .await?
+        .into_result()?;
+        Ok(())
+    }
+
+    pub async fn revoke_operator(&self, now_ms: u64, name: &str, by: &str) -> Result<(u64, bool), LedgerError> {
+        let reply = self
+            // Safe to repeat: a revoked operator stays revoked (and says `already`).
+            .fcall_at("spendcap_operator_revoke", &self.ops_key(), &[&now_ms.to_string(), name, by])
+            .await?
+            .into_result()?;
+        Ok((reply.u64("revoked_at")?, reply.get("already") == "1"))
+    }
+
+    pub async fn operator(&self, id: &str) -> Result<Option<OperatorRecord>, LedgerError> {
+        let fields = self.hash(format!("{}:o:{id}", self.ops_key())).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        super::operator_from_fields(id, |k| fields.get(k).cloned()).map(Some)
+    }
+
+    pub async fn operators(&self) -> Result<Vec<OperatorRecord>, LedgerError> {
+        let names = self.hash(format!("{}:names", self.ops_key())).await?;
+        let mut out = Vec::with_capacity(names.len());
+        for id in names.values() {
+            if let Some(record) = self.operator(id).await? {
+                out.push(record);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 }

@@ -23,7 +23,8 @@ from it:
                               they were marked: they never expire; settle or void ends them
   <P>:log              stream one entry per state change: ts ev agent task svc proto amt rel
                               hold reason cap parent remaining limited_by bk ctr cross detail
-                              tt (a task outcome's task type);
+                              tt (a task outcome's task type) by (who made an admin-side
+                              change: an operator's name, or `admin`);
                               consumer group `alerts` (the daemon's webhooks)
   <P>:i:<agent>:<key>  hash   idempotency record: fp status hold code amount remaining expires_at
   <P>:receipts         list   settled hold ids in receipt order: receipt <seq> is element seq-1
@@ -55,6 +56,12 @@ carries appr and aexp. The hold replies `approval`, and its idempotency record h
 expiry releases it like any open hold (reason approval_expired). A pending hold cannot be
 settled (hold_pending_approval); it can be voided (canceled). `nsvc` on a hold: a settle adds
 its service to the agent's `seen` set.
+
+Operator tokens live outside every tree, under one fixed hash tag: KEYS[1] is `<ns>:{ops}` (O):
+  <O>:o:<id>           hash   operator: name role tree token created_at created_by revoked_at
+  <O>:names            hash   name -> id (names stay taken after a revocation)
+  <O>:log              stream one entry per operator change: ts ev (operator_create |
+                              operator_revoke) operator role tree by
 
 Spending controls. `ctl` is a JSON object, every key optional (money in micro-USD, windows in
 ms): task (per-task cap), per_payment daily weekly monthly all_time (limits; each not above the
@@ -1423,7 +1430,8 @@ ARGV    1 now_ms  2 agent_id  3 handle  4 parent_id ('' for a root)  5 cap  6 ex
         7 labels JSON  8 token_sha256  9 controls JSON ('' or absent: none; see the header)
         10 alert thresholds (ascending percents, e.g. `50,80,100`; '' or absent: none)
         11 task_of (a sub-agent created for this task of its parent: its holds spend the
-        parent's per-task budget of that task; '' or absent: none)
+        parent's per-task budget of that task; '' or absent: none)  12 reason (optional:
+        `sub_agent` when an agent created it under itself)  13 by (optional)
 Reply   ok: depth      error: code (agent_exists | unknown_parent | tree_too_deep | invalid_argument)
 Creating a tree's first agent also creates the consumer group `alerts` on the tree's log, so
 the daemon's alert consumer sees every entry from the tree's beginning.
@@ -1470,7 +1478,7 @@ local function create_agent(keys, args)
   if task_of ~= '' then redis.call('HSET', akey, 'task_of', task_of) end
   redis.call('SADD', P .. ':agents', agent_id)
   local entry = { 'ts', fmt(now), 'ev', 'create', 'agent', agent_id, 'cap', fmt(cap), 'parent', parent,
-                  'detail', args[7], 'reason', args[12] or '' }
+                  'detail', args[7], 'reason', args[12] or '', 'by', args[13] or '' }
   if task_of ~= '' then
     entry[#entry + 1] = 'task'
     entry[#entry + 1] = task_of
@@ -1482,7 +1490,10 @@ end
 --[[ spendcap_set_controls
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 controls JSON ('' for none)  4 alert thresholds ('' for none)
-Reply   ok      error: code (unknown_agent | invalid_argument) detail
+        5 by (optional)  6 expected current controls JSON, with a leading '=' (optional: a
+        compare-and-set; an operator token's change, which the daemon judged no looser than
+        these): when the stored controls differ, nothing changes (changed_meanwhile)
+Reply   ok      error: code (unknown_agent | invalid_argument | changed_meanwhile) detail
 Replaces the agent's controls and alert thresholds; logs a `controls` entry whose detail is
 {"controls": <the controls or null>, "alerts": "<thresholds>"}. Nothing changes on an error.
 --]]
@@ -1499,19 +1510,25 @@ local function set_controls(keys, args)
     local _, e = parse_alerts(alerts)
     if e then return e end
   end
+  local expected = args[6] or ''
+  if expected ~= '' and '=' .. (redis.call('HGET', akey, 'ctl') or '') ~= expected then
+    return err('changed_meanwhile', 'the controls changed since they were read; read them again')
+  end
   if ctl ~= '' then redis.call('HSET', akey, 'ctl', ctl) else redis.call('HDEL', akey, 'ctl') end
   if alerts ~= '' then redis.call('HSET', akey, 'alerts', alerts) else redis.call('HDEL', akey, 'alerts') end
   local shown = ctl
   if shown == '' then shown = 'null' end
   log(P, { 'ts', fmt(now), 'ev', 'controls', 'agent', agent_id,
-           'detail', '{"controls":' .. shown .. ',"alerts":' .. cjson.encode(alerts) .. '}' })
+           'detail', '{"controls":' .. shown .. ',"alerts":' .. cjson.encode(alerts) .. '}', 'by', args[5] or '' })
   return { 'ok' }
 end
 
 --[[ spendcap_set_expiry
 KEYS[1] tree prefix
-ARGV    1 now_ms  2 agent_id  3 expires_at_ms ('' for never)
-Reply   ok: previous      error: code (unknown_agent | invalid_argument) detail
+ARGV    1 now_ms  2 agent_id  3 expires_at_ms ('' for never)  4 by (optional)
+        5 '1': earlier only (an operator token: the new expiry must be set and no later than the
+        current one, decided here against the current value)
+Reply   ok: previous      error: code (unknown_agent | invalid_argument | role_forbidden) detail
 Holds at or after the expiry are refused with `agent_expired` (on every descendant too). Logs
 an `expiry` entry whose detail is {"expires_at_ms": <ms or null>}.
 --]]
@@ -1524,17 +1541,21 @@ local function set_expiry(keys, args)
   local akey = P .. ':a:' .. agent_id
   local a = redis.call('HMGET', akey, 'path', 'expires_at')
   if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
+  if args[5] == '1' and (at == '' or ((a[2] or '') ~= '' and tonumber(at) > tonumber(a[2]))) then
+    return err('role_forbidden', 'this token may only make an expiry earlier')
+  end
   redis.call('HSET', akey, 'expires_at', at)
   local shown = at
   if shown == '' then shown = 'null' end
-  log(P, { 'ts', fmt(now), 'ev', 'expiry', 'agent', agent_id, 'detail', '{"expires_at_ms":' .. shown .. '}' })
+  log(P, { 'ts', fmt(now), 'ev', 'expiry', 'agent', agent_id, 'detail', '{"expires_at_ms":' .. shown .. '}',
+           'by', args[4] or '' })
   return { 'ok', 'previous', a[2] or '' }
 end
 
 --[[ spendcap_reinstate — callable from redis-cli like spendcap_revoke:
   redis-cli FCALL spendcap_reinstate 1 '<ns>:{<tree>}' <agent_id> [now_ms]
 KEYS[1] tree prefix
-ARGV    1 agent_id  2 now_ms (optional, ignored: Redis TIME)
+ARGV    1 agent_id  2 now_ms (optional, ignored: Redis TIME)  3 by (optional)
 Reply   ok: was (the suspension reason it lifted; '' if the agent was not suspended)
         error: code (unknown_agent)
 Lifts a suspension and clears the runaway-loop breaker's memory (recent holds, repeat streak),
@@ -1551,15 +1572,18 @@ local function reinstate(keys, args)
   if was == '' then return { 'ok', 'was', '' } end
   redis.call('HDEL', akey, 'suspended', 'suspended_at', 'rsig', 'rcount', 'ssum')
   redis.call('DEL', P .. ':vh:' .. agent_id, P .. ':vs:' .. agent_id)
-  log(P, { 'ts', fmt(now), 'ev', 'reinstate', 'agent', agent_id, 'reason', was })
+  log(P, { 'ts', fmt(now), 'ev', 'reinstate', 'agent', agent_id, 'reason', was, 'by', args[3] or '' })
   return { 'ok', 'was', was }
 end
 
 --[[ spendcap_set_cap
 KEYS[1] tree prefix
-ARGV    1 now_ms  2 agent_id  3 cap
-Reply   ok: previous      error: code (unknown_agent | cap_below_committed | invalid_argument)
+ARGV    1 now_ms  2 agent_id  3 cap  4 by (who, for the log; optional)  5 '1': lower only (optional)
+Reply   ok: previous      error: code (unknown_agent | cap_below_committed | invalid_argument |
+        role_forbidden)
 A cap below what is already spent + held is refused: the cap invariant holds at every instant.
+With "lower only" (an operator token), a cap above the current one is refused, decided here
+against the current cap, so no concurrent change slips between a check and the write.
 --]]
 local function set_cap(keys, args)
   local P = keys[1]
@@ -1570,12 +1594,15 @@ local function set_cap(keys, args)
   if redis.call('EXISTS', akey) == 0 then return err('unknown_agent', 'no agent ' .. agent_id) end
   expire_due(P, fmt(now), EXPIRE_MAX)
   local a = redis.call('HMGET', akey, 'cap', 'spent', 'held')
+  if args[5] == '1' and cap > tonumber(a[1]) then
+    return err('role_forbidden', 'this token may only lower a cap (it is ' .. a[1] .. ')')
+  end
   local committed = tonumber(a[2]) + tonumber(a[3])
   if cap < committed then
     return err('cap_below_committed', 'spent + held is ' .. fmt(committed))
   end
   redis.call('HSET', akey, 'cap', fmt(cap))
-  log(P, { 'ts', fmt(now), 'ev', 'cap', 'agent', agent_id, 'cap', fmt(cap), 'amt', a[1] })
+  log(P, { 'ts', fmt(now), 'ev', 'cap', 'agent', agent_id, 'cap', fmt(cap), 'amt', a[1], 'by', args[4] or '' })
   return { 'ok', 'previous', a[1] }
 end
 
@@ -1586,6 +1613,7 @@ local live_ancestor
   redis-cli FCALL spendcap_revoke 1 '<ns>:{<tree>}' <agent_id> <reason_code>
 KEYS[1] tree prefix
 ARGV    1 agent_id  2 reason code ([A-Za-z0-9_.-], 1..64 chars)  3 now_ms (optional, ignored: Redis TIME)
+        4 by (who, for the log; optional)
 Reply   ok: revoked_at already      error: code (unknown_agent | invalid_argument)
 Takes effect on the agent's (and every descendant's) very next hold: spendcap_hold checks every
 level's `revoked` field. Revoking an agent that is already revoked changes nothing.
@@ -1608,14 +1636,14 @@ local function revoke(keys, args)
   end
   if a[2] ~= '' then return { 'ok', 'revoked_at', a[3], 'already', '1' } end
   redis.call('HSET', akey, 'revoked', reason, 'revoked_at', fmt(now))
-  log(P, { 'ts', fmt(now), 'ev', 'revoke', 'agent', agent_id, 'reason', reason })
+  log(P, { 'ts', fmt(now), 'ev', 'revoke', 'agent', agent_id, 'reason', reason, 'by', args[4] or '' })
   return { 'ok', 'revoked_at', fmt(now), 'already', '0' }
 end
 
 --[[ spendcap_archive — callable from redis-cli like spendcap_revoke:
   redis-cli FCALL spendcap_archive 1 '<ns>:{<tree>}' <agent_id>
 KEYS[1] tree prefix
-ARGV    1 agent_id  2 now_ms (optional, ignored: Redis TIME)
+ARGV    1 agent_id  2 now_ms (optional, ignored: Redis TIME)  3 by (optional)
 Reply   ok: archived_at already handle      error: code (unknown_agent)
 Archives an agent for good: revokes it (reason `archived`) unless it is revoked already, records
 `archived` (the time) and logs an `archive` entry. Its hash, holds, receipts and log entries stay,
@@ -1634,13 +1662,13 @@ local function archive(keys, args)
     redis.call('HSET', akey, 'revoked', 'archived', 'revoked_at', fmt(now))
   end
   redis.call('HSET', akey, 'archived', fmt(now))
-  log(P, { 'ts', fmt(now), 'ev', 'archive', 'agent', agent_id, 'reason', 'archived' })
+  log(P, { 'ts', fmt(now), 'ev', 'archive', 'agent', agent_id, 'reason', 'archived', 'by', args[3] or '' })
   return { 'ok', 'archived_at', fmt(now), 'already', '0', 'handle', a[1] }
 end
 
 --[[ spendcap_rotate_token
 KEYS[1] tree prefix
-ARGV    1 now_ms  2 agent_id  3 new token_sha256
+ARGV    1 now_ms  2 agent_id  3 new token_sha256  4 by (optional)
 Reply   ok       error: code (unknown_agent)
 The old token stops working at once, on every instance (holds check the hash inside the script).
 --]]
@@ -1649,7 +1677,7 @@ local function rotate_token(keys, args)
   local akey = P .. ':a:' .. args[2]
   if redis.call('EXISTS', akey) == 0 then return err('unknown_agent', 'no agent ' .. args[2]) end
   redis.call('HSET', akey, 'token', args[3])
-  log(P, { 'ts', fmt(clock(args[1])), 'ev', 'rotate', 'agent', args[2] })
+  log(P, { 'ts', fmt(clock(args[1])), 'ev', 'rotate', 'agent', args[2], 'by', args[4] or '' })
   return { 'ok' }
 end
 
@@ -2033,6 +2061,46 @@ local function approval_decide(keys, args)
   return ok('0')
 end
 
+--[[ spendcap_operator_create
+KEYS[1] `<ns>:{ops}`
+ARGV    1 now_ms  2 id  3 name  4 role  5 tree ('' for every tree)  6 token_sha256  7 by
+Reply   ok      error: code (operator_exists | invalid_argument)
+--]]
+local function operator_create(keys, args)
+  local O = keys[1]
+  local now, id, name, role, tree, token, by = clock(args[1]), args[2], args[3], args[4], args[5] or '', args[6], args[7] or ''
+  if role ~= 'viewer' and role ~= 'operator' and role ~= 'admin' then
+    return err('invalid_argument', 'role must be viewer, operator or admin')
+  end
+  if not name or name == '' or not token or token == '' then return err('invalid_argument', 'name and token are required') end
+  if redis.call('HSETNX', O .. ':names', name, id) == 0 then
+    return err('operator_exists', 'an operator named ' .. name .. ' exists (or existed)')
+  end
+  redis.call('HSET', O .. ':o:' .. id, 'name', name, 'role', role, 'tree', tree, 'token', token,
+             'created_at', fmt(now), 'created_by', by, 'revoked_at', '')
+  log(O, { 'ts', fmt(now), 'ev', 'operator_create', 'operator', name, 'role', role, 'tree', tree, 'by', by })
+  return { 'ok' }
+end
+
+--[[ spendcap_operator_revoke
+KEYS[1] `<ns>:{ops}`
+ARGV    1 now_ms  2 name  3 by
+Reply   ok: revoked_at already      error: code (unknown_operator)
+The token stops at once on every instance: each request reads the operator's record.
+--]]
+local function operator_revoke(keys, args)
+  local O = keys[1]
+  local now, name, by = clock(args[1]), args[2], args[3] or ''
+  local id = redis.call('HGET', O .. ':names', name)
+  if not id then return err('unknown_operator', 'no operator named ' .. tostring(name)) end
+  local okey = O .. ':o:' .. id
+  local at = redis.call('HGET', okey, 'revoked_at')
+  if at and at ~= '' then return { 'ok', 'revoked_at', at, 'already', '1' } end
+  redis.call('HSET', okey, 'revoked_at', fmt(now))
+  log(O, { 'ts', fmt(now), 'ev', 'operator_revoke', 'operator', name, 'by', by })
+  return { 'ok', 'revoked_at', fmt(now), 'already', '0' }
+end
+
 redis.register_function('spendcap_hold', hold)
 redis.register_function('spendcap_approval_decide', approval_decide)
 redis.register_function('spendcap_idem_finish', idem_finish)
@@ -2058,3 +2126,5 @@ redis.register_function('spendcap_reinstate', reinstate)
 redis.register_function('spendcap_create_sub_agent', create_sub_agent)
 redis.register_function('spendcap_create_task_token', create_task_token)
 redis.register_function('spendcap_revoke_task_token', revoke_task_token)
+redis.register_function('spendcap_operator_create', operator_create)
+redis.register_function('spendcap_operator_revoke', operator_revoke)

@@ -55,7 +55,7 @@ pub use self::checkout::PaymentRequest;
 pub use self::config::{Ap2File, CredentialProviderEntry, MerchantEntry, V01Entry};
 pub use self::keys::{Kek, KekError, KEY_ATTRIBUTE};
 use super::ConfigError;
-use crate::api::{Admin, AgentAuth, ApiError, ApiJson, AppState, SharedState};
+use crate::api::{AgentAuth, ApiError, ApiJson, AppState, Principal, SharedState};
 use crate::app::Core;
 use crate::identity::AgentId;
 use crate::outcome::{Failure, Kind};
@@ -432,11 +432,11 @@ async fn own_key(auth: AgentAuth, State(state): State<SharedState>) -> Result<Js
 /// `GET /v1/ap2/agents/{agent}/key` (admin): an agent's public AP2 key, for the owner's trusted
 /// surface to name in the open mandates it signs.
 async fn admin_key(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
 ) -> Result<Json<KeyView>, ApiError> {
-    let agent = crate::api::agents::resolve(&state, &agent).await?;
+    let agent = who.resolve(&state, &agent).await?;
     state.ledger.agent(&agent).await?;
     key_view(&state, &agent).await
 }
@@ -543,12 +543,12 @@ async fn register_mandates(
 
 /// `POST /v1/ap2/agents/{agent}/mandates` (admin): the same, by the agent's owner.
 async fn admin_register_mandates(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
     ApiJson(body): ApiJson<MandatesRequest>,
 ) -> Result<(StatusCode, Json<MandateView>), ApiError> {
-    let agent = crate::api::agents::resolve(&state, &agent).await?;
+    let agent = who.resolve(&state, &agent).await?;
     state.ledger.agent(&agent).await?;
     Ok((StatusCode::CREATED, Json(register(&state, &agent, &body).await?)))
 }

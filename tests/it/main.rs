@@ -29,6 +29,7 @@ mod orchestrators;
 mod readme;
 mod reports;
 mod revocation;
+mod roles;
 mod security;
 mod support;
 mod unknown;

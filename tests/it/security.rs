@@ -146,8 +146,8 @@ async fn one_agents_token_reaches_nothing_of_another_agent_through_any_protocol(
             "admin_only",
         ),
         ("rotate B's token", Method::POST, format!("/v1/agents/{}/rotate-token", b.id), None, 403, "admin_only"),
-        // The event stream knows only the admin token.
-        ("watch every event", Method::GET, "/v1/events".into(), None, 401, "invalid_token"),
+        // The event stream refuses an agent token like every admin-side route.
+        ("watch every event", Method::GET, "/v1/events".into(), None, 403, "admin_only"),
     ];
     for (what, method, path, body, status, code) in cases {
         let (got_status, got) = app.agent_call(&a.token, method, &path, body).await;

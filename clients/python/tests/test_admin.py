@@ -143,3 +143,29 @@ def test_a_plain_int_is_refused_as_ambiguous_and_usd_says_dollars(admin: Spendca
     with pytest.raises(TypeError, match="ambiguous"):
         admin.create_agent(unique("int"), 5)  # type: ignore[arg-type]
     assert admin.create_agent(unique("int"), usd(5)).agent.cap_micros == 5_000_000
+
+
+def test_operator_tokens_have_roles_and_stop_when_revoked(admin: Spendcap, daemon: Daemon) -> None:
+    handle = unique("watched")
+    admin.create_agent(handle, "2.00")
+    name = unique("oncall")
+    created = admin.create_operator(name, "operator", tree=handle)
+    assert created["token"].startswith("sco_op_") and created["role"] == "operator"
+    assert any(o["name"] == name and "token" not in o for o in admin.operators())
+    with Spendcap(created["token"], url=daemon.url) as oncall:
+        me = oncall.whoami()
+        assert (me["name"], me["role"], me["tighten_only"]) == (
+            name,
+            "operator",
+            ["set_cap", "set_controls", "set_expiry"],
+        )
+        assert oncall.set_cap(handle, "1.00").cap_micros == 1_000_000
+        with pytest.raises(AuthError) as raised:
+            oncall.set_cap(handle, "3.00")
+        assert (raised.value.status, raised.value.code) == (403, "role_forbidden")
+        assert admin.agent(handle).cap_micros == 1_000_000
+        assert admin.revoke_operator(name)["already_revoked"] is False
+        with pytest.raises(AuthError) as gone:
+            oncall.whoami()
+        assert (gone.value.status, gone.value.code) == (401, "invalid_token")
+    assert admin.whoami()["role"] == "admin"

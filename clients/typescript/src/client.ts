@@ -53,6 +53,32 @@ export interface CreateAgentOptions {
   task?: string;
 }
 
+export type OperatorRole = "viewer" | "operator" | "admin";
+
+export interface OperatorView {
+  name: string;
+  role: OperatorRole;
+  /** The budget tree the token is limited to; `null`: every tree. */
+  tree: string | null;
+  created_at_ms: number;
+  created_by: string;
+  revoked_at_ms: number | null;
+}
+
+export interface CreatedOperator extends OperatorView {
+  /** The bearer token (`sco_op_…`), shown only in this answer. */
+  token: string;
+}
+
+export interface WhoAmI {
+  name: string;
+  role: OperatorRole;
+  tree: string | null;
+  actions: string[];
+  /** Actions it may take only in the tightening direction (lower a cap, …). */
+  tighten_only: string[];
+}
+
 export interface CreatedAgent {
   agent: AgentView;
   /** The agent's bearer token, shown only once. */
@@ -148,6 +174,36 @@ export class Spendcap {
   /** Lifts a suspension by the runaway-loop breaker. */
   async reinstate(agent: string): Promise<{ agent_id: string; was_suspended: string | null }> {
     return this.#json({ method: "POST", path: `/v1/agents/${segment(agent)}/reinstate` });
+  }
+
+  /**
+   * Creates an operator token with a role (`viewer`, `operator`, `admin`), optionally limited to
+   * the budget tree of agent `tree`. The answer's `token` is shown only here.
+   */
+  async createOperator(options: {
+    name: string;
+    role: OperatorRole;
+    tree?: string;
+  }): Promise<CreatedOperator> {
+    return this.#json({ method: "POST", path: "/v1/operators", body: { ...options } });
+  }
+
+  /** Every operator token's name, role, tree and dates (never a token). */
+  async listOperators(): Promise<OperatorView[]> {
+    return (await this.#json<{ operators: OperatorView[] }>({ method: "GET", path: "/v1/operators" }))
+      .operators;
+  }
+
+  /** Revokes an operator token by name: it stops at once, on every instance. */
+  async revokeOperator(
+    name: string,
+  ): Promise<{ name: string; revoked_at_ms: number; already_revoked: boolean }> {
+    return this.#json({ method: "POST", path: `/v1/operators/${segment(name)}/revoke` });
+  }
+
+  /** This client's token: its name, role, tree and the actions it may take. */
+  async whoami(): Promise<WhoAmI> {
+    return this.#json({ method: "GET", path: "/v1/whoami" });
   }
 
   /** Records how one of the agent's tasks ended (one `outcome` log line, no balance change). */

@@ -366,6 +366,33 @@ describe("ACP, AP2, holds, outcomes, log and receipts", () => {
   });
 });
 
+describe("operator tokens", () => {
+  test("an operator lowers but never raises a cap, and its token stops when revoked", async () => {
+    const handle = `watched-${Date.now()}`;
+    await admin.createAgent({ handle, cap: "2.00" });
+    const name = `oncall-${Date.now()}`;
+    const created = await admin.createOperator({ name, role: "operator", tree: handle });
+    assert.ok(created.token.startsWith("sco_op_"));
+    assert.ok((await admin.listOperators()).some((o) => o.name === name && !("token" in o)));
+    const oncall = new Spendcap({ url: admin.url, adminToken: created.token });
+    const me = await oncall.whoami();
+    assert.deepEqual(
+      [me.name, me.role, me.tighten_only],
+      [name, "operator", ["set_cap", "set_controls", "set_expiry"]],
+    );
+    assert.equal((await oncall.setCap(handle, "1.00")).cap_micros, 1_000_000n);
+    const raised = await oncall.setCap(handle, "3.00").catch((e: unknown) => e);
+    assert.ok(
+      raised instanceof AuthError && raised.status === 403 && raised.code === "role_forbidden",
+      String(raised),
+    );
+    assert.equal((await admin.getAgent(handle)).cap_micros, 1_000_000n);
+    assert.equal((await admin.revokeOperator(name)).already_revoked, false);
+    const gone = await oncall.whoami().catch((e: unknown) => e);
+    assert.ok(gone instanceof AuthError && gone.code === "invalid_token", String(gone));
+  });
+});
+
 describe("errors", () => {
   test("bad tokens, admin routes and bad input are typed errors that change nothing", async () => {
     const stranger = admin.agent("sct_not_a_real_token");

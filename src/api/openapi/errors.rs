@@ -77,7 +77,7 @@ pub const TABLE: &[Entry] = &[
     ("post", "/v1/agents/{agent}/revoke", &[(404, &["unknown_agent"]), (422, &["invalid_reason"])]),
     ("post", "/v1/agents/{agent}/archive", &[(404, &["unknown_agent"])]),
     ("post", "/v1/agents/{agent}/rotate-token", &[(404, &["unknown_agent"])]),
-    ("put", "/v1/agents/{agent}/controls", &[(400, &["invalid_argument"]), (404, &["unknown_agent"]), (422, CONTROLS)]),
+    ("put", "/v1/agents/{agent}/controls", &[(400, &["invalid_argument"]), (404, &["unknown_agent"]), (409, &["changed_meanwhile"]), (422, CONTROLS)]),
     ("get", "/v1/agents/{agent}/controls", &[(404, &["unknown_agent"])]),
     ("put", "/v1/agents/{agent}/expiry", &[(400, &["invalid_argument"]), (404, &["unknown_agent"]), (422, &["invalid_expiry"])]),
     ("post", "/v1/agents/{agent}/reinstate", &[(404, &["unknown_agent"])]),
@@ -140,6 +140,11 @@ pub const TABLE: &[Entry] = &[
     ("post", "/v1/approvals/{id}/deny", &[
         (400, &["invalid_argument"]), (404, &["approval_not_found"]), (409, &["approval_expired", "approval_decided"]),
         (422, &["invalid_note"])]),
+    // Operator tokens (roles).
+    ("post", "/v1/operators", &[(404, &["unknown_agent"]), (409, &["operator_exists"]), (422, &["invalid_name"])]),
+    ("get", "/v1/operators", &[]),
+    ("post", "/v1/operators/{name}/revoke", &[(404, &["unknown_operator"])]),
+    ("get", "/v1/whoami", &[]),
     // Protocol endpoints: open codes (see the module's comment).
     ("post", "/v1/x402/fetch", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("post", "/v1/acp/checkouts", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
@@ -196,6 +201,10 @@ fn answers(method: &str, path: &str, operation: &Value) -> Option<Vec<(u16, Vec<
     // A task-scoped agent token works wherever the agent's own does, until it expires or is revoked.
     if schemes.contains(&"agent") {
         add(401, &["token_expired", "token_revoked"]);
+    }
+    // An operator token whose role does not allow the route (`api/operators.rs`, ROUTES).
+    if schemes.contains(&"admin") {
+        add(403, &["role_forbidden"]);
     }
     // `/mcp`'s body is read by the MCP SDK, which answers bad bodies itself (`routes.rs`).
     if operation["requestBody"]["content"]["application/json"].is_object() && path != "/mcp" {

@@ -199,6 +199,23 @@ class AsyncSpendcap(_Client):
     async def reinstate(self, agent: str) -> dict[str, Any]:
         return await self._send(calls.reinstate(agent))
 
+    async def create_operator(self, name: str, role: str, *, tree: str | None = None) -> dict[str, Any]:
+        """A named token with a role (`viewer`, `operator`, `admin`), optionally limited to the budget
+        tree of agent `tree`; the answer's `token` is shown only here."""
+        return await self._send(calls.create_operator(name, role, tree=tree))
+
+    async def operators(self) -> list[dict[str, Any]]:
+        """Every operator token's name, role, tree and dates (never a token)."""
+        return await self._send(calls.list_operators())
+
+    async def revoke_operator(self, name: str) -> dict[str, Any]:
+        """The token stops at once, on every instance of the daemon."""
+        return await self._send(calls.revoke_operator(name))
+
+    async def whoami(self) -> dict[str, Any]:
+        """This client's token: `name`, `role`, `tree`, `actions`, `tighten_only`."""
+        return await self._send(calls.whoami())
+
     async def record_outcome(self, agent: str, task: str, outcome: str, *, task_type: str) -> TaskOutcome:
         """How one of the agent's tasks ended: `success`, `failed` or `abandoned`."""
         return await self._send(calls.record_outcome(task, outcome, task_type, agent=agent))

@@ -132,6 +132,25 @@ def reinstate(agent: str) -> Call[Json]:
     return Call("POST", f"/v1/agents/{segment(agent)}/reinstate", _dict)
 
 
+def create_operator(name: str, role: str, *, tree: str | None = None) -> Call[Json]:
+    body: Json = {"name": name, "role": role}
+    if tree is not None:
+        body["tree"] = tree
+    return Call("POST", "/v1/operators", _dict, body=body)
+
+
+def list_operators() -> Call[list[Json]]:
+    return Call("GET", "/v1/operators", lambda data: [_dict(o) for o in data["operators"]])
+
+
+def revoke_operator(name: str) -> Call[Json]:
+    return Call("POST", f"/v1/operators/{segment(name)}/revoke", _dict)
+
+
+def whoami() -> Call[Json]:
+    return Call("GET", "/v1/whoami", _dict)
+
+
 def record_outcome(task: str, outcome: str, task_type: str, *, agent: str | None = None) -> Call[TaskOutcome]:
     body: Json = {"outcome": outcome, "task_type": task_type}
     if agent is not None:

@@ -198,6 +198,23 @@ class Spendcap(_Client):
     def reinstate(self, agent: str) -> dict[str, Any]:
         return self._send(calls.reinstate(agent))
 
+    def create_operator(self, name: str, role: str, *, tree: str | None = None) -> dict[str, Any]:
+        """A named token with a role (`viewer`, `operator`, `admin`), optionally limited to the budget
+        tree of agent `tree`; the answer's `token` is shown only here."""
+        return self._send(calls.create_operator(name, role, tree=tree))
+
+    def operators(self) -> list[dict[str, Any]]:
+        """Every operator token's name, role, tree and dates (never a token)."""
+        return self._send(calls.list_operators())
+
+    def revoke_operator(self, name: str) -> dict[str, Any]:
+        """The token stops at once, on every instance of the daemon."""
+        return self._send(calls.revoke_operator(name))
+
+    def whoami(self) -> dict[str, Any]:
+        """This client's token: `name`, `role`, `tree`, `actions`, `tighten_only`."""
+        return self._send(calls.whoami())
+
     def record_outcome(self, agent: str, task: str, outcome: str, *, task_type: str) -> TaskOutcome:
         """How one of the agent's tasks ended: `success`, `failed` or `abandoned`."""
         return self._send(calls.record_outcome(task, outcome, task_type, agent=agent))
