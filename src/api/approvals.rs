@@ -11,7 +11,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{agent_scoped, Admin, AgentAuth, ApiError, ApiJson, SharedState};
+use super::operators::Principal;
+use super::{agent_scoped, AgentAuth, ApiError, ApiJson, SharedState};
 use crate::identity::HoldId;
 use crate::ledger::{Approval, ApprovalState, LedgerError};
 use crate::outcome::{Failure, Kind};
@@ -94,7 +95,7 @@ async fn read_waiting(state: &SharedState, id: &HoldId, wait_secs: Option<u64>) 
 #[utoipa::path(get, path = "/v1/approvals", params(ListQuery),
     responses((status = 200, body = ApprovalList)), security(("admin" = [])))]
 pub async fn list(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<ApprovalList>, ApiError> {
@@ -109,7 +110,7 @@ pub async fn list(
     };
     let now = state.clock.now_ms();
     let mut approvals = Vec::new();
-    for tree in state.ledger.trees().await? {
+    for tree in who.trees(&state).await? {
         approvals.extend(state.ledger.approvals(now, &tree).await?);
     }
     approvals.retain(|a| wanted.is_none_or(|w| a.state == w));
@@ -121,12 +122,15 @@ pub async fn list(
 #[utoipa::path(get, path = "/v1/approvals/{id}", params(("id" = String, Path, description = "approval id"), WaitQuery),
     responses((status = 200, body = Approval)), security(("admin" = [])))]
 pub async fn show(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(id): Path<String>,
     Query(query): Query<WaitQuery>,
 ) -> Result<Json<Approval>, ApiError> {
     let id = approval_id(&id)?;
+    if !who.sees(id.tree()) {
+        return Err(LedgerError::ApprovalNotFound.into());
+    }
     Ok(Json(read_waiting(&state, &id, query.wait_secs).await?))
 }
 
@@ -152,7 +156,13 @@ pub async fn show_own(
     Ok(Json(read_waiting(&state, &id, query.wait_secs).await?))
 }
 
-async fn decide(state: &SharedState, id: &str, approve: bool, body: DecisionBody) -> Result<Json<Approval>, ApiError> {
+async fn decide(
+    state: &SharedState,
+    who: &Principal,
+    id: &str,
+    approve: bool,
+    body: DecisionBody,
+) -> Result<Json<Approval>, ApiError> {
     if body.note.len() > NOTE_BYTES || body.note.chars().any(char::is_control) {
         return Err(Failure::invalid(
             "invalid_note",
@@ -161,8 +171,11 @@ async fn decide(state: &SharedState, id: &str, approve: bool, body: DecisionBody
         .into());
     }
     let id = approval_id(id)?;
+    if !who.sees(id.tree()) {
+        return Err(LedgerError::ApprovalNotFound.into());
+    }
     let now = state.clock.now_ms();
-    state.ledger.approval_decide(now, &id, approve, "admin", &body.note).await.map_err(not_found)?;
+    state.ledger.approval_decide(now, &id, approve, &who.actor().by, &body.note).await.map_err(not_found)?;
     Ok(Json(state.ledger.approval(state.clock.now_ms(), &id).await.map_err(not_found)?))
 }
 
@@ -171,13 +184,13 @@ async fn decide(state: &SharedState, id: &str, approve: bool, body: DecisionBody
     params(("id" = String, Path, description = "approval id")),
     responses((status = 200, body = Approval)), security(("admin" = [])))]
 pub async fn approve(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(id): Path<String>,
     body: Result<ApiJson<DecisionBody>, ApiError>,
 ) -> Result<Json<Approval>, ApiError> {
     let ApiJson(body) = body?;
-    decide(&state, &id, true, body).await
+    decide(&state, &who, &id, true, body).await
 }
 
 /// Denies a waiting payment: its money is released; the agent's repeated request gets
@@ -186,11 +199,11 @@ pub async fn approve(
     params(("id" = String, Path, description = "approval id")),
     responses((status = 200, body = Approval)), security(("admin" = [])))]
 pub async fn deny(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(id): Path<String>,
     body: Result<ApiJson<DecisionBody>, ApiError>,
 ) -> Result<Json<Approval>, ApiError> {
     let ApiJson(body) = body?;
-    decide(&state, &id, false, body).await
+    decide(&state, &who, &id, false, body).await
 }

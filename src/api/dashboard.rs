@@ -108,14 +108,14 @@ async fn login(
 #[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema, Debug, PartialEq, Eq)]
 pub struct Session {
     pub role: String,
-    /// Of `create_agent`, `set_cap`, `set_controls`, `set_expiry`, `reinstate`, `revoke`.
-    /// (`decide_approval` is reserved for approvals, which do not exist yet.)
+    /// Of `create_agent`, `set_cap`, `set_controls`, `set_expiry`, `reinstate`, `revoke`,
+    /// `decide_approval` (the approvals panel's buttons).
     pub actions: Vec<String>,
 }
 
 /// Every dashboard action the admin role may take, in the order the page offers them.
 const ADMIN_ACTIONS: [&str; 7] =
-    ["create_agent", "set_cap", "set_controls", "set_expiry", "reinstate", "revoke", "approval.decide"];
+    ["create_agent", "set_cap", "set_controls", "set_expiry", "reinstate", "revoke", "decide_approval"];
 
 impl Session {
     fn admin() -> Session {

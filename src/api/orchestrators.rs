@@ -21,7 +21,8 @@ use utoipa::ToSchema;
 use super::agents::{
     cap_from, new_handle_allowed, resolve, AgentList, AgentView, CreatedAgent, RevokeRequest, Revoked,
 };
-use super::{agent_scoped, Admin, AgentAuth, ApiError, ApiJson, SharedState};
+use super::operators::Principal;
+use super::{agent_scoped, AgentAuth, ApiError, ApiJson, SharedState};
 use crate::identity::{AgentId, AgentToken};
 use crate::ledger::standing::standings_in;
 use crate::ledger::{AgentSetup, AgentState, LedgerError, NewAgent, TaskTokenInfo};
@@ -357,7 +358,7 @@ pub async fn revoke_my_token(
     params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 201, body = CreatedTaskToken)), security(("admin" = [])))]
 pub async fn create_agent_token(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
     ApiJson(req): ApiJson<CreateTaskTokenRequest>,
@@ -366,7 +367,7 @@ pub async fn create_agent_token(
         return Err(invalid("invalid_body", "the agent is the one in the path"));
     }
     let (task, ttl_ms) = checked_token_request(&req)?;
-    let id = resolve(&state, &agent).await?;
+    let id = who.resolve(&state, &agent).await?;
     let token = AgentToken::generate_task(&id);
     let expires_at_ms = state.ledger.create_task_token(state.clock.now_ms(), None, &id, &token, &task, ttl_ms).await?;
     tracing::info!(agent = %id, %task, "task token created by the admin");
@@ -376,11 +377,11 @@ pub async fn create_agent_token(
 #[utoipa::path(get, path = "/v1/agents/{agent}/tokens", params(("agent" = String, Path, description = "agent id or handle")),
     responses((status = 200, body = TaskTokenList)), security(("admin" = [])))]
 pub async fn list_agent_tokens(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path(agent): Path<String>,
 ) -> Result<Json<TaskTokenList>, ApiError> {
-    let id = resolve(&state, &agent).await?;
+    let id = who.resolve(&state, &agent).await?;
     let (_, standing) = state.ledger.standing(state.clock.now_ms(), &id).await?;
     Ok(Json(TaskTokenList { tokens: token_views(&state, &[(id, standing.state)]).await? }))
 }
@@ -389,11 +390,11 @@ pub async fn list_agent_tokens(
     params(("agent" = String, Path, description = "agent id or handle"), ("token" = String, Path, description = "the task token's id")),
     responses((status = 200, body = RevokedTaskToken)), security(("admin" = [])))]
 pub async fn revoke_agent_token(
-    _: Admin,
+    who: Principal,
     State(state): State<SharedState>,
     Path((agent, token)): Path<(String, String)>,
 ) -> Result<Json<RevokedTaskToken>, ApiError> {
-    let id = resolve(&state, &agent).await?;
+    let id = who.resolve(&state, &agent).await?;
     let already = state.ledger.revoke_task_token(state.clock.now_ms(), None, id.tree(), &token, Some(&id)).await?;
     tracing::info!(agent = %id, token_id = %token, "task token revoked by the admin");
     Ok(Json(RevokedTaskToken { token_id: token, already_revoked: already }))

@@ -77,7 +77,7 @@ async fn the_session_carries_the_role_and_its_actions() {
     let actions: Vec<&str> = session["actions"].as_array().expect("actions").iter().filter_map(Value::as_str).collect();
     assert_eq!(
         actions,
-        ["create_agent", "set_cap", "set_controls", "set_expiry", "reinstate", "revoke", "approval.decide"]
+        ["create_agent", "set_cap", "set_controls", "set_expiry", "reinstate", "revoke", "decide_approval"]
     );
     let agent = app.create_agent("not-admin", 1_000, None).await;
     let (status, body) = app.agent_call(&agent.token, Method::GET, "/v1/dashboard/session", None).await;

@@ -41,7 +41,9 @@ fn request_for(method: &str, path: &str, target: &str, tree: &str, n: usize) -> 
         .replace("{agent}", target)
         .replace("{hold}", &fake_hold)
         .replace("{task}", "t-roles")
-        .replace("{name}", "nobody");
+        .replace("{name}", "nobody")
+        .replace("{id}", &fake_hold)
+        .replace("{token}", "t0000000000000000");
     let body = match (method.as_str(), path) {
         ("POST", "/v1/agents") => Some(json!({ "handle": format!("made-{n}"), "cap_micros": 1, "parent": target })),
         ("PUT", "/v1/agents/{agent}/cap") => Some(json!({ "cap_micros": 10_000_000 })),
@@ -54,6 +56,8 @@ fn request_for(method: &str, path: &str, target: &str, tree: &str, n: usize) -> 
         ("POST", "/v1/holds/{hold}/resolve") => Some(json!({ "outcome": "voided", "reason": "roles test" })),
         ("POST", "/v1/ap2/agents/{agent}/mandates") => Some(json!({ "open_checkout_mandate": "x" })),
         ("POST", "/v1/operators") => Some(json!({ "name": format!("made-{n}"), "role": "viewer" })),
+        ("POST", "/v1/agents/{agent}/tokens") => Some(json!({ "task": "t-roles", "ttl_secs": 60 })),
+        ("POST", "/v1/approvals/{id}/approve" | "/v1/approvals/{id}/deny") => Some(json!({ "note": "roles test" })),
         _ => None,
     };
     if matches!(path, "/v1/receipts" | "/v1/log" | "/v1/spend" | "/v1/reports") {
@@ -160,6 +164,7 @@ async fn every_role_against_every_admin_route() {
                 assert!(status != 401 && status != 403, "{context}");
                 let names_the_other_tree = path.contains("{agent}")
                     || path.contains("{hold}")
+                    || path.contains("{id}")
                     || url.contains("?agent=")
                     || matches!((*method, *path), ("post", "/v1/tasks/{task}/outcome") | ("post", "/v1/agents"));
                 if t.limited && names_the_other_tree {
