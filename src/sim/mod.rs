@@ -123,7 +123,7 @@ impl Providers {
             .map_err(|e| ConfigError { protocol: "ap2", reason: e.to_string() })?;
         let ap2 = Ap2Config { file: Some(file), kek: Some(Kek::generate()), ..Ap2Config::default() };
         let api = ApiConfig::from_json(&self.llm.apis_json().to_string())?;
-        Ok(ProtocolConfig { x402, acp, ap2, api, reserved: Default::default() })
+        Ok(ProtocolConfig { x402, acp, ap2, api, reserved: Default::default(), mpp: Default::default() })
     }
 
     /// Writes the ACP and AP2 configuration files into `dir` and returns the environment a

@@ -23,11 +23,11 @@ use http::HeaderMap;
 
 pub use ::mpp::protocol::intents::ChargeRequest;
 pub use ::mpp::{
-    format_authorization, parse_authorization, ChallengeEcho, PaymentChallenge, PaymentCredential, Receipt,
-    ReceiptStatus,
+    format_authorization, format_www_authenticate, parse_authorization, parse_www_authenticate, ChallengeEcho,
+    PaymentChallenge, PaymentCredential, Receipt, ReceiptStatus,
 };
 
-pub use self::spt::{SptIssuer, SptRequest, SPT_PATH};
+pub use self::spt::{SptError, SptIssuer, SptRequest, SPT_PATH};
 use crate::conformance::ConformanceSink;
 use crate::intent::{PaymentIntent, Protocol};
 use crate::money::Micros;
@@ -216,6 +216,8 @@ impl Choice {
         let mut details = BTreeMap::from([
             ("challenge_id".to_owned(), self.challenge.id.clone()),
             ("realm".to_owned(), self.challenge.realm.clone()),
+            // The payee the operator's payee controls match (the server's protection space).
+            ("payee".to_owned(), self.challenge.realm.clone()),
             ("method".to_owned(), self.challenge.method.as_str().to_owned()),
             ("intent".to_owned(), self.challenge.intent.as_str().to_owned()),
             ("currency".to_owned(), self.request.currency.clone()),
