@@ -22,6 +22,7 @@ mod layering;
 mod ledger;
 mod mcp;
 mod metrics;
+mod mpp;
 mod openapi;
 mod readme;
 mod reports;

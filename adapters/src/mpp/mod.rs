@@ -162,7 +162,7 @@ pub fn choose(challenges: &[PaymentChallenge], policy: &Policy, now_secs: u64) -
 
 fn judge(challenge: &PaymentChallenge, policy: &Policy, now_secs: u64) -> Result<Choice, MppError> {
     let method = challenge.method.as_str().to_ascii_lowercase();
-    if !SUPPORTED_METHODS.contains(&method.as_str()) || !policy.methods.iter().any(|m| *m == method) {
+    if !SUPPORTED_METHODS.contains(&method.as_str()) || !policy.methods.contains(&method) {
         return Err(MppError::NoAcceptable(format!("method {method:?} is not allowed")));
     }
     if !challenge.intent.is_charge() {
@@ -171,7 +171,7 @@ fn judge(challenge: &PaymentChallenge, policy: &Policy, now_secs: u64) -> Result
     let request: ChargeRequest = challenge.request.decode().map_err(|err| MppError::Malformed(err.to_string()))?;
     let currency = request.currency.to_ascii_lowercase();
     let per_unit = micros_per_base_unit(&currency)
-        .filter(|_| policy.currencies.iter().any(|c| *c == currency))
+        .filter(|_| policy.currencies.contains(&currency))
         .ok_or_else(|| MppError::NoAcceptable(format!("currency {currency:?} is not allowed")))?;
     let base: u64 = request
         .amount
