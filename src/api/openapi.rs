@@ -55,6 +55,7 @@ impl Modify for BearerSchemes {
         routes::ap2_own_key, routes::ap2_admin_key, routes::ap2_register_mandates, routes::ap2_admin_register_mandates,
         routes::ap2_show_mandate, routes::ap2_pay, routes::ap2_v01_pay,
         routes::keyed_api,
+        crate::protocols::mpp::routes::fetch, routes::mpp_proxy,
     ),
     components(schemas(log::Format, crate::log::GroupBy, reports::ReportFormat, holds::RefusalView)),
     modifiers(&BearerSchemes)

@@ -100,7 +100,7 @@ fn url_error(err: UrlError) -> ApiError {
     }
 }
 
-#[utoipa::path(post, path = "/v1/mpp/fetch", request_body = FetchBody,
+#[utoipa::path(post, path = "/v1/mpp/fetch", operation_id = "mpp_fetch", tag = "mpp", request_body = FetchBody,
     params(("Idempotency-Key" = Option<String>, Header,
         description = "names the purchase; without it, the same task + method + URL + body is the same purchase")),
     responses(
