@@ -44,42 +44,42 @@ pub struct MppArgs {
     /// Base URL of the PSP that mints Shared Payment Tokens for the `stripe` method (Stripe's API,
     /// e.g. https://api.stripe.com). Without it the MPP endpoint answers 503 mpp_not_configured.
     #[arg(long = "mpp-psp-url", env = "SPENDCAP_MPP_PSP_URL", value_name = "URL")]
-    pub psp_url: Option<String>,
+    pub mpp_psp_url: Option<String>,
     /// File with the PSP's secret API key. Never logged or shown.
     #[arg(long = "mpp-psp-key-file", env = "SPENDCAP_MPP_PSP_KEY_FILE", value_name = "PATH")]
-    pub psp_key_file: Option<PathBuf>,
+    pub mpp_psp_key_file: Option<PathBuf>,
     /// The PSP's secret API key itself; prefer the file.
     #[arg(long = "mpp-psp-key", env = "SPENDCAP_MPP_PSP_KEY", hide_env_values = true, hide = true)]
-    pub psp_key: Option<SecretText>,
+    pub mpp_psp_key: Option<SecretText>,
     /// The owner's saved payment method the tokens are minted from (e.g. pm_...).
     #[arg(long = "mpp-payment-method", env = "SPENDCAP_MPP_PAYMENT_METHOD", value_name = "ID")]
-    pub payment_method: Option<String>,
+    pub mpp_payment_method: Option<String>,
     /// Largest single MPP payment in micro-USD, whatever the agent's budget.
     #[arg(long = "mpp-max-payment-micros", env = "SPENDCAP_MPP_MAX_PAYMENT_MICROS", default_value_t = DEFAULT_MAX_PAYMENT_MICROS)]
-    pub max_payment_micros: u64,
+    pub mpp_max_payment_micros: u64,
     /// Longest life of a credential (its token expires at the challenge's expiry or now + this,
     /// whichever is sooner; the hold lasts as long).
     #[arg(long = "mpp-max-validity-secs", env = "SPENDCAP_MPP_MAX_VALIDITY_SECS", default_value_t = DEFAULT_MAX_VALIDITY_SECS)]
-    pub max_validity_secs: u64,
+    pub mpp_max_validity_secs: u64,
     /// Non-public addresses or networks the daemon may fetch from, comma-separated.
     #[arg(long = "mpp-allow-private", env = "SPENDCAP_MPP_ALLOW_PRIVATE", value_delimiter = ',')]
-    pub allow_private: Vec<AddressRange>,
+    pub mpp_allow_private: Vec<AddressRange>,
     /// Longest wait for one upstream request (and for the PSP), body included.
     #[arg(long = "mpp-timeout-ms", env = "SPENDCAP_MPP_TIMEOUT_MS", default_value_t = DEFAULT_TIMEOUT_MS)]
-    pub timeout_ms: u64,
+    pub mpp_timeout_ms: u64,
 }
 
 impl Default for MppArgs {
     fn default() -> MppArgs {
         MppArgs {
-            psp_url: None,
-            psp_key_file: None,
-            psp_key: None,
-            payment_method: None,
-            max_payment_micros: DEFAULT_MAX_PAYMENT_MICROS,
-            max_validity_secs: DEFAULT_MAX_VALIDITY_SECS,
-            allow_private: Vec::new(),
-            timeout_ms: DEFAULT_TIMEOUT_MS,
+            mpp_psp_url: None,
+            mpp_psp_key_file: None,
+            mpp_psp_key: None,
+            mpp_payment_method: None,
+            mpp_max_payment_micros: DEFAULT_MAX_PAYMENT_MICROS,
+            mpp_max_validity_secs: DEFAULT_MAX_VALIDITY_SECS,
+            mpp_allow_private: Vec::new(),
+            mpp_timeout_ms: DEFAULT_TIMEOUT_MS,
         }
     }
 }
@@ -135,7 +135,7 @@ fn config_error(reason: impl Into<String>) -> ConfigError {
 
 impl MppConfig {
     pub fn from_args(args: &MppArgs) -> Result<MppConfig, ConfigError> {
-        let key = match (&args.psp_key_file, &args.psp_key) {
+        let key = match (&args.mpp_psp_key_file, &args.mpp_psp_key) {
             (Some(_), Some(_)) => {
                 return Err(config_error("set SPENDCAP_MPP_PSP_KEY_FILE or SPENDCAP_MPP_PSP_KEY, not both"))
             }
@@ -150,7 +150,7 @@ impl MppConfig {
             (None, Some(secret)) => Some(secret.reveal().trim().to_owned()),
             (None, None) => None,
         };
-        let psp = match (&args.psp_url, key, &args.payment_method) {
+        let psp = match (&args.mpp_psp_url, key, &args.mpp_payment_method) {
             (None, None, None) => None,
             (Some(url), Some(secret_key), Some(payment_method)) if !secret_key.is_empty() => {
                 let parsed = reqwest::Url::parse(url)
@@ -167,20 +167,20 @@ impl MppConfig {
                 ))
             }
         };
-        let max_payment = Micros::positive(args.max_payment_micros)
+        let max_payment = Micros::positive(args.mpp_max_payment_micros)
             .map_err(|err| config_error(format!("SPENDCAP_MPP_MAX_PAYMENT_MICROS: {err}")))?;
-        if args.max_validity_secs < 5 {
+        if args.mpp_max_validity_secs < 5 {
             return Err(config_error("SPENDCAP_MPP_MAX_VALIDITY_SECS must be at least 5"));
         }
-        if args.timeout_ms == 0 {
+        if args.mpp_timeout_ms == 0 {
             return Err(config_error("SPENDCAP_MPP_TIMEOUT_MS must be greater than zero"));
         }
         Ok(MppConfig {
             psp,
             max_payment,
-            max_validity_secs: args.max_validity_secs,
-            allow_private: args.allow_private.clone(),
-            timeout: Duration::from_millis(args.timeout_ms),
+            max_validity_secs: args.mpp_max_validity_secs,
+            allow_private: args.mpp_allow_private.clone(),
+            timeout: Duration::from_millis(args.mpp_timeout_ms),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             conformance: ConformanceSink::disabled(),
         })

@@ -23,9 +23,9 @@ use adapters::mpp::{
     SptError, SptIssuer,
 };
 use adapters::Micros;
-use axum::http::header::{self, HeaderName, HeaderValue};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+use reqwest::header::{self, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
