@@ -23,8 +23,8 @@ use http::HeaderMap;
 
 pub use ::mpp::protocol::intents::ChargeRequest;
 pub use ::mpp::{
-    format_authorization, format_www_authenticate, parse_authorization, parse_www_authenticate, ChallengeEcho,
-    PaymentChallenge, PaymentCredential, Receipt, ReceiptStatus,
+    format_authorization, format_receipt, format_www_authenticate, parse_authorization, parse_www_authenticate,
+    Base64UrlJson, ChallengeEcho, PaymentChallenge, PaymentCredential, Receipt, ReceiptStatus,
 };
 
 pub use self::spt::{SptError, SptIssuer, SptRequest, SPT_PATH};
