@@ -389,3 +389,27 @@ async fn the_credentials_sent_are_recorded_and_read_back_by_the_official_parser(
     }
     assert!(checked >= 1);
 }
+
+/// The mission's sum check for MPP: what the simulated shop charged equals what the ledger settled.
+#[tokio::test]
+async fn the_simulated_shop_charged_what_the_ledger_settled() {
+    let providers = spendcap::sim::Providers::start().await.expect("simulated providers");
+    let protocols = providers.protocol_config().expect("configuration for the providers");
+    let app = spawn_app_with(AppOptions { protocols, ..Default::default() }).await;
+    let agent = app.create_agent("mpp-sim", 1_000_000, None).await;
+    for i in 0..3 {
+        let url = format!("{}/data?i={i}", providers.mpp.base());
+        let (status, body) =
+            app.agent_call(&agent.token, Method::POST, "/v1/mpp/fetch", Some(json!({"url": url, "task": "sum"}))).await;
+        assert_eq!((status, body["payment"]["status"].as_str()), (200, Some("settled")), "{body}");
+    }
+    // A repeated purchase is replayed, not paid again.
+    let url = format!("{}/data?i=0", providers.mpp.base());
+    let (status, body) =
+        app.agent_call(&agent.token, Method::POST, "/v1/mpp/fetch", Some(json!({"url": url, "task": "sum"}))).await;
+    assert_eq!((status, body["replayed"].as_bool()), (200, Some(true)), "{body}");
+    let charged = providers.mpp.charged_micros();
+    assert_eq!(charged, 3 * spendcap::sim::MPP_PRICE_CENTS * 10_000);
+    let balance = me(&app, &agent.token).await;
+    assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(charged), Some(0)));
+}
