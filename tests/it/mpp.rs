@@ -39,6 +39,8 @@ struct StripeState {
     /// idempotency key → (PaymentIntent id, amount in cents).
     charges: Mutex<HashMap<String, (String, u64)>>,
     refused_charges: AtomicUsize,
+    /// Every charge is declined (the card is refused).
+    decline: AtomicBool,
 }
 
 async fn mint(
@@ -80,7 +82,7 @@ async fn payment_intent(
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs();
         amount <= max && limits.get("usage_limits[currency]") == form.get("currency") && now < expires
     });
-    if !within {
+    if !within || stripe.decline.load(Ordering::SeqCst) {
         stripe.refused_charges.fetch_add(1, Ordering::SeqCst);
         return (StatusCode::PAYMENT_REQUIRED, Json(json!({"error": {"code": "shared_payment_token_limit"}})))
             .into_response();
@@ -139,6 +141,11 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(None).await
+}
+
+/// The world, with the daemon's PSP at `psp` instead of the Stripe stub.
+async fn world_with(psp: Option<String>) -> World {
     let stripe = Arc::new(StripeState::default());
     let stripe_url = start(
         Router::new()
@@ -167,7 +174,7 @@ async fn world() -> World {
     .await;
     let mpp_config = MppConfig {
         psp: Some(MppPsp {
-            base_url: stripe_url,
+            base_url: psp.unwrap_or(stripe_url),
             secret_key: "sk_test_owner".to_owned(),
             payment_method: "pm_card_visa".to_owned(),
         }),
@@ -412,4 +419,31 @@ async fn the_simulated_shop_charged_what_the_ledger_settled() {
     assert_eq!(charged, 3 * spendcap::sim::MPP_PRICE_CENTS * 10_000);
     let balance = me(&app, &agent.token).await;
     assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(charged), Some(0)));
+}
+
+#[tokio::test]
+async fn a_declined_credential_stays_held_until_its_token_expires_and_no_token_means_no_hold() {
+    let world = world().await;
+    let agent = world.app.create_agent("mpp-declined", 1_000_000, None).await;
+    world.stripe.decline.store(true, Ordering::SeqCst);
+    let (status, body) = fetch(&world, &agent.token, Some("declined-1"), None).await;
+    assert_eq!((status, body["code"].as_str()), (402, Some("mpp_payment_rejected")), "{body}");
+    // The token was sent: it could still be charged until it expires, so its hold stays.
+    assert_eq!(charged_cents(&world.stripe), 0);
+    let balance = me(&world.app, &agent.token).await;
+    assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(0), Some(PRICE_MICROS)));
+    let held_until = body["held_until_ms"].as_u64().expect("held until");
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as u64;
+    assert!(held_until > now_ms && held_until <= now_ms + 301_000, "{held_until} vs {now_ms}");
+    let notes: Vec<Value> = world.app.log().await.into_iter().filter(|e| e["event"] == "note").collect();
+    assert!(notes.iter().any(|e| e.to_string().contains("mpp_payment_rejected")), "{notes:?}");
+
+    // A PSP that does not answer: no token exists, nothing is sent, the hold is voided.
+    let world = world_with(Some("http://127.0.0.1:1".to_owned())).await;
+    let agent = world.app.create_agent("mpp-no-psp", 1_000_000, None).await;
+    let (status, body) = fetch(&world, &agent.token, None, None).await;
+    assert_eq!((status, body["code"].as_str()), (502, Some("mpp_psp_unreachable")), "{body}");
+    assert!(world.shop.credentials.lock().expect("lock").is_empty());
+    let balance = me(&world.app, &agent.token).await;
+    assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(0), Some(0)));
 }
