@@ -314,6 +314,20 @@ async fn cap_and_maximum_refusals_and_a_revoked_agent_get_no_token_minted_and_no
     let (status, body) = fetch(&world, &revoked.token, None, None).await;
     assert_eq!((status, body["code"].as_str()), (402, Some("agent_revoked")), "{body}");
 
+    // Controls: an agent denied the mpp protocol is refused before anything is fetched.
+    let no_mpp = world.app.create_agent("mpp-denied", 1_000_000, None).await;
+    let (status, shown) = world
+        .app
+        .admin(
+            Method::PUT,
+            &format!("/v1/agents/{}/controls", no_mpp.id),
+            Some(json!({"protocols": {"deny": ["mpp"]}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{shown}");
+    let (status, body) = fetch(&world, &no_mpp.token, None, None).await;
+    assert_eq!((status, body["code"].as_str()), (402, Some("protocol_denied")), "{body}");
+
     // No token was minted, no credential reached the shop, nothing was charged.
     assert_eq!(world.stripe.mint_requests.load(Ordering::SeqCst), 0);
     assert!(world.shop.credentials.lock().expect("lock").is_empty());
