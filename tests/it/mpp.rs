@@ -108,6 +108,8 @@ struct Shop {
     credentials: Mutex<Vec<String>>,
     /// The next paid request is charged, then its answer never comes (the connection hangs).
     hang_once: AtomicBool,
+    /// An `amount` the receipts report (base units), if any.
+    reported_amount: Mutex<Option<String>>,
 }
 
 async fn paid(State(shop): State<Arc<Shop>>, headers: HeaderMap) -> Response {
@@ -122,7 +124,10 @@ async fn paid(State(shop): State<Arc<Shop>>, headers: HeaderMap) -> Response {
     shop.credentials.lock().expect("lock").push(authorization.to_owned());
     let Ok(credential) = ::mpp::parse_authorization(authorization) else { return challenge() };
     match shop.mpp.stripe_verify_charge(&credential, PRICE).await {
-        Ok(receipt) => {
+        Ok(mut receipt) => {
+            if let Some(amount) = shop.reported_amount.lock().expect("lock").clone() {
+                receipt.extensions.insert("amount".to_owned(), Value::String(amount));
+            }
             if shop.hang_once.swap(false, Ordering::SeqCst) {
                 tokio::time::sleep(Duration::from_secs(30)).await;
             }
@@ -167,7 +172,12 @@ async fn world_with(psp: Option<String>) -> World {
         .stripe_api_base(&stripe_url),
     )
     .expect("the official server builds");
-    let shop = Arc::new(Shop { mpp, credentials: Mutex::new(Vec::new()), hang_once: AtomicBool::new(false) });
+    let shop = Arc::new(Shop {
+        mpp,
+        credentials: Mutex::new(Vec::new()),
+        hang_once: AtomicBool::new(false),
+        reported_amount: Mutex::new(None),
+    });
     let shop_url = start(
         Router::new().route("/paid", get(paid)).route("/free", get(|| async { "free" })).with_state(shop.clone()),
     )
@@ -460,4 +470,20 @@ async fn a_declined_credential_stays_held_until_its_token_expires_and_no_token_m
     assert!(world.shop.credentials.lock().expect("lock").is_empty());
     let balance = me(&world.app, &agent.token).await;
     assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(0), Some(0)));
+}
+
+#[tokio::test]
+async fn a_receipt_reporting_less_settles_that_and_one_reporting_more_settles_the_hold() {
+    let world = world().await;
+    let agent = world.app.create_agent("mpp-reported", 1_000_000, None).await;
+    *world.shop.reported_amount.lock().expect("lock") = Some("7".to_owned());
+    let (status, body) = fetch(&world, &agent.token, Some("less"), None).await;
+    assert_eq!((status, body["payment"]["amount_micros"].as_u64()), (200, Some(70_000)), "{body}");
+    let balance = me(&world.app, &agent.token).await;
+    assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(70_000), Some(0)));
+    *world.shop.reported_amount.lock().expect("lock") = Some("50".to_owned());
+    let (status, body) = fetch(&world, &agent.token, Some("more"), None).await;
+    assert_eq!((status, body["payment"]["amount_micros"].as_u64()), (200, Some(PRICE_MICROS)), "{body}");
+    let balance = me(&world.app, &agent.token).await;
+    assert_eq!(balance["spent_micros"].as_u64(), Some(70_000 + PRICE_MICROS));
 }

@@ -259,6 +259,16 @@ pub fn stripe_credential(choice: &Choice, spt: &str, sink: &ConformanceSink) -> 
     Ok(header)
 }
 
+/// What a receipt says was charged, in micro-USD, when it reports an `amount` (base units of the
+/// challenge's currency, as the request states them). `None`: no amount reported, or one that is
+/// not a whole number of base units (the price then stands).
+pub fn receipt_amount(receipt: &Receipt, choice: &Choice) -> Option<Micros> {
+    let text = receipt.extensions.get("amount")?.as_str()?;
+    let base: u64 = text.parse().ok()?;
+    let per_unit = micros_per_base_unit(&choice.request.currency.to_ascii_lowercase())?;
+    Micros::new(base.checked_mul(per_unit)?).ok()
+}
+
 /// A secret shown by its prefix only (`spt_…` → `spt_****`).
 fn mask(secret: &str) -> String {
     let keep = secret.find('_').map_or(0, |i| i + 1);

@@ -109,3 +109,15 @@ fn receipts_are_read_with_the_official_codec() {
     headers.insert(RECEIPT_HEADER, HeaderValue::from_static("!!"));
     assert_eq!(parse_receipt(&headers).expect_err("garbled").code(), "mpp_receipt_invalid");
 }
+
+#[test]
+fn a_receipt_may_report_the_amount_charged() {
+    let choice =
+        choose(&[challenge("c1", "stripe", "charge", stripe_request("10"))], &policy(1_000_000), 0).expect("allowed");
+    let mut receipt = Receipt::success("stripe", "pi_1");
+    assert_eq!(receipt_amount(&receipt, &choice), None);
+    receipt.extensions.insert("amount".to_owned(), json!("7"));
+    assert_eq!(receipt_amount(&receipt, &choice), Some(Micros::new(70_000).expect("micros")));
+    receipt.extensions.insert("amount".to_owned(), json!("seven"));
+    assert_eq!(receipt_amount(&receipt, &choice), None);
+}

@@ -521,7 +521,23 @@ impl Paying<'_> {
         details.insert("receipt_method".to_owned(), clip(receipt.method.as_str()));
         let mut view = self.view(MppPaymentStatus::Settled);
         view.reference = Some(clip(&receipt.reference));
-        match pay::settle(self.core, self.agent, &self.hold, self.choice.amount, &details).await {
+        // A receipt that reports what was charged settles that, when it is within the hold; one
+        // above it is an incident: the hold is settled in full and the excess reported.
+        let amount = match adapters::mpp::receipt_amount(&receipt, &self.choice) {
+            Some(reported) if reported <= self.choice.amount => {
+                details.insert("reported_amount_micros".to_owned(), reported.get().to_string());
+                reported
+            }
+            Some(reported) => {
+                tracing::error!(agent = %self.agent.agent, hold = %self.hold, reported = reported.get(),
+                    held = self.choice.amount.get(), "mpp: the receipt reports more than was held; settling the hold");
+                details.insert("reported_amount_micros".to_owned(), reported.get().to_string());
+                self.choice.amount
+            }
+            None => self.choice.amount,
+        };
+        view.amount_micros = amount.get();
+        match pay::settle(self.core, self.agent, &self.hold, amount, &details).await {
             Ok(settled) => {
                 tracing::info!(agent = %self.agent.agent, service = %self.service(), hold = %self.hold,
                     reference = %clip(&receipt.reference), amount = settled.outcome.amount.get(), "mpp: paid");
