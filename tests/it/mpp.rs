@@ -145,6 +145,13 @@ struct World {
     shop_url: String,
 }
 
+/// Where the credentials sent are recorded: beside `target/conformance` (which the shared
+/// `conform` tool reads) and `target/conformance-sdk` (`scripts/conform-sdk`), since neither
+/// knows MPP; this test reads them back with the official crate instead.
+fn mpp_conformance_dir() -> std::path::PathBuf {
+    ConformanceSink::test_dir().with_file_name("conformance-mpp")
+}
+
 async fn world() -> World {
     world_with(None).await
 }
@@ -190,7 +197,7 @@ async fn world_with(psp: Option<String>) -> World {
         }),
         allow_private: vec!["127.0.0.1".parse().expect("address")],
         timeout: Duration::from_millis(2_000),
-        conformance: ConformanceSink::to_dir(ConformanceSink::sdk_test_dir()),
+        conformance: ConformanceSink::to_dir(mpp_conformance_dir()),
         ..MppConfig::default()
     };
     let app = spawn_app_with(AppOptions {
@@ -402,7 +409,7 @@ async fn the_credentials_sent_are_recorded_and_read_back_by_the_official_parser(
     let agent = world.app.create_agent("mpp-conform", 1_000_000, None).await;
     let (status, body) = fetch(&world, &agent.token, None, None).await;
     assert_eq!(status, 200, "{body}");
-    let folder = ConformanceSink::sdk_test_dir().join("mpp").join("PaymentCredential");
+    let folder = mpp_conformance_dir().join("mpp").join("PaymentCredential");
     let mut checked = 0;
     for entry in std::fs::read_dir(&folder).expect("credentials recorded") {
         let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read");
