@@ -627,6 +627,40 @@ async fn acp_stage(daemon: &Daemon, providers: &Providers, purchases: u64) -> Fi
     figure
 }
 
+/// MPP paid fetches through the daemon: 402 with a `Payment` challenge, choose, hold, mint the
+/// Shared Payment Token at the simulated PSP, retry with `Authorization: Payment`, settle +
+/// receipt on the `Payment-Receipt`. The shop must have charged exactly what the ledger settled.
+async fn mpp_stage(daemon: &Daemon, providers: &Providers, fetches: u64) -> Figure {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().expect("client");
+    let token = Arc::new(bench_agent(&http, daemon, "mpp-bench").await);
+    let (base, resource) = (daemon.base.clone(), providers.mpp.base().to_owned());
+    let charged_before = providers.mpp.charged_micros();
+    let figure = clients(fetches, move |c, i| {
+        let (http, base, resource, token) = (http.clone(), base.clone(), resource.clone(), token.clone());
+        async move {
+            let body: serde_json::Value = http
+                .post(format!("{base}/v1/mpp/fetch"))
+                .bearer_auth(token.as_str())
+                .json(&serde_json::json!({ "url": format!("{resource}/data?c={c}&i={i}"), "task": "bench" }))
+                .send()
+                .await
+                .expect("fetch")
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(body["payment"]["status"], "settled", "{body}");
+        }
+    })
+    .await;
+    let fetches = fetches / CONCURRENCY as u64 * CONCURRENCY as u64;
+    assert_eq!(
+        providers.mpp.charged_micros() - charged_before,
+        fetches * spendcap::sim::MPP_PRICE_CENTS * 10_000,
+        "the shop was paid every fetch, once"
+    );
+    figure
+}
+
 /// AP2 v0.2 payments through the daemon, for checkouts the simulated merchant signed beforehand:
 /// verify the open mandates and the checkout, hold against the caps and the mandate's budget,
 /// sign the closed mandates, get a token from the Credential Provider, complete at the merchant,
@@ -1065,6 +1099,7 @@ fn main() {
     let upto = runtime.block_on(x402_upto_stage(&daemon, &providers, scaled(5_000)));
     let acp = runtime.block_on(acp_stage(&daemon, &providers, scaled(5_000)));
     let ap2 = runtime.block_on(ap2_stage(&daemon, &providers, scaled(2_000)));
+    let mpp = runtime.block_on(mpp_stage(&daemon, &providers, scaled(5_000)));
     let (api_straight, api_through, ttfb_straight, ttfb_through) =
         runtime.block_on(api_stage(&daemon, &providers, scaled(10_000)));
     let (rss_idle, rss_loaded) = runtime.block_on(rss_at_connections(
@@ -1137,6 +1172,10 @@ fn main() {
     line(format!(
         "| x402 upto: metered fetch through the daemon (402, hold the maximum, Permit2 signature, retry, settle what was used + receipt), 50 clients | {:.0}/s | {:.3} ms | {:.3} ms | {:.3} | |",
         upto.rps, upto.p50_ms, upto.p99_ms, ratio(upto.rps)
+    ));
+    line(format!(
+        "| MPP: paid fetch through the daemon (402 + Payment challenge, hold, SPT minted at the PSP, retry, settle + receipt), 50 clients | {:.0}/s | {:.3} ms | {:.3} ms | {:.3} | |",
+        mpp.rps, mpp.p50_ms, mpp.p99_ms, ratio(mpp.rps)
     ));
     line(format!(
         "| — one EIP-3009 / EIP-712 signature (secp256k1), in-process | {:.0}/s | {:.3} ms | | | |",

@@ -652,7 +652,7 @@ pub enum LogCommand {
         task: Option<String>,
         #[arg(long)]
         service: Option<String>,
-        /// x402, acp, ap2, generic or api.
+        /// x402, acp, ap2, generic, api or mpp.
         #[arg(long)]
         protocol: Option<String>,
         /// From this time: a duration back from now (24h, 7d), a UTC date (2026-12-01), an

@@ -16,10 +16,13 @@ pub enum Protocol {
     Generic,
     /// Keyed APIs: LLM and SaaS APIs called with the owner's API key (`/v1/apis/{name}/...`).
     Api,
+    /// MPP (Machine Payments Protocol, `WWW-Authenticate: Payment`): `/v1/mpp/...`.
+    Mpp,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 5] = [Protocol::X402, Protocol::Acp, Protocol::Ap2, Protocol::Generic, Protocol::Api];
+    pub const ALL: [Protocol; 6] =
+        [Protocol::X402, Protocol::Acp, Protocol::Ap2, Protocol::Generic, Protocol::Api, Protocol::Mpp];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -28,6 +31,7 @@ impl Protocol {
             Protocol::Ap2 => "ap2",
             Protocol::Generic => "generic",
             Protocol::Api => "api",
+            Protocol::Mpp => "mpp",
         }
     }
 }
@@ -39,7 +43,7 @@ impl fmt::Display for Protocol {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown protocol {0:?}; expected one of x402, acp, ap2, generic, api")]
+#[error("unknown protocol {0:?}; expected one of x402, acp, ap2, generic, api, mpp")]
 pub struct UnknownProtocol(pub String);
 
 impl FromStr for Protocol {

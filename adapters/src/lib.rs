@@ -14,6 +14,7 @@ pub mod api;
 pub mod conformance;
 pub mod intent;
 pub mod money;
+pub mod mpp;
 pub mod net;
 pub mod x402;
 

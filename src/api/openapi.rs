@@ -65,6 +65,7 @@ impl Modify for BearerSchemes {
         routes::ap2_show_mandate, routes::ap2_pay, routes::ap2_v01_pay,
         routes::keyed_api,
         approvals::list, approvals::show, approvals::show_own, approvals::approve, approvals::deny,
+        crate::protocols::mpp::routes::fetch, routes::mpp_proxy,
     ),
     components(schemas(log::Format, crate::log::GroupBy, reports::ReportFormat, holds::RefusalView)),
     modifiers(&BearerSchemes)

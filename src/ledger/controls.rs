@@ -278,7 +278,7 @@ pub enum ControlsError {
     InvalidBreaker(String),
     #[error("{0}")]
     InvalidList(String),
-    #[error("unknown protocol {0:?}; expected x402, acp, ap2, generic or api")]
+    #[error("unknown protocol {0:?}; expected x402, acp, ap2, generic, api or mpp")]
     UnknownProtocol(String),
     #[error("{0}")]
     InvalidThreshold(String),

@@ -66,7 +66,7 @@ Operator tokens live outside every tree, under one fixed hash tag: KEYS[1] is `<
 Spending controls. `ctl` is a JSON object, every key optional (money in micro-USD, windows in
 ms): task (per-task cap), per_payment daily weekly monthly all_time (limits; each not above the
 next), svc_allow svc_deny (lowercase names; `*.example.com` matches subdomains), proto_allow
-proto_deny (x402 acp ap2 generic api), max_holds + window_ms, max_spend + spend_window_ms (needs
+proto_deny (x402 acp ap2 generic api mpp), max_holds + window_ms, max_spend + spend_window_ms (needs
 max_holds; spend window <= window), max_repeats. An agent without `ctl` and `alerts` takes the
 plain path: no JSON is decoded and no counter is touched. Controls of an ancestor apply to its
 whole subtree; the breaker watches only the agent's own holds. Periods are UTC calendar periods
@@ -352,7 +352,7 @@ end
 local DAY_MS = 86400000
 local COUNTED_PERIODS = { 'daily', 'weekly', 'monthly', 'all_time' }
 local NESTED_LIMITS = { 'per_payment', 'daily', 'weekly', 'monthly', 'all_time' }
-local PROTOCOLS = { x402 = true, acp = true, ap2 = true, generic = true, api = true }
+local PROTOCOLS = { x402 = true, acp = true, ap2 = true, generic = true, api = true, mpp = true }
 local PAYEE_DETAILS = { 'pay_to', 'merchant_id', 'payee', 'payee_id' }
 local MAX_BREAKER_HOLDS = 10000
 local MAX_REPEATS = 1000000

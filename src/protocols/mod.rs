@@ -4,6 +4,7 @@
 pub mod acp;
 pub mod ap2;
 pub mod api;
+pub mod mpp;
 pub mod reserved;
 pub mod x402;
 
@@ -23,6 +24,8 @@ pub struct ProtocolArgs {
     pub ap2: ap2::Ap2Args,
     #[command(flatten)]
     pub api: api::ApiArgs,
+    #[command(flatten)]
+    pub mpp: mpp::MppArgs,
 }
 
 /// The configured protocols.
@@ -34,6 +37,7 @@ pub struct ProtocolConfig {
     /// Addresses no outbound client may reach (Redis, the daemon); filled in at start-up.
     pub reserved: reserved::Reserved,
     pub api: api::ApiConfig,
+    pub mpp: mpp::MppConfig,
 }
 
 /// What each protocol needs at run time (clients, keys), built once at start-up.
@@ -45,6 +49,7 @@ pub struct Protocols {
     /// Every provider base URL of the configuration (ACP, AP2, keyed APIs), checked against `reserved`.
     pub provider_urls: Vec<String>,
     pub api: api::ApiService,
+    pub mpp: mpp::MppService,
 }
 
 /// Why the protocol configuration is unusable; start-up fails with this.
@@ -63,6 +68,7 @@ impl ProtocolConfig {
             ap2: ap2::Ap2Config::from_args(&args.ap2)?,
             reserved: reserved::Reserved::default(),
             api: api::ApiConfig::from_args(&args.api)?,
+            mpp: mpp::MppConfig::from_args(&args.mpp)?,
         })
     }
 }
@@ -84,6 +90,9 @@ impl ProtocolConfig {
         if let Some(file) = &self.api.file {
             urls.extend(file.apis.iter().map(|api| api.base_url.to_string()));
         }
+        if let Some(psp) = &self.mpp.psp {
+            urls.push(psp.base_url.clone());
+        }
         urls
     }
 }
@@ -100,11 +109,17 @@ impl Protocols {
             acp: acp::AcpService::build(config.acp)?,
             ap2: ap2::Ap2Service::build(config.ap2)?,
             api: api::ApiService::build(config.api, config.reserved.clone())?,
+            mpp: mpp::MppService::build(config.mpp, config.reserved.clone())?,
             reserved: config.reserved,
         })
     }
 }
 
 pub fn router() -> Router<SharedState> {
-    Router::new().merge(x402::router()).merge(acp::router()).merge(ap2::router()).merge(api::router())
+    Router::new()
+        .merge(x402::router())
+        .merge(acp::router())
+        .merge(ap2::router())
+        .merge(api::router())
+        .merge(mpp::router())
 }

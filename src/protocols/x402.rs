@@ -104,7 +104,7 @@ impl Default for X402Args {
 pub struct SecretText(String);
 
 impl SecretText {
-    fn reveal(&self) -> &str {
+    pub(crate) fn reveal(&self) -> &str {
         &self.0
     }
 }

@@ -10,6 +10,7 @@
 pub mod acp;
 pub mod ap2;
 pub mod llm;
+pub mod mpp;
 pub mod x402;
 
 use std::path::Path;
@@ -86,6 +87,8 @@ pub const X402_METERED: &[(&str, u64)] = &[("/summarise", 300_000)];
 pub const ACP_MERCHANT: &str = "datashop";
 pub const ACP_CATALOG: &[acp::Product] =
     &[("dataset_climate", "Climate dataset (CSV)", 99), ("report_market", "Market report (PDF)", 45)];
+/// The price of the simulated MPP resource, in US cents.
+pub const MPP_PRICE_CENTS: u64 = 1;
 pub const AP2_MERCHANT: &str = "profiles_inc";
 pub const AP2_CATALOG: &[ap2::Sku] = &[("sku_company_profile", "Company profile", 30)];
 
@@ -96,6 +99,8 @@ pub struct Providers {
     pub ap2: ap2::Ap2World,
     /// OpenAI- and Anthropic-style APIs (`/v1/apis/openai/...`, `/v1/apis/anthropic/...`).
     pub llm: llm::LlmProvider,
+    /// An MPP resource (`stripe` charge at `/data`) and its PSP.
+    pub mpp: mpp::MppShop,
     /// The x402 payer key the daemon signs with: fresh and random, holding nothing.
     x402_key: String,
 }
@@ -107,6 +112,7 @@ impl Providers {
             acp: acp::AcpShop::start(ACP_MERCHANT, ACP_CATALOG).await?,
             ap2: ap2::Ap2World::start(AP2_MERCHANT, AP2_CATALOG).await?,
             llm: llm::LlmProvider::start().await?,
+            mpp: mpp::MppShop::start(MPP_PRICE_CENTS).await?,
             x402_key: format!("0x{}", hex::encode(rand::random::<[u8; 32]>())),
         })
     }
@@ -126,7 +132,18 @@ impl Providers {
             .map_err(|e| ConfigError { protocol: "ap2", reason: e.to_string() })?;
         let ap2 = Ap2Config { file: Some(file), kek: Some(Kek::generate()), ..Ap2Config::default() };
         let api = ApiConfig::from_json(&self.llm.apis_json().to_string())?;
-        Ok(ProtocolConfig { x402, acp, ap2, api, reserved: Default::default() })
+        let mpp = crate::protocols::mpp::MppConfig {
+            psp: Some(crate::protocols::mpp::MppPsp {
+                base_url: self.mpp.base().to_owned(),
+                secret_key: "sk_sim_owner".to_owned(),
+                payment_method: "pm_sim_card".to_owned(),
+            }),
+            allow_private: vec!["127.0.0.1/32"
+                .parse()
+                .map_err(|e: crate::protocols::x402::BadAddressRange| x402_error(e.to_string()))?],
+            ..Default::default()
+        };
+        Ok(ProtocolConfig { x402, acp, ap2, api, reserved: Default::default(), mpp })
     }
 
     /// Writes the ACP and AP2 configuration files into `dir` and returns the environment a
@@ -145,6 +162,10 @@ impl Providers {
             ("SPENDCAP_AP2_CONFIG", ap2.display().to_string()),
             ("SPENDCAP_AP2_KEK", hex::encode(rand::random::<[u8; 32]>())),
             ("SPENDCAP_APIS_CONFIG", apis.display().to_string()),
+            ("SPENDCAP_MPP_PSP_URL", self.mpp.base().to_owned()),
+            ("SPENDCAP_MPP_PSP_KEY", "sk_sim_owner".to_owned()),
+            ("SPENDCAP_MPP_PAYMENT_METHOD", "pm_sim_card".to_owned()),
+            ("SPENDCAP_MPP_ALLOW_PRIVATE", "127.0.0.1".into()),
         ])
     }
 }

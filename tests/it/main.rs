@@ -24,6 +24,7 @@ mod layering;
 mod ledger;
 mod mcp;
 mod metrics;
+mod mpp;
 mod openapi;
 mod orchestrators;
 mod readme;

@@ -178,6 +178,8 @@ const BUDGET_CODES = new Set([
 /** Codes with which a provider said no to a payment it was offered. */
 const PROVIDER_DECLINED_CODES = new Set([
   "x402_payment_rejected",
+  "mpp_payment_rejected",
+  "mpp_psp_refused",
   "acp_merchant_error",
   "acp_merchant_declined",
   "acp_psp_error",

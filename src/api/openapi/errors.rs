@@ -156,6 +156,7 @@ pub const TABLE: &[Entry] = &[
     ("get", "/v1/ap2/mandates/{mandate_id}", &[(404, &["ap2_unknown_mandate"]), (503, &["ap2_not_configured"])]),
     ("post", "/v1/ap2/payments", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("post", "/v1/ap2/v0.1/payments", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
+    ("post", "/v1/mpp/fetch", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
 ];
 
 /// Operations that never reach the ledger: no 503 ledger answers.
@@ -170,7 +171,7 @@ const NO_LEDGER: &[(&str, &str)] = &[
 
 /// Operations whose every answer is the upstream's or the daemon's (`default` response): they get
 /// no table entry.
-const PASS_THROUGH: &[&str] = &["/v1/x402/proxy/{target}", "/v1/apis/{name}/{path}"];
+const PASS_THROUGH: &[&str] = &["/v1/x402/proxy/{target}", "/v1/apis/{name}/{path}", "/v1/mpp/proxy/{target}"];
 
 pub const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
 

@@ -101,6 +101,16 @@ fn mcp() {}
     security(("agent" = [])))]
 fn x402_proxy() {}
 
+/// Fetches `target` like `/v1/x402/proxy/{target}`, paying an MPP 402 (`WWW-Authenticate:
+/// Payment`) within the agent's cap, and answers with the upstream's answer. Errors of the daemon
+/// carry `x-spendcap-error: <code>`.
+#[utoipa::path(method(get, post, put, delete, patch, head, options, trace), path = "/v1/mpp/proxy/{target}", tag = "mpp",
+    params(("target" = String, Path, description = "the URL to fetch (it may contain `/`)"),
+           ("Idempotency-Key" = Option<String>, Header, description = "names the purchase")),
+    responses((status = "default", description = "the upstream's answer (any status, headers and body), or the daemon's `{code, detail}`")),
+    security(("agent" = [])))]
+fn mpp_proxy() {}
+
 /// Calls a configured keyed API (`SPENDCAP_APIS_*`) with the owner's credential: the agent's
 /// token goes as `Authorization: Bearer` or `x-api-key`, the call is held at a bound it cannot
 /// exceed, forwarded, and settled from the answer's usage. Errors of the daemon carry

@@ -130,7 +130,7 @@ fn engine(state: &AppState) -> Result<&Engine, ApiError> {
     })
 }
 
-fn invalid(code: &'static str, detail: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(code: &'static str, detail: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
 }
 
@@ -143,7 +143,7 @@ fn url_error(err: UrlError) -> ApiError {
     }
 }
 
-fn method(text: &str) -> Result<Method, ApiError> {
+pub(crate) fn method(text: &str) -> Result<Method, ApiError> {
     METHODS
         .iter()
         .find(|method| method.as_str().eq_ignore_ascii_case(text))
@@ -151,7 +151,7 @@ fn method(text: &str) -> Result<Method, ApiError> {
         .ok_or_else(|| invalid("invalid_method", format!("method must be one of {METHODS:?}")))
 }
 
-fn max_amount(number: &serde_json::Number) -> Result<Micros, ApiError> {
+pub(crate) fn max_amount(number: &serde_json::Number) -> Result<Micros, ApiError> {
     Micros::from_json_number(number)
         .and_then(|micros| Micros::positive(micros.get()))
         .map_err(|err| invalid(err.code(), format!("max_amount_micros: {err}")))
@@ -257,7 +257,12 @@ pub async fn proxy(auth: AgentAuth, State(state): State<SharedState>, request: R
 /// The target URL in the request's raw path (still percent-encoded, as the agent wrote it), plus
 /// the query. A client that merged the `//` after the scheme is forgiven.
 fn proxy_target(uri: &Uri) -> Result<String, ApiError> {
-    let raw = uri.path().strip_prefix(PROXY_PREFIX).unwrap_or_default();
+    proxy_target_under(uri, PROXY_PREFIX)
+}
+
+/// [`proxy_target`] for any proxy form's prefix (MPP's `/v1/mpp/proxy/` too).
+pub(crate) fn proxy_target_under(uri: &Uri, prefix: &str) -> Result<String, ApiError> {
+    let raw = uri.path().strip_prefix(prefix).unwrap_or_default();
     let mut target = String::with_capacity(raw.len() + 8);
     match ["https:/", "http:/"].iter().find(|scheme| raw.starts_with(*scheme) && !raw[scheme.len()..].starts_with('/'))
     {
@@ -273,12 +278,12 @@ fn proxy_target(uri: &Uri) -> Result<String, ApiError> {
         target.push_str(query);
     }
     if target.is_empty() {
-        return Err(invalid("invalid_url", format!("append the URL to fetch to {PROXY_PREFIX}")));
+        return Err(invalid("invalid_url", format!("append the URL to fetch to {prefix}")));
     }
     Ok(target)
 }
 
-fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, ApiError> {
+pub(crate) fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, ApiError> {
     headers
         .get(name)
         .map(|value| value.to_str().map_err(|_| invalid("invalid_header", format!("{name} must be visible ASCII"))))

@@ -36,6 +36,8 @@ BUDGET_CODES = frozenset(
 DECLINE_CODES = frozenset(
     {
         "x402_payment_rejected",
+        "mpp_payment_rejected",
+        "mpp_psp_refused",
         "acp_merchant_error",
         "acp_merchant_declined",
         "acp_psp_error",

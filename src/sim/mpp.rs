@@ -1,0 +1,195 @@
+//! A simulated MPP provider: a resource server that asks for a `stripe` charge with the `Payment`
+//! HTTP authentication scheme (HMAC-bound challenge ids, as the official SDKs make them), and the
+//! PSP that mints Shared Payment Tokens. A paid request is accepted only with a credential for an
+//! unaltered, unexpired challenge of this server whose token the PSP minted, for this seller,
+//! covering the price and not expired; the charge is idempotent per (challenge, token), like
+//! Stripe's, and answered with a `Payment-Receipt`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use adapters::mpp::{
+    format_receipt, format_www_authenticate, parse_authorization, Base64UrlJson, PaymentChallenge, Receipt, SPT_PATH,
+};
+use axum::extract::{Form, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::{lock, now_secs, random_id, Server};
+
+const REALM: &str = "sim-mpp.example";
+const NETWORK_ID: &str = "net_sim_shop";
+
+#[derive(Default)]
+struct Books {
+    /// token → its limits (max cents, currency, expiry, network).
+    tokens: HashMap<String, (u64, String, u64, String)>,
+    /// PSP idempotency key → token.
+    minted: HashMap<String, String>,
+    /// (challenge id, token) → PaymentIntent id: what was charged, once.
+    charges: HashMap<(String, String), (String, u64)>,
+}
+
+struct Shop {
+    secret: String,
+    price_cents: u64,
+    books: Mutex<Books>,
+}
+
+/// The running provider.
+pub struct MppShop {
+    server: Server,
+    shop: Arc<Shop>,
+}
+
+impl MppShop {
+    /// A shop selling `/data` for `price_cents`.
+    pub async fn start(price_cents: u64) -> std::io::Result<MppShop> {
+        let shop = Arc::new(Shop {
+            secret: hex::encode(rand::random::<[u8; 32]>()),
+            price_cents,
+            books: Mutex::new(Books::default()),
+        });
+        let app = Router::new().route("/data", get(data)).route(SPT_PATH, post(mint)).with_state(shop.clone());
+        Ok(MppShop { server: Server::start(app).await?, shop })
+    }
+
+    /// The base URL of both the resource and the PSP.
+    pub fn base(&self) -> &str {
+        self.server.base()
+    }
+
+    /// What the shop charged, in micro-USD.
+    pub fn charged_micros(&self) -> u64 {
+        lock(&self.shop.books).charges.values().map(|(_, cents)| cents * 10_000).sum()
+    }
+}
+
+fn challenge(shop: &Shop) -> Response {
+    let request = json!({
+        "amount": shop.price_cents.to_string(),
+        "currency": "usd",
+        "methodDetails": { "networkId": NETWORK_ID, "paymentMethodTypes": ["card"] },
+    });
+    let Ok(request) = Base64UrlJson::from_value(&request) else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let expires = jiff::Timestamp::from_second((now_secs() + 300) as i64).map(|t| t.to_string()).unwrap_or_default();
+    let challenge = PaymentChallenge::with_secret_key_full(
+        &shop.secret,
+        REALM,
+        "stripe",
+        "charge",
+        request,
+        Some(&expires),
+        None,
+        None,
+        None,
+        None,
+    );
+    match format_www_authenticate(&challenge) {
+        Ok(header) => {
+            (StatusCode::PAYMENT_REQUIRED, [("www-authenticate", header)], "payment required").into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn data(State(shop): State<Arc<Shop>>, headers: HeaderMap) -> Response {
+    let Some(credential) =
+        headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|text| parse_authorization(text).ok())
+    else {
+        return challenge(&shop);
+    };
+    let echo = &credential.challenge;
+    let mut issued = PaymentChallenge::new(
+        echo.id.clone(),
+        echo.realm.clone(),
+        echo.method.clone(),
+        echo.intent.clone(),
+        echo.request.clone(),
+    );
+    issued.expires = echo.expires.clone();
+    issued.digest = echo.digest.clone();
+    issued.opaque = echo.opaque.clone();
+    let request: serde_json::Value = echo.request.decode_value().unwrap_or_default();
+    let spt = credential.payload.get("spt").and_then(|s| s.as_str()).unwrap_or_default().to_owned();
+    let valid = issued.verify(&shop.secret)
+        && !issued.is_expired()
+        && request["amount"] == json!(shop.price_cents.to_string())
+        && request["currency"] == "usd";
+    if !valid {
+        return challenge(&shop);
+    }
+    let mut books = lock(&shop.books);
+    let key = (echo.id.clone(), spt.clone());
+    let reference = match books.charges.get(&key) {
+        Some((reference, _)) => reference.clone(),
+        None => {
+            let within = books.tokens.get(&spt).is_some_and(|(max, currency, expires, network)| {
+                shop.price_cents <= *max && currency == "usd" && now_secs() < *expires && network == NETWORK_ID
+            });
+            let spent = books.charges.keys().any(|(_, token)| *token == spt);
+            if !within || spent {
+                drop(books);
+                return challenge(&shop);
+            }
+            let reference = random_id("pi");
+            books.charges.insert(key, (reference.clone(), shop.price_cents));
+            reference
+        }
+    };
+    drop(books);
+    match format_receipt(&Receipt::success("stripe", reference)) {
+        Ok(receipt) => (StatusCode::OK, [("payment-receipt", receipt)], Json(json!({"data": "paid"}))).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn mint(
+    State(shop): State<Arc<Shop>>,
+    headers: HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let field = |name: &str| form.get(name).cloned().unwrap_or_default();
+    let (Ok(max), Ok(expires)) =
+        (field("usage_limits[max_amount]").parse::<u64>(), field("usage_limits[expires_at]").parse::<u64>())
+    else {
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": "usage_limits"}}))).into_response();
+    };
+    let mut books = lock(&shop.books);
+    if let Some(token) = books.minted.get(&key).filter(|_| !key.is_empty()) {
+        return Json(json!({ "id": token })).into_response();
+    }
+    let token = random_id("spt");
+    books
+        .tokens
+        .insert(token.clone(), (max, field("usage_limits[currency]"), expires, field("seller_details[network_id]")));
+    if !key.is_empty() {
+        books.minted.insert(key, token.clone());
+    }
+    Json(json!({ "id": token })).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_challenge_verifies_and_a_forged_one_does_not() {
+        let shop = MppShop::start(1).await.expect("starts");
+        let answer = reqwest::get(format!("{}/data", shop.base())).await.expect("request");
+        assert_eq!(answer.status(), 402);
+        let header = answer.headers()["www-authenticate"].to_str().expect("ascii").to_owned();
+        let challenge = adapters::mpp::parse_www_authenticate(&header).expect("parses");
+        assert!(challenge.verify(&shop.shop.secret), "HMAC-bound, expires included");
+        let mut forged = challenge.clone();
+        forged.request = Base64UrlJson::from_value(&json!({"amount": "0", "currency": "usd"})).expect("encodes");
+        assert!(!forged.verify(&shop.shop.secret));
+        assert_eq!(shop.charged_micros(), 0);
+    }
+}
