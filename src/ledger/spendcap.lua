@@ -1613,8 +1613,10 @@ local live_ancestor
   redis-cli FCALL spendcap_revoke 1 '<ns>:{<tree>}' <agent_id> <reason_code>
 KEYS[1] tree prefix
 ARGV    1 agent_id  2 reason code ([A-Za-z0-9_.-], 1..64 chars)  3 now_ms (optional, ignored: Redis TIME)
-        4 by (who, for the log; optional)
-Reply   ok: revoked_at already      error: code (unknown_agent | invalid_argument)
+        4 by (who, for the log; optional)  5 calling agent id (optional: an agent revoking one
+        of its descendants; it must be live and an ancestor, else not_descendant / its refusal)
+        6 the calling agent's token sha256 (with 5)
+Reply   ok: revoked_at already      error: code (unknown_agent | invalid_argument | not_descendant | …)
 Takes effect on the agent's (and every descendant's) very next hold: spendcap_hold checks every
 level's `revoked` field. Revoking an agent that is already revoked changes nothing.
 --]]
@@ -1629,9 +1631,9 @@ local function revoke(keys, args)
   local a = redis.call('HMGET', akey, 'cap', 'revoked', 'revoked_at', 'path')
   if not a[1] then return err('unknown_agent', 'no agent ' .. agent_id) end
   -- An agent revoking one of its descendants (POST /v1/me/agents/{agent}/revoke).
-  local by = args[4] or ''
-  if by ~= '' then
-    local e = live_ancestor(P, by, args[5] or '', now, a[4], agent_id)
+  local caller = args[5] or ''
+  if caller ~= '' then
+    local e = live_ancestor(P, caller, args[6] or '', now, a[4], agent_id)
     if e then return e end
   end
   if a[2] ~= '' then return { 'ok', 'revoked_at', a[3], 'already', '1' } end

@@ -74,7 +74,7 @@ impl RedisLedger {
             .fcall_resolving(
                 "spendcap_revoke",
                 agent.tree(),
-                &[agent.as_str(), reason, &now_ms.to_string(), by.0.as_str(), by.1.wire()],
+                &[agent.as_str(), reason, &now_ms.to_string(), by.0.as_str(), by.0.as_str(), by.1.wire()],
             )
             .await?
             .into_result()?;

@@ -903,16 +903,7 @@ impl Paying<'_> {
                 view.receipt = Some(settled.receipt.clone());
                 serde_json::to_string(&Stored::of_answer(&answer, Some(&view))).ok()
             };
-            pay::settle_finishing(
-                self.core,
-                self.agent,
-                &self.purchase.hold,
-                amount,
-                &details,
-                &self.key,
-                stored,
-            )
-            .await
+            pay::settle_finishing(self.core, self.agent, &self.purchase.hold, amount, &details, &self.key, stored).await
         } else {
             pay::settle(self.core, self.agent, &self.purchase.hold, amount, &details)
                 .await
