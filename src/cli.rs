@@ -679,8 +679,9 @@ pub enum ReceiptCommand {
     Verify {
         /// File with one receipt or one receipt per line; `-` for stdin.
         file: PathBuf,
-        /// The daemon's receipt public key (base64url), as served at /v1/receipt-key.
-        #[arg(long, env = "SPENDCAP_RECEIPT_PUBLIC_KEY")]
+        /// The daemon's receipt public key (base64url), as served at /v1/receipt-key. A
+        /// base64url key may begin with `-`, so the value is taken as it is.
+        #[arg(long, env = "SPENDCAP_RECEIPT_PUBLIC_KEY", allow_hyphen_values = true)]
         public_key: String,
         #[arg(long)]
         json: bool,
@@ -1426,4 +1427,23 @@ fn whoami_text(me: &Value) -> String {
         list("actions"),
         list("tighten_only"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command, ReceiptCommand};
+
+    /// A receipt key is base64url: one in 64 begins with `-` (a flaky CLI test found it).
+    #[test]
+    fn a_public_key_beginning_with_a_hyphen_is_a_value() {
+        let key = "-jA8xq0Yw3c1n5m2Vb6t9Lk4Hs7Gd0Fe1Zr2Xy3Wu4I";
+        let cli =
+            Cli::try_parse_from(["spendcap", "receipt", "verify", "chain.jsonl", "--public-key", key]).expect("parses");
+        let Command::Receipt(ReceiptCommand::Verify { public_key, .. }) = cli.command else {
+            panic!("a receipt verify command");
+        };
+        assert_eq!(public_key, key);
+    }
 }
