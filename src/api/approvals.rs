@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -97,8 +98,9 @@ async fn read_waiting(state: &SharedState, id: &HoldId, wait_secs: Option<u64>) 
 pub async fn list(
     who: Principal,
     State(state): State<SharedState>,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<ApprovalList>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
     let wanted = match query.state.as_deref() {
         None => None,
         Some(text) => Some(ApprovalState::parse(text).ok_or_else(|| {
@@ -125,8 +127,9 @@ pub async fn show(
     who: Principal,
     State(state): State<SharedState>,
     Path(id): Path<String>,
-    Query(query): Query<WaitQuery>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Json<Approval>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
     let id = approval_id(&id)?;
     if !who.sees(id.tree()) {
         return Err(LedgerError::ApprovalNotFound.into());
@@ -141,8 +144,9 @@ pub async fn show_own(
     auth: AgentAuth,
     State(state): State<SharedState>,
     Path(id): Path<String>,
-    Query(query): Query<WaitQuery>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Json<Approval>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
     // The token is checked by the ledger (a read of the agent's balance authenticates it).
     state.ledger.balance(state.clock.now_ms(), &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
     let id = approval_id(&id)?;
@@ -206,4 +210,9 @@ pub async fn deny(
 ) -> Result<Json<Approval>, ApiError> {
     let ApiJson(body) = body?;
     decide(&state, &who, &id, false, body).await
+}
+
+/// A query string that does not parse (`wait_secs=-1`, say): `400 invalid_query`, as JSON.
+fn bad_query(rejection: QueryRejection) -> ApiError {
+    ApiError::bad_request("invalid_query", rejection.body_text())
 }

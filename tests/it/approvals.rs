@@ -394,3 +394,17 @@ async fn the_cli_lists_approves_and_denies() {
     let parsed: Value = serde_json::from_str(&json_out).expect("JSON");
     assert_eq!(parsed["approvals"].as_array().map(Vec::len), Some(2));
 }
+
+/// A query string that does not parse is a JSON `400 invalid_query`, on both approval reads
+/// (the API fuzzer found `wait_secs=-1` answered with axum's plain-text rejection).
+#[tokio::test]
+async fn a_bad_wait_is_a_json_invalid_query() {
+    let app = spawn_app().await;
+    let agent = app.create_agent("bad-wait", 1_000_000, None).await;
+    let id = format!("hd_{}_000000000000000000000000", agent.tree);
+    let (status, body) = app.admin(Method::GET, &format!("/v1/approvals/{id}?wait_secs=-1"), None).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_query")), "{body}");
+    let (status, body) =
+        app.agent_call(&agent.token, Method::GET, &format!("/v1/me/approvals/{id}?wait_secs=-1"), None).await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("invalid_query")), "{body}");
+}
