@@ -117,17 +117,71 @@ def refusal(error: SpendcapError) -> dict[str, Any]:
     return result
 
 
-def approved(config: ToolConfig, pay: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-    """`pay`, which waits for a person's decision when its payment needs approval: once decided it
-    is sent again with the same idempotency key, so an approved payment is paid from its held
-    reservation (exactly once) and a denied or expired one answers `approval_denied` /
-    `approval_expired`; still undecided after `approval_wait_secs`, `approval_required`."""
+REJECTED = (
+    "A person rejected this payment in the run's approval step; nothing was paid. Do not retry it or pay "
+    "for it another way; finish with what you have."
+)
+
+# What a framework's approval step answers for a payment spendcap holds for approval: `None` when
+# the framework has no approval step here (the tool waits for spendcap's decision itself), else
+# the person's answer — true lets spendcap's own decision govern, false rejects the payment.
+Ask = Callable[[ApprovalRequired], bool | None]
+
+
+def approval_request(waiting: ApprovalRequired, tool: str, tool_call_id: str) -> dict[str, Any]:
+    """What a person (or the application) is shown about a payment held for approval."""
+    return {
+        "spendcap": "approval_required",
+        "approval_id": waiting.approval_id,
+        "amount_usd": format_usd(waiting.amount_micros),
+        "reason": waiting.reason,
+        "expires_at_ms": waiting.expires_at_ms,
+        "tool": tool,
+        "tool_call_id": tool_call_id,
+    }
+
+
+def reject(config: ToolConfig, waiting: ApprovalRequired, message: str | None = None) -> dict[str, Any]:
+    """A framework-side rejection: nothing is paid for this idempotency key. The agent tries to void
+    its own held reservation so the money is free at once; the daemon lets an agent void only a
+    generic hold (`/v1/holds`) — a protocol payment's approval hold (x402, ACP, AP2) stays held
+    until an operator denies it or the approval expires (`released_now` says which)."""
+    try:
+        config.agent.void(waiting.approval_id)
+        released_now = True
+    except SpendcapError:
+        released_now = False
+    return {
+        "ok": False,
+        "code": "approval_denied",
+        "retryable": False,
+        "approval_id": waiting.approval_id,
+        "detail": message or "rejected in the run's approval step",
+        "released_now": released_now,
+        "instruction": REJECTED,
+    }
+
+
+def approved(
+    config: ToolConfig, pay: Callable[[], dict[str, Any]], ask: Ask | None = None
+) -> Callable[[], dict[str, Any]]:
+    """`pay`, for a payment that may need a person's approval. Spendcap decides about the money:
+    once decided, the call is sent again with the same idempotency key, so an approved payment is
+    paid from its held reservation (exactly once) and a denied or expired one answers
+    `approval_denied` / `approval_expired`. `ask` is the framework's own approval step (a LangGraph
+    interrupt): its rejection voids the hold; its approval does not approve anything in spendcap,
+    it resumes the call, which then waits up to `approval_wait_secs` for spendcap's decision
+    (still undecided: `approval_required`)."""
 
     def run() -> dict[str, Any]:
         try:
             return pay()
         except ApprovalRequired as waiting:
-            if config.approval_wait_secs <= 0 or not waiting.approval_id:
+            if not waiting.approval_id:
+                raise
+            if ask is not None and ask(waiting) is False:
+                return reject(config, waiting)
+            if config.approval_wait_secs <= 0:
                 raise
             decided = config.agent.wait_for_approval(waiting.approval_id, wait_secs=min(60, config.approval_wait_secs))
             if decided.get("state") == "pending":
@@ -197,6 +251,89 @@ def get_budget(config: ToolConfig) -> str:
     return guarded(lambda: budget_view(config.agent.me()))
 
 
+def fetch_call(
+    config: ToolConfig,
+    tool_call_id: str,
+    url: str,
+    method: str = "GET",
+    body: str | None = None,
+    max_usd: str | None = None,
+) -> Callable[[], dict[str, Any]]:
+    return lambda: fetch_view(
+        config.agent.fetch(
+            url,
+            method=method,
+            body=body,
+            task=config.task,
+            max_usd=_max_usd(config, max_usd),
+            idempotency_key=idempotency_key(tool_call_id, "paid_fetch"),
+        )
+    )
+
+
+def checkout_call(
+    config: ToolConfig,
+    tool_call_id: str,
+    merchant: str,
+    items: Sequence[str] | None = None,
+    checkout_session_id: str | None = None,
+) -> Callable[[], dict[str, Any]]:
+    return lambda: checkout_view(
+        config.agent.checkout(
+            merchant,
+            checkout_session_id,
+            items=list(items) if items is not None and checkout_session_id is None else None,
+            task=config.task,
+            idempotency_key=idempotency_key(tool_call_id, "acp_checkout"),
+        )
+    )
+
+
+def ap2_call(config: ToolConfig, tool_call_id: str, checkout_jwt: str) -> Callable[[], dict[str, Any]]:
+    def pay() -> dict[str, Any]:
+        if config.ap2_mandates is None:
+            return {"ok": False, "code": "ap2_no_mandate", "detail": "no AP2 mandate was given to this agent"}
+        checkout_mandate, payment_mandate = config.ap2_mandates
+        return ap2_view(
+            config.agent.pay(
+                checkout_jwt,
+                open_checkout_mandate=checkout_mandate,
+                open_payment_mandate=payment_mandate,
+                task=config.task,
+                idempotency_key=idempotency_key(tool_call_id, "ap2_pay"),
+            )
+        )
+
+    return pay
+
+
+def first_attempt(pay: Callable[[], dict[str, Any]]) -> ApprovalRequired | str:
+    """A paying call sent once, without waiting: spendcap's 202 as the `ApprovalRequired` (the
+    money is held, nothing was sent), anything else as the tool's result text."""
+    try:
+        return guarded(_raise_held(pay))
+    except _HeldForApproval as held:
+        return held.waiting
+
+
+class _HeldForApproval(Exception):
+    def __init__(self, waiting: ApprovalRequired) -> None:
+        super().__init__(waiting.approval_id)
+        self.waiting = waiting
+
+
+def _raise_held(pay: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    def run() -> dict[str, Any]:
+        try:
+            return pay()
+        except ApprovalRequired as waiting:
+            if not waiting.approval_id:
+                raise
+            raise _HeldForApproval(waiting) from waiting
+
+    return run
+
+
 def paid_fetch(
     config: ToolConfig,
     tool_call_id: str,
@@ -204,22 +341,9 @@ def paid_fetch(
     method: str = "GET",
     body: str | None = None,
     max_usd: str | None = None,
+    ask: Ask | None = None,
 ) -> str:
-    return guarded(
-        approved(
-            config,
-            lambda: fetch_view(
-                config.agent.fetch(
-                    url,
-                    method=method,
-                    body=body,
-                    task=config.task,
-                    max_usd=_max_usd(config, max_usd),
-                    idempotency_key=idempotency_key(tool_call_id, "paid_fetch"),
-                )
-            ),
-        )
-    )
+    return guarded(approved(config, fetch_call(config, tool_call_id, url, method, body, max_usd), ask))
 
 
 def acp_checkout(
@@ -228,41 +352,13 @@ def acp_checkout(
     merchant: str,
     items: Sequence[str] | None = None,
     checkout_session_id: str | None = None,
+    ask: Ask | None = None,
 ) -> str:
-    return guarded(
-        approved(
-            config,
-            lambda: checkout_view(
-                config.agent.checkout(
-                    merchant,
-                    checkout_session_id,
-                    items=list(items) if items is not None and checkout_session_id is None else None,
-                    task=config.task,
-                    idempotency_key=idempotency_key(tool_call_id, "acp_checkout"),
-                )
-            ),
-        )
-    )
+    return guarded(approved(config, checkout_call(config, tool_call_id, merchant, items, checkout_session_id), ask))
 
 
-def ap2_pay(config: ToolConfig, tool_call_id: str, checkout_jwt: str) -> str:
-    if config.ap2_mandates is None:
-        return encode({"ok": False, "code": "ap2_no_mandate", "detail": "no AP2 mandate was given to this agent"})
-    checkout_mandate, payment_mandate = config.ap2_mandates
-    return guarded(
-        approved(
-            config,
-            lambda: ap2_view(
-                config.agent.pay(
-                    checkout_jwt,
-                    open_checkout_mandate=checkout_mandate,
-                    open_payment_mandate=payment_mandate,
-                    task=config.task,
-                    idempotency_key=idempotency_key(tool_call_id, "ap2_pay"),
-                )
-            ),
-        )
-    )
+def ap2_pay(config: ToolConfig, tool_call_id: str, checkout_jwt: str, ask: Ask | None = None) -> str:
+    return guarded(approved(config, ap2_call(config, tool_call_id, checkout_jwt), ask))
 
 
 def record_task_outcome(config: ToolConfig, outcome: str, task_type: str, task: str | None = None) -> str:

@@ -8,15 +8,29 @@ Tools: `get_budget`, `paid_fetch` (x402), `acp_checkout`, `ap2_pay` (when mandat
 `record_task_outcome`. Each returns JSON text; a refusal is `{"ok": false, "code", "remaining_usd",
 ..., "instruction": "Stop spending: ..."}`. Paying tools take the tool-call id (injected by
 LangChain, never shown to the model) as their idempotency key.
+
+Approvals: inside a LangGraph graph with a checkpointer (LangChain 1.x `create_agent(...,
+checkpointer=...)`, or your own graph's `ToolNode`), a payment spendcap holds for approval pauses
+the graph with `langgraph.types.interrupt`, whose value is the approval (`approval_id`,
+`amount_usd`, `reason`, `expires_at_ms`, `tool`, `tool_call_id`); nothing was sent and the money
+is held. Resume with `Command(resume=...)`: `{"type": "approve"}` (or `True`) sends the call again
+with the same idempotency key — spendcap's decision governs: approved (by an operator, e.g.
+`admin.approve(approval_id)` before resuming), it pays from the held reservation exactly once;
+denied, the model reads `approval_denied`; still undecided, the call waits up to
+`approval_wait_secs`. `{"type": "reject"}` (or `False`): nothing is paid and the model reads the
+rejection (deny it in spendcap too, `admin.deny(approval_id)`, to release a protocol payment's held
+money before the approval expires: an agent can void only its generic holds). Outside a graph (a
+plain tool loop), the tool call itself waits up to `approval_wait_secs` for spendcap's decision.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from langchain_core.tools import BaseTool, InjectedToolCallId, StructuredTool
 
 from . import _tools
+from ._errors import ApprovalRequired
 from ._money import Money
 from ._sync import Agent
 
@@ -39,6 +53,12 @@ def spendcap_tools(
         approval_wait_secs=approval_wait_secs,
     )
 
+    def ask(tool: str, tool_call_id: str) -> _tools.Ask:
+        def interrupted(waiting: ApprovalRequired) -> bool | None:
+            return _interrupt(_tools.approval_request(waiting, tool, tool_call_id))
+
+        return interrupted
+
     def get_budget() -> str:
         return _tools.get_budget(config)
 
@@ -49,7 +69,7 @@ def spendcap_tools(
         body: str | None = None,
         max_usd: str | None = None,
     ) -> str:
-        return _tools.paid_fetch(config, tool_call_id, url, method, body, max_usd)
+        return _tools.paid_fetch(config, tool_call_id, url, method, body, max_usd, ask=ask("paid_fetch", tool_call_id))
 
     def acp_checkout(
         merchant: str,
@@ -57,10 +77,12 @@ def spendcap_tools(
         items: list[str] | None = None,
         checkout_session_id: str | None = None,
     ) -> str:
-        return _tools.acp_checkout(config, tool_call_id, merchant, items, checkout_session_id)
+        return _tools.acp_checkout(
+            config, tool_call_id, merchant, items, checkout_session_id, ask=ask("acp_checkout", tool_call_id)
+        )
 
     def ap2_pay(checkout_jwt: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> str:
-        return _tools.ap2_pay(config, tool_call_id, checkout_jwt)
+        return _tools.ap2_pay(config, tool_call_id, checkout_jwt, ask=ask("ap2_pay", tool_call_id))
 
     def record_task_outcome(
         outcome: Literal["success", "failed", "abandoned"], task_type: str, task: str | None = None
@@ -76,3 +98,24 @@ def spendcap_tools(
     if ap2_mandates is not None:
         tools.insert(3, StructuredTool.from_function(ap2_pay, description=_tools.AP2_DESCRIPTION))
     return tools
+
+
+def _interrupt(request: dict[str, Any]) -> bool | None:
+    """Pauses the running LangGraph graph with the approval `request` and, once resumed, answers
+    whether the person let the payment go on (True) or rejected it (False); None when the tool is
+    not running in a graph that can pause (no langgraph, no graph, or no checkpointer)."""
+    try:
+        from langgraph.config import get_config
+        from langgraph.types import interrupt
+    except ImportError:
+        return None
+    try:
+        configurable = get_config().get("configurable", {})
+    except RuntimeError:
+        return None
+    if "__pregel_scratchpad" not in configurable or "__pregel_checkpointer" not in configurable:
+        return None
+    answer = interrupt(request)
+    if isinstance(answer, dict):
+        answer = answer.get("type", answer.get("approved"))
+    return answer not in (False, "reject", "deny", "denied", "rejected")
