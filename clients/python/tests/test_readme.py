@@ -127,3 +127,48 @@ def test_the_agents_sdk_snippet(
     exec(snippet("### OpenAI Agents SDK"), namespace)
     assert capsys.readouterr().out == "stopping: cap_exceeded\n"
     assert function_outputs(model.inputs[-1])["c1"]["paid_usd"] == "0.02"
+
+
+def paid_search(daemon: Daemon) -> list[int]:
+    """The amounts of every settle entry for the README's task `research-7`, in log order."""
+    admin = {"Authorization": f"Bearer {daemon.admin_token}"}
+    entries = [json.loads(line) for line in httpx.get(f"{daemon.url}/v1/log", headers=admin).text.splitlines()]
+    return [e["amount"] for e in entries if e.get("event") == "settle" and e.get("task") == "research-7"]
+
+
+def test_the_langchain_approvals_snippet(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin_env(daemon, monkeypatch)
+    before = paid_search(daemon)
+    model = ScriptedChatModel(
+        messages=iter(
+            [
+                call("paid_fetch", "a1", url=f"{daemon.x402_url}/search?q=attention"),
+                lambda messages: AIMessage(content=f"paid {json.loads(str(messages[-1].content))['paid_usd']}"),
+            ]
+        )
+    )
+    exec(snippet("#### Approvals in LangChain"), {"model": model})
+    assert capsys.readouterr().out == "approve? 0.02 above_amount\npaid 0.02\n"
+    assert paid_search(daemon) == [*before, 20_000]
+
+
+def test_the_agents_sdk_approvals_snippet(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agents import set_tracing_disabled
+
+    set_tracing_disabled(True)
+    admin_env(daemon, monkeypatch)
+    before = paid_search(daemon)
+    fetch_args = {"method": "GET", "body": None, "max_usd": None}
+    model = agents_sdk_model(
+        [
+            [function_call("paid_fetch", "a1", url=f"{daemon.x402_url}/search?q=attention", **fetch_args)],
+            lambda model_input: [message(f"paid {function_outputs(model_input)['a1']['paid_usd']}")],
+        ]
+    )
+    exec(snippet("#### Approvals in the OpenAI Agents SDK"), {"model": model})
+    assert capsys.readouterr().out == "approve? 0.02 above_amount\npaid 0.02\n"
+    assert paid_search(daemon) == [*before, 20_000]

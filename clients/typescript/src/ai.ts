@@ -20,7 +20,7 @@
 
 import { createHash } from "node:crypto";
 
-import { type ModelMessage, tool } from "ai";
+import { type ModelMessage, type ToolApprovalResponse, tool } from "ai";
 import { z } from "zod";
 
 import type { Agent, Spendcap } from "./client.js";
@@ -61,14 +61,6 @@ export interface SpendcapApproval {
   expires_at?: string;
   tool: string;
   tool_call_id: string;
-}
-
-/** The AI SDK's answer to a `tool-approval-request`, as the next `generateText` call takes it in a tool message. */
-export interface ToolApprovalResponse {
-  type: "tool-approval-response";
-  approvalId: string;
-  approved: boolean;
-  reason?: string;
 }
 
 // The spendcap approval each paying tool call held for approval waits for, by tool-call id.

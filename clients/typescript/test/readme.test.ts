@@ -132,6 +132,53 @@ test("the README's Vercel AI SDK snippet: the model pays through the tools and r
   assert.equal(refusal.retryable, false);
 });
 
+const SCRIPTED_SEARCH = `// Prepended by clients/typescript/test/readme.test.ts: the snippet's "any AI SDK model".
+import { MockLanguageModelV3 } from "ai/test";
+const model = new MockLanguageModelV3({
+  doGenerate: async (options) => {
+    const results = options.prompt.flatMap((message) =>
+      message.role === "tool" ? message.content.filter((part) => part.type === "tool-result") : [],
+    );
+    const last = results.at(-1);
+    const usage = {
+      inputTokens: { total: 1, noCache: 1, cacheRead: 0, cacheWrite: 0 },
+      outputTokens: { total: 1, text: 1, reasoning: 0 },
+    };
+    if (last !== undefined) {
+      const said = "The tool result: " + JSON.stringify(last.output.type === "json" ? last.output.value : last.output);
+      return { content: [{ type: "text", text: said }], finishReason: { unified: "stop", raw: "stop" }, usage, warnings: [] };
+    }
+    const url = \`\${process.env.SPENDCAP_SIM_X402_URL}/search?q=attention\`;
+    return {
+      content: [{ type: "tool-call", toolCallId: "call-1", toolName: "paid_fetch", input: JSON.stringify({ url }) }],
+      finishReason: { unified: "tool-calls", raw: "tool_calls" },
+      usage,
+      warnings: [],
+    };
+  },
+});
+`;
+
+test("the README's Vercel AI SDK approvals snippet: the run asks, spendcap approves, the next call pays once", async () => {
+  const admin = new Spendcap({ url: daemon.env.SPENDCAP_URL, adminToken: daemon.env.SPENDCAP_ADMIN_TOKEN });
+  const before = new Set((await admin.listAgents()).map((agent) => agent.id));
+  const stdout = await checkAndRun(
+    "vercel-ai-approvals",
+    SCRIPTED_SEARCH + snippet("#### Approvals in the Vercel AI SDK"),
+  );
+  assert.match(stdout, /^approve\? 0\.02 above_amount$/m);
+  const said = /^The tool result: (.*)$/m.exec(stdout);
+  assert.ok(said?.[1] !== undefined, stdout);
+  const paid = JSON.parse(said[1]) as Record<string, unknown>;
+  assert.deepEqual([paid.ok, paid.status, paid.paid_usd], [true, 200, "0.02"]);
+  const made = (await admin.listAgents()).filter((agent) => !before.has(agent.id));
+  assert.deepEqual(
+    made.map((agent) => [agent.spent_micros, agent.held_micros, agent.revoked]),
+    [[20_000n, 0n, "run_ended"]],
+    "the snippet's agent paid $0.02 once and was revoked",
+  );
+});
+
 test("the package README's examples run: the run pattern, withHold and wrapFetch", async () => {
   const readme = join(PACKAGE_DIR, "README.md");
   const admin = new Spendcap({ url: daemon.env.SPENDCAP_URL, adminToken: daemon.env.SPENDCAP_ADMIN_TOKEN });
