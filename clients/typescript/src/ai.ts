@@ -63,7 +63,8 @@ export interface SpendcapApproval {
   tool_call_id: string;
 }
 
-// The spendcap approval each paying tool call held for approval waits for, by tool-call id.
+// The spendcap approval each paying tool call held for approval waits for, by tool-call id (until
+// the call executes).
 const approvals = new Map<string, SpendcapApproval>();
 
 /**
@@ -205,6 +206,7 @@ export function spendcapTools(agent: Agent, options: SpendcapToolsOptions = {}) 
       execute: async (input: I, { toolCallId }: { toolCallId: string }): Promise<T | ToolRefusal> => {
         const earlier = answered.get(toolCallId);
         answered.delete(toolCallId);
+        approvals.delete(toolCallId);
         if (earlier === undefined) return answer(() => decided(() => pay(input, toolCallId)));
         if ("error" in earlier) return answer(() => Promise.reject(earlier.error));
         return earlier.value as T;

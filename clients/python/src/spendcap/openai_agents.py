@@ -42,7 +42,7 @@ from ._errors import ApprovalRequired, SpendcapError
 from ._money import Money
 from ._sync import Agent, Spendcap
 
-# The spendcap approval each interrupted tool call waits for, by tool-call id.
+# The spendcap approval each interrupted tool call waits for, by tool-call id (until the call runs).
 _approvals: dict[str, dict[str, Any]] = {}
 
 PayBuilder = Callable[[str, dict[str, Any]], Callable[[], dict[str, Any]]]
@@ -115,6 +115,7 @@ def spendcap_tools(
         body: str | None = None,
         max_usd: str | None = None,
     ) -> str:
+        _approvals.pop(ctx.tool_call_id, None)
         return answered.pop(ctx.tool_call_id, None) or _tools.paid_fetch(
             config, ctx.tool_call_id, url, method, body, max_usd
         )
@@ -126,12 +127,14 @@ def spendcap_tools(
         items: list[str] | None = None,
         checkout_session_id: str | None = None,
     ) -> str:
+        _approvals.pop(ctx.tool_call_id, None)
         return answered.pop(ctx.tool_call_id, None) or _tools.acp_checkout(
             config, ctx.tool_call_id, merchant, items, checkout_session_id
         )
 
     @function_tool(description_override=_tools.AP2_DESCRIPTION, needs_approval=gate("ap2_pay", ap2_call))
     def ap2_pay(ctx: ToolContext[Any], checkout_jwt: str) -> str:
+        _approvals.pop(ctx.tool_call_id, None)
         return answered.pop(ctx.tool_call_id, None) or _tools.ap2_pay(config, ctx.tool_call_id, checkout_jwt)
 
     @function_tool(description_override=_tools.OUTCOME_DESCRIPTION)
@@ -155,7 +158,8 @@ def _call_id(item: ToolApprovalItem) -> str:
 def spendcap_approval(item: ToolApprovalItem) -> dict[str, Any] | None:
     """The spendcap approval an interrupted paying call waits for — `approval_id`, `amount_usd`,
     `reason`, `expires_at_ms`, `tool`, `tool_call_id` — or None when the interruption is not a
-    spendcap payment (another tool's approval) or was made by another process."""
+    spendcap payment (another tool's approval) or was made by another process (there, decide in
+    spendcap by the approval id from `admin.approvals("pending")`; the resumed call follows it)."""
     return _approvals.get(_call_id(item))
 
 
