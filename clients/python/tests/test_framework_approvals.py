@@ -261,3 +261,45 @@ def test_langchain_agent_resumed_without_a_spendcap_approval_pays_nothing(
     assert (result["ok"], result["code"]) == (False, "approval_denied"), result
     assert money(agent) == (0, 0)
     assert settled(admin, agent_id) == []
+
+
+def test_agents_sdk_acp_checkout_waits_for_approval_and_pays_once(
+    daemon: Daemon, admin: Spendcap, new_agent: Any
+) -> None:
+    from agents import Agent as LlmAgent
+    from agents import Runner, set_tracing_disabled
+
+    from spendcap.openai_agents import decide, spendcap_approval, spendcap_tools
+
+    set_tracing_disabled(True)
+    info, agent = new_agent("1.00")
+    admin.set_controls(info.id, {"approval": {"above_micros": 400_000}})
+    model = agents_sdk_model(
+        [
+            [
+                function_call(
+                    "acp_checkout",
+                    "buy_1",
+                    merchant=daemon.acp_merchant,
+                    items=["report_market"],
+                    checkout_session_id=None,
+                )
+            ],
+            lambda model_input: [message(json.dumps(function_outputs(model_input)["buy_1"]))],
+        ]
+    )
+    assistant = LlmAgent(name="shopper", model=model, tools=spendcap_tools(agent, task="sdk-shop"))
+    result = Runner.run_sync(assistant, "Buy the market report.")
+    [item] = result.interruptions
+    approval = spendcap_approval(item)
+    assert approval is not None
+    assert (approval["tool"], approval["amount_usd"], approval["reason"]) == ("acp_checkout", "0.45", "above_amount")
+    assert money(agent) == (0, 450_000)
+
+    state = result.to_state()
+    decide(state, item, approve=True, operator=admin)
+    answer = json.loads(Runner.run_sync(assistant, state).final_output)
+    assert (answer["ok"], answer["status"], answer["paid_usd"]) == (True, "completed", "0.45"), answer
+    assert money(agent) == (450_000, 0)
+    assert settled(admin, info.id) == [450_000]
+    assert spendcap_approval(item) is None, "forgotten once the call ran"
