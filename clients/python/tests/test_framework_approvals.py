@@ -208,6 +208,10 @@ def test_langchain_agent_pauses_for_approval_and_the_approved_resume_pays_once(
         "0.02",
         "listed_protocol",
     )
+    # The shape of LangChain's per-call human-in-the-loop request, for the UIs that render those.
+    assert (request["type"], request["name"], request["tool_call_id"]) == ("tool_approval", "paid_fetch", "call_1")
+    assert request["args"]["url"].endswith("/search?q=approval")
+    assert "$0.02" in request["description"]
     assert money(agent) == (0, SEARCH)
     assert settled(admin, agent_id) == []
 
@@ -220,21 +224,34 @@ def test_langchain_agent_pauses_for_approval_and_the_approved_resume_pays_once(
     assert len(admin.receipts(agent_id)) == 1
 
 
-def test_langchain_agent_rejection_releases_the_money_and_the_model_reads_it(
-    daemon: Daemon, admin: Spendcap, new_agent: Any
+@pytest.mark.parametrize(
+    "decision",
+    [
+        {"type": "reject", "message": "not now"},
+        # A LangChain human-in-the-loop response (`HITLResponse`) with one decision.
+        {"decisions": [{"type": "reject", "message": "not now"}]},
+    ],
+)
+def test_langchain_agent_rejection_pays_nothing_and_the_model_reads_it(
+    daemon: Daemon, admin: Spendcap, new_agent: Any, decision: dict[str, Any]
 ) -> None:
     from langgraph.types import Command
 
     agent_id, agent = needs_approval_for_x402(admin, new_agent)
     graph = langchain_graph(daemon, agent)
-    config: Any = {"configurable": {"thread_id": "reject"}}
+    config: Any = {"configurable": {"thread_id": f"reject-{agent_id}"}}
     graph.invoke({"messages": [HumanMessage("Search once.")]}, config)
     assert money(agent) == (0, SEARCH)
 
-    out = graph.invoke(Command(resume={"type": "reject"}), config)
+    out = graph.invoke(Command(resume=decision), config)
     tool_result = next(m for m in out["messages"] if isinstance(m, ToolMessage))
     result = json.loads(str(tool_result.content))
-    assert (result["ok"], result["code"], result["retryable"]) == (False, "approval_denied", False), result
+    assert (result["ok"], result["code"], result["retryable"], result["detail"]) == (
+        False,
+        "approval_denied",
+        False,
+        "not now",
+    ), result
     assert json.loads(str(out["messages"][-1].content))["code"] == "approval_denied"
     assert settled(admin, agent_id) == []
     # An agent cannot void an x402 payment's hold (`hold_protocol_mismatch`): it stays held until

@@ -122,22 +122,42 @@ REJECTED = (
     "for it another way; finish with what you have."
 )
 
-# What a framework's approval step answers for a payment spendcap holds for approval: `None` when
-# the framework has no approval step here (the tool waits for spendcap's decision itself), else
-# the person's answer — true lets spendcap's own decision govern, false rejects the payment.
-Ask = Callable[[ApprovalRequired], bool | None]
+
+@dataclass(frozen=True)
+class Rejection:
+    """A framework-side "no" to a payment held for approval (a LangGraph resume with a reject
+    decision), with what the model is told."""
+
+    message: str | None = None
 
 
-def approval_request(waiting: ApprovalRequired, tool: str, tool_call_id: str) -> dict[str, Any]:
-    """What a person (or the application) is shown about a payment held for approval."""
+# A framework's own approval step for a payment spendcap holds for approval: a `Rejection`, or
+# None to go on — the call then waits for spendcap's decision, which governs the money.
+Ask = Callable[[ApprovalRequired], Rejection | None]
+
+
+def approval_request(
+    waiting: ApprovalRequired, tool: str, tool_call_id: str, args: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a person (or the application) is shown about a payment held for approval. `type`,
+    `name`, `args` and `description` are the shape of LangChain's human-in-the-loop per-call
+    approval request (`ToolApprovalRequest`), so tools that render those render this one."""
+    amount_usd = format_usd(waiting.amount_micros)
     return {
+        "type": "tool_approval",
         "spendcap": "approval_required",
         "approval_id": waiting.approval_id,
-        "amount_usd": format_usd(waiting.amount_micros),
+        "amount_usd": amount_usd,
         "reason": waiting.reason,
         "expires_at_ms": waiting.expires_at_ms,
         "tool": tool,
+        "name": tool,
+        "args": dict(args or {}),
         "tool_call_id": tool_call_id,
+        "description": (
+            f"spendcap holds ${amount_usd} for this payment until a person approves it ({waiting.reason}); "
+            f"approve it in spendcap (approval {waiting.approval_id}), then resume"
+        ),
     }
 
 
@@ -179,8 +199,9 @@ def approved(
         except ApprovalRequired as waiting:
             if not waiting.approval_id:
                 raise
-            if ask is not None and ask(waiting) is False:
-                return reject(config, waiting)
+            rejection = ask(waiting) if ask is not None else None
+            if rejection is not None:
+                return reject(config, waiting, rejection.message)
             if config.approval_wait_secs <= 0:
                 raise
             decided = config.agent.wait_for_approval(waiting.approval_id, wait_secs=min(60, config.approval_wait_secs))

@@ -12,15 +12,17 @@ LangChain, never shown to the model) as their idempotency key.
 Approvals: inside a LangGraph graph with a checkpointer (LangChain 1.x `create_agent(...,
 checkpointer=...)`, or your own graph's `ToolNode`), a payment spendcap holds for approval pauses
 the graph with `langgraph.types.interrupt`, whose value is the approval (`approval_id`,
-`amount_usd`, `reason`, `expires_at_ms`, `tool`, `tool_call_id`); nothing was sent and the money
-is held. Resume with `Command(resume=...)`: `{"type": "approve"}` (or `True`) sends the call again
-with the same idempotency key — spendcap's decision governs: approved (by an operator, e.g.
-`admin.approve(approval_id)` before resuming), it pays from the held reservation exactly once;
-denied, the model reads `approval_denied`; still undecided, the call waits up to
-`approval_wait_secs`. `{"type": "reject"}` (or `False`): nothing is paid and the model reads the
-rejection (deny it in spendcap too, `admin.deny(approval_id)`, to release a protocol payment's held
-money before the approval expires: an agent can void only its generic holds). Outside a graph (a
-plain tool loop), the tool call itself waits up to `approval_wait_secs` for spendcap's decision.
+`amount_usd`, `reason`, `expires_at_ms`, `tool`, `tool_call_id`) with the keys of LangChain's
+per-call human-in-the-loop request (`type: "tool_approval"`, `name`, `args`, `description`);
+nothing was sent and the money is held. Resume with `Command(resume=...)` and a LangChain
+human-in-the-loop decision. `{"type": "approve"}` sends the call again with the same idempotency
+key and spendcap's decision governs: approved (by an operator, e.g. `admin.approve(approval_id)`
+before resuming), it pays from the held reservation exactly once; denied, the model reads
+`approval_denied`; still undecided, the call waits up to `approval_wait_secs`. `{"type":
+"reject", "message": ...}`: nothing is paid and the model reads the rejection (deny it in
+spendcap too, `admin.deny(approval_id)`, to release a protocol payment's held money before the
+approval expires: an agent can void only its generic holds). Outside a graph (a plain tool loop),
+the tool call itself waits up to `approval_wait_secs` for spendcap's decision.
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ def spendcap_tools(
         approval_wait_secs=approval_wait_secs,
     )
 
-    def ask(tool: str, tool_call_id: str) -> _tools.Ask:
-        def interrupted(waiting: ApprovalRequired) -> bool | None:
-            return _interrupt(_tools.approval_request(waiting, tool, tool_call_id))
+    def ask(tool: str, tool_call_id: str, args: dict[str, Any]) -> _tools.Ask:
+        def interrupted(waiting: ApprovalRequired) -> _tools.Rejection | None:
+            return _interrupt(_tools.approval_request(waiting, tool, tool_call_id, args))
 
         return interrupted
 
@@ -69,7 +71,15 @@ def spendcap_tools(
         body: str | None = None,
         max_usd: str | None = None,
     ) -> str:
-        return _tools.paid_fetch(config, tool_call_id, url, method, body, max_usd, ask=ask("paid_fetch", tool_call_id))
+        return _tools.paid_fetch(
+            config,
+            tool_call_id,
+            url,
+            method,
+            body,
+            max_usd,
+            ask=ask("paid_fetch", tool_call_id, {"url": url, "method": method, "body": body, "max_usd": max_usd}),
+        )
 
     def acp_checkout(
         merchant: str,
@@ -78,11 +88,22 @@ def spendcap_tools(
         checkout_session_id: str | None = None,
     ) -> str:
         return _tools.acp_checkout(
-            config, tool_call_id, merchant, items, checkout_session_id, ask=ask("acp_checkout", tool_call_id)
+            config,
+            tool_call_id,
+            merchant,
+            items,
+            checkout_session_id,
+            ask=ask(
+                "acp_checkout",
+                tool_call_id,
+                {"merchant": merchant, "items": items, "checkout_session_id": checkout_session_id},
+            ),
         )
 
     def ap2_pay(checkout_jwt: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> str:
-        return _tools.ap2_pay(config, tool_call_id, checkout_jwt, ask=ask("ap2_pay", tool_call_id))
+        return _tools.ap2_pay(
+            config, tool_call_id, checkout_jwt, ask=ask("ap2_pay", tool_call_id, {"checkout_jwt": checkout_jwt})
+        )
 
     def record_task_outcome(
         outcome: Literal["success", "failed", "abandoned"], task_type: str, task: str | None = None
@@ -100,10 +121,14 @@ def spendcap_tools(
     return tools
 
 
-def _interrupt(request: dict[str, Any]) -> bool | None:
+def _interrupt(request: dict[str, Any]) -> _tools.Rejection | None:
     """Pauses the running LangGraph graph with the approval `request` and, once resumed, answers
-    whether the person let the payment go on (True) or rejected it (False); None when the tool is
-    not running in a graph that can pause (no langgraph, no graph, or no checkpointer)."""
+    the person's rejection, if it was one. None when the tool is not running in a graph that can
+    pause (no langgraph, no graph, or no checkpointer): the call waits for spendcap's decision.
+
+    The resume value is a LangChain human-in-the-loop decision — `{"type": "approve"}`,
+    `{"type": "reject", "message": ...}` (`"respond"` too: the tool does not pay) — or a
+    `{"decisions": [...]}` response holding one, or a bool."""
     try:
         from langgraph.config import get_config
         from langgraph.types import interrupt
@@ -115,7 +140,13 @@ def _interrupt(request: dict[str, Any]) -> bool | None:
         return None
     if "__pregel_scratchpad" not in configurable or "__pregel_checkpointer" not in configurable:
         return None
-    answer = interrupt(request)
-    if isinstance(answer, dict):
-        answer = answer.get("type", answer.get("approved"))
-    return answer not in (False, "reject", "deny", "denied", "rejected")
+    decision = interrupt(request)
+    if isinstance(decision, dict) and isinstance(decision.get("decisions"), list) and decision["decisions"]:
+        decision = decision["decisions"][0]
+    if decision is False:
+        return _tools.Rejection()
+    if isinstance(decision, dict) and decision.get("type") in ("reject", "respond"):
+        message = decision.get("message")
+        return _tools.Rejection(message if isinstance(message, str) and message else None)
+    # Anything else goes on: the call asks spendcap again, whose decision governs the money.
+    return None
