@@ -25,6 +25,11 @@ Otherwise the tool returns what that one call answered. The money decision is sp
   at once, and the model reads the rejection. Without an operator client the agent can void only a
   generic hold; a protocol payment's hold then stays held until its approval expires (`ttl_secs`),
   and nothing is paid for it either way.
+
+The SDK itself asks for approval, without calling `needs_approval`, when a model's arguments are
+not exactly what the tool's schema parses (a non-strict model leaving out optional arguments):
+such an interruption has no spendcap approval (`spendcap_approval(item)` is None), nothing was
+sent, and approving it runs the call, which then follows spendcap's answer.
 """
 
 from __future__ import annotations
