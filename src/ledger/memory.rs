@@ -1750,7 +1750,12 @@ impl MemoryLedger {
             tree.auth(agent, caller)?;
             tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
             let h = tree.holds.get(hold.as_str()).filter(|h| &h.agent == agent).ok_or(LedgerError::UnknownHold)?;
-            if protocol.is_some_and(|p| h.protocol != p.as_str()) {
+            // A payment still waiting for approval has signed and sent nothing, whatever its
+            // protocol: its agent may withdraw it through the generic void (and repeat that).
+            let withdrawn = h.state == HoldState::PendingApproval
+                || (h.state == HoldState::Voided
+                    && h.approval.as_ref().is_some_and(|a| a.state == ApprovalState::Canceled));
+            if protocol.is_some_and(|p| h.protocol != p.as_str()) && !withdrawn {
                 return Err(LedgerError::HoldProtocolMismatch);
             }
             let (state, amount, expires_at) = (h.state, h.amount, h.expires_at_ms);

@@ -1235,7 +1235,9 @@ ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 reason
 Reply   ok: released replayed finished (1: the record of ARGV 8 now holds ARGV 9)
         error: code (unknown_hold | hold_settled | hold_expired | hold_protocol_mismatch) detail
 Voiding a voided hold again replays (replayed = 1). An `unknown` hold is voided like an open
-one: an admin (or the flow that learned no money moved) resolves it so.
+one: an admin (or the flow that learned no money moved) resolves it so. A hold waiting for
+approval (`pending_approval`) is voided whatever ARGV 6 says: nothing was signed or sent for it,
+so its agent may withdraw it (its approval becomes `canceled`).
 --]]
 local function void(keys, args)
   local P = keys[1]
@@ -1246,7 +1248,10 @@ local function void(keys, args)
   if expire_due(P, now_s, EXPIRE_BATCH) > 0 then own = nil end
   local h = read_hold(P, hold_id)
   if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
-  if (args[6] or '') ~= '' and h.protocol ~= args[6] then
+  -- A payment still waiting for approval has signed and sent nothing, whatever its protocol:
+  -- the agent may withdraw it through the generic void (and repeat that).
+  local withdrawn = h.state == 'pending_approval' or (h.state == 'voided' and h.appr_state == 'canceled')
+  if (args[6] or '') ~= '' and h.protocol ~= args[6] and not withdrawn then
     return err('hold_protocol_mismatch', 'hold ' .. hold_id .. ' is a ' .. h.protocol .. ' payment')
   end
   if h.state == 'voided' then

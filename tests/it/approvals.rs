@@ -408,3 +408,65 @@ async fn a_bad_wait_is_a_json_invalid_query() {
         app.agent_call(&agent.token, Method::GET, &format!("/v1/me/approvals/{id}?wait_secs=-1"), None).await;
     assert_eq!((status, body["code"].as_str()), (400, Some("invalid_query")), "{body}");
 }
+
+/// An agent withdraws a protocol payment that waits for approval (nothing was signed or sent for
+/// it) through the generic void; once approved, the same void is refused again, since the
+/// payment may then be in flight.
+async fn withdraw_a_waiting_x402_payment(backend: Backend) {
+    use spendcap::protocols::ProtocolConfig;
+    let protocols = ProtocolConfig { x402: crate::x402::config(), ..Default::default() };
+    let app = spawn_app_with(AppOptions { protocols, backend, ..Default::default() }).await;
+    let server = crate::x402::v2_server("10000").await;
+    let agent = app.create_agent("x402-withdrawn", 1_000_000, None).await;
+    set_approval(&app, "x402-withdrawn", json!({ "above_micros": 5_000, "ttl_secs": 300 })).await;
+    let body = json!({ "url": format!("{}/weather", server.uri()), "task": "weather" });
+    let void = |id: String| {
+        let app = &app;
+        let token = agent.token.clone();
+        async move {
+            app.agent_call(
+                &token,
+                Method::POST,
+                &format!("/v1/holds/{id}/void"),
+                Some(json!({ "reason": "user_said_no" })),
+            )
+            .await
+        }
+    };
+
+    let (status, waiting) = crate::x402::fetch(&app, &agent.token, body.clone(), Some("buy-1")).await;
+    assert_eq!((status, waiting["code"].as_str()), (202, Some("approval_required")), "{waiting}");
+    let id = waiting["approval_id"].as_str().expect("id").to_owned();
+    assert_eq!(held(&app, &agent).await, 10_000);
+    let (status, voided) = void(id.clone()).await;
+    assert_eq!((status, voided["released_micros"].as_u64()), (200, Some(10_000)), "{voided}");
+    assert_eq!(held(&app, &agent).await, 0, "the withdrawn payment's money is back at once");
+    let (status, again) = void(id.clone()).await;
+    assert_eq!((status, again["replayed"].as_bool()), (200, Some(true)), "{again}");
+    let (_, shown) = app.admin(Method::GET, &format!("/v1/approvals/{id}"), None).await;
+    assert_eq!(shown["state"], "canceled", "{shown}");
+    let (status, late) = decide(&app, &id, "approve", "too late").await;
+    assert_eq!((status, late["code"].as_str()), (409, Some("approval_decided")), "{late}");
+    let (status, answer) = crate::x402::fetch(&app, &agent.token, body.clone(), Some("buy-1")).await;
+    assert_eq!((status, answer["code"].as_str()), (409, Some("hold_voided")), "{answer}");
+    assert!(crate::x402::payments(&server).await.is_empty(), "nothing was ever signed or sent");
+
+    // Once approved, the hold is an x402 purchase's: the agent cannot void it.
+    let (status, waiting) = crate::x402::fetch(&app, &agent.token, body, Some("buy-2")).await;
+    assert_eq!(status, 202, "{waiting}");
+    let id = waiting["approval_id"].as_str().expect("id").to_owned();
+    assert_eq!(decide(&app, &id, "approve", "fine").await.0, 200);
+    let (status, refused) = void(id).await;
+    assert_eq!((status, refused["code"].as_str()), (409, Some("hold_protocol_mismatch")), "{refused}");
+    assert_eq!(held(&app, &agent).await, 10_000);
+}
+
+#[tokio::test]
+async fn an_agent_withdraws_a_protocol_payment_waiting_for_approval_on_redis() {
+    withdraw_a_waiting_x402_payment(Backend::Redis).await;
+}
+
+#[tokio::test]
+async fn an_agent_withdraws_a_protocol_payment_waiting_for_approval_in_memory() {
+    withdraw_a_waiting_x402_payment(Backend::Memory).await;
+}

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
-from spendcap import Spendcap
+from spendcap import Spendcap, SpendcapError
 
 from conftest import Daemon
 from scripted import ScriptedChatModel, agents_sdk_model, call, function_call, function_outputs, message
@@ -254,10 +254,12 @@ def test_langchain_agent_rejection_pays_nothing_and_the_model_reads_it(
     ), result
     assert json.loads(str(out["messages"][-1].content))["code"] == "approval_denied"
     assert settled(admin, agent_id) == []
-    # An agent cannot void an x402 payment's hold (`hold_protocol_mismatch`): it stays held until
-    # an operator denies it or the approval expires.
-    assert (result["released_now"], money(agent)) == (False, (0, SEARCH))
-    admin.deny(result["approval_id"], "rejected in the run")
+    # The agent withdrew its x402 payment waiting for approval: the money is back at once, and
+    # spendcap shows the approval canceled (an operator's later decision is refused).
+    assert (result["released_now"], money(agent)) == (True, (0, 0))
+    assert [a["state"] for a in admin.approvals() if a["approval_id"] == result["approval_id"]] == ["canceled"]
+    with pytest.raises(SpendcapError):
+        admin.approve(result["approval_id"], "too late")
     assert money(agent) == (0, 0)
 
 

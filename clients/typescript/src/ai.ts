@@ -80,12 +80,14 @@ export function spendcapApproval(toolCallId: string): SpendcapApproval | undefin
  * `operator` (an operator or admin client; approving needs one: the money decision is spendcap's)
  * — and returns the SDK's `tool-approval-response` for the next `generateText` call. A decision
  * spendcap no longer accepts (expired, already decided) leaves spendcap's, which the resumed call
- * reports to the model. Denying releases the held money at once; nothing is paid.
+ * reports to the model. Denying releases the held money at once; nothing is paid. Without an
+ * operator, `agent` (the paying agent's client) withdraws the waiting payment when denying: a
+ * void, which releases the money too (nothing was signed or sent for it, whatever its protocol).
  */
 export async function decideApproval(
   request: { approvalId: string; toolCall: { toolCallId: string } },
   approve: boolean,
-  options: { operator?: Spendcap; note?: string } = {},
+  options: { operator?: Spendcap; agent?: Agent; note?: string } = {},
 ): Promise<ToolApprovalResponse> {
   const approval = approvals.get(request.toolCall.toolCallId);
   const note = options.note ?? "";
@@ -94,7 +96,11 @@ export async function decideApproval(
       throw new TypeError("approving a payment needs an operator or admin client (options.operator)");
     }
     try {
-      await options.operator?.decideApproval(approval.approval_id, approve, note);
+      if (options.operator !== undefined) {
+        await options.operator.decideApproval(approval.approval_id, approve, note);
+      } else if (!approve && options.agent !== undefined) {
+        await options.agent.void(approval.approval_id, "rejected_in_the_run");
+      }
     } catch (error) {
       if (!(error instanceof SpendcapError)) throw error;
     }

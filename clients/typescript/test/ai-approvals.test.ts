@@ -162,6 +162,31 @@ test("a denial releases the money at once and the model reads it", async () => {
   });
 });
 
+test("without an operator the agent withdraws its waiting payment and the money is back", async () => {
+  await admin.run({ cap: "1.00", controls: RULE }, async (agent, created) => {
+    const model = searchOnce("withdraw-1");
+    const tools = spendcapTools(agent, { task: "ai-approval" });
+    const first = await generateText({ model, tools, stopWhen: stepCountIs(5), messages: PROMPT });
+    const [request] = first.content.filter((part) => part.type === "tool-approval-request");
+    assert.ok(request !== undefined);
+    const approval = spendcapApproval(request.toolCall.toolCallId);
+    assert.ok(approval !== undefined);
+    assert.deepEqual(await money(agent), [0n, SEARCH]);
+    const response = await decideApproval(request, false, { agent, note: "not today" });
+    assert.deepEqual(await money(agent), [0n, 0n]);
+    const shown = await agent.waitForApproval(approval.approval_id, 0);
+    assert.equal(shown.state, "canceled");
+
+    await generateText({
+      model,
+      tools,
+      stopWhen: stepCountIs(5),
+      messages: [...PROMPT, ...first.response.messages, { role: "tool", content: [response] }],
+    });
+    assert.deepEqual(await settled(created.agent.id), []);
+  });
+});
+
 test("without an approval rule a paying call pays once and asks nobody", async () => {
   await admin.run({ cap: "1.00" }, async (agent, created) => {
     const model = searchOnce("free-1");

@@ -162,10 +162,10 @@ def approval_request(
 
 
 def reject(config: ToolConfig, waiting: ApprovalRequired, message: str | None = None) -> dict[str, Any]:
-    """A framework-side rejection: nothing is paid for this idempotency key. The agent tries to void
-    its own held reservation so the money is free at once; the daemon lets an agent void only a
-    generic hold (`/v1/holds`) — a protocol payment's approval hold (x402, ACP, AP2) stays held
-    until an operator denies it or the approval expires (`released_now` says which)."""
+    """A framework-side rejection: nothing is paid for this idempotency key. The agent voids its own
+    held reservation so the money is free at once: a payment still waiting for approval has signed
+    and sent nothing, so the daemon lets its agent withdraw it whatever its protocol
+    (`released_now` is false only when spendcap had already decided it, or it lapsed)."""
     try:
         config.agent.void(waiting.approval_id)
         released_now = True

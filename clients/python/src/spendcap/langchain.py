@@ -19,9 +19,8 @@ human-in-the-loop decision. `{"type": "approve"}` sends the call again with the 
 key and spendcap's decision governs: approved (by an operator, e.g. `admin.approve(approval_id)`
 before resuming), it pays from the held reservation exactly once; denied, the model reads
 `approval_denied`; still undecided, the call waits up to `approval_wait_secs`. `{"type":
-"reject", "message": ...}`: nothing is paid and the model reads the rejection (deny it in
-spendcap too, `admin.deny(approval_id)`, to release a protocol payment's held money before the
-approval expires: an agent can void only its generic holds). Outside a graph (a plain tool loop),
+"reject", "message": ...}`: nothing is paid, the agent withdraws the waiting payment (its held
+money is released at once) and the model reads the rejection. Outside a graph (a plain tool loop),
 the tool call itself waits up to `approval_wait_secs` for spendcap's decision.
 """
 

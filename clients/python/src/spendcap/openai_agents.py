@@ -22,9 +22,9 @@ Otherwise the tool returns what that one call answered. The money decision is sp
   to `approval_wait_secs` for spendcap's decision, and a denial reaches the model as
   `approval_denied`.
 - `decide(state, item, approve=False, operator=...)` denies in spendcap, so the money is released
-  at once, and the model reads the rejection. Without an operator client the agent can void only a
-  generic hold; a protocol payment's hold then stays held until its approval expires (`ttl_secs`),
-  and nothing is paid for it either way.
+  at once, and the model reads the rejection. Without an operator client the agent withdraws its
+  own waiting payment (a void: nothing was signed or sent for it, whatever its protocol), which
+  releases the money too; nothing is paid for it either way.
 
 The SDK itself asks for approval, without calling `needs_approval`, when a model's arguments are
 not exactly what the tool's schema parses (a non-strict model leaving out optional arguments):
@@ -182,8 +182,8 @@ def decide(
 
     Approving needs `operator` (an operator or admin client): the decision about the money is
     spendcap's. Rejecting denies with `operator` (the money is released now), or else the `agent`
-    tries to void its own hold (only a generic hold can be; a protocol payment's stays held until
-    its approval expires). Nothing is paid for a rejected call. A decision spendcap no longer
+    withdraws its own waiting payment (a void, which releases the money too). Nothing is paid for a
+    rejected call. A decision spendcap no longer
     accepts (the approval expired or was already decided) leaves spendcap's: the resumed call
     reports it to the model."""
     approval = spendcap_approval(item)
