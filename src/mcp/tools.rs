@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use rmcp::handler::server::router::tool::ToolRouter;
-use rmcp::handler::server::wrapper::Parameters;
 use rmcp::handler::server::tool::ToolCallContext;
+use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, Implementation, ListToolsResult, PaginatedRequestParams,
     RequestId, ServerCapabilities, ServerConfig, Tool,
@@ -442,7 +442,8 @@ impl SpendcapMcp {
         ]);
         let key = self.idempotency_key(text(META_IDEMPOTENCY_KEY), &context.id);
         let token = request_token(context);
-        let answer = self.backend.call(token.as_deref(), ApiCall::post("/v1/mcp/call".into(), body, Some(key.clone()))).await;
+        let answer =
+            self.backend.call(token.as_deref(), ApiCall::post("/v1/mcp/call".into(), body, Some(key.clone()))).await;
         match answer {
             Ok(answer) if answer.status == 200 => {
                 let mut result: CallToolResult = match answer.body.get("result").cloned().map(serde_json::from_value) {

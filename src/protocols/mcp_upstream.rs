@@ -98,7 +98,9 @@ impl McpUpstreamConfig {
             let url = Url::parse(url.trim())
                 .ok()
                 .filter(|url| matches!(url.scheme(), "http" | "https") && url.username().is_empty())
-                .ok_or_else(|| config_error(format!("SPENDCAP_MCP_UPSTREAMS: the URL of {name} is not an http(s) URL")))?;
+                .ok_or_else(|| {
+                    config_error(format!("SPENDCAP_MCP_UPSTREAMS: the URL of {name} is not an http(s) URL"))
+                })?;
             if upstreams.iter().any(|known| known.name == name) {
                 return Err(config_error(format!("SPENDCAP_MCP_UPSTREAMS: {name} is named twice")));
             }
@@ -151,7 +153,8 @@ impl McpUpstreams {
         for spec in config.upstreams {
             // The resolver knows the upstream's port, so a name that resolves to Redis or to the
             // daemon's own listen address is refused like an x402 fetch's.
-            let resolver = CheckedResolver { destinations: destinations.clone(), port: spec.url.port_or_known_default() };
+            let resolver =
+                CheckedResolver { destinations: destinations.clone(), port: spec.url.port_or_known_default() };
             let client = reqwest013::Client::builder()
                 .no_proxy()
                 .redirect(reqwest013::redirect::Policy::none())
@@ -188,12 +191,17 @@ impl McpUpstreams {
                 continue;
             }
             let session = Session::open(upstream, &self.destinations, self.timeout).await.map_err(listing_failure)?;
-            let tools =
-                tokio::time::timeout(self.timeout, session.client.list_all_tools()).await.map_err(|_| {
-                    upstream_failure(Kind::ProviderTimeout, "mcp_upstream_timeout", "the upstream did not list its tools in time")
-                })?;
+            let tools = tokio::time::timeout(self.timeout, session.client.list_all_tools()).await.map_err(|_| {
+                upstream_failure(
+                    Kind::ProviderTimeout,
+                    "mcp_upstream_timeout",
+                    "the upstream did not list its tools in time",
+                )
+            })?;
             session.close().await;
-            let tools = tools.map_err(|err| listing_failure(UpstreamError::NoResponse { timed_out: false, detail: err.to_string() }))?;
+            let tools = tools.map_err(|err| {
+                listing_failure(UpstreamError::NoResponse { timed_out: false, detail: err.to_string() })
+            })?;
             listed.extend(tools.into_iter().map(|tool| (upstream.spec.name.clone(), tool)));
         }
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -217,15 +225,14 @@ impl McpUpstreams {
 
     /// One call of an upstream tool, for the purchase flow. Checks the upstream's URL now (an IP
     /// literal, against the reserved addresses the daemon learnt at start-up).
-    pub fn tool_call(
-        &self,
-        upstream: &str,
-        tool: &str,
-        arguments: Option<JsonObject>,
-    ) -> Result<ToolCall, Failure> {
+    pub fn tool_call(&self, upstream: &str, tool: &str, arguments: Option<JsonObject>) -> Result<ToolCall, Failure> {
         let upstream = self.upstream(upstream)?;
         check_url(upstream.spec.url.as_str(), &self.destinations).map_err(|err| {
-            upstream_failure(Kind::Forbidden, "x402_destination_forbidden", format!("MCP upstream {}: {err}", upstream.spec.name))
+            upstream_failure(
+                Kind::Forbidden,
+                "x402_destination_forbidden",
+                format!("MCP upstream {}: {err}", upstream.spec.name),
+            )
         })?;
         Ok(ToolCall {
             upstream: upstream.clone(),
@@ -240,8 +247,12 @@ impl McpUpstreams {
 
 fn listing_failure(err: UpstreamError) -> Failure {
     match err {
-        UpstreamError::Refused(refused) => upstream_failure(Kind::Forbidden, "x402_destination_forbidden", refused.to_string()),
-        UpstreamError::NoResponse { timed_out: true, detail } => upstream_failure(Kind::ProviderTimeout, "mcp_upstream_timeout", detail),
+        UpstreamError::Refused(refused) => {
+            upstream_failure(Kind::Forbidden, "x402_destination_forbidden", refused.to_string())
+        }
+        UpstreamError::NoResponse { timed_out: true, detail } => {
+            upstream_failure(Kind::ProviderTimeout, "mcp_upstream_timeout", detail)
+        }
         UpstreamError::NoResponse { detail, .. } | UpstreamError::Body { detail, .. } => {
             upstream_failure(Kind::Provider, "mcp_upstream_unreachable", detail)
         }
@@ -272,7 +283,11 @@ fn no_answer(err: &(dyn std::error::Error + 'static), timed_out: bool) -> Upstre
 }
 
 impl Session {
-    async fn open(upstream: &Upstream, destinations: &Destinations, timeout: Duration) -> Result<Session, UpstreamError> {
+    async fn open(
+        upstream: &Upstream,
+        destinations: &Destinations,
+        timeout: Duration,
+    ) -> Result<Session, UpstreamError> {
         check_url(upstream.spec.url.as_str(), destinations).map_err(|err| match err {
             super::x402::destination::UrlError::Refused(refused) => UpstreamError::Refused(refused),
             other => UpstreamError::NoResponse { timed_out: false, detail: other.to_string() },
@@ -370,7 +385,8 @@ impl ToolCall {
 pub fn tool_result_of_body(body: &[u8]) -> Map<String, Value> {
     let mut object = adapters::x402::tool_result_of_http_body(body).unwrap_or_default();
     if let Some(error) = object.remove("jsonrpc_error") {
-        let message = error.get("message").and_then(Value::as_str).unwrap_or("the upstream refused the call").to_owned();
+        let message =
+            error.get("message").and_then(Value::as_str).unwrap_or("the upstream refused the call").to_owned();
         return Map::from_iter([
             ("content".to_owned(), json!([{ "type": "text", "text": message }])),
             ("isError".to_owned(), Value::Bool(true)),

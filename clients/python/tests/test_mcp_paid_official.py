@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import threading
 import time
@@ -33,7 +34,7 @@ from x402.schemas import PaymentRequirements
 from spendcap import Spendcap
 from test_x402_official import NETWORK, PAY_TO, USDC, LocalChain
 
-from conftest import Daemon, binary, start_daemon, unique
+from conftest import REPO, Daemon, binary, start_daemon, unique
 
 PRICE_ATOMIC = 10_000  # $0.01 in USDC's 6 decimals: 10,000 micro-USD
 
@@ -239,3 +240,45 @@ def test_spendcap_mcp_offers_and_pays_the_upstream_tool_over_stdio(fronting: Dae
     assert refused.structured_content["code"] == "cap_exceeded"
     assert refused.structured_content["refusal"] is True
     assert spent(fronting, token) == PRICE_ATOMIC
+
+
+def readme_blocks(marker: str, count: int) -> list[str]:
+    """The ```sh blocks that follow `<!-- marker` in the README."""
+    text = (REPO / "README.md").read_text()
+    at = text.index(f"<!-- {marker}")
+    blocks = []
+    for _ in range(count):
+        fence = text.index("```sh\n", at) + len("```sh\n")
+        at = text.index("```", fence)
+        blocks.append(text[fence:at])
+    return blocks
+
+
+def test_the_readme_paid_mcp_configuration_and_calls_run_as_written(upstream: PaidWeatherMcp) -> None:
+    configure, calls = readme_blocks("paid-mcp", 2)
+    # The configuration block, run in a shell: the environment it leaves is the daemon's.
+    configure = configure.replace("https://weather.example/mcp", upstream.url)
+    shell = subprocess.run(["bash", "-c", f"{configure}\nenv -0"], capture_output=True, check=True)
+    env = dict(entry.split("=", 1) for entry in shell.stdout.decode().split("\0") if "=" in entry)
+    process, exports = start_daemon({"SPENDCAP_MCP_UPSTREAMS": env["SPENDCAP_MCP_UPSTREAMS"]})
+    try:
+        daemon = Daemon(exports)
+        _, token = new_agent(daemon, "0.05")
+        host = daemon.url.removeprefix("http://")
+        transfers = len(upstream.chain.transfers)
+        ran = subprocess.run(
+            ["bash", "-c", "set -euo pipefail\n" + calls.replace("localhost:8402", host)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "AGENT_TOKEN": token},
+            timeout=120,
+        )
+        assert ran.returncode == 0, ran.stderr
+        listed, paid = ran.stdout.strip().splitlines()[-3:-1], ran.stdout.strip().splitlines()[-1]
+        assert '["weather","get_forecast","get_forecast"]' in listed, ran.stdout
+        text, status, amount = json.loads(paid)
+        assert (json.loads(text), status, amount) == ({"city": "Paris", "sky": "clear"}, "settled", PRICE_ATOMIC)
+        assert len(upstream.chain.transfers) == transfers + 1
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -72,10 +72,14 @@ fn tool_name(text: &str) -> Result<String, ApiError> {
     if (1..=128).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_graphic()) {
         return Ok(text.to_owned());
     }
-    Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_tool", "tool must be 1 to 128 visible ASCII characters"))
+    Err(ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_tool",
+        "tool must be 1 to 128 visible ASCII characters",
+    ))
 }
 
-#[utoipa::path(get, path = "/v1/mcp/tools",
+#[utoipa::path(get, path = "/v1/mcp/tools", operation_id = "mcp_tools", tag = "mcp",
     responses(
         (status = 200, body = McpToolsResponse, description = "every upstream's tools, named as offered to agents"),
         (status = 403, description = "x402_destination_forbidden: an upstream's address is not allowed"),
@@ -91,7 +95,7 @@ pub async fn tools(auth: AgentAuth, State(state): State<SharedState>) -> Result<
     Ok(Json(McpToolsResponse { tools }))
 }
 
-#[utoipa::path(post, path = "/v1/mcp/call", request_body = McpCallBody,
+#[utoipa::path(post, path = "/v1/mcp/call", operation_id = "mcp_call", tag = "mcp", request_body = McpCallBody,
     params(("Idempotency-Key" = Option<String>, Header,
         description = "names the purchase; without it, the same task + upstream + tool + arguments is the same purchase")),
     responses(

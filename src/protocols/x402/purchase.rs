@@ -35,13 +35,13 @@ use sha2::{Digest, Sha256};
 use super::destination::Destinations;
 use super::routes::{PaymentStatus, PaymentView};
 use super::upstream::{asks_payment, Answer, Outgoing, Upstream, UpstreamError};
-use crate::protocols::mcp_upstream::ToolCall;
-use reqwest::header::{HeaderName, HeaderValue};
 use crate::app::Core;
 use crate::identity::{AgentAuth, HoldId};
 use crate::ledger::{Idempotency, IdempotencyFinish, IdempotencyMode, RefusalReason};
 use crate::outcome::{Failure, Kind};
 use crate::pay::{self, Held, HoldSpec};
+use crate::protocols::mcp_upstream::ToolCall;
+use reqwest::header::{HeaderName, HeaderValue};
 
 /// The daemon stops waiting for a paid response this long before the authorization's
 /// `validBefore`, so that a confirmed settlement always reaches the ledger while its hold is open.
