@@ -395,3 +395,27 @@ pub fn tool_result_of_body(body: &[u8]) -> Map<String, Value> {
     }
     object
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(entries: &[&str]) -> Result<McpUpstreamConfig, String> {
+        let args = McpUpstreamArgs { upstreams: entries.iter().map(|entry| (*entry).to_owned()).collect() };
+        McpUpstreamConfig::from_args(&args).map_err(|err| err.reason)
+    }
+
+    #[test]
+    fn upstreams_are_named_http_urls_each_named_once() {
+        let config = parse(&["weather=https://weather.example/mcp", " maps = http://10.0.0.7:9000/mcp ", ""])
+            .expect("two upstreams");
+        let names: Vec<_> = config.upstreams.iter().map(|u| (u.name.as_str(), u.url.as_str())).collect();
+        assert_eq!(names, [("weather", "https://weather.example/mcp"), ("maps", "http://10.0.0.7:9000/mcp")]);
+        assert!(parse(&["weather"]).expect_err("no URL").contains("NAME=URL"));
+        assert!(parse(&["Weather!=https://w.example/mcp"]).expect_err("bad name").contains("is not a name"));
+        assert!(parse(&["w=ftp://w.example/mcp"]).expect_err("scheme").contains("not an http(s) URL"));
+        assert!(parse(&["w=https://user:pw@w.example/mcp"]).expect_err("credentials").contains("not an http(s) URL"));
+        let twice = parse(&["w=https://a.example/mcp", "w=https://b.example/mcp"]).expect_err("twice");
+        assert!(twice.contains("named twice"));
+    }
+}
