@@ -29,6 +29,9 @@ pub enum Command {
         /// an agent needs to pay them, and run no scenario.
         #[arg(long)]
         providers_only: bool,
+        /// Upstream MCP servers whose paid tools agents may call (as for `serve`).
+        #[command(flatten)]
+        mcp: crate::protocols::mcp_upstream::McpUpstreamArgs,
     },
     /// Serve MCP on stdin/stdout for one agent, as an MCP host launches it (SPENDCAP_URL,
     /// SPENDCAP_AGENT_TOKEN).

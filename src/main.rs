@@ -25,7 +25,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
-            Command::Demo { listen, providers_only } => demo(listen, providers_only).await,
+            Command::Demo { listen, providers_only, mcp } => demo(listen, providers_only, mcp).await,
             Command::Mcp(args) => mcp(args).await,
             other => spendcap::cli::run_client(other).await.map_err(anyhow::Error::from),
         }
@@ -132,13 +132,19 @@ async fn mcp(args: spendcap::mcp::stdio::McpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(listen: std::net::SocketAddr, providers_only: bool) -> anyhow::Result<()> {
+async fn demo(
+    listen: std::net::SocketAddr,
+    providers_only: bool,
+    mcp: spendcap::protocols::mcp_upstream::McpUpstreamArgs,
+) -> anyhow::Result<()> {
     // The scenario's own lines say what happened; the daemon's warnings (the revocation) would
     // only repeat them in between.
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPENDCAP_LOG").unwrap_or_else(|_| "error".into());
     tracing_subscriber::fmt().with_env_filter(filter).init();
     let providers = spendcap::sim::Providers::start().await.context("starting the simulated providers")?;
     let admin_token = AdminToken::generate();
+    let mut protocols = providers.protocol_config()?;
+    protocols.mcp = spendcap::protocols::mcp_upstream::McpUpstreamConfig::from_args(&mcp)?;
     let config = Config {
         alerts: None,
         ledger: LedgerConfig::Memory,
@@ -146,7 +152,7 @@ async fn demo(listen: std::net::SocketAddr, providers_only: bool) -> anyhow::Res
         signer: ReceiptSigner::generate(),
         limits: Limits::default(),
         clock: Clock::system(),
-        protocols: providers.protocol_config()?,
+        protocols,
         sweep_interval: Some(Duration::from_secs(30)),
         max_clock_skew: Duration::from_secs(2),
     };

@@ -66,6 +66,7 @@ impl Modify for BearerSchemes {
         routes::keyed_api,
         approvals::list, approvals::show, approvals::show_own, approvals::approve, approvals::deny,
         crate::protocols::mpp::routes::fetch, routes::mpp_proxy,
+        crate::protocols::mcp_upstream::routes::tools, crate::protocols::mcp_upstream::routes::call,
     ),
     components(schemas(log::Format, crate::log::GroupBy, reports::ReportFormat, holds::RefusalView)),
     modifiers(&BearerSchemes)

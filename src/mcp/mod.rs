@@ -27,4 +27,4 @@ mod tools;
 
 pub use self::backend::Backend;
 pub use self::explain::{explain, Explanation};
-pub use self::tools::SpendcapMcp;
+pub use self::tools::{SpendcapMcp, OWN_TOOLS};

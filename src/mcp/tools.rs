@@ -4,10 +4,14 @@
 use std::collections::BTreeMap;
 
 use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, Implementation, RequestId, ServerCapabilities, ServerConfig};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, Implementation, ListToolsResult, PaginatedRequestParams,
+    RequestId, ServerCapabilities, ServerConfig, Tool,
+};
 use rmcp::service::RequestContext;
-use rmcp::{schemars, tool, tool_handler, tool_router, RoleServer, ServerHandler};
+use rmcp::{schemars, tool, tool_router, ErrorData, RoleServer, ServerHandler};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -22,6 +26,20 @@ or returns an error result with a code. When refusal is true (cap_exceeded, agen
 spending: retrying the same call will not pass. When retryable is true, call again with the same \
 idempotency_key: it never pays twice. Dollar amounts are decimal strings. explain_refusal tells what \
 any code means. Report how each task ended with record_task_outcome.";
+
+/// spendcap's own tools: an upstream tool of the same name is offered prefixed with its upstream's
+/// name (`weather__get_budget`).
+pub const OWN_TOOLS: [&str; 6] =
+    ["get_budget", "paid_fetch", "acp_checkout", "ap2_pay", "record_task_outcome", "explain_refusal"];
+
+/// `_meta` keys an agent may set on a call of an upstream tool (whose arguments are the
+/// upstream's): the task, the most the call may pay (dollars, a decimal string) and the purchase's
+/// idempotency key.
+pub const META_TASK: &str = "spendcap/task";
+pub const META_MAX_USD: &str = "spendcap/max_usd";
+pub const META_IDEMPOTENCY_KEY: &str = "spendcap/idempotency_key";
+/// `_meta` key of the payment made for an upstream tool's result.
+pub const META_PAYMENT: &str = "spendcap/payment";
 
 /// `get_budget`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -375,8 +393,109 @@ impl SpendcapMcp {
     }
 }
 
-#[tool_handler(router = self.tool_router)]
+impl SpendcapMcp {
+    /// The upstream MCP servers' tools the daemon offers (`GET /v1/mcp/tools`): none when no
+    /// upstream is configured or the listing failed (then logged).
+    async fn upstream_tools(&self, context: &RequestContext<RoleServer>) -> Vec<Value> {
+        let token = request_token(context);
+        match self.backend.call(token.as_deref(), ApiCall::get("/v1/mcp/tools".to_owned())).await {
+            Ok(answer) if answer.status == 200 => {
+                answer.body.get("tools").and_then(Value::as_array).cloned().unwrap_or_default()
+            }
+            Ok(answer) if answer.body.get("code").and_then(Value::as_str) == Some("mcp_not_configured") => Vec::new(),
+            Ok(answer) => {
+                tracing::warn!(status = answer.status, code = ?answer.body.get("code"), "MCP: upstream tools not listed");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// A call of an upstream tool: through `POST /v1/mcp/call`, paid within the budget when the
+    /// tool asks. The tool's own result comes back unchanged (with the payment in
+    /// `_meta["spendcap/payment"]`); a refusal is spendcap's refusal result.
+    async fn call_upstream(
+        &self,
+        request: CallToolRequestParams,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let offered = self
+            .upstream_tools(context)
+            .await
+            .into_iter()
+            .find(|tool| tool.pointer("/tool/name").and_then(Value::as_str) == Some(request.name.as_ref()));
+        let Some(offered) = offered else {
+            return Err(ErrorData::invalid_params(format!("no tool is named {}", request.name), None));
+        };
+        let meta = request.meta.as_ref().map(|meta| meta.0 .0.clone()).unwrap_or_default();
+        let text = |key: &str| meta.get(key).and_then(Value::as_str).map(str::to_owned);
+        let max_amount = match text(META_MAX_USD).as_deref().map(|text| micros_of_usd(META_MAX_USD, text)).transpose() {
+            Ok(max) => max,
+            Err(result) => return Ok(result.into()),
+        };
+        let body = object([
+            ("upstream", offered.get("upstream").cloned()),
+            ("tool", offered.get("upstream_tool").cloned()),
+            ("arguments", request.arguments.map(Value::Object)),
+            ("task", text(META_TASK).map(Value::from)),
+            ("max_amount_micros", max_amount.map(Value::from)),
+        ]);
+        let key = self.idempotency_key(text(META_IDEMPOTENCY_KEY), &context.id);
+        let token = request_token(context);
+        let answer =
+            self.backend.call(token.as_deref(), ApiCall::post("/v1/mcp/call".into(), body, Some(key.clone()))).await;
+        match answer {
+            Ok(answer) if answer.status == 200 => {
+                let mut result: CallToolResult = match answer.body.get("result").cloned().map(serde_json::from_value) {
+                    Some(Ok(result)) => result,
+                    _ => return Ok(tool_result(Ok(answer), Some(&key)).into()),
+                };
+                let payment = answer.body.get("payment").cloned().unwrap_or(Value::Null);
+                if !payment.is_null() {
+                    let mut meta = result.meta.take().unwrap_or_default();
+                    meta.0.insert(META_PAYMENT.to_owned(), payment);
+                    meta.0.insert(META_IDEMPOTENCY_KEY.to_owned(), Value::String(key));
+                    result.meta = Some(meta);
+                }
+                Ok(result.into())
+            }
+            other => Ok(tool_result(other, Some(&key)).into()),
+        }
+    }
+}
+
 impl ServerHandler for SpendcapMcp {
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        if self.tool_router.has_route(request.name.as_ref()) {
+            let tcc = ToolCallContext::new(self, request, context);
+            return self.tool_router.call(tcc).await;
+        }
+        self.call_upstream(request, &context).await
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let mut tools = self.tool_router.list_all();
+        for offered in self.upstream_tools(&context).await {
+            match offered.get("tool").cloned().map(serde_json::from_value::<Tool>) {
+                Some(Ok(tool)) => tools.push(tool),
+                _ => tracing::warn!("MCP: an upstream tool that is not a tool definition is left out"),
+            }
+        }
+        Ok(ListToolsResult::with_all_items(tools))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        self.tool_router.get(name).cloned()
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new("spendcap", env!("CARGO_PKG_VERSION")))

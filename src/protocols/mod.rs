@@ -4,6 +4,7 @@
 pub mod acp;
 pub mod ap2;
 pub mod api;
+pub mod mcp_upstream;
 pub mod mpp;
 pub mod reserved;
 pub mod x402;
@@ -26,6 +27,8 @@ pub struct ProtocolArgs {
     pub api: api::ApiArgs,
     #[command(flatten)]
     pub mpp: mpp::MppArgs,
+    #[command(flatten)]
+    pub mcp: mcp_upstream::McpUpstreamArgs,
 }
 
 /// The configured protocols.
@@ -38,6 +41,8 @@ pub struct ProtocolConfig {
     pub reserved: reserved::Reserved,
     pub api: api::ApiConfig,
     pub mpp: mpp::MppConfig,
+    /// Upstream MCP servers whose tools agents call through the daemon (paid MCP tools).
+    pub mcp: mcp_upstream::McpUpstreamConfig,
 }
 
 /// What each protocol needs at run time (clients, keys), built once at start-up.
@@ -50,6 +55,7 @@ pub struct Protocols {
     pub provider_urls: Vec<String>,
     pub api: api::ApiService,
     pub mpp: mpp::MppService,
+    pub mcp: mcp_upstream::McpUpstreams,
 }
 
 /// Why the protocol configuration is unusable; start-up fails with this.
@@ -69,6 +75,7 @@ impl ProtocolConfig {
             reserved: reserved::Reserved::default(),
             api: api::ApiConfig::from_args(&args.api)?,
             mpp: mpp::MppConfig::from_args(&args.mpp)?,
+            mcp: mcp_upstream::McpUpstreamConfig::from_args(&args.mcp)?,
         })
     }
 }
@@ -103,7 +110,18 @@ impl Protocols {
         config.acp.reserved = config.reserved.clone();
         config.ap2.reserved = config.reserved.clone();
         let provider_urls = config.provider_urls();
+        // Upstream MCP servers are reached like x402 resource servers: the same destination
+        // rules and timeouts.
+        let mcp_destinations = x402::destination::Destinations::new(config.x402.allow_private.clone())
+            .with_reserved(config.reserved.clone());
+        let mcp = mcp_upstream::McpUpstreams::build(
+            config.mcp,
+            mcp_destinations,
+            config.x402.connect_timeout,
+            config.x402.timeout,
+        )?;
         Ok(Protocols {
+            mcp,
             provider_urls,
             x402: x402::X402Service::build(config.x402, config.reserved.clone())?,
             acp: acp::AcpService::build(config.acp)?,
@@ -122,4 +140,5 @@ pub fn router() -> Router<SharedState> {
         .merge(ap2::router())
         .merge(api::router())
         .merge(mpp::router())
+        .merge(mcp_upstream::routes::router())
 }

@@ -20,7 +20,7 @@
 //! same authorization (same nonce) from the hold's stored terms, so at most one can settle.
 
 pub(crate) mod destination;
-mod purchase;
+pub(crate) mod purchase;
 pub(crate) mod routes;
 pub(crate) mod upstream;
 
@@ -270,7 +270,7 @@ impl X402Service {
         self.engine.as_ref().map(|engine| engine.signer.address())
     }
 
-    fn engine(&self) -> Option<&purchase::Engine> {
+    pub(crate) fn engine(&self) -> Option<&purchase::Engine> {
         self.engine.as_ref()
     }
 }

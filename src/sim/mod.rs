@@ -143,7 +143,7 @@ impl Providers {
                 .map_err(|e: crate::protocols::x402::BadAddressRange| x402_error(e.to_string()))?],
             ..Default::default()
         };
-        Ok(ProtocolConfig { x402, acp, ap2, api, reserved: Default::default(), mpp })
+        Ok(ProtocolConfig { x402, acp, ap2, api, reserved: Default::default(), mpp, mcp: Default::default() })
     }
 
     /// Writes the ACP and AP2 configuration files into `dir` and returns the environment a

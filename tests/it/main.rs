@@ -23,6 +23,7 @@ mod keyed_api;
 mod layering;
 mod ledger;
 mod mcp;
+mod mcp_paid;
 mod metrics;
 mod mpp;
 mod openapi;

@@ -12,6 +12,7 @@
 use serde_json::{Map, Value};
 
 use super::error::X402Error;
+use super::transport::{encode_header, PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};
 use super::wire::{PaymentPayload, PaymentRequired, PaymentRequiredV1, PaymentRequiredV2, SettlementResponse};
 
 /// `params._meta` key of the payment.
@@ -81,6 +82,40 @@ pub fn settlement_of_tool_result(result: &Value) -> Result<SettlementResponse, X
     report.map_err(|err| X402Error::BadSettlement { detail: format!("x402/payment-response: {err}") })
 }
 
+/// A tool result in the shape of the HTTP answer the x402 purchase flow reads, so that one flow
+/// pays both transports: a payment request is a 402 with the v2 `PAYMENT-REQUIRED` header (a v1
+/// request is the 402's body); any other result is a 200 whose body is the result's JSON; a
+/// settlement report (success or failure) becomes the `PAYMENT-RESPONSE` header (v2) and the
+/// `X-PAYMENT-RESPONSE` header (v1). Returns (status, headers, body).
+pub fn http_answer_of_tool_result(result: &Value) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut headers = Vec::new();
+    let settlement = settlement_of_tool_result(result).ok().and_then(|settlement| encode_header(&settlement).ok());
+    if let Some(text) = settlement.as_ref().and_then(|value| value.to_str().ok()) {
+        headers.push((PAYMENT_RESPONSE.as_str().to_owned(), text.to_owned()));
+        headers.push((X_PAYMENT_RESPONSE.as_str().to_owned(), text.to_owned()));
+    }
+    let body = serde_json::to_vec(result).unwrap_or_default();
+    match payment_required_of_tool_result(result) {
+        Some(PaymentRequired::V2(required)) => {
+            if let Some(text) = encode_header(&required).ok().and_then(|value| value.to_str().ok().map(str::to_owned)) {
+                headers.push((PAYMENT_REQUIRED.as_str().to_owned(), text));
+            }
+            (402, headers, body)
+        }
+        Some(PaymentRequired::V1(required)) => (402, headers, serde_json::to_vec(&required).unwrap_or_default()),
+        None => (200, headers, body),
+    }
+}
+
+/// The tool result carried by an answer made by [`http_answer_of_tool_result`] (its body), for
+/// a 200; `None` when the body is not a JSON object.
+pub fn tool_result_of_http_body(body: &[u8]) -> Option<Map<String, Value>> {
+    match serde_json::from_slice(body).ok()? {
+        Value::Object(object) => Some(object),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +180,38 @@ mod tests {
         );
         let broken = json!({"_meta": {"x402/payment-response": {"success": "yes"}}});
         assert_eq!(settlement_of_tool_result(&broken).map_err(|e| e.code()), Err("x402_bad_settlement"));
+    }
+
+    #[test]
+    fn a_tool_result_reads_as_the_http_answer_the_purchase_flow_expects() {
+        use http::header::{HeaderMap, HeaderName, HeaderValue};
+        let to_map = |headers: &[(String, String)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in headers {
+                map.append(
+                    HeaderName::try_from(name.as_str()).expect("name"),
+                    HeaderValue::from_str(value).expect("value"),
+                );
+            }
+            map
+        };
+        let (status, headers, body) = http_answer_of_tool_result(&official_payment_required());
+        assert_eq!(status, 402);
+        let required = crate::x402::parse_payment_required(&to_map(&headers), &body).expect("a 402 the flow reads");
+        assert!(matches!(required, PaymentRequired::V2(r) if r.accepts[0].amount == "1000"));
+
+        let paid = json!({
+            "content": [{"type": "text", "text": "sunny"}],
+            "_meta": {"x402/payment-response": {"success": true, "transaction": "0xabc", "network": "eip155:84532"}}
+        });
+        let (status, headers, body) = http_answer_of_tool_result(&paid);
+        assert_eq!(status, 200);
+        let settlement =
+            crate::x402::parse_settlement(&to_map(&headers), crate::x402::X402Version::V2).expect("a settlement");
+        assert_eq!(settlement.transaction, "0xabc");
+        assert_eq!(tool_result_of_http_body(&body), paid.as_object().cloned());
+
+        let (status, headers, _) = http_answer_of_tool_result(&json!({"content": [], "isError": true}));
+        assert_eq!((status, headers.len()), (200, 0));
     }
 }

@@ -31,8 +31,8 @@ pub use alloy_primitives::Address;
 pub use conformance::record_payment;
 pub use error::X402Error;
 pub use mcp::{
-    meta_with_payment, payment_required_of_tool_result, settlement_of_tool_result, McpPaymentBinding,
-    MCP_PAYMENT_META_KEY, MCP_PAYMENT_RESPONSE_META_KEY,
+    http_answer_of_tool_result, meta_with_payment, payment_required_of_tool_result, settlement_of_tool_result,
+    tool_result_of_http_body, McpPaymentBinding, MCP_PAYMENT_META_KEY, MCP_PAYMENT_RESPONSE_META_KEY,
 };
 pub use payment_identifier::{PaymentId, PAYMENT_IDENTIFIER};
 pub use policy::{

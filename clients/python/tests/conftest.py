@@ -66,12 +66,13 @@ def binary() -> str:
     return path
 
 
-def start_daemon() -> tuple[subprocess.Popen[str], dict[str, str]]:
+def start_daemon(extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], dict[str, str]]:
     process = subprocess.Popen(
         [binary(), "demo", "--providers-only", "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env={**os.environ, **(extra_env or {})},
     )
     env: dict[str, str] = {}
     done = threading.Event()

@@ -157,6 +157,9 @@ pub const TABLE: &[Entry] = &[
     ("post", "/v1/ap2/payments", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("post", "/v1/ap2/v0.1/payments", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
     ("post", "/v1/mpp/fetch", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
+    // Paid MCP tools: the upstreams' tools, and one call of one (paid with x402: open codes).
+    ("get", "/v1/mcp/tools", &[(403, &["agent_revoked", "x402_destination_forbidden"]), (502, &["mcp_upstream_unreachable"]), (503, &["mcp_not_configured"]), (504, &["mcp_upstream_timeout"])]),
+    ("post", "/v1/mcp/call", &[(202, OPEN), (400, OPEN), (402, OPEN), (403, OPEN), (404, OPEN), (409, OPEN), (422, OPEN), (502, OPEN), (503, OPEN), (504, OPEN)]),
 ];
 
 /// Operations that never reach the ledger: no 503 ledger answers.

@@ -268,6 +268,23 @@ impl Resolve for CheckedResolver {
     }
 }
 
+/// The same resolver for reqwest 0.13, the HTTP client of rmcp's streamable-HTTP transport (the
+/// daemon's client of upstream MCP servers).
+impl reqwest013::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest013::dns::Name) -> reqwest013::dns::Resolving {
+        let destinations = self.destinations.clone();
+        let port = self.port;
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if let Some(refused) = addrs.iter().find_map(|addr| destinations.refuses(&host, addr.ip(), port)) {
+                return Err(Box::new(refused) as _);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest013::dns::Addrs)
+        })
+    }
+}
+
 /// Finds a [`DestinationRefused`] in an error's source chain (the HTTP client wraps what the
 /// resolver returned in two or three layers).
 pub fn refused_in(err: &(dyn std::error::Error + 'static)) -> Option<DestinationRefused> {

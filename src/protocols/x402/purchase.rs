@@ -40,6 +40,8 @@ use crate::identity::{AgentAuth, HoldId};
 use crate::ledger::{Idempotency, IdempotencyFinish, IdempotencyMode, RefusalReason};
 use crate::outcome::{Failure, Kind};
 use crate::pay::{self, Held, HoldSpec};
+use crate::protocols::mcp_upstream::ToolCall;
+use reqwest::header::{HeaderName, HeaderValue};
 
 /// The daemon stops waiting for a paid response this long before the authorization's
 /// `validBefore`, so that a confirmed settlement always reaches the ledger while its hold is open.
@@ -74,6 +76,29 @@ pub struct FetchRequest {
     pub max_amount: Option<Micros>,
     /// The agent's `Idempotency-Key`; without one, the purchase key is derived from the request.
     pub idempotency_key: Option<String>,
+}
+
+/// How the request reaches the server: over HTTP (the payment in a header), or as a tool call to
+/// an upstream MCP server (the payment in `_meta`, see `crate::protocols::mcp_upstream`). Both
+/// answer in the HTTP shape the flow reads.
+pub enum Transport<'a> {
+    Http { upstream: &'a Upstream, outgoing: &'a Outgoing },
+    Mcp(&'a ToolCall),
+}
+
+impl Transport<'_> {
+    async fn send(
+        &self,
+        payment: Option<(&PaymentPayload, &(HeaderName, HeaderValue))>,
+        timeout: Duration,
+    ) -> Result<Answer, UpstreamError> {
+        match self {
+            Transport::Http { upstream, outgoing } => {
+                upstream.send(outgoing, payment.map(|(_, header)| header), timeout).await
+            }
+            Transport::Mcp(call) => call.send(payment.map(|(payment, _)| payment), timeout).await,
+        }
+    }
 }
 
 /// What goes back to the agent: the upstream response, and the payment if one was made.
@@ -427,13 +452,26 @@ pub async fn fetch(
     agent: &AgentAuth,
     request: FetchRequest,
 ) -> Result<Delivered, Failure> {
+    let transport = Transport::Http { upstream: &engine.upstream, outgoing: &request.outgoing };
+    fetch_via(core, engine, agent, &request, &transport).await
+}
+
+/// [`fetch`] over any transport: `request.outgoing` names the purchase (its key, fingerprint and
+/// resource), `transport` carries the calls.
+pub async fn fetch_via(
+    core: &Core,
+    engine: &Engine,
+    agent: &AgentAuth,
+    request: &FetchRequest,
+    transport: &Transport<'_>,
+) -> Result<Delivered, Failure> {
     // Nothing is fetched for a caller whose token does not match, nor for an agent that is
     // revoked, suspended, expired or denied x402 or this host: such a refusal is logged and
     // counted like a refused hold.
     let host = request.outgoing.url.host_str().unwrap_or_default().to_ascii_lowercase();
     pay::precheck_task(core, agent, adapters::Protocol::X402, &host, &request.task).await?;
 
-    let first = engine.upstream.send(&request.outgoing, None, engine.timeout).await.map_err(unpaid_failure)?;
+    let first = transport.send(None, engine.timeout).await.map_err(unpaid_failure)?;
     if !first.asks_payment() {
         return Ok(Delivered { answer: first, payment: None, replayed: false });
     }
@@ -467,7 +505,7 @@ pub async fn fetch(
     let mut intent = choice.intent(request.outgoing.url.as_str());
     fresh.write(&choice, &mut intent.details);
     let expires_at_ms = choice.valid_before(now_secs) * 1000;
-    let (key, held) = hold(core, engine, agent, &request, &choice, &intent, expires_at_ms).await?;
+    let (key, held) = hold(core, engine, agent, request, &choice, &intent, expires_at_ms).await?;
     let purchase = match held {
         Held::Finished(stored) => return Stored::replay(&stored),
         Held::New(grant) => Purchase { hold: grant.hold_id, terms: fresh, resumed: false },
@@ -479,7 +517,7 @@ pub async fn fetch(
         },
     };
     let paying = Paying { core, engine, agent, key, choice, purchase, url: &request.outgoing.url };
-    paying.pay(&request.outgoing).await
+    paying.pay(transport).await
 }
 
 /// A granted hold and the terms of its authorization.
@@ -623,7 +661,7 @@ impl Paying<'_> {
     }
 
     /// Signs (or re-signs) the authorization, sends it, and accounts for the answer.
-    async fn pay(self, outgoing: &Outgoing) -> Result<Delivered, Failure> {
+    async fn pay(self, transport: &Transport<'_>) -> Result<Delivered, Failure> {
         let payment = match self.sign() {
             Ok(payment) => payment,
             Err(err) => return Err(self.abandon(err).await),
@@ -652,7 +690,7 @@ impl Paying<'_> {
         tracing::info!(agent = %self.agent.agent, service = %self.service(), pay_to = %self.choice.pay_to(),
             network = self.choice.network(), asset = %self.choice.asset(), nonce = %self.purchase.terms.nonce,
             amount = self.choice.amount().get(), resumed = self.purchase.resumed, "x402: sending payment");
-        match self.engine.upstream.send(outgoing, Some(&header), timeout).await {
+        match transport.send(Some((&payment, &header)), timeout).await {
             // A known charge is settled whatever the answer looks like, even a 402.
             Ok(answer)
                 if answer.asks_payment()
