@@ -74,7 +74,7 @@ impl RedisLedger {
             .fcall_resolving(
                 "spendcap_revoke",
                 agent.tree(),
-                &[agent.as_str(), reason, &now_ms.to_string(), by.0.as_str(), by.0.as_str(), by.1.wire()],
+                &[agent.as_str(), reason, &now_ms.to_string(), &format!("agent:{}", by.0), by.0.as_str(), by.1.wire()],
             )
             .await?
             .into_result()?;
@@ -85,6 +85,7 @@ impl RedisLedger {
         &self,
         now_ms: u64,
         by: Option<(&AgentId, &Caller)>,
+        actor: &str,
         agent: &AgentId,
         token: &AgentToken,
         task: &str,
@@ -108,6 +109,7 @@ impl RedisLedger {
                     token.secret_hash().as_str(),
                     task,
                     &ttl_ms.to_string(),
+                    actor,
                 ],
             )
             .await?
@@ -119,6 +121,7 @@ impl RedisLedger {
         &self,
         now_ms: u64,
         by: Option<(&AgentId, &Caller)>,
+        actor: &str,
         tree: &TreeId,
         token_id: &str,
         agent: Option<&AgentId>,
@@ -132,7 +135,7 @@ impl RedisLedger {
             .fcall_resolving(
                 "spendcap_revoke_task_token",
                 tree,
-                &[&now_ms.to_string(), caller, wire, token_id, agent.map(AgentId::as_str).unwrap_or("")],
+                &[&now_ms.to_string(), caller, wire, token_id, agent.map(AgentId::as_str).unwrap_or(""), actor],
             )
             .await?
             .into_result()?;
