@@ -757,3 +757,90 @@ async fn every_change_is_attributed_in_the_log_to_who_made_it() {
         app.http.get(app.url("/v1/log")).bearer_auth(&viewer).send().await.expect("log").text().await.expect("text");
     assert!(unscoped.contains("\"operator_revoke\""), "an unscoped viewer sees them, as it sees GET /v1/operators");
 }
+
+/// The ledger names who made a change on both backends alike: an admin-side principal by name
+/// (`Caller::Principal`, `AgentSetup::by`, the task-token actor), an orchestrator agent as
+/// `agent:<id>`; and both keep the operators' audit entries, read back as log entries.
+#[tokio::test]
+async fn both_ledgers_attribute_changes_and_keep_the_operator_audit() {
+    use spendcap::identity::{AgentId, AgentToken, TreeId};
+    use spendcap::ledger::{AgentSetup, Caller, NewAgent, TaskOutcome};
+    let m = |v: u64| adapters::Micros::new(v).expect("micros");
+    for backend in [Backend::Memory, Backend::Redis] {
+        let (ledger, _redis) = support::ledger(backend).await;
+        let tree = TreeId::generate();
+        let new = |id: &AgentId, parent: Option<&AgentId>, token: &AgentToken| NewAgent {
+            id: id.clone(),
+            handle: format!("{}-{}", id.as_str(), tree.as_str()),
+            parent: parent.cloned(),
+            cap: m(1_000),
+            expires_at_ms: None,
+            labels: Default::default(),
+            token_hash: token.hash(),
+        };
+        let root = AgentId::generate(&tree);
+        let root_token = AgentToken::generate(&root);
+        let by_olga = AgentSetup { by: "olga".into(), ..AgentSetup::default() };
+        ledger.create_agent_with(1_000, &new(&root, None, &root_token), &by_olga).await.expect("created");
+        let sub = AgentId::generate(&tree);
+        let sub_token = AgentToken::generate(&sub);
+        let root_caller = Caller::Agent(root_token.hash());
+        ledger
+            .create_sub_agent(1_001, &root_caller, &new(&sub, Some(&root), &sub_token), &AgentSetup::default())
+            .await
+            .expect("sub-agent");
+        let olga = Caller::Principal("olga".into());
+        ledger.task_outcome(1_002, &root, &olga, "t1", "research", TaskOutcome::Success).await.expect("outcome");
+        ledger.task_outcome(1_003, &sub, &Caller::Agent(sub_token.hash()), "t2", "research", TaskOutcome::Failed)
+            .await
+            .expect("own outcome");
+        let task_token = AgentToken::generate_task(&sub);
+        ledger.create_task_token(1_004, None, "ada", &sub, &task_token, "t3", 60_000).await.expect("minted");
+        let id = task_token.task_token_id().expect("task token id");
+        ledger.revoke_task_token(1_005, Some((&root, &root_caller)), "", &tree, id, None).await.expect("revoked");
+        ledger.revoke_by(1_006, (&root, &root_caller), &sub, "done").await.expect("sub revoked");
+        let log = ledger.read_log(&tree, "0", 100).await.expect("log");
+        let by: Vec<(&str, &str)> = log.iter().map(|e| (e.event.as_str(), e.by.as_str())).collect();
+        let root_by = format!("agent:{root}");
+        let sub_by = format!("agent:{sub}");
+        assert_eq!(
+            by,
+            [
+                ("create", "olga"),
+                ("create", root_by.as_str()),
+                ("outcome", "olga"),
+                ("outcome", sub_by.as_str()),
+                ("token", "ada"),
+                ("token", root_by.as_str()),
+                ("revoke", root_by.as_str())
+            ],
+            "{backend:?}"
+        );
+
+        let operator = |name: &str| spendcap::operators::NewOperator {
+            id: format!("{:016x}", name.len()),
+            name: name.into(),
+            role: Role::Viewer,
+            tree: Some(tree.clone()),
+            token_hash: root_token.hash(),
+        };
+        ledger.create_operator(2_000, &operator("vic"), "ada").await.expect("operator");
+        ledger.revoke_operator(2_001, "vic", "admin").await.expect("revoked");
+        let audit = ledger.read_operator_log("0", 10).await.expect("audit");
+        let seen: Vec<(&str, &str, serde_json::Value)> = audit
+            .iter()
+            .map(|e| (e.event.as_str(), e.by.as_str(), serde_json::from_str(&e.detail).expect("detail")))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("operator_create", "ada", json!({ "operator": "vic", "role": "viewer", "tree": tree.as_str() })),
+                ("operator_revoke", "admin", json!({ "operator": "vic", "role": null, "tree": null }))
+            ],
+            "{backend:?}"
+        );
+        assert_eq!(audit[0].ts_ms, 2_000, "{backend:?}");
+        let after = ledger.read_operator_log(&audit[0].id, 10).await.expect("page");
+        assert_eq!(after.len(), 1, "{backend:?}: paged after the first");
+    }
+}
