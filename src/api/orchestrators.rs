@@ -348,7 +348,14 @@ pub async fn revoke_my_token(
     own_token(&auth)?;
     let already = state
         .ledger
-        .revoke_task_token(state.clock.now_ms(), Some((&auth.agent, &auth.caller())), "", auth.agent.tree(), &token, None)
+        .revoke_task_token(
+            state.clock.now_ms(),
+            Some((&auth.agent, &auth.caller())),
+            "",
+            auth.agent.tree(),
+            &token,
+            None,
+        )
         .await
         .map_err(scoped)?;
     tracing::info!(token_id = %token, by = %auth.agent, "task token revoked");

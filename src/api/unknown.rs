@@ -253,8 +253,7 @@ pub async fn resolve(
             )
         }
         None => {
-            let result =
-                state.ledger.void_detailed(now, &info.agent, &caller, &hold, "admin_resolved", &detail).await;
+            let result = state.ledger.void_detailed(now, &info.agent, &caller, &hold, "admin_resolved", &detail).await;
             state.metrics.void(&result);
             let (released, replayed) = result?;
             (0, released.get(), replayed, None)

@@ -1675,7 +1675,15 @@ impl MemoryLedger {
                 return Err(LedgerError::AmountExceedsHold);
             }
             let seq = tree.receipts.keys().next_back().copied().unwrap_or(0) + 1;
-            tree.end_hold(tree_id, hold.as_str(), (HoldState::Settled, amount.get()), now_ms, "", details, caller.principal());
+            tree.end_hold(
+                tree_id,
+                hold.as_str(),
+                (HoldState::Settled, amount.get()),
+                now_ms,
+                "",
+                details,
+                caller.principal(),
+            );
             if let Some(h) = tree.holds.get_mut(hold.as_str()) {
                 h.seq = seq;
             }

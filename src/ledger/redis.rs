@@ -922,7 +922,15 @@ impl RedisLedger {
         self.fcall(
             "spendcap_task_outcome",
             agent.tree(),
-            &[&now_ms.to_string(), agent.as_str(), caller.wire(), task, task_type, outcome.code(), &caller.by_for(agent)],
+            &[
+                &now_ms.to_string(),
+                agent.as_str(),
+                caller.wire(),
+                task,
+                task_type,
+                outcome.code(),
+                &caller.by_for(agent),
+            ],
         )
         .await?
         .into_result()?;

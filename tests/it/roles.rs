@@ -580,7 +580,15 @@ async fn every_change_is_attributed_in_the_log_to_who_made_it() {
     let redis = app.redis.clone().expect("redis");
     let tree = hold.split('_').nth(1).expect("tree").to_owned();
     let reply = redis
-        .cli(&["FCALL", "spendcap_mark_unknown", "1", &format!("sc:{{{tree}}}"), &app.clock.now_ms().to_string(), &hold, "lost"])
+        .cli(&[
+            "FCALL",
+            "spendcap_mark_unknown",
+            "1",
+            &format!("sc:{{{tree}}}"),
+            &app.clock.now_ms().to_string(),
+            &hold,
+            "lost",
+        ])
         .expect("redis-cli");
     assert!(reply.starts_with("ok"), "{reply}");
     seen = app.log().await.len();
@@ -608,14 +616,19 @@ async fn every_change_is_attributed_in_the_log_to_who_made_it() {
         None,
         "token"
     );
-    let rotated =
-        change!(("post", "/v1/agents/{agent}/rotate-token"), &ada, Method::POST, agent("/rotate-token"), None, "rotate");
+    let rotated = change!(
+        ("post", "/v1/agents/{agent}/rotate-token"),
+        &ada,
+        Method::POST,
+        agent("/rotate-token"),
+        None,
+        "rotate"
+    );
     let root_token = rotated["token"].as_str().expect("the new token").to_owned();
 
     // What an orchestrator does with its own token.
-    let (status, parent) = app
-        .admin(Method::POST, "/v1/agents", Some(json!({ "handle": "by-parent", "cap_micros": 5_000_000 })))
-        .await;
+    let (status, parent) =
+        app.admin(Method::POST, "/v1/agents", Some(json!({ "handle": "by-parent", "cap_micros": 5_000_000 }))).await;
     assert_eq!(status, 201, "{parent}");
     let (parent_id, parent_token) =
         (parent["agent"]["id"].as_str().expect("id").to_owned(), parent["token"].as_str().expect("token").to_owned());
@@ -664,8 +677,13 @@ async fn every_change_is_attributed_in_the_log_to_who_made_it() {
 
     // The breaker (max 3 repeats) suspends the root; an operator reinstates it.
     for _ in 0..4 {
-        as_(&root_token, Method::POST, "/v1/holds".into(), Some(json!({ "amount_micros": 10, "service": "loop.example.com" })))
-            .await;
+        as_(
+            &root_token,
+            Method::POST,
+            "/v1/holds".into(),
+            Some(json!({ "amount_micros": 10, "service": "loop.example.com" })),
+        )
+        .await;
     }
     assert_eq!(app.show(&root).await["state"], "suspended");
     seen = app.log().await.len();
@@ -791,7 +809,8 @@ async fn both_ledgers_attribute_changes_and_keep_the_operator_audit() {
             .expect("sub-agent");
         let olga = Caller::Principal("olga".into());
         ledger.task_outcome(1_002, &root, &olga, "t1", "research", TaskOutcome::Success).await.expect("outcome");
-        ledger.task_outcome(1_003, &sub, &Caller::Agent(sub_token.hash()), "t2", "research", TaskOutcome::Failed)
+        ledger
+            .task_outcome(1_003, &sub, &Caller::Agent(sub_token.hash()), "t2", "research", TaskOutcome::Failed)
             .await
             .expect("own outcome");
         let task_token = AgentToken::generate_task(&sub);
