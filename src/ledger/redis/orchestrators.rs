@@ -81,6 +81,7 @@ impl RedisLedger {
         Ok((reply.u64("revoked_at")?, reply.get("already") == "1"))
     }
 
+    #[allow(clippy::too_many_arguments)] // one per FCALL argument, as the ledger's other calls
     pub async fn create_task_token(
         &self,
         now_ms: u64,
