@@ -205,11 +205,12 @@ async fn every_role_against_every_admin_route() {
 
     // The dashboard session shows what the page may offer.
     let (_, session) = app.agent_call(&tokens[0].token, Method::GET, "/v1/dashboard/session", None).await;
-    assert_eq!(session, json!({ "role": "viewer", "actions": [] }));
+    assert_eq!(session, json!({ "role": "viewer", "actions": [], "tighten_only": [] }));
     let (_, session) = app.agent_call(&tokens[1].token, Method::GET, "/v1/dashboard/session", None).await;
     assert_eq!(session["role"], "operator");
     let actions = session["actions"].as_array().expect("actions");
     assert!(actions.contains(&json!("revoke")) && !actions.contains(&json!("create_agent")), "{session}");
+    assert_eq!(session["tighten_only"], json!(["set_cap", "set_controls", "set_expiry"]), "{session}");
 
     // The list never shows a token or its hash.
     let (_, listed) = app.admin(Method::GET, "/v1/operators", None).await;
