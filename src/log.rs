@@ -24,6 +24,11 @@ pub struct LogFilter {
     /// Only this budget tree (a token limited to one tree reads only its own).
     #[serde(skip)]
     pub tree: Option<TreeId>,
+    /// Also the operator-token audit entries (`operator_create`, `operator_revoke`; from
+    /// `<ns>:{ops}`, outside every tree): for a reader that sees every tree, and only when no
+    /// agent, task, service or protocol is asked for (they name none).
+    #[serde(skip)]
+    pub operators: bool,
 }
 
 impl LogFilter {
@@ -38,8 +43,15 @@ impl LogFilter {
     }
 }
 
+/// Where a cursor reads: a budget tree's log, or the operators' audit log.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    Tree(TreeId),
+    Operators,
+}
+
 struct TreeCursor {
-    tree: TreeId,
+    source: Source,
     after: String,
     page: std::collections::VecDeque<LogEntry>,
     done: bool,
@@ -62,9 +74,13 @@ impl<'a> LogReader<'a> {
         if let Some(only) = &filter.tree {
             trees.retain(|t| t == only);
         }
-        let cursors = trees
+        let mut sources: Vec<Source> = trees.into_iter().map(Source::Tree).collect();
+        if filter.operators && filter.tree.is_none() {
+            sources.push(Source::Operators);
+        }
+        let cursors = sources
             .into_iter()
-            .map(|tree| TreeCursor { tree, after: "0".into(), page: Default::default(), done: false })
+            .map(|source| TreeCursor { source, after: "0".into(), page: Default::default(), done: false })
             .collect();
         Ok(LogReader { ledger, cursors, filter })
     }
@@ -72,7 +88,10 @@ impl<'a> LogReader<'a> {
     async fn fill(&mut self, index: usize) -> Result<(), LedgerError> {
         let cursor = &mut self.cursors[index];
         if cursor.page.is_empty() && !cursor.done {
-            let page = self.ledger.read_log(&cursor.tree, &cursor.after, PAGE).await?;
+            let page = match &cursor.source {
+                Source::Tree(tree) => self.ledger.read_log(tree, &cursor.after, PAGE).await?,
+                Source::Operators => self.ledger.read_operator_log(&cursor.after, PAGE).await?,
+            };
             cursor.done = page.len() < PAGE;
             if let Some(last) = page.last() {
                 cursor.after = last.id.clone();
@@ -92,7 +111,7 @@ impl<'a> LogReader<'a> {
                 .cursors
                 .iter()
                 .enumerate()
-                .filter_map(|(i, c)| c.page.front().map(|e| (e.ts_ms, &c.tree, i)))
+                .filter_map(|(i, c)| c.page.front().map(|e| (e.ts_ms, &c.source, i)))
                 .min()
                 .map(|(_, _, i)| i);
             let Some(index) = next else { return Ok(None) };

@@ -217,7 +217,7 @@ pub async fn settle_for(
     core.metrics.settle(&result);
     let outcome = result.map_err(|e| match caller {
         crate::ledger::Caller::Agent(_) => Failure::agent_scoped(e),
-        crate::ledger::Caller::Admin => e.into(),
+        crate::ledger::Caller::Admin | crate::ledger::Caller::Principal(_) => e.into(),
     })?;
     let receipt = receipt::issue_settled(&core.ledger, &core.signer, &outcome, presigned).await?;
     Ok(Settlement { outcome, receipt })

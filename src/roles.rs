@@ -14,7 +14,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::ledger::controls::Controls;
+use crate::ledger::controls::{ApprovalRule, Controls};
 
 /// An operator token's role.
 #[derive(
@@ -202,7 +202,9 @@ impl Controls {
     /// present in `old` is present and lower or equal; an allow-list present in `old` is present
     /// and a subset of it (a new allow-list where `old` had none narrows too); every deny-list
     /// entry of `old` is still denied; every breaker setting of `old` is kept at least as strict
-    /// (counts lower or equal, windows longer or equal).
+    /// (counts lower or equal, windows longer or equal); an approval rule of `old` is kept and
+    /// asks at least as often (a threshold no higher, `new_service` kept, its services and
+    /// protocols still listed; how long a payment waits may change).
     pub fn no_looser_than(&self, old: &Controls) -> bool {
         fn limit<T: PartialOrd + Copy>(new: Option<T>, old: Option<T>) -> bool {
             match (new, old) {
@@ -224,6 +226,18 @@ impl Controls {
         fn deny(new: &[String], old: &[String]) -> bool {
             old.iter().all(|o| new.contains(o))
         }
+        fn approval(new: Option<&ApprovalRule>, old: Option<&ApprovalRule>) -> bool {
+            match (new, old) {
+                (_, None) => true,
+                (None, Some(_)) => false,
+                (Some(n), Some(o)) => {
+                    limit(n.above, o.above)
+                        && (n.new_service || !o.new_service)
+                        && deny(&n.services, &o.services)
+                        && deny(&n.protocols, &o.protocols)
+                }
+            }
+        }
         limit(self.task_cap, old.task_cap)
             && limit(self.per_payment, old.per_payment)
             && limit(self.daily, old.daily)
@@ -239,6 +253,7 @@ impl Controls {
             && limit(self.max_spend, old.max_spend)
             && window(self.spend_window_ms, old.spend_window_ms)
             && limit(self.max_repeats, old.max_repeats)
+            && approval(self.approval.as_ref(), old.approval.as_ref())
     }
 }
 
@@ -301,5 +316,26 @@ mod tests {
         assert!(!undenied.no_looser_than(&old));
         let shorter_window = Controls { window_ms: Some(1_000), ..tighter };
         assert!(!shorter_window.no_looser_than(&old));
+    }
+
+    #[test]
+    fn an_approval_rule_may_be_added_or_tightened_but_not_dropped_or_loosened() {
+        let rule = ApprovalRule {
+            above: Some(1_000),
+            new_service: true,
+            services: vec!["a.com".into()],
+            protocols: vec![],
+            ttl_ms: 60_000,
+        };
+        let old = Controls { approval: Some(rule.clone()), ..Controls::default() };
+        let with = |rule: ApprovalRule| Controls { approval: Some(rule), ..Controls::default() };
+        assert!(old.no_looser_than(&Controls::default()), "a new rule tightens");
+        assert!(with(ApprovalRule { above: Some(500), ttl_ms: 1_000, ..rule.clone() }).no_looser_than(&old));
+        assert!(with(ApprovalRule { protocols: vec!["acp".into()], ..rule.clone() }).no_looser_than(&old));
+        assert!(!Controls::default().no_looser_than(&old), "dropping the rule");
+        assert!(!with(ApprovalRule { above: Some(2_000), ..rule.clone() }).no_looser_than(&old));
+        assert!(!with(ApprovalRule { above: None, ..rule.clone() }).no_looser_than(&old));
+        assert!(!with(ApprovalRule { new_service: false, ..rule.clone() }).no_looser_than(&old));
+        assert!(!with(ApprovalRule { services: vec![], ..rule }).no_looser_than(&old));
     }
 }

@@ -314,7 +314,8 @@ pub async fn create_agent(
         labels: req.labels,
         token_hash: token.hash(),
     };
-    let setup = AgentSetup { controls: setup_controls.controls, alerts: setup_controls.alerts, task_of };
+    let setup =
+        AgentSetup { by: who.name.clone(), controls: setup_controls.controls, alerts: setup_controls.alerts, task_of };
     state.ledger.create_agent_with(now, &new, &setup).await?;
     let agent = AgentView::load(&state, &id).await?;
     tracing::info!(agent = %id, handle = %agent.handle, cap = cap.get(), "agent created");

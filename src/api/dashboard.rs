@@ -103,14 +103,18 @@ async fn login(
 }
 
 /// What the dashboard may do with the token it holds: its role and the actions that role allows.
-/// The page renders a control only for an action listed here, so roles (a later issue) plug in
-/// by answering with fewer. Today the admin token is the only credential, and it may do all.
+/// The page renders a control only for an action listed here (a viewer gets none), and says
+/// which of them go one way only (an operator lowers a cap, it never raises one).
 #[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema, Debug, PartialEq, Eq)]
 pub struct Session {
     pub role: String,
     /// Of `create_agent`, `set_cap`, `set_controls`, `set_expiry`, `reinstate`, `revoke`,
     /// `decide_approval` (the approvals panel's buttons).
     pub actions: Vec<String>,
+    /// Of `actions`, those this token may take only in the tightening direction (as
+    /// `GET /v1/whoami`'s `tighten_only`): lower a cap, tighter controls, an earlier expiry.
+    #[serde(default)]
+    pub tighten_only: Vec<String>,
 }
 
 /// Every dashboard action the admin role may take, in the order the page offers them.
@@ -119,16 +123,20 @@ const ADMIN_ACTIONS: [&str; 7] =
 
 impl Session {
     fn admin() -> Session {
-        Session { role: "admin".into(), actions: ADMIN_ACTIONS.iter().map(|a| (*a).to_owned()).collect() }
+        Session {
+            role: "admin".into(),
+            actions: ADMIN_ACTIONS.iter().map(|a| (*a).to_owned()).collect(),
+            tighten_only: Vec::new(),
+        }
     }
 }
 
 /// `GET /v1/dashboard/session`: the role and allowed actions of the bearer token (401 otherwise):
 /// of the dashboard's actions, those the token's role allows (`operators::Principal::actions`).
 async fn session(who: super::Principal) -> axum::Json<Session> {
-    let (allowed, _) = who.actions();
-    let actions = ADMIN_ACTIONS.iter().filter(|a| allowed.contains(a)).map(|a| (*a).to_owned()).collect();
-    axum::Json(Session { role: who.role.as_str().to_owned(), actions })
+    let (allowed, tighten) = who.actions();
+    let of = |list: &[&str]| ADMIN_ACTIONS.iter().filter(|a| list.contains(a)).map(|a| (*a).to_owned()).collect();
+    axum::Json(Session { role: who.role.as_str().to_owned(), actions: of(&allowed), tighten_only: of(&tighten) })
 }
 
 /// The most entries `GET /v1/events/recent` returns.

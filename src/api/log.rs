@@ -56,6 +56,7 @@ macro_rules! filter_of {
             since_ms: $q.since_ms,
             until_ms: $q.until_ms,
             tree: None,
+            operators: false,
         }
     };
 }
@@ -79,6 +80,9 @@ pub async fn export_log(
         filter.agent = Some(who.resolve(&state, &agent).await?.to_string());
     }
     filter.tree = who.tree.clone();
+    // Operator tokens are created and revoked outside every tree: their audit entries are shown
+    // to whoever sees every tree (as `GET /v1/operators` is), never to a token limited to one.
+    filter.operators = who.tree.is_none();
     // Fail before the 200 if the ledger is down; later errors end the stream early.
     let reader = LogReader::new(&state.ledger, filter.clone()).await?;
     drop(reader);

@@ -177,7 +177,8 @@ pub async fn create_sub_agent(
         labels: req.labels,
         token_hash: token.hash(),
     };
-    let setup = AgentSetup { controls: controls.controls, alerts: controls.alerts, task_of };
+    // The ledger names the parent as `by` (`agent:<id>`) on the `create` entry.
+    let setup = AgentSetup { controls: controls.controls, alerts: controls.alerts, task_of, ..AgentSetup::default() };
     state.ledger.create_sub_agent(now, &auth.caller(), &new, &setup).await.map_err(scoped)?;
     let agent = AgentView::load(&state, &id).await?;
     tracing::info!(agent = %id, parent = %auth.agent, cap = cap.get(), "sub-agent created by its parent");
@@ -270,7 +271,7 @@ pub async fn create_my_token(
     let token = AgentToken::generate_task(&agent);
     let expires_at_ms = state
         .ledger
-        .create_task_token(state.clock.now_ms(), Some((&auth.agent, &auth.caller())), &agent, &token, &task, ttl_ms)
+        .create_task_token(state.clock.now_ms(), Some((&auth.agent, &auth.caller())), "", &agent, &token, &task, ttl_ms)
         .await
         .map_err(scoped)?;
     tracing::info!(agent = %agent, by = %auth.agent, %task, "task token created");
@@ -347,7 +348,14 @@ pub async fn revoke_my_token(
     own_token(&auth)?;
     let already = state
         .ledger
-        .revoke_task_token(state.clock.now_ms(), Some((&auth.agent, &auth.caller())), auth.agent.tree(), &token, None)
+        .revoke_task_token(
+            state.clock.now_ms(),
+            Some((&auth.agent, &auth.caller())),
+            "",
+            auth.agent.tree(),
+            &token,
+            None,
+        )
         .await
         .map_err(scoped)?;
     tracing::info!(token_id = %token, by = %auth.agent, "task token revoked");
@@ -369,8 +377,9 @@ pub async fn create_agent_token(
     let (task, ttl_ms) = checked_token_request(&req)?;
     let id = who.resolve(&state, &agent).await?;
     let token = AgentToken::generate_task(&id);
-    let expires_at_ms = state.ledger.create_task_token(state.clock.now_ms(), None, &id, &token, &task, ttl_ms).await?;
-    tracing::info!(agent = %id, %task, "task token created by the admin");
+    let expires_at_ms =
+        state.ledger.create_task_token(state.clock.now_ms(), None, &who.name, &id, &token, &task, ttl_ms).await?;
+    tracing::info!(agent = %id, %task, by = %who.name, "task token created by the admin");
     Ok((StatusCode::CREATED, Json(created(&token, &id, task, expires_at_ms))))
 }
 
@@ -395,7 +404,8 @@ pub async fn revoke_agent_token(
     Path((agent, token)): Path<(String, String)>,
 ) -> Result<Json<RevokedTaskToken>, ApiError> {
     let id = who.resolve(&state, &agent).await?;
-    let already = state.ledger.revoke_task_token(state.clock.now_ms(), None, id.tree(), &token, Some(&id)).await?;
-    tracing::info!(agent = %id, token_id = %token, "task token revoked by the admin");
+    let already =
+        state.ledger.revoke_task_token(state.clock.now_ms(), None, &who.name, id.tree(), &token, Some(&id)).await?;
+    tracing::info!(agent = %id, token_id = %token, by = %who.name, "task token revoked by the admin");
     Ok(Json(RevokedTaskToken { token_id: token, already_revoked: already }))
 }

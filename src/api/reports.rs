@@ -85,7 +85,7 @@ pub async fn record_outcome(
             let named = body.agent.as_deref().ok_or_else(|| {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "agent_required", "name the agent whose task it is")
             })?;
-            (who.resolve(&state, named).await?, Caller::Admin)
+            (who.resolve(&state, named).await?, Caller::Principal(who.name.clone()))
         }
         AdminOrAgent::Agent(agent, caller) => {
             if let Some(named) = body.agent.as_deref() {

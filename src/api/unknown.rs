@@ -230,11 +230,13 @@ pub async fn resolve(
             "the hold's outcome is not unknown (it is open, already resolved or does not exist)",
         ));
     };
-    let detail = serde_json::json!({ "resolved_by": "admin", "outcome": body.outcome, "reason": reason }).to_string();
+    let detail = serde_json::json!({ "resolved_by": who.name, "outcome": body.outcome, "reason": reason }).to_string();
+    // The resolution's log entry names who decided it (`by`).
+    let caller = Caller::Principal(who.name.clone());
     let now = state.clock.now_ms();
     let (amount_micros, released, replayed, receipt) = match amount {
         Some(amount) => {
-            let settled = crate::pay::settle_for(&state, &info.agent, &Caller::Admin, None, &hold, amount, &detail)
+            let settled = crate::pay::settle_for(&state, &info.agent, &caller, None, &hold, amount, &detail)
                 .await
                 .map_err(|e| {
                     if e.code == LedgerError::AmountExceedsHold.code() {
@@ -251,8 +253,7 @@ pub async fn resolve(
             )
         }
         None => {
-            let result =
-                state.ledger.void_detailed(now, &info.agent, &Caller::Admin, &hold, "admin_resolved", &detail).await;
+            let result = state.ledger.void_detailed(now, &info.agent, &caller, &hold, "admin_resolved", &detail).await;
             state.metrics.void(&result);
             let (released, replayed) = result?;
             (0, released.get(), replayed, None)

@@ -249,7 +249,9 @@ impl Tree {
         self.log.push(entry);
     }
 
-    /// Ends an open hold: `(state, settled)` says how (settled micros are spent, the rest released).
+    /// Ends an open hold: `(state, settled)` says how (settled micros are spent, the rest released);
+    /// `by` names who ended it on the log entry ("" for the agent or the daemon).
+    #[allow(clippy::too_many_arguments)]
     fn end_hold(
         &mut self,
         tree: &TreeId,
@@ -258,6 +260,7 @@ impl Tree {
         now: u64,
         reason: &str,
         details: &str,
+        by: &str,
     ) {
         let Some(hold) = self.holds.get_mut(hold_id) else { return };
         if !matches!(hold.state, HoldState::Open | HoldState::Unknown | HoldState::PendingApproval) {
@@ -327,6 +330,7 @@ impl Tree {
                 hold: hold_id.to_owned(),
                 reason: reason.into(),
                 detail: details.into(),
+                by: by.into(),
                 ..LogEntry::default()
             },
         );
@@ -335,7 +339,7 @@ impl Tree {
     /// Releases a pending approval whose time ran out (as `spendcap_hold`'s `lapse_approval`).
     fn lapse_approval(&mut self, tree: &TreeId, id: &str, now: u64) {
         if self.holds.get(id).is_some_and(|h| h.state == HoldState::PendingApproval && h.expires_at_ms <= now) {
-            self.end_hold(tree, id, (HoldState::Expired, 0), now, "hold_expired", "");
+            self.end_hold(tree, id, (HoldState::Expired, 0), now, "hold_expired", "", "");
         }
     }
 
@@ -403,7 +407,7 @@ impl Tree {
         let due: Vec<String> =
             self.open.iter().take_while(|(expiry, _)| *expiry <= now).take(limit).map(|(_, id)| id.clone()).collect();
         for id in &due {
-            self.end_hold(tree, id, (HoldState::Expired, 0), now, "hold_expired", "");
+            self.end_hold(tree, id, (HoldState::Expired, 0), now, "hold_expired", "", "");
         }
         due.len()
     }
@@ -662,18 +666,20 @@ impl MemoryLedger {
             ));
         }
         let mut state = self.lock();
-        insert_agent(&mut state, now_ms, new, setup, "")
+        insert_agent(&mut state, now_ms, new, setup, "", &setup.by)
     }
 }
 
 /// Creates an agent in `state` (the part of `create_agent_with` after its argument checks);
-/// `reason` goes on the `create` log entry (`sub_agent` for one an agent created).
+/// `reason` and `by` go on the `create` log entry (`sub_agent` and `agent:<parent>` for one an
+/// agent created).
 fn insert_agent(
     state: &mut State,
     now_ms: u64,
     new: &NewAgent,
     setup: &AgentSetup,
     reason: &str,
+    by: &str,
 ) -> Result<(), LedgerError> {
     {
         if state.handles.contains_key(&new.handle) {
@@ -739,6 +745,7 @@ fn insert_agent(
                 task: setup.task_of.clone().unwrap_or_default(),
                 detail: labels,
                 reason: reason.into(),
+                by: by.to_owned(),
                 ..LogEntry::default()
             },
         );
@@ -1658,7 +1665,7 @@ impl MemoryLedger {
                 ));
             }
             if matches!(state, HoldState::Open | HoldState::PendingApproval) && expires_at <= now_ms {
-                tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
+                tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "", "");
                 return Err(LedgerError::HoldExpired);
             }
             if state != HoldState::Open && state != HoldState::Unknown {
@@ -1668,7 +1675,15 @@ impl MemoryLedger {
                 return Err(LedgerError::AmountExceedsHold);
             }
             let seq = tree.receipts.keys().next_back().copied().unwrap_or(0) + 1;
-            tree.end_hold(tree_id, hold.as_str(), (HoldState::Settled, amount.get()), now_ms, "", details);
+            tree.end_hold(
+                tree_id,
+                hold.as_str(),
+                (HoldState::Settled, amount.get()),
+                now_ms,
+                "",
+                details,
+                caller.principal(),
+            );
             if let Some(h) = tree.holds.get_mut(hold.as_str()) {
                 h.seq = seq;
             }
@@ -1766,13 +1781,13 @@ impl MemoryLedger {
                 return Ok((money(amount), true, finish_now(tree)));
             }
             if matches!(state, HoldState::Open | HoldState::PendingApproval) && expires_at <= now_ms {
-                tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
+                tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "", "");
                 return Err(LedgerError::HoldExpired);
             }
             if !matches!(state, HoldState::Open | HoldState::Unknown | HoldState::PendingApproval) {
                 return Err(state.error());
             }
-            tree.end_hold(tree_id, hold.as_str(), (HoldState::Voided, 0), now_ms, reason, detail);
+            tree.end_hold(tree_id, hold.as_str(), (HoldState::Voided, 0), now_ms, reason, detail, caller.principal());
             Ok((money(amount), false, finish_now(tree)))
         })
     }
@@ -1830,6 +1845,7 @@ impl MemoryLedger {
                     hold: id.to_string(),
                     approval: reason,
                     detail,
+                    by: by.to_owned(),
                     ..LogEntry::default()
                 };
                 let out = decided(h, false);
@@ -1838,7 +1854,7 @@ impl MemoryLedger {
                 tree.log(tree_id, entry);
                 Ok(out)
             } else {
-                tree.end_hold(tree_id, id.as_str(), (HoldState::Voided, 0), now_ms, "approval_denied", &detail);
+                tree.end_hold(tree_id, id.as_str(), (HoldState::Voided, 0), now_ms, "approval_denied", &detail, by);
                 let h = tree.holds.get(id.as_str()).ok_or(LedgerError::ApprovalNotFound)?;
                 Ok(decided(h, false))
             }
@@ -2017,6 +2033,7 @@ impl MemoryLedger {
                 task: task.into(),
                 task_type: task_type.into(),
                 reason: outcome.code().into(),
+                by: caller.by_for(agent),
                 ..LogEntry::default()
             };
             tree.log(tree_id, entry);
@@ -2265,13 +2282,9 @@ impl MemoryLedger {
                 revoked_at_ms: None,
             },
         );
-        state.operator_log.push(LogEntry {
-            ts_ms: now_ms,
-            event: "operator_create".into(),
-            reason: operator.role.as_str().into(),
-            by: by.to_owned(),
-            ..LogEntry::default()
-        });
+        let tree = operator.tree.as_ref().map(|t| t.to_string()).unwrap_or_default();
+        let fields = [("operator", operator.name.clone()), ("role", operator.role.as_str().to_owned()), ("tree", tree)];
+        push_operator_entry(&mut state, now_ms, "operator_create", &fields, by);
         Ok(())
     }
 
@@ -2283,12 +2296,7 @@ impl MemoryLedger {
             return Ok((at, true));
         }
         record.revoked_at_ms = Some(now_ms);
-        state.operator_log.push(LogEntry {
-            ts_ms: now_ms,
-            event: "operator_revoke".into(),
-            by: by.to_owned(),
-            ..LogEntry::default()
-        });
+        push_operator_entry(&mut state, now_ms, "operator_revoke", &[("operator", name.to_owned())], by);
         Ok((now_ms, false))
     }
 
@@ -2301,4 +2309,27 @@ impl MemoryLedger {
         all.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(all)
     }
+
+    pub async fn read_operator_log(&self, after: &str, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
+        let state = self.lock();
+        let start = match after {
+            "0" => 0,
+            id => state.operator_log.iter().position(|e| e.id == id).map_or(state.operator_log.len(), |i| i + 1),
+        };
+        Ok(state.operator_log.iter().skip(start).take(count).cloned().collect())
+    }
+}
+
+/// Appends an operator audit entry as `spendcap_operator_create`/`_revoke` write it (`fields`:
+/// the stream fields besides ts, ev and by), read back as the Redis ledger reads it.
+fn push_operator_entry(state: &mut State, now_ms: u64, event: &str, fields: &[(&str, String)], by: &str) {
+    let id = format!("{now_ms}-{}", state.operator_log.len());
+    let get = |key: &str| match key {
+        "ts" => Some(now_ms.to_string()),
+        "ev" => Some(event.to_owned()),
+        "by" => Some(by.to_owned()),
+        _ => fields.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()),
+    };
+    let entry = super::operator_log_entry(id, get);
+    state.operator_log.push(entry);
 }

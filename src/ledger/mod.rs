@@ -39,15 +39,37 @@ pub const IDEMPOTENCY_RETENTION_MS: u64 = 24 * 3600 * 1000;
 #[derive(Clone, Debug)]
 pub enum Caller {
     Agent(TokenHash),
-    /// The daemon has checked the admin token itself.
+    /// The daemon acts on its own (it has checked whatever needed checking).
     Admin,
+    /// An admin-side principal the daemon authenticated (the bootstrap admin token or an
+    /// operator token), by its name: the ledger treats it as [`Caller::Admin`] and names it as
+    /// `by` on the log entries of the changes it makes (an admin resolving a hold, say).
+    Principal(String),
 }
 
 impl Caller {
     fn wire(&self) -> &str {
         match self {
             Caller::Agent(hash) => hash.as_str(),
-            Caller::Admin => "*",
+            Caller::Admin | Caller::Principal(_) => "*",
+        }
+    }
+
+    /// The admin-side principal's name, for the log's `by` ("" for the others).
+    fn principal(&self) -> &str {
+        match self {
+            Caller::Principal(name) => name,
+            Caller::Agent(_) | Caller::Admin => "",
+        }
+    }
+
+    /// Who a change made by this caller about `agent` (its own, or one an agent makes as an
+    /// orchestrator) is `by` on the log: `agent:<id>` for an agent token, the principal's name.
+    pub fn by_for(&self, agent: &AgentId) -> String {
+        match self {
+            Caller::Agent(_) => format!("agent:{agent}"),
+            Caller::Principal(name) => name.clone(),
+            Caller::Admin => String::new(),
         }
     }
 }
@@ -391,6 +413,8 @@ pub struct AgentRecord {
 /// an agent created by a raw `FCALL`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AgentSetup {
+    /// Who creates it, named as `by` on its `create` log entry (an operator's name or `admin`).
+    pub by: String,
     pub controls: Controls,
     /// Alert thresholds in percent of each limit, ascending (e.g. 50, 80, 100).
     pub alerts: Vec<u8>,
@@ -786,31 +810,35 @@ impl Ledger {
         dispatch!(self.revoke_by(now_ms, by, agent, reason))
     }
 
-    /// Stores a task-scoped token of `agent` (by the admin: `by` is `None`; or by the agent
-    /// itself or an ancestor). Returns its expiry (ms, the ledger's clock).
+    /// Stores a task-scoped token of `agent` (by the admin: `by` is `None` and `actor` names the
+    /// admin-side principal for the log; or by the agent itself or an ancestor, logged as
+    /// `agent:<id>`). Returns its expiry (ms, the ledger's clock).
+    #[allow(clippy::too_many_arguments)]
     pub async fn create_task_token(
         &self,
         now_ms: u64,
         by: Option<(&AgentId, &Caller)>,
+        actor: &str,
         agent: &AgentId,
         token: &crate::identity::AgentToken,
         task: &str,
         ttl_ms: u64,
     ) -> Result<u64, LedgerError> {
-        dispatch!(self.create_task_token(now_ms, by, agent, token, task, ttl_ms))
+        dispatch!(self.create_task_token(now_ms, by, actor, agent, token, task, ttl_ms))
     }
 
-    /// Revokes a task token (of `agent` when given; by the admin or an ancestor-or-self `by`).
-    /// Returns whether it was revoked already.
+    /// Revokes a task token (of `agent` when given; by the admin, named `actor` for the log, or
+    /// an ancestor-or-self `by`). Returns whether it was revoked already.
     pub async fn revoke_task_token(
         &self,
         now_ms: u64,
         by: Option<(&AgentId, &Caller)>,
+        actor: &str,
         tree: &TreeId,
         token_id: &str,
         agent: Option<&AgentId>,
     ) -> Result<bool, LedgerError> {
-        dispatch!(self.revoke_task_token(now_ms, by, tree, token_id, agent))
+        dispatch!(self.revoke_task_token(now_ms, by, actor, tree, token_id, agent))
     }
 
     /// The task tokens of one agent, as stored (a read, not a decision).
@@ -1699,5 +1727,29 @@ impl Ledger {
     /// Every operator, by name.
     pub async fn operators(&self) -> Result<Vec<crate::operators::OperatorRecord>, LedgerError> {
         dispatch!(self.operators())
+    }
+
+    /// Up to `count` entries of the operators' audit log (`operator_create`, `operator_revoke`)
+    /// with ids after `after` ("0" for the start), as log entries: no tree, the operator, its
+    /// role and tree in `detail` (`{"operator", "role", "tree"}`), the actor in `by`.
+    pub async fn read_operator_log(&self, after: &str, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
+        dispatch!(self.read_operator_log(after, count))
+    }
+}
+
+/// An operator audit entry from its stream fields (`spendcap_operator_create`/`_revoke`: ts ev
+/// operator role tree by): the operator, role and tree limit go in `detail` (role and tree
+/// `null` on a revocation, which does not repeat them).
+fn operator_log_entry(id: String, get: impl Fn(&str) -> Option<String>) -> LogEntry {
+    let text = |key: &str| get(key).filter(|v| !v.is_empty());
+    let detail = serde_json::json!({ "operator": text("operator"), "role": text("role"), "tree": text("tree") });
+    LogEntry {
+        id,
+        ts_ms: text("ts").and_then(|v| v.parse().ok()).unwrap_or(0),
+        event: text("ev").unwrap_or_default(),
+        reason: text("role").unwrap_or_default(),
+        detail: detail.to_string(),
+        by: text("by").unwrap_or_default(),
+        ..LogEntry::default()
     }
 }

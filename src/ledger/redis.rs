@@ -297,6 +297,8 @@ impl RedisLedger {
                     &setup.controls.to_wire(),
                     &alerts_to_wire(&setup.alerts),
                     setup.task_of.as_deref().unwrap_or(""),
+                    "",
+                    &setup.by,
                 ],
             )
             .await?
@@ -730,6 +732,10 @@ impl RedisLedger {
             args.resize(16, "");
             args.extend([finish.key, finish.response]);
         }
+        if !caller.principal().is_empty() {
+            args.resize(18, "");
+            args.push(caller.principal());
+        }
         let reply = self.fcall_resolving("spendcap_settle", agent.tree(), &args).await?;
         let finished = reply.get("finished") == "1";
         Ok((reply.into_settle_outcome(hold, agent, now_ms, details)?, finished))
@@ -777,6 +783,10 @@ impl RedisLedger {
         ];
         if let Some(finish) = finish {
             args.extend([finish.key, finish.response]);
+        }
+        if !caller.principal().is_empty() {
+            args.resize(9, "");
+            args.push(caller.principal());
         }
         let reply = self.fcall_resolving("spendcap_void", agent.tree(), &args).await?.into_result()?;
         Ok((reply.micros("released")?, reply.get("replayed") == "1", reply.get("finished") == "1"))
@@ -912,7 +922,15 @@ impl RedisLedger {
         self.fcall(
             "spendcap_task_outcome",
             agent.tree(),
-            &[&now_ms.to_string(), agent.as_str(), caller.wire(), task, task_type, outcome.code()],
+            &[
+                &now_ms.to_string(),
+                agent.as_str(),
+                caller.wire(),
+                task,
+                task_type,
+                outcome.code(),
+                &caller.by_for(agent),
+            ],
         )
         .await?
         .into_result()?;
@@ -1263,6 +1281,18 @@ impl RedisLedger {
             return Ok(None);
         }
         super::operator_from_fields(id, |k| fields.get(k).cloned()).map(Some)
+    }
+
+    pub async fn read_operator_log(&self, after: &str, count: usize) -> Result<Vec<LogEntry>, LedgerError> {
+        let start = if after == "0" { "-".to_owned() } else { format!("({after}") };
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(format!("{}:log", self.ops_key())).arg(start).arg("+").arg("COUNT").arg(count);
+        let reply: redis::streams::StreamRangeReply = self.query(&cmd).await.map_err(unavailable)?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|entry| super::operator_log_entry(entry.id.clone(), |k| entry.get::<String>(k)))
+            .collect())
     }
 
     pub async fn operators(&self) -> Result<Vec<OperatorRecord>, LedgerError> {

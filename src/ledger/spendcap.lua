@@ -23,8 +23,9 @@ from it:
                               they were marked: they never expire; settle or void ends them
   <P>:log              stream one entry per state change: ts ev agent task svc proto amt rel
                               hold reason cap parent remaining limited_by bk ctr cross detail
-                              tt (a task outcome's task type) by (who made an admin-side
-                              change: an operator's name, or `admin`);
+                              tt (a task outcome's task type) by (who made the change: an
+                              operator's name or `admin` on the admin side, `agent:<id>` for
+                              an agent managing itself or its sub-agents; empty for payments);
                               consumer group `alerts` (the daemon's webhooks)
   <P>:i:<agent>:<key>  hash   idempotency record: fp status hold code amount remaining expires_at
   <P>:receipts         list   settled hold ids in receipt order: receipt <seq> is element seq-1
@@ -191,9 +192,10 @@ end
 -- appends the hold's one closing log entry. `path` is the agent's path, or nil to read it.
 -- `own`, if given, is the agent's own `held` and `spent` as the caller read them in this call
 -- with nothing changed since: the agent's level is then written with one HSET. `now_s` is the
--- time as text (fmt). Returns the settled and released amounts as text.
+-- time as text (fmt). `by`, if given, names who ended it (an admin's resolution, an approval's
+-- denial) on the log entry. Returns the settled and released amounts as text.
 -- Settled holds are kept (they carry the receipt); voided and expired ones expire after a week.
-local function end_hold(P, hold_id, h, path, state, settled, now_s, reason, details, seq, own)
+local function end_hold(P, hold_id, h, path, state, settled, now_s, reason, details, seq, own, by)
   local amount = h.amount
   local settled_s, released_s = fmt(settled), fmt(amount - settled)
   path = path or redis.call('HGET', P .. ':a:' .. h.agent, 'path')
@@ -240,7 +242,7 @@ local function end_hold(P, hold_id, h, path, state, settled, now_s, reason, deta
   if state == 'expired' then event, amt_s = 'expire', released_s end
   log(P, { 'ts', now_s, 'ev', event, 'agent', h.agent, 'task', h.task, 'svc', h.service,
            'proto', h.protocol, 'amt', amt_s, 'rel', released_s, 'hold', hold_id,
-           'reason', reason, 'detail', details })
+           'reason', reason, 'detail', details, 'by', by or '' })
   return settled_s, released_s
 end
 
@@ -1169,6 +1171,8 @@ ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 amount (<= held; th
         17 (optional) the idempotency key of the purchase this settle ends  18 its answer for
         duplicates: stored (`done`) in this call when the presigned receipt was linked (the
         answer names that receipt), so that a paid purchase needs no spendcap_idem_finish
+        19 (optional) by: who settles on the admin side (an admin resolving an unknown hold),
+        for the log entry
 Reply   ok:    seq amount released replayed linked (1: the presigned receipt was linked)
                finished (1: the idempotency record of ARGV 17 now holds ARGV 18), then
                the receipt facts the caller does not know: held task service protocol hdetails,
@@ -1218,7 +1222,7 @@ local function settle(keys, args)
   local seq = redis.call('RPUSH', P .. ':receipts', hold_id)
   local seq_s = fmt(seq)
   local settled_s, released_s = end_hold(P, hold_id, h, path, 'settled', amount, now_s, '', details,
-                                         seq_s, own)
+                                         seq_s, own, args[19])
   local linked = link_presigned(P, args, seq, h, hold_id)
   local finished = '0'
   if linked == '1' then finished = finish_with(P, agent_id, args[17], hold_id, 'done', args[18]) end
@@ -1232,6 +1236,8 @@ ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 reason
         7 detail JSON for the log line ('' or absent for none; an admin's resolution, say)
         8 (optional) the idempotency key of the purchase this void ends  9 its answer for
         duplicates, stored (`done`) in this call
+        10 (optional) by: who voids on the admin side (an admin resolving an unknown hold), for
+        the log entry
 Reply   ok: released replayed finished (1: the record of ARGV 8 now holds ARGV 9)
         error: code (unknown_hold | hold_settled | hold_expired | hold_protocol_mismatch) detail
 Voiding a voided hold again replays (replayed = 1). An `unknown` hold is voided like an open
@@ -1266,7 +1272,7 @@ local function void(keys, args)
   if h.state ~= 'open' and h.state ~= 'unknown' and h.state ~= 'pending_approval' then
     return err('hold_' .. h.state, 'hold is ' .. h.state)
   end
-  end_hold(P, hold_id, h, path, 'voided', 0, now_s, reason, args[7] or '', nil, own)
+  end_hold(P, hold_id, h, path, 'voided', 0, now_s, reason, args[7] or '', nil, own, args[10])
   local finished = finish_with(P, agent_id, args[8], hold_id, 'done', args[9])
   return { 'ok', 'released', fmt(h.amount), 'replayed', '0', 'finished', finished }
 end
@@ -1354,7 +1360,7 @@ end
 --[[ spendcap_task_outcome
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 task (1..128 bytes)  5 task type (1..64 bytes)
-        6 outcome (success | failed | abandoned)
+        6 outcome (success | failed | abandoned)  7 by (optional: who reports it, for the log)
 Reply   ok      error: code (unknown_agent | unauthorized | invalid_argument) detail
 Appends one `outcome` entry (task, task type in `tt`, outcome in `reason`) that changes no
 balance: the agent (or its orchestrator, as admin) says how a task ended, for the cost reports.
@@ -1372,7 +1378,7 @@ local function task_outcome(keys, args)
     return err('invalid_argument', 'task is 1 to 128 bytes and task type 1 to 64 bytes')
   end
   log(P, { 'ts', fmt(clock(args[1])), 'ev', 'outcome', 'agent', args[2], 'task', args[4],
-           'tt', args[5], 'reason', args[6] })
+           'tt', args[5], 'reason', args[6], 'by', args[7] or '' })
   return { 'ok' }
 end
 
@@ -1930,16 +1936,25 @@ local function create_sub_agent(keys, args)
     end
   end
   local created = create_agent(keys, { args[1], args[4], args[5], caller, args[6], args[7], args[8],
-                                       args[9], ctl, args[11] or '', args[12] or '', 'sub_agent' })
+                                       args[9], ctl, args[11] or '', args[12] or '', 'sub_agent',
+                                       'agent:' .. caller })
   if created[1] == 'ok' then redis.call('SADD', P .. ':sub:' .. caller, args[4]) end
   return created
+end
+
+-- Who a task-token change is by, for the log: `agent:<id>` for an agent caller, else the
+-- admin-side principal's name (`by`, possibly '').
+local function actor_of(caller, by)
+  if caller ~= '' then return 'agent:' .. caller end
+  return by or ''
 end
 
 --[[ spendcap_create_task_token
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 caller agent id ('' for the admin)  3 caller's token sha256 ('*' for the
         admin)  4 the agent the token is for (the caller or a descendant)  5 token id (hex)
-        6 the token's sha256  7 task (1..128 bytes)  8 ttl ms (1000 .. 30 days)
+        6 the token's sha256  7 task (1..128 bytes)  8 ttl ms (1000 .. 30 days)  9 by (optional:
+        the admin-side principal, for the log; an agent caller is logged as `agent:<id>`)
 Reply   ok: expires_at
         error: code (unknown_agent | unauthorized | task_token_not_allowed | not_descendant |
                agent_revoked | agent_suspended | agent_expired | token_exists |
@@ -1981,14 +1996,15 @@ local function create_task_token(keys, args)
   redis.call('SADD', P .. ':tts:' .. target, id)
   log(P, { 'ts', fmt(now), 'ev', 'token', 'agent', target, 'task', task, 'reason', 'created',
            'detail', '{"token_id":' .. cjson.encode(id) .. ',"expires_at_ms":' .. expires_s
-                     .. ',"by":' .. cjson.encode(caller) .. '}' })
+                     .. ',"by":' .. cjson.encode(caller) .. '}', 'by', actor_of(caller, args[9]) })
   return { 'ok', 'expires_at', expires_s }
 end
 
 --[[ spendcap_revoke_task_token
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 caller agent id ('' for the admin)  3 caller's token sha256 ('*')  4 token id
-        5 the agent the token must be for ('' for any: the admin by token id)
+        5 the agent the token must be for ('' for any: the admin by token id)  6 by (optional, as
+        spendcap_create_task_token's ARGV 9)
 Reply   ok: already (1: it was revoked before; nothing changed)
         error: code (unknown_token | unknown_agent | unauthorized | task_token_not_allowed |
                agent_revoked | agent_suspended | agent_expired) detail
@@ -2012,7 +2028,8 @@ local function revoke_task_token(keys, args)
   if t[2] and t[2] ~= '' then return { 'ok', 'already', '1' } end
   redis.call('HSET', tkey, 'revoked', fmt(now))
   log(P, { 'ts', fmt(now), 'ev', 'token', 'agent', t[1], 'task', t[3], 'reason', 'revoked',
-           'detail', '{"token_id":' .. cjson.encode(id) .. ',"by":' .. cjson.encode(caller) .. '}' })
+           'detail', '{"token_id":' .. cjson.encode(id) .. ',"by":' .. cjson.encode(caller) .. '}',
+           'by', actor_of(caller, args[6]) })
   return { 'ok', 'already', '0' }
 end
 
@@ -2061,9 +2078,10 @@ local function approval_decide(keys, args)
     redis.call('HSET', hkey, 'state', 'open', 'appr_state', 'approved', 'expires_at', fmt(exp))
     redis.call('ZADD', P .. ':holds', fmt(exp), hold_id)
     log(P, { 'ts', now_s, 'ev', 'approve', 'agent', h.agent, 'task', h.task, 'svc', h.service,
-             'proto', h.protocol, 'amt', h.amount_s, 'hold', hold_id, 'appr', h.appr, 'detail', detail })
+             'proto', h.protocol, 'amt', h.amount_s, 'hold', hold_id, 'appr', h.appr, 'detail', detail,
+             'by', by })
   else
-    end_hold(P, hold_id, h, nil, 'voided', 0, now_s, 'approval_denied', detail)
+    end_hold(P, hold_id, h, nil, 'voided', 0, now_s, 'approval_denied', detail, nil, nil, by)
   end
   return ok('0')
 end

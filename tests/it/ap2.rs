@@ -25,7 +25,7 @@ use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use crate::support::{spawn_app_with, wait_for, Agent, AppOptions, TestApp};
 
-const USD: u64 = 1_000_000;
+pub(crate) const USD: u64 = 1_000_000;
 const CP_AUDIENCE: &str = "cp.test";
 
 // ---- the test's own JOSE / SD-JWT code ----
@@ -474,7 +474,7 @@ async fn mandate_budget(app: &TestApp, agent: &Agent, mandates: &OpenMandates) -
     body
 }
 
-async fn received(server: &MockServer) -> Vec<Value> {
+pub(crate) async fn received(server: &MockServer) -> Vec<Value> {
     server
         .received_requests()
         .await
@@ -1406,7 +1406,7 @@ async fn ap2_revoked_or_denied_agents_reach_no_provider_and_leave_one_refusal() 
 }
 
 /// A v0.1 payment request (JSON text, prices exact) for a merchant-signed cart of `cents`.
-fn cart_request(now: i64, cart_id: &str, cents: u64, task: &str) -> String {
+pub(crate) fn cart_request(now: i64, cart_id: &str, cents: u64, task: &str) -> String {
     let value = format!("{}.{:02}", cents / 100, cents % 100);
     let contents_text = format!(
         r#"{{"id":"{cart_id}","user_cart_confirmation_required":false,
@@ -1429,7 +1429,7 @@ fn cart_request(now: i64, cart_id: &str, cents: u64, task: &str) -> String {
     )
 }
 
-async fn pay_cart(app: &TestApp, agent: &Agent, key: Option<&str>, request_text: &str) -> (u16, Value) {
+pub(crate) async fn pay_cart(app: &TestApp, agent: &Agent, key: Option<&str>, request_text: &str) -> (u16, Value) {
     let mut request = app
         .http
         .post(app.url("/v1/ap2/v0.1/payments"))
@@ -1854,4 +1854,15 @@ async fn ap2_a_payment_waiting_for_approval_signs_nothing_and_pays_once_approved
     assert_eq!(received(&cp).await.len(), 1, "paid once");
     let balance = me(&app, &agent).await;
     assert_eq!((balance["spent_micros"].as_u64(), balance["held_micros"].as_u64()), (Some(146_260_000), Some(0)));
+}
+
+/// A daemon paying AP2 v0.1 carts through `processor` (the v0.1 processor simulation), with the
+/// v0.2 Credential Provider and merchant beside it: (app, processor, credential provider, shop).
+pub(crate) async fn v01_world() -> (TestApp, MockServer, MockServer, MockServer) {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let processor = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/ap2/v0.1/payments")).respond_with(ProcessorSim).mount(&processor).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], Some(&processor))).await;
+    (app, processor, cp, shop)
 }

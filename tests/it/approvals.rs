@@ -469,4 +469,98 @@ async fn an_agent_withdraws_a_protocol_payment_waiting_for_approval_on_redis() {
 #[tokio::test]
 async fn an_agent_withdraws_a_protocol_payment_waiting_for_approval_in_memory() {
     withdraw_a_waiting_x402_payment(Backend::Memory).await;
+
+/// AP2 v0.1 (a merchant-signed CartMandate paid with a PaymentMandate): a cart an approval rule
+/// matches is held and waits (202); no PaymentMandate reaches the processor until a person
+/// approves; the same request then pays exactly once. A denied cart is refused
+/// `approval_denied`, its money released and nothing sent.
+#[tokio::test]
+async fn an_ap2_v01_cart_waits_for_approval_and_pays_once_or_is_denied() {
+    use crate::ap2::{cart_request, pay_cart, received, USD};
+    let (app, processor, _cp, _shop) = crate::ap2::v01_world().await;
+    let agent = app.create_agent("v01-approved", 500 * USD, None).await;
+    set_approval(&app, "v01-approved", json!({ "above_micros": 10 * USD, "ttl_secs": 600 })).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+
+    let cart = cart_request(now, "cart_approved", 2_500, "t-approved");
+    let (status, waiting) = pay_cart(&app, &agent, Some("v01-a"), &cart).await;
+    assert_eq!((status, waiting["code"].as_str()), (202, Some("approval_required")), "{waiting}");
+    assert_eq!((waiting["reason"].as_str(), waiting["amount_micros"].as_u64()), (Some("above_amount"), Some(25 * USD)));
+    assert!(received(&processor).await.is_empty(), "no PaymentMandate before the decision");
+    assert_eq!(held(&app, &agent).await, 25 * USD, "held meanwhile");
+    let id = waiting["approval_id"].as_str().expect("id").to_owned();
+    let (status, again) = pay_cart(&app, &agent, Some("v01-a"), &cart).await;
+    assert_eq!((status, again["approval_id"].as_str()), (202, Some(id.as_str())), "still waiting: {again}");
+    assert!(received(&processor).await.is_empty());
+
+    assert_eq!(decide(&app, &id, "approve", "gift cards are fine").await.0, 200);
+    let (status, paid) = pay_cart(&app, &agent, Some("v01-a"), &cart).await;
+    assert_eq!(status, 200, "{paid}");
+    assert_eq!(paid["hold_id"].as_str(), Some(id.as_str()), "the approved reservation paid: {paid}");
+    let (status, replayed) = pay_cart(&app, &agent, Some("v01-a"), &cart).await;
+    assert_eq!((status, replayed["replayed"].as_bool()), (200, Some(true)), "{replayed}");
+    assert_eq!(received(&processor).await.len(), 1, "one PaymentMandate presented");
+    let shown = app.show(&agent.id).await;
+    assert_eq!((shown["spent_micros"].as_u64(), shown["held_micros"].as_u64()), (Some(25 * USD), Some(0)));
+
+    let denied_cart = cart_request(now, "cart_denied", 3_000, "t-denied");
+    let (status, waiting) = pay_cart(&app, &agent, Some("v01-d"), &denied_cart).await;
+    assert_eq!(status, 202, "{waiting}");
+    let id = waiting["approval_id"].as_str().expect("id").to_owned();
+    assert_eq!(decide(&app, &id, "deny", "not this one").await.0, 200);
+    let (status, refused) = pay_cart(&app, &agent, Some("v01-d"), &denied_cart).await;
+    assert_eq!((status, refused["code"].as_str()), (403, Some("approval_denied")), "{refused}");
+    assert_eq!(received(&processor).await.len(), 1, "nothing more reached the processor");
+    let shown = app.show(&agent.id).await;
+    assert_eq!((shown["spent_micros"].as_u64(), shown["held_micros"].as_u64()), (Some(25 * USD), Some(0)));
+}
+
+/// MPP (`stripe` charge through the official `mpp` crate's server): a charge an approval rule
+/// matches is held and waits (202) with no Shared Payment Token minted and no credential sent to
+/// the shop; approved, the same request pays exactly once; denied, it is `approval_denied` with
+/// its money released and nothing minted or charged.
+#[tokio::test]
+async fn an_mpp_charge_waits_for_approval_and_pays_once_or_is_denied() {
+    use std::sync::atomic::Ordering;
+    let world = crate::mpp::world().await;
+    let app = &world.app;
+    let minted = || world.stripe.mint_requests.load(Ordering::SeqCst);
+    let charges = || world.stripe.charges.lock().expect("lock").len();
+    let credentials = || world.shop.credentials.lock().expect("lock").len();
+    let agent = app.create_agent("mpp-approved", 1_000_000, None).await;
+    set_approval(app, "mpp-approved", json!({ "protocols": ["mpp"], "ttl_secs": 600 })).await;
+
+    let (status, waiting) = crate::mpp::fetch(&world, &agent.token, Some("mpp-a"), None).await;
+    assert_eq!((status, waiting["code"].as_str()), (202, Some("approval_required")), "{waiting}");
+    assert_eq!(
+        (waiting["reason"].as_str(), waiting["amount_micros"].as_u64()),
+        (Some("listed_protocol"), Some(100_000))
+    );
+    assert_eq!((minted(), charges(), credentials()), (0, 0, 0), "nothing minted, charged or sent before approval");
+    assert_eq!(held(app, &agent).await, 100_000, "the price is held meanwhile");
+    let id = waiting["approval_id"].as_str().expect("id").to_owned();
+
+    assert_eq!(decide(app, &id, "approve", "ok").await.0, 200);
+    let (status, paid) = crate::mpp::fetch(&world, &agent.token, Some("mpp-a"), None).await;
+    assert_eq!(status, 200, "{paid}");
+    assert_eq!(
+        (paid["payment"]["status"].as_str(), paid["body"].as_str()),
+        (Some("settled"), Some("the paid content"))
+    );
+    let (status, again) = crate::mpp::fetch(&world, &agent.token, Some("mpp-a"), None).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!((minted(), charges()), (1, 1), "paid exactly once");
+    let shown = app.show(&agent.id).await;
+    assert_eq!((shown["spent_micros"].as_u64(), shown["held_micros"].as_u64()), (Some(100_000), Some(0)));
+
+    let (status, waiting) = crate::mpp::fetch(&world, &agent.token, Some("mpp-d"), None).await;
+    assert_eq!(status, 202, "{waiting}");
+    let id = waiting["approval_id"].as_str().expect("id").to_owned();
+    let sent = credentials();
+    assert_eq!(decide(app, &id, "deny", "no").await.0, 200);
+    let (status, refused) = crate::mpp::fetch(&world, &agent.token, Some("mpp-d"), None).await;
+    assert_eq!((status, refused["code"].as_str()), (403, Some("approval_denied")), "{refused}");
+    assert_eq!((minted(), charges(), credentials()), (1, 1, sent), "nothing more minted, charged or sent");
+    let shown = app.show(&agent.id).await;
+    assert_eq!((shown["spent_micros"].as_u64(), shown["held_micros"].as_u64()), (Some(100_000), Some(0)));
 }

@@ -66,6 +66,62 @@ async fn dashboard_is_a_console_over_the_demo_fleet_in_a_browser() {
     assert!(screenshot.exists());
 }
 
+/// `tests/browser/roles.mjs`: the page with a viewer token (everything shown, no action offered,
+/// an action forced from the page refused) and with an operator token (revoke, reinstate,
+/// approval decisions, a lower cap and tighter controls from the forms; no "New agent"; a raise
+/// refused with a clear message); saves `target/screenshots/dashboard-operator.png`.
+#[tokio::test]
+async fn the_dashboard_offers_a_viewer_and_an_operator_only_their_actions() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let browser_dir = root.join("tests/browser");
+    assert!(browser_dir.join("node_modules/playwright-core").exists(), "run `npm ci --prefix tests/browser` first");
+    let app = spawn_app().await;
+    let agent = app.create_agent("ops-agent", 5_000_000, None).await;
+    let looper = app.create_agent("ops-looper", 5_000_000, None).await;
+    app.create_agent("ops-target", 1_000_000, None).await;
+    let rule = json!({ "approval": { "above_micros": 1_000_000, "ttl_secs": 600 } });
+    assert_eq!(app.admin(Method::PUT, "/v1/agents/ops-agent/controls", Some(rule)).await.0, 200);
+    let (status, waiting) = app.hold(&agent, 2_000_000).await;
+    assert_eq!((status, waiting["code"].as_str()), (202, Some("approval_required")), "{waiting}");
+    let approval = waiting["approval_id"].as_str().expect("approval id").to_owned();
+    let breaker = json!({ "breaker": { "max_repeats": 1 } });
+    assert_eq!(app.admin(Method::PUT, "/v1/agents/ops-looper/controls", Some(breaker)).await.0, 200);
+    for _ in 0..3 {
+        app.hold(&looper, 1_000).await;
+    }
+    assert_eq!(app.show("ops-looper").await["state"], "suspended");
+    let mut tokens = Vec::new();
+    for (name, role) in [("vera", "viewer"), ("otto", "operator")] {
+        let (status, body) =
+            app.admin(Method::POST, "/v1/operators", Some(json!({ "name": name, "role": role }))).await;
+        assert_eq!(status, 201, "{body}");
+        tokens.push(body["token"].as_str().expect("token").to_owned());
+    }
+    let screenshot = root.join("target/screenshots/dashboard-operator.png");
+    std::fs::create_dir_all(root.join("target/screenshots")).expect("screenshots dir");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg("roles.mjs")
+            .current_dir(&browser_dir)
+            .env("BASE", &app.base)
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("VIEWER_TOKEN", &tokens[0])
+            .env("OPERATOR_TOKEN", &tokens[1])
+            .env("APPROVAL_ID", &approval)
+            .env("SCREENSHOT", &screenshot)
+            .output()
+            .map(|o| (o, app))
+    })
+    .await
+    .expect("join");
+    let (output, _app) = output.expect("node must be installed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "browser test failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("roles dashboard test: ok"), "{stdout}");
+    println!("{stdout}");
+}
+
 /// The session names the token's role and the actions it allows (the page renders from it);
 /// without the admin token there is none.
 #[tokio::test]

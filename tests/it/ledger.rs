@@ -815,6 +815,7 @@ conformance!(holds_record_each_threshold_crossing_once, |ledger: Ledger| async m
         controls: Controls { daily: Some(400), ..Controls::default() },
         alerts: vec![50, 80, 100],
         task_of: None,
+        by: String::new(),
     };
     let agent = create_with(&ledger, "x", 1_000, None, setup).await;
     let a = granted(hold(&ledger, &agent, 200).await); // 20 % of the cap, 50 % of the day

@@ -32,12 +32,12 @@ type Minted = (String, HashMap<String, String>);
 
 /// What the Stripe stub saw: minted tokens (by idempotency key) and charges (by idempotency key).
 #[derive(Default)]
-struct StripeState {
+pub(crate) struct StripeState {
     /// idempotency key → (token, its form).
     tokens: Mutex<HashMap<String, Minted>>,
-    mint_requests: AtomicUsize,
+    pub(crate) mint_requests: AtomicUsize,
     /// idempotency key → (PaymentIntent id, amount in cents).
-    charges: Mutex<HashMap<String, (String, u64)>>,
+    pub(crate) charges: Mutex<HashMap<String, (String, u64)>>,
     refused_charges: AtomicUsize,
     /// Every charge is declined (the card is refused).
     decline: AtomicBool,
@@ -102,10 +102,10 @@ async fn start(router: Router) -> String {
 }
 
 /// The resource server: the official SDK's Stripe charge at `GET /paid`.
-struct Shop {
+pub(crate) struct Shop {
     mpp: Mpp<StripeChargeMethod>,
     /// Every `Authorization` a paid request carried.
-    credentials: Mutex<Vec<String>>,
+    pub(crate) credentials: Mutex<Vec<String>>,
     /// The next paid request is charged, then its answer never comes (the connection hangs).
     hang_once: AtomicBool,
     /// An `amount` the receipts report (base units), if any.
@@ -138,10 +138,10 @@ async fn paid(State(shop): State<Arc<Shop>>, headers: HeaderMap) -> Response {
     }
 }
 
-struct World {
-    app: TestApp,
-    stripe: Arc<StripeState>,
-    shop: Arc<Shop>,
+pub(crate) struct World {
+    pub(crate) app: TestApp,
+    pub(crate) stripe: Arc<StripeState>,
+    pub(crate) shop: Arc<Shop>,
     shop_url: String,
 }
 
@@ -152,7 +152,7 @@ fn mpp_conformance_dir() -> std::path::PathBuf {
     ConformanceSink::test_dir().with_file_name("conformance-mpp")
 }
 
-async fn world() -> World {
+pub(crate) async fn world() -> World {
     world_with(None).await
 }
 
@@ -208,7 +208,7 @@ async fn world_with(psp: Option<String>) -> World {
     World { app, stripe, shop, shop_url }
 }
 
-async fn fetch(world: &World, token: &str, key: Option<&str>, max: Option<u64>) -> (u16, Value) {
+pub(crate) async fn fetch(world: &World, token: &str, key: Option<&str>, max: Option<u64>) -> (u16, Value) {
     let mut body = json!({ "url": format!("{}/paid", world.shop_url), "task": "research" });
     if let Some(max) = max {
         body["max_amount_micros"] = json!(max);

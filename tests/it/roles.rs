@@ -205,11 +205,12 @@ async fn every_role_against_every_admin_route() {
 
     // The dashboard session shows what the page may offer.
     let (_, session) = app.agent_call(&tokens[0].token, Method::GET, "/v1/dashboard/session", None).await;
-    assert_eq!(session, json!({ "role": "viewer", "actions": [] }));
+    assert_eq!(session, json!({ "role": "viewer", "actions": [], "tighten_only": [] }));
     let (_, session) = app.agent_call(&tokens[1].token, Method::GET, "/v1/dashboard/session", None).await;
     assert_eq!(session["role"], "operator");
     let actions = session["actions"].as_array().expect("actions");
     assert!(actions.contains(&json!("revoke")) && !actions.contains(&json!("create_agent")), "{session}");
+    assert_eq!(session["tighten_only"], json!(["set_cap", "set_controls", "set_expiry"]), "{session}");
 
     // The list never shows a token or its hash.
     let (_, listed) = app.admin(Method::GET, "/v1/operators", None).await;
@@ -447,4 +448,419 @@ async fn the_cli_creates_lists_and_revokes_operators_and_takes_their_tokens() {
     assert!(ok && out.starts_with("revoked operator oncall at "), "{out}");
     let (ok, _, err) = cli(&token, &["whoami"]);
     assert!(!ok && err.contains("invalid_token"), "{err}");
+}
+
+/// One change and the log entry it must leave: `(event, by)` of the entry that `pick` finds
+/// among those appended by the change.
+struct Attributed {
+    route: (&'static str, &'static str),
+    event: &'static str,
+    by: String,
+}
+
+/// Every mutating admin route of `ROUTES` (done by an operator token where its role allows it,
+/// else by an admin operator token, so `by` is a name the daemon was given, not a constant), and
+/// every agent-side change an orchestrator makes, leaves a log entry naming who did it: the
+/// operator's name, or `agent:<id>`. Operator-token changes are in `/v1/log` too.
+#[tokio::test]
+#[allow(unused_assignments)] // `change!` moves `seen` on after every change, the last one too
+async fn every_change_is_attributed_in_the_log_to_who_made_it() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    let olga = create_operator(&app, "olga", "operator", None).await;
+    let ada = create_operator(&app, "ada", "admin", None).await;
+    let as_ = |token: &str, method: Method, path: String, body: Option<Value>| {
+        let (app, token) = (&app, token.to_owned());
+        async move { app.agent_call(&token, method, &path, body).await }
+    };
+    let mut seen = app.log().await.len();
+    let mut attributed: Vec<Attributed> = Vec::new();
+    // Runs one change (which must succeed) and records the entry it appended with `event`.
+    macro_rules! change {
+        ($route:expr, $token:expr, $method:expr, $path:expr, $body:expr, $event:expr) => {{
+            let (status, body) = as_($token, $method, $path, $body).await;
+            assert!((200..300).contains(&status), "{:?}: {status} {body}", $route);
+            let log = app.log().await;
+            let entry = log[seen..]
+                .iter()
+                .find(|e| e["event"] == $event)
+                .unwrap_or_else(|| panic!("{:?} appended no {} entry: {:?}", $route, $event, &log[seen..]));
+            attributed.push(Attributed { route: $route, event: $event, by: entry["by"].as_str().unwrap_or("").into() });
+            seen = log.len();
+            body
+        }};
+    }
+
+    let created = change!(
+        ("post", "/v1/agents"),
+        &ada,
+        Method::POST,
+        "/v1/agents".into(),
+        Some(json!({ "handle": "by-root", "cap_micros": 10_000_000 })),
+        "create"
+    );
+    let root = created["agent"]["id"].as_str().expect("id").to_owned();
+    let root_token = created["token"].as_str().expect("token").to_owned();
+    let agent = |suffix: &str| format!("/v1/agents/{root}{suffix}");
+    change!(
+        ("put", "/v1/agents/{agent}/cap"),
+        &olga,
+        Method::PUT,
+        agent("/cap"),
+        Some(json!({ "cap_micros": 9_000_000 })),
+        "cap"
+    );
+    change!(
+        ("put", "/v1/agents/{agent}/controls"),
+        &olga,
+        Method::PUT,
+        agent("/controls"),
+        Some(json!({ "limits": { "daily": 8_000_000 } })),
+        "controls"
+    );
+    let rules = json!({ "limits": { "daily": 8_000_000 }, "approval": { "above_micros": 1_000_000, "ttl_secs": 600 },
+        "breaker": { "max_repeats": 3 } });
+    let (status, body) = app.admin(Method::PUT, &agent("/controls"), Some(rules)).await;
+    assert_eq!(status, 200, "{body}");
+    seen = app.log().await.len();
+    change!(
+        ("put", "/v1/agents/{agent}/expiry"),
+        &olga,
+        Method::PUT,
+        agent("/expiry"),
+        Some(json!({ "ttl_secs": 86_400 })),
+        "expiry"
+    );
+    change!(
+        ("post", "/v1/tasks/{task}/outcome"),
+        &olga,
+        Method::POST,
+        "/v1/tasks/t-by/outcome".into(),
+        Some(json!({ "outcome": "success", "task_type": "research", "agent": root })),
+        "outcome"
+    );
+    // Two payments wait for approval: one approved, one denied.
+    let mut waiting = Vec::new();
+    for amount in [2_000_000, 2_500_000] {
+        let (status, body) = as_(
+            &root_token,
+            Method::POST,
+            "/v1/holds".into(),
+            Some(json!({ "amount_micros": amount, "service": format!("s{amount}.example.com") })),
+        )
+        .await;
+        assert_eq!((status, body["code"].as_str()), (202, Some("approval_required")), "{body}");
+        waiting.push(body["approval_id"].as_str().expect("approval").to_owned());
+    }
+    seen = app.log().await.len();
+    let note = Some(json!({ "note": "by test" }));
+    change!(
+        ("post", "/v1/approvals/{id}/approve"),
+        &olga,
+        Method::POST,
+        format!("/v1/approvals/{}/approve", waiting[0]),
+        note.clone(),
+        "approve"
+    );
+    change!(
+        ("post", "/v1/approvals/{id}/deny"),
+        &olga,
+        Method::POST,
+        format!("/v1/approvals/{}/deny", waiting[1]),
+        note,
+        "void"
+    );
+    // An unknown outcome, resolved by an admin.
+    let (_, hold) = as_(
+        &root_token,
+        Method::POST,
+        "/v1/holds".into(),
+        Some(json!({ "amount_micros": 1_000, "service": "lost.example.com" })),
+    )
+    .await;
+    let hold = hold["hold_id"].as_str().expect("hold").to_owned();
+    let redis = app.redis.clone().expect("redis");
+    let tree = hold.split('_').nth(1).expect("tree").to_owned();
+    let reply = redis
+        .cli(&[
+            "FCALL",
+            "spendcap_mark_unknown",
+            "1",
+            &format!("sc:{{{tree}}}"),
+            &app.clock.now_ms().to_string(),
+            &hold,
+            "lost",
+        ])
+        .expect("redis-cli");
+    assert!(reply.starts_with("ok"), "{reply}");
+    seen = app.log().await.len();
+    change!(
+        ("post", "/v1/holds/{hold}/resolve"),
+        &ada,
+        Method::POST,
+        format!("/v1/holds/{hold}/resolve"),
+        Some(json!({ "outcome": "settled", "amount_micros": 1_000, "reason": "confirmed by the provider" })),
+        "settle"
+    );
+    let minted = change!(
+        ("post", "/v1/agents/{agent}/tokens"),
+        &ada,
+        Method::POST,
+        agent("/tokens"),
+        Some(json!({ "task": "t-by", "ttl_secs": 600 })),
+        "token"
+    );
+    change!(
+        ("delete", "/v1/agents/{agent}/tokens/{token}"),
+        &olga,
+        Method::DELETE,
+        agent(&format!("/tokens/{}", minted["token_id"].as_str().expect("token id"))),
+        None,
+        "token"
+    );
+    let rotated = change!(
+        ("post", "/v1/agents/{agent}/rotate-token"),
+        &ada,
+        Method::POST,
+        agent("/rotate-token"),
+        None,
+        "rotate"
+    );
+    let root_token = rotated["token"].as_str().expect("the new token").to_owned();
+
+    // What an orchestrator does with its own token.
+    let (status, parent) =
+        app.admin(Method::POST, "/v1/agents", Some(json!({ "handle": "by-parent", "cap_micros": 5_000_000 }))).await;
+    assert_eq!(status, 201, "{parent}");
+    let (parent_id, parent_token) =
+        (parent["agent"]["id"].as_str().expect("id").to_owned(), parent["token"].as_str().expect("token").to_owned());
+    seen = app.log().await.len();
+    let sub = change!(
+        ("post", "/v1/me/agents"),
+        &parent_token,
+        Method::POST,
+        "/v1/me/agents".into(),
+        Some(json!({ "handle": "by-sub", "cap_micros": 1_000_000 })),
+        "create"
+    );
+    let sub_id = sub["agent"]["id"].as_str().expect("id").to_owned();
+    let task_token = change!(
+        ("post", "/v1/me/tokens"),
+        &parent_token,
+        Method::POST,
+        "/v1/me/tokens".into(),
+        Some(json!({ "task": "t-sub", "ttl_secs": 600, "agent": sub_id })),
+        "token"
+    );
+    change!(
+        ("delete", "/v1/me/tokens/{token}"),
+        &parent_token,
+        Method::DELETE,
+        format!("/v1/me/tokens/{}", task_token["token_id"].as_str().expect("token id")),
+        None,
+        "token"
+    );
+    change!(
+        ("post", "/v1/tasks/{task}/outcome (agent)"),
+        &parent_token,
+        Method::POST,
+        "/v1/tasks/t-own/outcome".into(),
+        Some(json!({ "outcome": "failed", "task_type": "research" })),
+        "outcome"
+    );
+    change!(
+        ("post", "/v1/me/agents/{agent}/revoke"),
+        &parent_token,
+        Method::POST,
+        format!("/v1/me/agents/{sub_id}/revoke"),
+        Some(json!({ "reason": "done" })),
+        "revoke"
+    );
+
+    // The breaker (max 3 repeats) suspends the root; an operator reinstates it.
+    for _ in 0..4 {
+        as_(
+            &root_token,
+            Method::POST,
+            "/v1/holds".into(),
+            Some(json!({ "amount_micros": 10, "service": "loop.example.com" })),
+        )
+        .await;
+    }
+    assert_eq!(app.show(&root).await["state"], "suspended");
+    seen = app.log().await.len();
+    change!(("post", "/v1/agents/{agent}/reinstate"), &olga, Method::POST, agent("/reinstate"), None, "reinstate");
+    change!(
+        ("post", "/v1/agents/{agent}/revoke"),
+        &olga,
+        Method::POST,
+        agent("/revoke"),
+        Some(json!({ "reason": "by_test" })),
+        "revoke"
+    );
+    change!(("post", "/v1/agents/{agent}/archive"), &ada, Method::POST, agent("/archive"), None, "archive");
+    change!(
+        ("post", "/v1/operators"),
+        &ada,
+        Method::POST,
+        "/v1/operators".into(),
+        Some(json!({ "name": "vic", "role": "viewer" })),
+        "operator_create"
+    );
+    change!(
+        ("post", "/v1/operators/{name}/revoke"),
+        &ada,
+        Method::POST,
+        "/v1/operators/vic/revoke".into(),
+        None,
+        "operator_revoke"
+    );
+    assert_eq!(seen, app.log().await.len(), "one entry per change");
+
+    let got: Vec<(&str, &str, &str)> = attributed.iter().map(|a| (a.route.1, a.event, a.by.as_str())).collect();
+    let (parent_by, by_olga) = (format!("agent:{parent_id}"), "olga");
+    let expected: Vec<(&str, &str, &str)> = vec![
+        ("/v1/agents", "create", "ada"),
+        ("/v1/agents/{agent}/cap", "cap", by_olga),
+        ("/v1/agents/{agent}/controls", "controls", by_olga),
+        ("/v1/agents/{agent}/expiry", "expiry", by_olga),
+        ("/v1/tasks/{task}/outcome", "outcome", by_olga),
+        ("/v1/approvals/{id}/approve", "approve", by_olga),
+        ("/v1/approvals/{id}/deny", "void", by_olga),
+        ("/v1/holds/{hold}/resolve", "settle", "ada"),
+        ("/v1/agents/{agent}/tokens", "token", "ada"),
+        ("/v1/agents/{agent}/tokens/{token}", "token", by_olga),
+        ("/v1/agents/{agent}/rotate-token", "rotate", "ada"),
+        ("/v1/me/agents", "create", &parent_by),
+        ("/v1/me/tokens", "token", &parent_by),
+        ("/v1/me/tokens/{token}", "token", &parent_by),
+        ("/v1/tasks/{task}/outcome (agent)", "outcome", &parent_by),
+        ("/v1/me/agents/{agent}/revoke", "revoke", &parent_by),
+        ("/v1/agents/{agent}/reinstate", "reinstate", by_olga),
+        ("/v1/agents/{agent}/revoke", "revoke", by_olga),
+        ("/v1/agents/{agent}/archive", "archive", "ada"),
+        ("/v1/operators", "operator_create", "ada"),
+        ("/v1/operators/{name}/revoke", "operator_revoke", "ada"),
+    ];
+    assert_eq!(got, expected);
+    // Every mutating admin route is in the table, but one: registering AP2 open mandates (its
+    // `budget` entry names no one yet).
+    let covered: Vec<(&str, &str)> = attributed.iter().map(|a| a.route).collect();
+    for (method, path, _) in ROUTES.iter().filter(|(m, _, _)| *m != "get") {
+        if *path == "/v1/ap2/agents/{agent}/mandates" {
+            continue;
+        }
+        assert!(covered.contains(&(*method, *path)), "{method} {path} is not in the table");
+    }
+    // The operator audit entries: in the CSV too, and not for a token limited to one tree.
+    let csv = app
+        .http
+        .get(app.url("/v1/log?format=csv"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("csv")
+        .text()
+        .await
+        .expect("text");
+    let create_vic = csv.lines().find(|l| l.contains(",operator_create,") && l.contains("vic")).expect(&csv);
+    assert!(create_vic.ends_with(",ada"), "{create_vic}");
+    let scoped = create_operator(&app, "tess", "viewer", Some("by-parent")).await;
+    let (status, _) = app.agent_call(&scoped, Method::GET, "/v1/whoami", None).await;
+    assert_eq!(status, 200);
+    let scoped_log =
+        app.http.get(app.url("/v1/log")).bearer_auth(&scoped).send().await.expect("log").text().await.expect("text");
+    assert!(!scoped_log.contains("operator_"), "{scoped_log}");
+    assert!(scoped_log.contains(&parent_id), "{scoped_log}");
+    let viewer = create_operator(&app, "val", "viewer", None).await;
+    let unscoped =
+        app.http.get(app.url("/v1/log")).bearer_auth(&viewer).send().await.expect("log").text().await.expect("text");
+    assert!(unscoped.contains("\"operator_revoke\""), "an unscoped viewer sees them, as it sees GET /v1/operators");
+}
+
+/// The ledger names who made a change on both backends alike: an admin-side principal by name
+/// (`Caller::Principal`, `AgentSetup::by`, the task-token actor), an orchestrator agent as
+/// `agent:<id>`; and both keep the operators' audit entries, read back as log entries.
+#[tokio::test]
+async fn both_ledgers_attribute_changes_and_keep_the_operator_audit() {
+    use spendcap::identity::{AgentId, AgentToken, TreeId};
+    use spendcap::ledger::{AgentSetup, Caller, NewAgent, TaskOutcome};
+    let m = |v: u64| adapters::Micros::new(v).expect("micros");
+    for backend in [Backend::Memory, Backend::Redis] {
+        let (ledger, _redis) = support::ledger(backend).await;
+        let tree = TreeId::generate();
+        let new = |id: &AgentId, parent: Option<&AgentId>, token: &AgentToken| NewAgent {
+            id: id.clone(),
+            handle: format!("{}-{}", id.as_str(), tree.as_str()),
+            parent: parent.cloned(),
+            cap: m(1_000),
+            expires_at_ms: None,
+            labels: Default::default(),
+            token_hash: token.hash(),
+        };
+        let root = AgentId::generate(&tree);
+        let root_token = AgentToken::generate(&root);
+        let by_olga = AgentSetup { by: "olga".into(), ..AgentSetup::default() };
+        ledger.create_agent_with(1_000, &new(&root, None, &root_token), &by_olga).await.expect("created");
+        let sub = AgentId::generate(&tree);
+        let sub_token = AgentToken::generate(&sub);
+        let root_caller = Caller::Agent(root_token.hash());
+        ledger
+            .create_sub_agent(1_001, &root_caller, &new(&sub, Some(&root), &sub_token), &AgentSetup::default())
+            .await
+            .expect("sub-agent");
+        let olga = Caller::Principal("olga".into());
+        ledger.task_outcome(1_002, &root, &olga, "t1", "research", TaskOutcome::Success).await.expect("outcome");
+        ledger
+            .task_outcome(1_003, &sub, &Caller::Agent(sub_token.hash()), "t2", "research", TaskOutcome::Failed)
+            .await
+            .expect("own outcome");
+        let task_token = AgentToken::generate_task(&sub);
+        ledger.create_task_token(1_004, None, "ada", &sub, &task_token, "t3", 60_000).await.expect("minted");
+        let id = task_token.task_token_id().expect("task token id");
+        ledger.revoke_task_token(1_005, Some((&root, &root_caller)), "", &tree, id, None).await.expect("revoked");
+        ledger.revoke_by(1_006, (&root, &root_caller), &sub, "done").await.expect("sub revoked");
+        let log = ledger.read_log(&tree, "0", 100).await.expect("log");
+        let by: Vec<(&str, &str)> = log.iter().map(|e| (e.event.as_str(), e.by.as_str())).collect();
+        let root_by = format!("agent:{root}");
+        let sub_by = format!("agent:{sub}");
+        assert_eq!(
+            by,
+            [
+                ("create", "olga"),
+                ("create", root_by.as_str()),
+                ("outcome", "olga"),
+                ("outcome", sub_by.as_str()),
+                ("token", "ada"),
+                ("token", root_by.as_str()),
+                ("revoke", root_by.as_str())
+            ],
+            "{backend:?}"
+        );
+
+        let operator = |name: &str| spendcap::operators::NewOperator {
+            id: format!("{:016x}", name.len()),
+            name: name.into(),
+            role: Role::Viewer,
+            tree: Some(tree.clone()),
+            token_hash: root_token.hash(),
+        };
+        ledger.create_operator(2_000, &operator("vic"), "ada").await.expect("operator");
+        ledger.revoke_operator(2_001, "vic", "admin").await.expect("revoked");
+        let audit = ledger.read_operator_log("0", 10).await.expect("audit");
+        let seen: Vec<(&str, &str, serde_json::Value)> = audit
+            .iter()
+            .map(|e| (e.event.as_str(), e.by.as_str(), serde_json::from_str(&e.detail).expect("detail")))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("operator_create", "ada", json!({ "operator": "vic", "role": "viewer", "tree": tree.as_str() })),
+                ("operator_revoke", "admin", json!({ "operator": "vic", "role": null, "tree": null }))
+            ],
+            "{backend:?}"
+        );
+        assert_eq!(audit[0].ts_ms, 2_000, "{backend:?}");
+        let after = ledger.read_operator_log(&audit[0].id, 10).await.expect("page");
+        assert_eq!(after.len(), 1, "{backend:?}: paged after the first");
+    }
 }

@@ -191,7 +191,7 @@ impl MemoryLedger {
                 }
             }
         }
-        insert_agent(&mut state, now_ms, new, setup, "sub_agent")?;
+        insert_agent(&mut state, now_ms, new, setup, "sub_agent", &format!("agent:{parent}"))?;
         if let Some(tree) = state.trees.get_mut(&tree_id) {
             tree.sub_agents.entry(parent.to_string()).or_default().insert(new.id.to_string());
         }
@@ -231,6 +231,7 @@ impl MemoryLedger {
                     event: "revoke".into(),
                     agent: agent.to_string(),
                     reason: reason.into(),
+                    by: format!("agent:{}", by.0),
                     ..LogEntry::default()
                 },
             );
@@ -238,10 +239,12 @@ impl MemoryLedger {
         })
     }
 
+    #[allow(clippy::too_many_arguments)] // one per FCALL argument, as the ledger's other calls
     pub async fn create_task_token(
         &self,
         now_ms: u64,
         by: Option<(&AgentId, &Caller)>,
+        actor: &str,
         agent: &AgentId,
         token: &AgentToken,
         task: &str,
@@ -302,6 +305,7 @@ impl MemoryLedger {
                 task: task.to_owned(),
                 reason: "created".into(),
                 detail,
+                by: actor_of(&by, actor),
                 ..LogEntry::default()
             },
         );
@@ -312,6 +316,7 @@ impl MemoryLedger {
         &self,
         now_ms: u64,
         by: Option<(&AgentId, &Caller)>,
+        actor: &str,
         tree_id: &TreeId,
         token_id: &str,
         agent: Option<&AgentId>,
@@ -349,6 +354,7 @@ impl MemoryLedger {
                 task,
                 reason: "revoked".into(),
                 detail,
+                by: actor_of(&by, actor),
                 ..LogEntry::default()
             },
         );
@@ -376,5 +382,15 @@ impl MemoryLedger {
             .collect();
         tokens.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         Ok(tokens)
+    }
+}
+
+/// Who a task-token change is by, for the log (as `actor_of` in the Lua library): `agent:<id>`
+/// for an agent caller (`caller`, its id; "" for none), else the admin-side principal `actor`.
+fn actor_of(caller: &str, actor: &str) -> String {
+    if caller.is_empty() {
+        actor.to_owned()
+    } else {
+        format!("agent:{caller}")
     }
 }

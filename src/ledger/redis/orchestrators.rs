@@ -74,17 +74,19 @@ impl RedisLedger {
             .fcall_resolving(
                 "spendcap_revoke",
                 agent.tree(),
-                &[agent.as_str(), reason, &now_ms.to_string(), by.0.as_str(), by.0.as_str(), by.1.wire()],
+                &[agent.as_str(), reason, &now_ms.to_string(), &format!("agent:{}", by.0), by.0.as_str(), by.1.wire()],
             )
             .await?
             .into_result()?;
         Ok((reply.u64("revoked_at")?, reply.get("already") == "1"))
     }
 
+    #[allow(clippy::too_many_arguments)] // one per FCALL argument, as the ledger's other calls
     pub async fn create_task_token(
         &self,
         now_ms: u64,
         by: Option<(&AgentId, &Caller)>,
+        actor: &str,
         agent: &AgentId,
         token: &AgentToken,
         task: &str,
@@ -108,6 +110,7 @@ impl RedisLedger {
                     token.secret_hash().as_str(),
                     task,
                     &ttl_ms.to_string(),
+                    actor,
                 ],
             )
             .await?
@@ -119,6 +122,7 @@ impl RedisLedger {
         &self,
         now_ms: u64,
         by: Option<(&AgentId, &Caller)>,
+        actor: &str,
         tree: &TreeId,
         token_id: &str,
         agent: Option<&AgentId>,
@@ -132,7 +136,7 @@ impl RedisLedger {
             .fcall_resolving(
                 "spendcap_revoke_task_token",
                 tree,
-                &[&now_ms.to_string(), caller, wire, token_id, agent.map(AgentId::as_str).unwrap_or("")],
+                &[&now_ms.to_string(), caller, wire, token_id, agent.map(AgentId::as_str).unwrap_or(""), actor],
             )
             .await?
             .into_result()?;
