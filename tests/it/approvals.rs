@@ -469,6 +469,7 @@ async fn an_agent_withdraws_a_protocol_payment_waiting_for_approval_on_redis() {
 #[tokio::test]
 async fn an_agent_withdraws_a_protocol_payment_waiting_for_approval_in_memory() {
     withdraw_a_waiting_x402_payment(Backend::Memory).await;
+}
 
 /// AP2 v0.1 (a merchant-signed CartMandate paid with a PaymentMandate): a cart an approval rule
 /// matches is held and waits (202); no PaymentMandate reaches the processor until a person
