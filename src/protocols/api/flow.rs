@@ -82,7 +82,7 @@ pub struct Target {
 /// What the call ended as, for the agent.
 pub enum Outcome {
     /// The upstream's answer.
-    Delivered(Delivered),
+    Delivered(Box<Delivered>),
     /// The key's call was made before: the answer stored for its duplicates.
     Replayed(Reply),
 }
@@ -355,7 +355,7 @@ impl Call {
     }
 
     fn delivered(&self, status: u16, headers: HeaderMap, body: Body, paid: Paid) -> Outcome {
-        Outcome::Delivered(Delivered { status, headers, body, hold: self.hold.clone(), paid })
+        Outcome::Delivered(Box::new(Delivered { status, headers, body, hold: self.hold.clone(), paid }))
     }
 
     /// Settles `amount` and stores the key's answer in the same ledger call (or, when the
@@ -483,7 +483,7 @@ impl Call {
         if status.is_success() && event_stream {
             let (status, hold) = (status.as_u16(), self.hold.clone());
             let body = self.stream(response);
-            return Ok(Outcome::Delivered(Delivered { status, headers, body, hold, paid: Paid::Pending }));
+            return Ok(Outcome::Delivered(Box::new(Delivered { status, headers, body, hold, paid: Paid::Pending })));
         }
         let body = read_body(response, engine.max_response_bytes).await;
         if !status.is_success() {

@@ -23,7 +23,7 @@ const TASK_HEADER: &str = "x-spendcap-task";
 /// `ANY /v1/apis/{name}/{*path}`.
 pub async fn call(State(state): State<SharedState>, request: Request) -> Response {
     let response = match run(state, request).await {
-        Ok(Outcome::Delivered(delivered)) => return respond(delivered),
+        Ok(Outcome::Delivered(delivered)) => return respond(*delivered),
         Ok(Outcome::Replayed(reply)) => {
             let code = reply.body["code"].as_str().and_then(|code| HeaderValue::from_str(code).ok());
             (crate::api::status::reply(reply), code)
