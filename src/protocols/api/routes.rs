@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 
@@ -28,10 +28,7 @@ pub async fn call(State(state): State<SharedState>, request: Request) -> Respons
             let code = reply.body["code"].as_str().and_then(|code| HeaderValue::from_str(code).ok());
             (crate::api::status::reply(reply), code)
         }
-        Err(err) => {
-            let code = HeaderValue::from_str(err.code).ok();
-            (err.into_response(), code)
-        }
+        Err(err) => return crate::protocols::x402::routes::error_response(err),
     };
     let (mut response, code) = response;
     if let Some(code) = code {
