@@ -337,6 +337,32 @@ pub async fn note(
         .map_err(Failure::agent_scoped)
 }
 
+/// [`note`] that also releases the purchase's in-flight idempotency record `key` in the same
+/// ledger call (a retry gets the hold back at once, as [`IdempotencyFinish::Release`] does): the
+/// flag says whether it did (the record was this hold's and in flight).
+pub async fn note_releasing(
+    core: &Core,
+    agent: &AgentAuth,
+    hold: &HoldId,
+    reason: &str,
+    detail: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<bool, Failure> {
+    let reason = label("reason", reason, 64)?;
+    core.ledger
+        .note_releasing(
+            core.clock.now_ms(),
+            &agent.agent,
+            &agent.caller(),
+            hold,
+            &reason,
+            &details_json(detail)?,
+            Some(key),
+        )
+        .await
+        .map_err(Failure::agent_scoped)
+}
+
 /// The stored hold (state, amount, details), to resume a purchase exactly.
 pub async fn hold_info(core: &Core, agent: &AgentAuth, hold: &HoldId) -> Result<HoldInfo, Failure> {
     core.ledger.hold_info(&agent.agent, hold).await.map_err(Failure::agent_scoped)

@@ -1989,6 +1989,22 @@ impl MemoryLedger {
         reason: &str,
         detail: &str,
     ) -> Result<(), LedgerError> {
+        self.note_releasing(now_ms, agent, caller, hold, reason, detail, None).await.map(|_| ())
+    }
+
+    /// [`Self::note`] that also releases the in-flight record `key` of the hold's purchase (as
+    /// `spendcap_note` ARGV 7).
+    #[allow(clippy::too_many_arguments)] // the same arguments as the Redis ledger's
+    pub async fn note_releasing(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+        detail: &str,
+        key: Option<&str>,
+    ) -> Result<bool, LedgerError> {
         let tree_id = agent.tree();
         self.with_tree(tree_id, |tree| {
             tree.auth_live(agent, caller, now_ms)?;
@@ -2007,7 +2023,7 @@ impl MemoryLedger {
                 ..LogEntry::default()
             };
             tree.log(tree_id, entry);
-            Ok(())
+            Ok(key.is_some_and(|key| MemoryLedger::finish_with(tree, agent, key, hold, None)))
         })
     }
 

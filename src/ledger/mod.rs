@@ -1160,6 +1160,22 @@ impl Ledger {
         dispatch!(self.note(now_ms, agent, caller, hold, reason, detail))
     }
 
+    /// [`Ledger::note`] that also releases the purchase's in-flight idempotency record `key` (as
+    /// [`IdempotencyFinish::Release`]) in the same call; true when it did.
+    #[allow(clippy::too_many_arguments)] // one per ledger argument
+    pub async fn note_releasing(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+        detail: &str,
+        key: Option<&str>,
+    ) -> Result<bool, LedgerError> {
+        dispatch!(self.note_releasing(now_ms, agent, caller, hold, reason, detail, key))
+    }
+
     /// Records how a task ended (an `outcome` log entry; no balance changes), for the reports.
     pub async fn task_outcome(
         &self,

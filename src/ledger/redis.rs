@@ -900,14 +900,29 @@ impl RedisLedger {
         reason: &str,
         detail: &str,
     ) -> Result<(), LedgerError> {
-        self.fcall(
-            "spendcap_note",
-            agent.tree(),
-            &[&now_ms.to_string(), agent.as_str(), caller.wire(), hold.as_str(), reason, detail],
-        )
-        .await?
-        .into_result()?;
-        Ok(())
+        self.note_releasing(now_ms, agent, caller, hold, reason, detail, None).await.map(|_| ())
+    }
+
+    /// [`Self::note`] that also releases the in-flight idempotency record `key` of the hold's
+    /// purchase (`spendcap_note` ARGV 7); true when it did.
+    #[allow(clippy::too_many_arguments)] // one per FCALL argument
+    pub async fn note_releasing(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        reason: &str,
+        detail: &str,
+        key: Option<&str>,
+    ) -> Result<bool, LedgerError> {
+        let now = now_ms.to_string();
+        let mut args = vec![now.as_str(), agent.as_str(), caller.wire(), hold.as_str(), reason, detail];
+        if let Some(key) = key {
+            args.push(key);
+        }
+        let reply = self.fcall("spendcap_note", agent.tree(), &args).await?.into_result()?;
+        Ok(reply.get("finished") == "1")
     }
 
     pub async fn task_outcome(

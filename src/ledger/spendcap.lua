@@ -1340,7 +1340,10 @@ end
 --[[ spendcap_note
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 reason code  6 detail JSON ('')
-Reply   ok      error: code (unknown_agent | unauthorized | unknown_hold) detail
+        7 (optional) the idempotency key of the hold's purchase: released in this call (a retry
+        gets the hold back at once, as spendcap_idem_finish `release` does)
+Reply   ok: finished (1: the key was released)
+        error: code (unknown_agent | unauthorized | unknown_hold) detail
 Appends a `note` entry about one of the agent's holds that changes no balance: a provider
 rejected a signed payment, say, and the hold stays until its expiry. Replay ignores notes.
 --]]
@@ -1354,7 +1357,7 @@ local function note(keys, args)
   log(P, { 'ts', fmt(now), 'ev', 'note', 'agent', agent_id, 'task', h.task, 'svc', h.service,
            'proto', h.protocol, 'amt', fmt(h.amount), 'hold', hold_id, 'reason', args[5],
            'detail', args[6] })
-  return { 'ok' }
+  return { 'ok', 'finished', finish_with(P, agent_id, args[7], hold_id, 'release') }
 end
 
 --[[ spendcap_task_outcome

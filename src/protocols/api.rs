@@ -6,13 +6,15 @@
 //! `ANY /v1/apis/{name}/{*path}`: the agent's SDK points its base URL at
 //! `http://<daemon>/v1/apis/<name>/...`. The agent token is accepted as `Authorization: Bearer`
 //! and as `x-api-key`, and never forwarded. The answer comes back verbatim, plus `X-Spendcap-*`
-//! headers. The modules: [`config`] (the file), `flow` (hold → forward → settle or void).
+//! headers. The modules: [`config`] (the file), [`flow`] (hold → forward → settle or void, over the
+//! narrow core; it knows no HTTP face) and `routes` (the axum face: reads the request, answers).
 //!
 //! Architecture invariant: nothing is sent upstream before a granted hold of the call's bound,
 //! and outbound requests follow x402's rules (checked destinations, no redirects, no proxies).
 
 mod config;
-mod flow;
+pub(crate) mod flow;
+mod routes;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -185,5 +187,5 @@ impl ApiService {
 }
 
 pub fn router() -> Router<SharedState> {
-    Router::new().route("/v1/apis/{name}/{*path}", any(flow::call))
+    Router::new().route("/v1/apis/{name}/{*path}", any(routes::call))
 }

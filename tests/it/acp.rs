@@ -1305,6 +1305,41 @@ async fn acp_a_checkout_costs_its_counted_ledger_calls_and_provider_requests() {
     assert_eq!(again["receipt"], body["receipt"]);
 }
 
+/// A declined checkout: the void that releases the hold also stores the answer for the key's
+/// retries, in the same ledger call.
+#[tokio::test]
+async fn acp_a_declined_checkout_costs_its_counted_ledger_calls_and_replays_its_answer() {
+    let shop = shop().await;
+    shop.serve("GET", SESSION_PATH, answer(200, "session_ready.json")).await;
+    shop.serve_delegation(answer(201, "psp_delegate_payment_response.json")).await;
+    shop.serve_once("POST", COMPLETE_PATH, answer(200, "complete_declined_session.json")).await;
+    let agent = shop.app.create_agent("declined-counted", 10_000_000, None).await;
+    let redis = shop.app.redis.clone().expect("a Redis ledger");
+    let calls = crate::calls::LedgerCalls::watch(&redis);
+    let (status, body) = shop.checkout(&agent, pay_session(), Some("declined-1")).await;
+    let calls = crate::calls::purchase_calls(calls.stop(&redis));
+    assert_eq!((status, body["code"].as_str()), (422, Some("acp_merchant_declined")), "{body}");
+    assert_eq!(
+        calls,
+        [
+            "FCALL spendcap_precheck",
+            "HGET",
+            "FCALL spendcap_create_bucket",
+            "FCALL spendcap_hold",
+            "FCALL spendcap_note",
+            "FCALL spendcap_void",
+        ],
+        "ledger calls of a declined checkout (the void stores the answer)"
+    );
+    let (status, again) = shop.checkout(&agent, pay_session(), Some("declined-1")).await;
+    assert_eq!(
+        (status, again["code"].as_str(), again["replayed"].as_bool()),
+        (422, Some("acp_merchant_declined"), Some(true))
+    );
+    assert_eq!(again["released_micros"], body["released_micros"], "{again}");
+    assert_eq!(shop.money(&agent).await, (0, 0));
+}
+
 #[tokio::test]
 async fn acp_a_checkout_waiting_for_approval_sends_nothing_and_completes_once_approved() {
     let shop = shop().await;

@@ -565,3 +565,91 @@ async fn an_mpp_charge_waits_for_approval_and_pays_once_or_is_denied() {
     let shown = app.show(&agent.id).await;
     assert_eq!((shown["spent_micros"].as_u64(), shown["held_micros"].as_u64()), (Some(100_000), Some(0)));
 }
+
+// Keyed APIs (`/v1/apis/...`) under an approval rule, against the simulated LLM provider, which
+// counts the calls it billed.
+
+async fn keyed_api_app(provider: &spendcap::sim::llm::LlmProvider) -> TestApp {
+    let api = spendcap::protocols::api::ApiConfig::from_json(&provider.apis_json().to_string()).expect("valid APIs");
+    let protocols = spendcap::protocols::ProtocolConfig { api, ..Default::default() };
+    spawn_app_with(AppOptions { protocols, ..Default::default() }).await
+}
+
+/// A chat completion through the daemon, with `key` as its `Idempotency-Key` when given.
+async fn keyed_api_call(app: &TestApp, agent: &Agent, key: Option<&str>) -> (u16, reqwest::header::HeaderMap, Value) {
+    let body = json!({ "model": "sim-gpt", "max_tokens": 5, "messages": [ { "role": "user", "content": "Hi" } ] });
+    let mut request =
+        app.http.post(app.url("/v1/apis/openai/v1/chat/completions")).bearer_auth(&agent.token).json(&body);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let response = request.send().await.expect("request");
+    let (status, headers) = (response.status().as_u16(), response.headers().clone());
+    (status, headers, response.json().await.expect("json"))
+}
+
+#[tokio::test]
+async fn a_keyed_api_call_waits_for_approval_and_its_resume_calls_the_provider_exactly_once() {
+    let provider = spendcap::sim::llm::LlmProvider::start().await.expect("LLM provider");
+    let app = keyed_api_app(&provider).await;
+    let agent = app.create_agent("llm-approved", 10_000_000, None).await;
+    set_approval(&app, "llm-approved", json!({ "services": ["openai"], "ttl_secs": 600 })).await;
+
+    let (status, _, waiting) = keyed_api_call(&app, &agent, Some("chat-1")).await;
+    assert_eq!((status, waiting["code"].as_str()), (202, Some("approval_required")), "{waiting}");
+    assert_eq!(waiting["idempotency_key"], "chat-1", "{waiting}");
+    let id = waiting["approval_id"].as_str().expect("approval id").to_owned();
+    let bound = waiting["amount_micros"].as_u64().expect("amount");
+    assert_eq!((provider.billed_calls(), held(&app, &agent).await), (0, bound), "held, nothing sent");
+    // Repeated while pending: the same approval, still nothing sent.
+    let (status, _, again) = keyed_api_call(&app, &agent, Some("chat-1")).await;
+    assert_eq!((status, again["approval_id"].as_str()), (202, Some(id.as_str())), "{again}");
+    assert_eq!(provider.billed_calls(), 0);
+
+    let (status, decided) = decide(&app, &id, "approve", "ok").await;
+    assert_eq!(status, 200, "{decided}");
+    let (status, headers, answer) = keyed_api_call(&app, &agent, Some("chat-1")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(headers["x-spendcap-payment"], "settled");
+    assert_eq!(headers["x-spendcap-hold-id"].to_str().ok(), Some(id.as_str()), "the approved hold pays the call");
+    assert!(answer["choices"][0]["message"]["content"].is_string(), "{answer}");
+    assert_eq!(provider.billed_calls(), 1);
+    let shown = app.show(&agent.id).await;
+    assert_eq!(shown["held_micros"], 0, "{shown}");
+    assert!(shown["spent_micros"].as_u64().is_some_and(|spent| spent > 0 && spent <= bound), "{shown}");
+    // The key's call was made: a further repeat is not sent again.
+    let (status, headers, replayed) = keyed_api_call(&app, &agent, Some("chat-1")).await;
+    assert_eq!((status, replayed["code"].as_str()), (409, Some("api_already_called")), "{replayed}");
+    assert_eq!((replayed["replayed"].as_bool(), replayed["hold_id"].as_str()), (Some(true), Some(id.as_str())));
+    assert_eq!(headers["x-spendcap-error"], "api_already_called");
+    assert_eq!(provider.billed_calls(), 1, "paid once");
+
+    // Without an Idempotency-Key, the 202 names the key the daemon gave the call; resuming with
+    // it calls the provider once more.
+    let (status, _, waiting) = keyed_api_call(&app, &agent, None).await;
+    assert_eq!(status, 202, "{waiting}");
+    let key = waiting["idempotency_key"].as_str().expect("a key to resume with").to_owned();
+    let id = waiting["approval_id"].as_str().expect("approval id").to_owned();
+    assert_eq!(decide(&app, &id, "approve", "").await.0, 200);
+    let (status, _, answer) = keyed_api_call(&app, &agent, Some(&key)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(provider.billed_calls(), 2);
+}
+
+#[tokio::test]
+async fn a_denied_keyed_api_call_sends_nothing_and_releases_its_bound() {
+    let provider = spendcap::sim::llm::LlmProvider::start().await.expect("LLM provider");
+    let app = keyed_api_app(&provider).await;
+    let agent = app.create_agent("llm-denied", 10_000_000, None).await;
+    set_approval(&app, "llm-denied", json!({ "protocols": ["api"] })).await;
+    let (status, _, waiting) = keyed_api_call(&app, &agent, Some("chat-2")).await;
+    assert_eq!(status, 202, "{waiting}");
+    let id = waiting["approval_id"].as_str().expect("approval id").to_owned();
+    assert_eq!(decide(&app, &id, "deny", "not today").await.0, 200);
+    let (status, headers, answer) = keyed_api_call(&app, &agent, Some("chat-2")).await;
+    assert_eq!((status, answer["code"].as_str()), (403, Some("approval_denied")), "{answer}");
+    assert_eq!(headers["x-spendcap-error"], "approval_denied");
+    assert_eq!(provider.billed_calls(), 0, "nothing was sent");
+    let shown = app.show(&agent.id).await;
+    assert_eq!((shown["held_micros"].as_u64(), shown["spent_micros"].as_u64()), (Some(0), Some(0)), "{shown}");
+}

@@ -20,7 +20,7 @@ const CORE: [&str; 8] = [
 ];
 
 /// The protocol flows: money logic per protocol, over the core and their own service.
-const FLOWS: [&str; 10] = [
+const FLOWS: [&str; 11] = [
     "src/protocols/x402/purchase.rs",
     "src/protocols/x402/upstream.rs",
     "src/protocols/acp/checkout.rs",
@@ -31,6 +31,7 @@ const FLOWS: [&str; 10] = [
     "src/protocols/ap2/budget.rs",
     "src/protocols/mpp/flow.rs",
     "src/protocols/mcp_upstream.rs",
+    "src/protocols/api/flow.rs",
 ];
 
 /// What neither the core nor a flow may name: the HTTP face, and the state that holds every

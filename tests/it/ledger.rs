@@ -1323,10 +1323,23 @@ conformance!(a_purchase_ends_in_the_call_that_ends_its_hold, |ledger: Ledger| as
         HoldOutcome::Granted(grant) => assert_eq!((grant.hold_id, grant.replayed), (other_hold, true)),
         other => panic!("expected the same hold, got {other:?}"),
     }
-    assert_eq!(figures(&ledger, &agent, T0).await, (10_000, 350, 100), "settled 250 + 100; buy-4 still held");
+    // A note about a payment whose hold stays (a rejected x402 authorization) releases its
+    // purchase in the same call; another hold's record is untouched.
+    let noted = pending("buy-5", 100);
+    let noted_hold = granted(ledger.hold(T0, &noted).await.expect("answers"));
+    let note = ledger.note_releasing(T0, &agent.id, &caller, &noted_hold, "rejected", "", Some("buy-1")).await;
+    assert!(!note.expect("notes"), "buy-1 is another hold's purchase");
+    let note = ledger.note_releasing(T0, &agent.id, &caller, &noted_hold, "rejected", "", Some("buy-5")).await;
+    assert!(note.expect("notes"), "the note released buy-5");
+    match ledger.hold(T0, &duplicate(&noted)).await.expect("answers") {
+        HoldOutcome::Granted(grant) => assert_eq!((grant.hold_id, grant.replayed), (noted_hold, true)),
+        other => panic!("expected the same hold, got {other:?}"),
+    }
+    assert_eq!(figures(&ledger, &agent, T0).await, (10_000, 350, 200), "settled 250 + 100; buy-4 and buy-5 held");
     let log = whole_log(&ledger, agent.id.tree()).await;
     let events: Vec<&str> = log.iter().map(|e| e.event.as_str()).collect();
-    let expected = ["create", "hold", "settle", "hold", "settle", "hold", "hold", "void", "unknown"];
+    let expected =
+        ["create", "hold", "settle", "hold", "settle", "hold", "hold", "void", "unknown", "hold", "note", "note"];
     assert_eq!(events, expected, "one entry per change");
 });
 

@@ -1191,6 +1191,40 @@ async fn a_paid_fetch_costs_three_ledger_calls_and_two_upstream_requests() {
     }
 }
 
+/// A payment the server rejects keeps its hold (the authorization is live until validBefore):
+/// the note that logs the rejection also releases the purchase's key, in the same ledger call,
+/// so that the retry re-sends the same authorization.
+#[tokio::test]
+async fn a_rejected_payment_costs_three_ledger_calls_and_its_retry_resumes() {
+    let app = app_with(config()).await;
+    let server = MockServer::start().await;
+    let mut rejection = v2_required("10000");
+    rejection["error"] = json!("insufficient_funds");
+    Mock::given(path("/weather"))
+        .and(header_exists("payment-signature"))
+        .respond_with(v2_402(&rejection))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(path("/weather")).respond_with(v2_402(&v2_required("10000"))).with_priority(10).mount(&server).await;
+    let agent = app.create_agent("rejected-counted", 1_000_000, None).await;
+    let redis = app.redis.clone().expect("a Redis ledger");
+    let request = json!({"url": format!("{}/weather", server.uri()), "task": "t"});
+    let calls = crate::calls::LedgerCalls::watch(&redis);
+    let (status, body) = fetch(&app, &agent.token, request.clone(), Some("rejected-1")).await;
+    let calls = crate::calls::purchase_calls(calls.stop(&redis));
+    assert_eq!((status, body["code"].as_str()), (402, Some("x402_payment_rejected")), "{body}");
+    assert_eq!(
+        calls,
+        ["FCALL spendcap_precheck", "FCALL spendcap_hold", "FCALL spendcap_note"],
+        "ledger calls of a rejected payment (the note releases the key)"
+    );
+    let (status, again) = fetch(&app, &agent.token, request, Some("rejected-1")).await;
+    assert_eq!((status, again["code"].as_str()), (402, Some("x402_payment_rejected")), "{again}");
+    let sent = payments(&server).await;
+    assert_eq!((sent.len(), sent.first() == sent.last()), (2, true), "the retry re-sent the same authorization");
+}
+
 /// Upgrade compatibility: idempotency records written by the previous release (stored by
 /// `spendcap_idem_finish`, an error without its kind) still replay, now that the settle stores
 /// a paid purchase's answer itself. The records are written directly into Redis.

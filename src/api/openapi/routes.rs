@@ -117,7 +117,9 @@ fn mpp_proxy() {}
 /// `x-spendcap-error: <code>`.
 #[utoipa::path(method(get, post, put, delete, patch, head, options, trace), path = "/v1/apis/{name}/{path}", tag = "keyed APIs",
     params(("name" = String, Path, description = "the configured API's name"),
-           ("path" = String, Path, description = "the upstream path (it may contain `/`)")),
+           ("path" = String, Path, description = "the upstream path (it may contain `/`)"),
+           ("Idempotency-Key" = Option<String>, Header,
+            description = "names the call: it is made upstream at most once; a call waiting for approval resumes with it")),
     responses((status = "default", description = "the upstream's answer (any status, headers and body), or the daemon's `{code, detail}`")),
     security(("agent" = [])))]
 fn keyed_api() {}

@@ -19,6 +19,12 @@
 //! daemon keeps reading the session back in the background ([`ResolvePolicy`]); a retry with
 //! the same key, a cancel or an admin can resolve it too.
 //!
+//! The call that ends the hold also ends the purchase's key: the settle and the void store the
+//! answer for retries (`pay::settle_finishing`, `pay::void_finishing`), marking it `unknown`
+//! releases the key (`pay::mark_unknown_releasing`). A separate `pay::finish` is left for a
+//! resumed purchase whose session cannot be read back (no ledger call ends anything), a void the
+//! ledger did not take, and the fallbacks when the folded call did not touch the record.
+//!
 //! [`ResolvePolicy`]: super::ResolvePolicy
 
 use std::collections::BTreeMap;
@@ -379,7 +385,11 @@ pub(super) async fn checkout(
             Err(purchase.on_hold(error))
         }
         Outcome::Unknown(error) => {
-            if let Err(finish_error) = pay::finish(core, auth, &key, IdempotencyFinish::Release).await {
+            let released = purchase.finished.load(std::sync::atomic::Ordering::Relaxed);
+            if let Err(finish_error) = match released {
+                true => Ok(()),
+                false => pay::finish(core, auth, &key, IdempotencyFinish::Release).await,
+            } {
                 tracing::warn!(hold = %purchase.grant.hold_id, code = finish_error.code, "could not release the ACP purchase");
             }
             let error = purchase.on_hold(error);
@@ -862,10 +872,15 @@ impl Purchase<'_> {
 
     /// The payment may have happened: the hold is marked `unknown`, so it stays counted and
     /// never expires, until a read-back, a retry, a cancel or an admin resolves it.
+    /// The mark releases the purchase's key in the same ledger call (`finished`), so that a retry
+    /// gets the hold back at once.
     async fn unknown(&self, cause: Failure) -> Outcome {
-        if let Err(error) = pay::mark_unknown(self.core, &self.grant.hold_id, cause.code).await {
+        match pay::mark_unknown_releasing(self.core, &self.grant.hold_id, cause.code, self.key).await {
+            Ok((_, released)) => self.finished.store(released, std::sync::atomic::Ordering::Relaxed),
             // The hold stays open (counted until its expiry); the read-backs still run.
-            tracing::error!(hold = %self.grant.hold_id, code = error.code, "could not mark an ACP hold unknown");
+            Err(error) => {
+                tracing::error!(hold = %self.grant.hold_id, code = error.code, "could not mark an ACP hold unknown")
+            }
         }
         tracing::warn!(agent = %self.auth.agent, hold = %self.grant.hold_id, code = cause.code,
             "ACP payment outcome unknown; the hold stays counted until it is resolved");
@@ -881,9 +896,28 @@ impl Purchase<'_> {
         )
     }
 
-    /// Voids the hold (nothing spent) and answers with `error`.
+    /// Voids the hold (nothing spent) and answers with `error`; the void stores that answer for
+    /// the purchase's retries in the same ledger call, and says so in `finished`.
     async fn void(&self, reason: &str, error: Failure) -> Outcome {
-        let released = match pay::void(self.core, self.auth, &self.grant.hold_id, reason).await {
+        let reply_of = |released: Micros| {
+            let fields = json!({ "voided": true, "released_micros": released.get(), "void_reason": reason });
+            Reply::error(&self.on_hold(with_fields(error.clone(), fields)))
+        };
+        let hold = &self.grant.hold_id;
+        let result = match self.key {
+            Some(key) => {
+                let stored = reply_of(self.grant.amount).stored();
+                pay::void_finishing(self.core, self.auth, hold, reason, key, &stored).await.map(
+                    |(released, finished)| {
+                        self.finished
+                            .store(finished && released == self.grant.amount, std::sync::atomic::Ordering::Relaxed);
+                        released
+                    },
+                )
+            }
+            None => pay::void(self.core, self.auth, hold, reason).await,
+        };
+        let released = match result {
             Ok(released) => released,
             // Voided already (a concurrent cancel) or expired: nothing is spent either way.
             Err(ended) if ended.code == "hold_voided" || ended.code == "hold_expired" => Micros::ZERO,
@@ -894,8 +928,7 @@ impl Purchase<'_> {
         };
         tracing::info!(agent = %self.auth.agent, hold = %self.grant.hold_id, merchant = self.merchant_name,
             checkout_session_id = self.session_id(), reason, "ACP purchase voided; nothing spent");
-        let fields = json!({ "voided": true, "released_micros": released.get(), "void_reason": reason });
-        Outcome::Done(Reply::error(&self.on_hold(with_fields(error, fields))))
+        Outcome::Done(reply_of(released))
     }
 
     /// Logs a provider's error code against the hold (never the PSP's free text).

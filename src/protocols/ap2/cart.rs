@@ -192,9 +192,11 @@ pub async fn pay(
                 _ => Kind::Internal,
             };
             let api = Failure::new(status, error.code(), error.to_string());
-            void_with(core, auth, &grant, resumed, "ap2_sign_failed", api).await
+            void_with(core, auth, (&grant, resumed, &idempotency_key), "ap2_sign_failed", api).await
         }
-        Ok(mandate) => present(core, auth, processor, merchant, &cart, &mandate, (&grant, resumed)).await,
+        Ok(mandate) => {
+            present(core, auth, processor, merchant, &cart, &mandate, (&grant, resumed, &idempotency_key)).await
+        }
     };
     let (finish_as, reply) = match ending {
         Ending::Stored(reply) => return Ok(reply),
@@ -249,15 +251,16 @@ async fn present(
     merchant: &Merchant,
     cart: &VerifiedCart,
     mandate: &PaymentMandate,
-    // The hold, and whether an earlier attempt made it (and may have presented a mandate).
-    (grant, resumed): (&Grant, bool),
+    // The hold, whether an earlier attempt made it (and may have presented a mandate), and the
+    // payment's idempotency key (the void or the mark that ends the hold ends it too).
+    (grant, resumed, purchase): (&Grant, bool, &str),
 ) -> Ending {
     let mandate_id = mandate.payment_mandate_contents.payment_mandate_id.clone();
     tracing::info!(agent = %auth.agent, hold = %grant.hold_id, cart = %cart.cart.contents.id, mandate = %mandate_id,
         "signed an AP2 v0.1 PaymentMandate");
     let (status, answer) = match post_mandate(processor, cart, mandate).await {
         Ok(answered) => answered,
-        Err(error) => return unknown(core, auth, grant, "ap2_outcome_unknown", error).await,
+        Err(error) => return unknown(core, auth, (grant, purchase), "ap2_outcome_unknown", error).await,
     };
     let Some(receipt_jwt) = answer.payment_receipt else {
         let error = Ap2Error::ProviderError {
@@ -274,14 +277,14 @@ async fn present(
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
             note(core, auth, grant, "ap2_payment_declined", detail).await;
             let api = declined("processor", answer.error.as_deref(), answer.error_description.as_deref());
-            return void_with(core, auth, grant, resumed, "ap2_payment_declined", api).await;
+            return void_with(core, auth, (grant, resumed, purchase), "ap2_payment_declined", api).await;
         }
-        return unknown(core, auth, grant, "ap2_outcome_unknown", error).await;
+        return unknown(core, auth, (grant, purchase), "ap2_outcome_unknown", error).await;
     };
     let reference = MandateReference { jwt_hash: mandate_id.clone(), sd_jwt_hash: mandate_id.clone() };
     let receipt: PaymentReceipt = match verify_payment_receipt(&receipt_jwt, &processor.keys, Some(&reference)) {
         Ok(receipt) => receipt,
-        Err(error) => return unknown(core, auth, grant, "ap2_receipt_invalid", error).await,
+        Err(error) => return unknown(core, auth, (grant, purchase), "ap2_receipt_invalid", error).await,
     };
     if receipt.status == ReceiptStatus::Error {
         let mut detail = BTreeMap::new();
@@ -293,7 +296,7 @@ async fn present(
         detail.insert("payment_receipt_reference".to_owned(), receipt.reference.clone());
         note(core, auth, grant, "ap2_payment_declined", detail).await;
         let api = declined("processor", receipt.error.as_deref(), receipt.error_description.as_deref());
-        return void_with(core, auth, grant, resumed, "ap2_payment_declined", api).await;
+        return void_with(core, auth, (grant, resumed, purchase), "ap2_payment_declined", api).await;
     }
 
     let mut details = cart.intent.details.clone();

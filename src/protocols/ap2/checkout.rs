@@ -248,7 +248,9 @@ pub(super) enum Ending {
     Final(Reply),
     /// Nobody knows whether the merchant charged: the hold stays, a retry resumes it.
     Unknown(Reply),
-    /// Paid, and the settle already stored this answer for duplicates (one ledger call).
+    /// The ledger call that ended the hold also ended the payment's idempotency key (the settle
+    /// or the void stored this answer for duplicates, or marking the hold unknown released the
+    /// key for a retry): nothing more to record.
     Stored(Reply),
 }
 
@@ -266,38 +268,67 @@ pub(super) async fn note(core: &Core, auth: &AgentAuth, grant: &Grant, reason: &
 /// the merchant, so this attempt's refusal (a completed checkout refuses a second completion,
 /// say) proves nothing about the money. The hold is then marked unknown instead
 /// ([`unknown_after`]), never voided.
+///
+/// The void stores the answer under the payment's idempotency key `purchase` in the same
+/// ledger call ([`Ending::Stored`]).
 pub(super) async fn void_with(
     core: &Core,
     auth: &AgentAuth,
-    grant: &Grant,
-    resumed: bool,
+    (grant, resumed, purchase): (&Grant, bool, &str),
     reason: &str,
     error: Failure,
 ) -> Ending {
     if resumed {
-        return unknown_after(core, auth, grant, reason, error).await;
+        return unknown_after(core, auth, (grant, purchase), reason, error).await;
     }
-    let voided = match pay::void(core, auth, &grant.hold_id, reason).await {
-        Ok(_) => true,
+    let reply = |voided: bool| {
+        let mut extra = error.extra.clone().unwrap_or_else(|| json!({}));
+        extra["hold_id"] = json!(grant.hold_id.to_string());
+        extra["voided"] = json!(voided);
+        Reply::error(&error.clone().with_extra(extra))
+    };
+    let voided = reply(true);
+    match pay::void_finishing(core, auth, &grant.hold_id, reason, purchase, &voided.stored()).await {
+        Ok((_, true)) => Ending::Stored(voided),
+        Ok((_, false)) => Ending::Final(voided),
         Err(void_error) => {
             tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = void_error.code,
                 "could not void an AP2 hold; it is released when it expires");
-            false
+            Ending::Final(reply(false))
         }
-    };
-    let mut extra = error.extra.clone().unwrap_or_else(|| json!({}));
-    extra["hold_id"] = json!(grant.hold_id.to_string());
-    extra["voided"] = json!(voided);
-    Ending::Final(Reply::error(&error.with_extra(extra)))
+    }
 }
 
 /// Marks the hold `unknown` (counted against the caps, never expiring, until a retry settles it
 /// or an admin resolves it) with `reason` and `detail`; failures are logged: the hold stays
 /// open then, which keeps it counted until it expires.
-async fn mark_unknown(core: &Core, auth: &AgentAuth, grant: &Grant, reason: &str, detail: &str) {
-    if let Err(error) = pay::mark_unknown(core, &grant.hold_id, &format!("{reason}: {detail}")).await {
-        tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
-            "could not mark an AP2 hold unknown; it stays open until it expires");
+///
+/// With the payment's idempotency key `purchase`, the same call releases it for the retry; true
+/// when it did.
+async fn mark_unknown(
+    core: &Core,
+    auth: &AgentAuth,
+    (grant, purchase): (&Grant, Option<&str>),
+    reason: &str,
+    detail: &str,
+) -> bool {
+    match pay::mark_unknown_releasing(core, &grant.hold_id, &format!("{reason}: {detail}"), purchase).await {
+        Ok((_, released)) => released,
+        Err(error) => {
+            tracing::error!(agent = %auth.agent, hold = %grant.hold_id, code = error.code,
+                "could not mark an AP2 hold unknown; it stays open until it expires");
+            false
+        }
+    }
+}
+
+/// The answer of a payment whose outcome is unknown: its key was released by the mark
+/// (`released`), or is released afterwards.
+fn unknown_ending(reply: Reply, released: bool) -> Ending {
+    if released {
+        Ending::Stored(reply)
+    } else {
+        Ending::Unknown(reply)
     }
 }
 
@@ -305,33 +336,46 @@ async fn mark_unknown(core: &Core, auth: &AgentAuth, grant: &Grant, reason: &str
 /// with the payment's facts in the reason, so that it stays counted until someone settles it.
 pub(super) async fn settle_failed(core: &Core, auth: &AgentAuth, grant: &Grant, error: &Failure) {
     let detail = format!("the provider confirmed the payment but the settle failed ({})", error.code);
-    mark_unknown(core, auth, grant, "ap2_settle_failed", &detail).await;
+    mark_unknown(core, auth, (grant, None), "ap2_settle_failed", &detail).await;
 }
 
 /// Logs why the outcome is unknown, marks the hold `unknown` and keeps it for a retry to resume.
-pub(super) async fn unknown(core: &Core, auth: &AgentAuth, grant: &Grant, reason: &str, error: Ap2Error) -> Ending {
+pub(super) async fn unknown(
+    core: &Core,
+    auth: &AgentAuth,
+    (grant, purchase): (&Grant, &str),
+    reason: &str,
+    error: Ap2Error,
+) -> Ending {
     let mut detail = BTreeMap::new();
     detail.insert("error".to_owned(), error.code().to_owned());
     detail.insert("detail".to_owned(), truncate(&error.to_string()));
     note(core, auth, grant, reason, detail).await;
-    mark_unknown(core, auth, grant, reason, &error.to_string()).await;
+    let released = mark_unknown(core, auth, (grant, Some(purchase)), reason, &error.to_string()).await;
     let api = Failure::new(Kind::Provider, reason_code(reason), error.to_string()).with_extra(json!({
         "hold_id": grant.hold_id.to_string(),
         "hold_state": "unknown",
         "provider_code": error.code(),
     }));
-    Ending::Unknown(Reply::error(&api))
+    unknown_ending(Reply::error(&api), released)
 }
 
 /// A resumed payment's refusal: the earlier attempt's outcome is still unknown, so the hold is
 /// marked unknown and the answer is 502 `ap2_outcome_unknown`, with this attempt's refusal.
-async fn unknown_after(core: &Core, auth: &AgentAuth, grant: &Grant, reason: &str, error: Failure) -> Ending {
+async fn unknown_after(
+    core: &Core,
+    auth: &AgentAuth,
+    (grant, purchase): (&Grant, &str),
+    reason: &str,
+    error: Failure,
+) -> Ending {
     let mut detail = BTreeMap::new();
     detail.insert("error".to_owned(), error.code.to_string());
     detail.insert("detail".to_owned(), truncate(&error.detail));
     detail.insert("resumed".to_owned(), "true".to_owned());
     note(core, auth, grant, reason, detail).await;
-    mark_unknown(core, auth, grant, reason, &format!("a resumed attempt was refused: {}", error.detail)).await;
+    let detail = format!("a resumed attempt was refused: {}", error.detail);
+    let released = mark_unknown(core, auth, (grant, Some(purchase)), reason, &detail).await;
     let mut extra = error.extra.clone().unwrap_or_else(|| json!({}));
     extra["hold_id"] = json!(grant.hold_id.to_string());
     extra["hold_state"] = json!("unknown");
@@ -342,7 +386,7 @@ async fn unknown_after(core: &Core, auth: &AgentAuth, grant: &Grant, reason: &st
         format!("an earlier attempt may have paid; this one was refused: {}", error.detail),
     )
     .with_extra(extra);
-    Ending::Unknown(Reply::error(&api))
+    unknown_ending(Reply::error(&api), released)
 }
 
 fn reason_code(reason: &str) -> &'static str {
@@ -394,8 +438,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             return void_with(
                 core,
                 auth,
-                grant,
-                resumed,
+                (grant, resumed, idempotency_key),
                 "ap2_close_failed",
                 Failure::new(status, error.code(), error.to_string()),
             )
@@ -418,7 +461,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             detail.insert("payment_id".to_owned(), receipt.payment_id.clone());
             note(core, auth, grant, "ap2_credential_refused", detail).await;
             let error = declined("credential_provider", receipt.error.as_deref(), receipt.error_description.as_deref());
-            return void_with(core, auth, grant, resumed, "ap2_credential_refused", error).await;
+            return void_with(core, auth, (grant, resumed, idempotency_key), "ap2_credential_refused", error).await;
         }
         Err(error) => {
             // No token reached anyone who could charge with it.
@@ -427,7 +470,8 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
             note(core, auth, grant, "ap2_credential_provider_error", detail).await;
             let api = Failure::new(Kind::Provider, error.code(), error.to_string());
-            return void_with(core, auth, grant, resumed, "ap2_credential_provider_error", api).await;
+            return void_with(core, auth, (grant, resumed, idempotency_key), "ap2_credential_provider_error", api)
+                .await;
         }
     };
 
@@ -441,16 +485,16 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
             detail.insert("detail".to_owned(), truncate(&error.to_string()));
             note(core, auth, grant, "ap2_merchant_declined", detail).await;
             let api = declined("merchant", Some(error.code()), Some(&error.to_string()));
-            return void_with(core, auth, grant, resumed, "ap2_merchant_declined", api).await;
+            return void_with(core, auth, (grant, resumed, idempotency_key), "ap2_merchant_declined", api).await;
         }
         Err(
             error @ (Ap2Error::ProviderUnreachable(_)
             | Ap2Error::ProviderError { .. }
             | Ap2Error::ProviderBadResponse(_)),
-        ) => return unknown(core, auth, grant, "ap2_outcome_unknown", error).await,
+        ) => return unknown(core, auth, (grant, idempotency_key), "ap2_outcome_unknown", error).await,
         // A receipt that does not verify (signature, issuer, schema, reference) proves nothing
         // either way.
-        Err(error) => return unknown(core, auth, grant, "ap2_receipt_invalid", error).await,
+        Err(error) => return unknown(core, auth, (grant, idempotency_key), "ap2_receipt_invalid", error).await,
     };
 
     if !completion.is_paid() {
@@ -469,7 +513,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
         }
         note(core, auth, grant, "ap2_payment_declined", detail).await;
         let api = declined("merchant", error.as_deref(), description.as_deref());
-        return void_with(core, auth, grant, resumed, "ap2_payment_declined", api).await;
+        return void_with(core, auth, (grant, resumed, idempotency_key), "ap2_payment_declined", api).await;
     }
 
     let checkout_receipt = &completion.checkout_receipt;
@@ -478,7 +522,7 @@ async fn complete(attempt: Attempt<'_>) -> Ending {
         return unknown(
             core,
             auth,
-            grant,
+            (grant, idempotency_key),
             "ap2_receipt_invalid",
             Ap2Error::ReceiptInvalid("no payment receipt".into()),
         )

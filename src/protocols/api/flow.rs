@@ -1,95 +1,150 @@
-//! One keyed-API call: authenticate the agent, price the call's bound, hold it, forward with the
-//! owner's credential, and settle what the call cost, or void when the upstream refused it
-//! without billing it.
+//! One keyed-API call: price the call's bound, hold it, forward with the owner's credential, and
+//! settle what the call cost, or void when the upstream refused it without billing it. The HTTP
+//! face (`routes.rs`) reads the agent's request into an [`ApiRequest`] and turns the
+//! [`Outcome`] (or the [`Failure`]) into its answer; nothing here knows the face.
+//!
+//! ```text
+//! resolve (API, method, URL) ─▶ price the bound ─▶ pay::hold (idempotent, pending)
+//!   ─▶ waits for approval? Failure::approval (202), nothing sent; the repeat with the same key
+//!      resumes the approved hold exactly once
+//!   ─▶ send with the owner's credential ─▶ usage / price / cost header: pay::settle_finishing
+//!   ─▶ an error status or no connection: pay::void_finishing
+//!   ─▶ a stream: passed through as it arrives, settled from its usage when it ends
+//! ```
 //!
 //! Money follows real exposure here as everywhere:
 //!
-//! - nothing is sent before the hold is granted;
+//! - nothing is sent before the hold is granted (and, under an approval rule, approved);
 //! - an answer with a usage (or a fixed price, or a cost header) settles that cost (at most the
 //!   hold: a call that cost more is settled at the hold and logged);
 //! - an error status from the upstream is not billed by the APIs we price, so it voids, as does
 //!   a connection that could not be opened;
 //! - when the cost cannot be known (no response after the request went out, a stream cut before
 //!   its usage, the agent gone mid-stream) the hold is settled in full and the log line says why.
+//!
+//! Every call carries an idempotency key (the agent's `Idempotency-Key`, or one the daemon
+//! makes): the settle or void that ends the call stores its answer for duplicates in the same
+//! ledger call, so a call is made upstream at most once per key.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use adapters::api::{LlmCall, Pricing, Style, Usage, UsageTap};
 use adapters::net::ReadError;
 use adapters::{Micros, PaymentIntent, Protocol};
-use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::{Method, StatusCode};
-use axum::response::{IntoResponse, Response};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
+use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::StreamExt;
-use std::collections::BTreeMap;
+use reqwest::header::{self, HeaderMap};
+use reqwest::Method;
+use serde_json::json;
 
 use super::{Engine, KeyedApi};
-use crate::api::{label, AgentAuth, ApiError, SharedState};
-use crate::identity::{AgentToken, HoldId};
+use crate::app::Core;
+use crate::identity::{AgentAuth, HoldId};
+use crate::ledger::{HoldExpiry, Idempotency, IdempotencyFinish, IdempotencyMode};
+use crate::outcome::{Failure, Kind, Reply};
 use crate::pay::{self, Held, HoldSpec};
 use crate::protocols::x402::destination::{check_url, refused_in, UrlError};
-use crate::protocols::x402::upstream::{describe, forwarded_request_header, returned_response_header};
+use crate::protocols::x402::upstream::{describe, forwarded_request_header};
+use crate::receipt::Receipt;
 
-const PREFIX: &str = "/v1/apis/";
-const TASK_HEADER: &str = "x-spendcap-task";
-const API_KEY_HEADER: &str = "x-api-key";
+/// The header Anthropic-style SDKs send their key in (the agent's token, never forwarded).
+pub const API_KEY_HEADER: &str = "x-api-key";
 /// The hold outlives the longest call by this much, so that the settle always comes first.
 const HOLD_MARGIN_MS: u64 = 60_000;
+/// A resumed call (its approval came) is sent only while its hold has at least twice this left,
+/// and its answer is waited for until this long before the hold ends.
+const RESUME_MARGIN_MS: u64 = 5_000;
 
-/// `ANY /v1/apis/{name}/{*path}`.
-pub async fn call(State(state): State<SharedState>, request: Request) -> Response {
-    match run(state, request).await {
-        Ok(response) => response,
-        Err(err) => {
-            let code = HeaderValue::from_str(err.code).ok();
-            let mut response = err.into_response();
-            if let Some(code) = code {
-                response.headers_mut().insert(HeaderName::from_static("x-spendcap-error"), code);
-            }
-            response
-        }
+/// An agent's call, as the face read it.
+pub struct ApiRequest {
+    pub api: Target,
+    pub method: Method,
+    /// The agent's headers (its own credential is dropped here, never forwarded).
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub task: String,
+    /// The agent's `Idempotency-Key`; without one, the daemon makes one for the call.
+    pub idempotency_key: Option<String>,
+}
+
+/// The API a call goes to and the checked URL it is sent to.
+pub struct Target {
+    api: KeyedApi,
+    client: reqwest::Client,
+    /// The raw path after the API's name (percent-encoded, starting with `/`).
+    path: String,
+    url: reqwest::Url,
+}
+
+/// What the call ended as, for the agent.
+pub enum Outcome {
+    /// The upstream's answer.
+    Delivered(Box<Delivered>),
+    /// The key's call was made before: the answer stored for its duplicates.
+    Replayed(Reply),
+}
+
+/// The upstream's answer and what it cost.
+pub struct Delivered {
+    /// The provider's status, passed on as it is.
+    pub status: u16,
+    /// The provider's headers, all of them (the face chooses what it passes on).
+    pub headers: HeaderMap,
+    pub body: Body,
+    pub hold: HoldId,
+    pub paid: Paid,
+}
+
+pub enum Body {
+    Whole(Bytes),
+    /// Passed through as it arrives; an error ends it as cut.
+    Stream(BoxStream<'static, Result<Bytes, std::io::Error>>),
+}
+
+/// How the money of a call ended.
+pub enum Paid {
+    Settled {
+        amount: Micros,
+        receipt: Option<Receipt>,
+    },
+    Voided,
+    /// The ledger did not take the settle or void; the hold stays until its expiry.
+    Failed,
+    /// A stream: settled from its usage when it ends, after its last byte reached the agent.
+    Pending,
+}
+
+fn invalid(code: &'static str, detail: impl Into<String>) -> Failure {
+    Failure::invalid(code, detail)
+}
+
+/// The configured API `name`, whether it takes `method`, and the URL `path` + `query` is sent to.
+pub fn resolve(
+    engine: &Engine,
+    name: &str,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Target, Failure> {
+    let unknown = || Failure::new(Kind::NotFound, "api_unknown", format!("no API named {name:?} is configured"));
+    let api = engine.apis.get(name).cloned().ok_or_else(unknown)?;
+    let client = engine.clients.get(name).cloned().ok_or_else(unknown)?;
+    if matches!(*method, Method::CONNECT | Method::TRACE) {
+        return Err(Failure::new(Kind::MethodNotAllowed, "invalid_method", "CONNECT and TRACE are not forwarded"));
     }
-}
-
-/// The agent, by its token as `Authorization: Bearer` (OpenAI-style SDKs) or `x-api-key`
-/// (Anthropic-style SDKs). The ledger checks the token inside the hold.
-fn agent(headers: &HeaderMap) -> Result<AgentAuth, ApiError> {
-    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    let bearer = text(&header::AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-    let key = text(&HeaderName::from_static(API_KEY_HEADER)).map(str::trim);
-    let token: AgentToken = bearer.or(key).and_then(|t| t.parse().ok()).ok_or_else(ApiError::unauthorized)?;
-    Ok(AgentAuth { agent: token.agent().clone(), token_hash: token.hash() })
-}
-
-fn invalid(code: &'static str, detail: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
-}
-
-/// The API's name and the rest of the raw path (still percent-encoded, starting with `/`).
-fn split_path(path: &str) -> Result<(&str, &str), ApiError> {
-    let rest = path.strip_prefix(PREFIX).unwrap_or_default();
-    let (name, rest) =
-        rest.split_once('/').map_or((rest, ""), |(name, rest)| (name, &path[path.len() - rest.len() - 1..]));
-    let dot_segment = rest.split('/').any(|segment| {
-        let lower = segment.to_ascii_lowercase().replace("%2e", ".");
-        lower == "." || lower == ".."
-    });
-    if dot_segment || rest.contains('\\') || rest.to_ascii_lowercase().contains("%2f") {
-        return Err(ApiError::bad_request(
-            "api_invalid_path",
-            "the path may not contain '.' or '..' segments or encoded slashes",
-        ));
+    let mut text = format!("{}{}", api.base_url.as_str().trim_end_matches('/'), path);
+    if let Some(query) = query {
+        text.push('?');
+        text.push_str(query);
     }
-    Ok((name, rest))
-}
-
-fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, ApiError> {
-    headers
-        .get(name)
-        .map(|value| value.to_str().map_err(|_| invalid("invalid_header", format!("{name} must be visible ASCII"))))
-        .transpose()
+    let url = check_url(&text, &engine.destinations).map_err(|err| match err {
+        UrlError::Refused(refused) => Failure::new(Kind::Forbidden, "api_destination_forbidden", refused.to_string()),
+        other => Failure::malformed("api_invalid_path", other.to_string()),
+    })?;
+    Ok(Target { api, client, path: path.to_owned(), url })
 }
 
 /// What the call is held for and what is sent.
@@ -99,7 +154,7 @@ struct Priced {
     llm: Option<(Style, LlmCall)>,
 }
 
-fn price(api: &KeyedApi, method: &Method, path: &str, body: Bytes) -> Result<Priced, ApiError> {
+fn price(api: &KeyedApi, method: &Method, path: &str, body: Bytes) -> Result<Priced, Failure> {
     let bad_price = |err: adapters::AmountError| invalid(err.code(), format!("the configured price: {err}"));
     match &api.pricing {
         Pricing::PerRequest { .. } => {
@@ -111,8 +166,8 @@ fn price(api: &KeyedApi, method: &Method, path: &str, body: Bytes) -> Result<Pri
         }
         Pricing::OpenaiUsage(table) | Pricing::AnthropicUsage(table) => {
             if *method != Method::POST {
-                return Err(ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
+                return Err(Failure::new(
+                    Kind::MethodNotAllowed,
                     "api_not_priced",
                     "only POST calls (with a model and an output limit) are priced for this API",
                 ));
@@ -125,73 +180,80 @@ fn price(api: &KeyedApi, method: &Method, path: &str, body: Bytes) -> Result<Pri
     }
 }
 
-fn target(engine: &Engine, api: &KeyedApi, path: &str, query: Option<&str>) -> Result<reqwest::Url, ApiError> {
-    let mut text = format!("{}{}", api.base_url.as_str().trim_end_matches('/'), path);
-    if let Some(query) = query {
-        text.push('?');
-        text.push_str(query);
-    }
-    check_url(&text, &engine.destinations).map_err(|err| match err {
-        UrlError::Refused(refused) => {
-            ApiError::new(StatusCode::FORBIDDEN, "api_destination_forbidden", refused.to_string())
-        }
-        other => ApiError::bad_request("api_invalid_path", other.to_string()),
-    })
+/// What an idempotency key stands for: the call as the agent sent it (its headers aside, which
+/// SDKs vary between retries).
+fn fingerprint(request: &ApiRequest) -> String {
+    use sha2::{Digest, Sha256};
+    crate::fingerprint::of(
+        "api.call",
+        &json!({
+            "api": request.api.api.name,
+            "method": request.method.as_str(),
+            "url": request.api.url.as_str(),
+            "task": request.task,
+            "body_sha256": hex::encode(Sha256::digest(&request.body)),
+        }),
+    )
 }
 
-async fn run(state: SharedState, request: Request) -> Result<Response, ApiError> {
-    let engine = state.protocols.api.engine().cloned().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "api_not_configured",
-            "keyed APIs are not configured on this daemon (no SPENDCAP_APIS_CONFIG)",
-        )
-    })?;
-    let (parts, body) = request.into_parts();
-    let auth = agent(&parts.headers)?;
-    let (name, path) = split_path(parts.uri.path())?;
-    let unknown =
-        || ApiError::new(StatusCode::NOT_FOUND, "api_unknown", format!("no API named {name:?} is configured"));
-    let api = engine.apis.get(name).cloned().ok_or_else(unknown)?;
-    let client = engine.clients.get(name).cloned().ok_or_else(unknown)?;
-    if matches!(parts.method, Method::CONNECT | Method::TRACE) {
-        return Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_method",
-            "CONNECT and TRACE are not forwarded",
-        ));
-    }
-    let task = label("task", header_text(&parts.headers, TASK_HEADER)?.unwrap_or_default(), 128)?;
-    let url = target(&engine, &api, path, parts.uri.query())?;
-    let limit = engine.max_request_bytes;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request bodies are limited to {limit} bytes"),
-        )
-    })?;
-    let priced = price(&api, &parts.method, path, body)?;
+/// The answer a finished call's key gives its duplicates: the call is not made again.
+fn already_called(hold: &HoldId, payment: &str, amount: Micros) -> String {
+    let failure = Failure::new(
+        Kind::Conflict,
+        "api_already_called",
+        "the call with this Idempotency-Key was made; it is not made again (its answer is not kept): \
+         send a new Idempotency-Key to call again",
+    )
+    .with_extra(json!({ "hold_id": hold.to_string(), "payment": payment, "amount_micros": amount.get() }));
+    Reply::error(&failure).stored()
+}
+
+/// Makes the call for the agent: held before it is sent, settled from what it cost.
+pub async fn call(
+    core: &Arc<Core>,
+    engine: &Arc<Engine>,
+    auth: &AgentAuth,
+    request: ApiRequest,
+) -> Result<Outcome, Failure> {
+    let fingerprint = fingerprint(&request);
+    let ApiRequest { api: target, method, headers: agent_headers, body, task, idempotency_key } = request;
+    let Target { api, client, path, url } = target;
+    let priced = price(&api, &method, &path, body)?;
 
     let mut details = BTreeMap::new();
-    details.insert("method".to_owned(), parts.method.as_str().to_owned());
+    details.insert("method".to_owned(), method.as_str().to_owned());
     details.insert("path".to_owned(), path.chars().take(200).collect());
     if let Some((_, call)) = &priced.llm {
         details.insert("model".to_owned(), call.model.chars().take(128).collect());
     }
     let intent = PaymentIntent { amount: priced.bound, service: api.name.clone(), protocol: Protocol::Api, details };
     let timeout_ms = u64::try_from(engine.timeout.as_millis()).unwrap_or(u64::MAX);
-    let expires = crate::ledger::HoldExpiry::After(timeout_ms.saturating_add(HOLD_MARGIN_MS));
-    let spec = HoldSpec { intent: &intent, task: &task, expires, idempotency: None };
-    let grant = match pay::hold(&state, &auth, spec).await? {
-        Held::New(grant) | Held::Resumed(grant) => grant,
-        Held::Finished(_) => {
-            return Err(ApiError::internal("a keyed-API hold without an idempotency key was replayed"))
+    let lifetime_ms = timeout_ms.saturating_add(HOLD_MARGIN_MS);
+    // The key stays in flight a little longer than the hold lives: a duplicate that takes it
+    // over (the first caller died) finds the hold ended, and never sends the call again.
+    let key = idempotency_key.unwrap_or_else(|| format!("api-{:032x}", rand::random::<u128>()));
+    let idempotency = Idempotency {
+        key: key.clone(),
+        fingerprint,
+        mode: IdempotencyMode::Pending { lease_ms: lifetime_ms.saturating_add(1_000) },
+    };
+    let spec = HoldSpec {
+        intent: &intent,
+        task: &task,
+        expires: HoldExpiry::After(lifetime_ms),
+        idempotency: Some(idempotency),
+    };
+    let (grant, timeout) = match pay::hold(core, auth, spec).await? {
+        Held::New(grant) => (grant, engine.timeout),
+        Held::Resumed(grant) => {
+            let timeout = resumable(core, auth, &grant.hold_id, engine.timeout).await?;
+            (grant, timeout)
         }
+        Held::Finished(stored) => return Ok(Outcome::Replayed(Reply::replay(&stored)?)),
     };
 
     let mut headers = HeaderMap::new();
-    for (name, value) in &parts.headers {
+    for (name, value) in &agent_headers {
         let agent_credential = *name == header::AUTHORIZATION || name.as_str() == API_KEY_HEADER;
         if forwarded_request_header(name) && !agent_credential && *name != api.credential.header {
             headers.append(name.clone(), value.clone());
@@ -207,39 +269,59 @@ async fn run(state: SharedState, request: Request) -> Result<Response, ApiError>
             engine.conformance.record("api", kind, &message);
         }
     }
-    let call = Call { state, auth, api, hold: grant.hold_id, held: grant.amount, llm: priced.llm };
-    let sent = client
-        .request(parts.method.clone(), url)
-        .headers(headers)
-        .timeout(engine.timeout)
-        .body(priced.body)
-        .send()
-        .await;
+    let call = Call {
+        core: Arc::clone(core),
+        auth: auth.clone(),
+        api,
+        hold: grant.hold_id,
+        held: grant.amount,
+        key,
+        llm: priced.llm,
+    };
+    let sent = client.request(method, url).headers(headers).timeout(timeout).body(priced.body).send().await;
     match sent {
-        Ok(response) => Ok(call.answer(&engine, response).await),
+        Ok(response) => call.answer(engine, response).await,
         Err(err) => Err(call.no_response(err).await),
     }
 }
 
+/// How long a resumed call (the repeat of one that waited for approval) may wait for its answer,
+/// if it may still be sent: only a hold that is open with time left is, so that a call is made
+/// upstream at most once, and settled while its hold is open.
+async fn resumable(core: &Core, auth: &AgentAuth, hold: &HoldId, timeout: Duration) -> Result<Duration, Failure> {
+    let info = pay::hold_info(core, auth, hold).await?;
+    let left_ms = info.expires_at_ms.saturating_sub(core.clock.now_ms());
+    let extra = json!({ "hold_id": hold.to_string(), "state": info.state });
+    if info.state == "open" && left_ms >= 2 * RESUME_MARGIN_MS {
+        return Ok(timeout.min(Duration::from_millis(left_ms - RESUME_MARGIN_MS)));
+    }
+    if info.state == "open" || info.state == "expired" {
+        return Err(Failure::new(
+            Kind::Conflict,
+            "hold_expired",
+            "the hold of this call ended (or has too little time left) before it was sent; nothing was sent: \
+             call again with a new Idempotency-Key",
+        )
+        .with_extra(extra));
+    }
+    Err(Failure::new(
+        Kind::Conflict,
+        "api_already_called",
+        "the call with this Idempotency-Key was made; it is not made again: send a new Idempotency-Key to call again",
+    )
+    .with_extra(extra))
+}
+
 /// A held call on its way.
 struct Call {
-    state: SharedState,
+    core: Arc<Core>,
     auth: AgentAuth,
     api: KeyedApi,
     hold: HoldId,
     held: Micros,
+    /// The call's idempotency key: the end of its hold finishes it.
+    key: String,
     llm: Option<(Style, LlmCall)>,
-}
-
-/// How the money of a call ended, for the agent's `X-Spendcap-*` headers.
-enum Paid {
-    Settled {
-        amount: Micros,
-        receipt: Option<String>,
-    },
-    Voided,
-    /// The ledger did not take the settle or void; the hold stays until its expiry.
-    Failed,
 }
 
 enum StreamEnd {
@@ -262,11 +344,22 @@ fn usage_details(model: &str, usage: &Usage) -> BTreeMap<String, String> {
     details
 }
 
+/// A streamed body of the upstream's, as the face passes it on.
+fn passed_on(response: reqwest::Response) -> Body {
+    Body::Stream(response.bytes_stream().map(|chunk| chunk.map_err(std::io::Error::other)).boxed())
+}
+
 impl Call {
     fn model(&self) -> &str {
         self.llm.as_ref().map(|(_, call)| call.model.as_str()).unwrap_or_default()
     }
 
+    fn delivered(&self, status: u16, headers: HeaderMap, body: Body, paid: Paid) -> Outcome {
+        Outcome::Delivered(Box::new(Delivered { status, headers, body, hold: self.hold.clone(), paid }))
+    }
+
+    /// Settles `amount` and stores the key's answer in the same ledger call (or, when the
+    /// receipt signed ahead was not linked, with one more).
     async fn settle(&self, amount: Micros, details: BTreeMap<String, String>) -> Paid {
         let amount = if amount > self.held {
             tracing::warn!(agent = %self.auth.agent, hold = %self.hold, service = %self.api.name,
@@ -276,10 +369,18 @@ impl Call {
         } else {
             amount
         };
-        match pay::settle(&self.state, &self.auth, &self.hold, amount, &details).await {
-            Ok(settlement) => {
-                let receipt = serde_json::to_vec(&settlement.receipt).ok().map(|r| URL_SAFE_NO_PAD.encode(r));
-                Paid::Settled { amount, receipt }
+        let answer = |settled: &pay::Settlement| Some(already_called(&self.hold, "settled", settled.outcome.amount));
+        match pay::settle_finishing(&self.core, &self.auth, &self.hold, amount, &details, &self.key, answer).await {
+            Ok((settlement, finished)) => {
+                if !finished {
+                    let stored = already_called(&self.hold, "settled", settlement.outcome.amount);
+                    if let Err(err) =
+                        pay::finish(&self.core, &self.auth, &self.key, IdempotencyFinish::Done(stored)).await
+                    {
+                        tracing::warn!(hold = %self.hold, code = err.code, "keyed API: could not finish the call's key");
+                    }
+                }
+                Paid::Settled { amount, receipt: Some(settlement.receipt) }
             }
             Err(err) => {
                 tracing::error!(agent = %self.auth.agent, hold = %self.hold, code = err.code, detail = %err.detail,
@@ -301,8 +402,10 @@ impl Call {
         self.settle(self.held, details).await
     }
 
+    /// Voids the hold and stores the key's answer in the same ledger call.
     async fn void(&self, reason: &str) -> Paid {
-        match pay::void(&self.state, &self.auth, &self.hold, reason).await {
+        let stored = already_called(&self.hold, "voided", Micros::ZERO);
+        match pay::void_finishing(&self.core, &self.auth, &self.hold, reason, &self.key, &stored).await {
             Ok(_) => Paid::Voided,
             Err(err) => {
                 tracing::error!(agent = %self.auth.agent, hold = %self.hold, code = err.code, "keyed API hold not voided");
@@ -312,26 +415,22 @@ impl Call {
     }
 
     /// The request got no response.
-    async fn no_response(self, err: reqwest::Error) -> ApiError {
+    async fn no_response(self, err: reqwest::Error) -> Failure {
         if let Some(refused) = refused_in(&err) {
             self.void("destination_refused").await;
-            return ApiError::new(StatusCode::FORBIDDEN, "api_destination_forbidden", refused.to_string());
+            return Failure::new(Kind::Forbidden, "api_destination_forbidden", refused.to_string());
         }
         if err.is_connect() {
             // No connection, so nothing was sent: nothing can have been billed.
             let detail = describe(err);
             self.void("upstream_unreachable").await;
-            return ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "api_upstream_unreachable",
-                format!("{}: {detail}", self.api.name),
-            );
+            return Failure::new(Kind::Provider, "api_upstream_unreachable", format!("{}: {detail}", self.api.name));
         }
         let why = if err.is_timeout() { "no_response_timeout" } else { "no_response" };
         let detail = describe(err);
         self.settle_unknown(why).await;
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
+        Failure::new(
+            Kind::Provider,
             "api_upstream_no_response",
             format!(
                 "{} sent no response ({detail}); the call may have been billed, so its hold was settled",
@@ -340,7 +439,7 @@ impl Call {
         )
     }
 
-    async fn answer(self, engine: &Engine, response: reqwest::Response) -> Response {
+    async fn answer(self, engine: &Engine, response: reqwest::Response) -> Result<Outcome, Failure> {
         let status = response.status();
         match &self.api.pricing {
             Pricing::PerRequest { .. } => {
@@ -350,7 +449,7 @@ impl Call {
                     self.void(&format!("upstream_status_{}", status.as_u16())).await
                 };
                 let headers = response.headers().clone();
-                respond(status, &headers, Body::from_stream(response.bytes_stream()), &self.hold, &paid)
+                Ok(self.delivered(status.as_u16(), headers, passed_on(response), paid))
             }
             Pricing::ResponseHeader { header, unit, .. } => {
                 let cost =
@@ -365,13 +464,13 @@ impl Call {
                     None => self.void(&format!("upstream_status_{}", status.as_u16())).await,
                 };
                 let headers = response.headers().clone();
-                respond(status, &headers, Body::from_stream(response.bytes_stream()), &self.hold, &paid)
+                Ok(self.delivered(status.as_u16(), headers, passed_on(response), paid))
             }
             Pricing::OpenaiUsage(_) | Pricing::AnthropicUsage(_) => self.answer_llm(engine, response).await,
         }
     }
 
-    async fn answer_llm(self, engine: &Engine, response: reqwest::Response) -> Response {
+    async fn answer_llm(self, engine: &Engine, response: reqwest::Response) -> Result<Outcome, Failure> {
         let status = response.status();
         let headers = response.headers().clone();
         // An SSE answer, or an answer to a streaming request that is not JSON (some servers
@@ -382,24 +481,25 @@ impl Call {
         let event_stream =
             content_type.starts_with("text/event-stream") || (asked_stream && !content_type.contains("json"));
         if status.is_success() && event_stream {
-            return self.stream(status, headers, response);
+            let (status, hold) = (status.as_u16(), self.hold.clone());
+            let body = self.stream(response);
+            return Ok(Outcome::Delivered(Box::new(Delivered { status, headers, body, hold, paid: Paid::Pending })));
         }
         let body = read_body(response, engine.max_response_bytes).await;
         if !status.is_success() {
             // OpenAI- and Anthropic-style APIs do not bill a call they answer with an error.
             let paid = self.void(&format!("upstream_status_{}", status.as_u16())).await;
-            return respond(status, &headers, Body::from(body.unwrap_or_default()), &self.hold, &paid);
+            return Ok(self.delivered(status.as_u16(), headers, Body::Whole(body.unwrap_or_default()), paid));
         }
         let body = match body {
             Ok(body) => body,
             Err(why) => {
                 self.settle_unknown(why).await;
-                return ApiError::new(
-                    StatusCode::BAD_GATEWAY,
+                return Err(Failure::new(
+                    Kind::Provider,
                     if why == "body_too_large" { "api_upstream_body_too_large" } else { "api_upstream_cut" },
                     "the upstream's answer could not be read whole; the call's hold was settled",
-                )
-                .into_response();
+                ));
             }
         };
         let style = self.llm.as_ref().map(|(style, _)| *style).unwrap_or(Style::OpenAi);
@@ -407,7 +507,7 @@ impl Call {
             Some(usage) => self.settle_usage(&usage).await,
             None => self.settle_unknown("usage_missing").await,
         };
-        respond(status, &headers, Body::from(body), &self.hold, &paid)
+        Ok(self.delivered(status.as_u16(), headers, Body::Whole(body), paid))
     }
 
     async fn settle_usage(&self, usage: &Usage) -> Paid {
@@ -420,11 +520,10 @@ impl Call {
     }
 
     /// Passes an SSE answer through as it arrives; settles when it ends.
-    fn stream(self, status: StatusCode, headers: HeaderMap, response: reqwest::Response) -> Response {
+    fn stream(self, response: reqwest::Response) -> Body {
         let (style, strip) =
             self.llm.as_ref().map_or((Style::OpenAi, false), |(style, call)| (*style, call.usage_added));
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(32);
-        let hold = self.hold.clone();
         tokio::spawn(async move {
             let mut tap = UsageTap::new(style, strip);
             let mut upstream = response.bytes_stream();
@@ -471,12 +570,9 @@ impl Call {
                 let _ = tx.send(Err(std::io::Error::other("the upstream stream was cut"))).await;
             }
         });
-        let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-        let mut response = respond(status, &headers, Body::from_stream(body), &hold, &Paid::Failed);
-        response
-            .headers_mut()
-            .insert(HeaderName::from_static("x-spendcap-payment"), HeaderValue::from_static("pending"));
-        response
+        Body::Stream(
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }).boxed(),
+        )
     }
 }
 
@@ -486,54 +582,5 @@ async fn read_body(response: reqwest::Response, limit: usize) -> Result<Bytes, &
         Ok(body) => Ok(Bytes::from(body)),
         Err(ReadError::TooLarge { .. }) => Err("body_too_large"),
         Err(ReadError::Transport(_)) => Err("body_cut"),
-    }
-}
-
-/// The upstream's answer (status, headers, body) with spendcap's own headers.
-fn respond(status: StatusCode, upstream: &HeaderMap, body: Body, hold: &HoldId, paid: &Paid) -> Response {
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    for (name, value) in upstream {
-        if returned_response_header(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    let mut spendcap = |name: &'static str, value: &str| {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(HeaderName::from_static(name), value);
-        }
-    };
-    spendcap("x-spendcap-hold-id", hold.as_str());
-    match paid {
-        Paid::Settled { amount, receipt } => {
-            spendcap("x-spendcap-payment", "settled");
-            spendcap("x-spendcap-amount-micros", &amount.get().to_string());
-            if let Some(receipt) = receipt {
-                spendcap("x-spendcap-receipt", receipt);
-            }
-        }
-        Paid::Voided => {
-            spendcap("x-spendcap-payment", "voided");
-            spendcap("x-spendcap-amount-micros", "0");
-        }
-        Paid::Failed => spendcap("x-spendcap-payment", "unsettled"),
-    }
-    response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_path_after_the_name_is_kept_raw_and_dot_segments_are_refused() {
-        assert_eq!(split_path("/v1/apis/openai/v1/chat/completions").ok(), Some(("openai", "/v1/chat/completions")));
-        assert_eq!(split_path("/v1/apis/search/q%20x").ok(), Some(("search", "/q%20x")));
-        for bad in
-            ["/v1/apis/openai/../admin", "/v1/apis/openai/v1/%2e%2E/x", "/v1/apis/openai/a%2Fb", "/v1/apis/o/./x"]
-        {
-            assert_eq!(split_path(bad).map_err(|e| e.code).err(), Some("api_invalid_path"), "{bad}");
-        }
     }
 }

@@ -5,10 +5,14 @@
 //!   ─▶ mint the token (PSP, idempotency key <hold>:spt: a resumed purchase gets the same one)
 //!   ─▶ fetch with Authorization: Payment <credential>
 //!   ─▶ Payment-Receipt (success): pay::settle + receipt, finish(Done)
-//!   ─▶ 402 again: note, the hold stays until the token expires (then the ledger releases it)
-//!   ─▶ no answer, or an answer without a receipt: pay::mark_unknown, finish(Release) so that a
-//!      retry re-sends the same credential
+//!   ─▶ 402 again: pay::note_releasing (the key released in the same call), the hold stays
+//!      until the token expires (then the ledger releases it)
+//!   ─▶ no answer, or an answer without a receipt: pay::mark_unknown_releasing (one call) so that
+//!      a retry re-sends the same credential
 //! ```
+//!
+//! Not folded yet: the paid path (`pay::settle`, then `finish(Done)`: two calls where x402's
+//! `settle_finishing` makes one), left to the MPP flow's own change.
 //!
 //! Nothing is held before the policy accepted a challenge, and no token is minted before the
 //! ledger granted the hold. A token that never left the daemon (the PSP refused to mint it, or
@@ -421,23 +425,47 @@ impl Paying<'_> {
     /// purchase's hold is voided (a resumed one keeps its hold: its credential did leave).
     async fn abandon(&self, err: Failure) -> Failure {
         if !self.resumed {
-            if let Err(void_err) = pay::void(self.core, self.agent, &self.hold, err.code).await {
-                tracing::warn!(hold = %self.hold, code = void_err.code, "mpp: could not void an unsent payment's hold");
+            // The void stores the error for the purchase's retries in the same ledger call.
+            let stored = serde_json::to_string(&Stored::Error {
+                failure: err.kind.as_str().to_owned(),
+                code: err.code.to_owned(),
+                detail: err.detail.clone(),
+                extra: err.extra.clone(),
+            })
+            .unwrap_or_default();
+            match pay::void_finishing(self.core, self.agent, &self.hold, err.code, &self.key, &stored).await {
+                Ok((_, true)) => {
+                    tracing::warn!(agent = %self.agent.agent, code = err.code, "mpp: credential not sent");
+                    return err;
+                }
+                Ok((_, false)) => {}
+                Err(void_err) => {
+                    tracing::warn!(hold = %self.hold, code = void_err.code, "mpp: could not void an unsent payment's hold")
+                }
             }
         }
         tracing::warn!(agent = %self.agent.agent, code = err.code, "mpp: credential not sent");
         finish_with_error(self.core, self.agent, &self.key, err).await
     }
 
+    /// Marks the hold `unknown` and, in the same ledger call, releases the purchase's key so that
+    /// a retry re-sends the same credential; if that did not happen, releases it with one more.
+    async fn mark_unknown(&self, detail: &str) {
+        let reason = format!("mpp_outcome_unknown: {}", clip(detail));
+        match pay::mark_unknown_releasing(self.core, &self.hold, &reason, Some(&self.key)).await {
+            Ok((_, true)) => return,
+            Ok((_, false)) => {}
+            Err(err) => {
+                tracing::error!(hold = %self.hold, code = err.code, "mpp: could not mark a payment's outcome unknown")
+            }
+        }
+        finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
+    }
+
     async fn unknown(&self, detail: String, timed_out: bool) -> Failure {
         tracing::warn!(agent = %self.agent.agent, service = %self.service(), detail = %clip(&detail),
             "mpp: payment outcome unknown; the hold stays counted until resolved");
-        if let Err(err) =
-            pay::mark_unknown(self.core, &self.hold, &format!("mpp_outcome_unknown: {}", clip(&detail))).await
-        {
-            tracing::error!(hold = %self.hold, code = err.code, "mpp: could not mark a payment's outcome unknown");
-        }
-        finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
+        self.mark_unknown(&detail).await;
         let kind = if timed_out { Kind::ProviderTimeout } else { Kind::Provider };
         error(
             kind,
@@ -481,12 +509,7 @@ impl Paying<'_> {
                     _ => "no Payment-Receipt".to_owned(),
                 };
                 let detail = format!("HTTP {} without a usable receipt ({reason})", answer.status.as_u16());
-                if let Err(err) =
-                    pay::mark_unknown(self.core, &self.hold, &format!("mpp_outcome_unknown: {}", clip(&detail))).await
-                {
-                    tracing::error!(hold = %self.hold, code = err.code, "mpp: could not mark a payment's outcome unknown");
-                }
-                finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
+                self.mark_unknown(&detail).await;
                 let mut view = self.view(MppPaymentStatus::Unconfirmed);
                 view.reason = Some(clip(&reason));
                 Ok(Delivered { answer, payment: Some(view), replayed: false })
@@ -502,10 +525,17 @@ impl Paying<'_> {
         let mut details = self.details();
         details.insert("upstream_status".to_owned(), answer.status.as_u16().to_string());
         details.insert("upstream_body".to_owned(), clip(&body));
-        if let Err(err) = pay::note(self.core, self.agent, &self.hold, "mpp_payment_rejected", &details).await {
-            tracing::warn!(hold = %self.hold, code = err.code, "mpp: could not log a note");
+        // The note releases the purchase's key in the same ledger call (a retry re-sends the
+        // same credential); if it did not, one more call does.
+        match pay::note_releasing(self.core, self.agent, &self.hold, "mpp_payment_rejected", &details, &self.key).await
+        {
+            Ok(true) => {}
+            Ok(false) => finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await,
+            Err(err) => {
+                tracing::warn!(hold = %self.hold, code = err.code, "mpp: could not log a note");
+                finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
+            }
         }
-        finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
         error(Kind::Refused, "mpp_payment_rejected", format!("the server refused the credential: {}", clip(&body)))
             .with_extra(json!({
                 "hold_id": self.hold.to_string(),

@@ -4,13 +4,13 @@
 
 use std::collections::BTreeMap;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::header::{HeaderMap, HeaderName, HeaderValue};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Json;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -19,17 +19,14 @@ use super::flow::{self, Delivered, Engine, FetchRequest};
 use crate::api::holds::idempotency_key;
 use crate::api::{label, AgentAuth, ApiError, ApiJson, AppState, SharedState};
 use crate::protocols::x402::destination::{check_url, UrlError};
-use crate::protocols::x402::routes::{header_text, invalid, max_amount, method, proxy_target_under, FetchBody};
-use crate::protocols::x402::upstream::{forwarded_request_header, returned_response_header, Outgoing};
+use crate::protocols::x402::routes::{
+    error_response, invalid, json_answer_parts, json_form_parts, max_amount, method, proxy_form, FetchBody,
+};
+use crate::protocols::x402::upstream::{returned_response_header, Outgoing};
 use crate::receipt::Receipt;
 
 /// The path the target URL is appended to in the proxy form.
 pub const PROXY_PREFIX: &str = "/v1/mpp/proxy/";
-
-const TASK_HEADER: &str = "x-spendcap-task";
-const MAX_AMOUNT_HEADER: &str = "x-spendcap-max-amount-micros";
-const IDEMPOTENCY_HEADER: &str = "x-spendcap-idempotency-key";
-const UPSTREAM_AUTHORIZATION_HEADER: &str = "x-spendcap-upstream-authorization";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -121,24 +118,7 @@ pub async fn fetch(
     let idempotency_key = idempotency_key(&headers)?;
     let method = method(body.method.as_deref().unwrap_or("GET"))?;
     let url = check_url(&body.url, &engine.destinations).map_err(url_error)?;
-    let mut upstream_headers = HeaderMap::new();
-    for (name, value) in &body.headers {
-        let name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| invalid("invalid_header", format!("{name:?} is not a header name")))?;
-        let value = HeaderValue::from_str(value)
-            .map_err(|_| invalid("invalid_header", format!("the value of {name} is not a valid header value")))?;
-        if forwarded_request_header(&name) {
-            upstream_headers.append(name, value);
-        }
-    }
-    let request_body = match (body.body, body.body_base64) {
-        (Some(_), Some(_)) => return Err(invalid("invalid_body", "send body or body_base64, not both")),
-        (Some(text), None) => Bytes::from(text),
-        (None, Some(encoded)) => {
-            Bytes::from(STANDARD.decode(encoded).map_err(|_| invalid("invalid_body", "body_base64 is not base64"))?)
-        }
-        (None, None) => Bytes::new(),
-    };
+    let (upstream_headers, request_body) = json_form_parts(&body.headers, body.body, body.body_base64)?;
     let request = FetchRequest {
         outgoing: Outgoing { method, url, headers: upstream_headers, body: request_body },
         task: label("task", &body.task, 128)?,
@@ -150,21 +130,7 @@ pub async fn fetch(
 }
 
 fn json_response(delivered: Delivered) -> MppFetchResponse {
-    let mut headers: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in &delivered.answer.headers {
-        if !returned_response_header(name) {
-            continue;
-        }
-        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        headers
-            .entry(name.as_str().to_owned())
-            .and_modify(|joined| *joined = format!("{joined}, {value}"))
-            .or_insert(value);
-    }
-    let (body, body_base64) = match std::str::from_utf8(&delivered.answer.body) {
-        Ok(text) => (Some(text.to_owned()), None),
-        Err(_) => (None, Some(STANDARD.encode(&delivered.answer.body))),
-    };
+    let (headers, body, body_base64) = json_answer_parts(&delivered.answer);
     MppFetchResponse {
         status: delivered.answer.status.as_u16(),
         headers,
@@ -179,68 +145,20 @@ fn json_response(delivered: Delivered) -> MppFetchResponse {
 pub async fn proxy(auth: AgentAuth, State(state): State<SharedState>, request: Request) -> Response {
     match proxy_fetch(&auth, &state, request).await {
         Ok(delivered) => proxy_response(delivered),
-        Err(err) => {
-            let code = HeaderValue::from_str(err.code).ok();
-            let mut response = err.into_response();
-            if let Some(code) = code {
-                response.headers_mut().insert(HeaderName::from_static("x-spendcap-error"), code);
-            }
-            response
-        }
+        Err(err) => error_response(err),
     }
 }
 
 async fn proxy_fetch(auth: &AgentAuth, state: &AppState, request: Request) -> Result<Delivered, ApiError> {
     let engine = engine(state)?;
-    let (parts, body) = request.into_parts();
-    let url = check_url(&proxy_target_under(&parts.uri, PROXY_PREFIX)?, &engine.destinations).map_err(url_error)?;
-    let method = method(parts.method.as_str())?;
-    let headers = &parts.headers;
-    let task = label("task", header_text(headers, TASK_HEADER)?.unwrap_or_default(), 128)?;
-    let max_amount = match header_text(headers, MAX_AMOUNT_HEADER)? {
-        None => None,
-        Some(text) => {
-            let number: serde_json::Number = text
-                .trim()
-                .parse()
-                .map_err(|_| invalid("amount_malformed", format!("{MAX_AMOUNT_HEADER} must be an integer")))?;
-            Some(max_amount(&number)?)
-        }
-    };
-    let idempotency_key = match header_text(headers, IDEMPOTENCY_HEADER)? {
-        Some(key) if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) => {
-            Some(key.to_owned())
-        }
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_idempotency_key",
-                "X-Spendcap-Idempotency-Key must be 1 to 255 visible ASCII characters",
-            ))
-        }
-        None => idempotency_key(headers)?,
-    };
-    let mut upstream_headers = HeaderMap::new();
-    for (name, value) in headers {
-        if *name != header::AUTHORIZATION && forwarded_request_header(name) {
-            upstream_headers.append(name.clone(), value.clone());
-        }
-    }
-    if let Some(authorization) = headers.get(UPSTREAM_AUTHORIZATION_HEADER) {
-        upstream_headers.insert(header::AUTHORIZATION, authorization.clone());
-    }
-    let limit = state.limits.body_bytes;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request bodies are limited to {limit} bytes"),
-        )
-    })?;
+    let form =
+        proxy_form(state, request, PROXY_PREFIX, |target| check_url(target, &engine.destinations).map_err(url_error))
+            .await?;
     let request = FetchRequest {
-        outgoing: Outgoing { method, url, headers: upstream_headers, body },
-        task,
-        max_amount,
-        idempotency_key,
+        outgoing: Outgoing { method: form.method, url: form.url, headers: form.headers, body: form.body },
+        task: form.task,
+        max_amount: form.max_amount,
+        idempotency_key: form.idempotency_key,
     };
     Ok(flow::fetch(&state.core, engine, auth, request).await?)
 }

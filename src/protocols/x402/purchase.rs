@@ -3,12 +3,18 @@
 //! ```text
 //! verify the agent ─▶ fetch unpaid ─▶ 402? ─▶ parse, choose (policy) ─▶ pay::hold (idempotent)
 //!   ─▶ sign (fresh terms, or the stored ones when the purchase resumes) ─▶ fetch with payment
-//!   ─▶ settled (whatever the status): pay::settle + receipt, finish(Done)
-//!   ─▶ 402 again / failed settlement report: note (the provider's reason), keep the hold until
-//!      validBefore, finish(Release)
-//!   ─▶ no answer, or no settlement report: pay::mark_unknown (counted, never expires),
-//!      finish(Release) so that a retry re-sends the same authorization and settles it
+//!   ─▶ settled (whatever the status): pay::settle_finishing (receipt + the answer for retries,
+//!      one ledger call)
+//!   ─▶ 402 again / failed settlement report: pay::note_releasing (the provider's reason, and the
+//!      purchase's key released, one call), the hold kept until validBefore
+//!   ─▶ no answer, or no settlement report: pay::mark_unknown_releasing (counted, never expires;
+//!      the key released in the same call) so that a retry re-sends the same authorization
 //! ```
+//!
+//! A separate `finish` is left only where no ledger call ends the step: a resumed purchase that
+//! cannot go on (`resumable` only reads the hold), an authorization too close to its expiry to
+//! be re-sent (nothing changes), and the fallbacks when a folded call did not touch the record
+//! (a settle whose receipt signed ahead was not linked).
 //!
 //! Nothing is held or signed before the 402 has been read and the policy accepted it, and
 //! nothing is signed before the ledger granted the hold. A signed authorization is never voided:
@@ -705,14 +711,22 @@ impl Paying<'_> {
             Err(UpstreamError::Body { status, headers, too_large, detail }) => {
                 match parse_settlement(&headers, self.choice.version()) {
                     Ok(settlement) if settlement.success => {
-                        // Paid, but the body cannot be passed on: record the payment anyway.
+                        // Paid, but the body cannot be passed on: record the payment anyway, and
+                        // store the error for the purchase's retries in the same settle.
                         let code = if too_large { "x402_upstream_body_too_large" } else { "x402_upstream_body_lost" };
-                        let (delivered, _) =
-                            self.settled(Answer { status, headers, body: Default::default() }, settlement, false).await;
-                        let err = error(Kind::Provider, code, detail).with_extra(json!({
-                            "upstream_status": status.as_u16(),
-                            "payment": delivered.payment,
-                        }));
+                        let failure = |payment: Option<&PaymentView>| {
+                            error(Kind::Provider, code, detail.clone())
+                                .with_extra(json!({ "upstream_status": status.as_u16(), "payment": payment }))
+                        };
+                        let stored = |_: &Answer, view: &PaymentView| {
+                            serde_json::to_string(&Stored::of_error(&failure(Some(view)))).ok()
+                        };
+                        let answer = Answer { status, headers, body: Default::default() };
+                        let (delivered, finished) = self.settled(answer, settlement, stored).await;
+                        let err = failure(delivered.payment.as_ref());
+                        if finished {
+                            return Err(err);
+                        }
                         Err(finish_with_error(self.core, self.agent, &self.key, err).await)
                     }
                     _ => Err(self.unknown(format!("HTTP {status}, then {detail}"), false).await),
@@ -768,6 +782,22 @@ impl Paying<'_> {
         }
     }
 
+    /// [`Self::note`] for a payment whose hold stays (its authorization is live): the same
+    /// ledger call releases the purchase's key, so that a retry re-sends the same authorization;
+    /// if it did not, one more call releases it.
+    async fn note_releasing(&self, reason: &str, extra: &[(&str, String)]) {
+        let mut details = self.details();
+        details.extend(extra.iter().map(|(key, value)| ((*key).to_owned(), clip(value))));
+        match pay::note_releasing(self.core, self.agent, &self.purchase.hold, reason, &details, &self.key).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(hold = %self.purchase.hold, code = err.code, reason, "x402: could not log a note")
+            }
+        }
+        finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
+    }
+
     /// The server answered 402 to the payment: it rejected it. The authorization stays live
     /// until `validBefore` (the server, or anyone it passed it to, could still settle it), so the
     /// hold stays too, and the ledger releases it then. A retry of the same purchase re-sends
@@ -795,8 +825,7 @@ impl Paying<'_> {
         if let Some(message) = &message {
             facts.push(("server_message", message.clone()));
         }
-        self.note("x402_payment_rejected", &facts).await;
-        finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
+        self.note_releasing("x402_payment_rejected", &facts).await;
         error(Kind::Refused, "x402_payment_rejected", format!("the server rejected the payment: {reason}")).with_extra(
             json!({
                 "reason": reason,
@@ -855,7 +884,10 @@ impl Paying<'_> {
     async fn answered(&self, answer: Answer) -> Result<Delivered, Failure> {
         match parse_settlement(&answer.headers, self.choice.version()) {
             Ok(settlement) if settlement.success => {
-                let (delivered, finished) = self.settled(answer, settlement, true).await;
+                let stored = |answer: &Answer, view: &PaymentView| {
+                    serde_json::to_string(&Stored::of_answer(answer, Some(view))).ok()
+                };
+                let (delivered, finished) = self.settled(answer, settlement, stored).await;
                 if !finished {
                     match serde_json::to_string(&Stored::of_delivered(&delivered)) {
                         Ok(stored) => finish(self.core, self.agent, &self.key, IdempotencyFinish::Done(stored)).await,
@@ -876,12 +908,11 @@ impl Paying<'_> {
                 if reported {
                     // The server reported a failed settlement: the authorization stays live until
                     // validBefore, and its hold with it.
-                    self.note(
+                    self.note_releasing(
                         "x402_settlement_unconfirmed",
                         &[("reason", reason.clone()), ("upstream_status", answer.status.as_u16().to_string())],
                     )
                     .await;
-                    finish(self.core, self.agent, &self.key, IdempotencyFinish::Release).await;
                 } else {
                     // The server answered without any settlement report: it may well have
                     // settled. Nothing says no money moved, so the outcome is unknown.
@@ -899,9 +930,14 @@ impl Paying<'_> {
     }
 
     /// The server confirmed the settlement: the hold is settled for the price, with a receipt.
-    /// With `store`, the settle itself stores the delivered answer for the purchase's retries
-    /// when it can (true: it did; see [`pay::settle_finishing`]).
-    async fn settled(&self, answer: Answer, settlement: SettlementResponse, store: bool) -> (Delivered, bool) {
+    /// The settle itself stores `stored(answer, payment)` for the purchase's retries when it can
+    /// (true: it did; see [`pay::settle_finishing`]).
+    async fn settled(
+        &self,
+        answer: Answer,
+        settlement: SettlementResponse,
+        stored: impl Fn(&Answer, &PaymentView) -> Option<String>,
+    ) -> (Delivered, bool) {
         let mut details = self.details();
         details.insert("transaction".to_owned(), clip(&settlement.transaction));
         if let Some(payer) = &settlement.payer {
@@ -935,18 +971,14 @@ impl Paying<'_> {
         view.amount_micros = amount.get();
         view.transaction = Some(clip(&settlement.transaction));
         view.payer = settlement.payer.as_deref().map(clip);
-        let result = if store {
-            let stored = |settled: &pay::Settlement| {
-                let mut view = view.clone();
-                view.receipt = Some(settled.receipt.clone());
-                serde_json::to_string(&Stored::of_answer(&answer, Some(&view))).ok()
-            };
-            pay::settle_finishing(self.core, self.agent, &self.purchase.hold, amount, &details, &self.key, stored).await
-        } else {
-            pay::settle(self.core, self.agent, &self.purchase.hold, amount, &details)
-                .await
-                .map(|settled| (settled, false))
+        let answer_of = |settled: &pay::Settlement| {
+            let mut view = view.clone();
+            view.receipt = Some(settled.receipt.clone());
+            stored(&answer, &view)
         };
+        let result =
+            pay::settle_finishing(self.core, self.agent, &self.purchase.hold, amount, &details, &self.key, answer_of)
+                .await;
         let mut finished = false;
         match result {
             Ok((settled, stored)) => {

@@ -178,24 +178,7 @@ pub async fn fetch(
     let idempotency_key = idempotency_key(&headers)?;
     let method = method(body.method.as_deref().unwrap_or("GET"))?;
     let url = check_url(&body.url, &engine.destinations).map_err(url_error)?;
-    let mut upstream_headers = HeaderMap::new();
-    for (name, value) in &body.headers {
-        let name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| invalid("invalid_header", format!("{name:?} is not a header name")))?;
-        let value = HeaderValue::from_str(value)
-            .map_err(|_| invalid("invalid_header", format!("the value of {name} is not a valid header value")))?;
-        if forwarded_request_header(&name) {
-            upstream_headers.append(name, value);
-        }
-    }
-    let request_body = match (body.body, body.body_base64) {
-        (Some(_), Some(_)) => return Err(invalid("invalid_body", "send body or body_base64, not both")),
-        (Some(text), None) => Bytes::from(text),
-        (None, Some(encoded)) => {
-            Bytes::from(STANDARD.decode(encoded).map_err(|_| invalid("invalid_body", "body_base64 is not base64"))?)
-        }
-        (None, None) => Bytes::new(),
-    };
+    let (upstream_headers, request_body) = json_form_parts(&body.headers, body.body, body.body_base64)?;
     let request = FetchRequest {
         outgoing: Outgoing { method, url, headers: upstream_headers, body: request_body },
         task: label("task", &body.task, 128)?,
@@ -206,9 +189,41 @@ pub async fn fetch(
     Ok(Json(json_response(delivered)))
 }
 
-fn json_response(delivered: Delivered) -> FetchResponse {
+/// The JSON form's upstream headers (those that are forwarded) and body (text or base64), as
+/// x402's and MPP's fetch take them.
+pub(crate) fn json_form_parts(
+    headers: &BTreeMap<String, String>,
+    body: Option<String>,
+    body_base64: Option<String>,
+) -> Result<(HeaderMap, Bytes), ApiError> {
+    let mut upstream_headers = HeaderMap::new();
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| invalid("invalid_header", format!("{name:?} is not a header name")))?;
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| invalid("invalid_header", format!("the value of {name} is not a valid header value")))?;
+        if forwarded_request_header(&name) {
+            upstream_headers.append(name, value);
+        }
+    }
+    let request_body = match (body, body_base64) {
+        (Some(_), Some(_)) => return Err(invalid("invalid_body", "send body or body_base64, not both")),
+        (Some(text), None) => Bytes::from(text),
+        (None, Some(encoded)) => {
+            Bytes::from(STANDARD.decode(encoded).map_err(|_| invalid("invalid_body", "body_base64 is not base64"))?)
+        }
+        (None, None) => Bytes::new(),
+    };
+    Ok((upstream_headers, request_body))
+}
+
+/// An upstream answer's headers for the JSON form (those passed back; repeated ones joined with
+/// ", ") and its body as text, or base64 when it is not UTF-8.
+pub(crate) fn json_answer_parts(
+    answer: &super::upstream::Answer,
+) -> (BTreeMap<String, String>, Option<String>, Option<String>) {
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in &delivered.answer.headers {
+    for (name, value) in &answer.headers {
         if !returned_response_header(name) {
             continue;
         }
@@ -221,10 +236,15 @@ fn json_response(delivered: Delivered) -> FetchResponse {
             })
             .or_insert_with(|| value.into_owned());
     }
-    let (body, body_base64) = match std::str::from_utf8(&delivered.answer.body) {
+    let (body, body_base64) = match std::str::from_utf8(&answer.body) {
         Ok(text) => (Some(text.to_owned()), None),
-        Err(_) => (None, Some(STANDARD.encode(&delivered.answer.body))),
+        Err(_) => (None, Some(STANDARD.encode(&answer.body))),
     };
+    (headers, body, body_base64)
+}
+
+fn json_response(delivered: Delivered) -> FetchResponse {
+    let (headers, body, body_base64) = json_answer_parts(&delivered.answer);
     FetchResponse {
         status: delivered.answer.status.as_u16(),
         headers,
@@ -243,24 +263,23 @@ fn json_response(delivered: Delivered) -> FetchResponse {
 pub async fn proxy(auth: AgentAuth, State(state): State<SharedState>, request: Request) -> Response {
     match proxy_fetch(&auth, &state, request).await {
         Ok(delivered) => proxy_response(delivered),
-        Err(err) => {
-            let code = HeaderValue::from_str(err.code).ok();
-            let mut response = err.into_response();
-            if let Some(code) = code {
-                response.headers_mut().insert(HeaderName::from_static("x-spendcap-error"), code);
-            }
-            response
-        }
+        Err(err) => error_response(err),
     }
 }
 
-/// The target URL in the request's raw path (still percent-encoded, as the agent wrote it), plus
-/// the query. A client that merged the `//` after the scheme is forgiven.
-fn proxy_target(uri: &Uri) -> Result<String, ApiError> {
-    proxy_target_under(uri, PROXY_PREFIX)
+/// A pass-through form's error: the `{code, detail}` body, and the code as `X-Spendcap-Error`
+/// (its answers are otherwise the upstream's).
+pub(crate) fn error_response(err: ApiError) -> Response {
+    let code = HeaderValue::from_str(err.code).ok();
+    let mut response = err.into_response();
+    if let Some(code) = code {
+        response.headers_mut().insert(HeaderName::from_static("x-spendcap-error"), code);
+    }
+    response
 }
 
-/// [`proxy_target`] for any proxy form's prefix (MPP's `/v1/mpp/proxy/` too).
+/// The target URL in the request's raw path after `prefix` (still percent-encoded, as the agent
+/// wrote it), plus the query. A client that merged the `//` after the scheme is forgiven.
 pub(crate) fn proxy_target_under(uri: &Uri, prefix: &str) -> Result<String, ApiError> {
     let raw = uri.path().strip_prefix(prefix).unwrap_or_default();
     let mut target = String::with_capacity(raw.len() + 8);
@@ -292,8 +311,38 @@ pub(crate) fn header_text<'a>(headers: &'a HeaderMap, name: &'static str) -> Res
 
 async fn proxy_fetch(auth: &AgentAuth, state: &AppState, request: Request) -> Result<Delivered, ApiError> {
     let engine = engine(state)?;
+    let form =
+        proxy_form(state, request, PROXY_PREFIX, |target| check_url(target, &engine.destinations).map_err(url_error))
+            .await?;
+    let request = FetchRequest {
+        outgoing: Outgoing { method: form.method, url: form.url, headers: form.headers, body: form.body },
+        task: form.task,
+        max_amount: form.max_amount,
+        idempotency_key: form.idempotency_key,
+    };
+    Ok(purchase::fetch(&state.core, engine, auth, request).await?)
+}
+
+/// A proxy form's request, read: x402's and MPP's take the same headers.
+pub(crate) struct ProxyForm {
+    pub url: reqwest::Url,
+    pub method: Method,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub task: String,
+    pub max_amount: Option<Micros>,
+    pub idempotency_key: Option<String>,
+}
+
+/// Reads a proxy form's request under `prefix`; `check` turns the target into the URL fetched.
+pub(crate) async fn proxy_form(
+    state: &AppState,
+    request: Request,
+    prefix: &str,
+    check: impl FnOnce(&str) -> Result<reqwest::Url, ApiError>,
+) -> Result<ProxyForm, ApiError> {
     let (parts, body) = request.into_parts();
-    let url = check_url(&proxy_target(&parts.uri)?, &engine.destinations).map_err(url_error)?;
+    let url = check(&proxy_target_under(&parts.uri, prefix)?)?;
     let method = method(parts.method.as_str())?;
     let headers = &parts.headers;
     let task = label("task", header_text(headers, TASK_HEADER)?.unwrap_or_default(), 128)?;
@@ -336,13 +385,7 @@ async fn proxy_fetch(auth: &AgentAuth, state: &AppState, request: Request) -> Re
             format!("request bodies are limited to {limit} bytes"),
         )
     })?;
-    let request = FetchRequest {
-        outgoing: Outgoing { method, url, headers: upstream_headers, body },
-        task,
-        max_amount,
-        idempotency_key,
-    };
-    Ok(purchase::fetch(&state.core, engine, auth, request).await?)
+    Ok(ProxyForm { url, method, headers: upstream_headers, body, task, max_amount, idempotency_key })
 }
 
 fn proxy_response(delivered: Delivered) -> Response {
@@ -393,7 +436,7 @@ mod tests {
     use super::*;
 
     fn target(uri: &str) -> Result<String, &'static str> {
-        proxy_target(&uri.parse::<Uri>().expect("test URI")).map_err(|err| err.code)
+        proxy_target_under(&uri.parse::<Uri>().expect("test URI"), PROXY_PREFIX).map_err(|err| err.code)
     }
 
     #[test]
