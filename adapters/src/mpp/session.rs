@@ -271,8 +271,8 @@ pub struct Channel {
 
 impl Channel {
     /// A new channel of `signer` to the chosen payee, identified by `salt` (random per channel).
-    pub fn open(choice: &SessionChoice, signer: &EvmSigner, salt: B256) -> Channel {
-        let payer = signer.address();
+    pub fn open(choice: &SessionChoice, signer: &EvmSigner, salt: [u8; 32]) -> Channel {
+        let (payer, salt) = (signer.address(), B256::from(salt));
         let id = channel_id(payer, choice.payee, choice.token, salt, payer, choice.escrow, choice.chain_id);
         Channel {
             id,
