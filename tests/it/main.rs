@@ -25,6 +25,7 @@ mod ledger;
 mod mcp;
 mod metrics;
 mod mpp;
+mod mpp_session;
 mod openapi;
 mod orchestrators;
 mod readme;

@@ -12,16 +12,18 @@
 //! `alloy-sol-types` EIP-712 hash, and the channel id the same `abi.encode` + keccak).
 //!
 //! The `open` action carries the deposit's `transaction`. A Tempo chain transaction (type 0x76)
-//! is not built here: the daemon sends, in its place, its EIP-712 signature over
-//! `Open { bytes32 channelId; uint128 deposit }` in the same domain ([`open_digest`]), which
-//! the simulated session server verifies. Speaking to a real Tempo escrow needs the
+//! is not built here: the daemon sends, in its place, `0x` + the deposit (16 bytes, big-endian)
+//! + its EIP-712 signature over `Open { bytes32 channelId; uint128 deposit }` in the same domain
+//! ([`open_transaction`], [`parse_open_transaction`], [`open_digest`]), which the simulated
+//! session server verifies. Speaking to a real Tempo escrow needs the
 //! transaction builder of the crate's `tempo` feature.
 
-use alloy_primitives::{keccak256, Address, Signature, B256, U256};
+use alloy_primitives::{keccak256, Address, Signature, U256};
 use alloy_sol_types::{sol, Eip712Domain, SolStruct, SolValue};
 use serde::{Deserialize, Serialize};
 
 pub use ::mpp::protocol::intents::SessionRequest;
+pub use alloy_primitives::B256;
 
 use super::{format_authorization, MppError, PaymentChallenge, PaymentCredential, CONFORMANCE_PROTOCOL};
 use crate::conformance::ConformanceSink;
@@ -215,6 +217,21 @@ pub fn open_digest(channel: B256, deposit: u128, escrow: Address, chain_id: u64)
     Open { channelId: channel, deposit }.eip712_signing_hash(&domain(escrow, chain_id))
 }
 
+/// The open's stand-in transaction: `0x` + the deposit (32 hex digits) + the signature.
+pub fn open_transaction(deposit: u128, signature_hex: &str) -> String {
+    format!("0x{deposit:032x}{}", signature_hex.trim_start_matches("0x"))
+}
+
+/// The deposit and the signature of an open's stand-in transaction.
+pub fn parse_open_transaction(text: &str) -> Option<(u128, String)> {
+    let hex = text.strip_prefix("0x")?;
+    if hex.len() != 32 + 130 || !hex.is_ascii() {
+        return None;
+    }
+    let deposit = u128::from_str_radix(&hex[..32], 16).ok()?;
+    Some((deposit, format!("0x{}", &hex[32..])))
+}
+
 /// The address that signed `digest` (65 bytes r‖s‖v, hex with or without 0x), if any.
 pub fn recover(digest: &B256, signature_hex: &str) -> Option<Address> {
     let bytes = hex::decode(signature_hex.trim_start_matches("0x")).ok()?;
@@ -299,7 +316,10 @@ impl Channel {
         Ok(match action {
             Action::Open => SessionPayload::Open {
                 payload_type: "transaction".to_owned(),
-                transaction: Channel::sign(signer, &open_digest(self.id, self.deposit, self.escrow, self.chain_id))?,
+                transaction: open_transaction(
+                    self.deposit,
+                    &Channel::sign(signer, &open_digest(self.id, self.deposit, self.escrow, self.chain_id))?,
+                ),
                 authorized_signer: self.payer.to_string(),
                 channel_id,
                 cumulative_amount,
