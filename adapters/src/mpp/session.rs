@@ -12,10 +12,10 @@
 //! `alloy-sol-types` EIP-712 hash, and the channel id the same `abi.encode` + keccak).
 //!
 //! The `open` action carries the deposit's `transaction`. A Tempo chain transaction (type 0x76)
-//! is not built here: the daemon sends, in its place, `0x` + the deposit (16 bytes, big-endian)
-//! + its EIP-712 signature over `Open { bytes32 channelId; uint128 deposit }` in the same domain
-//! ([`open_transaction`], [`parse_open_transaction`], [`open_digest`]), which the simulated
-//! session server verifies. Speaking to a real Tempo escrow needs the
+//! is not built here: the daemon sends, in its place, `0x`, the deposit (16 bytes, big-endian)
+//! and its EIP-712 signature over `Open { bytes32 channelId; uint128 deposit }` in the same
+//! domain ([`open_transaction`], [`parse_open_transaction`], [`open_digest`]), which the
+//! simulated session server verifies. Speaking to a real Tempo escrow needs the
 //! transaction builder of the crate's `tempo` feature.
 
 use alloy_primitives::{keccak256, Address, Signature, U256};
