@@ -393,3 +393,67 @@ mod tests {
         assert_eq!(shop.charged_micros(), 0);
     }
 }
+
+#[cfg(test)]
+mod session_tests {
+    use adapters::conformance::ConformanceSink;
+    use adapters::mpp::session::{choose_session, session_credential, Action, Channel, SessionPolicy};
+    use adapters::x402::EvmSigner;
+    use adapters::Micros;
+
+    use super::*;
+
+    const PAYER: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+    const OTHER: &str = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318";
+
+    /// Sends `action` at `cumulative` on `channel`, signed by `signer`, against a fresh challenge.
+    async fn send(
+        shop: &MppSessionShop,
+        channel: &Channel,
+        signer: &EvmSigner,
+        action: Action,
+        cumulative: u128,
+    ) -> u16 {
+        let url = format!("{}/stream", shop.base());
+        let answer = reqwest::get(&url).await.expect("request");
+        let header = answer.headers()["www-authenticate"].to_str().expect("ascii").to_owned();
+        let challenge = adapters::mpp::parse_www_authenticate(&header).expect("parses");
+        let payload = channel.payload(action, cumulative, signer).expect("signs");
+        let credential = session_credential(&challenge, &payload, &ConformanceSink::disabled()).expect("credential");
+        let client = reqwest::Client::new();
+        client.get(&url).header("authorization", credential).send().await.expect("request").status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn the_session_server_takes_only_signed_vouchers_within_the_deposit_that_pay_the_price() {
+        let shop = MppSessionShop::start(30, 100).await.expect("starts");
+        let answer = reqwest::get(format!("{}/stream", shop.base())).await.expect("request");
+        let header = answer.headers()["www-authenticate"].to_str().expect("ascii").to_owned();
+        let challenge = adapters::mpp::parse_www_authenticate(&header).expect("parses");
+        let policy = SessionPolicy {
+            tokens: vec![PATH_USD.parse().expect("token")],
+            chain_ids: vec![TEMPO_CHAIN_ID],
+            max_payment: Micros::new(1_000).expect("m"),
+            max_deposit: Micros::new(1_000).expect("m"),
+            default_units: 10,
+        };
+        let choice = choose_session(&[challenge], &policy).expect("a session challenge");
+        assert_eq!((choice.price.get(), choice.deposit.get()), (30, 100));
+        let (payer, other) = (EvmSigner::from_hex(PAYER).expect("key"), EvmSigner::from_hex(OTHER).expect("key"));
+        let channel = Channel::open(&choice, &payer, [1; 32]);
+        // A voucher before the open, or the open signed by another key than it names: refused.
+        assert_eq!(send(&shop, &channel, &payer, Action::Voucher, 30).await, 402);
+        let forged = Channel { payer: other.address(), ..channel.clone() };
+        assert_eq!(send(&shop, &forged, &payer, Action::Open, 30).await, 402);
+        assert_eq!(send(&shop, &channel, &payer, Action::Open, 30).await, 200);
+        // Below the price, above the deposit, or signed by another key: refused; nothing charged.
+        assert_eq!(send(&shop, &channel, &payer, Action::Voucher, 59).await, 402);
+        assert_eq!(send(&shop, &channel, &payer, Action::Voucher, 120).await, 402);
+        assert_eq!(send(&shop, &channel, &other, Action::Voucher, 60).await, 402);
+        assert_eq!(shop.charged_micros(), 30);
+        // The same voucher again is answered again and charges nothing more; the next pays.
+        assert_eq!(send(&shop, &channel, &payer, Action::Open, 30).await, 200);
+        assert_eq!(send(&shop, &channel, &payer, Action::Voucher, 60).await, 200);
+        assert_eq!(shop.charged_micros(), 60);
+    }
+}
