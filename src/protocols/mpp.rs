@@ -326,4 +326,23 @@ mod tests {
         let none = Cli::try_parse_from(["spendcap"]).expect("parses");
         assert!(MppConfig::from_args(&none.mpp).expect("valid").psp.is_none());
     }
+
+    #[test]
+    fn the_tempo_key_is_read_from_its_file_never_shown_and_a_bad_one_is_refused() {
+        let key = "59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+        let path = std::env::temp_dir().join(format!("spendcap-tempo-{}.key", hex::encode(rand::random::<[u8; 8]>())));
+        std::fs::write(&path, format!("0x{key}\n")).expect("writes");
+        let path_text = path.to_str().expect("utf-8").to_owned();
+        let cli = Cli::try_parse_from(["spendcap", "--mpp-tempo-key-file", &path_text]).expect("parses");
+        let config = MppConfig::from_args(&cli.mpp).expect("valid");
+        assert!(config.tempo_signer.is_some() && config.psp.is_none());
+        assert!(!format!("{config:?}").contains(key), "the key never shows");
+        std::fs::write(&path, "not a key").expect("writes");
+        let err = MppConfig::from_args(&cli.mpp).expect_err("no key in it");
+        assert!(
+            err.to_string().contains("holds no EVM private key") && !err.to_string().contains("not a key"),
+            "{err}"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
 }
