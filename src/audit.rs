@@ -67,6 +67,11 @@ pub async fn check(ledger: &Ledger) -> Result<AuditReport, LedgerError> {
                 "hold" => {
                     open_in_log.insert(entry.hold.clone(), (entry.agent.clone(), entry.amount.unwrap_or(0)));
                 }
+                // A settle of part of a hold keeps it open, holding that much less.
+                "psettle" => match open_in_log.get_mut(&entry.hold) {
+                    Some((_, amount)) => *amount = amount.saturating_sub(entry.amount.unwrap_or(0)),
+                    None => differ(format!("psettle of hold {} that the log never opened", entry.hold)),
+                },
                 "settle" | "void" | "expire" if open_in_log.remove(&entry.hold).is_none() => {
                     differ(format!("{} of hold {} that the log never opened", entry.event, entry.hold));
                 }

@@ -189,14 +189,14 @@ pub async fn spend_summary(
             GroupBy::Service => &entry.service,
             GroupBy::Protocol => &entry.protocol,
         };
-        let counted = matches!(entry.event.as_str(), "hold" | "settle" | "void" | "expire" | "refuse");
+        let counted = matches!(entry.event.as_str(), "hold" | "settle" | "psettle" | "void" | "expire" | "refuse");
         if !counted {
             continue;
         }
         let row = rows.entry(key.clone()).or_insert_with(|| SpendRow { key: key.clone(), ..SpendRow::default() });
         match entry.event.as_str() {
             "hold" => row.holds += 1,
-            "settle" => {
+            "settle" | "psettle" => {
                 row.settles += 1;
                 row.spent_micros += entry.amount.unwrap_or(0);
             }
@@ -258,7 +258,8 @@ pub struct Replay {
 
 /// Replays log entries (in order, per tree) into balances: `create` and `cap` set caps, `hold`
 /// adds to held on the agent, every ancestor and every bucket it names, `settle` moves `amount`
-/// from held to spent and releases `released`, `void` and `expire` release, `revoke` marks,
+/// from held to spent and releases `released`, `psettle` (part of a hold, which stays open) moves
+/// `amount` from held to spent, `void` and `expire` release, `revoke` marks,
 /// `suspend` and `reinstate` mark and unmark, `budget` creates a bucket; the period and
 /// per-task counters a hold names (`counters`) move with it like its buckets. The ledger check and the tests compare the result with the
 /// stored balances.
@@ -340,6 +341,27 @@ pub fn replay<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> Result<Rep
                 for id in hold_counters.remove(&entry.hold).unwrap_or_default() {
                     if let Some(c) = counters.get_mut(&id) {
                         c.held = c.held.checked_sub(spent + released).ok_or_else(|| fail("releases more than held"))?;
+                        c.spent += spent;
+                    }
+                }
+            }
+            "psettle" => {
+                let spent = entry.amount.ok_or_else(|| fail("psettle without amount"))?;
+                for id in path(&agents)? {
+                    if let Some(a) = agents.get_mut(&id) {
+                        a.held = a.held.checked_sub(spent).ok_or_else(|| fail("settles more than held"))?;
+                        a.spent += spent;
+                    }
+                }
+                for id in hold_buckets.get(&entry.hold).cloned().unwrap_or_default() {
+                    if let Some(b) = buckets.get_mut(&id) {
+                        b.held = b.held.checked_sub(spent).ok_or_else(|| fail("settles more than held"))?;
+                        b.spent += spent;
+                    }
+                }
+                for id in hold_counters.get(&entry.hold).cloned().unwrap_or_default() {
+                    if let Some(c) = counters.get_mut(&id) {
+                        c.held = c.held.checked_sub(spent).ok_or_else(|| fail("settles more than held"))?;
                         c.spent += spent;
                     }
                 }

@@ -197,6 +197,34 @@ pub async fn settle_with_receipt(
     settle_for(core, &agent.agent, &agent.caller(), protocol, hold, amount, details).await
 }
 
+/// Settles `amount` of `hold` and keeps it open for the rest (an MPP session's voucher: the
+/// deposit is held once, each voucher settles its increment). `total` is the hold's settled
+/// amount once this increment is in: a retry with the same total settles nothing again. No
+/// receipt: the hold's receipt is signed when it ends.
+pub async fn settle_part(
+    core: &Core,
+    agent: &AgentAuth,
+    hold: &HoldId,
+    amount: Micros,
+    total: Micros,
+    details: &BTreeMap<String, String>,
+) -> Result<crate::ledger::PartSettled, Failure> {
+    let details = details_json(details)?;
+    core.ledger
+        .settle_part(
+            core.clock.now_ms(),
+            &agent.agent,
+            &agent.caller(),
+            hold,
+            amount,
+            total,
+            &details,
+            Some(Protocol::Mpp),
+        )
+        .await
+        .map_err(Failure::agent_scoped)
+}
+
 /// [`settle_with_receipt`] for `agent` as `caller` (an admin resolving a hold, say).
 #[allow(clippy::too_many_arguments)]
 pub async fn settle_for(

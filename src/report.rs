@@ -197,7 +197,8 @@ impl ReportBuilder {
     pub fn add(&mut self, entry: &LogEntry) {
         self.entries += 1;
         match entry.event.as_str() {
-            "settle" => {
+            // A settle of part of a hold (an MPP session's voucher) is spend like a settle.
+            "settle" | "psettle" => {
                 let amount = entry.amount.unwrap_or(0);
                 self.spent += amount;
                 if !entry.task.is_empty() {

@@ -81,7 +81,7 @@ pub fn spend_series<'a>(
     let starts_ms: Vec<u64> = (0..count).map(|i| first + i * bucket.ms()).collect();
     let mut sums: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for entry in entries {
-        if entry.event != "settle" || entry.ts_ms < since_ms || entry.ts_ms >= until_ms {
+        if !matches!(entry.event.as_str(), "settle" | "psettle") || entry.ts_ms < since_ms || entry.ts_ms >= until_ms {
             continue;
         }
         let amount = entry.amount.unwrap_or(0);

@@ -15,7 +15,7 @@ use super::controls::{self, crossed, payment_names, Controls, Crossing, Period};
 use super::{
     AgentControls, AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, EndsPurchase, Grant,
     HoldInfo, HoldOutcome, HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, MarkedUnknown,
-    NewAgent, PeriodUsage, ReceiptFacts, ReceiptLink, Refusal, RefusalReason, SettleOutcome, TaskOutcome,
+    NewAgent, PartSettled, PeriodUsage, ReceiptFacts, ReceiptLink, Refusal, RefusalReason, SettleOutcome, TaskOutcome,
     IDEMPOTENCY_RETENTION_MS, MAX_DEPTH,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
@@ -111,6 +111,8 @@ struct Hold {
     state: HoldState,
     expires_at_ms: u64,
     settled: u64,
+    /// What `settle_part` settled of it so far (`psettled` in Redis); `amount` is what is left.
+    part_settled: u64,
     seq: u64,
     task: String,
     service: String,
@@ -1435,6 +1437,7 @@ impl MemoryLedger {
                             state,
                             expires_at_ms: hold_expires,
                             settled: 0,
+                            part_settled: 0,
                             seq: 0,
                             task: request.task.clone(),
                             service: request.service.clone(),
@@ -1728,6 +1731,102 @@ impl MemoryLedger {
                 SettleOutcome { seq, amount, released: money(held - amount.get()), replayed: false, linked, facts },
                 finished,
             ))
+        })
+    }
+
+    /// As `spendcap_settle_part`: settles `amount` of an open (or `unknown`) hold and keeps it
+    /// open for the rest.
+    #[allow(clippy::too_many_arguments)] // the same arguments as the Redis ledger's
+    pub async fn settle_part(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        amount: Micros,
+        total: Micros,
+        details: &str,
+        protocol: Option<Protocol>,
+    ) -> Result<PartSettled, LedgerError> {
+        if amount.get() == 0 {
+            return Err(LedgerError::InvalidArgument("amount must be greater than 0".into()));
+        }
+        let tree_id = agent.tree();
+        self.with_tree(tree_id, |tree| {
+            tree.auth(agent, caller)?;
+            tree.expire_due(tree_id, now_ms, EXPIRE_BATCH);
+            let h = tree.holds.get(hold.as_str()).filter(|h| &h.agent == agent).ok_or(LedgerError::UnknownHold)?;
+            if protocol.is_some_and(|p| h.protocol != p.as_str()) {
+                return Err(LedgerError::HoldProtocolMismatch);
+            }
+            let (before, held) = (h.part_settled, h.amount);
+            if total.get() <= before {
+                return Ok(PartSettled { amount, remaining: money(held), part_settled: money(before), replayed: true });
+            }
+            if matches!(h.state, HoldState::Open) && h.expires_at_ms <= now_ms {
+                tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
+                return Err(LedgerError::HoldExpired);
+            }
+            tree.lapse_approval(tree_id, hold.as_str(), now_ms);
+            let h = tree.holds.get(hold.as_str()).ok_or(LedgerError::UnknownHold)?;
+            match h.state {
+                HoldState::Open | HoldState::Unknown => {}
+                HoldState::PendingApproval => return Err(LedgerError::HoldPendingApproval),
+                other => return Err(other.error()),
+            }
+            if before + amount.get() != total.get() {
+                return Err(LedgerError::InvalidArgument(format!(
+                    "the hold has settled {before}, so an increment of {} does not reach {}",
+                    amount.get(),
+                    total.get()
+                )));
+            }
+            if amount.get() > held {
+                return Err(LedgerError::AmountExceedsHold);
+            }
+            let delta = amount.get();
+            let (buckets, counters) = (h.buckets.clone(), h.counters.clone());
+            let (task, service, hold_protocol) = (h.task.clone(), h.service.clone(), h.protocol.clone());
+            for id in buckets {
+                if let Some(bucket) = tree.buckets.get_mut(&id) {
+                    bucket.held = money(bucket.held.get() - delta);
+                    bucket.spent = money(bucket.spent.get() + delta);
+                }
+            }
+            for id in counters {
+                if let Some(counter) = tree.counters.get_mut(&id) {
+                    counter.held -= delta;
+                    counter.spent += delta;
+                }
+            }
+            let path = tree.agents.get(agent.as_str()).map(|a| a.path.clone()).unwrap_or_default();
+            for id in &path {
+                if let Some(level) = tree.agents.get_mut(id.as_str()) {
+                    level.record.held = money(level.record.held.get() - delta);
+                    level.record.spent = money(level.record.spent.get() + delta);
+                }
+            }
+            if let Some(h) = tree.holds.get_mut(hold.as_str()) {
+                h.amount = held - delta;
+                h.part_settled = total.get();
+            }
+            tree.log(
+                tree_id,
+                LogEntry {
+                    ts_ms: now_ms,
+                    event: "psettle".into(),
+                    agent: agent.to_string(),
+                    task,
+                    service,
+                    protocol: hold_protocol,
+                    amount: Some(delta),
+                    released: Some(0),
+                    hold: hold.to_string(),
+                    detail: details.into(),
+                    ..LogEntry::default()
+                },
+            );
+            Ok(PartSettled { amount, remaining: money(held - delta), part_settled: total, replayed: false })
         })
     }
 

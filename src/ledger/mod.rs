@@ -337,6 +337,19 @@ pub struct ChainHead {
     pub hash: String,
 }
 
+/// What a settle of part of a hold did ([`Ledger::settle_part`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartSettled {
+    /// The increment settled by this call.
+    pub amount: Micros,
+    /// What the hold still holds.
+    pub remaining: Micros,
+    /// The hold's increments so far, this one included.
+    pub part_settled: Micros,
+    /// This total was already reached (a retry): nothing moved.
+    pub replayed: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SettleOutcome {
     pub seq: u64,
@@ -698,7 +711,7 @@ impl LedgerError {
             "cap_below_committed" => LedgerError::CapBelowCommitted {
                 committed: detail.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0),
             },
-            "invalid_argument" | "hold_exists" => LedgerError::InvalidArgument(detail.to_owned()),
+            "invalid_argument" | "hold_exists" | "part_out_of_order" => LedgerError::InvalidArgument(detail.to_owned()),
             "unknown_bucket" => LedgerError::UnknownBucket,
             "bucket_exists" => LedgerError::BucketExists,
             "sub_agent_exceeds_parent" => {
@@ -997,6 +1010,28 @@ impl Ledger {
         details: &str,
     ) -> Result<SettleOutcome, LedgerError> {
         dispatch!(self.settle(now_ms, agent, caller, hold, amount, details, None, None))
+    }
+
+    /// Settles `amount` of an open (or `unknown`) hold and keeps it open for the rest: the money
+    /// moves from held to spent wherever the hold was charged, the hold holds that much less, and
+    /// one `psettle` log entry records it (`spendcap_settle_part`). `total` is the hold's
+    /// settled-so-far once this increment is in: a retry naming a total already reached changes
+    /// nothing (`replayed`), and one that does not follow on is refused. An MPP session settles
+    /// each voucher's increment this way; ending the hold later moves only what is still held.
+    /// Like a settle, it is not stopped by a revocation: it is for a charge already made.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn settle_part(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        amount: Micros,
+        total: Micros,
+        details: &str,
+        protocol: Option<Protocol>,
+    ) -> Result<PartSettled, LedgerError> {
+        dispatch!(self.settle_part(now_ms, agent, caller, hold, amount, total, details, protocol))
     }
 
     /// [`Ledger::settle`], only if the hold was made under `protocol` when one is given (the

@@ -15,8 +15,9 @@ use super::controls::{alerts_from_wire, alerts_to_wire, Controls, Period};
 use super::{
     agent_from_fields, bucket_from_fields, hold_from_fields, log_entry_from_fields, receipt_from_hold, AgentControls,
     AgentRecord, AgentSetup, AlertRead, Balance, Bucket, Caller, ChainHead, EndsPurchase, HoldInfo, HoldOutcome,
-    HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, MarkedUnknown, NewAgent, PeriodUsage,
-    ReceiptFacts, ReceiptLink, Refusal, Reply, SettleOutcome, TaskOutcome, ALERT_GROUP, IDEMPOTENCY_RETENTION_MS,
+    HoldRequest, IdempotencyFinish, IdempotencyMode, LedgerError, LogEntry, MarkedUnknown, NewAgent, PartSettled,
+    PeriodUsage, ReceiptFacts, ReceiptLink, Refusal, Reply, SettleOutcome, TaskOutcome, ALERT_GROUP,
+    IDEMPOTENCY_RETENTION_MS,
 };
 use crate::identity::{AgentId, HoldId, TokenHash, TreeId};
 use crate::operators::{NewOperator, OperatorRecord};
@@ -790,6 +791,38 @@ impl RedisLedger {
         }
         let reply = self.fcall_resolving("spendcap_void", agent.tree(), &args).await?.into_result()?;
         Ok((reply.micros("released")?, reply.get("replayed") == "1", reply.get("finished") == "1"))
+    }
+
+    #[allow(clippy::too_many_arguments)] // the ledger's arguments, one per FCALL argument
+    pub async fn settle_part(
+        &self,
+        now_ms: u64,
+        agent: &AgentId,
+        caller: &Caller,
+        hold: &HoldId,
+        amount: Micros,
+        total: Micros,
+        details: &str,
+        protocol: Option<Protocol>,
+    ) -> Result<PartSettled, LedgerError> {
+        let (now, amount, total) = (now_ms.to_string(), amount.get().to_string(), total.get().to_string());
+        let args = [
+            now.as_str(),
+            agent.as_str(),
+            caller.wire(),
+            hold.as_str(),
+            amount.as_str(),
+            details,
+            protocol.map(Protocol::as_str).unwrap_or(""),
+            total.as_str(),
+        ];
+        let reply = self.fcall_resolving("spendcap_settle_part", agent.tree(), &args).await?.into_result()?;
+        Ok(PartSettled {
+            amount: reply.micros("amount")?,
+            remaining: reply.micros("remaining")?,
+            part_settled: reply.micros("part_settled")?,
+            replayed: reply.get("replayed") == "1",
+        })
     }
 
     pub async fn mark_unknown(&self, now_ms: u64, hold: &HoldId, reason: &str) -> Result<MarkedUnknown, LedgerError> {

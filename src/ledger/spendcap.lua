@@ -2156,3 +2156,86 @@ redis.register_function('spendcap_create_task_token', create_task_token)
 redis.register_function('spendcap_revoke_task_token', revoke_task_token)
 redis.register_function('spendcap_operator_create', operator_create)
 redis.register_function('spendcap_operator_revoke', operator_revoke)
+
+--[[ spendcap_settle_part
+KEYS[1] tree prefix
+ARGV    1 now_ms  2 agent_id  3 token_sha256|*  4 hold_id  5 amount: the increment (> 0, at most
+        what the hold still holds)  6 details JSON for the log line ('' for none)
+        7 protocol the hold must have been made under ('' for any)
+        8 the hold's settled-so-far total once this increment is in (its idempotency: a retry
+        of the same increment names the same total)
+Reply   ok:    amount (settled by this call) remaining (still held) part_settled (the hold's
+               total so far) replayed (1: this total was already reached; nothing moved)
+        error: code (unknown_agent | unauthorized | unknown_hold | hold_expired | hold_voided |
+               hold_settled | hold_pending_approval | amount_exceeds_hold |
+               hold_protocol_mismatch | part_out_of_order | invalid_argument) detail
+Settles part of an open (or `unknown`) hold and keeps it open for the rest: an MPP session's
+deposit is held once, and every cumulative voucher the daemon signs settles the difference
+since the previous one. `amount` moves from held to spent on the agent, every ancestor, every
+bucket and every counter the hold charged (buckets keep counting it as open); the hold's
+`amount` becomes what is still held and `psettled` grows by `amount`; one `psettle` log entry
+(amt = the increment, rel 0) records it, so that replay moves the same money. Ending the hold
+later (spendcap_settle for the last increment, void, expiry) moves only what is still held. An
+agent's revocation does not stop it: the increment is for a voucher already sent (a known
+charge is always settled); the daemon stops signing new ones.
+--]]
+local function settle_part(keys, args)
+  local P = keys[1]
+  local now, agent_id, token, hold_id = clock(args[1]), args[2], args[3], args[4]
+  local amount, e = parse_money(args[5], 'amount')
+  if not amount then return e end
+  if amount == 0 then return err('invalid_argument', 'amount must be greater than 0') end
+  local total, e3 = parse_money(args[8], 'total')
+  if not total then return e3 end
+  local now_s = fmt(now)
+  local path, e2 = auth_ending(P, agent_id, token)
+  if not path then return e2 end
+  expire_due(P, now_s, EXPIRE_BATCH)
+  local h = read_hold(P, hold_id)
+  if not h or h.agent ~= agent_id then return err('unknown_hold', 'no hold ' .. hold_id) end
+  if (args[7] or '') ~= '' and h.protocol ~= args[7] then
+    return err('hold_protocol_mismatch', 'hold ' .. hold_id .. ' is a ' .. h.protocol .. ' payment')
+  end
+  local before = tonumber(h.psettled or '0')
+  if total <= before then
+    return { 'ok', 'amount', fmt(amount), 'remaining', h.amount_s, 'part_settled', fmt(before), 'replayed', '1' }
+  end
+  if h.state == 'open' and h.expires_at <= now then
+    end_hold(P, hold_id, h, path, 'expired', 0, now_s, 'hold_expired', '')
+    h.state = 'expired'
+  end
+  lapse_approval(P, hold_id, h, now)
+  if h.state == 'pending_approval' then
+    return err('hold_pending_approval', 'hold ' .. hold_id .. ' waits for approval')
+  end
+  if h.state ~= 'open' and h.state ~= 'unknown' then return err('hold_' .. h.state, 'hold is ' .. h.state) end
+  if before + amount ~= total then
+    return err('part_out_of_order', 'the hold has settled ' .. fmt(before) .. ', so an increment of ' ..
+               fmt(amount) .. ' does not reach ' .. fmt(total))
+  end
+  if amount > h.amount then
+    return err('amount_exceeds_hold', 'settle amount ' .. fmt(amount) .. ' exceeds held ' .. fmt(h.amount))
+  end
+  for _, id in ipairs(split_path(path)) do
+    local akey = P .. ':a:' .. id
+    redis.call('HINCRBY', akey, 'held', -amount)
+    redis.call('HINCRBY', akey, 'spent', amount)
+  end
+  for _, id in ipairs(split_path(h.buckets)) do
+    local bkey = P .. ':b:' .. id
+    redis.call('HINCRBY', bkey, 'held', -amount)
+    redis.call('HINCRBY', bkey, 'spent', amount)
+  end
+  for _, id in ipairs(split_path(h.ctrs)) do
+    local ckey = P .. ':' .. id
+    redis.call('HINCRBY', ckey, 'held', -amount)
+    redis.call('HINCRBY', ckey, 'spent', amount)
+  end
+  local remaining_s = fmt(h.amount - amount)
+  redis.call('HSET', P .. ':h:' .. hold_id, 'amount', remaining_s, 'psettled', fmt(total))
+  log(P, { 'ts', now_s, 'ev', 'psettle', 'agent', h.agent, 'task', h.task, 'svc', h.service,
+           'proto', h.protocol, 'amt', fmt(amount), 'rel', '0', 'hold', hold_id, 'detail', args[6] or '' })
+  return { 'ok', 'amount', fmt(amount), 'remaining', remaining_s, 'part_settled', fmt(total), 'replayed', '0' }
+end
+
+redis.register_function('spendcap_settle_part', settle_part)

@@ -15,12 +15,14 @@
 
 mod flow;
 pub(crate) mod routes;
+mod session;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use adapters::conformance::ConformanceSink;
 use adapters::mpp::SptIssuer;
+use adapters::x402::EvmSigner;
 use adapters::Micros;
 use axum::routing::{any, post};
 use axum::Router;
@@ -37,6 +39,8 @@ const DEFAULT_MAX_PAYMENT_MICROS: u64 = 1_000_000;
 const DEFAULT_MAX_VALIDITY_SECS: u64 = 300;
 const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+const DEFAULT_SESSION_MAX_DEPOSIT_MICROS: u64 = 5_000_000;
+const DEFAULT_SESSION_TTL_SECS: u64 = 3_600;
 
 /// `serve` flags of the MPP endpoint.
 #[derive(Args, Debug, Clone)]
@@ -67,6 +71,16 @@ pub struct MppArgs {
     /// Longest wait for one upstream request (and for the PSP), body included.
     #[arg(long = "mpp-timeout-ms", env = "SPENDCAP_MPP_TIMEOUT_MS", default_value_t = DEFAULT_TIMEOUT_MS)]
     pub mpp_timeout_ms: u64,
+    /// File with the EVM private key (hex) that opens `tempo` session channels and signs their
+    /// vouchers. Without it, `session` challenges are not paid. Never logged or shown.
+    #[arg(long = "mpp-tempo-key-file", env = "SPENDCAP_MPP_TEMPO_KEY_FILE", value_name = "PATH")]
+    pub mpp_tempo_key_file: Option<PathBuf>,
+    /// Largest deposit of one session channel in micro-USD (the ledger holds it while it is open).
+    #[arg(long = "mpp-session-max-deposit-micros", env = "SPENDCAP_MPP_SESSION_MAX_DEPOSIT_MICROS", default_value_t = DEFAULT_SESSION_MAX_DEPOSIT_MICROS)]
+    pub mpp_session_max_deposit_micros: u64,
+    /// How long a session channel's deposit stays held without a close (the ledger releases it then).
+    #[arg(long = "mpp-session-ttl-secs", env = "SPENDCAP_MPP_SESSION_TTL_SECS", default_value_t = DEFAULT_SESSION_TTL_SECS)]
+    pub mpp_session_ttl_secs: u64,
 }
 
 impl Default for MppArgs {
@@ -80,6 +94,9 @@ impl Default for MppArgs {
             mpp_max_validity_secs: DEFAULT_MAX_VALIDITY_SECS,
             mpp_allow_private: Vec::new(),
             mpp_timeout_ms: DEFAULT_TIMEOUT_MS,
+            mpp_tempo_key_file: None,
+            mpp_session_max_deposit_micros: DEFAULT_SESSION_MAX_DEPOSIT_MICROS,
+            mpp_session_ttl_secs: DEFAULT_SESSION_TTL_SECS,
         }
     }
 }
@@ -113,6 +130,10 @@ pub struct MppConfig {
     pub max_response_bytes: usize,
     /// Where every credential sent is recorded (tests only).
     pub conformance: ConformanceSink,
+    /// The key of `tempo` session channels; `None`: sessions are not paid.
+    pub tempo_signer: Option<EvmSigner>,
+    pub session_max_deposit: Micros,
+    pub session_ttl_secs: u64,
 }
 
 impl Default for MppConfig {
@@ -125,6 +146,9 @@ impl Default for MppConfig {
             timeout: Duration::from_millis(DEFAULT_TIMEOUT_MS),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             conformance: ConformanceSink::disabled(),
+            tempo_signer: None,
+            session_max_deposit: Micros::new(DEFAULT_SESSION_MAX_DEPOSIT_MICROS).unwrap_or(Micros::ZERO),
+            session_ttl_secs: DEFAULT_SESSION_TTL_SECS,
         }
     }
 }
@@ -175,7 +199,26 @@ impl MppConfig {
         if args.mpp_timeout_ms == 0 {
             return Err(config_error("SPENDCAP_MPP_TIMEOUT_MS must be greater than zero"));
         }
+        let tempo_signer = match &args.mpp_tempo_key_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|err| {
+                    config_error(format!("cannot read the tempo key file {}: {}", path.display(), err.kind()))
+                })?;
+                Some(EvmSigner::from_hex(&text).map_err(|_| {
+                    config_error(format!("the tempo key file {} holds no EVM private key", path.display()))
+                })?)
+            }
+        };
+        let session_max_deposit = Micros::positive(args.mpp_session_max_deposit_micros)
+            .map_err(|err| config_error(format!("SPENDCAP_MPP_SESSION_MAX_DEPOSIT_MICROS: {err}")))?;
+        if args.mpp_session_ttl_secs < 60 {
+            return Err(config_error("SPENDCAP_MPP_SESSION_TTL_SECS must be at least 60"));
+        }
         Ok(MppConfig {
+            tempo_signer,
+            session_max_deposit,
+            session_ttl_secs: args.mpp_session_ttl_secs,
             psp,
             max_payment,
             max_validity_secs: args.mpp_max_validity_secs,
@@ -194,22 +237,35 @@ pub struct MppService {
 
 impl MppService {
     pub fn build(config: MppConfig, reserved: super::reserved::Reserved) -> Result<MppService, ConfigError> {
-        let Some(psp) = config.psp else {
-            tracing::info!("MPP endpoint not configured (no SPENDCAP_MPP_PSP_URL); it answers 503 mpp_not_configured");
+        if config.psp.is_none() && config.tempo_signer.is_none() {
+            tracing::info!(
+                "MPP endpoint not configured (no SPENDCAP_MPP_PSP_URL nor SPENDCAP_MPP_TEMPO_KEY_FILE); it answers 503 \
+                 mpp_not_configured"
+            );
             return Ok(MppService { engine: None });
-        };
+        }
         let destinations = destination::Destinations::new(config.allow_private).with_reserved(reserved);
         let upstream = Upstream::build(destinations.clone(), config.timeout, config.max_response_bytes)
             .map_err(|err| config_error(format!("cannot build the HTTP client: {err}")))?;
-        let issuer = SptIssuer::new(
-            &psp.base_url,
-            psp.secret_key,
-            psp.payment_method,
-            config.timeout,
-            config.conformance.clone(),
-        )
-        .map_err(|err| config_error(format!("cannot build the PSP client: {err}")))?;
-        tracing::info!(psp = %issuer.base_url(), "MPP endpoint enabled (stripe charge)");
+        let issuer = match config.psp {
+            None => None,
+            Some(psp) => {
+                let issuer = SptIssuer::new(
+                    &psp.base_url,
+                    psp.secret_key,
+                    psp.payment_method,
+                    config.timeout,
+                    config.conformance.clone(),
+                )
+                .map_err(|err| config_error(format!("cannot build the PSP client: {err}")))?;
+                tracing::info!(psp = %issuer.base_url(), "MPP endpoint: stripe charge enabled");
+                Some(issuer)
+            }
+        };
+        let session = config.tempo_signer.map(|signer| {
+            tracing::info!(payer = %signer.address(), "MPP endpoint: tempo session enabled");
+            session::Sessions::new(signer, config.session_max_deposit, config.session_ttl_secs)
+        });
         Ok(MppService {
             engine: Some(flow::Engine {
                 issuer,
@@ -219,6 +275,7 @@ impl MppService {
                 upstream,
                 destinations,
                 conformance: config.conformance,
+                session,
             }),
         })
     }
@@ -268,5 +325,24 @@ mod tests {
         assert!(err.to_string().contains("SPENDCAP_MPP_PAYMENT_METHOD"), "{err}");
         let none = Cli::try_parse_from(["spendcap"]).expect("parses");
         assert!(MppConfig::from_args(&none.mpp).expect("valid").psp.is_none());
+    }
+
+    #[test]
+    fn the_tempo_key_is_read_from_its_file_never_shown_and_a_bad_one_is_refused() {
+        let key = "59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+        let path = std::env::temp_dir().join(format!("spendcap-tempo-{}.key", hex::encode(rand::random::<[u8; 8]>())));
+        std::fs::write(&path, format!("0x{key}\n")).expect("writes");
+        let path_text = path.to_str().expect("utf-8").to_owned();
+        let cli = Cli::try_parse_from(["spendcap", "--mpp-tempo-key-file", &path_text]).expect("parses");
+        let config = MppConfig::from_args(&cli.mpp).expect("valid");
+        assert!(config.tempo_signer.is_some() && config.psp.is_none());
+        assert!(!format!("{config:?}").contains(key), "the key never shows");
+        std::fs::write(&path, "not a key").expect("writes");
+        let err = MppConfig::from_args(&cli.mpp).expect_err("no key in it");
+        assert!(
+            err.to_string().contains("holds no EVM private key") && !err.to_string().contains("not a key"),
+            "{err}"
+        );
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -20,7 +20,7 @@ const CORE: [&str; 8] = [
 ];
 
 /// The protocol flows: money logic per protocol, over the core and their own service.
-const FLOWS: [&str; 11] = [
+const FLOWS: [&str; 12] = [
     "src/protocols/x402/purchase.rs",
     "src/protocols/x402/upstream.rs",
     "src/protocols/acp/checkout.rs",
@@ -32,6 +32,7 @@ const FLOWS: [&str; 11] = [
     "src/protocols/mpp/flow.rs",
     "src/protocols/mcp_upstream.rs",
     "src/protocols/api/flow.rs",
+    "src/protocols/mpp/session.rs",
 ];
 
 /// What neither the core nor a flow may name: the HTTP face, and the state that holds every

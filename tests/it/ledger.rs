@@ -1346,3 +1346,53 @@ conformance!(a_purchase_ends_in_the_call_that_ends_its_hold, |ledger: Ledger| as
 fn amount_of(micros: u64) -> Micros {
     Micros::new(micros).expect("micros")
 }
+
+conformance!(a_hold_settles_in_parts_keeps_the_rest_held_and_ends_once, |ledger: Ledger| async move {
+    let parent = create(&ledger, "p", 2_000, None).await;
+    let agent = create(&ledger, "a", 1_500, Some(&parent)).await;
+    let hold_id = granted(hold(&ledger, &agent, 1_000).await);
+    let part = |amount: u64, total: u64| {
+        let (ledger, agent, hold_id) = (&ledger, &agent, &hold_id);
+        async move {
+            ledger
+                .settle_part(
+                    T0,
+                    &agent.id,
+                    &agent.caller(),
+                    hold_id,
+                    Micros::new(amount).expect("m"),
+                    Micros::new(total).expect("m"),
+                    "{\"voucher\":1}",
+                    None,
+                )
+                .await
+        }
+    };
+    let first = part(100, 100).await.expect("settles part");
+    assert_eq!((first.remaining.get(), first.part_settled.get(), first.replayed), (900, 100, false));
+    // The same increment again (same total) moves nothing.
+    assert!(part(100, 100).await.expect("replays").replayed);
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_500, 100, 900));
+    assert_eq!(figures(&ledger, &parent, T0).await, (2_000, 100, 900));
+    // An increment that does not follow on, or more than is held, is refused and changes nothing.
+    assert!(matches!(part(100, 300).await, Err(LedgerError::InvalidArgument(_))));
+    assert!(matches!(part(901, 1_001).await, Err(LedgerError::AmountExceedsHold)));
+    // The whole deposit stays counted: the agent cannot hold more than its cap meanwhile.
+    assert!(matches!(hold(&ledger, &agent, 501).await, HoldOutcome::Refused(_)));
+    // A revoked agent's voucher already sent is still settled (a known charge).
+    ledger.revoke(T0, &agent.id, "test").await.expect("revokes");
+    let second = part(250, 350).await.expect("settles part after revocation");
+    assert_eq!((second.remaining.get(), second.part_settled.get()), (650, 350));
+    // Closing settles the last increment and releases the rest, once.
+    let closed =
+        ledger.settle(T0, &agent.id, &agent.caller(), &hold_id, Micros::new(50).expect("m"), "").await.expect("closes");
+    assert_eq!((closed.amount.get(), closed.released.get()), (50, 600));
+    assert_eq!(figures(&ledger, &agent, T0).await, (1_500, 400, 0));
+    assert_eq!(figures(&ledger, &parent, T0).await, (2_000, 400, 0));
+    assert!(matches!(part(10, 360).await, Err(LedgerError::HoldSettled)));
+    let log = whole_log(&ledger, agent.id.tree()).await;
+    let parts: Vec<u64> = log.iter().filter(|e| e.event == "psettle").filter_map(|e| e.amount).collect();
+    assert_eq!(parts, [100, 250]);
+    assert_replays(&ledger, agent.id.tree()).await;
+    assert!(spendcap::audit::check(&ledger).await.expect("audits").is_clean());
+});

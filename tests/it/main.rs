@@ -26,6 +26,7 @@ mod mcp;
 mod mcp_paid;
 mod metrics;
 mod mpp;
+mod mpp_session;
 mod openapi;
 mod orchestrators;
 mod readme;

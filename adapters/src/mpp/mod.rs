@@ -11,10 +11,12 @@
 //! credential of the `stripe` method (a Shared Payment Token minted by the PSP, bounded to the
 //! held amount: [`SptIssuer`], [`stripe_credential`]) and the receipt ([`parse_receipt`]).
 //!
-//! Methods and intents: `charge` with the `stripe` method. The `tempo` method (a signed Tempo
-//! chain transaction) and the `session` intent (payment channels) are not spoken: choosing
-//! refuses them with `mpp_no_acceptable_challenge`.
+//! Methods and intents: `charge` with the `stripe` method ([`choose`]), and `session` with the
+//! `tempo` method ([`session`]: a payment channel whose deposit the ledger holds and whose
+//! cumulative vouchers it settles one increment at a time). `charge` with `tempo` (a signed
+//! Tempo chain transaction) is not spoken: [`choose`] refuses it with `mpp_no_acceptable_challenge`.
 
+pub mod session;
 mod spt;
 
 use std::collections::BTreeMap;

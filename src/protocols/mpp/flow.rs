@@ -51,13 +51,16 @@ const LEASE_GRACE_MS: u64 = 15_000;
 const REASON_CHARS: usize = 200;
 
 pub struct Engine {
-    pub issuer: SptIssuer,
+    /// The PSP of the `stripe` method; `None`: `stripe` charges are not paid.
+    pub issuer: Option<SptIssuer>,
     pub max_payment: Micros,
     pub max_validity_secs: u64,
     pub timeout: Duration,
     pub upstream: Upstream,
     pub destinations: Destinations,
     pub conformance: ConformanceSink,
+    /// `tempo` session channels (`session.rs`); `None`: sessions are not paid.
+    pub session: Option<super::session::Sessions>,
 }
 
 pub struct FetchRequest {
@@ -112,11 +115,11 @@ impl Stored {
     }
 }
 
-fn error(kind: Kind, code: &'static str, detail: impl Into<String>) -> Failure {
+pub(super) fn error(kind: Kind, code: &'static str, detail: impl Into<String>) -> Failure {
     Failure::new(kind, code, detail)
 }
 
-fn clip(text: &str) -> String {
+pub(super) fn clip(text: &str) -> String {
     match text.char_indices().nth(REASON_CHARS) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_owned(),
@@ -127,7 +130,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn refused_402(err: &MppError) -> Failure {
+pub(super) fn refused_402(err: &MppError) -> Failure {
     let kind = if err.is_policy() { Kind::Refused } else { Kind::Provider };
     let mut extra = json!({ "upstream_status": 402 });
     if let (MppError::OverMaximum { amount, maximum }, Value::Object(map)) = (err, &mut extra) {
@@ -151,7 +154,7 @@ fn unpaid_failure(err: UpstreamError) -> Failure {
     }
 }
 
-fn purchase_key(request: &FetchRequest) -> String {
+pub(super) fn purchase_key(request: &FetchRequest) -> String {
     match &request.idempotency_key {
         Some(key) => format!("mpp:k:{key}"),
         None => {
@@ -200,15 +203,26 @@ pub async fn fetch(
     request: FetchRequest,
 ) -> Result<Delivered, Failure> {
     let host = request.outgoing.url.host_str().unwrap_or_default().to_ascii_lowercase();
-    pay::precheck_task(core, agent, adapters::Protocol::Mpp, &host, &request.task).await?;
+    if let Err(refused) = pay::precheck_task(core, agent, adapters::Protocol::Mpp, &host, &request.task).await {
+        // A refused agent's open session channels close for what was already vouched.
+        if let Some(sessions) = &engine.session {
+            sessions.close_all(core, agent, "agent_refused").await;
+        }
+        return Err(refused);
+    }
 
     let first = engine.upstream.send(&request.outgoing, None, engine.timeout).await.map_err(unpaid_failure)?;
     if !first.asks_payment() {
         return Ok(Delivered { answer: first, payment: None, replayed: false });
     }
+    if let Some(sessions) = &engine.session {
+        if let Some(paid) = sessions.pay(core, engine, agent, &request, &first).await {
+            return paid;
+        }
+    }
     let now_secs = core.clock.now_ms() / 1000;
     let policy = Policy {
-        methods: vec!["stripe".to_owned()],
+        methods: engine.issuer.iter().map(|_| "stripe".to_owned()).collect(),
         currencies: vec!["usd".to_owned()],
         max_payment: request.max_amount.map_or(engine.max_payment, |max| max.min(engine.max_payment)),
         min_validity_secs: (MIN_SEND_MS + SETTLE_MARGIN_MS) / 1000 + 1,
@@ -368,7 +382,11 @@ impl Paying<'_> {
     }
 
     async fn pay(self, outgoing: &Outgoing) -> Result<Delivered, Failure> {
-        let spt = match self.engine.issuer.mint(&self.choice.spt_request(), &self.spt_key()).await {
+        let Some(issuer) = &self.engine.issuer else {
+            let err = error(Kind::Internal, "mpp_credential_failed", "the stripe method is not configured");
+            return Err(self.abandon(err).await);
+        };
+        let spt = match issuer.mint(&self.choice.spt_request(), &self.spt_key()).await {
             Ok(spt) => spt,
             Err(err) => {
                 let (code, detail) = match &err {
