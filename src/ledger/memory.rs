@@ -1764,7 +1764,7 @@ impl MemoryLedger {
                 return Ok(PartSettled { amount, remaining: money(held), part_settled: money(before), replayed: true });
             }
             if matches!(h.state, HoldState::Open) && h.expires_at_ms <= now_ms {
-                tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "");
+                tree.end_hold(tree_id, hold.as_str(), (HoldState::Expired, 0), now_ms, "hold_expired", "", "");
                 return Err(LedgerError::HoldExpired);
             }
             tree.lapse_approval(tree_id, hold.as_str(), now_ms);
