@@ -476,7 +476,7 @@ fn a_client_command_without_a_daemon_says_how_to_fix_it() {
 /// sequence number, one winner). The others are linked after their settles, grouped: every
 /// receipt is signed and offered to the chain once, whatever the concurrency. (They were once
 /// linked each by its own settle, which signed every receipt between the head and its own and
-/// raced the others: 30 concurrent settles offered hundreds of receipts.)
+/// raced the others to link them.)
 #[tokio::test]
 async fn concurrent_settles_of_one_tree_offer_each_receipt_to_the_chain_once() {
     const SETTLES: usize = 30;
