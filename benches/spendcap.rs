@@ -17,7 +17,11 @@
 //! Each figure is printed with its ratio to the reference. Set `SPENDCAP_BENCH_SCALE` (default
 //! 1.0) to shorten or lengthen every stage, and `SPENDCAP_BENCH_HTTP_ONLY=1` to run only the
 //! generic HTTP pairs of stage 4, three times (for tuning the daemon), or
-//! `SPENDCAP_BENCH_API_ONLY=1` to run only the keyed-API rows.
+//! `SPENDCAP_BENCH_API_ONLY=1` to run only the keyed-API rows, or
+//! `SPENDCAP_BENCH_PURCHASES_ONLY=1` to run only the x402, ACP, AP2 and keyed-API purchase rows,
+//! each with the CPU time it took per purchase in the daemon, in Redis and in this process (the
+//! simulated providers and the load generator): a figure that depends little on the machine's
+//! other load.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -974,8 +978,86 @@ fn api_lines(straight: &Figure, through: &Figure, ttfb_straight: &Figure, ttfb_t
     ]
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) end with `)`.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command name, in
+    // clock ticks of 1/100 s on Linux.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Runs one purchase stage and prints its rate and the CPU per purchase of the daemon, Redis and
+/// this process (simulated providers + load generator).
+fn cpu_per_purchase<T>(name: &str, purchases: u64, daemon: &Daemon, redis: &Redis, stage: impl FnOnce() -> T) -> T {
+    let pids = [daemon.child.id().to_string(), redis.child.id().to_string(), "self".to_owned()];
+    let before: Vec<Duration> = pids.iter().map(|pid| cpu_time(pid)).collect();
+    let start = Instant::now();
+    let result = stage();
+    let elapsed = start.elapsed();
+    let used: Vec<f64> = pids
+        .iter()
+        .zip(&before)
+        .map(|(pid, before)| (cpu_time(pid).saturating_sub(*before)).as_secs_f64() * 1e6 / purchases as f64)
+        .collect();
+    println!(
+        "{name}: {:.0}/s; CPU per purchase: daemon {:.0} µs, redis {:.0} µs, bench process {:.0} µs",
+        purchases as f64 / elapsed.as_secs_f64(),
+        used[0],
+        used[1],
+        used[2]
+    );
+    result
+}
+
+/// The purchase rows only, each with its CPU per purchase (`SPENDCAP_BENCH_PURCHASES_ONLY=1`).
+fn purchases_only(runtime: &tokio::runtime::Runtime) {
+    let redis = Redis::start();
+    let providers = runtime.block_on(Providers::start()).expect("simulated providers");
+    let daemon = runtime.block_on(start_daemon(&redis, &providers));
+    println!("spendcap benchmark, purchases only — scale {}", scale());
+    let x402 = scaled(10_000);
+    let (direct, paid, _) = cpu_per_purchase("x402 direct + paid (per paid fetch)", x402, &daemon, &redis, || {
+        runtime.block_on(x402_stage(&daemon, x402))
+    });
+    println!("x402: direct {:.0}/s, paid {:.0}/s ({:.3} of direct)", direct.rps, paid.rps, paid.rps / direct.rps);
+    let n = scaled(5_000);
+    let acp = cpu_per_purchase("ACP", n, &daemon, &redis, || runtime.block_on(acp_stage(&daemon, &providers, n)));
+    println!("ACP: {:.0}/s ({:.3} of direct)", acp.rps, acp.rps / direct.rps);
+    let n = scaled(2_000);
+    let ap2 = cpu_per_purchase("AP2 (with its set-up)", n, &daemon, &redis, || {
+        runtime.block_on(ap2_stage(&daemon, &providers, n))
+    });
+    println!("AP2: {:.0}/s ({:.3} of direct)", ap2.rps, ap2.rps / direct.rps);
+    let n = scaled(10_000);
+    let (straight, through, _, _) = cpu_per_purchase("keyed API straight + through + TTFB", n, &daemon, &redis, || {
+        runtime.block_on(api_stage(&daemon, &providers, n))
+    });
+    println!("keyed API: straight {:.0}/s, through the daemon {:.0}/s", straight.rps, through.rps);
+    let metrics = runtime
+        .block_on(async {
+            reqwest::Client::new().get(format!("{}/metrics", daemon.base)).bearer_auth(ADMIN).send().await?.text().await
+        })
+        .expect("metrics");
+    let value = |name: &str| -> f64 {
+        metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    let (linked, settles) = (value("spendcap_settle_linked_receipts_total"), value("spendcap_settles_total"));
+    println!(
+        "receipts linked by the settle itself: {linked:.0} of {settles:.0} settles ({:.0}%)",
+        100.0 * linked / settles.max(1.0)
+    );
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    if std::env::var_os("SPENDCAP_BENCH_PURCHASES_ONLY").is_some() {
+        purchases_only(&runtime);
+        return;
+    }
     if std::env::var_os("SPENDCAP_BENCH_API_ONLY").is_some() {
         // Only the keyed-API rows, on one daemon.
         let redis = Redis::start();

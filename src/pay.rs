@@ -237,7 +237,8 @@ pub async fn settle_for(
     details: &str,
 ) -> Result<Settlement, Failure> {
     let now = core.clock.now_ms();
-    let presigned = core.signer.presign(hold, now, amount, details);
+    let settling = core.signer.settling(hold.tree());
+    let presigned = core.signer.presign(&settling, hold, now, amount, details);
     let result = core
         .ledger
         .settle_presigned(protocol, now, agent, caller, hold, amount, details, presigned.as_ref().map(|p| &p.link))
@@ -268,7 +269,8 @@ pub async fn settle_finishing(
 ) -> Result<(Settlement, bool), Failure> {
     let details = details_json(details)?;
     let now = core.clock.now_ms();
-    let presigned = core.signer.presign(hold, now, amount, &details);
+    let settling = core.signer.settling(hold.tree());
+    let presigned = core.signer.presign(&settling, hold, now, amount, &details);
     // The settlement as it will be if the settle links the receipt signed ahead.
     let response = presigned.as_ref().and_then(|presigned| {
         let facts = &presigned.link.facts;

@@ -9,9 +9,9 @@
 //! instance can sign and link receipts another instance left unlinked (it crashed, or is
 //! slower): the chain never forks and never keeps a gap.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -79,8 +79,12 @@ pub enum ReceiptError {
 /// `Debug` shows only the key id.
 pub struct ReceiptSigner {
     key: SigningKey,
+    /// The key's id, computed once (it is in every receipt).
+    key_id: String,
     heads: HeadCache,
     holds: HoldCache,
+    linker: Linker,
+    settling: InFlight,
 }
 
 /// What a receipt states about the hold it settles, as the daemon that granted the hold asked
@@ -144,6 +148,115 @@ impl HeadCache {
     }
 }
 
+/// The receipts settled through this daemon whose settle did not link them (another settle of
+/// the same tree took the sequence number the receipt was signed ahead for), per tree, so that
+/// one settle links them all in one call: group commit. Without it, each of N concurrent settles
+/// of one tree read the chain head, signed every receipt between the head and its own and raced
+/// the others to link them: O(N²) signatures and calls for N settles.
+#[derive(Default)]
+struct Linker(Mutex<HashMap<TreeId, Arc<TreeLinks>>>);
+
+#[derive(Default)]
+struct TreeLinks {
+    /// Held by the settle that is linking the tree's receipts; the others wait for their turn,
+    /// and usually find their receipt linked by then.
+    turn: tokio::sync::Mutex<()>,
+    state: Mutex<LinkState>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// Settled, waiting for a link: the facts the settle recorded, by sequence number.
+    waiting: BTreeMap<u64, ReceiptFacts>,
+    /// Linked by another settle's turn: the receipt, for its own settle to pick up.
+    linked: HashMap<u64, Receipt>,
+}
+
+impl LinkState {
+    /// The waiting facts from `first` on, as long as they are consecutive, at most `max`.
+    fn run_from(&self, first: u64, max: usize) -> Vec<ReceiptFacts> {
+        self.waiting
+            .range(first..)
+            .zip(first..)
+            .take_while(|((seq, _), want)| **seq == *want)
+            .take(max)
+            .map(|((_, facts), _)| facts.clone())
+            .collect()
+    }
+}
+
+/// A settle's place in its tree's [`Linker`] entry; leaving (done or cancelled) forgets what it
+/// left there, and the entry itself when nobody else uses it.
+struct Waiting<'a> {
+    linker: &'a Linker,
+    tree: TreeId,
+    links: Arc<TreeLinks>,
+    seq: Option<u64>,
+}
+
+impl Linker {
+    /// Enters `tree`, with the facts of a receipt to link when there are some.
+    fn enter(&self, tree: &TreeId, facts: Option<ReceiptFacts>) -> Waiting<'_> {
+        let links = {
+            let mut trees = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            trees.entry(tree.clone()).or_default().clone()
+        };
+        let seq = facts.map(|facts| {
+            let seq = facts.seq;
+            links.state.lock().unwrap_or_else(|e| e.into_inner()).waiting.insert(seq, facts);
+            seq
+        });
+        Waiting { linker: self, tree: tree.clone(), links, seq }
+    }
+}
+
+impl Waiting<'_> {
+    fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.links.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(seq) = self.seq {
+            let mut state = self.state();
+            state.waiting.remove(&seq);
+            state.linked.remove(&seq);
+        }
+        let mut trees = self.linker.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the map and this settle hold the entry (nobody can take it from the map while
+        // the map is locked): nobody else waits on the tree.
+        if Arc::strong_count(&self.links) == 2 {
+            trees.remove(&self.tree);
+        }
+    }
+}
+
+/// How many settles of each tree this daemon has in flight (from before the settle call until
+/// its receipt is issued).
+#[derive(Default)]
+struct InFlight(Mutex<HashMap<TreeId, usize>>);
+
+/// A settle in flight (see [`ReceiptSigner::settling`]); dropping it ends it.
+pub struct Settling<'a> {
+    in_flight: &'a InFlight,
+    tree: TreeId,
+    /// No other settle of the tree was in flight here when this one began.
+    alone: bool,
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        let mut trees = self.in_flight.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = trees.get_mut(&self.tree) {
+            *count -= 1;
+            if *count == 0 {
+                trees.remove(&self.tree);
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for ReceiptSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ReceiptSigner(key_id {})", key_id(&self.key.verifying_key()))
@@ -160,7 +273,15 @@ impl ReceiptSigner {
     }
 
     fn new(key: SigningKey) -> ReceiptSigner {
-        ReceiptSigner { key, heads: HeadCache::default(), holds: HoldCache::default() }
+        let key_id = key_id(&key.verifying_key());
+        ReceiptSigner {
+            key,
+            key_id,
+            heads: HeadCache::default(),
+            holds: HoldCache::default(),
+            linker: Linker::default(),
+            settling: InFlight::default(),
+        }
     }
 
     /// Loads the PKCS#8 PEM key at `path`, or generates one there (mode 0600) on first start.
@@ -208,13 +329,36 @@ impl ReceiptSigner {
         holds.insert(hold.to_string(), facts);
     }
 
+    /// Marks a settle of `tree` in flight until the returned guard is dropped, which must be
+    /// after its receipt is issued.
+    pub fn settling(&self, tree: &TreeId) -> Settling<'_> {
+        let mut trees = self.settling.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = trees.entry(tree.clone()).or_insert(0);
+        *count += 1;
+        Settling { in_flight: &self.settling, tree: tree.clone(), alone: *count == 1 }
+    }
+
     /// The receipt of settling `hold` for `amount` at `now_ms` with `details` (the settle's
     /// details JSON, '' for none), signed ahead of the settle against the chain head this daemon
     /// last linked for the tree, if it granted the hold and knows the head. The settle links it
     /// only if it is exactly the settle's receipt (`spendcap_settle` checks the facts, the
     /// sequence number and the head), so a wrong guess costs a signature, never a wrong chain.
-    pub fn presign(&self, hold: &HoldId, now_ms: u64, amount: Micros, details: &str) -> Option<Presigned> {
+    ///
+    /// Not signed when another settle of the tree is in flight here (`settling`): the head that
+    /// settle is about to move is the one the guess would name, so the guess would be wrong; the
+    /// receipt is then signed once, after the settle, by [`issue`] (grouped with the others).
+    pub fn presign(
+        &self,
+        settling: &Settling<'_>,
+        hold: &HoldId,
+        now_ms: u64,
+        amount: Micros,
+        details: &str,
+    ) -> Option<Presigned> {
         let held = self.holds.0.lock().unwrap_or_else(|e| e.into_inner()).remove(hold.as_str())?;
+        if !settling.alone || settling.tree != *hold.tree() {
+            return None;
+        }
         let tree = hold.tree();
         let head = self.heads.get(tree)?;
         let facts = ReceiptFacts {
@@ -243,7 +387,7 @@ impl ReceiptSigner {
         let hash = hex::encode(Sha256::digest(&canonical));
         let receipt = Receipt {
             receipt: body,
-            key_id: key_id(&self.key.verifying_key()),
+            key_id: self.key_id.clone(),
             signature: URL_SAFE_NO_PAD.encode(signature.to_bytes()),
         };
         Ok((receipt, hash))
@@ -300,17 +444,27 @@ fn parse_signed(text: &str) -> Result<Receipt, ReceiptError> {
     serde_json::from_str(text).map_err(|e| ReceiptError::Malformed(e.to_string()))
 }
 
-/// Signs and links the receipt a settle recorded, returning it. When this daemon linked the
-/// receipt's direct predecessor itself (the usual case) this costs one ledger call; otherwise
-/// it reads the chain head first. When earlier receipts of the tree are not linked yet
-/// (concurrent settles, or a daemon that died between settle and link), it reads them in one
-/// call, signs them too — signing is deterministic, so every instance produces the same bytes —
-/// and links them all in one call.
+/// Signs and links the receipt a settle recorded, returning it. When this daemon knows the
+/// tree's chain head (the usual case) this costs one ledger call; otherwise it reads the chain
+/// head first. The receipts of one tree are linked by one settle at a time: a settle that finds
+/// its receipt linked when its turn comes (by the settle before it, along with its own) is done
+/// without a call, and the one whose turn it is links every receipt settled here and waiting
+/// after the head in one call. When earlier receipts of the tree are not linked and not waiting
+/// here (a daemon that died between settle and link, or another instance's), it reads them in
+/// one call, signs them too — signing is deterministic, so every instance produces the same
+/// bytes — and links them all in one call.
 pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, settled: &SettleOutcome) -> Result<Receipt, ReceiptError> {
     let tree = &settled.facts.tree;
     let seq = settled.seq;
+    // A replayed settle's receipt may be linked already: it is looked up, not offered.
+    let waiting = signer.linker.enter(tree, (!settled.replayed).then(|| settled.facts.clone()));
+    let _turn = waiting.links.turn.lock().await;
+    if let Some(receipt) = waiting.state().linked.remove(&seq) {
+        return Ok(receipt);
+    }
+    // A stale guess (another instance linked since) costs one refused link, which names the head.
     let mut head = match signer.heads.get(tree) {
-        Some(guess) if guess.seq + 1 == seq && !settled.replayed => guess,
+        Some(guess) if guess.seq < seq && !settled.replayed => guess,
         _ => ledger.chain_head(tree).await?,
     };
     // Each round either links or learns a newer head; the bound guards against a ledger that
@@ -327,25 +481,23 @@ pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, settled: &SettleOutc
             head = ledger.chain_head(tree).await?;
             continue;
         }
-        // At most MAX_LINKS receipts per call: link the oldest missing ones first.
-        let last = seq.min(head.seq + 256);
-        let pending = if head.seq + 1 == seq {
-            vec![settled.facts.clone()]
-        } else {
-            ledger.receipts(tree, head.seq + 1, last).await?
-        };
-        if pending.first().map(|f| f.seq) != Some(head.seq + 1) {
-            return Err(LedgerError::Corrupt(format!("receipt {} of tree {tree} is missing", head.seq + 1)).into());
+        // At most MAX_LINKS receipts per call: link the oldest missing ones first. The receipts
+        // waiting here from the head on, ours included, need no read; others are read.
+        let first = head.seq + 1;
+        let mut pending = waiting.state().run_from(first, MAX_LINKS);
+        if pending.last().is_none_or(|last| last.seq < seq.min(head.seq + MAX_LINKS as u64)) {
+            pending = ledger.receipts(tree, first, seq.min(head.seq + MAX_LINKS as u64)).await?;
+        }
+        if pending.first().map(|f| f.seq) != Some(first) {
+            return Err(LedgerError::Corrupt(format!("receipt {first} of tree {tree} is missing")).into());
         }
         let mut prev = head.hash.clone();
         let mut links = Vec::with_capacity(pending.len());
-        let mut ours = None;
+        let mut receipts = Vec::with_capacity(pending.len());
         for facts in pending {
             let (receipt, hash) = signer.sign(body_from_facts(&facts, &prev))?;
             let signed = serde_json::to_string(&receipt).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-            if facts.seq == seq {
-                ours = Some(receipt);
-            }
+            receipts.push(receipt);
             links.push(ReceiptLink { facts, prev_hash: std::mem::replace(&mut prev, hash.clone()), hash, signed });
         }
         let linked_to = links.last().map(|l| ChainHead { seq: l.facts.seq, hash: l.hash.clone() });
@@ -353,6 +505,19 @@ pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, settled: &SettleOutc
             Ok(()) => {
                 if let Some(linked) = &linked_to {
                     signer.heads.learn(tree, linked);
+                }
+                let mut ours = None;
+                {
+                    // Hand the others their receipts (those still waiting for them).
+                    let mut state = waiting.state();
+                    for receipt in receipts {
+                        let linked = receipt.receipt.seq;
+                        if linked == seq {
+                            ours = Some(receipt);
+                        } else if state.waiting.remove(&linked).is_some() {
+                            state.linked.insert(linked, receipt);
+                        }
+                    }
                 }
                 match (ours, linked_to) {
                     (Some(receipt), _) => return Ok(receipt),
@@ -368,6 +533,9 @@ pub async fn issue(ledger: &Ledger, signer: &ReceiptSigner, settled: &SettleOutc
     }
     Err(LedgerError::Corrupt(format!("could not link receipt {seq} of tree {tree}")).into())
 }
+
+/// At most this many receipts are linked in one call (`MAX_LINKS` of `spendcap_receipt_link`).
+const MAX_LINKS: usize = 256;
 
 /// The receipt of a settle made with `presigned` (see [`ReceiptSigner::presign`]): that one if
 /// the settle linked it, else signed and linked now by [`issue`].

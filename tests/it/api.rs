@@ -472,6 +472,66 @@ fn a_client_command_without_a_daemon_says_how_to_fix_it() {
 /// The ledger calls of the generic pair, as Redis saw them (see `calls.rs`): one hold, one
 /// settle (the receipt signed ahead and linked in the same call — also for a tree's first
 /// receipt, whose chain head the hold is asked for).
+/// Settles of one tree that run at once cannot all link the receipt they signed ahead (one
+/// sequence number, one winner). The others are linked after their settles, grouped: every
+/// receipt is signed and offered to the chain once, whatever the concurrency. (They were once
+/// linked each by its own settle, which signed every receipt between the head and its own and
+/// raced the others to link them.)
+#[tokio::test]
+async fn concurrent_settles_of_one_tree_offer_each_receipt_to_the_chain_once() {
+    const SETTLES: usize = 30;
+    let app = spawn_app().await;
+    let (status, created) = app
+        .admin(
+            Method::POST,
+            "/v1/agents",
+            Some(json!({ "handle": "busy", "cap_micros": 1_000_000_000, "controls": { "breaker": null } })),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let agent = crate::support::Agent {
+        id: created["agent"]["id"].as_str().expect("id").to_owned(),
+        token: created["token"].as_str().expect("token").to_owned(),
+        tree: created["agent"]["tree"].as_str().expect("tree").to_owned(),
+    };
+    let redis = app.redis.clone().expect("a Redis ledger");
+    let mut holds = Vec::new();
+    for _ in 0..SETTLES {
+        let (status, hold) = app.hold(&agent, 2_000).await;
+        assert_eq!(status, 201, "{hold}");
+        holds.push(hold["hold_id"].as_str().expect("id").to_owned());
+    }
+    let calls = crate::calls::LedgerCalls::watch(&redis);
+    let settles = holds.iter().map(|hold| app.settle(&agent, hold, 1_500));
+    let settled = futures::future::join_all(settles).await;
+    let lines = calls.stop_lines(&redis);
+    let mut receipts: Vec<Value> = settled
+        .into_iter()
+        .map(|(status, body)| {
+            assert_eq!(status, 200, "{body}");
+            body["receipt"].clone()
+        })
+        .collect();
+    receipts.sort_by_key(|r| r["receipt"]["seq"].as_u64());
+    let seqs: Vec<u64> = receipts.iter().map(|r| r["receipt"]["seq"].as_u64().expect("seq")).collect();
+    assert_eq!(seqs, (1..=SETTLES as u64).collect::<Vec<_>>(), "one receipt per settle, in one chain");
+    let response =
+        app.http.get(app.url("/v1/receipts?agent=busy")).bearer_auth(ADMIN_TOKEN).send().await.expect("export");
+    let exported: Vec<Value> =
+        response.text().await.expect("text").lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert_eq!(exported, receipts, "the chain holds exactly the receipts the settles returned");
+    // Receipts offered to the chain: signed ahead in a settle, or in a link call's groups of five.
+    let offered: usize = lines
+        .iter()
+        .map(|line| crate::calls::monitor_arguments(line))
+        .map(|args| match (args.first().map(|a| a.to_ascii_uppercase()), args.get(1).map(String::as_str)) {
+            (Some(fcall), Some("spendcap_receipt_link")) if fcall == "FCALL" => (args.len() - 4) / 5,
+            _ => 0,
+        })
+        .sum();
+    assert!(offered <= SETTLES, "{offered} receipts offered to spendcap_receipt_link for {SETTLES} settles");
+}
+
 #[tokio::test]
 async fn a_hold_and_settle_pair_costs_two_ledger_calls() {
     let app = spawn_app().await;

@@ -57,17 +57,26 @@ impl LedgerCalls {
         }
     }
 
-    /// Stops watching: the commands clients sent since [`LedgerCalls::watch`], each as its name,
-    /// with an `FCALL`'s function (`FCALL spendcap_hold`), in order; commands functions ran and
-    /// the monitor's own markers left out.
-    pub fn stop(mut self, redis: &RedisServer) -> Vec<String> {
+    /// Stops watching: the monitor's lines of the commands clients sent since
+    /// [`LedgerCalls::watch`], arguments included, in order; commands functions ran and the
+    /// monitor's own markers left out.
+    pub fn stop_lines(mut self, redis: &RedisServer) -> Vec<String> {
         assert_eq!(redis.port, self.port, "the watched server");
         let lines = self.drain_until(redis, "spendcap-monitor-stop");
         let _ = self.child.kill();
         let _ = self.child.wait();
         lines
-            .iter()
+            .into_iter()
             .filter(|line| !line.contains(" lua] ") && !line.contains("\"spendcap-monitor-ready\""))
+            .collect()
+    }
+
+    /// Stops watching: the commands clients sent since [`LedgerCalls::watch`], each as its name,
+    /// with an `FCALL`'s function (`FCALL spendcap_hold`), in order; commands functions ran and
+    /// the monitor's own markers left out.
+    pub fn stop(self, redis: &RedisServer) -> Vec<String> {
+        self.stop_lines(redis)
+            .iter()
             .filter_map(|line| {
                 let mut words = line.split("] ").nth(1)?.split(' ').map(|w| w.trim_matches('"'));
                 let command = words.next()?.to_ascii_uppercase();
@@ -83,6 +92,28 @@ impl LedgerCalls {
 /// Commands the daemon sends on its own schedule, whatever the request (the clock guard's
 /// `TIME`, the webhook consumer's stream reads), left out of a request's calls.
 const BACKGROUND: [&str; 6] = ["TIME", "XREADGROUP", "XAUTOCLAIM", "XACK", "XGROUP", "PING"];
+
+/// The quoted arguments of a monitor line (`"FCALL" "spendcap_hold" ...`), unescaped enough to
+/// count them.
+pub fn monitor_arguments(line: &str) -> Vec<String> {
+    let mut arguments = Vec::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            continue;
+        }
+        let mut argument = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => argument.extend(chars.next()),
+                '"' => break,
+                c => argument.push(c),
+            }
+        }
+        arguments.push(argument);
+    }
+    arguments
+}
 
 /// `calls` without the daemon's background commands: what one request cost.
 pub fn purchase_calls(calls: Vec<String>) -> Vec<String> {

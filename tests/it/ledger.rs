@@ -957,14 +957,15 @@ async fn presigned_receipts_are_linked_by_the_settle_only_when_exactly_right() {
     // The tree's first receipt: the daemon knows no head yet, so nothing is signed ahead.
     let first = granted(hold(&ledger, &agent, 10).await);
     signer.remember_hold(&first, facts("task-1"));
-    assert!(signer.presign(&first, T0, Micros::new(7).expect("m"), "").is_none());
+    assert!(signer.presign(&signer.settling(&tree), &first, T0, Micros::new(7).expect("m"), "").is_none());
     let settled = settle(first, None).await;
     returned.push(issue(&ledger, &signer, &settled).await.expect("issues"));
 
     // Exactly right: linked in the settle.
     let right = granted(hold(&ledger, &agent, 10).await);
     signer.remember_hold(&right, facts("task-1"));
-    let presigned = signer.presign(&right, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
+    let presigned =
+        signer.presign(&signer.settling(&tree), &right, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
     let settled = settle(right, Some(presigned.link.clone())).await;
     assert!(settled.linked, "the settle links the receipt signed ahead");
     assert_eq!(ledger.chain_head(&tree).await.expect("head").seq, 2);
@@ -973,7 +974,8 @@ async fn presigned_receipts_are_linked_by_the_settle_only_when_exactly_right() {
     // Facts that are not the hold's (another task): ignored.
     let other = granted(hold(&ledger, &agent, 10).await);
     signer.remember_hold(&other, facts("another-task"));
-    let presigned = signer.presign(&other, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
+    let presigned =
+        signer.presign(&signer.settling(&tree), &other, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
     let settled = settle(other, Some(presigned.link.clone())).await;
     assert!(!settled.linked, "a receipt stating other facts is not linked");
     assert_eq!(ledger.chain_head(&tree).await.expect("head").seq, 2);
@@ -984,7 +986,8 @@ async fn presigned_receipts_are_linked_by_the_settle_only_when_exactly_right() {
     // A wrong predecessor: ignored.
     let wrong_prev = granted(hold(&ledger, &agent, 10).await);
     signer.remember_hold(&wrong_prev, facts("task-1"));
-    let mut presigned = signer.presign(&wrong_prev, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
+    let mut presigned =
+        signer.presign(&signer.settling(&tree), &wrong_prev, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
     presigned.link.prev_hash = "00".repeat(32);
     let settled = settle(wrong_prev, Some(presigned.link.clone())).await;
     assert!(!settled.linked, "a receipt naming another predecessor is not linked");
@@ -994,7 +997,8 @@ async fn presigned_receipts_are_linked_by_the_settle_only_when_exactly_right() {
     // assigns a later sequence number than the one signed.
     let stale = granted(hold(&ledger, &agent, 10).await);
     signer.remember_hold(&stale, facts("task-1"));
-    let presigned = signer.presign(&stale, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
+    let presigned =
+        signer.presign(&signer.settling(&tree), &stale, T0, Micros::new(7).expect("m"), "").expect("signs ahead");
     let between = granted(hold(&ledger, &agent, 10).await);
     settle(between, None).await;
     let settled = settle(stale, Some(presigned.link.clone())).await;
@@ -1257,7 +1261,7 @@ conformance!(a_purchase_ends_in_the_call_that_ends_its_hold, |ledger: Ledger| as
         },
     );
     let amount = Micros::new(250).expect("m");
-    let presigned = signer.presign(&hold, T0, amount, "").expect("signed ahead");
+    let presigned = signer.presign(&signer.settling(hold.tree()), &hold, T0, amount, "").expect("signed ahead");
     let (settled, finished) = ledger
         .settle_finishing(
             None,
