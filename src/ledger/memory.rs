@@ -2156,6 +2156,7 @@ impl MemoryLedger {
         })
     }
 
+    #[allow(clippy::too_many_arguments)] // one per FCALL argument, as the ledger's other calls
     pub async fn create_bucket(
         &self,
         now_ms: u64,
@@ -2164,6 +2165,7 @@ impl MemoryLedger {
         cap: Micros,
         exclusive: bool,
         label: &str,
+        by: &str,
     ) -> Result<bool, LedgerError> {
         if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b)) {
             return Err(LedgerError::InvalidArgument(
@@ -2201,6 +2203,7 @@ impl MemoryLedger {
                 cap: Some(cap.get()),
                 bucket: id.to_owned(),
                 detail: label.to_owned(),
+                by: by.to_owned(),
                 ..LogEntry::default()
             };
             tree.log(tree_id, entry);

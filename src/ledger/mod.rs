@@ -1225,6 +1225,7 @@ impl Ledger {
     }
 
     /// Creates a budget bucket owned by `agent` (idempotent for identical terms; `Ok(false)`).
+    #[allow(clippy::too_many_arguments)] // one per FCALL argument, as the ledger's other calls
     pub async fn create_bucket(
         &self,
         now_ms: u64,
@@ -1233,8 +1234,9 @@ impl Ledger {
         cap: Micros,
         exclusive: bool,
         label: &str,
+        by: &str,
     ) -> Result<bool, LedgerError> {
-        dispatch!(self.create_bucket(now_ms, agent, id, cap, exclusive, label))
+        dispatch!(self.create_bucket(now_ms, agent, id, cap, exclusive, label, by))
     }
 
     pub async fn bucket(&self, tree: &TreeId, id: &str) -> Result<Option<Bucket>, LedgerError> {

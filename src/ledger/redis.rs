@@ -985,6 +985,7 @@ impl RedisLedger {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)] // one per FCALL argument, as the ledger's other calls
     pub async fn create_bucket(
         &self,
         now_ms: u64,
@@ -993,13 +994,14 @@ impl RedisLedger {
         cap: Micros,
         exclusive: bool,
         label: &str,
+        by: &str,
     ) -> Result<bool, LedgerError> {
         let exclusive = if exclusive { "1" } else { "0" };
         let reply = self
             .fcall(
                 "spendcap_create_bucket",
                 agent.tree(),
-                &[&now_ms.to_string(), agent.as_str(), id, &cap.to_string(), exclusive, label],
+                &[&now_ms.to_string(), agent.as_str(), id, &cap.to_string(), exclusive, label, by],
             )
             .await?
             .into_result()?;

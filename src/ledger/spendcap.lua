@@ -1389,6 +1389,7 @@ end
 KEYS[1] tree prefix
 ARGV    1 now_ms  2 agent_id (owner)  3 bucket_id ([A-Za-z0-9_.:-], 1..128)  4 cap
         5 exclusive (1: at most one open hold at a time)  6 label
+        7 (optional) who registers it, `by` on the log entry (an admin's name, `agent:<id>`)
 Reply   ok: created (1, or 0 if an identical bucket exists)
         error: code (unknown_agent | bucket_exists | invalid_argument) detail
 A budget bucket is an extra limit that holds naming it are charged against, atomically with
@@ -1414,7 +1415,7 @@ local function create_bucket(keys, args)
   redis.call('HSET', bkey, 'agent', agent_id, 'cap', fmt(cap), 'spent', '0', 'held', '0',
              'open', '0', 'exclusive', args[5], 'label', args[6])
   log(P, { 'ts', fmt(now), 'ev', 'budget', 'agent', agent_id, 'cap', fmt(cap), 'bk', id,
-           'detail', args[6] })
+           'detail', args[6], 'by', args[7] or '' })
   return { 'ok', 'created', '1' }
 end
 

@@ -494,7 +494,12 @@ fn mandate_view(bucket: &crate::ledger::Bucket, mandate_id: &str) -> MandateView
     }
 }
 
-async fn register(state: &AppState, agent: &AgentId, body: &MandatesRequest) -> Result<MandateView, ApiError> {
+async fn register(
+    state: &AppState,
+    agent: &AgentId,
+    body: &MandatesRequest,
+    by: &str,
+) -> Result<MandateView, ApiError> {
     let settings = state.protocols.ap2.settings()?;
     let key = state.protocols.ap2.agent_key(state, agent).await?;
     let now = unix_secs(state.clock.now_ms());
@@ -508,7 +513,7 @@ async fn register(state: &AppState, agent: &AgentId, body: &MandatesRequest) -> 
     .map_err(input_error)?;
     let constraints = &open.constraints;
     check_enforceable(constraints)?;
-    let (bucket_id, created) = ensure_bucket(state, agent, constraints).await?;
+    let (bucket_id, created) = ensure_bucket(state, agent, constraints, by).await?;
     let bucket = state
         .ledger
         .bucket(agent.tree(), &bucket_id)
@@ -538,7 +543,8 @@ async fn register_mandates(
 ) -> Result<(StatusCode, Json<MandateView>), ApiError> {
     authenticate(&state, &auth).await?;
     crate::api::refuse_if_revoked(&state, &auth.agent).await?;
-    Ok((StatusCode::CREATED, Json(register(&state, &auth.agent, &body).await?)))
+    let by = auth.caller().by_for(&auth.agent);
+    Ok((StatusCode::CREATED, Json(register(&state, &auth.agent, &body, &by).await?)))
 }
 
 /// `POST /v1/ap2/agents/{agent}/mandates` (admin): the same, by the agent's owner.
@@ -550,7 +556,7 @@ async fn admin_register_mandates(
 ) -> Result<(StatusCode, Json<MandateView>), ApiError> {
     let agent = who.resolve(&state, &agent).await?;
     state.ledger.agent(&agent).await?;
-    Ok((StatusCode::CREATED, Json(register(&state, &agent, &body).await?)))
+    Ok((StatusCode::CREATED, Json(register(&state, &agent, &body, &who.actor().by).await?)))
 }
 
 /// `GET /v1/ap2/mandates/{mandate_id}`: the open mandate's budget: spent, held, remaining.

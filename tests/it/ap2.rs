@@ -1866,3 +1866,32 @@ pub(crate) async fn v01_world() -> (TestApp, MockServer, MockServer, MockServer)
     let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], Some(&processor))).await;
     (app, processor, cp, shop)
 }
+
+/// Registering open mandates names who did it on the `budget` log entry: the agent itself
+/// (`agent:<id>`) or the admin-side principal that registered them for it.
+#[tokio::test]
+async fn registering_open_mandates_is_attributed_in_the_log() {
+    let cp = credential_provider(false).await;
+    let shop = merchant_server(MerchantMode::Paid).await;
+    let app = spawn(ap2_config(&cp, &[("merchant_1", &shop)], None)).await;
+    let now = (app.clock.now_ms() / 1000) as i64;
+    let mut by = Vec::new();
+    for (handle, as_admin) in [("self-registered", false), ("admin-registered", true)] {
+        let agent = app.create_agent(handle, 500 * USD, None).await;
+        let jwk = agent_jwk(&app, &agent).await;
+        let mandates = issue_mandates(&TestKey::load("user"), &jwk, &MandateTerms::default(), now);
+        let body = json!({ "open_checkout_mandate": mandates.checkout, "open_payment_mandate": mandates.payment });
+        let (status, registered) = if as_admin {
+            app.admin(reqwest::Method::POST, &format!("/v1/ap2/agents/{}/mandates", agent.id), Some(body)).await
+        } else {
+            app.agent_call(&agent.token, reqwest::Method::POST, "/v1/ap2/mandates", Some(body)).await
+        };
+        assert_eq!(status, 201, "{registered}");
+        let log = app.log().await;
+        let entry = log_of(&log, "budget").into_iter().find(|e| e["agent"] == agent.id.as_str()).cloned();
+        let entry = entry.unwrap_or_else(|| panic!("a budget entry for {handle}"));
+        by.push((entry["by"].as_str().unwrap_or_default().to_owned(), agent.id.clone()));
+    }
+    assert_eq!(by[0].0, format!("agent:{}", by[0].1));
+    assert_eq!(by[1].0, "admin");
+}

@@ -429,14 +429,15 @@ conformance!(budget_buckets_are_charged_atomically_with_the_caps, |ledger: Ledge
     let b = create(&ledger, "b", 1_000_000, Some(&root)).await;
     // A $100 budget owned by the root, charged by holds of both children.
     assert!(ledger
-        .create_bucket(T0, &root.id, "mandate:m1", Micros::new(100).expect("m"), false, "open mandate")
+        .create_bucket(T0, &root.id, "mandate:m1", Micros::new(100).expect("m"), false, "open mandate", "")
         .await
         .expect("creates"));
     assert!(!ledger
-        .create_bucket(T0, &root.id, "mandate:m1", Micros::new(100).expect("m"), false, "again")
+        .create_bucket(T0, &root.id, "mandate:m1", Micros::new(100).expect("m"), false, "again", "")
         .await
         .expect("same terms"));
-    let other_terms = ledger.create_bucket(T0, &root.id, "mandate:m1", Micros::new(99).expect("m"), false, "").await;
+    let other_terms =
+        ledger.create_bucket(T0, &root.id, "mandate:m1", Micros::new(99).expect("m"), false, "", "").await;
     assert!(matches!(other_terms, Err(LedgerError::BucketExists)), "{other_terms:?}");
     let with = |agent: &TestAgent, amount: u64, buckets: &[&str]| {
         let mut r = request(agent, amount, 60_000, T0);
@@ -460,7 +461,7 @@ conformance!(budget_buckets_are_charged_atomically_with_the_caps, |ledger: Ledge
     granted(ledger.hold(T0, &with(&a, 10, &["mandate:m1"])).await.expect("answers"));
     // A bucket of another agent's subtree cannot be charged.
     assert!(ledger
-        .create_bucket(T0, &b.id, "mandate:b-only", Micros::new(10).expect("m"), false, "")
+        .create_bucket(T0, &b.id, "mandate:b-only", Micros::new(10).expect("m"), false, "", "")
         .await
         .expect("creates"));
     let foreign = ledger.hold(T0, &with(&a, 1, &["mandate:b-only"])).await;
@@ -468,7 +469,7 @@ conformance!(budget_buckets_are_charged_atomically_with_the_caps, |ledger: Ledge
 
     // Exclusive: one outstanding hold at a time; expiry frees it with no sweeper.
     assert!(ledger
-        .create_bucket(T0, &a.id, "mandate:x", Micros::new(1_000).expect("m"), true, "")
+        .create_bucket(T0, &a.id, "mandate:x", Micros::new(1_000).expect("m"), true, "", "")
         .await
         .expect("creates"));
     let mut short = with(&a, 5, &["mandate:x"]);
@@ -1079,7 +1080,10 @@ conformance!(unknown_holds_stay_counted_never_expire_and_resolve_by_settle_or_vo
         create_with(&ledger, "u", 1_000, None, controlled(Controls { daily: Some(1_000), ..Controls::default() }))
             .await;
     let agent = create(&ledger, "ua", 500, Some(&root)).await;
-    assert!(ledger.create_bucket(T0, &root.id, "ub", Micros::new(400).expect("m"), true, "").await.expect("creates"));
+    assert!(ledger
+        .create_bucket(T0, &root.id, "ub", Micros::new(400).expect("m"), true, "", "")
+        .await
+        .expect("creates"));
     let mut ask = request(&agent, 300, 1_000, T0);
     ask.buckets = vec!["ub".into()];
     let lost = granted(ledger.hold(T0, &ask).await.expect("answers"));

@@ -742,8 +742,8 @@ async fn every_change_is_attributed_in_the_log_to_who_made_it() {
         ("/v1/operators/{name}/revoke", "operator_revoke", "ada"),
     ];
     assert_eq!(got, expected);
-    // Every mutating admin route is in the table, but one: registering AP2 open mandates (its
-    // `budget` entry names no one yet).
+    // Every mutating admin route is in the table, but one, which needs signed AP2 mandates:
+    // registering them is checked by `ap2::registering_open_mandates_is_attributed_in_the_log`.
     let covered: Vec<(&str, &str)> = attributed.iter().map(|a| a.route).collect();
     for (method, path, _) in ROUTES.iter().filter(|(m, _, _)| *m != "get") {
         if *path == "/v1/ap2/agents/{agent}/mandates" {

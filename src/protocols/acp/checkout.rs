@@ -419,7 +419,7 @@ async fn session_lease(
     let id = format!("acp:{}", &sha256_hex(&[auth.agent.as_str(), merchant_name, session_id])[..40]);
     let label: String = format!("acp {merchant_name} {session_id}").chars().take(200).collect();
     core.ledger
-        .create_bucket(core.clock.now_ms(), &auth.agent, &id, Micros::MAX, true, &label)
+        .create_bucket(core.clock.now_ms(), &auth.agent, &id, Micros::MAX, true, &label, "")
         .await
         .map_err(Failure::agent_scoped)?;
     Ok(id)

@@ -60,21 +60,26 @@ pub(crate) fn bucket_id(constraints: &MandateConstraints) -> String {
 
 /// Creates the open mandate's budget bucket (idempotent: its terms come from the signed mandate).
 /// Exclusive, so that no two closed mandates of one open mandate are outstanding at once.
+///
+/// `by` names who registers it on the `budget` log entry (`agent:<id>`, an admin's name; "" when
+/// a payment registers it on the way).
 pub(crate) async fn ensure_bucket(
     core: &Core,
     agent: &AgentId,
     constraints: &MandateConstraints,
+    by: &str,
 ) -> Result<(String, bool), Failure> {
     let id = bucket_id(constraints);
     let cap = constraints.budget.as_ref().map(|b| b.max).unwrap_or(Micros::MAX);
     let label = format!("ap2 open payment mandate; checkout mandate {}", constraints.checkout_mandate_id);
-    let created =
-        core.ledger.create_bucket(core.clock.now_ms(), agent, &id, cap, true, &label).await.map_err(|e| match e {
+    let created = core.ledger.create_bucket(core.clock.now_ms(), agent, &id, cap, true, &label, by).await.map_err(
+        |e| match e {
             crate::ledger::LedgerError::BucketExists => {
                 Failure::new(Kind::Conflict, "ap2_mandate_taken", "this open mandate's budget belongs to another agent")
             }
             other => Failure::agent_scoped(other),
-        })?;
+        },
+    )?;
     Ok((id, created))
 }
 
@@ -105,12 +110,13 @@ pub(crate) async fn claim_payment(
     let label = json!({ "first_key": key, "fingerprint": fingerprint }).to_string();
     let taken =
         || Failure::new(Kind::Conflict, "ap2_checkout_taken", "another agent is paying this merchant-signed checkout");
-    let created = core.ledger.create_bucket(core.clock.now_ms(), agent, &bucket, total, true, &label).await.map_err(
-        |e| match e {
-            crate::ledger::LedgerError::BucketExists => taken(),
-            other => Failure::agent_scoped(other),
-        },
-    )?;
+    let created =
+        core.ledger.create_bucket(core.clock.now_ms(), agent, &bucket, total, true, &label, "").await.map_err(|e| {
+            match e {
+                crate::ledger::LedgerError::BucketExists => taken(),
+                other => Failure::agent_scoped(other),
+            }
+        })?;
     if created {
         return Ok(Claim { bucket, key: key.to_owned(), fingerprint: fingerprint.to_owned() });
     }

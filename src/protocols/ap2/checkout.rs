@@ -169,7 +169,7 @@ pub async fn pay(
     // A revoked, suspended or expired agent, or one denied AP2 or this merchant, is refused here
     // (logged like any refusal) before its mandate or checkout is given a budget.
     pay::precheck_task(core, auth, Protocol::Ap2, &authorized.intent().service, &task).await?;
-    let (bucket, _) = ensure_bucket(core, &auth.agent, &open.constraints).await?;
+    let (bucket, _) = ensure_bucket(core, &auth.agent, &open.constraints, "").await?;
 
     // The checkout's identity is its signed content: one payment per merchant-signed checkout,
     // whatever idempotency keys, signature bytes or instances the requests come with.
