@@ -30,6 +30,7 @@ pub fn router() -> Router<SharedState> {
         .route("/v1/approvals/{id}", get(show))
         .route("/v1/approvals/{id}/approve", post(approve))
         .route("/v1/approvals/{id}/deny", post(deny))
+        .route("/v1/me/approvals", get(list_own))
         .route("/v1/me/approvals/{id}", get(show_own))
 }
 
@@ -101,21 +102,44 @@ pub async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<ApprovalList>, ApiError> {
     let Query(query) = query.map_err(bad_query)?;
-    let wanted = match query.state.as_deref() {
-        None => None,
-        Some(text) => Some(ApprovalState::parse(text).ok_or_else(|| {
-            ApiError::from(Failure::malformed(
-                "invalid_state",
-                "state is pending, approved, denied, expired or canceled",
-            ))
-        })?),
-    };
+    let wanted = wanted_state(&query)?;
     let now = state.clock.now_ms();
     let mut approvals = Vec::new();
     for tree in who.trees(&state).await? {
         approvals.extend(state.ledger.approvals(now, &tree).await?);
     }
     approvals.retain(|a| wanted.is_none_or(|w| a.state == w));
+    approvals.sort_by_key(|a| std::cmp::Reverse(a.created_at_ms));
+    Ok(Json(ApprovalList { approvals }))
+}
+
+fn wanted_state(query: &ListQuery) -> Result<Option<ApprovalState>, ApiError> {
+    match query.state.as_deref() {
+        None => Ok(None),
+        Some(text) => Ok(Some(ApprovalState::parse(text).ok_or_else(|| {
+            ApiError::from(Failure::malformed(
+                "invalid_state",
+                "state is pending, approved, denied, expired or canceled",
+            ))
+        })?)),
+    }
+}
+
+/// The calling agent's own approvals of the last week (newest first), optionally in one state:
+/// how a process that did not make the payment (a resumed run, say) finds what waits.
+#[utoipa::path(get, path = "/v1/me/approvals", params(ListQuery),
+    responses((status = 200, body = ApprovalList)), security(("agent" = [])))]
+pub async fn list_own(
+    auth: AgentAuth,
+    State(state): State<SharedState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<ApprovalList>, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    let wanted = wanted_state(&query)?;
+    // The token is checked by the ledger (a read of the agent's balance authenticates it).
+    state.ledger.balance(state.clock.now_ms(), &auth.agent, &auth.caller()).await.map_err(agent_scoped)?;
+    let mut approvals = state.ledger.approvals(state.clock.now_ms(), auth.agent.tree()).await?;
+    approvals.retain(|a| a.agent == auth.agent.as_str() && wanted.is_none_or(|w| a.state == w));
     approvals.sort_by_key(|a| std::cmp::Reverse(a.created_at_ms));
     Ok(Json(ApprovalList { approvals }))
 }

@@ -64,7 +64,7 @@ impl Modify for BearerSchemes {
         routes::ap2_own_key, routes::ap2_admin_key, routes::ap2_register_mandates, routes::ap2_admin_register_mandates,
         routes::ap2_show_mandate, routes::ap2_pay, routes::ap2_v01_pay,
         routes::keyed_api,
-        approvals::list, approvals::show, approvals::show_own, approvals::approve, approvals::deny,
+        approvals::list, approvals::show, approvals::list_own, approvals::show_own, approvals::approve, approvals::deny,
         crate::protocols::mpp::routes::fetch, routes::mpp_proxy,
         crate::protocols::mcp_upstream::routes::tools, crate::protocols::mcp_upstream::routes::call,
     ),

@@ -653,3 +653,48 @@ async fn a_denied_keyed_api_call_sends_nothing_and_releases_its_bound() {
     let shown = app.show(&agent.id).await;
     assert_eq!((shown["held_micros"].as_u64(), shown["spent_micros"].as_u64()), (Some(0), Some(0)), "{shown}");
 }
+
+/// An agent lists its own approvals (and only its own), in one state or all: how a process that
+/// did not make the payment finds what waits for a person.
+#[tokio::test]
+async fn an_agent_lists_its_own_approvals_and_no_one_else_s() {
+    let app = spawn_app().await;
+    let agent = app.create_agent("lister", 10_000_000, None).await;
+    let other = app.create_agent("other-lister", 10_000_000, None).await;
+    for handle in ["lister", "other-lister"] {
+        set_approval(&app, handle, json!({ "above_micros": 1_000 })).await;
+    }
+    let (status, first) = keyed_hold(&app, &agent, "a", 2_000, "api.example.com").await;
+    assert_eq!(status, 202, "{first}");
+    let (status, second) = keyed_hold(&app, &agent, "b", 3_000, "api.example.com").await;
+    assert_eq!(status, 202, "{second}");
+    let (status, theirs) = keyed_hold(&app, &other, "c", 4_000, "api.example.com").await;
+    assert_eq!(status, 202, "{theirs}");
+    assert_eq!(decide(&app, first["approval_id"].as_str().expect("id"), "deny", "no").await.0, 200);
+
+    let ids = |list: &Value| -> Vec<String> {
+        list["approvals"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|a| a["approval_id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let (status, all) = app.agent_call(&agent.token, Method::GET, "/v1/me/approvals", None).await;
+    assert_eq!(status, 200, "{all}");
+    let mut expected = vec![
+        second["approval_id"].as_str().expect("id").to_owned(),
+        first["approval_id"].as_str().expect("id").to_owned(),
+    ];
+    let mut got = ids(&all);
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected, "its own two, not the other agent's");
+    let (status, pending) = app.agent_call(&agent.token, Method::GET, "/v1/me/approvals?state=pending", None).await;
+    assert_eq!(status, 200, "{pending}");
+    assert_eq!(ids(&pending), vec![second["approval_id"].as_str().expect("id").to_owned()]);
+    let (status, bad) = app.agent_call(&agent.token, Method::GET, "/v1/me/approvals?state=maybe", None).await;
+    assert_eq!((status, bad["code"].as_str()), (400, Some("invalid_state")), "{bad}");
+    let (status, _) = app.agent_call("sct_not_a_token", Method::GET, "/v1/me/approvals", None).await;
+    assert_eq!(status, 401);
+}

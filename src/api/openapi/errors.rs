@@ -133,6 +133,7 @@ pub const TABLE: &[Entry] = &[
     // Approval holds (admin decides; an agent reads its own).
     ("get", "/v1/approvals", &[(400, &["invalid_state", "invalid_query"])]),
     ("get", "/v1/approvals/{id}", &[(400, &["invalid_query"]), (404, &["approval_not_found"])]),
+    ("get", "/v1/me/approvals", &[(400, &["invalid_state", "invalid_query"])]),
     ("get", "/v1/me/approvals/{id}", &[(400, &["invalid_query"]), (404, &["approval_not_found"])]),
     ("post", "/v1/approvals/{id}/approve", &[
         (400, &["invalid_argument"]), (404, &["approval_not_found"]), (409, &["approval_expired", "approval_decided"]),
