@@ -29,6 +29,8 @@ def test_a_payment_waits_for_approval_and_resumes_from_its_reservation(admin: Sp
     assert agent.me().held_micros == 2_500_000
     pending = [a["approval_id"] for a in admin.approvals("pending") if a["agent"] == info.id]
     assert pending == [asked.approval_id]
+    # The agent finds it too (another process resuming the run, say), and only its own.
+    assert [a["approval_id"] for a in agent.approvals("pending")] == [asked.approval_id]
 
     # A person approves while the agent waits (the long-poll wakes on the decision).
     def approve_soon() -> None:

@@ -415,6 +415,20 @@ export class Agent {
   }
 
   /**
+   * This agent's own approvals of the last week, newest first, optionally in one state (`pending`,
+   * `approved`, `denied`, `expired`, `canceled`): how a process that did not make the payment
+   * finds what waits for a person.
+   */
+  async approvals(state?: string): Promise<Record<string, unknown>[]> {
+    const query = state === undefined ? "" : `?state=${encodeURIComponent(state)}`;
+    const list = await this.#connection.json<{ approvals: Record<string, unknown>[] }>({
+      method: "GET",
+      path: `/v1/me/approvals${query}`,
+    });
+    return list.approvals;
+  }
+
+  /**
    * The approval of a payment that threw `ApprovalRequired`, waiting up to `waitSecs` (at most 60)
    * for a person's decision: `state` is then `approved` (repeat the call with the same
    * idempotency key), `denied`, `expired` or still `pending`.

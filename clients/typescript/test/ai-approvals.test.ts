@@ -171,6 +171,9 @@ test("without an operator the agent withdraws its waiting payment and the money 
     assert.ok(request !== undefined);
     const approval = spendcapApproval(request.toolCall.toolCallId);
     assert.ok(approval !== undefined);
+    // The agent finds it among its own pending approvals (another process could, too).
+    const pending = (await agent.approvals("pending")).map((a) => a.approval_id);
+    assert.deepEqual(pending, [approval.approval_id]);
     assert.deepEqual(await money(agent), [0n, SEARCH]);
     const response = await decideApproval(request, false, { agent, note: "not today" });
     assert.deepEqual(await money(agent), [0n, 0n]);

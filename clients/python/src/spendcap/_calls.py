@@ -235,6 +235,10 @@ def own_approval(approval_id: str, wait_secs: int | None = None) -> Call[Json]:
     return Call("GET", f"/v1/me/approvals/{segment(approval_id)}", _json, params=params)
 
 
+def own_approvals(state: str | None = None) -> Call[Json]:
+    return Call("GET", "/v1/me/approvals", _json, params={"state": state} if state else None)
+
+
 def approvals(state: str | None = None) -> Call[Json]:
     return Call("GET", "/v1/approvals", _json, params={"state": state} if state else None)
 

@@ -336,6 +336,12 @@ class Agent(_Client):
     def me(self) -> Budget:
         return self._send(calls.me())
 
+    def approvals(self, state: str | None = None) -> list[dict[str, Any]]:
+        """This agent's own approvals of the last week, newest first, optionally in one state
+        (`pending`, `approved`, `denied`, `expired`, `canceled`): how a process that did not make
+        the payment finds what waits for a person."""
+        return list(self._send(calls.own_approvals(state))["approvals"])
+
     def wait_for_approval(self, approval_id: str, *, wait_secs: int = 30) -> dict[str, Any]:
         """The approval of a payment that raised `ApprovalRequired`, waiting up to `wait_secs`
         (at most 60) for a person's decision: its `state` is then `approved` (repeat the call
