@@ -14,15 +14,12 @@ import asyncio
 import json
 import os
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import mcp_types as types
 import pytest
-import uvicorn
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.server.lowlevel.server import Server
 from x402 import x402Facilitator, x402ResourceServer
@@ -31,6 +28,7 @@ from x402.mcp.types import MCPToolResult
 from x402.mechanisms.evm.exact import ExactEvmServerScheme, register_exact_evm_facilitator
 from x402.schemas import PaymentRequirements
 
+from served import Served
 from spendcap import Spendcap
 from test_x402_official import NETWORK, PAY_TO, USDC, LocalChain
 
@@ -101,24 +99,15 @@ class PaidWeatherMcp:
 
         server = Server("paid-weather", on_list_tools=list_tools, on_call_tool=call_tool)
         app = server.streamable_http_app(stateless_http=True, json_response=True)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the paid MCP server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/mcp"
+        self.http = Served(app, "the paid MCP server")
+        self.url = f"http://127.0.0.1:{self.http.port}/mcp"
 
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[PaidWeatherMcp]:
     server = PaidWeatherMcp()
     yield server
-    server.server.should_exit = True
-    server.thread.join(timeout=10)
+    server.http.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,11 @@ local: `LocalChain` answers the facilitator's contract reads and records each
 from __future__ import annotations
 
 import secrets
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from x402 import x402Facilitator, x402ResourceServer
 from x402.http.middleware.fastapi import payment_middleware
@@ -27,6 +24,7 @@ from x402.mechanisms.evm.exact import ExactEvmServerScheme, register_exact_evm_f
 from x402.mechanisms.evm.exact.eip3009_utils import ERC20_TRANSFER_EVENT_TOPIC
 from x402.mechanisms.evm.types import TransactionReceipt
 
+from served import Served
 from spendcap import BudgetRefused
 
 NETWORK = "eip155:84532"  # Base Sepolia
@@ -117,24 +115,15 @@ class OfficialResource:
         async def weather() -> dict[str, str]:
             return {"city": "Paris", "sky": "clear"}
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the x402 FastAPI server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/weather"
+        self.served = Served(app, "the x402 FastAPI server")
+        self.url = f"http://127.0.0.1:{self.served.port}/weather"
 
 
 @pytest.fixture(scope="module")
 def official() -> Iterator[OfficialResource]:
     resource = OfficialResource()
     yield resource
-    resource.server.should_exit = True
-    resource.thread.join(timeout=10)
+    resource.served.stop()
 
 
 def test_the_official_x402_server_is_paid_once_per_purchase_within_the_cap(

@@ -11,14 +11,11 @@ chain is local: `UptoChain` answers the contract reads and records each proxy `s
 from __future__ import annotations
 
 import secrets
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from x402 import x402Facilitator, x402ResourceServer
 from x402.http.middleware.fastapi import payment_middleware, set_settlement_overrides
@@ -26,6 +23,7 @@ from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.types import TransactionReceipt
 from x402.mechanisms.evm.upto import UptoEvmFacilitatorScheme, UptoEvmServerScheme
 
+from served import Served
 from spendcap import BudgetRefused
 
 NETWORK = "eip155:84532"  # Base Sepolia
@@ -104,24 +102,15 @@ class OfficialUptoResource:
             set_settlement_overrides(response, {"amount": str(used)})
             return {"summary": "short", "used": used}
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the x402 FastAPI server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/summarise"
+        self.served = Served(app, "the x402 FastAPI server")
+        self.url = f"http://127.0.0.1:{self.served.port}/summarise"
 
 
 @pytest.fixture(scope="module")
 def official() -> Iterator[OfficialUptoResource]:
     resource = OfficialUptoResource()
     yield resource
-    resource.server.should_exit = True
-    resource.thread.join(timeout=10)
+    resource.served.stop()
 
 
 def test_the_official_upto_server_settles_what_was_used_and_the_rest_is_released(
