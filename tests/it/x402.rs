@@ -516,9 +516,8 @@ async fn concurrent_fetches_never_pass_the_cap() {
     assert_eq!((count("hold"), count("settle"), count("refuse")), (25, 25, 25));
 }
 
-#[tokio::test]
-async fn a_rejected_payment_stays_held_until_valid_before() {
-    let app = app_with(config()).await;
+/// A resource that asks $0.01 and rejects every payment (`insufficient_funds`, a 402 again).
+async fn rejecting_server() -> MockServer {
     let server = MockServer::start().await;
     let mut rejection = v2_required("10000");
     rejection["error"] = json!("insufficient_funds");
@@ -529,6 +528,13 @@ async fn a_rejected_payment_stays_held_until_valid_before() {
         .mount(&server)
         .await;
     Mock::given(path("/weather")).respond_with(v2_402(&v2_required("10000"))).with_priority(10).mount(&server).await;
+    server
+}
+
+#[tokio::test]
+async fn a_rejected_payment_stays_held_until_valid_before() {
+    let app = app_with(config()).await;
+    let server = rejecting_server().await;
     let agent = app.create_agent("rejected", 1_000_000, None).await;
     let request = json!({"url": format!("{}/weather", server.uri()), "task": "t"});
 
@@ -1197,16 +1203,7 @@ async fn a_paid_fetch_costs_three_ledger_calls_and_two_upstream_requests() {
 #[tokio::test]
 async fn a_rejected_payment_costs_three_ledger_calls_and_its_retry_resumes() {
     let app = app_with(config()).await;
-    let server = MockServer::start().await;
-    let mut rejection = v2_required("10000");
-    rejection["error"] = json!("insufficient_funds");
-    Mock::given(path("/weather"))
-        .and(header_exists("payment-signature"))
-        .respond_with(v2_402(&rejection))
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(path("/weather")).respond_with(v2_402(&v2_required("10000"))).with_priority(10).mount(&server).await;
+    let server = rejecting_server().await;
     let agent = app.create_agent("rejected-counted", 1_000_000, None).await;
     let redis = app.redis.clone().expect("a Redis ledger");
     let request = json!({"url": format!("{}/weather", server.uri()), "task": "t"});
